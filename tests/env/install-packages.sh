@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests need, only those that are missing.
+# Services that the packages would start (sshd on :22, prometheus on :9090) are kept
+# from starting: the tests start their own, on loopback, with their own config.
+set -euo pipefail
+# shellcheck source=tests/env/common.sh
+. "$(dirname "$0")/common.sh"
+
+# package -> a file it installs that the tests use
+declare -A wanted=(
+    [openssh-server]=/usr/sbin/sshd
+    [openssh-client]=/usr/bin/ssh
+    [prometheus]=/usr/bin/prometheus
+    [openssl]=/usr/bin/openssl
+    [python3-venv]=/usr/lib/python3/dist-packages/pip
+    [ca-certificates]=/etc/ssl/certs/ca-certificates.crt
+)
+missing=()
+for pkg in "${!wanted[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    log "Debian packages present: ${!wanted[*]}"
+    exit 0
+fi
+
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+log "installing Debian packages: ${missing[*]}"
+# Keep package scripts from starting the services (standard Debian policy-rc.d hook);
+# a policy file already in place is left as it is.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee "$policy" >/dev/null
+    "${sudo_cmd[@]}" chmod +x "$policy"
+    trap '"${sudo_cmd[@]}" rm -f "$policy"' EXIT
+fi
+"${sudo_cmd[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
