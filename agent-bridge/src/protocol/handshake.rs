@@ -1,0 +1,331 @@
+//! The JSON payloads of the data channel (ssm-protocol.md sections 1.4, 3.4, 4.2, 5.2) and the
+//! version gates of section 5.4. Pure serde types and comparisons; no I/O.
+
+use std::cmp::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+/// The ClientVersion we report: four parts and above 1.2.331.0, so the agent turns its smux
+/// keepalive off and uses mux for LocalPortForwarding (section 5.4). Same value BRG reports.
+pub const CLIENT_VERSION: &str = "1.2.764.0";
+/// `MessageSchemaVersion` of the open message.
+pub const MESSAGE_SCHEMA_VERSION: &str = "1.0";
+
+/// Agents above this version understand the TerminateSession flag.
+pub const TERMINATE_FLAG_MIN_AGENT: &str = "2.3.722.0";
+/// Agents above this version can multiplex LocalPortForwarding with smux.
+pub const MUX_MIN_AGENT: &str = "3.0.196.0";
+/// Agents above this version keep smux keepalive off; at or below it both sides must send NOPs.
+pub const KEEPALIVE_OFF_MIN_AGENT: &str = "3.1.1511.0";
+
+/// ActionStatus: success.
+pub const ACTION_SUCCESS: u32 = 1;
+/// ActionStatus: failed.
+pub const ACTION_FAILED: u32 = 2;
+/// ActionStatus: unsupported.
+pub const ACTION_UNSUPPORTED: u32 = 3;
+
+/// The open message: the first (text) WebSocket frame (section 1.4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct OpenDataChannel {
+    /// Always "1.0".
+    pub message_schema_version: String,
+    /// A fresh UUID v4 per open, lowercase hyphenated.
+    pub request_id: String,
+    /// TokenValue from StartSession/ResumeSession.
+    pub token_value: String,
+    /// One UUID per client process, reused across reconnects.
+    pub client_id: String,
+    /// The client version string (gates agent behaviour).
+    pub client_version: String,
+}
+
+impl OpenDataChannel {
+    /// Builds the open message with [`CLIENT_VERSION`].
+    pub fn new(token_value: &str, request_id: uuid::Uuid, client_id: uuid::Uuid) -> Self {
+        Self {
+            message_schema_version: MESSAGE_SCHEMA_VERSION.to_owned(),
+            request_id: request_id.hyphenated().to_string(),
+            token_value: token_value.to_owned(),
+            client_id: client_id.hyphenated().to_string(),
+            client_version: CLIENT_VERSION.to_owned(),
+        }
+    }
+
+    /// The JSON text of the frame.
+    pub fn to_json(&self) -> String {
+        // Serialising a struct of strings cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// HandshakeRequest, PayloadType 5 (agent to client).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HandshakeRequest {
+    /// Agent version, e.g. `3.3.1345.0`.
+    pub agent_version: String,
+    /// Actions the client must process, in order.
+    #[serde(default)]
+    pub requested_client_actions: Vec<RequestedClientAction>,
+}
+
+/// One requested action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RequestedClientAction {
+    /// `SessionType`, `KMSEncryption`, or something newer.
+    pub action_type: String,
+    /// Action-specific parameters.
+    #[serde(default)]
+    pub action_parameters: serde_json::Value,
+}
+
+/// HandshakeResponse, PayloadType 6 (client to agent, the client's seq 0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HandshakeResponse {
+    /// Our version string.
+    pub client_version: String,
+    /// One entry per requested action, in order.
+    pub processed_client_actions: Vec<ProcessedClientAction>,
+    /// Errors, or null.
+    pub errors: Option<Vec<String>>,
+}
+
+/// One processed action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ProcessedClientAction {
+    /// Echo of the requested ActionType.
+    pub action_type: String,
+    /// 1 success, 2 failed, 3 unsupported.
+    pub action_status: u32,
+    /// Action result (null for SessionType).
+    pub action_result: serde_json::Value,
+    /// Error text, empty on success.
+    pub error: String,
+}
+
+/// HandshakeComplete, PayloadType 7.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HandshakeComplete {
+    /// Go `time.Duration`: nanoseconds.
+    #[serde(default)]
+    pub handshake_time_to_complete: i64,
+    /// A message for the user; may be empty.
+    #[serde(default)]
+    pub customer_message: String,
+}
+
+/// The `acknowledge` payload (section 4.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcknowledgeContent {
+    /// Type of the acked message.
+    #[serde(rename = "AcknowledgedMessageType")]
+    pub message_type: String,
+    /// Logical UUID of the acked message, lowercase hyphenated.
+    #[serde(rename = "AcknowledgedMessageId")]
+    pub message_id: String,
+    /// Its sequence number; the only field a receiver uses.
+    #[serde(rename = "AcknowledgedMessageSequenceNumber")]
+    pub sequence_number: i64,
+    /// Always true.
+    #[serde(rename = "IsSequentialMessage")]
+    pub is_sequential_message: bool,
+}
+
+/// The `channel_closed` payload (section 3.4); every field optional on read.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct ChannelClosed {
+    /// Message id (string).
+    pub message_id: String,
+    /// Creation date (a string).
+    pub created_date: String,
+    /// Destination id.
+    pub destination_id: String,
+    /// Session id.
+    pub session_id: String,
+    /// "channel_closed".
+    pub message_type: String,
+    /// Schema version.
+    pub schema_version: i64,
+    /// Why the channel closed; may be empty.
+    pub output: String,
+}
+
+/// What the handshake request tells the client about the session.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionProperties {
+    /// The `SessionType` action's SessionType (e.g. `Port`).
+    pub session_type: Option<String>,
+    /// Properties.type (e.g. `LocalPortForwarding`; absent for SSH).
+    pub port_type: Option<String>,
+    /// Properties.portNumber.
+    pub port_number: Option<String>,
+    /// Properties.host.
+    pub host: Option<String>,
+}
+
+impl HandshakeRequest {
+    /// Extracts the SessionType action's session type and properties.
+    pub fn session_properties(&self) -> SessionProperties {
+        let mut out = SessionProperties::default();
+        for action in &self.requested_client_actions {
+            if action.action_type != "SessionType" {
+                continue;
+            }
+            let params = &action.action_parameters;
+            out.session_type = params
+                .get("SessionType")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned);
+            let props = params.get("Properties");
+            let text = |key: &str| {
+                props.and_then(|p| p.get(key)).and_then(|v| match v {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+            };
+            out.port_type = text("type");
+            out.port_number = text("portNumber");
+            out.host = text("host");
+        }
+        out
+    }
+
+    /// Our answer: SessionType succeeds; KMSEncryption fails (Port sessions never use it, and
+    /// this client has no KMS support); anything else is unsupported.
+    pub fn response(&self, client_version: &str) -> HandshakeResponse {
+        let processed_client_actions = self
+            .requested_client_actions
+            .iter()
+            .map(|action| {
+                let (status, error) = match action.action_type.as_str() {
+                    "SessionType" => (ACTION_SUCCESS, String::new()),
+                    "KMSEncryption" => (
+                        ACTION_FAILED,
+                        "KMS encryption is not supported by this client".to_owned(),
+                    ),
+                    other => (ACTION_UNSUPPORTED, format!("unsupported action {other}")),
+                };
+                ProcessedClientAction {
+                    action_type: action.action_type.clone(),
+                    action_status: status,
+                    action_result: serde_json::Value::Null,
+                    error,
+                }
+            })
+            .collect();
+        HandshakeResponse {
+            client_version: client_version.to_owned(),
+            processed_client_actions,
+            errors: None,
+        }
+    }
+}
+
+/// Compares dotted numeric versions, padding the shorter with zeros. `None` if either has a
+/// non-numeric part.
+pub fn compare_versions(a: &str, b: &str) -> Option<Ordering> {
+    let parse = |s: &str| -> Option<Vec<u64>> {
+        s.trim().split('.').map(|p| p.parse::<u64>().ok()).collect()
+    };
+    let (a, b) = (parse(a)?, parse(b)?);
+    let len = a.len().max(b.len());
+    for i in 0..len {
+        let (x, y) = (
+            a.get(i).copied().unwrap_or(0),
+            b.get(i).copied().unwrap_or(0),
+        );
+        match x.cmp(&y) {
+            Ordering::Equal => continue,
+            other => return Some(other),
+        }
+    }
+    Some(Ordering::Equal)
+}
+
+/// True when `version` is strictly greater than `threshold` (unparseable: false).
+pub fn version_above(version: &str, threshold: &str) -> bool {
+    compare_versions(version, threshold) == Some(Ordering::Greater)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_gates() {
+        assert!(version_above("3.0.197.0", MUX_MIN_AGENT));
+        assert!(!version_above("3.0.196.0", MUX_MIN_AGENT));
+        assert!(version_above("3.3.1345.0", KEEPALIVE_OFF_MIN_AGENT));
+        assert!(!version_above("3.1.1511.0", KEEPALIVE_OFF_MIN_AGENT));
+        assert!(version_above("3.1", "3.0.999.0"));
+        assert!(!version_above("x.1", "1.0"));
+        assert!(version_above(CLIENT_VERSION, "1.2.331.0"));
+        assert_eq!(CLIENT_VERSION.split('.').count(), 4);
+    }
+
+    #[test]
+    fn parses_handshake_request_and_answers_in_order() {
+        let json = r#"{"AgentVersion":"3.3.1345.0","RequestedClientActions":[
+            {"ActionType":"SessionType","ActionParameters":{"SessionType":"Port",
+              "Properties":{"host":"172.31.25.54","localPortNumber":"7406","portNumber":"3000","type":"LocalPortForwarding"}}},
+            {"ActionType":"KMSEncryption","ActionParameters":{"KMSKeyId":"k","Challenge":"c"}},
+            {"ActionType":"Future","ActionParameters":null}]}"#;
+        let req: HandshakeRequest = serde_json::from_str(json).unwrap();
+        let props = req.session_properties();
+        assert_eq!(props.session_type.as_deref(), Some("Port"));
+        assert_eq!(props.port_type.as_deref(), Some("LocalPortForwarding"));
+        assert_eq!(props.port_number.as_deref(), Some("3000"));
+        assert_eq!(props.host.as_deref(), Some("172.31.25.54"));
+        let resp = req.response(CLIENT_VERSION);
+        let statuses: Vec<u32> = resp
+            .processed_client_actions
+            .iter()
+            .map(|a| a.action_status)
+            .collect();
+        assert_eq!(statuses, vec![1, 2, 3]);
+        let text = serde_json::to_string(&resp).unwrap();
+        assert!(text.starts_with(r#"{"ClientVersion":"1.2.764.0","ProcessedClientActions":[{"ActionType":"SessionType","ActionStatus":1,"ActionResult":null,"Error":""}"#), "{text}");
+        assert!(text.ends_with(r#""Errors":null}"#));
+    }
+
+    #[test]
+    fn acknowledge_json_has_exact_keys() {
+        let ack = AcknowledgeContent {
+            message_type: "output_stream_data".into(),
+            message_id: "812ef34f-87bd-449e-a3de-282f478ba6e6".into(),
+            sequence_number: 7,
+            is_sequential_message: true,
+        };
+        assert_eq!(
+            serde_json::to_string(&ack).unwrap(),
+            r#"{"AcknowledgedMessageType":"output_stream_data","AcknowledgedMessageId":"812ef34f-87bd-449e-a3de-282f478ba6e6","AcknowledgedMessageSequenceNumber":7,"IsSequentialMessage":true}"#
+        );
+    }
+
+    #[test]
+    fn channel_closed_tolerates_missing_fields() {
+        let c: ChannelClosed =
+            serde_json::from_str(r#"{"Output":"bye","SchemaVersion":1}"#).unwrap();
+        assert_eq!(c.output, "bye");
+        assert_eq!(c.session_id, "");
+    }
+
+    #[test]
+    fn open_message_shape() {
+        let open = OpenDataChannel::new("tok", uuid::Uuid::nil(), uuid::Uuid::from_u128(1));
+        let v: serde_json::Value = serde_json::from_str(&open.to_json()).unwrap();
+        assert_eq!(v["MessageSchemaVersion"], "1.0");
+        assert_eq!(v["TokenValue"], "tok");
+        assert_eq!(v["RequestId"], "00000000-0000-0000-0000-000000000000");
+        assert_eq!(v["ClientId"], "00000000-0000-0000-0000-000000000001");
+        assert_eq!(v["ClientVersion"], CLIENT_VERSION);
+    }
+}

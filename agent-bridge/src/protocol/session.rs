@@ -1,0 +1,986 @@
+//! The data-channel `Session` state machine: handshake, acks, retransmission, publication
+//! control, basic and smux forwarding, closing. Sans-IO: the caller feeds WebSocket messages,
+//! local bytes and timeouts in, and drains frames, events and the next deadline out.
+//!
+//! ```text
+//!   new ──> AwaitingHandshake ──HandshakeRequest──> AwaitingComplete ──HandshakeComplete──> Open
+//!               │  (Output first: legacy agent) ─────────────────────────────────────────────^ │
+//!               │                                                                             │ terminate()
+//!               └──── handshake timeout / channel_closed / flag 2 / smux error ──> Closed <── Closing
+//! ```
+//!
+//! After every `handle_*` call the caller drains [`Session::poll_transmit`] (WebSocket binary
+//! frames), [`Session::poll_event`], then sleeps until [`Session::poll_timeout`] and calls
+//! [`Session::handle_timeout`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use uuid::Uuid;
+
+use super::handshake::{
+    self, AcknowledgeContent, ChannelClosed, HandshakeComplete, HandshakeRequest, SessionProperties,
+};
+use super::message::{
+    self, ClientMessage, DecodeError, FLAG_FIN, FLAG_SYN, MessageType, PayloadType, PortFlag,
+};
+use super::reliability::{AckOutcome, Arrival, ReceiveBuffer, SendBuffer};
+use super::rtt::RttEstimator;
+use super::smux::{MuxClient, MuxError, MuxEvent, OpenError, StreamCloseReason, StreamId};
+
+// === Config ===
+
+/// Payload bytes per outgoing Output message. SMP and the agent use 1024 with a 1 ms sleep
+/// (section 6.2); BRG reports 8 KiB and 32 KiB work against agent 3.3.3572.0. 8 KiB cuts the
+/// message rate eightfold, which keeps bulk uploads under the gateway's ~1000 msg/s.
+pub const DEFAULT_CHUNK_SIZE: usize = 8 * 1024;
+/// Unacked messages before local reads stop (the reference buffers 10,000, then evicts).
+pub const DEFAULT_MAX_UNACKED_MESSAGES: usize = 2048;
+/// Unacked payload bytes before local reads stop: bounds memory per session.
+pub const DEFAULT_MAX_UNACKED_BYTES: usize = 4 * 1024 * 1024;
+/// RTO floor: below this, scheduling jitter alone triggers spurious retransmissions (section 9.3).
+pub const DEFAULT_RTO_FLOOR: Duration = Duration::from_millis(50);
+/// RTO ceiling (with exponential backoff): the reference's 1 s cap retransmits too eagerly on a
+/// slow path; 3 s still recovers a lost message quickly on a healthy one.
+pub const DEFAULT_RTO_CEILING: Duration = Duration::from_secs(3);
+/// Early (out-of-order) messages kept; beyond this they are dropped unacked (reference: 10,000).
+pub const DEFAULT_MAX_REORDER_MESSAGES: usize = 1024;
+/// Received payload bytes held for the caller (reorder buffer plus undrained events). Beyond
+/// this, in-order data is dropped unacked so the agent retransmits later (receive backpressure).
+pub const DEFAULT_MAX_INBOUND_BYTES: usize = 4 * 1024 * 1024;
+/// Time from session start (or reconnect) to HandshakeComplete. The agent itself waits 15 s
+/// for our response; a slow gateway can delay its request.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After sending the TerminateSession flag, how long to wait for `channel_closed` (the agent
+/// drains its own buffers for at most 2 s, section 5.7).
+pub const DEFAULT_CLOSE_LINGER: Duration = Duration::from_secs(3);
+/// Concurrent smux streams per session.
+pub const DEFAULT_MAX_STREAMS: usize = 256;
+
+/// Session tunables. Plain data; every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// See [`DEFAULT_CHUNK_SIZE`].
+    pub chunk_size: usize,
+    /// See [`DEFAULT_MAX_UNACKED_MESSAGES`].
+    pub max_unacked_messages: usize,
+    /// See [`DEFAULT_MAX_UNACKED_BYTES`].
+    pub max_unacked_bytes: usize,
+    /// See [`DEFAULT_RTO_FLOOR`].
+    pub rto_floor: Duration,
+    /// See [`DEFAULT_RTO_CEILING`].
+    pub rto_ceiling: Duration,
+    /// See [`DEFAULT_MAX_REORDER_MESSAGES`].
+    pub max_reorder_messages: usize,
+    /// See [`DEFAULT_MAX_INBOUND_BYTES`].
+    pub max_inbound_bytes: usize,
+    /// See [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Duration,
+    /// See [`DEFAULT_CLOSE_LINGER`].
+    pub close_linger: Duration,
+    /// See [`DEFAULT_MAX_STREAMS`].
+    pub max_streams: usize,
+    /// ClientVersion in the HandshakeResponse; see [`handshake::CLIENT_VERSION`].
+    pub client_version: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            max_unacked_messages: DEFAULT_MAX_UNACKED_MESSAGES,
+            max_unacked_bytes: DEFAULT_MAX_UNACKED_BYTES,
+            rto_floor: DEFAULT_RTO_FLOOR,
+            rto_ceiling: DEFAULT_RTO_CEILING,
+            max_reorder_messages: DEFAULT_MAX_REORDER_MESSAGES,
+            max_inbound_bytes: DEFAULT_MAX_INBOUND_BYTES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            close_linger: DEFAULT_CLOSE_LINGER,
+            max_streams: DEFAULT_MAX_STREAMS,
+            client_version: handshake::CLIENT_VERSION.to_owned(),
+        }
+    }
+}
+
+// === public types ===
+
+/// How local bytes travel, decided at HandshakeComplete (section 5.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardingMode {
+    /// One raw byte stream (SSH, old agents, non-LocalPortForwarding): use
+    /// [`Session::handle_local_data`] and [`Session::disconnect_local`].
+    Basic,
+    /// smux v1 streams: use [`Session::open_stream`], [`Session::write_stream`],
+    /// [`Session::close_stream`].
+    Mux,
+}
+
+/// What the handshake established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeInfo {
+    /// AgentVersion; `None` for a legacy agent that streamed Output without a handshake.
+    pub agent_version: Option<String>,
+    /// Session type and Port properties from the request.
+    pub properties: SessionProperties,
+    /// Basic or mux.
+    pub mode: ForwardingMode,
+    /// Whether smux NOP keepalive runs (AgentVersion ≤ 3.1.1511.0).
+    pub smux_keepalive: bool,
+    /// Whether the agent understands the TerminateSession flag (AgentVersion > 2.3.722.0).
+    pub terminate_flag_supported: bool,
+    /// HandshakeComplete's CustomerMessage, when non-empty.
+    pub customer_message: Option<String>,
+}
+
+/// Why the session closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseCause {
+    /// MGS sent `channel_closed` (see the event's `output`).
+    ChannelClosed,
+    /// The agent sent the TerminateSession flag.
+    AgentTerminated,
+    /// [`Session::terminate`] was called.
+    LocalTerminate,
+    /// No HandshakeComplete within [`Config::handshake_timeout`].
+    HandshakeTimeout,
+    /// The HandshakeRequest could not be parsed.
+    HandshakeInvalid(String),
+    /// smux keepalive: nothing arrived for 30 s.
+    KeepaliveTimeout,
+    /// The agent's smux stream was malformed.
+    MuxProtocol(MuxError),
+}
+
+/// Something the caller must act on, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The session is open; local data may flow.
+    HandshakeComplete(HandshakeInfo),
+    /// Basic mode: bytes for the local connection.
+    Data(Bytes),
+    /// Mux mode: bytes for one stream's local connection.
+    StreamData {
+        /// The stream.
+        stream: StreamId,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// Mux mode: a stream ended; close its local connection. Not reported for streams the
+    /// caller closed itself.
+    StreamClosed {
+        /// The stream.
+        stream: StreamId,
+        /// Why.
+        reason: StreamCloseReason,
+    },
+    /// The agent reported ConnectToPortError (the failed stream follows as `StreamClosed`
+    /// with [`StreamCloseReason::ConnectFailed`]).
+    ConnectToPortError,
+    /// The session is over; close the WebSocket. `output` is `channel_closed`'s `Output`.
+    Closed {
+        /// Why.
+        cause: CloseCause,
+        /// The service's explanation, when it sent one.
+        output: Option<String>,
+    },
+}
+
+/// An error from a session call. `Decode` and `DigestMismatch` are non-fatal: the frame was
+/// dropped and the session carries on; the caller may log and count them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// A malformed frame was dropped.
+    #[error("dropped malformed frame: {0}")]
+    Decode(#[from] DecodeError),
+    /// A frame whose digest does not match its payload was dropped without an ack; the sender
+    /// will retransmit.
+    #[error("dropped {message_type} seq {sequence_number}: payload digest mismatch")]
+    DigestMismatch {
+        /// The message type.
+        message_type: String,
+        /// Its sequence number.
+        sequence_number: i64,
+    },
+    /// The session is closing or closed: stop feeding it.
+    #[error("session is closed")]
+    Closed,
+    /// The handshake has not completed: wait for [`Event::HandshakeComplete`].
+    #[error("session is not open yet")]
+    NotOpen,
+    /// The call does not fit the session's forwarding mode.
+    #[error("operation not available in {mode:?} mode")]
+    WrongMode {
+        /// The session's mode.
+        mode: ForwardingMode,
+    },
+    /// No such open stream (it was closed by either side).
+    #[error("unknown stream {0}")]
+    UnknownStream(StreamId),
+    /// [`Config::max_streams`] streams are open; close one first.
+    #[error("too many open streams")]
+    TooManyStreams,
+    /// All 2^31 client stream ids were used; open a new session.
+    #[error("smux stream ids exhausted")]
+    StreamIdsExhausted,
+    /// The send window is full; retry when [`Session::send_capacity`] is non-zero.
+    #[error("send window full")]
+    WouldBlock,
+}
+
+/// Counters and gauges, plain data for the driver to export.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames handed out by `poll_transmit` (including retransmissions and acks).
+    pub frames_sent: u64,
+    /// Frames given to `handle_ws_message` that decoded.
+    pub frames_received: u64,
+    /// Local payload bytes accepted for sending (basic data or smux wire bytes).
+    pub bytes_sent: u64,
+    /// Payload bytes delivered as `Data`/`StreamData` events.
+    pub bytes_received: u64,
+    /// Retransmitted frames.
+    pub retransmissions: u64,
+    /// Acks we sent (including re-acks).
+    pub acks_sent: u64,
+    /// Acks we received that released a message.
+    pub acks_received: u64,
+    /// RTT samples taken.
+    pub rtt_samples: u64,
+    /// Smoothed RTT.
+    pub srtt: Duration,
+    /// Current retransmission timeout.
+    pub rto: Duration,
+    /// Duplicate stream messages received (re-acked).
+    pub duplicates_received: u64,
+    /// Frames dropped for a digest mismatch.
+    pub digest_mismatches: u64,
+    /// Frames that did not decode.
+    pub malformed_frames: u64,
+    /// Stream messages dropped unacked for lack of buffer room (reorder bound or receive
+    /// backpressure).
+    pub dropped_no_room: u64,
+    /// Messages of types or payload types this client ignores.
+    pub ignored_messages: u64,
+    /// `reset_transport` calls.
+    pub reconnects: u64,
+    /// Unacked outgoing messages now.
+    pub unacked_messages: usize,
+    /// Unacked outgoing payload bytes now.
+    pub unacked_bytes: usize,
+    /// Early messages held now.
+    pub reorder_buffered: usize,
+    /// Whether MGS paused publication.
+    pub paused: bool,
+    /// Open smux streams now.
+    pub open_streams: usize,
+    /// The sequence number our next `input_stream_data` gets (survives reconnects).
+    pub next_send_sequence: i64,
+    /// The agent sequence number we expect next (survives reconnects).
+    pub next_receive_sequence: i64,
+}
+
+// === Session ===
+
+/// Private lifecycle; see the module diagram.
+#[derive(Debug)]
+enum State {
+    AwaitingHandshake { deadline: Instant },
+    AwaitingComplete { deadline: Instant },
+    Open,
+    Closing { deadline: Instant },
+    Closed,
+}
+
+/// Maps `Instant`s to the epoch milliseconds CreatedDate needs, from one reading the driver
+/// took at start.
+#[derive(Debug, Clone, Copy)]
+struct WallClock {
+    base: Instant,
+    base_epoch_ms: u64,
+}
+
+impl WallClock {
+    fn epoch_ms(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.base).as_millis();
+        let ms = self
+            .base_epoch_ms
+            .saturating_add(u64::try_from(elapsed).unwrap_or(u64::MAX));
+        ms.max(1)
+    }
+}
+
+/// Deterministic v4-shaped MessageIds from a seed (the driver seeds it randomly).
+#[derive(Debug, Clone)]
+struct MessageIds {
+    state: u64,
+}
+
+impl MessageIds {
+    fn next(&mut self) -> Uuid {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.step().to_le_bytes());
+        bytes[8..].copy_from_slice(&self.step().to_le_bytes());
+        uuid::Builder::from_random_bytes(bytes).into_uuid()
+    }
+
+    /// splitmix64.
+    fn step(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// One SSM data channel, client side. See the module docs for the calling contract.
+#[derive(Debug)]
+pub struct Session {
+    config: Config,
+    state: State,
+    send: SendBuffer,
+    recv: ReceiveBuffer,
+    /// Unsequenced frames (acks); sent before sequenced ones, even while paused.
+    control: VecDeque<Bytes>,
+    events: VecDeque<Event>,
+    /// Payload bytes inside queued Data/StreamData events.
+    event_bytes: usize,
+    paused: bool,
+    clock: WallClock,
+    ids: MessageIds,
+    request: Option<HandshakeRequest>,
+    info: Option<HandshakeInfo>,
+    mux: Option<MuxClient>,
+    stats: Stats,
+}
+
+impl Session {
+    /// A new session that starts waiting for the agent's handshake.
+    ///
+    /// `now_epoch_ms` is the wall clock (Unix milliseconds) at `now`, used for CreatedDate;
+    /// `id_seed` seeds the MessageIds (use a random value; tests use a constant).
+    pub fn new(config: Config, now: Instant, now_epoch_ms: u64, id_seed: u64) -> Self {
+        let rtt = RttEstimator::new(config.rto_floor, config.rto_ceiling);
+        Self {
+            state: State::AwaitingHandshake {
+                deadline: now + config.handshake_timeout,
+            },
+            send: SendBuffer::new(rtt),
+            recv: ReceiveBuffer::new(config.max_reorder_messages),
+            control: VecDeque::new(),
+            events: VecDeque::new(),
+            event_bytes: 0,
+            paused: false,
+            clock: WallClock {
+                base: now,
+                base_epoch_ms: now_epoch_ms,
+            },
+            ids: MessageIds { state: id_seed },
+            request: None,
+            info: None,
+            mux: None,
+            stats: Stats::default(),
+            config,
+        }
+    }
+
+    // --- inputs ---
+
+    /// Feeds one WebSocket message (binary, or a text frame's bytes). A malformed frame or a
+    /// digest mismatch returns an error and changes nothing else; the session carries on.
+    pub fn handle_ws_message(&mut self, now: Instant, frame: &[u8]) -> Result<(), SessionError> {
+        if matches!(self.state, State::Closed) {
+            return Ok(());
+        }
+        let decoded = match message::decode(frame) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                if self.handle_text_control(frame) {
+                    return Ok(());
+                }
+                self.stats.malformed_frames += 1;
+                return Err(error.into());
+            }
+        };
+        self.stats.frames_received += 1;
+        let digest_ok = decoded.digest_matches();
+        let message = decoded.message;
+        match message.message_type {
+            MessageType::OutputStreamData | MessageType::Acknowledge if !digest_ok => {
+                self.stats.digest_mismatches += 1;
+                Err(SessionError::DigestMismatch {
+                    message_type: message.message_type.as_str().to_owned(),
+                    sequence_number: message.sequence_number,
+                })
+            }
+            MessageType::OutputStreamData => {
+                self.handle_stream_message(now, message);
+                Ok(())
+            }
+            MessageType::Acknowledge => {
+                self.handle_ack(now, &message.payload);
+                Ok(())
+            }
+            MessageType::ChannelClosed => {
+                // Accepted whatever its digest: it is final, and MGS's own form is odd (section 2.2).
+                let output = serde_json::from_slice::<ChannelClosed>(&message.payload)
+                    .ok()
+                    .map(|c| c.output)
+                    .filter(|o| !o.is_empty());
+                self.channel_closed(output);
+                Ok(())
+            }
+            MessageType::StartPublication => {
+                self.paused = false;
+                Ok(())
+            }
+            MessageType::PausePublication => {
+                self.paused = true;
+                Ok(())
+            }
+            MessageType::InputStreamData
+            | MessageType::AgentSessionState
+            | MessageType::Other(_) => {
+                self.stats.ignored_messages += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Basic mode: offers local bytes; returns how many were accepted (the rest must be offered
+    /// again later: backpressure). Accepts at most [`Session::send_capacity`] bytes.
+    pub fn handle_local_data(&mut self, now: Instant, data: &[u8]) -> Result<usize, SessionError> {
+        self.require_mode(ForwardingMode::Basic)?;
+        let n = data.len().min(self.send_capacity());
+        self.push_output(now, &data[..n]);
+        Ok(n)
+    }
+
+    /// Basic mode: the local connection ended; sends DisconnectToPort so the agent closes its
+    /// side and re-dials on the next data.
+    pub fn disconnect_local(&mut self, now: Instant) -> Result<(), SessionError> {
+        self.require_mode(ForwardingMode::Basic)?;
+        self.push_sequenced(
+            now,
+            PayloadType::Flag,
+            PortFlag::DisconnectToPort.to_payload(),
+        );
+        Ok(())
+    }
+
+    /// Mux mode: opens a stream (sends SYN). Its data then flows with [`Session::write_stream`].
+    pub fn open_stream(&mut self, now: Instant) -> Result<StreamId, SessionError> {
+        self.require_mode(ForwardingMode::Mux)?;
+        if self.send_capacity() == 0 {
+            return Err(SessionError::WouldBlock);
+        }
+        let mut out = BytesMut::new();
+        let mux = self.mux.as_mut().ok_or(SessionError::NotOpen)?;
+        let id = mux.open(&mut out).map_err(|e| match e {
+            OpenError::TooMany => SessionError::TooManyStreams,
+            OpenError::IdsExhausted => SessionError::StreamIdsExhausted,
+        })?;
+        self.push_output(now, &out);
+        Ok(id)
+    }
+
+    /// Mux mode: offers bytes for one stream; returns how many were accepted (backpressure as
+    /// in [`Session::handle_local_data`]).
+    pub fn write_stream(
+        &mut self,
+        now: Instant,
+        stream: StreamId,
+        data: &[u8],
+    ) -> Result<usize, SessionError> {
+        self.require_mode(ForwardingMode::Mux)?;
+        let capacity = self.send_capacity();
+        let mux = self.mux.as_mut().ok_or(SessionError::NotOpen)?;
+        if !mux.is_open(stream) {
+            return Err(SessionError::UnknownStream(stream));
+        }
+        let n = data.len().min(MuxClient::data_fitting(capacity));
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut out = BytesMut::with_capacity(MuxClient::framed_len(n));
+        mux.write(stream, &data[..n], &mut out);
+        self.push_output(now, &out);
+        Ok(n)
+    }
+
+    /// Mux mode: the local connection of `stream` ended; sends FIN and forgets the stream.
+    pub fn close_stream(&mut self, now: Instant, stream: StreamId) -> Result<(), SessionError> {
+        self.require_mode(ForwardingMode::Mux)?;
+        let mut out = BytesMut::new();
+        let mux = self.mux.as_mut().ok_or(SessionError::NotOpen)?;
+        if !mux.close(stream, &mut out) {
+            return Err(SessionError::UnknownStream(stream));
+        }
+        self.push_output(now, &out);
+        Ok(())
+    }
+
+    /// Ends the session from our side: sends the TerminateSession flag when the agent
+    /// understands it and waits up to [`Config::close_linger`] for `channel_closed`; otherwise
+    /// closes at once. Either way the caller should also call the TerminateSession API.
+    pub fn terminate(&mut self, now: Instant) {
+        let flag_ok = self
+            .info
+            .as_ref()
+            .is_some_and(|i| i.terminate_flag_supported);
+        match self.state {
+            State::Open if flag_ok => {
+                self.push_sequenced(
+                    now,
+                    PayloadType::Flag,
+                    PortFlag::TerminateSession.to_payload(),
+                );
+                self.state = State::Closing {
+                    deadline: now + self.config.close_linger,
+                };
+            }
+            State::Closed | State::Closing { .. } => {}
+            _ => self.close(CloseCause::LocalTerminate, None),
+        }
+    }
+
+    /// The WebSocket was replaced (ResumeSession + new open message): sequence state is kept,
+    /// every in-flight message is sent again, publication resumes, and handshake and keepalive
+    /// timers restart from `now`.
+    pub fn reset_transport(&mut self, now: Instant) {
+        self.stats.reconnects += 1;
+        self.paused = false;
+        self.send.requeue_in_flight();
+        match &mut self.state {
+            State::AwaitingHandshake { deadline } | State::AwaitingComplete { deadline } => {
+                *deadline = now + self.config.handshake_timeout;
+            }
+            _ => {}
+        }
+        if let Some(mux) = &mut self.mux {
+            mux.reset_timers(now);
+        }
+    }
+
+    /// Runs expired timers: handshake timeout, close linger, retransmission, smux keepalive.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::AwaitingHandshake { deadline } | State::AwaitingComplete { deadline }
+                if now >= deadline =>
+            {
+                self.close(CloseCause::HandshakeTimeout, None);
+                return;
+            }
+            State::Closing { deadline } if now >= deadline => {
+                self.close(CloseCause::LocalTerminate, None);
+                return;
+            }
+            State::Closed => return,
+            _ => {}
+        }
+        if !self.paused {
+            self.send.handle_timeout(now);
+        }
+        if let Some(mux) = &mut self.mux {
+            let mut out = BytesMut::new();
+            if mux.handle_timeout(now, &mut out).is_err() {
+                self.close(CloseCause::KeepaliveTimeout, None);
+                return;
+            }
+            // A NOP is skipped rather than queued past a full window.
+            if !out.is_empty() && self.send_capacity() >= out.len() {
+                self.push_output(now, &out);
+            }
+        }
+    }
+
+    // --- outputs ---
+
+    /// The next frame to send as a WebSocket binary message, if any. Acks go first and flow
+    /// even while paused; sequenced messages wait while MGS has paused publication.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        if matches!(self.state, State::Closed) {
+            return None;
+        }
+        let frame = match self.control.pop_front() {
+            Some(frame) => Some(frame),
+            None if self.paused => None,
+            None => self.send.poll_transmit(now),
+        };
+        if frame.is_some() {
+            self.stats.frames_sent += 1;
+        }
+        frame
+    }
+
+    /// The next event for the caller, in order.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let event = self.events.pop_front()?;
+        match &event {
+            Event::Data(data) | Event::StreamData { data, .. } => {
+                self.event_bytes -= data.len();
+            }
+            _ => {}
+        }
+        Some(event)
+    }
+
+    /// When to call [`Session::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let state = match self.state {
+            State::AwaitingHandshake { deadline }
+            | State::AwaitingComplete { deadline }
+            | State::Closing { deadline } => Some(deadline),
+            State::Open => None,
+            State::Closed => return None,
+        };
+        let send = if self.paused {
+            None
+        } else {
+            self.send.poll_timeout()
+        };
+        let mux = self.mux.as_ref().and_then(MuxClient::poll_timeout);
+        [state, send, mux].into_iter().flatten().min()
+    }
+
+    /// Local bytes the session accepts right now (0 before HandshakeComplete, while the send
+    /// window is full, and once closing). In mux mode this counts smux framing too.
+    pub fn send_capacity(&self) -> usize {
+        if !matches!(self.state, State::Open) {
+            return 0;
+        }
+        let messages = self
+            .config
+            .max_unacked_messages
+            .saturating_sub(self.send.len());
+        let bytes = self
+            .config
+            .max_unacked_bytes
+            .saturating_sub(self.send.payload_bytes());
+        bytes.min(messages.saturating_mul(self.config.chunk_size.max(1)))
+    }
+
+    /// What the handshake established, once complete.
+    pub fn handshake(&self) -> Option<&HandshakeInfo> {
+        self.info.as_ref()
+    }
+
+    /// True once [`Event::Closed`] has been queued.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// True once HandshakeComplete arrived and until closing starts.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open)
+    }
+
+    /// True while MGS has paused publication.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> Stats {
+        let rtt = self.send.rtt();
+        Stats {
+            retransmissions: self.send.retransmissions(),
+            rtt_samples: rtt.samples(),
+            srtt: rtt.srtt(),
+            rto: rtt.rto(),
+            unacked_messages: self.send.len(),
+            unacked_bytes: self.send.payload_bytes(),
+            reorder_buffered: self.recv.buffered_messages(),
+            paused: self.paused,
+            open_streams: self.mux.as_ref().map_or(0, MuxClient::stream_count),
+            next_send_sequence: self.send.next_sequence(),
+            next_receive_sequence: self.recv.expected(),
+            ..self.stats.clone()
+        }
+    }
+
+    // --- internals ---
+
+    fn require_mode(&self, wanted: ForwardingMode) -> Result<(), SessionError> {
+        match self.state {
+            State::Closed | State::Closing { .. } => return Err(SessionError::Closed),
+            State::Open => {}
+            _ => return Err(SessionError::NotOpen),
+        }
+        match self.info.as_ref().map(|i| i.mode) {
+            Some(mode) if mode == wanted => Ok(()),
+            Some(mode) => Err(SessionError::WrongMode { mode }),
+            None => Err(SessionError::NotOpen),
+        }
+    }
+
+    /// BRG saw text frames whose whole body is a control word (section 1.4).
+    fn handle_text_control(&mut self, frame: &[u8]) -> bool {
+        match frame.trim_ascii() {
+            b"start_publication" => self.paused = false,
+            b"pause_publication" => self.paused = true,
+            b"channel_closed" => self.channel_closed(None),
+            _ => return false,
+        }
+        true
+    }
+
+    fn channel_closed(&mut self, output: Option<String>) {
+        let cause = if matches!(self.state, State::Closing { .. }) {
+            CloseCause::LocalTerminate
+        } else {
+            CloseCause::ChannelClosed
+        };
+        self.close(cause, output);
+    }
+
+    fn close(&mut self, cause: CloseCause, output: Option<String>) {
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        if let Some(mux) = &mut self.mux {
+            let mut closed = Vec::new();
+            mux.close_all(&mut closed);
+            self.push_mux_events(closed);
+        }
+        self.control.clear();
+        self.events.push_back(Event::Closed { cause, output });
+        self.state = State::Closed;
+    }
+
+    /// Allocates a sequence number and buffers one `input_stream_data` message.
+    fn push_sequenced(&mut self, now: Instant, payload_type: PayloadType, payload: Bytes) {
+        let created = self.clock.epoch_ms(now);
+        let id = self.ids.next();
+        let len = payload.len();
+        self.send.push(len, |seq| {
+            ClientMessage {
+                message_type: MessageType::InputStreamData,
+                schema_version: message::SCHEMA_VERSION,
+                created_date: created,
+                sequence_number: seq,
+                flags: 0,
+                message_id: id,
+                payload_type,
+                payload,
+            }
+            .to_bytes()
+        });
+    }
+
+    /// Splits stream bytes into Output messages of at most `chunk_size`.
+    fn push_output(&mut self, now: Instant, bytes: &[u8]) {
+        self.stats.bytes_sent += bytes.len() as u64;
+        for chunk in bytes.chunks(self.config.chunk_size.max(1)) {
+            self.push_sequenced(now, PayloadType::Output, Bytes::copy_from_slice(chunk));
+        }
+    }
+
+    fn queue_ack(&mut self, now: Instant, acked: &ClientMessage) {
+        let content = AcknowledgeContent {
+            message_type: acked.message_type.as_str().to_owned(),
+            message_id: acked.message_id.hyphenated().to_string(),
+            sequence_number: acked.sequence_number,
+            is_sequential_message: true,
+        };
+        let payload = Bytes::from(serde_json::to_vec(&content).unwrap_or_default());
+        let created = self.clock.epoch_ms(now);
+        let id = self.ids.next();
+        let frame = ClientMessage {
+            message_type: MessageType::Acknowledge,
+            schema_version: message::SCHEMA_VERSION,
+            created_date: created,
+            sequence_number: 0,
+            flags: FLAG_SYN | FLAG_FIN,
+            message_id: id,
+            payload_type: PayloadType::Unset,
+            payload,
+        }
+        .to_bytes();
+        self.control.push_back(frame);
+        self.stats.acks_sent += 1;
+    }
+
+    fn handle_ack(&mut self, now: Instant, payload: &[u8]) {
+        let Ok(content) = serde_json::from_slice::<AcknowledgeContent>(payload) else {
+            self.stats.malformed_frames += 1;
+            return;
+        };
+        if let AckOutcome::Released(_) = self.send.on_ack(now, content.sequence_number) {
+            self.stats.acks_received += 1;
+        }
+    }
+
+    fn inbound_room(&self, len: usize) -> bool {
+        let held = self.event_bytes + self.recv.buffered_bytes();
+        held == 0 || held + len <= self.config.max_inbound_bytes
+    }
+
+    fn handle_stream_message(&mut self, now: Instant, message: ClientMessage) {
+        let len = message.payload.len();
+        let is_data = message.payload_type == PayloadType::Output;
+        match self.recv.classify(message.sequence_number) {
+            Arrival::Duplicate => {
+                self.stats.duplicates_received += 1;
+                self.queue_ack(now, &message);
+            }
+            Arrival::Early => {
+                if self.recv.has_room() && self.inbound_room(len) {
+                    self.queue_ack(now, &message);
+                    self.recv.store(message);
+                } else {
+                    self.stats.dropped_no_room += 1;
+                }
+            }
+            Arrival::InOrder => {
+                if is_data && !self.inbound_room(len) {
+                    // Receive backpressure: not acked, the agent retransmits later.
+                    self.stats.dropped_no_room += 1;
+                    return;
+                }
+                self.queue_ack(now, &message);
+                self.recv.advance();
+                self.process(now, message);
+                while let Some(next) = self.recv.pop_ready() {
+                    self.recv.advance();
+                    self.process(now, next);
+                }
+            }
+        }
+    }
+
+    /// Acts on an accepted, in-order `output_stream_data`.
+    fn process(&mut self, now: Instant, message: ClientMessage) {
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        match message.payload_type {
+            PayloadType::HandshakeRequest => self.on_handshake_request(now, &message.payload),
+            PayloadType::HandshakeComplete => {
+                if matches!(
+                    self.state,
+                    State::AwaitingHandshake { .. } | State::AwaitingComplete { .. }
+                ) {
+                    let customer_message =
+                        serde_json::from_slice::<HandshakeComplete>(&message.payload)
+                            .ok()
+                            .map(|c| c.customer_message)
+                            .filter(|m| !m.is_empty());
+                    self.open(now, customer_message);
+                }
+            }
+            PayloadType::Output => {
+                if matches!(
+                    self.state,
+                    State::AwaitingHandshake { .. } | State::AwaitingComplete { .. }
+                ) {
+                    // A legacy agent streams without a handshake; an agent never sends Output
+                    // before HandshakeComplete otherwise, so treat it as implied.
+                    self.open(now, None);
+                }
+                self.deliver(message.payload);
+            }
+            PayloadType::Flag => match PortFlag::from_payload(&message.payload) {
+                Some(PortFlag::ConnectToPortError) => {
+                    if let Some(mux) = &mut self.mux {
+                        mux.connect_error();
+                    }
+                    self.events.push_back(Event::ConnectToPortError);
+                }
+                Some(PortFlag::TerminateSession) => self.close(CloseCause::AgentTerminated, None),
+                _ => self.stats.ignored_messages += 1,
+            },
+            _ => self.stats.ignored_messages += 1,
+        }
+    }
+
+    fn on_handshake_request(&mut self, now: Instant, payload: &[u8]) {
+        if !matches!(self.state, State::AwaitingHandshake { .. }) {
+            self.stats.ignored_messages += 1;
+            return;
+        }
+        let request = match serde_json::from_slice::<HandshakeRequest>(payload) {
+            Ok(request) => request,
+            Err(e) => {
+                self.close(CloseCause::HandshakeInvalid(e.to_string()), None);
+                return;
+            }
+        };
+        let response = request.response(&self.config.client_version);
+        let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
+        self.push_sequenced(now, PayloadType::HandshakeResponse, body);
+        if let State::AwaitingHandshake { deadline } = self.state {
+            self.state = State::AwaitingComplete { deadline };
+        }
+        self.request = Some(request);
+    }
+
+    fn open(&mut self, now: Instant, customer_message: Option<String>) {
+        let agent_version = self.request.as_ref().map(|r| r.agent_version.clone());
+        let properties = self
+            .request
+            .as_ref()
+            .map(HandshakeRequest::session_properties)
+            .unwrap_or_default();
+        let above = |threshold: &str| {
+            agent_version
+                .as_deref()
+                .is_some_and(|v| handshake::version_above(v, threshold))
+        };
+        let mux = properties.session_type.as_deref() == Some("Port")
+            && properties.port_type.as_deref() == Some("LocalPortForwarding")
+            && above(handshake::MUX_MIN_AGENT);
+        let smux_keepalive = mux && !above(handshake::KEEPALIVE_OFF_MIN_AGENT);
+        let info = HandshakeInfo {
+            terminate_flag_supported: above(handshake::TERMINATE_FLAG_MIN_AGENT),
+            agent_version,
+            properties,
+            mode: if mux {
+                ForwardingMode::Mux
+            } else {
+                ForwardingMode::Basic
+            },
+            smux_keepalive,
+            customer_message,
+        };
+        if mux {
+            self.mux = Some(MuxClient::new(now, smux_keepalive, self.config.max_streams));
+        }
+        self.events
+            .push_back(Event::HandshakeComplete(info.clone()));
+        self.info = Some(info);
+        self.state = State::Open;
+    }
+
+    fn deliver(&mut self, payload: Bytes) {
+        if let Some(mux) = &mut self.mux {
+            let mut events = Vec::new();
+            let result = mux.feed(&payload, &mut events);
+            self.push_mux_events(events);
+            if let Err(e) = result {
+                self.close(CloseCause::MuxProtocol(e), None);
+            }
+        } else if !payload.is_empty() {
+            self.stats.bytes_received += payload.len() as u64;
+            self.event_bytes += payload.len();
+            self.events.push_back(Event::Data(payload));
+        }
+    }
+
+    fn push_mux_events(&mut self, events: Vec<MuxEvent>) {
+        for event in events {
+            match event {
+                MuxEvent::Data(stream, data) => {
+                    self.stats.bytes_received += data.len() as u64;
+                    self.event_bytes += data.len();
+                    self.events.push_back(Event::StreamData { stream, data });
+                }
+                MuxEvent::Closed(stream, reason) => {
+                    self.events
+                        .push_back(Event::StreamClosed { stream, reason });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Pair harness tests (placeholder).
