@@ -1,0 +1,187 @@
+//! Validated names and identifiers used in the API: EC2 instance IDs, IAM principal names, tag
+//! keys and values, ports, KMS keys and logging destinations.
+//!
+//! Each is a transparent newtype over its wire value whose schema carries a CEL rule with a
+//! message that says what to fix. The API server evaluates those rules on `kubectl apply`; the
+//! `validation` module evaluates the very same rules offline for `fleet-access-operator plan`.
+
+use std::{borrow::Cow, fmt};
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+/// Defines a string newtype whose schema has a length bound and one CEL rule with a message.
+macro_rules! validated_string {
+    ($(#[$doc:meta])* $name:ident, max = $max:expr, rule = $rule:expr, message = $message:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl $name {
+            /// The CEL rule the API server checks for this value.
+            pub const RULE: &'static str = $rule;
+            /// What the API server says when the rule fails.
+            pub const MESSAGE: &'static str = $message;
+
+            /// The value as written in the resource.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(value: &str) -> Self {
+                Self(value.to_owned())
+            }
+        }
+
+        impl JsonSchema for $name {
+            fn schema_name() -> Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn inline_schema() -> bool {
+                true
+            }
+
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                json_schema!({
+                    "type": "string",
+                    "maxLength": $max,
+                    "x-kubernetes-validations": [{ "rule": $rule, "message": $message }],
+                })
+            }
+        }
+    };
+}
+
+validated_string!(
+    /// An EC2 instance ID (`i-` and 8 or 17 lowercase hex digits) or a managed on-premises node
+    /// ID (`mi-` and 17 lowercase hex digits).
+    InstanceId,
+    max = 20,
+    rule = "self.matches('^(i-([0-9a-f]{8}|[0-9a-f]{17})|mi-[0-9a-f]{17})$')",
+    message = "must be an EC2 instance ID (i- followed by 8 or 17 lowercase hex digits) or a managed node ID (mi- followed by 17 lowercase hex digits)"
+);
+
+impl InstanceId {
+    /// Managed on-premises nodes (`mi-…`) have `managed-instance` ARNs in the `ssm` service.
+    pub fn is_managed_node(&self) -> bool {
+        self.0.starts_with("mi-")
+    }
+}
+
+validated_string!(
+    /// An IAM user name: 1 to 64 of letters, digits and `+=,.@_-`.
+    IamUserName,
+    max = 64,
+    rule = "self.matches('^[A-Za-z0-9+=,.@_-]{1,64}$')",
+    message = "must be an IAM user name: 1 to 64 characters of letters, digits and +=,.@_-"
+);
+
+validated_string!(
+    /// An IAM role name: 1 to 64 of letters, digits and `+=,.@_-`.
+    IamRoleName,
+    max = 64,
+    rule = "self.matches('^[A-Za-z0-9+=,.@_-]{1,64}$')",
+    message = "must be an IAM role name: 1 to 64 characters of letters, digits and +=,.@_-"
+);
+
+validated_string!(
+    /// An IAM group name: 1 to 128 of letters, digits and `+=,.@_-`.
+    IamGroupName,
+    max = 128,
+    rule = "self.matches('^[A-Za-z0-9+=,.@_-]{1,128}$')",
+    message = "must be an IAM group name: 1 to 128 characters of letters, digits and +=,.@_-"
+);
+
+validated_string!(
+    /// A KMS key for session data encryption: a key ID, a multi-Region key ID (`mrk-…`), a key
+    /// ARN, an alias name (`alias/…`) or an alias ARN.
+    KmsKeyId,
+    max = 2048,
+    rule = "self.matches('^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:)?(key/)?([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32})$') || (self.matches('^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:)?alias/[A-Za-z0-9/_-]{1,250}$') && !self.matches('alias/aws/'))",
+    message = "must be a KMS key ID, a key ARN, an alias name (alias/my-key) or an alias ARN; AWS managed aliases (alias/aws/...) cannot encrypt sessions"
+);
+
+validated_string!(
+    /// A CloudWatch Logs log group name.
+    LogGroupName,
+    max = 512,
+    rule = "self.matches('^[.A-Za-z0-9_/#-]{1,512}$')",
+    message = "must be a CloudWatch Logs group name: 1 to 512 characters of letters, digits and ._-/#"
+);
+
+validated_string!(
+    /// An S3 bucket name.
+    BucketName,
+    max = 63,
+    rule = "self.matches('^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$') && !self.contains('..')",
+    message = "must be an S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit"
+);
+
+validated_string!(
+    /// A key prefix inside an S3 bucket.
+    S3KeyPrefix,
+    max = 1024,
+    rule = "!self.startsWith('/')",
+    message = "must not start with '/': S3 key prefixes are relative to the bucket"
+);
+
+validated_string!(
+    /// A Linux user name on the instances, used by Run As.
+    OsUserName,
+    max = 32,
+    rule = "self.matches('^[a-z_][a-z0-9_-]{0,31}$')",
+    message = "must be a Linux user name: a lowercase letter or _ followed by up to 31 lowercase letters, digits, _ or -"
+);
+
+/// A resource tag key as EC2 and IAM conditions accept it.
+pub const TAG_KEY_RULE: &str = "self.all(k, k.size() >= 1 && k.size() <= 128 && k.matches('^[\\\\p{L}\\\\p{Z}\\\\p{N}_.:/=+@-]+$') && !k.startsWith('aws:'))";
+/// What the API server says when a tag key is invalid.
+pub const TAG_KEY_MESSAGE: &str =
+    "tag keys must be 1 to 128 letters, digits, spaces and _.:/=+-@, and must not start with aws:";
+/// A resource tag value; `*` and `?` are IAM `StringLike` wildcards.
+pub const TAG_VALUE_RULE: &str = "self.all(k, self[k].size() <= 256 && self[k].matches('^[\\\\p{L}\\\\p{Z}\\\\p{N}_.:/=+@*?-]*$'))";
+/// What the API server says when a tag value is invalid.
+pub const TAG_VALUE_MESSAGE: &str =
+    "tag values must be 0 to 256 letters, digits, spaces and _.:/=+-@ (and the wildcards * and ?)";
+
+/// A TCP port number, 1 to 65535.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Port(pub u16);
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl JsonSchema for Port {
+    fn schema_name() -> Cow<'static, str> {
+        "Port".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "integer",
+            "format": "int32",
+            "x-kubernetes-validations": [{
+                "rule": "self >= 1 && self <= 65535",
+                "message": "must be a TCP port from 1 to 65535",
+            }],
+        })
+    }
+}

@@ -1,0 +1,150 @@
+//! Offline validation: the examples pass; every invalid case fails on the right field with a
+//! message that says what to fix. The same invalid cases run against the real API server in the
+//! `fleet-access-tests` crate.
+
+use fleet_access_crds::validation::{
+    FieldError, InvalidObject, parse_session_accesses, parse_session_preferences,
+    validate_session_access,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+
+#[derive(Deserialize)]
+struct InvalidCase {
+    case: String,
+    field: String,
+    message: String,
+    spec: Value,
+}
+
+fn invalid_cases() -> Vec<InvalidCase> {
+    let text = include_str!("data/invalid-session-access.yaml");
+    serde_yaml::from_str(text).expect("the invalid corpus parses")
+}
+
+fn object(spec: Value) -> Value {
+    json!({
+        "apiVersion": "fleetaccess.io/v1alpha1",
+        "kind": "SessionAccess",
+        "metadata": {"name": "under-test", "namespace": "ops"},
+        "spec": spec,
+    })
+}
+
+fn field_errors(result: Result<impl std::fmt::Debug, InvalidObject>) -> Vec<FieldError> {
+    match result {
+        Err(InvalidObject::Fields(errors)) => errors,
+        other => panic!("expected field errors, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_example_is_valid() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(EXAMPLES).expect("deploy/examples exists") {
+        let path = entry.expect("readable entry").path();
+        let text = std::fs::read_to_string(&path).expect("readable example");
+        let kind = if text.contains("kind: SessionPreferences") {
+            "prefs"
+        } else {
+            "access"
+        };
+        let result = match kind {
+            "prefs" => parse_session_preferences(&text).map(|v| v.len()),
+            _ => parse_session_accesses(&text).map(|v| v.len()),
+        };
+        assert_eq!(
+            result.unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+            1
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 8,
+        "expected the examples in deploy/examples, found {checked}"
+    );
+}
+
+#[test]
+fn every_invalid_case_is_rejected_on_its_field() {
+    let cases = invalid_cases();
+    assert!(cases.len() >= 15);
+    for case in cases {
+        let errors = field_errors(validate_session_access(&object(case.spec)));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == case.field && e.message.contains(&case.message)),
+            "{}: expected an error on {} containing {:?}, got {errors:?}",
+            case.case,
+            case.field,
+            case.message
+        );
+    }
+}
+
+#[test]
+fn unknown_fields_are_named_with_the_known_ones() {
+    let spec = json!({"principals": {"users": ["alice"]}, "targets": {"instanceId": ["i-0123abcd"]}, "sessions": {"ssh": true}});
+    let errors = field_errors(validate_session_access(&object(spec)));
+    let unknown = errors
+        .iter()
+        .find(|e| e.path == "spec.targets.instanceId")
+        .expect("named");
+    assert!(unknown.message.contains("instanceIds"), "{unknown}");
+}
+
+#[test]
+fn wrong_types_are_named() {
+    let spec = json!({"principals": {"users": "alice"}, "targets": {"instanceIds": ["i-0123abcd"]}, "sessions": {"ssh": "yes"}});
+    let errors = field_errors(validate_session_access(&object(spec)));
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["spec.principals.users", "spec.sessions.ssh"]);
+    assert!(errors[0].message.contains("must be an array, not a string"));
+}
+
+#[test]
+fn wrong_kind_and_name_are_rejected() {
+    let mut value = object(
+        json!({"principals": {"users": ["alice"]}, "targets": {"allInstances": true}, "sessions": {"ssh": true}}),
+    );
+    value["kind"] = json!("Sessionaccess");
+    value["metadata"]["name"] = json!("Not_A_Name");
+    let errors = field_errors(validate_session_access(&value));
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["kind", "metadata.name"]);
+}
+
+#[test]
+fn bad_yaml_is_a_yaml_error() {
+    let result = parse_session_accesses("spec: [unclosed");
+    assert!(matches!(result, Err(InvalidObject::Yaml(_))), "{result:?}");
+}
+
+#[test]
+fn an_empty_file_is_an_error() {
+    let errors = field_errors(parse_session_accesses("# nothing\n"));
+    assert!(errors[0].message.contains("no SessionAccess"));
+}
+
+#[test]
+fn preferences_must_be_named_default() {
+    let text = "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionPreferences\nmetadata: {name: mine}\nspec: {idleSessionTimeoutMinutes: 5}\n";
+    let errors = field_errors(parse_session_preferences(text));
+    assert!(
+        errors.iter().any(|e| e.message.contains("name it default")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn defaults_are_applied_when_typed() {
+    let text =
+        std::fs::read_to_string(format!("{EXAMPLES}/bridge-for-ansible.yaml")).expect("example");
+    let grant = parse_session_accesses(&text).expect("valid").remove(0);
+    let bridge = grant.spec.bridge.expect("bridge");
+    assert!(bridge.enabled);
+    assert_eq!(bridge.ports, [fleet_access_crds::names::Port(22)]);
+}
