@@ -1,1 +1,146 @@
-//! The SSM emulator.
+//! A strict local emulator of AWS SSM Session Manager for tests and the demo: the SSM JSON API
+//! (StartSession, ResumeSession, TerminateSession, DescribeSessions,
+//! DescribeInstanceInformation; everything else forwarded to an upstream such as moto), the
+//! gateway's data-channel WebSocket, and a strict agent per session (handshake and version
+//! gates, reliability layer, basic and smux port forwarding) with fault injection.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), fleet_access_ssm_emulator::Error> {
+//! use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig};
+//! let mut config = Config::default();
+//! config.instances.push(InstanceConfig::new("i-0123456789abcdef0")
+//!     .with_port("22", "127.0.0.1:2222".parse().expect("addr")));
+//! let running = Emulator::start(config).await?;
+//! println!("point aws-sdk-ssm at {}", running.endpoint_url());
+//! # Ok(()) }
+//! ```
+//!
+//! Authentication: any SigV4 `Authorization` header is accepted without verification; tokens
+//! and signatures are never logged. See the crate README for the YAML config format.
+
+mod agent;
+mod api;
+pub mod config;
+mod error;
+mod gateway;
+pub mod message;
+mod port;
+mod registry;
+pub mod report;
+mod server;
+pub mod smux;
+pub mod version;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use agent::Injection;
+pub use config::{Config, Faults, InstanceConfig, Mode};
+pub use error::Error;
+pub use report::{SessionReport, SessionStatus, Stats, Transfer, Violation};
+
+use registry::{Shared, lock};
+
+/// Starts emulators.
+pub struct Emulator;
+
+impl Emulator {
+    /// Validates `config`, binds its listen address and serves until the [`Running`] handle is
+    /// shut down or dropped.
+    pub async fn start(config: Config) -> Result<Running, Error> {
+        config.validate()?;
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config));
+        let _ = shared.addr.set(addr);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(server::accept_loop(listener, shared.clone(), stop_rx));
+        tracing::info!("SSM emulator listening on http://{addr}");
+        Ok(Running { shared, addr, stop, task: Some(task) })
+    }
+}
+
+/// A running emulator.
+pub struct Running {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Base URL of the SSM JSON API (`endpoint_url` for aws-sdk-ssm).
+    pub fn endpoint_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every violation so far.
+    pub fn violations(&self) -> Vec<Violation> {
+        lock(&self.shared.violations).clone()
+    }
+
+    /// The report of one session.
+    pub fn session_report(&self, session_id: &str) -> Option<SessionReport> {
+        self.shared.report(session_id)
+    }
+
+    /// Reports of every session.
+    pub fn session_reports(&self) -> Vec<SessionReport> {
+        let ids: Vec<String> = lock(&self.shared.sessions).keys().cloned().collect();
+        ids.iter().filter_map(|id| self.shared.report(id)).collect()
+    }
+
+    /// Global counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Replaces the faults for new sessions to `instance_id`.
+    pub fn set_instance_faults(&self, instance_id: &str, faults: Faults) {
+        lock(&self.shared.instance_faults).insert(instance_id.to_owned(), faults);
+    }
+
+    /// Triggers a connection fault on a live session's current WebSocket. False when the
+    /// session is unknown or ended.
+    pub fn inject(&self, session_id: &str, injection: Injection) -> bool {
+        self.shared
+            .agent(session_id)
+            .is_some_and(|a| a.send(agent::AgentInput::Inject(injection)).is_ok())
+    }
+
+    /// Waits until the session has ended, or `limit` passes; returns its report either way.
+    pub async fn wait_for_end(&self, session_id: &str, limit: Duration) -> Option<SessionReport> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let r = self.shared.report(session_id);
+            if r.as_ref().is_none_or(|r| r.status.is_ended()) || tokio::time::Instant::now() >= deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops accepting connections.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}

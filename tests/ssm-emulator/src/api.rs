@@ -1,0 +1,633 @@
+//! The SSM JSON API (`POST /`, `X-Amz-Target: AmazonSSM.<Operation>`, awsJson1.1): StartSession,
+//! ResumeSession, TerminateSession, DescribeSessions and DescribeInstanceInformation over the
+//! simulated fleet; every other operation is forwarded verbatim to the upstream endpoint.
+//! SigV4 `Authorization` headers are accepted without verification and never logged.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::agent::{Agent, AgentInput};
+use crate::registry::{PortProperties, SessionEntry, SessionInfo, Shared, lock};
+use crate::report::SessionReport;
+
+const JSON: &str = "application/x-amz-json-1.1";
+const DEFAULT_DOCUMENT: &str = "SSM-SessionManagerRunShell";
+
+/// An AWS-shaped JSON error.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, kind, message: message.into() }
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(JSON));
+    if let Ok(v) = http::HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+        h.insert("x-amzn-requestid", v);
+    }
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let mut r = json_response(e.status, &json!({"__type": e.kind, "message": e.message}));
+    if let Ok(v) = http::HeaderValue::from_str(e.kind) {
+        r.headers_mut().insert("x-amzn-errortype", v);
+    }
+    r
+}
+
+fn epoch_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Handles one HTTP request.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return Ok(error_response(&ApiError::new("SerializationException", e.to_string()))),
+    };
+    let target = parts
+        .headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let Some(op) = target.strip_prefix("AmazonSSM.") else {
+        return Ok(error_response(&ApiError::new(
+            "UnknownOperationException",
+            format!("unsupported X-Amz-Target {target:?}"),
+        )));
+    };
+    let input: Value = if body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(error_response(&ApiError::new("SerializationException", e.to_string())));
+            }
+        }
+    };
+    let local = matches!(
+        op,
+        "StartSession"
+            | "ResumeSession"
+            | "TerminateSession"
+            | "DescribeSessions"
+            | "DescribeInstanceInformation"
+    );
+    if !local {
+        return Ok(forward(&shared, &parts.headers, body).await);
+    }
+    shared.api_requests.fetch_add(1, Ordering::Relaxed);
+    let result = match op {
+        "StartSession" => start_session(&shared, &parts.headers, &input).await,
+        "ResumeSession" => resume_session(&shared, &input),
+        "TerminateSession" => terminate_session(&shared, &input),
+        "DescribeSessions" => describe_sessions(&shared, &input),
+        _ => describe_instance_information(&shared, &input),
+    };
+    Ok(match result {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(e) => error_response(&e),
+    })
+}
+
+// === Forwarding ===
+
+async fn forward(shared: &Shared, headers: &HeaderMap, body: Bytes) -> Response<Full<Bytes>> {
+    let Some(upstream) = &shared.config.upstream else {
+        let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
+        return error_response(&ApiError::new(
+            "UnknownOperationException",
+            format!("{target} is not emulated and no upstream is configured"),
+        ));
+    };
+    shared.forwarded_requests.fetch_add(1, Ordering::Relaxed);
+    match call_upstream(upstream, headers, body).await {
+        Ok(r) => r,
+        Err(e) => {
+            let mut r = error_response(&ApiError::new("InternalServerError", format!("upstream: {e}")));
+            *r.status_mut() = StatusCode::BAD_GATEWAY;
+            r
+        }
+    }
+}
+
+async fn call_upstream(
+    upstream: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response<Full<Bytes>>, String> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let uri = format!("{}/", upstream.trim_end_matches('/'));
+    let mut builder = Request::builder().method(http::Method::POST).uri(&uri);
+    for (k, v) in headers {
+        if k != http::header::HOST && k != http::header::CONTENT_LENGTH {
+            builder = builder.header(k, v);
+        }
+    }
+    let req = builder.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let mut out = Response::new(Full::new(body));
+    *out.status_mut() = parts.status;
+    for (k, v) in &parts.headers {
+        if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING {
+            out.headers_mut().insert(k, v.clone());
+        }
+    }
+    Ok(out)
+}
+
+// === StartSession and documents ===
+
+fn first_param(params: &Value, name: &str) -> Option<String> {
+    match params.get(name)? {
+        Value::Array(a) => a.first().and_then(Value::as_str).map(str::to_owned),
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn parse_port(name: &str, value: &str) -> Result<u16, ApiError> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ApiError::new("ValidationException", format!("{name} {value:?} is not a port number")))
+}
+
+/// Resolves a built-in Port document's properties.
+fn builtin_document(name: &str, params: &Value) -> Option<Result<PortProperties, ApiError>> {
+    let (allowed, default_port, lpf, needs_host): (&[&str], &str, bool, bool) = match name {
+        "AWS-StartSSHSession" => (&["portNumber"], "22", false, false),
+        "AWS-StartPortForwardingSession" => (&["portNumber", "localPortNumber"], "80", true, false),
+        "AWS-StartPortForwardingSessionToRemoteHost" => {
+            (&["host", "portNumber", "localPortNumber"], "80", true, true)
+        }
+        _ => return None,
+    };
+    Some((|| {
+        if let Some(obj) = params.as_object() {
+            for k in obj.keys() {
+                if !allowed.contains(&k.as_str()) {
+                    return Err(ApiError::new(
+                        "InvalidParameters",
+                        format!("parameter {k} is not defined by document {name}"),
+                    ));
+                }
+            }
+        }
+        let port_text = first_param(params, "portNumber").unwrap_or_else(|| default_port.to_owned());
+        let port = parse_port("portNumber", &port_text)?;
+        let mut json = serde_json::Map::new();
+        json.insert("portNumber".into(), Value::String(port_text));
+        let mut host = None;
+        if lpf {
+            let local = first_param(params, "localPortNumber").unwrap_or_else(|| "0".to_owned());
+            if local != "0" {
+                parse_port("localPortNumber", &local)?;
+            }
+            json.insert("localPortNumber".into(), Value::String(local));
+            json.insert("type".into(), Value::String("LocalPortForwarding".into()));
+        }
+        if needs_host {
+            let h = first_param(params, "host")
+                .ok_or_else(|| ApiError::new("InvalidParameters", "parameter host is required"))?;
+            json.insert("host".into(), Value::String(h.clone()));
+            host = Some(h);
+        }
+        Ok(PortProperties { json, port, host, local_port_forwarding: lpf })
+    })())
+}
+
+fn substitute(template: &str, values: &HashMap<String, String>) -> String {
+    let mut out = template.to_owned();
+    for (k, v) in values {
+        for pattern in [format!("{{{{ {k} }}}}"), format!("{{{{{k}}}}}")] {
+            out = out.replace(&pattern, v);
+        }
+    }
+    out
+}
+
+/// Resolves a custom document the upstream (moto) knows, when it is a Port document.
+async fn custom_document(
+    shared: &Shared,
+    headers: &HeaderMap,
+    name: &str,
+    params: &Value,
+) -> Result<PortProperties, ApiError> {
+    let invalid = || ApiError::new("InvalidDocument", format!("document {name} does not exist"));
+    let Some(upstream) = &shared.config.upstream else { return Err(invalid()) };
+    let mut h = HeaderMap::new();
+    h.insert("x-amz-target", http::HeaderValue::from_static("AmazonSSM.GetDocument"));
+    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(JSON));
+    let auth = headers.get(http::header::AUTHORIZATION).cloned().unwrap_or_else(|| {
+        http::HeaderValue::from_str(&format!(
+            "AWS4-HMAC-SHA256 Credential=AKIAEMULATOR/20260101/{}/ssm/aws4_request, SignedHeaders=host, Signature=0",
+            shared.config.region
+        ))
+        .unwrap_or(http::HeaderValue::from_static("none"))
+    });
+    h.insert(http::header::AUTHORIZATION, auth);
+    let body = Bytes::from(json!({"Name": name}).to_string());
+    let resp = call_upstream(upstream, &h, body).await.map_err(|e| ApiError::new("InternalServerError", e))?;
+    if resp.status() != StatusCode::OK {
+        return Err(invalid());
+    }
+    let body = resp.into_body().collect().await.map_err(|_| invalid())?.to_bytes();
+    let doc: Value = serde_json::from_slice(&body).map_err(|_| invalid())?;
+    let content = doc.get("Content").and_then(Value::as_str).ok_or_else(invalid)?;
+    let content: Value = serde_yaml::from_str(content).map_err(|_| invalid())?;
+    if content.get("sessionType").and_then(Value::as_str) != Some("Port") {
+        return Err(ApiError::new(
+            "InvalidDocument",
+            format!("document {name} is not a Port session document; the emulator only runs Port sessions"),
+        ));
+    }
+    let mut values = HashMap::new();
+    if let Some(defs) = content.get("parameters").and_then(Value::as_object) {
+        for (k, def) in defs {
+            if let Some(d) = def.get("default") {
+                let d = d.as_str().map(str::to_owned).unwrap_or_else(|| d.to_string());
+                values.insert(k.clone(), d);
+            }
+        }
+    }
+    if let Some(obj) = params.as_object() {
+        for k in obj.keys() {
+            let defined = content.get("parameters").and_then(|p| p.get(k)).is_some();
+            if !defined {
+                return Err(ApiError::new("InvalidParameters", format!("parameter {k} is not defined by document {name}")));
+            }
+            if let Some(v) = first_param(params, k) {
+                values.insert(k.clone(), v);
+            }
+        }
+    }
+    let mut json = serde_json::Map::new();
+    if let Some(props) = content.get("properties").and_then(Value::as_object) {
+        for (k, v) in props {
+            let v = match v {
+                Value::String(s) => Value::String(substitute(s, &values)),
+                other => other.clone(),
+            };
+            json.insert(k.clone(), v);
+        }
+    }
+    let port_text = json.get("portNumber").and_then(Value::as_str).unwrap_or("").to_owned();
+    let port = parse_port("portNumber", &port_text)?;
+    let host = json.get("host").and_then(Value::as_str).map(str::to_owned);
+    let lpf = json.get("type").and_then(Value::as_str) == Some("LocalPortForwarding");
+    Ok(PortProperties { json, port, host, local_port_forwarding: lpf })
+}
+
+fn new_session_id(principal: &str) -> String {
+    let hex = uuid::Uuid::new_v4().simple().to_string();
+    format!("{principal}-{}", &hex[..17])
+}
+
+fn new_token() -> String {
+    format!(
+        "AAEAA{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+async fn start_session(shared: &Arc<Shared>, headers: &HeaderMap, input: &Value) -> Result<Value, ApiError> {
+    let target = input
+        .get("Target")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty() && t.len() <= 400)
+        .ok_or_else(|| ApiError::new("ValidationException", "Target is required (1 to 400 characters)"))?;
+    let instance = shared
+        .config
+        .instance(target)
+        .cloned()
+        .ok_or_else(|| ApiError::new("InvalidTarget", format!("{target} is not a valid target for this account")))?;
+    if instance.ping_status != "Online" {
+        return Err(ApiError::new("TargetNotConnected", format!("{target} is not connected.")));
+    }
+    let document = input.get("DocumentName").and_then(Value::as_str).unwrap_or(DEFAULT_DOCUMENT);
+    let params = input.get("Parameters").cloned().unwrap_or_else(|| json!({}));
+    if let Some(reason) = input.get("Reason").and_then(Value::as_str)
+        && reason.len() > 256
+    {
+        return Err(ApiError::new("ValidationException", "Reason is longer than 256 characters"));
+    }
+    let properties = match builtin_document(document, &params) {
+        Some(r) => r?,
+        None if document == DEFAULT_DOCUMENT
+            || document.starts_with("AWS-StartInteractiveCommand")
+            || document.starts_with("AWS-StartNonInteractiveCommand") =>
+        {
+            return Err(ApiError::new(
+                "InvalidDocument",
+                format!("{document}: shell sessions are not emulated; use a Port document"),
+            ));
+        }
+        None => custom_document(shared, headers, document, &params).await?,
+    };
+    let session_id = new_session_id(&shared.config.session_principal);
+    let token = new_token();
+    let owner = format!(
+        "arn:aws:iam::{}:user/{}",
+        shared.config.account_id, shared.config.session_principal
+    );
+    let info = Arc::new(SessionInfo {
+        id: session_id.clone(),
+        document_name: document.to_owned(),
+        owner,
+        reason: input.get("Reason").and_then(Value::as_str).map(str::to_owned),
+        properties,
+        faults: shared.faults_for(&instance),
+        instance,
+    });
+    let report = Arc::new(Mutex::new(SessionReport::new(&session_id, target, document)));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let agent = Agent::new(shared.clone(), info.clone(), report.clone(), tx.clone());
+    lock(&shared.sessions).insert(
+        session_id.clone(),
+        SessionEntry {
+            info,
+            token: Some(token.clone()),
+            started: SystemTime::now(),
+            ended: None,
+            agent: Some(tx),
+            report,
+            next_connection: 0,
+        },
+    );
+    shared.sessions_started.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(agent.run(rx));
+    tracing::info!(session = %session_id, %target, %document, "session started");
+    Ok(json!({
+        "SessionId": session_id,
+        "TokenValue": token,
+        "StreamUrl": shared.stream_url(&session_id),
+    }))
+}
+
+fn session_id_of(input: &Value) -> Result<String, ApiError> {
+    input
+        .get("SessionId")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| ApiError::new("ValidationException", "SessionId is required"))
+}
+
+fn resume_session(shared: &Shared, input: &Value) -> Result<Value, ApiError> {
+    let sid = session_id_of(input)?;
+    let mut sessions = lock(&shared.sessions);
+    let entry = sessions
+        .get_mut(&sid)
+        .ok_or_else(|| ApiError::new("DoesNotExistException", format!("session {sid} does not exist")))?;
+    if entry.ended.is_some() {
+        // What SMP reads as "session timed out".
+        return Ok(json!({"SessionId": sid}));
+    }
+    let token = new_token();
+    entry.token = Some(token.clone());
+    drop(sessions);
+    Ok(json!({"SessionId": sid, "TokenValue": token, "StreamUrl": shared.stream_url(&sid)}))
+}
+
+fn terminate_session(shared: &Shared, input: &Value) -> Result<Value, ApiError> {
+    let sid = session_id_of(input)?;
+    if let Some(agent) = shared.agent(&sid) {
+        let _ = agent.send(AgentInput::Terminate);
+    }
+    Ok(json!({"SessionId": sid}))
+}
+
+fn filter_values(f: &Value, key_field: &str, values_field: &str) -> (String, Vec<String>) {
+    let key = f.get(key_field).and_then(Value::as_str).unwrap_or("").to_owned();
+    let values = f
+        .get(values_field)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
+    (key, values)
+}
+
+fn page<T: Clone>(items: &[T], input: &Value, max_default: usize) -> Result<(Vec<T>, Option<String>), ApiError> {
+    let start = match input.get("NextToken").and_then(Value::as_str) {
+        Some(t) => t
+            .parse::<usize>()
+            .map_err(|_| ApiError::new("InvalidNextToken", "the NextToken is not valid"))?,
+        None => 0,
+    };
+    let max = input.get("MaxResults").and_then(Value::as_u64).map_or(max_default, |m| m as usize).max(1);
+    let end = (start + max).min(items.len());
+    let slice = items.get(start.min(items.len())..end).unwrap_or(&[]).to_vec();
+    let next = (end < items.len()).then(|| end.to_string());
+    Ok((slice, next))
+}
+
+fn describe_sessions(shared: &Shared, input: &Value) -> Result<Value, ApiError> {
+    let state = input
+        .get("State")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::new("ValidationException", "State is required (Active or History)"))?;
+    let history = match state {
+        "Active" => false,
+        "History" => true,
+        other => return Err(ApiError::new("ValidationException", format!("State {other:?} is not Active or History"))),
+    };
+    let filters: Vec<(String, Vec<String>)> = input
+        .get("Filters")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|f| filter_values(f, "key", "value")).collect())
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    {
+        let sessions = lock(&shared.sessions);
+        let mut entries: Vec<&SessionEntry> = sessions.values().collect();
+        entries.sort_by(|a, b| b.started.cmp(&a.started));
+        for e in entries {
+            if e.ended.is_some() != history {
+                continue;
+            }
+            let status = lock(&e.report).status;
+            let mut keep = true;
+            for (key, values) in &filters {
+                let v = values.first().cloned().unwrap_or_default();
+                keep &= match key.as_str() {
+                    "Target" => e.info.instance.id == v,
+                    "Owner" => e.info.owner == v,
+                    "Status" => status.as_str() == v,
+                    "SessionId" => e.info.id == v,
+                    "InvokedAfter" => v.parse::<f64>().map_or(true, |t| epoch_seconds(e.started) >= t),
+                    "InvokedBefore" => v.parse::<f64>().map_or(true, |t| epoch_seconds(e.started) <= t),
+                    other => {
+                        return Err(ApiError::new("InvalidFilterKey", format!("filter key {other:?} is not supported")));
+                    }
+                };
+            }
+            if !keep {
+                continue;
+            }
+            let mut row = json!({
+                "SessionId": e.info.id,
+                "Target": e.info.instance.id,
+                "Status": status.as_str(),
+                "StartDate": epoch_seconds(e.started),
+                "DocumentName": e.info.document_name,
+                "Owner": e.info.owner,
+                "MaxSessionDuration": "1200",
+                "Details": lock(&e.report).close_reason.clone().unwrap_or_default(),
+            });
+            if let Some(end) = e.ended {
+                row["EndDate"] = json!(epoch_seconds(end));
+            }
+            if let Some(r) = &e.info.reason {
+                row["Reason"] = json!(r);
+            }
+            rows.push(row);
+        }
+    }
+    let (rows, next) = page(&rows, input, 200)?;
+    let mut out = json!({"Sessions": rows});
+    if let Some(n) = next {
+        out["NextToken"] = json!(n);
+    }
+    Ok(out)
+}
+
+fn describe_instance_information(shared: &Shared, input: &Value) -> Result<Value, ApiError> {
+    let mut filters: Vec<(String, Vec<String>)> = Vec::new();
+    if let Some(a) = input.get("InstanceInformationFilterList").and_then(Value::as_array) {
+        filters.extend(a.iter().map(|f| filter_values(f, "key", "valueSet")));
+    }
+    if let Some(a) = input.get("Filters").and_then(Value::as_array) {
+        filters.extend(a.iter().map(|f| filter_values(f, "Key", "Values")));
+    }
+    if let Some(m) = input.get("MaxResults").and_then(Value::as_u64)
+        && !(5..=50).contains(&m)
+    {
+        return Err(ApiError::new("ValidationException", "MaxResults must be between 5 and 50"));
+    }
+    let mut rows = Vec::new();
+    for i in &shared.config.instances {
+        let mut keep = true;
+        for (key, values) in &filters {
+            let any = |v: &str| values.iter().any(|x| x == v);
+            keep &= match key.as_str() {
+                "InstanceIds" => any(&i.id),
+                "AgentVersion" => any(&i.agent_version),
+                "PingStatus" => any(&i.ping_status),
+                "PlatformTypes" => any(&i.platform_type),
+                "ResourceType" => any(if i.id.starts_with("mi-") { "ManagedInstance" } else { "EC2Instance" }),
+                "tag-key" => values.iter().any(|k| i.tags.contains_key(k)),
+                k if k.starts_with("tag:") => {
+                    i.tags.get(&k[4..]).is_some_and(|v| any(v))
+                }
+                other => {
+                    return Err(ApiError::new(
+                        "InvalidInstanceInformationFilterValue",
+                        format!("filter key {other:?} is not supported"),
+                    ));
+                }
+            };
+        }
+        if keep {
+            rows.push(json!({
+                "InstanceId": i.id,
+                "PingStatus": i.ping_status,
+                "LastPingDateTime": epoch_seconds(SystemTime::now()),
+                "AgentVersion": i.agent_version,
+                "IsLatestVersion": false,
+                "PlatformType": i.platform_type,
+                "PlatformName": if i.platform_type == "Linux" { "Amazon Linux" } else { "Emulated" },
+                "ResourceType": if i.id.starts_with("mi-") { "ManagedInstance" } else { "EC2Instance" },
+                "IPAddress": "127.0.0.1",
+                "ComputerName": i.tags.get("Name").cloned().unwrap_or_else(|| i.id.clone()),
+                "AssociationStatus": "Success",
+            }));
+        }
+    }
+    let (rows, next) = page(&rows, input, 50)?;
+    let mut out = json!({"InstanceInformationList": rows});
+    if let Some(n) = next {
+        out["NextToken"] = json!(n);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_documents_resolve_their_properties() {
+        let p = builtin_document("AWS-StartSSHSession", &json!({"portNumber": ["2222"]}))
+            .expect("builtin")
+            .expect("valid");
+        assert_eq!(p.port, 2222);
+        assert!(!p.local_port_forwarding);
+        assert_eq!(Value::Object(p.json), json!({"portNumber": "2222"}));
+
+        let p = builtin_document("AWS-StartPortForwardingSession", &json!({"portNumber": ["80"]}))
+            .expect("builtin")
+            .expect("valid");
+        assert!(p.local_port_forwarding);
+        assert_eq!(p.json["type"], "LocalPortForwarding");
+
+        assert!(builtin_document("AWS-StartSSHSession", &json!({"portNumber": ["x"]}))
+            .expect("builtin")
+            .is_err());
+        assert!(builtin_document("AWS-StartSSHSession", &json!({"bogus": ["1"]}))
+            .expect("builtin")
+            .is_err());
+        assert!(builtin_document("AWS-StartPortForwardingSessionToRemoteHost", &json!({}))
+            .expect("builtin")
+            .is_err());
+        assert!(builtin_document("Custom-Doc", &json!({})).is_none());
+    }
+
+    #[test]
+    fn templates_are_substituted() {
+        let mut v = HashMap::new();
+        v.insert("portNumber".to_owned(), "5432".to_owned());
+        assert_eq!(substitute("{{ portNumber }}", &v), "5432");
+        assert_eq!(substitute("{{portNumber}}", &v), "5432");
+    }
+
+    #[test]
+    fn session_ids_have_the_aws_shape() {
+        let id = new_session_id("fleet-access");
+        let (p, hex) = id.rsplit_once('-').expect("dash");
+        assert_eq!(p, "fleet-access");
+        assert_eq!(hex.len(), 17);
+        assert!(hex.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

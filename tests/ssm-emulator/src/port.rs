@@ -1,0 +1,194 @@
+//! The agent's TCP side: dialing the instance's targets, the read loops (with the real agent's
+//! 1,024-byte reads and 1 ms pause in realistic mode), and the mux plumbing that stands in for
+//! the agent's smux-over-unix-socket (frames written into a pipe, read back in message-sized
+//! chunks).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio::task::JoinHandle;
+
+use crate::agent::AgentInput;
+use crate::config::Mode;
+use crate::smux;
+
+/// What the port tasks tell the agent.
+#[derive(Debug)]
+pub(crate) enum PortEvent {
+    BasicUp { generation: u64, writer: UnboundedSender<Vec<u8>> },
+    BasicDialFailed { generation: u64, error: String },
+    BasicData { generation: u64, data: Vec<u8> },
+    BasicClosed { generation: u64 },
+    MuxUp { stream_id: u32, writer: UnboundedSender<Vec<u8>> },
+    MuxDialFailed { stream_id: u32, error: String },
+    MuxClosed { stream_id: u32 },
+    MuxOutput(Vec<u8>),
+}
+
+/// The real agent's read size.
+pub(crate) const REALISTIC_CHUNK: usize = 1024;
+/// Read size in fast mode.
+pub(crate) const FAST_CHUNK: usize = 32 * 1024;
+const REALISTIC_PAUSE: Duration = Duration::from_millis(1);
+
+fn chunk_size(mode: Mode) -> usize {
+    match mode {
+        Mode::Realistic => REALISTIC_CHUNK,
+        Mode::Fast => FAST_CHUNK,
+    }
+}
+
+fn send(inbox: &UnboundedSender<AgentInput>, event: PortEvent) -> bool {
+    inbox.send(AgentInput::Port(event)).is_ok()
+}
+
+/// Writes everything received on the returned channel to `w`; shuts the write side down when
+/// the channel closes.
+fn spawn_writer(mut w: tokio::net::tcp::OwnedWriteHalf) -> UnboundedSender<Vec<u8>> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(data) = rx.recv().await {
+            if w.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    tx
+}
+
+/// Basic mode: dials `addr`, then reports data and EOF tagged with `generation`.
+pub(crate) fn spawn_basic(
+    addr: SocketAddr,
+    generation: u64,
+    mode: Mode,
+    inbox: UnboundedSender<AgentInput>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                send(&inbox, PortEvent::BasicDialFailed { generation, error: e.to_string() });
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut r, w) = stream.into_split();
+        if !send(&inbox, PortEvent::BasicUp { generation, writer: spawn_writer(w) }) {
+            return;
+        }
+        let mut buf = vec![0u8; chunk_size(mode)];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if !send(&inbox, PortEvent::BasicData { generation, data: buf[..n].to_vec() }) {
+                        return;
+                    }
+                }
+            }
+            if mode == Mode::Realistic {
+                tokio::time::sleep(REALISTIC_PAUSE).await;
+            }
+        }
+        send(&inbox, PortEvent::BasicClosed { generation });
+    })
+}
+
+/// The mux plumbing of one session: a writer task that serialises smux frames into a pipe
+/// and a pump that reads the pipe in message-sized chunks (pausing 1 ms in realistic mode).
+pub(crate) struct MuxPlumbing {
+    /// Frames from the agent itself (FIN, NOP).
+    pub(crate) control: UnboundedSender<Vec<u8>>,
+    /// Frames from the stream readers (bounded: backpressure to the target sockets).
+    pub(crate) data: mpsc::Sender<Vec<u8>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl MuxPlumbing {
+    pub(crate) fn spawn(mode: Mode, inbox: UnboundedSender<AgentInput>) -> Self {
+        let (mut pipe_w, mut pipe_r) = tokio::io::duplex(64 * 1024);
+        let (control, mut control_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (data, mut data_rx) = mpsc::channel::<Vec<u8>>(16);
+        let writer = tokio::spawn(async move {
+            loop {
+                let frame = tokio::select! {
+                    biased;
+                    f = control_rx.recv() => f,
+                    f = data_rx.recv() => f,
+                };
+                let Some(frame) = frame else { break };
+                if pipe_w.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let pump = tokio::spawn(async move {
+            let mut buf = vec![0u8; chunk_size(mode)];
+            loop {
+                match pipe_r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if !send(&inbox, PortEvent::MuxOutput(buf[..n].to_vec())) {
+                            break;
+                        }
+                    }
+                }
+                if mode == Mode::Realistic {
+                    tokio::time::sleep(REALISTIC_PAUSE).await;
+                }
+            }
+        });
+        Self { control, data, tasks: vec![writer, pump] }
+    }
+}
+
+impl Drop for MuxPlumbing {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Mux mode: dials `addr` for one smux stream and copies target bytes into PSH frames; on EOF
+/// writes the stream's FIN (after its data) and reports the close.
+pub(crate) fn spawn_mux_stream(
+    addr: SocketAddr,
+    stream_id: u32,
+    data: mpsc::Sender<Vec<u8>>,
+    inbox: UnboundedSender<AgentInput>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let stream = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                send(&inbox, PortEvent::MuxDialFailed { stream_id, error: e.to_string() });
+                return;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut r, w) = stream.into_split();
+        if !send(&inbox, PortEvent::MuxUp { stream_id, writer: spawn_writer(w) }) {
+            return;
+        }
+        let mut buf = vec![0u8; smux::MAX_FRAME_SIZE];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let frame = smux::Frame::psh(stream_id, buf[..n].to_vec()).encode();
+                    if data.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let fin = smux::Frame::control(smux::Command::Fin, stream_id).encode();
+        let _ = data.send(fin).await;
+        send(&inbox, PortEvent::MuxClosed { stream_id });
+    })
+}

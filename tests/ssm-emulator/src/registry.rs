@@ -1,0 +1,187 @@
+//! The emulator's shared state: the live sessions (token, status, agent handle, report),
+//! the violation log and the counters. Everything here is behind short-lived locks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::SystemTime;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::agent::AgentInput;
+use crate::config::{Config, Faults, InstanceConfig};
+use crate::report::{SessionReport, SessionStatus, Stats, Violation};
+
+/// The port properties a Port document resolved to (the handshake's `Properties`).
+#[derive(Debug, Clone)]
+pub(crate) struct PortProperties {
+    /// Exactly what the HandshakeRequest carries.
+    pub(crate) json: serde_json::Map<String, serde_json::Value>,
+    /// Destination port.
+    pub(crate) port: u16,
+    /// Remote host, if any.
+    pub(crate) host: Option<String>,
+    /// `type == LocalPortForwarding`.
+    pub(crate) local_port_forwarding: bool,
+}
+
+/// What a session is, fixed at StartSession.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionInfo {
+    pub(crate) id: String,
+    pub(crate) document_name: String,
+    pub(crate) owner: String,
+    pub(crate) reason: Option<String>,
+    pub(crate) properties: PortProperties,
+    pub(crate) instance: InstanceConfig,
+    pub(crate) faults: Faults,
+}
+
+pub(crate) struct SessionEntry {
+    pub(crate) info: Arc<SessionInfo>,
+    /// The live, unused token; `None` once used or after the end.
+    pub(crate) token: Option<String>,
+    pub(crate) started: SystemTime,
+    pub(crate) ended: Option<SystemTime>,
+    pub(crate) agent: Option<UnboundedSender<AgentInput>>,
+    pub(crate) report: Arc<Mutex<SessionReport>>,
+    pub(crate) next_connection: u32,
+}
+
+/// State shared by the API, the gateway and the agents.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) addr: OnceLock<SocketAddr>,
+    pub(crate) sessions: Mutex<HashMap<String, SessionEntry>>,
+    pub(crate) instance_faults: Mutex<HashMap<String, Faults>>,
+    pub(crate) violations: Mutex<Vec<Violation>>,
+    pub(crate) sessions_started: AtomicU64,
+    pub(crate) sessions_failed: AtomicU64,
+    pub(crate) violation_count: AtomicU64,
+    pub(crate) api_requests: AtomicU64,
+    pub(crate) forwarded_requests: AtomicU64,
+    pub(crate) data_channel_connections: AtomicU64,
+}
+
+/// Locks a mutex, recovering from poisoning (a panicked test task must not hide reports).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config) -> Self {
+        Self {
+            config,
+            addr: OnceLock::new(),
+            sessions: Mutex::new(HashMap::new()),
+            instance_faults: Mutex::new(HashMap::new()),
+            violations: Mutex::new(Vec::new()),
+            sessions_started: AtomicU64::new(0),
+            sessions_failed: AtomicU64::new(0),
+            violation_count: AtomicU64::new(0),
+            api_requests: AtomicU64::new(0),
+            forwarded_requests: AtomicU64::new(0),
+            data_channel_connections: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addr.get().copied().unwrap_or(self.config.listen)
+    }
+
+    /// The faults for a new session to `instance`.
+    pub(crate) fn faults_for(&self, instance: &InstanceConfig) -> Faults {
+        if let Some(f) = lock(&self.instance_faults).get(&instance.id) {
+            return f.clone();
+        }
+        instance.faults.clone().unwrap_or_else(|| self.config.faults.clone())
+    }
+
+    pub(crate) fn stream_url(&self, session_id: &str) -> String {
+        format!(
+            "ws://{}/v1/data-channel/{session_id}?role=publish_subscribe&cell-number=AAEAAQ",
+            self.local_addr()
+        )
+    }
+
+    /// Records a violation (logged, counted, attached to the session's report).
+    pub(crate) fn record_violation(&self, session_id: Option<&str>, reason: &str) {
+        tracing::warn!(session = session_id.unwrap_or("-"), "client protocol violation: {reason}");
+        self.violation_count.fetch_add(1, Ordering::Relaxed);
+        lock(&self.violations).push(Violation {
+            session_id: session_id.map(str::to_owned),
+            reason: reason.to_owned(),
+        });
+        if let Some(sid) = session_id
+            && let Some(e) = lock(&self.sessions).get(sid)
+        {
+            lock(&e.report).violations.push(reason.to_owned());
+        }
+    }
+
+    /// Consumes a session's live token. On success returns the agent handle and the index of
+    /// this connection (0 for the first).
+    pub(crate) fn open(
+        &self,
+        session_id: &str,
+        token: &str,
+    ) -> Result<(UnboundedSender<AgentInput>, u32, Arc<SessionInfo>), String> {
+        let mut sessions = lock(&self.sessions);
+        let entry = sessions
+            .get_mut(session_id)
+            .ok_or_else(|| format!("open message for unknown session {session_id}"))?;
+        if entry.ended.is_some() {
+            return Err("open message for a session that has ended".to_owned());
+        }
+        match &entry.token {
+            Some(t) if t == token => {}
+            Some(_) => return Err("TokenValue does not match the session's live token".to_owned()),
+            None => {
+                return Err(
+                    "TokenValue was already used (tokens are single-use; call ResumeSession)"
+                        .to_owned(),
+                );
+            }
+        }
+        let agent = entry.agent.clone().ok_or_else(|| "session has no agent".to_owned())?;
+        entry.token = None;
+        let index = entry.next_connection;
+        entry.next_connection += 1;
+        Ok((agent, index, entry.info.clone()))
+    }
+
+    /// Marks a session ended (called by its agent).
+    pub(crate) fn mark_ended(&self, session_id: &str, status: SessionStatus) {
+        if let Some(e) = lock(&self.sessions).get_mut(session_id) {
+            e.token = None;
+            e.agent = None;
+            e.ended = Some(SystemTime::now());
+            lock(&e.report).status = status;
+        }
+        if status == SessionStatus::Failed {
+            self.sessions_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let sessions = lock(&self.sessions);
+        Stats {
+            sessions_started: self.sessions_started.load(Ordering::Relaxed),
+            sessions_active: sessions.values().filter(|e| e.ended.is_none()).count() as u64,
+            sessions_failed: self.sessions_failed.load(Ordering::Relaxed),
+            violations: self.violation_count.load(Ordering::Relaxed),
+            api_requests: self.api_requests.load(Ordering::Relaxed),
+            forwarded_requests: self.forwarded_requests.load(Ordering::Relaxed),
+            data_channel_connections: self.data_channel_connections.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn report(&self, session_id: &str) -> Option<SessionReport> {
+        lock(&self.sessions).get(session_id).map(|e| lock(&e.report).clone())
+    }
+
+    pub(crate) fn agent(&self, session_id: &str) -> Option<UnboundedSender<AgentInput>> {
+        lock(&self.sessions).get(session_id).and_then(|e| e.agent.clone())
+    }
+}

@@ -1,0 +1,190 @@
+//! smux protocol version 1 framing (xtaci/smux, protocol reference §5.5): the 8-byte frame
+//! header, an incremental decoder over the byte stream carried in Output payloads, and the
+//! checks a strict server applies to a client's frames.
+
+/// The only version spoken on the data channel.
+pub const VERSION: u8 = 1;
+/// Header size: ver u8, cmd u8, length u16 LE, stream id u32 LE.
+pub const HEADER_SIZE: usize = 8;
+/// Largest data block smux's default config writes.
+pub const MAX_FRAME_SIZE: usize = 32768;
+
+/// smux commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Open a stream.
+    Syn,
+    /// Close a stream (EOF).
+    Fin,
+    /// Data.
+    Psh,
+    /// Keepalive, stream id 0.
+    Nop,
+}
+
+impl Command {
+    fn byte(self) -> u8 {
+        match self {
+            Self::Syn => 0,
+            Self::Fin => 1,
+            Self::Psh => 2,
+            Self::Nop => 3,
+        }
+    }
+}
+
+/// One smux frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The command.
+    pub command: Command,
+    /// Stream id (0 for NOP).
+    pub stream_id: u32,
+    /// Data (PSH only).
+    pub data: Vec<u8>,
+}
+
+/// A fatal smux error: the whole smux session dies (xtaci `recvLoop` semantics).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SmuxError {
+    /// Version byte other than 1.
+    #[error("smux version byte {0}, expected 1")]
+    BadVersion(u8),
+    /// Unknown command (including v2's UPD).
+    #[error("smux command {0} is not valid in version 1")]
+    BadCommand(u8),
+}
+
+impl Frame {
+    /// A data frame.
+    pub fn psh(stream_id: u32, data: Vec<u8>) -> Self {
+        Self { command: Command::Psh, stream_id, data }
+    }
+
+    /// A control frame without data.
+    pub fn control(command: Command, stream_id: u32) -> Self {
+        Self { command, stream_id, data: Vec::new() }
+    }
+
+    /// Appends the encoded frame to `out`. Data longer than 65535 bytes is the caller's bug;
+    /// it is truncated.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let len = self.data.len().min(u16::MAX as usize);
+        out.push(VERSION);
+        out.push(self.command.byte());
+        out.extend_from_slice(&(len as u16).to_le_bytes());
+        out.extend_from_slice(&self.stream_id.to_le_bytes());
+        out.extend_from_slice(&self.data[..len]);
+    }
+
+    /// The encoded frame.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_SIZE + self.data.len());
+        self.encode_into(&mut out);
+        out
+    }
+}
+
+/// Encodes `data` for `stream_id` as PSH frames of at most [`MAX_FRAME_SIZE`] bytes.
+pub fn encode_data(stream_id: u32, data: &[u8], out: &mut Vec<u8>) {
+    for chunk in data.chunks(MAX_FRAME_SIZE) {
+        out.push(VERSION);
+        out.push(Command::Psh.byte());
+        out.extend_from_slice(&(chunk.len() as u16).to_le_bytes());
+        out.extend_from_slice(&stream_id.to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+}
+
+/// Incremental decoder: frames are not aligned to message boundaries.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    /// Feeds bytes and returns every complete frame.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Frame>, SmuxError> {
+        self.buf.extend_from_slice(bytes);
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while self.buf.len() - at >= HEADER_SIZE {
+            let h = &self.buf[at..at + HEADER_SIZE];
+            if h[0] != VERSION {
+                return Err(SmuxError::BadVersion(h[0]));
+            }
+            let command = match h[1] {
+                0 => Command::Syn,
+                1 => Command::Fin,
+                2 => Command::Psh,
+                3 => Command::Nop,
+                other => return Err(SmuxError::BadCommand(other)),
+            };
+            let len = u16::from_le_bytes([h[2], h[3]]) as usize;
+            let stream_id = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            if self.buf.len() - at < HEADER_SIZE + len {
+                break;
+            }
+            let data = self.buf[at + HEADER_SIZE..at + HEADER_SIZE + len].to_vec();
+            frames.push(Frame { command, stream_id, data });
+            at += HEADER_SIZE + len;
+        }
+        self.buf.drain(..at);
+        Ok(frames)
+    }
+
+    /// Bytes of an incomplete frame held back.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_across_pushes_are_reassembled() {
+        let mut wire = Frame::control(Command::Syn, 3).encode();
+        encode_data(3, b"hello world", &mut wire);
+        wire.extend(Frame::control(Command::Fin, 3).encode());
+        let mut d = Decoder::default();
+        let mut got = Vec::new();
+        for chunk in wire.chunks(5) {
+            got.extend(d.push(chunk).expect("valid"));
+        }
+        assert_eq!(
+            got,
+            vec![
+                Frame::control(Command::Syn, 3),
+                Frame::psh(3, b"hello world".to_vec()),
+                Frame::control(Command::Fin, 3)
+            ]
+        );
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn header_is_little_endian() {
+        let wire = Frame::psh(0x0102_0304, vec![9; 0x0105]).encode();
+        assert_eq!(&wire[..8], &[1, 2, 0x05, 0x01, 0x04, 0x03, 0x02, 0x01]);
+    }
+
+    #[test]
+    fn long_data_is_split_at_the_max_frame_size() {
+        let mut wire = Vec::new();
+        encode_data(5, &vec![7u8; MAX_FRAME_SIZE + 10], &mut wire);
+        let frames = Decoder::default().push(&wire).expect("valid");
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].data.len(), MAX_FRAME_SIZE);
+        assert_eq!(frames[1].data.len(), 10);
+    }
+
+    #[test]
+    fn version_two_and_unknown_commands_are_fatal() {
+        let mut d = Decoder::default();
+        assert_eq!(d.push(&[2, 0, 0, 0, 3, 0, 0, 0]), Err(SmuxError::BadVersion(2)));
+        let mut d = Decoder::default();
+        assert_eq!(d.push(&[1, 4, 0, 0, 3, 0, 0, 0]), Err(SmuxError::BadCommand(4)));
+    }
+}
