@@ -2,6 +2,8 @@
 //! message that says what to fix. The same invalid cases run against the real API server in the
 //! `fleet-access-tests` crate.
 
+#![allow(clippy::panic)] // test helpers report failures by panicking
+
 use fleet_access_crds::validation::{
     FieldError, InvalidObject, parse_session_accesses, parse_session_preferences,
     validate_session_access,
