@@ -1,40 +1,54 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and etcd from the Go module proxy into the cache
+# Builds kube-apiserver, kubectl and etcd from the Go module proxy into the cache
 # (see common.sh for versions and paths). Skips each binary that is already built.
-# Usage: tests/env/build-kube.sh [kube-apiserver|etcd]...   (default: both)
+# Usage: tests/env/build-kube.sh [etcd|kube-apiserver|kubectl]...   (default: all three)
 set -euo pipefail
 # shellcheck source=tests/env/common.sh
 . "$(dirname "$0")/common.sh"
 
-build_kube_apiserver() {
-    if [ -x "$KUBE_APISERVER_BIN" ]; then
-        log "kube-apiserver $KUBE_VERSION already built: $KUBE_APISERVER_BIN"
+KUBE_SRC="$KUBE_DIR/src"
+
+# A scratch module that requires k8s.io/kubernetes and replaces each of its staging
+# modules (required at v0.0.0, replaced by local folders upstream) with its
+# published tag v0.X.Y. Reused when it exists.
+prepare_kube_module() {
+    if [ -e "$KUBE_SRC/.prepared" ]; then
         return
     fi
-    local src="$KUBE_DIR/src" minor staging
-    log "building kube-apiserver $KUBE_VERSION (first time: 10-20 min on 2 cores)"
-    new_consumer_module "$src" fleet-access.local/kube-apiserver-build
-    cd "$src"
-    # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with
-    # local folders; a consumer must replace each with its published tag (v0.X.Y).
+    local staging
+    new_consumer_module "$KUBE_SRC" fleet-access.local/kube-build
+    cd "$KUBE_SRC"
     staging=$(sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' \
         "$(module_gomod k8s.io/kubernetes "$KUBE_VERSION")")
     [ -n "$staging" ] || die "no staging modules found in k8s.io/kubernetes $KUBE_VERSION go.mod"
     for m in $staging; do
         go mod edit -replace="$m=$m@v0.${KUBE_VERSION#v1.}"
     done
-    go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION"
+    touch .prepared
+}
+
+# build_kube_program NAME PACKAGE OUTPUT
+build_kube_program() {
+    local name="$1" pkg="$2" out="$3" minor
+    if [ -x "$out" ]; then
+        log "$name $KUBE_VERSION already built: $out"
+        return
+    fi
+    log "building $name $KUBE_VERSION"
+    prepare_kube_module
+    cd "$KUBE_SRC"
+    go get -tool "$pkg@$KUBE_VERSION"
     go mod tidy
     minor=$(echo "$KUBE_VERSION" | cut -d. -f2)
-    mkdir -p "$KUBE_DIR/bin"
+    mkdir -p "$(dirname "$out")"
     go build -trimpath -ldflags "-s -w \
         -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION \
         -X k8s.io/component-base/version.gitMajor=1 \
         -X k8s.io/component-base/version.gitMinor=$minor \
         -X k8s.io/component-base/version.gitTreeState=clean" \
-        -o "$KUBE_APISERVER_BIN.tmp" k8s.io/kubernetes/cmd/kube-apiserver
-    mv "$KUBE_APISERVER_BIN.tmp" "$KUBE_APISERVER_BIN"
-    log "built $KUBE_APISERVER_BIN"
+        -o "$out.tmp" "$pkg"
+    mv "$out.tmp" "$out"
+    log "built $out"
 }
 
 build_etcd() {
@@ -55,11 +69,12 @@ build_etcd() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(etcd kube-apiserver)
+[ ${#targets[@]} -gt 0 ] || targets=(etcd kube-apiserver kubectl)
 for t in "${targets[@]}"; do
     case "$t" in
-        kube-apiserver) (build_kube_apiserver) ;;
         etcd) (build_etcd) ;;
-        *) die "unknown target $t (kube-apiserver|etcd)" ;;
+        kube-apiserver) (build_kube_program kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$KUBE_APISERVER_BIN") ;;
+        kubectl) (build_kube_program kubectl k8s.io/kubernetes/cmd/kubectl "$KUBECTL_BIN") ;;
+        *) die "unknown target $t (etcd|kube-apiserver|kubectl)" ;;
     esac
 done

@@ -22,6 +22,7 @@ ETCD_DIR="$FLEET_ACCESS_CACHE/etcd/$ETCD_VERSION"
 SMP_DIR="$FLEET_ACCESS_CACHE/session-manager-plugin/$SMP_VERSION"
 MOTO_DIR="$FLEET_ACCESS_CACHE/moto/$MOTO_VERSION"
 KUBE_APISERVER_BIN="$KUBE_DIR/bin/kube-apiserver"
+KUBECTL_BIN="$KUBE_DIR/bin/kubectl"
 ETCD_BIN="$ETCD_DIR/bin/etcd"
 SMP_BIN="$SMP_DIR/bin/session-manager-plugin"
 MOTO_SERVER_BIN="$MOTO_DIR/venv/bin/moto_server"
@@ -47,4 +48,20 @@ new_consumer_module() {
 # Prints the path of the go.mod of module@version from the module cache.
 module_gomod() {
     go mod download -json "$1@$2" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p'
+}
+
+# Prints the resolved locations, one KEY=VALUE a line (read by the Rust fixtures).
+print_locations() {
+    cat <<LOCATIONS
+FLEET_ACCESS_CACHE=$FLEET_ACCESS_CACHE
+KUBE_VERSION=$KUBE_VERSION
+ETCD_VERSION=$ETCD_VERSION
+MOTO_VERSION=$MOTO_VERSION
+SMP_VERSION=$SMP_VERSION
+KUBE_APISERVER_BIN=$KUBE_APISERVER_BIN
+KUBECTL_BIN=$KUBECTL_BIN
+ETCD_BIN=$ETCD_BIN
+SMP_BIN=$SMP_BIN
+MOTO_SERVER_BIN=$MOTO_SERVER_BIN
+LOCATIONS
 }

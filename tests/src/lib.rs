@@ -1,1 +1,26 @@
-//! Fixtures that start real components for tests.
+//! Fixtures that start real components for tests, on 127.0.0.1 only: a Kubernetes
+//! control plane (etcd + kube-apiserver), moto (AWS APIs), OpenSSH's sshd, Prometheus,
+//! and the location of the official session-manager-plugin.
+//!
+//! Programs come from `tests/env/setup.sh` (see `tests/env/README.md`). Every process
+//! a fixture starts runs under `tests/env/supervise.sh`, which stops it when the test
+//! process ends, even on a panic, Ctrl-C or kill; owned fixtures also stop their
+//! processes on drop. Shared fixtures ([`ControlPlane::shared`], [`Moto::shared`]) use
+//! the services of `tests/env/with-services.sh` when its environment variables are set.
+
+pub mod certificates;
+pub mod control_plane;
+pub mod error;
+pub mod locations;
+pub mod moto;
+pub mod process;
+pub mod prometheus;
+pub mod sshd;
+
+pub use control_plane::{ControlPlane, TestNamespace};
+pub use error::{FixtureError, FixtureResult};
+pub use locations::{Locations, cache_dir, session_manager_plugin_path};
+pub use moto::Moto;
+pub use process::{SupervisedProcess, free_loopback_port};
+pub use prometheus::{Prometheus, Sample};
+pub use sshd::Sshd;

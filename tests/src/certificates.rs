@@ -1,0 +1,130 @@
+//! Certificates and keys for a test control plane: a CA, the API server's serving
+//! certificate for 127.0.0.1, an admin client certificate in `system:masters`, and the
+//! service-account signing key. Pure: returns PEM text, writes nothing.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::error::FixtureResult;
+
+/// The user name of the admin client certificate.
+pub const ADMIN_USER: &str = "fleet-access-test-admin";
+/// The group of the admin client certificate (bypasses RBAC).
+pub const ADMIN_GROUP: &str = "system:masters";
+
+/// PEM-encoded certificates and keys for one control plane.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneCertificates {
+    /// The CA that signed the serving and client certificates.
+    pub ca_cert_pem: String,
+    /// The API server's serving certificate (127.0.0.1, ::1, localhost).
+    pub serving_cert_pem: String,
+    /// The serving certificate's private key.
+    pub serving_key_pem: String,
+    /// The admin client certificate (CN [`ADMIN_USER`], O [`ADMIN_GROUP`]).
+    pub admin_cert_pem: String,
+    /// The admin client certificate's private key.
+    pub admin_key_pem: String,
+    /// The service-account token signing key (private).
+    pub service_account_key_pem: String,
+    /// The service-account token verification key (public).
+    pub service_account_public_key_pem: String,
+}
+
+impl ControlPlaneCertificates {
+    /// Generates a fresh set (ECDSA P-256 keys).
+    pub fn generate() -> FixtureResult<Self> {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "fleet-access test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+
+        let mut serving_params = CertificateParams::new(vec!["localhost".to_owned()])?;
+        serving_params
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
+        serving_params.subject_alt_names.extend([
+            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        ]);
+        serving_params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        serving_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let serving_key = KeyPair::generate()?;
+        let serving_cert = serving_params.signed_by(&serving_key, &ca)?;
+
+        let mut admin_params = CertificateParams::new(Vec::<String>::new())?;
+        admin_params
+            .distinguished_name
+            .push(DnType::CommonName, ADMIN_USER);
+        admin_params
+            .distinguished_name
+            .push(DnType::OrganizationName, ADMIN_GROUP);
+        admin_params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        admin_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let admin_key = KeyPair::generate()?;
+        let admin_cert = admin_params.signed_by(&admin_key, &ca)?;
+
+        let service_account_key = KeyPair::generate()?;
+
+        Ok(Self {
+            ca_cert_pem: ca.pem(),
+            serving_cert_pem: serving_cert.pem(),
+            serving_key_pem: serving_key.serialize_pem(),
+            admin_cert_pem: admin_cert.pem(),
+            admin_key_pem: admin_key.serialize_pem(),
+            service_account_key_pem: service_account_key.serialize_pem(),
+            service_account_public_key_pem: service_account_key.public_key_pem(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_distinct_pem_certificates_and_keys() {
+        let set = ControlPlaneCertificates::generate().expect("generates");
+        for cert in [&set.ca_cert_pem, &set.serving_cert_pem, &set.admin_cert_pem] {
+            assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"), "{cert}");
+        }
+        for key in [
+            &set.serving_key_pem,
+            &set.admin_key_pem,
+            &set.service_account_key_pem,
+        ] {
+            assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "{key}");
+        }
+        assert!(
+            set.service_account_public_key_pem
+                .starts_with("-----BEGIN PUBLIC KEY-----")
+        );
+        assert_ne!(set.serving_key_pem, set.admin_key_pem);
+        assert_ne!(set.serving_cert_pem, set.admin_cert_pem);
+    }
+
+    #[test]
+    fn two_sets_share_nothing() {
+        let first = ControlPlaneCertificates::generate().expect("generates");
+        let second = ControlPlaneCertificates::generate().expect("generates");
+        assert_ne!(first.ca_cert_pem, second.ca_cert_pem);
+        assert_ne!(first.service_account_key_pem, second.service_account_key_pem);
+    }
+}

@@ -1,0 +1,239 @@
+//! Child processes of the fixtures: started under `tests/env/supervise.sh` in their own
+//! process group, logged to a file, stopped on drop, and never outliving the test
+//! process (the supervisor stops them when the process that started them is gone).
+//! Also: free loopback ports and readiness polling.
+
+use std::fs::File;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process_group};
+
+use crate::error::{FixtureError, FixtureResult};
+use crate::locations::env_scripts_dir;
+
+/// How long a stopped process gets between TERM and KILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How often readiness is probed.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A program running under the supervisor, killed (with its process group) on drop.
+#[derive(Debug)]
+pub struct SupervisedProcess {
+    name: String,
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl SupervisedProcess {
+    /// Starts `command` under the supervisor, which watches the current process.
+    /// Its stdout and stderr go to `log_path`.
+    pub fn spawn(name: &str, command: &Command, log_path: &Path) -> FixtureResult<Self> {
+        Self::spawn_watching(name, command, log_path, std::process::id())
+    }
+
+    /// Like [`SupervisedProcess::spawn`], but the supervisor stops the program when
+    /// process `watch_pid` is gone (instead of the current process).
+    pub fn spawn_watching(
+        name: &str,
+        command: &Command,
+        log_path: &Path,
+        watch_pid: u32,
+    ) -> FixtureResult<Self> {
+        let log = File::create(log_path)
+            .map_err(FixtureError::io(format!("creating {}", log_path.display())))?;
+        let log_for_stderr = log
+            .try_clone()
+            .map_err(FixtureError::io("duplicating a log file handle"))?;
+        let mut supervised = Command::new(env_scripts_dir().join("supervise.sh"));
+        supervised
+            .arg(watch_pid.to_string())
+            .arg(command.get_program())
+            .args(command.get_args())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_for_stderr)
+            .process_group(0);
+        for (key, value) in command.get_envs() {
+            match value {
+                Some(value) => supervised.env(key, value),
+                None => supervised.env_remove(key),
+            };
+        }
+        if let Some(dir) = command.get_current_dir() {
+            supervised.current_dir(dir);
+        }
+        let child = supervised
+            .spawn()
+            .map_err(FixtureError::io(format!("starting {name}")))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log_path: log_path.to_path_buf(),
+        })
+    }
+
+    /// The component's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The supervisor's process id, which is also the process group id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log file (stdout and stderr of the program).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The last `lines` lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log_path, lines)
+    }
+
+    /// `Some(status)` once the program has exited.
+    pub fn exit_status(&mut self) -> FixtureResult<Option<ExitStatus>> {
+        self.child
+            .try_wait()
+            .map_err(FixtureError::io(format!("checking on {}", self.name)))
+    }
+
+    /// Fails with [`FixtureError::ExitedEarly`] when the program has exited.
+    pub fn ensure_running(&mut self) -> FixtureResult<()> {
+        match self.exit_status()? {
+            None => Ok(()),
+            Some(status) => Err(FixtureError::ExitedEarly {
+                name: self.name.clone(),
+                status: status.to_string(),
+                log_tail: self.log_tail(30),
+            }),
+        }
+    }
+
+    /// Stops the program and everything it forked: TERM to the process group, then
+    /// KILL after a grace period. Idempotent.
+    pub fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let Some(group) = i32::try_from(self.child.id()).ok().and_then(Pid::from_raw) else {
+            return;
+        };
+        // Errors mean the group is already gone.
+        let _ = kill_process_group(group, Signal::TERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
+                // The supervisor has gone; make sure nothing of its group is left.
+                let _ = kill_process_group(group, Signal::KILL);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = kill_process_group(group, Signal::KILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits until `probe` answers true, failing early when the program exits and
+    /// after `timeout` otherwise.
+    pub async fn wait_until<F, Fut>(&mut self, timeout: Duration, mut probe: F) -> FixtureResult<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.ensure_running()?;
+            if probe().await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(FixtureError::NotReady {
+                    name: self.name.clone(),
+                    seconds: timeout.as_secs(),
+                    log_tail: self.log_tail(30),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+impl Drop for SupervisedProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The last `lines` lines of a log file (empty when it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_loopback_port() -> FixtureResult<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(FixtureError::io("binding a free loopback port"))?;
+    let port = listener
+        .local_addr()
+        .map_err(FixtureError::io("reading a bound port"))?
+        .port();
+    Ok(port)
+}
+
+/// The loopback address with `port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// True when something accepts TCP connections on `address`.
+pub async fn accepts_connections(address: SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(address).await.is_ok()
+}
+
+/// Runs a short helper command to completion, failing on a non-zero exit.
+pub(crate) fn run_command(command: &mut Command) -> FixtureResult<std::process::Output> {
+    let description = format!("{command:?}");
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(FixtureError::io(format!("running {description}")))?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(FixtureError::CommandFailed {
+            command: description,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("log");
+        std::fs::write(&path, "one\ntwo\nthree\n").expect("write");
+        assert_eq!(log_tail(&path, 2), "two\nthree");
+        assert_eq!(log_tail(&path, 10), "one\ntwo\nthree");
+        assert_eq!(log_tail(&dir.path().join("missing"), 3), "");
+    }
+
+    #[test]
+    fn free_ports_are_bindable_on_loopback() {
+        let port = free_loopback_port().expect("port");
+        TcpListener::bind(loopback(port)).expect("still free");
+    }
+}
