@@ -330,7 +330,7 @@ mod tests {
 
     #[test]
     fn transmits_in_order_and_retransmits_identical_bytes_after_rto() {
-        let t0 = Instant::now();
+        let t0 = crate::protocol::tests::origin();
         let mut b = buffer();
         b.push(3, frame);
         b.push(3, frame);
@@ -349,7 +349,7 @@ mod tests {
 
     #[test]
     fn ack_releases_and_samples_rtt_only_once_sent() {
-        let t0 = Instant::now();
+        let t0 = crate::protocol::tests::origin();
         let mut b = buffer();
         b.push(10, frame);
         b.push(10, frame);
@@ -369,7 +369,7 @@ mod tests {
 
     #[test]
     fn ack_for_unsent_message_is_ignored() {
-        let t0 = Instant::now();
+        let t0 = crate::protocol::tests::origin();
         let mut b = buffer();
         b.push(1, frame);
         assert_eq!(b.on_ack(t0, 0), AckOutcome::Unknown);
@@ -378,7 +378,7 @@ mod tests {
 
     #[test]
     fn requeue_resends_in_flight_but_not_unsent() {
-        let t0 = Instant::now();
+        let t0 = crate::protocol::tests::origin();
         let mut b = buffer();
         b.push(1, frame);
         b.push(1, frame);

@@ -50,7 +50,7 @@ impl RttEstimator {
 
     /// Feeds one RTT sample (from a message acked after a single transmission) and resets backoff.
     pub fn on_sample(&mut self, sample: Duration) {
-        let delta = abs_diff(self.srtt, sample);
+        let delta = self.srtt.abs_diff(sample);
         // RTTVAR <- 3/4 RTTVAR + 1/4 |SRTT - R|; SRTT <- 7/8 SRTT + 1/8 R
         self.rttvar = self.rttvar * 3 / 4 + delta / 4;
         self.srtt = self.srtt * 7 / 8 + sample / 8;
@@ -93,10 +93,6 @@ impl RttEstimator {
     pub fn latest(&self) -> Option<Duration> {
         self.latest
     }
-}
-
-fn abs_diff(a: Duration, b: Duration) -> Duration {
-    if a > b { a - b } else { b - a }
 }
 
 #[cfg(test)]

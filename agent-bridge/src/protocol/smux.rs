@@ -279,11 +279,11 @@ impl MuxClient {
             }
             match frame.command {
                 Command::Psh => {
-                    if let Some(stream) = self.streams.get_mut(&frame.stream_id) {
-                        if !frame.data.is_empty() {
-                            stream.received_data = true;
-                            events.push(MuxEvent::Data(frame.stream_id, frame.data));
-                        }
+                    if let Some(stream) = self.streams.get_mut(&frame.stream_id)
+                        && !frame.data.is_empty()
+                    {
+                        stream.received_data = true;
+                        events.push(MuxEvent::Data(frame.stream_id, frame.data));
                     }
                 }
                 Command::Fin => {
@@ -408,7 +408,7 @@ mod tests {
 
     #[test]
     fn stream_ids_start_at_three_and_step_by_two() {
-        let mut m = MuxClient::new(Instant::now(), false, 8);
+        let mut m = MuxClient::new(crate::protocol::tests::origin(), false, 8);
         let mut out = BytesMut::new();
         assert_eq!(m.open(&mut out), Ok(3));
         assert_eq!(m.open(&mut out), Ok(5));
@@ -420,7 +420,7 @@ mod tests {
 
     #[test]
     fn stream_limit_is_enforced() {
-        let mut m = MuxClient::new(Instant::now(), false, 1);
+        let mut m = MuxClient::new(crate::protocol::tests::origin(), false, 1);
         let mut out = BytesMut::new();
         assert_eq!(m.open(&mut out), Ok(3));
         assert_eq!(m.open(&mut out), Err(OpenError::TooMany));
@@ -430,7 +430,7 @@ mod tests {
 
     #[test]
     fn write_splits_at_max_frame() {
-        let mut m = MuxClient::new(Instant::now(), false, 8);
+        let mut m = MuxClient::new(crate::protocol::tests::origin(), false, 8);
         let mut out = BytesMut::new();
         let data = vec![7u8; MAX_FRAME_DATA + 10];
         m.write(3, &data, &mut out);
@@ -441,7 +441,7 @@ mod tests {
 
     #[test]
     fn connect_error_marks_the_stream_that_fins_before_data() {
-        let mut m = MuxClient::new(Instant::now(), false, 8);
+        let mut m = MuxClient::new(crate::protocol::tests::origin(), false, 8);
         let mut out = BytesMut::new();
         let a = m.open(&mut out).unwrap();
         let b = m.open(&mut out).unwrap();
@@ -481,7 +481,7 @@ mod tests {
 
     #[test]
     fn keepalive_sends_nops_and_detects_silence() {
-        let t0 = Instant::now();
+        let t0 = crate::protocol::tests::origin();
         let mut m = MuxClient::new(t0, true, 8);
         let mut out = BytesMut::new();
         assert_eq!(m.poll_timeout(), Some(t0 + KEEPALIVE_INTERVAL));
@@ -498,7 +498,7 @@ mod tests {
 
     #[test]
     fn keepalive_off_has_no_timer() {
-        let m = MuxClient::new(Instant::now(), false, 8);
+        let m = MuxClient::new(crate::protocol::tests::origin(), false, 8);
         assert_eq!(m.poll_timeout(), None);
         assert!(!m.keepalive_enabled());
     }
