@@ -79,6 +79,9 @@ pub const GROUP: &str = "fleetaccess.io";
     validation = Rule::new("self.effect != 'Deny' || !(has(self.targets.allInstances) && self.targets.allInstances) || (has(self.sessions) && ((has(self.sessions.ssh) && self.sessions.ssh) || (has(self.sessions.shell) && self.sessions.shell) || (has(self.sessions.ports) && size(self.sessions.ports) > 0)))")
         .message("a Deny grant on allInstances must name the kinds of session to deny in spec.sessions (ssh, shell or ports)")
         .field_path(".sessions"),
+    validation = Rule::new("self.effect != 'Deny' || !has(self.sessions) || !has(self.sessions.ports) || size(self.sessions.ports) == 0")
+        .message("a Deny grant cannot deny single ports (AWS's port forwarding documents accept any port): deny the instances instead, or allow only chosen ports with an Allow grant")
+        .field_path(".sessions.ports"),
     validation = Rule::new("!(has(self.targets.allInstances) && self.targets.allInstances) || ((!has(self.targets.instanceIds) || size(self.targets.instanceIds) == 0) && (!has(self.targets.tags) || size(self.targets.tags) == 0))")
         .message("spec.targets.allInstances already covers every instance: remove instanceIds and tags")
         .field_path(".targets"),

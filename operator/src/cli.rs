@@ -1,0 +1,176 @@
+//! The command line: `plan` (offline: what a grant would apply) and `crds` (the CRD YAML).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{Error, Result, desired, report, settings::Settings};
+
+/// Reconcile SessionAccess grants into AWS Session Manager access.
+#[derive(Parser, Debug)]
+#[command(name = "fleet-access-operator", version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print, offline, everything a grant would apply: policies, attachments, documents, endpoints.
+    Plan(PlanArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crds,
+}
+
+#[derive(clap::Args, Debug)]
+struct PlanArgs {
+    /// A file with one or more SessionAccess objects (YAML); `-` reads standard input.
+    #[arg(short = 'f', long = "filename")]
+    file: String,
+    #[command(flatten)]
+    aws: AwsArgs,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+/// Where grants apply: shared by `plan` and, later, `run`.
+#[derive(clap::Args, Debug)]
+struct AwsArgs {
+    /// The 12-digit AWS account ID; ARNs say `*` when it is not given.
+    #[arg(long, env = "FLEET_ACCESS_ACCOUNT", value_parser = parse_account)]
+    account: Option<String>,
+    /// The AWS Region; ARNs say `*` when it is not given.
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
+    /// The AWS partition.
+    #[arg(long, env = "FLEET_ACCESS_PARTITION", default_value = "aws")]
+    partition: String,
+    /// The IAM role name the agent bridge runs as.
+    #[arg(
+        long,
+        env = "FLEET_ACCESS_BRIDGE_ROLE",
+        default_value = "fleet-access-bridge"
+    )]
+    bridge_role: String,
+    /// The namespace the agent bridge runs in.
+    #[arg(
+        long,
+        env = "FLEET_ACCESS_BRIDGE_NAMESPACE",
+        default_value = "fleet-access"
+    )]
+    bridge_namespace: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn parse_account(value: &str) -> std::result::Result<String, String> {
+    if value.len() == 12 && value.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(value.to_owned())
+    } else {
+        Err("an AWS account ID is 12 digits".into())
+    }
+}
+
+impl AwsArgs {
+    fn into_settings(self) -> Settings {
+        let AwsArgs {
+            account,
+            region,
+            partition,
+            bridge_role,
+            bridge_namespace,
+        } = self;
+        Settings {
+            partition,
+            account,
+            region,
+            bridge_role: Some(bridge_role),
+            bridge_namespace,
+        }
+    }
+}
+
+impl Args {
+    /// Runs the command; errors go to standard error with a non-zero exit code.
+    pub fn run(self) -> ExitCode {
+        let result = match self.command {
+            Command::Plan(args) => plan(args).map(|out| print!("{out}")),
+            Command::Crds => {
+                print!("{}", fleet_access_crds::crds_yaml());
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn plan(args: PlanArgs) -> Result<String> {
+    let PlanArgs { file, aws, output } = args;
+    let text = read_input(&file)?;
+    let grants = fleet_access_crds::validation::parse_session_accesses(&text)
+        .map_err(Error::InvalidGrant)?;
+    plan_grants(
+        &grants,
+        &aws.into_settings(),
+        matches!(output, Output::Json),
+    )
+}
+
+/// Renders the plan for validated grants.
+pub fn plan_grants(
+    grants: &[fleet_access_crds::SessionAccess],
+    settings: &Settings,
+    json: bool,
+) -> Result<String> {
+    let desired = grants
+        .iter()
+        .map(|g| desired::compute(g, settings))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(if json {
+        report::json(&desired)
+    } else {
+        report::text(&desired)
+    })
+}
+
+fn read_input(file: &str) -> Result<String> {
+    let read = if file == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    };
+    read.map_err(|source| Error::ReadGrant {
+        path: file.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn args_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn account_ids_are_twelve_digits() {
+        assert!(parse_account("123456789012").is_ok());
+        assert!(parse_account("12345678901").is_err());
+        assert!(parse_account("12345678901x").is_err());
+    }
+}

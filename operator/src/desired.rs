@@ -1,0 +1,728 @@
+//! What a grant means: `SessionAccess` + [`Settings`] → the AWS state and bridge endpoints it
+//! stands for. Pure: no I/O, no clock, deterministic output.
+//!
+//! ```text
+//!  SessionAccess ─┬─▶ statements ──pack(6,144 chars, ≤20)──▶ managed policies ─▶ principals
+//!                 ├─▶ bridge statements ──────────────────▶ bridge policy ────▶ bridge role
+//!                 ├─▶ session documents (own shell document, one Port document per port)
+//!                 └─▶ bridge endpoints (instance × port → session document)
+//! ```
+
+use std::collections::BTreeMap;
+
+use fleet_access_crds::{
+    SessionAccess,
+    names::InstanceId,
+    v1alpha1::{self, Principals, Targets},
+};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
+use kube::ResourceExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    Error, Result,
+    documents::{self, SSH_DOCUMENT},
+    naming,
+    policy::{Conditions, Effect, MANAGED_POLICY_MAX_CHARS, PolicyDocument, Statement},
+    settings::Settings,
+};
+
+/// IAM attaches at most 20 managed policies to one user or role (after a quota increase; 10 by
+/// default), so a grant may never need more.
+pub const MAX_POLICIES_PER_PRINCIPAL: usize = 20;
+
+/// The AWS state and endpoints one grant stands for.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Desired {
+    /// `<namespace>/<name>` of the grant; also the owner tag's value.
+    pub grant: String,
+    /// Allow or Deny.
+    pub effect: Effect,
+    /// Managed policies attached to every principal, in order.
+    pub policies: Vec<ManagedPolicy>,
+    /// The principals the policies are attached to.
+    pub principals: PrincipalNames,
+    /// Session documents the grant owns.
+    pub documents: Vec<SessionDocument>,
+    /// Endpoints the bridge serves, and the bridge role's policy for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<BridgeGrant>,
+}
+
+/// A customer managed policy.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedPolicy {
+    /// The policy name (under [`naming::POLICY_PATH`]).
+    pub name: String,
+    /// The document.
+    pub document: PolicyDocumentJson,
+    /// Characters counted against IAM's 6,144 quota.
+    pub size: usize,
+}
+
+/// A policy document that serializes as its JSON object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyDocumentJson(pub PolicyDocument);
+
+impl Serialize for PolicyDocumentJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+/// IAM principals by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PrincipalNames {
+    /// IAM user names.
+    pub users: Vec<String>,
+    /// IAM role names.
+    pub roles: Vec<String>,
+    /// IAM group names.
+    pub groups: Vec<String>,
+}
+
+/// A session document the grant owns.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionDocument {
+    /// The document name.
+    pub name: String,
+    /// `Standard_Stream` (shell) or `Port`.
+    pub session_type: &'static str,
+    /// The content, as sent to CreateDocument.
+    pub content: Value,
+}
+
+/// What the bridge serves for a grant.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BridgeGrant {
+    /// The IAM role the bridge runs as.
+    pub role: String,
+    /// The policy attached to that role for these endpoints.
+    pub policy: ManagedPolicy,
+    /// Instances named by ID.
+    pub instances: Vec<String>,
+    /// Tags whose instances are resolved when the grant is applied.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// Ports exposed on each instance, with the session document that reaches each.
+    pub ports: Vec<BridgePort>,
+    /// Who may connect (NetworkPolicy peers).
+    pub clients: Vec<NetworkPolicyPeer>,
+}
+
+/// One exposed port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BridgePort {
+    /// The port on the instance.
+    pub port: u16,
+    /// The session document the bridge starts sessions with.
+    pub document: String,
+    /// The `portNumber` parameter to pass, for documents that do not pin the port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_parameter: Option<u16>,
+}
+
+// === compute ===
+
+/// Computes everything a grant stands for.
+pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
+    let namespace = grant.namespace().unwrap_or_else(|| "default".into());
+    let name = grant.name_any();
+    let spec = &grant.spec;
+    let arns = Arns { settings };
+    let window = window_conditions(spec.window.as_ref());
+    let sessions = spec.sessions.clone().unwrap_or_default();
+    let grant_id = naming::owner_tag_value(&namespace, &name);
+
+    let documents = session_documents(&namespace, &name, &grant_id, spec);
+    let effect = match spec.effect {
+        v1alpha1::Effect::Allow => Effect::Allow,
+        v1alpha1::Effect::Deny => Effect::Deny,
+    };
+
+    let statements = match effect {
+        Effect::Allow => {
+            let mut document_arns: Vec<String> = Vec::new();
+            if sessions.ssh {
+                document_arns.push(arns.aws_document(SSH_DOCUMENT));
+            }
+            document_arns.extend(documents.iter().map(|d| arns.own_document(&d.name)));
+            let mut statements =
+                start_session_statements(&arns, &spec.targets, document_arns, &window);
+            statements.extend(own_session_statements(&arns, &spec.principals, &window));
+            if sessions.shell
+                && let Some(key) = spec.logging.as_ref().and_then(|l| l.kms_key_id.as_ref())
+            {
+                statements.push(kms_statement(&arns, key.as_str()));
+            }
+            statements
+        }
+        Effect::Deny => deny_statements(&arns, spec, &window),
+    };
+    let policies = if spec.principals.is_empty() {
+        Vec::new()
+    } else {
+        pack(&namespace, &name, "", statements)?
+    };
+
+    let bridge = match &spec.bridge {
+        Some(bridge) if bridge.enabled => Some(bridge_grant(
+            &namespace,
+            &name,
+            settings,
+            &arns,
+            &spec.targets,
+            &sessions,
+            bridge,
+            &documents,
+            &window,
+        )?),
+        _ => None,
+    };
+
+    Ok(Desired {
+        grant: grant_id,
+        effect,
+        policies,
+        principals: principal_names(&spec.principals),
+        documents,
+        bridge,
+    })
+}
+
+fn principal_names(principals: &Principals) -> PrincipalNames {
+    let names = |v: Vec<String>| v;
+    PrincipalNames {
+        users: names(principals.users.iter().map(ToString::to_string).collect()),
+        roles: names(principals.roles.iter().map(ToString::to_string).collect()),
+        groups: names(principals.groups.iter().map(ToString::to_string).collect()),
+    }
+}
+
+fn session_documents(
+    namespace: &str,
+    name: &str,
+    grant_id: &str,
+    spec: &fleet_access_crds::SessionAccessSpec,
+) -> Vec<SessionDocument> {
+    if spec.effect == v1alpha1::Effect::Deny {
+        return Vec::new();
+    }
+    let sessions = spec.sessions.clone().unwrap_or_default();
+    let mut documents = Vec::new();
+    if sessions.shell {
+        let logging = spec.logging.clone().unwrap_or_default();
+        documents.push(SessionDocument {
+            name: naming::grant_object_name(namespace, name, "-shell"),
+            session_type: "Standard_Stream",
+            content: documents::shell_document(
+                &format!("fleet-access: shell sessions of grant {grant_id}"),
+                &logging,
+            ),
+        });
+    }
+    for port in &sessions.ports {
+        documents.push(SessionDocument {
+            name: naming::grant_object_name(namespace, name, &format!("-port{port}")),
+            session_type: "Port",
+            content: documents::port_document(
+                &format!("fleet-access: forwarding to port {port} only, grant {grant_id}"),
+                port.0,
+            ),
+        });
+    }
+    documents
+}
+
+/// ARNs in the operator's partition, account and Region (or `*`).
+struct Arns<'a> {
+    settings: &'a Settings,
+}
+
+impl Arns<'_> {
+    fn instance(&self, id: &InstanceId) -> String {
+        let s = self.settings;
+        if id.is_managed_node() {
+            format!(
+                "arn:{}:ssm:{}:{}:managed-instance/{id}",
+                s.partition,
+                s.region_or_any(),
+                s.account_or_any()
+            )
+        } else {
+            format!(
+                "arn:{}:ec2:{}:{}:instance/{id}",
+                s.partition,
+                s.region_or_any(),
+                s.account_or_any()
+            )
+        }
+    }
+
+    /// Every EC2 instance and managed node.
+    fn all_instances(&self) -> Vec<String> {
+        let s = self.settings;
+        vec![
+            format!(
+                "arn:{}:ec2:{}:{}:instance/*",
+                s.partition,
+                s.region_or_any(),
+                s.account_or_any()
+            ),
+            format!(
+                "arn:{}:ssm:{}:{}:managed-instance/*",
+                s.partition,
+                s.region_or_any(),
+                s.account_or_any()
+            ),
+        ]
+    }
+
+    /// AWS-owned documents have no account in their ARN, hence `*` whatever the settings.
+    fn aws_document(&self, name: &str) -> String {
+        format!(
+            "arn:{}:ssm:{}:*:document/{name}",
+            self.settings.partition,
+            self.settings.region_or_any()
+        )
+    }
+
+    fn own_document(&self, name: &str) -> String {
+        let s = self.settings;
+        format!(
+            "arn:{}:ssm:{}:{}:document/{name}",
+            s.partition,
+            s.region_or_any(),
+            s.account_or_any()
+        )
+    }
+
+    fn sessions(&self, pattern: &str) -> String {
+        let s = self.settings;
+        format!(
+            "arn:{}:ssm:{}:{}:session/{pattern}",
+            s.partition,
+            s.region_or_any(),
+            s.account_or_any()
+        )
+    }
+
+    fn kms(&self, resource: &str) -> String {
+        let s = self.settings;
+        format!(
+            "arn:{}:kms:{}:{}:{resource}",
+            s.partition,
+            s.region_or_any(),
+            s.account_or_any()
+        )
+    }
+}
+
+/// `aws:CurrentTime` bounds for the grant's window. IAM does not allow policy variables in date
+/// conditions, so these are literal RFC 3339 times.
+fn window_conditions(window: Option<&v1alpha1::Window>) -> Conditions {
+    let mut conditions = Conditions::new();
+    let time = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| {
+        t.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    };
+    if let Some(from) = window.and_then(|w| w.not_before.as_ref()) {
+        conditions
+            .entry("DateGreaterThan".into())
+            .or_default()
+            .insert("aws:CurrentTime".into(), vec![time(from)]);
+    }
+    if let Some(until) = window.and_then(|w| w.expires_at.as_ref()) {
+        conditions
+            .entry("DateLessThan".into())
+            .or_default()
+            .insert("aws:CurrentTime".into(), vec![time(until)]);
+    }
+    conditions
+}
+
+/// `ssm:resourceTag/<key>` conditions; several keys in one `StringLike` block must all match.
+fn tag_conditions(tags: &BTreeMap<String, String>) -> Conditions {
+    let mut conditions = Conditions::new();
+    if !tags.is_empty() {
+        let keys = tags
+            .iter()
+            .map(|(k, v)| (format!("ssm:resourceTag/{k}"), vec![v.clone()]))
+            .collect();
+        conditions.insert("StringLike".into(), keys);
+    }
+    conditions
+}
+
+fn document_access_check(statement: Statement) -> Statement {
+    statement.with_condition(
+        "BoolIfExists",
+        "ssm:SessionDocumentAccessCheck",
+        vec!["true".into()],
+    )
+}
+
+/// `ssm:StartSession` on the targets and the session documents. Instance IDs (or every
+/// instance) share one statement with the documents, as in AWS's own examples; tag targets need
+/// their own statement, because their tag condition cannot hold for a document.
+fn start_session_statements(
+    arns: &Arns<'_>,
+    targets: &Targets,
+    document_arns: Vec<String>,
+    window: &Conditions,
+) -> Vec<Statement> {
+    const START: &[&str] = &["ssm:StartSession"];
+    let mut plain_targets: Vec<String> = targets
+        .instance_ids
+        .iter()
+        .map(|id| arns.instance(id))
+        .collect();
+    if targets.all_instances {
+        plain_targets = arns.all_instances();
+    }
+    let mut statements = Vec::new();
+    if targets.tags.is_empty() {
+        plain_targets.extend(document_arns);
+        statements.push(
+            document_access_check(Statement::new(
+                "StartSessionOnInstances",
+                Effect::Allow,
+                START,
+                plain_targets,
+            ))
+            .with_conditions(window),
+        );
+    } else {
+        if !plain_targets.is_empty() {
+            statements.push(
+                Statement::new(
+                    "StartSessionOnInstances",
+                    Effect::Allow,
+                    START,
+                    plain_targets,
+                )
+                .with_conditions(window),
+            );
+        }
+        statements.push(
+            Statement::new(
+                "StartSessionOnTaggedInstances",
+                Effect::Allow,
+                START,
+                arns.all_instances(),
+            )
+            .with_conditions(&tag_conditions(&targets.tags))
+            .with_conditions(window),
+        );
+        statements.push(
+            document_access_check(Statement::new(
+                "StartSessionWithDocuments",
+                Effect::Allow,
+                START,
+                document_arns,
+            ))
+            .with_conditions(window),
+        );
+    }
+    statements
+}
+
+/// Terminate and resume one's own sessions, the way AWS documents it: IAM users by the session
+/// ID prefix `${aws:username}-`; roles (federated or assumed) by the session tag AWS applies,
+/// since `${aws:username}` does not exist for them.
+fn own_session_statements(
+    arns: &Arns<'_>,
+    principals: &Principals,
+    window: &Conditions,
+) -> Vec<Statement> {
+    const OWN: &[&str] = &["ssm:TerminateSession", "ssm:ResumeSession"];
+    let mut statements = Vec::new();
+    if !principals.users.is_empty() || !principals.groups.is_empty() {
+        statements.push(
+            Statement::new(
+                "TerminateAndResumeOwnSessionsAsUser",
+                Effect::Allow,
+                OWN,
+                vec![arns.sessions("${aws:username}-*")],
+            )
+            .with_conditions(window),
+        );
+    }
+    if !principals.roles.is_empty() {
+        statements.push(role_own_sessions(
+            arns,
+            "TerminateAndResumeOwnSessionsAsRole",
+            window,
+        ));
+    }
+    statements
+}
+
+fn role_own_sessions(arns: &Arns<'_>, sid: &str, window: &Conditions) -> Statement {
+    Statement::new(
+        sid,
+        Effect::Allow,
+        &["ssm:TerminateSession", "ssm:ResumeSession"],
+        vec![arns.sessions("*")],
+    )
+    .with_condition(
+        "StringLike",
+        "ssm:resourceTag/aws:ssmmessages:session-id",
+        vec!["${aws:userid}".into()],
+    )
+    .with_conditions(window)
+}
+
+/// Session data encryption needs `kms:GenerateDataKey` on the key. An alias cannot be a resource
+/// for it, so aliases become a condition on the key's aliases.
+fn kms_statement(arns: &Arns<'_>, key: &str) -> Statement {
+    const GENERATE: &[&str] = &["kms:GenerateDataKey"];
+    let sid = "GenerateSessionDataKey";
+    if key.starts_with("arn:") && key.contains(":key/") {
+        Statement::new(sid, Effect::Allow, GENERATE, vec![key.to_owned()])
+    } else if let Some(alias) = key
+        .rsplit_once(":alias/")
+        .map(|(_, a)| a)
+        .or_else(|| key.strip_prefix("alias/"))
+    {
+        Statement::new(sid, Effect::Allow, GENERATE, vec![arns.kms("key/*")]).with_condition(
+            "ForAnyValue:StringEquals",
+            "kms:ResourceAliases",
+            vec![format!("alias/{alias}")],
+        )
+    } else {
+        Statement::new(
+            sid,
+            Effect::Allow,
+            GENERATE,
+            vec![arns.kms(&format!("key/{key}"))],
+        )
+    }
+}
+
+/// Deny: on every instance, deny the named kinds of session by their documents; on chosen
+/// instances, deny every session to them.
+fn deny_statements(
+    arns: &Arns<'_>,
+    spec: &fleet_access_crds::SessionAccessSpec,
+    window: &Conditions,
+) -> Vec<Statement> {
+    const START: &[&str] = &["ssm:StartSession"];
+    let targets = &spec.targets;
+    if targets.all_instances {
+        let sessions = spec.sessions.clone().unwrap_or_default();
+        let mut documents = Vec::new();
+        if sessions.ssh {
+            documents.push(arns.aws_document(SSH_DOCUMENT));
+        }
+        if sessions.shell {
+            documents.push(arns.own_document(documents::ACCOUNT_SHELL_DOCUMENT));
+        }
+        return vec![
+            Statement::new(
+                "DenyStartSessionWithDocuments",
+                Effect::Deny,
+                START,
+                documents,
+            )
+            .with_conditions(window),
+        ];
+    }
+    let mut statements = Vec::new();
+    if !targets.instance_ids.is_empty() {
+        let instances = targets
+            .instance_ids
+            .iter()
+            .map(|id| arns.instance(id))
+            .collect();
+        statements.push(
+            Statement::new(
+                "DenyStartSessionOnInstances",
+                Effect::Deny,
+                START,
+                instances,
+            )
+            .with_conditions(window),
+        );
+    }
+    if !targets.tags.is_empty() {
+        statements.push(
+            Statement::new(
+                "DenyStartSessionOnTaggedInstances",
+                Effect::Deny,
+                START,
+                arns.all_instances(),
+            )
+            .with_conditions(&tag_conditions(&targets.tags))
+            .with_conditions(window),
+        );
+    }
+    statements
+}
+
+#[allow(clippy::too_many_arguments)] // one call site; the arguments are the grant's parts
+fn bridge_grant(
+    namespace: &str,
+    name: &str,
+    settings: &Settings,
+    arns: &Arns<'_>,
+    targets: &Targets,
+    sessions: &v1alpha1::Sessions,
+    bridge: &v1alpha1::Bridge,
+    documents: &[SessionDocument],
+    window: &Conditions,
+) -> Result<BridgeGrant> {
+    let role = settings.bridge_role.clone().ok_or(Error::NoBridgeRole)?;
+    let ports: Vec<BridgePort> = bridge
+        .ports
+        .iter()
+        .map(|port| {
+            if port.0 == 22 && sessions.ssh {
+                BridgePort {
+                    port: 22,
+                    document: SSH_DOCUMENT.into(),
+                    port_parameter: Some(22),
+                }
+            } else {
+                let document = naming::grant_object_name(namespace, name, &format!("-port{port}"));
+                BridgePort {
+                    port: port.0,
+                    document,
+                    port_parameter: None,
+                }
+            }
+        })
+        .collect();
+    let document_arns = ports
+        .iter()
+        .map(|p| {
+            if documents.iter().any(|d| d.name == p.document) {
+                arns.own_document(&p.document)
+            } else {
+                arns.aws_document(&p.document)
+            }
+        })
+        .collect();
+    let mut statements = start_session_statements(arns, targets, document_arns, window);
+    statements.push(role_own_sessions(
+        arns,
+        "TerminateAndResumeOwnSessionsAsRole",
+        window,
+    ));
+    let mut policies = pack(namespace, name, "-bridge", statements)?;
+    if policies.len() > 1 {
+        return Err(Error::TooManyPolicies {
+            needed: policies.len(),
+            limit: 1,
+            what: "the bridge role's policy",
+        });
+    }
+    Ok(BridgeGrant {
+        role,
+        policy: policies.remove(0),
+        instances: targets
+            .instance_ids
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        tags: targets.tags.clone(),
+        ports,
+        clients: bridge.clients.clone(),
+    })
+}
+
+// === packing statements into policies ===
+
+/// Packs statements into as few managed policies as fit IAM's size quota, splitting the
+/// resource lists of statements too large for one policy. Names are `<base>`, `<base>-2`, ….
+fn pack(
+    namespace: &str,
+    name: &str,
+    suffix: &str,
+    statements: Vec<Statement>,
+) -> Result<Vec<ManagedPolicy>> {
+    let fits = |statements: &[Statement]| {
+        PolicyDocument {
+            statements: statements.to_vec(),
+        }
+        .size()
+            <= MANAGED_POLICY_MAX_CHARS
+    };
+    let mut pieces = Vec::new();
+    for statement in statements {
+        if fits(std::slice::from_ref(&statement)) {
+            pieces.push(statement);
+        } else {
+            pieces.extend(split_resources(statement, &fits)?);
+        }
+    }
+    let mut documents: Vec<Vec<Statement>> = Vec::new();
+    for piece in pieces {
+        match documents.last_mut() {
+            Some(current) if fits(&[current.as_slice(), std::slice::from_ref(&piece)].concat()) => {
+                current.push(piece)
+            }
+            _ => documents.push(vec![piece]),
+        }
+    }
+    if documents.len() > MAX_POLICIES_PER_PRINCIPAL {
+        return Err(Error::TooManyPolicies {
+            needed: documents.len(),
+            limit: MAX_POLICIES_PER_PRINCIPAL,
+            what: "managed policies per principal",
+        });
+    }
+    Ok(documents
+        .into_iter()
+        .enumerate()
+        .map(|(i, statements)| {
+            let index = if i == 0 {
+                String::new()
+            } else {
+                format!("-{}", i + 1)
+            };
+            let document = PolicyDocument { statements };
+            ManagedPolicy {
+                name: naming::grant_object_name(namespace, name, &format!("{suffix}{index}")),
+                size: document.size(),
+                document: PolicyDocumentJson(document),
+            }
+        })
+        .collect())
+}
+
+/// Splits a statement's resources over as many statements as needed, each fitting a policy alone.
+fn split_resources(
+    statement: Statement,
+    fits: &dyn Fn(&[Statement]) -> bool,
+) -> Result<Vec<Statement>> {
+    let mut parts: Vec<Statement> = Vec::new();
+    let mut current = Statement {
+        resources: Vec::new(),
+        ..statement.clone()
+    };
+    for resource in statement.resources {
+        current.resources.push(resource);
+        if !fits(std::slice::from_ref(&current)) {
+            let last = current.resources.pop().unwrap_or_default();
+            if current.resources.is_empty() {
+                return Err(Error::StatementTooLarge { sid: statement.sid });
+            }
+            parts.push(current.clone());
+            current.resources = vec![last];
+        }
+    }
+    parts.push(current);
+    for (i, part) in parts.iter_mut().enumerate() {
+        part.sid = format!("{}Part{}", statement.sid, i + 1);
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,318 @@
+//! Unit tests of what a grant means.
+
+use fleet_access_crds::validation::parse_session_accesses;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::policy::{canonical, counted_chars};
+
+fn grant(spec: &str) -> SessionAccess {
+    let yaml = format!(
+        "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\nmetadata: {{name: g, namespace: ns}}\nspec: {spec}\n"
+    );
+    parse_session_accesses(&yaml)
+        .expect("valid grant")
+        .remove(0)
+}
+
+fn compute_default(spec: &str) -> Desired {
+    compute(&grant(spec), &Settings::default()).expect("computes")
+}
+
+fn statements(desired: &Desired) -> Vec<Value> {
+    let documents = desired
+        .policies
+        .iter()
+        .map(|p| serde_json::to_value(&p.document).unwrap());
+    documents
+        .flat_map(|d| d["Statement"].as_array().unwrap().clone())
+        .collect()
+}
+
+fn statement<'a>(all: &'a [Value], sid: &str) -> &'a Value {
+    all.iter()
+        .find(|s| s["Sid"] == sid)
+        .unwrap_or_else(|| panic!("no statement {sid} in {all:#?}"))
+}
+
+#[test]
+fn account_and_region_fill_the_arns() {
+    let settings = Settings {
+        account: Some("123456789012".into()),
+        region: Some("eu-west-1".into()),
+        ..Settings::default()
+    };
+    let desired = compute(&grant("{principals: {users: [a]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true, ports: [5432]}}"), &settings).unwrap();
+    let all = statements(&desired);
+    assert_eq!(
+        statement(&all, "StartSessionOnInstances")["Resource"],
+        json!([
+            "arn:aws:ec2:eu-west-1:123456789012:instance/i-0123abcd",
+            "arn:aws:ssm:eu-west-1:*:document/AWS-StartSSHSession",
+            "arn:aws:ssm:eu-west-1:123456789012:document/fleet-access.ns.g-port5432"
+        ])
+    );
+}
+
+#[test]
+fn window_bounds_every_start_statement_with_literal_times() {
+    let desired = compute_default(
+        "{principals: {roles: [r]}, targets: {tags: {Env: dev}}, sessions: {ssh: true}, window: {notBefore: '2026-12-01T00:00:00Z', expiresAt: '2026-12-02T12:30:00Z'}}",
+    );
+    let all = statements(&desired);
+    for sid in [
+        "StartSessionOnTaggedInstances",
+        "StartSessionWithDocuments",
+        "TerminateAndResumeOwnSessionsAsRole",
+    ] {
+        let condition = &statement(&all, sid)["Condition"];
+        assert_eq!(
+            condition["DateGreaterThan"]["aws:CurrentTime"], "2026-12-01T00:00:00Z",
+            "{sid}"
+        );
+        assert_eq!(
+            condition["DateLessThan"]["aws:CurrentTime"], "2026-12-02T12:30:00Z",
+            "{sid}"
+        );
+    }
+}
+
+#[test]
+fn tags_are_anded_in_one_string_like_block_on_instances_only() {
+    let desired = compute_default(
+        "{principals: {users: [u]}, targets: {tags: {Env: dev, Team: web}}, sessions: {ssh: true}}",
+    );
+    let all = statements(&desired);
+    let tagged = statement(&all, "StartSessionOnTaggedInstances");
+    assert_eq!(
+        tagged["Condition"]["StringLike"],
+        json!({"ssm:resourceTag/Env": "dev", "ssm:resourceTag/Team": "web"})
+    );
+    assert_eq!(
+        tagged["Resource"],
+        json!([
+            "arn:aws:ec2:*:*:instance/*",
+            "arn:aws:ssm:*:*:managed-instance/*"
+        ])
+    );
+    let documents = statement(&all, "StartSessionWithDocuments");
+    assert!(documents["Condition"].get("StringLike").is_none());
+}
+
+#[test]
+fn roles_get_the_session_tag_form_and_users_the_username_form() {
+    let desired = compute_default(
+        "{principals: {users: [u], roles: [r]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}}",
+    );
+    let all = statements(&desired);
+    assert_eq!(
+        statement(&all, "TerminateAndResumeOwnSessionsAsUser")["Resource"],
+        "arn:aws:ssm:*:*:session/${aws:username}-*"
+    );
+    let role = statement(&all, "TerminateAndResumeOwnSessionsAsRole");
+    assert_eq!(
+        role["Condition"]["StringLike"]["ssm:resourceTag/aws:ssmmessages:session-id"],
+        "${aws:userid}"
+    );
+    let only_roles = compute_default(
+        "{principals: {roles: [r]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}}",
+    );
+    assert!(
+        statements(&only_roles)
+            .iter()
+            .all(|s| s["Sid"] != "TerminateAndResumeOwnSessionsAsUser")
+    );
+}
+
+#[test]
+fn shell_grants_get_their_own_document_and_kms_permission() {
+    let desired = compute_default(
+        "{principals: {users: [u]}, targets: {instanceIds: [i-0123abcd]}, sessions: {shell: true}, logging: {kmsKeyId: alias/k, idleSessionTimeoutMinutes: 5}}",
+    );
+    assert_eq!(desired.documents.len(), 1);
+    let shell = &desired.documents[0];
+    assert_eq!(shell.name, "fleet-access.ns.g-shell");
+    assert_eq!(shell.content["sessionType"], "Standard_Stream");
+    assert_eq!(shell.content["inputs"]["idleSessionTimeout"], "5");
+    assert_eq!(shell.content["inputs"]["kmsKeyId"], "alias/k");
+    let all = statements(&desired);
+    let kms = statement(&all, "GenerateSessionDataKey");
+    assert_eq!(
+        kms["Condition"]["ForAnyValue:StringEquals"]["kms:ResourceAliases"],
+        "alias/k"
+    );
+}
+
+#[test]
+fn kms_key_ids_and_arns_are_resources() {
+    let id = "1234abcd-12ab-34cd-56ef-1234567890ab";
+    let desired = compute_default(&format!(
+        "{{principals: {{users: [u]}}, targets: {{instanceIds: [i-0123abcd]}}, sessions: {{shell: true}}, logging: {{kmsKeyId: {id}}}}}"
+    ));
+    assert_eq!(
+        statement(&statements(&desired), "GenerateSessionDataKey")["Resource"],
+        format!("arn:aws:kms:*:*:key/{id}")
+    );
+    let arn = format!("arn:aws:kms:us-east-1:123456789012:key/{id}");
+    let desired = compute_default(&format!(
+        "{{principals: {{users: [u]}}, targets: {{instanceIds: [i-0123abcd]}}, sessions: {{shell: true}}, logging: {{kmsKeyId: '{arn}'}}}}"
+    ));
+    assert_eq!(
+        statement(&statements(&desired), "GenerateSessionDataKey")["Resource"],
+        arn
+    );
+}
+
+#[test]
+fn port_documents_pin_their_port() {
+    let desired = compute_default(
+        "{principals: {users: [u]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ports: [5432, 6379]}}",
+    );
+    let ports: Vec<&Value> = desired
+        .documents
+        .iter()
+        .map(|d| &d.content["properties"]["portNumber"])
+        .collect();
+    assert_eq!(ports, [&json!("5432"), &json!("6379")]);
+    assert!(
+        desired
+            .documents
+            .iter()
+            .all(|d| d.content["parameters"].get("portNumber").is_none())
+    );
+}
+
+#[test]
+fn deny_on_instances_denies_every_session_to_them() {
+    let desired = compute_default(
+        "{effect: Deny, principals: {groups: [g]}, targets: {instanceIds: [i-0123abcd], tags: {Env: prod}}}",
+    );
+    let all = statements(&desired);
+    assert!(all.iter().all(|s| s["Effect"] == "Deny"));
+    assert_eq!(
+        statement(&all, "DenyStartSessionOnInstances")["Resource"],
+        "arn:aws:ec2:*:*:instance/i-0123abcd"
+    );
+    assert_eq!(
+        statement(&all, "DenyStartSessionOnTaggedInstances")["Condition"]["StringLike"]["ssm:resourceTag/Env"],
+        "prod"
+    );
+    assert!(desired.documents.is_empty());
+}
+
+#[test]
+fn deny_shell_everywhere_denies_the_account_shell_document() {
+    let desired = compute_default(
+        "{effect: Deny, principals: {users: [u]}, targets: {allInstances: true}, sessions: {shell: true, ssh: true}}",
+    );
+    assert_eq!(
+        statement(&statements(&desired), "DenyStartSessionWithDocuments")["Resource"],
+        json!([
+            "arn:aws:ssm:*:*:document/AWS-StartSSHSession",
+            "arn:aws:ssm:*:*:document/SSM-SessionManagerRunShell"
+        ])
+    );
+}
+
+#[test]
+fn bridge_only_grants_have_no_principal_policy() {
+    let desired = compute_default(
+        "{targets: {instanceIds: [i-0123abcd]}, sessions: {ports: [8080]}, bridge: {ports: [8080]}}",
+    );
+    assert!(desired.policies.is_empty());
+    let bridge = desired.bridge.expect("bridge");
+    assert_eq!(bridge.role, "fleet-access-bridge");
+    assert_eq!(
+        bridge.ports,
+        [BridgePort {
+            port: 8080,
+            document: "fleet-access.ns.g-port8080".into(),
+            port_parameter: None
+        }]
+    );
+    let policy = serde_json::to_value(&bridge.policy.document).unwrap();
+    assert!(
+        policy
+            .to_string()
+            .contains("document/fleet-access.ns.g-port8080")
+    );
+}
+
+#[test]
+fn bridge_needs_a_role() {
+    let settings = Settings {
+        bridge_role: None,
+        ..Settings::default()
+    };
+    let err = compute(
+        &grant("{targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}, bridge: {}}"),
+        &settings,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::NoBridgeRole), "{err}");
+}
+
+#[test]
+fn a_disabled_bridge_opens_nothing() {
+    let desired = compute_default(
+        "{principals: {users: [u]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}, bridge: {enabled: false}}",
+    );
+    assert!(desired.bridge.is_none());
+}
+
+#[test]
+fn long_instance_lists_split_into_policies_under_the_quota() {
+    let ids: Vec<String> = (0..1000).map(|i| format!("i-{i:017x}")).collect();
+    let desired = compute_default(&format!(
+        "{{principals: {{users: [u]}}, targets: {{instanceIds: [{}]}}, sessions: {{ssh: true}}}}",
+        ids.join(",")
+    ));
+    assert!(desired.policies.len() > 1);
+    let mut seen = Vec::new();
+    for policy in &desired.policies {
+        assert!(
+            policy.size <= MANAGED_POLICY_MAX_CHARS,
+            "{} is {}",
+            policy.name,
+            policy.size
+        );
+        assert_eq!(policy.size, counted_chars(&policy.document.0.to_json()));
+        for s in &policy.document.0.statements {
+            seen.extend(
+                s.resources
+                    .iter()
+                    .filter(|r| r.contains(":instance/"))
+                    .cloned(),
+            );
+        }
+    }
+    assert_eq!(seen.len(), 1000, "every instance appears exactly once");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 1000);
+    let names: Vec<&str> = desired.policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names[..2], ["fleet-access.ns.g", "fleet-access.ns.g-2"]);
+}
+
+#[test]
+fn more_than_twenty_policies_is_an_error() {
+    let resources: Vec<String> = (0..3000)
+        .map(|i| format!("arn:aws:ec2:*:*:instance/i-{i:017x}"))
+        .collect();
+    let statement = Statement::new("Big", Effect::Allow, &["ssm:StartSession"], resources);
+    let err = pack("ns", "g", "", vec![statement]).unwrap_err();
+    assert!(
+        matches!(err, Error::TooManyPolicies { limit: 20, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("target instances by tag"));
+}
+
+#[test]
+fn rendering_is_deterministic() {
+    let spec = "{principals: {users: [u], groups: [g]}, targets: {tags: {B: b, A: a}}, sessions: {ssh: true, shell: true, ports: [1, 2]}}";
+    let a = serde_json::to_string(&compute_default(spec)).unwrap();
+    let b = serde_json::to_string(&compute_default(spec)).unwrap();
+    assert_eq!(a, b);
+    assert!(canonical(&compute_default(spec).policies[0].document.0.to_json()).is_ok());
+}

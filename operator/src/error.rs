@@ -1,0 +1,66 @@
+//! The operator's one error type.
+
+use fleet_access_crds::validation::InvalidObject;
+
+/// Everything that can go wrong in the operator, by the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A grant file could not be read. Check the path and permissions.
+    #[error("cannot read {path}: {source}")]
+    ReadGrant {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A grant is invalid. The message names each field and what to change.
+    #[error("invalid SessionAccess:\n{0}")]
+    InvalidGrant(#[source] InvalidObject),
+
+    /// The grant needs more managed policies than IAM allows. Use tag targets instead of long
+    /// instance lists, or split the grant.
+    #[error(
+        "the grant needs {needed} policies but IAM allows {limit} {what}: target instances by tag instead of listing them, or split the grant"
+    )]
+    TooManyPolicies {
+        /// How many the grant would need.
+        needed: usize,
+        /// The limit.
+        limit: usize,
+        /// Which limit.
+        what: &'static str,
+    },
+
+    /// One statement cannot fit a policy even with a single resource (cannot happen with valid
+    /// names; a bug if seen).
+    #[error("statement {sid} does not fit in one IAM policy")]
+    StatementTooLarge {
+        /// The statement's Sid.
+        sid: String,
+    },
+
+    /// The grant asks for bridge endpoints but the operator has no bridge role. Set
+    /// `--bridge-role`.
+    #[error(
+        "the grant asks for bridge endpoints but the operator has no bridge role: set --bridge-role"
+    )]
+    NoBridgeRole,
+}
+
+impl Error {
+    /// A bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::ReadGrant { .. } => "read_grant",
+            Error::InvalidGrant(_) => "invalid_grant",
+            Error::TooManyPolicies { .. } => "too_many_policies",
+            Error::StatementTooLarge { .. } => "statement_too_large",
+            Error::NoBridgeRole => "no_bridge_role",
+        }
+    }
+}
+
+/// The operator's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,106 @@
+//! The `plan` command as a user runs it: valid files print a plan; invalid ones print nothing on
+//! standard output, an error naming the field on standard error, and exit non-zero.
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleet-access-operator"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("operator binary runs");
+    let mut input = child.stdin.take().expect("stdin");
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .expect("write stdin");
+    drop(input);
+    child.wait_with_output().expect("operator exits")
+}
+
+const CLASSIC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/examples/classic-allow-ssh.yaml"
+);
+
+#[test]
+fn plan_prints_the_classic_policy_as_json() {
+    let out = run(&["plan", "-f", CLASSIC, "--output", "json"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
+    let resources = &plan["grants"][0]["policies"][0]["document"]["Statement"][0]["Resource"];
+    assert_eq!(resources[1], "arn:aws:ssm:*:*:document/AWS-StartSSHSession");
+}
+
+#[test]
+fn plan_text_uses_the_account_and_region() {
+    let out = run(
+        &[
+            "plan",
+            "-f",
+            CLASSIC,
+            "--account",
+            "123456789012",
+            "--region",
+            "eu-west-1",
+        ],
+        None,
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(
+        text.contains("arn:aws:ec2:eu-west-1:123456789012:instance/i-0123456789abcdef0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fleet-access.ops.classic-allow-ssh -> user ssh-user"),
+        "{text}"
+    );
+}
+
+#[test]
+fn invalid_grants_print_nothing_and_name_the_field() {
+    let grant = "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\nmetadata: {name: x}\nspec:\n  principals: {users: [alice]}\n  targets: {instanceIds: [i-XYZ]}\n  sessions: {ssh: true}\n";
+    let out = run(&["plan", "-f", "-"], Some(grant));
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "nothing printed as if valid");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("spec.targets.instanceIds[0]: must be an EC2 instance ID"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_fields_and_bad_yaml_are_errors() {
+    let unknown = "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\nmetadata: {name: x}\nspec: {principals: {users: [a]}, targets: {allInstances: true}, sessions: {ssh: true}, windows: {}}\n";
+    let out = run(&["plan", "-f", "-"], Some(unknown));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.windows: is not a known field"));
+    let out = run(&["plan", "-f", "-"], Some("spec: [unclosed"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid YAML"));
+}
+
+#[test]
+fn a_missing_file_is_an_error() {
+    let out = run(&["plan", "-f", "/nonexistent/grant.yaml"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/grant.yaml"));
+}
+
+#[test]
+fn crds_prints_the_committed_yaml() {
+    let out = run(&["crds"], None);
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/crds/fleet-access.yaml"
+    ))
+    .expect("crds");
+    assert_eq!(String::from_utf8(out.stdout).expect("utf-8"), committed);
+}
