@@ -125,6 +125,9 @@ mod tests {
         let first = ControlPlaneCertificates::generate().expect("generates");
         let second = ControlPlaneCertificates::generate().expect("generates");
         assert_ne!(first.ca_cert_pem, second.ca_cert_pem);
-        assert_ne!(first.service_account_key_pem, second.service_account_key_pem);
+        assert_ne!(
+            first.service_account_key_pem,
+            second.service_account_key_pem
+        );
     }
 }

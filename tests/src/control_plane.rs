@@ -104,8 +104,10 @@ impl ControlPlane {
         let mut etcd = Command::new(&etcd_bin);
         etcd.args(etcd_args(dir.path(), etcd_port, etcd_peer_port));
         let mut etcd = SupervisedProcess::spawn("etcd", &etcd, &dir.path().join("etcd.log"))?;
-        etcd.wait_until(ETCD_READY_TIMEOUT, || accepts_connections(loopback(etcd_port)))
-            .await?;
+        etcd.wait_until(ETCD_READY_TIMEOUT, || {
+            accepts_connections(loopback(etcd_port))
+        })
+        .await?;
 
         let apiserver_port = free_loopback_port()?;
         let mut apiserver = Command::new(&apiserver_bin);
@@ -226,16 +228,20 @@ impl ControlPlane {
 
     /// Waits until the CustomResourceDefinition `name` is `Established`, so that its
     /// custom resources can be created.
-    pub async fn wait_for_crd_established(&self, name: &str, timeout: Duration) -> FixtureResult<()> {
+    pub async fn wait_for_crd_established(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> FixtureResult<()> {
         let api = Api::<CustomResourceDefinition>::all(self.client().await?);
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(crd) = api.get_opt(name).await?
                 && is_established(&crd)
             {
                 return Ok(());
             }
-            if std::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return Err(FixtureError::NotReady {
                     name: format!("CustomResourceDefinition {name}"),
                     seconds: timeout.as_secs(),
@@ -267,7 +273,9 @@ pub struct TestNamespace {
 
 impl std::fmt::Debug for TestNamespace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestNamespace").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("TestNamespace")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -404,7 +412,18 @@ fn render_kubeconfig(server_url: &str, files: &ControlPlaneFiles) -> FixtureResu
     Ok(serde_yaml::to_string(&value)?)
 }
 
+/// Selects rustls' ring provider for the process (once), unless one is already set:
+/// the dependency graph enables both ring and aws-lc-rs, and then rustls cannot
+/// choose by itself.
+pub fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another thread installing one is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 async fn client_from_kubeconfig(path: &Path) -> FixtureResult<Client> {
+    install_crypto_provider();
     let kubeconfig = Kubeconfig::read_from(path)?;
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
     Ok(Client::try_from(config)?)
@@ -482,10 +501,11 @@ async fn apply_object(
             component: "YAML document".into(),
             detail: "no apiVersion/kind".into(),
         })?;
-    let gvk = GroupVersionKind::try_from(types).map_err(|error| FixtureError::UnexpectedAnswer {
-        component: "YAML document".into(),
-        detail: error.to_string(),
-    })?;
+    let gvk =
+        GroupVersionKind::try_from(types).map_err(|error| FixtureError::UnexpectedAnswer {
+            component: "YAML document".into(),
+            detail: error.to_string(),
+        })?;
     let name = object
         .metadata
         .name
@@ -516,7 +536,10 @@ mod tests {
 
     #[test]
     fn namespace_names_are_dns_labels() {
-        assert_eq!(namespace_name("CRD_install test", "ABCdef0123456789"), "crd-install-test-abcdef012345");
+        assert_eq!(
+            namespace_name("CRD_install test", "ABCdef0123456789"),
+            "crd-install-test-abcdef012345"
+        );
         let long = namespace_name(&"x".repeat(100), "0123456789abcdef");
         assert!(long.len() <= 63, "{long}");
         assert!(long.ends_with("-0123456789ab"));
@@ -553,7 +576,10 @@ mod tests {
         let parsed: Kubeconfig = serde_yaml::from_str(&text).expect("valid kubeconfig");
         let cluster = parsed.clusters[0].cluster.as_ref().expect("cluster");
         assert_eq!(cluster.server.as_deref(), Some("https://127.0.0.1:6443"));
-        assert_eq!(cluster.certificate_authority.as_deref(), Some("/tmp/x/ca.crt"));
+        assert_eq!(
+            cluster.certificate_authority.as_deref(),
+            Some("/tmp/x/ca.crt")
+        );
         let user = parsed.auth_infos[0].auth_info.as_ref().expect("user");
         assert_eq!(user.client_certificate.as_deref(), Some("/tmp/x/admin.crt"));
         assert_eq!(parsed.current_context.as_deref(), Some(CLUSTER_NAME));
@@ -574,6 +600,10 @@ mod tests {
         assert!(args.contains(&"--bind-address=127.0.0.1".to_owned()));
         assert!(args.contains(&"--etcd-servers=http://127.0.0.1:2379".to_owned()));
         let etcd = etcd_args(Path::new("/d"), 1, 2);
-        assert!(etcd.iter().filter(|a| a.contains("-urls=")).all(|a| a.contains("127.0.0.1")));
+        assert!(
+            etcd.iter()
+                .filter(|a| a.contains("-urls="))
+                .all(|a| a.contains("127.0.0.1"))
+        );
     }
 }

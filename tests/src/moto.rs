@@ -144,8 +144,8 @@ pub fn sdk_config_for(endpoint: &str) -> SdkConfig {
         .behavior_version(BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(Region::new(TEST_REGION))
-        .credentials_provider(aws_credential_types::provider::SharedCredentialsProvider::new(
-            credentials,
-        ))
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(credentials),
+        )
         .build()
 }

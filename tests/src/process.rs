@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::process::{Pid, Signal, kill_process_group};
 
@@ -127,14 +127,14 @@ impl SupervisedProcess {
         };
         // Errors mean the group is already gone.
         let _ = kill_process_group(group, Signal::TERM);
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
+        let step = Duration::from_millis(20);
+        for _ in 0..(STOP_GRACE.as_millis() / step.as_millis()) {
             if matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
                 // The supervisor has gone; make sure nothing of its group is left.
                 let _ = kill_process_group(group, Signal::KILL);
                 return;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(step);
         }
         let _ = kill_process_group(group, Signal::KILL);
         let _ = self.child.wait();
@@ -147,13 +147,13 @@ impl SupervisedProcess {
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
     {
-        let deadline = Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             self.ensure_running()?;
             if probe().await {
                 return Ok(());
             }
-            if Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return Err(FixtureError::NotReady {
                     name: self.name.clone(),
                     seconds: timeout.as_secs(),
@@ -197,6 +197,29 @@ pub fn loopback(port: u16) -> SocketAddr {
 /// True when something accepts TCP connections on `address`.
 pub async fn accepts_connections(address: SocketAddr) -> bool {
     tokio::net::TcpStream::connect(address).await.is_ok()
+}
+
+/// Runs a short helper command to completion without blocking the runtime, failing
+/// on a non-zero exit.
+pub(crate) async fn run_command_async(
+    command: &mut tokio::process::Command,
+) -> FixtureResult<std::process::Output> {
+    let description = format!("{command:?}");
+    let output = command
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(FixtureError::io(format!("running {description}")))?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(FixtureError::CommandFailed {
+            command: description,
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
 }
 
 /// Runs a short helper command to completion, failing on a non-zero exit.

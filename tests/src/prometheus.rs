@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::Deserialize;
 use tempfile::TempDir;
@@ -15,6 +17,7 @@ use crate::error::{FixtureError, FixtureResult};
 use crate::locations::{debian, require_program};
 use crate::process::{
     SupervisedProcess, accepts_connections, free_loopback_port, loopback, run_command,
+    run_command_async,
 };
 
 /// The job name of the generated scrape config.
@@ -71,9 +74,11 @@ impl Prometheus {
         let mut process =
             SupervisedProcess::spawn("prometheus", &command, &dir.path().join("prometheus.log"))?;
         let server = format!("http://127.0.0.1:{port}");
+        let server = &server;
         process
-            .wait_until(READY_TIMEOUT, || async {
-                accepts_connections(loopback(port)).await && query_with_promtool(&server, "1").is_ok()
+            .wait_until(READY_TIMEOUT, move || async move {
+                accepts_connections(loopback(port)).await
+                    && query_with_promtool(server, "1").await.is_ok()
             })
             .await?;
         Ok(Self {
@@ -95,15 +100,19 @@ impl Prometheus {
     }
 
     /// Runs an instant query and returns the vector or scalar result as samples.
-    pub fn query(&self, expr: &str) -> FixtureResult<Vec<Sample>> {
-        query_with_promtool(&self.url(), expr)
+    pub async fn query(&self, expr: &str) -> FixtureResult<Vec<Sample>> {
+        query_with_promtool(&self.url(), expr).await
     }
 
     /// Polls `expr` until it returns at least one sample, then returns the samples.
-    pub async fn query_until_present(&self, expr: &str, timeout: Duration) -> FixtureResult<Vec<Sample>> {
+    pub async fn query_until_present(
+        &self,
+        expr: &str,
+        timeout: Duration,
+    ) -> FixtureResult<Vec<Sample>> {
         let deadline = Instant::now() + timeout;
         loop {
-            let samples = self.query(expr)?;
+            let samples = self.query(expr).await?;
             if !samples.is_empty() {
                 return Ok(samples);
             }
@@ -122,7 +131,9 @@ impl Prometheus {
     pub async fn wait_for_scrape(&self, timeout: Duration) -> FixtureResult<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let up = self.query(&format!("up{{job=\"{SCRAPE_JOB}\"}} == 1"))?;
+            let up = self
+                .query(&format!("up{{job=\"{SCRAPE_JOB}\"}} == 1"))
+                .await?;
             if up.len() == self.targets.len() {
                 return Ok(());
             }
@@ -155,13 +166,14 @@ fn render_config(targets: &[SocketAddr]) -> FixtureResult<String> {
     Ok(serde_yaml::to_string(&value)?)
 }
 
-fn query_with_promtool(server: &str, expr: &str) -> FixtureResult<Vec<Sample>> {
-    let output = run_command(
-        Command::new(debian::PROMTOOL)
+async fn query_with_promtool(server: &str, expr: &str) -> FixtureResult<Vec<Sample>> {
+    let output = run_command_async(
+        tokio::process::Command::new(debian::PROMTOOL)
             .args(["query", "instant", "-o", "json"])
             .arg(server)
             .arg(expr),
-    )?;
+    )
+    .await?;
     parse_query_result(&String::from_utf8_lossy(&output.stdout))
 }
 
@@ -236,7 +248,10 @@ mod tests {
             parse_query_result(r#"{"type":"scalar","value":[1.0,"7"]}"#).expect("scalar")[0].value,
             7.0
         );
-        assert_eq!(parse_query_result(r#"[1.0,"3"]"#).expect("pair")[0].value, 3.0);
+        assert_eq!(
+            parse_query_result(r#"[1.0,"3"]"#).expect("pair")[0].value,
+            3.0
+        );
         assert!(parse_query_result("[]").expect("empty").is_empty());
         assert!(parse_query_result(r#"{"oops":1}"#).is_err());
     }

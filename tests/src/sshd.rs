@@ -54,7 +54,10 @@ impl Sshd {
         write_file(&paths.config, &render_sshd_config(port, &user, &paths))?;
         let host_public_key = std::fs::read_to_string(paths.host_key.with_extension("pub"))
             .map_err(FixtureError::io("reading the host public key"))?;
-        write_file(&paths.known_hosts, &known_hosts_line(port, &host_public_key))?;
+        write_file(
+            &paths.known_hosts,
+            &known_hosts_line(port, &host_public_key),
+        )?;
 
         // Check the config first: a clear error instead of an early exit.
         run_command(Command::new(&sshd).arg("-t").arg("-f").arg(&paths.config))?;
@@ -252,7 +255,10 @@ mod tests {
         assert!(config.contains("Port 2222\n"));
         assert!(config.contains("ListenAddress 127.0.0.1\n"));
         assert!(config.contains("AllowUsers alice\n"));
-        for line in config.lines().filter(|l| l.starts_with("HostKey") || l.contains("File ")) {
+        for line in config
+            .lines()
+            .filter(|l| l.starts_with("HostKey") || l.contains("File "))
+        {
             assert!(line.contains("/tmp/s/"), "{line}");
         }
     }
