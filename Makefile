@@ -1,0 +1,47 @@
+# fleet-access: the single entry point for building, testing and generating.
+# `make test` installs what the tests need (Debian packages, moto, the Go-built kube-apiserver,
+# etcd and session-manager-plugin, into a cache outside the checkout) and runs every test.
+
+CARGO ?= cargo
+# Keep CI output readable and builds within the machine's two cores.
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: demo plan test test-unit test-integration setup lint fmt clippy generate check-generated bench
+
+## The main job on its embedded default: no AWS account, no cluster.
+demo:
+	$(CARGO) run --bin fleet-access-operator -- plan -f deploy/examples/classic-allow-ssh.yaml
+
+## Install and build what the integration tests need (idempotent; cached in ~/.cache/fleet-access).
+setup:
+	bash tests/env/setup.sh
+
+## Everything: lints, generated files, unit tests, integration tests against real components.
+test: lint check-generated setup
+	$(CARGO) test --workspace --no-fail-fast
+
+## Fast tests without external components (no setup needed).
+test-unit:
+	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test -p fleet-access-crds -p fleet-access-operator --tests
+
+## Tests against real components: kube-apiserver + etcd, moto, sshd, Prometheus, the official plugin.
+test-integration: setup
+	$(CARGO) test -p fleet-access-tests -p fleet-access-ssm-emulator -p fleet-access-agent-bridge --tests
+
+lint: fmt clippy
+
+fmt:
+	$(CARGO) fmt --all --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## Regenerate deploy/crds/ from the API types.
+generate:
+	$(CARGO) run -q -p fleet-access-crds --bin crdgen > deploy/crds/fleet-access.yaml
+
+## Fails when deploy/crds/ differs from what the types generate (the crds tests check it too).
+check-generated:
+	@$(CARGO) run -q -p fleet-access-crds --bin crdgen | diff -u deploy/crds/fleet-access.yaml - \
+		|| (echo "deploy/crds/ is out of date: run make generate" && exit 1)
