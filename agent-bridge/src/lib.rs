@@ -1,5 +1,7 @@
 //! fleet-access agent bridge: turns TCP connections into SSM Session Manager sessions.
 //!
-//! `protocol` is the sans-IO data-channel core (no sockets, no clock).
+//! `protocol` is the sans-IO data-channel core (no sockets, no clock); `driver` runs it over
+//! tokio and a WebSocket.
 
+pub mod driver;
 pub mod protocol;

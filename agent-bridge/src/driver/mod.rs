@@ -1,0 +1,733 @@
+//! The tokio driver of one SSM data channel: the only place that awaits.
+//!
+//! One loop `select!`s over the WebSocket, the local connections, the session's timer, the
+//! pacer, the ping timer and shutdown; after every input it drains the sans-IO
+//! [`Session`](crate::protocol::Session)'s outputs. Local connections arrive on a channel: in
+//! basic mode they are served one at a time (DisconnectToPort between them), in mux mode each
+//! becomes an smux stream. On a lost WebSocket it calls ResumeSession, dials the new StreamUrl
+//! with the new token, and keeps the sequence state, within a retry budget far above the
+//! official plugin's few seconds.
+//!
+//! ```text
+//!   incoming conns ──► [reader task] ──LocalInput──►┐
+//!                                                   │          ┌─► ws.send (paced)
+//!   ws.next() ───────────────────────────────────► Session ────┤
+//!   timers / ping / shutdown ──────────────────────►│          └─► events ─► [writer task] ─► conn
+//!                        ResumeSession + dial ◄── lost ws
+//! ```
+
+pub mod control;
+pub mod pacer;
+pub mod signing;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tracing::{debug, info, warn};
+
+use crate::protocol::handshake::OpenDataChannel;
+use crate::protocol::{
+    CloseCause, Event, ForwardingMode, HandshakeInfo, Session, SessionError, Stats,
+};
+
+use control::{ControlPlane, ControlPlaneError, StreamTarget};
+use pacer::Pacer;
+use signing::{SigningError, UpgradeSigner, is_presigned};
+
+/// WebSocket ping interval: within the 30–60 s the reference suggests (the agent pings every 54 s).
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// No inbound frame at all (data, acks, pongs) for this long means the peer is dead.
+pub const DEFAULT_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(75);
+/// One dial (TCP, TLS, upgrade) may take this long.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Total time allowed to restore one lost WebSocket. MGS recycles sockets hourly and the
+/// plugin's ~3–6 s budget sometimes runs out (ssm-protocol.md section 4.7); two minutes rides
+/// out a gateway hiccup while the session's idle timeout (minutes) still bounds it.
+pub const DEFAULT_RECONNECT_BUDGET: Duration = Duration::from_secs(120);
+/// First reconnect backoff.
+pub const DEFAULT_RECONNECT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// Largest reconnect backoff.
+pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Bytes read from a local connection at once (then cut into session chunks).
+pub const DEFAULT_LOCAL_READ_SIZE: usize = 32 * 1024;
+/// Chunks queued toward one local connection before the session stops draining events.
+pub const DEFAULT_LOCAL_WRITE_QUEUE: usize = 64;
+/// Largest WebSocket message accepted: far above any SSM frame, small enough to bound memory.
+pub const MAX_WS_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// Driver tunables (plain data, documented defaults).
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The protocol core's configuration.
+    pub session: crate::protocol::Config,
+    /// See [`DEFAULT_PING_INTERVAL`].
+    pub ping_interval: Duration,
+    /// See [`DEFAULT_DEAD_PEER_TIMEOUT`].
+    pub dead_peer_timeout: Duration,
+    /// See [`DEFAULT_CONNECT_TIMEOUT`].
+    pub connect_timeout: Duration,
+    /// See [`DEFAULT_RECONNECT_BUDGET`].
+    pub reconnect_budget: Duration,
+    /// See [`DEFAULT_RECONNECT_INITIAL_BACKOFF`].
+    pub reconnect_initial_backoff: Duration,
+    /// See [`DEFAULT_RECONNECT_MAX_BACKOFF`].
+    pub reconnect_max_backoff: Duration,
+    /// Outgoing messages per second; see [`pacer::DEFAULT_MESSAGES_PER_SECOND`].
+    pub messages_per_second: u32,
+    /// Pacer burst; see [`pacer::DEFAULT_BURST`].
+    pub burst: u32,
+    /// See [`DEFAULT_LOCAL_READ_SIZE`].
+    pub local_read_size: usize,
+    /// See [`DEFAULT_LOCAL_WRITE_QUEUE`].
+    pub local_write_queue: usize,
+    /// Basic mode: end the whole session when the local connection ends (SSH ProxyCommand),
+    /// instead of sending DisconnectToPort and serving the next connection.
+    pub end_on_local_eof: bool,
+    /// ClientId of the open message: one per process, reused across reconnects.
+    pub client_id: uuid::Uuid,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            session: crate::protocol::Config::default(),
+            ping_interval: DEFAULT_PING_INTERVAL,
+            dead_peer_timeout: DEFAULT_DEAD_PEER_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            reconnect_budget: DEFAULT_RECONNECT_BUDGET,
+            reconnect_initial_backoff: DEFAULT_RECONNECT_INITIAL_BACKOFF,
+            reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
+            messages_per_second: pacer::DEFAULT_MESSAGES_PER_SECOND,
+            burst: pacer::DEFAULT_BURST,
+            local_read_size: DEFAULT_LOCAL_READ_SIZE,
+            local_write_queue: DEFAULT_LOCAL_WRITE_QUEUE,
+            end_on_local_eof: false,
+            client_id: uuid::Uuid::new_v4(),
+        }
+    }
+}
+
+/// Why a tunnel could not run to a protocol-level close.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// Signing the upgrade failed.
+    #[error(transparent)]
+    Signing(#[from] SigningError),
+    /// A dial failed (TCP, TLS, upgrade, or the open message).
+    #[error("connecting to the data channel failed: {0}")]
+    Connect(String),
+    /// ResumeSession returned no token: the session expired; start a new one.
+    #[error("session {0} expired (ResumeSession returned no token)")]
+    SessionExpired(String),
+    /// A control-plane call failed in a way retrying cannot fix.
+    #[error(transparent)]
+    ControlPlane(#[from] ControlPlaneError),
+    /// A presigned StreamUrl cannot be resumed (as in the official plugin).
+    #[error("the WebSocket was lost and a presigned stream URL cannot be resumed")]
+    CannotResume,
+    /// The reconnect budget ran out.
+    #[error("reconnect budget exhausted after {attempts} attempts: {last_error}")]
+    ReconnectBudgetExhausted {
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last_error: String,
+    },
+}
+
+/// How a tunnel ended at the protocol level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Why.
+    pub cause: CloseCause,
+    /// `channel_closed`'s `Output`, when sent.
+    pub output: Option<String>,
+    /// The handshake result, when it completed.
+    pub handshake: Option<HandshakeInfo>,
+    /// Final counters.
+    pub stats: Stats,
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What a local connection's reader task reports.
+#[derive(Debug)]
+enum LocalInput {
+    Data(u32, Bytes),
+    Eof(u32),
+}
+
+struct Conn {
+    writer: mpsc::Sender<Bytes>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// One tunnel: a control plane, an optional signer, and configuration.
+pub struct Tunnel<'a, C> {
+    control: &'a C,
+    signer: Option<&'a dyn UpgradeSigner>,
+    config: DriverConfig,
+    stats: Option<watch::Sender<Stats>>,
+}
+
+impl<'a, C: ControlPlane> Tunnel<'a, C> {
+    /// A tunnel using `control` for ResumeSession/TerminateSession. With no `signer` the
+    /// upgrade is unsigned (emulator, presigned URLs).
+    pub fn new(
+        control: &'a C,
+        signer: Option<&'a dyn UpgradeSigner>,
+        config: DriverConfig,
+    ) -> Self {
+        Self {
+            control,
+            signer,
+            config,
+            stats: None,
+        }
+    }
+
+    /// Publishes the session's [`Stats`] after every loop turn (for metrics).
+    pub fn with_stats(mut self, stats: watch::Sender<Stats>) -> Self {
+        self.stats = Some(stats);
+        self
+    }
+
+    /// Runs the data channel of `target` until the session closes: serves local connections
+    /// from `incoming`, and on `shutdown` terminates the session (TerminateSession flag, then
+    /// the TerminateSession API).
+    pub async fn run<L>(
+        &self,
+        target: StreamTarget,
+        incoming: mpsc::Receiver<L>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<Outcome, DriverError>
+    where
+        L: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let mut target = target;
+        let start = Instant::now();
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut session = Session::new(
+            self.config.session.clone(),
+            start.into_std(),
+            epoch_ms,
+            rand_seed(),
+        );
+        let ws = match self.dial(&target).await {
+            Ok(ws) => ws,
+            Err(e) => {
+                warn!(error = %e, "first dial failed; resuming");
+                self.reconnect(&mut session, &mut target).await?
+            }
+        };
+        let mut run = Run {
+            tunnel: self,
+            session,
+            ws,
+            target,
+            incoming,
+            conns: HashMap::new(),
+            next_basic_key: 0,
+            local_tx: None,
+            local_rx: None,
+            pending_local: None,
+            stalled: None,
+            outgoing: None,
+            pacer: Pacer::new(
+                start.into_std(),
+                self.config.messages_per_second,
+                self.config.burst,
+            ),
+            last_heard: start,
+            mode: None,
+        };
+        let (tx, rx) = mpsc::channel(self.config.local_write_queue.max(1));
+        run.local_tx = Some(tx);
+        run.local_rx = Some(rx);
+        let result = run.drive(shutdown).await;
+        if let Err(e) = self.control.terminate_session(&run.target.session_id).await {
+            debug!(error = %e, "TerminateSession after close");
+        }
+        let _ = run.ws.close(None).await;
+        if let Some(stats) = &self.stats {
+            stats.send_replace(run.session.stats());
+        }
+        result
+    }
+
+    /// Signs (unless presigned), dials, and sends the open message.
+    async fn dial(&self, target: &StreamTarget) -> Result<Ws, DriverError> {
+        let headers = match self.signer {
+            Some(signer) if !is_presigned(&target.stream_url) => {
+                signer.sign(&target.stream_url).await?
+            }
+            _ => Vec::new(),
+        };
+        let mut request = target
+            .stream_url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| DriverError::Connect(e.to_string()))?;
+        for (name, value) in headers {
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| DriverError::Connect(e.to_string()))?;
+            let value = http::HeaderValue::from_str(&value)
+                .map_err(|e| DriverError::Connect(e.to_string()))?;
+            request.headers_mut().insert(name, value);
+        }
+        let connector = if target.stream_url.starts_with("wss:") {
+            Connector::Rustls(tls_config()?)
+        } else {
+            Connector::Plain
+        };
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_WS_MESSAGE))
+            .max_frame_size(Some(MAX_WS_MESSAGE));
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(ws_config),
+            true,
+            Some(connector),
+        );
+        let (mut ws, _response) = tokio::time::timeout(self.config.connect_timeout, connect)
+            .await
+            .map_err(|_| DriverError::Connect("timed out".into()))?
+            .map_err(|e| DriverError::Connect(e.to_string()))?;
+        let open = OpenDataChannel::new(
+            &target.token_value,
+            uuid::Uuid::new_v4(),
+            self.config.client_id,
+        );
+        ws.send(Message::text(open.to_json()))
+            .await
+            .map_err(|e| DriverError::Connect(e.to_string()))?;
+        info!(session_id = %target.session_id, "data channel open");
+        Ok(ws)
+    }
+
+    /// ResumeSession + dial, with backoff, within the budget. On success the session's
+    /// transport is reset (sequence state kept, in-flight messages resent).
+    async fn reconnect(
+        &self,
+        session: &mut Session,
+        target: &mut StreamTarget,
+    ) -> Result<Ws, DriverError> {
+        if is_presigned(&target.stream_url) {
+            return Err(DriverError::CannotResume);
+        }
+        let started = Instant::now();
+        let mut backoff = self.config.reconnect_initial_backoff;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let error = match self.control.resume_session(&target.session_id).await {
+                Ok(None) => return Err(DriverError::SessionExpired(target.session_id.clone())),
+                Err(e) if !e.retryable => return Err(e.into()),
+                Err(e) => e.to_string(),
+                Ok(Some(resumed)) => {
+                    if !resumed.stream_url.is_empty() {
+                        target.stream_url = resumed.stream_url;
+                    }
+                    target.token_value = resumed.token_value;
+                    match self.dial(target).await {
+                        Ok(ws) => {
+                            session.reset_transport(Instant::now().into_std());
+                            info!(attempts, "data channel resumed");
+                            return Ok(ws);
+                        }
+                        Err(e) => e.to_string(),
+                    }
+                }
+            };
+            warn!(attempts, error = %error, "reconnect attempt failed");
+            if started.elapsed() + backoff > self.config.reconnect_budget {
+                return Err(DriverError::ReconnectBudgetExhausted {
+                    attempts,
+                    last_error: error,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.config.reconnect_max_backoff);
+        }
+    }
+}
+
+/// The mutable state of one running tunnel.
+struct Run<'t, 'a, C, L> {
+    tunnel: &'t Tunnel<'a, C>,
+    session: Session,
+    ws: Ws,
+    target: StreamTarget,
+    incoming: mpsc::Receiver<L>,
+    conns: HashMap<u32, Conn>,
+    next_basic_key: u32,
+    local_tx: Option<mpsc::Sender<LocalInput>>,
+    local_rx: Option<mpsc::Receiver<LocalInput>>,
+    /// Local bytes the session has not accepted yet (backpressure).
+    pending_local: Option<(u32, Bytes)>,
+    /// Received bytes waiting for room in a local writer queue.
+    stalled: Option<(u32, Bytes)>,
+    /// A frame taken from the session, waiting for the pacer.
+    outgoing: Option<Bytes>,
+    pacer: Pacer,
+    last_heard: Instant,
+    mode: Option<ForwardingMode>,
+}
+
+enum Turn<L> {
+    Shutdown,
+    Ws(Option<Result<Message, tungstenite::Error>>),
+    Send,
+    Timer,
+    Ping,
+    Local(Option<LocalInput>),
+    Incoming(Option<L>),
+    Unstalled(Option<mpsc::OwnedPermit<Bytes>>),
+}
+
+impl<C: ControlPlane, L> Run<'_, '_, C, L>
+where
+    L: AsyncRead + AsyncWrite + Send + 'static,
+{
+    async fn drive(&mut self, shutdown: impl Future<Output = ()>) -> Result<Outcome, DriverError> {
+        tokio::pin!(shutdown);
+        let mut shutting_down = false;
+        let mut ping = tokio::time::interval(self.tunnel.config.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let mut incoming_open = true;
+        loop {
+            let now = Instant::now();
+            self.feed_pending_local(now);
+            if let Some(outcome) = self.drain_events(now) {
+                return Ok(outcome);
+            }
+            if self.outgoing.is_none() {
+                self.outgoing = self.session.poll_transmit(now.into_std());
+            }
+            if let Some(stats) = &self.tunnel.stats {
+                stats.send_replace(self.session.stats());
+            }
+            let send_at = Instant::from_std(self.pacer.ready_at(now.into_std()));
+            let timer = self.session.poll_timeout().map(Instant::from_std);
+            let accepting = incoming_open && self.accepting();
+            let take_local = self.pending_local.is_none();
+            let stalled_tx = self
+                .stalled
+                .as_ref()
+                .and_then(|(key, _)| self.conns.get(key))
+                .map(|c| c.writer.clone());
+            let local_rx = self.local_rx.as_mut();
+            let turn = tokio::select! {
+                biased;
+                () = &mut shutdown, if !shutting_down => Turn::Shutdown,
+                msg = self.ws.next() => Turn::Ws(msg),
+                () = sleep_until(send_at), if self.outgoing.is_some() => Turn::Send,
+                () = sleep_until(timer.unwrap_or(now)), if timer.is_some() => Turn::Timer,
+                _ = ping.tick() => Turn::Ping,
+                permit = async { stalled_tx?.reserve_owned().await.ok() }, if self.stalled.is_some() => Turn::Unstalled(permit),
+                input = async { local_rx?.recv().await }, if take_local => Turn::Local(input),
+                conn = self.incoming.recv(), if accepting => Turn::Incoming(conn),
+            };
+            let now = Instant::now();
+            match turn {
+                Turn::Shutdown => {
+                    shutting_down = true;
+                    self.session.terminate(now.into_std());
+                }
+                Turn::Ws(Some(Ok(message))) => {
+                    self.last_heard = now;
+                    self.on_ws_message(now, message);
+                }
+                Turn::Ws(_) => {
+                    if let Some(outcome) = self.transport_lost().await? {
+                        return Ok(outcome);
+                    }
+                }
+                Turn::Send => {
+                    if let Some(frame) = self.outgoing.take() {
+                        self.pacer.consume(now.into_std());
+                        if let Err(e) = self.ws.send(Message::Binary(frame)).await {
+                            debug!(error = %e, "WebSocket send failed");
+                            if let Some(outcome) = self.transport_lost().await? {
+                                return Ok(outcome);
+                            }
+                        }
+                    }
+                }
+                Turn::Timer => self.session.handle_timeout(now.into_std()),
+                Turn::Ping => {
+                    let dead =
+                        now.duration_since(self.last_heard) > self.tunnel.config.dead_peer_timeout;
+                    if dead {
+                        warn!("no frame from the gateway; treating the WebSocket as dead");
+                    }
+                    let lost = dead
+                        || self
+                            .ws
+                            .send(Message::Ping(Bytes::from_static(b"keepalive")))
+                            .await
+                            .is_err();
+                    if lost && let Some(outcome) = self.transport_lost().await? {
+                        return Ok(outcome);
+                    }
+                }
+                Turn::Unstalled(permit) => {
+                    if let Some((key, data)) = self.stalled.take() {
+                        match permit {
+                            Some(permit) => {
+                                permit.send(data);
+                            }
+                            None => self.local_gone(now, key),
+                        }
+                    }
+                }
+                Turn::Local(Some(LocalInput::Data(key, data))) => {
+                    self.pending_local = Some((key, data));
+                    self.feed_pending_local(now);
+                }
+                Turn::Local(Some(LocalInput::Eof(key))) => self.local_eof(now, key),
+                Turn::Local(None) => {}
+                Turn::Incoming(Some(conn)) => self.attach(now, conn),
+                Turn::Incoming(None) => incoming_open = false,
+            }
+        }
+    }
+
+    fn accepting(&self) -> bool {
+        match self.mode {
+            Some(ForwardingMode::Basic) => self.conns.is_empty() && self.session.is_open(),
+            Some(ForwardingMode::Mux) => self.session.is_open() && self.session.send_capacity() > 0,
+            None => false,
+        }
+    }
+
+    fn on_ws_message(&mut self, now: Instant, message: Message) {
+        let result = match &message {
+            Message::Binary(b) => self.session.handle_ws_message(now.into_std(), b),
+            Message::Text(t) => self.session.handle_ws_message(now.into_std(), t.as_bytes()),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "dropped a data-channel frame");
+        }
+    }
+
+    /// The WebSocket failed: resume it, or end here when the session was closing anyway.
+    async fn transport_lost(&mut self) -> Result<Option<Outcome>, DriverError> {
+        let closing = self.mode.is_some() && !self.session.is_open();
+        if closing || self.session.is_closed() {
+            self.conns.clear();
+            return Ok(Some(Outcome {
+                cause: CloseCause::LocalTerminate,
+                output: None,
+                handshake: self.session.handshake().cloned(),
+                stats: self.session.stats(),
+            }));
+        }
+        self.outgoing = None;
+        let ws = self
+            .tunnel
+            .reconnect(&mut self.session, &mut self.target)
+            .await?;
+        self.ws = ws;
+        self.last_heard = Instant::now();
+        Ok(None)
+    }
+
+    /// Hands pending local bytes to the session as far as its window allows.
+    fn feed_pending_local(&mut self, now: Instant) {
+        let Some((key, data)) = self.pending_local.take() else {
+            return;
+        };
+        let result = match self.mode {
+            Some(ForwardingMode::Mux) => self.session.write_stream(now.into_std(), key, &data),
+            _ => self.session.handle_local_data(now.into_std(), &data),
+        };
+        match result {
+            Ok(n) if n < data.len() => self.pending_local = Some((key, data.slice(n..))),
+            Ok(_) => {}
+            Err(SessionError::NotOpen) => self.pending_local = Some((key, data)),
+            Err(e) => debug!(error = %e, stream = key, "local data dropped"),
+        }
+    }
+
+    fn local_eof(&mut self, now: Instant, key: u32) {
+        if self.conns.remove(&key).is_none() {
+            return;
+        }
+        let now = now.into_std();
+        match self.mode {
+            Some(ForwardingMode::Mux) => {
+                let _ = self.session.close_stream(now, key);
+            }
+            _ if self.tunnel.config.end_on_local_eof => self.session.terminate(now),
+            _ => {
+                let _ = self.session.disconnect_local(now);
+            }
+        }
+    }
+
+    /// The local writer went away (the client closed its end).
+    fn local_gone(&mut self, now: Instant, key: u32) {
+        self.local_eof(now, key);
+    }
+
+    fn attach(&mut self, now: Instant, conn: L) {
+        let key = match self.mode {
+            Some(ForwardingMode::Mux) => match self.session.open_stream(now.into_std()) {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(error = %e, "cannot open a stream; dropping the connection");
+                    return;
+                }
+            },
+            _ => {
+                self.next_basic_key = self.next_basic_key.wrapping_add(1);
+                self.next_basic_key
+            }
+        };
+        let Some(local_tx) = self.local_tx.clone() else {
+            return;
+        };
+        let config = &self.tunnel.config;
+        let conn = spawn_conn(
+            key,
+            conn,
+            local_tx,
+            config.local_read_size,
+            config.local_write_queue,
+        );
+        self.conns.insert(key, conn);
+    }
+
+    /// Drains session events; returns the outcome once the session closed.
+    fn drain_events(&mut self, now: Instant) -> Option<Outcome> {
+        while self.stalled.is_none() {
+            let event = self.session.poll_event()?;
+            match event {
+                Event::HandshakeComplete(info) => {
+                    info!(agent_version = ?info.agent_version, mode = ?info.mode, "handshake complete");
+                    self.mode = Some(info.mode);
+                }
+                Event::Data(data) => {
+                    let key = self.conns.keys().next().copied();
+                    if let Some(key) = key {
+                        self.deliver_local(now, key, data);
+                    }
+                }
+                Event::StreamData { stream, data } => self.deliver_local(now, stream, data),
+                Event::StreamClosed { stream, reason } => {
+                    debug!(stream, ?reason, "stream closed by the agent");
+                    self.conns.remove(&stream);
+                }
+                Event::ConnectToPortError => {
+                    warn!("the agent could not connect to the destination port");
+                }
+                Event::Closed { cause, output } => {
+                    info!(?cause, output = ?output, "session closed");
+                    self.conns.clear();
+                    return Some(Outcome {
+                        cause,
+                        output,
+                        handshake: self.session.handshake().cloned(),
+                        stats: self.session.stats(),
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    fn deliver_local(&mut self, now: Instant, key: u32, data: Bytes) {
+        let Some(conn) = self.conns.get(&key) else {
+            return;
+        };
+        match conn.writer.try_send(data) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(data)) => self.stalled = Some((key, data)),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.local_gone(now, key),
+        }
+    }
+}
+
+fn spawn_conn<L>(
+    key: u32,
+    conn: L,
+    to_driver: mpsc::Sender<LocalInput>,
+    read_size: usize,
+    write_queue: usize,
+) -> Conn
+where
+    L: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let (writer, mut rx) = mpsc::channel::<Bytes>(write_queue.max(1));
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; read_size.max(1)];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = to_driver.send(LocalInput::Eof(key)).await;
+                    return;
+                }
+                Ok(n) => {
+                    let data = Bytes::copy_from_slice(&buf[..n]);
+                    if to_driver.send(LocalInput::Data(key, data)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(data) = rx.recv().await {
+            if wr.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    Conn { writer, reader }
+}
+
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, DriverError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let loaded = rustls_native_certs::load_native_certs();
+    for cert in loaded.certs {
+        let _ = roots.add(cert);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DriverError::Connect(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+fn rand_seed() -> u64 {
+    let id = uuid::Uuid::new_v4().as_u128();
+    (id >> 64) as u64 ^ id as u64
+}
