@@ -24,7 +24,9 @@ use tempfile::TempDir;
 use crate::certificates::ControlPlaneCertificates;
 use crate::error::{FixtureError, FixtureResult};
 use crate::locations::{Locations, require_program};
-use crate::process::{SupervisedProcess, accepts_connections, free_loopback_port, loopback};
+use crate::process::{
+    SupervisedProcess, accepts_connections, free_loopback_port, loopback, retry_on_port_clash,
+};
 
 /// When set, [`ControlPlane::shared`] uses the control plane this kubeconfig points to
 /// (set by `tests/env/with-services.sh`) instead of starting one.
@@ -90,6 +92,10 @@ impl ControlPlane {
     /// Starts a new etcd and kube-apiserver, owned by the returned value (stopped on
     /// drop), and waits until `/readyz` answers ok.
     pub async fn start() -> FixtureResult<Self> {
+        retry_on_port_clash(Self::start_once).await
+    }
+
+    async fn start_once() -> FixtureResult<Self> {
         let locations = Locations::get()?;
         let apiserver_bin = require_program("kube-apiserver", &locations.kube_apiserver)?;
         let etcd_bin = require_program("etcd", &locations.etcd)?;

@@ -16,7 +16,9 @@ use tempfile::TempDir;
 
 use crate::error::{FixtureError, FixtureResult};
 use crate::locations::{Locations, require_program};
-use crate::process::{SupervisedProcess, accepts_connections, free_loopback_port, loopback};
+use crate::process::{
+    SupervisedProcess, accepts_connections, free_loopback_port, loopback, retry_on_port_clash,
+};
 
 /// When set, [`Moto::shared`] uses the moto server at this URL (set by
 /// `tests/env/with-services.sh`) instead of starting one.
@@ -64,6 +66,10 @@ impl Moto {
     /// Starts a moto server on a free loopback port and waits until it accepts
     /// connections.
     pub async fn start() -> FixtureResult<Self> {
+        retry_on_port_clash(Self::start_once).await
+    }
+
+    async fn start_once() -> FixtureResult<Self> {
         let moto_server = require_program("moto_server", &Locations::get()?.moto_server)?;
         let dir = tempfile::Builder::new()
             .prefix("fleet-access-moto-")

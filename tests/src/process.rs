@@ -171,6 +171,33 @@ impl Drop for SupervisedProcess {
     }
 }
 
+/// Runs `attempt` again (up to three more times) when it failed because a program
+/// found its port taken: ports are picked free, but another process may bind one
+/// before the program does.
+pub async fn retry_on_port_clash<T, F, Fut>(mut attempt: F) -> FixtureResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = FixtureResult<T>>,
+{
+    let mut retries = 0;
+    loop {
+        match attempt().await {
+            Err(FixtureError::ExitedEarly { ref log_tail, .. })
+                if retries < 3 && is_port_clash(log_tail) =>
+            {
+                retries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// True when a log says a listen address was taken.
+fn is_port_clash(log: &str) -> bool {
+    let log = log.to_ascii_lowercase();
+    log.contains("address already in use") || log.contains("bind: address in use")
+}
+
 /// The last `lines` lines of a log file (empty when it cannot be read).
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -252,6 +279,41 @@ mod tests {
         assert_eq!(log_tail(&path, 2), "two\nthree");
         assert_eq!(log_tail(&path, 10), "one\ntwo\nthree");
         assert_eq!(log_tail(&dir.path().join("missing"), 3), "");
+    }
+
+    #[tokio::test]
+    async fn a_port_clash_is_retried_and_other_errors_are_not() {
+        let mut calls = 0;
+        let result = retry_on_port_clash(|| {
+            calls += 1;
+            let outcome = if calls < 3 {
+                Err(FixtureError::ExitedEarly {
+                    name: "x".into(),
+                    status: "exit 1".into(),
+                    log_tail: "listen tcp 127.0.0.1:1: bind: Address already in use".into(),
+                })
+            } else {
+                Ok(calls)
+            };
+            async move { outcome }
+        })
+        .await;
+        assert_eq!(result.expect("third attempt succeeds"), 3);
+
+        let mut calls = 0;
+        let result: FixtureResult<()> = retry_on_port_clash(|| {
+            calls += 1;
+            async {
+                Err(FixtureError::ExitedEarly {
+                    name: "x".into(),
+                    status: "exit 1".into(),
+                    log_tail: "bad flag".into(),
+                })
+            }
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(calls, 1);
     }
 
     #[test]

@@ -16,8 +16,8 @@ use tempfile::TempDir;
 use crate::error::{FixtureError, FixtureResult};
 use crate::locations::{debian, require_program};
 use crate::process::{
-    SupervisedProcess, accepts_connections, free_loopback_port, loopback, run_command,
-    run_command_async,
+    SupervisedProcess, accepts_connections, free_loopback_port, loopback, retry_on_port_clash,
+    run_command, run_command_async,
 };
 
 /// The job name of the generated scrape config.
@@ -47,6 +47,10 @@ impl Prometheus {
     /// Starts Prometheus on a free loopback port, scraping `targets` (`/metrics`,
     /// every second), and waits until it answers queries.
     pub async fn start(targets: &[SocketAddr]) -> FixtureResult<Self> {
+        retry_on_port_clash(|| Self::start_once(targets)).await
+    }
+
+    async fn start_once(targets: &[SocketAddr]) -> FixtureResult<Self> {
         let prometheus = require_program("prometheus", Path::new(debian::PROMETHEUS))?;
         require_program("promtool", Path::new(debian::PROMTOOL))?;
         let dir = tempfile::Builder::new()

@@ -11,7 +11,8 @@ use tempfile::TempDir;
 use crate::error::{FixtureError, FixtureResult};
 use crate::locations::{debian, require_program};
 use crate::process::{
-    SupervisedProcess, accepts_connections, free_loopback_port, loopback, run_command,
+    SupervisedProcess, accepts_connections, free_loopback_port, loopback, retry_on_port_clash,
+    run_command,
 };
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -32,6 +33,10 @@ impl Sshd {
     /// Generates keys and a config, starts sshd on 127.0.0.1, and waits until it
     /// accepts connections.
     pub async fn start() -> FixtureResult<Self> {
+        retry_on_port_clash(Self::start_once).await
+    }
+
+    async fn start_once() -> FixtureResult<Self> {
         let sshd = require_program("sshd", Path::new(debian::SSHD))?;
         require_program("ssh-keygen", Path::new(debian::SSH_KEYGEN))?;
         let dir = tempfile::Builder::new()
