@@ -64,20 +64,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         violations.push("signed WebSocket upgrade does not name service ssmmessages".to_owned());
     }
 
-    // Control frames (the plugin pings at once) may come before the open message.
-    let first = tokio::time::timeout(OPEN_TIMEOUT, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(m)) => return Some(m),
-                _ => return None,
-            }
+    let first = match tokio::time::timeout(OPEN_TIMEOUT, ws.next()).await {
+        Ok(Some(Ok(m))) => m,
+        _ => {
+            shared.record_violation(Some(&session_id), "no open message within 10 s");
+            return;
         }
-    })
-    .await;
-    let Ok(Some(first)) = first else {
-        shared.record_violation(Some(&session_id), "no open message within 10 s");
-        return;
     };
     let open_text = match first {
         Message::Text(t) => t.as_str().to_owned(),
