@@ -29,6 +29,6 @@ while kill -0 "$child" 2>/dev/null; do
     if ! kill -0 "$watch_pid" 2>/dev/null; then
         stop_group 0
     fi
-    sleep 0.2
+    sleep 0.5
 done
 wait "$child"
