@@ -16,8 +16,8 @@ use uuid::Uuid;
 
 use crate::config::{Config, Faults, Mode};
 use crate::message::{
-    self, AcknowledgeContent, ChannelClosed, ClientMessage, DecodedFrame, HandshakeComplete,
-    HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction, FLAG_FIN, FLAG_SYN,
+    self, AcknowledgeContent, ChannelClosed, ClientMessage, DecodedFrame, FLAG_FIN, FLAG_SYN,
+    HandshakeComplete, HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction,
     flag, payload_type,
 };
 use crate::port::{self, MuxPlumbing, PortEvent};
@@ -30,11 +30,18 @@ use crate::version;
 #[derive(Debug)]
 pub(crate) enum AgentInput {
     /// A client WebSocket passed the open message.
-    Attach { conn_id: u32, outbound: UnboundedSender<ToClient> },
+    Attach {
+        conn_id: u32,
+        outbound: UnboundedSender<ToClient>,
+    },
     /// That WebSocket is gone.
     Detach { conn_id: u32 },
     /// A frame from the client.
-    ClientFrame { conn_id: u32, data: Vec<u8>, text: bool },
+    ClientFrame {
+        conn_id: u32,
+        data: Vec<u8>,
+        text: bool,
+    },
     /// The TerminateSession API was called.
     Terminate,
     /// The gateway saw a violation; `close` ends the session whatever the strictness.
@@ -83,7 +90,11 @@ pub(crate) struct RtoEstimator {
 
 impl Default for RtoEstimator {
     fn default() -> Self {
-        Self { srtt_ms: 100.0, rttvar_ms: 0.0, rto: Duration::from_millis(200) }
+        Self {
+            srtt_ms: 100.0,
+            rttvar_ms: 0.0,
+            rto: Duration::from_millis(200),
+        }
     }
 }
 
@@ -271,14 +282,20 @@ impl Agent {
                     }
                 }
             }
-            AgentInput::ClientFrame { conn_id, data, text } => {
+            AgentInput::ClientFrame {
+                conn_id,
+                data,
+                text,
+            } => {
                 if self.conn_id == Some(conn_id) && !self.is_closing() {
                     self.on_client_frame(&data, text);
                 }
             }
-            AgentInput::Terminate => {
-                self.end(SessionStatus::Terminated, "TerminateSession called".to_owned(), false)
-            }
+            AgentInput::Terminate => self.end(
+                SessionStatus::Terminated,
+                "TerminateSession called".to_owned(),
+                false,
+            ),
             AgentInput::GatewayViolation { reason, close } => {
                 if close {
                     self.shared.record_violation(Some(&self.info.id), &reason);
@@ -326,7 +343,10 @@ impl Agent {
     }
 
     fn send_control(&self, message: &ClientMessage) {
-        self.to_client(ToClient::Frame { data: message.encode(), stream: false });
+        self.to_client(ToClient::Frame {
+            data: message.encode(),
+            stream: false,
+        });
     }
 
     fn start_handshake(&mut self) {
@@ -359,7 +379,9 @@ impl Agent {
             payload_type::HANDSHAKE_REQUEST,
             serde_json::to_vec(&request).unwrap_or_default(),
         );
-        self.handshake = Handshake::Awaiting { since: Instant::now() };
+        self.handshake = Handshake::Awaiting {
+            since: Instant::now(),
+        };
     }
 
     // === impl Agent: sending ===
@@ -372,7 +394,13 @@ impl Agent {
             self.last_activity = Instant::now();
             lock(&self.report).bytes_to_client += payload.len() as u64;
         }
-        let m = ClientMessage::new(MessageType::OutputStreamData, seq, flags, payload_type, payload);
+        let m = ClientMessage::new(
+            MessageType::OutputStreamData,
+            seq,
+            flags,
+            payload_type,
+            payload,
+        );
         self.unacked.push_back(Outgoing {
             seq,
             id: m.message_id,
@@ -392,7 +420,10 @@ impl Agent {
         let now = Instant::now();
         let start = self.unacked.len() - self.unsent;
         for o in self.unacked.iter_mut().skip(start) {
-            let _ = out.send(ToClient::Frame { data: o.bytes.clone(), stream: true });
+            let _ = out.send(ToClient::Frame {
+                data: o.bytes.clone(),
+                stream: true,
+            });
             o.last_sent = Some(now);
         }
         self.unsent = 0;
@@ -468,7 +499,9 @@ impl Agent {
         let sent = self.unacked.len() - self.unsent;
         match self.unacked.iter().take(sent).position(|o| o.seq == seq) {
             Some(i) => {
-                let Some(o) = self.unacked.remove(i) else { return };
+                let Some(o) = self.unacked.remove(i) else {
+                    return;
+                };
                 if o.id.hyphenated().to_string() != content.acknowledged_message_id {
                     self.violation(format!(
                         "acknowledge for seq {seq} names message id {}, sent as {}",
@@ -480,8 +513,13 @@ impl Agent {
                     self.rto.sample(t.elapsed());
                 }
             }
-            None if seq >= self.next_seq || seq < 0 || self.unacked.iter().skip(sent).any(|o| o.seq == seq) => {
-                self.violation(format!("acknowledge for seq {seq}, which the agent never sent"));
+            None if seq >= self.next_seq
+                || seq < 0
+                || self.unacked.iter().skip(sent).any(|o| o.seq == seq) =>
+            {
+                self.violation(format!(
+                    "acknowledge for seq {seq}, which the agent never sent"
+                ));
             }
             None => {} // a repeated ack
         }
@@ -534,7 +572,13 @@ impl Agent {
             if self.reorder.len() >= REORDER_LIMIT {
                 return; // dropped without an ack, like the agent
             }
-            self.reorder.insert(seq, Buffered { message: m.clone(), header });
+            self.reorder.insert(
+                seq,
+                Buffered {
+                    message: m.clone(),
+                    header,
+                },
+            );
             self.ack(m);
             if self.gap_since.is_none() {
                 self.gap_since = Some(Instant::now());
@@ -548,7 +592,7 @@ impl Agent {
                 let withhold = self
                     .faults
                     .withhold_ack_every
-                    .is_some_and(|n| n > 0 && self.in_order_accepted % u64::from(n) == 0);
+                    .is_some_and(|n| n > 0 && self.in_order_accepted.is_multiple_of(u64::from(n)));
                 if !withhold && !self.finished {
                     self.ack(m);
                 }
@@ -562,7 +606,9 @@ impl Agent {
 
     fn drain_reorder(&mut self) {
         while !self.is_closing() {
-            let Some(b) = self.reorder.remove(&self.expected_seq) else { break };
+            let Some(b) = self.reorder.remove(&self.expected_seq) else {
+                break;
+            };
             match self.process(&b.message) {
                 Processed::NotReady => {
                     self.reorder.insert(self.expected_seq, b);
@@ -574,7 +620,11 @@ impl Agent {
                 }
             }
         }
-        self.gap_since = if self.reorder.is_empty() { None } else { Some(Instant::now()) };
+        self.gap_since = if self.reorder.is_empty() {
+            None
+        } else {
+            Some(Instant::now())
+        };
     }
 
     fn handshake_done(&self) -> bool {
@@ -614,7 +664,10 @@ impl Agent {
                     }
                     _ => "an unexpected PayloadType",
                 };
-                self.violation(format!("client sent {name} (PayloadType {other}) as seq {}", m.sequence_number));
+                self.violation(format!(
+                    "client sent {name} (PayloadType {other}) as seq {}",
+                    m.sequence_number
+                ));
                 Processed::Done
             }
         }
@@ -634,7 +687,11 @@ impl Agent {
             Err(e) => {
                 self.violation(format!("HandshakeResponse is not valid JSON: {e}"));
                 if !self.is_closing() {
-                    self.end(SessionStatus::Failed, "invalid HandshakeResponse".to_owned(), false);
+                    self.end(
+                        SessionStatus::Failed,
+                        "invalid HandshakeResponse".to_owned(),
+                        false,
+                    );
                 }
                 return;
             }
@@ -715,7 +772,10 @@ impl Agent {
                 *b = 0xA5;
             }
             bytes[116..120].copy_from_slice(&120u32.to_le_bytes());
-            self.to_client(ToClient::Frame { data: bytes, stream: false });
+            self.to_client(ToClient::Frame {
+                data: bytes,
+                stream: false,
+            });
             let start = ClientMessage::new(
                 MessageType::StartPublication,
                 0,
@@ -748,7 +808,10 @@ impl Agent {
 
     fn on_flag(&mut self, payload: &[u8]) {
         let Some(value) = message::parse_flag(payload) else {
-            self.violation(format!("Flag payload of {} bytes, expected 4", payload.len()));
+            self.violation(format!(
+                "Flag payload of {} bytes, expected 4",
+                payload.len()
+            ));
             return;
         };
         match value {
@@ -788,7 +851,12 @@ impl Agent {
     }
 
     fn start_basic(&mut self) {
-        let mut b = BasicPort { generation: 0, state: BasicState::Idle, task: None, ever_connected: false };
+        let mut b = BasicPort {
+            generation: 0,
+            state: BasicState::Idle,
+            task: None,
+            ever_connected: false,
+        };
         self.dial_basic(&mut b);
         self.port = PortState::Basic(b);
     }
@@ -798,13 +866,20 @@ impl Agent {
         b.state = BasicState::Dialing;
         match self.target() {
             Some(addr) => {
-                b.task = Some(port::spawn_basic(addr, b.generation, self.mode, self.inbox.clone()));
+                b.task = Some(port::spawn_basic(
+                    addr,
+                    b.generation,
+                    self.mode,
+                    self.inbox.clone(),
+                ));
             }
             None => {
-                let _ = self.inbox.send(AgentInput::Port(PortEvent::BasicDialFailed {
-                    generation: b.generation,
-                    error: "connection refused (no target configured for this port)".to_owned(),
-                }));
+                let _ = self
+                    .inbox
+                    .send(AgentInput::Port(PortEvent::BasicDialFailed {
+                        generation: b.generation,
+                        error: "connection refused (no target configured for this port)".to_owned(),
+                    }));
             }
         }
     }
@@ -848,7 +923,11 @@ impl Agent {
                     Err(e) => {
                         self.violation(format!("fatal smux error: {e}"));
                         if !self.is_closing() {
-                            self.end(SessionStatus::Failed, format!("smux session died: {e}"), false);
+                            self.end(
+                                SessionStatus::Failed,
+                                format!("smux session died: {e}"),
+                                false,
+                            );
                         }
                     }
                 }
@@ -866,8 +945,10 @@ impl Agent {
         match f.command {
             smux::Command::Nop => {}
             smux::Command::Syn => {
-                if sid == 0 || sid % 2 == 0 {
-                    self.violation(format!("smux SYN with stream id {sid} (client ids are odd)"));
+                if sid == 0 || sid.is_multiple_of(2) {
+                    self.violation(format!(
+                        "smux SYN with stream id {sid} (client ids are odd)"
+                    ));
                     return;
                 }
                 if mx.streams.contains_key(&sid) || mx.closed.contains(&sid) {
@@ -883,7 +964,14 @@ impl Agent {
                             mx.plumbing.data.clone(),
                             self.inbox.clone(),
                         );
-                        mx.streams.insert(sid, MuxStream { writer: None, pending: Vec::new(), task });
+                        mx.streams.insert(
+                            sid,
+                            MuxStream {
+                                writer: None,
+                                pending: Vec::new(),
+                                task,
+                            },
+                        );
                     }
                     None => {
                         let _ = self.inbox.send(AgentInput::Port(PortEvent::MuxDialFailed {
@@ -892,7 +980,11 @@ impl Agent {
                         }));
                         mx.streams.insert(
                             sid,
-                            MuxStream { writer: None, pending: Vec::new(), task: tokio::spawn(async {}) },
+                            MuxStream {
+                                writer: None,
+                                pending: Vec::new(),
+                                task: tokio::spawn(async {}),
+                            },
                         );
                     }
                 }
@@ -923,31 +1015,43 @@ impl Agent {
     fn on_port_event(&mut self, event: PortEvent) {
         let mut port = std::mem::replace(&mut self.port, PortState::None);
         match (&mut port, event) {
-            (PortState::Basic(b), PortEvent::BasicUp { generation, writer }) if generation == b.generation => {
+            (PortState::Basic(b), PortEvent::BasicUp { generation, writer })
+                if generation == b.generation =>
+            {
                 b.state = BasicState::Up { writer };
                 b.ever_connected = true;
                 self.port = port;
                 self.drain_reorder();
                 return;
             }
-            (PortState::Basic(b), PortEvent::BasicDialFailed { generation, error }) if generation == b.generation => {
+            (PortState::Basic(b), PortEvent::BasicDialFailed { generation, error })
+                if generation == b.generation =>
+            {
                 let output = format!("Unable to connect to specified port: {error}");
                 self.port = port;
                 self.end(SessionStatus::Failed, output, false);
                 return;
             }
-            (PortState::Basic(b), PortEvent::BasicData { generation, data }) if generation == b.generation => {
+            (PortState::Basic(b), PortEvent::BasicData { generation, data })
+                if generation == b.generation =>
+            {
                 self.port = port;
                 self.send_stream(payload_type::OUTPUT, data);
                 return;
             }
-            (PortState::Basic(b), PortEvent::BasicClosed { generation }) if generation == b.generation => {
+            (PortState::Basic(b), PortEvent::BasicClosed { generation })
+                if generation == b.generation =>
+            {
                 if self.info.properties.local_port_forwarding {
                     b.state = BasicState::Idle;
                     b.task = None;
                 } else {
                     self.port = port;
-                    self.end(SessionStatus::Terminated, "the target closed the connection".to_owned(), true);
+                    self.end(
+                        SessionStatus::Terminated,
+                        "the target closed the connection".to_owned(),
+                        true,
+                    );
                     return;
                 }
             }
@@ -967,7 +1071,10 @@ impl Agent {
                 let fin = smux::Frame::control(smux::Command::Fin, stream_id).encode();
                 let _ = mx.plumbing.control.send(fin);
                 self.port = port;
-                self.send_stream(payload_type::FLAG, message::flag_payload(flag::CONNECT_TO_PORT_ERROR));
+                self.send_stream(
+                    payload_type::FLAG,
+                    message::flag_payload(flag::CONNECT_TO_PORT_ERROR),
+                );
                 return;
             }
             (PortState::Mux(mx), PortEvent::MuxClosed { stream_id }) => {
@@ -987,11 +1094,11 @@ impl Agent {
     // === impl Agent: timers ===
 
     fn on_tick(&mut self, now: Instant) {
-        if let Some((deadline, status, reason)) = self.ending.clone() {
-            if self.unacked.is_empty() || now >= deadline || self.outbound.is_none() {
-                self.finish(status, reason);
-                return;
-            }
+        if let Some((deadline, status, reason)) = self.ending.clone()
+            && (self.unacked.is_empty() || now >= deadline || self.outbound.is_none())
+        {
+            self.finish(status, reason);
+            return;
         }
         self.retransmit_head(now);
         if self.finished {
@@ -1012,11 +1119,19 @@ impl Agent {
         if let Some(since) = self.detached_since
             && now.duration_since(since) > Config::duration(config.reconnect_timeout_ms)
         {
-            self.end(SessionStatus::Terminated, "the client did not reconnect".to_owned(), false);
+            self.end(
+                SessionStatus::Terminated,
+                "the client did not reconnect".to_owned(),
+                false,
+            );
             return;
         }
         if now.duration_since(self.last_activity) > Config::duration(config.idle_timeout_ms) {
-            self.end(SessionStatus::Terminated, "Session idle timeout".to_owned(), false);
+            self.end(
+                SessionStatus::Terminated,
+                "Session idle timeout".to_owned(),
+                false,
+            );
             return;
         }
         if let Some(since) = self.gap_since
@@ -1024,7 +1139,12 @@ impl Agent {
             && now.duration_since(since) > Config::duration(config.sequence_gap_timeout_ms)
         {
             self.gap_reported = true;
-            let next = self.reorder.keys().next().copied().unwrap_or(self.expected_seq);
+            let next = self
+                .reorder
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(self.expected_seq);
             self.violation(format!(
                 "client sequence gap: expected seq {} but only later ones (from {next}) arrived",
                 self.expected_seq
@@ -1041,7 +1161,10 @@ impl Agent {
         {
             if now.duration_since(mx.last_nop) >= interval {
                 mx.last_nop = now;
-                let _ = mx.plumbing.control.send(smux::Frame::control(smux::Command::Nop, 0).encode());
+                let _ = mx
+                    .plumbing
+                    .control
+                    .send(smux::Frame::control(smux::Command::Nop, 0).encode());
             }
             keepalive_dead = now.duration_since(mx.last_rx) > timeout;
         }
@@ -1067,12 +1190,17 @@ impl Agent {
         let rto = self.rto.rto();
         let limit = self.shared.config.unacked_retransmit_limit;
         let client_frames = self.client_frames;
-        let Some(head) = self.unacked.front_mut() else { return };
+        let Some(head) = self.unacked.front_mut() else {
+            return;
+        };
         let Some(last) = head.last_sent else { return };
         if now.duration_since(last) <= rto {
             return;
         }
-        let _ = out.send(ToClient::Frame { data: head.bytes.clone(), stream: true });
+        let _ = out.send(ToClient::Frame {
+            data: head.bytes.clone(),
+            stream: true,
+        });
         head.last_sent = Some(now);
         head.retransmits += 1;
         if head.retransmits == limit / 2 {
@@ -1102,7 +1230,11 @@ impl Agent {
         }
         self.shared.record_violation(Some(&self.info.id), &reason);
         if self.strict {
-            self.end(SessionStatus::Failed, format!("protocol violation: {reason}"), false);
+            self.end(
+                SessionStatus::Failed,
+                format!("protocol violation: {reason}"),
+                false,
+            );
         }
     }
 
@@ -1152,9 +1284,19 @@ impl Agent {
             payload_type::UNSET,
             serde_json::to_vec(&closed).unwrap_or_default(),
         );
-        let data = if self.faults.legacy_channel_closed { m.encode_legacy() } else { m.encode() };
-        self.to_client(ToClient::Frame { data, stream: false });
-        self.to_client(ToClient::Close { code: 1000, reason: String::new() });
+        let data = if self.faults.legacy_channel_closed {
+            m.encode_legacy()
+        } else {
+            m.encode()
+        };
+        self.to_client(ToClient::Frame {
+            data,
+            stream: false,
+        });
+        self.to_client(ToClient::Close {
+            code: 1000,
+            reason: String::new(),
+        });
         match std::mem::replace(&mut self.port, PortState::None) {
             PortState::Basic(b) => {
                 if let Some(t) = b.task {

@@ -32,7 +32,11 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     fn new(kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, kind, message: message.into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -40,7 +44,10 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(JSON));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(JSON),
+    );
     if let Ok(v) = http::HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
         h.insert("x-amzn-requestid", v);
     }
@@ -56,7 +63,9 @@ fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
 }
 
 fn epoch_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Handles one HTTP request.
@@ -67,7 +76,12 @@ pub(crate) async fn handle(
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return Ok(error_response(&ApiError::new("SerializationException", e.to_string()))),
+        Err(e) => {
+            return Ok(error_response(&ApiError::new(
+                "SerializationException",
+                e.to_string(),
+            )));
+        }
     };
     let target = parts
         .headers
@@ -87,7 +101,10 @@ pub(crate) async fn handle(
         match serde_json::from_slice(&body) {
             Ok(v) => v,
             Err(e) => {
-                return Ok(error_response(&ApiError::new("SerializationException", e.to_string())));
+                return Ok(error_response(&ApiError::new(
+                    "SerializationException",
+                    e.to_string(),
+                )));
             }
         }
     };
@@ -120,7 +137,10 @@ pub(crate) async fn handle(
 
 async fn forward(shared: &Shared, headers: &HeaderMap, body: Bytes) -> Response<Full<Bytes>> {
     let Some(upstream) = &shared.config.upstream else {
-        let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let target = headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         return error_response(&ApiError::new(
             "UnknownOperationException",
             format!("{target} is not emulated and no upstream is configured"),
@@ -130,7 +150,10 @@ async fn forward(shared: &Shared, headers: &HeaderMap, body: Bytes) -> Response<
     match call_upstream(upstream, headers, body).await {
         Ok(r) => r,
         Err(e) => {
-            let mut r = error_response(&ApiError::new("InternalServerError", format!("upstream: {e}")));
+            let mut r = error_response(&ApiError::new(
+                "InternalServerError",
+                format!("upstream: {e}"),
+            ));
             *r.status_mut() = StatusCode::BAD_GATEWAY;
             r
         }
@@ -176,11 +199,12 @@ fn first_param(params: &Value, name: &str) -> Option<String> {
 }
 
 fn parse_port(name: &str, value: &str) -> Result<u16, ApiError> {
-    value
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| ApiError::new("ValidationException", format!("{name} {value:?} is not a port number")))
+    value.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
+        ApiError::new(
+            "ValidationException",
+            format!("{name} {value:?} is not a port number"),
+        )
+    })
 }
 
 /// Resolves a built-in Port document's properties.
@@ -204,7 +228,8 @@ fn builtin_document(name: &str, params: &Value) -> Option<Result<PortProperties,
                 }
             }
         }
-        let port_text = first_param(params, "portNumber").unwrap_or_else(|| default_port.to_owned());
+        let port_text =
+            first_param(params, "portNumber").unwrap_or_else(|| default_port.to_owned());
         let port = parse_port("portNumber", &port_text)?;
         let mut json = serde_json::Map::new();
         json.insert("portNumber".into(), Value::String(port_text));
@@ -223,7 +248,12 @@ fn builtin_document(name: &str, params: &Value) -> Option<Result<PortProperties,
             json.insert("host".into(), Value::String(h.clone()));
             host = Some(h);
         }
-        Ok(PortProperties { json, port, host, local_port_forwarding: lpf })
+        Ok(PortProperties {
+            json,
+            port,
+            host,
+            local_port_forwarding: lpf,
+        })
     })())
 }
 
@@ -245,10 +275,18 @@ async fn custom_document(
     params: &Value,
 ) -> Result<PortProperties, ApiError> {
     let invalid = || ApiError::new("InvalidDocument", format!("document {name} does not exist"));
-    let Some(upstream) = &shared.config.upstream else { return Err(invalid()) };
+    let Some(upstream) = &shared.config.upstream else {
+        return Err(invalid());
+    };
     let mut h = HeaderMap::new();
-    h.insert("x-amz-target", http::HeaderValue::from_static("AmazonSSM.GetDocument"));
-    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(JSON));
+    h.insert(
+        "x-amz-target",
+        http::HeaderValue::from_static("AmazonSSM.GetDocument"),
+    );
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(JSON),
+    );
     let auth = headers.get(http::header::AUTHORIZATION).cloned().unwrap_or_else(|| {
         http::HeaderValue::from_str(&format!(
             "AWS4-HMAC-SHA256 Credential=AKIAEMULATOR/20260101/{}/ssm/aws4_request, SignedHeaders=host, Signature=0",
@@ -258,25 +296,40 @@ async fn custom_document(
     });
     h.insert(http::header::AUTHORIZATION, auth);
     let body = Bytes::from(json!({"Name": name}).to_string());
-    let resp = call_upstream(upstream, &h, body).await.map_err(|e| ApiError::new("InternalServerError", e))?;
+    let resp = call_upstream(upstream, &h, body)
+        .await
+        .map_err(|e| ApiError::new("InternalServerError", e))?;
     if resp.status() != StatusCode::OK {
         return Err(invalid());
     }
-    let body = resp.into_body().collect().await.map_err(|_| invalid())?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|_| invalid())?
+        .to_bytes();
     let doc: Value = serde_json::from_slice(&body).map_err(|_| invalid())?;
-    let content = doc.get("Content").and_then(Value::as_str).ok_or_else(invalid)?;
+    let content = doc
+        .get("Content")
+        .and_then(Value::as_str)
+        .ok_or_else(invalid)?;
     let content: Value = serde_yaml::from_str(content).map_err(|_| invalid())?;
     if content.get("sessionType").and_then(Value::as_str) != Some("Port") {
         return Err(ApiError::new(
             "InvalidDocument",
-            format!("document {name} is not a Port session document; the emulator only runs Port sessions"),
+            format!(
+                "document {name} is not a Port session document; the emulator only runs Port sessions"
+            ),
         ));
     }
     let mut values = HashMap::new();
     if let Some(defs) = content.get("parameters").and_then(Value::as_object) {
         for (k, def) in defs {
             if let Some(d) = def.get("default") {
-                let d = d.as_str().map(str::to_owned).unwrap_or_else(|| d.to_string());
+                let d = d
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| d.to_string());
                 values.insert(k.clone(), d);
             }
         }
@@ -285,7 +338,10 @@ async fn custom_document(
         for k in obj.keys() {
             let defined = content.get("parameters").and_then(|p| p.get(k)).is_some();
             if !defined {
-                return Err(ApiError::new("InvalidParameters", format!("parameter {k} is not defined by document {name}")));
+                return Err(ApiError::new(
+                    "InvalidParameters",
+                    format!("parameter {k} is not defined by document {name}"),
+                ));
             }
             if let Some(v) = first_param(params, k) {
                 values.insert(k.clone(), v);
@@ -302,11 +358,20 @@ async fn custom_document(
             json.insert(k.clone(), v);
         }
     }
-    let port_text = json.get("portNumber").and_then(Value::as_str).unwrap_or("").to_owned();
+    let port_text = json
+        .get("portNumber")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     let port = parse_port("portNumber", &port_text)?;
     let host = json.get("host").and_then(Value::as_str).map(str::to_owned);
     let lpf = json.get("type").and_then(Value::as_str) == Some("LocalPortForwarding");
-    Ok(PortProperties { json, port, host, local_port_forwarding: lpf })
+    Ok(PortProperties {
+        json,
+        port,
+        host,
+        local_port_forwarding: lpf,
+    })
 }
 
 fn new_session_id(principal: &str) -> String {
@@ -322,26 +387,48 @@ fn new_token() -> String {
     )
 }
 
-async fn start_session(shared: &Arc<Shared>, headers: &HeaderMap, input: &Value) -> Result<Value, ApiError> {
+async fn start_session(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    input: &Value,
+) -> Result<Value, ApiError> {
     let target = input
         .get("Target")
         .and_then(Value::as_str)
         .filter(|t| !t.is_empty() && t.len() <= 400)
-        .ok_or_else(|| ApiError::new("ValidationException", "Target is required (1 to 400 characters)"))?;
-    let instance = shared
-        .config
-        .instance(target)
-        .cloned()
-        .ok_or_else(|| ApiError::new("InvalidTarget", format!("{target} is not a valid target for this account")))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                "ValidationException",
+                "Target is required (1 to 400 characters)",
+            )
+        })?;
+    let instance = shared.config.instance(target).cloned().ok_or_else(|| {
+        ApiError::new(
+            "InvalidTarget",
+            format!("{target} is not a valid target for this account"),
+        )
+    })?;
     if instance.ping_status != "Online" {
-        return Err(ApiError::new("TargetNotConnected", format!("{target} is not connected.")));
+        return Err(ApiError::new(
+            "TargetNotConnected",
+            format!("{target} is not connected."),
+        ));
     }
-    let document = input.get("DocumentName").and_then(Value::as_str).unwrap_or(DEFAULT_DOCUMENT);
-    let params = input.get("Parameters").cloned().unwrap_or_else(|| json!({}));
+    let document = input
+        .get("DocumentName")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_DOCUMENT);
+    let params = input
+        .get("Parameters")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
     if let Some(reason) = input.get("Reason").and_then(Value::as_str)
         && reason.len() > 256
     {
-        return Err(ApiError::new("ValidationException", "Reason is longer than 256 characters"));
+        return Err(ApiError::new(
+            "ValidationException",
+            "Reason is longer than 256 characters",
+        ));
     }
     let properties = match builtin_document(document, &params) {
         Some(r) => r?,
@@ -366,12 +453,19 @@ async fn start_session(shared: &Arc<Shared>, headers: &HeaderMap, input: &Value)
         id: session_id.clone(),
         document_name: document.to_owned(),
         owner,
-        reason: input.get("Reason").and_then(Value::as_str).map(str::to_owned),
+        reason: input
+            .get("Reason")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         properties,
         faults: shared.faults_for(&instance),
         instance,
     });
-    let report = Arc::new(Mutex::new(SessionReport::new(&session_id, target, document)));
+    let report = Arc::new(Mutex::new(SessionReport::new(
+        &session_id,
+        target,
+        document,
+    )));
     let (tx, rx) = mpsc::unbounded_channel();
     let agent = Agent::new(shared.clone(), info.clone(), report.clone(), tx.clone());
     lock(&shared.sessions).insert(
@@ -408,9 +502,12 @@ fn session_id_of(input: &Value) -> Result<String, ApiError> {
 fn resume_session(shared: &Shared, input: &Value) -> Result<Value, ApiError> {
     let sid = session_id_of(input)?;
     let mut sessions = lock(&shared.sessions);
-    let entry = sessions
-        .get_mut(&sid)
-        .ok_or_else(|| ApiError::new("DoesNotExistException", format!("session {sid} does not exist")))?;
+    let entry = sessions.get_mut(&sid).ok_or_else(|| {
+        ApiError::new(
+            "DoesNotExistException",
+            format!("session {sid} does not exist"),
+        )
+    })?;
     if entry.ended.is_some() {
         // What SMP reads as "session timed out".
         return Ok(json!({"SessionId": sid}));
@@ -430,38 +527,65 @@ fn terminate_session(shared: &Shared, input: &Value) -> Result<Value, ApiError> 
 }
 
 fn filter_values(f: &Value, key_field: &str, values_field: &str) -> (String, Vec<String>) {
-    let key = f.get(key_field).and_then(Value::as_str).unwrap_or("").to_owned();
+    let key = f
+        .get(key_field)
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
     let values = f
         .get(values_field)
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     (key, values)
 }
 
-fn page<T: Clone>(items: &[T], input: &Value, max_default: usize) -> Result<(Vec<T>, Option<String>), ApiError> {
+fn page<T: Clone>(
+    items: &[T],
+    input: &Value,
+    max_default: usize,
+) -> Result<(Vec<T>, Option<String>), ApiError> {
     let start = match input.get("NextToken").and_then(Value::as_str) {
         Some(t) => t
             .parse::<usize>()
             .map_err(|_| ApiError::new("InvalidNextToken", "the NextToken is not valid"))?,
         None => 0,
     };
-    let max = input.get("MaxResults").and_then(Value::as_u64).map_or(max_default, |m| m as usize).max(1);
+    let max = input
+        .get("MaxResults")
+        .and_then(Value::as_u64)
+        .map_or(max_default, |m| m as usize)
+        .max(1);
     let end = (start + max).min(items.len());
-    let slice = items.get(start.min(items.len())..end).unwrap_or(&[]).to_vec();
+    let slice = items
+        .get(start.min(items.len())..end)
+        .unwrap_or(&[])
+        .to_vec();
     let next = (end < items.len()).then(|| end.to_string());
     Ok((slice, next))
 }
 
 fn describe_sessions(shared: &Shared, input: &Value) -> Result<Value, ApiError> {
-    let state = input
-        .get("State")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::new("ValidationException", "State is required (Active or History)"))?;
+    let state = input.get("State").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::new(
+            "ValidationException",
+            "State is required (Active or History)",
+        )
+    })?;
     let history = match state {
         "Active" => false,
         "History" => true,
-        other => return Err(ApiError::new("ValidationException", format!("State {other:?} is not Active or History"))),
+        other => {
+            return Err(ApiError::new(
+                "ValidationException",
+                format!("State {other:?} is not Active or History"),
+            ));
+        }
     };
     let filters: Vec<(String, Vec<String>)> = input
         .get("Filters")
@@ -472,7 +596,7 @@ fn describe_sessions(shared: &Shared, input: &Value) -> Result<Value, ApiError> 
     {
         let sessions = lock(&shared.sessions);
         let mut entries: Vec<&SessionEntry> = sessions.values().collect();
-        entries.sort_by(|a, b| b.started.cmp(&a.started));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.started));
         for e in entries {
             if e.ended.is_some() != history {
                 continue;
@@ -486,10 +610,17 @@ fn describe_sessions(shared: &Shared, input: &Value) -> Result<Value, ApiError> 
                     "Owner" => e.info.owner == v,
                     "Status" => status.as_str() == v,
                     "SessionId" => e.info.id == v,
-                    "InvokedAfter" => v.parse::<f64>().map_or(true, |t| epoch_seconds(e.started) >= t),
-                    "InvokedBefore" => v.parse::<f64>().map_or(true, |t| epoch_seconds(e.started) <= t),
+                    "InvokedAfter" => v
+                        .parse::<f64>()
+                        .map_or(true, |t| epoch_seconds(e.started) >= t),
+                    "InvokedBefore" => v
+                        .parse::<f64>()
+                        .map_or(true, |t| epoch_seconds(e.started) <= t),
                     other => {
-                        return Err(ApiError::new("InvalidFilterKey", format!("filter key {other:?} is not supported")));
+                        return Err(ApiError::new(
+                            "InvalidFilterKey",
+                            format!("filter key {other:?} is not supported"),
+                        ));
                     }
                 };
             }
@@ -525,7 +656,10 @@ fn describe_sessions(shared: &Shared, input: &Value) -> Result<Value, ApiError> 
 
 fn describe_instance_information(shared: &Shared, input: &Value) -> Result<Value, ApiError> {
     let mut filters: Vec<(String, Vec<String>)> = Vec::new();
-    if let Some(a) = input.get("InstanceInformationFilterList").and_then(Value::as_array) {
+    if let Some(a) = input
+        .get("InstanceInformationFilterList")
+        .and_then(Value::as_array)
+    {
         filters.extend(a.iter().map(|f| filter_values(f, "key", "valueSet")));
     }
     if let Some(a) = input.get("Filters").and_then(Value::as_array) {
@@ -534,7 +668,10 @@ fn describe_instance_information(shared: &Shared, input: &Value) -> Result<Value
     if let Some(m) = input.get("MaxResults").and_then(Value::as_u64)
         && !(5..=50).contains(&m)
     {
-        return Err(ApiError::new("ValidationException", "MaxResults must be between 5 and 50"));
+        return Err(ApiError::new(
+            "ValidationException",
+            "MaxResults must be between 5 and 50",
+        ));
     }
     let mut rows = Vec::new();
     for i in &shared.config.instances {
@@ -546,11 +683,13 @@ fn describe_instance_information(shared: &Shared, input: &Value) -> Result<Value
                 "AgentVersion" => any(&i.agent_version),
                 "PingStatus" => any(&i.ping_status),
                 "PlatformTypes" => any(&i.platform_type),
-                "ResourceType" => any(if i.id.starts_with("mi-") { "ManagedInstance" } else { "EC2Instance" }),
+                "ResourceType" => any(if i.id.starts_with("mi-") {
+                    "ManagedInstance"
+                } else {
+                    "EC2Instance"
+                }),
                 "tag-key" => values.iter().any(|k| i.tags.contains_key(k)),
-                k if k.starts_with("tag:") => {
-                    i.tags.get(&k[4..]).is_some_and(|v| any(v))
-                }
+                k if k.starts_with("tag:") => i.tags.get(&k[4..]).is_some_and(|v| any(v)),
                 other => {
                     return Err(ApiError::new(
                         "InvalidInstanceInformationFilterValue",
@@ -596,21 +735,30 @@ mod tests {
         assert!(!p.local_port_forwarding);
         assert_eq!(Value::Object(p.json), json!({"portNumber": "2222"}));
 
-        let p = builtin_document("AWS-StartPortForwardingSession", &json!({"portNumber": ["80"]}))
-            .expect("builtin")
-            .expect("valid");
+        let p = builtin_document(
+            "AWS-StartPortForwardingSession",
+            &json!({"portNumber": ["80"]}),
+        )
+        .expect("builtin")
+        .expect("valid");
         assert!(p.local_port_forwarding);
         assert_eq!(p.json["type"], "LocalPortForwarding");
 
-        assert!(builtin_document("AWS-StartSSHSession", &json!({"portNumber": ["x"]}))
-            .expect("builtin")
-            .is_err());
-        assert!(builtin_document("AWS-StartSSHSession", &json!({"bogus": ["1"]}))
-            .expect("builtin")
-            .is_err());
-        assert!(builtin_document("AWS-StartPortForwardingSessionToRemoteHost", &json!({}))
-            .expect("builtin")
-            .is_err());
+        assert!(
+            builtin_document("AWS-StartSSHSession", &json!({"portNumber": ["x"]}))
+                .expect("builtin")
+                .is_err()
+        );
+        assert!(
+            builtin_document("AWS-StartSSHSession", &json!({"bogus": ["1"]}))
+                .expect("builtin")
+                .is_err()
+        );
+        assert!(
+            builtin_document("AWS-StartPortForwardingSessionToRemoteHost", &json!({}))
+                .expect("builtin")
+                .is_err()
+        );
         assert!(builtin_document("Custom-Doc", &json!({})).is_none());
     }
 

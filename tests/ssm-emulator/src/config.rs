@@ -221,8 +221,7 @@ pub struct Faults {
 impl Config {
     /// Parses YAML.
     pub fn from_yaml(text: &str) -> Result<Self, Error> {
-        let config: Self =
-            serde_yaml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let config: Self = serde_yaml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -237,7 +236,10 @@ impl Config {
     /// Checks that every address is loopback and ids are unique.
     pub fn validate(&self) -> Result<(), Error> {
         if !self.listen.ip().is_loopback() {
-            return Err(Error::Config(format!("listen address {} is not loopback", self.listen)));
+            return Err(Error::Config(format!(
+                "listen address {} is not loopback",
+                self.listen
+            )));
         }
         let mut seen = std::collections::BTreeSet::new();
         for i in &self.instances {
@@ -258,7 +260,9 @@ impl Config {
                 .iter()
                 .any(|p| u.starts_with(p));
             if !ok {
-                return Err(Error::Config(format!("upstream {u} is not a loopback http URL")));
+                return Err(Error::Config(format!(
+                    "upstream {u} is not a loopback http URL"
+                )));
             }
         }
         Ok(())
@@ -295,7 +299,10 @@ instances:
         assert_eq!(c.mode, Mode::Fast);
         let i = c.instance("i-0123456789abcdef0").expect("instance");
         assert_eq!(i.agent_version, DEFAULT_AGENT_VERSION);
-        assert_eq!(i.resolve(None, 22), Some("127.0.0.1:2222".parse().expect("addr")));
+        assert_eq!(
+            i.resolve(None, 22),
+            Some("127.0.0.1:2222".parse().expect("addr"))
+        );
         assert_eq!(
             i.resolve(Some("db.internal"), 5432),
             Some("127.0.0.1:15432".parse().expect("addr"))
@@ -306,9 +313,8 @@ instances:
 
     #[test]
     fn non_loopback_targets_are_refused() {
-        let err = Config::from_yaml(
-            "instances:\n  - id: i-1\n    ports: { \"22\": \"10.0.0.1:22\" }\n",
-        );
+        let err =
+            Config::from_yaml("instances:\n  - id: i-1\n    ports: { \"22\": \"10.0.0.1:22\" }\n");
         assert!(err.is_err());
         assert!(Config::from_yaml("bogus_key: 1\n").is_err());
     }

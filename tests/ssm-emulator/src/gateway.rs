@@ -31,6 +31,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut path = String::new();
     let mut authorization: Option<String> = None;
+    // The Err type is tungstenite's, not ours.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| {
         path = req.uri().to_string();
         authorization = req
@@ -47,7 +49,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
             return;
         }
     };
-    shared.data_channel_connections.fetch_add(1, Ordering::Relaxed);
+    shared
+        .data_channel_connections
+        .fetch_add(1, Ordering::Relaxed);
     let (route, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
     let Some(session_id) = route.strip_prefix("/v1/data-channel/").map(str::to_owned) else {
         let _ = ws.close(None).await;
@@ -56,7 +60,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     let strict = shared.config.strict;
     let mut violations = Vec::new();
     if !query.split('&').any(|kv| kv == "role=publish_subscribe") {
-        violations.push(format!("stream URL query {query:?} lacks role=publish_subscribe"));
+        violations.push(format!(
+            "stream URL query {query:?} lacks role=publish_subscribe"
+        ));
     }
     if let Some(auth) = &authorization
         && !auth.contains("/ssmmessages/aws4_request")
@@ -64,12 +70,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         violations.push("signed WebSocket upgrade does not name service ssmmessages".to_owned());
     }
 
-    let first = match tokio::time::timeout(OPEN_TIMEOUT, ws.next()).await {
-        Ok(Some(Ok(m))) => m,
-        _ => {
-            shared.record_violation(Some(&session_id), "no open message within 10 s");
-            return;
+    // Control frames (the plugin pings at once) may come before the open message.
+    let first = tokio::time::timeout(OPEN_TIMEOUT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(m)) => return Some(m),
+                _ => return None,
+            }
         }
+    })
+    .await;
+    let Ok(Some(first)) = first else {
+        shared.record_violation(Some(&session_id), "no open message within 10 s");
+        return;
     };
     let open_text = match first {
         Message::Text(t) => t.as_str().to_owned(),
@@ -91,7 +105,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     let open: OpenDataChannelInput = match serde_json::from_str(&open_text) {
         Ok(o) => o,
         Err(e) => {
-            fail_open(&shared, &session_id, &format!("open message is not JSON: {e}"), ws).await;
+            fail_open(
+                &shared,
+                &session_id,
+                &format!("open message is not JSON: {e}"),
+                ws,
+            )
+            .await;
             return;
         }
     };
@@ -121,7 +141,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     let (outbound, rx) = mpsc::unbounded_channel();
     let _ = agent.send(AgentInput::Attach { conn_id, outbound });
     for v in violations {
-        let _ = agent.send(AgentInput::GatewayViolation { reason: v, close: false });
+        let _ = agent.send(AgentInput::GatewayViolation {
+            reason: v,
+            close: false,
+        });
     }
     let faults = info.faults.clone();
     let relay = Relay {
@@ -146,11 +169,17 @@ async fn fail_open(
     let known = shared.agent(session_id);
     match known {
         Some(agent) => {
-            let _ = agent.send(AgentInput::GatewayViolation { reason: reason.to_owned(), close: false });
+            let _ = agent.send(AgentInput::GatewayViolation {
+                reason: reason.to_owned(),
+                close: false,
+            });
         }
         None => shared.record_violation(Some(session_id), reason),
     }
-    let frame = CloseFrame { code: CloseCode::Policy, reason: "open rejected".into() };
+    let frame = CloseFrame {
+        code: CloseCode::Policy,
+        reason: "open rejected".into(),
+    };
     let _ = ws.close(Some(frame)).await;
 }
 
@@ -163,12 +192,17 @@ struct TokenBucket {
 
 impl TokenBucket {
     fn new(rate: u32) -> Self {
-        Self { rate: f64::from(rate), tokens: f64::from(rate), last: Instant::now() }
+        Self {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: Instant::now(),
+        }
     }
 
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -204,7 +238,7 @@ impl Transit {
     }
 
     fn every(n: Option<u32>, count: u64) -> bool {
-        n.is_some_and(|n| n > 0 && count % u64::from(n) == 0)
+        n.is_some_and(|n| n > 0 && count.is_multiple_of(u64::from(n)))
     }
 
     /// Applies per-frame faults; returns the frames to send now (before the delay).
@@ -220,7 +254,9 @@ impl Transit {
         if Self::every(self.faults.corrupt_digest_every, c) && data.len() > 112 {
             data[80] ^= 0xFF;
         }
-        if Self::every(self.faults.flip_payload_bit_every, c) && data.len() > message::FRAME_HEADER_SIZE {
+        if Self::every(self.faults.flip_payload_bit_every, c)
+            && data.len() > message::FRAME_HEADER_SIZE
+        {
             data[message::FRAME_HEADER_SIZE] ^= 0x01;
         }
         let mut out = vec![data];
@@ -292,8 +328,8 @@ impl Relay {
             let reorder_due = self.transit.reorder_since.map(|t| t + REORDER_FLUSH);
             let step = tokio::select! {
                 incoming = ws.next() => match incoming {
-                    Some(Ok(Message::Binary(b))) if !black_hole => self.from_client(b.to_vec(), false),
-                    Some(Ok(Message::Text(t))) if !black_hole => self.from_client(t.as_bytes().to_vec(), true),
+                    Some(Ok(Message::Binary(b))) if !black_hole => self.relay_client_frame(b.to_vec(), false),
+                    Some(Ok(Message::Text(t))) if !black_hole => self.relay_client_frame(t.as_bytes().to_vec(), true),
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Step::Stop,
                     Some(Ok(_)) => Step::Continue,
                 },
@@ -345,7 +381,10 @@ impl Relay {
         tracing::info!(conn = self.conn_id, "injecting {i:?}");
         match i {
             Injection::Recycle => {
-                let frame = CloseFrame { code: CloseCode::Normal, reason: "Bye".into() };
+                let frame = CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "Bye".into(),
+                };
                 let _ = ws.close(Some(frame)).await;
                 None
             }
@@ -357,7 +396,7 @@ impl Relay {
         }
     }
 
-    fn from_client(&mut self, data: Vec<u8>, text: bool) -> Step {
+    fn relay_client_frame(&mut self, data: Vec<u8>, text: bool) -> Step {
         let is_stream = data.len() > 4 + 17 && &data[4..4 + 17] == b"input_stream_data";
         if is_stream {
             self.client_stream_frames += 1;
@@ -377,7 +416,11 @@ impl Relay {
                 return Step::Continue;
             }
         }
-        let _ = self.agent.send(AgentInput::ClientFrame { conn_id: self.conn_id, data, text });
+        let _ = self.agent.send(AgentInput::ClientFrame {
+            conn_id: self.conn_id,
+            data,
+            text,
+        });
         Step::Continue
     }
 
@@ -385,7 +428,9 @@ impl Relay {
         match self.transit.faults.delay_ms {
             Some(ms) if ms > 0 => {
                 let at = Instant::now() + Duration::from_millis(ms);
-                self.transit.delayed.extend(frames.into_iter().map(|f| (at, f)));
+                self.transit
+                    .delayed
+                    .extend(frames.into_iter().map(|f| (at, f)));
                 Step::Continue
             }
             _ => {
@@ -406,7 +451,9 @@ impl Relay {
             if *t > now {
                 break;
             }
-            let Some((_, f)) = self.transit.delayed.pop_front() else { break };
+            let Some((_, f)) = self.transit.delayed.pop_front() else {
+                break;
+            };
             if ws.send(Message::Binary(f.into())).await.is_err() {
                 return Step::Stop;
             }

@@ -61,7 +61,12 @@ impl Emulator {
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(server::accept_loop(listener, shared.clone(), stop_rx));
         tracing::info!("SSM emulator listening on http://{addr}");
-        Ok(Running { shared, addr, stop, task: Some(task) })
+        Ok(Running {
+            shared,
+            addr,
+            stop,
+            task: Some(task),
+        })
     }
 }
 
@@ -123,7 +128,9 @@ impl Running {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let r = self.shared.report(session_id);
-            if r.as_ref().is_none_or(|r| r.status.is_ended()) || tokio::time::Instant::now() >= deadline {
+            if r.as_ref().is_none_or(|r| r.status.is_ended())
+                || tokio::time::Instant::now() >= deadline
+            {
                 return r;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -290,14 +290,16 @@ impl ClientMessage {
         out[HL_OFFSET..HL_OFFSET + HL_LEN].copy_from_slice(&hl.to_be_bytes());
         let name = self.message_type.as_str().as_bytes();
         let pad = if legacy { 0u8 } else { b' ' };
-        for (i, slot) in out[TYPE_OFFSET..TYPE_OFFSET + TYPE_LEN].iter_mut().enumerate() {
+        for (i, slot) in out[TYPE_OFFSET..TYPE_OFFSET + TYPE_LEN]
+            .iter_mut()
+            .enumerate()
+        {
             *slot = name.get(i).copied().unwrap_or(pad);
         }
         out[SCHEMA_OFFSET..SCHEMA_OFFSET + SCHEMA_LEN]
             .copy_from_slice(&self.schema_version.to_be_bytes());
         out[DATE_OFFSET..DATE_OFFSET + DATE_LEN].copy_from_slice(&self.created_date.to_be_bytes());
-        out[SEQ_OFFSET..SEQ_OFFSET + SEQ_LEN]
-            .copy_from_slice(&self.sequence_number.to_be_bytes());
+        out[SEQ_OFFSET..SEQ_OFFSET + SEQ_LEN].copy_from_slice(&self.sequence_number.to_be_bytes());
         out[FLAGS_OFFSET..FLAGS_OFFSET + FLAGS_LEN].copy_from_slice(&self.flags.to_be_bytes());
         write_uuid(&mut out[ID_OFFSET..ID_OFFSET + ID_LEN], &self.message_id);
         out[DIGEST_OFFSET..DIGEST_OFFSET + DIGEST_LEN]
@@ -328,11 +330,18 @@ pub fn decode(frame: &[u8]) -> Result<DecodedFrame, DecodeError> {
     }
     let header_end = header_length as usize + PAYLOAD_LENGTH_LEN;
     if frame.len() < header_end {
-        return Err(DecodeError::HeaderPastEnd { header_length, frame_len: frame.len() });
+        return Err(DecodeError::HeaderPastEnd {
+            header_length,
+            frame_len: frame.len(),
+        });
     }
     let raw_type = &frame[TYPE_OFFSET..TYPE_OFFSET + TYPE_LEN];
-    let name_end = raw_type.iter().position(|b| *b == 0 || *b == b' ').unwrap_or(TYPE_LEN);
-    let name = std::str::from_utf8(&raw_type[..name_end]).map_err(|_| DecodeError::BadMessageType)?;
+    let name_end = raw_type
+        .iter()
+        .position(|b| *b == 0 || *b == b' ')
+        .unwrap_or(TYPE_LEN);
+    let name =
+        std::str::from_utf8(&raw_type[..name_end]).map_err(|_| DecodeError::BadMessageType)?;
     if name.is_empty() || !name.is_ascii() {
         return Err(DecodeError::BadMessageType);
     }
@@ -452,7 +461,11 @@ pub struct OpenDataChannelInput {
     #[serde(rename = "ClientId", default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
     /// The client's version string.
-    #[serde(rename = "ClientVersion", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "ClientVersion",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub client_version: Option<String>,
 }
 
@@ -601,7 +614,10 @@ mod tests {
         assert_eq!(d.message.payload_type, 0);
         assert_eq!(d.type_padding, TypePadding::Nuls);
         let issues = d.strict_issues();
-        assert!(issues.iter().any(|i| i.contains("HeaderLength")), "{issues:?}");
+        assert!(
+            issues.iter().any(|i| i.contains("HeaderLength")),
+            "{issues:?}"
+        );
         assert!(issues.iter().any(|i| i.contains("padded")), "{issues:?}");
     }
 
@@ -632,7 +648,10 @@ mod tests {
         assert_eq!(decode(&wire).err(), Some(DecodeError::BadHeaderLength(100)));
         let mut wire = m.encode();
         wire[..4].copy_from_slice(&400u32.to_be_bytes());
-        assert!(matches!(decode(&wire), Err(DecodeError::HeaderPastEnd { .. })));
+        assert!(matches!(
+            decode(&wire),
+            Err(DecodeError::HeaderPastEnd { .. })
+        ));
     }
 
     #[test]

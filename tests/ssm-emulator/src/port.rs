@@ -18,13 +18,32 @@ use crate::smux;
 /// What the port tasks tell the agent.
 #[derive(Debug)]
 pub(crate) enum PortEvent {
-    BasicUp { generation: u64, writer: UnboundedSender<Vec<u8>> },
-    BasicDialFailed { generation: u64, error: String },
-    BasicData { generation: u64, data: Vec<u8> },
-    BasicClosed { generation: u64 },
-    MuxUp { stream_id: u32, writer: UnboundedSender<Vec<u8>> },
-    MuxDialFailed { stream_id: u32, error: String },
-    MuxClosed { stream_id: u32 },
+    BasicUp {
+        generation: u64,
+        writer: UnboundedSender<Vec<u8>>,
+    },
+    BasicDialFailed {
+        generation: u64,
+        error: String,
+    },
+    BasicData {
+        generation: u64,
+        data: Vec<u8>,
+    },
+    BasicClosed {
+        generation: u64,
+    },
+    MuxUp {
+        stream_id: u32,
+        writer: UnboundedSender<Vec<u8>>,
+    },
+    MuxDialFailed {
+        stream_id: u32,
+        error: String,
+    },
+    MuxClosed {
+        stream_id: u32,
+    },
     MuxOutput(Vec<u8>),
 }
 
@@ -71,13 +90,25 @@ pub(crate) fn spawn_basic(
         let stream = match TcpStream::connect(addr).await {
             Ok(s) => s,
             Err(e) => {
-                send(&inbox, PortEvent::BasicDialFailed { generation, error: e.to_string() });
+                send(
+                    &inbox,
+                    PortEvent::BasicDialFailed {
+                        generation,
+                        error: e.to_string(),
+                    },
+                );
                 return;
             }
         };
         let _ = stream.set_nodelay(true);
         let (mut r, w) = stream.into_split();
-        if !send(&inbox, PortEvent::BasicUp { generation, writer: spawn_writer(w) }) {
+        if !send(
+            &inbox,
+            PortEvent::BasicUp {
+                generation,
+                writer: spawn_writer(w),
+            },
+        ) {
             return;
         }
         let mut buf = vec![0u8; chunk_size(mode)];
@@ -85,7 +116,13 @@ pub(crate) fn spawn_basic(
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if !send(&inbox, PortEvent::BasicData { generation, data: buf[..n].to_vec() }) {
+                    if !send(
+                        &inbox,
+                        PortEvent::BasicData {
+                            generation,
+                            data: buf[..n].to_vec(),
+                        },
+                    ) {
                         return;
                     }
                 }
@@ -142,7 +179,11 @@ impl MuxPlumbing {
                 }
             }
         });
-        Self { control, data, tasks: vec![writer, pump] }
+        Self {
+            control,
+            data,
+            tasks: vec![writer, pump],
+        }
     }
 }
 
@@ -166,13 +207,25 @@ pub(crate) fn spawn_mux_stream(
         let stream = match TcpStream::connect(addr).await {
             Ok(s) => s,
             Err(e) => {
-                send(&inbox, PortEvent::MuxDialFailed { stream_id, error: e.to_string() });
+                send(
+                    &inbox,
+                    PortEvent::MuxDialFailed {
+                        stream_id,
+                        error: e.to_string(),
+                    },
+                );
                 return;
             }
         };
         let _ = stream.set_nodelay(true);
         let (mut r, w) = stream.into_split();
-        if !send(&inbox, PortEvent::MuxUp { stream_id, writer: spawn_writer(w) }) {
+        if !send(
+            &inbox,
+            PortEvent::MuxUp {
+                stream_id,
+                writer: spawn_writer(w),
+            },
+        ) {
             return;
         }
         let mut buf = vec![0u8; smux::MAX_FRAME_SIZE];

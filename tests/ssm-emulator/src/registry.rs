@@ -95,7 +95,10 @@ impl Shared {
         if let Some(f) = lock(&self.instance_faults).get(&instance.id) {
             return f.clone();
         }
-        instance.faults.clone().unwrap_or_else(|| self.config.faults.clone())
+        instance
+            .faults
+            .clone()
+            .unwrap_or_else(|| self.config.faults.clone())
     }
 
     pub(crate) fn stream_url(&self, session_id: &str) -> String {
@@ -107,7 +110,10 @@ impl Shared {
 
     /// Records a violation (logged, counted, attached to the session's report).
     pub(crate) fn record_violation(&self, session_id: Option<&str>, reason: &str) {
-        tracing::warn!(session = session_id.unwrap_or("-"), "client protocol violation: {reason}");
+        tracing::warn!(
+            session = session_id.unwrap_or("-"),
+            "client protocol violation: {reason}"
+        );
         self.violation_count.fetch_add(1, Ordering::Relaxed);
         lock(&self.violations).push(Violation {
             session_id: session_id.map(str::to_owned),
@@ -144,7 +150,10 @@ impl Shared {
                 );
             }
         }
-        let agent = entry.agent.clone().ok_or_else(|| "session has no agent".to_owned())?;
+        let agent = entry
+            .agent
+            .clone()
+            .ok_or_else(|| "session has no agent".to_owned())?;
         entry.token = None;
         let index = entry.next_connection;
         entry.next_connection += 1;
@@ -178,10 +187,14 @@ impl Shared {
     }
 
     pub(crate) fn report(&self, session_id: &str) -> Option<SessionReport> {
-        lock(&self.sessions).get(session_id).map(|e| lock(&e.report).clone())
+        lock(&self.sessions)
+            .get(session_id)
+            .map(|e| lock(&e.report).clone())
     }
 
     pub(crate) fn agent(&self, session_id: &str) -> Option<UnboundedSender<AgentInput>> {
-        lock(&self.sessions).get(session_id).and_then(|e| e.agent.clone())
+        lock(&self.sessions)
+            .get(session_id)
+            .and_then(|e| e.agent.clone())
     }
 }

@@ -16,7 +16,11 @@ use crate::{api, gateway};
 const SNIFF_LIMIT: Duration = Duration::from_secs(10);
 const DATA_CHANNEL_PREFIX: &[u8] = b"GET /v1/data-channel/";
 
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -66,7 +70,10 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
         return;
     }
     let service = service_fn(move |req| api::handle(shared.clone(), req));
-    if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+    if let Err(e) = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
         tracing::debug!("API connection ended: {e}");
     }
 }

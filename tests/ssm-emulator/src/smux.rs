@@ -58,12 +58,20 @@ pub enum SmuxError {
 impl Frame {
     /// A data frame.
     pub fn psh(stream_id: u32, data: Vec<u8>) -> Self {
-        Self { command: Command::Psh, stream_id, data }
+        Self {
+            command: Command::Psh,
+            stream_id,
+            data,
+        }
     }
 
     /// A control frame without data.
     pub fn control(command: Command, stream_id: u32) -> Self {
-        Self { command, stream_id, data: Vec::new() }
+        Self {
+            command,
+            stream_id,
+            data: Vec::new(),
+        }
     }
 
     /// Appends the encoded frame to `out`. Data longer than 65535 bytes is the caller's bug;
@@ -126,7 +134,11 @@ impl Decoder {
                 break;
             }
             let data = self.buf[at + HEADER_SIZE..at + HEADER_SIZE + len].to_vec();
-            frames.push(Frame { command, stream_id, data });
+            frames.push(Frame {
+                command,
+                stream_id,
+                data,
+            });
             at += HEADER_SIZE + len;
         }
         self.buf.drain(..at);
@@ -183,8 +195,14 @@ mod tests {
     #[test]
     fn version_two_and_unknown_commands_are_fatal() {
         let mut d = Decoder::default();
-        assert_eq!(d.push(&[2, 0, 0, 0, 3, 0, 0, 0]), Err(SmuxError::BadVersion(2)));
+        assert_eq!(
+            d.push(&[2, 0, 0, 0, 3, 0, 0, 0]),
+            Err(SmuxError::BadVersion(2))
+        );
         let mut d = Decoder::default();
-        assert_eq!(d.push(&[1, 4, 0, 0, 3, 0, 0, 0]), Err(SmuxError::BadCommand(4)));
+        assert_eq!(
+            d.push(&[1, 4, 0, 0, 3, 0, 0, 0]),
+            Err(SmuxError::BadCommand(4))
+        );
     }
 }

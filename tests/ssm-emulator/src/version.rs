@@ -4,7 +4,11 @@ use std::cmp::Ordering;
 
 /// Parses `a.b.c.d` into numbers; `None` when a part is not a number.
 pub fn parse(version: &str) -> Option<Vec<u64>> {
-    version.trim().split('.').map(|p| p.parse::<u64>().ok()).collect()
+    version
+        .trim()
+        .split('.')
+        .map(|p| p.parse::<u64>().ok())
+        .collect()
 }
 
 /// Compares two dotted versions numerically, padding the shorter one with zeros.
@@ -13,7 +17,10 @@ pub fn compare(a: &str, b: &str) -> Option<Ordering> {
     let (a, b) = (parse(a)?, parse(b)?);
     let n = a.len().max(b.len());
     for i in 0..n {
-        let (x, y) = (a.get(i).copied().unwrap_or(0), b.get(i).copied().unwrap_or(0));
+        let (x, y) = (
+            a.get(i).copied().unwrap_or(0),
+            b.get(i).copied().unwrap_or(0),
+        );
         match x.cmp(&y) {
             Ordering::Equal => continue,
             other => return Some(other),
@@ -38,10 +45,17 @@ pub fn agent_supports_terminate_flag(agent_version: &str) -> bool {
 
 /// The agent chooses mux: it supports it, the client is ≥ 1.1.70, and the type is
 /// `LocalPortForwarding`.
-pub fn agent_uses_mux(agent_version: &str, client_version: &str, local_port_forwarding: bool) -> bool {
+pub fn agent_uses_mux(
+    agent_version: &str,
+    client_version: &str,
+    local_port_forwarding: bool,
+) -> bool {
     local_port_forwarding
         && agent_supports_mux(agent_version)
-        && matches!(compare(client_version, "1.1.70"), Some(Ordering::Greater | Ordering::Equal))
+        && matches!(
+            compare(client_version, "1.1.70"),
+            Some(Ordering::Greater | Ordering::Equal)
+        )
 }
 
 /// The agent's smux keepalive is on: old agents always had it; newer ones turn it off for

@@ -12,10 +12,22 @@ use fleet_access_ssm_emulator::{
 
 const INSTANCE: &str = "i-0123456789abcdef0";
 
-async fn emulator(mode: Mode, faults: Faults, tweak: impl FnOnce(&mut Config)) -> (Running, aws_sdk_ssm::Client) {
+async fn emulator(
+    mode: Mode,
+    faults: Faults,
+    tweak: impl FnOnce(&mut Config),
+) -> (Running, aws_sdk_ssm::Client) {
     let echo = echo_server().await;
-    let mut config = Config { mode, faults, ..Config::default() };
-    config.instances.push(InstanceConfig::new(INSTANCE).with_port("22", echo).with_port("80", echo));
+    let mut config = Config {
+        mode,
+        faults,
+        ..Config::default()
+    };
+    config.instances.push(
+        InstanceConfig::new(INSTANCE)
+            .with_port("22", echo)
+            .with_port("80", echo),
+    );
     tweak(&mut config);
     let running = Emulator::start(config).await.expect("emulator starts");
     let ssm = ssm_client(&running.endpoint_url());
@@ -23,17 +35,27 @@ async fn emulator(mode: Mode, faults: Faults, tweak: impl FnOnce(&mut Config)) -
 }
 
 async fn basic_echo(running: &Running, ssm: &aws_sdk_ssm::Client, len: usize) -> String {
-    let started = start_session(ssm, INSTANCE, "AWS-StartSSHSession", &[("portNumber", "22")])
+    let started = start_session(
+        ssm,
+        INSTANCE,
+        "AWS-StartSSHSession",
+        &[("portNumber", "22")],
+    )
+    .await
+    .expect("StartSession");
+    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default())
         .await
-        .expect("StartSession");
-    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+        .expect("client");
     client.handshake().await.expect("handshake");
     let data = pattern(len, 7);
     client.send(data.clone()).await.expect("send");
     let back = client.read_exact(len).await.expect("echo");
     assert!(back == data, "echoed bytes differ");
     client.flag(FLAG_TERMINATE).await.expect("flag");
-    let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.status, SessionStatus::Terminated, "{report:?}");
     assert_eq!(report.transfer, Some(Transfer::Basic));
     assert_eq!(report.bytes_from_client, len as u64);
@@ -46,7 +68,11 @@ async fn basic_session_echoes_in_both_modes() {
         let (running, ssm) = emulator(mode, Faults::default(), |_| {}).await;
         let sid = basic_echo(&running, &ssm, 64 * 1024).await;
         let report = running.session_report(&sid).expect("report");
-        assert!(report.violations.is_empty(), "{mode:?}: {:?}", report.violations);
+        assert!(
+            report.violations.is_empty(),
+            "{mode:?}: {:?}",
+            report.violations
+        );
         assert!(running.violations().is_empty());
         if mode == Mode::Realistic {
             // The agent's 1,024-byte reads: 64 KiB needs at least 64 Output messages.
@@ -55,11 +81,23 @@ async fn basic_session_echoes_in_both_modes() {
     }
 }
 
-async fn mux_echo(running: &Running, ssm: &aws_sdk_ssm::Client, streams: usize, len: usize) -> String {
-    let started = start_session(ssm, INSTANCE, "AWS-StartPortForwardingSession", &[("portNumber", "80")])
+async fn mux_echo(
+    running: &Running,
+    ssm: &aws_sdk_ssm::Client,
+    streams: usize,
+    len: usize,
+) -> String {
+    let started = start_session(
+        ssm,
+        INSTANCE,
+        "AWS-StartPortForwardingSession",
+        &[("portNumber", "80")],
+    )
+    .await
+    .expect("StartSession");
+    let client = Client::start(&started, ssm.clone(), ClientOptions::default())
         .await
-        .expect("StartSession");
-    let client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+        .expect("client");
     let mut mux = MuxClient::new(client);
     mux.client.handshake().await.expect("handshake");
     let mut ids = Vec::new();
@@ -71,11 +109,17 @@ async fn mux_echo(running: &Running, ssm: &aws_sdk_ssm::Client, streams: usize, 
     let want: Vec<(u32, usize)> = ids.iter().map(|id| (*id, len)).collect();
     mux.read_until(&want).await.expect("echo");
     for (i, id) in ids.iter().enumerate() {
-        assert!(mux.received[id] == pattern(len, i as u8), "stream {id} differs");
+        assert!(
+            mux.received[id] == pattern(len, i as u8),
+            "stream {id} differs"
+        );
         mux.close(*id).await.expect("fin");
     }
     mux.client.flag(FLAG_TERMINATE).await.expect("flag");
-    let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.transfer, Some(Transfer::Mux), "{report:?}");
     assert_eq!(report.smux_streams_opened, streams as u64);
     assert_eq!(report.status, SessionStatus::Terminated, "{report:?}");
@@ -88,22 +132,40 @@ async fn mux_session_carries_concurrent_streams_in_both_modes() {
         let (running, ssm) = emulator(mode, Faults::default(), |_| {}).await;
         let sid = mux_echo(&running, &ssm, 4, 40_000).await;
         let report = running.session_report(&sid).expect("report");
-        assert!(report.violations.is_empty(), "{mode:?}: {:?}", report.violations);
-        assert!(!report.smux_keepalive, "client 1.2.764.0 turns the agent's keepalive off");
+        assert!(
+            report.violations.is_empty(),
+            "{mode:?}: {:?}",
+            report.violations
+        );
+        assert!(
+            !report.smux_keepalive,
+            "client 1.2.764.0 turns the agent's keepalive off"
+        );
     }
 }
 
 #[tokio::test]
 async fn mux_dial_failure_sends_connect_to_port_error() {
     let (running, ssm) = emulator(Mode::Fast, Faults::default(), |_| {}).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartPortForwardingSession", &[("portNumber", "81")])
+    let started = start_session(
+        &ssm,
+        INSTANCE,
+        "AWS-StartPortForwardingSession",
+        &[("portNumber", "81")],
+    )
+    .await
+    .expect("StartSession");
+    let client = Client::start(&started, ssm.clone(), ClientOptions::default())
         .await
-        .expect("StartSession");
-    let client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+        .expect("client");
     let mut mux = MuxClient::new(client);
     mux.client.handshake().await.expect("handshake");
     let id = mux.open().await.expect("open");
-    let event = mux.client.wait_event(|e| matches!(e, ClientEvent::Flag(_))).await.expect("flag");
+    let event = mux
+        .client
+        .wait_event(|e| matches!(e, ClientEvent::Flag(_)))
+        .await
+        .expect("flag");
     assert_eq!(event, ClientEvent::Flag(3));
     mux.wait_fin(id).await.expect("FIN for the failed stream");
     let report = running.session_report(&started.session_id).expect("report");
@@ -115,11 +177,21 @@ async fn mux_dial_failure_sends_connect_to_port_error() {
 async fn version_gates_choose_basic_mode_and_keepalive() {
     // A client older than 1.1.70 gets basic mode even for LocalPortForwarding.
     let (running, ssm) = emulator(Mode::Fast, Faults::default(), |_| {}).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartPortForwardingSession", &[("portNumber", "80")])
+    let started = start_session(
+        &ssm,
+        INSTANCE,
+        "AWS-StartPortForwardingSession",
+        &[("portNumber", "80")],
+    )
+    .await
+    .expect("StartSession");
+    let options = ClientOptions {
+        client_version: "1.1.61.0".into(),
+        ..ClientOptions::default()
+    };
+    let mut client = Client::start(&started, ssm.clone(), options)
         .await
-        .expect("StartSession");
-    let options = ClientOptions { client_version: "1.1.61.0".into(), ..ClientOptions::default() };
-    let mut client = Client::start(&started, ssm.clone(), options).await.expect("client");
+        .expect("client");
     client.handshake().await.expect("handshake");
     client.send(b"raw bytes".to_vec()).await.expect("send");
     assert_eq!(client.read_exact(9).await.expect("echo"), b"raw bytes");
@@ -127,14 +199,27 @@ async fn version_gates_choose_basic_mode_and_keepalive() {
     assert_eq!(report.transfer, Some(Transfer::Basic));
 
     // A source-built plugin (1.2.0.0) keeps the agent's smux keepalive on.
-    let started = start_session(&ssm, INSTANCE, "AWS-StartPortForwardingSession", &[("portNumber", "80")])
+    let started = start_session(
+        &ssm,
+        INSTANCE,
+        "AWS-StartPortForwardingSession",
+        &[("portNumber", "80")],
+    )
+    .await
+    .expect("StartSession");
+    let options = ClientOptions {
+        client_version: "1.2.0.0".into(),
+        ..ClientOptions::default()
+    };
+    let mut client = Client::start(&started, ssm.clone(), options)
         .await
-        .expect("StartSession");
-    let options = ClientOptions { client_version: "1.2.0.0".into(), ..ClientOptions::default() };
-    let mut client = Client::start(&started, ssm.clone(), options).await.expect("client");
+        .expect("client");
     client.handshake().await.expect("handshake");
     client.flag(FLAG_TERMINATE).await.expect("flag");
-    let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.transfer, Some(Transfer::Mux));
     assert!(report.smux_keepalive);
 
@@ -143,26 +228,84 @@ async fn version_gates_choose_basic_mode_and_keepalive() {
         c.instances[0].agent_version = "3.0.196.0".into();
     })
     .await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartPortForwardingSession", &[("portNumber", "80")])
+    let started = start_session(
+        &ssm,
+        INSTANCE,
+        "AWS-StartPortForwardingSession",
+        &[("portNumber", "80")],
+    )
+    .await
+    .expect("StartSession");
+    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default())
         .await
-        .expect("StartSession");
-    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+        .expect("client");
     assert_eq!(client.handshake().await.expect("handshake"), "3.0.196.0");
-    let report = running.wait_for_end(&started.session_id, Duration::from_millis(300)).await.expect("report");
+    let report = running
+        .wait_for_end(&started.session_id, Duration::from_millis(300))
+        .await
+        .expect("report");
     assert_eq!(report.transfer, Some(Transfer::Basic));
 }
 
 #[tokio::test]
 async fn transit_faults_are_survived_without_violations() {
     let cases = [
-        ("drop", Faults { drop_every: Some(3), ..Faults::default() }),
-        ("duplicate", Faults { duplicate_every: Some(2), ..Faults::default() }),
-        ("reorder", Faults { reorder_window: Some(3), ..Faults::default() }),
-        ("delay", Faults { delay_ms: Some(30), ..Faults::default() }),
-        ("corrupt digest", Faults { corrupt_digest_every: Some(4), ..Faults::default() }),
-        ("flip payload bit", Faults { flip_payload_bit_every: Some(5), ..Faults::default() }),
-        ("withheld acks", Faults { withhold_ack_every: Some(3), ..Faults::default() }),
-        ("lost client frames", Faults { drop_client_every: Some(4), ..Faults::default() }),
+        (
+            "drop",
+            Faults {
+                drop_every: Some(3),
+                ..Faults::default()
+            },
+        ),
+        (
+            "duplicate",
+            Faults {
+                duplicate_every: Some(2),
+                ..Faults::default()
+            },
+        ),
+        (
+            "reorder",
+            Faults {
+                reorder_window: Some(3),
+                ..Faults::default()
+            },
+        ),
+        (
+            "delay",
+            Faults {
+                delay_ms: Some(30),
+                ..Faults::default()
+            },
+        ),
+        (
+            "corrupt digest",
+            Faults {
+                corrupt_digest_every: Some(4),
+                ..Faults::default()
+            },
+        ),
+        (
+            "flip payload bit",
+            Faults {
+                flip_payload_bit_every: Some(5),
+                ..Faults::default()
+            },
+        ),
+        (
+            "withheld acks",
+            Faults {
+                withhold_ack_every: Some(3),
+                ..Faults::default()
+            },
+        ),
+        (
+            "lost client frames",
+            Faults {
+                drop_client_every: Some(4),
+                ..Faults::default()
+            },
+        ),
         (
             "odd control messages",
             Faults {
@@ -178,49 +321,94 @@ async fn transit_faults_are_survived_without_violations() {
         let (running, ssm) = emulator(Mode::Fast, faults.clone(), |_| {}).await;
         let sid = basic_echo(&running, &ssm, 20 * 1024).await;
         let report = running.session_report(&sid).expect("report");
-        assert!(report.violations.is_empty(), "{name}: {:?}", report.violations);
+        assert!(
+            report.violations.is_empty(),
+            "{name}: {:?}",
+            report.violations
+        );
         let (running, ssm) = emulator(Mode::Fast, faults, |_| {}).await;
         let sid = mux_echo(&running, &ssm, 3, 10_000).await;
         let report = running.session_report(&sid).expect("report");
-        assert!(report.violations.is_empty(), "{name} (mux): {:?}", report.violations);
+        assert!(
+            report.violations.is_empty(),
+            "{name} (mux): {:?}",
+            report.violations
+        );
     }
 }
 
 #[tokio::test]
 async fn connection_faults_are_survived_by_resuming() {
     let cases = [
-        ("recycle", Faults { recycle_after_frames: Some(6), ..Faults::default() }),
-        ("tcp reset", Faults { reset_after_frames: Some(6), ..Faults::default() }),
-        ("black hole", Faults { black_hole_after_frames: Some(6), ..Faults::default() }),
+        (
+            "recycle",
+            Faults {
+                recycle_after_frames: Some(6),
+                ..Faults::default()
+            },
+        ),
+        (
+            "tcp reset",
+            Faults {
+                reset_after_frames: Some(6),
+                ..Faults::default()
+            },
+        ),
+        (
+            "black hole",
+            Faults {
+                black_hole_after_frames: Some(6),
+                ..Faults::default()
+            },
+        ),
     ];
     for (name, faults) in cases {
         let (running, ssm) = emulator(Mode::Fast, faults, |_| {}).await;
         let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
             .await
             .expect("StartSession");
-        let mut client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+        let mut client = Client::start(&started, ssm.clone(), ClientOptions::default())
+            .await
+            .expect("client");
         client.handshake().await.expect("handshake");
         let data = pattern(30 * 1024, 1);
         client.send(data.clone()).await.expect("send");
         let back = client.read_exact(data.len()).await.expect(name);
         assert!(back == data, "{name}: echoed bytes differ");
         client.flag(FLAG_TERMINATE).await.expect("flag");
-        let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+        let report = running
+            .wait_for_end(&started.session_id, TEST_TIMEOUT)
+            .await
+            .expect("report");
         assert!(report.connections >= 2, "{name}: {report:?}");
-        assert!(report.violations.is_empty(), "{name}: {:?}", report.violations);
+        assert!(
+            report.violations.is_empty(),
+            "{name}: {:?}",
+            report.violations
+        );
     }
 }
 
 #[tokio::test]
 async fn injected_recycle_on_a_live_session_is_resumed() {
     let (running, ssm) = emulator(Mode::Fast, Faults::default(), |_| {}).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("StartSession");
-    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("StartSession");
+    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default())
+        .await
+        .expect("client");
     client.handshake().await.expect("handshake");
     client.send(b"before".to_vec()).await.expect("send");
     assert_eq!(client.read_exact(6).await.expect("echo"), b"before");
-    assert!(running.inject(&started.session_id, fleet_access_ssm_emulator::Injection::Recycle));
-    client.wait_event(|e| *e == ClientEvent::Reconnected).await.expect("reconnect");
+    assert!(running.inject(
+        &started.session_id,
+        fleet_access_ssm_emulator::Injection::Recycle
+    ));
+    client
+        .wait_event(|e| *e == ClientEvent::Reconnected)
+        .await
+        .expect("reconnect");
     client.send(b"after".to_vec()).await.expect("send");
     assert_eq!(client.read_exact(5).await.expect("echo"), b"after");
     let report = running.session_report(&started.session_id).expect("report");
@@ -230,11 +418,21 @@ async fn injected_recycle_on_a_live_session_is_resumed() {
 
 #[tokio::test]
 async fn legacy_agent_without_handshake_streams_at_once() {
-    let faults = Faults { legacy_no_handshake: true, ..Faults::default() };
+    let faults = Faults {
+        legacy_no_handshake: true,
+        ..Faults::default()
+    };
     let (running, ssm) = emulator(Mode::Fast, faults, |_| {}).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("StartSession");
-    let options = ClientOptions { expect_handshake: false, ..ClientOptions::default() };
-    let mut client = Client::start(&started, ssm.clone(), options).await.expect("client");
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("StartSession");
+    let options = ClientOptions {
+        expect_handshake: false,
+        ..ClientOptions::default()
+    };
+    let mut client = Client::start(&started, ssm.clone(), options)
+        .await
+        .expect("client");
     client.send(b"no handshake".to_vec()).await.expect("send");
     assert_eq!(client.read_exact(12).await.expect("echo"), b"no handshake");
     let report = running.session_report(&started.session_id).expect("report");
@@ -245,7 +443,9 @@ async fn legacy_agent_without_handshake_streams_at_once() {
 
 #[tokio::test]
 async fn target_eof_in_ssh_mode_ends_the_session_with_channel_closed() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         if let Ok((mut s, _)) = listener.accept().await {
@@ -257,15 +457,31 @@ async fn target_eof_in_ssh_mode_ends_the_session_with_channel_closed() {
         c.instances[0].ports.insert("2022".into(), addr);
     })
     .await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[("portNumber", "2022")])
+    let started = start_session(
+        &ssm,
+        INSTANCE,
+        "AWS-StartSSHSession",
+        &[("portNumber", "2022")],
+    )
+    .await
+    .expect("StartSession");
+    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default())
         .await
-        .expect("StartSession");
-    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+        .expect("client");
     client.handshake().await.expect("handshake");
-    assert_eq!(client.read_exact(14).await.expect("banner"), b"SSH-2.0-fake\r\n");
-    let closed = client.wait_event(|e| matches!(e, ClientEvent::ChannelClosed(_))).await.expect("closed");
+    assert_eq!(
+        client.read_exact(14).await.expect("banner"),
+        b"SSH-2.0-fake\r\n"
+    );
+    let closed = client
+        .wait_event(|e| matches!(e, ClientEvent::ChannelClosed(_)))
+        .await
+        .expect("closed");
     assert_eq!(closed, ClientEvent::ChannelClosed(String::new()));
-    let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.status, SessionStatus::Terminated);
     assert!(report.violations.is_empty(), "{:?}", report.violations);
 }
@@ -273,52 +489,115 @@ async fn target_eof_in_ssh_mode_ends_the_session_with_channel_closed() {
 #[tokio::test]
 async fn unreachable_basic_target_fails_with_the_agents_message() {
     let (running, ssm) = emulator(Mode::Fast, Faults::default(), |_| {}).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[("portNumber", "2200")])
+    let started = start_session(
+        &ssm,
+        INSTANCE,
+        "AWS-StartSSHSession",
+        &[("portNumber", "2200")],
+    )
+    .await
+    .expect("StartSession");
+    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default())
         .await
-        .expect("StartSession");
-    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+        .expect("client");
     client.handshake().await.expect("handshake");
-    let closed = client.wait_event(|e| matches!(e, ClientEvent::ChannelClosed(_))).await.expect("closed");
-    let ClientEvent::ChannelClosed(output) = closed else { unreachable!() };
-    assert!(output.starts_with("Unable to connect to specified port"), "{output}");
-    let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+    let closed = client
+        .wait_event(|e| matches!(e, ClientEvent::ChannelClosed(_)))
+        .await
+        .expect("closed");
+    let ClientEvent::ChannelClosed(output) = closed else {
+        unreachable!()
+    };
+    assert!(
+        output.starts_with("Unable to connect to specified port"),
+        "{output}"
+    );
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.status, SessionStatus::Failed);
 }
 
 #[tokio::test]
 async fn terminate_session_api_sends_channel_closed() {
     let (running, ssm) = emulator(Mode::Fast, Faults::default(), |_| {}).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("StartSession");
-    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("StartSession");
+    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default())
+        .await
+        .expect("client");
     client.handshake().await.expect("handshake");
-    ssm.terminate_session().session_id(&started.session_id).send().await.expect("terminate");
-    client.wait_event(|e| matches!(e, ClientEvent::ChannelClosed(_))).await.expect("closed");
-    let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+    ssm.terminate_session()
+        .session_id(&started.session_id)
+        .send()
+        .await
+        .expect("terminate");
+    client
+        .wait_event(|e| matches!(e, ClientEvent::ChannelClosed(_)))
+        .await
+        .expect("closed");
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.status, SessionStatus::Terminated);
-    assert_eq!(report.close_reason.as_deref(), Some("TerminateSession called"));
+    assert_eq!(
+        report.close_reason.as_deref(),
+        Some("TerminateSession called")
+    );
 }
 
 #[tokio::test]
 async fn handshake_timeout_fails_the_session() {
-    let (running, ssm) = emulator(Mode::Fast, Faults::default(), |c| c.handshake_timeout_ms = 300).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("StartSession");
+    let (running, ssm) = emulator(Mode::Fast, Faults::default(), |c| {
+        c.handshake_timeout_ms = 300
+    })
+    .await;
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("StartSession");
     // Opens the channel but never answers the HandshakeRequest.
-    let _ws = open_ws(&started.url, &started.token, "1.2.764.0").await.expect("open");
-    let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+    let _ws = open_ws(&started.url, &started.token, "1.2.764.0")
+        .await
+        .expect("open");
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.status, SessionStatus::Failed);
-    assert!(report.close_reason.as_deref().is_some_and(|r| r.starts_with("Handshake timed out")), "{report:?}");
+    assert!(
+        report
+            .close_reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("Handshake timed out")),
+        "{report:?}"
+    );
 }
 
 #[tokio::test]
 async fn realistic_gateway_closes_sessions_over_the_rate_limit() {
-    let (running, ssm) =
-        emulator(Mode::Realistic, Faults::default(), |c| c.rate_limit_per_second = 50).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("StartSession");
-    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+    let (running, ssm) = emulator(Mode::Realistic, Faults::default(), |c| {
+        c.rate_limit_per_second = 50
+    })
+    .await;
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("StartSession");
+    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default())
+        .await
+        .expect("client");
     client.handshake().await.expect("handshake");
     // 200 messages of 1 KiB sent without pacing.
     client.send(pattern(200 * 1024, 3)).await.expect("send");
-    let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.status, SessionStatus::Failed);
-    assert!(report.violations.iter().any(|v| v.contains("per second")), "{report:?}");
+    assert!(
+        report.violations.iter().any(|v| v.contains("per second")),
+        "{report:?}"
+    );
 }

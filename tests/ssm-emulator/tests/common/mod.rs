@@ -44,7 +44,11 @@ pub fn ssm_client(endpoint: &str) -> aws_sdk_ssm::Client {
         .region(aws_sdk_ssm::config::Region::new("us-east-1"))
         .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_ssm::config::Credentials::new(
-            "AKIATESTEMULATOR", "secret", None, None, "test",
+            "AKIATESTEMULATOR",
+            "secret",
+            None,
+            None,
+            "test",
         ))
         .build();
     aws_sdk_ssm::Client::from_conf(config)
@@ -52,7 +56,9 @@ pub fn ssm_client(endpoint: &str) -> aws_sdk_ssm::Client {
 
 /// Deterministic test bytes.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
 }
 
 pub struct Started {
@@ -121,7 +127,9 @@ pub enum Upload {
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 pub async fn open_ws(url: &str, token: &str, client_version: &str) -> Result<Ws> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.context("dial data channel")?;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .context("dial data channel")?;
     let open = OpenDataChannelInput {
         message_schema_version: "1.0".into(),
         request_id: uuid::Uuid::new_v4().to_string(),
@@ -129,7 +137,8 @@ pub async fn open_ws(url: &str, token: &str, client_version: &str) -> Result<Ws>
         client_id: Some(uuid::Uuid::new_v4().to_string()),
         client_version: Some(client_version.into()),
     };
-    ws.send(Message::Text(serde_json::to_string(&open)?.into())).await?;
+    ws.send(Message::Text(serde_json::to_string(&open)?.into()))
+        .await?;
     Ok(ws)
 }
 
@@ -158,15 +167,25 @@ impl Client {
             last_frame: Instant::now(),
         };
         tokio::spawn(driver.run(ws, upload_rx));
-        Ok(Self { upload, download, events })
+        Ok(Self {
+            upload,
+            download,
+            events,
+        })
     }
 
     pub async fn send(&self, data: Vec<u8>) -> Result<()> {
-        self.upload.send(Upload::Data(data)).await.map_err(|_| anyhow::anyhow!("client gone"))
+        self.upload
+            .send(Upload::Data(data))
+            .await
+            .map_err(|_| anyhow::anyhow!("client gone"))
     }
 
     pub async fn flag(&self, value: u32) -> Result<()> {
-        self.upload.send(Upload::Flag(value)).await.map_err(|_| anyhow::anyhow!("client gone"))
+        self.upload
+            .send(Upload::Flag(value))
+            .await
+            .map_err(|_| anyhow::anyhow!("client gone"))
     }
 
     /// Reads exactly `len` downloaded bytes.
@@ -199,7 +218,10 @@ impl Client {
     }
 
     pub async fn handshake(&mut self) -> Result<String> {
-        match self.wait_event(|e| !matches!(e, ClientEvent::Reconnected)).await? {
+        match self
+            .wait_event(|e| !matches!(e, ClientEvent::Reconnected))
+            .await?
+        {
             ClientEvent::HandshakeComplete { agent_version } => Ok(agent_version),
             other => bail!("expected the handshake, got {other:?}"),
         }
@@ -242,7 +264,9 @@ impl Driver {
                             let _ = self.events.send(ClientEvent::Reconnected);
                         }
                         Err(e) => {
-                            let _ = self.events.send(ClientEvent::Gone(format!("{why}; resume failed: {e:#}")));
+                            let _ = self
+                                .events
+                                .send(ClientEvent::Gone(format!("{why}; resume failed: {e:#}")));
                             return;
                         }
                     }
@@ -252,7 +276,12 @@ impl Driver {
     }
 
     async fn resume(&self) -> Result<Ws> {
-        let out = self.ssm.resume_session().session_id(&self.session_id).send().await?;
+        let out = self
+            .ssm
+            .resume_session()
+            .session_id(&self.session_id)
+            .send()
+            .await?;
         let token = out.token_value().context("session expired")?;
         let url = out.stream_url().context("no url")?;
         open_ws(url, token, &self.options.client_version).await
@@ -262,7 +291,11 @@ impl Driver {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         // Retransmit everything unacked right away on a new connection.
         for (bytes, sent) in self.unacked.values_mut() {
-            if ws.send(Message::Binary(bytes.clone().into())).await.is_err() {
+            if ws
+                .send(Message::Binary(bytes.clone().into()))
+                .await
+                .is_err()
+            {
                 return Outcome::Lost("send failed".into());
             }
             *sent = Instant::now();
@@ -319,7 +352,13 @@ impl Driver {
     async fn send_stream(&mut self, ws: &mut Ws, pt: u32, payload: Vec<u8>) -> Result<()> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let m = ClientMessage::new(MessageType::InputStreamData, seq, u64::from(seq == 0), pt, payload);
+        let m = ClientMessage::new(
+            MessageType::InputStreamData,
+            seq,
+            u64::from(seq == 0),
+            pt,
+            payload,
+        );
         let bytes = m.encode();
         self.unacked.insert(seq, (bytes.clone(), Instant::now()));
         ws.send(Message::Binary(bytes.into())).await?;
@@ -390,9 +429,15 @@ impl Driver {
                         .collect(),
                     errors: None,
                 };
-                self.send_stream(ws, payload_type::HANDSHAKE_RESPONSE, serde_json::to_vec(&response)?)
-                    .await?;
-                let _ = self.events.send(ClientEvent::HandshakeComplete { agent_version: req.agent_version });
+                self.send_stream(
+                    ws,
+                    payload_type::HANDSHAKE_RESPONSE,
+                    serde_json::to_vec(&response)?,
+                )
+                .await?;
+                let _ = self.events.send(ClientEvent::HandshakeComplete {
+                    agent_version: req.agent_version,
+                });
             }
             payload_type::HANDSHAKE_COMPLETE => self.ready = true,
             payload_type::OUTPUT => {
@@ -432,7 +477,9 @@ impl MuxClient {
     pub async fn open(&mut self) -> Result<u32> {
         self.next_id += 2;
         let id = self.next_id;
-        self.client.send(smux::Frame::control(smux::Command::Syn, id).encode()).await?;
+        self.client
+            .send(smux::Frame::control(smux::Command::Syn, id).encode())
+            .await?;
         Ok(id)
     }
 
@@ -443,19 +490,26 @@ impl MuxClient {
     }
 
     pub async fn close(&mut self, id: u32) -> Result<()> {
-        self.client.send(smux::Frame::control(smux::Command::Fin, id).encode()).await
+        self.client
+            .send(smux::Frame::control(smux::Command::Fin, id).encode())
+            .await
     }
 
     /// Reads until every stream in `want` has at least the given number of bytes.
     pub async fn read_until(&mut self, want: &[(u32, usize)]) -> Result<()> {
-        while want.iter().any(|(id, n)| self.received.get(id).map_or(0, Vec::len) < *n) {
+        while want
+            .iter()
+            .any(|(id, n)| self.received.get(id).map_or(0, Vec::len) < *n)
+        {
             let chunk = tokio::time::timeout(TEST_TIMEOUT, self.client.download.recv())
                 .await
                 .context("timed out reading smux")?
                 .context("download closed")?;
             for f in self.decoder.push(&chunk)? {
                 match f.command {
-                    smux::Command::Psh => self.received.entry(f.stream_id).or_default().extend(f.data),
+                    smux::Command::Psh => {
+                        self.received.entry(f.stream_id).or_default().extend(f.data)
+                    }
                     smux::Command::Fin => {
                         self.finished.insert(f.stream_id);
                     }

@@ -1,0 +1,277 @@
+//! Conformance: the official session-manager-plugin (built by `tests/env` into the cache), run
+//! exactly as the AWS CLI runs it, works through the emulator with no violation: an SSH session
+//! (stdio, basic mode) carrying a real `ssh` to the test sshd, and a port-forwarding session
+//! (mux) carrying several concurrent connections. The tests fail when the plugin is missing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use fleet_access_ssm_emulator::{
+    Config, Emulator, InstanceConfig, Mode, Running, SessionStatus, Transfer,
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const INSTANCE: &str = "i-0aaaaaaaaaaaaaaa1";
+const REGION: &str = "us-east-1";
+
+fn plugin() -> PathBuf {
+    fleet_access_tests::session_manager_plugin_path().expect(
+        "the official session-manager-plugin must be built (make test builds it via tests/env)",
+    )
+}
+
+/// argv exactly as the AWS CLI builds it: response JSON, region, "StartSession", profile,
+/// request parameters JSON, endpoint URL.
+fn cli_args(
+    response: &serde_json::Value,
+    request: &serde_json::Value,
+    endpoint: &str,
+) -> Vec<String> {
+    vec![
+        response.to_string(),
+        REGION.to_owned(),
+        "StartSession".to_owned(),
+        String::new(),
+        request.to_string(),
+        endpoint.to_owned(),
+    ]
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn plugin_env(cmd: &mut tokio::process::Command, home: &Path) {
+    cmd.env("AWS_ACCESS_KEY_ID", "AKIATESTEMULATOR")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .env("AWS_REGION", REGION)
+        .env("SSM_PLUGIN_SKIP_CLIENT_CONFIGURE", "true")
+        .env("HOME", home);
+}
+
+async fn start(
+    ssm: &aws_sdk_ssm::Client,
+    document: &str,
+    params: serde_json::Value,
+) -> (Started, serde_json::Value, serde_json::Value) {
+    let pairs: Vec<(String, String)> = params
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v[0].as_str().unwrap_or("").to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let started = start_session(ssm, INSTANCE, document, &refs)
+        .await
+        .expect("StartSession");
+    let response = serde_json::json!({
+        "SessionId": started.session_id,
+        "TokenValue": started.token,
+        "StreamUrl": started.url,
+        "ResponseMetadata": {"HTTPStatusCode": 200},
+    });
+    let request =
+        serde_json::json!({"Target": INSTANCE, "DocumentName": document, "Parameters": params});
+    (started, response, request)
+}
+
+fn assert_clean(running: &Running, session_id: &str) {
+    let report = running.session_report(session_id).expect("report");
+    assert!(
+        report.violations.is_empty(),
+        "violations: {:?}\n{report:?}",
+        report.violations
+    );
+    let all = running.violations();
+    assert!(all.is_empty(), "emulator violations: {all:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_through_the_official_plugin() {
+    let plugin = plugin();
+    let sshd = fleet_access_tests::Sshd::start().await.expect("sshd");
+    let mut config = Config {
+        mode: Mode::Realistic,
+        ..Config::default()
+    };
+    config
+        .instances
+        .push(InstanceConfig::new(INSTANCE).with_port(
+            "22",
+            format!("127.0.0.1:{}", sshd.port()).parse().expect("addr"),
+        ));
+    let running = Emulator::start(config).await.expect("emulator");
+    let ssm = ssm_client(&running.endpoint_url());
+    let (started, response, request) = start(
+        &ssm,
+        "AWS-StartSSHSession",
+        serde_json::json!({"portNumber": ["22"]}),
+    )
+    .await;
+
+    let dir = tempfile_dir();
+    let wrapper = dir.join("proxy.sh");
+    let args: Vec<String> = cli_args(&response, &request, &running.endpoint_url())
+        .iter()
+        .map(|a| shell_quote(a))
+        .collect();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexport AWS_ACCESS_KEY_ID=AKIATESTEMULATOR AWS_SECRET_ACCESS_KEY=secret SSM_PLUGIN_SKIP_CLIENT_CONFIGURE=true HOME={}\nexec {} {}\n",
+            shell_quote(&dir.display().to_string()),
+            shell_quote(&plugin.display().to_string()),
+            args.join(" ")
+        ),
+    )
+    .expect("write wrapper");
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&wrapper)
+        .status()
+        .expect("chmod");
+
+    let mut ssh = tokio::process::Command::new("ssh");
+    ssh.args(sshd.client_options())
+        .arg("-o")
+        .arg(format!("ProxyCommand={}", wrapper.display()))
+        // The proxy ignores host and port; they only select the known_hosts entry.
+        .arg("-p")
+        .arg(sshd.port().to_string())
+        .arg(format!("{}@127.0.0.1", sshd.user()))
+        .arg("echo through-ssm; head -c 200000 /dev/zero | tr '\\0' x")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(TEST_TIMEOUT, ssh.output())
+        .await
+        .expect("ssh in time")
+        .expect("ssh runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ssh failed: {}\n{stdout}\n{}\n{:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        running.session_report(&started.session_id),
+        std::fs::read_to_string(&wrapper).unwrap_or_default()
+    );
+    assert!(stdout.contains("through-ssm"), "{stdout}");
+    assert!(
+        stdout.matches('x').count() == 200_000,
+        "{} bytes of output",
+        stdout.len()
+    );
+
+    let report = running
+        .wait_for_end(&started.session_id, Duration::from_secs(5))
+        .await
+        .expect("report");
+    eprintln!("{report:?}");
+    assert_eq!(report.transfer, Some(Transfer::Basic));
+    assert_eq!(report.client_version.as_deref(), Some("1.2.0.0"));
+    assert!(report.bytes_to_client > 200_000, "{report:?}");
+    assert_clean(&running, &started.session_id);
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ssm-emulator-plugin-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forwarding_through_the_official_plugin() {
+    let plugin = plugin();
+    for mode in [Mode::Realistic, Mode::Fast] {
+        let echo = echo_server().await;
+        let mut config = Config {
+            mode,
+            ..Config::default()
+        };
+        config
+            .instances
+            .push(InstanceConfig::new(INSTANCE).with_port("8080", echo));
+        let running = Emulator::start(config).await.expect("emulator");
+        let ssm = ssm_client(&running.endpoint_url());
+        let local_port = fleet_access_tests::free_loopback_port().expect("free port");
+        let (started, response, request) = start(
+            &ssm,
+            "AWS-StartPortForwardingSession",
+            serde_json::json!({"portNumber": ["8080"], "localPortNumber": [local_port.to_string()]}),
+        )
+        .await;
+
+        let dir = tempfile_dir();
+        let mut cmd = tokio::process::Command::new(&plugin);
+        cmd.args(cli_args(&response, &request, &running.endpoint_url()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        plugin_env(&mut cmd, &dir);
+        let mut child = cmd.spawn().expect("plugin starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let waiting = tokio::time::timeout(TEST_TIMEOUT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("Waiting for connections") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .expect("plugin ready in time");
+        assert!(waiting, "plugin exited before listening");
+
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{local_port}").parse().expect("addr");
+        let mut tasks = Vec::new();
+        for i in 0..4u8 {
+            tasks.push(tokio::spawn(async move {
+                let data = pattern(60_000, i);
+                let back = tcp_round_trip(addr, &data).await.expect("round trip");
+                back == data
+            }));
+        }
+        for t in tasks {
+            assert!(
+                t.await.expect("task"),
+                "{mode:?}: a connection's echo differs"
+            );
+        }
+        // A second wave after the first closed: streams are reopened per connection.
+        assert!(tcp_round_trip(addr, b"again").await.expect("again") == b"again");
+
+        // Ctrl-C: the plugin sends the TerminateSession flag and exits.
+        let pid = child.id().expect("pid");
+        std::process::Command::new("kill")
+            .arg("-INT")
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+
+        let report = running
+            .wait_for_end(&started.session_id, Duration::from_secs(20))
+            .await
+            .expect("report");
+        assert_eq!(report.transfer, Some(Transfer::Mux), "{mode:?}: {report:?}");
+        assert_eq!(report.smux_streams_opened, 5, "{mode:?}: {report:?}");
+        assert_eq!(
+            report.status,
+            SessionStatus::Terminated,
+            "{mode:?}: {report:?}"
+        );
+        assert_clean(&running, &started.session_id);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
