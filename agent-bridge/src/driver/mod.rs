@@ -39,6 +39,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info, warn};
 
 use crate::protocol::handshake::OpenDataChannel;
+use crate::protocol::message;
 use crate::protocol::{
     CloseCause, Event, ForwardingMode, HandshakeInfo, Session, SessionError, Stats,
 };
@@ -429,7 +430,12 @@ where
             if let Some(stats) = &self.tunnel.stats {
                 stats.send_replace(self.session.stats());
             }
-            let send_at = Instant::from_std(self.pacer.ready_at(now.into_std()));
+            // Acks are not paced: their rate is the agent's own (≤ ~1000/s), and delaying them
+            // only causes retransmissions. Data messages are.
+            let send_at = match &self.outgoing {
+                Some(frame) if message::is_acknowledge(frame) => now,
+                _ => Instant::from_std(self.pacer.ready_at(now.into_std())),
+            };
             let timer = self.session.poll_timeout().map(Instant::from_std);
             let accepting = incoming_open && self.accepting();
             let take_local = self.pending_local.is_none();
@@ -442,8 +448,8 @@ where
             let turn = tokio::select! {
                 biased;
                 () = &mut shutdown, if !shutting_down => Turn::Shutdown,
-                msg = self.ws.next() => Turn::Ws(msg),
                 () = sleep_until(send_at), if self.outgoing.is_some() => Turn::Send,
+                msg = self.ws.next() => Turn::Ws(msg),
                 () = sleep_until(timer.unwrap_or(now)), if timer.is_some() => Turn::Timer,
                 _ = ping.tick() => Turn::Ping,
                 permit = async { stalled_tx?.reserve_owned().await.ok() }, if self.stalled.is_some() => Turn::Unstalled(permit),
@@ -467,7 +473,9 @@ where
                 }
                 Turn::Send => {
                     if let Some(frame) = self.outgoing.take() {
-                        self.pacer.consume(now.into_std());
+                        if !message::is_acknowledge(&frame) {
+                            self.pacer.consume(now.into_std());
+                        }
                         if let Err(e) = self.ws.send(Message::Binary(frame)).await {
                             debug!(error = %e, "WebSocket send failed");
                             if let Some(outcome) = self.transport_lost().await? {

@@ -55,6 +55,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After sending the TerminateSession flag, how long to wait for `channel_closed` (the agent
 /// drains its own buffers for at most 2 s, section 5.7).
 pub const DEFAULT_CLOSE_LINGER: Duration = Duration::from_secs(3);
+/// Acks queued for sending at most; beyond this new acks are dropped (the agent retransmits).
+/// Acks are not paced, so this only fills when the transport stalls.
+pub const MAX_PENDING_ACKS: usize = 4096;
 /// Concurrent smux streams per session.
 pub const DEFAULT_MAX_STREAMS: usize = 256;
 
@@ -243,6 +246,8 @@ pub struct Stats {
     pub retransmissions: u64,
     /// Acks we sent (including re-acks).
     pub acks_sent: u64,
+    /// Acks not queued because [`MAX_PENDING_ACKS`] were already waiting.
+    pub acks_dropped: u64,
     /// Acks we received that released a message.
     pub acks_received: u64,
     /// RTT samples taken.
@@ -798,6 +803,11 @@ impl Session {
             payload,
         }
         .to_bytes();
+        if self.control.len() >= MAX_PENDING_ACKS {
+            // Dropping an ack is safe: the agent retransmits and we re-ack the duplicate.
+            self.stats.acks_dropped += 1;
+            return;
+        }
         self.control.push_back(frame);
         self.stats.acks_sent += 1;
     }

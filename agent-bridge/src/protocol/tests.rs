@@ -1101,3 +1101,18 @@ fn lossy_channel_delivers_exact_bytes_both_ways() {
     assert!(stats.retransmissions > 0);
     assert!(stats.duplicates_received > 0);
 }
+
+#[test]
+fn pending_acks_are_bounded() {
+    let mut p = Pair::new(Config::default());
+    p.basic_open();
+    let frame = p.agent.send(PayloadType::Output, b"x");
+    for _ in 0..session::MAX_PENDING_ACKS + 4 {
+        p.deliver(&frame).unwrap();
+    }
+    assert_eq!(p.session.stats().acks_dropped, 4);
+    assert_eq!(p.transmit().acks.len(), session::MAX_PENDING_ACKS);
+    // Once drained, acks flow again.
+    p.deliver(&frame).unwrap();
+    assert_eq!(p.transmit().acks.len(), 1);
+}
