@@ -17,7 +17,7 @@ use fleet_access_agent_bridge::driver::control::{
     ControlPlane, ControlPlaneError, StartSessionRequest, StreamTarget,
 };
 use fleet_access_agent_bridge::driver::signing::{SignedHeaders, SigningError, UpgradeSigner};
-use fleet_access_agent_bridge::driver::{DriverConfig, Tunnel};
+use fleet_access_agent_bridge::driver::{DriverConfig, DriverError, Tunnel};
 use fleet_access_agent_bridge::protocol::handshake::AcknowledgeContent;
 use fleet_access_agent_bridge::protocol::message::{self, FLAG_FIN, FLAG_SYN};
 use fleet_access_agent_bridge::protocol::smux::{self, Command, Frame};
@@ -53,13 +53,25 @@ struct AgentLog {
     dropped: Option<(i64, Bytes)>,
 }
 
+/// Agent behaviours a test can switch on.
+#[derive(Debug, Clone, Copy, Default)]
+struct Script {
+    /// Drop the first WebSocket right after the first Output message arrives (not acked).
+    drop_first_after_data: bool,
+    /// On the first WebSocket, stop reading (and so stop answering pings) after the handshake.
+    silent_first_after_handshake: bool,
+    /// Mux: answer every SYN with ConnectToPortError and a FIN.
+    refuse_streams: bool,
+    /// Send channel_closed with this Output right after HandshakeComplete.
+    close_after_handshake: Option<&'static str>,
+}
+
 struct AgentState {
+    script: Script,
     properties: &'static str,
     next_seq: i64,
     expected: i64,
     handshake_done: bool,
-    /// Drop the first WebSocket right after the first Output message arrives (not acked).
-    drop_first_after_data: bool,
     connections: u32,
     smux_in: BytesMut,
     log: AgentLog,
@@ -113,6 +125,8 @@ fn ack_for(m: &ClientMessage) -> Bytes {
 enum Reaction {
     Send(Vec<Bytes>),
     Drop,
+    /// Send these, then never read again.
+    SendThenSilence(Vec<Bytes>),
 }
 
 /// The agent's reaction to one client frame.
@@ -134,7 +148,7 @@ fn react(state: &mut AgentState, frame: &[u8]) -> Reaction {
     assert_eq!(seq, state.expected, "client sequence must be contiguous");
     state.log.inputs.insert(seq, Bytes::copy_from_slice(frame));
     if m.payload_type == PayloadType::Output
-        && state.drop_first_after_data
+        && state.script.drop_first_after_data
         && state.connections == 1
     {
         state.log.inputs.remove(&seq);
@@ -159,6 +173,16 @@ fn react(state: &mut AgentState, frame: &[u8]) -> Reaction {
                 PayloadType::HandshakeComplete,
                 br#"{"HandshakeTimeToComplete":1000000,"CustomerMessage":""}"#,
             ));
+            if let Some(output) = state.script.close_after_handshake {
+                let body = serde_json::json!({"SessionId": "s-1", "Output": output});
+                out.push(control_frame(
+                    MessageType::ChannelClosed,
+                    serde_json::to_vec(&body).unwrap(),
+                ));
+            }
+            if state.script.silent_first_after_handshake && state.connections == 1 {
+                return Reaction::SendThenSilence(out);
+            }
         }
         PayloadType::Flag => {
             let flag = u32::from_be_bytes(m.payload[..4].try_into().unwrap());
@@ -176,6 +200,16 @@ fn react(state: &mut AgentState, frame: &[u8]) -> Reaction {
             let mut reply = BytesMut::new();
             while let Some(f) = smux::decode_frame(&mut state.smux_in).unwrap() {
                 match f.command {
+                    Command::Syn if state.script.refuse_streams => {
+                        let flag = PortFlag::ConnectToPortError.to_payload();
+                        out.push(agent_frame(state, PayloadType::Flag, &flag));
+                        Frame {
+                            command: Command::Fin,
+                            stream_id: f.stream_id,
+                            data: Bytes::new(),
+                        }
+                        .encode(&mut reply);
+                    }
                     Command::Psh => Frame {
                         command: Command::Psh,
                         stream_id: f.stream_id,
@@ -262,6 +296,13 @@ async fn spawn_agent(state: Shared) -> String {
                     let reaction = react(&mut state.lock().unwrap(), &frame);
                     match reaction {
                         Reaction::Drop => return,
+                        Reaction::SendThenSilence(frames) => {
+                            for f in frames {
+                                let _ = ws.send(Message::Binary(f)).await;
+                            }
+                            // Hold the socket open, never read: no pongs, no acks.
+                            std::future::pending::<()>().await;
+                        }
                         Reaction::Send(frames) => {
                             for f in frames {
                                 if ws.send(Message::Binary(f)).await.is_err() {
@@ -281,6 +322,8 @@ async fn spawn_agent(state: Shared) -> String {
 
 struct FakeControl {
     url: String,
+    /// ResumeSession answers "no token" (session expired).
+    expired: bool,
     resumes: AtomicU32,
     terminated: Mutex<Vec<String>>,
 }
@@ -302,6 +345,9 @@ impl ControlPlane for FakeControl {
         session_id: &str,
     ) -> Result<Option<StreamTarget>, ControlPlaneError> {
         let n = self.resumes.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.expired {
+            return Ok(None);
+        }
         Ok(Some(StreamTarget {
             session_id: session_id.into(),
             stream_url: self.url.clone(),
@@ -337,12 +383,24 @@ struct Setup {
 }
 
 async fn setup(properties: &'static str, drop_first_after_data: bool) -> Setup {
+    setup_with(
+        properties,
+        Script {
+            drop_first_after_data,
+            ..Script::default()
+        },
+        false,
+    )
+    .await
+}
+
+async fn setup_with(properties: &'static str, script: Script, expired: bool) -> Setup {
     let state = Arc::new(Mutex::new(AgentState {
+        script,
         properties,
         next_seq: 0,
         expected: 0,
         handshake_done: false,
-        drop_first_after_data,
         connections: 0,
         smux_in: BytesMut::new(),
         log: AgentLog::default(),
@@ -352,6 +410,7 @@ async fn setup(properties: &'static str, drop_first_after_data: bool) -> Setup {
         state,
         control: FakeControl {
             url,
+            expired,
             resumes: AtomicU32::new(0),
             terminated: Mutex::new(Vec::new()),
         },
@@ -549,4 +608,139 @@ async fn lost_websocket_resumes_with_new_token_and_same_sequence() {
         state.log.repeats.iter().all(|(_, same)| *same),
         "retransmissions are byte-identical"
     );
+}
+
+#[tokio::test]
+async fn silent_gateway_is_detected_by_ping_and_resumed() {
+    let script = Script {
+        silent_first_after_handshake: true,
+        ..Script::default()
+    };
+    let s = setup_with(SSH, script, false).await;
+    let target = s
+        .control
+        .start_session(&StartSessionRequest::default())
+        .await
+        .unwrap();
+    let config = DriverConfig {
+        ping_interval: Duration::from_millis(100),
+        dead_peer_timeout: Duration::from_millis(300),
+        ..config()
+    };
+    let tunnel = Tunnel::new(&s.control, None, config);
+    let (conn_tx, conn_rx) = mpsc::channel(4);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let body = async {
+        let (mut local, remote) = tokio::io::duplex(64 * 1024);
+        conn_tx.send(remote).await.unwrap();
+        assert_eq!(echo(&mut local, b"hello").await, b"hello");
+        stop_tx.send(()).unwrap();
+    };
+    let (outcome, ()) = tokio::time::timeout(LIMIT, async {
+        tokio::join!(
+            tunnel.run(target, conn_rx, async {
+                let _ = stop_rx.await;
+            }),
+            body
+        )
+    })
+    .await
+    .expect("test finished in time");
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.stats.reconnects, 1);
+    assert_eq!(s.state.lock().unwrap().connections, 2);
+}
+
+#[tokio::test]
+async fn expired_session_on_resume_is_an_error() {
+    let script = Script {
+        drop_first_after_data: true,
+        ..Script::default()
+    };
+    let s = setup_with(SSH, script, true).await;
+    let target = s
+        .control
+        .start_session(&StartSessionRequest::default())
+        .await
+        .unwrap();
+    let tunnel = Tunnel::new(&s.control, None, config());
+    let (conn_tx, conn_rx) = mpsc::channel(4);
+    let (mut local, remote) = tokio::io::duplex(1024);
+    conn_tx.send(remote).await.unwrap();
+    local.write_all(b"data").await.unwrap();
+    let result = tokio::time::timeout(LIMIT, tunnel.run(target, conn_rx, std::future::pending()))
+        .await
+        .expect("test finished in time");
+    assert!(
+        matches!(result, Err(DriverError::SessionExpired(ref id)) if id == "s-1"),
+        "{result:?}"
+    );
+    // TerminateSession is still attempted on the way out.
+    assert_eq!(
+        *s.control.terminated.lock().unwrap(),
+        vec!["s-1".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn channel_closed_output_ends_the_tunnel() {
+    let script = Script {
+        close_after_handshake: Some("Plugin with name Port is not supported"),
+        ..Script::default()
+    };
+    let s = setup_with(SSH, script, false).await;
+    let target = s
+        .control
+        .start_session(&StartSessionRequest::default())
+        .await
+        .unwrap();
+    let tunnel = Tunnel::new(&s.control, None, config());
+    let (_conn_tx, conn_rx) = mpsc::channel::<DuplexStream>(4);
+    let outcome = tokio::time::timeout(LIMIT, tunnel.run(target, conn_rx, std::future::pending()))
+        .await
+        .expect("test finished in time")
+        .unwrap();
+    assert_eq!(outcome.cause, CloseCause::ChannelClosed);
+    assert_eq!(
+        outcome.output.as_deref(),
+        Some("Plugin with name Port is not supported")
+    );
+}
+
+#[tokio::test]
+async fn refused_stream_closes_its_local_connection() {
+    let script = Script {
+        refuse_streams: true,
+        ..Script::default()
+    };
+    let s = setup_with(LFW, script, false).await;
+    let target = s
+        .control
+        .start_session(&StartSessionRequest::default())
+        .await
+        .unwrap();
+    let tunnel = Tunnel::new(&s.control, None, config());
+    let (conn_tx, conn_rx) = mpsc::channel(4);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let body = async {
+        let (mut local, remote) = tokio::io::duplex(1024);
+        conn_tx.send(remote).await.unwrap();
+        let mut buf = [0u8; 16];
+        // The agent could not dial: the local connection sees EOF, no data.
+        assert_eq!(local.read(&mut buf).await.unwrap(), 0);
+        stop_tx.send(()).unwrap();
+    };
+    let (outcome, ()) = tokio::time::timeout(LIMIT, async {
+        tokio::join!(
+            tunnel.run(target, conn_rx, async {
+                let _ = stop_rx.await;
+            }),
+            body
+        )
+    })
+    .await
+    .expect("test finished in time");
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.handshake.unwrap().mode, ForwardingMode::Mux);
+    assert_eq!(outcome.stats.open_streams, 0);
 }
