@@ -605,6 +605,7 @@ impl Agent {
     }
 
     fn drain_reorder(&mut self) {
+        let before = self.expected_seq;
         while !self.is_closing() {
             let Some(b) = self.reorder.remove(&self.expected_seq) else {
                 break;
@@ -620,11 +621,11 @@ impl Agent {
                 }
             }
         }
-        self.gap_since = if self.reorder.is_empty() {
-            None
-        } else {
-            Some(Instant::now())
-        };
+        if self.reorder.is_empty() {
+            self.gap_since = None;
+        } else if self.expected_seq != before || self.gap_since.is_none() {
+            self.gap_since = Some(Instant::now());
+        }
     }
 
     fn handshake_done(&self) -> bool {
