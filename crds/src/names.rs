@@ -148,11 +148,14 @@ pub const TAG_KEY_RULE: &str = "self.all(k, k.size() >= 1 && k.size() <= 128 && 
 /// What the API server says when a tag key is invalid.
 pub const TAG_KEY_MESSAGE: &str =
     "tag keys must be 1 to 128 letters, digits, spaces and _.:/=+-@, and must not start with aws:";
-/// A resource tag value; `*` and `?` are IAM `StringLike` wildcards.
-pub const TAG_VALUE_RULE: &str = "self.all(k, self[k].size() <= 256 && self[k].matches('^[\\\\p{L}\\\\p{Z}\\\\p{N}_.:/=+@*?-]*$'))";
-/// What the API server says when a tag value is invalid.
-pub const TAG_VALUE_MESSAGE: &str =
-    "tag values must be 0 to 256 letters, digits, spaces and _.:/=+-@ (and the wildcards * and ?)";
+validated_string!(
+    /// A resource tag value: up to 256 letters, digits, spaces and `_.:/=+-@`; `*` and `?` are
+    /// IAM `StringLike` wildcards.
+    TagValue,
+    max = 256,
+    rule = "self.matches('^[\\\\p{L}\\\\p{Z}\\\\p{N}_.:/=+@*?-]*$')",
+    message = "tag values must be 0 to 256 letters, digits, spaces and _.:/=+-@ (and the wildcards * and ?)"
+);
 
 /// A TCP port number, 1 to 65535.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -15,8 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::names::{
     BucketName, IamGroupName, IamRoleName, IamUserName, InstanceId, KmsKeyId, LogGroupName,
-    OsUserName, Port, S3KeyPrefix, TAG_KEY_MESSAGE, TAG_KEY_RULE, TAG_VALUE_MESSAGE,
-    TAG_VALUE_RULE,
+    OsUserName, Port, S3KeyPrefix, TAG_KEY_MESSAGE, TAG_KEY_RULE, TagValue,
 };
 
 /// The API group of every fleet-access resource.
@@ -146,20 +145,20 @@ pub struct Principals {
     /// IAM user names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
-    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y == x))").message("must not list a user twice"))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub users: Vec<IamUserName>,
 
     /// IAM role names. Roles get the statements for federated identities (their own sessions
     /// are matched by the session tag AWS applies, not by user name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
-    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y == x))").message("must not list a role twice"))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub roles: Vec<IamRoleName>,
 
     /// IAM group names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
-    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y == x))").message("must not list a group twice"))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub groups: Vec<IamGroupName>,
 }
 
@@ -177,19 +176,16 @@ pub struct Targets {
     /// Instances by ID: EC2 instances (i-…) or managed on-premises nodes (mi-…).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
-    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y == x))").message("must not list an instance twice"))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub instance_ids: Vec<InstanceId>,
 
     /// Instances by resource tag: an instance matches when it carries every listed tag. IAM
     /// checks them as ssm:resourceTag conditions; the operator resolves them to instances for
     /// the bridge. Values may use the IAM wildcards * and ?.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(length(max = 10))]
-    #[x_kube(
-        validation = Rule::new(TAG_KEY_RULE).message(TAG_KEY_MESSAGE),
-        validation = Rule::new(TAG_VALUE_RULE).message(TAG_VALUE_MESSAGE),
-    )]
-    pub tags: BTreeMap<String, String>,
+    #[schemars(extend("maxProperties" = 10))]
+    #[x_kube(validation = Rule::new(TAG_KEY_RULE).message(TAG_KEY_MESSAGE))]
+    pub tags: BTreeMap<String, TagValue>,
 
     /// Every instance in the account and Region. Meant for Deny grants (deny SSH everywhere);
     /// cannot be combined with instanceIds or tags.
@@ -214,7 +210,7 @@ pub struct Sessions {
     /// that pins the port number, so IAM restricts forwarding to exactly these ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
-    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y == x))").message("must not list a port twice"))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub ports: Vec<Port>,
 }
 
@@ -337,7 +333,7 @@ pub struct Bridge {
     /// Defaults to [22].
     #[serde(default = "default_bridge_ports")]
     #[schemars(length(min = 1, max = 20))]
-    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y == x))").message("must not list a port twice"))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub ports: Vec<Port>,
 
     /// Who may connect, as NetworkPolicy peers (pod and namespace selectors). Empty means no

@@ -139,7 +139,7 @@ where
             .into_vec()
             .into_iter()
             .map(|e| FieldError {
-                path: e.field_path,
+                path: apiserver_path(&schema, &e.field_path),
                 message: e.message,
             })
             .collect();
@@ -264,6 +264,16 @@ fn check_structure(value: &Value, schema: &Value, path: &str, errors: &mut Vec<F
             if let Some(min) = bound("minItems").filter(|min| len < *min) {
                 fail(format!("must have at least {min} items"));
             }
+            if schema.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("set") {
+                for (i, item) in items.iter().enumerate() {
+                    if items[..i].contains(item) {
+                        errors.push(FieldError {
+                            path: format!("{path}[{i}]"),
+                            message: format!("Duplicate value: {item}"),
+                        });
+                    }
+                }
+            }
             if let Some(item_schema) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
                     check_structure(item, item_schema, &format!("{path}[{i}]"), errors);
@@ -307,8 +317,9 @@ fn check_object(
     for (name, field) in fields {
         let field_path = format!("{path}.{name}");
         match (properties.and_then(|p| p.get(name)), additional) {
-            (Some(field_schema), _) | (None, Some(field_schema)) => {
-                check_structure(field, field_schema, &field_path, errors)
+            (Some(field_schema), _) => check_structure(field, field_schema, &field_path, errors),
+            (None, Some(value_schema)) => {
+                check_structure(field, value_schema, &format!("{path}[{name}]"), errors)
             }
             (None, None) => {
                 let known: Vec<&str> = properties
@@ -330,6 +341,36 @@ fn check_object(
             }
         }
     }
+}
+
+/// Writes a dotted path the way the API server does: map entries as `tags[key]`, fields as `.name`.
+fn apiserver_path(root: &Value, dotted: &str) -> String {
+    let mut schema = root;
+    let mut out = String::new();
+    for segment in dotted.split('.') {
+        // A segment may carry list indexes, as in `instanceIds[0]`.
+        let (name, indexes) = segment.split_at(segment.find('[').unwrap_or(segment.len()));
+        let field = schema.get("properties").and_then(|p| p.get(name));
+        let values = schema.get("additionalProperties").filter(|v| v.is_object());
+        match (field, values) {
+            (None, Some(values)) => {
+                out.push_str(&format!("[{name}]"));
+                schema = values;
+            }
+            (field, _) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(name);
+                schema = field.unwrap_or(&Value::Null);
+            }
+        }
+        for _ in indexes.matches('[') {
+            schema = schema.get("items").unwrap_or(&Value::Null);
+        }
+        out.push_str(indexes);
+    }
+    out
 }
 
 fn article(type_name: &str) -> &'static str {

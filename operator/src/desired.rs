@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use fleet_access_crds::{
     SessionAccess,
-    names::InstanceId,
+    names::{InstanceId, TagValue},
     v1alpha1::{self, Principals, Targets},
 };
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
@@ -347,12 +347,12 @@ fn window_conditions(window: Option<&v1alpha1::Window>) -> Conditions {
 }
 
 /// `ssm:resourceTag/<key>` conditions; several keys in one `StringLike` block must all match.
-fn tag_conditions(tags: &BTreeMap<String, String>) -> Conditions {
+fn tag_conditions(tags: &BTreeMap<String, TagValue>) -> Conditions {
     let mut conditions = Conditions::new();
     if !tags.is_empty() {
         let keys = tags
             .iter()
-            .map(|(k, v)| (format!("ssm:resourceTag/{k}"), vec![v.clone()]))
+            .map(|(k, v)| (format!("ssm:resourceTag/{k}"), vec![v.to_string()]))
             .collect();
         conditions.insert("StringLike".into(), keys);
     }
@@ -630,7 +630,11 @@ fn bridge_grant(
             .iter()
             .map(ToString::to_string)
             .collect(),
-        tags: targets.tags.clone(),
+        tags: targets
+            .tags
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
         ports,
         clients: bridge.clients.clone(),
     })
