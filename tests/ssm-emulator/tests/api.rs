@@ -12,7 +12,11 @@ use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running,
 
 async fn fleet(upstream: Option<String>) -> (Running, aws_sdk_ssm::Client) {
     let echo = echo_server().await;
-    let mut config = Config { mode: Mode::Fast, upstream, ..Config::default() };
+    let mut config = Config {
+        mode: Mode::Fast,
+        upstream,
+        ..Config::default()
+    };
     for i in 0..7 {
         let env = if i < 3 { "prod" } else { "dev" };
         config.instances.push(
@@ -45,22 +49,37 @@ async fn start_session_answers_and_validates() {
     let sid = out.session_id().expect("id");
     assert!(sid.starts_with("fleet-access-"), "{sid}");
     let url = out.stream_url().expect("url");
-    let expected = format!("ws://{}/v1/data-channel/{sid}?role=publish_subscribe", running.local_addr());
+    let expected = format!(
+        "ws://{}/v1/data-channel/{sid}?role=publish_subscribe",
+        running.local_addr()
+    );
     assert!(url.starts_with(&expected), "{url}");
     assert!(out.token_value().is_some_and(|t| t.len() > 32));
 
     let code = |r: Result<_, aws_sdk_ssm::error::SdkError<_>>| -> String {
         match r {
             Ok(_) => "no error".to_owned(),
-            Err(e) => aws_sdk_ssm::error::SdkError::<aws_sdk_ssm::operation::start_session::StartSessionError>::into_service_error(e)
-                .code()
-                .unwrap_or("no code")
-                .to_owned(),
+            Err(e) => aws_sdk_ssm::error::SdkError::<
+                aws_sdk_ssm::operation::start_session::StartSessionError,
+            >::into_service_error(e)
+            .code()
+            .unwrap_or("no code")
+            .to_owned(),
         }
     };
-    let r = ssm.start_session().target("i-0ffffffffffffffff").document_name("AWS-StartSSHSession").send().await;
+    let r = ssm
+        .start_session()
+        .target("i-0ffffffffffffffff")
+        .document_name("AWS-StartSSHSession")
+        .send()
+        .await;
     assert_eq!(code(r), "InvalidTarget");
-    let r = ssm.start_session().target("mi-00000000000000099").document_name("AWS-StartSSHSession").send().await;
+    let r = ssm
+        .start_session()
+        .target("mi-00000000000000099")
+        .document_name("AWS-StartSSHSession")
+        .send()
+        .await;
     assert_eq!(code(r), "TargetNotConnected");
     let r = ssm
         .start_session()
@@ -70,9 +89,18 @@ async fn start_session_answers_and_validates() {
         .send()
         .await;
     assert_eq!(code(r), "ValidationException");
-    let r = ssm.start_session().target("i-00000000000000000").send().await;
+    let r = ssm
+        .start_session()
+        .target("i-00000000000000000")
+        .send()
+        .await;
     assert_eq!(code(r), "InvalidDocument");
-    let r = ssm.start_session().target("i-00000000000000000").document_name("Custom-Unknown").send().await;
+    let r = ssm
+        .start_session()
+        .target("i-00000000000000000")
+        .document_name("Custom-Unknown")
+        .send()
+        .await;
     assert_eq!(code(r), "InvalidDocument");
 }
 
@@ -87,43 +115,90 @@ async fn describe_instance_information_filters_and_pages() {
     };
     let prod = ssm
         .describe_instance_information()
-        .filters(InstanceInformationStringFilter::builder().key("tag:env").values("prod").build().expect("filter"))
+        .filters(
+            InstanceInformationStringFilter::builder()
+                .key("tag:env")
+                .values("prod")
+                .build()
+                .expect("filter"),
+        )
         .send()
         .await
         .expect("describe");
-    assert_eq!(ids(&prod), vec!["i-00000000000000000", "i-00000000000000001", "i-00000000000000002"]);
+    assert_eq!(
+        ids(&prod),
+        vec![
+            "i-00000000000000000",
+            "i-00000000000000001",
+            "i-00000000000000002"
+        ]
+    );
 
     let lost = ssm
         .describe_instance_information()
-        .filters(InstanceInformationStringFilter::builder().key("PingStatus").values("ConnectionLost").build().expect("filter"))
+        .filters(
+            InstanceInformationStringFilter::builder()
+                .key("PingStatus")
+                .values("ConnectionLost")
+                .build()
+                .expect("filter"),
+        )
         .send()
         .await
         .expect("describe");
     assert_eq!(ids(&lost), vec!["mi-00000000000000099"]);
     assert_eq!(
-        lost.instance_information_list()[0].resource_type().map(|r| r.as_str()),
+        lost.instance_information_list()[0]
+            .resource_type()
+            .map(|r| r.as_str()),
         Some("ManagedInstance")
     );
 
     let by_id = ssm
         .describe_instance_information()
-        .filters(InstanceInformationStringFilter::builder().key("InstanceIds").values("i-00000000000000005").build().expect("filter"))
+        .filters(
+            InstanceInformationStringFilter::builder()
+                .key("InstanceIds")
+                .values("i-00000000000000005")
+                .build()
+                .expect("filter"),
+        )
         .send()
         .await
         .expect("describe");
     assert_eq!(ids(&by_id), vec!["i-00000000000000005"]);
-    assert_eq!(by_id.instance_information_list()[0].agent_version(), Some("3.3.1142.0"));
+    assert_eq!(
+        by_id.instance_information_list()[0].agent_version(),
+        Some("3.3.1142.0")
+    );
 
-    let first = ssm.describe_instance_information().max_results(5).send().await.expect("page 1");
+    let first = ssm
+        .describe_instance_information()
+        .max_results(5)
+        .send()
+        .await
+        .expect("page 1");
     assert_eq!(first.instance_information_list().len(), 5);
     let token = first.next_token().expect("more pages").to_owned();
-    let second = ssm.describe_instance_information().max_results(5).next_token(token).send().await.expect("page 2");
+    let second = ssm
+        .describe_instance_information()
+        .max_results(5)
+        .next_token(token)
+        .send()
+        .await
+        .expect("page 2");
     assert_eq!(second.instance_information_list().len(), 3);
     assert!(second.next_token().is_none());
 
     let bad = ssm
         .describe_instance_information()
-        .filters(InstanceInformationStringFilter::builder().key("NoSuchKey").values("x").build().expect("filter"))
+        .filters(
+            InstanceInformationStringFilter::builder()
+                .key("NoSuchKey")
+                .values("x")
+                .build()
+                .expect("filter"),
+        )
         .send()
         .await;
     assert!(bad.is_err());
@@ -132,8 +207,15 @@ async fn describe_instance_information_filters_and_pages() {
 #[tokio::test]
 async fn session_lifecycle_through_the_api() {
     let (running, ssm) = fleet(None).await;
-    let started = start_session(&ssm, "i-00000000000000001", "AWS-StartSSHSession", &[]).await.expect("start");
-    let active = ssm.describe_sessions().state(SessionState::Active).send().await.expect("describe");
+    let started = start_session(&ssm, "i-00000000000000001", "AWS-StartSSHSession", &[])
+        .await
+        .expect("start");
+    let active = ssm
+        .describe_sessions()
+        .state(SessionState::Active)
+        .send()
+        .await
+        .expect("describe");
     let row = active
         .sessions()
         .iter()
@@ -143,13 +225,30 @@ async fn session_lifecycle_through_the_api() {
     assert_eq!(row.document_name(), Some("AWS-StartSSHSession"));
 
     // Resume issues a fresh token for a live session.
-    let resumed = ssm.resume_session().session_id(&started.session_id).send().await.expect("resume");
+    let resumed = ssm
+        .resume_session()
+        .session_id(&started.session_id)
+        .send()
+        .await
+        .expect("resume");
     assert!(resumed.token_value().is_some_and(|t| t != started.token));
 
-    ssm.terminate_session().session_id(&started.session_id).send().await.expect("terminate");
-    let report = running.wait_for_end(&started.session_id, TEST_TIMEOUT).await.expect("report");
+    ssm.terminate_session()
+        .session_id(&started.session_id)
+        .send()
+        .await
+        .expect("terminate");
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.status, SessionStatus::Terminated);
-    let history = ssm.describe_sessions().state(SessionState::History).send().await.expect("describe");
+    let history = ssm
+        .describe_sessions()
+        .state(SessionState::History)
+        .send()
+        .await
+        .expect("describe");
     let row = history
         .sessions()
         .iter()
@@ -159,9 +258,18 @@ async fn session_lifecycle_through_the_api() {
     assert!(row.end_date().is_some());
 
     // Resuming an ended session gives no token (the plugin reads that as "timed out").
-    let resumed = ssm.resume_session().session_id(&started.session_id).send().await.expect("resume");
+    let resumed = ssm
+        .resume_session()
+        .session_id(&started.session_id)
+        .send()
+        .await
+        .expect("resume");
     assert!(resumed.token_value().is_none());
-    let unknown = ssm.resume_session().session_id("nobody-00000000000000000").send().await;
+    let unknown = ssm
+        .resume_session()
+        .session_id("nobody-00000000000000000")
+        .send()
+        .await;
     assert!(unknown.is_err());
 }
 
@@ -169,7 +277,10 @@ async fn session_lifecycle_through_the_api() {
 async fn other_operations_need_an_upstream() {
     let (running, ssm) = fleet(None).await;
     let err = ssm.list_documents().send().await.expect_err("no upstream");
-    assert_eq!(err.into_service_error().code(), Some("UnknownOperationException"));
+    assert_eq!(
+        err.into_service_error().code(),
+        Some("UnknownOperationException")
+    );
     assert_eq!(running.stats().forwarded_requests, 0);
 }
 
@@ -192,18 +303,36 @@ async fn moto_serves_other_operations_and_custom_port_documents() {
         .send()
         .await
         .expect("CreateDocument forwarded to moto");
-    let listed = ssm.list_documents().send().await.expect("ListDocuments forwarded");
-    assert!(listed.document_identifiers().iter().any(|d| d.name() == Some("FleetAccess-Postgres")));
+    let listed = ssm
+        .list_documents()
+        .send()
+        .await
+        .expect("ListDocuments forwarded");
+    assert!(
+        listed
+            .document_identifiers()
+            .iter()
+            .any(|d| d.name() == Some("FleetAccess-Postgres"))
+    );
     assert!(running.stats().forwarded_requests >= 2);
 
-    let started = start_session(&ssm, "i-00000000000000003", "FleetAccess-Postgres", &[]).await.expect("start");
-    let client = Client::start(&started, ssm.clone(), ClientOptions::default()).await.expect("client");
+    let started = start_session(&ssm, "i-00000000000000003", "FleetAccess-Postgres", &[])
+        .await
+        .expect("start");
+    let client = Client::start(&started, ssm.clone(), ClientOptions::default())
+        .await
+        .expect("client");
     let mut mux = MuxClient::new(client);
     mux.client.handshake().await.expect("handshake");
     let id = mux.open().await.expect("open");
     mux.write(id, b"SELECT 1").await.expect("write");
-    mux.read_until(&[(id, 8)]).await.expect("echo through port 5432");
+    mux.read_until(&[(id, 8)])
+        .await
+        .expect("echo through port 5432");
     let report = running.session_report(&started.session_id).expect("report");
-    assert_eq!(report.transfer, Some(fleet_access_ssm_emulator::Transfer::Mux));
+    assert_eq!(
+        report.transfer,
+        Some(fleet_access_ssm_emulator::Transfer::Mux)
+    );
     assert!(report.violations.is_empty(), "{:?}", report.violations);
 }

@@ -601,3 +601,56 @@ async fn realistic_gateway_closes_sessions_over_the_rate_limit() {
         "{report:?}"
     );
 }
+
+#[tokio::test]
+async fn idle_sessions_end_with_channel_closed() {
+    let (running, ssm) = emulator(Mode::Fast, Faults::default(), |c| c.idle_timeout_ms = 400).await;
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("StartSession");
+    let mut client = Client::start(&started, ssm.clone(), ClientOptions::default())
+        .await
+        .expect("client");
+    client.handshake().await.expect("handshake");
+    let closed = client
+        .wait_event(|e| matches!(e, ClientEvent::ChannelClosed(_)))
+        .await
+        .expect("closed");
+    assert_eq!(
+        closed,
+        ClientEvent::ChannelClosed("Session idle timeout".into())
+    );
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("report");
+    assert_eq!(report.status, SessionStatus::Terminated);
+}
+
+#[tokio::test]
+async fn remote_host_document_leads_to_the_mapped_address() {
+    let echo = echo_server().await;
+    let (running, ssm) = emulator(Mode::Fast, Faults::default(), |c| {
+        c.instances[0].ports.insert("db.internal:5432".into(), echo);
+    })
+    .await;
+    let started = start_session(
+        &ssm,
+        INSTANCE,
+        "AWS-StartPortForwardingSessionToRemoteHost",
+        &[("host", "db.internal"), ("portNumber", "5432")],
+    )
+    .await
+    .expect("StartSession");
+    let client = Client::start(&started, ssm.clone(), ClientOptions::default())
+        .await
+        .expect("client");
+    let mut mux = MuxClient::new(client);
+    mux.client.handshake().await.expect("handshake");
+    let id = mux.open().await.expect("open");
+    mux.write(id, b"remote").await.expect("write");
+    mux.read_until(&[(id, 6)]).await.expect("echo");
+    assert_eq!(mux.received[&id], b"remote");
+    let report = running.session_report(&started.session_id).expect("report");
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+}

@@ -10,18 +10,28 @@ use common::*;
 use fleet_access_ssm_emulator::message::{
     self, ClientMessage, HandshakeResponse, MessageType, ProcessedClientAction, flag, payload_type,
 };
-use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running, SessionReport, SessionStatus};
+use fleet_access_ssm_emulator::{
+    Config, Emulator, InstanceConfig, Mode, Running, SessionReport, SessionStatus,
+};
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 const INSTANCE: &str = "i-0bbbbbbbbbbbbbbb1";
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn emulator(tweak: impl FnOnce(&mut Config)) -> (Running, aws_sdk_ssm::Client) {
     let echo = echo_server().await;
-    let mut config = Config { mode: Mode::Fast, ..Config::default() };
-    config.instances.push(InstanceConfig::new(INSTANCE).with_port("22", echo).with_port("80", echo));
+    let mut config = Config {
+        mode: Mode::Fast,
+        ..Config::default()
+    };
+    config.instances.push(
+        InstanceConfig::new(INSTANCE)
+            .with_port("22", echo)
+            .with_port("80", echo),
+    );
     tweak(&mut config);
     let running = Emulator::start(config).await.expect("emulator");
     let ssm = ssm_client(&running.endpoint_url());
@@ -29,11 +39,19 @@ async fn emulator(tweak: impl FnOnce(&mut Config)) -> (Running, aws_sdk_ssm::Cli
 }
 
 fn input(seq: i64, pt: u32, payload: &[u8]) -> ClientMessage {
-    ClientMessage::new(MessageType::InputStreamData, seq, u64::from(seq == 0), pt, payload.to_vec())
+    ClientMessage::new(
+        MessageType::InputStreamData,
+        seq,
+        u64::from(seq == 0),
+        pt,
+        payload.to_vec(),
+    )
 }
 
 async fn send(ws: &mut Ws, m: &ClientMessage) {
-    ws.send(Message::Binary(m.encode().into())).await.expect("send");
+    ws.send(Message::Binary(m.encode().into()))
+        .await
+        .expect("send");
 }
 
 async fn send_raw(ws: &mut Ws, bytes: Vec<u8>) {
@@ -43,8 +61,12 @@ async fn send_raw(ws: &mut Ws, bytes: Vec<u8>) {
 /// Next agent stream message (acks and control messages skipped).
 async fn next_output(ws: &mut Ws) -> ClientMessage {
     loop {
-        let frame = tokio::time::timeout(TEST_TIMEOUT, ws.next()).await.expect("frame in time");
-        let Some(Ok(Message::Binary(b))) = frame else { panic!("connection ended: {frame:?}") };
+        let frame = tokio::time::timeout(TEST_TIMEOUT, ws.next())
+            .await
+            .expect("frame in time");
+        let Some(Ok(Message::Binary(b))) = frame else {
+            panic!("connection ended: {frame:?}")
+        };
         let m = message::decode(&b).expect("decodes").message;
         if m.message_type == MessageType::OutputStreamData {
             return m;
@@ -53,7 +75,11 @@ async fn next_output(ws: &mut Ws) -> ClientMessage {
 }
 
 async fn ack(ws: &mut Ws, m: &ClientMessage) {
-    send(ws, &ClientMessage::acknowledge(&m.message_type, m.message_id, m.sequence_number)).await;
+    send(
+        ws,
+        &ClientMessage::acknowledge(&m.message_type, m.message_id, m.sequence_number),
+    )
+    .await;
 }
 
 fn response(client_version: &str) -> Vec<u8> {
@@ -72,12 +98,20 @@ fn response(client_version: &str) -> Vec<u8> {
 
 /// Opens a session and completes the handshake correctly; the next client seq is 1.
 async fn handshaken(ssm: &aws_sdk_ssm::Client, document: &str) -> (Started, Ws) {
-    let started = start_session(ssm, INSTANCE, document, &[]).await.expect("start");
-    let mut ws = open_ws(&started.url, &started.token, "1.2.764.0").await.expect("open");
+    let started = start_session(ssm, INSTANCE, document, &[])
+        .await
+        .expect("start");
+    let mut ws = open_ws(&started.url, &started.token, "1.2.764.0")
+        .await
+        .expect("open");
     let req = next_output(&mut ws).await;
     assert_eq!(req.payload_type, payload_type::HANDSHAKE_REQUEST);
     ack(&mut ws, &req).await;
-    send(&mut ws, &input(0, payload_type::HANDSHAKE_RESPONSE, &response("1.2.764.0"))).await;
+    send(
+        &mut ws,
+        &input(0, payload_type::HANDSHAKE_RESPONSE, &response("1.2.764.0")),
+    )
+    .await;
     let complete = next_output(&mut ws).await;
     assert_eq!(complete.payload_type, payload_type::HANDSHAKE_COMPLETE);
     ack(&mut ws, &complete).await;
@@ -85,11 +119,28 @@ async fn handshaken(ssm: &aws_sdk_ssm::Client, document: &str) -> (Started, Ws) 
 }
 
 async fn failed_with(running: &Running, sid: &str, needle: &str) -> SessionReport {
-    let report = running.wait_for_end(sid, TEST_TIMEOUT).await.expect("report");
+    let report = running
+        .wait_for_end(sid, TEST_TIMEOUT)
+        .await
+        .expect("report");
     assert_eq!(report.status, SessionStatus::Failed, "{report:?}");
-    assert!(report.violations.iter().any(|v| v.contains(needle)), "want {needle:?}: {report:?}");
-    assert!(report.close_reason.as_deref().is_some_and(|r| r.contains(needle)), "{report:?}");
-    assert!(running.violations().iter().any(|v| v.reason.contains(needle)));
+    assert!(
+        report.violations.iter().any(|v| v.contains(needle)),
+        "want {needle:?}: {report:?}"
+    );
+    assert!(
+        report
+            .close_reason
+            .as_deref()
+            .is_some_and(|r| r.contains(needle)),
+        "{report:?}"
+    );
+    assert!(
+        running
+            .violations()
+            .iter()
+            .any(|v| v.reason.contains(needle))
+    );
     report
 }
 
@@ -97,15 +148,21 @@ async fn failed_with(running: &Running, sid: &str, needle: &str) -> SessionRepor
 async fn open_message_without_client_version_fails_in_strict_mode_only() {
     for strict in [true, false] {
         let (running, ssm) = emulator(|c| c.strict = strict).await;
-        let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("start");
-        let (mut ws, _) = tokio_tungstenite::connect_async(&started.url).await.expect("dial");
+        let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+            .await
+            .expect("start");
+        let (mut ws, _) = tokio_tungstenite::connect_async(&started.url)
+            .await
+            .expect("dial");
         // What ssm-session-client sends: no ClientId, no ClientVersion.
         let open = serde_json::json!({
             "MessageSchemaVersion": "1.0",
             "RequestId": uuid::Uuid::new_v4().to_string(),
             "TokenValue": started.token,
         });
-        ws.send(Message::Text(open.to_string().into())).await.expect("open");
+        ws.send(Message::Text(open.to_string().into()))
+            .await
+            .expect("open");
         let req = next_output(&mut ws).await;
         assert_eq!(req.payload_type, payload_type::HANDSHAKE_REQUEST);
         if strict {
@@ -122,23 +179,39 @@ async fn open_message_without_client_version_fails_in_strict_mode_only() {
 #[tokio::test]
 async fn binary_open_message_and_reused_token_are_rejected() {
     let (running, ssm) = emulator(|_| {}).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("start");
-    let (mut ws, _) = tokio_tungstenite::connect_async(&started.url).await.expect("dial");
-    ws.send(Message::Binary(b"{}".to_vec().into())).await.expect("send");
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("start");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&started.url)
+        .await
+        .expect("dial");
+    ws.send(Message::Binary(b"{}".to_vec().into()))
+        .await
+        .expect("send");
     failed_with(&running, &started.session_id, "binary frame").await;
 
     let (running, ssm) = emulator(|_| {}).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("start");
-    let _first = open_ws(&started.url, &started.token, "1.2.764.0").await.expect("open");
-    let _second = open_ws(&started.url, &started.token, "1.2.764.0").await.expect("open");
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("start");
+    let _first = open_ws(&started.url, &started.token, "1.2.764.0")
+        .await
+        .expect("open");
+    let _second = open_ws(&started.url, &started.token, "1.2.764.0")
+        .await
+        .expect("open");
     failed_with(&running, &started.session_id, "already used").await;
 }
 
 #[tokio::test]
 async fn data_before_handshake_complete_is_a_violation() {
     let (running, ssm) = emulator(|_| {}).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("start");
-    let mut ws = open_ws(&started.url, &started.token, "1.2.764.0").await.expect("open");
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("start");
+    let mut ws = open_ws(&started.url, &started.token, "1.2.764.0")
+        .await
+        .expect("open");
     send(&mut ws, &input(0, payload_type::OUTPUT, b"too early")).await;
     failed_with(&running, &started.session_id, "before HandshakeComplete").await;
 }
@@ -153,7 +226,9 @@ async fn malformed_headers_are_violations() {
         }),
         ("PayloadDigest", |b| b[80] ^= 0xFF),
         ("padded with", |b| b[4 + 17] = 0),
-        ("PayloadLength", |b| b[116..120].copy_from_slice(&999u32.to_be_bytes())),
+        ("PayloadLength", |b| {
+            b[116..120].copy_from_slice(&999u32.to_be_bytes())
+        }),
     ];
     for (needle, corrupt) in cases {
         let (running, ssm) = emulator(|_| {}).await;
@@ -187,7 +262,12 @@ async fn a_different_message_under_a_used_seq_is_a_violation() {
     send(&mut ws, &input(1, payload_type::OUTPUT, b"first")).await;
     let _ = next_output(&mut ws).await;
     send(&mut ws, &input(1, payload_type::OUTPUT, b"other")).await;
-    failed_with(&running, &started.session_id, "different message under already-used seq 1").await;
+    failed_with(
+        &running,
+        &started.session_id,
+        "different message under already-used seq 1",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -211,10 +291,18 @@ async fn acks_for_unsent_messages_are_violations() {
 #[tokio::test]
 async fn a_client_that_never_acks_is_a_violation() {
     let (running, ssm) = emulator(|c| c.unacked_retransmit_limit = 4).await;
-    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[]).await.expect("start");
-    let mut ws = open_ws(&started.url, &started.token, "1.2.764.0").await.expect("open");
+    let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
+        .await
+        .expect("start");
+    let mut ws = open_ws(&started.url, &started.token, "1.2.764.0")
+        .await
+        .expect("open");
     let _req = next_output(&mut ws).await; // never acked
-    send(&mut ws, &input(0, payload_type::HANDSHAKE_RESPONSE, &response("1.2.764.0"))).await;
+    send(
+        &mut ws,
+        &input(0, payload_type::HANDSHAKE_RESPONSE, &response("1.2.764.0")),
+    )
+    .await;
     // Keep the client visibly alive with acks for nothing in particular: repeated acks of the
     // HandshakeComplete only.
     let complete = next_output(&mut ws).await;
@@ -229,14 +317,28 @@ async fn a_client_that_never_acks_is_a_violation() {
             break r;
         }
     };
-    assert!(report.violations.iter().any(|v| v.contains("never acknowledged output seq 0")), "{report:?}");
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.contains("never acknowledged output seq 0")),
+        "{report:?}"
+    );
 }
 
 #[tokio::test]
 async fn terminate_flag_to_an_old_agent_is_a_violation() {
     let (running, ssm) = emulator(|c| c.instances[0].agent_version = "2.3.672.0".into()).await;
     let (started, mut ws) = handshaken(&ssm, "AWS-StartSSHSession").await;
-    send(&mut ws, &input(1, payload_type::FLAG, &message::flag_payload(flag::TERMINATE_SESSION))).await;
+    send(
+        &mut ws,
+        &input(
+            1,
+            payload_type::FLAG,
+            &message::flag_payload(flag::TERMINATE_SESSION),
+        ),
+    )
+    .await;
     failed_with(&running, &started.session_id, "needs > 2.3.722.0").await;
 }
 
