@@ -64,8 +64,9 @@ async fn next_output(ws: &mut Ws) -> ClientMessage {
         let frame = tokio::time::timeout(TEST_TIMEOUT, ws.next())
             .await
             .expect("frame in time");
-        let Some(Ok(Message::Binary(b))) = frame else {
-            panic!("connection ended: {frame:?}")
+        let b = match frame {
+            Some(Ok(Message::Binary(b))) => b,
+            other => unreachable!("connection ended: {other:?}"),
         };
         let m = message::decode(&b).expect("decodes").message;
         if m.message_type == MessageType::OutputStreamData {
@@ -216,9 +217,11 @@ async fn data_before_handshake_complete_is_a_violation() {
     failed_with(&running, &started.session_id, "before HandshakeComplete").await;
 }
 
+type Corruption = fn(&mut Vec<u8>);
+
 #[tokio::test]
 async fn malformed_headers_are_violations() {
-    let cases: [(&str, fn(&mut Vec<u8>)); 4] = [
+    let cases: [(&str, Corruption); 4] = [
         ("HeaderLength", |b| {
             // HL 120, with the payload still read from HL+4: a shifted frame.
             b[..4].copy_from_slice(&120u32.to_be_bytes());
