@@ -1,0 +1,194 @@
+//! The operator-bridge contract: how the operator describes a bridge endpoint on a `Service`
+//! and how the bridge reads it back. Both crates use this module, so the keys and the format
+//! live in one place.
+//!
+//! In the bridge namespace the operator writes one `Service` per instance:
+//!
+//! ```text
+//! metadata:
+//!   name: i-0123456789abcdef0                       # the instance ID (a valid DNS label)
+//!   labels:
+//!     app.kubernetes.io/managed-by: fleet-access-operator
+//!   annotations:
+//!     fleetaccess.io/instance-id: i-0123456789abcdef0
+//!     fleetaccess.io/ports: '[{"port":22,"targetPort":20001,"document":"AWS-StartSSHSession","portParameter":22}]'
+//! spec:
+//!   selector: {app.kubernetes.io/name: agent-bridge}
+//!   ports: [{name: p22, port: 22, targetPort: 20001}]
+//! ```
+//!
+//! The bridge keeps exactly one listener per (instance, port): it listens on `targetPort` and
+//! starts sessions to the instance with `document` (passing `portNumber = portParameter` when
+//! set). Pure: no I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Label on every endpoint Service (and NetworkPolicy) the operator manages.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+
+/// The value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY_VALUE: &str = "fleet-access-operator";
+
+/// The label that selects the bridge pods; endpoint Services select on it.
+pub const BRIDGE_POD_LABEL: &str = "app.kubernetes.io/name";
+
+/// The value of [`BRIDGE_POD_LABEL`] on bridge pods.
+pub const BRIDGE_POD_VALUE: &str = "agent-bridge";
+
+/// Annotation with the instance the Service reaches.
+pub const INSTANCE_ID_ANNOTATION: &str = "fleetaccess.io/instance-id";
+
+/// Annotation with the exposed ports, as a JSON list of [`EndpointPort`].
+pub const PORTS_ANNOTATION: &str = "fleetaccess.io/ports";
+
+/// One exposed port of an instance.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPort {
+    /// The port on the instance (and the Service's port).
+    pub port: u16,
+    /// The port the bridge pods listen on for it (the Service's targetPort).
+    pub target_port: u16,
+    /// The SSM session document the bridge starts sessions with.
+    pub document: String,
+    /// The `portNumber` parameter to pass, for documents that do not pin the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_parameter: Option<u16>,
+}
+
+/// What an endpoint Service's annotations say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointAnnotations {
+    /// The instance ID.
+    pub instance_id: String,
+    /// The exposed ports, sorted by port.
+    pub ports: Vec<EndpointPort>,
+}
+
+/// Annotations that do not describe an endpoint.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ContractError {
+    /// A required annotation is absent.
+    #[error("annotation {0} is missing")]
+    Missing(&'static str),
+    /// The ports annotation is not the expected JSON.
+    #[error("annotation {PORTS_ANNOTATION} is not a JSON list of ports: {0}")]
+    BadPorts(String),
+    /// Two entries expose the same port or share a target port.
+    #[error("annotation {PORTS_ANNOTATION} repeats port or targetPort {0}")]
+    DuplicatePort(u16),
+}
+
+impl EndpointAnnotations {
+    /// The annotations to put on the Service.
+    pub fn render(&self) -> BTreeMap<String, String> {
+        let mut ports = self.ports.clone();
+        ports.sort();
+        // A list of plain structs always serializes.
+        let ports = serde_json::to_string(&ports).unwrap_or_default();
+        BTreeMap::from([
+            (INSTANCE_ID_ANNOTATION.to_owned(), self.instance_id.clone()),
+            (PORTS_ANNOTATION.to_owned(), ports),
+        ])
+    }
+
+    /// Reads the annotations of a Service; other annotations are ignored.
+    pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Self, ContractError> {
+        let instance_id = annotations
+            .get(INSTANCE_ID_ANNOTATION)
+            .ok_or(ContractError::Missing(INSTANCE_ID_ANNOTATION))?
+            .clone();
+        let text = annotations
+            .get(PORTS_ANNOTATION)
+            .ok_or(ContractError::Missing(PORTS_ANNOTATION))?;
+        let mut ports: Vec<EndpointPort> =
+            serde_json::from_str(text).map_err(|e| ContractError::BadPorts(e.to_string()))?;
+        ports.sort();
+        let mut seen_ports = std::collections::BTreeSet::new();
+        let mut seen_targets = std::collections::BTreeSet::new();
+        for p in &ports {
+            if !seen_ports.insert(p.port) {
+                return Err(ContractError::DuplicatePort(p.port));
+            }
+            if !seen_targets.insert(p.target_port) {
+                return Err(ContractError::DuplicatePort(p.target_port));
+            }
+        }
+        Ok(Self { instance_id, ports })
+    }
+}
+
+/// The labels every managed endpoint Service carries.
+pub fn managed_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned())])
+}
+
+/// The selector of endpoint Services: the bridge pods.
+pub fn bridge_pod_selector() -> BTreeMap<String, String> {
+    BTreeMap::from([(BRIDGE_POD_LABEL.to_owned(), BRIDGE_POD_VALUE.to_owned())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> EndpointAnnotations {
+        EndpointAnnotations {
+            instance_id: "i-0123456789abcdef0".into(),
+            ports: vec![
+                EndpointPort {
+                    port: 5432,
+                    target_port: 20002,
+                    document: "fleet-access.ops.db-port5432".into(),
+                    port_parameter: None,
+                },
+                EndpointPort {
+                    port: 22,
+                    target_port: 20001,
+                    document: "AWS-StartSSHSession".into(),
+                    port_parameter: Some(22),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn render_then_parse_gives_back_the_endpoint_sorted_by_port() {
+        let rendered = sample().render();
+        assert_eq!(
+            rendered[PORTS_ANNOTATION],
+            r#"[{"port":22,"targetPort":20001,"document":"AWS-StartSSHSession","portParameter":22},{"port":5432,"targetPort":20002,"document":"fleet-access.ops.db-port5432"}]"#
+        );
+        let parsed = EndpointAnnotations::parse(&rendered).expect("parses");
+        assert_eq!(parsed.instance_id, "i-0123456789abcdef0");
+        assert_eq!(parsed.ports[0].port, 22);
+        assert_eq!(parsed.ports[1].port_parameter, None);
+    }
+
+    #[test]
+    fn parse_names_what_is_wrong() {
+        let mut annotations = sample().render();
+        annotations.remove(INSTANCE_ID_ANNOTATION);
+        assert_eq!(
+            EndpointAnnotations::parse(&annotations),
+            Err(ContractError::Missing(INSTANCE_ID_ANNOTATION))
+        );
+        let mut annotations = sample().render();
+        annotations.insert(PORTS_ANNOTATION.into(), "{".into());
+        assert!(matches!(
+            EndpointAnnotations::parse(&annotations),
+            Err(ContractError::BadPorts(_))
+        ));
+        let mut annotations = sample().render();
+        annotations.insert(
+            PORTS_ANNOTATION.into(),
+            r#"[{"port":22,"targetPort":1,"document":"d"},{"port":23,"targetPort":1,"document":"d"}]"#.into(),
+        );
+        assert_eq!(
+            EndpointAnnotations::parse(&annotations),
+            Err(ContractError::DuplicatePort(1))
+        );
+    }
+}
