@@ -6,23 +6,17 @@ set -euo pipefail
 # shellcheck source=tests/env/common.sh
 . "$(dirname "$0")/common.sh"
 
-# package -> a file it installs that the tests use
-declare -A wanted=(
-    [openssh-server]=/usr/sbin/sshd
-    [openssh-client]=/usr/bin/ssh
-    [prometheus]=/usr/bin/prometheus
-    [openssl]=/usr/bin/openssl
-    [python3-venv]=/usr/lib/python3/dist-packages/pip
-    [ca-certificates]=/etc/ssl/certs/ca-certificates.crt
-)
+# openssh-server: sshd; openssh-client: ssh, scp, ssh-keygen; prometheus: prometheus
+# and promtool; python3-venv: Debian's python3 with venv for moto.
+wanted=(openssh-server openssh-client prometheus openssl python3-venv ca-certificates)
 missing=()
-for pkg in "${!wanted[@]}"; do
+for pkg in "${wanted[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
         missing+=("$pkg")
     fi
 done
 if [ ${#missing[@]} -eq 0 ]; then
-    log "Debian packages present: ${!wanted[*]}"
+    log "Debian packages present: ${wanted[*]}"
     exit 0
 fi
 
