@@ -109,7 +109,13 @@ impl ControlPlane {
         let etcd_peer_port = free_loopback_port()?;
         let mut etcd = Command::new(&etcd_bin);
         etcd.args(etcd_args(dir.path(), etcd_port, etcd_peer_port));
-        let mut etcd = SupervisedProcess::spawn("etcd", &etcd, &dir.path().join("etcd.log"))?;
+        // etcd stops last: its supervisor removes the folder (certificates, data, logs).
+        let mut etcd = SupervisedProcess::spawn_removing_dir(
+            "etcd",
+            &etcd,
+            &dir.path().join("etcd.log"),
+            dir.path(),
+        )?;
         etcd.wait_until(ETCD_READY_TIMEOUT, || {
             accepts_connections(loopback(etcd_port))
         })

@@ -86,8 +86,12 @@ impl Moto {
             .env("AWS_DEFAULT_REGION", TEST_REGION)
             .env("AWS_CONFIG_FILE", "/dev/null")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
-        let mut process =
-            SupervisedProcess::spawn("moto_server", &command, &dir.path().join("moto.log"))?;
+        let mut process = SupervisedProcess::spawn_removing_dir(
+            "moto_server",
+            &command,
+            &dir.path().join("moto.log"),
+            dir.path(),
+        )?;
         process
             .wait_until(READY_TIMEOUT, || accepts_connections(loopback(port)))
             .await?;

@@ -44,6 +44,28 @@ impl SupervisedProcess {
         log_path: &Path,
         watch_pid: u32,
     ) -> FixtureResult<Self> {
+        Self::spawn_supervised(name, command, log_path, watch_pid, None)
+    }
+
+    /// Like [`SupervisedProcess::spawn`], and the supervisor removes `dir` once the
+    /// program has stopped: for services kept in statics, whose temporary folders are
+    /// never dropped.
+    pub fn spawn_removing_dir(
+        name: &str,
+        command: &Command,
+        log_path: &Path,
+        dir: &Path,
+    ) -> FixtureResult<Self> {
+        Self::spawn_supervised(name, command, log_path, std::process::id(), Some(dir))
+    }
+
+    fn spawn_supervised(
+        name: &str,
+        command: &Command,
+        log_path: &Path,
+        watch_pid: u32,
+        remove_dir: Option<&Path>,
+    ) -> FixtureResult<Self> {
         let log = File::create(log_path)
             .map_err(FixtureError::io(format!("creating {}", log_path.display())))?;
         let log_for_stderr = log
@@ -66,6 +88,9 @@ impl SupervisedProcess {
         }
         if let Some(dir) = command.get_current_dir() {
             supervised.current_dir(dir);
+        }
+        if let Some(dir) = remove_dir {
+            supervised.env("SUPERVISE_REMOVE_DIR", dir);
         }
         let child = supervised
             .spawn()

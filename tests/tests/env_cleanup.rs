@@ -90,7 +90,20 @@ fn service_addresses(out: &Path) -> Vec<std::net::SocketAddr> {
         .collect()
 }
 
-const REPORT_SERVICES: &str = r#"grep 'server:' "$FLEET_ACCESS_KUBECONFIG" > "$OUT.tmp" && echo "$FLEET_ACCESS_MOTO_ENDPOINT" >> "$OUT.tmp" && mv "$OUT.tmp" "$OUT""#;
+/// The control plane's folder, from the `kubeconfig=` line the command wrote.
+fn control_plane_dir(out: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(out).expect("command wrote its environment");
+    let kubeconfig = text
+        .lines()
+        .find_map(|line| line.strip_prefix("kubeconfig="))
+        .expect("kubeconfig line");
+    Path::new(kubeconfig)
+        .parent()
+        .expect("folder")
+        .to_path_buf()
+}
+
+const REPORT_SERVICES: &str = r#"grep 'server:' "$FLEET_ACCESS_KUBECONFIG" > "$OUT.tmp" && echo "$FLEET_ACCESS_MOTO_ENDPOINT" >> "$OUT.tmp" && echo "kubeconfig=$FLEET_ACCESS_KUBECONFIG" >> "$OUT.tmp" && mv "$OUT.tmp" "$OUT""#;
 
 #[tokio::test]
 async fn the_wrapper_passes_the_exit_code_and_stops_its_services() {
@@ -121,6 +134,8 @@ async fn killing_the_wrapper_leaves_no_services_behind() {
     let mut wrapper = start_wrapper(&script);
     assert!(wait_until(|| out.exists()).await, "services did not start");
     let addresses = service_addresses(&out);
+    let folder = control_plane_dir(&out);
+    assert!(folder.is_dir());
     for address in &addresses {
         assert!(accepts_connections(*address).await, "{address} is not up");
     }
@@ -142,4 +157,9 @@ async fn killing_the_wrapper_leaves_no_services_behind() {
             "{address} still listens after the wrapper was killed"
         );
     }
+    assert!(
+        wait_until(|| !folder.exists()).await,
+        "{} was left behind",
+        folder.display()
+    );
 }
