@@ -20,6 +20,24 @@ enum Command {
     Plan(PlanArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crds,
+    /// Run the controller: reconcile every SessionAccess in the cluster (kubeconfig or
+    /// in-cluster credentials; AWS from the usual environment).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    aws: AwsArgs,
+    /// Seconds between drift checks of a synced grant.
+    #[arg(long, env = "FLEET_ACCESS_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "FLEET_ACCESS_ADMIN_ADDRESS", default_value = "0.0.0.0:8080")]
+    admin_address: String,
+    /// This replica's name in Events (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME", default_value = "fleet-access-operator")]
+    replica: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -100,6 +118,7 @@ impl Args {
     pub fn run(self) -> ExitCode {
         let result = match self.command {
             Command::Plan(args) => plan(args).map(|out| print!("{out}")),
+            Command::Run(args) => run(args),
             Command::Crds => {
                 print!("{}", fleet_access_crds::crds_yaml());
                 Ok(())
@@ -142,6 +161,29 @@ pub fn plan_grants(
     } else {
         report::text(&desired)
     })
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let RunArgs {
+        aws,
+        resync_seconds,
+        admin_address,
+        replica,
+    } = args;
+    let settings = aws.into_settings();
+    let account = settings
+        .account
+        .clone()
+        .ok_or_else(|| Error::Config("set --account (policy ARNs need the account ID)".into()))?;
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(crate::runner::run(crate::runner::RunConfig {
+        settings,
+        account,
+        resync: std::time::Duration::from_secs(resync_seconds),
+        admin_address,
+        replica,
+    }))
 }
 
 fn read_input(file: &str) -> Result<String> {

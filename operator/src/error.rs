@@ -47,6 +47,26 @@ pub enum Error {
         "the grant asks for bridge endpoints but the operator has no bridge role: set --bridge-role"
     )]
     NoBridgeRole,
+
+    /// An AWS call failed (after retries, for retryable errors). The code says why.
+    #[error("{0}")]
+    Aws(#[from] crate::aws::AwsError),
+
+    /// A policy or document with the grant's name exists but is not the grant's.
+    #[error("{0}")]
+    NotOwned(#[from] crate::plan::NotOwned),
+
+    /// A Kubernetes API call failed; the reconcile is retried.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+
+    /// Adding or removing the finalizer, or the reconcile it wraps, failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+
+    /// The operator's configuration is incomplete or wrong. The message says what to set.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 impl Error {
@@ -58,6 +78,25 @@ impl Error {
             Error::TooManyPolicies { .. } => "too_many_policies",
             Error::StatementTooLarge { .. } => "statement_too_large",
             Error::NoBridgeRole => "no_bridge_role",
+            Error::Aws(e) if e.is_retryable() => "aws_retryable",
+            Error::Aws(_) => "aws",
+            Error::NotOwned(_) => "not_owned",
+            Error::Kube(_) => "kube",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+            Error::Config(_) => "config",
+        }
+    }
+
+    /// Whether trying again soon may succeed (throttling, busy IAM, Kubernetes hiccups).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Aws(e) => e.is_retryable(),
+            Error::Kube(_) | Error::Finalizer(_) => true,
+            _ => false,
         }
     }
 }

@@ -2,15 +2,23 @@
 //! documents and bridge endpoints.
 //!
 //! Pure modules (`desired`, `policy`, `documents`, `naming`, `report`) turn a grant into the
-//! state it stands for; the CLI (`cli`) wires them to files and standard output.
+//! state it stands for; the CLI (`cli`) wires them to files and standard output. `plan` (pure diff) and `status`
+//! (pure conditions) feed `reconcile`, the controller, which talks to AWS through `aws`.
 
+pub mod admin;
+pub mod aws;
 pub mod cli;
 pub mod desired;
 pub mod documents;
 pub mod error;
+pub mod metrics;
 pub mod naming;
+pub mod plan;
 pub mod policy;
+pub mod reconcile;
+pub mod runner;
 pub mod report;
 pub mod settings;
+pub mod status;
 
 pub use error::{Error, Result};

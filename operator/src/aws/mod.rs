@@ -1,0 +1,235 @@
+//! The operator's narrow view of AWS: the IAM and SSM operations it needs, in domain verbs,
+//! behind object-safe traits. `sdk` implements them over aws-sdk-iam / aws-sdk-ssm (the only
+//! module that imports those crates). Errors carry AWS's error code, classified as retryable or
+//! not, so callers can back off or report a terminal condition.
+
+pub mod sdk;
+
+use std::{collections::BTreeMap, fmt, future::Future, time::Duration};
+
+/// A kind of IAM principal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PrincipalKind {
+    /// An IAM user.
+    User,
+    /// An IAM role.
+    Role,
+    /// An IAM group.
+    Group,
+}
+
+/// An IAM principal by kind and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Principal {
+    /// User, role or group.
+    pub kind: PrincipalKind,
+    /// Its name.
+    pub name: String,
+}
+
+impl Principal {
+    /// The principal's ARN.
+    pub fn arn(&self, partition: &str, account: &str) -> String {
+        let kind = match self.kind {
+            PrincipalKind::User => "user",
+            PrincipalKind::Role => "role",
+            PrincipalKind::Group => "group",
+        };
+        format!("arn:{partition}:iam::{account}:{kind}/{}", self.name)
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?} {}", self.kind, self.name)
+    }
+}
+
+/// A managed policy as IAM describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyInfo {
+    /// Its ARN.
+    pub arn: String,
+    /// The default version, such as `v3`.
+    pub default_version: String,
+    /// Its tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// One version of a managed policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyVersion {
+    /// Such as `v3`.
+    pub id: String,
+    /// Whether it is the default version.
+    pub is_default: bool,
+}
+
+impl PolicyVersion {
+    /// The version number (IAM numbers versions upwards: v1, v2, …), for ordering by age.
+    pub fn number(&self) -> u64 {
+        self.id
+            .trim_start_matches(['v', 'V'])
+            .parse()
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// A session document as SSM describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocumentInfo {
+    /// The content of the default version.
+    pub content: String,
+    /// The default version.
+    pub default_version: String,
+    /// The latest version.
+    pub latest_version: String,
+}
+
+/// A managed instance as DescribeInstanceInformation reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// The instance ID.
+    pub instance_id: String,
+    /// Online, ConnectionLost or Inactive.
+    pub ping_status: Option<String>,
+    /// The SSM Agent version.
+    pub agent_version: Option<String>,
+}
+
+/// An AWS call that failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{operation}: {code}: {message}")]
+pub struct AwsError {
+    /// The operation, such as `CreatePolicyVersion`.
+    pub operation: &'static str,
+    /// AWS's error code, or `Transport` when no answer came.
+    pub code: String,
+    /// AWS's message.
+    pub message: String,
+}
+
+/// Error codes worth retrying: throttling, overlapping writes, propagation, server faults.
+const RETRYABLE_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "TooManyUpdates",
+    "ConcurrentModification",
+    "EntityTemporarilyUnmodifiable",
+    "ServiceFailure",
+    "InternalServerError",
+    "Transport",
+];
+
+impl AwsError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        RETRYABLE_CODES.contains(&self.code.as_str())
+    }
+
+    /// Whether the entity does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self.code.as_str(),
+            "NoSuchEntity" | "InvalidDocument" | "InvalidResourceId" | "DoesNotExistException"
+        )
+    }
+}
+
+/// The result of an AWS call.
+pub type AwsResult<T> = std::result::Result<T, AwsError>;
+
+/// How many times a retryable call is tried in all.
+const RETRY_ATTEMPTS: u32 = 5;
+
+/// The first pause after a retryable failure; it doubles each time.
+const RETRY_FIRST_PAUSE: Duration = Duration::from_millis(100);
+
+/// Runs `call`, retrying retryable failures with exponential backoff.
+pub async fn with_retry<T, F, Fut>(mut call: F) -> AwsResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = AwsResult<T>>,
+{
+    let mut pause = RETRY_FIRST_PAUSE;
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if e.is_retryable() && attempt < RETRY_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "retrying AWS call");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The IAM operations the operator uses.
+#[async_trait::async_trait]
+pub trait IamApi: Send + Sync {
+    /// The policy, or `None` when it does not exist.
+    async fn get_policy(&self, arn: &str) -> AwsResult<Option<PolicyInfo>>;
+    /// Creates a policy with its first version and tags.
+    async fn create_policy(
+        &self,
+        name: &str,
+        path: &str,
+        document: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> AwsResult<PolicyInfo>;
+    /// The document of one version, as IAM returns it (possibly URL-encoded).
+    async fn get_policy_document(&self, arn: &str, version: &str) -> AwsResult<String>;
+    /// Every version of a policy.
+    async fn list_policy_versions(&self, arn: &str) -> AwsResult<Vec<PolicyVersion>>;
+    /// Creates a version and makes it the default; returns its ID.
+    async fn create_policy_version(&self, arn: &str, document: &str) -> AwsResult<String>;
+    /// Deletes a non-default version.
+    async fn delete_policy_version(&self, arn: &str, version: &str) -> AwsResult<()>;
+    /// The users, roles and groups the policy is attached to.
+    async fn list_attachments(&self, arn: &str) -> AwsResult<Vec<Principal>>;
+    /// Attaches the policy to a principal.
+    async fn attach(&self, arn: &str, principal: &Principal) -> AwsResult<()>;
+    /// Detaches the policy from a principal.
+    async fn detach(&self, arn: &str, principal: &Principal) -> AwsResult<()>;
+    /// Deletes a policy (detached, with only its default version left).
+    async fn delete_policy(&self, arn: &str) -> AwsResult<()>;
+}
+
+/// The SSM operations the operator uses.
+#[async_trait::async_trait]
+pub trait SsmApi: Send + Sync {
+    /// The document's default version, or `None` when it does not exist.
+    async fn get_document(&self, name: &str) -> AwsResult<Option<DocumentInfo>>;
+    /// Names of the documents carrying tag `key` = `value`.
+    async fn list_documents_tagged(&self, key: &str, value: &str) -> AwsResult<Vec<String>>;
+    /// Creates a Session document with tags.
+    async fn create_document(
+        &self,
+        name: &str,
+        content: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> AwsResult<()>;
+    /// Adds a version with new content and makes it the default; returns the version.
+    async fn update_document(&self, name: &str, content: &str) -> AwsResult<String>;
+    /// Deletes a document and all its versions.
+    async fn delete_document(&self, name: &str) -> AwsResult<()>;
+    /// Managed instances with these IDs, or (when `ids` is empty) carrying all these tags.
+    async fn describe_instances(
+        &self,
+        ids: &[String],
+        tags: &BTreeMap<String, String>,
+    ) -> AwsResult<Vec<InstanceInfo>>;
+    /// IDs of the active sessions on an instance.
+    async fn active_sessions(&self, instance_id: &str) -> AwsResult<Vec<String>>;
+    /// Terminates a session.
+    async fn terminate_session(&self, session_id: &str) -> AwsResult<()>;
+}
+
+/// Whether an IAM or SSM operation changes anything (for counting write calls).
+pub fn is_write(operation: &str) -> bool {
+    !(operation.starts_with("Get")
+        || operation.starts_with("List")
+        || operation.starts_with("Describe"))
+}

@@ -1,0 +1,731 @@
+//! The controller: watches `SessionAccess` and, for each grant, observes AWS, computes the
+//! desired state (`desired`), diffs it (`plan`), applies the changes through [`IamApi`] /
+//! [`SsmApi`], and writes the status (`status`). A finalizer guarantees cleanup, which runs the
+//! same applier with nothing desired.
+//!
+//! ```text
+//!  watch ─▶ finalizer ─┬─ Apply:   observe ─▶ desired::compute ─▶ plan ─▶ apply ─▶ status
+//!                      └─ Cleanup: observe ─▶ (nothing wanted)  ─▶ plan ─▶ apply
+//! ```
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use fleet_access_crds::{
+    SessionAccess,
+    v1alpha1::{PolicyStatus, SessionAccessStatus, TargetStatus},
+};
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        finalizer::{Event, finalizer},
+        watcher,
+    },
+};
+use serde_json::json;
+
+use crate::{
+    Error, Result,
+    aws::{AwsError, IamApi, Principal, PrincipalKind, SsmApi, with_retry},
+    desired::{self, Desired},
+    metrics::Metrics,
+    naming::{OWNER_TAG, POLICY_PATH},
+    plan::{self, Change, ObservedPolicy, WantedDocument, WantedPolicy},
+    settings::Settings,
+    status::{self, Observations, Outcome},
+};
+
+/// The finalizer that guarantees cleanup.
+pub const FINALIZER: &str = "fleetaccess.io/cleanup";
+
+/// The field manager of the status the operator writes.
+pub const FIELD_MANAGER: &str = "fleet-access-operator";
+
+/// What every reconcile needs.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// IAM.
+    pub iam: Arc<dyn IamApi>,
+    /// SSM.
+    pub ssm: Arc<dyn SsmApi>,
+    /// Partition, Region, bridge role and namespace.
+    pub settings: Settings,
+    /// The account that owns the policies (for their ARNs).
+    pub account: String,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// How often a synced grant is checked again for drift.
+    pub resync: Duration,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Each grant's state for the `grants` gauge.
+    states: Mutex<BTreeMap<String, &'static str>>,
+}
+
+impl Context {
+    /// A context; `reporter` names the replica in Events.
+    pub fn new(
+        client: Client,
+        iam: Arc<dyn IamApi>,
+        ssm: Arc<dyn SsmApi>,
+        settings: Settings,
+        account: String,
+        metrics: Metrics,
+        resync: Duration,
+        reporter: &str,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(reporter.into()),
+            },
+        );
+        Self {
+            client,
+            iam,
+            ssm,
+            settings,
+            account,
+            metrics,
+            resync,
+            recorder,
+            states: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn policy_arn(&self, name: &str) -> String {
+        format!(
+            "arn:{}:iam::{}:policy{POLICY_PATH}{name}",
+            self.settings.partition, self.account
+        )
+    }
+
+    fn set_state(&self, grant: &str, state: Option<&'static str>) {
+        let Ok(mut states) = self.states.lock() else {
+            return;
+        };
+        match state {
+            Some(s) => states.insert(grant.to_owned(), s),
+            None => states.remove(grant),
+        };
+        for name in ["ready", "failed", "expired"] {
+            let count = states.values().filter(|s| **s == name).count();
+            self.metrics
+                .grants
+                .with_label_values(&[name])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` completes.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let grants: Api<SessionAccess> = Api::all(ctx.client.clone());
+    Controller::new(grants, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+/// Reconciles one grant.
+pub async fn reconcile(grant: Arc<SessionAccess>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = grant.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<SessionAccess> = Api::namespaced(ctx.client.clone(), &namespace);
+    let timer = ctx
+        .metrics
+        .reconcile_duration
+        .with_label_values(&["SessionAccess"])
+        .start_timer();
+    let result = finalizer(&api, FINALIZER, grant, |event| async {
+        match event {
+            Event::Apply(grant) => apply(&grant, &api, &ctx).await,
+            Event::Cleanup(grant) => cleanup(&grant, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    timer.observe_duration();
+    result
+}
+
+/// Requeues failed reconciles with a pause, counting them by kind.
+pub fn error_policy(grant: Arc<SessionAccess>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[error.metric_label()])
+        .inc();
+    tracing::warn!(grant = %grant.name_any(), %error, "reconcile failed");
+    Action::requeue(RETRY_PAUSE)
+}
+
+/// Pause before a failed reconcile is tried again.
+const RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+// === apply ===
+
+fn grant_id(grant: &SessionAccess) -> String {
+    crate::naming::owner_tag_value(
+        &grant.namespace().unwrap_or_else(|| "default".into()),
+        &grant.name_any(),
+    )
+}
+
+fn expiry(grant: &SessionAccess) -> Option<Timestamp> {
+    grant
+        .spec
+        .window
+        .as_ref()
+        .and_then(|w| w.expires_at.as_ref())
+        .map(|t| t.0)
+}
+
+async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -> Result<Action> {
+    let id = grant_id(grant);
+    let now = Timestamp::now();
+    let expired = expiry(grant).is_some_and(|at| at <= now);
+    let previous = grant.status.clone();
+
+    let desired = match desired::compute(grant, &ctx.settings) {
+        Ok(d) => d,
+        Err(error) => {
+            let seen = Observations {
+                generation: grant.metadata.generation,
+                policy: Outcome::no("InvalidGrant", error.to_string()),
+                targets: Outcome::no("InvalidGrant", "not resolved: the grant is invalid"),
+                bridge: Outcome::no("InvalidGrant", "not applied: the grant is invalid"),
+                expired,
+                policies: Vec::new(),
+                attached_principals: Vec::new(),
+                target_list: Vec::new(),
+            };
+            write_status(api, grant, previous.as_ref(), &seen).await?;
+            ctx.set_state(&id, Some("failed"));
+            return Ok(Action::await_change());
+        }
+    };
+
+    let known_arns = known_policy_arns(grant, Some(&desired), ctx);
+    let (wanted_policies, wanted_documents) = if expired {
+        (Vec::new(), Vec::new())
+    } else {
+        wanted(&desired, ctx)
+    };
+
+    let (targets_outcome, target_list) = resolve_targets(grant, &desired, ctx).await;
+    if expired {
+        terminate_sessions(grant, &target_list, ctx).await;
+    }
+
+    let synced = sync(grant, &id, &wanted_policies, &known_arns, &wanted_documents, ctx).await;
+    let (policy_outcome, policies, retry) = match synced {
+        Ok(policies) => (
+            Outcome::yes(
+                "Synced",
+                format!(
+                    "{} IAM policies and {} session documents match the grant",
+                    wanted_policies.len(),
+                    wanted_documents.len()
+                ),
+            ),
+            policies,
+            None,
+        ),
+        Err(error) => {
+            let retry = error.is_retryable();
+            (sync_failure(&error), Vec::new(), Some((retry, error)))
+        }
+    };
+    let attached_principals = if policy_outcome.ok {
+        attached_arns(&wanted_policies, ctx)
+    } else {
+        previous
+            .as_ref()
+            .map(|s| s.attached_principals.clone())
+            .unwrap_or_default()
+    };
+    let policies = if policy_outcome.ok {
+        policies
+    } else {
+        previous
+            .as_ref()
+            .map(|s| s.policies.clone())
+            .unwrap_or_default()
+    };
+    let bridge_outcome = match &desired.bridge {
+        _ if expired => Outcome::yes("Expired", "endpoints removed at expiry"),
+        None => Outcome::yes("NotRequested", "the grant asks for no bridge endpoints"),
+        Some(_) => Outcome::no(
+            "EndpointsNotManaged",
+            "this operator version applies the bridge role's policy but does not yet write endpoint Services",
+        ),
+    };
+    let seen = Observations {
+        generation: grant.metadata.generation,
+        policy: policy_outcome,
+        targets: targets_outcome,
+        bridge: bridge_outcome,
+        expired,
+        policies,
+        attached_principals,
+        target_list,
+    };
+    write_status(api, grant, previous.as_ref(), &seen).await?;
+    let state = if expired {
+        "expired"
+    } else if seen.policy.ok && seen.targets.ok && seen.bridge.ok {
+        "ready"
+    } else {
+        "failed"
+    };
+    ctx.set_state(&id, Some(state));
+
+    if let Some((true, error)) = retry {
+        return Err(error);
+    }
+    let mut requeue = ctx.resync;
+    if !expired && let Some(at) = expiry(grant) {
+        let until = at.duration_since(now);
+        let until = Duration::try_from(until).unwrap_or_default() + Duration::from_secs(1);
+        requeue = requeue.min(until);
+    }
+    Ok(Action::requeue(requeue))
+}
+
+/// The condition for a failed sync: the AWS error code as reason, and what to do.
+fn sync_failure(error: &Error) -> Outcome {
+    match error {
+        Error::Aws(aws) => {
+            let advice = match aws.code.as_str() {
+                "LimitExceeded" => "an IAM quota is reached (policies per account, attachments per principal or policy size): raise the quota or split the grant",
+                "MalformedPolicyDocument" => "IAM rejected the rendered policy: report this as a bug with the grant attached",
+                "NoSuchEntity" => "a principal does not exist in IAM: create it or fix spec.principals",
+                code if RETRYABLE_HINT.contains(&code) => "AWS is throttling or busy: the operator retries with backoff",
+                _ => "the operator retries; check the operator's AWS permissions",
+            };
+            Outcome::no(
+                &pascal(&aws.code),
+                format!("{} failed: {}: {advice}", aws.operation, aws.message),
+            )
+        }
+        Error::NotOwned(e) => Outcome::no("NotOwned", e.to_string()),
+        other => Outcome::no("SyncFailed", other.to_string()),
+    }
+}
+
+const RETRYABLE_HINT: &[&str] = &[
+    "Throttling",
+    "ConcurrentModification",
+    "EntityTemporarilyUnmodifiable",
+    "ServiceFailure",
+];
+
+/// A condition reason must be CamelCase letters.
+fn pascal(code: &str) -> String {
+    let reason: String = code.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    if reason.is_empty() || !reason.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        "AwsError".into()
+    } else {
+        reason
+    }
+}
+
+/// The grant's policies and documents as the plan wants them.
+fn wanted(desired: &Desired, ctx: &Context) -> (Vec<WantedPolicy>, Vec<WantedDocument>) {
+    let p = &desired.principals;
+    let principals: BTreeSet<Principal> = p
+        .users
+        .iter()
+        .map(|n| (PrincipalKind::User, n))
+        .chain(p.roles.iter().map(|n| (PrincipalKind::Role, n)))
+        .chain(p.groups.iter().map(|n| (PrincipalKind::Group, n)))
+        .map(|(kind, name)| Principal {
+            kind,
+            name: name.clone(),
+        })
+        .collect();
+    let mut policies: Vec<WantedPolicy> = desired
+        .policies
+        .iter()
+        .map(|policy| WantedPolicy {
+            name: policy.name.clone(),
+            arn: ctx.policy_arn(&policy.name),
+            document: policy.document.0.to_json(),
+            principals: principals.clone(),
+        })
+        .collect();
+    if let Some(bridge) = &desired.bridge {
+        policies.push(WantedPolicy {
+            name: bridge.policy.name.clone(),
+            arn: ctx.policy_arn(&bridge.policy.name),
+            document: bridge.policy.document.0.to_json(),
+            principals: BTreeSet::from([Principal {
+                kind: PrincipalKind::Role,
+                name: bridge.role.clone(),
+            }]),
+        });
+    }
+    let documents = desired
+        .documents
+        .iter()
+        .map(|d| WantedDocument {
+            name: d.name.clone(),
+            content: d.content.to_string(),
+        })
+        .collect();
+    (policies, documents)
+}
+
+/// Every policy ARN the grant may own: the ones its status records and the ones its names
+/// derive to (which covers a crash between creating a policy and recording it).
+fn known_policy_arns(
+    grant: &SessionAccess,
+    desired: Option<&Desired>,
+    ctx: &Context,
+) -> BTreeSet<String> {
+    let mut arns: BTreeSet<String> = grant
+        .status
+        .iter()
+        .flat_map(|s| s.policies.iter().map(|p| p.arn.clone()))
+        .collect();
+    if let Some(desired) = desired {
+        arns.extend(desired.policies.iter().map(|p| ctx.policy_arn(&p.name)));
+        if let Some(bridge) = &desired.bridge {
+            arns.insert(ctx.policy_arn(&bridge.policy.name));
+        }
+    }
+    arns
+}
+
+fn attached_arns(wanted: &[WantedPolicy], ctx: &Context) -> Vec<String> {
+    let all: BTreeSet<String> = wanted
+        .iter()
+        .flat_map(|p| p.principals.iter())
+        .map(|p| p.arn(&ctx.settings.partition, &ctx.account))
+        .collect();
+    all.into_iter().collect()
+}
+
+/// Brings IAM and SSM to the wanted state; returns the policies with their default versions.
+async fn sync(
+    grant: &SessionAccess,
+    owner: &str,
+    wanted_policies: &[WantedPolicy],
+    known_arns: &BTreeSet<String>,
+    wanted_documents: &[WantedDocument],
+    ctx: &Context,
+) -> Result<Vec<PolicyStatus>> {
+    let mut statuses = Vec::new();
+    for wanted in wanted_policies {
+        let observed = observe_policy(&wanted.arn, owner, ctx).await?;
+        let changes = plan::policy_changes(owner, Some(wanted), observed.as_ref())?;
+        let mut version = observed
+            .as_ref()
+            .and_then(|o| o.versions.iter().find(|v| v.is_default))
+            .map(|v| v.id.clone());
+        for change in &changes {
+            if let Some(v) = apply_change(grant, owner, change, ctx).await? {
+                version = Some(v);
+            }
+        }
+        statuses.push(PolicyStatus {
+            arn: wanted.arn.clone(),
+            version_id: version.unwrap_or_else(|| "v1".into()),
+        });
+    }
+    let wanted_arns: BTreeSet<&str> = wanted_policies.iter().map(|p| p.arn.as_str()).collect();
+    for arn in known_arns
+        .iter()
+        .filter(|arn| !wanted_arns.contains(arn.as_str()))
+    {
+        let observed = observe_policy(arn, owner, ctx).await?;
+        for change in plan::policy_changes(owner, None, observed.as_ref())? {
+            apply_change(grant, owner, &change, ctx).await?;
+        }
+    }
+
+    let owned = with_retry(|| ctx.ssm.list_documents_tagged(OWNER_TAG, owner)).await?;
+    let mut observed_documents = BTreeMap::new();
+    for name in &owned {
+        if let Some(document) = with_retry(|| ctx.ssm.get_document(name)).await? {
+            observed_documents.insert(name.clone(), document.content);
+        }
+    }
+    let mut foreign = BTreeSet::new();
+    for document in wanted_documents {
+        if !observed_documents.contains_key(&document.name)
+            && with_retry(|| ctx.ssm.get_document(&document.name))
+                .await?
+                .is_some()
+        {
+            foreign.insert(document.name.clone());
+        }
+    }
+    for change in plan::document_changes(wanted_documents, &observed_documents, &foreign)? {
+        apply_change(grant, owner, &change, ctx).await?;
+    }
+    Ok(statuses)
+}
+
+async fn observe_policy(arn: &str, owner: &str, ctx: &Context) -> Result<Option<ObservedPolicy>> {
+    let Some(info) = with_retry(|| ctx.iam.get_policy(arn)).await? else {
+        return Ok(None);
+    };
+    let tag = info.tags.get(OWNER_TAG).cloned();
+    if tag.as_deref() != Some(owner) {
+        return Ok(Some(ObservedPolicy {
+            arn: arn.to_owned(),
+            owner: tag,
+            document: String::new(),
+            versions: Vec::new(),
+            attached: BTreeSet::new(),
+        }));
+    }
+    let versions = with_retry(|| ctx.iam.list_policy_versions(arn)).await?;
+    let document =
+        with_retry(|| ctx.iam.get_policy_document(arn, &info.default_version)).await?;
+    let attached = with_retry(|| ctx.iam.list_attachments(arn))
+        .await?
+        .into_iter()
+        .collect();
+    Ok(Some(ObservedPolicy {
+        arn: arn.to_owned(),
+        owner: tag,
+        document,
+        versions,
+        attached,
+    }))
+}
+
+/// Applies one change, publishes an Event for it, and returns the new default policy version
+/// when the change made one.
+async fn apply_change(
+    grant: &SessionAccess,
+    owner: &str,
+    change: &Change,
+    ctx: &Context,
+) -> Result<Option<String>> {
+    let tags = BTreeMap::from([(OWNER_TAG.to_owned(), owner.to_owned())]);
+    let mut version = None;
+    match change {
+        Change::CreatePolicy { name, document } => {
+            let info = with_retry(|| {
+                ctx.iam
+                    .create_policy(name, POLICY_PATH, document, &tags)
+            })
+            .await?;
+            version = Some(info.default_version);
+        }
+        Change::DeletePolicyVersion { arn, version } => {
+            with_retry(|| ctx.iam.delete_policy_version(arn, version)).await?
+        }
+        Change::CreatePolicyVersion { arn, document } => {
+            version = Some(with_retry(|| ctx.iam.create_policy_version(arn, document)).await?);
+        }
+        Change::Attach { arn, principal } => {
+            with_retry(|| ctx.iam.attach(arn, principal)).await?
+        }
+        Change::Detach { arn, principal } => {
+            ignore_not_found(with_retry(|| ctx.iam.detach(arn, principal)).await)?
+        }
+        Change::DeletePolicy { arn } => {
+            ignore_not_found(with_retry(|| ctx.iam.delete_policy(arn)).await)?
+        }
+        Change::CreateDocument { name, content } => {
+            with_retry(|| ctx.ssm.create_document(name, content, &tags)).await?
+        }
+        Change::UpdateDocument { name, content } => {
+            match with_retry(|| ctx.ssm.update_document(name, content)).await {
+                Err(e) if e.code == "DuplicateDocumentContent" => {}
+                other => {
+                    other?;
+                }
+            }
+        }
+        Change::DeleteDocument { name } => {
+            ignore_not_found(with_retry(|| ctx.ssm.delete_document(name)).await)?
+        }
+    }
+    publish(grant, change.reason(), &change.describe(), ctx).await;
+    Ok(version)
+}
+
+fn ignore_not_found(result: std::result::Result<(), AwsError>) -> std::result::Result<(), AwsError> {
+    match result {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other,
+    }
+}
+
+async fn publish(grant: &SessionAccess, reason: &str, note: &str, ctx: &Context) {
+    let event = KubeEvent {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &grant.object_ref(&())).await {
+        tracing::debug!(%error, "event not published");
+    }
+}
+
+/// Resolves the targets through DescribeInstanceInformation: instance IDs as listed, tags to
+/// the instances carrying them. `allInstances` is not enumerated.
+async fn resolve_targets(
+    grant: &SessionAccess,
+    desired: &Desired,
+    ctx: &Context,
+) -> (Outcome, Vec<TargetStatus>) {
+    let targets = &grant.spec.targets;
+    if targets.all_instances {
+        return (
+            Outcome::yes("AllInstances", "the grant covers every instance; none are listed"),
+            Vec::new(),
+        );
+    }
+    let ids: Vec<String> = targets.instance_ids.iter().map(ToString::to_string).collect();
+    let tags: BTreeMap<String, String> = targets
+        .tags
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect();
+    let mut found = Vec::new();
+    for (ids, tags) in [(ids.clone(), BTreeMap::new()), (Vec::new(), tags)] {
+        if ids.is_empty() && tags.is_empty() {
+            continue;
+        }
+        match with_retry(|| ctx.ssm.describe_instances(&ids, &tags)).await {
+            Ok(instances) => found.extend(instances),
+            Err(error) => {
+                return (
+                    Outcome::no(
+                        "DescribeInstanceInformationFailed",
+                        format!("cannot resolve the targets: {error}; the policies still apply"),
+                    ),
+                    Vec::new(),
+                );
+            }
+        }
+    }
+    found.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+    found.dedup_by(|a, b| a.instance_id == b.instance_id);
+    let bridged = desired.bridge.is_some();
+    let namespace = &ctx.settings.bridge_namespace;
+    let list: Vec<TargetStatus> = found
+        .iter()
+        .map(|i| TargetStatus {
+            instance_id: i.instance_id.clone(),
+            ping_status: i.ping_status.clone(),
+            agent_version: i.agent_version.clone(),
+            ssh_capable: i.agent_version.as_deref().map(status::agent_supports_ssh),
+            endpoint: bridged.then(|| format!("{}.{namespace}", i.instance_id)),
+        })
+        .collect();
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !found.iter().any(|i| &i.instance_id == *id))
+        .collect();
+    let outcome = if !missing.is_empty() {
+        Outcome::no(
+            "InstancesNotManaged",
+            format!(
+                "SSM does not know {} of the listed instances ({}): check the IDs and that the SSM Agent runs and is registered",
+                missing.len(),
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )
+    } else if list.is_empty() {
+        Outcome::no(
+            "NoInstances",
+            "no managed instance matches spec.targets: check the tags or instance IDs",
+        )
+    } else {
+        Outcome::yes("Resolved", format!("{} managed instances", list.len()))
+    };
+    (outcome, list)
+}
+
+/// Terminates the open sessions on the grant's instances (at expiry).
+async fn terminate_sessions(grant: &SessionAccess, targets: &[TargetStatus], ctx: &Context) {
+    for target in targets {
+        let sessions = match with_retry(|| ctx.ssm.active_sessions(&target.instance_id)).await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(%error, instance = %target.instance_id, "cannot list sessions");
+                continue;
+            }
+        };
+        for session in sessions {
+            match with_retry(|| ctx.ssm.terminate_session(&session)).await {
+                Ok(()) => {
+                    publish(
+                        grant,
+                        "SessionTerminated",
+                        &format!(
+                            "terminated session {session} on {} at expiry",
+                            target.instance_id
+                        ),
+                        ctx,
+                    )
+                    .await
+                }
+                Err(error) => tracing::warn!(%error, %session, "cannot terminate session"),
+            }
+        }
+    }
+}
+
+async fn write_status(
+    api: &Api<SessionAccess>,
+    grant: &SessionAccess,
+    previous: Option<&SessionAccessStatus>,
+    seen: &Observations,
+) -> Result<()> {
+    let status = status::compute(previous, seen, Timestamp::now());
+    if previous == Some(&status) {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": "fleetaccess.io/v1alpha1",
+        "kind": "SessionAccess",
+        "status": status,
+    });
+    api.patch_status(
+        &grant.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+// === cleanup ===
+
+async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
+    let id = grant_id(grant);
+    let desired = desired::compute(grant, &ctx.settings).ok();
+    let known = known_policy_arns(grant, desired.as_ref(), ctx);
+    sync(grant, &id, &[], &known, &[], ctx).await?;
+    ctx.set_state(&id, None);
+    Ok(Action::await_change())
+}

@@ -1,0 +1,202 @@
+//! Pure status: the conditions of a `SessionAccess` from what a reconcile found and did. No I/O;
+//! the clock is an argument.
+//!
+//! Ready = PolicySynced ∧ TargetsResolved ∧ BridgeReady ∧ ¬Expired. A condition keeps its
+//! `lastTransitionTime` while its status does not change.
+
+use fleet_access_crds::v1alpha1::{PolicyStatus, SessionAccessStatus, TargetStatus};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+
+/// Condition types.
+pub const READY: &str = "Ready";
+/// IAM policies and session documents match the grant.
+pub const POLICY_SYNCED: &str = "PolicySynced";
+/// The targets resolved to managed instances.
+pub const TARGETS_RESOLVED: &str = "TargetsResolved";
+/// The bridge endpoints exist (or none are asked for).
+pub const BRIDGE_READY: &str = "BridgeReady";
+/// The window has ended and the grant is revoked.
+pub const EXPIRED: &str = "Expired";
+
+/// One condition's outcome: true/false with a reason and a message a person can act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether the condition holds.
+    pub ok: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+impl Outcome {
+    /// A holding condition.
+    pub fn yes(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A failing condition.
+    pub fn no(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Everything a reconcile learned, as input to the status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observations {
+    /// The object's generation.
+    pub generation: Option<i64>,
+    /// Policies and documents.
+    pub policy: Outcome,
+    /// Target resolution.
+    pub targets: Outcome,
+    /// Bridge endpoints.
+    pub bridge: Outcome,
+    /// Whether the window has ended.
+    pub expired: bool,
+    /// The grant's policies with their default versions.
+    pub policies: Vec<PolicyStatus>,
+    /// Principal ARNs the policies are attached to.
+    pub attached_principals: Vec<String>,
+    /// Resolved instances.
+    pub target_list: Vec<TargetStatus>,
+}
+
+/// The status to write, given the previous one (for transition times) and the time now.
+pub fn compute(
+    previous: Option<&SessionAccessStatus>,
+    seen: &Observations,
+    now: Timestamp,
+) -> SessionAccessStatus {
+    let expired = if seen.expired {
+        Outcome::yes(
+            "WindowEnded",
+            "spec.window.expiresAt has passed: the policies are revoked, endpoints removed and open sessions terminated; move expiresAt to grant access again",
+        )
+    } else {
+        Outcome::no("WithinWindow", "the grant has not expired")
+    };
+    let ready = if seen.expired {
+        Outcome::no("Expired", "the grant's window has ended")
+    } else if !seen.policy.ok {
+        Outcome::no(&seen.policy.reason, seen.policy.message.clone())
+    } else if !seen.targets.ok {
+        Outcome::no(&seen.targets.reason, seen.targets.message.clone())
+    } else if !seen.bridge.ok {
+        Outcome::no(&seen.bridge.reason, seen.bridge.message.clone())
+    } else {
+        Outcome::yes("Applied", "IAM, SSM and the bridge endpoints match the grant")
+    };
+    let previous_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let condition = |type_: &str, outcome: &Outcome| {
+        let status = if outcome.ok { "True" } else { "False" };
+        let since = previous_conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or(Time(now));
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: outcome.reason.clone(),
+            message: outcome.message.clone(),
+            observed_generation: seen.generation,
+            last_transition_time: since,
+        }
+    };
+    let conditions = vec![
+        condition(READY, &ready),
+        condition(POLICY_SYNCED, &seen.policy),
+        condition(TARGETS_RESOLVED, &seen.targets),
+        condition(BRIDGE_READY, &seen.bridge),
+        condition(EXPIRED, &expired),
+    ];
+    SessionAccessStatus {
+        observed_generation: seen.generation,
+        conditions,
+        policies: seen.policies.clone(),
+        attached_principals: seen.attached_principals.clone(),
+        target_count: i32::try_from(seen.target_list.len()).ok(),
+        targets: seen.target_list.clone(),
+    }
+}
+
+/// Whether an SSM Agent version can carry SSH sessions (2.3.672.0 or later).
+pub fn agent_supports_ssh(version: &str) -> bool {
+    let parts: Vec<u64> = version
+        .split('.')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    parts >= vec![2, 3, 672, 0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(policy: Outcome) -> Observations {
+        Observations {
+            generation: Some(3),
+            policy,
+            targets: Outcome::yes("Resolved", "1 instance"),
+            bridge: Outcome::yes("NotRequested", "no bridge"),
+            expired: false,
+            policies: Vec::new(),
+            attached_principals: Vec::new(),
+            target_list: Vec::new(),
+        }
+    }
+
+    fn find<'a>(status: &'a SessionAccessStatus, type_: &str) -> &'a Condition {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .expect("condition present")
+    }
+
+    #[test]
+    fn ready_follows_the_first_failing_condition() {
+        let t0 = Timestamp::from_second(1_000).expect("time");
+        let status = compute(
+            None,
+            &seen(Outcome::no("LimitExceeded", "too many policies")),
+            t0,
+        );
+        let ready = find(&status, READY);
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.reason, "LimitExceeded");
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(find(&status, EXPIRED).status, "False");
+    }
+
+    #[test]
+    fn transition_time_stays_while_status_holds() {
+        let t0 = Timestamp::from_second(1_000).expect("time");
+        let t1 = Timestamp::from_second(2_000).expect("time");
+        let first = compute(None, &seen(Outcome::yes("Applied", "ok")), t0);
+        let second = compute(Some(&first), &seen(Outcome::yes("Applied", "ok")), t1);
+        assert_eq!(find(&second, READY).last_transition_time, Time(t0));
+        let third = compute(Some(&second), &seen(Outcome::no("X", "y")), t1);
+        assert_eq!(find(&third, READY).last_transition_time, Time(t1));
+    }
+
+    #[test]
+    fn ssh_needs_agent_2_3_672() {
+        assert!(agent_supports_ssh("2.3.672.0"));
+        assert!(agent_supports_ssh("3.1.1511.0"));
+        assert!(!agent_supports_ssh("2.3.671.9"));
+        assert!(!agent_supports_ssh("2.2.1000.0"));
+    }
+}
