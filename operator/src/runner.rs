@@ -70,7 +70,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         &config.replica,
     ));
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    reconcile::run(ctx, shutdown_signal()).await;
+    reconcile::run(ctx, None, shutdown_signal()).await;
     admin.abort();
     Ok(())
 }

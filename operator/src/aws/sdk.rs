@@ -33,6 +33,19 @@ impl SdkAws {
         }
     }
 
+    /// Clients with separate configurations for IAM and SSM (different endpoints).
+    pub fn with_configs(
+        iam: &aws_config::SdkConfig,
+        ssm: &aws_config::SdkConfig,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            iam: aws_sdk_iam::Client::new(iam),
+            ssm: aws_sdk_ssm::Client::new(ssm),
+            metrics,
+        }
+    }
+
     fn record<T, E>(
         &self,
         service: &'static str,

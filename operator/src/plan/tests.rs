@@ -1,0 +1,201 @@
+//! The pure diff: creation, new versions at IAM's limit, attachments, removal, ownership,
+//! documents.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+use crate::aws::PrincipalKind;
+
+const OWNER: &str = "ops/web";
+const ARN: &str = "arn:aws:iam::123456789012:policy/fleet-access/fleet-access.ops.web";
+
+fn doc(resource: &str) -> String {
+    format!(
+        r#"{{"Version":"2012-10-17","Statement":[{{"Sid":"S","Effect":"Allow","Action":"ssm:StartSession","Resource":"{resource}"}}]}}"#
+    )
+}
+
+fn user(name: &str) -> Principal {
+    Principal {
+        kind: PrincipalKind::User,
+        name: name.into(),
+    }
+}
+
+fn wanted(resource: &str, principals: &[&str]) -> WantedPolicy {
+    WantedPolicy {
+        name: "fleet-access.ops.web".into(),
+        arn: ARN.into(),
+        document: doc(resource),
+        principals: principals.iter().map(|p| user(p)).collect(),
+    }
+}
+
+fn observed(resource: &str, versions: u64, attached: &[&str]) -> ObservedPolicy {
+    ObservedPolicy {
+        arn: ARN.into(),
+        owner: Some(OWNER.into()),
+        document: doc(resource),
+        versions: (1..=versions)
+            .map(|n| PolicyVersion {
+                id: format!("v{n}"),
+                is_default: n == versions,
+            })
+            .collect(),
+        attached: attached.iter().map(|p| user(p)).collect(),
+    }
+}
+
+#[test]
+fn a_missing_policy_is_created_then_attached() {
+    let changes = policy_changes(OWNER, Some(&wanted("a", &["alice"])), None).expect("owned");
+    assert_eq!(
+        changes,
+        vec![
+            Change::CreatePolicy {
+                name: "fleet-access.ops.web".into(),
+                document: doc("a"),
+            },
+            Change::Attach {
+                arn: ARN.into(),
+                principal: user("alice"),
+            },
+        ]
+    );
+}
+
+#[test]
+fn an_equal_policy_needs_nothing_even_rewritten_by_aws() {
+    let mut seen = observed("a", 1, &["alice"]);
+    seen.document = percent_encoding::utf8_percent_encode(
+        &seen.document.replace(r#""Resource":"a""#, r#""Resource":["a"]"#),
+        percent_encoding::NON_ALPHANUMERIC,
+    )
+    .to_string();
+    assert_eq!(
+        policy_changes(OWNER, Some(&wanted("a", &["alice"])), Some(&seen)),
+        Ok(vec![])
+    );
+}
+
+#[test]
+fn a_changed_document_gets_a_new_version_and_the_oldest_goes_at_five() {
+    let changes =
+        policy_changes(OWNER, Some(&wanted("b", &["alice"])), Some(&observed("a", 2, &["alice"])))
+            .expect("owned");
+    assert_eq!(
+        changes,
+        vec![Change::CreatePolicyVersion {
+            arn: ARN.into(),
+            document: doc("b"),
+        }]
+    );
+    let mut full = observed("a", 5, &["alice"]);
+    // The default is not the newest: the oldest non-default goes.
+    full.versions[4].is_default = false;
+    full.versions[0].is_default = true;
+    let changes = policy_changes(OWNER, Some(&wanted("b", &["alice"])), Some(&full)).expect("owned");
+    assert_eq!(
+        changes[0],
+        Change::DeletePolicyVersion {
+            arn: ARN.into(),
+            version: "v2".into(),
+        }
+    );
+    assert_eq!(changes.len(), 2);
+}
+
+#[test]
+fn attachments_follow_the_principals() {
+    let changes = policy_changes(
+        OWNER,
+        Some(&wanted("a", &["alice", "bob"])),
+        Some(&observed("a", 1, &["bob", "mallory"])),
+    )
+    .expect("owned");
+    assert_eq!(
+        changes,
+        vec![
+            Change::Attach {
+                arn: ARN.into(),
+                principal: user("alice"),
+            },
+            Change::Detach {
+                arn: ARN.into(),
+                principal: user("mallory"),
+            },
+        ]
+    );
+}
+
+#[test]
+fn removal_detaches_deletes_old_versions_then_the_policy() {
+    let changes = policy_changes(OWNER, None, Some(&observed("a", 3, &["alice"]))).expect("owned");
+    assert_eq!(
+        changes,
+        vec![
+            Change::Detach {
+                arn: ARN.into(),
+                principal: user("alice"),
+            },
+            Change::DeletePolicyVersion {
+                arn: ARN.into(),
+                version: "v1".into(),
+            },
+            Change::DeletePolicyVersion {
+                arn: ARN.into(),
+                version: "v2".into(),
+            },
+            Change::DeletePolicy { arn: ARN.into() },
+        ]
+    );
+}
+
+#[test]
+fn a_policy_without_the_grants_tag_is_never_touched() {
+    let mut foreign = observed("x", 1, &[]);
+    foreign.owner = None;
+    assert!(policy_changes(OWNER, Some(&wanted("a", &["alice"])), Some(&foreign)).is_err());
+    foreign.owner = Some("other/grant".into());
+    assert_eq!(policy_changes(OWNER, None, Some(&foreign)), Ok(vec![]));
+}
+
+#[test]
+fn documents_are_created_updated_and_deleted() {
+    let wanted = vec![
+        WantedDocument {
+            name: "new".into(),
+            content: r#"{"a":1}"#.into(),
+        },
+        WantedDocument {
+            name: "same".into(),
+            content: r#"{"a":1,"b":2}"#.into(),
+        },
+        WantedDocument {
+            name: "changed".into(),
+            content: r#"{"a":2}"#.into(),
+        },
+    ];
+    let observed = BTreeMap::from([
+        ("same".to_owned(), r#"{"b":2, "a":1}"#.to_owned()),
+        ("changed".to_owned(), r#"{"a":1}"#.to_owned()),
+        ("gone".to_owned(), r#"{}"#.to_owned()),
+    ]);
+    let changes = document_changes(&wanted, &observed, &BTreeSet::new()).expect("owned");
+    assert_eq!(
+        changes,
+        vec![
+            Change::CreateDocument {
+                name: "new".into(),
+                content: r#"{"a":1}"#.into(),
+            },
+            Change::UpdateDocument {
+                name: "changed".into(),
+                content: r#"{"a":2}"#.into(),
+            },
+            Change::DeleteDocument { name: "gone".into() },
+        ]
+    );
+    let foreign = BTreeSet::from(["new".to_owned()]);
+    assert!(document_changes(&wanted, &observed, &foreign).is_err());
+}
