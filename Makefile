@@ -10,6 +10,10 @@ export CARGO_TERM_COLOR ?= never
 
 ## The main job on its embedded default: no AWS account, no cluster.
 demo:
+	$(CARGO) run --bin agent-bridge -- demo
+
+## What a grant applies, offline.
+plan:
 	$(CARGO) run --bin fleet-access-operator -- plan -f deploy/examples/classic-allow-ssh.yaml
 
 ## Install and build what the integration tests need (idempotent; cached in ~/.cache/fleet-access).
@@ -18,7 +22,7 @@ setup:
 
 ## Everything: lints, generated files, unit tests, integration tests against real components.
 test: lint check-generated setup
-	$(CARGO) test --workspace --no-fail-fast
+	bash tests/env/with-services.sh $(CARGO) test --workspace --no-fail-fast
 
 ## Fast tests without external components (no setup needed).
 test-unit:
@@ -27,7 +31,7 @@ test-unit:
 
 ## Tests against real components: kube-apiserver + etcd, moto, sshd, Prometheus, the official plugin.
 test-integration: setup
-	$(CARGO) test -p fleet-access-tests -p fleet-access-ssm-emulator -p fleet-access-agent-bridge --tests
+	bash tests/env/with-services.sh $(CARGO) test -p fleet-access-tests -p fleet-access-ssm-emulator -p fleet-access-agent-bridge --tests
 
 lint: fmt clippy
 

@@ -1,11 +1,6 @@
-//! `agent-bridge`: the in-cluster bridge and the ssh ProxyCommand. Modes arrive with their issues.
+//! `agent-bridge`: see `agent-bridge --help`.
 use clap::Parser;
 
-/// Reach EC2 instances through AWS Systems Manager Session Manager.
-#[derive(Parser, Debug)]
-#[command(name = "agent-bridge", version, about)]
-struct Args {}
-
-fn main() {
-    let _args = Args::parse();
+fn main() -> std::process::ExitCode {
+    fleet_access_agent_bridge::cli::Args::parse().run()
 }

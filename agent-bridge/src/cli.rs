@@ -1,0 +1,376 @@
+//! The command line: `serve` (in cluster), `proxy` (ssh ProxyCommand), `forward` (local port
+//! forwarding) and `demo` (everything local). Logs go to standard error: in `proxy` mode standard
+//! output is the SSH stream.
+
+use std::{collections::BTreeMap, net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use prometheus::Registry;
+use tokio::{net::TcpListener, sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::{self, Readiness},
+    driver::{
+        DriverConfig, Tunnel,
+        control::{ControlPlane, StartSessionRequest},
+        signing::{SigV4Signer, UpgradeSigner},
+    },
+    listener::Limits,
+    metrics::Metrics,
+    serve::{self, ServeConfig},
+    ssm::SdkControlPlane,
+    tunnel::{SessionContext, TunnelError, carry},
+};
+
+/// Reach EC2 instances through AWS Systems Manager Session Manager, without the AWS CLI or the
+/// session-manager-plugin.
+#[derive(Parser, Debug)]
+#[command(name = "agent-bridge", version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the endpoint Services of the bridge's namespace (in cluster).
+    Serve(ServeArgs),
+    /// Carry standard input and output to an instance's SSH port: for `ProxyCommand agent-bridge
+    /// proxy %h %p` in ~/.ssh/config.
+    Proxy(ProxyArgs),
+    /// Forward a local port to a port on (or reachable from) an instance; many connections share
+    /// one session.
+    Forward(ForwardArgs),
+    /// Run everything locally (an emulated SSM and fleet) and print what to try.
+    #[cfg(feature = "demo")]
+    Demo(crate::demo::DemoArgs),
+}
+
+/// AWS settings shared by every mode.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AwsArgs {
+    /// The AWS Region (default: from the environment or profile).
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// Send SSM API calls here instead of the AWS endpoint (tests, the emulator).
+    #[arg(long, env = "AWS_ENDPOINT_URL_SSM")]
+    pub ssm_endpoint: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    aws: AwsArgs,
+    /// The namespace whose endpoint Services to serve.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fleet-access")]
+    namespace: String,
+    /// The address endpoint listeners bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    listen_address: std::net::IpAddr,
+    /// The admin address (/healthz, /readyz, /metrics).
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    admin_address: SocketAddr,
+    /// Most concurrent sessions across the bridge.
+    #[arg(long, default_value_t = 1000)]
+    max_sessions: usize,
+    /// Most concurrent sessions to one instance.
+    #[arg(long, default_value_t = 100)]
+    max_sessions_per_instance: usize,
+    /// End sessions idle this many seconds (0: never).
+    #[arg(long, default_value_t = 1200)]
+    idle_timeout_seconds: u64,
+    /// End sessions after this many seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    max_session_seconds: u64,
+    /// Seconds running sessions may continue after SIGTERM before they are terminated.
+    #[arg(long, default_value_t = 25)]
+    drain_seconds: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct ProxyArgs {
+    #[command(flatten)]
+    aws: AwsArgs,
+    /// The instance ID (`%h` in ~/.ssh/config).
+    instance_id: String,
+    /// The SSH port on the instance (`%p`).
+    #[arg(default_value_t = 22)]
+    port: u16,
+}
+
+#[derive(clap::Args, Debug)]
+struct ForwardArgs {
+    #[command(flatten)]
+    aws: AwsArgs,
+    /// The instance ID.
+    instance_id: String,
+    /// The port to reach, on the instance or on --remote-host.
+    #[arg(long)]
+    remote_port: u16,
+    /// A host reachable from the instance (AWS-StartPortForwardingSessionToRemoteHost).
+    #[arg(long)]
+    remote_host: Option<String>,
+    /// The local address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    local: SocketAddr,
+}
+
+impl Args {
+    /// Runs the chosen mode.
+    pub fn run(self) -> ExitCode {
+        init_tracing();
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                eprintln!("agent-bridge: cannot start the runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let result = runtime.block_on(async move {
+            match self.command {
+                Command::Serve(args) => run_serve(args).await,
+                Command::Proxy(args) => run_proxy(args).await,
+                Command::Forward(args) => run_forward(args).await,
+                #[cfg(feature = "demo")]
+                Command::Demo(args) => crate::demo::run(args).await,
+            }
+        });
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("agent-bridge: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Loads the AWS configuration: the default credential chain (IRSA and EKS Pod Identity in a
+/// cluster), the Region, and an optional SSM endpoint override.
+pub async fn load_aws(aws: &AwsArgs) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &aws.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &aws.ssm_endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    loader.load().await
+}
+
+/// A signer for WebSocket upgrades, when credentials and a Region are configured.
+pub fn upgrade_signer(sdk: &aws_config::SdkConfig) -> Option<Arc<dyn UpgradeSigner>> {
+    let credentials = sdk.credentials_provider()?;
+    let region = sdk.region()?.to_string();
+    Some(Arc::new(SigV4Signer::new(credentials, region)))
+}
+
+/// Fires when the process gets SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let fire = token.clone();
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = terminate => {}
+        }
+        fire.cancel();
+    });
+    token
+}
+
+fn seconds(value: u64) -> Option<Duration> {
+    (value > 0).then(|| Duration::from_secs(value))
+}
+
+async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let sdk = load_aws(&args.aws).await;
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API")?;
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry).context("registering metrics")?;
+    let context = Arc::new(SessionContext {
+        control: Arc::new(SdkControlPlane::new(&sdk)),
+        signer: upgrade_signer(&sdk),
+        driver: DriverConfig {
+            end_on_local_eof: true,
+            ..DriverConfig::default()
+        },
+        metrics,
+        idle_timeout: seconds(args.idle_timeout_seconds),
+        max_duration: seconds(args.max_session_seconds),
+    });
+    let readiness = Readiness::default();
+    let admin = TcpListener::bind(args.admin_address)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.admin_address))?;
+    let shutdown = shutdown_on_signal();
+    let stop_admin = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        admin,
+        registry,
+        readiness.clone(),
+        stop_admin.clone(),
+    ));
+    let config = ServeConfig {
+        namespace: args.namespace,
+        listen_address: args.listen_address,
+        limits: Limits {
+            total: args.max_sessions,
+            per_instance: args.max_sessions_per_instance,
+        },
+        grace: Duration::from_secs(args.drain_seconds),
+    };
+    serve::run(client, context, config, readiness, shutdown).await;
+    stop_admin.cancel();
+    let _ = admin_task.await;
+    Ok(())
+}
+
+async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    let sdk = load_aws(&args.aws).await;
+    let control = SdkControlPlane::new(&sdk);
+    let context = SessionContext {
+        control: Arc::new(control.clone()),
+        signer: upgrade_signer(&sdk),
+        driver: DriverConfig {
+            end_on_local_eof: true,
+            ..DriverConfig::default()
+        },
+        metrics: Metrics::register(&Registry::new()).context("registering metrics")?,
+        idle_timeout: None,
+        max_duration: None,
+    };
+    let request = StartSessionRequest {
+        target: args.instance_id.clone(),
+        document_name: Some(crate::SSH_DOCUMENT.to_owned()),
+        parameters: BTreeMap::from([("portNumber".to_owned(), vec![args.port.to_string()])]),
+        reason: Some("agent-bridge proxy".to_owned()),
+    };
+    let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    match carry(
+        &context,
+        &request,
+        stdio,
+        Instant::now(),
+        shutdown_on_signal(),
+    )
+    .await
+    {
+        Ok(outcome) => match outcome.output {
+            Some(output) if !output.trim().is_empty() && outcome.stats.bytes_received == 0 => {
+                anyhow::bail!("the session closed: {}", output.trim())
+            }
+            _ => Ok(()),
+        },
+        Err(TunnelError::Start(error)) => {
+            // Explain what SSM knows of the instance when that says more than the error.
+            if let Ok(Some(state)) = control.describe_instance(&args.instance_id).await
+                && let Some(problem) = state.problem(&args.instance_id, true)
+            {
+                anyhow::bail!("{problem}");
+            }
+            Err(error.into())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
+    let sdk = load_aws(&args.aws).await;
+    let control = SdkControlPlane::new(&sdk);
+    let signer = upgrade_signer(&sdk);
+    let listener = TcpListener::bind(args.local)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.local))?;
+    let local = listener.local_addr()?;
+    let request = forward_request(
+        &args.instance_id,
+        args.remote_port,
+        args.remote_host.as_deref(),
+    );
+    let shutdown = shutdown_on_signal();
+    forward(&control, signer.as_deref(), &request, listener, shutdown).await?;
+    eprintln!("forwarding {local} ended");
+    Ok(())
+}
+
+/// The StartSession request of a port forwarding session.
+pub fn forward_request(instance_id: &str, port: u16, host: Option<&str>) -> StartSessionRequest {
+    let mut parameters = BTreeMap::from([("portNumber".to_owned(), vec![port.to_string()])]);
+    let document = match host {
+        Some(host) => {
+            parameters.insert("host".to_owned(), vec![host.to_owned()]);
+            "AWS-StartPortForwardingSessionToRemoteHost"
+        }
+        None => "AWS-StartPortForwardingSession",
+    };
+    StartSessionRequest {
+        target: instance_id.to_owned(),
+        document_name: Some(document.to_owned()),
+        parameters,
+        reason: Some("agent-bridge forward".to_owned()),
+    }
+}
+
+/// Starts one session and carries every connection `listener` accepts through it (smux streams
+/// when the agent can, one at a time otherwise) until `shutdown` or the session ends.
+pub async fn forward<C: ControlPlane>(
+    control: &C,
+    signer: Option<&dyn UpgradeSigner>,
+    request: &StartSessionRequest,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let target = control.start_session(request).await?;
+    eprintln!(
+        "forwarding {} -> {}:{} (session {})",
+        listener.local_addr()?,
+        request.target,
+        request
+            .parameters
+            .get("portNumber")
+            .and_then(|p| p.first())
+            .map_or("?", String::as_str),
+        target.session_id
+    );
+    let (connections, incoming) = mpsc::channel(64);
+    let accept = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            if connections.send(stream).await.is_err() {
+                return;
+            }
+        }
+    });
+    let tunnel = Tunnel::new(control, signer, DriverConfig::default());
+    let outcome = tunnel.run(target, incoming, shutdown.cancelled()).await;
+    accept.abort();
+    let outcome = outcome?;
+    if let Some(output) = outcome.output.filter(|o| !o.trim().is_empty()) {
+        eprintln!("session closed: {}", output.trim());
+    }
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! Endpoint listeners: exactly one per (instance, port), each accepting connections and carrying
+//! every one through its own SSM session, within limits on concurrent sessions.
+//!
+//! ```text
+//!  Services ──endpoints()──▶ desired set ──Listeners::apply──▶ one accept loop per endpoint
+//!                                                              └─▶ per connection: tunnel::carry
+//! ```
+//!
+//! Removing an endpoint closes its listener and its tunnels; the rest are untouched. Shutdown
+//! stops every accept loop first (draining), then, after a grace period, terminates what is left.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use fleet_access_crds::bridge_contract::{EndpointAnnotations, EndpointPort};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    driver::control::{ControlPlane, StartSessionRequest},
+    tunnel::{SessionContext, carry},
+};
+
+/// One endpoint: where the bridge listens and what session it starts for each connection.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    /// The instance sessions go to.
+    pub instance_id: String,
+    /// The port on the instance.
+    pub port: u16,
+    /// The port the bridge listens on.
+    pub listen_port: u16,
+    /// The session document.
+    pub document: String,
+    /// `portNumber` to pass, for documents that do not pin it.
+    pub port_parameter: Option<u16>,
+}
+
+impl Endpoint {
+    /// The endpoint of one exposed port of an instance.
+    pub fn from_contract(instance_id: &str, port: &EndpointPort) -> Self {
+        Self {
+            instance_id: instance_id.to_owned(),
+            port: port.port,
+            listen_port: port.target_port,
+            document: port.document.clone(),
+            port_parameter: port.port_parameter,
+        }
+    }
+
+    /// The StartSession request for one connection.
+    pub fn start_request(&self) -> StartSessionRequest {
+        let mut parameters = BTreeMap::new();
+        if let Some(port) = self.port_parameter {
+            parameters.insert("portNumber".to_owned(), vec![port.to_string()]);
+        }
+        StartSessionRequest {
+            target: self.instance_id.clone(),
+            document_name: Some(self.document.clone()),
+            parameters,
+            reason: Some("fleet-access agent bridge".to_owned()),
+        }
+    }
+}
+
+/// The endpoints described by a set of Services' annotations. Services that do not follow the
+/// contract are skipped with a warning. Pure.
+pub fn endpoints<'a>(
+    annotations: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, String>)>,
+) -> BTreeMap<(String, u16), Endpoint> {
+    let mut out = BTreeMap::new();
+    for (service, annotations) in annotations {
+        match EndpointAnnotations::parse(annotations) {
+            Ok(parsed) => {
+                for port in &parsed.ports {
+                    let endpoint = Endpoint::from_contract(&parsed.instance_id, port);
+                    out.insert((endpoint.instance_id.clone(), endpoint.port), endpoint);
+                }
+            }
+            Err(error) => {
+                warn!(service, %error, "skipping a Service that does not describe an endpoint")
+            }
+        }
+    }
+    out
+}
+
+/// Limits on concurrent sessions.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Sessions across the whole bridge.
+    pub total: usize,
+    /// Sessions to one instance.
+    pub per_instance: usize,
+}
+
+/// Shared state for admission control.
+struct Admission {
+    limits: Limits,
+    total: Arc<Semaphore>,
+    per_instance: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Admission {
+    fn admit(
+        &self,
+        instance: &str,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), String> {
+        let total = self.total.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "the bridge already carries its limit of {} sessions",
+                self.limits.total
+            )
+        })?;
+        let instance_semaphore = {
+            let mut map = self.per_instance.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(instance.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.limits.per_instance)))
+                .clone()
+        };
+        let one = instance_semaphore.try_acquire_owned().map_err(|_| {
+            format!(
+                "{instance} already has its limit of {} sessions",
+                self.limits.per_instance
+            )
+        })?;
+        Ok((total, one))
+    }
+}
+
+struct Running {
+    endpoint: Endpoint,
+    /// Cancelled when the endpoint is removed: closes the listener and its tunnels.
+    removed: CancellationToken,
+}
+
+/// The set of open endpoint listeners.
+pub struct Listeners<C> {
+    context: Arc<SessionContext<C>>,
+    admission: Arc<Admission>,
+    address: IpAddr,
+    running: BTreeMap<(String, u16), Running>,
+    /// Cancelled at shutdown: stop accepting.
+    draining: CancellationToken,
+    /// Cancelled after the grace period: terminate remaining sessions.
+    terminate: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl<C: ControlPlane + 'static> Listeners<C> {
+    /// No listeners yet; they will bind on `address`.
+    pub fn new(context: Arc<SessionContext<C>>, limits: Limits, address: IpAddr) -> Self {
+        let admission = Arc::new(Admission {
+            limits,
+            total: Arc::new(Semaphore::new(limits.total)),
+            per_instance: Mutex::default(),
+        });
+        Self {
+            context,
+            admission,
+            address,
+            running: BTreeMap::new(),
+            draining: CancellationToken::new(),
+            terminate: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Makes the open listeners exactly `desired`: closes the removed or changed ones (and their
+    /// tunnels), opens the new ones. Returns the endpoints that failed to bind.
+    pub async fn apply(
+        &mut self,
+        desired: &BTreeMap<(String, u16), Endpoint>,
+    ) -> Vec<(Endpoint, std::io::Error)> {
+        let stale: Vec<(String, u16)> = self
+            .running
+            .iter()
+            .filter(|(key, running)| desired.get(*key) != Some(&running.endpoint))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(running) = self.running.remove(&key) {
+                info!(
+                    instance = running.endpoint.instance_id,
+                    port = running.endpoint.port,
+                    "closing endpoint"
+                );
+                running.removed.cancel();
+            }
+        }
+        let mut failed = Vec::new();
+        for (key, endpoint) in desired {
+            if self.running.contains_key(key) || self.draining.is_cancelled() {
+                continue;
+            }
+            match TcpListener::bind(SocketAddr::new(self.address, endpoint.listen_port)).await {
+                Ok(listener) => {
+                    info!(
+                        instance = endpoint.instance_id,
+                        port = endpoint.port,
+                        listen = endpoint.listen_port,
+                        "opening endpoint"
+                    );
+                    let removed = CancellationToken::new();
+                    self.tasks.spawn(accept_loop(
+                        listener,
+                        endpoint.clone(),
+                        self.context.clone(),
+                        self.admission.clone(),
+                        self.draining.clone(),
+                        removed.clone(),
+                        self.terminate.clone(),
+                        self.tasks.clone(),
+                    ));
+                    self.running.insert(
+                        key.clone(),
+                        Running {
+                            endpoint: endpoint.clone(),
+                            removed,
+                        },
+                    );
+                }
+                Err(error) => failed.push((endpoint.clone(), error)),
+            }
+        }
+        self.context.metrics.set_endpoints(self.running.len());
+        failed
+    }
+
+    /// The endpoints open now.
+    pub fn open(&self) -> Vec<&Endpoint> {
+        self.running.values().map(|r| &r.endpoint).collect()
+    }
+
+    /// Stops accepting, lets running sessions finish for up to `grace`, then terminates the rest
+    /// and waits for them to close.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.draining.cancel();
+        self.running.clear();
+        self.context.metrics.set_endpoints(0);
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            info!("grace period over; terminating the remaining sessions");
+            self.terminate.cancel();
+            self.tasks.wait().await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one call site; each token has its own job
+async fn accept_loop<C: ControlPlane + 'static>(
+    listener: TcpListener,
+    endpoint: Endpoint,
+    context: Arc<SessionContext<C>>,
+    admission: Arc<Admission>,
+    draining: CancellationToken,
+    removed: CancellationToken,
+    terminate: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let (stream, client) = tokio::select! {
+            () = draining.cancelled() => return,
+            () = removed.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let connected_at = Instant::now();
+        let permits = match admission.admit(&endpoint.instance_id) {
+            Ok(permits) => permits,
+            Err(reason) => {
+                let label = if reason.starts_with("the bridge") {
+                    "limit_total"
+                } else {
+                    "limit_instance"
+                };
+                context.metrics.connection_refused(label);
+                warn!(instance = endpoint.instance_id, %client, reason, "refusing connection");
+                refuse(stream, &reason).await;
+                continue;
+            }
+        };
+        // Either the endpoint's removal or the end of the grace period stops the tunnel.
+        let stop = CancellationToken::new();
+        let span =
+            info_span!("tunnel", instance = %endpoint.instance_id, port = endpoint.port, %client);
+        let (context, endpoint_for_task) = (context.clone(), endpoint.clone());
+        let (removed, terminate) = (removed.clone(), terminate.clone());
+        tasks.spawn(
+            async move {
+                let _permits = permits;
+                let watcher = {
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = removed.cancelled() => {}
+                            () = terminate.cancelled() => {}
+                            () = stop.cancelled() => {}
+                        }
+                        stop.cancel();
+                    })
+                };
+                let request = endpoint_for_task.start_request();
+                if let Err(error) =
+                    carry(&context, &request, stream, connected_at, stop.clone()).await
+                {
+                    warn!(%error, "connection not carried");
+                }
+                stop.cancel();
+                let _ = watcher.await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Tells a refused client why in one line, then closes. (An SSH client logs lines before the
+/// server's version string.)
+async fn refuse(mut stream: TcpStream, reason: &str) {
+    let _ = stream
+        .write_all(format!("fleet-access: refused: {reason}\r\n").as_bytes())
+        .await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn annotations(instance: &str, ports: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("fleetaccess.io/instance-id".to_owned(), instance.to_owned()),
+            ("fleetaccess.io/ports".to_owned(), ports.to_owned()),
+        ])
+    }
+
+    #[test]
+    fn endpoints_come_from_every_valid_service() {
+        let a = annotations(
+            "i-0123abcd",
+            r#"[{"port":22,"targetPort":20001,"document":"AWS-StartSSHSession","portParameter":22}]"#,
+        );
+        let b = annotations(
+            "i-0fedcba9",
+            r#"[{"port":5432,"targetPort":20002,"document":"pg"}]"#,
+        );
+        let broken = annotations("i-1", "not json");
+        let set = endpoints([("a", &a), ("b", &b), ("broken", &broken)]);
+        assert_eq!(set.len(), 2);
+        let ssh = &set[&("i-0123abcd".to_owned(), 22)];
+        assert_eq!(ssh.listen_port, 20001);
+        let request = ssh.start_request();
+        assert_eq!(request.parameters["portNumber"], ["22"]);
+        assert!(
+            set[&("i-0fedcba9".to_owned(), 5432)]
+                .start_request()
+                .parameters
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn admission_refuses_past_each_limit() {
+        let limits = Limits {
+            total: 3,
+            per_instance: 2,
+        };
+        let admission = Admission {
+            limits,
+            total: Arc::new(Semaphore::new(3)),
+            per_instance: Mutex::default(),
+        };
+        let a1 = admission.admit("i-a").unwrap();
+        let _a2 = admission.admit("i-a").unwrap();
+        assert!(
+            admission
+                .admit("i-a")
+                .unwrap_err()
+                .contains("i-a already has its limit of 2")
+        );
+        let _b1 = admission.admit("i-b").unwrap();
+        assert!(
+            admission
+                .admit("i-c")
+                .unwrap_err()
+                .contains("limit of 3 sessions")
+        );
+        drop(a1);
+        assert!(admission.admit("i-c").is_ok());
+    }
+}

@@ -1,0 +1,97 @@
+//! `agent-bridge serve`: watches the endpoint Services the operator writes in the bridge's
+//! namespace and keeps the listener set equal to what they describe; serves the admin port;
+//! drains on SIGTERM.
+//!
+//! ```text
+//!  Service watch ──▶ reflector store ──(any change)──▶ listener::endpoints ──▶ Listeners::apply
+//!  SIGTERM ──▶ not ready ──▶ stop accepting ──grace──▶ terminate the rest ──▶ exit
+//! ```
+
+use std::{sync::Arc, time::Duration};
+
+use fleet_access_crds::bridge_contract::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    admin::Readiness,
+    driver::control::ControlPlane,
+    listener::{Limits, Listeners, endpoints},
+};
+
+/// Where and how `serve` runs.
+pub struct ServeConfig {
+    /// The namespace whose endpoint Services to serve.
+    pub namespace: String,
+    /// The address listeners bind (all interfaces in a pod; loopback in tests).
+    pub listen_address: std::net::IpAddr,
+    /// Limits on concurrent sessions.
+    pub limits: Limits,
+    /// How long running sessions may continue after SIGTERM.
+    pub grace: Duration,
+}
+
+/// Runs until `shutdown` fires, then drains.
+pub async fn run<C: ControlPlane + 'static>(
+    client: Client,
+    context: Arc<crate::tunnel::SessionContext<C>>,
+    config: ServeConfig,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let ServeConfig {
+        namespace,
+        listen_address,
+        limits,
+        grace,
+    } = config;
+    let api: Api<Service> = Api::namespaced(client, &namespace);
+    let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
+    let (store, writer) = reflector::store();
+    // Every watch event (apply, delete, relist) leads to a full recompute from the store, so a
+    // missed event heals on the next one.
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default().labels(&selector)),
+    )
+    .default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut listeners = Listeners::new(context, limits, listen_address);
+    info!(namespace, selector, "watching endpoint Services");
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            event = stream.next() => match event {
+                None => break,
+                Some(Err(error)) => warn!(%error, "watching Services failed; retrying"),
+                Some(Ok(_)) => {}
+            },
+        }
+        if store.wait_until_ready().await.is_err() {
+            continue;
+        }
+        let services = store.state();
+        let desired = endpoints(services.iter().map(|s| {
+            (
+                s.metadata.name.as_deref().unwrap_or(""),
+                s.metadata.annotations.as_ref().unwrap_or(&EMPTY),
+            )
+        }));
+        for (endpoint, error) in listeners.apply(&desired).await {
+            warn!(instance = endpoint.instance_id, port = endpoint.listen_port, %error, "cannot listen");
+        }
+        readiness.set(true);
+    }
+    readiness.set(false);
+    info!(grace_seconds = grace.as_secs(), "draining");
+    listeners.shutdown(grace).await;
+    info!("drained");
+}
+
+static EMPTY: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();

@@ -1,0 +1,275 @@
+//! The SSM control plane over aws-sdk-ssm: StartSession, ResumeSession and TerminateSession
+//! for the driver, and DescribeInstanceInformation to explain failures. The only module that
+//! imports the SDK. Errors become messages a person can act on.
+
+use std::collections::HashMap;
+
+use aws_sdk_ssm::{
+    Client,
+    error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
+    types::InstanceInformationStringFilter,
+};
+
+use crate::driver::control::{ControlPlane, ControlPlaneError, StartSessionRequest, StreamTarget};
+
+/// The first agent version that can carry SSH (`AWS-StartSSHSession`).
+pub const MIN_SSH_AGENT_VERSION: [u64; 4] = [2, 3, 672, 0];
+
+/// Session Manager through the AWS SDK.
+#[derive(Clone, Debug)]
+pub struct SdkControlPlane {
+    client: Client,
+}
+
+impl SdkControlPlane {
+    /// From a loaded SDK configuration (default credential chain, Region, endpoint overrides).
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        Self {
+            client: Client::new(config),
+        }
+    }
+
+    /// What SSM knows of an instance: its ping status and agent version.
+    pub async fn describe_instance(
+        &self,
+        instance_id: &str,
+    ) -> Result<Option<InstanceState>, ControlPlaneError> {
+        let filter = InstanceInformationStringFilter::builder()
+            .key("InstanceIds")
+            .values(instance_id)
+            .build()
+            .map_err(|e| ControlPlaneError {
+                operation: "DescribeInstanceInformation",
+                message: e.to_string(),
+                retryable: false,
+            })?;
+        let output = self
+            .client
+            .describe_instance_information()
+            .filters(filter)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeInstanceInformation", None, e))?;
+        Ok(output
+            .instance_information_list()
+            .first()
+            .map(|info| InstanceState {
+                ping_status: info.ping_status().map(|p| p.as_str().to_owned()),
+                agent_version: info.agent_version().map(ToOwned::to_owned),
+            }))
+    }
+}
+
+/// An instance as SSM sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceState {
+    /// Online, ConnectionLost or Inactive.
+    pub ping_status: Option<String>,
+    /// The SSM Agent version.
+    pub agent_version: Option<String>,
+}
+
+impl InstanceState {
+    /// Why this instance cannot carry the session, if it visibly cannot.
+    pub fn problem(&self, instance_id: &str, wants_ssh: bool) -> Option<String> {
+        if self.ping_status.as_deref() != Some("Online") {
+            let status = self.ping_status.as_deref().unwrap_or("unknown");
+            return Some(format!(
+                "instance {instance_id} is not connected to Systems Manager (ping status {status}): check that its SSM Agent runs and reaches the ssm, ssmmessages and ec2messages endpoints"
+            ));
+        }
+        let version = self.agent_version.as_deref().unwrap_or("0");
+        if wants_ssh && !version_at_least(version, MIN_SSH_AGENT_VERSION) {
+            return Some(format!(
+                "instance {instance_id} runs SSM Agent {version}, too old for SSH: update it to 2.3.672.0 or later"
+            ));
+        }
+        None
+    }
+}
+
+/// Compares a dotted version with a four-part minimum.
+pub fn version_at_least(version: &str, minimum: [u64; 4]) -> bool {
+    let mut parts = [0u64; 4];
+    for (slot, part) in parts.iter_mut().zip(version.split('.')) {
+        *slot = part.parse().unwrap_or(0);
+    }
+    parts >= minimum
+}
+
+impl ControlPlane for SdkControlPlane {
+    async fn start_session(
+        &self,
+        request: &StartSessionRequest,
+    ) -> Result<StreamTarget, ControlPlaneError> {
+        let parameters: HashMap<String, Vec<String>> = request
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let output = self
+            .client
+            .start_session()
+            .target(&request.target)
+            .set_document_name(request.document_name.clone())
+            .set_parameters((!parameters.is_empty()).then_some(parameters))
+            .set_reason(request.reason.clone())
+            .send()
+            .await
+            .map_err(|e| classify("StartSession", Some(request), e))?;
+        let missing = |field: &str| ControlPlaneError {
+            operation: "StartSession",
+            message: format!("the response has no {field}"),
+            retryable: false,
+        };
+        Ok(StreamTarget {
+            session_id: output
+                .session_id()
+                .ok_or_else(|| missing("SessionId"))?
+                .to_owned(),
+            stream_url: output
+                .stream_url()
+                .ok_or_else(|| missing("StreamUrl"))?
+                .to_owned(),
+            token_value: output
+                .token_value()
+                .ok_or_else(|| missing("TokenValue"))?
+                .to_owned(),
+        })
+    }
+
+    async fn resume_session(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<StreamTarget>, ControlPlaneError> {
+        let output = self
+            .client
+            .resume_session()
+            .session_id(session_id)
+            .send()
+            .await
+            .map_err(|e| classify("ResumeSession", None, e))?;
+        Ok(match (output.stream_url(), output.token_value()) {
+            (Some(url), Some(token)) => Some(StreamTarget {
+                session_id: output.session_id().unwrap_or(session_id).to_owned(),
+                stream_url: url.to_owned(),
+                token_value: token.to_owned(),
+            }),
+            _ => None,
+        })
+    }
+
+    async fn terminate_session(&self, session_id: &str) -> Result<(), ControlPlaneError> {
+        self.client
+            .terminate_session()
+            .session_id(session_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("TerminateSession", None, e))
+    }
+}
+
+/// Turns an SDK error into a message that says what to do.
+fn classify<E, R>(
+    operation: &'static str,
+    request: Option<&StartSessionRequest>,
+    error: SdkError<E, R>,
+) -> ControlPlaneError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = error.code().map(ToOwned::to_owned);
+    let service_message = error.message().unwrap_or_default().to_owned();
+    let target = request.map(|r| r.target.as_str()).unwrap_or("the instance");
+    let document = request
+        .and_then(|r| r.document_name.as_deref())
+        .unwrap_or("the default shell document");
+    let (message, retryable) = match code.as_deref() {
+        Some("TargetNotConnected") => (
+            format!(
+                "instance {target} is not connected to Systems Manager: check that its SSM Agent runs, has an instance profile allowing Session Manager, and reaches the ssm and ssmmessages endpoints"
+            ),
+            false,
+        ),
+        Some("AccessDeniedException") => (
+            format!(
+                "access denied for {operation} on {target} with document {document}: the caller needs ssm:{operation} on the instance and the document ({service_message})"
+            ),
+            false,
+        ),
+        Some("InvalidDocument") => (
+            format!("document {document} does not exist or cannot be used: {service_message}"),
+            false,
+        ),
+        Some("InvalidTarget" | "InvalidInstanceId") => (
+            format!("{target} is not a managed instance: {service_message}"),
+            false,
+        ),
+        Some("DoesNotExistException") => (
+            format!("no such session or instance: {service_message}"),
+            false,
+        ),
+        Some(code) if code.contains("Throttl") => (
+            format!("SSM throttled {operation}: {service_message}"),
+            true,
+        ),
+        Some(code) => (format!("{code}: {service_message}"), false),
+        None => {
+            let detail = DisplayErrorContext(&error).to_string();
+            if detail.contains("credentials") || detail.contains("Credentials") {
+                (
+                    "no AWS credentials found: set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run in a pod with IRSA or EKS Pod Identity".into(),
+                    false,
+                )
+            } else {
+                (format!("cannot reach SSM: {detail}"), true)
+            }
+        }
+    };
+    ControlPlaneError {
+        operation,
+        message,
+        retryable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_versions_compare_numerically() {
+        assert!(version_at_least("2.3.672.0", MIN_SSH_AGENT_VERSION));
+        assert!(version_at_least("3.0.0.0", MIN_SSH_AGENT_VERSION));
+        assert!(version_at_least("2.3.1000.0", MIN_SSH_AGENT_VERSION));
+        assert!(!version_at_least("2.3.671.9", MIN_SSH_AGENT_VERSION));
+        assert!(!version_at_least("2.2.999.0", MIN_SSH_AGENT_VERSION));
+        assert!(!version_at_least("garbage", MIN_SSH_AGENT_VERSION));
+    }
+
+    #[test]
+    fn instance_problems_are_explained() {
+        let offline = InstanceState {
+            ping_status: Some("ConnectionLost".into()),
+            agent_version: Some("3.0.0.0".into()),
+        };
+        assert!(
+            offline
+                .problem("i-1", false)
+                .unwrap()
+                .contains("ping status ConnectionLost")
+        );
+        let old = InstanceState {
+            ping_status: Some("Online".into()),
+            agent_version: Some("2.3.500.0".into()),
+        };
+        assert!(
+            old.problem("i-1", true)
+                .unwrap()
+                .contains("too old for SSH")
+        );
+        assert_eq!(old.problem("i-1", false), None);
+    }
+}

@@ -1,0 +1,185 @@
+//! One client connection carried by one SSM session: StartSession, the data channel, timeouts,
+//! and the metrics of it all. Used by `serve` (one session per accepted connection) and `proxy`
+//! (standard input and output as the connection).
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{mpsc, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    driver::{
+        DriverConfig, DriverError, Outcome, Tunnel,
+        control::{ControlPlane, ControlPlaneError, StartSessionRequest},
+        signing::UpgradeSigner,
+    },
+    metrics::{self, Metrics},
+    protocol::{CloseCause, Stats},
+};
+
+/// What every session of a bridge shares.
+pub struct SessionContext<C> {
+    /// StartSession, ResumeSession, TerminateSession.
+    pub control: Arc<C>,
+    /// Signs WebSocket upgrades (absent for the emulator and presigned URLs).
+    pub signer: Option<Arc<dyn UpgradeSigner>>,
+    /// Data-channel tunables.
+    pub driver: DriverConfig,
+    /// Where sessions are counted and timed.
+    pub metrics: Metrics,
+    /// End sessions that carry no byte for this long.
+    pub idle_timeout: Option<Duration>,
+    /// End sessions after this long whatever they do.
+    pub max_duration: Option<Duration>,
+}
+
+/// Why a connection was not carried to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// StartSession failed; the message says what to do.
+    #[error(transparent)]
+    Start(#[from] ControlPlaneError),
+    /// The data channel failed.
+    #[error(transparent)]
+    Channel(#[from] DriverError),
+}
+
+/// Carries `connection` through a new session until either side closes it, `stop` fires, or a
+/// timeout ends it. `connected_at` is when the client connected (for the total setup time).
+pub async fn carry<C, L>(
+    context: &SessionContext<C>,
+    request: &StartSessionRequest,
+    connection: L,
+    connected_at: Instant,
+    stop: CancellationToken,
+) -> Result<Outcome, TunnelError>
+where
+    C: ControlPlane,
+    L: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let document = request
+        .document_name
+        .clone()
+        .unwrap_or_else(|| "SSM-SessionManagerRunShell".into());
+    let metrics = &context.metrics;
+    let target = match context.control.start_session(request).await {
+        Ok(target) => target,
+        Err(error) => {
+            metrics.session_failed_to_start(&document);
+            return Err(error.into());
+        }
+    };
+    let opened_at = Instant::now();
+    metrics.observe_setup("start_session", opened_at - connected_at);
+    metrics.session_started(&document);
+    let session_id = target.session_id.clone();
+    info!(session_id, "session started");
+
+    let (connections, incoming) = mpsc::channel(1);
+    // Capacity 1 and nothing else sent: this cannot fail.
+    let _ = connections.try_send(connection);
+    drop(connections);
+
+    let (stats_tx, stats_rx) = watch::channel(Stats::default());
+    let timers = tokio::spawn(watch_session(
+        stats_rx,
+        metrics.clone(),
+        connected_at,
+        opened_at,
+        context.idle_timeout,
+        context.max_duration,
+        stop.clone(),
+    ));
+    let tunnel = Tunnel::new(
+        &*context.control,
+        context.signer.as_deref(),
+        context.driver.clone(),
+    )
+    .with_stats(stats_tx);
+    let result = tunnel.run(target, incoming, stop.cancelled()).await;
+    timers.abort();
+    let lasted = opened_at.elapsed();
+    match &result {
+        Ok(outcome) => {
+            // Terminated when the bridge ended it (shutdown, endpoint removed, a timeout);
+            // closed when the client or the instance did.
+            let label = match outcome.cause {
+                CloseCause::LocalTerminate if stop.is_cancelled() => metrics::Outcome::Terminated,
+                _ => metrics::Outcome::Closed,
+            };
+            metrics.session_ended(&document, label, lasted, &outcome.stats);
+            info!(session_id, cause = ?outcome.cause, bytes_in = outcome.stats.bytes_received, bytes_out = outcome.stats.bytes_sent, "session ended");
+        }
+        Err(error) => {
+            metrics.session_ended(
+                &document,
+                metrics::Outcome::ChannelFailed,
+                lasted,
+                &Stats::default(),
+            );
+            warn!(session_id, %error, "session failed");
+        }
+    }
+    Ok(result?)
+}
+
+/// Watches a session's counters: records when the first byte arrives, and fires `stop` when the
+/// session is idle or too old.
+async fn watch_session(
+    mut stats: watch::Receiver<Stats>,
+    metrics: Metrics,
+    connected_at: Instant,
+    opened_at: Instant,
+    idle_timeout: Option<Duration>,
+    max_duration: Option<Duration>,
+    stop: CancellationToken,
+) {
+    const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+    let deadline = opened_at + max_duration.unwrap_or(FOREVER);
+    let idle = idle_timeout.unwrap_or(FOREVER);
+    let mut last_activity = Instant::now();
+    let mut last_bytes = 0;
+    let mut first_frame_seen = false;
+    let mut first_byte_seen = false;
+    loop {
+        let idle_deadline = last_activity + idle;
+        tokio::select! {
+            changed = stats.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = Instant::now();
+                let current = stats.borrow_and_update().clone();
+                if !first_frame_seen && current.frames_received > 0 {
+                    first_frame_seen = true;
+                    metrics.observe_setup("websocket_connect", now - opened_at);
+                }
+                if !first_byte_seen && current.bytes_received > 0 {
+                    first_byte_seen = true;
+                    metrics.observe_setup("first_byte", now - opened_at);
+                    metrics.observe_setup("total", now - connected_at);
+                }
+                let bytes = current.bytes_received + current.bytes_sent;
+                if bytes != last_bytes {
+                    last_bytes = bytes;
+                    last_activity = now;
+                }
+            }
+            () = tokio::time::sleep_until(idle_deadline) => {
+                info!("session idle too long; ending it");
+                stop.cancel();
+                return;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                info!("session reached its maximum duration; ending it");
+                stop.cancel();
+                return;
+            }
+        }
+    }
+}
