@@ -585,6 +585,13 @@ impl Agent {
             }
             return;
         }
+        // The real agent acks on its receive path and sends HandshakeComplete from its handshake
+        // task afterwards, so the client sees the ack first. (The plugin depends on that order:
+        // a message arriving between HandshakeComplete and its mux setup crashes its reader.)
+        let acked_early = m.payload_type == payload_type::HANDSHAKE_RESPONSE;
+        if acked_early {
+            self.ack(m);
+        }
         match self.process(m) {
             Processed::NotReady => {}
             Processed::Done => {
@@ -593,7 +600,7 @@ impl Agent {
                     .faults
                     .withhold_ack_every
                     .is_some_and(|n| n > 0 && self.in_order_accepted.is_multiple_of(u64::from(n)));
-                if !withhold && !self.finished {
+                if !withhold && !self.finished && !acked_early {
                     self.ack(m);
                 }
                 self.remember(header);

@@ -215,7 +215,7 @@ async fn port_forwarding_through_the_official_plugin() {
         cmd.args(cli_args(&response, &request, &running.endpoint_url()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("plugin.stderr")).expect("stderr file"))
             .kill_on_drop(true);
         plugin_env(&mut cmd, &dir);
         let mut child = cmd.spawn().expect("plugin starts");
@@ -232,20 +232,35 @@ async fn port_forwarding_through_the_official_plugin() {
         .await
         .expect("plugin ready in time");
         assert!(waiting, "plugin exited before listening");
+        let stdout_log = dir.join("plugin.stdout");
+        tokio::spawn(async move {
+            let mut text = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                text.push_str(&line);
+                text.push('\n');
+                let _ = std::fs::write(&stdout_log, &text);
+            }
+        });
 
         let addr: std::net::SocketAddr = format!("127.0.0.1:{local_port}").parse().expect("addr");
         let mut tasks = Vec::new();
         for i in 0..4u8 {
             tasks.push(tokio::spawn(async move {
                 let data = pattern(60_000, i);
-                let back = tcp_round_trip(addr, &data).await.expect("round trip");
-                back == data
+                match tcp_round_trip(addr, &data).await {
+                    Ok(back) if back == data => Ok(()),
+                    Ok(_) => Err("echo differs".to_owned()),
+                    Err(e) => Err(e.to_string()),
+                }
             }));
         }
         for t in tasks {
+            let r = t.await.expect("task");
             assert!(
-                t.await.expect("task"),
-                "{mode:?}: a connection's echo differs"
+                r.is_ok(),
+                "{mode:?}: {r:?}\n{:?}\nplugin output in {}",
+                running.session_report(&started.session_id),
+                dir.display()
             );
         }
         // A second wave after the first closed: streams are reopened per connection.
