@@ -60,6 +60,9 @@ struct Script {
     drop_first_after_data: bool,
     /// On the first WebSocket, stop reading (and so stop answering pings) after the handshake.
     silent_first_after_handshake: bool,
+    /// On the first WebSocket, keep reading (so pings are answered) but ignore every frame
+    /// after the handshake: no acks, no data.
+    deaf_first_after_handshake: bool,
     /// Mux: answer every SYN with ConnectToPortError and a FIN.
     refuse_streams: bool,
     /// Send channel_closed with this Output right after HandshakeComplete.
@@ -140,6 +143,9 @@ fn react(state: &mut AgentState, frame: &[u8]) -> Reaction {
         return Reaction::Send(Vec::new());
     }
     let seq = m.sequence_number;
+    if state.script.deaf_first_after_handshake && state.connections == 1 && state.handshake_done {
+        return Reaction::Send(Vec::new());
+    }
     if let Some(first) = state.log.inputs.get(&seq) {
         let same = first.as_ref() == frame;
         state.log.repeats.push((seq, same));
@@ -743,4 +749,45 @@ async fn refused_stream_closes_its_local_connection() {
     let outcome = outcome.unwrap();
     assert_eq!(outcome.handshake.unwrap().mode, ForwardingMode::Mux);
     assert_eq!(outcome.stats.open_streams, 0);
+}
+
+#[tokio::test]
+async fn gateway_that_pongs_but_never_acks_is_resumed() {
+    let script = Script {
+        deaf_first_after_handshake: true,
+        ..Script::default()
+    };
+    let s = setup_with(SSH, script, false).await;
+    let target = s
+        .control
+        .start_session(&StartSessionRequest::default())
+        .await
+        .unwrap();
+    let config = DriverConfig {
+        ping_interval: Duration::from_millis(100),
+        dead_peer_timeout: Duration::from_millis(400),
+        ..config()
+    };
+    let tunnel = Tunnel::new(&s.control, None, config);
+    let (conn_tx, conn_rx) = mpsc::channel(4);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let body = async {
+        let (mut local, remote) = tokio::io::duplex(64 * 1024);
+        conn_tx.send(remote).await.unwrap();
+        assert_eq!(echo(&mut local, b"are you there").await, b"are you there");
+        stop_tx.send(()).unwrap();
+    };
+    let (outcome, ()) = tokio::time::timeout(LIMIT, async {
+        tokio::join!(
+            tunnel.run(target, conn_rx, async {
+                let _ = stop_rx.await;
+            }),
+            body
+        )
+    })
+    .await
+    .expect("test finished in time");
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.stats.reconnects, 1);
+    assert!(outcome.stats.retransmissions > 0);
 }

@@ -50,7 +50,8 @@ use signing::{SigningError, UpgradeSigner, is_presigned};
 
 /// WebSocket ping interval: within the 30–60 s the reference suggests (the agent pings every 54 s).
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
-/// No inbound frame at all (data, acks, pongs) for this long means the peer is dead.
+/// No inbound frame at all (data, acks, pongs) for this long, or no ack progress on sent data
+/// for this long, means the transport is dead.
 pub const DEFAULT_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(75);
 /// One dial (TCP, TLS, upgrade) may take this long.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -62,6 +63,9 @@ pub const DEFAULT_RECONNECT_BUDGET: Duration = Duration::from_secs(120);
 pub const DEFAULT_RECONNECT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 /// Largest reconnect backoff.
 pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// One WebSocket write may take this long. A gateway that stops reading (a black hole) fills
+/// the TCP send buffer and would otherwise block the loop, the ping timer included, for ever.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bytes read from a local connection at once (then cut into session chunks).
 pub const DEFAULT_LOCAL_READ_SIZE: usize = 32 * 1024;
 /// Chunks queued toward one local connection before the session stops draining events.
@@ -80,6 +84,8 @@ pub struct DriverConfig {
     pub dead_peer_timeout: Duration,
     /// See [`DEFAULT_CONNECT_TIMEOUT`].
     pub connect_timeout: Duration,
+    /// See [`DEFAULT_SEND_TIMEOUT`].
+    pub send_timeout: Duration,
     /// See [`DEFAULT_RECONNECT_BUDGET`].
     pub reconnect_budget: Duration,
     /// See [`DEFAULT_RECONNECT_INITIAL_BACKOFF`].
@@ -108,6 +114,7 @@ impl Default for DriverConfig {
             ping_interval: DEFAULT_PING_INTERVAL,
             dead_peer_timeout: DEFAULT_DEAD_PEER_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
             reconnect_budget: DEFAULT_RECONNECT_BUDGET,
             reconnect_initial_backoff: DEFAULT_RECONNECT_INITIAL_BACKOFF,
             reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
@@ -270,7 +277,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
         if let Err(e) = self.control.terminate_session(&run.target.session_id).await {
             debug!(error = %e, "TerminateSession after close");
         }
-        let _ = run.ws.close(None).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), run.ws.close(None)).await;
         if let Some(stats) = &self.stats {
             stats.send_replace(run.session.stats());
         }
@@ -320,9 +327,13 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             uuid::Uuid::new_v4(),
             self.config.client_id,
         );
-        ws.send(Message::text(open.to_json()))
-            .await
-            .map_err(|e| DriverError::Connect(e.to_string()))?;
+        tokio::time::timeout(
+            self.config.send_timeout,
+            ws.send(Message::text(open.to_json())),
+        )
+        .await
+        .map_err(|_| DriverError::Connect("sending the open message timed out".into()))?
+        .map_err(|e| DriverError::Connect(e.to_string()))?;
         info!(session_id = %target.session_id, "data channel open");
         Ok(ws)
     }
@@ -476,7 +487,7 @@ where
                         if !message::is_acknowledge(&frame) {
                             self.pacer.consume(now.into_std());
                         }
-                        if let Err(e) = self.ws.send(Message::Binary(frame)).await {
+                        if let Err(e) = self.send_ws(Message::Binary(frame)).await {
                             debug!(error = %e, "WebSocket send failed");
                             if let Some(outcome) = self.transport_lost().await? {
                                 return Ok(outcome);
@@ -486,15 +497,24 @@ where
                 }
                 Turn::Timer => self.session.handle_timeout(now.into_std()),
                 Turn::Ping => {
-                    let dead =
-                        now.duration_since(self.last_heard) > self.tunnel.config.dead_peer_timeout;
+                    let limit = self.tunnel.config.dead_peer_timeout;
+                    let silent = now.duration_since(self.last_heard) > limit;
+                    // A socket that still answers pings but never acks is just as dead.
+                    let no_acks = self
+                        .session
+                        .ack_wait_since()
+                        .is_some_and(|since| now.into_std().duration_since(since) > limit);
+                    let dead = silent || no_acks;
                     if dead {
-                        warn!("no frame from the gateway; treating the WebSocket as dead");
+                        warn!(
+                            silent,
+                            no_acks,
+                            "the data channel is not responding; treating the WebSocket as dead"
+                        );
                     }
                     let lost = dead
                         || self
-                            .ws
-                            .send(Message::Ping(Bytes::from_static(b"keepalive")))
+                            .send_ws(Message::Ping(Bytes::from_static(b"keepalive")))
                             .await
                             .is_err();
                     if lost && let Some(outcome) = self.transport_lost().await? {
@@ -520,6 +540,15 @@ where
                 Turn::Incoming(Some(conn)) => self.attach(now, conn),
                 Turn::Incoming(None) => incoming_open = false,
             }
+        }
+    }
+
+    /// One WebSocket write, bounded by [`DriverConfig::send_timeout`].
+    async fn send_ws(&mut self, message: Message) -> Result<(), String> {
+        match tokio::time::timeout(self.tunnel.config.send_timeout, self.ws.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("WebSocket write timed out".to_owned()),
         }
     }
 
@@ -555,6 +584,7 @@ where
             }));
         }
         self.outgoing = None;
+        info!(session_id = %self.target.session_id, "WebSocket lost; resuming the session");
         let ws = self
             .tunnel
             .reconnect(&mut self.session, &mut self.target)

@@ -61,6 +61,9 @@ pub(crate) struct SendBuffer {
     deadline: Option<Instant>,
     rtt: RttEstimator,
     retransmissions: u64,
+    /// Last moment the peer made progress: an ack released something, or the first message
+    /// went in flight with nothing else outstanding.
+    progress_at: Option<Instant>,
 }
 
 impl SendBuffer {
@@ -74,6 +77,7 @@ impl SendBuffer {
             deadline: None,
             rtt,
             retransmissions: 0,
+            progress_at: None,
         }
     }
 
@@ -127,6 +131,9 @@ impl SendBuffer {
         while self.next_unsent < self.next_seq {
             let seq = self.next_unsent;
             self.next_unsent += 1;
+            if !self.has_in_flight() {
+                self.progress_at = Some(now);
+            }
             if let Some(entry) = self.entries.get_mut(&seq) {
                 entry.last_sent = Some(now);
                 entry.transmissions = 1;
@@ -156,6 +163,7 @@ impl SendBuffer {
         if let Some(entry) = self.entries.remove(&seq) {
             self.payload_bytes -= entry.payload_len;
         }
+        self.progress_at = Some(now);
         if let Some(sample) = sample {
             self.rtt.on_sample(sample);
         }
@@ -163,6 +171,23 @@ impl SendBuffer {
             self.deadline = None;
         }
         AckOutcome::Released(sample)
+    }
+
+    fn has_in_flight(&self) -> bool {
+        self.entries
+            .values()
+            .next()
+            .is_some_and(|e| e.last_sent.is_some())
+    }
+
+    /// Since when sent messages have been waiting without any ack progress; `None` when
+    /// nothing is in flight.
+    pub(crate) fn waiting_since(&self) -> Option<Instant> {
+        if self.has_in_flight() {
+            self.progress_at
+        } else {
+            None
+        }
     }
 
     /// The earliest retransmission deadline.
@@ -203,7 +228,8 @@ impl SendBuffer {
     }
 
     /// After a transport change: every message that was in flight is sent again, in order.
-    pub(crate) fn requeue_in_flight(&mut self) {
+    pub(crate) fn requeue_in_flight(&mut self, now: Instant) {
+        self.progress_at = Some(now);
         self.retransmit_queue.clear();
         for (seq, entry) in &mut self.entries {
             if entry.last_sent.is_some() {
@@ -368,6 +394,23 @@ mod tests {
     }
 
     #[test]
+    fn waiting_since_tracks_ack_progress() {
+        let t0 = crate::protocol::tests::origin();
+        let mut b = buffer();
+        assert_eq!(b.waiting_since(), None);
+        b.push(1, frame);
+        b.push(1, frame);
+        assert_eq!(b.waiting_since(), None, "nothing sent yet");
+        b.poll_transmit(t0);
+        b.poll_transmit(t0 + ms(5));
+        assert_eq!(b.waiting_since(), Some(t0));
+        b.on_ack(t0 + ms(50), 0);
+        assert_eq!(b.waiting_since(), Some(t0 + ms(50)));
+        b.on_ack(t0 + ms(60), 1);
+        assert_eq!(b.waiting_since(), None);
+    }
+
+    #[test]
     fn ack_for_unsent_message_is_ignored() {
         let t0 = crate::protocol::tests::origin();
         let mut b = buffer();
@@ -386,7 +429,7 @@ mod tests {
         b.poll_transmit(t0);
         b.poll_transmit(t0);
         b.on_ack(t0, 0);
-        b.requeue_in_flight();
+        b.requeue_in_flight(t0);
         assert_eq!(b.poll_transmit(t0), Some(frame(1)));
         assert_eq!(b.poll_transmit(t0), Some(frame(2)));
         assert_eq!(b.poll_transmit(t0), None);

@@ -556,7 +556,7 @@ impl Session {
     pub fn reset_transport(&mut self, now: Instant) {
         self.stats.reconnects += 1;
         self.paused = false;
-        self.send.requeue_in_flight();
+        self.send.requeue_in_flight(now);
         match &mut self.state {
             State::AwaitingHandshake { deadline } | State::AwaitingComplete { deadline } => {
                 *deadline = now + self.config.handshake_timeout;
@@ -679,6 +679,17 @@ impl Session {
     /// True once HandshakeComplete arrived and until closing starts.
     pub fn is_open(&self) -> bool {
         matches!(self.state, State::Open)
+    }
+
+    /// Since when sent messages have waited for an ack without any progress (`None` when
+    /// nothing is in flight, or while paused). A driver treats a long wait as a dead transport
+    /// even when the WebSocket still answers pings.
+    pub fn ack_wait_since(&self) -> Option<Instant> {
+        if self.paused {
+            None
+        } else {
+            self.send.waiting_since()
+        }
     }
 
     /// True while MGS has paused publication.
