@@ -180,6 +180,7 @@ async fn ssh_through_the_official_plugin() {
     assert_eq!(report.client_version.as_deref(), Some("1.2.0.0"));
     assert!(report.bytes_to_client > 200_000, "{report:?}");
     assert_clean(&running, &started.session_id);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn tempfile_dir() -> PathBuf {
