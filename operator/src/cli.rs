@@ -33,7 +33,11 @@ struct RunArgs {
     #[arg(long, env = "FLEET_ACCESS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "FLEET_ACCESS_ADMIN_ADDRESS", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "FLEET_ACCESS_ADMIN_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
     admin_address: String,
     /// This replica's name in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME", default_value = "fleet-access-operator")]

@@ -16,8 +16,8 @@ pub mod naming;
 pub mod plan;
 pub mod policy;
 pub mod reconcile;
-pub mod runner;
 pub mod report;
+pub mod runner;
 pub mod settings;
 pub mod status;
 

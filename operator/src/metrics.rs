@@ -46,7 +46,10 @@ impl Metrics {
             &["service", "operation", "outcome"],
         )?;
         let grants = IntGaugeVec::new(
-            Opts::new("fleet_access_operator_grants", "SessionAccess grants by state."),
+            Opts::new(
+                "fleet_access_operator_grants",
+                "SessionAccess grants by state.",
+            ),
             &["state"],
         )?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -63,7 +66,7 @@ impl Metrics {
 
     /// AWS calls so far whose operation changes something (all outcomes).
     pub fn aws_write_calls(&self) -> u64 {
-        self.aws_calls_where(|op| crate::aws::is_write(op))
+        self.aws_calls_where(crate::aws::is_write)
     }
 
     /// AWS calls so far, of every kind.

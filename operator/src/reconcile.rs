@@ -74,6 +74,7 @@ pub struct Context {
 
 impl Context {
     /// A context; `reporter` names the replica in Events.
+    #[allow(clippy::too_many_arguments)] // the context's parts, each named at the call sites
     pub fn new(
         client: Client,
         iam: Arc<dyn IamApi>,
@@ -239,7 +240,15 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         terminate_sessions(grant, &target_list, ctx).await;
     }
 
-    let synced = sync(grant, &id, &wanted_policies, &known_arns, &wanted_documents, ctx).await;
+    let synced = sync(
+        grant,
+        &id,
+        &wanted_policies,
+        &known_arns,
+        &wanted_documents,
+        ctx,
+    )
+    .await;
     let (policy_outcome, policies, retry) = match synced {
         Ok(policies) => (
             Outcome::yes(
@@ -319,10 +328,18 @@ fn sync_failure(error: &Error) -> Outcome {
     match error {
         Error::Aws(aws) => {
             let advice = match aws.code.as_str() {
-                "LimitExceeded" => "an IAM quota is reached (policies per account, attachments per principal or policy size): raise the quota or split the grant",
-                "MalformedPolicyDocument" => "IAM rejected the rendered policy: report this as a bug with the grant attached",
-                "NoSuchEntity" => "a principal does not exist in IAM: create it or fix spec.principals",
-                code if RETRYABLE_HINT.contains(&code) => "AWS is throttling or busy: the operator retries with backoff",
+                "LimitExceeded" => {
+                    "an IAM quota is reached (policies per account, attachments per principal or policy size): raise the quota or split the grant"
+                }
+                "MalformedPolicyDocument" => {
+                    "IAM rejected the rendered policy: report this as a bug with the grant attached"
+                }
+                "NoSuchEntity" => {
+                    "a principal does not exist in IAM: create it or fix spec.principals"
+                }
+                code if RETRYABLE_HINT.contains(&code) => {
+                    "AWS is throttling or busy: the operator retries with backoff"
+                }
                 _ => "the operator retries; check the operator's AWS permissions",
             };
             Outcome::no(
@@ -504,8 +521,7 @@ async fn observe_policy(arn: &str, owner: &str, ctx: &Context) -> Result<Option<
         }));
     }
     let versions = with_retry(|| ctx.iam.list_policy_versions(arn)).await?;
-    let document =
-        with_retry(|| ctx.iam.get_policy_document(arn, &info.default_version)).await?;
+    let document = with_retry(|| ctx.iam.get_policy_document(arn, &info.default_version)).await?;
     let attached = with_retry(|| ctx.iam.list_attachments(arn))
         .await?
         .into_iter()
@@ -531,11 +547,8 @@ async fn apply_change(
     let mut version = None;
     match change {
         Change::CreatePolicy { name, document } => {
-            let info = with_retry(|| {
-                ctx.iam
-                    .create_policy(name, POLICY_PATH, document, &tags)
-            })
-            .await?;
+            let info =
+                with_retry(|| ctx.iam.create_policy(name, POLICY_PATH, document, &tags)).await?;
             version = Some(info.default_version);
         }
         Change::DeletePolicyVersion { arn, version } => {
@@ -544,9 +557,7 @@ async fn apply_change(
         Change::CreatePolicyVersion { arn, document } => {
             version = Some(with_retry(|| ctx.iam.create_policy_version(arn, document)).await?);
         }
-        Change::Attach { arn, principal } => {
-            with_retry(|| ctx.iam.attach(arn, principal)).await?
-        }
+        Change::Attach { arn, principal } => with_retry(|| ctx.iam.attach(arn, principal)).await?,
         Change::Detach { arn, principal } => {
             ignore_not_found(with_retry(|| ctx.iam.detach(arn, principal)).await)?
         }
@@ -572,7 +583,9 @@ async fn apply_change(
     Ok(version)
 }
 
-fn ignore_not_found(result: std::result::Result<(), AwsError>) -> std::result::Result<(), AwsError> {
+fn ignore_not_found(
+    result: std::result::Result<(), AwsError>,
+) -> std::result::Result<(), AwsError> {
     match result {
         Err(e) if e.is_not_found() => Ok(()),
         other => other,
@@ -602,11 +615,18 @@ async fn resolve_targets(
     let targets = &grant.spec.targets;
     if targets.all_instances {
         return (
-            Outcome::yes("AllInstances", "the grant covers every instance; none are listed"),
+            Outcome::yes(
+                "AllInstances",
+                "the grant covers every instance; none are listed",
+            ),
             Vec::new(),
         );
     }
-    let ids: Vec<String> = targets.instance_ids.iter().map(ToString::to_string).collect();
+    let ids: Vec<String> = targets
+        .instance_ids
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let tags: BTreeMap<String, String> = targets
         .tags
         .iter()
@@ -654,7 +674,11 @@ async fn resolve_targets(
             format!(
                 "SSM does not know {} of the listed instances ({}): check the IDs and that the SSM Agent runs and is registered",
                 missing.len(),
-                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )
     } else if list.is_empty() {

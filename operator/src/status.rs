@@ -96,7 +96,10 @@ pub fn compute(
     } else if !seen.bridge.ok {
         Outcome::no(&seen.bridge.reason, seen.bridge.message.clone())
     } else {
-        Outcome::yes("Applied", "IAM, SSM and the bridge endpoints match the grant")
+        Outcome::yes(
+            "Applied",
+            "IAM, SSM and the bridge endpoints match the grant",
+        )
     };
     let previous_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     let condition = |type_: &str, outcome: &Outcome| {
@@ -134,10 +137,7 @@ pub fn compute(
 
 /// Whether an SSM Agent version can carry SSH sessions (2.3.672.0 or later).
 pub fn agent_supports_ssh(version: &str) -> bool {
-    let parts: Vec<u64> = version
-        .split('.')
-        .map(|p| p.parse().unwrap_or(0))
-        .collect();
+    let parts: Vec<u64> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
     parts >= vec![2, 3, 672, 0]
 }
 

@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use aws_sdk_iam::error::ProvideErrorMetadata;
 use aws_sdk_ssm::types::{
     DocumentFormat, DocumentKeyValuesFilter, DocumentType, InstanceInformationStringFilter,
-    SessionFilter, SessionFilterKey, SessionState,
+    SessionState,
 };
 
 use super::{
-    AwsError, AwsResult, DocumentInfo, IamApi, InstanceInfo, PolicyInfo, PolicyVersion,
-    Principal, PrincipalKind, SsmApi,
+    AwsError, AwsResult, DocumentInfo, IamApi, InstanceInfo, PolicyInfo, PolicyVersion, Principal,
+    PrincipalKind, SsmApi,
 };
 use crate::metrics::Metrics;
 
@@ -61,10 +61,19 @@ impl SdkAws {
         };
         // Bound the label: known codes by name, anything else as "other".
         let outcome = match outcome.as_str() {
-            "ok" | "NoSuchEntity" | "EntityAlreadyExists" | "LimitExceeded"
-            | "MalformedPolicyDocument" | "DeleteConflict" | "Throttling"
-            | "ConcurrentModification" | "EntityTemporarilyUnmodifiable" | "ServiceFailure"
-            | "InvalidDocument" | "DocumentAlreadyExists" | "DuplicateDocumentContent"
+            "ok"
+            | "NoSuchEntity"
+            | "EntityAlreadyExists"
+            | "LimitExceeded"
+            | "MalformedPolicyDocument"
+            | "DeleteConflict"
+            | "Throttling"
+            | "ConcurrentModification"
+            | "EntityTemporarilyUnmodifiable"
+            | "ServiceFailure"
+            | "InvalidDocument"
+            | "DocumentAlreadyExists"
+            | "DuplicateDocumentContent"
             | "Transport" => outcome,
             _ => "other".to_owned(),
         };
@@ -75,7 +84,10 @@ impl SdkAws {
         result.map_err(|e| AwsError {
             operation,
             code: e.code().unwrap_or("Transport").to_owned(),
-            message: e.message().map(str::to_owned).unwrap_or_else(|| e.to_string()),
+            message: e
+                .message()
+                .map(str::to_owned)
+                .unwrap_or_else(|| e.to_string()),
         })
     }
 
@@ -275,66 +287,78 @@ impl IamApi for SdkAws {
     async fn attach(&self, arn: &str, principal: &Principal) -> AwsResult<()> {
         let name = principal.name.as_str();
         match principal.kind {
-            PrincipalKind::User => self.iam(
-                "AttachUserPolicy",
-                self.iam
-                    .attach_user_policy()
-                    .user_name(name)
-                    .policy_arn(arn)
-                    .send()
-                    .await,
-            ).map(drop),
-            PrincipalKind::Role => self.iam(
-                "AttachRolePolicy",
-                self.iam
-                    .attach_role_policy()
-                    .role_name(name)
-                    .policy_arn(arn)
-                    .send()
-                    .await,
-            ).map(drop),
-            PrincipalKind::Group => self.iam(
-                "AttachGroupPolicy",
-                self.iam
-                    .attach_group_policy()
-                    .group_name(name)
-                    .policy_arn(arn)
-                    .send()
-                    .await,
-            ).map(drop),
+            PrincipalKind::User => self
+                .iam(
+                    "AttachUserPolicy",
+                    self.iam
+                        .attach_user_policy()
+                        .user_name(name)
+                        .policy_arn(arn)
+                        .send()
+                        .await,
+                )
+                .map(drop),
+            PrincipalKind::Role => self
+                .iam(
+                    "AttachRolePolicy",
+                    self.iam
+                        .attach_role_policy()
+                        .role_name(name)
+                        .policy_arn(arn)
+                        .send()
+                        .await,
+                )
+                .map(drop),
+            PrincipalKind::Group => self
+                .iam(
+                    "AttachGroupPolicy",
+                    self.iam
+                        .attach_group_policy()
+                        .group_name(name)
+                        .policy_arn(arn)
+                        .send()
+                        .await,
+                )
+                .map(drop),
         }
     }
 
     async fn detach(&self, arn: &str, principal: &Principal) -> AwsResult<()> {
         let name = principal.name.as_str();
         match principal.kind {
-            PrincipalKind::User => self.iam(
-                "DetachUserPolicy",
-                self.iam
-                    .detach_user_policy()
-                    .user_name(name)
-                    .policy_arn(arn)
-                    .send()
-                    .await,
-            ).map(drop),
-            PrincipalKind::Role => self.iam(
-                "DetachRolePolicy",
-                self.iam
-                    .detach_role_policy()
-                    .role_name(name)
-                    .policy_arn(arn)
-                    .send()
-                    .await,
-            ).map(drop),
-            PrincipalKind::Group => self.iam(
-                "DetachGroupPolicy",
-                self.iam
-                    .detach_group_policy()
-                    .group_name(name)
-                    .policy_arn(arn)
-                    .send()
-                    .await,
-            ).map(drop),
+            PrincipalKind::User => self
+                .iam(
+                    "DetachUserPolicy",
+                    self.iam
+                        .detach_user_policy()
+                        .user_name(name)
+                        .policy_arn(arn)
+                        .send()
+                        .await,
+                )
+                .map(drop),
+            PrincipalKind::Role => self
+                .iam(
+                    "DetachRolePolicy",
+                    self.iam
+                        .detach_role_policy()
+                        .role_name(name)
+                        .policy_arn(arn)
+                        .send()
+                        .await,
+                )
+                .map(drop),
+            PrincipalKind::Group => self
+                .iam(
+                    "DetachGroupPolicy",
+                    self.iam
+                        .detach_group_policy()
+                        .group_name(name)
+                        .policy_arn(arn)
+                        .send()
+                        .await,
+                )
+                .map(drop),
         }
     }
 
@@ -350,7 +374,10 @@ impl IamApi for SdkAws {
 #[async_trait::async_trait]
 impl SsmApi for SdkAws {
     async fn get_document(&self, name: &str) -> AwsResult<Option<DocumentInfo>> {
-        let out = self.ssm("GetDocument", self.ssm.get_document().name(name).send().await);
+        let out = self.ssm(
+            "GetDocument",
+            self.ssm.get_document().name(name).send().await,
+        );
         Ok(not_found_is_none(out)?.map(|out| {
             let version = out.document_version().unwrap_or("1").to_owned();
             DocumentInfo {
@@ -379,9 +406,16 @@ impl SsmApi for SdkAws {
                     .send()
                     .await,
             )?;
+            // The tag is checked here too: a document is the grant's only if it carries it,
+            // whatever the service's filter matched.
             names.extend(
                 out.document_identifiers()
                     .iter()
+                    .filter(|d| {
+                        d.tags()
+                            .iter()
+                            .any(|t| t.key() == key && t.value() == value)
+                    })
                     .filter_map(|d| d.name().map(str::to_owned)),
             );
             match out.next_token() {
@@ -507,31 +541,42 @@ impl SsmApi for SdkAws {
     }
 
     async fn active_sessions(&self, instance_id: &str) -> AwsResult<Vec<String>> {
-        let filter = SessionFilter::builder()
-            .key(SessionFilterKey::TargetId)
-            .value(instance_id)
-            .build()
-            .map_err(|e| build_error("DescribeSessions", e))?;
-        let out = self.ssm(
-            "DescribeSessions",
-            self.ssm
-                .describe_sessions()
-                .state(SessionState::Active)
-                .filters(filter)
-                .send()
-                .await,
-        )?;
-        Ok(out
-            .sessions()
-            .iter()
-            .filter_map(|s| s.session_id().map(str::to_owned))
-            .collect())
+        // Filtered here rather than with a Target filter, which not every SSM implementation
+        // (the test emulator) honours.
+        let mut ids = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self.ssm(
+                "DescribeSessions",
+                self.ssm
+                    .describe_sessions()
+                    .state(SessionState::Active)
+                    .set_next_token(token.clone())
+                    .send()
+                    .await,
+            )?;
+            ids.extend(
+                out.sessions()
+                    .iter()
+                    .filter(|s| s.target() == Some(instance_id))
+                    .filter_map(|s| s.session_id().map(str::to_owned)),
+            );
+            match out.next_token() {
+                Some(next) if !next.is_empty() => token = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(ids)
     }
 
     async fn terminate_session(&self, session_id: &str) -> AwsResult<()> {
         self.ssm(
             "TerminateSession",
-            self.ssm.terminate_session().session_id(session_id).send().await,
+            self.ssm
+                .terminate_session()
+                .session_id(session_id)
+                .send()
+                .await,
         )
         .map(drop)
     }

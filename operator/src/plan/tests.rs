@@ -68,7 +68,9 @@ fn a_missing_policy_is_created_then_attached() {
 fn an_equal_policy_needs_nothing_even_rewritten_by_aws() {
     let mut seen = observed("a", 1, &["alice"]);
     seen.document = percent_encoding::utf8_percent_encode(
-        &seen.document.replace(r#""Resource":"a""#, r#""Resource":["a"]"#),
+        &seen
+            .document
+            .replace(r#""Resource":"a""#, r#""Resource":["a"]"#),
         percent_encoding::NON_ALPHANUMERIC,
     )
     .to_string();
@@ -80,9 +82,12 @@ fn an_equal_policy_needs_nothing_even_rewritten_by_aws() {
 
 #[test]
 fn a_changed_document_gets_a_new_version_and_the_oldest_goes_at_five() {
-    let changes =
-        policy_changes(OWNER, Some(&wanted("b", &["alice"])), Some(&observed("a", 2, &["alice"])))
-            .expect("owned");
+    let changes = policy_changes(
+        OWNER,
+        Some(&wanted("b", &["alice"])),
+        Some(&observed("a", 2, &["alice"])),
+    )
+    .expect("owned");
     assert_eq!(
         changes,
         vec![Change::CreatePolicyVersion {
@@ -94,7 +99,8 @@ fn a_changed_document_gets_a_new_version_and_the_oldest_goes_at_five() {
     // The default is not the newest: the oldest non-default goes.
     full.versions[4].is_default = false;
     full.versions[0].is_default = true;
-    let changes = policy_changes(OWNER, Some(&wanted("b", &["alice"])), Some(&full)).expect("owned");
+    let changes =
+        policy_changes(OWNER, Some(&wanted("b", &["alice"])), Some(&full)).expect("owned");
     assert_eq!(
         changes[0],
         Change::DeletePolicyVersion {
@@ -193,7 +199,9 @@ fn documents_are_created_updated_and_deleted() {
                 name: "changed".into(),
                 content: r#"{"a":2}"#.into(),
             },
-            Change::DeleteDocument { name: "gone".into() },
+            Change::DeleteDocument {
+                name: "gone".into()
+            },
         ]
     );
     let foreign = BTreeSet::from(["new".to_owned()]);

@@ -1,0 +1,674 @@
+//! The reconciler against real parts: a real kube-apiserver + etcd, IAM on moto, SSM on the
+//! project's emulator with moto as its upstream (moto has no session or instance-information
+//! APIs). Each test runs its own controller, in-process on a real client, scoped to its own
+//! namespace, with its own metrics (so AWS calls can be counted).
+
+use std::{collections::BTreeSet, future::Future, sync::Arc, time::Duration};
+
+use aws_sdk_iam::error::ProvideErrorMetadata;
+use fleet_access_crds::SessionAccess;
+use fleet_access_operator::{
+    aws::sdk::SdkAws,
+    desired,
+    metrics::Metrics,
+    naming,
+    policy::same_meaning,
+    reconcile::{self, Context},
+    settings::Settings,
+};
+use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
+use fleet_access_tests::{ControlPlane, Moto, TestNamespace};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, PostParams},
+};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+const ACCOUNT: &str = "123456789012";
+const REGION: &str = "us-east-1";
+/// How long a test waits for the controller to converge before failing.
+const CONVERGE: Duration = Duration::from_secs(90);
+
+/// Instances of the emulated fleet: IDs, a tag and agent versions.
+const FLEET: &[(&str, &str, &str)] = &[
+    ("i-0000000000000000a", "staging", "3.3.0.0"),
+    ("i-0000000000000000b", "staging", "2.3.500.0"),
+    ("i-0000000000000000c", "production", "3.3.0.0"),
+    ("i-0000000000000000d", "production", "3.3.0.0"),
+    ("i-0000000000000000e", "production", "3.3.0.0"),
+    ("i-0000000000000000f", "production", "3.3.0.0"),
+    ("i-00000000000000010", "production", "3.3.0.0"),
+    ("i-00000000000000011", "production", "3.3.0.0"),
+];
+
+struct Harness {
+    namespace: TestNamespace,
+    grants: Api<SessionAccess>,
+    iam: aws_sdk_iam::Client,
+    ssm: aws_sdk_ssm::Client,
+    metrics: Metrics,
+    settings: Settings,
+    stop: Option<oneshot::Sender<()>>,
+    controller: Option<tokio::task::JoinHandle<()>>,
+    _emulator: Running,
+}
+
+impl Harness {
+    async fn start(prefix: &str, resync: Duration) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let control_plane = ControlPlane::shared()
+            .await
+            .expect("control plane (run tests/env/setup.sh first)");
+        control_plane
+            .apply_yaml(&fleet_access_crds::crds_yaml(), None)
+            .await
+            .expect("CRDs apply");
+        for name in [
+            "sessionaccesses.fleetaccess.io",
+            "sessionpreferences.fleetaccess.io",
+        ] {
+            control_plane
+                .wait_for_crd_established(name, Duration::from_secs(30))
+                .await
+                .expect("established");
+        }
+        let namespace = control_plane.namespace(prefix).await.expect("namespace");
+        let moto = Moto::shared().await.expect("moto");
+        let mut config = Config {
+            mode: Mode::Fast,
+            upstream: Some(moto.endpoint().to_owned()),
+            ..Config::default()
+        };
+        for (id, environment, agent) in FLEET {
+            config.instances.push(
+                InstanceConfig::new(*id)
+                    .with_tag("Environment", *environment)
+                    .with_agent_version(*agent),
+            );
+        }
+        let emulator = Emulator::start(config).await.expect("emulator starts");
+        let iam_config = moto.sdk_config();
+        let ssm_config = fleet_access_tests::moto::sdk_config_for(&emulator.endpoint_url());
+        let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
+        let aws = Arc::new(SdkAws::with_configs(
+            &iam_config,
+            &ssm_config,
+            metrics.clone(),
+        ));
+        let settings = Settings {
+            partition: "aws".into(),
+            account: Some(ACCOUNT.into()),
+            region: Some(REGION.into()),
+            bridge_role: Some(format!("bridge-{}", namespace.name())),
+            bridge_namespace: "fleet-access".into(),
+        };
+        let ctx = Arc::new(Context::new(
+            namespace.client(),
+            aws.clone(),
+            aws,
+            settings.clone(),
+            ACCOUNT.into(),
+            metrics.clone(),
+            resync,
+            "test",
+        ));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let scope = namespace.name().to_owned();
+        let controller = tokio::spawn(async move {
+            reconcile::run(ctx, Some(&scope), async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Self {
+            grants: namespace.api(),
+            namespace,
+            iam: aws_sdk_iam::Client::new(&iam_config),
+            ssm: aws_sdk_ssm::Client::new(&ssm_config),
+            metrics,
+            settings,
+            stop: Some(stop),
+            controller: Some(controller),
+            _emulator: emulator,
+        }
+    }
+
+    /// A name unique in the (shared) IAM account.
+    fn unique(&self, what: &str) -> String {
+        format!("{what}-{}", self.namespace.name())
+    }
+
+    async fn user(&self, name: &str) {
+        self.iam
+            .create_user()
+            .user_name(name)
+            .send()
+            .await
+            .expect("user");
+    }
+
+    async fn role(&self, name: &str) {
+        let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+            "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]});
+        self.iam
+            .create_role()
+            .role_name(name)
+            .assume_role_policy_document(trust.to_string())
+            .send()
+            .await
+            .expect("role");
+    }
+
+    async fn group(&self, name: &str) {
+        self.iam
+            .create_group()
+            .group_name(name)
+            .send()
+            .await
+            .expect("group");
+    }
+
+    fn grant(&self, name: &str, spec: Value) -> SessionAccess {
+        serde_json::from_value(json!({
+            "apiVersion": "fleetaccess.io/v1alpha1",
+            "kind": "SessionAccess",
+            "metadata": {"name": name, "namespace": self.namespace.name()},
+            "spec": spec,
+        }))
+        .expect("a SessionAccess")
+    }
+
+    async fn create(&self, name: &str, spec: Value) -> SessionAccess {
+        self.grants
+            .create(&PostParams::default(), &self.grant(name, spec))
+            .await
+            .expect("created")
+    }
+
+    async fn set_spec(&self, name: &str, spec: Value) {
+        let mut current = self.grants.get(name).await.expect("get");
+        current.spec = serde_json::from_value(spec).expect("spec");
+        current.status = None;
+        self.grants
+            .replace(name, &PostParams::default(), &current)
+            .await
+            .expect("replaced");
+    }
+
+    fn policy_arn(&self, grant: &str) -> String {
+        format!(
+            "arn:aws:iam::{ACCOUNT}:policy{}{}",
+            naming::POLICY_PATH,
+            naming::grant_object_name(self.namespace.name(), grant, "")
+        )
+    }
+
+    /// Waits until the grant's current generation is observed with `condition` = `status`.
+    async fn wait_condition(&self, name: &str, condition: &str, status: &str) -> SessionAccess {
+        wait_for(&format!("{name} {condition}={status}"), || async {
+            let grant = self.grants.get(name).await.ok()?;
+            let observed = grant.status.as_ref()?.observed_generation;
+            (observed == grant.metadata.generation
+                && find(&grant, condition).is_some_and(|c| c.status == status))
+            .then_some(grant)
+        })
+        .await
+    }
+
+    async fn attachments(&self, arn: &str) -> BTreeSet<String> {
+        let out = self
+            .iam
+            .list_entities_for_policy()
+            .policy_arn(arn)
+            .send()
+            .await
+            .expect("entities");
+        let mut all = BTreeSet::new();
+        all.extend(
+            out.policy_users()
+                .iter()
+                .filter_map(|u| u.user_name())
+                .map(|n| format!("user/{n}")),
+        );
+        all.extend(
+            out.policy_roles()
+                .iter()
+                .filter_map(|r| r.role_name())
+                .map(|n| format!("role/{n}")),
+        );
+        all.extend(
+            out.policy_groups()
+                .iter()
+                .filter_map(|g| g.group_name())
+                .map(|n| format!("group/{n}")),
+        );
+        all
+    }
+
+    /// The default version's document and the number of versions.
+    async fn policy_document(&self, arn: &str) -> Option<(String, usize)> {
+        let policy = match self.iam.get_policy().policy_arn(arn).send().await {
+            Err(e) if e.code() == Some("NoSuchEntity") => return None,
+            other => other.expect("get_policy answers").policy().cloned()?,
+        };
+        let version = policy.default_version_id().expect("default version");
+        let document = self
+            .iam
+            .get_policy_version()
+            .policy_arn(arn)
+            .version_id(version)
+            .send()
+            .await
+            .expect("version");
+        let versions = self
+            .iam
+            .list_policy_versions()
+            .policy_arn(arn)
+            .send()
+            .await
+            .expect("versions");
+        Some((
+            document
+                .policy_version()
+                .and_then(|v| v.document())
+                .expect("document")
+                .to_owned(),
+            versions.versions().len(),
+        ))
+    }
+
+    /// The document the grant stands for, rendered by the pure code.
+    fn expected_document(&self, grant: &SessionAccess) -> String {
+        desired::compute(grant, &self.settings)
+            .expect("desired")
+            .policies[0]
+            .document
+            .0
+            .to_json()
+    }
+
+    async fn document_exists(&self, name: &str) -> bool {
+        self.ssm.get_document().name(name).send().await.is_ok()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(controller) = self.controller.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+        }
+    }
+}
+
+fn find<'a>(grant: &'a SessionAccess, type_: &str) -> Option<&'a Condition> {
+    grant
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn create_update_and_delete_follow_the_grant() {
+    let h = Harness::start("op-lifecycle", Duration::from_secs(300)).await;
+    let alice = h.unique("alice");
+    let oncall = h.unique("oncall");
+    h.user(&alice).await;
+    h.role(&oncall).await;
+    let arn = h.policy_arn("web");
+
+    // Create: the exact policy exists and is attached.
+    let spec = json!({
+        "principals": {"users": [alice]},
+        "targets": {"instanceIds": ["i-0000000000000000a"]},
+        "sessions": {"ssh": true},
+    });
+    h.create("web", spec).await;
+    let grant = h.wait_condition("web", "Ready", "True").await;
+    let (document, versions) = h.policy_document(&arn).await.expect("policy exists");
+    assert!(same_meaning(&document, &h.expected_document(&grant)).expect("policies"));
+    assert_eq!(versions, 1);
+    assert_eq!(
+        h.attachments(&arn).await,
+        BTreeSet::from([format!("user/{alice}")])
+    );
+    let status = grant.status.clone().expect("status");
+    assert_eq!(status.policies[0].arn, arn);
+    assert_eq!(
+        status.attached_principals,
+        vec![format!("arn:aws:iam::{ACCOUNT}:user/{alice}")]
+    );
+    assert_eq!(status.targets[0].ping_status.as_deref(), Some("Online"));
+    assert!(grant.finalizers().iter().any(|f| f == reconcile::FINALIZER));
+
+    // Shell and a port: the grant's documents appear.
+    let shell = naming::grant_object_name(h.namespace.name(), "web", "-shell");
+    let port = naming::grant_object_name(h.namespace.name(), "web", "-port5432");
+    h.set_spec(
+        "web",
+        json!({
+            "principals": {"roles": [oncall]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ssh": true, "shell": true, "ports": [5432]},
+        }),
+    )
+    .await;
+    h.wait_condition("web", "Ready", "True").await;
+    assert!(h.document_exists(&shell).await);
+    assert!(h.document_exists(&port).await);
+    // Principals changed: the role replaces the user.
+    assert_eq!(
+        h.attachments(&arn).await,
+        BTreeSet::from([format!("role/{oncall}")])
+    );
+
+    // Targets change again and again: versions follow, never more than 5.
+    for (id, _, _) in &FLEET[2..8] {
+        h.set_spec(
+            "web",
+            json!({
+                "principals": {"roles": [oncall]},
+                "targets": {"instanceIds": [id]},
+                "sessions": {"ssh": true},
+            }),
+        )
+        .await;
+        let grant = h.wait_condition("web", "Ready", "True").await;
+        let (document, versions) = h.policy_document(&arn).await.expect("policy");
+        assert!(same_meaning(&document, &h.expected_document(&grant)).expect("policies"));
+        assert!(versions <= 5, "{versions} versions");
+        assert_eq!(
+            grant.status.expect("status").policies[0].version_id,
+            h.iam
+                .get_policy()
+                .policy_arn(&arn)
+                .send()
+                .await
+                .expect("policy")
+                .policy()
+                .and_then(|p| p.default_version_id())
+                .expect("default")
+        );
+    }
+    // The shell and port documents are no longer wanted.
+    assert!(!h.document_exists(&shell).await);
+    assert!(!h.document_exists(&port).await);
+
+    // Delete: nothing of the grant is left.
+    h.grants
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("the grant to go", || async {
+        h.grants.get_opt("web").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(h.policy_document(&arn).await.is_none(), "policy deleted");
+    assert!(h.attachments_of_role_empty(&oncall).await);
+    h.stop().await;
+}
+
+impl Harness {
+    /// Every AWS call so far by operation and outcome, for failure messages.
+    fn calls(&self) -> String {
+        use prometheus::core::Collector;
+        let mut out = String::new();
+        for family in self.metrics.aws_calls.collect() {
+            for metric in family.get_metric() {
+                let labels: Vec<&str> = metric.get_label().iter().map(|l| l.value()).collect();
+                out.push_str(&format!("{labels:?}={} ", metric.get_counter().get_value()));
+            }
+        }
+        out
+    }
+
+    async fn attachments_of_role_empty(&self, role: &str) -> bool {
+        self.iam
+            .list_attached_role_policies()
+            .role_name(role)
+            .send()
+            .await
+            .expect("attached")
+            .attached_policies()
+            .is_empty()
+    }
+}
+
+#[tokio::test]
+async fn a_deny_grant_attaches_a_deny_policy_to_a_group() {
+    let h = Harness::start("op-deny", Duration::from_secs(300)).await;
+    let contractors = h.unique("contractors");
+    h.group(&contractors).await;
+    h.create(
+        "no-prod",
+        json!({
+            "effect": "Deny",
+            "principals": {"groups": [contractors]},
+            "targets": {"instanceIds": ["i-0000000000000000c"]},
+        }),
+    )
+    .await;
+    let grant = h.wait_condition("no-prod", "PolicySynced", "True").await;
+    let arn = h.policy_arn("no-prod");
+    let (document, _) = h.policy_document(&arn).await.expect("policy");
+    assert!(same_meaning(&document, &h.expected_document(&grant)).expect("policies"));
+    let parsed: Value = serde_json::from_str(&document).expect("json");
+    assert_eq!(parsed["Statement"][0]["Effect"], "Deny");
+    assert_eq!(
+        h.attachments(&arn).await,
+        BTreeSet::from([format!("group/{contractors}")])
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn drift_is_repaired_and_a_steady_resync_writes_nothing() {
+    let resync = Duration::from_secs(2);
+    let h = Harness::start("op-drift", resync).await;
+    let bob = h.unique("bob");
+    h.user(&bob).await;
+    h.create(
+        "db",
+        json!({
+            "principals": {"users": [bob]},
+            "targets": {"instanceIds": ["i-0000000000000000a", "i-0000000000000000b"]},
+            "sessions": {"ssh": true, "shell": true},
+        }),
+    )
+    .await;
+    let grant = h.wait_condition("db", "Ready", "True").await;
+    let arn = h.policy_arn("db");
+
+    // Steady state: several resyncs read AWS but write nothing.
+    let writes = h.metrics.aws_write_calls();
+    let calls = h.metrics.aws_calls_total();
+    wait_for("three resyncs", || async {
+        (h.metrics.aws_calls_total() >= calls + 3 * 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        h.metrics.aws_write_calls(),
+        writes,
+        "a steady resync writes nothing: {}",
+        h.calls()
+    );
+
+    // Drift: detached and edited behind the operator's back.
+    h.iam
+        .detach_user_policy()
+        .user_name(&bob)
+        .policy_arn(&arn)
+        .send()
+        .await
+        .expect("detach");
+    let tampered = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+        "Action": "ssm:StartSession", "Resource": "*"}]});
+    h.iam
+        .create_policy_version()
+        .policy_arn(&arn)
+        .policy_document(tampered.to_string())
+        .set_as_default(true)
+        .send()
+        .await
+        .expect("tamper");
+    wait_for("drift repaired", || async {
+        let (document, _) = h.policy_document(&arn).await?;
+        let restored = same_meaning(&document, &h.expected_document(&grant)).ok()?
+            && h.attachments(&arn).await.contains(&format!("user/{bob}"));
+        restored.then_some(())
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn tag_targets_resolve_to_instances_with_their_agent_state() {
+    let h = Harness::start("op-tags", Duration::from_secs(300)).await;
+    let carol = h.unique("carol");
+    h.user(&carol).await;
+    h.create(
+        "staging",
+        json!({
+            "principals": {"users": [carol]},
+            "targets": {"tags": {"Environment": "staging"}},
+            "sessions": {"ssh": true},
+        }),
+    )
+    .await;
+    let grant = h.wait_condition("staging", "TargetsResolved", "True").await;
+    let status = grant.status.expect("status");
+    let targets: Vec<(String, Option<bool>)> = status
+        .targets
+        .iter()
+        .map(|t| (t.instance_id.clone(), t.ssh_capable))
+        .collect();
+    assert_eq!(
+        targets,
+        vec![
+            ("i-0000000000000000a".to_owned(), Some(true)),
+            ("i-0000000000000000b".to_owned(), Some(false)),
+        ]
+    );
+    assert_eq!(status.target_count, Some(2));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn expiry_revokes_the_policy_and_sets_expired() {
+    let h = Harness::start("op-expiry", Duration::from_secs(300)).await;
+    let dave = h.unique("dave");
+    h.user(&dave).await;
+    let expires =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(15);
+    h.create(
+        "temp",
+        json!({
+            "principals": {"users": [dave]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ssh": true},
+            "window": {"expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()},
+        }),
+    )
+    .await;
+    let arn = h.policy_arn("temp");
+    let grant = h.wait_condition("temp", "PolicySynced", "True").await;
+    if find(&grant, "Expired").is_some_and(|c| c.status == "False") {
+        assert!(
+            h.policy_document(&arn).await.is_some(),
+            "in force before expiry"
+        );
+        // An open session on the grant's instance, to be terminated at expiry.
+        let session = h
+            .ssm
+            .start_session()
+            .target("i-0000000000000000a")
+            .document_name("AWS-StartSSHSession")
+            .send()
+            .await
+            .expect("session starts");
+        assert!(session.session_id().is_some());
+        h.wait_condition("temp", "Expired", "True").await;
+        // The emulator ends only sessions whose data channel connected, so the operator's
+        // TerminateSession call is what is checked here.
+        let terminated = h
+            .metrics
+            .aws_calls
+            .with_label_values(&["ssm", "TerminateSession", "ok"])
+            .get();
+        assert!(
+            terminated >= 1,
+            "the open session is terminated at expiry: {}",
+            h.calls()
+        );
+    }
+    let grant = h.wait_condition("temp", "Expired", "True").await;
+    assert_eq!(
+        find(&grant, "Ready").map(|c| c.reason.as_str()),
+        Some("Expired")
+    );
+    assert!(h.policy_document(&arn).await.is_none(), "policy revoked");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_same_named_policy_without_the_owner_tag_is_not_adopted() {
+    let h = Harness::start("op-foreign", Duration::from_secs(300)).await;
+    let erin = h.unique("erin");
+    h.user(&erin).await;
+    let name = naming::grant_object_name(h.namespace.name(), "taken", "");
+    let foreign = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+        "Action": "ssm:DescribeSessions", "Resource": "*"}]});
+    h.iam
+        .create_policy()
+        .policy_name(&name)
+        .path(naming::POLICY_PATH)
+        .policy_document(foreign.to_string())
+        .send()
+        .await
+        .expect("foreign policy");
+    h.create(
+        "taken",
+        json!({
+            "principals": {"users": [erin]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ssh": true},
+        }),
+    )
+    .await;
+    let grant = h.wait_condition("taken", "PolicySynced", "False").await;
+    assert_eq!(
+        find(&grant, "PolicySynced").map(|c| c.reason.as_str()),
+        Some("NotOwned")
+    );
+    let arn = h.policy_arn("taken");
+    let (document, versions) = h.policy_document(&arn).await.expect("still there");
+    assert!(same_meaning(&document, &foreign.to_string()).expect("policies"));
+    assert_eq!(versions, 1);
+    assert!(h.attachments(&arn).await.is_empty());
+    h.stop().await;
+}
