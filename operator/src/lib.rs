@@ -18,6 +18,7 @@ pub mod policy;
 pub mod reconcile;
 pub mod report;
 pub mod runner;
+pub mod services;
 pub mod settings;
 pub mod status;
 

@@ -1,0 +1,203 @@
+//! Bridge endpoints as Kubernetes objects, rendered purely: one `Service` per instance in the
+//! bridge namespace (the contract in `fleet_access_crds::bridge_contract`), merging the ports of
+//! every grant on that instance, and one `NetworkPolicy` per grant that admits only the
+//! grant's clients to the grant's target ports. No I/O.
+//!
+//! Which grant contributed which ports is recorded on the Service itself
+//! ([`GRANT_PORTS_ANNOTATION`]), so a grant can withdraw its ports without reading the others.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fleet_access_crds::bridge_contract::{
+    self, EndpointAnnotations, EndpointPort, bridge_pod_selector, managed_labels,
+};
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        networking::v1::{
+            NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+            NetworkPolicySpec,
+        },
+    },
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+};
+use kube::api::ObjectMeta;
+use sha2::{Digest, Sha256};
+
+/// Annotation: grant (`namespace/name`) → the ports it exposes on this instance (JSON).
+pub const GRANT_PORTS_ANNOTATION: &str = "fleetaccess.io/grant-ports";
+
+/// The first target port handed out on the bridge pods; the range stays clear of the
+/// bridge's own admin port and of well-known ports.
+pub const FIRST_TARGET_PORT: u16 = 20_000;
+
+/// Each grant's ports on one instance.
+pub type GrantPorts = BTreeMap<String, Vec<EndpointPort>>;
+
+/// The grants' ports recorded on a Service (empty when the annotation is absent or unreadable).
+pub fn grant_ports(service: &Service) -> GrantPorts {
+    service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(GRANT_PORTS_ANNOTATION))
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default()
+}
+
+/// The Service for `instance` carrying the union of the grants' ports (the first grant, in
+/// name order, decides a port's document).
+pub fn render_service(namespace: &str, instance: &str, grants: &GrantPorts) -> Service {
+    let mut ports: BTreeMap<u16, EndpointPort> = BTreeMap::new();
+    for exposed in grants.values().flatten() {
+        ports.entry(exposed.port).or_insert_with(|| exposed.clone());
+    }
+    let endpoint = EndpointAnnotations {
+        instance_id: instance.to_owned(),
+        ports: ports.values().cloned().collect(),
+    };
+    let mut annotations = endpoint.render();
+    // Plain maps of plain structs always serialize.
+    annotations.insert(
+        GRANT_PORTS_ANNOTATION.to_owned(),
+        serde_json::to_string(grants).unwrap_or_default(),
+    );
+    Service {
+        metadata: ObjectMeta {
+            name: Some(instance.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(bridge_pod_selector()),
+            ports: Some(
+                ports
+                    .values()
+                    .map(|p| ServicePort {
+                        name: Some(format!("p{}", p.port)),
+                        port: i32::from(p.port),
+                        target_port: Some(IntOrString::Int(i32::from(p.target_port))),
+                        protocol: Some("TCP".into()),
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The smallest target port from [`FIRST_TARGET_PORT`] not in `used`.
+pub fn allocate_target_port(used: &BTreeSet<u16>) -> Option<u16> {
+    (FIRST_TARGET_PORT..=u16::MAX).find(|p| !used.contains(p))
+}
+
+/// The name of a grant's NetworkPolicy: stable, a valid DNS label, unique per grant.
+pub fn network_policy_name(grant: &str) -> String {
+    let hash = Sha256::digest(grant.as_bytes());
+    let hex: String = hash.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("fleet-access-{hex}")
+}
+
+/// The NetworkPolicy that admits only `clients` to the grant's target ports on the bridge pods.
+pub fn render_network_policy(
+    namespace: &str,
+    grant: &str,
+    clients: &[NetworkPolicyPeer],
+    target_ports: &BTreeSet<u16>,
+) -> NetworkPolicy {
+    let mut annotations = BTreeMap::new();
+    annotations.insert("fleetaccess.io/grant".to_owned(), grant.to_owned());
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(network_policy_name(grant)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(bridge_pod_selector()),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                // No clients: an empty `from` would admit everyone, so the rule then names no
+                // ports at all and admits nothing.
+                from: Some(clients.to_vec()),
+                ports: (!clients.is_empty()).then(|| {
+                    target_ports
+                        .iter()
+                        .map(|p| NetworkPolicyPort {
+                            port: Some(IntOrString::Int(i32::from(*p))),
+                            protocol: Some("TCP".into()),
+                            ..NetworkPolicyPort::default()
+                        })
+                        .collect()
+                }),
+            }])
+            .filter(|_| !clients.is_empty()),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// The contract's label selector for listing managed objects.
+pub fn managed_selector() -> String {
+    format!(
+        "{}={}",
+        bridge_contract::MANAGED_BY_LABEL,
+        bridge_contract::MANAGED_BY_VALUE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(port: u16, target: u16) -> EndpointPort {
+        EndpointPort {
+            port,
+            target_port: target,
+            document: "AWS-StartSSHSession".into(),
+            port_parameter: Some(port),
+        }
+    }
+
+    #[test]
+    fn a_service_merges_the_ports_of_every_grant_and_follows_the_contract() {
+        let grants = GrantPorts::from([
+            ("a/one".to_owned(), vec![port(22, 20000)]),
+            ("b/two".to_owned(), vec![port(22, 20000), port(5432, 20001)]),
+        ]);
+        let service = render_service("fleet-access", "i-0123456789abcdef0", &grants);
+        let annotations = service.metadata.annotations.clone().expect("annotations");
+        let endpoint = EndpointAnnotations::parse(&annotations).expect("contract");
+        assert_eq!(endpoint.ports.len(), 2);
+        assert_eq!(grant_ports(&service), grants);
+        let spec = service.spec.expect("spec");
+        assert_eq!(spec.selector, Some(bridge_pod_selector()));
+        assert_eq!(spec.ports.expect("ports").len(), 2);
+    }
+
+    #[test]
+    fn target_ports_are_the_lowest_free() {
+        assert_eq!(allocate_target_port(&BTreeSet::new()), Some(20000));
+        assert_eq!(
+            allocate_target_port(&BTreeSet::from([20000, 20002])),
+            Some(20001)
+        );
+    }
+
+    #[test]
+    fn without_clients_the_policy_admits_nobody() {
+        let policy = render_network_policy("ns", "a/one", &[], &BTreeSet::from([20000]));
+        let spec = policy.spec.expect("spec");
+        assert_eq!(spec.policy_types, Some(vec!["Ingress".into()]));
+        assert_eq!(spec.ingress, None);
+    }
+}
