@@ -70,6 +70,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Each grant's state for the `grants` gauge.
     states: Mutex<BTreeMap<String, &'static str>>,
+    /// Serializes endpoint changes: target ports are allocated across every grant.
+    endpoints: tokio::sync::Mutex<()>,
 }
 
 impl Context {
@@ -102,6 +104,7 @@ impl Context {
             resync,
             recorder,
             states: Mutex::new(BTreeMap::new()),
+            endpoints: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -283,13 +286,34 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
             .map(|s| s.policies.clone())
             .unwrap_or_default()
     };
-    let bridge_outcome = match &desired.bridge {
+    let wanted_endpoints = match &desired.bridge {
+        Some(bridge) if !expired => endpoint_instances(bridge, &target_list)
+            .into_iter()
+            .map(|instance| (instance, bridge.ports.clone()))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let clients = desired
+        .bridge
+        .as_ref()
+        .map(|b| b.clients.clone())
+        .unwrap_or_default();
+    let endpoints = sync_endpoints(grant, &id, &wanted_endpoints, &clients, ctx).await;
+    let bridge_outcome = match (&desired.bridge, endpoints) {
         _ if expired => Outcome::yes("Expired", "endpoints removed at expiry"),
-        None => Outcome::yes("NotRequested", "the grant asks for no bridge endpoints"),
-        Some(_) => Outcome::no(
-            "EndpointsNotManaged",
-            "this operator version applies the bridge role's policy but does not yet write endpoint Services",
+        (None, Ok(_)) => Outcome::yes("NotRequested", "the grant asks for no bridge endpoints"),
+        (Some(_), Ok(0)) => Outcome::no(
+            "NoEndpoints",
+            "no instance resolved for the bridge: check spec.targets",
         ),
+        (Some(_), Ok(n)) => Outcome::yes(
+            "EndpointsReady",
+            format!(
+                "{n} endpoint Services in namespace {}",
+                ctx.settings.bridge_namespace
+            ),
+        ),
+        (_, Err(error)) => Outcome::no("EndpointsFailed", error.to_string()),
     };
     let seen = Observations {
         generation: grant.metadata.generation,
@@ -754,6 +778,167 @@ async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
     let desired = desired::compute(grant, &ctx.settings).ok();
     let known = known_policy_arns(grant, desired.as_ref(), ctx);
     sync(grant, &id, &[], &known, &[], ctx).await?;
+    sync_endpoints(grant, &id, &[], &[], ctx).await?;
     ctx.set_state(&id, None);
     Ok(Action::await_change())
+}
+
+// === bridge endpoints ===
+
+/// The instances that get endpoints: the listed ones and those the tags resolved to.
+fn endpoint_instances(bridge: &desired::BridgeGrant, targets: &[TargetStatus]) -> Vec<String> {
+    let mut instances: BTreeSet<String> = bridge.instances.iter().cloned().collect();
+    if !bridge.tags.is_empty() {
+        instances.extend(targets.iter().map(|t| t.instance_id.clone()));
+    }
+    instances.into_iter().collect()
+}
+
+/// Brings the endpoint Services and the grant's NetworkPolicy to `wanted` (instance → ports);
+/// returns how many Services carry the grant's ports.
+async fn sync_endpoints(
+    grant: &SessionAccess,
+    owner: &str,
+    wanted: &[(String, Vec<desired::BridgePort>)],
+    clients: &[k8s_openapi::api::networking::v1::NetworkPolicyPeer],
+    ctx: &Context,
+) -> Result<usize> {
+    use fleet_access_crds::bridge_contract::EndpointPort;
+    use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
+    use kube::api::{DeleteParams, ListParams};
+
+    let _allocation = ctx.endpoints.lock().await;
+    let namespace = &ctx.settings.bridge_namespace;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let existing = services
+        .list(&ListParams::default().labels(&services_selector()))
+        .await
+        .map_err(Error::Kube)?;
+    let mut current: BTreeMap<String, crate::services::GrantPorts> = existing
+        .items
+        .iter()
+        .map(|s| (s.name_any(), crate::services::grant_ports(s)))
+        .collect();
+    let mut used: BTreeSet<u16> = current
+        .values()
+        .flat_map(|g| g.values().flatten().map(|p| p.target_port))
+        .collect();
+    let before = current.clone();
+    for grants in current.values_mut() {
+        grants.remove(owner);
+    }
+    let mut target_ports = BTreeSet::new();
+    for (instance, ports) in wanted {
+        let previous = before.get(instance).cloned().unwrap_or_default();
+        let entry = current.entry(instance.clone()).or_default();
+        let mut mine = Vec::new();
+        for port in ports {
+            // Reuse the target port this (instance, port) already has, from any grant.
+            let reused = previous
+                .values()
+                .flatten()
+                .find(|p| p.port == port.port)
+                .map(|p| p.target_port);
+            let target = match reused {
+                Some(t) => t,
+                None => {
+                    let t = crate::services::allocate_target_port(&used).ok_or_else(|| {
+                        Error::Config("no free target port on the bridge pods".into())
+                    })?;
+                    used.insert(t);
+                    t
+                }
+            };
+            target_ports.insert(target);
+            mine.push(EndpointPort {
+                port: port.port,
+                target_port: target,
+                document: port.document.clone(),
+                port_parameter: port.port_parameter,
+            });
+        }
+        entry.insert(owner.to_owned(), mine);
+    }
+    for (instance, grants) in &current {
+        if before.get(instance) == Some(grants) {
+            continue;
+        }
+        if grants.is_empty() {
+            match services.delete(instance, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(Error::Kube(e)),
+            }
+            publish(
+                grant,
+                "EndpointDeleted",
+                &format!("deleted endpoint Service {namespace}/{instance}"),
+                ctx,
+            )
+            .await;
+        } else {
+            let service = crate::services::render_service(namespace, instance, grants);
+            services
+                .patch(
+                    instance,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&service),
+                )
+                .await
+                .map_err(Error::Kube)?;
+            publish(
+                grant,
+                "EndpointApplied",
+                &format!("applied endpoint Service {namespace}/{instance}"),
+                ctx,
+            )
+            .await;
+        }
+    }
+    let policy_name = crate::services::network_policy_name(owner);
+    if wanted.is_empty() {
+        match policies
+            .delete(&policy_name, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {
+                publish(
+                    grant,
+                    "NetworkPolicyDeleted",
+                    &format!("deleted NetworkPolicy {namespace}/{policy_name}"),
+                    ctx,
+                )
+                .await
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(Error::Kube(e)),
+        }
+    } else {
+        let policy =
+            crate::services::render_network_policy(namespace, owner, clients, &target_ports);
+        let existing = policies.get_opt(&policy_name).await.map_err(Error::Kube)?;
+        if existing.as_ref().and_then(|p| p.spec.as_ref()) != policy.spec.as_ref() {
+            policies
+                .patch(
+                    &policy_name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&policy),
+                )
+                .await
+                .map_err(Error::Kube)?;
+            publish(
+                grant,
+                "NetworkPolicyApplied",
+                &format!("applied NetworkPolicy {namespace}/{policy_name}"),
+                ctx,
+            )
+            .await;
+        }
+    }
+    Ok(wanted.len())
+}
+
+fn services_selector() -> String {
+    crate::services::managed_selector()
 }

@@ -105,7 +105,8 @@ impl Harness {
             account: Some(ACCOUNT.into()),
             region: Some(REGION.into()),
             bridge_role: Some(format!("bridge-{}", namespace.name())),
-            bridge_namespace: "fleet-access".into(),
+            // Each test's namespace doubles as its bridge namespace.
+            bridge_namespace: namespace.name().to_owned(),
         };
         let ctx = Arc::new(Context::new(
             namespace.client(),
@@ -670,5 +671,162 @@ async fn a_same_named_policy_without_the_owner_tag_is_not_adopted() {
     assert!(same_meaning(&document, &foreign.to_string()).expect("policies"));
     assert_eq!(versions, 1);
     assert!(h.attachments(&arn).await.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn bridge_endpoints_merge_per_instance_and_admit_only_the_clients() {
+    use fleet_access_crds::bridge_contract::EndpointAnnotations;
+    use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
+    use kube::api::ListParams;
+
+    let h = Harness::start("op-bridge", Duration::from_secs(300)).await;
+    let frank = h.unique("frank");
+    h.user(&frank).await;
+    h.role(h.settings.bridge_role.as_deref().expect("bridge role"))
+        .await;
+    let services: Api<Service> = h.namespace.api();
+    let policies: Api<NetworkPolicy> = h.namespace.api();
+    h.create(
+        "ansible",
+        json!({
+            "principals": {"users": [frank]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ssh": true},
+            "bridge": {"ports": [22], "clients": [{"podSelector": {"matchLabels": {"app": "ansible"}}}]},
+        }),
+    )
+    .await;
+    h.create(
+        "backup",
+        json!({
+            "principals": {"users": [frank]},
+            "targets": {"instanceIds": ["i-0000000000000000a", "i-0000000000000000c"]},
+            "sessions": {"ssh": true, "ports": [5432]},
+            "bridge": {"ports": [22, 5432], "clients": [{"podSelector": {"matchLabels": {"app": "backup"}}}]},
+        }),
+    )
+    .await;
+    h.wait_condition("ansible", "BridgeReady", "True").await;
+    let backup = h.wait_condition("backup", "Ready", "True").await;
+    assert_eq!(
+        backup.status.expect("status").targets[0]
+            .endpoint
+            .as_deref(),
+        Some(format!("i-0000000000000000a.{}", h.namespace.name()).as_str())
+    );
+
+    let endpoint = |service: &Service| {
+        EndpointAnnotations::parse(service.metadata.annotations.as_ref().expect("annotations"))
+            .expect("the contract")
+    };
+    let shared = endpoint(
+        &services
+            .get("i-0000000000000000a")
+            .await
+            .expect("service a"),
+    );
+    let ports: Vec<u16> = shared.ports.iter().map(|p| p.port).collect();
+    assert_eq!(ports, vec![22, 5432]);
+    let targets: BTreeSet<u16> = shared.ports.iter().map(|p| p.target_port).collect();
+    assert_eq!(targets.len(), 2, "distinct target ports");
+    let ssh_target = shared.ports[0].target_port;
+    assert_eq!(shared.ports[0].document, "AWS-StartSSHSession");
+    let other = endpoint(
+        &services
+            .get("i-0000000000000000c")
+            .await
+            .expect("service c"),
+    );
+    assert_eq!(other.ports.len(), 2);
+
+    // The ansible grant's policy admits its clients to its port only.
+    let ansible_policy = policies
+        .get(&fleet_access_operator::services::network_policy_name(
+            &format!("{}/ansible", h.namespace.name()),
+        ))
+        .await
+        .expect("network policy");
+    let rule = &ansible_policy.spec.expect("spec").ingress.expect("ingress")[0];
+    let admitted: Vec<_> = rule
+        .ports
+        .as_ref()
+        .expect("ports")
+        .iter()
+        .map(|p| p.port.clone())
+        .collect();
+    assert_eq!(
+        admitted,
+        vec![Some(
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(ssh_target))
+        )]
+    );
+    assert_eq!(
+        rule.from.as_ref().expect("from")[0]
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone()),
+        Some([("app".to_owned(), "ansible".to_owned())].into())
+    );
+
+    // Removing one grant withdraws only its ports; the other keeps its target port.
+    h.grants
+        .delete("backup", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("backup gone", || async {
+        h.grants
+            .get_opt("backup")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let left = endpoint(
+        &services
+            .get("i-0000000000000000a")
+            .await
+            .expect("service a"),
+    );
+    assert_eq!(left.ports.len(), 1);
+    assert_eq!(left.ports[0].target_port, ssh_target);
+    assert!(
+        services
+            .get_opt("i-0000000000000000c")
+            .await
+            .expect("get")
+            .is_none()
+    );
+
+    h.grants
+        .delete("ansible", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("ansible gone", || async {
+        h.grants
+            .get_opt("ansible")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        services
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+    assert!(
+        policies
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
     h.stop().await;
 }
