@@ -42,6 +42,9 @@ struct RunArgs {
     /// This replica's name in Events (the pod name in a cluster).
     #[arg(long, env = "POD_NAME", default_value = "fleet-access-operator")]
     replica: String,
+    /// Reconcile grants of this namespace only (default: every namespace).
+    #[arg(long, env = "FLEET_ACCESS_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -173,6 +176,7 @@ fn run(args: RunArgs) -> Result<()> {
         resync_seconds,
         admin_address,
         replica,
+        watch_namespace,
     } = args;
     let settings = aws.into_settings();
     let account = settings
@@ -187,6 +191,7 @@ fn run(args: RunArgs) -> Result<()> {
         resync: std::time::Duration::from_secs(resync_seconds),
         admin_address,
         replica,
+        watch_namespace,
     }))
 }
 

@@ -28,6 +28,8 @@ pub struct RunConfig {
     pub admin_address: String,
     /// This replica's name.
     pub replica: String,
+    /// Only this namespace's grants, when set.
+    pub watch_namespace: Option<String>,
 }
 
 /// Runs the operator until a shutdown signal.
@@ -70,7 +72,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         &config.replica,
     ));
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    reconcile::run(ctx, None, shutdown_signal()).await;
+    reconcile::run(ctx, config.watch_namespace.as_deref(), shutdown_signal()).await;
     admin.abort();
     Ok(())
 }

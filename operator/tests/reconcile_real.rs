@@ -830,3 +830,56 @@ async fn bridge_endpoints_merge_per_instance_and_admit_only_the_clients() {
     );
     h.stop().await;
 }
+
+#[tokio::test]
+async fn two_hundred_grants_reach_ready() {
+    const COUNT: usize = 200;
+    let h = Harness::start("op-scale", Duration::from_secs(300)).await;
+    let grace = h.unique("grace");
+    h.user(&grace).await;
+    let started = tokio::time::Instant::now();
+    for i in 0..COUNT {
+        h.create(
+            &format!("g{i}"),
+            json!({
+                "principals": {"users": [grace]},
+                "targets": {"instanceIds": ["i-0000000000000000a"]},
+                "sessions": {"ssh": true},
+            }),
+        )
+        .await;
+    }
+    wait_for("200 grants Ready", || async {
+        let list = h.grants.list(&Default::default()).await.ok()?;
+        (list.items.len() == COUNT
+            && list.items.iter().all(|g| {
+                g.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == g.metadata.generation
+                        && s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            }))
+        .then_some(())
+    })
+    .await;
+    let calls = h.metrics.aws_calls_total();
+    let writes = h.metrics.aws_write_calls();
+    println!(
+        "{COUNT} grants Ready in {:.1} s; AWS calls per grant: {:.1} ({:.1} writes)",
+        started.elapsed().as_secs_f64(),
+        calls as f64 / COUNT as f64,
+        writes as f64 / COUNT as f64
+    );
+    // Every grant has its one policy, attached.
+    let attached = h
+        .iam
+        .list_attached_user_policies()
+        .user_name(&grace)
+        .max_items(1000)
+        .send()
+        .await
+        .expect("attached");
+    assert_eq!(attached.attached_policies().len(), COUNT);
+    h.stop().await;
+}

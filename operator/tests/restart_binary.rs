@@ -1,0 +1,222 @@
+//! The operator as its binary, killed (SIGKILL) at random points while grants are applied,
+//! then restarted: it converges with no orphaned or duplicate AWS objects, and deleting the
+//! grants leaves nothing behind. IAM on moto, SSM on the emulator with moto upstream.
+
+use std::{process::Stdio, time::Duration};
+
+use fleet_access_crds::SessionAccess;
+use fleet_access_operator::naming;
+use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode};
+use fleet_access_tests::{ControlPlane, Moto};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use serde_json::json;
+
+const GRANTS: usize = 50;
+const CONVERGE: Duration = Duration::from_secs(240);
+
+fn operator(
+    control_plane: &ControlPlane,
+    moto: &Moto,
+    ssm: &str,
+    namespace: &str,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_fleet-access-operator"))
+        .args([
+            "run",
+            "--account",
+            "123456789012",
+            "--region",
+            "us-east-1",
+            "--admin-address",
+            "127.0.0.1:0",
+            "--resync-seconds",
+            "5",
+            "--watch-namespace",
+            namespace,
+            "--bridge-namespace",
+            namespace,
+        ])
+        .envs(moto.process_env())
+        .env("AWS_ENDPOINT_URL_IAM", moto.endpoint())
+        .env("AWS_ENDPOINT_URL_SSM", ssm)
+        .env("KUBECONFIG", control_plane.kubeconfig_path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the operator starts")
+}
+
+fn ready(grant: &SessionAccess) -> bool {
+    grant.status.as_ref().is_some_and(|s| {
+        s.observed_generation == grant.metadata.generation
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// A pseudo-random pause from 200 ms to 2 s (uuid's randomness; the order of kills matters,
+/// not the exact times).
+fn random_pause() -> Duration {
+    let byte = uuid::Uuid::new_v4().as_bytes()[0];
+    Duration::from_millis(200 + u64::from(byte) * 7)
+}
+
+#[tokio::test]
+async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    control_plane
+        .apply_yaml(&fleet_access_crds::crds_yaml(), None)
+        .await
+        .expect("CRDs");
+    control_plane
+        .wait_for_crd_established("sessionaccesses.fleetaccess.io", Duration::from_secs(30))
+        .await
+        .expect("established");
+    let namespace = control_plane.namespace("op-restart").await.expect("ns");
+    let ns = namespace.name().to_owned();
+    let moto = Moto::shared().await.expect("moto");
+    let mut config = Config {
+        mode: Mode::Fast,
+        upstream: Some(moto.endpoint().to_owned()),
+        ..Config::default()
+    };
+    config
+        .instances
+        .push(InstanceConfig::new("i-0000000000000000a").with_agent_version("3.3.0.0"));
+    let emulator = Emulator::start(config).await.expect("emulator");
+    let iam = aws_sdk_iam::Client::new(&moto.sdk_config());
+    let user = format!("restart-{ns}");
+    iam.create_user()
+        .user_name(&user)
+        .send()
+        .await
+        .expect("user");
+
+    let grants: Api<SessionAccess> = namespace.api();
+    let started = tokio::time::Instant::now();
+    let mut child = operator(control_plane, moto, &emulator.endpoint_url(), &ns);
+    for i in 0..GRANTS {
+        let grant: SessionAccess = serde_json::from_value(json!({
+            "apiVersion": "fleetaccess.io/v1alpha1",
+            "kind": "SessionAccess",
+            "metadata": {"name": format!("g{i}"), "namespace": ns},
+            "spec": {
+                "principals": {"users": [user]},
+                "targets": {"instanceIds": ["i-0000000000000000a"]},
+                "sessions": {"ssh": true, "shell": true},
+            },
+        }))
+        .expect("grant");
+        grants
+            .create(&PostParams::default(), &grant)
+            .await
+            .expect("created");
+    }
+    // Kill it at random points while it works, restarting each time.
+    for _ in 0..4 {
+        tokio::time::sleep(random_pause()).await;
+        child.kill().await.expect("killed");
+        child = operator(control_plane, moto, &emulator.endpoint_url(), &ns);
+    }
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    loop {
+        let list = grants.list(&ListParams::default()).await.expect("list");
+        if list.items.len() == GRANTS && list.items.iter().all(ready) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "grants did not converge"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "{GRANTS} grants Ready {:.1} s after the first start (4 kills)",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Exactly one policy per grant, one version, attached once; one shell document per grant.
+    let prefix = format!("{}.{ns}.", naming::NAME_PREFIX);
+    let policies = iam
+        .list_policies()
+        .path_prefix(naming::POLICY_PATH)
+        .max_items(1000)
+        .send()
+        .await
+        .expect("policies");
+    let ours: Vec<_> = policies
+        .policies()
+        .iter()
+        .filter(|p| p.policy_name().is_some_and(|n| n.starts_with(&prefix)))
+        .collect();
+    assert_eq!(ours.len(), GRANTS, "one policy per grant");
+    for policy in &ours {
+        let arn = policy.arn().expect("arn");
+        let versions = iam
+            .list_policy_versions()
+            .policy_arn(arn)
+            .send()
+            .await
+            .expect("versions");
+        assert_eq!(
+            versions.versions().len(),
+            1,
+            "no duplicate versions of {arn}"
+        );
+    }
+    let attached = iam
+        .list_attached_user_policies()
+        .user_name(&user)
+        .max_items(1000)
+        .send()
+        .await
+        .expect("attached");
+    assert_eq!(attached.attached_policies().len(), GRANTS);
+
+    // Delete everything: nothing is left, even after the restarts.
+    grants
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .expect("delete all");
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    while !grants
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "grants not cleaned up"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let attached = iam
+        .list_attached_user_policies()
+        .user_name(&user)
+        .send()
+        .await
+        .expect("attached");
+    assert!(attached.attached_policies().is_empty());
+    let left = iam
+        .list_policies()
+        .path_prefix(naming::POLICY_PATH)
+        .max_items(1000)
+        .send()
+        .await
+        .expect("policies");
+    assert!(
+        left.policies()
+            .iter()
+            .all(|p| !p.policy_name().is_some_and(|n| n.starts_with(&prefix))),
+        "no policy of the grants is left"
+    );
+    child.kill().await.expect("stopped");
+}
