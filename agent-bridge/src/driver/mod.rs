@@ -261,6 +261,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             local_rx: None,
             pending_local: None,
             stalled: None,
+            unattached: None,
             outgoing: None,
             pacer: Pacer::new(
                 start.into_std(),
@@ -400,6 +401,10 @@ struct Run<'t, 'a, C, L> {
     pending_local: Option<(u32, Bytes)>,
     /// Received bytes waiting for room in a local writer queue.
     stalled: Option<(u32, Bytes)>,
+    /// Basic mode: bytes the instance sent before a local connection was attached (a server
+    /// that speaks first, such as sshd's banner). Events stop draining until one attaches, so
+    /// the session's receive window holds the rest: nothing is dropped.
+    unattached: Option<Bytes>,
     /// A frame taken from the session, waiting for the pacer.
     outgoing: Option<Bytes>,
     pacer: Pacer,
@@ -658,23 +663,24 @@ where
             config.local_write_queue,
         );
         self.conns.insert(key, conn);
+        if let Some(data) = self.unattached.take() {
+            self.deliver_local(now, key, data);
+        }
     }
 
     /// Drains session events; returns the outcome once the session closed.
     fn drain_events(&mut self, now: Instant) -> Option<Outcome> {
-        while self.stalled.is_none() {
+        while self.stalled.is_none() && self.unattached.is_none() {
             let event = self.session.poll_event()?;
             match event {
                 Event::HandshakeComplete(info) => {
                     info!(agent_version = ?info.agent_version, mode = ?info.mode, "handshake complete");
                     self.mode = Some(info.mode);
                 }
-                Event::Data(data) => {
-                    let key = self.conns.keys().next().copied();
-                    if let Some(key) = key {
-                        self.deliver_local(now, key, data);
-                    }
-                }
+                Event::Data(data) => match self.conns.keys().next().copied() {
+                    Some(key) => self.deliver_local(now, key, data),
+                    None => self.unattached = Some(data),
+                },
                 Event::StreamData { stream, data } => self.deliver_local(now, stream, data),
                 Event::StreamClosed { stream, reason } => {
                     debug!(stream, ?reason, "stream closed by the agent");
