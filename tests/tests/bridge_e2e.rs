@@ -1,11 +1,10 @@
-//! The bridge end to end with real parts: OpenSSH client → bridge (endpoints from Services in a
-//! real kube-apiserver, or `proxy`, or `forward`) → the strict SSM emulator → the real sshd, and
-//! the real Prometheus scraping the bridge.
+//! The bridge end to end with real parts: OpenSSH client → bridge listener → the strict SSM
+//! emulator → the real sshd, scraped by the real Prometheus; and `forward` carrying parallel HTTP
+//! requests over one session.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
     process::{Command, Stdio},
     sync::Arc,
     time::Duration,
@@ -17,17 +16,12 @@ use fleet_access_agent_bridge::{
     driver::DriverConfig,
     listener::Limits,
     metrics::Metrics,
-    serve::{self, ServeConfig},
     ssm::SdkControlPlane,
     tunnel::SessionContext,
 };
-use fleet_access_crds::bridge_contract::{EndpointAnnotations, EndpointPort, bridge_pod_selector, managed_labels};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
-use fleet_access_tests::{ControlPlane, Prometheus, Sshd, free_loopback_port};
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use fleet_access_tests::{Prometheus, Sshd, free_loopback_port};
 use prometheus::Registry;
-use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -41,7 +35,10 @@ const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// The emulator with two instances whose port 22 leads to `sshd`.
 async fn emulator(sshd: &Sshd, mode: Mode, extra: &[(&str, u16, SocketAddr)]) -> Running {
     let sshd_address = SocketAddr::new(LOOPBACK, sshd.port());
-    let mut config = Config { mode, ..Config::default() };
+    let mut config = Config {
+        mode,
+        ..Config::default()
+    };
     for id in [WEB, DB] {
         let mut instance = InstanceConfig::new(id).with_port("22", sshd_address);
         for (extra_id, port, to) in extra {
@@ -62,7 +59,10 @@ fn context(emulator: &Running, registry: &Registry) -> Arc<SessionContext<SdkCon
     Arc::new(SessionContext {
         control: Arc::new(SdkControlPlane::new(&sdk_config(&emulator.endpoint_url()))),
         signer: None,
-        driver: DriverConfig { end_on_local_eof: true, ..DriverConfig::default() },
+        driver: DriverConfig {
+            end_on_local_eof: true,
+            ..DriverConfig::default()
+        },
         metrics: Metrics::register(registry).expect("metrics"),
         idle_timeout: None,
         max_duration: None,
@@ -84,216 +84,12 @@ fn ssh_via(sshd: &Sshd, port: u16) -> Command {
 
 fn run_ok(command: &mut Command) -> String {
     let output = command.stdin(Stdio::null()).output().expect("runs");
-    assert!(output.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// An endpoint Service as the operator writes it.
-fn endpoint_service(instance: &str, ports: &[(u16, u16)]) -> Service {
-    let annotations = EndpointAnnotations {
-        instance_id: instance.to_owned(),
-        ports: ports
-            .iter()
-            .map(|(port, target)| EndpointPort {
-                port: *port,
-                target_port: *target,
-                document: "AWS-StartSSHSession".into(),
-                port_parameter: Some(*port),
-            })
-            .collect(),
-    };
-    Service {
-        metadata: ObjectMeta {
-            name: Some(instance.to_owned()),
-            labels: Some(managed_labels()),
-            annotations: Some(annotations.render()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ServiceSpec {
-            selector: Some(bridge_pod_selector()),
-            ports: Some(
-                ports
-                    .iter()
-                    .map(|(port, target)| ServicePort {
-                        name: Some(format!("p{port}")),
-                        port: i32::from(*port),
-                        target_port: Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(*target))),
-                        ..ServicePort::default()
-                    })
-                    .collect(),
-            ),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    }
-}
-
-async fn wait_listening(port: u16, up: bool) {
-    for _ in 0..200 {
-        if TcpStream::connect((LOOPBACK, port)).await.is_ok() == up {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("port {port} did not become {}", if up { "open" } else { "closed" });
-}
-
-fn sha256_file(path: &PathBuf) -> String {
-    let bytes = std::fs::read(path).expect("read");
-    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `agent-bridge`, built when needed (the binary of another package of the workspace).
-fn bridge_binary() -> PathBuf {
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "fleet-access-agent-bridge", "--bin", "agent-bridge"])
-        .current_dir(&root)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success());
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from).join("debug/agent-bridge")
-}
-
-// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
-// serves them on other worker threads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ssh_through_proxy_as_proxycommand() {
-    let sshd = Sshd::start().await.expect("sshd");
-    let emulator = emulator(&sshd, Mode::Realistic, &[]).await;
-    let proxy = format!(
-        "{} proxy %h %p --region us-east-1 --ssm-endpoint {}",
-        bridge_binary().display(),
-        emulator.endpoint_url()
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
     );
-    let mut ssh = Command::new("ssh");
-    ssh.args(sshd.client_options())
-        .arg("-o")
-        .arg(format!("HostKeyAlias=[127.0.0.1]:{}", sshd.port()))
-        .arg("-o")
-        .arg(format!("ProxyCommand={proxy}"))
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .arg(format!("{}@{WEB}", sshd.user()))
-        .arg("echo hello-through-the-bridge");
-    assert_eq!(run_ok(&mut ssh).trim(), "hello-through-the-bridge");
-    assert!(emulator.violations().is_empty(), "{:?}", emulator.violations());
-}
-
-// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
-// serves them on other worker threads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn proxy_explains_an_unknown_instance() {
-    let sshd = Sshd::start().await.expect("sshd");
-    let emulator = emulator(&sshd, Mode::Fast, &[]).await;
-    let output = Command::new(bridge_binary())
-        .args(["proxy", "i-00000000000000000", "22", "--region", "us-east-1", "--ssm-endpoint", &emulator.endpoint_url()])
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .stdin(Stdio::null())
-        .output()
-        .expect("runs");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("i-00000000000000000"), "{stderr}");
-}
-
-// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
-// serves them on other worker threads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn serve_follows_services_and_carries_ssh_and_scp() {
-    let control_plane = ControlPlane::shared().await.expect("control plane");
-    let namespace = control_plane.namespace("bridge-serve").await.expect("namespace");
-    let sshd = Sshd::start().await.expect("sshd");
-    let emulator = emulator(&sshd, Mode::Fast, &[]).await;
-    let registry = Registry::new();
-    let (web_port, db_port) = (free_loopback_port().expect("port"), free_loopback_port().expect("port"));
-    let services = namespace.api::<Service>();
-    for (instance, port) in [(WEB, web_port), (DB, db_port)] {
-        services.create(&PostParams::default(), &endpoint_service(instance, &[(22, port)])).await.expect("service");
-    }
-    let shutdown = CancellationToken::new();
-    let config = ServeConfig {
-        namespace: namespace.name().to_owned(),
-        listen_address: LOOPBACK,
-        limits: Limits { total: 100, per_instance: 60 },
-        grace: Duration::from_secs(30),
-    };
-    let server = tokio::spawn(serve::run(namespace.client(), context(&emulator, &registry), config, Readiness::default(), shutdown.clone()));
-    wait_listening(web_port, true).await;
-    wait_listening(db_port, true).await;
-
-    // Commands run on both instances.
-    for port in [web_port, db_port] {
-        assert_eq!(run_ok(ssh_via(&sshd, port).arg("echo via-serve")).trim(), "via-serve");
-    }
-
-    // 50 MiB each way, byte for byte.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let upload = dir.path().join("up.bin");
-    let data: Vec<u8> = (0..50 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    std::fs::write(&upload, &data).expect("write");
-    let remote = dir.path().join("remote.bin");
-    let download = dir.path().join("down.bin");
-    let scp = |from: String, to: String| {
-        let mut command = Command::new("scp");
-        command
-            .args(sshd.client_options())
-            .arg("-o")
-            .arg(format!("HostKeyAlias=[127.0.0.1]:{}", sshd.port()))
-            .arg("-P")
-            .arg(web_port.to_string())
-            .arg(from)
-            .arg(to);
-        command
-    };
-    let user = sshd.user().to_owned();
-    run_ok(&mut scp(upload.display().to_string(), format!("{user}@127.0.0.1:{}", remote.display())));
-    assert_eq!(sha256_file(&remote), sha256_file(&upload));
-    run_ok(&mut scp(format!("{user}@127.0.0.1:{}", remote.display()), download.display().to_string()));
-    assert_eq!(sha256_file(&download), sha256_file(&upload));
-
-    // Removing the DB Service closes its listener and its open tunnel; WEB is untouched.
-    let mut long = ssh_via(&sshd, db_port).arg("sleep 60").stdin(Stdio::null()).spawn().expect("ssh");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    services.delete(DB, &DeleteParams::default()).await.expect("delete");
-    wait_listening(db_port, false).await;
-    let status = tokio::task::spawn_blocking(move || long.wait()).await.expect("join").expect("wait");
-    assert!(!status.success(), "the tunnel of a removed endpoint is closed");
-    assert_eq!(run_ok(ssh_via(&sshd, web_port).arg("echo still-there")).trim(), "still-there");
-
-    shutdown.cancel();
-    server.await.expect("serve ends");
-    assert!(emulator.violations().is_empty(), "{:?}", emulator.violations());
-    let text = fleet_access_agent_bridge::metrics::encode(&registry);
-    assert!(text.contains(r#"agent_bridge_sessions_started_total{document="AWS-StartSSHSession"}"#), "{text}");
-}
-
-// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
-// serves them on other worker threads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_drains_a_transfer_that_ends_within_the_grace_period() {
-    let control_plane = ControlPlane::shared().await.expect("control plane");
-    let namespace = control_plane.namespace("bridge-drain").await.expect("namespace");
-    let sshd = Sshd::start().await.expect("sshd");
-    let emulator = emulator(&sshd, Mode::Fast, &[]).await;
-    let port = free_loopback_port().expect("port");
-    namespace.api::<Service>().create(&PostParams::default(), &endpoint_service(WEB, &[(22, port)])).await.expect("service");
-    let shutdown = CancellationToken::new();
-    let readiness = Readiness::default();
-    let config = ServeConfig { namespace: namespace.name().to_owned(), listen_address: LOOPBACK, limits: Limits { total: 10, per_instance: 10 }, grace: Duration::from_secs(30) };
-    let server = tokio::spawn(serve::run(namespace.client(), context(&emulator, &Registry::new()), config, readiness.clone(), shutdown.clone()));
-    wait_listening(port, true).await;
-    assert!(readiness.get());
-    // A command that is still running when shutdown starts, and ends 3 s later.
-    let running = ssh_via(&sshd, port).arg("sleep 3; echo finished").stdin(Stdio::null()).stdout(Stdio::piped()).spawn().expect("ssh");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    shutdown.cancel();
-    wait_listening(port, false).await;
-    let output = tokio::task::spawn_blocking(move || running.wait_with_output()).await.expect("join").expect("wait");
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "finished");
-    server.await.expect("serve ends");
-    assert!(!readiness.get());
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// A tiny HTTP server answering every request with its own path.
@@ -311,8 +107,15 @@ async fn http_server() -> SocketAddr {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let path = String::from_utf8_lossy(&head).split_whitespace().nth(1).unwrap_or("/").to_owned();
-                let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{path}", path.len());
+                let path = String::from_utf8_lossy(&head)
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .to_owned();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{path}",
+                    path.len()
+                );
                 let _ = stream.write_all(response.as_bytes()).await;
             });
         }
@@ -334,13 +137,19 @@ async fn forward_carries_parallel_http_requests_over_one_session() {
     let request = forward_request(WEB, 8080, None);
     let forwarding = {
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { fleet_access_agent_bridge::cli::forward(&control, None, &request, listener, shutdown).await })
+        tokio::spawn(async move {
+            fleet_access_agent_bridge::cli::forward(&control, None, &request, listener, shutdown)
+                .await
+        })
     };
     let mut requests = Vec::new();
     for i in 0..20 {
         requests.push(tokio::spawn(async move {
             let mut stream = TcpStream::connect(local).await.expect("connect");
-            stream.write_all(format!("GET /request-{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
+            stream
+                .write_all(format!("GET /request-{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .expect("write");
             let mut response = String::new();
             stream.read_to_string(&mut response).await.expect("read");
             response
@@ -348,13 +157,23 @@ async fn forward_carries_parallel_http_requests_over_one_session() {
     }
     for (i, request) in requests.into_iter().enumerate() {
         let response = request.await.expect("join");
-        assert!(response.starts_with("HTTP/1.1 200 OK") && response.ends_with(&format!("/request-{i}")), "{response}");
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK") && response.ends_with(&format!("/request-{i}")),
+            "{response}"
+        );
     }
     shutdown.cancel();
-    forwarding.await.expect("join").expect("forward ends cleanly");
+    forwarding
+        .await
+        .expect("join")
+        .expect("forward ends cleanly");
     let sessions = emulator.session_reports();
     assert_eq!(sessions.len(), 1, "one session carried every connection");
-    assert!(emulator.violations().is_empty(), "{:?}", emulator.violations());
+    assert!(
+        emulator.violations().is_empty(),
+        "{:?}",
+        emulator.violations()
+    );
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
@@ -368,8 +187,15 @@ async fn prometheus_scrapes_what_a_session_caused() {
     let admin_listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
     let admin_address = admin_listener.local_addr().expect("address");
     let stop = CancellationToken::new();
-    tokio::spawn(admin::serve(admin_listener, registry.clone(), Readiness::default(), stop.clone()));
-    let prometheus = Prometheus::start(&[admin_address]).await.expect("prometheus");
+    tokio::spawn(admin::serve(
+        admin_listener,
+        registry.clone(),
+        Readiness::default(),
+        stop.clone(),
+    ));
+    let prometheus = Prometheus::start(&[admin_address])
+        .await
+        .expect("prometheus");
 
     let endpoint = fleet_access_agent_bridge::listener::Endpoint {
         instance_id: WEB.into(),
@@ -378,19 +204,32 @@ async fn prometheus_scrapes_what_a_session_caused() {
         document: "AWS-StartSSHSession".into(),
         port_parameter: Some(22),
     };
-    let mut listeners = fleet_access_agent_bridge::listener::Listeners::new(context, Limits { total: 10, per_instance: 10 }, LOOPBACK);
+    let mut listeners = fleet_access_agent_bridge::listener::Listeners::new(
+        context,
+        Limits {
+            total: 10,
+            per_instance: 10,
+        },
+        LOOPBACK,
+    );
     let desired = BTreeMap::from([((WEB.to_owned(), 22), endpoint.clone())]);
     assert!(listeners.apply(&desired).await.is_empty());
-    let output = run_ok(ssh_via(&sshd, endpoint.listen_port).arg("head -c 100000 /dev/zero | wc -c"));
-    assert_eq!(output.trim(), "100000");
+    let output = run_ok(ssh_via(&sshd, endpoint.listen_port).arg("head -c 100000 /dev/zero"));
+    assert_eq!(output.len(), 100_000);
 
     let sessions = prometheus
-        .query_until_present(r#"agent_bridge_session_setup_seconds_count{phase="total"}"#, Duration::from_secs(30))
+        .query_until_present(
+            r#"agent_bridge_session_setup_seconds_count{phase="total"}"#,
+            Duration::from_secs(30),
+        )
         .await
         .expect("scraped");
     assert_eq!(sessions[0].value, 1.0);
     let received = prometheus
-        .query_until_present(r#"agent_bridge_transferred_bytes_total{direction="from_instance"} > 100000"#, Duration::from_secs(30))
+        .query_until_present(
+            r#"agent_bridge_transferred_bytes_total{direction="from_instance"} > 100000"#,
+            Duration::from_secs(30),
+        )
         .await
         .expect("bytes scraped");
     assert!(received[0].value > 100_000.0);
