@@ -197,11 +197,13 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
 }
 
 fn principal_names(principals: &Principals) -> PrincipalNames {
-    let names = |v: Vec<String>| v;
+    fn names<T: ToString>(list: &[T]) -> Vec<String> {
+        list.iter().map(ToString::to_string).collect()
+    }
     PrincipalNames {
-        users: names(principals.users.iter().map(ToString::to_string).collect()),
-        roles: names(principals.roles.iter().map(ToString::to_string).collect()),
-        groups: names(principals.groups.iter().map(ToString::to_string).collect()),
+        users: names(&principals.users),
+        roles: names(&principals.roles),
+        groups: names(&principals.groups),
     }
 }
 
