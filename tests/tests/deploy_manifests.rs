@@ -1,0 +1,414 @@
+//! The manifests in `deploy/` against the real kube-apiserver: `kubectl kustomize` builds the
+//! base (`deploy/`, with the CRDs), the EKS overlay (`deploy/overlays/eks`) and the monitoring
+//! kustomization (`deploy/monitoring`), and every object is applied with server-side dry-run, so
+//! the API server validates each one (schemas, RBAC escalation, Pod Security "restricted" on the
+//! namespace). Nothing is stored except the namespace, which must exist for namespaced objects
+//! to be dry-run at all.
+//!
+//! The test API server has no Prometheus Operator: the PodMonitors and the PrometheusRule of
+//! `deploy/monitoring` are set apart (and their kinds checked), the rest of it is dry-run too.
+//! `tests/deploy_monitoring.rs` checks the rules themselves.
+//!
+//! Static checks that the API server cannot make follow: the contract's pod labels, the drain
+//! grace, security contexts, least-privilege RBAC, IRSA annotations.
+
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use fleet_access_crds::bridge_contract;
+use fleet_access_tests::ControlPlane;
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// `kubectl` with the control plane's kubeconfig (or a plain one for `kustomize`).
+fn kubectl(control_plane: &ControlPlane) -> Command {
+    control_plane.kubectl().expect("kubectl from the fixtures")
+}
+
+/// Runs `command` with `stdin`; returns (stdout, stderr), panicking with both on failure.
+fn run(mut command: Command, stdin: &str) -> (String, String) {
+    let description = format!("{command:?}");
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{description}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "{description} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// `kubectl kustomize <dir>` as YAML text.
+fn kustomize(control_plane: &ControlPlane, dir: &Path) -> String {
+    let mut command = kubectl(control_plane);
+    command.arg("kustomize").arg(dir);
+    run(command, "").0
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .map(|v| serde_json::to_value(v).unwrap())
+        .collect()
+}
+
+fn to_yaml(objects: &[Value]) -> String {
+    objects
+        .iter()
+        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
+        .collect()
+}
+
+fn kind(object: &Value) -> &str {
+    object["kind"].as_str().unwrap_or_default()
+}
+
+fn name(object: &Value) -> &str {
+    object["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn find<'a>(objects: &'a [Value], kind_: &str, name_: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| kind(o) == kind_ && name(o) == name_)
+        .unwrap_or_else(|| panic!("no {kind_} {name_}"))
+}
+
+/// Creates the namespaces for real (namespaced objects cannot be dry-run into a namespace that
+/// does not exist), then dry-runs every object; returns kubectl's standard error (warnings).
+fn dry_run(control_plane: &ControlPlane, objects: &[Value]) -> String {
+    let namespaces: Vec<Value> = objects
+        .iter()
+        .filter(|o| kind(o) == "Namespace")
+        .cloned()
+        .collect();
+    if !namespaces.is_empty() {
+        let mut command = kubectl(control_plane);
+        command.args([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=fleet-access-deploy-test",
+            "-f",
+            "-",
+        ]);
+        run(command, &to_yaml(&namespaces));
+    }
+    let mut command = kubectl(control_plane);
+    command.args([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=fleet-access-deploy-test",
+        "--dry-run=server",
+        "-o",
+        "name",
+        "-f",
+        "-",
+    ]);
+    let (stdout, stderr) = run(command, &to_yaml(objects));
+    let applied: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        applied.len(),
+        objects.len(),
+        "every object is accepted by the API server:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("would violate PodSecurity"),
+        "the workloads meet Pod Security \"restricted\":\n{stderr}"
+    );
+    stderr
+}
+
+async fn control_plane() -> &'static ControlPlane {
+    ControlPlane::shared().await.expect("control plane")
+}
+
+#[tokio::test]
+async fn the_base_is_valid_on_a_real_api_server() {
+    let control_plane = control_plane().await;
+    let objects = documents(&kustomize(control_plane, &deploy_dir()));
+    let kinds: Vec<&str> = objects.iter().map(kind).collect();
+    for expected in [
+        "CustomResourceDefinition",
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    ] {
+        assert!(kinds.contains(&expected), "the base has a {expected}");
+    }
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| ["PodMonitor", "ServiceMonitor", "PrometheusRule"].contains(k)),
+        "the base needs no Prometheus Operator CRDs"
+    );
+    dry_run(control_plane, &objects);
+}
+
+#[tokio::test]
+async fn the_eks_overlay_is_valid_on_a_real_api_server() {
+    let control_plane = control_plane().await;
+    let overlay = documents(&kustomize(
+        control_plane,
+        &deploy_dir().join("overlays/eks"),
+    ));
+    assert!(
+        !overlay
+            .iter()
+            .any(|o| kind(o) == "CustomResourceDefinition"),
+        "the overlay leaves the CRDs to `kubectl apply -f deploy/crds/`"
+    );
+    // The CRDs as documented for overlays: applied first (server-side dry-run here too).
+    let mut objects =
+        documents(&std::fs::read_to_string(deploy_dir().join("crds/fleet-access.yaml")).unwrap());
+    objects.extend(overlay.iter().cloned());
+    dry_run(control_plane, &objects);
+
+    for (account, role) in [
+        ("fleet-access-operator", "fleet-access-operator"),
+        ("agent-bridge", "fleet-access-bridge"),
+    ] {
+        let annotation = &find(&overlay, "ServiceAccount", account)["metadata"]["annotations"]["eks.amazonaws.com/role-arn"];
+        assert_eq!(
+            annotation.as_str(),
+            Some(format!("arn:aws:iam::111122223333:role/{role}").as_str()),
+            "IRSA annotation on {account}"
+        );
+    }
+    let bridge = find(&overlay, "Deployment", "agent-bridge");
+    assert_eq!(bridge["spec"]["replicas"], 3);
+    let image = bridge["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap();
+    assert!(image.contains(".dkr.ecr."), "{image}");
+}
+
+#[tokio::test]
+async fn monitoring_objects_are_valid_apart_from_the_prometheus_operator_kinds() {
+    let control_plane = control_plane().await;
+    let objects = documents(&kustomize(control_plane, &deploy_dir().join("monitoring")));
+    let (operator_kinds, plain): (Vec<Value>, Vec<Value>) = objects
+        .into_iter()
+        .partition(|o| o["apiVersion"] == "monitoring.coreos.com/v1");
+    let mut kinds: Vec<&str> = operator_kinds.iter().map(kind).collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["PodMonitor", "PodMonitor", "PrometheusRule"]);
+    assert!(
+        plain.iter().any(|o| kind(o) == "ConfigMap"),
+        "the Grafana dashboard ConfigMap"
+    );
+    // The dashboard ConfigMap goes to the namespace of the base.
+    let base = documents(&kustomize(control_plane, &deploy_dir()));
+    let mut objects: Vec<Value> = base
+        .into_iter()
+        .filter(|o| kind(o) == "Namespace")
+        .collect();
+    objects.extend(plain);
+    dry_run(control_plane, &objects);
+}
+
+// === static checks ===
+
+fn base_objects() -> Vec<Value> {
+    let output = Command::new(
+        fleet_access_tests::Locations::get()
+            .expect("locations")
+            .kubectl
+            .clone(),
+    )
+    .arg("kustomize")
+    .arg(deploy_dir())
+    .output()
+    .expect("kubectl kustomize");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    documents(&String::from_utf8_lossy(&output.stdout))
+}
+
+fn pod_spec(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]["spec"]
+}
+
+#[test]
+fn endpoint_services_select_the_bridge_pods_and_only_them() {
+    let objects = base_objects();
+    let selector = bridge_contract::bridge_pod_selector();
+    let matches = |deployment: &Value| {
+        let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+        selector
+            .iter()
+            .all(|(k, v)| labels[k].as_str() == Some(v.as_str()))
+    };
+    assert!(matches(find(&objects, "Deployment", "agent-bridge")));
+    assert!(!matches(find(
+        &objects,
+        "Deployment",
+        "fleet-access-operator"
+    )));
+}
+
+#[test]
+fn the_bridge_drains_within_its_termination_grace() {
+    let objects = base_objects();
+    let bridge = find(&objects, "Deployment", "agent-bridge");
+    let spec = pod_spec(bridge);
+    let args: Vec<&str> = spec["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(args[0], "serve");
+    let drain: u64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--drain-seconds="))
+        .expect("--drain-seconds is explicit")
+        .parse()
+        .unwrap();
+    let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > drain && grace <= drain + 10,
+        "grace {grace} s leaves the {drain} s drain a few seconds to terminate and exit"
+    );
+    assert!(bridge["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let pdb = find(&objects, "PodDisruptionBudget", "agent-bridge");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(
+        spec["topologySpreadConstraints"].as_array().unwrap().len(),
+        2
+    );
+    let admin = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--admin-address="))
+        .unwrap();
+    let port = spec["containers"][0]["ports"][0]["containerPort"]
+        .as_u64()
+        .unwrap();
+    assert!(admin.ends_with(&format!(":{port}")), "probes on {admin}");
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(spec["containers"][0][probe]["httpGet"]["port"], "admin");
+    }
+}
+
+#[test]
+fn every_container_is_locked_down() {
+    let objects = base_objects();
+    let deployments: Vec<&Value> = objects.iter().filter(|o| kind(o) == "Deployment").collect();
+    assert_eq!(deployments.len(), 2);
+    for deployment in deployments {
+        let spec = pod_spec(deployment);
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        for container in spec["containers"].as_array().unwrap() {
+            let context = &container["securityContext"];
+            assert_eq!(context["allowPrivilegeEscalation"], false, "{container}");
+            assert_eq!(context["readOnlyRootFilesystem"], true, "{container}");
+            assert_eq!(context["capabilities"]["drop"], serde_json::json!(["ALL"]));
+            assert!(container["resources"]["requests"].is_object());
+            assert!(container["resources"]["limits"]["memory"].is_string());
+        }
+    }
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let objects = base_objects();
+    // The bridge: get/list/watch Services in its namespace, nothing cluster-wide.
+    let bridge = find(&objects, "Role", "agent-bridge");
+    assert_eq!(bridge["metadata"]["namespace"], "fleet-access");
+    assert_eq!(
+        bridge["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]}])
+    );
+    assert!(
+        !objects
+            .iter()
+            .any(|o| kind(o) == "ClusterRoleBinding" && o["subjects"][0]["name"] == "agent-bridge"),
+        "no cluster-wide binding for the bridge"
+    );
+    // The operator: no wildcards, no Secrets, and only its own API group cluster-wide.
+    for (kind_, name_) in [
+        ("ClusterRole", "fleet-access-operator"),
+        ("Role", "fleet-access-operator"),
+    ] {
+        for rule in find(&objects, kind_, name_)["rules"].as_array().unwrap() {
+            let text = rule.to_string();
+            assert!(!text.contains('*'), "{kind_} {name_}: {text}");
+            assert!(!text.contains("secrets"), "{kind_} {name_}: {text}");
+        }
+    }
+    let cluster = find(&objects, "ClusterRole", "fleet-access-operator");
+    for rule in cluster["rules"].as_array().unwrap() {
+        let group = rule["apiGroups"][0].as_str().unwrap();
+        assert!(
+            ["fleetaccess.io", "events.k8s.io"].contains(&group),
+            "cluster-wide only grants and their events: {rule}"
+        );
+    }
+    let namespaced = find(&objects, "Role", "fleet-access-operator");
+    assert!(
+        namespaced.to_string().contains("coordination.k8s.io"),
+        "leader election Lease"
+    );
+}
+
+#[test]
+fn the_namespace_denies_by_default() {
+    let objects = base_objects();
+    let deny = find(&objects, "NetworkPolicy", "default-deny");
+    assert_eq!(deny["spec"]["podSelector"], serde_json::json!({}));
+    assert_eq!(
+        deny["spec"]["policyTypes"],
+        serde_json::json!(["Ingress", "Egress"])
+    );
+    for policy in objects.iter().filter(|o| kind(o) == "NetworkPolicy") {
+        for rule in policy["spec"]["egress"].as_array().into_iter().flatten() {
+            let ports: Vec<u64> = rule["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["port"].as_u64().unwrap())
+                .collect();
+            assert!(
+                ports.iter().all(|p| [53, 443].contains(p)),
+                "egress only to DNS and HTTPS: {policy}"
+            );
+        }
+    }
+}
