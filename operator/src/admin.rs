@@ -1,5 +1,6 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/healthz` (the process answers) and
-//! `/readyz` (the controller runs). A deliberately small HTTP/1.1 responder: one request per
+//! `/readyz` (200 while this replica holds the leader Lease and its controllers run; 503 on a
+//! standby, so a Service or a person sees which replica works). A deliberately small HTTP/1.1 responder: one request per
 //! connection, GET only.
 
 use std::sync::{
@@ -51,8 +52,8 @@ fn respond(path: &str, registry: &Registry, ready: bool) -> (&'static str, Strin
             }
         }
         "/healthz" => ("200 OK", "ok\n".into()),
-        "/readyz" if ready => ("200 OK", "ready\n".into()),
-        "/readyz" => ("503 Service Unavailable", "not ready\n".into()),
+        "/readyz" if ready => ("200 OK", "leading\n".into()),
+        "/readyz" => ("503 Service Unavailable", "standby\n".into()),
         _ => ("404 Not Found", "not found\n".into()),
     }
 }

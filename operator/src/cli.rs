@@ -39,12 +39,32 @@ struct RunArgs {
         default_value = "0.0.0.0:8080"
     )]
     admin_address: String,
-    /// This replica's name in Events (the pod name in a cluster).
-    #[arg(long, env = "POD_NAME", default_value = "fleet-access-operator")]
-    replica: String,
+    /// This replica's name in the leader Lease and in Events (the pod name in a cluster); it
+    /// must differ between replicas. Default: `fleet-access-operator-<process id>`.
+    #[arg(long, env = "POD_NAME")]
+    replica: Option<String>,
     /// Reconcile grants of this namespace only (default: every namespace).
     #[arg(long, env = "FLEET_ACCESS_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
+    /// Reconcile the cluster's SessionPreferences (the account default session document).
+    /// Default: yes, unless --watch-namespace scopes the operator to one namespace.
+    #[arg(long, env = "FLEET_ACCESS_MANAGE_PREFERENCES")]
+    manage_preferences: Option<bool>,
+    /// Namespace of the leader Lease. Default: the pod's namespace, else the watched
+    /// namespace, else the bridge namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the leader Lease; replicas with the same Lease elect one leader.
+    #[arg(
+        long,
+        env = "FLEET_ACCESS_LEASE_NAME",
+        default_value = "fleet-access-operator"
+    )]
+    lease_name: String,
+    /// Seconds a leader's Lease holds without renewal: how long a standby waits before it
+    /// takes over from a leader that died.
+    #[arg(long, env = "FLEET_ACCESS_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    lease_duration_seconds: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -177,8 +197,18 @@ fn run(args: RunArgs) -> Result<()> {
         admin_address,
         replica,
         watch_namespace,
+        manage_preferences,
+        lease_namespace,
+        lease_name,
+        lease_duration_seconds,
     } = args;
     let settings = aws.into_settings();
+    let replica =
+        replica.unwrap_or_else(|| format!("fleet-access-operator-{}", std::process::id()));
+    let lease_namespace = lease_namespace
+        .or_else(|| watch_namespace.clone())
+        .unwrap_or_else(|| settings.bridge_namespace.clone());
+    let manage_preferences = manage_preferences.unwrap_or(watch_namespace.is_none());
     let account = settings
         .account
         .clone()
@@ -192,6 +222,10 @@ fn run(args: RunArgs) -> Result<()> {
         admin_address,
         replica,
         watch_namespace,
+        manage_preferences,
+        lease_namespace,
+        lease_name,
+        lease_duration: std::time::Duration::from_secs(lease_duration_seconds),
     }))
 }
 

@@ -79,7 +79,18 @@ impl Error {
             Error::StatementTooLarge { .. } => "statement_too_large",
             Error::NoBridgeRole => "no_bridge_role",
             Error::Aws(e) if e.is_retryable() => "aws_retryable",
-            Error::Aws(_) => "aws",
+            Error::Aws(e) => match e.code.as_str() {
+                "LimitExceeded" | "DocumentLimitExceeded" | "DocumentVersionLimitExceeded" => {
+                    "aws_quota"
+                }
+                "MalformedPolicyDocument"
+                | "InvalidDocumentContent"
+                | "InvalidDocumentSchemaVersion"
+                | "MaxDocumentSizeExceeded" => "aws_invalid_document",
+                "NoSuchEntity" => "aws_not_found",
+                "AccessDenied" | "AccessDeniedException" => "aws_access_denied",
+                _ => "aws",
+            },
             Error::NotOwned(_) => "not_owned",
             Error::Kube(_) => "kube",
             Error::Finalizer(inner) => match inner.as_ref() {

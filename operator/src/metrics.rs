@@ -2,7 +2,9 @@
 //! one). Label values are bounded: error kinds, AWS services and operation names, outcomes and
 //! grant states.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Reconcile durations, in seconds: from a no-op resync to a slow first apply.
 const DURATION_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -18,6 +20,8 @@ pub struct Metrics {
     pub aws_calls: IntCounterVec,
     /// Grants by state (ready, failed, expired).
     pub grants: IntGaugeVec,
+    /// 1 while this replica holds the leader Lease and runs the controllers, else 0.
+    pub leader: IntGauge,
 }
 
 impl Metrics {
@@ -52,7 +56,12 @@ impl Metrics {
             ),
             &["state"],
         )?;
+        let leader = IntGauge::new(
+            "fleet_access_operator_leader",
+            "1 while this replica holds the leader Lease and reconciles.",
+        )?;
         registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(aws_calls.clone()))?;
         registry.register(Box::new(grants.clone()))?;
@@ -61,6 +70,7 @@ impl Metrics {
             reconcile_errors,
             aws_calls,
             grants,
+            leader,
         })
     }
 

@@ -28,6 +28,7 @@ use kube::{
         controller::Action,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
         finalizer::{Event, finalizer},
+        reflector::ObjectRef,
         watcher,
     },
 };
@@ -72,6 +73,8 @@ pub struct Context {
     states: Mutex<BTreeMap<String, &'static str>>,
     /// Serializes endpoint changes: target ports are allocated across every grant.
     endpoints: tokio::sync::Mutex<()>,
+    /// Failed reconciles in a row, per object, for the retry backoff.
+    failures: Mutex<BTreeMap<String, u32>>,
 }
 
 impl Context {
@@ -105,6 +108,7 @@ impl Context {
             recorder,
             states: Mutex::new(BTreeMap::new()),
             endpoints: tokio::sync::Mutex::new(()),
+            failures: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -113,6 +117,23 @@ impl Context {
             "arn:{}:iam::{}:policy{POLICY_PATH}{name}",
             self.settings.partition, self.account
         )
+    }
+
+    /// Counts one more failure in a row for `key`; returns how many there are now.
+    pub(crate) fn count_failure(&self, key: &str) -> u32 {
+        let Ok(mut failures) = self.failures.lock() else {
+            return 1;
+        };
+        let count = failures.entry(key.to_owned()).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    /// Forgets `key`'s failures after a successful reconcile.
+    pub(crate) fn forget_failures(&self, key: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(key);
+        }
     }
 
     fn set_state(&self, grant: &str, state: Option<&'static str>) {
@@ -139,11 +160,44 @@ pub async fn run(
     namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
+
     let grants: Api<SessionAccess> = match namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
+    // The endpoint Services and NetworkPolicies the operator writes live in the bridge
+    // namespace, often apart from their grants (so no ownerReferences): they point back to
+    // their grants through annotations, and a change or deletion behind the operator's back
+    // reconciles those grants at once instead of at the next resync.
+    let bridge_namespace = ctx.settings.bridge_namespace.clone();
+    let owned = watcher::Config::default()
+        .labels(&services_selector())
+        .any_semantic();
+    let scope = namespace.map(str::to_owned);
+    let in_scope = move |(ns, name): (String, String)| {
+        (scope.is_none() || scope.as_deref() == Some(ns.as_str()))
+            .then(|| ObjectRef::<SessionAccess>::new(&name).within(&ns))
+    };
+    let for_policies = in_scope.clone();
     Controller::new(grants, watcher::Config::default().any_semantic())
+        .watches(
+            Api::<Service>::namespaced(ctx.client.clone(), &bridge_namespace),
+            owned.clone(),
+            move |service| {
+                crate::services::grants_of_service(&service)
+                    .into_iter()
+                    .filter_map(in_scope.clone())
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<NetworkPolicy>::namespaced(ctx.client.clone(), &bridge_namespace),
+            owned,
+            move |policy| {
+                crate::services::grant_of_network_policy(&policy).and_then(for_policies.clone())
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -157,6 +211,7 @@ pub async fn run(
 /// Reconciles one grant.
 pub async fn reconcile(grant: Arc<SessionAccess>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_else(|| "default".into());
+    let grant_key = grant_id(&grant);
     let api: Api<SessionAccess> = Api::namespaced(ctx.client.clone(), &namespace);
     let timer = ctx
         .metrics
@@ -172,21 +227,44 @@ pub async fn reconcile(grant: Arc<SessionAccess>, ctx: Arc<Context>) -> Result<A
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     timer.observe_duration();
+    if result.is_ok() {
+        ctx.forget_failures(&failure_key("SessionAccess", &grant_key));
+    }
     result
 }
 
-/// Requeues failed reconciles with a pause, counting them by kind.
+/// Requeues failed reconciles with a growing pause, counting them by kind.
 pub fn error_policy(grant: Arc<SessionAccess>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconcile_errors
         .with_label_values(&[error.metric_label()])
         .inc();
-    tracing::warn!(grant = %grant.name_any(), %error, "reconcile failed");
-    Action::requeue(RETRY_PAUSE)
+    let key = failure_key("SessionAccess", &grant_id(&grant));
+    let pause = retry_pause(ctx.count_failure(&key));
+    tracing::warn!(grant = %grant.name_any(), %error, retry_in = ?pause, "reconcile failed");
+    Action::requeue(pause)
 }
 
-/// Pause before a failed reconcile is tried again.
-const RETRY_PAUSE: Duration = Duration::from_secs(5);
+/// The pause before the first retry of a failed reconcile; it doubles with each further
+/// failure in a row.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// The longest pause between retries of a failing reconcile: a failure that lasts is still
+/// retried every few minutes, never in a hot loop.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(300);
+
+/// The pause before retrying after `failures` failed reconciles in a row (1 for the first).
+pub fn retry_pause(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    FIRST_RETRY_PAUSE
+        .saturating_mul(1 << doublings)
+        .min(MAX_RETRY_PAUSE)
+}
+
+/// The key under which an object's failures in a row are counted.
+pub(crate) fn failure_key(kind: &str, id: &str) -> String {
+    format!("{kind}/{id}")
+}
 
 // === apply ===
 
@@ -267,6 +345,15 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         ),
         Err(error) => {
             let retry = error.is_retryable();
+            if !retry {
+                // Terminal: reported in the condition and counted here; the grant is not
+                // retried before the next resync or a change of the grant.
+                ctx.metrics
+                    .reconcile_errors
+                    .with_label_values(&[error.metric_label()])
+                    .inc();
+                tracing::warn!(grant = %grant.name_any(), %error, "terminal error: waiting for a change of the grant or the next resync");
+            }
             (sync_failure(&error), Vec::new(), Some((retry, error)))
         }
     };

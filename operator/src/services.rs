@@ -110,7 +110,7 @@ pub fn render_network_policy(
     target_ports: &BTreeSet<u16>,
 ) -> NetworkPolicy {
     let mut annotations = BTreeMap::new();
-    annotations.insert("fleetaccess.io/grant".to_owned(), grant.to_owned());
+    annotations.insert(GRANT_ANNOTATION.to_owned(), grant.to_owned());
     NetworkPolicy {
         metadata: ObjectMeta {
             name: Some(network_policy_name(grant)),
@@ -144,6 +144,33 @@ pub fn render_network_policy(
             ..NetworkPolicySpec::default()
         }),
     }
+}
+
+/// Annotation on a grant's NetworkPolicy: the grant (`namespace/name`) it belongs to.
+pub const GRANT_ANNOTATION: &str = "fleetaccess.io/grant";
+
+/// The grants (namespace, name) whose ports a Service carries: the ones to reconcile when the
+/// Service changes or disappears behind the operator's back.
+pub fn grants_of_service(service: &Service) -> Vec<(String, String)> {
+    grant_ports(service)
+        .keys()
+        .filter_map(|owner| split_owner(owner))
+        .collect()
+}
+
+/// The grant (namespace, name) a NetworkPolicy belongs to.
+pub fn grant_of_network_policy(policy: &NetworkPolicy) -> Option<(String, String)> {
+    policy
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(GRANT_ANNOTATION)
+        .and_then(|owner| split_owner(owner))
+}
+
+fn split_owner(owner: &str) -> Option<(String, String)> {
+    let (namespace, name) = owner.split_once('/')?;
+    (!namespace.is_empty() && !name.is_empty()).then(|| (namespace.to_owned(), name.to_owned()))
 }
 
 /// The contract's label selector for listing managed objects.
@@ -199,5 +226,27 @@ mod tests {
         let spec = policy.spec.expect("spec");
         assert_eq!(spec.policy_types, Some(vec!["Ingress".into()]));
         assert_eq!(spec.ingress, None);
+    }
+
+    #[test]
+    fn owned_objects_map_back_to_their_grants() {
+        let grants = GrantPorts::from([
+            ("a/one".to_owned(), vec![port(22, 20000)]),
+            ("b/two".to_owned(), vec![port(22, 20000)]),
+        ]);
+        let service = render_service("fleet-access", "i-0123456789abcdef0", &grants);
+        assert_eq!(
+            grants_of_service(&service),
+            vec![
+                ("a".to_owned(), "one".to_owned()),
+                ("b".to_owned(), "two".to_owned())
+            ]
+        );
+        let policy = render_network_policy("ns", "a/one", &[], &BTreeSet::new());
+        assert_eq!(
+            grant_of_network_policy(&policy),
+            Some(("a".to_owned(), "one".to_owned()))
+        );
+        assert_eq!(grants_of_service(&Service::default()), Vec::new());
     }
 }

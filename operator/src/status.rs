@@ -1,10 +1,12 @@
-//! Pure status: the conditions of a `SessionAccess` from what a reconcile found and did. No I/O;
-//! the clock is an argument.
+//! Pure status: the conditions of a `SessionAccess` (and of `SessionPreferences`) from what a
+//! reconcile found and did. No I/O; the clock is an argument.
 //!
 //! Ready = PolicySynced ∧ TargetsResolved ∧ BridgeReady ∧ ¬Expired. A condition keeps its
 //! `lastTransitionTime` while its status does not change.
 
-use fleet_access_crds::v1alpha1::{PolicyStatus, SessionAccessStatus, TargetStatus};
+use fleet_access_crds::v1alpha1::{
+    PolicyStatus, SessionAccessStatus, SessionPreferencesStatus, TargetStatus,
+};
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
@@ -103,20 +105,7 @@ pub fn compute(
     };
     let previous_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
     let condition = |type_: &str, outcome: &Outcome| {
-        let status = if outcome.ok { "True" } else { "False" };
-        let since = previous_conditions
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or(Time(now));
-        Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: outcome.reason.clone(),
-            message: outcome.message.clone(),
-            observed_generation: seen.generation,
-            last_transition_time: since,
-        }
+        condition(previous_conditions, type_, outcome, seen.generation, now)
     };
     let conditions = vec![
         condition(READY, &ready),
@@ -132,6 +121,51 @@ pub fn compute(
         attached_principals: seen.attached_principals.clone(),
         target_count: i32::try_from(seen.target_list.len()).ok(),
         targets: seen.target_list.clone(),
+    }
+}
+
+/// One condition from its outcome, keeping the previous `lastTransitionTime` while the status
+/// stays the same.
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    outcome: &Outcome,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if outcome.ok { "True" } else { "False" };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: outcome.reason.clone(),
+        message: outcome.message.clone(),
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+/// The status of `SessionPreferences`: Ready from the outcome, the document version written
+/// and whether there was a document before the operator took it over.
+pub fn preferences(
+    previous: Option<&SessionPreferencesStatus>,
+    ready: &Outcome,
+    generation: Option<i64>,
+    document_version: Option<String>,
+    had_previous_content: Option<bool>,
+    now: Timestamp,
+) -> SessionPreferencesStatus {
+    let conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    SessionPreferencesStatus {
+        observed_generation: generation,
+        conditions: vec![condition(conditions, READY, ready, generation, now)],
+        document_version: document_version
+            .or_else(|| previous.and_then(|p| p.document_version.clone())),
+        had_previous_content,
     }
 }
 

@@ -883,3 +883,333 @@ async fn two_hundred_grants_reach_ready() {
     assert_eq!(attached.attached_policies().len(), COUNT);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn owned_objects_deleted_behind_the_operators_back_are_repaired_promptly() {
+    use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
+
+    // A resync far away: only the watches of owned objects can repair in time.
+    let h = Harness::start("op-owned", Duration::from_secs(3600)).await;
+    let grace = h.unique("grace");
+    h.user(&grace).await;
+    h.role(h.settings.bridge_role.as_deref().expect("bridge role"))
+        .await;
+    let services: Api<Service> = h.namespace.api();
+    let policies: Api<NetworkPolicy> = h.namespace.api();
+    h.create(
+        "tools",
+        json!({
+            "principals": {"users": [grace]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ssh": true},
+            "bridge": {"ports": [22], "clients": [{"podSelector": {"matchLabels": {"app": "tools"}}}]},
+        }),
+    )
+    .await;
+    h.wait_condition("tools", "Ready", "True").await;
+    let policy_name = fleet_access_operator::services::network_policy_name(&format!(
+        "{}/tools",
+        h.namespace.name()
+    ));
+    let service = services.get("i-0000000000000000a").await.expect("service");
+    let policy = policies.get(&policy_name).await.expect("network policy");
+
+    let deleted = tokio::time::Instant::now();
+    services
+        .delete("i-0000000000000000a", &DeleteParams::default())
+        .await
+        .expect("delete service");
+    policies
+        .delete(&policy_name, &DeleteParams::default())
+        .await
+        .expect("delete network policy");
+    let repaired = wait_for("service and network policy re-created", || async {
+        let s = services.get_opt("i-0000000000000000a").await.ok()??;
+        let p = policies.get_opt(&policy_name).await.ok()??;
+        (s.uid() != service.uid() && p.uid() != policy.uid()).then_some((s, p))
+    })
+    .await;
+    let took = deleted.elapsed();
+    println!(
+        "owned objects re-created {:.2} s after their deletion",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "repaired by the watch, not by a resync"
+    );
+    let (service, policy) = repaired;
+    assert_eq!(
+        fleet_access_operator::services::grants_of_service(&service),
+        vec![(h.namespace.name().to_owned(), "tools".to_owned())]
+    );
+    assert_eq!(
+        fleet_access_operator::services::grant_of_network_policy(&policy),
+        Some((h.namespace.name().to_owned(), "tools".to_owned()))
+    );
+
+    // An edit behind the operator's back (the grant's ports annotation removed) is repaired too.
+    let annotation = fleet_access_operator::services::GRANT_PORTS_ANNOTATION;
+    let patch = json!({"metadata": {"annotations": {annotation: null}}});
+    services
+        .patch(
+            "i-0000000000000000a",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .expect("tamper");
+    wait_for("annotation restored", || async {
+        let s = services.get_opt("i-0000000000000000a").await.ok()??;
+        (!fleet_access_operator::services::grants_of_service(&s).is_empty()).then_some(())
+    })
+    .await;
+
+    h.grants
+        .delete("tools", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("tools gone", || async {
+        h.grants
+            .get_opt("tools")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    h.stop().await;
+}
+
+/// The account default document, through moto directly in a Region no other test uses (the
+/// document is an account-and-Region singleton).
+#[tokio::test]
+async fn session_preferences_update_the_account_document_and_restore_it_on_delete() {
+    use fleet_access_crds::SessionPreferences;
+    use fleet_access_operator::{
+        documents::ACCOUNT_SHELL_DOCUMENT,
+        preferences::{self, PREVIOUS_ANNOTATION},
+    };
+
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    control_plane
+        .apply_yaml(&fleet_access_crds::crds_yaml(), None)
+        .await
+        .expect("CRDs apply");
+    control_plane
+        .wait_for_crd_established("sessionpreferences.fleetaccess.io", Duration::from_secs(30))
+        .await
+        .expect("established");
+    let client = control_plane.client().await.expect("client");
+    let moto = Moto::shared().await.expect("moto");
+    let ssm_config = moto
+        .sdk_config()
+        .to_builder()
+        .region(aws_config::Region::new("eu-north-1"))
+        .build();
+    let ssm = aws_sdk_ssm::Client::new(&ssm_config);
+    let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
+    let aws = Arc::new(SdkAws::with_configs(
+        &moto.sdk_config(),
+        &ssm_config,
+        metrics.clone(),
+    ));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        aws.clone(),
+        aws,
+        Settings::default(),
+        ACCOUNT.into(),
+        metrics.clone(),
+        Duration::from_secs(2),
+        "test",
+    ));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let controller = tokio::spawn(async move {
+        preferences::run(ctx, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    let api: Api<SessionPreferences> = Api::all(client);
+    let content = |version: Option<&str>| {
+        let ssm = ssm.clone();
+        let version = version.map(str::to_owned);
+        async move {
+            let out = ssm
+                .get_document()
+                .name(ACCOUNT_SHELL_DOCUMENT)
+                .set_document_version(version)
+                .send()
+                .await
+                .ok()?;
+            Some((
+                out.content()?.to_owned(),
+                out.document_version()?.to_owned(),
+            ))
+        }
+    };
+    let versions = || {
+        let ssm = ssm.clone();
+        async move {
+            let out = ssm
+                .describe_document()
+                .name(ACCOUNT_SHELL_DOCUMENT)
+                .send()
+                .await
+                .expect("describe");
+            let d = out.document().expect("document");
+            (
+                d.default_version().expect("default").to_owned(),
+                d.latest_version().expect("latest").to_owned(),
+            )
+        }
+    };
+    let preferences = |spec: Value| -> SessionPreferences {
+        serde_json::from_value(json!({
+            "apiVersion": "fleetaccess.io/v1alpha1",
+            "kind": "SessionPreferences",
+            "metadata": {"name": "default"},
+            "spec": spec,
+        }))
+        .expect("SessionPreferences")
+    };
+    let wait_ready = |api: Api<SessionPreferences>| async move {
+        wait_for("SessionPreferences Ready", || async {
+            let p = api.get("default").await.ok()?;
+            let s = p.status.as_ref()?;
+            (s.observed_generation == p.metadata.generation
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True"))
+            .then_some(p)
+        })
+        .await
+    };
+    let wait_gone = |api: Api<SessionPreferences>| async move {
+        wait_for("SessionPreferences deleted", || async {
+            api.get_opt("default").await.ok()?.is_none().then_some(())
+        })
+        .await
+    };
+    // Leftovers of an earlier run of this test in a long-lived moto.
+    let _ = ssm
+        .delete_document()
+        .name(ACCOUNT_SHELL_DOCUMENT)
+        .send()
+        .await;
+
+    // 1. A document someone made by hand (as the console does) is there first.
+    let original = json!({"schemaVersion": "1.0", "description": "made by hand",
+        "sessionType": "Standard_Stream", "inputs": {"idleSessionTimeout": "35",
+        "cloudWatchEncryptionEnabled": true, "s3EncryptionEnabled": true, "runAsEnabled": false}})
+    .to_string();
+    ssm.create_document()
+        .name(ACCOUNT_SHELL_DOCUMENT)
+        .content(&original)
+        .document_type(aws_sdk_ssm::types::DocumentType::Session)
+        .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
+        .send()
+        .await
+        .expect("original document");
+    let first = preferences(json!({
+        "idleSessionTimeoutMinutes": 15,
+        "cloudWatch": {"logGroupName": "/ssm/sessions", "encryptionEnabled": false, "streaming": true},
+    }));
+    api.create(&PostParams::default(), &first)
+        .await
+        .expect("created");
+    let applied = wait_ready(api.clone()).await;
+    let (document, version) = content(None).await.expect("document");
+    assert!(
+        preferences::same_content(&document, &preferences::desired_content(&first.spec)),
+        "the document follows the spec: {document}"
+    );
+    assert_eq!(version, "2");
+    assert_eq!(
+        versions().await,
+        ("2".into(), "2".into()),
+        "new version is the default"
+    );
+    let status = applied.status.expect("status");
+    assert_eq!(status.document_version.as_deref(), Some("2"));
+    assert_eq!(status.had_previous_content, Some(true));
+    let record: Value = serde_json::from_str(
+        applied
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PREVIOUS_ANNOTATION))
+            .expect("the original is recorded"),
+    )
+    .expect("json");
+    assert_eq!(record["existed"], true);
+    assert_eq!(record["version"], "1");
+
+    // Steady state: resyncs (every 2 s) write nothing.
+    let writes = metrics.aws_write_calls();
+    let calls = metrics.aws_calls_total();
+    wait_for("two resyncs", || async {
+        (metrics.aws_calls_total() >= calls + 2).then_some(())
+    })
+    .await;
+    assert_eq!(metrics.aws_write_calls(), writes, "a steady resync writes");
+
+    // 2. A spec change: a new default version.
+    let mut changed = api.get("default").await.expect("get");
+    changed.spec = preferences(json!({"idleSessionTimeoutMinutes": 30})).spec;
+    api.replace("default", &PostParams::default(), &changed)
+        .await
+        .expect("replaced");
+    wait_for("version 3 is the default", || async {
+        let (document, version) = content(None).await?;
+        (version == "3"
+            && preferences::same_content(&document, &preferences::desired_content(&changed.spec)))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(versions().await, ("3".into(), "3".into()));
+    wait_ready(api.clone()).await;
+
+    // 3. Delete: the original content is the default again.
+    api.delete("default", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_gone(api.clone()).await;
+    let (document, version) = content(None).await.expect("document");
+    assert_eq!(document, original, "the original content is back");
+    assert_eq!(version, "1", "as its own original version");
+
+    // 4. No document before: created, then deleted on restore.
+    ssm.delete_document()
+        .name(ACCOUNT_SHELL_DOCUMENT)
+        .send()
+        .await
+        .expect("delete original");
+    let fresh = preferences(json!({"maxSessionDurationMinutes": 60}));
+    api.create(&PostParams::default(), &fresh)
+        .await
+        .expect("created");
+    let applied = wait_ready(api.clone()).await;
+    assert_eq!(
+        applied.status.expect("status").had_previous_content,
+        Some(false)
+    );
+    let (document, _) = content(None).await.expect("created document");
+    assert!(preferences::same_content(
+        &document,
+        &preferences::desired_content(&fresh.spec)
+    ));
+    api.delete("default", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_gone(api.clone()).await;
+    assert_eq!(content(None).await, None, "no document, as before");
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}

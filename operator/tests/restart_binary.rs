@@ -38,6 +38,10 @@ fn operator(
             namespace,
             "--bridge-namespace",
             namespace,
+            // One replica, restarted: like a restarted pod it keeps its name, so it takes its
+            // own leader Lease back at once instead of waiting for it to expire.
+            "--replica",
+            "restart",
         ])
         .envs(moto.process_env())
         .env("AWS_ENDPOINT_URL_IAM", moto.endpoint())

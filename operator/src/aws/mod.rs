@@ -215,6 +215,12 @@ pub trait SsmApi: Send + Sync {
     async fn update_document(&self, name: &str, content: &str) -> AwsResult<String>;
     /// Deletes a document and all its versions.
     async fn delete_document(&self, name: &str) -> AwsResult<()>;
+    /// The content of one version of a document, or `None` when that version does not exist.
+    async fn get_document_version(&self, name: &str, version: &str) -> AwsResult<Option<String>>;
+    /// The document's latest version number, or `None` when the document does not exist.
+    async fn latest_document_version(&self, name: &str) -> AwsResult<Option<String>>;
+    /// Makes an existing version the document's default.
+    async fn set_default_document_version(&self, name: &str, version: &str) -> AwsResult<()>;
     /// Managed instances with these IDs, or (when `ids` is empty) carrying all these tags.
     async fn describe_instances(
         &self,

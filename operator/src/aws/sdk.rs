@@ -74,6 +74,9 @@ impl SdkAws {
             | "InvalidDocument"
             | "DocumentAlreadyExists"
             | "DuplicateDocumentContent"
+            | "InvalidDocumentContent"
+            | "InvalidDocumentVersion"
+            | "InvalidResourceId"
             | "Transport" => outcome,
             _ => "other".to_owned(),
         };
@@ -484,6 +487,44 @@ impl SsmApi for SdkAws {
         self.ssm(
             "DeleteDocument",
             self.ssm.delete_document().name(name).send().await,
+        )
+        .map(drop)
+    }
+
+    async fn get_document_version(&self, name: &str, version: &str) -> AwsResult<Option<String>> {
+        let out = self.ssm(
+            "GetDocument",
+            self.ssm
+                .get_document()
+                .name(name)
+                .document_version(version)
+                .send()
+                .await,
+        );
+        Ok(not_found_is_none(out)?.map(|out| out.content().unwrap_or_default().to_owned()))
+    }
+
+    async fn latest_document_version(&self, name: &str) -> AwsResult<Option<String>> {
+        let out = self.ssm(
+            "DescribeDocument",
+            self.ssm.describe_document().name(name).send().await,
+        );
+        Ok(not_found_is_none(out)?.and_then(|out| {
+            out.document()
+                .and_then(|d| d.latest_version())
+                .map(str::to_owned)
+        }))
+    }
+
+    async fn set_default_document_version(&self, name: &str, version: &str) -> AwsResult<()> {
+        self.ssm(
+            "UpdateDocumentDefaultVersion",
+            self.ssm
+                .update_document_default_version()
+                .name(name)
+                .document_version(version)
+                .send()
+                .await,
         )
         .map(drop)
     }
