@@ -8,13 +8,7 @@
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    path::PathBuf,
-    process::Stdio,
-    time::Duration,
-};
+use std::{collections::BTreeMap, future::Future, path::PathBuf, process::Stdio, time::Duration};
 
 use fleet_access_crds::SessionAccess;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
