@@ -324,6 +324,26 @@ fn the_bridge_drains_within_its_termination_grace() {
 }
 
 #[test]
+fn a_standby_operator_replica_is_ready() {
+    // The operator's /readyz is 503 while a replica stands by for the leader Lease; gating
+    // readiness on it would leave one of two replicas unready for good (stalled rollouts, a PDB
+    // that allows no disruption).
+    let objects = base_objects();
+    let operator = find(&objects, "Deployment", "fleet-access-operator");
+    assert_eq!(operator["spec"]["replicas"], 2);
+    let container = &pod_spec(operator)["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let env = container["env"].as_array().unwrap();
+    for name in ["POD_NAME", "POD_NAMESPACE"] {
+        assert!(
+            env.iter().any(|e| e["name"] == name),
+            "{name}: the replica's identity and the Lease's namespace"
+        );
+    }
+}
+
+#[test]
 fn every_container_is_locked_down() {
     let objects = base_objects();
     let deployments: Vec<&Value> = objects.iter().filter(|o| kind(o) == "Deployment").collect();
