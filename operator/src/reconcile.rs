@@ -422,11 +422,23 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     };
     ctx.set_state(&id, Some(state));
 
-    if let Some((true, error)) = retry {
+    next_action(retry, expiry(grant).filter(|_| !expired), now, ctx.resync)
+}
+
+/// What follows a reconcile: a retryable failure goes to [`error_policy`] (backoff); success
+/// and terminal failures wait for the next resync, or the expiry if sooner. A terminal failure
+/// is thus retried only at the resync or when the grant changes, never in a hot loop.
+fn next_action(
+    failure: Option<(bool, Error)>,
+    expires_at: Option<Timestamp>,
+    now: Timestamp,
+    resync: Duration,
+) -> Result<Action> {
+    if let Some((true, error)) = failure {
         return Err(error);
     }
-    let mut requeue = ctx.resync;
-    if !expired && let Some(at) = expiry(grant) {
+    let mut requeue = resync;
+    if let Some(at) = expires_at {
         let until = at.duration_since(now);
         let until = Duration::try_from(until).unwrap_or_default() + Duration::from_secs(1);
         requeue = requeue.min(until);
@@ -1028,4 +1040,327 @@ async fn sync_endpoints(
 
 fn services_selector() -> String {
     crate::services::managed_selector()
+}
+
+#[cfg(test)]
+mod tests {
+    //! Retry and terminal-error behaviour against a scripted fake of [`IamApi`] / [`SsmApi`]
+    //! (no AWS), on tokio's paused clock so that the backoff costs no real time.
+
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::aws::{AwsResult, DocumentInfo, InstanceInfo, PolicyInfo, PolicyVersion};
+
+    /// IAM that answers `create_policy` from a script of failures, then succeeds; every other
+    /// call succeeds with nothing. Records the operations called.
+    #[derive(Default)]
+    struct FakeAws {
+        create_failures: Mutex<VecDeque<&'static str>>,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl FakeAws {
+        fn failing(codes: &[&'static str]) -> Arc<Self> {
+            Arc::new(Self {
+                create_failures: Mutex::new(codes.iter().copied().collect()),
+                calls: Mutex::default(),
+            })
+        }
+
+        fn record(&self, operation: &'static str) {
+            self.calls.lock().expect("calls").push(operation);
+        }
+
+        fn count(&self, operation: &str) -> usize {
+            let calls = self.calls.lock().expect("calls");
+            calls.iter().filter(|c| **c == operation).count()
+        }
+    }
+
+    fn error(operation: &'static str, code: &str) -> AwsError {
+        AwsError {
+            operation,
+            code: code.into(),
+            message: format!("scripted {code}"),
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl IamApi for FakeAws {
+        async fn get_policy(&self, _: &str) -> AwsResult<Option<PolicyInfo>> {
+            self.record("GetPolicy");
+            Ok(None)
+        }
+        async fn create_policy(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            tags: &BTreeMap<String, String>,
+        ) -> AwsResult<PolicyInfo> {
+            self.record("CreatePolicy");
+            let next = self.create_failures.lock().expect("script").pop_front();
+            match next {
+                Some(code) => Err(error("CreatePolicy", code)),
+                None => Ok(PolicyInfo {
+                    arn: "arn".into(),
+                    default_version: "v1".into(),
+                    tags: tags.clone(),
+                }),
+            }
+        }
+        async fn get_policy_document(&self, _: &str, _: &str) -> AwsResult<String> {
+            self.record("GetPolicyVersion");
+            Ok(String::new())
+        }
+        async fn list_policy_versions(&self, _: &str) -> AwsResult<Vec<PolicyVersion>> {
+            self.record("ListPolicyVersions");
+            Ok(Vec::new())
+        }
+        async fn create_policy_version(&self, _: &str, _: &str) -> AwsResult<String> {
+            self.record("CreatePolicyVersion");
+            Ok("v2".into())
+        }
+        async fn delete_policy_version(&self, _: &str, _: &str) -> AwsResult<()> {
+            self.record("DeletePolicyVersion");
+            Ok(())
+        }
+        async fn list_attachments(&self, _: &str) -> AwsResult<Vec<Principal>> {
+            self.record("ListEntitiesForPolicy");
+            Ok(Vec::new())
+        }
+        async fn attach(&self, _: &str, _: &Principal) -> AwsResult<()> {
+            self.record("AttachPolicy");
+            Ok(())
+        }
+        async fn detach(&self, _: &str, _: &Principal) -> AwsResult<()> {
+            self.record("DetachPolicy");
+            Ok(())
+        }
+        async fn delete_policy(&self, _: &str) -> AwsResult<()> {
+            self.record("DeletePolicy");
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl SsmApi for FakeAws {
+        async fn get_document(&self, _: &str) -> AwsResult<Option<DocumentInfo>> {
+            self.record("GetDocument");
+            Ok(None)
+        }
+        async fn list_documents_tagged(&self, _: &str, _: &str) -> AwsResult<Vec<String>> {
+            self.record("ListDocuments");
+            Ok(Vec::new())
+        }
+        async fn create_document(
+            &self,
+            _: &str,
+            _: &str,
+            _: &BTreeMap<String, String>,
+        ) -> AwsResult<()> {
+            self.record("CreateDocument");
+            Ok(())
+        }
+        async fn update_document(&self, _: &str, _: &str) -> AwsResult<String> {
+            self.record("UpdateDocument");
+            Ok("2".into())
+        }
+        async fn delete_document(&self, _: &str) -> AwsResult<()> {
+            self.record("DeleteDocument");
+            Ok(())
+        }
+        async fn get_document_version(&self, _: &str, _: &str) -> AwsResult<Option<String>> {
+            self.record("GetDocument");
+            Ok(None)
+        }
+        async fn latest_document_version(&self, _: &str) -> AwsResult<Option<String>> {
+            self.record("DescribeDocument");
+            Ok(None)
+        }
+        async fn set_default_document_version(&self, _: &str, _: &str) -> AwsResult<()> {
+            self.record("UpdateDocumentDefaultVersion");
+            Ok(())
+        }
+        async fn describe_instances(
+            &self,
+            _: &[String],
+            _: &BTreeMap<String, String>,
+        ) -> AwsResult<Vec<InstanceInfo>> {
+            self.record("DescribeInstanceInformation");
+            Ok(Vec::new())
+        }
+        async fn active_sessions(&self, _: &str) -> AwsResult<Vec<String>> {
+            self.record("DescribeSessions");
+            Ok(Vec::new())
+        }
+        async fn terminate_session(&self, _: &str) -> AwsResult<()> {
+            self.record("TerminateSession");
+            Ok(())
+        }
+    }
+
+    /// A context whose Kubernetes client points at a closed loopback port: Events fail (and
+    /// are ignored); nothing else here talks to Kubernetes.
+    fn context(aws: Arc<FakeAws>) -> Context {
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("uri"));
+        let client = Client::try_from(config).expect("client");
+        let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
+        Context::new(
+            client,
+            aws.clone(),
+            aws,
+            Settings {
+                account: Some("123456789012".into()),
+                ..Settings::default()
+            },
+            "123456789012".into(),
+            metrics,
+            Duration::from_secs(300),
+            "test",
+        )
+    }
+
+    fn grant() -> SessionAccess {
+        serde_json::from_value(json!({
+            "apiVersion": "fleetaccess.io/v1alpha1",
+            "kind": "SessionAccess",
+            "metadata": {"name": "web", "namespace": "ops"},
+            "spec": {
+                "principals": {"users": ["alice"]},
+                "targets": {"instanceIds": ["i-0123456789abcdef0"]},
+                "sessions": {"ssh": true},
+            },
+        }))
+        .expect("grant")
+    }
+
+    async fn sync_grant(ctx: &Context) -> Result<Vec<PolicyStatus>> {
+        let grant = grant();
+        let desired = desired::compute(&grant, &ctx.settings).expect("desired");
+        let (policies, documents) = wanted(&desired, ctx);
+        let known = known_policy_arns(&grant, Some(&desired), ctx);
+        sync(
+            &grant,
+            &grant_id(&grant),
+            &policies,
+            &known,
+            &documents,
+            ctx,
+        )
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_iam_is_retried_with_doubling_pauses_until_it_answers() {
+        let aws = FakeAws::failing(&[
+            "Throttling",
+            "ConcurrentModification",
+            "EntityTemporarilyUnmodifiable",
+            "ServiceFailure",
+        ]);
+        let ctx = context(aws.clone());
+        let started = tokio::time::Instant::now();
+        let synced = sync_grant(&ctx).await.expect("synced after retries");
+        assert_eq!(synced.len(), 1);
+        assert_eq!(aws.count("CreatePolicy"), 5, "four failures, then success");
+        assert_eq!(aws.count("AttachPolicy"), 1);
+        // 100 + 200 + 400 + 800 ms of backoff (paused clock: exact).
+        assert!(started.elapsed() >= Duration::from_millis(1500));
+        assert!(started.elapsed() < Duration::from_millis(1600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_iam_that_stays_busy_goes_to_the_error_policy_with_growing_pauses() {
+        let aws = FakeAws::failing(&["ConcurrentModification"; 10]);
+        let ctx = Arc::new(context(aws.clone()));
+        let error = sync_grant(&ctx).await.expect_err("still busy");
+        assert_eq!(aws.count("CreatePolicy"), 5, "five attempts per reconcile");
+        assert!(error.is_retryable());
+        assert_eq!(error.metric_label(), "aws_retryable");
+        let outcome = sync_failure(&error);
+        assert_eq!(outcome.reason, "ConcurrentModification");
+        assert!(outcome.message.contains("retries with backoff"));
+        let next = next_action(
+            Some((true, error)),
+            None,
+            Timestamp::now(),
+            Duration::from_secs(300),
+        );
+        let error = next.expect_err("a retryable failure goes to the error policy");
+
+        let grant = Arc::new(grant());
+        let pauses: Vec<Action> = (0..8)
+            .map(|_| error_policy(grant.clone(), &error, ctx.clone()))
+            .collect();
+        let expected: Vec<Action> = [5, 10, 20, 40, 80, 160, 300, 300]
+            .into_iter()
+            .map(|s| Action::requeue(Duration::from_secs(s)))
+            .collect();
+        assert_eq!(pauses, expected);
+        // A success resets the backoff.
+        ctx.forget_failures(&failure_key("SessionAccess", &grant_id(&grant)));
+        assert_eq!(
+            error_policy(grant, &error, ctx),
+            Action::requeue(Duration::from_secs(5))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn terminal_errors_are_not_retried_and_wait_for_the_resync() {
+        for (code, reason, label, advice) in [
+            ("LimitExceeded", "LimitExceeded", "aws_quota", "quota"),
+            (
+                "MalformedPolicyDocument",
+                "MalformedPolicyDocument",
+                "aws_invalid_document",
+                "rejected the rendered policy",
+            ),
+        ] {
+            let aws = FakeAws::failing(&[code]);
+            let ctx = context(aws.clone());
+            let error = sync_grant(&ctx).await.expect_err("terminal");
+            assert_eq!(aws.count("CreatePolicy"), 1, "{code} is not retried");
+            assert_eq!(aws.count("AttachPolicy"), 0);
+            assert!(!error.is_retryable());
+            assert_eq!(error.metric_label(), label);
+            let outcome = sync_failure(&error);
+            assert!(!outcome.ok);
+            assert_eq!(outcome.reason, reason);
+            assert!(outcome.message.contains(advice), "{}", outcome.message);
+            let next = next_action(
+                Some((false, error)),
+                None,
+                Timestamp::now(),
+                Duration::from_secs(300),
+            );
+            assert_eq!(
+                next.expect("a terminal failure is reported in the status"),
+                Action::requeue(Duration::from_secs(300)),
+                "no hot loop: the next try is the resync"
+            );
+        }
+    }
+
+    #[test]
+    fn the_requeue_comes_early_for_an_expiry() {
+        let now = Timestamp::now();
+        let soon = now + k8s_openapi::jiff::SignedDuration::from_secs(10);
+        assert_eq!(
+            next_action(None, Some(soon), now, Duration::from_secs(300)).expect("ok"),
+            Action::requeue(Duration::from_secs(11))
+        );
+    }
+
+    #[test]
+    fn retry_pauses_double_up_to_five_minutes() {
+        assert_eq!(retry_pause(1), Duration::from_secs(5));
+        assert_eq!(retry_pause(2), Duration::from_secs(10));
+        assert_eq!(retry_pause(7), Duration::from_secs(300));
+        assert_eq!(retry_pause(u32::MAX), Duration::from_secs(300));
+    }
 }
