@@ -1,0 +1,542 @@
+//! The monitoring in `deploy/monitoring/`: the alert rules pass `promtool check rules` and their
+//! unit tests (`promtool test rules`, one test per alert), the PrometheusRule carries exactly the
+//! plain rule file's groups, and every metric name the rules and the Grafana dashboard use is one
+//! the binaries really export.
+//!
+//! The exported names come from live scrapes, not from the source: `agent-bridge demo` (its
+//! emulated fleet, on loopback) and `fleet-access-operator run` against the test kube-apiserver.
+//! Families that only appear after an event are caused, not whitelisted: the test carries a
+//! session through the demo's endpoint (sessions started/ended, bytes, durations), fills one
+//! instance's session limit so that a connection is refused, and gives the operator a grant whose
+//! AWS endpoints refuse connections, so it reconciles, fails, counts AWS calls and errors, and
+//! sets the grant gauge. Nothing reaches AWS: every endpoint is on 127.0.0.1.
+
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use fleet_access_crds::SessionAccess;
+use fleet_access_tests::{ControlPlane, free_loopback_port};
+use kube::{Api, api::PostParams};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+};
+
+const PROMTOOL: &str = "/usr/bin/promtool";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn monitoring() -> PathBuf {
+    root().join("deploy/monitoring")
+}
+
+fn yaml_file(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let value: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    serde_json::to_value(value).unwrap()
+}
+
+fn promtool(args: &[&str]) -> String {
+    let output = Command::new(PROMTOOL)
+        .args(args)
+        .current_dir(monitoring().join("rules"))
+        .output()
+        .unwrap_or_else(|e| panic!("{PROMTOOL} (tests/env/install-packages.sh): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+#[test]
+fn rules_pass_promtool_check_and_their_unit_tests() {
+    let checked = promtool(&["check", "rules", "fleet-access.rules.yml"]);
+    assert!(checked.contains("SUCCESS"), "{checked}");
+    let tested = promtool(&["test", "rules", "fleet-access.test.yml"]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+}
+
+fn alerts(rules: &Value) -> Vec<(String, String)> {
+    rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|r| {
+            (
+                r["alert"].as_str().unwrap().to_owned(),
+                r["expr"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() {
+    let rules = yaml_file(&monitoring().join("rules/fleet-access.rules.yml"));
+    let tests = yaml_file(&monitoring().join("rules/fleet-access.test.yml"));
+    let cases: Vec<&Value> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().unwrap())
+        .collect();
+    let alerts = alerts(&rules);
+    assert!(alerts.len() >= 6, "{alerts:?}");
+    for (alert, _) in &alerts {
+        let of_alert = || cases.iter().filter(|c| c["alertname"] == alert.as_str());
+        assert!(
+            of_alert().any(|c| !c["exp_alerts"].as_array().unwrap().is_empty()),
+            "{alert}: a test where it fires"
+        );
+        assert!(
+            of_alert().any(|c| c["exp_alerts"].as_array().unwrap().is_empty()),
+            "{alert}: a test where it stays silent"
+        );
+    }
+    // The alerts the deployment promises.
+    for expected in [
+        "FleetAccessSessionFailureRate",
+        "FleetAccessSessionSetupSlow",
+        "FleetAccessReconcileErrors",
+        "FleetAccessGrantsNotReady",
+        "FleetAccessBridgeWithoutEndpoints",
+    ] {
+        assert!(alerts.iter().any(|(a, _)| a == expected), "{expected}");
+    }
+}
+
+#[test]
+fn the_prometheus_rule_carries_the_plain_rule_file() {
+    let rules = yaml_file(&monitoring().join("rules/fleet-access.rules.yml"));
+    let object = yaml_file(&monitoring().join("prometheusrule.yaml"));
+    assert_eq!(object["kind"], "PrometheusRule");
+    assert_eq!(
+        object["spec"]["groups"], rules["groups"],
+        "deploy/monitoring/prometheusrule.yaml and rules/fleet-access.rules.yml differ"
+    );
+}
+
+// === metric names used ===
+
+/// PromQL words that are not metric names: binary operators and modifiers, and the
+/// aggregation operators, which may be followed by `by (...)` rather than by `(`.
+const KEYWORDS: &[&str] = &[
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "inf",
+    "nan",
+    "Inf",
+    "NaN",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "limitk",
+    "limit_ratio",
+];
+
+/// Clauses whose parenthesised list holds label names.
+const LABEL_CLAUSES: &[&str] = &[
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
+
+/// Drops `open ... close` groups (matchers, ranges) and string literals.
+fn strip(expr: &str) -> String {
+    let mut out = String::new();
+    let mut chars = expr.chars().peekable();
+    let mut depth_brace = 0;
+    let mut depth_bracket = 0;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' | '`' => {
+                while let Some(d) = chars.next() {
+                    if d == '\\' {
+                        chars.next();
+                    } else if d == c {
+                        break;
+                    }
+                }
+            }
+            '{' => depth_brace += 1,
+            '}' => depth_brace -= 1,
+            '[' => depth_bracket += 1,
+            ']' => depth_bracket -= 1,
+            _ if depth_brace > 0 || depth_bracket > 0 => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The metric names a PromQL expression reads.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let text = strip(expr);
+    let chars: Vec<char> = text.chars().collect();
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    let is_start = |c: char| c.is_ascii_alphabetic() || c == '_' || c == ':';
+    let is_part = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    while i < chars.len() {
+        let c = chars[i];
+        // Numbers and durations (0.99, 5m, 1e3) are not names.
+        if c.is_ascii_digit() || c == '.' {
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
+                i += 1;
+            }
+            continue;
+        }
+        if !is_start(c) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < chars.len() && is_part(chars[i]) {
+            i += 1;
+        }
+        let word: String = chars[start..i].iter().collect();
+        let mut next = i;
+        while next < chars.len() && chars[next].is_whitespace() {
+            next += 1;
+        }
+        let followed_by_paren = chars.get(next) == Some(&'(');
+        if LABEL_CLAUSES.contains(&word.as_str()) && followed_by_paren {
+            // Skip the label list.
+            let mut depth = 0;
+            i = next;
+            while i < chars.len() {
+                match chars[i] {
+                    '(' => depth += 1,
+                    ')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            i += 1;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            continue;
+        }
+        if followed_by_paren || KEYWORDS.contains(&word.as_str()) {
+            continue; // a function or an operator
+        }
+        names.insert(word);
+    }
+    names
+}
+
+#[test]
+fn the_extractor_finds_metric_names_only() {
+    let names = metric_names(
+        r#"histogram_quantile(0.99, sum by (namespace, le) (rate(a_bucket{phase="total", x=~"a|b"}[10m]))) > 5
+           and on (namespace) (max by (pod) (b) == 0) / ignoring(x) c offset 5m unless d[5m:1m]"#,
+    );
+    assert_eq!(
+        names,
+        ["a_bucket", "b", "c", "d"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    );
+}
+
+fn names_in_rules() -> BTreeSet<String> {
+    let rules = yaml_file(&monitoring().join("rules/fleet-access.rules.yml"));
+    alerts(&rules)
+        .iter()
+        .flat_map(|(_, expr)| metric_names(expr))
+        .collect()
+}
+
+fn names_in_dashboard() -> BTreeSet<String> {
+    let text = std::fs::read_to_string(monitoring().join("grafana-dashboard.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let mut names = BTreeSet::new();
+    let mut exprs = 0;
+    let mut panels: Vec<&Value> = dashboard["panels"].as_array().unwrap().iter().collect();
+    while let Some(panel) = panels.pop() {
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            names.extend(metric_names(target["expr"].as_str().unwrap()));
+            exprs += 1;
+        }
+    }
+    // Template variables: label_values(<metric>, <label>).
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(definition) = variable["definition"].as_str()
+            && let Some(args) = definition.strip_prefix("label_values(")
+        {
+            names.extend(metric_names(args.split(',').next().unwrap()));
+        }
+    }
+    assert!(exprs >= 15, "the dashboard's queries");
+    names
+}
+
+// === live scrapes ===
+
+/// A workspace binary of another package, built when needed.
+fn binary(package: &str, name: &str) -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package, "--bin", name])
+        .current_dir(root())
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build {package}");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), PathBuf::from)
+        .join("debug")
+        .join(name)
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    Some(response)
+}
+
+/// Series names in a scrape (`name{...} value` and `name value` lines).
+fn exported(scrape: &str) -> BTreeSet<String> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Scrapes `port` until every name of `wanted` is exported, or fails listing what is missing.
+async fn scrape_until(port: u16, wanted: &BTreeSet<String>, what: &str) -> BTreeSet<String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let names = http_get(port, "/metrics")
+            .await
+            .map(|r| exported(&r))
+            .unwrap_or_default();
+        let missing: Vec<&String> = wanted.difference(&names).collect();
+        if missing.is_empty() {
+            return names;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} does not export {missing:?} (exported: {names:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Runs `agent-bridge demo`, carries a session and causes a refusal; returns what it exports.
+async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<String> {
+    let admin = free_loopback_port().unwrap();
+    let mut demo = tokio::process::Command::new(program)
+        .args([
+            "demo",
+            "--seconds",
+            "240",
+            "--port-base",
+            "0",
+            "--admin-port",
+            &admin.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("agent-bridge demo starts");
+    // "  i-0123456789abcdef0:22 -> 127.0.0.1:<port>"
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut endpoints = Vec::new();
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the demo prints its endpoints")
+        .unwrap()
+    {
+        if let Some((_, port)) = line.trim().split_once(":22 -> 127.0.0.1:") {
+            endpoints.push(port.parse::<u16>().unwrap());
+        }
+        if line.starts_with("Running until") {
+            break;
+        }
+    }
+    assert_eq!(endpoints.len(), 2, "two demo endpoints");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    // One session: bytes both ways (the instance leads to an sshd, which speaks first, or to an
+    // echo service), then the client closes.
+    let mut session = TcpStream::connect(("127.0.0.1", endpoints[0]))
+        .await
+        .unwrap();
+    session.write_all(b"SSH-2.0-probe\r\n").await.unwrap();
+    let mut buffer = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(30), session.read(&mut buffer))
+        .await
+        .expect("bytes from the instance")
+        .unwrap();
+    assert!(n > 0);
+    drop(session);
+
+    // The demo admits 20 sessions per instance: the 21st connection is refused.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(
+            TcpStream::connect(("127.0.0.1", endpoints[1]))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut refused = TcpStream::connect(("127.0.0.1", endpoints[1]))
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), refused.read_to_end(&mut answer)).await;
+
+    let wanted: BTreeSet<String> = wanted
+        .iter()
+        .filter(|n| n.starts_with("agent_bridge_"))
+        .cloned()
+        .collect();
+    let names = scrape_until(admin, &wanted, "agent-bridge").await;
+    drop(held);
+    let _ = demo.kill().await;
+    names
+}
+
+/// Runs the operator against the test API server with a grant and AWS endpoints that refuse
+/// connections; returns what it exports.
+async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<String> {
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    control_plane
+        .apply_yaml(&fleet_access_crds::crds_yaml(), None)
+        .await
+        .expect("CRDs");
+    control_plane
+        .wait_for_crd_established("sessionaccesses.fleetaccess.io", Duration::from_secs(30))
+        .await
+        .expect("established");
+    let namespace = control_plane.namespace("deploy-mon").await.expect("ns");
+    let ns = namespace.name().to_owned();
+    let grant: SessionAccess = serde_json::from_value(json!({
+        "apiVersion": "fleetaccess.io/v1alpha1",
+        "kind": "SessionAccess",
+        "metadata": {"name": "metrics", "namespace": ns},
+        "spec": {
+            "principals": {"users": ["alice"]},
+            "targets": {"instanceIds": ["i-0123456789abcdef0"]},
+            "sessions": {"ssh": true},
+        },
+    }))
+    .unwrap();
+    let grants: Api<SessionAccess> = namespace.api();
+    grants.create(&PostParams::default(), &grant).await.unwrap();
+
+    // Nothing listens here: every AWS call fails fast, on loopback.
+    let dead = format!("http://127.0.0.1:{}", free_loopback_port().unwrap());
+    let admin = free_loopback_port().unwrap();
+    let mut operator = tokio::process::Command::new(program)
+        .args([
+            "run",
+            "--account",
+            "123456789012",
+            "--region",
+            "us-east-1",
+            "--admin-address",
+            &format!("127.0.0.1:{admin}"),
+            "--watch-namespace",
+            &ns,
+            "--bridge-namespace",
+            &ns,
+        ])
+        .env("KUBECONFIG", control_plane.kubeconfig_path())
+        .env("AWS_ENDPOINT_URL_IAM", &dead)
+        .env("AWS_ENDPOINT_URL_SSM", &dead)
+        .env("AWS_ENDPOINT_URL_STS", &dead)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the operator starts");
+    let wanted: BTreeSet<String> = wanted
+        .iter()
+        .filter(|n| n.starts_with("fleet_access_operator_"))
+        .cloned()
+        .collect();
+    let names = scrape_until(admin, &wanted, "fleet-access-operator").await;
+    let _ = operator.kill().await;
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_rules_and_the_dashboard_use_is_exported() {
+    let rules = names_in_rules();
+    let dashboard = names_in_dashboard();
+    let used: BTreeSet<String> = rules.union(&dashboard).cloned().collect();
+    assert!(
+        rules.contains("agent_bridge_sessions_ended_total"),
+        "{rules:?}"
+    );
+    assert!(
+        rules.contains("fleet_access_operator_reconcile_errors_total"),
+        "{rules:?}"
+    );
+    assert!(
+        used.iter()
+            .all(|n| n.starts_with("agent_bridge_") || n.starts_with("fleet_access_operator_")),
+        "only the binaries' own metrics: {used:?}"
+    );
+    let bridge_program = binary("fleet-access-agent-bridge", "agent-bridge");
+    let operator_program = binary("fleet-access-operator", "fleet-access-operator");
+    let bridge = bridge_exports(&bridge_program, &used).await;
+    let operator = operator_exports(&operator_program, &used).await;
+    let exported: BTreeSet<String> = bridge.union(&operator).cloned().collect();
+    let missing: Vec<&String> = used.difference(&exported).collect();
+    assert!(missing.is_empty(), "used but not exported: {missing:?}");
+}
