@@ -406,6 +406,22 @@ fn rbac_is_least_privilege() {
         namespaced.to_string().contains("coordination.k8s.io"),
         "leader election Lease"
     );
+    // The controller watches the endpoint Services and NetworkPolicies it owns, in the bridge
+    // namespace only (operator/src/reconcile.rs).
+    for resource in ["services", "networkpolicies"] {
+        let rule = namespaced["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resources"][0] == resource)
+            .unwrap();
+        for verb in ["list", "watch", "patch", "delete"] {
+            assert!(
+                rule["verbs"].as_array().unwrap().iter().any(|v| v == verb),
+                "{resource}: {verb}"
+            );
+        }
+    }
 }
 
 #[test]
