@@ -41,6 +41,12 @@ fmt:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+## Benchmarks (not tests: nothing asserts a time): release builds of what they run, then
+## BENCHMARKS.md. The official plugin comes from `make setup`. BENCH_ARGS=--quick for a short run.
+bench:
+	$(CARGO) build --release -p fleet-access-agent-bridge -p fleet-access-ssm-emulator -p fleet-access-bench
+	ulimit -n $$(ulimit -Hn); $${CARGO_TARGET_DIR:-target}/release/fleet-access-bench run --perf --out BENCHMARKS.md $(BENCH_ARGS)
+
 ## Regenerate deploy/crds/ from the API types.
 generate:
 	$(CARGO) run -q -p fleet-access-crds --bin crdgen > deploy/crds/fleet-access.yaml

@@ -1,0 +1,222 @@
+//! The processes the benchmarks start: the target behind the emulated instance (in the harness),
+//! a raw TCP relay (the upper limit), and the bridge's serve path without Kubernetes.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use fleet_access_agent_bridge::{
+    admin::{self, Readiness},
+    cli::{AwsArgs, load_aws},
+    driver::DriverConfig,
+    listener::{Endpoint, Limits, Listeners},
+    metrics::Metrics,
+    ssm::SdkControlPlane,
+    tunnel::SessionContext,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::sync::CancellationToken;
+
+/// The longest any role process lives, whatever happens to the harness.
+const ROLE_LIFETIME: Duration = Duration::from_secs(3600);
+/// The byte the target sends first on every connection, like an sshd banner.
+pub const BANNER: u8 = b'@';
+/// Command: the client uploads; the target counts.
+pub const UPLOAD: u8 = b'U';
+/// Command: the target sends until the client closes.
+pub const DOWNLOAD: u8 = b'D';
+/// Chunk the target and clients move at a time.
+pub const CHUNK: usize = 64 * 1024;
+
+// === impl Target ===
+
+/// The service behind the emulated instance: a banner, then upload sink or download source.
+#[derive(Clone)]
+pub struct Target {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Bytes uploaded to it so far (all connections).
+    pub uploaded: Arc<AtomicU64>,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicU64>,
+}
+
+impl Target {
+    /// Starts it on a free loopback port.
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let target = Self {
+            addr: listener.local_addr()?,
+            uploaded: Arc::default(),
+            accepted: Arc::default(),
+        };
+        let shared = target.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                shared.accepted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(serve_target(stream, shared.uploaded.clone()));
+            }
+        });
+        Ok(target)
+    }
+
+    /// Bytes uploaded so far.
+    pub fn uploaded(&self) -> u64 {
+        self.uploaded.load(Ordering::Relaxed)
+    }
+}
+
+async fn serve_target(mut stream: TcpStream, uploaded: Arc<AtomicU64>) {
+    let _ = stream.set_nodelay(true);
+    if stream.write_all(&[BANNER]).await.is_err() {
+        return;
+    }
+    let mut command = [0u8; 1];
+    if stream.read_exact(&mut command).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; CHUNK];
+    match command[0] {
+        UPLOAD => {
+            // Bounded by the client: it closes after its window.
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                uploaded.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        DOWNLOAD => {
+            let started = tokio::time::Instant::now();
+            while started.elapsed() < ROLE_LIFETIME {
+                if stream.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+// === relay ===
+
+/// `relay LISTEN_PORT TO`: copies every connection to `TO`; prints `relay PORT` when listening;
+/// ends when standard input closes.
+pub async fn relay_main(args: &[String]) -> anyhow::Result<()> {
+    let port: u16 = args.first().context("relay LISTEN_PORT TO")?.parse()?;
+    let to: SocketAddr = args.get(1).context("relay LISTEN_PORT TO")?.parse()?;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+    println!("relay {}", listener.local_addr()?.port());
+    let accept = async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut outbound) = TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        () = until_stdin_closes() => {}
+    }
+    Ok(())
+}
+
+/// Resolves when standard input reaches EOF (the harness went away) or after [`ROLE_LIFETIME`].
+async fn until_stdin_closes() {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    let _ = tokio::time::timeout(ROLE_LIFETIME, async {
+        while let Ok(n) = stdin.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+// === serve-listeners ===
+
+/// `serve-listeners SSM_ENDPOINT DOCUMENT PORT`: the bridge's serve path (endpoint listener,
+/// admission, one session per connection, metrics) as `agent-bridge serve` runs it for one
+/// endpoint, minus the Kubernetes watch that only decides which endpoints exist. Prints
+/// `ready listen=PORT admin=PORT`; ends when standard input closes.
+pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
+    let usage = "serve-listeners SSM_ENDPOINT DOCUMENT PORT";
+    let endpoint_url = args.first().context(usage)?.clone();
+    let document = args.get(1).context(usage)?.clone();
+    let port: u16 = args.get(2).context(usage)?.parse()?;
+    let sdk = load_aws(&AwsArgs {
+        region: Some(crate::support::REGION.into()),
+        ssm_endpoint: Some(endpoint_url),
+    })
+    .await;
+    let registry = prometheus::Registry::new();
+    let context = Arc::new(SessionContext {
+        control: Arc::new(SdkControlPlane::new(&sdk)),
+        signer: None,
+        driver: DriverConfig {
+            end_on_local_eof: true,
+            ..DriverConfig::default()
+        },
+        metrics: Metrics::register(&registry)?,
+        idle_timeout: Some(Duration::from_secs(1200)),
+        max_duration: None,
+    });
+    let mut listeners = Listeners::new(
+        context,
+        Limits {
+            total: 5000,
+            per_instance: 5000,
+        },
+        Ipv4Addr::LOCALHOST.into(),
+    );
+    // A free port, released for the listener to take (nothing else binds here meanwhile).
+    let listen_port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await?
+        .local_addr()?
+        .port();
+    let endpoint = Endpoint {
+        instance_id: crate::support::INSTANCE.into(),
+        port,
+        listen_port,
+        document,
+        port_parameter: Some(port),
+    };
+    let desired = BTreeMap::from([((endpoint.instance_id.clone(), port), endpoint)]);
+    if let Some((_, error)) = listeners.apply(&desired).await.into_iter().next() {
+        anyhow::bail!("cannot listen: {error}");
+    }
+    let admin_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let admin_port = admin_listener.local_addr()?.port();
+    let readiness = Readiness::default();
+    readiness.set(true);
+    let stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        registry,
+        readiness,
+        stop.clone(),
+    ));
+    println!("ready listen={listen_port} admin={admin_port}");
+    until_stdin_closes().await;
+    listeners.shutdown(Duration::from_secs(1)).await;
+    stop.cancel();
+    let _ = admin_task.await;
+    Ok(())
+}

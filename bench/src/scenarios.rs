@@ -1,0 +1,881 @@
+//! The benchmarks: throughput per session, session setup, scale. Each starts its own emulator
+//! and clients, measures side by side (runs interleaved across clients), and stops them.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    process::Child,
+    time::Instant,
+};
+
+use crate::{
+    report::{Report, Scale, Setup, SetupRow, Throughput},
+    roles::{BANNER, CHUNK, DOWNLOAD, Target, UPLOAD},
+    support::{
+        Emulator, Mode, Spread, Workspace, command, cpu_seconds, drain, http_get, quantile,
+        rss_kib, wait_for_line,
+    },
+};
+
+/// How long a connection may take to show the target's banner.
+const BANNER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most time spent waiting for in-flight upload bytes to land after a run.
+const QUIESCE_LIMIT: Duration = Duration::from_secs(20);
+
+/// Options of `run`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Runs per figure (median, min, max over them).
+    pub runs: usize,
+    /// Measuring window per run.
+    pub window: Duration,
+    /// Sessions for the setup latency.
+    pub setup_sessions: usize,
+    /// Idle tunnels for the scale figure.
+    pub idle_tunnels: usize,
+    /// Active tunnels for the scale figure.
+    pub active_tunnels: usize,
+    /// Official plugin processes sampled for memory.
+    pub plugin_sample: usize,
+    /// Where the report goes.
+    pub out: std::path::PathBuf,
+    /// Which parts run.
+    pub parts: Vec<String>,
+    /// Profile `agent-bridge forward` with perf during the first fast-mode run of each direction.
+    pub perf: bool,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut options = Self {
+            runs: 3,
+            window: Duration::from_secs(3),
+            setup_sessions: 200,
+            idle_tunnels: 1000,
+            active_tunnels: 100,
+            plugin_sample: 10,
+            out: "BENCHMARKS.md".into(),
+            parts: vec!["throughput".into(), "setup".into(), "scale".into()],
+            perf: false,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            match arg.as_str() {
+                "--quick" => {
+                    options.runs = 1;
+                    options.window = Duration::from_secs(1);
+                    options.setup_sessions = 20;
+                    options.idle_tunnels = 50;
+                    options.active_tunnels = 10;
+                    options.plugin_sample = 2;
+                }
+                "--perf" => options.perf = true,
+                "--out" => options.out = it.next().context("--out FILE")?.into(),
+                "--runs" => options.runs = it.next().context("--runs N")?.parse()?,
+                "--only" => {
+                    options.parts = it
+                        .next()
+                        .context("--only throughput,setup,scale")?
+                        .split(',')
+                        .map(str::to_owned)
+                        .collect();
+                }
+                other => bail!("unknown option {other}"),
+            }
+        }
+        options.runs = options.runs.clamp(1, 50);
+        Ok(options)
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
+    }
+}
+
+/// `run`: every benchmark, then BENCHMARKS.md.
+pub async fn run(args: &[String]) -> anyhow::Result<()> {
+    let options = Options::parse(args)?;
+    let ws = Workspace::discover()?;
+    eprintln!("bench: logs in {}", ws.scratch.display());
+    let mut report = Report::new(&ws, &options, args);
+    let target = Target::start().await?;
+    if options.wants("throughput") {
+        for mode in [Mode::Realistic, Mode::Fast] {
+            match throughput(&ws, &options, &target, mode).await {
+                Ok((figures, profiles)) => {
+                    report.throughput.extend(figures);
+                    report.profiles.extend(profiles);
+                }
+                Err(error) => report
+                    .missing
+                    .push(format!("throughput ({}): {error:#}", mode.name())),
+            }
+        }
+    }
+    if options.wants("setup") {
+        match setup(&ws, &options, &target).await {
+            Ok(setup) => report.setup = Some(setup),
+            Err(error) => report.missing.push(format!("setup: {error:#}")),
+        }
+    }
+    if options.wants("scale") {
+        match scale(&ws, &options, &target).await {
+            Ok(scale) => report.scale = Some(scale),
+            Err(error) => report.missing.push(format!("scale: {error:#}")),
+        }
+    }
+    let text = report.render();
+    std::fs::write(&options.out, &text)
+        .with_context(|| format!("writing {}", options.out.display()))?;
+    println!("{text}");
+    eprintln!("bench: wrote {}", options.out.display());
+    Ok(())
+}
+
+// === impl Client ===
+
+/// The clients compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientKind {
+    /// `agent-bridge forward`: one mux session, a smux stream per connection.
+    Forward,
+    /// The serve path: one basic (AWS-StartSSHSession) session per connection.
+    Serve,
+    /// The official session-manager-plugin, port forwarding, as the AWS CLI starts it.
+    Plugin,
+    /// Two chained raw TCP relays (stand-ins for the bridge and the emulator): the upper limit.
+    RawRelay,
+}
+
+impl ClientKind {
+    /// The name in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientKind::Forward => "agent-bridge forward",
+            ClientKind::Serve => "agent-bridge serve path",
+            ClientKind::Plugin => "session-manager-plugin",
+            ClientKind::RawRelay => "raw TCP relay x2",
+        }
+    }
+}
+
+/// A started client: where to connect, and its processes (killed on drop).
+pub struct Client {
+    /// Which client.
+    pub kind: ClientKind,
+    /// Its local listener.
+    pub addr: SocketAddr,
+    /// The process doing the work (for RSS and CPU).
+    pub pid: u32,
+    /// The serve path's admin address (/metrics).
+    pub admin: Option<SocketAddr>,
+    children: Vec<Child>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+impl Client {
+    /// Starts one client of `kind` leading to the emulator's instance (the relay: to `target`).
+    pub async fn start(
+        kind: ClientKind,
+        ws: &Workspace,
+        emulator: &Emulator,
+        target: SocketAddr,
+        tag: &str,
+    ) -> anyhow::Result<Self> {
+        let log = format!("{}-{tag}", kind.name().replace(' ', "-"));
+        match kind {
+            ClientKind::Forward => {
+                let port = free_port()?;
+                let mut cmd = command(&ws.bin("agent-bridge"), ws, &log)?;
+                cmd.args([
+                    "forward",
+                    "--region",
+                    crate::support::REGION,
+                    "--ssm-endpoint",
+                    &emulator.url,
+                    crate::support::INSTANCE,
+                    "--remote-port",
+                    "9000",
+                    "--local",
+                    &loopback(port).to_string(),
+                ]);
+                let child = cmd.spawn().context("starting agent-bridge forward")?;
+                let pid = child.id().context("pid")?;
+                wait_for_log(&ws.scratch.join(format!("{log}.stderr")), "forwarding").await?;
+                Ok(Self {
+                    kind,
+                    addr: loopback(port),
+                    pid,
+                    admin: None,
+                    children: vec![child],
+                })
+            }
+            ClientKind::Serve => {
+                let mut cmd = command(&ws.bin("fleet-access-bench"), ws, &log)?;
+                cmd.args([
+                    "serve-listeners",
+                    &emulator.url,
+                    "AWS-StartSSHSession",
+                    "22",
+                ]);
+                let mut child = cmd.spawn().context("starting serve-listeners")?;
+                let pid = child.id().context("pid")?;
+                let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+                let line = wait_for_line(&mut stdout, "ready").await?;
+                drain(stdout);
+                let field = |name: &str| -> anyhow::Result<u16> {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name))
+                        .context("ready line")?
+                        .parse()
+                        .context("port")
+                };
+                Ok(Self {
+                    kind,
+                    addr: loopback(field("listen=")?),
+                    pid,
+                    admin: Some(loopback(field("admin=")?)),
+                    children: vec![child],
+                })
+            }
+            ClientKind::Plugin => {
+                let plugin = ws.plugin.clone().context(
+                    "session-manager-plugin not built (make setup builds it into ~/.cache/fleet-access)",
+                )?;
+                let port = free_port()?;
+                let document = "AWS-StartPortForwardingSession";
+                let parameters = serde_json::json!({
+                    "portNumber": ["9000"],
+                    "localPortNumber": [port.to_string()],
+                });
+                let mut response = emulator.start_session(document, parameters.clone()).await?;
+                response["ResponseMetadata"] = serde_json::json!({"HTTPStatusCode": 200});
+                let request = serde_json::json!({
+                    "Target": crate::support::INSTANCE,
+                    "DocumentName": document,
+                    "Parameters": parameters,
+                });
+                let mut cmd = command(&plugin, ws, &log)?;
+                // The AWS CLI's argv: response, Region, operation, profile, request, endpoint.
+                cmd.args([
+                    response.to_string(),
+                    crate::support::REGION.to_owned(),
+                    "StartSession".to_owned(),
+                    String::new(),
+                    request.to_string(),
+                    emulator.url.clone(),
+                ])
+                .stdin(std::process::Stdio::null());
+                let mut child = cmd.spawn().context("starting session-manager-plugin")?;
+                let pid = child.id().context("pid")?;
+                let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+                wait_for_line(&mut stdout, "Waiting for connections").await?;
+                drain(stdout);
+                Ok(Self {
+                    kind,
+                    addr: loopback(port),
+                    pid,
+                    admin: None,
+                    children: vec![child],
+                })
+            }
+            ClientKind::RawRelay => {
+                let (far, far_port) = start_relay(ws, &format!("{log}-2"), target).await?;
+                let (near, near_port) =
+                    start_relay(ws, &format!("{log}-1"), loopback(far_port)).await?;
+                let pid = near.id().context("pid")?;
+                Ok(Self {
+                    kind,
+                    addr: loopback(near_port),
+                    pid,
+                    admin: None,
+                    children: vec![near, far],
+                })
+            }
+        }
+    }
+
+    /// Stops its processes.
+    pub async fn stop(mut self) {
+        for child in &mut self.children {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        }
+    }
+}
+
+async fn start_relay(ws: &Workspace, log: &str, to: SocketAddr) -> anyhow::Result<(Child, u16)> {
+    let mut cmd = command(&ws.bin("fleet-access-bench"), ws, log)?;
+    cmd.args(["relay", "0", &to.to_string()]);
+    let mut child = cmd.spawn().context("starting a relay")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let line = wait_for_line(&mut stdout, "relay").await?;
+    drain(stdout);
+    let port = line
+        .trim_start_matches("relay")
+        .trim()
+        .parse()
+        .context("relay port")?;
+    Ok((child, port))
+}
+
+/// Polls a child's log file until a line contains `needle`.
+async fn wait_for_log(path: &Path, needle: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + crate::support::READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(needle)) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("{} never said {needle:?}", path.display())
+}
+
+/// Connects through a client and waits for the target's banner.
+async fn open(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    tokio::time::timeout(BANNER_TIMEOUT, async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await?;
+        if first[0] != BANNER {
+            bail!("unexpected first byte {}", first[0]);
+        }
+        Ok(stream)
+    })
+    .await
+    .context("no banner in time")?
+}
+
+// === throughput ===
+
+/// Which way the bytes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to instance.
+    Upload,
+    /// Instance to client.
+    Download,
+}
+
+/// One upload or download run through `client`: bytes per second at the receiving end over the
+/// window after a warm-up.
+async fn transfer(
+    client: &Client,
+    target: &Target,
+    direction: Direction,
+    window: Duration,
+) -> anyhow::Result<f64> {
+    const WARM_UP: Duration = Duration::from_millis(500);
+    let stream = open(client.addr).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let limit = WARM_UP + window + Duration::from_secs(5);
+    let command = match direction {
+        Direction::Upload => UPLOAD,
+        Direction::Download => DOWNLOAD,
+    };
+    writer.write_all(&[command]).await?;
+    let worker = {
+        let stop = stop.clone();
+        let received = received.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut buf = vec![0u8; CHUNK];
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
+                match direction {
+                    Direction::Upload => {
+                        let write = tokio::time::timeout(
+                            Duration::from_millis(200),
+                            writer.write_all(&buf),
+                        );
+                        if matches!(write.await, Ok(Err(_))) {
+                            break;
+                        }
+                    }
+                    Direction::Download => {
+                        match tokio::time::timeout(
+                            Duration::from_millis(200),
+                            reader.read(&mut buf),
+                        )
+                        .await
+                        {
+                            Ok(Ok(0) | Err(_)) => break,
+                            Ok(Ok(n)) => {
+                                received.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let count = || match direction {
+        Direction::Upload => target.uploaded(),
+        Direction::Download => received.load(Ordering::Relaxed),
+    };
+    tokio::time::sleep(WARM_UP).await;
+    let (b0, t0) = (count(), Instant::now());
+    tokio::time::sleep(window).await;
+    let (b1, t1) = (count(), Instant::now());
+    stop.store(true, Ordering::Relaxed);
+    worker.abort();
+    let _ = worker.await;
+    let rate = (b1 - b0) as f64 / (t1 - t0).as_secs_f64();
+    if direction == Direction::Upload {
+        quiesce(target).await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(rate)
+}
+
+/// Waits until uploaded bytes stop arriving (what buffers held when the client closed).
+async fn quiesce(target: &Target) {
+    let started = Instant::now();
+    let mut last = target.uploaded();
+    while started.elapsed() < QUIESCE_LIMIT {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = target.uploaded();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+async fn throughput(
+    ws: &Workspace,
+    options: &Options,
+    target: &Target,
+    mode: Mode,
+) -> anyhow::Result<(Vec<Throughput>, Vec<(String, String)>)> {
+    let emulator = Emulator::start(ws, mode, target.addr).await?;
+    let mut kinds = vec![ClientKind::Forward, ClientKind::Serve];
+    if ws.plugin.is_some() {
+        kinds.push(ClientKind::Plugin);
+    }
+    if mode == Mode::Fast {
+        kinds.push(ClientKind::RawRelay);
+    }
+    let mut clients = Vec::new();
+    for kind in kinds {
+        match Client::start(kind, ws, &emulator, target.addr, mode.name()).await {
+            Ok(client) => clients.push(client),
+            Err(error) => eprintln!("bench: {} did not start: {error:#}", kind.name()),
+        }
+    }
+    let mut figures = Vec::new();
+    let mut profiles = Vec::new();
+    for direction in [Direction::Upload, Direction::Download] {
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); clients.len()];
+        let mut errors: Vec<Option<String>> = vec![None; clients.len()];
+        // Side by side: each run measures every client in turn.
+        for run in 0..options.runs {
+            for (i, client) in clients.iter().enumerate() {
+                let profile = (options.perf
+                    && run == 0
+                    && mode == Mode::Fast
+                    && client.kind == ClientKind::Forward)
+                    .then(|| start_perf(ws, client.pid, direction, options.window));
+                let result = transfer(client, target, direction, options.window).await;
+                if let Some(Some(profile)) = profile
+                    && let Some(text) = report_perf(ws, profile, direction).await
+                {
+                    profiles.push((format!("agent-bridge forward, fast, {direction:?}"), text));
+                }
+                match result {
+                    Ok(rate) => {
+                        eprintln!(
+                            "bench: {} {:?} {} run {run}: {:.2} MB/s",
+                            mode.name(),
+                            direction,
+                            client.kind.name(),
+                            rate / 1e6
+                        );
+                        samples[i].push(rate);
+                    }
+                    Err(error) => {
+                        eprintln!(
+                            "bench: {} {direction:?} failed: {error:#}",
+                            client.kind.name()
+                        );
+                        errors[i] = Some(format!("{error:#}"));
+                    }
+                }
+            }
+        }
+        for (i, client) in clients.iter().enumerate() {
+            figures.push(Throughput {
+                mode,
+                direction,
+                client: client.kind,
+                bytes_per_second: Spread::of(&samples[i]),
+                error: errors[i].clone(),
+            });
+        }
+    }
+    for client in clients {
+        client.stop().await;
+    }
+    Ok((figures, profiles))
+}
+
+/// `perf record -g` on `pid` for the warm-up and window of one run; None when perf is missing.
+fn start_perf(ws: &Workspace, pid: u32, direction: Direction, window: Duration) -> Option<Child> {
+    let data = ws.scratch.join(format!("perf-forward-{direction:?}.data"));
+    tokio::process::Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &format!("{:.1}", window.as_secs_f64() + 0.5)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .ok()
+}
+
+/// Waits for the profile and writes `perf report` (self time, top symbols) next to it.
+async fn report_perf(ws: &Workspace, mut perf: Child, direction: Direction) -> Option<String> {
+    let _ = tokio::time::timeout(Duration::from_secs(60), perf.wait()).await;
+    let data = ws.scratch.join(format!("perf-forward-{direction:?}.data"));
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "dso,symbol",
+                "-g",
+                "none",
+                "--percent-limit",
+                "1",
+                "-i",
+            ])
+            .arg(&data)
+            .output(),
+    )
+    .await;
+    let out = out.ok()?.ok()?;
+    let path = ws.scratch.join(format!("perf-forward-{direction:?}.txt"));
+    let _ = std::fs::write(&path, &out.stdout);
+    eprintln!(
+        "bench: perf profile of agent-bridge forward in {}",
+        path.display()
+    );
+    // The top symbols by self time.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let top: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(25)
+        // Squeeze perf's column padding; drop its empty IPC columns.
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().filter(|w| *w != "-").collect();
+            words.join(" ")
+        })
+        .collect();
+    (!top.is_empty()).then(|| top.join("\n"))
+}
+
+// === setup ===
+
+async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<Setup> {
+    let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
+    let serve = Client::start(ClientKind::Serve, ws, &emulator, target.addr, "setup").await?;
+    let n = options.setup_sessions;
+    let mut total = Vec::with_capacity(n);
+    let mut failures = 0;
+    for _ in 0..n {
+        let started = Instant::now();
+        match open(serve.addr).await {
+            Ok(stream) => {
+                total.push(started.elapsed().as_secs_f64());
+                drop(stream);
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    // Let the last sessions' metrics land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = serve.admin.context("serve path admin address")?;
+    let metrics = http_get(admin, "/metrics").await?;
+    let mut rows = vec![SetupRow {
+        phase: "total (client-measured: connect to banner)".into(),
+        p50: quantile(&total, 0.5),
+        p99: quantile(&total, 0.99),
+        mean: total.iter().sum::<f64>() / total.len().max(1) as f64,
+        exact: true,
+    }];
+    for phase in fleet_access_agent_bridge::metrics::PHASES {
+        if let Some(row) = histogram_row(&metrics, phase) {
+            rows.push(row);
+        }
+    }
+    // The emulator's own floor for the same steps: the StartSession call alone, and the
+    // instance's connect-to-banner without any session in between.
+    let mut api = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        emulator
+            .start_session(
+                "AWS-StartSSHSession",
+                serde_json::json!({"portNumber": ["22"]}),
+            )
+            .await?;
+        api.push(started.elapsed().as_secs_f64());
+    }
+    let mut direct = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let stream = open(target.addr).await?;
+        direct.push(started.elapsed().as_secs_f64());
+        drop(stream);
+    }
+    let reference = vec![
+        SetupRow {
+            phase: "StartSession API call alone (raw HTTP/1.1, new connection)".into(),
+            p50: quantile(&api, 0.5),
+            p99: quantile(&api, 0.99),
+            mean: api.iter().sum::<f64>() / api.len().max(1) as f64,
+            exact: true,
+        },
+        SetupRow {
+            phase: "target connect to banner, direct".into(),
+            p50: quantile(&direct, 0.5),
+            p99: quantile(&direct, 0.99),
+            mean: direct.iter().sum::<f64>() / direct.len().max(1) as f64,
+            exact: true,
+        },
+    ];
+    serve.stop().await;
+    Ok(Setup {
+        sessions: n,
+        failures,
+        rows,
+        reference,
+    })
+}
+
+/// p50/p99 of a phase from the histogram's buckets (linear inside a bucket), and its mean.
+fn histogram_row(metrics: &str, phase: &str) -> Option<SetupRow> {
+    let label = format!("phase=\"{phase}\"");
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    let mut sum = None;
+    let mut count = None;
+    for line in metrics.lines() {
+        if !line.starts_with("agent_bridge_session_setup_seconds") || !line.contains(&label) {
+            continue;
+        }
+        let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        if line.starts_with("agent_bridge_session_setup_seconds_bucket") {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            buckets.push((le, value));
+        } else if line.starts_with("agent_bridge_session_setup_seconds_sum") {
+            sum = Some(value);
+        } else if line.starts_with("agent_bridge_session_setup_seconds_count") {
+            count = Some(value);
+        }
+    }
+    let count = count?;
+    if count == 0.0 {
+        return None;
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let at = |q: f64| {
+        let rank = q * count;
+        let mut previous = (0.0, 0.0);
+        for &(le, cumulative) in &buckets {
+            if cumulative >= rank {
+                if le.is_infinite() {
+                    return previous.0;
+                }
+                let width = cumulative - previous.1;
+                let fraction = if width > 0.0 {
+                    (rank - previous.1) / width
+                } else {
+                    1.0
+                };
+                return previous.0 + (le - previous.0) * fraction;
+            }
+            previous = (le, cumulative);
+        }
+        previous.0
+    };
+    Some(SetupRow {
+        phase: format!("{phase} (bridge histogram)"),
+        p50: at(0.5),
+        p99: at(0.99),
+        mean: sum? / count,
+        exact: false,
+    })
+}
+
+// === scale ===
+
+async fn scale(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<Scale> {
+    let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
+    let serve = Client::start(ClientKind::Serve, ws, &emulator, target.addr, "scale").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let base_rss = rss_kib(serve.pid)?;
+    let n = options.idle_tunnels;
+    let mut streams = Vec::with_capacity(n);
+    let started = Instant::now();
+    // Batches of 50 concurrent opens: a burst of clients, bounded.
+    let mut failures = 0;
+    while streams.len() + failures < n && started.elapsed() < Duration::from_secs(600) {
+        let batch = (n - streams.len() - failures).min(50);
+        let mut opens = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            opens.push(tokio::spawn(open(serve.addr)));
+        }
+        for handle in opens {
+            match handle.await {
+                Ok(Ok(stream)) => streams.push(stream),
+                _ => failures += 1,
+            }
+        }
+    }
+    let open_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    const IDLE_WINDOW: Duration = Duration::from_secs(10);
+    let cpu0 = cpu_seconds(serve.pid)?;
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let cpu1 = cpu_seconds(serve.pid)?;
+    let idle_rss = rss_kib(serve.pid)?;
+
+    // Active: the first `active` tunnels download at once.
+    let active = options.active_tunnels.min(streams.len());
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for stream in streams.drain(..active) {
+        let received = received.clone();
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let (mut reader, mut writer) = stream.into_split();
+            if writer.write_all(&[DOWNLOAD]).await.is_err() {
+                return;
+            }
+            let mut buf = vec![0u8; CHUNK];
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                match tokio::time::timeout(Duration::from_millis(200), reader.read(&mut buf)).await
+                {
+                    Ok(Ok(0) | Err(_)) => break,
+                    Ok(Ok(n)) => {
+                        received.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
+                }
+            }
+            drop(writer);
+        }));
+    }
+    const ACTIVE_WINDOW: Duration = Duration::from_secs(5);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (a_cpu0, a_bytes0, a_t0) = (
+        cpu_seconds(serve.pid)?,
+        received.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    tokio::time::sleep(ACTIVE_WINDOW).await;
+    let (a_cpu1, a_bytes1, a_t1) = (
+        cpu_seconds(serve.pid)?,
+        received.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    let active_rss = rss_kib(serve.pid)?;
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        let _ = reader.await;
+    }
+    drop(streams);
+
+    // The official plugin: one process per session; measure a sample.
+    let mut plugin_rss = Vec::new();
+    let mut plugin_cpu = Vec::new();
+    let mut plugin_error = None;
+    if ws.plugin.is_some() {
+        let mut plugins = Vec::new();
+        for i in 0..options.plugin_sample {
+            match Client::start(
+                ClientKind::Plugin,
+                ws,
+                &emulator,
+                target.addr,
+                &format!("scale-{i}"),
+            )
+            .await
+            {
+                Ok(client) => match open(client.addr).await {
+                    Ok(stream) => plugins.push((client, stream)),
+                    Err(error) => plugin_error = Some(format!("{error:#}")),
+                },
+                Err(error) => plugin_error = Some(format!("{error:#}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let cpu0: Vec<f64> = plugins
+            .iter()
+            .map(|(c, _)| cpu_seconds(c.pid).unwrap_or(f64::NAN))
+            .collect();
+        tokio::time::sleep(IDLE_WINDOW).await;
+        for ((client, _), c0) in plugins.iter().zip(cpu0) {
+            if let (Ok(rss), Ok(c1)) = (rss_kib(client.pid), cpu_seconds(client.pid)) {
+                plugin_rss.push(rss as f64);
+                plugin_cpu.push((c1 - c0) / IDLE_WINDOW.as_secs_f64());
+            }
+        }
+        for (client, stream) in plugins {
+            drop(stream);
+            client.stop().await;
+        }
+    }
+    serve.stop().await;
+    let tunnels = n - failures;
+    Ok(Scale {
+        idle_tunnels: tunnels,
+        failures,
+        open_seconds,
+        base_rss_kib: base_rss,
+        idle_rss_kib: idle_rss,
+        idle_cpu_per_second: (cpu1 - cpu0) / IDLE_WINDOW.as_secs_f64(),
+        active_tunnels: active,
+        active_rss_kib: active_rss,
+        active_cpu_per_second: (a_cpu1 - a_cpu0) / (a_t1 - a_t0).as_secs_f64(),
+        active_bytes_per_second: (a_bytes1 - a_bytes0) as f64 / (a_t1 - a_t0).as_secs_f64(),
+        plugin_rss_kib: Spread::of(&plugin_rss),
+        plugin_idle_cpu_per_second: Spread::of(&plugin_cpu),
+        plugin_error,
+    })
+}
