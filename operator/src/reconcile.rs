@@ -180,12 +180,24 @@ pub async fn run(
             .then(|| ObjectRef::<SessionAccess>::new(&name).within(&ns))
     };
     let for_policies = in_scope.clone();
-    Controller::new(grants, watcher::Config::default().any_semantic())
+    let controller = Controller::new(grants, watcher::Config::default().any_semantic());
+    let known = controller.store();
+    controller
         .watches(
             Api::<Service>::namespaced(ctx.client.clone(), &bridge_namespace),
             owned.clone(),
             move |service| {
-                crate::services::grants_of_service(&service)
+                let owners = crate::services::grants_of_service(&service);
+                if owners.is_empty() {
+                    // Stripped of its record: any grant with endpoints may own it.
+                    return known
+                        .state()
+                        .iter()
+                        .filter(|g| g.spec.bridge.as_ref().is_some_and(|b| b.enabled))
+                        .map(|g| ObjectRef::from_obj(g.as_ref()))
+                        .collect::<Vec<_>>();
+                }
+                owners
                     .into_iter()
                     .filter_map(in_scope.clone())
                     .collect::<Vec<_>>()
@@ -959,8 +971,20 @@ async fn sync_endpoints(
         }
         entry.insert(owner.to_owned(), mine);
     }
+    let existing: BTreeMap<String, &Service> =
+        existing.items.iter().map(|s| (s.name_any(), s)).collect();
     for (instance, grants) in &current {
-        if before.get(instance) == Some(grants) {
+        // Unchanged when the recorded ports are the same and the Service still says so. A
+        // Service stripped of every grant's record is left to its grants, which re-add theirs.
+        let unchanged = before.get(instance) == Some(grants)
+            && (grants.is_empty()
+                || existing.get(instance).is_some_and(|s| {
+                    crate::services::service_matches(
+                        s,
+                        &crate::services::render_service(namespace, instance, grants),
+                    )
+                }));
+        if unchanged {
             continue;
         }
         if grants.is_empty() {

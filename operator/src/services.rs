@@ -90,6 +90,41 @@ pub fn render_service(namespace: &str, instance: &str, grants: &GrantPorts) -> S
     }
 }
 
+/// Whether an existing Service still says what `rendered` says: the same selector and ports,
+/// and every label and annotation of the render with the same value (the API server's defaults
+/// and other tools' additions aside). A Service edited behind the operator's back does not.
+pub fn service_matches(existing: &Service, rendered: &Service) -> bool {
+    let subset = |mine: &Option<BTreeMap<String, String>>,
+                  theirs: &Option<BTreeMap<String, String>>| {
+        mine.iter()
+            .flatten()
+            .all(|(k, v)| theirs.as_ref().and_then(|t| t.get(k)) == Some(v))
+    };
+    let ports = |service: &Service| -> Vec<(Option<String>, i32, Option<IntOrString>, String)> {
+        service
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.port,
+                    p.target_port.clone(),
+                    p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                )
+            })
+            .collect()
+    };
+    let selector = |service: &Service| service.spec.as_ref().and_then(|s| s.selector.clone());
+    subset(&rendered.metadata.labels, &existing.metadata.labels)
+        && subset(
+            &rendered.metadata.annotations,
+            &existing.metadata.annotations,
+        )
+        && selector(existing) == selector(rendered)
+        && ports(existing) == ports(rendered)
+}
+
 /// The smallest target port from [`FIRST_TARGET_PORT`] not in `used`.
 pub fn allocate_target_port(used: &BTreeSet<u16>) -> Option<u16> {
     (FIRST_TARGET_PORT..=u16::MAX).find(|p| !used.contains(p))
@@ -242,6 +277,20 @@ mod tests {
                 ("b".to_owned(), "two".to_owned())
             ]
         );
+        let mut edited = service.clone();
+        assert!(service_matches(&edited, &service));
+        if let Some(spec) = edited.spec.as_mut() {
+            spec.selector = Some(BTreeMap::from([("app".to_owned(), "other".to_owned())]));
+        }
+        assert!(!service_matches(&edited, &service));
+        let mut stripped = service.clone();
+        stripped
+            .metadata
+            .annotations
+            .as_mut()
+            .map(|a| a.remove(GRANT_PORTS_ANNOTATION));
+        assert!(!service_matches(&stripped, &service));
+        assert_eq!(grants_of_service(&stripped), Vec::new());
         let policy = render_network_policy("ns", "a/one", &[], &BTreeSet::new());
         assert_eq!(
             grant_of_network_policy(&policy),

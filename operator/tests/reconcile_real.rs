@@ -964,6 +964,26 @@ async fn owned_objects_deleted_behind_the_operators_back_are_repaired_promptly()
         (!fleet_access_operator::services::grants_of_service(&s).is_empty()).then_some(())
     })
     .await;
+    // So is a Service pointed elsewhere (its record intact).
+    let bridge_label = fleet_access_crds::bridge_contract::bridge_pod_selector()
+        .into_keys()
+        .next()
+        .expect("a label");
+    let patch = json!({"spec": {"selector": {bridge_label: "elsewhere"}}});
+    services
+        .patch(
+            "i-0000000000000000a",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .expect("tamper");
+    wait_for("selector restored", || async {
+        let s = services.get_opt("i-0000000000000000a").await.ok()??;
+        let selector = s.spec?.selector?;
+        (selector == fleet_access_crds::bridge_contract::bridge_pod_selector()).then_some(())
+    })
+    .await;
 
     h.grants
         .delete("tools", &DeleteParams::default())
