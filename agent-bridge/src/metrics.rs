@@ -92,7 +92,7 @@ impl Metrics {
             setup: HistogramVec::new(
                 hopts(
                     "session_setup_seconds",
-                    "Session setup latency by phase: start_session (the StartSession call), websocket_connect, handshake, first_byte (from the open channel to the first byte from the instance), total (client connect to first byte).",
+                    "Session setup latency by phase, each from the end of the one before: start_session (the StartSession call), websocket_connect (until the agent's first frame), handshake (until HandshakeComplete), first_byte (until the first byte from the instance); total spans the client's connect to the first byte.",
                     SETUP_BUCKETS,
                 ),
                 &["phase"],

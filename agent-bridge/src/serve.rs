@@ -69,12 +69,16 @@ pub async fn run<C: ControlPlane + 'static>(
             () = shutdown.cancelled() => break,
             event = stream.next() => match event {
                 None => break,
-                Some(Err(error)) => warn!(%error, "watching Services failed; retrying"),
+                Some(Err(error)) => {
+                    warn!(%error, "watching Services failed; retrying");
+                    continue;
+                }
+                // A (re)list is under way: the store is complete only at `InitDone`. (Awaiting
+                // `store.wait_until_ready()` here instead would stop polling the very stream
+                // that makes it ready.)
+                Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
                 Some(Ok(_)) => {}
             },
-        }
-        if store.wait_until_ready().await.is_err() {
-            continue;
         }
         let services = store.state();
         let desired = endpoints(services.iter().map(|s| {

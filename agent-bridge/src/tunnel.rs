@@ -144,7 +144,11 @@ async fn watch_session(
     let idle = idle_timeout.unwrap_or(FOREVER);
     let mut last_activity = Instant::now();
     let mut last_bytes = 0;
+    // Each phase runs from the end of the one before (`mark`); a session without a handshake
+    // (a shell) goes from the first frame to the first byte.
+    let mut mark = opened_at;
     let mut first_frame_seen = false;
+    let mut handshake_seen = false;
     let mut first_byte_seen = false;
     loop {
         let idle_deadline = last_activity + idle;
@@ -157,11 +161,17 @@ async fn watch_session(
                 let current = stats.borrow_and_update().clone();
                 if !first_frame_seen && current.frames_received > 0 {
                     first_frame_seen = true;
-                    metrics.observe_setup("websocket_connect", now - opened_at);
+                    metrics.observe_setup("websocket_connect", now - mark);
+                    mark = now;
+                }
+                if !handshake_seen && current.handshakes_completed > 0 {
+                    handshake_seen = true;
+                    metrics.observe_setup("handshake", now - mark);
+                    mark = now;
                 }
                 if !first_byte_seen && current.bytes_received > 0 {
                     first_byte_seen = true;
-                    metrics.observe_setup("first_byte", now - opened_at);
+                    metrics.observe_setup("first_byte", now - mark);
                     metrics.observe_setup("total", now - connected_at);
                 }
                 let bytes = current.bytes_received + current.bytes_sent;

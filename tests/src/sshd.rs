@@ -193,7 +193,9 @@ fn render_sshd_config(port: u16, user: &str, paths: &SshdPaths) -> String {
          AllowTcpForwarding yes\n\
          X11Forwarding no\n\
          Subsystem sftp internal-sftp\n\
-         LogLevel VERBOSE\n",
+         LogLevel VERBOSE\n\
+         # Tests open tens of connections at once; the default (10:30:100) drops some.\n\
+         MaxStartups 200\n",
         host_key = paths.host_key.display(),
         pid_file = paths.pid_file.display(),
         authorized_keys = paths.authorized_keys.display(),

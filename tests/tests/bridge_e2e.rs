@@ -1,10 +1,13 @@
-//! The bridge end to end with real parts: OpenSSH client → bridge listener → the strict SSM
-//! emulator → the real sshd, scraped by the real Prometheus; and `forward` carrying parallel HTTP
-//! requests over one session.
+//! The bridge end to end with real parts: OpenSSH client → bridge (endpoints from Services in a
+//! real kube-apiserver, or `proxy`, or `forward`) → the strict SSM emulator → the real sshd, and
+//! the real Prometheus scraping the bridge.
+
+#![allow(clippy::panic)]
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Arc,
     time::Duration,
@@ -16,12 +19,19 @@ use fleet_access_agent_bridge::{
     driver::DriverConfig,
     listener::Limits,
     metrics::Metrics,
+    serve::{self, ServeConfig},
     ssm::SdkControlPlane,
     tunnel::SessionContext,
 };
-use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
-use fleet_access_tests::{Prometheus, Sshd, free_loopback_port};
+use fleet_access_crds::bridge_contract::{
+    EndpointAnnotations, EndpointPort, bridge_pod_selector, managed_labels,
+};
+use fleet_access_ssm_emulator::{Config, Emulator, Faults, InstanceConfig, Mode, Running};
+use fleet_access_tests::{ControlPlane, Prometheus, Sshd, TestNamespace, free_loopback_port};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use prometheus::Registry;
+use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -90,6 +100,529 @@ fn run_ok(command: &mut Command) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// An endpoint Service as the operator writes it.
+fn endpoint_service(instance: &str, ports: &[(u16, u16)]) -> Service {
+    let annotations = EndpointAnnotations {
+        instance_id: instance.to_owned(),
+        ports: ports
+            .iter()
+            .map(|(port, target)| EndpointPort {
+                port: *port,
+                target_port: *target,
+                document: "AWS-StartSSHSession".into(),
+                port_parameter: Some(*port),
+            })
+            .collect(),
+    };
+    Service {
+        metadata: ObjectMeta {
+            name: Some(instance.to_owned()),
+            labels: Some(managed_labels()),
+            annotations: Some(annotations.render()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(bridge_pod_selector()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(port, target)| ServicePort {
+                        name: Some(format!("p{port}")),
+                        port: i32::from(*port),
+                        target_port: Some(
+                            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
+                                i32::from(*target),
+                            ),
+                        ),
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+async fn wait_listening(port: u16, up: bool) {
+    for _ in 0..200 {
+        if TcpStream::connect((LOOPBACK, port)).await.is_ok() == up {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "port {port} did not become {}",
+        if up { "open" } else { "closed" }
+    );
+}
+
+fn sha256_file(path: &Path) -> String {
+    let bytes = std::fs::read(path).expect("read");
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `agent-bridge`, built when needed (the binary of another package of the workspace).
+fn bridge_binary() -> PathBuf {
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "fleet-access-agent-bridge",
+            "--bin",
+            "agent-bridge",
+        ])
+        .current_dir(&root)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success());
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("debug/agent-bridge")
+}
+
+/// `agent-bridge serve` (in-process) on a fresh namespace of the real kube-apiserver that holds one
+/// endpoint Service per instance (port 22 to a free loopback port each).
+struct Served {
+    namespace: TestNamespace,
+    ports: BTreeMap<&'static str, u16>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    async fn start(
+        prefix: &str,
+        context: Arc<SessionContext<SdkControlPlane>>,
+        instances: &[&'static str],
+        limits: Limits,
+    ) -> Self {
+        let control_plane = ControlPlane::shared().await.expect("control plane");
+        let namespace = control_plane.namespace(prefix).await.expect("namespace");
+        let services = namespace.api::<Service>();
+        let mut ports = BTreeMap::new();
+        for instance in instances {
+            let port = free_loopback_port().expect("port");
+            services
+                .create(
+                    &PostParams::default(),
+                    &endpoint_service(instance, &[(22, port)]),
+                )
+                .await
+                .expect("service");
+            ports.insert(*instance, port);
+        }
+        let (readiness, shutdown) = (Readiness::default(), CancellationToken::new());
+        let config = ServeConfig {
+            namespace: namespace.name().to_owned(),
+            listen_address: LOOPBACK,
+            limits,
+            grace: Duration::from_secs(30),
+        };
+        let server = tokio::spawn(serve::run(
+            namespace.client(),
+            context,
+            config,
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+        for port in ports.values() {
+            wait_listening(*port, true).await;
+        }
+        Self {
+            namespace,
+            ports,
+            readiness,
+            shutdown,
+            server,
+        }
+    }
+
+    fn port(&self, instance: &str) -> u16 {
+        self.ports[instance]
+    }
+
+    /// SIGTERM's path: cancel, then wait for the drain to finish.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.server.await.expect("serve ends");
+    }
+}
+
+/// `mib` MiB of a fixed pattern (not all zeros, so nothing along the way can shortcut it).
+fn test_file(dir: &Path, mib: u32) -> PathBuf {
+    let path = dir.join(format!("up-{mib}.bin"));
+    let data: Vec<u8> = (0..mib * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&path, &data).expect("write");
+    path
+}
+
+/// Copies `file` up through the bridge listener on `port` and back down, and checks both copies
+/// against the original by SHA-256.
+fn scp_round_trip(sshd: &Sshd, port: u16, file: &Path) {
+    let dir = file.parent().expect("parent");
+    let (remote, download) = (dir.join("remote.bin"), dir.join("down.bin"));
+    let scp = |from: String, to: String| {
+        let mut command = Command::new("scp");
+        command
+            .args(sshd.client_options())
+            .arg("-o")
+            .arg(format!("HostKeyAlias=[127.0.0.1]:{}", sshd.port()))
+            .arg("-P")
+            .arg(port.to_string())
+            .arg(from)
+            .arg(to);
+        command
+    };
+    let user = sshd.user();
+    run_ok(&mut scp(
+        file.display().to_string(),
+        format!("{user}@127.0.0.1:{}", remote.display()),
+    ));
+    assert_eq!(sha256_file(&remote), sha256_file(file), "upload intact");
+    run_ok(&mut scp(
+        format!("{user}@127.0.0.1:{}", remote.display()),
+        download.display().to_string(),
+    ));
+    assert_eq!(sha256_file(&download), sha256_file(file), "download intact");
+}
+
+fn assert_no_violations(emulator: &Running) {
+    let violations = emulator.violations();
+    assert!(violations.is_empty(), "{violations:?}");
+}
+
+// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
+// serves them on other worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ssh_through_proxy_as_proxycommand() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let emulator = emulator(&sshd, Mode::Realistic, &[]).await;
+    let proxy = format!(
+        "{} proxy %h %p --region us-east-1 --ssm-endpoint {}",
+        bridge_binary().display(),
+        emulator.endpoint_url()
+    );
+    let mut ssh = Command::new("ssh");
+    ssh.args(sshd.client_options())
+        .arg("-o")
+        .arg(format!("HostKeyAlias=[127.0.0.1]:{}", sshd.port()))
+        .arg("-o")
+        .arg(format!("ProxyCommand={proxy}"))
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .arg(format!("{}@{WEB}", sshd.user()))
+        .arg("echo hello-through-the-bridge");
+    assert_eq!(run_ok(&mut ssh).trim(), "hello-through-the-bridge");
+    assert!(
+        emulator.violations().is_empty(),
+        "{:?}",
+        emulator.violations()
+    );
+}
+
+// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
+// serves them on other worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_explains_what_a_person_can_fix() {
+    const OFFLINE: &str = "i-0000000000000aaaa";
+    const OLD_AGENT: &str = "i-0000000000000bbbb";
+    const NOTHING_LISTENS: &str = "i-0000000000000cccc";
+    let closed_port = SocketAddr::new(LOOPBACK, free_loopback_port().expect("port"));
+    let mut config = Config {
+        mode: Mode::Fast,
+        ..Config::default()
+    };
+    let mut offline = InstanceConfig::new(OFFLINE).with_port("22", closed_port);
+    offline.ping_status = "ConnectionLost".into();
+    config.instances = vec![
+        offline,
+        InstanceConfig::new(OLD_AGENT)
+            .with_agent_version("2.3.0.0")
+            .with_port("22", closed_port),
+        InstanceConfig::new(NOTHING_LISTENS).with_port("22", closed_port),
+    ];
+    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let no_credentials = tempfile::tempdir().expect("tempdir");
+    let cases: [(&str, bool, &str); 5] = [
+        ("i-00000000000000000", true, "i-00000000000000000"),
+        (
+            OFFLINE,
+            true,
+            "is not connected to Systems Manager (ping status ConnectionLost)",
+        ),
+        (
+            OLD_AGENT,
+            true,
+            "too old for SSH: update it to 2.3.672.0 or later",
+        ),
+        (NOTHING_LISTENS, true, "Unable to connect to specified port"),
+        (NOTHING_LISTENS, false, "no AWS credentials found"),
+    ];
+    for (instance, with_credentials, expected) in cases {
+        let mut proxy = Command::new(bridge_binary());
+        proxy
+            .args([
+                "proxy",
+                instance,
+                "22",
+                "--region",
+                "us-east-1",
+                "--ssm-endpoint",
+            ])
+            .arg(emulator.endpoint_url())
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            // No instance metadata service: nothing may try an outside address.
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", no_credentials.path().join("config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                no_credentials.path().join("credentials"),
+            )
+            .stdin(Stdio::null());
+        if with_credentials {
+            proxy
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing");
+        }
+        let output = proxy.output().expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{instance}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{instance}: expected {expected:?} in {stderr}"
+        );
+    }
+}
+
+// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
+// serves them on other worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_follows_services_and_carries_ssh_and_scp() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let emulator = emulator(&sshd, Mode::Fast, &[]).await;
+    let registry = Registry::new();
+    let limits = Limits {
+        total: 100,
+        per_instance: 60,
+    };
+    let served = Served::start(
+        "bridge-serve",
+        context(&emulator, &registry),
+        &[WEB, DB],
+        limits,
+    )
+    .await;
+    let (web_port, db_port) = (served.port(WEB), served.port(DB));
+
+    // Commands run on both instances.
+    for port in [web_port, db_port] {
+        assert_eq!(
+            run_ok(ssh_via(&sshd, port).arg("echo via-serve")).trim(),
+            "via-serve"
+        );
+    }
+
+    // 50 MiB each way, byte for byte.
+    let dir = tempfile::tempdir().expect("tempdir");
+    scp_round_trip(&sshd, web_port, &test_file(dir.path(), 50));
+
+    // Removing the DB Service closes its listener and its open tunnel; WEB is untouched.
+    let mut long = ssh_via(&sshd, db_port)
+        .arg("sleep 60")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("ssh");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    served
+        .namespace
+        .api::<Service>()
+        .delete(DB, &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_listening(db_port, false).await;
+    let status = tokio::task::spawn_blocking(move || long.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(
+        !status.success(),
+        "the tunnel of a removed endpoint is closed"
+    );
+    assert_eq!(
+        run_ok(ssh_via(&sshd, web_port).arg("echo still-there")).trim(),
+        "still-there"
+    );
+
+    served.stop().await;
+    assert_no_violations(&emulator);
+    let text = fleet_access_agent_bridge::metrics::encode(&registry);
+    assert!(
+        text.contains(r#"agent_bridge_sessions_started_total{document="AWS-StartSSHSession"} 6"#),
+        "two commands, two copies, one cut and one more command: {text}"
+    );
+}
+
+// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
+// serves them on other worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_ssh_sessions_to_several_instances() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let emulator = emulator(&sshd, Mode::Realistic, &[]).await;
+    let registry = Registry::new();
+    let limits = Limits {
+        total: 100,
+        per_instance: 60,
+    };
+    let served = Served::start(
+        "bridge-fifty",
+        context(&emulator, &registry),
+        &[WEB, DB],
+        limits,
+    )
+    .await;
+    let sessions: Vec<_> = (0..50)
+        .map(|i| {
+            let port = served.port(if i % 2 == 0 { WEB } else { DB });
+            // Each session stays open a while so that all 50 overlap.
+            let mut ssh = ssh_via(&sshd, port);
+            ssh.arg(format!("sleep 2; echo session-{i}"));
+            tokio::task::spawn_blocking(move || run_ok(&mut ssh))
+        })
+        .collect();
+    for (i, session) in sessions.into_iter().enumerate() {
+        assert_eq!(session.await.expect("join").trim(), format!("session-{i}"));
+    }
+    served.stop().await;
+    assert_no_violations(&emulator);
+    assert_eq!(emulator.session_reports().len(), 50);
+}
+
+// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
+// serves them on other worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn faults_during_scp_leave_the_file_intact() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let emulator = emulator(&sshd, Mode::Fast, &[]).await;
+    // Loss, reordering and duplicates in both directions, corrupted digests, and three WebSocket
+    // recycles per session: the reliability layer and ResumeSession must hide all of it.
+    emulator.set_instance_faults(
+        WEB,
+        Faults {
+            drop_every: Some(20),
+            reorder_window: Some(4),
+            duplicate_every: Some(50),
+            corrupt_digest_every: Some(97),
+            drop_client_every: Some(20),
+            recycle_after_frames: Some(1_500),
+            connection_faults: Some(3),
+            ..Faults::default()
+        },
+    );
+    let registry = Registry::new();
+    let limits = Limits {
+        total: 10,
+        per_instance: 10,
+    };
+    let served = Served::start(
+        "bridge-faults",
+        context(&emulator, &registry),
+        &[WEB],
+        limits,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    scp_round_trip(&sshd, served.port(WEB), &test_file(dir.path(), 8));
+    served.stop().await;
+    assert_no_violations(&emulator);
+    let text = fleet_access_agent_bridge::metrics::encode(&registry);
+    let reconnects = text
+        .lines()
+        .find_map(|line| line.strip_prefix("agent_bridge_reconnects_total "))
+        .and_then(|value| value.parse::<f64>().ok())
+        .expect("reconnects exported");
+    assert!(reconnects >= 1.0, "the faults caused reconnects: {text}");
+    let retransmissions = text
+        .lines()
+        .find_map(|line| line.strip_prefix("agent_bridge_retransmissions_total "))
+        .and_then(|value| value.parse::<f64>().ok())
+        .expect("retransmissions exported");
+    assert!(
+        retransmissions >= 1.0,
+        "dropped uploads were retransmitted: {text}"
+    );
+}
+
+// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
+// serves them on other worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_a_transfer_that_ends_within_the_grace_period() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let emulator = emulator(&sshd, Mode::Fast, &[]).await;
+    let limits = Limits {
+        total: 10,
+        per_instance: 10,
+    };
+    let served = Served::start(
+        "bridge-drain",
+        context(&emulator, &Registry::new()),
+        &[WEB],
+        limits,
+    )
+    .await;
+    let (port, readiness) = (served.port(WEB), served.readiness.clone());
+    assert!(readiness.get());
+    // A command that is still running when shutdown starts, and ends 3 s later.
+    let running = ssh_via(&sshd, port)
+        .arg("sleep 3; echo finished")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = tokio::spawn(served.stop());
+    wait_listening(port, false).await;
+    assert!(!readiness.get(), "not ready while draining");
+    let output = tokio::task::spawn_blocking(move || running.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "finished");
+    stopping.await.expect("drained");
+}
+
+/// The body of an HTTP/1.0 GET (the admin server closes the connection after answering).
+async fn http_get(address: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{head}"
+    );
+    body.to_owned()
 }
 
 /// A tiny HTTP server answering every request with its own path.
@@ -233,6 +766,28 @@ async fn prometheus_scrapes_what_a_session_caused() {
         .await
         .expect("bytes scraped");
     assert!(received[0].value > 100_000.0);
+
+    // Names, units, help texts and types pass Prometheus's own linter on the live scrape.
+    let scrape = http_get(admin_address, "/metrics").await;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    std::io::Write::write_all(
+        &mut promtool.stdin.take().expect("stdin"),
+        scrape.as_bytes(),
+    )
+    .expect("feed promtool");
+    let checked = promtool.wait_with_output().expect("promtool ends");
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{scrape}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
     listeners.shutdown(Duration::from_secs(1)).await;
     stop.cancel();
 }

@@ -750,6 +750,11 @@ where
             if wr.write_all(&data).await.is_err() {
                 return;
             }
+            // Buffered writers (standard output is line-buffered) hold binary data until a
+            // flush; flush whenever the queue runs dry (a no-op on sockets).
+            if rx.is_empty() && wr.flush().await.is_err() {
+                return;
+            }
         }
         let _ = wr.shutdown().await;
     });

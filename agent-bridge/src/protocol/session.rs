@@ -269,6 +269,8 @@ pub struct Stats {
     pub ignored_messages: u64,
     /// `reset_transport` calls.
     pub reconnects: u64,
+    /// HandshakeComplete messages acted on (one per session; the setup metrics time it).
+    pub handshakes_completed: u64,
     /// Unacked outgoing messages now.
     pub unacked_messages: usize,
     /// Unacked outgoing payload bytes now.
@@ -970,6 +972,7 @@ impl Session {
         }
         self.events
             .push_back(Event::HandshakeComplete(info.clone()));
+        self.stats.handshakes_completed += 1;
         self.info = Some(info);
         self.state = State::Open;
     }
