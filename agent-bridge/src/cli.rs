@@ -21,7 +21,7 @@ use crate::{
     metrics::Metrics,
     serve::{self, ServeConfig},
     ssm::SdkControlPlane,
-    tunnel::{SessionContext, TunnelError, carry},
+    tunnel::{SessionContext, carry},
 };
 
 /// Reach EC2 instances through AWS Systems Manager Session Manager, without the AWS CLI or the
@@ -271,7 +271,7 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         reason: Some("agent-bridge proxy".to_owned()),
     };
     let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    match carry(
+    let failure = match carry(
         &context,
         &request,
         stdio,
@@ -282,21 +282,19 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     {
         Ok(outcome) => match outcome.output {
             Some(output) if !output.trim().is_empty() && outcome.stats.bytes_received == 0 => {
-                anyhow::bail!("the session closed: {}", output.trim())
+                anyhow::anyhow!("the session closed: {}", output.trim())
             }
-            _ => Ok(()),
+            _ => return Ok(()),
         },
-        Err(TunnelError::Start(error)) => {
-            // Explain what SSM knows of the instance when that says more than the error.
-            if let Ok(Some(state)) = control.describe_instance(&args.instance_id).await
-                && let Some(problem) = state.problem(&args.instance_id, true)
-            {
-                anyhow::bail!("{problem}");
-            }
-            Err(error.into())
-        }
-        Err(error) => Err(error.into()),
+        Err(error) => error.into(),
+    };
+    // What SSM knows of the instance (offline, agent too old) says more than the failure itself.
+    if let Ok(Some(state)) = control.describe_instance(&args.instance_id).await
+        && let Some(problem) = state.problem(&args.instance_id, true)
+    {
+        anyhow::bail!("{problem}");
     }
+    Err(failure)
 }
 
 async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {

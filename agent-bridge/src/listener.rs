@@ -301,8 +301,14 @@ async fn accept_loop<C: ControlPlane + 'static>(
         };
         // Either the endpoint's removal or the end of the grace period stops the tunnel.
         let stop = CancellationToken::new();
-        let span =
-            info_span!("tunnel", instance = %endpoint.instance_id, port = endpoint.port, %client);
+        // `carry` fills in the session ID once StartSession returns.
+        let span = info_span!(
+            "tunnel",
+            instance = %endpoint.instance_id,
+            port = endpoint.port,
+            %client,
+            session_id = tracing::field::Empty,
+        );
         let (context, endpoint_for_task) = (context.clone(), endpoint.clone());
         let (removed, terminate) = (removed.clone(), terminate.clone());
         tasks.spawn(

@@ -78,6 +78,8 @@ where
     metrics.observe_setup("start_session", opened_at - connected_at);
     metrics.session_started(&document);
     let session_id = target.session_id.clone();
+    // The caller's span (one per tunnel) declares the field; the token is never logged.
+    tracing::Span::current().record("session_id", session_id.as_str());
     info!(session_id, "session started");
 
     let (connections, incoming) = mpsc::channel(1);

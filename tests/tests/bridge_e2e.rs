@@ -470,8 +470,8 @@ async fn serve_follows_services_and_carries_ssh_and_scp() {
     assert_no_violations(&emulator);
     let text = fleet_access_agent_bridge::metrics::encode(&registry);
     assert!(
-        text.contains(r#"agent_bridge_sessions_started_total{document="AWS-StartSSHSession"} 6"#),
-        "two commands, two copies, one cut and one more command: {text}"
+        text.contains(r#"agent_bridge_sessions_started_total{document="AWS-StartSSHSession"} 8"#),
+        "two readiness probes, two commands, two copies, one cut and one more command: {text}"
     );
 }
 
@@ -505,9 +505,11 @@ async fn fifty_concurrent_ssh_sessions_to_several_instances() {
     for (i, session) in sessions.into_iter().enumerate() {
         assert_eq!(session.await.expect("join").trim(), format!("session-{i}"));
     }
+    let probes = served.ports.len();
     served.stop().await;
     assert_no_violations(&emulator);
-    assert_eq!(emulator.session_reports().len(), 50);
+    // One session per ssh, plus the readiness probe of each listener.
+    assert_eq!(emulator.session_reports().len(), 50 + probes);
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
@@ -526,7 +528,7 @@ async fn faults_during_scp_leave_the_file_intact() {
             duplicate_every: Some(50),
             corrupt_digest_every: Some(97),
             drop_client_every: Some(20),
-            recycle_after_frames: Some(1_500),
+            recycle_after_frames: Some(100),
             connection_faults: Some(3),
             ..Faults::default()
         },

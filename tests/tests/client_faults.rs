@@ -1,0 +1,438 @@
+//! This project's SSM client (the driver under `agent-bridge`) against the strict emulator in every
+//! fault-injection scenario of `ssm-protocol.md` section 9.2, in basic and in mux mode, and the
+//! "no byte lost" proof: 64 MiB each way through loss, reordering, duplication and WebSocket
+//! recycles, compared by SHA-256.
+//!
+//! The instance's port leads to a loopback transfer server: a connection sends `U` or `D` and an
+//! 8-byte big-endian length; for `U` the server reads that many bytes and answers their SHA-256
+//! (hex), for `D` it sends that many bytes of a fixed pattern and closes.
+
+#![allow(clippy::panic)]
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use fleet_access_agent_bridge::driver::{
+    DriverConfig, Tunnel,
+    control::{ControlPlane, StartSessionRequest},
+};
+use fleet_access_agent_bridge::ssm::SdkControlPlane;
+use fleet_access_ssm_emulator::{Config, Emulator, Faults, InstanceConfig, Mode, Running};
+use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream},
+    net::TcpListener,
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const CURRENT_AGENT: &str = "i-0123456789abcdef0";
+/// Agent 3.0.196.0: port forwarding falls back to basic mode.
+const OLD_AGENT: &str = "i-0fedcba9876543210";
+const MIB: u64 = 1024 * 1024;
+const TRANSFER_PORT: u16 = 7000;
+
+/// Byte `i` of every download.
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+fn pattern_chunk(start: u64, len: usize) -> Vec<u8> {
+    (start..start + len as u64).map(pattern).collect()
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn pattern_digest(len: u64) -> String {
+    let mut hasher = Sha256::new();
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(64 * 1024) as usize;
+        hasher.update(pattern_chunk(at, n));
+        at += n as u64;
+    }
+    hex(&hasher.finalize())
+}
+
+/// The transfer server the instance's port leads to.
+async fn transfer_server() -> SocketAddr {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = serve_transfer(stream).await;
+            });
+        }
+    });
+    address
+}
+
+async fn serve_transfer(mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    let op = stream.read_u8().await?;
+    let len = stream.read_u64().await?;
+    let mut at = 0u64;
+    if op == b'U' {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while at < len {
+            let want = (len - at).min(buf.len() as u64) as usize;
+            let n = stream.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        stream.write_all(hex(&hasher.finalize()).as_bytes()).await?;
+    } else {
+        while at < len {
+            let n = (len - at).min(64 * 1024) as usize;
+            stream.write_all(&pattern_chunk(at, n)).await?;
+            at += n as u64;
+        }
+    }
+    stream.shutdown().await
+}
+
+/// One transfer over one local connection of the tunnel.
+#[derive(Clone, Copy, Debug)]
+enum Transfer {
+    Upload(u64),
+    Download(u64),
+}
+
+impl Transfer {
+    /// Runs the transfer over `local` and checks what arrived by SHA-256.
+    async fn run(self, mut local: impl AsyncRead + AsyncWrite + Unpin) {
+        match self {
+            Self::Upload(len) => {
+                local.write_u8(b'U').await.expect("op");
+                local.write_u64(len).await.expect("length");
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(64 * 1024) as usize;
+                    local
+                        .write_all(&pattern_chunk(at, n))
+                        .await
+                        .expect("upload");
+                    at += n as u64;
+                }
+                let mut answer = vec![0u8; 64];
+                local
+                    .read_exact(&mut answer)
+                    .await
+                    .expect("the instance's digest");
+                assert_eq!(
+                    String::from_utf8_lossy(&answer),
+                    pattern_digest(len),
+                    "upload of {len} bytes"
+                );
+            }
+            Self::Download(len) => {
+                local.write_u8(b'D').await.expect("op");
+                local.write_u64(len).await.expect("length");
+                let mut hasher = Sha256::new();
+                let mut received = 0u64;
+                let mut buf = vec![0u8; 64 * 1024];
+                while received < len {
+                    let n = local.read(&mut buf).await.expect("download");
+                    assert!(n > 0, "download ended after {received} of {len} bytes");
+                    hasher.update(&buf[..n]);
+                    received += n as u64;
+                }
+                assert_eq!(received, len);
+                assert_eq!(
+                    hex(&hasher.finalize()),
+                    pattern_digest(len),
+                    "download of {len} bytes"
+                );
+            }
+        }
+    }
+}
+
+async fn emulator(mode: Mode, target: SocketAddr, faults: Faults) -> Running {
+    let mut config = Config {
+        mode,
+        ..Config::default()
+    };
+    let port = TRANSFER_PORT.to_string();
+    config.instances = vec![
+        InstanceConfig::new(CURRENT_AGENT)
+            .with_port(port.clone(), target)
+            .with_faults(faults.clone()),
+        InstanceConfig::new(OLD_AGENT)
+            .with_agent_version("3.0.196.0")
+            .with_port(port, target)
+            .with_faults(faults),
+    ];
+    Emulator::start(config).await.expect("emulator starts")
+}
+
+fn control(emulator: &Running) -> SdkControlPlane {
+    let sdk = fleet_access_tests::moto::sdk_config_for(&emulator.endpoint_url());
+    SdkControlPlane::new(&sdk)
+}
+
+/// The port-forwarding document: mux with a current agent, basic with an old one.
+fn forwarding(instance: &str) -> StartSessionRequest {
+    fleet_access_agent_bridge::cli::forward_request(instance, TRANSFER_PORT, None)
+}
+
+/// Starts a session for `request`, runs `transfers` each over its own local connection (all at
+/// once), then terminates the session; checks that the emulator saw no violation.
+async fn session(emulator: &Running, request: &StartSessionRequest, transfers: &[Transfer]) {
+    let control = Arc::new(control(emulator));
+    let target = control.start_session(request).await.expect("StartSession");
+    let session_id = target.session_id.clone();
+    let (connections, incoming) = mpsc::channel::<DuplexStream>(transfers.len().max(1));
+    let shutdown = CancellationToken::new();
+    let tunnel = {
+        let (control, shutdown) = (control.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let config = DriverConfig {
+                // Generous: a black hole must be detected and survived, never fatal.
+                reconnect_budget: Duration::from_secs(120),
+                ..DriverConfig::default()
+            };
+            Tunnel::new(&*control, None, config)
+                .run(target, incoming, shutdown.cancelled())
+                .await
+        })
+    };
+    let mut jobs = Vec::new();
+    for transfer in transfers {
+        let (near, far) = tokio::io::duplex(256 * 1024);
+        connections
+            .send(far)
+            .await
+            .expect("the tunnel takes connections");
+        jobs.push(tokio::spawn(transfer.run(near)));
+    }
+    for job in jobs {
+        tokio::time::timeout(Duration::from_secs(600), job)
+            .await
+            .expect("transfer within 10 minutes")
+            .expect("transfer intact");
+    }
+    drop(connections);
+    shutdown.cancel();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), tunnel)
+        .await
+        .expect("the tunnel ends")
+        .expect("join")
+        .expect("the data channel ends cleanly");
+    let report = emulator
+        .wait_for_end(&session_id, Duration::from_secs(30))
+        .await
+        .expect("the emulator saw the session end");
+    assert!(
+        report.violations.is_empty(),
+        "{session_id}: {:?} (client stats {:?})",
+        report.violations,
+        outcome.stats
+    );
+}
+
+/// Every scenario: a small upload and download in mux mode (two streams at once) and in basic mode
+/// (two sessions), bytes intact, zero violations.
+async fn scenario(name: &str, faults: Faults) {
+    let target = transfer_server().await;
+    let emulator = emulator(Mode::Fast, target, faults).await;
+    let size = 256 * 1024;
+    eprintln!("scenario {name}: mux");
+    session(
+        &emulator,
+        &forwarding(CURRENT_AGENT),
+        &[Transfer::Upload(size), Transfer::Download(size)],
+    )
+    .await;
+    for transfer in [Transfer::Upload(size), Transfer::Download(size)] {
+        eprintln!("scenario {name}: basic {transfer:?}");
+        session(&emulator, &forwarding(OLD_AGENT), &[transfer]).await;
+    }
+    let violations = emulator.violations();
+    assert!(violations.is_empty(), "{name}: {violations:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_scenario_leaves_the_bytes_intact() {
+    let every = |n| Some(n);
+    let scenarios: Vec<(&str, Faults)> = vec![
+        ("clean", Faults::default()),
+        (
+            "drop",
+            Faults {
+                drop_every: every(7),
+                ..Faults::default()
+            },
+        ),
+        (
+            "duplicate",
+            Faults {
+                duplicate_every: every(5),
+                ..Faults::default()
+            },
+        ),
+        (
+            "reorder",
+            Faults {
+                reorder_window: every(4),
+                ..Faults::default()
+            },
+        ),
+        (
+            "delay",
+            Faults {
+                delay_ms: Some(30),
+                ..Faults::default()
+            },
+        ),
+        (
+            "corrupt digest",
+            Faults {
+                corrupt_digest_every: every(9),
+                ..Faults::default()
+            },
+        ),
+        (
+            "flipped payload bit",
+            Faults {
+                flip_payload_bit_every: every(11),
+                ..Faults::default()
+            },
+        ),
+        (
+            "lost uploads",
+            Faults {
+                drop_client_every: every(7),
+                ..Faults::default()
+            },
+        ),
+        (
+            "withheld acks",
+            Faults {
+                withhold_ack_every: every(5),
+                ..Faults::default()
+            },
+        ),
+        (
+            "recycle",
+            Faults {
+                recycle_after_frames: Some(40),
+                connection_faults: every(3),
+                ..Faults::default()
+            },
+        ),
+        (
+            "black hole",
+            Faults {
+                black_hole_after_frames: Some(40),
+                ..Faults::default()
+            },
+        ),
+        (
+            "tcp reset",
+            Faults {
+                reset_after_frames: Some(40),
+                connection_faults: every(2),
+                ..Faults::default()
+            },
+        ),
+        (
+            "start_publication first",
+            Faults {
+                start_publication_first: true,
+                ..Faults::default()
+            },
+        ),
+        (
+            "garbage publication",
+            Faults {
+                garbage_publication: true,
+                ..Faults::default()
+            },
+        ),
+        (
+            "extra message types",
+            Faults {
+                extra_message_types: true,
+                ..Faults::default()
+            },
+        ),
+        (
+            "legacy channel_closed",
+            Faults {
+                legacy_channel_closed: true,
+                ..Faults::default()
+            },
+        ),
+    ];
+    for (name, faults) in scenarios {
+        scenario(name, faults).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_agent_without_handshake_carries_basic_sessions() {
+    scenario(
+        "legacy agent",
+        Faults {
+            legacy_no_handshake: true,
+            ..Faults::default()
+        },
+    )
+    .await;
+}
+
+/// 5% loss each way, reordering, 1% duplication and a WebSocket recycle every few seconds.
+fn lossy() -> Faults {
+    Faults {
+        drop_every: Some(20),
+        drop_client_every: Some(20),
+        reorder_window: Some(3),
+        duplicate_every: Some(100),
+        recycle_after_frames: Some(4_000),
+        connection_faults: Some(1_000),
+        ..Faults::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_through_a_lossy_channel_in_mux_mode() {
+    let target = transfer_server().await;
+    let emulator = emulator(Mode::Fast, target, lossy()).await;
+    session(
+        &emulator,
+        &forwarding(CURRENT_AGENT),
+        &[Transfer::Upload(64 * MIB), Transfer::Download(64 * MIB)],
+    )
+    .await;
+    let report = &emulator.session_reports()[0];
+    assert!(
+        report.connections > 1,
+        "the WebSocket was recycled: {report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_through_a_lossy_channel_in_basic_mode() {
+    let target = transfer_server().await;
+    let emulator = emulator(Mode::Fast, target, lossy()).await;
+    for transfer in [Transfer::Upload(64 * MIB), Transfer::Download(64 * MIB)] {
+        session(&emulator, &forwarding(OLD_AGENT), &[transfer]).await;
+    }
+    for report in emulator.session_reports() {
+        assert!(
+            report.connections > 1,
+            "the WebSocket was recycled: {report:?}"
+        );
+    }
+}
