@@ -24,7 +24,7 @@
 //!
 //! Memory is bounded everywhere: the send window ([`session::Config::max_unacked_messages`],
 //! [`session::Config::max_unacked_bytes`]) pushes back on local reads, the reorder buffer and
-//! undrained received data ([`session::Config::max_inbound_bytes`]) push back on the agent by
+//! undrained received data ([`session::Config::max_inbound_bytes`], at most twice over) push back on the agent by
 //! withholding acks, smux frames are at most 64 KiB, and streams are capped.
 
 pub mod handshake;

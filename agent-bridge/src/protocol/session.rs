@@ -46,8 +46,11 @@ pub const DEFAULT_RTO_FLOOR: Duration = Duration::from_millis(50);
 pub const DEFAULT_RTO_CEILING: Duration = Duration::from_secs(3);
 /// Early (out-of-order) messages kept; beyond this they are dropped unacked (reference: 10,000).
 pub const DEFAULT_MAX_REORDER_MESSAGES: usize = 1024;
-/// Received payload bytes held for the caller (reorder buffer plus undrained events). Beyond
-/// this, in-order data is dropped unacked so the agent retransmits later (receive backpressure).
+/// Received payload bytes held for the caller. Early messages are kept only while the reorder
+/// buffer plus undrained events stay within this; in-order data only while undrained events do;
+/// beyond that a message is dropped unacked and the agent retransmits it later (receive
+/// backpressure). When a gap fills, the reorder buffer drains into events, so at most twice this
+/// is held.
 pub const DEFAULT_MAX_INBOUND_BYTES: usize = 4 * 1024 * 1024;
 /// Time from session start (or reconnect) to HandshakeComplete. The agent itself waits 15 s
 /// for our response; a slow gateway can delay its request.
@@ -835,9 +838,17 @@ impl Session {
         }
     }
 
-    fn inbound_room(&self, len: usize) -> bool {
+    /// Room for the next in-order message. Only undrained events count: the reorder buffer
+    /// empties behind this message, so counting it could refuse the one message that fills the
+    /// gap for ever (a full reorder buffer waiting on a hole it will not admit).
+    fn in_order_room(&self, len: usize) -> bool {
+        self.event_bytes == 0 || self.event_bytes + len <= self.config.max_inbound_bytes
+    }
+
+    /// Room to keep an early message until the gap before it fills.
+    fn early_room(&self, len: usize) -> bool {
         let held = self.event_bytes + self.recv.buffered_bytes();
-        held == 0 || held + len <= self.config.max_inbound_bytes
+        self.recv.has_room() && held + len <= self.config.max_inbound_bytes
     }
 
     fn handle_stream_message(&mut self, now: Instant, message: ClientMessage) {
@@ -849,7 +860,7 @@ impl Session {
                 self.queue_ack(now, &message);
             }
             Arrival::Early => {
-                if self.recv.has_room() && self.inbound_room(len) {
+                if self.early_room(len) {
                     self.queue_ack(now, &message);
                     self.recv.store(message);
                 } else {
@@ -857,7 +868,7 @@ impl Session {
                 }
             }
             Arrival::InOrder => {
-                if is_data && !self.inbound_room(len) {
+                if is_data && !self.in_order_room(len) {
                     // Receive backpressure: not acked, the agent retransmits later.
                     self.stats.dropped_no_room += 1;
                     return;

@@ -574,6 +574,34 @@ fn receive_backpressure_withholds_acks_until_drained() {
 }
 
 #[test]
+fn a_full_reorder_buffer_still_admits_the_message_that_fills_its_gap() {
+    let config = Config {
+        max_inbound_bytes: 8,
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    p.basic_open();
+    let base = p.agent.next_seq;
+    // The first message is lost; the next one waits, and with it the gap would exceed the budget.
+    let gap = p.agent.message(base, PayloadType::Output, b"123456");
+    let early = p.agent.message(base + 1, PayloadType::Output, b"5678");
+    p.deliver(&early.to_bytes()).unwrap();
+    assert_eq!(p.transmit().acks.len(), 1);
+    assert_eq!(p.session.stats().reorder_buffered, 1);
+    // The retransmitted gap is accepted, acked, and both arrive in order.
+    p.deliver(&gap.to_bytes()).unwrap();
+    assert_eq!(p.transmit().acks.len(), 1);
+    assert_eq!(p.session.stats().dropped_no_room, 0);
+    assert_eq!(
+        p.drain_events(),
+        vec![
+            Event::Data(Bytes::from_static(b"123456")),
+            Event::Data(Bytes::from_static(b"5678"))
+        ]
+    );
+}
+
+#[test]
 fn reorder_buffer_is_bounded() {
     let config = Config {
         max_reorder_messages: 2,

@@ -330,6 +330,12 @@ impl Agent {
                 r.status = SessionStatus::Connected;
             }
         }
+        // What went out on the old connection may never have reached the client (a black hole
+        // swallows it), so its unacknowledged output is judged afresh on the new one.
+        for out in &mut self.unacked {
+            out.retransmits = 0;
+            out.client_frames_mark = None;
+        }
         if self.handshake == Handshake::NotStarted {
             self.start_handshake();
         }

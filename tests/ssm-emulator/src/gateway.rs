@@ -326,10 +326,12 @@ impl Relay {
         loop {
             let next_delay = self.transit.delayed.front().map(|(t, _)| *t);
             let reorder_due = self.transit.reorder_since.map(|t| t + REORDER_FLUSH);
+            // A black hole stops reading the socket altogether: no frame is relayed and no ping
+            // is answered, as when the network in between fails silently.
             let step = tokio::select! {
-                incoming = ws.next() => match incoming {
-                    Some(Ok(Message::Binary(b))) if !black_hole => self.relay_client_frame(b.to_vec(), false),
-                    Some(Ok(Message::Text(t))) if !black_hole => self.relay_client_frame(t.as_bytes().to_vec(), true),
+                incoming = ws.next(), if !black_hole => match incoming {
+                    Some(Ok(Message::Binary(b))) => self.relay_client_frame(b.to_vec(), false),
+                    Some(Ok(Message::Text(t))) => self.relay_client_frame(t.as_bytes().to_vec(), true),
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Step::Stop,
                     Some(Ok(_)) => Step::Continue,
                 },
