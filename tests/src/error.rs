@@ -69,6 +69,10 @@ pub enum FixtureError {
     /// A JSON answer could not be parsed.
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// `cargo build` of the workspace's binaries failed (every caller in the process gets the
+    /// first attempt's error: fix the build and rerun).
+    #[error("building the workspace's binaries: {0}")]
+    WorkspaceBuild(String),
     /// An answer did not have the expected shape.
     #[error("unexpected answer from {component}: {detail}")]
     UnexpectedAnswer {

@@ -1,6 +1,6 @@
 //! Fixtures that start real components for tests, on 127.0.0.1 only: a Kubernetes
 //! control plane (etcd + kube-apiserver), moto (AWS APIs), OpenSSH's sshd, Prometheus,
-//! and the location of the official session-manager-plugin.
+//! the location of the official session-manager-plugin, and the workspace's own binaries.
 //!
 //! Programs come from `tests/env/setup.sh` (see `tests/env/README.md`). Every process
 //! a fixture starts runs under `tests/env/supervise.sh`, which stops it when the test
@@ -8,6 +8,7 @@
 //! processes on drop. Shared fixtures ([`ControlPlane::shared`], [`Moto::shared`]) use
 //! the services of `tests/env/with-services.sh` when its environment variables are set.
 
+pub mod binaries;
 pub mod certificates;
 pub mod control_plane;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod process;
 pub mod prometheus;
 pub mod sshd;
 
+pub use binaries::{workspace_binary, workspace_root};
 pub use control_plane::{ControlPlane, TestNamespace};
 pub use error::{FixtureError, FixtureResult};
 pub use locations::{Locations, cache_dir, session_manager_plugin_path};

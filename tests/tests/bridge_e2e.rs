@@ -167,25 +167,9 @@ fn sha256_file(path: &Path) -> String {
         .collect()
 }
 
-/// `agent-bridge`, built when needed (the binary of another package of the workspace).
+/// `agent-bridge`, built with the workspace's other binaries when needed.
 fn bridge_binary() -> PathBuf {
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "fleet-access-agent-bridge",
-            "--bin",
-            "agent-bridge",
-        ])
-        .current_dir(&root)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success());
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("debug/agent-bridge")
+    fleet_access_tests::workspace_binary("agent-bridge").expect("agent-bridge builds")
 }
 
 /// `agent-bridge serve` (in-process) on a fresh namespace of the real kube-apiserver that holds one

@@ -21,7 +21,7 @@ use std::{
 };
 
 use fleet_access_crds::SessionAccess;
-use fleet_access_tests::{ControlPlane, free_loopback_port};
+use fleet_access_tests::{ControlPlane, free_loopback_port, workspace_binary};
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 use tokio::{
@@ -312,20 +312,6 @@ fn names_in_dashboard() -> BTreeSet<String> {
 
 // === live scrapes ===
 
-/// A workspace binary of another package, built when needed.
-fn binary(package: &str, name: &str) -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", package, "--bin", name])
-        .current_dir(root())
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "cargo build {package}");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root().join("target"), PathBuf::from)
-        .join("debug")
-        .join(name)
-}
-
 async fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     stream
@@ -532,8 +518,8 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_exported() {
             .all(|n| n.starts_with("agent_bridge_") || n.starts_with("fleet_access_operator_")),
         "only the binaries' own metrics: {used:?}"
     );
-    let bridge_program = binary("fleet-access-agent-bridge", "agent-bridge");
-    let operator_program = binary("fleet-access-operator", "fleet-access-operator");
+    let bridge_program = workspace_binary("agent-bridge").expect("agent-bridge builds");
+    let operator_program = workspace_binary("fleet-access-operator").expect("the operator builds");
     let bridge = bridge_exports(&bridge_program, &used).await;
     let operator = operator_exports(&operator_program, &used).await;
     let exported: BTreeSet<String> = bridge.union(&operator).cloned().collect();
