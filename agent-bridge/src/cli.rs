@@ -121,6 +121,7 @@ impl Args {
     /// Runs the chosen mode.
     pub fn run(self) -> ExitCode {
         init_tracing();
+        select_crypto_provider();
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -147,6 +148,16 @@ impl Args {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Selects rustls' ring provider for the process: the dependency graph enables both ring (kube)
+/// and aws-lc-rs (the AWS SDK's HTTP client), and with two providers rustls refuses to pick one,
+/// so `serve` panicked when it first reached the Kubernetes API.
+fn select_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Fails only when another thread installed one first, which is just as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 
