@@ -8,7 +8,8 @@
 //! `--workspace --bins --examples` resolves features as `cargo test --workspace` does: asking for
 //! examples (the workspace has none, so none are built) activates the dev-dependencies' features,
 //! such as tokio's `test-util`. After `cargo test --workspace` has compiled, the build below is
-//! therefore fresh and takes about a second.
+//! therefore fresh and takes about a second, provided it does not inherit the variables cargo
+//! sets for the test process (see [`is_set_by_cargo_for_this_process`]).
 //!
 //! A package's integration tests can use `env!("CARGO_BIN_EXE_<name>")` for that package's own
 //! binaries instead: cargo builds those with the test itself.
@@ -59,6 +60,11 @@ fn build_workspace_binaries() -> FixtureResult<PathBuf> {
     // back to the cargo that compiled this crate.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
     let mut command = Command::new(cargo);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_set_by_cargo_for_this_process) {
+            command.env_remove(name);
+        }
+    }
     command
         .args(["build", "--quiet", "--workspace", "--bins", "--examples"])
         .args(["--profile", &profile])
@@ -77,6 +83,26 @@ fn build_workspace_binaries() -> FixtureResult<PathBuf> {
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         })
     }
+}
+
+/// Whether `name` is a variable cargo sets for the process it runs (`cargo test`, `cargo run`):
+/// the package's name, version, manifest folder, ..., rather than the user's configuration. A
+/// cargo started from such a process must not inherit them: build scripts such as ring's declare
+/// `rerun-if-env-changed=CARGO_PKG_NAME` and others, so a cargo that sees them reruns those
+/// scripts and rebuilds everything above them (rustls, kube, the AWS SDK), and the next plain
+/// `cargo test` rebuilds it all back.
+pub fn is_set_by_cargo_for_this_process(name: &str) -> bool {
+    const PREFIXES: [&str; 5] = [
+        "CARGO_PKG_",
+        "CARGO_BIN_",
+        "CARGO_CRATE_",
+        "CARGO_MANIFEST_",
+        "CARGO_TARGET_TMPDIR",
+    ];
+    matches!(
+        name,
+        "CARGO" | "OUT_DIR" | "CARGO_PRIMARY_PACKAGE" | "CARGO_RUSTC_CURRENT_DIR"
+    ) || PREFIXES.iter().any(|prefix| name.starts_with(prefix))
 }
 
 /// `<target>/<profile folder>` of the running test binary (which lives in its `deps/`).
@@ -124,6 +150,22 @@ mod tests {
         let (target, _) =
             target_dir_and_profile(Path::new("/t/x86_64-unknown-linux-gnu/debug")).unwrap();
         assert_eq!(target, Path::new("/t/x86_64-unknown-linux-gnu"));
+    }
+
+    #[test]
+    fn the_test_package_variables_are_not_passed_on_but_the_configuration_is() {
+        for set_by_cargo in ["CARGO_PKG_NAME", "CARGO_MANIFEST_DIR", "CARGO", "OUT_DIR"] {
+            assert!(
+                is_set_by_cargo_for_this_process(set_by_cargo),
+                "{set_by_cargo}"
+            );
+        }
+        for configuration in ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_PROFILE_DEV_DEBUG"] {
+            assert!(
+                !is_set_by_cargo_for_this_process(configuration),
+                "{configuration}"
+            );
+        }
     }
 
     #[test]

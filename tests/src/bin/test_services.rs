@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use std::process::ExitStatus;
 
 use anyhow::Context;
+use fleet_access_tests::binaries::is_set_by_cargo_for_this_process;
 use fleet_access_tests::control_plane::KUBECONFIG_ENV;
 use fleet_access_tests::moto::MOTO_ENDPOINT_ENV;
 use fleet_access_tests::{ControlPlane, Moto};
@@ -28,7 +29,16 @@ async fn main() -> anyhow::Result<()> {
         moto.endpoint()
     );
 
-    let mut child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    // `with-services.sh` runs this program with `cargo run`; CMD (usually `cargo test`) must not
+    // see the variables that cargo set for it, or it rebuilds the crates whose build scripts
+    // watch them (ring and everything above it).
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_set_by_cargo_for_this_process) {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command
         .args(program_args)
         .env(KUBECONFIG_ENV, control_plane.kubeconfig_path())
         .env("KUBECONFIG", control_plane.kubeconfig_path())
