@@ -211,6 +211,43 @@ impl ControlPlane {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// Writes a kubeconfig to `path` that authenticates as the ServiceAccount `namespace/name`
+    /// with a token from the TokenRequest API (`kubectl create token`, valid `valid_for`), for
+    /// a program that must run with that account's RBAC rather than as admin.
+    pub fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+        valid_for: Duration,
+        path: &Path,
+    ) -> FixtureResult<()> {
+        let token = self.run_kubectl([
+            "create",
+            "token",
+            name,
+            "--namespace",
+            namespace,
+            &format!("--duration={}s", valid_for.as_secs()),
+        ])?;
+        let admin = std::fs::read_to_string(&self.kubeconfig_path)
+            .map_err(FixtureError::io("reading the admin kubeconfig"))?;
+        let mut config: serde_json::Value = serde_yaml::from_str(&admin)?;
+        let user = format!("system:serviceaccount:{namespace}:{name}");
+        config["users"] = serde_json::json!([{"name": user, "user": {"token": token.trim()}}]);
+        let Some(context) = config["contexts"]
+            .as_array_mut()
+            .and_then(|contexts| contexts.first_mut())
+        else {
+            return Err(FixtureError::UnexpectedAnswer {
+                component: "kubeconfig".into(),
+                detail: format!("{} has no context", self.kubeconfig_path.display()),
+            });
+        };
+        context["context"]["user"] = user.into();
+        std::fs::write(path, serde_yaml::to_string(&config)?)
+            .map_err(FixtureError::io(format!("writing {}", path.display())))
+    }
+
     /// Server-side applies every document of a (multi-document) YAML text, resolving
     /// each kind through discovery. Namespaced objects without a namespace go to
     /// `default_namespace`. Returns the objects as stored.

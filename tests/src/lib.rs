@@ -13,6 +13,7 @@ pub mod certificates;
 pub mod control_plane;
 pub mod error;
 pub mod locations;
+pub mod manifests;
 pub mod moto;
 pub mod process;
 pub mod prometheus;

@@ -2,6 +2,7 @@
 //! generated config, host key and authorized user key; nothing of the system's SSH
 //! configuration is read or changed. Logs in as the current user.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -125,6 +126,21 @@ impl Sshd {
             .arg("-p")
             .arg(self.port.to_string())
             .arg(format!("{}@127.0.0.1", self.user));
+        command
+    }
+
+    /// `ssh` through a relay at `relay` (a bridge endpoint) that leads to this sshd, trusting
+    /// its host key under the name it has in the known-hosts file; ready for the remote
+    /// command's arguments.
+    pub fn ssh_command_via(&self, relay: SocketAddr) -> Command {
+        let mut command = Command::new(debian::SSH);
+        command
+            .args(self.client_options())
+            .arg("-o")
+            .arg(format!("HostKeyAlias=[127.0.0.1]:{}", self.port))
+            .arg("-p")
+            .arg(relay.port().to_string())
+            .arg(format!("{}@{}", self.user, relay.ip()));
         command
     }
 

@@ -81,15 +81,7 @@ fn context(emulator: &Running, registry: &Registry) -> Arc<SessionContext<SdkCon
 
 /// `ssh` to the bridge listener on `port`, trusting sshd's host key under its own name.
 fn ssh_via(sshd: &Sshd, port: u16) -> Command {
-    let mut command = Command::new("ssh");
-    command
-        .args(sshd.client_options())
-        .arg("-o")
-        .arg(format!("HostKeyAlias=[127.0.0.1]:{}", sshd.port()))
-        .arg("-p")
-        .arg(port.to_string())
-        .arg(format!("{}@127.0.0.1", sshd.user()));
-    command
+    sshd.ssh_command_via(SocketAddr::new(LOOPBACK, port))
 }
 
 fn run_ok(command: &mut Command) -> String {

@@ -14,132 +14,18 @@
 
 #![allow(clippy::panic, clippy::unwrap_used)]
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-};
-
 use fleet_access_crds::bridge_contract;
-use fleet_access_tests::ControlPlane;
+use fleet_access_tests::{
+    ControlPlane,
+    manifests::{deploy_dir, documents, kind, kustomize, name},
+};
 use serde_json::Value;
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// `kubectl` with the control plane's kubeconfig (or a plain one for `kustomize`).
-fn kubectl(control_plane: &ControlPlane) -> Command {
-    control_plane.kubectl().expect("kubectl from the fixtures")
-}
-
-/// Runs `command` with `stdin`; returns (stdout, stderr), panicking with both on failure.
-fn run(mut command: Command, stdin: &str) -> (String, String) {
-    let description = format!("{command:?}");
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{description}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(
-        output.status.success(),
-        "{description} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    (stdout, stderr)
-}
-
-/// `kubectl kustomize <dir>` as YAML text.
-fn kustomize(control_plane: &ControlPlane, dir: &Path) -> String {
-    let mut command = kubectl(control_plane);
-    command.arg("kustomize").arg(dir);
-    run(command, "").0
-}
-
-fn documents(yaml: &str) -> Vec<Value> {
-    use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .map(|v| serde_json::to_value(v).unwrap())
-        .collect()
-}
-
-fn to_yaml(objects: &[Value]) -> String {
-    objects
-        .iter()
-        .map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap()))
-        .collect()
-}
-
-fn kind(object: &Value) -> &str {
-    object["kind"].as_str().unwrap_or_default()
-}
-
-fn name(object: &Value) -> &str {
-    object["metadata"]["name"].as_str().unwrap_or_default()
-}
 
 fn find<'a>(objects: &'a [Value], kind_: &str, name_: &str) -> &'a Value {
     objects
         .iter()
         .find(|o| kind(o) == kind_ && name(o) == name_)
         .unwrap_or_else(|| panic!("no {kind_} {name_}"))
-}
-
-/// Creates the namespaces for real (namespaced objects cannot be dry-run into a namespace that
-/// does not exist), then dry-runs every object; returns kubectl's standard error (warnings).
-fn dry_run(control_plane: &ControlPlane, objects: &[Value]) -> String {
-    let namespaces: Vec<Value> = objects
-        .iter()
-        .filter(|o| kind(o) == "Namespace")
-        .cloned()
-        .collect();
-    if !namespaces.is_empty() {
-        let mut command = kubectl(control_plane);
-        command.args([
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=fleet-access-deploy-test",
-            "-f",
-            "-",
-        ]);
-        run(command, &to_yaml(&namespaces));
-    }
-    let mut command = kubectl(control_plane);
-    command.args([
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "--field-manager=fleet-access-deploy-test",
-        "--dry-run=server",
-        "-o",
-        "name",
-        "-f",
-        "-",
-    ]);
-    let (stdout, stderr) = run(command, &to_yaml(objects));
-    let applied: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        applied.len(),
-        objects.len(),
-        "every object is accepted by the API server:\n{stdout}\n{stderr}"
-    );
-    assert!(
-        !stderr.contains("would violate PodSecurity"),
-        "the workloads meet Pod Security \"restricted\":\n{stderr}"
-    );
-    stderr
 }
 
 async fn control_plane() -> &'static ControlPlane {
@@ -149,7 +35,7 @@ async fn control_plane() -> &'static ControlPlane {
 #[tokio::test]
 async fn the_base_is_valid_on_a_real_api_server() {
     let control_plane = control_plane().await;
-    let objects = documents(&kustomize(control_plane, &deploy_dir()));
+    let objects = kustomize(&deploy_dir()).unwrap();
     let kinds: Vec<&str> = objects.iter().map(kind).collect();
     for expected in [
         "CustomResourceDefinition",
@@ -172,16 +58,13 @@ async fn the_base_is_valid_on_a_real_api_server() {
             .any(|k| ["PodMonitor", "ServiceMonitor", "PrometheusRule"].contains(k)),
         "the base needs no Prometheus Operator CRDs"
     );
-    dry_run(control_plane, &objects);
+    control_plane.dry_run(&objects).unwrap();
 }
 
 #[tokio::test]
 async fn the_eks_overlay_is_valid_on_a_real_api_server() {
     let control_plane = control_plane().await;
-    let overlay = documents(&kustomize(
-        control_plane,
-        &deploy_dir().join("overlays/eks"),
-    ));
+    let overlay = kustomize(&deploy_dir().join("overlays/eks")).unwrap();
     assert!(
         !overlay
             .iter()
@@ -190,9 +73,10 @@ async fn the_eks_overlay_is_valid_on_a_real_api_server() {
     );
     // The CRDs as documented for overlays: applied first (server-side dry-run here too).
     let mut objects =
-        documents(&std::fs::read_to_string(deploy_dir().join("crds/fleet-access.yaml")).unwrap());
+        documents(&std::fs::read_to_string(deploy_dir().join("crds/fleet-access.yaml")).unwrap())
+            .unwrap();
     objects.extend(overlay.iter().cloned());
-    dry_run(control_plane, &objects);
+    control_plane.dry_run(&objects).unwrap();
 
     for (account, role) in [
         ("fleet-access-operator", "fleet-access-operator"),
@@ -216,7 +100,7 @@ async fn the_eks_overlay_is_valid_on_a_real_api_server() {
 #[tokio::test]
 async fn monitoring_objects_are_valid_apart_from_the_prometheus_operator_kinds() {
     let control_plane = control_plane().await;
-    let objects = documents(&kustomize(control_plane, &deploy_dir().join("monitoring")));
+    let objects = kustomize(&deploy_dir().join("monitoring")).unwrap();
     let (operator_kinds, plain): (Vec<Value>, Vec<Value>) = objects
         .into_iter()
         .partition(|o| o["apiVersion"] == "monitoring.coreos.com/v1");
@@ -228,34 +112,19 @@ async fn monitoring_objects_are_valid_apart_from_the_prometheus_operator_kinds()
         "the Grafana dashboard ConfigMap"
     );
     // The dashboard ConfigMap goes to the namespace of the base.
-    let base = documents(&kustomize(control_plane, &deploy_dir()));
+    let base = kustomize(&deploy_dir()).unwrap();
     let mut objects: Vec<Value> = base
         .into_iter()
         .filter(|o| kind(o) == "Namespace")
         .collect();
     objects.extend(plain);
-    dry_run(control_plane, &objects);
+    control_plane.dry_run(&objects).unwrap();
 }
 
 // === static checks ===
 
 fn base_objects() -> Vec<Value> {
-    let output = Command::new(
-        fleet_access_tests::Locations::get()
-            .expect("locations")
-            .kubectl
-            .clone(),
-    )
-    .arg("kustomize")
-    .arg(deploy_dir())
-    .output()
-    .expect("kubectl kustomize");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    documents(&String::from_utf8_lossy(&output.stdout))
+    kustomize(&deploy_dir()).unwrap()
 }
 
 fn pod_spec(deployment: &Value) -> &Value {

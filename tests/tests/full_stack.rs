@@ -1,0 +1,556 @@
+//! The whole product as a platform team meets it, with every part real except AWS: the CRDs and
+//! `deploy/` are dry-run on the kube-apiserver; the operator and the bridge run as their
+//! binaries, each under its own ServiceAccount token and the base's least-privilege RBAC; IAM is
+//! moto, SSM the project's emulator (moto upstream for documents) whose instance's port 22 is the
+//! real sshd.
+//!
+//! ```text
+//!  kubectl apply -f grant ──▶ operator ──▶ IAM policy (moto) + Service (bridge namespace)
+//!  ssh ──▶ bridge listener ──▶ StartSession (emulator) ──▶ data channel ──▶ sshd
+//!  kubectl delete -f grant ──▶ Service gone ──▶ listener and open tunnel closed; IAM clean
+//! ```
+//!
+//! Both programs authenticate with tokens of the ServiceAccounts of `deploy/base` (TokenRequest;
+//! the test API server validates them with its service-account key and authorizes with RBAC), so a
+//! permission missing from `deploy/base/*/rbac.yaml` fails this test.
+
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use fleet_access_crds::{
+    SessionAccess,
+    bridge_contract::{EndpointAnnotations, bridge_pod_selector, managed_labels},
+};
+use fleet_access_operator::naming::{OWNER_TAG, POLICY_PATH, owner_tag_value};
+use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
+use fleet_access_tests::{
+    ControlPlane, Moto, Sshd, SupervisedProcess, free_loopback_port,
+    manifests::{deploy_dir, kind, kustomize, rbac_in_namespace},
+    workspace_binary,
+};
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    net::TcpStream,
+    time::{Instant, sleep, timeout},
+};
+
+const ACCOUNT: &str = "123456789012";
+const REGION: &str = "us-east-1";
+const INSTANCE: &str = "i-0fa11c0ffee000001";
+const GRANT: &str = "web-ssh";
+/// The ServiceAccounts of `deploy/base` the two programs run as.
+const OPERATOR_ACCOUNT: &str = "fleet-access-operator";
+const BRIDGE_ACCOUNT: &str = "agent-bridge";
+/// Longest wait for anything the operator or the bridge does (they react within seconds).
+const WAIT: Duration = Duration::from_secs(90);
+/// Longest an ssh command may take.
+const SSH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The two programs under test, their logs, and what they were pointed at.
+struct Stack {
+    operator: SupervisedProcess,
+    bridge: SupervisedProcess,
+    /// The bridge's listeners bind this loopback address: its own, so that the operator's
+    /// fixed target ports (20000 and up) cannot clash with another test's.
+    listen_address: IpAddr,
+}
+
+impl Stack {
+    /// The last lines of both logs, for failure messages.
+    fn logs(&self) -> String {
+        format!(
+            "\n--- operator log ---\n{}\n--- bridge log ---\n{}",
+            self.operator.log_tail(40),
+            self.bridge.log_tail(40)
+        )
+    }
+
+    /// Fails with both logs unless both programs still run.
+    fn assert_running(&mut self) {
+        let operator = self.operator.ensure_running();
+        let bridge = self.bridge.ensure_running();
+        if let Err(error) = operator.and(bridge) {
+            panic!("{error}{}", self.logs());
+        }
+    }
+}
+
+/// Polls `probe` every 200 ms until it returns a value; fails after [`WAIT`] with `what` and
+/// the programs' logs.
+async fn wait_for<T, F, Fut>(stack: &mut Stack, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        stack.assert_running();
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("{what}: not within {} s{}", WAIT.as_secs(), stack.logs());
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A loopback address of its own for this run, in 127.0.0.0/8 but not 127.0.0.1.
+fn own_loopback_address() -> IpAddr {
+    let [a, b, c, ..] = *uuid::Uuid::new_v4().as_bytes();
+    IpAddr::V4(Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254)))
+}
+
+fn grant_yaml(namespace: &str, user: &str) -> String {
+    format!(
+        "apiVersion: fleetaccess.io/v1alpha1
+kind: SessionAccess
+metadata:
+  name: {GRANT}
+  namespace: {namespace}
+spec:
+  principals:
+    users: [{user}]
+  targets:
+    instanceIds: [{INSTANCE}]
+  sessions:
+    ssh: true
+  bridge:
+    ports: [22]
+    clients:
+      - podSelector:
+          matchLabels: {{app: ansible}}
+"
+    )
+}
+
+/// Runs a short command to completion (bounded); returns its standard output.
+async fn run_bounded(command: Command, limit: Duration) -> String {
+    let description = format!("{command:?}");
+    let mut command = tokio::process::Command::from(command);
+    command.stdin(Stdio::null()).kill_on_drop(true);
+    let output = timeout(limit, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{description}: still running after {limit:?}"))
+        .unwrap_or_else(|e| panic!("{description}: {e}"));
+    assert!(
+        output.status.success(),
+        "{description} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The policy documents `fleet-access-operator plan` says the grant stands for, by name.
+async fn planned_policies(
+    operator: &Path,
+    grant_file: &Path,
+    bridge_role: &str,
+    bridge_namespace: &str,
+) -> BTreeMap<String, Value> {
+    let mut plan = Command::new(operator);
+    plan.arg("plan")
+        .arg("-f")
+        .arg(grant_file)
+        .args(["-o", "json", "--account", ACCOUNT, "--region", REGION])
+        .args(["--bridge-role", bridge_role])
+        .args(["--bridge-namespace", bridge_namespace]);
+    let plan: Value = serde_json::from_str(&run_bounded(plan, SSH_TIMEOUT).await).unwrap();
+    let grant = &plan["grants"][0];
+    let mut policies: Vec<&Value> = grant["policies"].as_array().unwrap().iter().collect();
+    policies.extend(grant["bridge"].get("policy"));
+    policies
+        .into_iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["document"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// The default version's document of every policy the grant's status names, by policy name.
+async fn policies_in_moto(
+    iam: &aws_sdk_iam::Client,
+    grant: &SessionAccess,
+) -> BTreeMap<String, Value> {
+    let mut found = BTreeMap::new();
+    for policy in &grant.status.as_ref().unwrap().policies {
+        let name = iam
+            .get_policy()
+            .policy_arn(&policy.arn)
+            .send()
+            .await
+            .unwrap()
+            .policy()
+            .and_then(|p| p.policy_name())
+            .unwrap()
+            .to_owned();
+        let version = iam
+            .get_policy_version()
+            .policy_arn(&policy.arn)
+            .version_id(&policy.version_id)
+            .send()
+            .await
+            .unwrap();
+        let text = version.policy_version().and_then(|v| v.document()).unwrap();
+        let decoded = percent_encoding::percent_decode_str(text)
+            .decode_utf8()
+            .unwrap();
+        found.insert(name, serde_json::from_str(&decoded).unwrap());
+    }
+    found
+}
+
+/// ARNs of the policies under the operator's path that carry `owner` as their owner tag.
+async fn policies_owned_by(iam: &aws_sdk_iam::Client, owner: &str) -> Vec<String> {
+    let listed = iam
+        .list_policies()
+        .path_prefix(POLICY_PATH)
+        .max_items(1000)
+        .send()
+        .await
+        .unwrap();
+    let mut owned = Vec::new();
+    for arn in listed.policies().iter().filter_map(|p| p.arn()) {
+        let tags = iam.list_policy_tags().policy_arn(arn).send().await.unwrap();
+        if tags
+            .tags()
+            .iter()
+            .any(|t| t.key() == OWNER_TAG && t.value() == owner)
+        {
+            owned.push(arn.to_owned());
+        }
+    }
+    owned
+}
+
+fn is_ready(grant: &SessionAccess) -> bool {
+    grant.status.as_ref().is_some_and(|s| {
+        s.observed_generation == grant.metadata.generation
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// The emulator with one instance whose port 22 is `sshd`; document APIs go to moto.
+async fn emulator(moto: &Moto, sshd: &Sshd) -> Running {
+    let mut config = Config {
+        mode: Mode::Fast,
+        upstream: Some(moto.endpoint().to_owned()),
+        ..Config::default()
+    };
+    config.instances.push(
+        InstanceConfig::new(INSTANCE)
+            .with_agent_version("3.3.0.0")
+            .with_port(
+                "22",
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), sshd.port()),
+            ),
+    );
+    Emulator::start(config).await.expect("emulator starts")
+}
+
+// Multi-threaded: ssh runs as child processes while the test polls the API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
+    // 1. The CRDs and the manifests are valid on the real API server.
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    let base = kustomize(&deploy_dir()).expect("kubectl kustomize deploy/");
+    control_plane
+        .dry_run(&base)
+        .expect("every object of deploy/ is valid");
+    let crds: Vec<Value> = base
+        .iter()
+        .filter(|o| kind(o) == "CustomResourceDefinition")
+        .cloned()
+        .collect();
+    control_plane.apply_objects(&crds).expect("CRDs");
+    control_plane
+        .wait_for_crd_established("sessionaccesses.fleetaccess.io", Duration::from_secs(30))
+        .await
+        .expect("the SessionAccess CRD is established");
+
+    // The operator's and the bridge's namespace, and a team's namespace for the grant.
+    let system = control_plane.namespace("fs-system").await.expect("ns");
+    let team = control_plane.namespace("fs-team").await.expect("ns");
+    control_plane
+        .apply_objects(&rbac_in_namespace(&base, system.name()))
+        .expect("the base's RBAC, in the test's namespace");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = |account: &str| -> PathBuf {
+        let path = dir.path().join(format!("{account}.kubeconfig"));
+        control_plane
+            .service_account_kubeconfig(system.name(), account, Duration::from_secs(3600), &path)
+            .expect("a token for the ServiceAccount");
+        path
+    };
+    let (operator_kubeconfig, bridge_kubeconfig) =
+        (kubeconfig(OPERATOR_ACCOUNT), kubeconfig(BRIDGE_ACCOUNT));
+
+    // AWS: a user to grant, the bridge's role; SSM with one instance leading to sshd.
+    let moto = Moto::shared().await.expect("moto");
+    let iam = aws_sdk_iam::Client::new(&moto.sdk_config());
+    let suffix = system.name().trim_start_matches("fs-system-");
+    let (user, bridge_role) = (format!("fs-user-{suffix}"), format!("fs-bridge-{suffix}"));
+    iam.create_user()
+        .user_name(&user)
+        .send()
+        .await
+        .expect("user");
+    iam.create_role()
+        .role_name(&bridge_role)
+        .assume_role_policy_document(
+            r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"pods.eks.amazonaws.com"},"Action":["sts:AssumeRole","sts:TagSession"]}]}"#,
+        )
+        .send()
+        .await
+        .expect("bridge role");
+    let sshd = Sshd::start().await.expect("sshd");
+    let emulator = emulator(moto, &sshd).await;
+
+    // 2. The operator and the bridge as processes.
+    let operator_program = workspace_binary("fleet-access-operator").expect("operator builds");
+    let bridge_program = workspace_binary("agent-bridge").expect("agent-bridge builds");
+    let mut operator = Command::new(&operator_program);
+    operator
+        .args(["run", "--account", ACCOUNT, "--region", REGION])
+        .args([
+            "--admin-address",
+            &format!("127.0.0.1:{}", free_loopback_port().unwrap()),
+        ])
+        .args(["--replica", "full-stack"])
+        .args(["--watch-namespace", team.name()])
+        .args(["--bridge-namespace", system.name()])
+        .args(["--lease-namespace", system.name()])
+        .args(["--bridge-role", &bridge_role])
+        .envs(moto.process_env())
+        .env("AWS_ENDPOINT_URL_IAM", moto.endpoint())
+        .env("AWS_ENDPOINT_URL_SSM", emulator.endpoint_url())
+        .env("KUBECONFIG", &operator_kubeconfig)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let listen_address = own_loopback_address();
+    let mut bridge = Command::new(&bridge_program);
+    bridge
+        .args(["serve", "--namespace", system.name()])
+        .args(["--listen-address", &listen_address.to_string()])
+        .args([
+            "--admin-address",
+            &format!("127.0.0.1:{}", free_loopback_port().unwrap()),
+        ])
+        .args(["--region", REGION, "--ssm-endpoint"])
+        .arg(emulator.endpoint_url())
+        .envs(moto.process_env())
+        .env("KUBECONFIG", &bridge_kubeconfig)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    let mut stack = Stack {
+        operator: SupervisedProcess::spawn(
+            "fleet-access-operator",
+            &operator,
+            &dir.path().join("operator.log"),
+        )
+        .expect("operator starts"),
+        bridge: SupervisedProcess::spawn("agent-bridge", &bridge, &dir.path().join("bridge.log"))
+            .expect("bridge starts"),
+        listen_address,
+    };
+
+    // 3. `kubectl apply -f` a grant; it becomes Ready.
+    let grant_file = dir.path().join("grant.yaml");
+    std::fs::write(&grant_file, grant_yaml(team.name(), &user)).unwrap();
+    let mut apply = control_plane.kubectl().unwrap();
+    apply.arg("apply").arg("-f").arg(&grant_file);
+    run_bounded(apply, SSH_TIMEOUT).await;
+    let grants: Api<SessionAccess> = team.api();
+    let grant = wait_for(&mut stack, "the grant is Ready", || async {
+        grants.get(GRANT).await.ok().filter(is_ready)
+    })
+    .await;
+
+    // The exact policies in moto: what `plan` says, attached to the user and the bridge role.
+    let planned =
+        planned_policies(&operator_program, &grant_file, &bridge_role, system.name()).await;
+    assert_eq!(
+        planned.len(),
+        2,
+        "a user policy and a bridge policy: {planned:#?}"
+    );
+    assert_eq!(
+        policies_in_moto(&iam, &grant).await,
+        planned,
+        "moto holds the planned policies"
+    );
+    let instance_arn = format!("arn:aws:ec2:{REGION}:{ACCOUNT}:instance/{INSTANCE}");
+    for (name, document) in &planned {
+        assert!(
+            document.to_string().contains(&instance_arn),
+            "{name} allows StartSession on {instance_arn}: {document}"
+        );
+    }
+    let attached_to_user = iam
+        .list_attached_user_policies()
+        .user_name(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(attached_to_user.attached_policies().len(), 1);
+    let attached_to_role = iam
+        .list_attached_role_policies()
+        .role_name(&bridge_role)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(attached_to_role.attached_policies().len(), 1);
+
+    // The Service, as the operator-bridge contract says.
+    let services: Api<Service> = system.api();
+    let service = services.get(INSTANCE).await.expect("the endpoint Service");
+    let labels = service.metadata.labels.clone().unwrap_or_default();
+    assert!(
+        managed_labels()
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v)),
+        "managed labels: {labels:?}"
+    );
+    let spec = service.spec.clone().unwrap();
+    assert_eq!(spec.selector, Some(bridge_pod_selector()));
+    let endpoint = EndpointAnnotations::parse(&service.metadata.annotations.clone().unwrap())
+        .expect("contract annotations");
+    assert_eq!(endpoint.instance_id, INSTANCE);
+    let [port] = endpoint.ports.as_slice() else {
+        panic!("one port: {endpoint:?}");
+    };
+    assert_eq!(
+        (port.port, port.document.as_str()),
+        (22, "AWS-StartSSHSession")
+    );
+    let service_ports = spec.ports.unwrap();
+    assert_eq!(service_ports.len(), 1);
+    assert_eq!(service_ports[0].port, 22);
+    assert_eq!(
+        service_ports[0].target_port,
+        Some(
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(
+                port.target_port
+            ))
+        )
+    );
+
+    // ssh through the bridge's listener for that Service reaches the instance's sshd.
+    let listener = SocketAddr::new(stack.listen_address, port.target_port);
+    wait_for(&mut stack, "the bridge listens for the Service", || async {
+        TcpStream::connect(listener).await.ok().map(drop)
+    })
+    .await;
+    let mut ssh = sshd.ssh_command_via(listener);
+    ssh.arg("echo reached-$((6 * 7))-on-$(hostname)");
+    let answer = run_bounded(ssh, SSH_TIMEOUT).await;
+    let hostname = run_bounded(Command::new("hostname"), SSH_TIMEOUT).await;
+    assert_eq!(answer.trim(), format!("reached-42-on-{}", hostname.trim()));
+
+    // A tunnel that stays open until something closes it.
+    let mut long_ssh = tokio::process::Command::from(sshd.ssh_command_via(listener));
+    long_ssh
+        .arg("echo open; sleep 600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut long_ssh = long_ssh.spawn().expect("ssh starts");
+    let mut first_line = String::new();
+    timeout(
+        SSH_TIMEOUT,
+        BufReader::new(long_ssh.stdout.take().unwrap()).read_line(&mut first_line),
+    )
+    .await
+    .expect("the long session opens in time")
+    .unwrap();
+    assert_eq!(first_line.trim(), "open");
+    wait_for(&mut stack, "only the long session is open", || async {
+        (emulator.stats().sessions_active == 1).then_some(())
+    })
+    .await;
+
+    // 4. `kubectl delete` the grant: the Service goes, the tunnel closes, IAM is clean.
+    let mut delete = control_plane.kubectl().unwrap();
+    delete
+        .arg("delete")
+        .arg("-f")
+        .arg(&grant_file)
+        .arg(format!("--timeout={}s", WAIT.as_secs()));
+    run_bounded(delete, WAIT + SSH_TIMEOUT).await;
+    assert!(
+        grants.get_opt(GRANT).await.unwrap().is_none(),
+        "the finalizer let the grant go"
+    );
+    wait_for(&mut stack, "the Service is deleted", || async {
+        services
+            .get_opt(INSTANCE)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let ended = timeout(WAIT, long_ssh.wait())
+        .await
+        .unwrap_or_else(|_| panic!("the open ssh session still runs{}", stack.logs()))
+        .unwrap();
+    assert!(
+        !ended.success(),
+        "ssh ended because its tunnel closed: {ended}"
+    );
+    wait_for(&mut stack, "the SSM session ended", || async {
+        (emulator.stats().sessions_active == 0).then_some(())
+    })
+    .await;
+    assert!(
+        TcpStream::connect(listener).await.is_err(),
+        "the bridge no longer listens for the instance"
+    );
+    let owner = owner_tag_value(team.name(), GRANT);
+    assert_eq!(
+        policies_owned_by(&iam, &owner).await,
+        Vec::<String>::new(),
+        "IAM is clean"
+    );
+    assert!(
+        iam.list_attached_user_policies()
+            .user_name(&user)
+            .send()
+            .await
+            .unwrap()
+            .attached_policies()
+            .is_empty()
+    );
+    assert!(
+        iam.list_attached_role_policies()
+            .role_name(&bridge_role)
+            .send()
+            .await
+            .unwrap()
+            .attached_policies()
+            .is_empty()
+    );
+    assert!(
+        emulator.violations().is_empty(),
+        "{:?}",
+        emulator.violations()
+    );
+    stack.assert_running();
+}
