@@ -12,18 +12,16 @@ use std::{collections::BTreeMap, future::Future, path::PathBuf, process::Stdio, 
 
 use fleet_access_crds::SessionAccess;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
-use fleet_access_tests::{ControlPlane, Moto, TestNamespace, free_loopback_port};
+use fleet_access_tests::{
+    ControlPlane, Moto, TestNamespace, free_loopback_port, http_get, loopback,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
 };
 use serde_json::json;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::Instant,
-};
+use tokio::time::Instant;
 
 const WAIT: Duration = Duration::from_secs(120);
 const INSTANCE: &str = "i-0000000000000000a";
@@ -196,23 +194,7 @@ where
 
 /// GET `path` on the admin endpoint: (status code, body), or `None` when nothing answers.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        stream.read_to_string(&mut response),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((code, body))
+    http_get(loopback(port), path).await
 }
 
 /// One sample of the Prometheus text format: name, labels, value.

@@ -24,6 +24,6 @@ pub use control_plane::{ControlPlane, TestNamespace};
 pub use error::{FixtureError, FixtureResult};
 pub use locations::{Locations, cache_dir, session_manager_plugin_path};
 pub use moto::Moto;
-pub use process::{SupervisedProcess, free_loopback_port};
+pub use process::{SupervisedProcess, free_loopback_port, http_get, loopback};
 pub use prometheus::{Prometheus, Sample};
 pub use sshd::Sshd;

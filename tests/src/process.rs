@@ -246,6 +246,27 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
+/// How long [`http_get`] waits for a whole answer.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A plain HTTP/1.1 GET of `path` on `address` (an admin endpoint: /metrics, /healthz, ...),
+/// asking the server to close the connection after answering. Returns the status code and the
+/// body; `None` when nothing answers or the answer is not HTTP (within 10 s).
+pub async fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(HTTP_TIMEOUT, stream.read_to_string(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
 /// True when something accepts TCP connections on `address`.
 pub async fn accepts_connections(address: SocketAddr) -> bool {
     tokio::net::TcpStream::connect(address).await.is_ok()

@@ -581,28 +581,6 @@ async fn sigterm_drains_a_transfer_that_ends_within_the_grace_period() {
     stopping.await.expect("drained");
 }
 
-/// The body of an HTTP/1.0 GET (the admin server closes the connection after answering).
-async fn http_get(address: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(address).await.expect("connect");
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .expect("a complete response");
-    assert!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "{head}"
-    );
-    body.to_owned()
-}
-
 /// A tiny HTTP server answering every request with its own path.
 async fn http_server() -> SocketAddr {
     let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
@@ -746,7 +724,10 @@ async fn prometheus_scrapes_what_a_session_caused() {
     assert!(received[0].value > 100_000.0);
 
     // Names, units, help texts and types pass Prometheus's own linter on the live scrape.
-    let scrape = http_get(admin_address, "/metrics").await;
+    let (code, scrape) = fleet_access_tests::http_get(admin_address, "/metrics")
+        .await
+        .expect("/metrics answers");
+    assert_eq!(code, 200);
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
