@@ -1,6 +1,7 @@
 //! The operator's Prometheus metrics, registered on a registry handed in (never the global
 //! one). Label values are bounded: error kinds, AWS services and operation names, outcomes and
-//! grant states.
+//! grant states; the one per-grant series (window end) exists once per grant with a window, so it
+//! is bounded by the grants themselves and withdrawn when a grant goes.
 
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -22,6 +23,10 @@ pub struct Metrics {
     pub grants: IntGaugeVec,
     /// 1 while this replica holds the leader Lease and runs the controllers, else 0.
     pub leader: IntGauge,
+    /// Unix time at which a grant's window ends, by grant namespace and name; only for grants
+    /// with `spec.window.expiresAt`. The labels are not `namespace`/`name`: a scrape adds the
+    /// target pod's `namespace`, which would rename the grant's to `exported_namespace`.
+    pub grant_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -60,7 +65,16 @@ impl Metrics {
             "fleet_access_operator_leader",
             "1 while this replica holds the leader Lease and reconciles.",
         )?;
+        let grant_expiry = IntGaugeVec::new(
+            Opts::new(
+                "fleet_access_operator_grant_expiry_timestamp_seconds",
+                "Unix time at which a grant's window ends (spec.window.expiresAt); absent for \
+                 grants without one.",
+            ),
+            &["grant_namespace", "grant_name"],
+        )?;
         registry.register(Box::new(reconcile_duration.clone()))?;
+        registry.register(Box::new(grant_expiry.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(aws_calls.clone()))?;
@@ -71,6 +85,7 @@ impl Metrics {
             aws_calls,
             grants,
             leader,
+            grant_expiry,
         })
     }
 

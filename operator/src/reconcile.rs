@@ -136,6 +136,24 @@ impl Context {
         }
     }
 
+    /// Exports when `grant`'s window ends, or withdraws the series when it has no end (or the
+    /// grant is gone), so that the label set follows the grants.
+    fn set_expiry(&self, grant: &SessionAccess, expires_at: Option<Timestamp>) {
+        let (namespace, name) = (grant.namespace().unwrap_or_default(), grant.name_any());
+        let labels = [namespace.as_str(), name.as_str()];
+        match expires_at {
+            Some(at) => self
+                .metrics
+                .grant_expiry
+                .with_label_values(&labels)
+                .set(at.as_second()),
+            // Absent already is fine.
+            None => {
+                let _ = self.metrics.grant_expiry.remove_label_values(&labels);
+            }
+        }
+    }
+
     fn set_state(&self, grant: &str, state: Option<&'static str>) {
         let Ok(mut states) = self.states.lock() else {
             return;
@@ -301,6 +319,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     let now = Timestamp::now();
     let expired = expiry(grant).is_some_and(|at| at <= now);
     let previous = grant.status.clone();
+    ctx.set_expiry(grant, expiry(grant));
 
     let desired = match desired::compute(grant, &ctx.settings) {
         Ok(d) => d,
@@ -891,6 +910,7 @@ async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
     sync(grant, &id, &[], &known, &[], ctx).await?;
     sync_endpoints(grant, &id, &[], &[], ctx).await?;
     ctx.set_state(&id, None);
+    ctx.set_expiry(grant, None);
     Ok(Action::await_change())
 }
 

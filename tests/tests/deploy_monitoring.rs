@@ -21,7 +21,7 @@ use std::{
 };
 
 use fleet_access_crds::SessionAccess;
-use fleet_access_tests::{ControlPlane, free_loopback_port, workspace_binary};
+use fleet_access_tests::{ControlPlane, free_loopback_port, http_get, loopback, workspace_binary};
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 use tokio::{
@@ -312,17 +312,6 @@ fn names_in_dashboard() -> BTreeSet<String> {
 
 // === live scrapes ===
 
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    Some(response)
-}
-
 /// Series names in a scrape (`name{...} value` and `name value` lines).
 fn exported(scrape: &str) -> BTreeSet<String> {
     scrape
@@ -337,9 +326,9 @@ fn exported(scrape: &str) -> BTreeSet<String> {
 async fn scrape_until(port: u16, wanted: &BTreeSet<String>, what: &str) -> BTreeSet<String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
-        let names = http_get(port, "/metrics")
+        let names = http_get(loopback(port), "/metrics")
             .await
-            .map(|r| exported(&r))
+            .map(|(_, body)| exported(&body))
             .unwrap_or_default();
         let missing: Vec<&String> = wanted.difference(&names).collect();
         if missing.is_empty() {
@@ -453,6 +442,8 @@ async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet
             "principals": {"users": ["alice"]},
             "targets": {"instanceIds": ["i-0123456789abcdef0"]},
             "sessions": {"ssh": true},
+            // A window, so that the grant's expiry gauge is exported too.
+            "window": {"expiresAt": "2099-01-01T00:00:00Z"},
         },
     }))
     .unwrap();

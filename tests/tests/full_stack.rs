@@ -31,11 +31,11 @@ use fleet_access_crds::{
 use fleet_access_operator::naming::{OWNER_TAG, POLICY_PATH, owner_tag_value};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
-    ControlPlane, Moto, Sshd, SupervisedProcess, free_loopback_port,
+    ControlPlane, Moto, Sshd, SupervisedProcess, free_loopback_port, http_get, loopback,
     manifests::{deploy_dir, kind, kustomize, rbac_in_namespace},
     workspace_binary,
 };
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::{api::core::v1::Service, jiff::Timestamp};
 use kube::Api;
 use serde_json::Value;
 use tokio::{
@@ -111,7 +111,8 @@ fn own_loopback_address() -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254)))
 }
 
-fn grant_yaml(namespace: &str, user: &str) -> String {
+fn grant_yaml(namespace: &str, user: &str, expires_at: Timestamp) -> String {
+    let expires_at = expires_at.strftime("%Y-%m-%dT%H:%M:%SZ");
     format!(
         "apiVersion: fleetaccess.io/v1alpha1
 kind: SessionAccess
@@ -130,6 +131,8 @@ spec:
     clients:
       - podSelector:
           matchLabels: {{app: ansible}}
+  window:
+    expiresAt: {expires_at}
 "
     )
 }
@@ -237,6 +240,20 @@ async fn policies_owned_by(iam: &aws_sdk_iam::Client, owner: &str) -> Vec<String
     owned
 }
 
+/// The value of the grant's `fleet_access_operator_grant_expiry_timestamp_seconds` series on
+/// the operator's /metrics, if exported.
+async fn expiry_gauge(admin: SocketAddr, namespace: &str) -> Option<f64> {
+    let (_, body) = http_get(admin, "/metrics").await?;
+    let (grant, grant_namespace) = (
+        format!("grant_name=\"{GRANT}\""),
+        format!("grant_namespace=\"{namespace}\""),
+    );
+    body.lines()
+        .filter(|l| l.starts_with("fleet_access_operator_grant_expiry_timestamp_seconds{"))
+        .find(|l| l.contains(&grant) && l.contains(&grant_namespace))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 fn is_ready(grant: &SessionAccess) -> bool {
     grant.status.as_ref().is_some_and(|s| {
         s.observed_generation == grant.metadata.generation
@@ -325,13 +342,11 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     // 2. The operator and the bridge as processes.
     let operator_program = workspace_binary("fleet-access-operator").expect("operator builds");
     let bridge_program = workspace_binary("agent-bridge").expect("agent-bridge builds");
+    let operator_admin = loopback(free_loopback_port().unwrap());
     let mut operator = Command::new(&operator_program);
     operator
         .args(["run", "--account", ACCOUNT, "--region", REGION])
-        .args([
-            "--admin-address",
-            &format!("127.0.0.1:{}", free_loopback_port().unwrap()),
-        ])
+        .args(["--admin-address", &operator_admin.to_string()])
         .args(["--replica", "full-stack"])
         .args(["--watch-namespace", team.name()])
         .args(["--bridge-namespace", system.name()])
@@ -372,7 +387,9 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
 
     // 3. `kubectl apply -f` a grant; it becomes Ready.
     let grant_file = dir.path().join("grant.yaml");
-    std::fs::write(&grant_file, grant_yaml(team.name(), &user)).unwrap();
+    // Two hours from now, whole seconds (what the operator's expiry gauge reports).
+    let expires_at = Timestamp::from_second(Timestamp::now().as_second() + 7200).unwrap();
+    std::fs::write(&grant_file, grant_yaml(team.name(), &user, expires_at)).unwrap();
     let mut apply = control_plane.kubectl().unwrap();
     apply.arg("apply").arg("-f").arg(&grant_file);
     run_bounded(apply, SSH_TIMEOUT).await;
@@ -416,6 +433,13 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         .await
         .unwrap();
     assert_eq!(attached_to_role.attached_policies().len(), 1);
+
+    // The operator exports when the grant's window ends (for the expiring-soon alert).
+    let exported_expiry = wait_for(&mut stack, "the grant's expiry gauge", || async {
+        expiry_gauge(operator_admin, team.name()).await
+    })
+    .await;
+    assert_eq!(exported_expiry, expires_at.as_second() as f64);
 
     // The Service, as the operator-bridge contract says.
     let services: Api<Service> = system.api();
@@ -523,6 +547,13 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         TcpStream::connect(listener).await.is_err(),
         "the bridge no longer listens for the instance"
     );
+    wait_for(&mut stack, "the expiry gauge is withdrawn", || async {
+        expiry_gauge(operator_admin, team.name())
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
     let owner = owner_tag_value(team.name(), GRANT);
     assert_eq!(
         policies_owned_by(&iam, &owner).await,

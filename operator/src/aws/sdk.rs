@@ -78,6 +78,9 @@ impl SdkAws {
             | "InvalidDocumentVersion"
             | "InvalidResourceId"
             | "Transport" => outcome,
+            // IAM says AccessDenied, SSM AccessDeniedException: one value for a missing
+            // permission of the operator's role, which the troubleshooting guide explains.
+            "AccessDenied" | "AccessDeniedException" => "AccessDenied".to_owned(),
             _ => "other".to_owned(),
         };
         self.metrics
