@@ -67,7 +67,8 @@ where
         .clone()
         .unwrap_or_else(|| "SSM-SessionManagerRunShell".into());
     let metrics = &context.metrics;
-    let target = match context.control.start_session(request).await {
+    // Boxed: the SDK's future is several KiB and would otherwise stay in the task for its life.
+    let target = match Box::pin(context.control.start_session(request)).await {
         Ok(target) => target,
         Err(error) => {
             metrics.session_failed_to_start(&document);

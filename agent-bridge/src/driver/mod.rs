@@ -25,7 +25,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -66,8 +66,15 @@ pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// One WebSocket write may take this long. A gateway that stops reading (a black hole) fills
 /// the TCP send buffer and would otherwise block the loop, the ping timer included, for ever.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(20);
-/// Bytes read from a local connection at once (then cut into session chunks).
-pub const DEFAULT_LOCAL_READ_SIZE: usize = 32 * 1024;
+/// Bytes read from a local connection at once: one full smux frame, hence one message.
+pub const DEFAULT_LOCAL_READ_SIZE: usize = crate::protocol::smux::MAX_FRAME_DATA;
+/// A local connection's first read room (it grows to the read size under load).
+const MIN_READ_ROOM: usize = 4 * 1024;
+/// WebSocket read buffer: one read takes up to this much (tungstenite's default is 128 KiB per
+/// connection, idle or not).
+const WS_READ_BUFFER: usize = 8 * 1024;
+/// Write coalescing; every message is flushed when sent, so a small buffer costs nothing.
+const WS_WRITE_BUFFER: usize = 8 * 1024;
 /// Chunks queued toward one local connection before the session stops draining events.
 pub const DEFAULT_LOCAL_WRITE_QUEUE: usize = 64;
 /// Largest WebSocket message accepted: far above any SSM frame, small enough to bound memory.
@@ -242,11 +249,13 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             epoch_ms,
             rand_seed(),
         );
-        let ws = match self.dial(&target).await {
+        // Calls that happen once or rarely are boxed: their futures (the SDK's are several KiB)
+        // would otherwise be laid out inline in every tunnel's task for its whole life.
+        let ws = match Box::pin(self.dial(&target)).await {
             Ok(ws) => ws,
             Err(e) => {
                 warn!(error = %e, "first dial failed; resuming");
-                self.reconnect(&mut session, &mut target).await?
+                Box::pin(self.reconnect(&mut session, &mut target)).await?
             }
         };
         let mut run = Run {
@@ -275,7 +284,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
         run.local_tx = Some(tx);
         run.local_rx = Some(rx);
         let result = run.drive(shutdown).await;
-        if let Err(e) = self.control.terminate_session(&run.target.session_id).await {
+        if let Err(e) = Box::pin(self.control.terminate_session(&run.target.session_id)).await {
             debug!(error = %e, "TerminateSession after close");
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), run.ws.close(None)).await;
@@ -311,6 +320,8 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             Connector::Plain
         };
         let ws_config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER)
+            .write_buffer_size(WS_WRITE_BUFFER)
             .max_message_size(Some(MAX_WS_MESSAGE))
             .max_frame_size(Some(MAX_WS_MESSAGE));
         let connect = tokio_tungstenite::connect_async_tls_with_config(
@@ -436,7 +447,7 @@ where
         let mut incoming_open = true;
         loop {
             let now = Instant::now();
-            self.feed_pending_local(now);
+            self.feed_pending_local();
             if let Some(outcome) = self.drain_events(now) {
                 return Ok(outcome);
             }
@@ -538,7 +549,7 @@ where
                 }
                 Turn::Local(Some(LocalInput::Data(key, data))) => {
                     self.pending_local = Some((key, data));
-                    self.feed_pending_local(now);
+                    self.feed_pending_local();
                 }
                 Turn::Local(Some(LocalInput::Eof(key))) => self.local_eof(now, key),
                 Turn::Local(None) => {}
@@ -590,23 +601,20 @@ where
         }
         self.outgoing = None;
         info!(session_id = %self.target.session_id, "WebSocket lost; resuming the session");
-        let ws = self
-            .tunnel
-            .reconnect(&mut self.session, &mut self.target)
-            .await?;
+        let ws = Box::pin(self.tunnel.reconnect(&mut self.session, &mut self.target)).await?;
         self.ws = ws;
         self.last_heard = Instant::now();
         Ok(None)
     }
 
     /// Hands pending local bytes to the session as far as its window allows.
-    fn feed_pending_local(&mut self, now: Instant) {
+    fn feed_pending_local(&mut self) {
         let Some((key, data)) = self.pending_local.take() else {
             return;
         };
         let result = match self.mode {
-            Some(ForwardingMode::Mux) => self.session.write_stream(now.into_std(), key, &data),
-            _ => self.session.handle_local_data(now.into_std(), &data),
+            Some(ForwardingMode::Mux) => self.session.write_stream(key, &data),
+            _ => self.session.handle_local_data(&data),
         };
         match result {
             Ok(n) if n < data.len() => self.pending_local = Some((key, data.slice(n..))),
@@ -623,7 +631,7 @@ where
         let now = now.into_std();
         match self.mode {
             Some(ForwardingMode::Mux) => {
-                let _ = self.session.close_stream(now, key);
+                let _ = self.session.close_stream(key);
             }
             _ if self.tunnel.config.end_on_local_eof => self.session.terminate(now),
             _ => {
@@ -639,7 +647,7 @@ where
 
     fn attach(&mut self, now: Instant, conn: L) {
         let key = match self.mode {
-            Some(ForwardingMode::Mux) => match self.session.open_stream(now.into_std()) {
+            Some(ForwardingMode::Mux) => match self.session.open_stream() {
                 Ok(id) => id,
                 Err(e) => {
                     warn!(error = %e, "cannot open a stream; dropping the connection");
@@ -729,15 +737,26 @@ where
     let (mut rd, mut wr) = tokio::io::split(conn);
     let (writer, mut rx) = mpsc::channel::<Bytes>(write_queue.max(1));
     let reader = tokio::spawn(async move {
-        let mut buf = vec![0u8; read_size.max(1)];
+        // Reads land in spare capacity and leave as `Bytes` without a copy or a memset. The
+        // room grows from MIN_READ_ROOM to `read_size` while reads fill it, so an idle or
+        // interactive connection holds a small block and a bulk one reads whole frames.
+        let read_size = read_size.max(1);
+        let mut room = MIN_READ_ROOM.min(read_size);
+        let mut buf = BytesMut::new();
         loop {
-            match rd.read(&mut buf).await {
+            if buf.capacity() < room {
+                buf.reserve(room);
+            }
+            match rd.read_buf(&mut (&mut buf).limit(room)).await {
                 Ok(0) | Err(_) => {
                     let _ = to_driver.send(LocalInput::Eof(key)).await;
                     return;
                 }
                 Ok(n) => {
-                    let data = Bytes::copy_from_slice(&buf[..n]);
+                    if n == room {
+                        room = (room * 2).min(read_size);
+                    }
+                    let data = buf.split().freeze();
                     if to_driver.send(LocalInput::Data(key, data)).await.is_err() {
                         return;
                     }

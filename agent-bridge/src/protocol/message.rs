@@ -13,7 +13,6 @@
 //! ```
 
 use bytes::{BufMut, Bytes};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 // === layout ===
@@ -427,7 +426,10 @@ pub fn is_acknowledge(frame: &[u8]) -> bool {
 
 /// SHA-256 of the payload bytes as transmitted.
 pub fn payload_digest(payload: &[u8]) -> [u8; 32] {
-    Sha256::digest(payload).into()
+    let digest = ring::digest::digest(&ring::digest::SHA256, payload);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
 }
 
 /// The section 2.4 MessageId order: the second 8 bytes first. Its own inverse.

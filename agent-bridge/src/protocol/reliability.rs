@@ -105,6 +105,11 @@ impl SendBuffer {
         seq
     }
 
+    /// True while some message has never been sent.
+    pub(crate) fn has_unsent(&self) -> bool {
+        self.next_unsent < self.next_seq
+    }
+
     /// Messages not yet acknowledged (sent or not).
     pub(crate) fn len(&self) -> usize {
         self.entries.len()

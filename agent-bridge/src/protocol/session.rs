@@ -32,9 +32,10 @@ use super::smux::{MuxClient, MuxError, MuxEvent, OpenError, StreamCloseReason, S
 // === Config ===
 
 /// Payload bytes per outgoing Output message. SMP and the agent use 1024 with a 1 ms sleep
-/// (section 6.2); BRG reports 8 KiB and 32 KiB work against agent 3.3.3572.0. 8 KiB cuts the
-/// message rate eightfold, which keeps bulk uploads under the gateway's ~1000 msg/s.
-pub const DEFAULT_CHUNK_SIZE: usize = 8 * 1024;
+/// (section 6.2); BRG reports 8 KiB and 32 KiB work against agent 3.3.3572.0. 32 KiB cuts the
+/// message rate 32-fold, so bulk uploads stay far under the gateway's ~1000 msg/s: the pacer,
+/// not the chunk, bounds throughput.
+pub const DEFAULT_CHUNK_SIZE: usize = 32 * 1024;
 /// Unacked messages before local reads stop (the reference buffers 10,000, then evicts).
 pub const DEFAULT_MAX_UNACKED_MESSAGES: usize = 2048;
 /// Unacked payload bytes before local reads stop: bounds memory per session.
@@ -350,6 +351,10 @@ pub struct Session {
     config: Config,
     state: State,
     send: SendBuffer,
+    /// Output accepted but not yet cut into messages. It is cut when the transport asks for the
+    /// next frame, so while the pacer holds messages back, later writes fill one message
+    /// instead of queueing many small ones.
+    unsent_output: BytesMut,
     recv: ReceiveBuffer,
     /// Unsequenced frames (acks); sent before sequenced ones, even while paused.
     control: VecDeque<Bytes>,
@@ -377,6 +382,7 @@ impl Session {
                 deadline: now + config.handshake_timeout,
             },
             send: SendBuffer::new(rtt),
+            unsent_output: BytesMut::new(),
             recv: ReceiveBuffer::new(config.max_reorder_messages),
             control: VecDeque::new(),
             events: VecDeque::new(),
@@ -460,10 +466,10 @@ impl Session {
 
     /// Basic mode: offers local bytes; returns how many were accepted (the rest must be offered
     /// again later: backpressure). Accepts at most [`Session::send_capacity`] bytes.
-    pub fn handle_local_data(&mut self, now: Instant, data: &[u8]) -> Result<usize, SessionError> {
+    pub fn handle_local_data(&mut self, data: &[u8]) -> Result<usize, SessionError> {
         self.require_mode(ForwardingMode::Basic)?;
         let n = data.len().min(self.send_capacity());
-        self.push_output(now, &data[..n]);
+        self.push_output(&data[..n]);
         Ok(n)
     }
 
@@ -480,7 +486,7 @@ impl Session {
     }
 
     /// Mux mode: opens a stream (sends SYN). Its data then flows with [`Session::write_stream`].
-    pub fn open_stream(&mut self, now: Instant) -> Result<StreamId, SessionError> {
+    pub fn open_stream(&mut self) -> Result<StreamId, SessionError> {
         self.require_mode(ForwardingMode::Mux)?;
         if self.send_capacity() == 0 {
             return Err(SessionError::WouldBlock);
@@ -491,18 +497,13 @@ impl Session {
             OpenError::TooMany => SessionError::TooManyStreams,
             OpenError::IdsExhausted => SessionError::StreamIdsExhausted,
         })?;
-        self.push_output(now, &out);
+        self.push_output(&out);
         Ok(id)
     }
 
     /// Mux mode: offers bytes for one stream; returns how many were accepted (backpressure as
     /// in [`Session::handle_local_data`]).
-    pub fn write_stream(
-        &mut self,
-        now: Instant,
-        stream: StreamId,
-        data: &[u8],
-    ) -> Result<usize, SessionError> {
+    pub fn write_stream(&mut self, stream: StreamId, data: &[u8]) -> Result<usize, SessionError> {
         self.require_mode(ForwardingMode::Mux)?;
         let capacity = self.send_capacity();
         let mux = self.mux.as_mut().ok_or(SessionError::NotOpen)?;
@@ -515,19 +516,19 @@ impl Session {
         }
         let mut out = BytesMut::with_capacity(MuxClient::framed_len(n));
         mux.write(stream, &data[..n], &mut out);
-        self.push_output(now, &out);
+        self.push_output(&out);
         Ok(n)
     }
 
     /// Mux mode: the local connection of `stream` ended; sends FIN and forgets the stream.
-    pub fn close_stream(&mut self, now: Instant, stream: StreamId) -> Result<(), SessionError> {
+    pub fn close_stream(&mut self, stream: StreamId) -> Result<(), SessionError> {
         self.require_mode(ForwardingMode::Mux)?;
         let mut out = BytesMut::new();
         let mux = self.mux.as_mut().ok_or(SessionError::NotOpen)?;
         if !mux.close(stream, &mut out) {
             return Err(SessionError::UnknownStream(stream));
         }
-        self.push_output(now, &out);
+        self.push_output(&out);
         Ok(())
     }
 
@@ -600,7 +601,7 @@ impl Session {
             }
             // A NOP is skipped rather than queued past a full window.
             if !out.is_empty() && self.send_capacity() >= out.len() {
-                self.push_output(now, &out);
+                self.push_output(&out);
             }
         }
     }
@@ -616,7 +617,12 @@ impl Session {
         let frame = match self.control.pop_front() {
             Some(frame) => Some(frame),
             None if self.paused => None,
-            None => self.send.poll_transmit(now),
+            None => {
+                if !self.send.has_unsent() {
+                    self.cut_output(now, false);
+                }
+                self.send.poll_transmit(now)
+            }
         };
         if frame.is_some() {
             self.stats.frames_sent += 1;
@@ -660,15 +666,17 @@ impl Session {
         if !matches!(self.state, State::Open) {
             return 0;
         }
+        let chunk = self.config.chunk_size.max(1);
+        let unsent = self.unsent_output.len();
         let messages = self
             .config
             .max_unacked_messages
-            .saturating_sub(self.send.len());
+            .saturating_sub(self.send.len() + unsent.div_ceil(chunk));
         let bytes = self
             .config
             .max_unacked_bytes
-            .saturating_sub(self.send.payload_bytes());
-        bytes.min(messages.saturating_mul(self.config.chunk_size.max(1)))
+            .saturating_sub(self.send.payload_bytes() + unsent);
+        bytes.min(messages.saturating_mul(chunk))
     }
 
     /// What the handshake established, once complete.
@@ -711,7 +719,7 @@ impl Session {
             srtt: rtt.srtt(),
             rto: rtt.rto(),
             unacked_messages: self.send.len(),
-            unacked_bytes: self.send.payload_bytes(),
+            unacked_bytes: self.send.payload_bytes() + self.unsent_output.len(),
             reorder_buffered: self.recv.buffered_messages(),
             paused: self.paused,
             open_streams: self.mux.as_ref().map_or(0, MuxClient::stream_count),
@@ -770,8 +778,14 @@ impl Session {
         self.state = State::Closed;
     }
 
-    /// Allocates a sequence number and buffers one `input_stream_data` message.
+    /// Buffers one `input_stream_data` message after all output written before it.
     fn push_sequenced(&mut self, now: Instant, payload_type: PayloadType, payload: Bytes) {
+        self.cut_output(now, true);
+        self.sequence(now, payload_type, payload);
+    }
+
+    /// Allocates a sequence number and buffers one `input_stream_data` message.
+    fn sequence(&mut self, now: Instant, payload_type: PayloadType, payload: Bytes) {
         let created = self.clock.epoch_ms(now);
         let id = self.ids.next();
         let len = payload.len();
@@ -790,11 +804,22 @@ impl Session {
         });
     }
 
-    /// Splits stream bytes into Output messages of at most `chunk_size`.
-    fn push_output(&mut self, now: Instant, bytes: &[u8]) {
+    /// Accepts stream bytes; they become Output messages in [`Session::cut_output`].
+    fn push_output(&mut self, bytes: &[u8]) {
         self.stats.bytes_sent += bytes.len() as u64;
-        for chunk in bytes.chunks(self.config.chunk_size.max(1)) {
-            self.push_sequenced(now, PayloadType::Output, Bytes::copy_from_slice(chunk));
+        self.unsent_output.extend_from_slice(bytes);
+    }
+
+    /// Cuts unsent output into Output messages of at most `chunk_size`: one message, or with
+    /// `all` every byte (before a flag or a response that must follow the data).
+    fn cut_output(&mut self, now: Instant, all: bool) {
+        while !self.unsent_output.is_empty() {
+            let n = self.unsent_output.len().min(self.config.chunk_size.max(1));
+            let payload = self.unsent_output.split_to(n).freeze();
+            self.sequence(now, PayloadType::Output, payload);
+            if !all {
+                break;
+            }
         }
     }
 

@@ -21,8 +21,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub const VERSION: u8 = 1;
 /// Frame header length.
 pub const HEADER_LEN: usize = 8;
-/// Largest data chunk per PSH frame we write (`DefaultConfig().MaxFrameSize`).
-pub const MAX_FRAME_DATA: usize = 32_768;
+/// Largest data chunk per PSH frame we write: below the reference's 32,768
+/// (`DefaultConfig().MaxFrameSize`), so that a frame with its header fills exactly one
+/// [`super::session::DEFAULT_CHUNK_SIZE`] message instead of spilling 8 bytes into a second.
+pub const MAX_FRAME_DATA: usize = 32 * 1024 - HEADER_LEN;
 /// NOP interval when keepalive is on (`DefaultConfig().KeepAliveInterval`).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Close when nothing arrived for this long, keepalive on (`DefaultConfig().KeepAliveTimeout`).

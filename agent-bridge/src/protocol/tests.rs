@@ -288,7 +288,7 @@ fn handshake_response_reports_client_version_and_acks_request() {
     // Nothing but the HandshakeResponse before HandshakeComplete.
     assert_eq!(p.session.send_capacity(), 0);
     assert_eq!(
-        p.session.handle_local_data(p.now, b"early"),
+        p.session.handle_local_data(b"early"),
         Err(SessionError::NotOpen)
     );
     assert!(p.transmit().data.is_empty());
@@ -314,7 +314,7 @@ fn basic_for_ssh_and_for_old_agents() {
     let info = p.handshake("3.0.196.0", LFW);
     assert_eq!(info.mode, ForwardingMode::Basic);
     assert_eq!(
-        p.session.open_stream(p.now),
+        p.session.open_stream(),
         Err(SessionError::WrongMode {
             mode: ForwardingMode::Basic
         })
@@ -377,7 +377,7 @@ fn legacy_agent_without_handshake_streams_basic() {
 fn lost_data_is_retransmitted_with_identical_bytes() {
     let mut p = Pair::new(Config::default());
     p.basic_open();
-    assert_eq!(p.session.handle_local_data(p.now, b"abc").unwrap(), 3);
+    assert_eq!(p.session.handle_local_data(b"abc").unwrap(), 3);
     let first: Vec<Bytes> = std::iter::from_fn(|| p.session.poll_transmit(p.now)).collect();
     assert_eq!(first.len(), 1);
     // Lost. The RTO (initial 200 ms, the handshake ack gave one sample) fires:
@@ -496,13 +496,11 @@ fn withheld_acks_back_off_and_never_evict() {
     p.basic_open();
     assert_eq!(p.session.send_capacity(), 12);
     assert_eq!(
-        p.session
-            .handle_local_data(p.now, b"0123456789abcdef")
-            .unwrap(),
+        p.session.handle_local_data(b"0123456789abcdef").unwrap(),
         12
     );
     assert_eq!(p.session.send_capacity(), 0);
-    assert_eq!(p.session.handle_local_data(p.now, b"more").unwrap(), 0);
+    assert_eq!(p.session.handle_local_data(b"more").unwrap(), 0);
     let sent = p.transmit().data;
     assert_eq!(payloads(&sent), b"0123456789ab");
     // The agent withholds acks: retransmissions keep coming, spaced by a growing RTO up to
@@ -521,21 +519,21 @@ fn withheld_acks_back_off_and_never_evict() {
     assert_eq!(p.session.stats().unacked_messages, 3);
     p.ack_all(&sent);
     assert_eq!(p.session.send_capacity(), 12);
-    assert_eq!(p.session.handle_local_data(p.now, b"more").unwrap(), 4);
+    assert_eq!(p.session.handle_local_data(b"more").unwrap(), 4);
 }
 
 #[test]
 fn reconnect_keeps_sequence_and_resends_in_flight() {
     let mut p = Pair::new(Config::default());
     p.basic_open();
-    p.session.handle_local_data(p.now, b"before").unwrap();
+    p.session.handle_local_data(b"before").unwrap();
     let lost = p.transmit().data;
     assert_eq!(lost[0].sequence_number, 1);
     p.session.reset_transport(p.now);
     let resent = p.transmit().data;
     assert_eq!(resent, lost);
     p.ack_all(&resent);
-    p.session.handle_local_data(p.now, b"after").unwrap();
+    p.session.handle_local_data(b"after").unwrap();
     let next = p.transmit().data;
     assert_eq!(next[0].sequence_number, 2);
     // The agent's numbering also continues, and an already-processed message is re-acked.
@@ -628,12 +626,12 @@ fn reorder_buffer_is_bounded() {
 fn pause_stops_data_and_retransmission_but_not_acks() {
     let mut p = Pair::new(Config::default());
     p.basic_open();
-    p.session.handle_local_data(p.now, b"first").unwrap();
+    p.session.handle_local_data(b"first").unwrap();
     let in_flight = p.transmit().data;
     let pause = p.agent.control(MessageType::PausePublication, Vec::new());
     p.deliver(&pause).unwrap();
     assert!(p.session.is_paused());
-    p.session.handle_local_data(p.now, b"second").unwrap();
+    p.session.handle_local_data(b"second").unwrap();
     let frame = p.agent.send(PayloadType::Output, b"in");
     p.deliver(&frame).unwrap();
     let sent = p.transmit();
@@ -691,10 +689,7 @@ fn channel_closed_surfaces_output() {
             Some("Plugin with name Port is not supported".into())
         ))
     );
-    assert_eq!(
-        p.session.handle_local_data(p.now, b"x"),
-        Err(SessionError::Closed)
-    );
+    assert_eq!(p.session.handle_local_data(b"x"), Err(SessionError::Closed));
     assert!(p.session.poll_transmit(p.now).is_none());
 }
 
@@ -702,7 +697,7 @@ fn channel_closed_surfaces_output() {
 fn short_header_channel_closed_with_nul_padding_is_understood() {
     let mut p = Pair::new(Config::default());
     p.mux_open();
-    let stream = p.session.open_stream(p.now).unwrap();
+    let stream = p.session.open_stream().unwrap();
     let payload = br#"{"Output":""}"#;
     let mut frame = Vec::new();
     frame.extend_from_slice(&112u32.to_be_bytes());
@@ -815,10 +810,11 @@ fn basic_data_round_trip_is_chunked_and_never_rewritten() {
     let mut p = Pair::new(config);
     p.basic_open();
     let data: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
-    assert_eq!(p.session.handle_local_data(p.now, &data).unwrap(), 2500);
+    assert_eq!(p.session.handle_local_data(&data).unwrap(), 2500);
+    let mut sent = p.transmit().data;
     // A lone LF must travel as LF (section 6.2 hazard).
-    assert_eq!(p.session.handle_local_data(p.now, b"\n").unwrap(), 1);
-    let sent = p.transmit().data;
+    assert_eq!(p.session.handle_local_data(b"\n").unwrap(), 1);
+    sent.extend(p.transmit().data);
     let sizes: Vec<usize> = sent.iter().map(|m| m.payload.len()).collect();
     assert_eq!(sizes, vec![1000, 1000, 500, 1]);
     assert!(sent.iter().all(|m| m.payload_type == PayloadType::Output));
@@ -830,15 +826,39 @@ fn basic_data_round_trip_is_chunked_and_never_rewritten() {
     assert_eq!(p.session.stats().bytes_sent, 2501);
 }
 
+#[test]
+fn writes_made_while_a_frame_waits_fill_one_message() {
+    let config = Config {
+        chunk_size: 1000,
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    p.basic_open();
+    // The driver holds one frame for the pacer; the writes after it wait, uncut.
+    p.session.handle_local_data(b"first").unwrap();
+    let held = p.session.poll_transmit(p.now).expect("a frame");
+    for _ in 0..30 {
+        p.session.handle_local_data(&[7u8; 50]).unwrap();
+    }
+    assert_eq!(p.session.stats().unacked_bytes, 5 + 1500);
+    p.session.disconnect_local(p.now).unwrap();
+    let mut sent = vec![message::decode(&held).unwrap().message];
+    sent.extend(p.transmit().data);
+    let sizes: Vec<usize> = sent.iter().map(|m| m.payload.len()).collect();
+    // 1,500 bytes in two messages instead of 30, and the flag after them.
+    assert_eq!(sizes, vec![5, 1000, 500, 4]);
+    assert_eq!(sent[3].payload_type, PayloadType::Flag);
+}
+
 // === mux ===
 
 #[test]
 fn mux_stream_round_trip() {
     let mut p = Pair::new(Config::default());
     p.mux_open();
-    let s = p.session.open_stream(p.now).unwrap();
+    let s = p.session.open_stream().unwrap();
     assert_eq!(s, 3);
-    assert_eq!(p.session.write_stream(p.now, s, b"GET /").unwrap(), 5);
+    assert_eq!(p.session.write_stream(s, b"GET /").unwrap(), 5);
     let sent = p.transmit().data;
     let frames = smux_frames(&payloads(&sent));
     assert_eq!(frames[0].command, Command::Syn);
@@ -878,7 +898,7 @@ fn mux_stream_round_trip() {
         }]
     );
     assert_eq!(
-        p.session.write_stream(p.now, s, b"late"),
+        p.session.write_stream(s, b"late"),
         Err(SessionError::UnknownStream(s))
     );
 }
@@ -887,13 +907,13 @@ fn mux_stream_round_trip() {
 fn mux_local_close_sends_fin() {
     let mut p = Pair::new(Config::default());
     p.mux_open();
-    let s = p.session.open_stream(p.now).unwrap();
-    p.session.close_stream(p.now, s).unwrap();
+    let s = p.session.open_stream().unwrap();
+    p.session.close_stream(s).unwrap();
     let frames = smux_frames(&payloads(&p.transmit().data));
     assert_eq!(frames.last().unwrap().command, Command::Fin);
     assert_eq!(frames.last().unwrap().stream_id, s);
     assert_eq!(
-        p.session.close_stream(p.now, s),
+        p.session.close_stream(s),
         Err(SessionError::UnknownStream(s))
     );
 }
@@ -902,8 +922,8 @@ fn mux_local_close_sends_fin() {
 fn connect_to_port_error_fails_the_pending_stream() {
     let mut p = Pair::new(Config::default());
     p.mux_open();
-    let ok = p.session.open_stream(p.now).unwrap();
-    let bad = p.session.open_stream(p.now).unwrap();
+    let ok = p.session.open_stream().unwrap();
+    let bad = p.session.open_stream().unwrap();
     let data = smux_bytes(&[Frame {
         command: Command::Psh,
         stream_id: ok,
@@ -1055,10 +1075,7 @@ fn lossy_channel_delivers_exact_bytes_both_ways() {
     let mut got_down = Vec::new();
     for round in 0..5_000 {
         if up_offset < upload.len() {
-            up_offset += p
-                .session
-                .handle_local_data(p.now, &upload[up_offset..])
-                .unwrap();
+            up_offset += p.session.handle_local_data(&upload[up_offset..]).unwrap();
         }
         // client -> agent
         while let Some(frame) = p.session.poll_transmit(p.now) {

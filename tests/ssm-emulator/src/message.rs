@@ -3,7 +3,6 @@
 //! to every client frame. Also the JSON payloads carried inside frames (§3.4, §4.2, §5.2).
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 // === Layout (§2.1): each offset is the previous offset plus the previous length ===
@@ -211,7 +210,10 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
 
 /// SHA-256 of a payload.
 pub fn payload_digest(payload: &[u8]) -> [u8; 32] {
-    Sha256::digest(payload).into()
+    let digest = ring::digest::digest(&ring::digest::SHA256, payload);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
 }
 
 /// Milliseconds since the Unix epoch, now.
