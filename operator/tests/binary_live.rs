@@ -8,12 +8,13 @@
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, future::Future, path::PathBuf, process::Stdio, time::Duration};
+use std::{future::Future, path::PathBuf, process::Stdio, time::Duration};
 
 use fleet_access_crds::SessionAccess;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
-    ControlPlane, Moto, TestNamespace, free_loopback_port, http_get, loopback,
+    ControlPlane, ExposedSample, Moto, TestNamespace, exposition, free_loopback_port, http_get,
+    loopback,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
@@ -197,53 +198,10 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     http_get(loopback(port), path).await
 }
 
-/// One sample of the Prometheus text format: name, labels, value.
-type Sample = (String, BTreeMap<String, String>, f64);
-
-fn parse_metrics(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|line| {
-            let (head, value) = line.rsplit_once(' ')?;
-            let value: f64 = value.parse().ok()?;
-            let (name, labels) = match head.split_once('{') {
-                Some((name, rest)) => {
-                    let inner = rest.strip_suffix('}')?;
-                    let labels = inner
-                        .split("\",")
-                        .filter(|p| !p.is_empty())
-                        .filter_map(|pair| {
-                            let (k, v) = pair.split_once('=')?;
-                            Some((k.to_owned(), v.trim_matches('"').to_owned()))
-                        })
-                        .collect();
-                    (name.to_owned(), labels)
-                }
-                None => (head.to_owned(), BTreeMap::new()),
-            };
-            Some((name, labels, value))
-        })
-        .collect()
-}
-
-/// The sum of the samples named `name` whose labels include every pair of `labels`.
-fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|(n, l, _)| {
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, _, v)| v)
-        .sum()
-}
-
-async fn scrape(port: u16) -> Vec<Sample> {
+async fn scrape(port: u16) -> Vec<ExposedSample> {
     let (code, body) = get(port, "/metrics").await.expect("/metrics answers");
     assert_eq!(code, 200);
-    parse_metrics(&body)
+    exposition::parse(&body)
 }
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {
@@ -305,16 +263,19 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     let on_a = scrape(port_a).await;
     let on_b = scrape(port_b).await;
     assert!(
-        metric(
+        exposition::sum(
             &on_a,
             "fleet_access_operator_reconcile_duration_seconds_count",
             &[("kind", "SessionAccess")]
         ) >= 1.0
     );
-    assert!(metric(&on_a, "fleet_access_operator_aws_calls_total", &[]) >= 1.0);
-    assert_eq!(metric(&on_a, "fleet_access_operator_leader", &[]), 1.0);
+    assert!(exposition::sum(&on_a, "fleet_access_operator_aws_calls_total", &[]) >= 1.0);
     assert_eq!(
-        metric(
+        exposition::sum(&on_a, "fleet_access_operator_leader", &[]),
+        1.0
+    );
+    assert_eq!(
+        exposition::sum(
             &on_b,
             "fleet_access_operator_reconcile_duration_seconds_count",
             &[]
@@ -323,11 +284,14 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
         "the standby reconciled"
     );
     assert_eq!(
-        metric(&on_b, "fleet_access_operator_aws_calls_total", &[]),
+        exposition::sum(&on_b, "fleet_access_operator_aws_calls_total", &[]),
         0.0,
         "the standby called AWS"
     );
-    assert_eq!(metric(&on_b, "fleet_access_operator_leader", &[]), 0.0);
+    assert_eq!(
+        exposition::sum(&on_b, "fleet_access_operator_leader", &[]),
+        0.0
+    );
 
     // Kill the leader: the standby takes over once the Lease expires, and reconciles.
     a.kill().await.expect("killed");
@@ -352,7 +316,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     s.wait_condition("second", "Ready", "True", "").await;
     let on_b = scrape(port_b).await;
     assert!(
-        metric(
+        exposition::sum(
             &on_b,
             "fleet_access_operator_aws_calls_total",
             &[("operation", "CreatePolicy"), ("outcome", "ok")]
@@ -419,12 +383,12 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
 
     let samples = wait_for("grant gauges settle", || async {
         let samples = scrape(port).await;
-        (metric(
+        (exposition::sum(
             &samples,
             "fleet_access_operator_grants",
             &[("state", "ready")],
         ) == 1.0
-            && metric(
+            && exposition::sum(
                 &samples,
                 "fleet_access_operator_grants",
                 &[("state", "failed")],
@@ -433,21 +397,21 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
     })
     .await;
     assert!(
-        metric(
+        exposition::sum(
             &samples,
             "fleet_access_operator_reconcile_duration_seconds_count",
             &[("kind", "SessionAccess")]
         ) >= 2.0
     );
     assert!(
-        metric(
+        exposition::sum(
             &samples,
             "fleet_access_operator_reconcile_duration_seconds_bucket",
             &[("kind", "SessionAccess"), ("le", "+Inf")]
         ) >= 2.0
     );
     assert!(
-        metric(
+        exposition::sum(
             &samples,
             "fleet_access_operator_aws_calls_total",
             &[
@@ -458,7 +422,7 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
         ) >= 2.0
     );
     assert!(
-        metric(
+        exposition::sum(
             &samples,
             "fleet_access_operator_aws_calls_total",
             &[
@@ -473,22 +437,25 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
         ("outcome", "NoSuchEntity"),
     ];
     assert!(
-        metric(
+        exposition::sum(
             &samples,
             "fleet_access_operator_aws_calls_total",
             &failed_attach
         ) >= 1.0
     );
     assert!(
-        metric(
+        exposition::sum(
             &samples,
             "fleet_access_operator_reconcile_errors_total",
             &[("reason", "aws_not_found")]
         ) >= 1.0
     );
-    assert_eq!(metric(&samples, "fleet_access_operator_leader", &[]), 1.0);
+    assert_eq!(
+        exposition::sum(&samples, "fleet_access_operator_leader", &[]),
+        1.0
+    );
     // Labels stay bounded: no names, ARNs or messages in them.
-    for (name, labels, _) in &samples {
+    for ExposedSample { name, labels, .. } in &samples {
         for value in labels.values() {
             assert!(
                 !value.contains(s.ns()) && value.len() < 40,
@@ -498,7 +465,7 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
     }
 
     // The terminal error is not retried in a loop: no new attach attempts for a while.
-    let attempts = metric(
+    let attempts = exposition::sum(
         &samples,
         "fleet_access_operator_aws_calls_total",
         &failed_attach,
@@ -506,7 +473,7 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let later = scrape(port).await;
     assert_eq!(
-        metric(
+        exposition::sum(
             &later,
             "fleet_access_operator_aws_calls_total",
             &failed_attach
@@ -518,7 +485,7 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
     s.delete_all_and_wait().await;
     let samples = scrape(port).await;
     assert_eq!(
-        metric(
+        exposition::sum(
             &samples,
             "fleet_access_operator_grants",
             &[("state", "ready")]
