@@ -1041,6 +1041,16 @@ async fn sync_endpoints(
     }
     let policy_name = crate::services::network_policy_name(owner);
     if wanted.is_empty() {
+        // Most grants never had one: look before deleting, so that their reconciles (every
+        // resync) make no write request at all.
+        let exists = policies
+            .get_metadata_opt(&policy_name)
+            .await
+            .map_err(Error::Kube)?
+            .is_some();
+        if !exists {
+            return Ok(0);
+        }
         match policies
             .delete(&policy_name, &DeleteParams::default())
             .await
