@@ -42,9 +42,10 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Benchmarks (not tests: nothing asserts a time): release builds of what they run, then
-## BENCHMARKS.md. The official plugin comes from `make setup`. BENCH_ARGS=--quick for a short run.
+## BENCHMARKS.md. The official plugin, kube-apiserver, etcd and moto come from `make setup`.
+## BENCH_ARGS=--quick for a short run, BENCH_ARGS="--only operator" for one part.
 bench:
-	$(CARGO) build --release -p fleet-access-agent-bridge -p fleet-access-ssm-emulator -p fleet-access-bench
+	$(CARGO) build --release -p fleet-access-agent-bridge -p fleet-access-ssm-emulator -p fleet-access-operator -p fleet-access-bench
 	ulimit -n $$(ulimit -Hn); $${CARGO_TARGET_DIR:-target}/release/fleet-access-bench run --perf --out BENCHMARKS.md $(BENCH_ARGS)
 
 ## Regenerate deploy/crds/ from the API types.

@@ -14,9 +14,13 @@
 //! downloaded bytes) over a fixed window after a warm-up, so buffers in between do not inflate a
 //! figure. Every loop is bounded in count and time.
 //!
-//! Subcommands: `run [--quick] [--out FILE]` (the benchmarks), and the roles it starts as child
+//! The operator benchmark (`operator`) drives the operator's release binary against the real
+//! kube-apiserver + etcd and moto instead (see its module).
+//!
+//! Subcommands: `run [--quick] [--out FILE] [--only PARTS]` (the benchmarks), and the roles it starts as child
 //! processes: `relay LISTEN TO` and `serve-listeners ...`.
 
+pub mod operator;
 pub mod report;
 pub mod roles;
 pub mod scenarios;
@@ -42,7 +46,7 @@ pub fn main_with_args(args: Vec<String>) -> ExitCode {
             Some("relay") => roles::relay_main(&args[1..]).await,
             Some("serve-listeners") => roles::serve_listeners_main(&args[1..]).await,
             _ => Err(anyhow::anyhow!(
-                "usage: fleet-access-bench run [--quick] [--out FILE] [--skip-scale]"
+                "usage: fleet-access-bench run [--quick] [--perf] [--out FILE] [--runs N] [--only throughput,setup,scale,operator] [--operator-grants N] [--operator-resync-seconds S]"
             )),
         }
     });

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::{
+    operator::{CREATE_CONCURRENCY, FLEET_SIZE, GRANTS_PER_USER, Operator, OperatorRun, Phase},
     scenarios::{ClientKind, Direction, Options},
     support::{Mode, Spread, Workspace, machine_facts},
 };
@@ -98,6 +99,8 @@ pub struct Report {
     pub setup: Option<Setup>,
     /// Scale figures.
     pub scale: Option<Scale>,
+    /// Operator figures.
+    pub operator: Option<Operator>,
     /// Parts that failed, and why.
     pub missing: Vec<String>,
     /// perf profiles: what was profiled, and the top symbols by self time.
@@ -144,6 +147,7 @@ impl Report {
             throughput: Vec::new(),
             setup: None,
             scale: None,
+            operator: None,
             missing: Vec::new(),
             profiles: Vec::new(),
         }
@@ -182,7 +186,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "\nCommands: `make bench` = `cargo build --release -p fleet-access-agent-bridge -p fleet-access-ssm-emulator -p fleet-access-bench` \
+            "\nCommands: `make bench` = `cargo build --release -p fleet-access-agent-bridge -p fleet-access-ssm-emulator -p fleet-access-operator -p fleet-access-bench` \
              then `target/release/{}`. Runs per figure: {}; window per run: {} s after a 0.5 s warm-up; bytes counted at the receiving end.\n",
             self.command.trim(),
             self.options.runs,
@@ -191,6 +195,7 @@ impl Report {
         self.render_throughput(&mut out);
         self.render_setup(&mut out);
         self.render_scale(&mut out);
+        self.render_operator(&mut out);
         for (what, text) in &self.profiles {
             let _ = writeln!(
                 out,
@@ -205,10 +210,6 @@ impl Report {
             }
             let _ = writeln!(out);
         }
-        let _ = writeln!(
-            out,
-            "## Not measured by `make bench`\n\n- Operator: 1,000 grants against the real API server and moto (issue 8 part 4).\n"
-        );
         out
     }
 
@@ -468,5 +469,245 @@ impl Report {
              (the binary's text) in every process, so the real sum is somewhat lower; the AWS CLI (Python) process \
              that starts each plugin and waits for it is not counted either, and would add more than the plugin.\n"
         );
+    }
+}
+
+fn seconds_row(out: &mut String, what: &str, grants: usize, values: &[f64]) {
+    let s = Spread::of(values);
+    if s.runs == 0 {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "| {what} | {grants} | {:.2} | {:.2} | {:.2} | {} | {:.1} ms |",
+        s.median,
+        s.min,
+        s.max,
+        s.runs,
+        s.median * 1e3 / grants.max(1) as f64
+    );
+}
+
+/// The median over `runs` of `figure` per grant.
+fn per_grant(runs: &[OperatorRun], figure: impl Fn(&OperatorRun) -> f64) -> Spread {
+    let values: Vec<f64> = runs
+        .iter()
+        .map(|r| figure(r) / r.grants.max(1) as f64)
+        .collect();
+    Spread::of(&values)
+}
+
+fn kube_writes(phase: &Phase) -> String {
+    if phase.kube_writes.is_empty() {
+        return "none".into();
+    }
+    phase
+        .kube_writes
+        .iter()
+        .map(|(what, n)| format!("{what} {n:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Report {
+    fn render_operator(&self, out: &mut String) {
+        let Some(op) = &self.operator else { return };
+        let grants = op.runs.first().map_or(0, |r| r.grants);
+        let reference = op.reference.first().map_or(0, |r| r.grants);
+        let _ = writeln!(
+            out,
+            "## 4. Operator: {grants} grants at once, real kube-apiserver + etcd, IAM on moto, SSM through the emulator\n\n\
+             The operator's release binary (one process per run, one replica leading alone, `--resync-seconds {}`) \
+             against the fixtures' kube-apiserver + etcd and moto ({}); SSM is the project's emulator (moto \
+             upstream, a fleet of {FLEET_SIZE} managed instances), as the operator's own tests wire it. Each grant \
+             lets one IAM user ({GRANTS_PER_USER} grants per user, the IAM default quota of managed policies) start \
+             SSH sessions and forward port 5432 to one instance: one IAM policy and one SSM session document. The \
+             grants are created {CREATE_CONCURRENCY} in flight at once; Ready means every grant's current \
+             generation has Ready=True (seen through a watch). AWS calls are the operator's \
+             `fleet_access_operator_aws_calls_total`; Kubernetes writes are the API server's \
+             `apiserver_request_total` (write verbs; left out: Leases, which the leader renews every few \
+             seconds, and the API server's own writes of the `kubernetes` Service's endpoints). Side by side in each run: the same grants created into a namespace no operator watches \
+             (the API server's own floor), and a run with {reference} grants (how the time scales). Runs: {} at \
+             {grants} grants, {} at {reference}; each run deletes everything it created.\n",
+            op.resync.as_secs(),
+            op.services,
+            op.runs.len(),
+            op.reference.len()
+        );
+        let _ = writeln!(
+            out,
+            "| Measured (s) | Grants | Median | Min | Max | Runs | Per grant |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for runs in [&op.runs, &op.reference] {
+            let Some(first) = runs.first() else { continue };
+            let n = first.grants;
+            let values = |f: fn(&OperatorRun) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+            seconds_row(
+                out,
+                "create, no operator watching (API server floor)",
+                n,
+                &values(|r| r.floor_create_seconds),
+            );
+            seconds_row(
+                out,
+                "create, operator running",
+                n,
+                &values(|r| r.create_seconds),
+            );
+            seconds_row(
+                out,
+                "**first create to every grant Ready**",
+                n,
+                &values(|r| r.ready_seconds),
+            );
+            seconds_row(
+                out,
+                "every grant deleted (finalizer: IAM and SSM cleaned)",
+                n,
+                &values(|r| r.delete.seconds),
+            );
+        }
+        let ready = per_grant(&op.runs, |r| r.ready_seconds);
+        let ready_reference = per_grant(&op.reference, |r| r.ready_seconds);
+        let floor = per_grant(&op.runs, |r| r.floor_create_seconds);
+        if ready.runs > 0 && ready_reference.runs > 0 && floor.runs > 0 {
+            let _ = writeln!(
+                out,
+                "\nReady time per grant at {grants} grants is {:.2}x that at {reference} ({}; 1.00 = linear), and \
+                 {:.1}x the API server's own create time per grant.\n",
+                ready.median / ready_reference.median.max(1e-9),
+                if ready.median <= ready_reference.median * 1.1 {
+                    "linear or better"
+                } else {
+                    "worse than linear"
+                },
+                ready.median / floor.median.max(1e-9)
+            );
+        }
+        let resync_writes = op
+            .runs
+            .iter()
+            .chain(&op.reference)
+            .map(|r| r.resync.writes());
+        let max_resync_writes = resync_writes.fold(0.0, f64::max);
+        let _ = writeln!(
+            out,
+            "AWS calls per grant at {grants} grants (median of the runs). Apply: from the operator's start until it \
+             settled after every grant was Ready (no reconcile for 3 s). Resync: one full resync of every grant in \
+             steady state, from then until the reconcile counter grew by {grants}. Delete: from the deletion of every \
+             grant until they were all gone.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| Service | Operation | Outcome | Apply | Resync | Delete |\n|---|---|---|---:|---:|---:|"
+        );
+        let mut keys = std::collections::BTreeSet::new();
+        for run in &op.runs {
+            for phase in [&run.apply, &run.resync, &run.delete] {
+                keys.extend(phase.calls.keys().cloned());
+            }
+        }
+        let cell = |spread: Spread| {
+            if spread.median == 0.0 {
+                String::new()
+            } else {
+                format!("{:.2}", spread.median)
+            }
+        };
+        for key in &keys {
+            let of = |phase: fn(&OperatorRun) -> &Phase| {
+                per_grant(&op.runs, |r| {
+                    phase(r).calls.get(key).copied().unwrap_or(0.0)
+                })
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                key.0,
+                key.1,
+                key.2,
+                cell(of(|r| &r.apply)),
+                cell(of(|r| &r.resync)),
+                cell(of(|r| &r.delete))
+            );
+        }
+        let total = |phase: fn(&OperatorRun) -> &Phase| per_grant(&op.runs, |r| phase(r).total());
+        let writes = |phase: fn(&OperatorRun) -> &Phase| per_grant(&op.runs, |r| phase(r).writes());
+        let reconciles =
+            |phase: fn(&OperatorRun) -> &Phase| per_grant(&op.runs, |r| phase(r).reconciles);
+        let _ = writeln!(
+            out,
+            "| **all** | | | **{:.2}** | **{:.2}** | **{:.2}** |\n\
+             | **writes** | | | **{:.2}** | **{:.2}** | **{:.2}** |\n\
+             | reconciles per grant | | | {:.2} | {:.2} | {:.2} |\n",
+            total(|r| &r.apply).median,
+            total(|r| &r.resync).median,
+            total(|r| &r.delete).median,
+            writes(|r| &r.apply).median,
+            writes(|r| &r.resync).median,
+            writes(|r| &r.delete).median,
+            reconciles(|r| &r.apply).median,
+            reconciles(|r| &r.resync).median,
+            reconciles(|r| &r.delete).median,
+        );
+        let _ = writeln!(
+            out,
+            "**Steady-state resync: {:.0} AWS writes** (most in any run, either size; goal zero: {}).\n",
+            max_resync_writes,
+            if max_resync_writes == 0.0 {
+                "met"
+            } else {
+                "not met"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "Per run and phase (POST and DELETE of sessionaccesses are the bench's own creates and delete-collection):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| Run | Phase | Seconds | Reconciles | AWS reads | AWS writes | Kubernetes writes |\n|---|---|---:|---:|---:|---:|---|"
+        );
+        for (i, run) in op.reference.iter().chain(&op.runs).enumerate() {
+            for (name, phase) in [
+                ("apply", &run.apply),
+                ("resync", &run.resync),
+                ("delete", &run.delete),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "| {} grants #{} | {name} | {:.1} | {:.0} | {:.0} | {:.0} | {} |",
+                    run.grants,
+                    i,
+                    phase.seconds,
+                    phase.reconciles,
+                    phase.total() - phase.writes(),
+                    phase.writes(),
+                    kube_writes(phase)
+                );
+            }
+        }
+        let all = || op.runs.iter().chain(&op.reference);
+        let attachments: usize = all().map(|r| r.leftover_attachments).sum();
+        let documents: usize = all().map(|r| r.leftover_documents).sum();
+        let _ = writeln!(
+            out,
+            "\nAfter the deletions: {attachments} policies still attached to the runs' users, {documents} of the \
+             grants' session documents still in SSM (the bench then deletes both, and the users).\n"
+        );
+        if !op.failures.is_empty() {
+            let _ = writeln!(out, "Failed runs:\n");
+            for failure in &op.failures {
+                let _ = writeln!(out, "- {}", failure.replace('\n', " "));
+            }
+            let _ = writeln!(out);
+        }
+        if let Some(profile) = &op.profile {
+            let _ = writeln!(
+                out,
+                "Profile of the operator during the first {grants}-grant apply (`perf record -F 999 -g -p PID` from the \
+                 first create until every grant was Ready; self time, symbols at 1 % or more):\n\n```\n{profile}\n```\n"
+            );
+        }
     }
 }

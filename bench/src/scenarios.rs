@@ -1,5 +1,6 @@
-//! The benchmarks: throughput per session, session setup, scale. Each starts its own emulator
-//! and clients, measures side by side (runs interleaved across clients), and stops them.
+//! The benchmarks of the bridge: throughput per session, session setup, scale. Each starts its
+//! own emulator and clients, measures side by side (runs interleaved across clients), and stops
+//! them. `run` also runs the operator benchmark (`crate::operator`) and writes the report.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -52,8 +53,15 @@ pub struct Options {
     pub out: std::path::PathBuf,
     /// Which parts run.
     pub parts: Vec<String>,
-    /// Profile `agent-bridge forward` with perf during the first fast-mode run of each direction.
+    /// Profile `agent-bridge forward` with perf during the first fast-mode run of each direction,
+    /// and the operator during its first full-size apply.
     pub perf: bool,
+    /// Grants created at once in the operator benchmark.
+    pub operator_grants: usize,
+    /// Grants of the smaller operator run measured alongside (how the time scales).
+    pub operator_reference_grants: usize,
+    /// The operator's resync period.
+    pub operator_resync: Duration,
 }
 
 impl Options {
@@ -66,8 +74,16 @@ impl Options {
             active_tunnels: 100,
             plugin_sample: 10,
             out: "BENCHMARKS.md".into(),
-            parts: vec!["throughput".into(), "setup".into(), "scale".into()],
+            parts: vec![
+                "throughput".into(),
+                "setup".into(),
+                "scale".into(),
+                "operator".into(),
+            ],
             perf: false,
+            operator_grants: 1000,
+            operator_reference_grants: 100,
+            operator_resync: Duration::from_secs(30),
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -79,14 +95,24 @@ impl Options {
                     options.idle_tunnels = 50;
                     options.active_tunnels = 10;
                     options.plugin_sample = 2;
+                    options.operator_grants = 100;
+                    options.operator_reference_grants = 10;
                 }
                 "--perf" => options.perf = true,
                 "--out" => options.out = it.next().context("--out FILE")?.into(),
                 "--runs" => options.runs = it.next().context("--runs N")?.parse()?,
+                "--operator-grants" => {
+                    options.operator_grants = it.next().context("--operator-grants N")?.parse()?;
+                }
+                "--operator-resync-seconds" => {
+                    options.operator_resync = Duration::from_secs(
+                        it.next().context("--operator-resync-seconds S")?.parse()?,
+                    );
+                }
                 "--only" => {
                     options.parts = it
                         .next()
-                        .context("--only throughput,setup,scale")?
+                        .context("--only throughput,setup,scale,operator")?
                         .split(',')
                         .map(str::to_owned)
                         .collect();
@@ -95,6 +121,10 @@ impl Options {
             }
         }
         options.runs = options.runs.clamp(1, 50);
+        options.operator_grants = options.operator_grants.max(1);
+        options.operator_reference_grants = options
+            .operator_reference_grants
+            .clamp(1, options.operator_grants);
         Ok(options)
     }
 
@@ -133,6 +163,12 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
         match scale(&ws, &options, &target).await {
             Ok(scale) => report.scale = Some(scale),
             Err(error) => report.missing.push(format!("scale: {error:#}")),
+        }
+    }
+    if options.wants("operator") {
+        match crate::operator::run(&ws, &options).await {
+            Ok(operator) => report.operator = Some(operator),
+            Err(error) => report.missing.push(format!("operator: {error:#}")),
         }
     }
     let text = report.render();
@@ -499,10 +535,18 @@ async fn throughput(
                     && run == 0
                     && mode == Mode::Fast
                     && client.kind == ClientKind::Forward)
-                    .then(|| start_perf(ws, client.pid, direction, options.window));
+                    .then(|| {
+                        start_perf(
+                            ws,
+                            client.pid,
+                            &format!("forward-{direction:?}"),
+                            options.window + Duration::from_millis(500),
+                        )
+                    });
                 let result = transfer(client, target, direction, options.window).await;
                 if let Some(Some(profile)) = profile
-                    && let Some(text) = report_perf(ws, profile, direction).await
+                    && let Some(text) =
+                        report_perf(ws, profile, &format!("forward-{direction:?}")).await
                 {
                     profiles.push((format!("agent-bridge forward, fast, {direction:?}"), text));
                 }
@@ -543,13 +587,19 @@ async fn throughput(
     Ok((figures, profiles))
 }
 
-/// `perf record -g` on `pid` for the warm-up and window of one run; None when perf is missing.
-fn start_perf(ws: &Workspace, pid: u32, direction: Direction, window: Duration) -> Option<Child> {
-    let data = ws.scratch.join(format!("perf-forward-{direction:?}.data"));
+/// `perf record -g` on `pid` for `duration` (or until perf gets SIGINT), into
+/// `perf-{label}.data`; None when perf is missing.
+pub(crate) fn start_perf(
+    ws: &Workspace,
+    pid: u32,
+    label: &str,
+    duration: Duration,
+) -> Option<Child> {
+    let data = ws.scratch.join(format!("perf-{label}.data"));
     tokio::process::Command::new("perf")
         .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
         .arg(&data)
-        .args(["--", "sleep", &format!("{:.1}", window.as_secs_f64() + 0.5)])
+        .args(["--", "sleep", &format!("{:.1}", duration.as_secs_f64())])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -558,9 +608,9 @@ fn start_perf(ws: &Workspace, pid: u32, direction: Direction, window: Duration) 
 }
 
 /// Waits for the profile and writes `perf report` (self time, top symbols) next to it.
-async fn report_perf(ws: &Workspace, mut perf: Child, direction: Direction) -> Option<String> {
+pub(crate) async fn report_perf(ws: &Workspace, mut perf: Child, label: &str) -> Option<String> {
     let _ = tokio::time::timeout(Duration::from_secs(60), perf.wait()).await;
-    let data = ws.scratch.join(format!("perf-forward-{direction:?}.data"));
+    let data = ws.scratch.join(format!("perf-{label}.data"));
     let out = tokio::time::timeout(
         Duration::from_secs(120),
         tokio::process::Command::new("perf")
@@ -581,12 +631,9 @@ async fn report_perf(ws: &Workspace, mut perf: Child, direction: Direction) -> O
     )
     .await;
     let out = out.ok()?.ok()?;
-    let path = ws.scratch.join(format!("perf-forward-{direction:?}.txt"));
+    let path = ws.scratch.join(format!("perf-{label}.txt"));
     let _ = std::fs::write(&path, &out.stdout);
-    eprintln!(
-        "bench: perf profile of agent-bridge forward in {}",
-        path.display()
-    );
+    eprintln!("bench: perf profile {label} in {}", path.display());
     // The top symbols by self time.
     let text = String::from_utf8_lossy(&out.stdout);
     let top: Vec<String> = text
