@@ -133,6 +133,10 @@ pub struct OperatorRun {
 /// The operator benchmark's figures.
 #[derive(Clone, Debug, Default)]
 pub struct Operator {
+    /// Grants per run at the full size.
+    pub grants: usize,
+    /// Grants per run at the reference size.
+    pub reference_grants: usize,
     /// The runs at the full size.
     pub runs: Vec<OperatorRun>,
     /// The runs at the reference size, interleaved with them.
@@ -210,6 +214,8 @@ pub async fn run(ws: &Workspace, options: &Options) -> anyhow::Result<Operator> 
         .await
         .context("warming up the API server client")?;
     let mut figures = Operator {
+        grants: options.operator_grants,
+        reference_grants: options.operator_reference_grants,
         resync: options.operator_resync,
         services: services.into(),
         ..Operator::default()

@@ -512,8 +512,7 @@ fn kube_writes(phase: &Phase) -> String {
 impl Report {
     fn render_operator(&self, out: &mut String) {
         let Some(op) = &self.operator else { return };
-        let grants = op.runs.first().map_or(0, |r| r.grants);
-        let reference = op.reference.first().map_or(0, |r| r.grants);
+        let (grants, reference) = (op.grants, op.reference_grants);
         let _ = writeln!(
             out,
             "## 4. Operator: {grants} grants at once, real kube-apiserver + etcd, IAM on moto, SSM through the emulator\n\n\
