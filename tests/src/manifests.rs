@@ -101,16 +101,21 @@ impl ControlPlane {
     /// `kubectl apply --server-side` of `objects` for real; returns kubectl's standard error
     /// (warnings).
     pub fn apply_objects(&self, objects: &[Value]) -> FixtureResult<String> {
+        let command = self.server_side_apply(&[])?;
+        Ok(run_with_stdin(command, &to_yaml(objects)?)?.1)
+    }
+
+    /// `kubectl apply --server-side` of standard input, with `extra` arguments.
+    fn server_side_apply(&self, extra: &[&str]) -> FixtureResult<Command> {
         let mut command = self.kubectl()?;
         command.args([
             "apply",
             "--server-side",
             "--force-conflicts",
             &format!("--field-manager={FIELD_MANAGER}"),
-            "-f",
-            "-",
         ]);
-        Ok(run_with_stdin(command, &to_yaml(objects)?)?.1)
+        command.args(extra).args(["-f", "-"]);
+        Ok(command)
     }
 
     /// Creates the namespaces among `objects` for real (namespaced objects cannot be dry-run
@@ -127,18 +132,7 @@ impl ControlPlane {
         if !namespaces.is_empty() {
             self.apply_objects(&namespaces)?;
         }
-        let mut command = self.kubectl()?;
-        command.args([
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            &format!("--field-manager={FIELD_MANAGER}"),
-            "--dry-run=server",
-            "-o",
-            "name",
-            "-f",
-            "-",
-        ]);
+        let command = self.server_side_apply(&["--dry-run=server", "-o", "name"])?;
         let (stdout, stderr) = run_with_stdin(command, &to_yaml(objects)?)?;
         let accepted = stdout.lines().filter(|l| !l.trim().is_empty()).count();
         let rejection = if accepted != objects.len() {
