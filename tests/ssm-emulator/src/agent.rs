@@ -20,7 +20,7 @@ use crate::message::{
     HandshakeComplete, HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction,
     flag, payload_type,
 };
-use crate::port::{self, MuxPlumbing, PortEvent};
+use crate::port::{self, MuxPlumbing, OutputBudget, PortEvent};
 use crate::registry::{SessionInfo, Shared, lock};
 use crate::report::{SessionReport, SessionStatus, Transfer};
 use crate::smux;
@@ -116,6 +116,8 @@ struct Outgoing {
     seq: i64,
     id: Uuid,
     bytes: Vec<u8>,
+    /// Target output bytes this message took from the output budget.
+    charged: usize,
     last_sent: Option<Instant>,
     retransmits: u32,
     client_frames_mark: Option<u64>,
@@ -191,6 +193,9 @@ pub(crate) struct Agent {
     next_seq: i64,
     unacked: VecDeque<Outgoing>,
     unsent: usize,
+    output_budget: OutputBudget,
+    /// Target output in `unacked` (what it took from `output_budget`).
+    unacked_output_bytes: usize,
     rto: RtoEstimator,
     // Receiving.
     expected_seq: i64,
@@ -233,6 +238,8 @@ impl Agent {
             next_seq: 0,
             unacked: VecDeque::new(),
             unsent: 0,
+            output_budget: OutputBudget::new(config.output_budget_bytes),
+            unacked_output_bytes: 0,
             rto: RtoEstimator::default(),
             expected_seq: 0,
             reorder: BTreeMap::new(),
@@ -396,9 +403,16 @@ impl Agent {
         let seq = self.next_seq;
         self.next_seq += 1;
         let flags = if seq == 0 { FLAG_SYN } else { 0 };
+        let mut charged = 0;
         if payload_type == payload_type::OUTPUT {
+            charged = payload.len();
+            self.unacked_output_bytes += charged;
             self.last_activity = Instant::now();
-            lock(&self.report).bytes_to_client += payload.len() as u64;
+            let mut r = lock(&self.report);
+            r.bytes_to_client += payload.len() as u64;
+            r.peak_unacked_output_bytes = r
+                .peak_unacked_output_bytes
+                .max(self.unacked_output_bytes as u64);
         }
         let m = ClientMessage::new(
             MessageType::OutputStreamData,
@@ -411,6 +425,7 @@ impl Agent {
             seq,
             id: m.message_id,
             bytes: m.encode(),
+            charged,
             last_sent: None,
             retransmits: 0,
             client_frames_mark: None,
@@ -508,6 +523,8 @@ impl Agent {
                 let Some(o) = self.unacked.remove(i) else {
                     return;
                 };
+                self.unacked_output_bytes -= o.charged;
+                self.output_budget.give_back(o.charged);
                 if o.id.hyphenated().to_string() != content.acknowledged_message_id {
                     self.violation(format!(
                         "acknowledge for seq {seq} names message id {}, sent as {}",
@@ -884,6 +901,7 @@ impl Agent {
                     addr,
                     b.generation,
                     self.mode,
+                    self.output_budget.clone(),
                     self.inbox.clone(),
                 ));
             }
@@ -901,7 +919,7 @@ impl Agent {
     fn start_mux(&mut self, keepalive: bool) {
         let now = Instant::now();
         self.port = PortState::Mux(MuxPort {
-            plumbing: MuxPlumbing::spawn(self.mode, self.inbox.clone()),
+            plumbing: MuxPlumbing::spawn(self.mode, self.output_budget.clone(), self.inbox.clone()),
             decoder: smux::Decoder::default(),
             streams: HashMap::new(),
             closed: HashSet::new(),
@@ -1100,7 +1118,8 @@ impl Agent {
                 self.send_stream(payload_type::OUTPUT, data);
                 return;
             }
-            _ => {} // stale event from an earlier connection
+            // A stale event from an earlier connection: what it read goes back to the budget.
+            (_, stale) => self.output_budget.give_back(stale.output_len()),
         }
         self.port = port;
     }

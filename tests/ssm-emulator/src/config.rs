@@ -57,6 +57,11 @@ pub struct Config {
     /// Agent retransmissions of one message, with the client alive, before its missing ack
     /// counts as a violation.
     pub unacked_retransmit_limit: u32,
+    /// Target output (payload bytes) the agent holds sent but unacknowledged before it stops
+    /// reading its targets. The real agent has no window: its blocking WebSocket write holds
+    /// it back. The emulator's gateway queue does not block, so without this bound a fast
+    /// target would be read into memory at loopback speed, far ahead of the client.
+    pub output_budget_bytes: u32,
     /// How long a gap in the client's sequence numbers may stay open before it counts as a
     /// violation.
     pub sequence_gap_timeout_ms: u64,
@@ -83,6 +88,7 @@ impl Default for Config {
             smux_keepalive_interval_ms: 10_000,
             smux_keepalive_timeout_ms: 30_000,
             unacked_retransmit_limit: 30,
+            output_budget_bytes: 4 * 1024 * 1024,
             sequence_gap_timeout_ms: 10_000,
             faults: Faults::default(),
             instances: Vec::new(),
@@ -255,6 +261,13 @@ impl Config {
                 }
             }
         }
+        if (self.output_budget_bytes as usize) < crate::port::FAST_CHUNK {
+            return Err(Error::Config(format!(
+                "output_budget_bytes {} is less than one read of the target ({} bytes)",
+                self.output_budget_bytes,
+                crate::port::FAST_CHUNK
+            )));
+        }
         if let Some(u) = &self.upstream {
             let ok = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
                 .iter()
@@ -317,5 +330,15 @@ instances:
             Config::from_yaml("instances:\n  - id: i-1\n    ports: { \"22\": \"10.0.0.1:22\" }\n");
         assert!(err.is_err());
         assert!(Config::from_yaml("bogus_key: 1\n").is_err());
+    }
+
+    #[test]
+    fn an_output_budget_under_one_read_is_refused() {
+        let err = Config::from_yaml("output_budget_bytes: 1024\n").expect_err("too small");
+        assert!(
+            err.to_string().contains("output_budget_bytes 1024"),
+            "{err}"
+        );
+        assert!(Config::from_yaml("output_budget_bytes: 32768\n").is_ok());
     }
 }

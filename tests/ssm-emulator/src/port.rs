@@ -4,10 +4,12 @@
 //! chunks).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::JoinHandle;
 
@@ -47,6 +49,49 @@ pub(crate) enum PortEvent {
     MuxOutput(Vec<u8>),
 }
 
+impl PortEvent {
+    /// Target output this event carries, taken from the [`OutputBudget`].
+    pub(crate) fn output_len(&self) -> usize {
+        match self {
+            PortEvent::BasicData { data, .. } | PortEvent::MuxOutput(data) => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// The agent's bound on target output sent but not yet acknowledged
+/// (`Config::output_budget_bytes`): a read loop takes what it read before handing it to the
+/// agent and waits while the budget is spent; the client's acks give it back.
+#[derive(Clone)]
+pub(crate) struct OutputBudget(Arc<Semaphore>);
+
+impl OutputBudget {
+    pub(crate) fn new(bytes: u32) -> Self {
+        Self(Arc::new(Semaphore::new(bytes as usize)))
+    }
+
+    /// Waits until `n` bytes are free and takes them; false once the agent is gone.
+    async fn take(&self, n: usize) -> bool {
+        let Ok(n) = u32::try_from(n) else {
+            return false;
+        };
+        match self.0.acquire_many(n).await {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Returns `n` bytes (acknowledged, or read for a connection that is gone).
+    pub(crate) fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.0.add_permits(n);
+        }
+    }
+}
+
 /// The real agent's read size.
 pub(crate) const REALISTIC_CHUNK: usize = 1024;
 /// Read size in fast mode.
@@ -84,6 +129,7 @@ pub(crate) fn spawn_basic(
     addr: SocketAddr,
     generation: u64,
     mode: Mode,
+    budget: OutputBudget,
     inbox: UnboundedSender<AgentInput>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -116,13 +162,15 @@ pub(crate) fn spawn_basic(
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if !send(
-                        &inbox,
-                        PortEvent::BasicData {
-                            generation,
-                            data: buf[..n].to_vec(),
-                        },
-                    ) {
+                    if !budget.take(n).await
+                        || !send(
+                            &inbox,
+                            PortEvent::BasicData {
+                                generation,
+                                data: buf[..n].to_vec(),
+                            },
+                        )
+                    {
                         return;
                     }
                 }
@@ -146,7 +194,11 @@ pub(crate) struct MuxPlumbing {
 }
 
 impl MuxPlumbing {
-    pub(crate) fn spawn(mode: Mode, inbox: UnboundedSender<AgentInput>) -> Self {
+    pub(crate) fn spawn(
+        mode: Mode,
+        budget: OutputBudget,
+        inbox: UnboundedSender<AgentInput>,
+    ) -> Self {
         let (mut pipe_w, mut pipe_r) = tokio::io::duplex(64 * 1024);
         let (control, mut control_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let (data, mut data_rx) = mpsc::channel::<Vec<u8>>(16);
@@ -169,7 +221,9 @@ impl MuxPlumbing {
                 match pipe_r.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if !send(&inbox, PortEvent::MuxOutput(buf[..n].to_vec())) {
+                        if !budget.take(n).await
+                            || !send(&inbox, PortEvent::MuxOutput(buf[..n].to_vec()))
+                        {
                             break;
                         }
                     }

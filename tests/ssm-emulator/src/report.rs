@@ -98,6 +98,9 @@ pub struct SessionReport {
     pub smux_dial_failures: u64,
     /// Agent messages still unacked when the session ended.
     pub unacked_at_close: u64,
+    /// The most target output the agent held sent but unacknowledged at once (bounded by
+    /// `Config::output_budget_bytes`).
+    pub peak_unacked_output_bytes: u64,
 }
 
 impl SessionReport {
@@ -124,6 +127,7 @@ impl SessionReport {
             smux_streams_opened: 0,
             smux_dial_failures: 0,
             unacked_at_close: 0,
+            peak_unacked_output_bytes: 0,
         }
     }
 }

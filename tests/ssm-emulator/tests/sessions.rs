@@ -416,6 +416,91 @@ async fn injected_recycle_on_a_live_session_is_resumed() {
     assert!(report.violations.is_empty(), "{:?}", report.violations);
 }
 
+/// A target that writes `len` bytes of `pattern(len, seed)` to every connection, then shuts
+/// its write side; what it is sent is read and dropped (unread input would make the close a
+/// reset, which discards data in flight).
+async fn source_server(len: usize, seed: u8) -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let data = std::sync::Arc::new(pattern(len, seed));
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let data = data.clone();
+            let (mut r, mut w) = s.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+            });
+            tokio::spawn(async move {
+                let _ = w.write_all(&data).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn unacknowledged_output_is_held_to_the_budget_and_none_is_lost() {
+    const BUDGET: u32 = 256 * 1024;
+    const LEN: usize = 8 * 1024 * 1024;
+    let source = source_server(LEN, 9).await;
+    let (running, ssm) = emulator(Mode::Fast, Faults::default(), |c| {
+        c.output_budget_bytes = BUDGET;
+        c.instances[0].ports.insert("80".to_owned(), source);
+    })
+    .await;
+    let started = start_session(
+        &ssm,
+        INSTANCE,
+        "AWS-StartPortForwardingSession",
+        &[("portNumber", "80")],
+    )
+    .await
+    .expect("StartSession");
+    let client = Client::start(&started, ssm.clone(), ClientOptions::default())
+        .await
+        .expect("client");
+    let mut mux = MuxClient::new(client);
+    mux.client.handshake().await.expect("handshake");
+    let id = mux.open().await.expect("open");
+    mux.read_until(&[(id, 512 * 1024)])
+        .await
+        .expect("first bytes");
+    // From here on no ack reaches the agent. The write leaves the client with unacked data,
+    // so it gives the connection up and resumes; until then a fast target is far ahead.
+    assert!(running.inject(
+        &started.session_id,
+        fleet_access_ssm_emulator::Injection::BlackHole
+    ));
+    mux.write(id, b"x").await.expect("write");
+    if let Err(e) = mux.read_until(&[(id, LEN)]).await {
+        let mut events = Vec::new();
+        while let Ok(e) = mux.client.events.try_recv() {
+            events.push(e);
+        }
+        panic!(
+            "the whole download: {e:#}; received {} bytes; client events {events:?}; {:?}",
+            mux.received.get(&id).map_or(0, Vec::len),
+            running.session_report(&started.session_id)
+        );
+    }
+    assert!(
+        mux.received[&id] == pattern(LEN, 9),
+        "downloaded bytes differ"
+    );
+    let report = running.session_report(&started.session_id).expect("report");
+    assert!(report.connections >= 2, "{report:?}");
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert!(
+        report.peak_unacked_output_bytes <= u64::from(BUDGET),
+        "the agent held {} bytes unacknowledged, over its budget of {BUDGET}",
+        report.peak_unacked_output_bytes
+    );
+}
+
 #[tokio::test]
 async fn legacy_agent_without_handshake_streams_at_once() {
     let faults = Faults {
