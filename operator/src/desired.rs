@@ -140,7 +140,7 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
     let sessions = spec.sessions.clone().unwrap_or_default();
     let grant_id = naming::owner_tag_value(&namespace, &name);
 
-    let documents = session_documents(&namespace, &name, &grant_id, spec);
+    let documents = session_documents(grant);
     let effect = match spec.effect {
         v1alpha1::Effect::Allow => Effect::Allow,
         v1alpha1::Effect::Deny => Effect::Deny,
@@ -207,15 +207,18 @@ fn principal_names(principals: &Principals) -> PrincipalNames {
     }
 }
 
-fn session_documents(
-    namespace: &str,
-    name: &str,
-    grant_id: &str,
-    spec: &fleet_access_crds::SessionAccessSpec,
-) -> Vec<SessionDocument> {
+/// The session documents a grant stands for (none for a Deny grant). Unlike [`compute`] this
+/// cannot fail, so the documents' names are known even for a grant whose policies cannot be
+/// rendered (the operator looks its documents up by these names).
+pub fn session_documents(grant: &SessionAccess) -> Vec<SessionDocument> {
+    let namespace = grant.namespace().unwrap_or_else(|| "default".into());
+    let name = grant.name_any();
+    let spec = &grant.spec;
     if spec.effect == v1alpha1::Effect::Deny {
         return Vec::new();
     }
+    let (namespace, name) = (namespace.as_str(), name.as_str());
+    let grant_id = naming::owner_tag_value(namespace, name);
     let sessions = spec.sessions.clone().unwrap_or_default();
     let mut documents = Vec::new();
     if sessions.shell {

@@ -56,6 +56,20 @@ pub enum Error {
     #[error("{0}")]
     NotOwned(#[from] crate::plan::NotOwned),
 
+    /// Session documents tagged as the grant's kept turning up under names it does not want,
+    /// listing after listing, while the operator deleted them: something else creates them.
+    /// The reconcile is retried.
+    #[error(
+        "session documents tagged {tag}={owner} kept appearing in {listings} listings while being deleted: find what creates them; the operator retries",
+        tag = crate::naming::OWNER_TAG
+    )]
+    DocumentsKeepAppearing {
+        /// The grant, `<namespace>/<name>`.
+        owner: String,
+        /// How many listings found new ones.
+        listings: usize,
+    },
+
     /// A Kubernetes API call failed; the reconcile is retried.
     #[error("Kubernetes API: {0}")]
     Kube(#[source] kube::Error),
@@ -92,6 +106,7 @@ impl Error {
                 _ => "aws",
             },
             Error::NotOwned(_) => "not_owned",
+            Error::DocumentsKeepAppearing { .. } => "documents_keep_appearing",
             Error::Kube(_) => "kube",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -106,7 +121,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Aws(e) => e.is_retryable(),
-            Error::Kube(_) | Error::Finalizer(_) => true,
+            Error::Kube(_) | Error::Finalizer(_) | Error::DocumentsKeepAppearing { .. } => true,
             _ => false,
         }
     }

@@ -5,6 +5,8 @@
 //! `[A-Za-z0-9_.-]` from 3 to 128; Kubernetes names fit both alphabets but not always the
 //! length, so long names are cut and end in a hash of the full name.
 
+use std::collections::BTreeMap;
+
 use sha2::{Digest, Sha256};
 
 /// Prefix of every IAM policy and SSM document the operator owns.
@@ -41,6 +43,11 @@ pub fn owner_tag_value(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// Whether an AWS object with these tags is the grant `owner`'s (its owner tag names the grant).
+pub fn owned_by(tags: &BTreeMap<String, String>, owner: &str) -> bool {
+    tags.get(OWNER_TAG).is_some_and(|value| value == owner)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +58,20 @@ mod tests {
             grant_object_name("ops", "web", "-1"),
             "fleet-access.ops.web-1"
         );
+    }
+
+    #[test]
+    fn only_the_owner_tag_naming_the_grant_makes_it_the_grants() {
+        let tags = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert!(owned_by(&tags(&[(OWNER_TAG, "ops/web")]), "ops/web"));
+        assert!(!owned_by(&tags(&[(OWNER_TAG, "ops/other")]), "ops/web"));
+        assert!(!owned_by(&tags(&[("team", "ops/web")]), "ops/web"));
+        assert!(!owned_by(&tags(&[]), "ops/web"));
     }
 
     #[test]

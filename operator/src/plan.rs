@@ -4,8 +4,9 @@
 //! Policies: create, or (when the default version means something else) delete the oldest
 //! non-default version at IAM's limit of 5 and create a new default version; then attach and
 //! detach to match the principals. Removing a policy detaches it everywhere, deletes its
-//! non-default versions, then the policy. Documents: create, update, delete. Nothing without
-//! the grant's ownership tag is ever changed.
+//! non-default versions, then the policy. Documents: create, update, delete, and delete the
+//! orphans a listing by the owner tag finds. Nothing without the grant's ownership tag is ever
+//! changed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -288,6 +289,25 @@ pub fn document_changes(
             .map(|name| Change::DeleteDocument { name: name.clone() }),
     );
     Ok(changes)
+}
+
+/// Deletions of the grant's documents that a listing by its owner tag found under names the grant
+/// does not want (documents of an earlier spec). `deleted` names the documents already deleted,
+/// which a listing may still show for a moment: they are not found again.
+pub fn orphan_documents(
+    wanted: &[WantedDocument],
+    listed: &[String],
+    deleted: &BTreeSet<String>,
+) -> Vec<Change> {
+    let wanted_names: BTreeSet<&str> = wanted.iter().map(|d| d.name.as_str()).collect();
+    let orphans: BTreeSet<&String> = listed
+        .iter()
+        .filter(|name| !wanted_names.contains(name.as_str()) && !deleted.contains(*name))
+        .collect();
+    orphans
+        .into_iter()
+        .map(|name| Change::DeleteDocument { name: name.clone() })
+        .collect()
 }
 
 /// JSON texts equal as values (key order and whitespace do not matter).

@@ -7,6 +7,11 @@
 //!  watch ─▶ finalizer ─┬─ Apply:   observe ─▶ desired::compute ─▶ plan ─▶ apply ─▶ status
 //!                      └─ Cleanup: observe ─▶ (nothing wanted)  ─▶ plan ─▶ apply
 //! ```
+//!
+//! AWS objects are observed by the names the grant derives, and their owner tag says whether
+//! they are the grant's. A listing of session documents by the owner tag only sweeps up the
+//! documents of an earlier spec (after a spec change, and always at cleanup): a paged listing
+//! misses documents while other grants delete theirs, so nothing may depend on it alone.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -39,7 +44,7 @@ use crate::{
     aws::{AwsError, IamApi, Principal, PrincipalKind, SsmApi, with_retry},
     desired::{self, Desired},
     metrics::Metrics,
-    naming::{OWNER_TAG, POLICY_PATH},
+    naming::{OWNER_TAG, POLICY_PATH, owned_by},
     plan::{self, Change, ObservedPolicy, WantedDocument, WantedPolicy},
     settings::Settings,
     status::{self, Observations, Outcome},
@@ -340,7 +345,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         }
     };
 
-    let known_arns = known_policy_arns(grant, Some(&desired), ctx);
+    let known = known_objects(grant, Some(&desired), ctx);
     let (wanted_policies, wanted_documents) = if expired {
         (Vec::new(), Vec::new())
     } else {
@@ -352,15 +357,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         terminate_sessions(grant, &target_list, ctx).await;
     }
 
-    let synced = sync(
-        grant,
-        &id,
-        &wanted_policies,
-        &known_arns,
-        &wanted_documents,
-        ctx,
-    )
-    .await;
+    let synced = sync(grant, &id, &wanted_policies, &wanted_documents, &known, ctx).await;
     let (policy_outcome, policies, retry) = match synced {
         Ok(policies) => (
             Outcome::yes(
@@ -569,6 +566,37 @@ fn wanted(desired: &Desired, ctx: &Context) -> (Vec<WantedPolicy>, Vec<WantedDoc
     (policies, documents)
 }
 
+/// What the grant may own in AWS besides what it wants now: looked up, and removed when no
+/// longer wanted.
+struct Known {
+    /// Policies: the ARNs its status records and the ones its names derive to (which covers a
+    /// crash between creating a policy and recording it).
+    policy_arns: BTreeSet<String>,
+    /// Session documents: the names its spec derives, each looked up by name. Never found only
+    /// through a listing: a paged listing misses documents while others are being deleted.
+    document_names: BTreeSet<String>,
+    /// Whether documents under names of an earlier spec may exist, so that a listing by the
+    /// owner tag must look for them: after a spec change until a sync of the new generation
+    /// succeeds, and at cleanup. A steady grant is never listed.
+    sweep_documents: bool,
+}
+
+/// What the grant may own, from its status, its spec and (when it can be computed) its
+/// desired state.
+fn known_objects(grant: &SessionAccess, desired: Option<&Desired>, ctx: &Context) -> Known {
+    Known {
+        policy_arns: known_policy_arns(grant, desired, ctx),
+        document_names: desired::session_documents(grant)
+            .into_iter()
+            .map(|d| d.name)
+            .collect(),
+        sweep_documents: !status::documents_follow_spec(
+            grant.status.as_ref(),
+            grant.metadata.generation,
+        ),
+    }
+}
+
 /// Every policy ARN the grant may own: the ones its status records and the ones its names
 /// derive to (which covers a crash between creating a policy and recording it).
 fn known_policy_arns(
@@ -604,8 +632,22 @@ async fn sync(
     grant: &SessionAccess,
     owner: &str,
     wanted_policies: &[WantedPolicy],
-    known_arns: &BTreeSet<String>,
     wanted_documents: &[WantedDocument],
+    known: &Known,
+    ctx: &Context,
+) -> Result<Vec<PolicyStatus>> {
+    let statuses = sync_policies(grant, owner, wanted_policies, &known.policy_arns, ctx).await?;
+    sync_documents(grant, owner, wanted_documents, known, ctx).await?;
+    Ok(statuses)
+}
+
+/// Brings the grant's policies to `wanted` and removes the other `known_arns` it owns; returns
+/// the wanted policies with their default versions.
+async fn sync_policies(
+    grant: &SessionAccess,
+    owner: &str,
+    wanted_policies: &[WantedPolicy],
+    known_arns: &BTreeSet<String>,
     ctx: &Context,
 ) -> Result<Vec<PolicyStatus>> {
     let mut statuses = Vec::new();
@@ -636,28 +678,105 @@ async fn sync(
             apply_change(grant, owner, &change, ctx).await?;
         }
     }
+    Ok(statuses)
+}
 
-    let owned = with_retry(|| ctx.ssm.list_documents_tagged(OWNER_TAG, owner)).await?;
-    let mut observed_documents = BTreeMap::new();
-    for name in &owned {
-        if let Some(document) = with_retry(|| ctx.ssm.get_document(name)).await? {
-            observed_documents.insert(name.clone(), document.content);
-        }
-    }
+/// Brings the grant's session documents to `wanted`. Every name the grant derives (and every
+/// wanted name) is looked up directly, and its owner tag tells the grant's document from someone
+/// else's; then, when documents of an earlier spec may exist, a listing by the owner tag finds
+/// them for deletion.
+async fn sync_documents(
+    grant: &SessionAccess,
+    owner: &str,
+    wanted: &[WantedDocument],
+    known: &Known,
+    ctx: &Context,
+) -> Result<()> {
+    let names: BTreeSet<&str> = known
+        .document_names
+        .iter()
+        .map(String::as_str)
+        .chain(wanted.iter().map(|d| d.name.as_str()))
+        .collect();
+    let mut owned = BTreeMap::new();
     let mut foreign = BTreeSet::new();
-    for document in wanted_documents {
-        if !observed_documents.contains_key(&document.name)
-            && with_retry(|| ctx.ssm.get_document(&document.name))
-                .await?
-                .is_some()
-        {
-            foreign.insert(document.name.clone());
+    for name in names {
+        match observe_document(name, owner, ctx).await? {
+            DocumentLookup::Absent => {}
+            DocumentLookup::Foreign => {
+                foreign.insert(name.to_owned());
+            }
+            DocumentLookup::Owned { content } => {
+                owned.insert(name.to_owned(), content);
+            }
         }
     }
-    for change in plan::document_changes(wanted_documents, &observed_documents, &foreign)? {
+    for change in plan::document_changes(wanted, &owned, &foreign)? {
         apply_change(grant, owner, &change, ctx).await?;
     }
-    Ok(statuses)
+    if known.sweep_documents {
+        sweep_orphan_documents(grant, owner, wanted, ctx).await?;
+    }
+    Ok(())
+}
+
+/// A session document looked up by name.
+enum DocumentLookup {
+    /// No document has the name.
+    Absent,
+    /// It exists without the owner tag naming the grant.
+    Foreign,
+    /// It is the grant's; the content of its default version.
+    Owned { content: String },
+}
+
+async fn observe_document(name: &str, owner: &str, ctx: &Context) -> Result<DocumentLookup> {
+    let Some(tags) = with_retry(|| ctx.ssm.document_tags(name)).await? else {
+        return Ok(DocumentLookup::Absent);
+    };
+    if !owned_by(&tags, owner) {
+        return Ok(DocumentLookup::Foreign);
+    }
+    // Gone between the two calls: absent.
+    Ok(match with_retry(|| ctx.ssm.get_document(name)).await? {
+        Some(document) => DocumentLookup::Owned {
+            content: document.content,
+        },
+        None => DocumentLookup::Absent,
+    })
+}
+
+/// The most listings one sweep makes. A listing that finds no orphan left ends the sweep, so
+/// the limit is reached only when tagged documents keep appearing.
+const MAX_SWEEP_LISTINGS: usize = 5;
+
+/// Deletes the grant's documents under names it does not want, found by listing its owner tag,
+/// and lists again after each round of deletions until a listing finds no orphan left (a paged
+/// listing may miss some while other documents are deleted).
+async fn sweep_orphan_documents(
+    grant: &SessionAccess,
+    owner: &str,
+    wanted: &[WantedDocument],
+    ctx: &Context,
+) -> Result<()> {
+    let mut deleted = BTreeSet::new();
+    for _ in 0..MAX_SWEEP_LISTINGS {
+        let listed = with_retry(|| ctx.ssm.list_documents_tagged(OWNER_TAG, owner)).await?;
+        let orphans = plan::orphan_documents(wanted, &listed, &deleted);
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        for change in &orphans {
+            apply_change(grant, owner, change, ctx).await?;
+            if let Change::DeleteDocument { name } = change {
+                deleted.insert(name.clone());
+            }
+        }
+    }
+    Err(Error::DocumentsKeepAppearing {
+        owner: owner.to_owned(),
+        listings: MAX_SWEEP_LISTINGS,
+    })
 }
 
 async fn observe_policy(arn: &str, owner: &str, ctx: &Context) -> Result<Option<ObservedPolicy>> {
@@ -665,7 +784,7 @@ async fn observe_policy(arn: &str, owner: &str, ctx: &Context) -> Result<Option<
         return Ok(None);
     };
     let tag = info.tags.get(OWNER_TAG).cloned();
-    if tag.as_deref() != Some(owner) {
+    if !owned_by(&info.tags, owner) {
         return Ok(Some(ObservedPolicy {
             arn: arn.to_owned(),
             owner: tag,
@@ -905,13 +1024,23 @@ async fn write_status(
 
 async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
     let id = grant_id(grant);
-    let desired = desired::compute(grant, &ctx.settings).ok();
-    let known = known_policy_arns(grant, desired.as_ref(), ctx);
-    sync(grant, &id, &[], &known, &[], ctx).await?;
+    remove_aws_objects(grant, &id, ctx).await?;
     sync_endpoints(grant, &id, &[], &[], ctx).await?;
     ctx.set_state(&id, None);
     ctx.set_expiry(grant, None);
     Ok(Action::await_change())
+}
+
+/// Removes every policy and session document the grant owns: the ones it can name directly,
+/// then (always, at cleanup) any other document a listing by its owner tag finds.
+async fn remove_aws_objects(grant: &SessionAccess, owner: &str, ctx: &Context) -> Result<()> {
+    let desired = desired::compute(grant, &ctx.settings).ok();
+    let known = Known {
+        sweep_documents: true,
+        ..known_objects(grant, desired.as_ref(), ctx)
+    };
+    sync(grant, owner, &[], &[], &known, ctx).await?;
+    Ok(())
 }
 
 // === bridge endpoints ===
@@ -1107,19 +1236,78 @@ mod tests {
     use crate::aws::{AwsResult, DocumentInfo, InstanceInfo, PolicyInfo, PolicyVersion};
 
     /// IAM that answers `create_policy` from a script of failures, then succeeds; every other
-    /// call succeeds with nothing. Records the operations called.
+    /// IAM call succeeds with nothing. SSM keeps session documents in memory, and its listing by
+    /// tag can be made to miss documents, as a paged listing does while others are deleted.
+    /// Records the operations called.
     #[derive(Default)]
     struct FakeAws {
         create_failures: Mutex<VecDeque<&'static str>>,
         calls: Mutex<Vec<&'static str>>,
+        documents: Mutex<BTreeMap<String, FakeDocument>>,
+        /// Name → how many more listings miss it.
+        missed_by_listings: Mutex<BTreeMap<String, usize>>,
+    }
+
+    /// A session document the fake keeps.
+    struct FakeDocument {
+        content: String,
+        tags: BTreeMap<String, String>,
     }
 
     impl FakeAws {
         fn failing(codes: &[&'static str]) -> Arc<Self> {
             Arc::new(Self {
                 create_failures: Mutex::new(codes.iter().copied().collect()),
-                calls: Mutex::default(),
+                ..Self::default()
             })
+        }
+
+        /// A document that exists before the reconcile, tagged as `owner`'s (or untagged).
+        fn with_document(
+            self: Arc<Self>,
+            name: &str,
+            content: &str,
+            owner: Option<&str>,
+        ) -> Arc<Self> {
+            let tags = owner
+                .map(|o| BTreeMap::from([(OWNER_TAG.to_owned(), o.to_owned())]))
+                .unwrap_or_default();
+            self.documents.lock().expect("documents").insert(
+                name.to_owned(),
+                FakeDocument {
+                    content: content.to_owned(),
+                    tags,
+                },
+            );
+            self
+        }
+
+        /// The next `listings` listings by tag miss `name`.
+        fn missed_by_listings(self: Arc<Self>, name: &str, listings: usize) -> Arc<Self> {
+            self.missed_by_listings
+                .lock()
+                .expect("missed")
+                .insert(name.to_owned(), listings);
+            self
+        }
+
+        fn document_names(&self) -> Vec<String> {
+            self.documents
+                .lock()
+                .expect("documents")
+                .keys()
+                .cloned()
+                .collect()
+        }
+
+        fn content(&self, name: &str) -> Option<String> {
+            let documents = self.documents.lock().expect("documents");
+            documents.get(name).map(|d| d.content.clone())
+        }
+
+        fn writes(&self) -> usize {
+            let calls = self.calls.lock().expect("calls");
+            calls.iter().filter(|c| crate::aws::is_write(c)).count()
         }
 
         fn record(&self, operation: &'static str) {
@@ -1200,30 +1388,71 @@ mod tests {
 
     #[async_trait::async_trait]
     impl SsmApi for FakeAws {
-        async fn get_document(&self, _: &str) -> AwsResult<Option<DocumentInfo>> {
+        async fn get_document(&self, name: &str) -> AwsResult<Option<DocumentInfo>> {
             self.record("GetDocument");
-            Ok(None)
+            Ok(self.content(name).map(|content| DocumentInfo {
+                content,
+                default_version: "1".into(),
+                latest_version: "1".into(),
+            }))
         }
-        async fn list_documents_tagged(&self, _: &str, _: &str) -> AwsResult<Vec<String>> {
+        async fn document_tags(&self, name: &str) -> AwsResult<Option<BTreeMap<String, String>>> {
+            self.record("ListTagsForResource");
+            let documents = self.documents.lock().expect("documents");
+            Ok(documents.get(name).map(|d| d.tags.clone()))
+        }
+        async fn list_documents_tagged(&self, key: &str, value: &str) -> AwsResult<Vec<String>> {
             self.record("ListDocuments");
-            Ok(Vec::new())
+            let mut missed = self.missed_by_listings.lock().expect("missed");
+            let documents = self.documents.lock().expect("documents");
+            let mut names = Vec::new();
+            for (name, document) in documents.iter() {
+                if document.tags.get(key).is_none_or(|v| v != value) {
+                    continue;
+                }
+                match missed.get_mut(name) {
+                    Some(left) if *left > 0 => *left -= 1,
+                    _ => names.push(name.clone()),
+                }
+            }
+            Ok(names)
         }
         async fn create_document(
             &self,
-            _: &str,
-            _: &str,
-            _: &BTreeMap<String, String>,
+            name: &str,
+            content: &str,
+            tags: &BTreeMap<String, String>,
         ) -> AwsResult<()> {
             self.record("CreateDocument");
+            let mut documents = self.documents.lock().expect("documents");
+            if documents.contains_key(name) {
+                return Err(error("CreateDocument", "DocumentAlreadyExists"));
+            }
+            documents.insert(
+                name.to_owned(),
+                FakeDocument {
+                    content: content.to_owned(),
+                    tags: tags.clone(),
+                },
+            );
             Ok(())
         }
-        async fn update_document(&self, _: &str, _: &str) -> AwsResult<String> {
+        async fn update_document(&self, name: &str, content: &str) -> AwsResult<String> {
             self.record("UpdateDocument");
+            let mut documents = self.documents.lock().expect("documents");
+            let Some(document) = documents.get_mut(name) else {
+                return Err(error("UpdateDocument", "InvalidDocument"));
+            };
+            document.content = content.to_owned();
             Ok("2".into())
         }
-        async fn delete_document(&self, _: &str) -> AwsResult<()> {
+        async fn delete_document(&self, name: &str) -> AwsResult<()> {
             self.record("DeleteDocument");
-            Ok(())
+            let mut documents = self.documents.lock().expect("documents");
+            match documents.remove(name) {
+                Some(_) => Ok(()),
+                None => Err(error("DeleteDocument", "InvalidDocument")),
+            }
         }
         async fn get_document_version(&self, _: &str, _: &str) -> AwsResult<Option<String>> {
             self.record("GetDocument");
@@ -1294,19 +1523,159 @@ mod tests {
     }
 
     async fn sync_grant(ctx: &Context) -> Result<Vec<PolicyStatus>> {
-        let grant = grant();
-        let desired = desired::compute(&grant, &ctx.settings).expect("desired");
+        apply_grant(&grant(), ctx).await
+    }
+
+    /// The AWS part of an apply: what `apply` syncs for `grant`.
+    async fn apply_grant(grant: &SessionAccess, ctx: &Context) -> Result<Vec<PolicyStatus>> {
+        let desired = desired::compute(grant, &ctx.settings).expect("desired");
         let (policies, documents) = wanted(&desired, ctx);
-        let known = known_policy_arns(&grant, Some(&desired), ctx);
-        sync(
-            &grant,
-            &grant_id(&grant),
-            &policies,
-            &known,
-            &documents,
-            ctx,
-        )
-        .await
+        let known = known_objects(grant, Some(&desired), ctx);
+        sync(grant, &grant_id(grant), &policies, &documents, &known, ctx).await
+    }
+
+    /// A grant with a shell document and a port document, at `generation`, without status.
+    fn grant_with_documents(generation: i64) -> SessionAccess {
+        let mut grant = grant();
+        grant.metadata.generation = Some(generation);
+        grant.spec.sessions =
+            serde_json::from_value(json!({"shell": true, "ports": [5432]})).expect("sessions");
+        grant
+    }
+
+    /// Its documents: name → content, as the operator renders them.
+    fn rendered_documents(grant: &SessionAccess) -> BTreeMap<String, String> {
+        desired::session_documents(grant)
+            .into_iter()
+            .map(|d| (d.name, d.content.to_string()))
+            .collect()
+    }
+
+    const OWNER: &str = "ops/web";
+
+    #[tokio::test(start_paused = true)]
+    async fn cleanup_deletes_the_grants_documents_that_every_listing_misses() {
+        let grant = grant_with_documents(1);
+        let mut aws = Arc::new(FakeAws::default());
+        for (name, content) in rendered_documents(&grant) {
+            aws = aws
+                .with_document(&name, &content, Some(OWNER))
+                .missed_by_listings(&name, usize::MAX);
+        }
+        let ctx = context(aws.clone());
+        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
+            .await
+            .expect("removed");
+        assert_eq!(aws.document_names(), Vec::<String>::new());
+        assert_eq!(aws.count("DeleteDocument"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cleanup_lists_again_until_a_listing_finds_no_orphan_left() {
+        // Two documents of ports the grant no longer has; the first listing misses one.
+        let grant = grant_with_documents(3);
+        let aws = Arc::new(FakeAws::default())
+            .with_document("fleet-access.ops.web-port80", "{}", Some(OWNER))
+            .with_document("fleet-access.ops.web-port81", "{}", Some(OWNER))
+            .missed_by_listings("fleet-access.ops.web-port81", 1)
+            .with_document("fleet-access.ops.other-shell", "{}", Some("ops/other"));
+        let ctx = context(aws.clone());
+        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
+            .await
+            .expect("removed");
+        assert_eq!(aws.document_names(), vec!["fleet-access.ops.other-shell"]);
+        assert_eq!(
+            aws.count("ListDocuments"),
+            3,
+            "found one, found the other, none left"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cleanup_leaves_a_foreign_document_under_the_grants_name() {
+        let grant = grant_with_documents(1);
+        let shell = "fleet-access.ops.web-shell";
+        let aws = Arc::new(FakeAws::default())
+            .with_document(shell, "{}", None)
+            .with_document("fleet-access.ops.web-port5432", "{}", Some("ops/other"));
+        let ctx = context(aws.clone());
+        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
+            .await
+            .expect("removed");
+        assert_eq!(aws.document_names().len(), 2);
+        assert_eq!(aws.writes(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tagged_document_the_listing_misses_is_adopted() {
+        let grant = grant_with_documents(2);
+        let shell = "fleet-access.ops.web-shell";
+        let aws = Arc::new(FakeAws::default())
+            .with_document(shell, r#"{"schemaVersion":"1.0"}"#, Some(OWNER))
+            .missed_by_listings(shell, usize::MAX);
+        let ctx = context(aws.clone());
+        apply_grant(&grant, &ctx)
+            .await
+            .expect("adopted, not refused");
+        let rendered = rendered_documents(&grant);
+        assert_eq!(aws.content(shell).as_ref(), rendered.get(shell));
+        assert_eq!(aws.count("UpdateDocument"), 1);
+        assert_eq!(aws.count("CreateDocument"), 1, "the port document");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_document_under_the_grants_name_without_its_tag_is_refused() {
+        let grant = grant_with_documents(1);
+        let shell = "fleet-access.ops.web-shell";
+        for owner in [None, Some("ops/other")] {
+            let aws = Arc::new(FakeAws::default()).with_document(shell, "{}", owner);
+            let ctx = context(aws.clone());
+            let error = apply_grant(&grant, &ctx).await.expect_err("refused");
+            assert!(matches!(error, Error::NotOwned(_)), "{error}");
+            assert_eq!(sync_failure(&error).reason, "NotOwned");
+            assert_eq!(aws.content(shell).as_deref(), Some("{}"), "left alone");
+            assert_eq!(aws.count("UpdateDocument") + aws.count("DeleteDocument"), 0);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_grant_reads_its_documents_by_name_without_listing_or_writing() {
+        let grant = grant_with_documents(1);
+        let mut aws = Arc::new(FakeAws::default());
+        for (name, content) in rendered_documents(&grant) {
+            aws = aws.with_document(&name, &content, Some(OWNER));
+        }
+        let ctx = context(aws.clone());
+        apply_grant(&grant, &ctx).await.expect("synced");
+        assert_eq!(aws.count("ListDocuments"), 0);
+        assert_eq!(aws.count("ListTagsForResource"), 2);
+        assert_eq!(aws.count("GetDocument"), 2);
+        let document_writes = ["CreateDocument", "UpdateDocument", "DeleteDocument"]
+            .iter()
+            .map(|op| aws.count(op))
+            .sum::<usize>();
+        assert_eq!(document_writes, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_spec_change_documents_of_the_earlier_spec_are_swept() {
+        // Generation 2, not yet synced: the port the grant had before is listed and deleted.
+        let grant = grant_with_documents(2);
+        let aws = Arc::new(FakeAws::default()).with_document(
+            "fleet-access.ops.web-port80",
+            "{}",
+            Some(OWNER),
+        );
+        let ctx = context(aws.clone());
+        apply_grant(&grant, &ctx).await.expect("synced");
+        let mut expected: Vec<String> = rendered_documents(&grant).into_keys().collect();
+        expected.sort();
+        assert_eq!(aws.document_names(), expected);
+        assert_eq!(
+            aws.count("ListDocuments"),
+            2,
+            "found the orphan, then none left"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -169,6 +169,28 @@ pub fn preferences(
     }
 }
 
+/// Whether every session document the grant can own is under a name its current spec derives,
+/// so that looking those names up finds them all: true when the grant never had another spec
+/// (generation 1), or when PolicySynced is True for this generation (that sync removed the
+/// documents of earlier specs). Otherwise documents named after an earlier spec (a port since
+/// removed) may remain, and only a listing by the owner tag finds them.
+pub fn documents_follow_spec(
+    status: Option<&SessionAccessStatus>,
+    generation: Option<i64>,
+) -> bool {
+    let Some(generation) = generation else {
+        return false;
+    };
+    generation == 1
+        || status.is_some_and(|s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == POLICY_SYNCED
+                    && c.status == "True"
+                    && c.observed_generation == Some(generation)
+            })
+        })
+}
+
 /// Whether an SSM Agent version can carry SSH sessions (2.3.672.0 or later).
 pub fn agent_supports_ssh(version: &str) -> bool {
     let parts: Vec<u64> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
@@ -224,6 +246,25 @@ mod tests {
         assert_eq!(find(&second, READY).last_transition_time, Time(t0));
         let third = compute(Some(&second), &seen(Outcome::no("X", "y")), t1);
         assert_eq!(find(&third, READY).last_transition_time, Time(t1));
+    }
+
+    #[test]
+    fn documents_follow_the_spec_from_creation_and_after_a_sync_of_the_current_generation() {
+        let t0 = Timestamp::from_second(1_000).expect("time");
+        assert!(documents_follow_spec(None, Some(1)), "never another spec");
+        assert!(
+            !documents_follow_spec(None, Some(2)),
+            "an earlier spec, not synced"
+        );
+        assert!(!documents_follow_spec(None, None), "unknown generation");
+        let synced = compute(None, &seen(Outcome::yes("Synced", "ok")), t0);
+        assert!(documents_follow_spec(Some(&synced), Some(3)));
+        assert!(
+            !documents_follow_spec(Some(&synced), Some(4)),
+            "synced for an earlier generation only"
+        );
+        let failed = compute(None, &seen(Outcome::no("NotOwned", "taken")), t0);
+        assert!(!documents_follow_spec(Some(&failed), Some(3)));
     }
 
     #[test]

@@ -464,9 +464,26 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
         }
     }
 
-    // The terminal error is not retried in a loop: no new attach attempts for a while.
+    // The terminal error is not retried in a loop: no new attach attempts for a while, once the
+    // reconcile that the grant's own status write triggers has run (it tries the attach once
+    // more and writes nothing, as the status does not change). The gauges can settle before it
+    // runs, so the controller is first seen idle for a second.
+    let reconciles = |samples: &[ExposedSample]| {
+        exposition::sum(
+            samples,
+            "fleet_access_operator_reconcile_duration_seconds_count",
+            &[("kind", "SessionAccess")],
+        )
+    };
+    let idle = wait_for("the controller idle", || async {
+        let before = reconciles(&scrape(port).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = scrape(port).await;
+        (reconciles(&after) == before).then_some(after)
+    })
+    .await;
     let attempts = exposition::sum(
-        &samples,
+        &idle,
         "fleet_access_operator_aws_calls_total",
         &failed_attach,
     );

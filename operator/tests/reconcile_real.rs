@@ -21,7 +21,7 @@ use fleet_access_tests::{ControlPlane, Moto, TestNamespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, ListParams, PostParams},
 };
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -295,6 +295,99 @@ impl Harness {
 
     async fn document_exists(&self, name: &str) -> bool {
         self.ssm.get_document().name(name).send().await.is_ok()
+    }
+
+    /// The content of a document's default version, as JSON, or `None` when it does not exist.
+    async fn document_content(&self, name: &str) -> Option<Value> {
+        let out = self.ssm.get_document().name(name).send().await.ok()?;
+        Some(serde_json::from_str(out.content()?).expect("JSON content"))
+    }
+
+    /// Creates a Session document directly in SSM (moto), with the owner tag naming `owner` if
+    /// given.
+    async fn create_document(&self, name: &str, content: &Value, owner: Option<&str>) {
+        let tags = owner.map(|owner| {
+            vec![
+                aws_sdk_ssm::types::Tag::builder()
+                    .key(naming::OWNER_TAG)
+                    .value(owner)
+                    .build()
+                    .expect("tag"),
+            ]
+        });
+        self.ssm
+            .create_document()
+            .name(name)
+            .content(content.to_string())
+            .document_type(aws_sdk_ssm::types::DocumentType::Session)
+            .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
+            .set_tags(tags)
+            .send()
+            .await
+            .expect("document created");
+    }
+
+    /// The document names the grant's spec derives, with their rendered content.
+    fn derived_documents(&self, grant: &SessionAccess) -> Vec<(String, Value)> {
+        desired::session_documents(grant)
+            .into_iter()
+            .map(|d| (d.name, d.content))
+            .collect()
+    }
+
+    /// Documents carrying the owner tag of any grant of this test's namespace, through a full
+    /// listing (moto ignores ListDocuments' tag filter, so every document is checked here).
+    async fn documents_tagged_in_namespace(&self) -> Vec<String> {
+        let prefix = format!("{}/", self.namespace.name());
+        let mut found = Vec::new();
+        let mut token = None;
+        loop {
+            let out = self
+                .ssm
+                .list_documents()
+                .max_results(50)
+                .set_next_token(token)
+                .send()
+                .await
+                .expect("ListDocuments");
+            found.extend(
+                out.document_identifiers()
+                    .iter()
+                    .filter(|d| {
+                        d.tags()
+                            .iter()
+                            .any(|t| t.key() == naming::OWNER_TAG && t.value().starts_with(&prefix))
+                    })
+                    .filter_map(|d| d.name().map(str::to_owned)),
+            );
+            token = out
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if token.is_none() {
+                return found;
+            }
+        }
+    }
+
+    /// The operator's policies of this test's namespace (by their derived names).
+    async fn policies_in_namespace(&self) -> Vec<String> {
+        let prefix = naming::grant_object_name(self.namespace.name(), "", "");
+        let out = self
+            .iam
+            .list_policies()
+            .scope(aws_sdk_iam::types::PolicyScopeType::Local)
+            .path_prefix(naming::POLICY_PATH)
+            .max_items(1000)
+            .send()
+            .await
+            .expect("ListPolicies");
+        out.policies()
+            .iter()
+            .filter_map(|p| p.policy_name())
+            .filter(|name| name.starts_with(&prefix))
+            .map(str::to_owned)
+            .collect()
     }
 
     async fn stop(mut self) {
@@ -678,7 +771,6 @@ async fn a_same_named_policy_without_the_owner_tag_is_not_adopted() {
 async fn bridge_endpoints_merge_per_instance_and_admit_only_the_clients() {
     use fleet_access_crds::bridge_contract::EndpointAnnotations;
     use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
-    use kube::api::ListParams;
 
     let h = Harness::start("op-bridge", Duration::from_secs(300)).await;
     let frank = h.unique("frank");
@@ -1232,4 +1324,163 @@ async fn session_preferences_update_the_account_document_and_restore_it_on_delet
 
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+}
+
+/// Grants deleted all at once (one request after another, 20 ms apart, never waiting for a
+/// cleanup): their cleanups overlap, each deleting documents while the others would page
+/// through ListDocuments (whose NextToken is an offset in moto, so a deletion ahead of the
+/// cursor makes the next page skip documents). No document and no policy may be left behind.
+/// Before the operator looked its documents up by name, this left 3 to 30 of the 200
+/// documents in each of six runs (the staggered deletes overlap cleanups and listings more
+/// reliably than one DeleteCollection, which hit the race in only 2 of 6 runs).
+#[tokio::test]
+async fn many_grants_deleted_at_once_leave_no_document_and_no_policy() {
+    const COUNT: usize = 50;
+    let h = Harness::start("op-mass-delete", Duration::from_secs(300)).await;
+    let heidi = h.unique("heidi");
+    h.user(&heidi).await;
+    // Four documents per grant: 200 in all, four pages of ListDocuments.
+    let spec = json!({
+        "principals": {"users": [heidi]},
+        "targets": {"instanceIds": ["i-0000000000000000a"]},
+        "sessions": {"shell": true, "ports": [5432, 6379, 8080]},
+    });
+    let mut grants = Vec::new();
+    for i in 0..COUNT {
+        grants.push(h.create(&format!("g{i}"), spec.clone()).await);
+    }
+    wait_for(&format!("{COUNT} grants Ready"), || async {
+        let list = h.grants.list(&ListParams::default()).await.ok()?;
+        (list.items.len() == COUNT
+            && list.items.iter().all(|g| {
+                g.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == g.metadata.generation
+                        && s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            }))
+        .then_some(())
+    })
+    .await;
+    let derived: Vec<String> = grants
+        .iter()
+        .flat_map(|g| h.derived_documents(g))
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(derived.len(), 4 * COUNT);
+    for name in &derived {
+        assert!(h.document_exists(name).await, "{name} created");
+    }
+    assert_eq!(h.policies_in_namespace().await.len(), COUNT);
+
+    // One after another without waiting: cleanups overlap with the listings of later ones.
+    for grant in &grants {
+        h.grants
+            .delete(&grant.name_any(), &DeleteParams::default())
+            .await
+            .expect("delete");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for("every grant gone", || async {
+        let list = h.grants.list(&ListParams::default()).await.ok()?;
+        list.items.is_empty().then_some(())
+    })
+    .await;
+
+    let mut left = Vec::new();
+    for name in &derived {
+        if h.document_exists(name).await {
+            left.push(name.clone());
+        }
+    }
+    assert!(
+        left.is_empty(),
+        "{} of {} documents left behind: {left:?}",
+        left.len(),
+        derived.len()
+    );
+    assert_eq!(
+        h.documents_tagged_in_namespace().await,
+        Vec::<String>::new()
+    );
+    assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
+    for grant in &grants {
+        assert!(
+            h.policy_document(&h.policy_arn(&grant.name_any()))
+                .await
+                .is_none()
+        );
+    }
+    h.stop().await;
+}
+
+/// A document under a grant's derived name is the grant's only if its owner tag says so: an
+/// untagged one is refused (and left alone, also at cleanup), a tagged one is adopted.
+#[tokio::test]
+async fn a_same_named_document_is_adopted_only_with_the_grants_tag() {
+    let h = Harness::start("op-doc-owner", Duration::from_secs(300)).await;
+    let ivan = h.unique("ivan");
+    h.user(&ivan).await;
+    let spec = json!({
+        "principals": {"users": [ivan]},
+        "targets": {"instanceIds": ["i-0000000000000000a"]},
+        "sessions": {"shell": true},
+    });
+    let by_hand = json!({"schemaVersion": "1.0", "description": "made by hand",
+        "sessionType": "Standard_Stream", "inputs": {"idleSessionTimeout": "35"}});
+    let taken = naming::grant_object_name(h.namespace.name(), "taken", "-shell");
+    let mine = naming::grant_object_name(h.namespace.name(), "mine", "-shell");
+    h.create_document(&taken, &by_hand, None).await;
+    let owner = naming::owner_tag_value(h.namespace.name(), "mine");
+    h.create_document(&mine, &by_hand, Some(&owner)).await;
+
+    h.create("taken", spec.clone()).await;
+    let grant = h.create("mine", spec).await;
+
+    let refused = h.wait_condition("taken", "PolicySynced", "False").await;
+    let condition = find(&refused, "PolicySynced").expect("condition");
+    assert_eq!(condition.reason, "NotOwned");
+    assert!(condition.message.contains(&taken), "{}", condition.message);
+    assert_eq!(h.document_content(&taken).await, Some(by_hand.clone()));
+
+    h.wait_condition("mine", "Ready", "True").await;
+    let [(name, rendered)] = h
+        .derived_documents(&grant)
+        .try_into()
+        .expect("one document");
+    assert_eq!(name, mine);
+    assert_eq!(
+        h.document_content(&mine).await,
+        Some(rendered),
+        "adopted and updated"
+    );
+
+    for name in ["taken", "mine"] {
+        h.grants
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    wait_for("both grants gone", || async {
+        let list = h.grants.list(&ListParams::default()).await.ok()?;
+        list.items.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        !h.document_exists(&mine).await,
+        "the adopted document is deleted"
+    );
+    assert_eq!(
+        h.document_content(&taken).await,
+        Some(by_hand),
+        "the foreign document is left alone"
+    );
+    h.ssm
+        .delete_document()
+        .name(&taken)
+        .send()
+        .await
+        .expect("test cleanup");
+    h.stop().await;
 }

@@ -471,6 +471,8 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
             ));
             all
         }
+        // The ownership tag of each document name a grant derives.
+        "ListTagsForResource" => on_documents(&|arn| vec![Request::new(&ssm(operation), arn)]),
         // Tags on create need ssm:AddTagsToResource as well.
         "CreateDocument" => {
             let mut all = on_documents(&|arn| {
@@ -578,6 +580,11 @@ fn the_operator_policy_refuses_what_the_operator_does_not_own() {
             "ssm:DeleteDocument",
             &document_arn("fleet-access.ops.web-shell"),
         ),
+    );
+    // Tags of documents outside the prefix are not read either.
+    assert_denied(
+        &[&policy],
+        &Request::new("ssm:ListTagsForResource", &document_arn("team-runbook")),
     );
     // Nothing of StartSession: the operator grants sessions, it never opens one.
     assert_denied(

@@ -202,7 +202,11 @@ pub trait IamApi: Send + Sync {
 pub trait SsmApi: Send + Sync {
     /// The document's default version, or `None` when it does not exist.
     async fn get_document(&self, name: &str) -> AwsResult<Option<DocumentInfo>>;
-    /// Names of the documents carrying tag `key` = `value`.
+    /// The document's tags (ListTagsForResource), or `None` when it does not exist.
+    async fn document_tags(&self, name: &str) -> AwsResult<Option<BTreeMap<String, String>>>;
+    /// Names of the documents carrying tag `key` = `value`, through a paged listing: a listing
+    /// that runs while other documents are deleted may miss some, so callers look up the names
+    /// they know directly and use this only to find what they cannot name.
     async fn list_documents_tagged(&self, key: &str, value: &str) -> AwsResult<Vec<String>>;
     /// Creates a Session document with tags.
     async fn create_document(

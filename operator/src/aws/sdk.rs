@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use aws_sdk_iam::error::ProvideErrorMetadata;
 use aws_sdk_ssm::types::{
     DocumentFormat, DocumentKeyValuesFilter, DocumentType, InstanceInformationStringFilter,
-    SessionState,
+    ResourceTypeForTagging, SessionState,
 };
 
 use super::{
@@ -391,6 +391,24 @@ impl SsmApi for SdkAws {
                 default_version: version.clone(),
                 latest_version: version,
             }
+        }))
+    }
+
+    async fn document_tags(&self, name: &str) -> AwsResult<Option<BTreeMap<String, String>>> {
+        let out = self.ssm(
+            "ListTagsForResource",
+            self.ssm
+                .list_tags_for_resource()
+                .resource_type(ResourceTypeForTagging::Document)
+                .resource_id(name)
+                .send()
+                .await,
+        );
+        Ok(not_found_is_none(out)?.map(|out| {
+            out.tag_list()
+                .iter()
+                .map(|t| (t.key().to_owned(), t.value().to_owned()))
+                .collect()
         }))
     }
 

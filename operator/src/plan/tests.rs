@@ -207,3 +207,33 @@ fn documents_are_created_updated_and_deleted() {
     let foreign = BTreeSet::from(["new".to_owned()]);
     assert!(document_changes(&wanted, &observed, &foreign).is_err());
 }
+
+#[test]
+fn a_listing_finds_orphans_only_under_names_not_wanted_and_not_yet_deleted() {
+    let wanted = vec![WantedDocument {
+        name: "shell".into(),
+        content: "{}".into(),
+    }];
+    let listed = ["shell", "port80", "port443", "port80"].map(str::to_owned);
+    assert_eq!(
+        orphan_documents(&wanted, &listed, &BTreeSet::new()),
+        vec![
+            Change::DeleteDocument {
+                name: "port443".into()
+            },
+            Change::DeleteDocument {
+                name: "port80".into()
+            },
+        ],
+        "each orphan once, the wanted document kept"
+    );
+    let deleted = BTreeSet::from(["port443".to_owned(), "port80".to_owned()]);
+    assert!(orphan_documents(&wanted, &listed, &deleted).is_empty());
+    assert_eq!(
+        orphan_documents(&[], &listed[..1], &BTreeSet::new()),
+        vec![Change::DeleteDocument {
+            name: "shell".into()
+        }],
+        "nothing wanted: everything listed goes"
+    );
+}

@@ -295,11 +295,17 @@ async fn moto_serves_other_operations_and_custom_port_documents() {
         "parameters": {"portNumber": {"type": "String", "default": "5432"}},
         "properties": {"portNumber": "{{ portNumber }}", "type": "LocalPortForwarding", "localPortNumber": "0"}
     });
+    let owner = aws_sdk_ssm::types::Tag::builder()
+        .key("fleetaccess.io/grant")
+        .value("ops/db")
+        .build()
+        .expect("tag");
     ssm.create_document()
         .name("FleetAccess-Postgres")
         .document_type(aws_sdk_ssm::types::DocumentType::Session)
         .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
         .content(content.to_string())
+        .tags(owner.clone())
         .send()
         .await
         .expect("CreateDocument forwarded to moto");
@@ -314,7 +320,27 @@ async fn moto_serves_other_operations_and_custom_port_documents() {
             .iter()
             .any(|d| d.name() == Some("FleetAccess-Postgres"))
     );
-    assert!(running.stats().forwarded_requests >= 2);
+    // The operator reads a document's ownership tag with ListTagsForResource.
+    let tags = ssm
+        .list_tags_for_resource()
+        .resource_type(aws_sdk_ssm::types::ResourceTypeForTagging::Document)
+        .resource_id("FleetAccess-Postgres")
+        .send()
+        .await
+        .expect("ListTagsForResource forwarded");
+    assert_eq!(tags.tag_list(), [owner]);
+    let missing = ssm
+        .list_tags_for_resource()
+        .resource_type(aws_sdk_ssm::types::ResourceTypeForTagging::Document)
+        .resource_id("FleetAccess-Nothing")
+        .send()
+        .await
+        .expect_err("no such document");
+    assert_eq!(
+        missing.into_service_error().code(),
+        Some("InvalidResourceId")
+    );
+    assert!(running.stats().forwarded_requests >= 4);
 
     let started = start_session(&ssm, "i-00000000000000003", "FleetAccess-Postgres", &[])
         .await
