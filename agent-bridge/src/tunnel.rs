@@ -10,7 +10,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     driver::{
@@ -117,6 +117,7 @@ where
             };
             metrics.session_ended(&document, label, lasted, &outcome.stats);
             info!(session_id, cause = ?outcome.cause, bytes_in = outcome.stats.bytes_received, bytes_out = outcome.stats.bytes_sent, "session ended");
+            debug!(session_id, stats = ?outcome.stats, "session stats");
         }
         Err(error) => {
             metrics.session_ended(

@@ -53,6 +53,8 @@ pub struct Options {
     pub out: std::path::PathBuf,
     /// Which parts run.
     pub parts: Vec<String>,
+    /// Which emulator modes the throughput part measures.
+    pub modes: Vec<Mode>,
     /// Profile `agent-bridge forward` with perf during the first fast-mode run of each direction,
     /// and the operator during its first full-size apply.
     pub perf: bool,
@@ -80,6 +82,7 @@ impl Options {
                 "scale".into(),
                 "operator".into(),
             ],
+            modes: vec![Mode::Realistic, Mode::Fast],
             perf: false,
             operator_grants: 1000,
             operator_reference_grants: 100,
@@ -117,6 +120,17 @@ impl Options {
                         .map(str::to_owned)
                         .collect();
                 }
+                "--modes" => {
+                    let list = it.next().context("--modes realistic,fast")?;
+                    options.modes = list
+                        .split(',')
+                        .map(|m| match m {
+                            "realistic" => Ok(Mode::Realistic),
+                            "fast" => Ok(Mode::Fast),
+                            other => bail!("unknown mode {other} (realistic or fast)"),
+                        })
+                        .collect::<anyhow::Result<_>>()?;
+                }
                 other => bail!("unknown option {other}"),
             }
         }
@@ -141,7 +155,7 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
     let mut report = Report::new(&ws, &options, args);
     let target = Target::start().await?;
     if options.wants("throughput") {
-        for mode in [Mode::Realistic, Mode::Fast] {
+        for &mode in &options.modes {
             match throughput(&ws, &options, &target, mode).await {
                 Ok((figures, profiles)) => {
                     report.throughput.extend(figures);

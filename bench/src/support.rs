@@ -107,7 +107,11 @@ pub fn command(program: &Path, ws: &Workspace, log_name: &str) -> anyhow::Result
         )
         .env("SSM_PLUGIN_SKIP_CLIENT_CONFIGURE", "true")
         .env("HOME", &ws.scratch)
-        .env("RUST_LOG", "warn")
+        // The harness's own RUST_LOG, when set, reaches the children (to study a failed run).
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log)

@@ -463,6 +463,13 @@ where
                 Some(frame) if message::is_acknowledge(frame) => now,
                 _ => Instant::from_std(self.pacer.ready_at(now.into_std())),
             };
+            // A frame that may go now must not wait for the timer: tokio rounds deadlines up to
+            // its next millisecond tick, which would cap acks and paced data at ~1,000 frames/s.
+            let send_wait = async move {
+                if send_at > now {
+                    sleep_until(send_at).await;
+                }
+            };
             let timer = self.session.poll_timeout().map(Instant::from_std);
             let accepting = incoming_open && self.accepting();
             let take_local = self.pending_local.is_none();
@@ -475,7 +482,7 @@ where
             let turn = tokio::select! {
                 biased;
                 () = &mut shutdown, if !shutting_down => Turn::Shutdown,
-                () = sleep_until(send_at), if self.outgoing.is_some() => Turn::Send,
+                () = send_wait, if self.outgoing.is_some() => Turn::Send,
                 msg = self.ws.next() => Turn::Ws(msg),
                 () = sleep_until(timer.unwrap_or(now)), if timer.is_some() => Turn::Timer,
                 _ = ping.tick() => Turn::Ping,

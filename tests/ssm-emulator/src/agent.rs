@@ -1295,6 +1295,7 @@ impl Agent {
             let mut r = lock(&self.report);
             r.close_reason = Some(reason.clone());
             r.unacked_at_close = self.unacked.len() as u64;
+            tracing::debug!(session = %self.info.id, report = ?*r, "session report");
         }
         let output = if status == SessionStatus::Failed || reason.starts_with("Session idle") {
             reason
