@@ -224,15 +224,13 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
     let context = Arc::new(SessionContext {
-        control: Arc::new(SdkControlPlane::new(&sdk)),
-        signer: upgrade_signer(&sdk),
-        driver: DriverConfig {
-            end_on_local_eof: true,
-            ..DriverConfig::default()
-        },
-        metrics,
         idle_timeout: seconds(args.idle_timeout_seconds),
         max_duration: seconds(args.max_session_seconds),
+        ..SessionContext::per_connection(
+            Arc::new(SdkControlPlane::new(&sdk)),
+            upgrade_signer(&sdk),
+            metrics,
+        )
     });
     let readiness = Readiness::default();
     let admin = TcpListener::bind(args.admin_address)
@@ -264,17 +262,11 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let sdk = load_aws(&args.aws).await;
     let control = SdkControlPlane::new(&sdk);
-    let context = SessionContext {
-        control: Arc::new(control.clone()),
-        signer: upgrade_signer(&sdk),
-        driver: DriverConfig {
-            end_on_local_eof: true,
-            ..DriverConfig::default()
-        },
-        metrics: Metrics::register(&Registry::new()).context("registering metrics")?,
-        idle_timeout: None,
-        max_duration: None,
-    };
+    let context = SessionContext::per_connection(
+        Arc::new(control.clone()),
+        upgrade_signer(&sdk),
+        Metrics::register(&Registry::new()).context("registering metrics")?,
+    );
     let request = StartSessionRequest {
         target: args.instance_id.clone(),
         document_name: Some(crate::SSH_DOCUMENT.to_owned()),

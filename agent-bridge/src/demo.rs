@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{self, Readiness},
     cli::{AwsArgs, load_aws, shutdown_on_signal},
-    driver::DriverConfig,
     listener::{Endpoint, Limits, Listeners},
     metrics::Metrics,
     ssm::SdkControlPlane,
@@ -91,15 +90,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let sdk = demo_sdk_config(&aws).await;
     let registry = Registry::new();
     let context = Arc::new(SessionContext {
-        control: Arc::new(SdkControlPlane::new(&sdk)),
-        signer: None,
-        driver: DriverConfig {
-            end_on_local_eof: true,
-            ..DriverConfig::default()
-        },
-        metrics: Metrics::register(&registry)?,
         idle_timeout: Some(Duration::from_secs(1200)),
-        max_duration: None,
+        ..SessionContext::per_connection(
+            Arc::new(SdkControlPlane::new(&sdk)),
+            None,
+            Metrics::register(&registry)?,
+        )
     });
     let mut listeners = Listeners::new(
         context,

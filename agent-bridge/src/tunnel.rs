@@ -38,6 +38,28 @@ pub struct SessionContext<C> {
     pub max_duration: Option<Duration>,
 }
 
+impl<C> SessionContext<C> {
+    /// One session per local connection, ended when that connection ends (the serve path,
+    /// `proxy`, the demo): the default data-channel tunables, no idle or duration limit.
+    pub fn per_connection(
+        control: Arc<C>,
+        signer: Option<Arc<dyn UpgradeSigner>>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            control,
+            signer,
+            driver: DriverConfig {
+                end_on_local_eof: true,
+                ..DriverConfig::default()
+            },
+            metrics,
+            idle_timeout: None,
+            max_duration: None,
+        }
+    }
+}
+
 /// Why a connection was not carried to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {

@@ -15,7 +15,6 @@ use anyhow::Context as _;
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
     cli::{AwsArgs, load_aws},
-    driver::DriverConfig,
     listener::{Endpoint, Limits, Listeners},
     metrics::Metrics,
     ssm::SdkControlPlane,
@@ -168,15 +167,12 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
     .await;
     let registry = prometheus::Registry::new();
     let context = Arc::new(SessionContext {
-        control: Arc::new(SdkControlPlane::new(&sdk)),
-        signer: None,
-        driver: DriverConfig {
-            end_on_local_eof: true,
-            ..DriverConfig::default()
-        },
-        metrics: Metrics::register(&registry)?,
         idle_timeout: Some(Duration::from_secs(1200)),
-        max_duration: None,
+        ..SessionContext::per_connection(
+            Arc::new(SdkControlPlane::new(&sdk)),
+            None,
+            Metrics::register(&registry)?,
+        )
     });
     let mut listeners = Listeners::new(
         context,

@@ -16,7 +16,6 @@ use std::{
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
     cli::forward_request,
-    driver::DriverConfig,
     listener::Limits,
     metrics::Metrics,
     serve::{self, ServeConfig},
@@ -66,17 +65,11 @@ fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
 }
 
 fn context(emulator: &Running, registry: &Registry) -> Arc<SessionContext<SdkControlPlane>> {
-    Arc::new(SessionContext {
-        control: Arc::new(SdkControlPlane::new(&sdk_config(&emulator.endpoint_url()))),
-        signer: None,
-        driver: DriverConfig {
-            end_on_local_eof: true,
-            ..DriverConfig::default()
-        },
-        metrics: Metrics::register(registry).expect("metrics"),
-        idle_timeout: None,
-        max_duration: None,
-    })
+    Arc::new(SessionContext::per_connection(
+        Arc::new(SdkControlPlane::new(&sdk_config(&emulator.endpoint_url()))),
+        None,
+        Metrics::register(registry).expect("metrics"),
+    ))
 }
 
 /// `ssh` to the bridge listener on `port`, trusting sshd's host key under its own name.
