@@ -419,20 +419,11 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
             "{name} allows StartSession on {instance_arn}: {document}"
         );
     }
-    let attached_to_user = iam
-        .list_attached_user_policies()
-        .user_name(&user)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(attached_to_user.attached_policies().len(), 1);
-    let attached_to_role = iam
-        .list_attached_role_policies()
-        .role_name(&bridge_role)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(attached_to_role.attached_policies().len(), 1);
+    assert_eq!(
+        attached_policy_counts(&iam, &user, &bridge_role).await,
+        (1, 1),
+        "one policy attached to the user and one to the bridge role"
+    );
 
     // The operator exports when the grant's window ends (for the expiring-soon alert).
     let exported_expiry = wait_for(&mut stack, "the grant's expiry gauge", || async {
@@ -560,23 +551,10 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         Vec::<String>::new(),
         "IAM is clean"
     );
-    assert!(
-        iam.list_attached_user_policies()
-            .user_name(&user)
-            .send()
-            .await
-            .unwrap()
-            .attached_policies()
-            .is_empty()
-    );
-    assert!(
-        iam.list_attached_role_policies()
-            .role_name(&bridge_role)
-            .send()
-            .await
-            .unwrap()
-            .attached_policies()
-            .is_empty()
+    assert_eq!(
+        attached_policy_counts(&iam, &user, &bridge_role).await,
+        (0, 0),
+        "nothing attached to the user or the bridge role"
     );
     assert!(
         emulator.violations().is_empty(),
@@ -584,4 +562,28 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         emulator.violations()
     );
     stack.assert_running();
+}
+
+/// Managed policies attached to the user and to the role.
+async fn attached_policy_counts(
+    iam: &aws_sdk_iam::Client,
+    user: &str,
+    role: &str,
+) -> (usize, usize) {
+    let to_user = iam
+        .list_attached_user_policies()
+        .user_name(user)
+        .send()
+        .await
+        .expect("ListAttachedUserPolicies");
+    let to_role = iam
+        .list_attached_role_policies()
+        .role_name(role)
+        .send()
+        .await
+        .expect("ListAttachedRolePolicies");
+    (
+        to_user.attached_policies().len(),
+        to_role.attached_policies().len(),
+    )
 }
