@@ -463,13 +463,6 @@ where
                 Some(frame) if message::is_acknowledge(frame) => now,
                 _ => Instant::from_std(self.pacer.ready_at(now.into_std())),
             };
-            // A frame that may go now must not wait for the timer: tokio rounds deadlines up to
-            // its next millisecond tick, which would cap acks and paced data at ~1,000 frames/s.
-            let send_wait = async move {
-                if send_at > now {
-                    sleep_until(send_at).await;
-                }
-            };
             let timer = self.session.poll_timeout().map(Instant::from_std);
             let accepting = incoming_open && self.accepting();
             let take_local = self.pending_local.is_none();
@@ -482,9 +475,9 @@ where
             let turn = tokio::select! {
                 biased;
                 () = &mut shutdown, if !shutting_down => Turn::Shutdown,
-                () = send_wait, if self.outgoing.is_some() => Turn::Send,
+                () = due(send_at, now), if self.outgoing.is_some() => Turn::Send,
                 msg = self.ws.next() => Turn::Ws(msg),
-                () = sleep_until(timer.unwrap_or(now)), if timer.is_some() => Turn::Timer,
+                () = due(timer.unwrap_or(now), now), if timer.is_some() => Turn::Timer,
                 _ = ping.tick() => Turn::Ping,
                 permit = async { stalled_tx?.reserve_owned().await.ok() }, if self.stalled.is_some() => Turn::Unstalled(permit),
                 input = async { local_rx?.recv().await }, if take_local => Turn::Local(input),
@@ -731,6 +724,15 @@ where
     }
 }
 
+/// Resolves at `at`, and at once when `at` is not after `now`. `sleep_until` alone would wait
+/// for the timer even then: tokio rounds deadlines up to its next millisecond tick, which would
+/// cap acks and paced data at about 1,000 frames per second.
+async fn due(at: Instant, now: Instant) {
+    if at > now {
+        sleep_until(at).await;
+    }
+}
+
 fn spawn_conn<L>(
     key: u32,
     conn: L,
@@ -805,4 +807,22 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, DriverError> {
 fn rand_seed() -> u64 {
     let id = uuid::Uuid::new_v4().as_u128();
     (id >> 64) as u64 ^ id as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deadline_already_reached_is_due_without_a_timer() {
+        let now = Instant::now();
+        assert_eq!(due(now, now).now_or_never(), Some(()));
+        assert_eq!(
+            due(now - Duration::from_millis(5), now).now_or_never(),
+            Some(())
+        );
+        assert_eq!(due(now + Duration::from_secs(60), now).now_or_never(), None);
+    }
 }
