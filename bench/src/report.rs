@@ -225,7 +225,9 @@ impl Report {
              per connection. Serve path: `fleet-access-bench serve-listeners`, the bridge library's endpoint \
              listener as `agent-bridge serve` runs it (one AWS-StartSSHSession session per connection, basic mode), \
              without the Kubernetes watch. Plugin: the official session-manager-plugin, port forwarding (mux), argv \
-             as the AWS CLI builds it. Raw relay: two chained TCP relay processes standing in for bridge and emulator.\n"
+             as the AWS CLI builds it. Raw relay: two chained TCP relay processes standing in for bridge and emulator. \
+             The emulated agent's read loop alone: one relay process that reads what the target sends 1,024 bytes \
+             at a time with a 1 ms pause, as the emulated agent does in realistic mode (downloads only).\n"
         );
         let _ = writeln!(
             out,
@@ -259,11 +261,39 @@ impl Report {
                 goal
             );
         }
+        let measured = self
+            .find(
+                Mode::Realistic,
+                Direction::Download,
+                ClientKind::AgentReadLoop,
+            )
+            .filter(|t| t.bytes_per_second.runs > 0);
         let _ = writeln!(
             out,
-            "\nRealistic download reference: the emulated agent allows at most {} MB/s (1,024 bytes per read, then 1 ms).\n",
+            "\nRealistic download reference (\"of agent\"): {}. Nominally the agent reads 1,024 bytes, then pauses 1 ms: at most {} MB/s.\n",
+            match measured {
+                Some(_) => format!(
+                    "the emulated agent's read loop alone, measured in the same runs: {} MB/s (a relay \
+                     that reads the target exactly as the emulated agent does, with no data channel)",
+                    mb(self.agent_download_ceiling())
+                ),
+                None => "the nominal rate (the read-loop reference did not run)".to_owned(),
+            },
             mb(AGENT_REALISTIC_BYTES_PER_SECOND)
         );
+    }
+
+    /// What the emulated agent allows in a realistic download: its read loop measured alone in
+    /// the same runs, or else the nominal rate.
+    fn agent_download_ceiling(&self) -> f64 {
+        self.find(
+            Mode::Realistic,
+            Direction::Download,
+            ClientKind::AgentReadLoop,
+        )
+        .map(|t| t.bytes_per_second.median)
+        .filter(|m| *m > 0.0)
+        .unwrap_or(AGENT_REALISTIC_BYTES_PER_SECOND)
     }
 
     /// The ratio against the reference of the figure's mode and direction, and the goal verdict.
@@ -291,7 +321,10 @@ impl Report {
                 _ => (String::new(), String::new()),
             },
             (Mode::Realistic, Direction::Download) => {
-                let r = median / AGENT_REALISTIC_BYTES_PER_SECOND;
+                if t.client == ClientKind::AgentReadLoop {
+                    return (String::new(), String::new());
+                }
+                let r = median / self.agent_download_ceiling();
                 let text = format!(
                     "{r:.2} of agent{}",
                     vs_plugin.map(|v| format!("; {v}")).unwrap_or_default()

@@ -109,11 +109,19 @@ async fn serve_target(mut stream: TcpStream, uploaded: Arc<AtomicU64>) {
 
 // === relay ===
 
-/// `relay LISTEN_PORT TO`: copies every connection to `TO`; prints `relay PORT` when listening;
-/// ends when standard input closes.
+/// `relay LISTEN_PORT TO [agent-read-loop]`: copies every connection to `TO`; prints
+/// `relay PORT` when listening; ends when standard input closes. With `agent-read-loop`, what
+/// comes back from `TO` is read as the emulated agent reads a target in realistic mode (1,024
+/// bytes, then a 1 ms pause): the agent's own ceiling, without any data channel.
 pub async fn relay_main(args: &[String]) -> anyhow::Result<()> {
-    let port: u16 = args.first().context("relay LISTEN_PORT TO")?.parse()?;
-    let to: SocketAddr = args.get(1).context("relay LISTEN_PORT TO")?.parse()?;
+    let usage = "relay LISTEN_PORT TO [agent-read-loop]";
+    let port: u16 = args.first().context(usage)?.parse()?;
+    let to: SocketAddr = args.get(1).context(usage)?.parse()?;
+    let agent_read_loop = match args.get(2).map(String::as_str) {
+        None => false,
+        Some("agent-read-loop") => true,
+        Some(other) => anyhow::bail!("unknown relay option {other}; {usage}"),
+    };
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
     println!("relay {}", listener.local_addr()?.port());
     let accept = async move {
@@ -124,7 +132,27 @@ pub async fn relay_main(args: &[String]) -> anyhow::Result<()> {
                 };
                 let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                if agent_read_loop {
+                    let (mut in_r, mut in_w) = inbound.split();
+                    let (mut out_r, mut out_w) = outbound.split();
+                    let up = async {
+                        let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
+                        let _ = out_w.shutdown().await;
+                    };
+                    let down = async {
+                        let mut buf = [0u8; fleet_access_ssm_emulator::REALISTIC_CHUNK];
+                        while let Ok(n @ 1..) = out_r.read(&mut buf).await {
+                            if in_w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(fleet_access_ssm_emulator::REALISTIC_PAUSE).await;
+                        }
+                        let _ = in_w.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                } else {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
             });
         }
     };

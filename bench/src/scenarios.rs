@@ -206,9 +206,17 @@ pub enum ClientKind {
     Plugin,
     /// Two chained raw TCP relays (stand-ins for the bridge and the emulator): the upper limit.
     RawRelay,
+    /// One relay that reads what comes back as the emulated agent reads its target in
+    /// realistic mode: the agent's own download ceiling on this machine, measured.
+    AgentReadLoop,
 }
 
 impl ClientKind {
+    /// Whether it carries bytes that way (the agent's read loop bounds downloads only).
+    pub fn measures(self, direction: Direction) -> bool {
+        self != ClientKind::AgentReadLoop || direction == Direction::Download
+    }
+
     /// The name in the report.
     pub fn name(self) -> &'static str {
         match self {
@@ -216,6 +224,7 @@ impl ClientKind {
             ClientKind::Serve => "agent-bridge serve path",
             ClientKind::Plugin => "session-manager-plugin",
             ClientKind::RawRelay => "raw TCP relay x2",
+            ClientKind::AgentReadLoop => "emulated agent's read loop alone",
         }
     }
 }
@@ -350,9 +359,9 @@ impl Client {
                 })
             }
             ClientKind::RawRelay => {
-                let (far, far_port) = start_relay(ws, &format!("{log}-2"), target).await?;
+                let (far, far_port) = start_relay(ws, &format!("{log}-2"), target, &[]).await?;
                 let (near, near_port) =
-                    start_relay(ws, &format!("{log}-1"), loopback(far_port)).await?;
+                    start_relay(ws, &format!("{log}-1"), loopback(far_port), &[]).await?;
                 let pid = near.id().context("pid")?;
                 Ok(Self {
                     kind,
@@ -360,6 +369,17 @@ impl Client {
                     pid,
                     admin: None,
                     children: vec![near, far],
+                })
+            }
+            ClientKind::AgentReadLoop => {
+                let (relay, port) = start_relay(ws, &log, target, &["agent-read-loop"]).await?;
+                let pid = relay.id().context("pid")?;
+                Ok(Self {
+                    kind,
+                    addr: loopback(port),
+                    pid,
+                    admin: None,
+                    children: vec![relay],
                 })
             }
         }
@@ -374,9 +394,15 @@ impl Client {
     }
 }
 
-async fn start_relay(ws: &Workspace, log: &str, to: SocketAddr) -> anyhow::Result<(Child, u16)> {
+/// Starts `fleet-access-bench relay` to `to`, with `options` after its arguments.
+async fn start_relay(
+    ws: &Workspace,
+    log: &str,
+    to: SocketAddr,
+    options: &[&str],
+) -> anyhow::Result<(Child, u16)> {
     let mut cmd = command(&ws.bin("fleet-access-bench"), ws, log)?;
-    cmd.args(["relay", "0", &to.to_string()]);
+    cmd.args(["relay", "0", &to.to_string()]).args(options);
     let mut child = cmd.spawn().context("starting a relay")?;
     let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
     let line = wait_for_line(&mut stdout, "relay").await?;
@@ -527,8 +553,9 @@ async fn throughput(
     if ws.plugin.is_some() {
         kinds.push(ClientKind::Plugin);
     }
-    if mode == Mode::Fast {
-        kinds.push(ClientKind::RawRelay);
+    match mode {
+        Mode::Fast => kinds.push(ClientKind::RawRelay),
+        Mode::Realistic => kinds.push(ClientKind::AgentReadLoop),
     }
     let mut clients = Vec::new();
     for kind in kinds {
@@ -545,6 +572,9 @@ async fn throughput(
         // Side by side: each run measures every client in turn.
         for run in 0..options.runs {
             for (i, client) in clients.iter().enumerate() {
+                if !client.kind.measures(direction) {
+                    continue;
+                }
                 let profile = (options.perf
                     && run == 0
                     && mode == Mode::Fast
@@ -586,6 +616,9 @@ async fn throughput(
             }
         }
         for (i, client) in clients.iter().enumerate() {
+            if !client.kind.measures(direction) {
+                continue;
+            }
             figures.push(Throughput {
                 mode,
                 direction,

@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 pub use agent::Injection;
 pub use config::{Config, Faults, InstanceConfig, Mode};
 pub use error::Error;
+pub use port::{REALISTIC_CHUNK, REALISTIC_PAUSE};
 pub use report::{SessionReport, SessionStatus, Stats, Transfer, Violation};
 
 use registry::{Shared, lock};

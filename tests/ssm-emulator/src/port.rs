@@ -93,10 +93,11 @@ impl OutputBudget {
 }
 
 /// The real agent's read size.
-pub(crate) const REALISTIC_CHUNK: usize = 1024;
+pub const REALISTIC_CHUNK: usize = 1024;
 /// Read size in fast mode.
 pub(crate) const FAST_CHUNK: usize = 32 * 1024;
-const REALISTIC_PAUSE: Duration = Duration::from_millis(1);
+/// The real agent's pause after each read.
+pub const REALISTIC_PAUSE: Duration = Duration::from_millis(1);
 
 fn chunk_size(mode: Mode) -> usize {
     match mode {
