@@ -221,6 +221,24 @@ impl Harness {
         .await
     }
 
+    /// Waits until there are `count` grants, each with its current generation Ready.
+    async fn wait_all_ready(&self, count: usize) {
+        wait_for(&format!("{count} grants Ready"), || async {
+            let list = self.grants.list(&ListParams::default()).await.ok()?;
+            (list.items.len() == count
+                && list.items.iter().all(|g| {
+                    g.status.as_ref().is_some_and(|s| {
+                        s.observed_generation == g.metadata.generation
+                            && s.conditions
+                                .iter()
+                                .any(|c| c.type_ == "Ready" && c.status == "True")
+                    })
+                }))
+            .then_some(())
+        })
+        .await;
+    }
+
     async fn attachments(&self, arn: &str) -> BTreeSet<String> {
         let out = self
             .iam
@@ -941,20 +959,7 @@ async fn two_hundred_grants_reach_ready() {
         )
         .await;
     }
-    wait_for("200 grants Ready", || async {
-        let list = h.grants.list(&Default::default()).await.ok()?;
-        (list.items.len() == COUNT
-            && list.items.iter().all(|g| {
-                g.status.as_ref().is_some_and(|s| {
-                    s.observed_generation == g.metadata.generation
-                        && s.conditions
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            }))
-        .then_some(())
-    })
-    .await;
+    h.wait_all_ready(COUNT).await;
     let calls = h.metrics.aws_calls_total();
     let writes = h.metrics.aws_write_calls();
     println!(
@@ -1349,20 +1354,7 @@ async fn many_grants_deleted_at_once_leave_no_document_and_no_policy() {
     for i in 0..COUNT {
         grants.push(h.create(&format!("g{i}"), spec.clone()).await);
     }
-    wait_for(&format!("{COUNT} grants Ready"), || async {
-        let list = h.grants.list(&ListParams::default()).await.ok()?;
-        (list.items.len() == COUNT
-            && list.items.iter().all(|g| {
-                g.status.as_ref().is_some_and(|s| {
-                    s.observed_generation == g.metadata.generation
-                        && s.conditions
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
-            }))
-        .then_some(())
-    })
-    .await;
+    h.wait_all_ready(COUNT).await;
     let derived: Vec<String> = grants
         .iter()
         .flat_map(|g| h.derived_documents(g))

@@ -321,19 +321,17 @@ async fn moto_serves_other_operations_and_custom_port_documents() {
             .any(|d| d.name() == Some("FleetAccess-Postgres"))
     );
     // The operator reads a document's ownership tag with ListTagsForResource.
-    let tags = ssm
-        .list_tags_for_resource()
-        .resource_type(aws_sdk_ssm::types::ResourceTypeForTagging::Document)
-        .resource_id("FleetAccess-Postgres")
-        .send()
+    let document_tags = |name: &'static str| {
+        ssm.list_tags_for_resource()
+            .resource_type(aws_sdk_ssm::types::ResourceTypeForTagging::Document)
+            .resource_id(name)
+            .send()
+    };
+    let tags = document_tags("FleetAccess-Postgres")
         .await
         .expect("ListTagsForResource forwarded");
     assert_eq!(tags.tag_list(), [owner]);
-    let missing = ssm
-        .list_tags_for_resource()
-        .resource_type(aws_sdk_ssm::types::ResourceTypeForTagging::Document)
-        .resource_id("FleetAccess-Nothing")
-        .send()
+    let missing = document_tags("FleetAccess-Nothing")
         .await
         .expect_err("no such document");
     assert_eq!(

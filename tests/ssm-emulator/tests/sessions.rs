@@ -81,17 +81,13 @@ async fn basic_session_echoes_in_both_modes() {
     }
 }
 
-async fn mux_echo(
-    running: &Running,
-    ssm: &aws_sdk_ssm::Client,
-    streams: usize,
-    len: usize,
-) -> String {
+/// A port-forwarding session to `port` of the instance with a mux client, past the handshake.
+async fn port_forwarding(ssm: &aws_sdk_ssm::Client, port: &str) -> (Started, MuxClient) {
     let started = start_session(
         ssm,
         INSTANCE,
         "AWS-StartPortForwardingSession",
-        &[("portNumber", "80")],
+        &[("portNumber", port)],
     )
     .await
     .expect("StartSession");
@@ -100,6 +96,16 @@ async fn mux_echo(
         .expect("client");
     let mut mux = MuxClient::new(client);
     mux.client.handshake().await.expect("handshake");
+    (started, mux)
+}
+
+async fn mux_echo(
+    running: &Running,
+    ssm: &aws_sdk_ssm::Client,
+    streams: usize,
+    len: usize,
+) -> String {
+    let (started, mut mux) = port_forwarding(ssm, "80").await;
     let mut ids = Vec::new();
     for i in 0..streams {
         let id = mux.open().await.expect("open");
@@ -147,19 +153,7 @@ async fn mux_session_carries_concurrent_streams_in_both_modes() {
 #[tokio::test]
 async fn mux_dial_failure_sends_connect_to_port_error() {
     let (running, ssm) = emulator(Mode::Fast, Faults::default(), |_| {}).await;
-    let started = start_session(
-        &ssm,
-        INSTANCE,
-        "AWS-StartPortForwardingSession",
-        &[("portNumber", "81")],
-    )
-    .await
-    .expect("StartSession");
-    let client = Client::start(&started, ssm.clone(), ClientOptions::default())
-        .await
-        .expect("client");
-    let mut mux = MuxClient::new(client);
-    mux.client.handshake().await.expect("handshake");
+    let (started, mut mux) = port_forwarding(&ssm, "81").await;
     let id = mux.open().await.expect("open");
     let event = mux
         .client
@@ -452,19 +446,7 @@ async fn unacknowledged_output_is_held_to_the_budget_and_none_is_lost() {
         c.instances[0].ports.insert("80".to_owned(), source);
     })
     .await;
-    let started = start_session(
-        &ssm,
-        INSTANCE,
-        "AWS-StartPortForwardingSession",
-        &[("portNumber", "80")],
-    )
-    .await
-    .expect("StartSession");
-    let client = Client::start(&started, ssm.clone(), ClientOptions::default())
-        .await
-        .expect("client");
-    let mut mux = MuxClient::new(client);
-    mux.client.handshake().await.expect("handshake");
+    let (started, mut mux) = port_forwarding(&ssm, "80").await;
     let id = mux.open().await.expect("open");
     mux.read_until(&[(id, 512 * 1024)])
         .await
