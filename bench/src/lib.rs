@@ -20,6 +20,7 @@
 //! Subcommands: `run [--quick] [--out FILE] [--only PARTS]` (the benchmarks), and the roles it starts as child
 //! processes: `relay LISTEN TO` and `serve-listeners ...`.
 
+pub mod floor;
 pub mod operator;
 pub mod report;
 pub mod roles;

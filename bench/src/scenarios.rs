@@ -21,6 +21,7 @@ use tokio::{
 };
 
 use crate::{
+    floor,
     report::{Report, Scale, Setup, SetupRow, Throughput},
     roles::{BANNER, CHUNK, DOWNLOAD, Target, UPLOAD},
     support::{
@@ -698,12 +699,19 @@ pub(crate) async fn report_perf(ws: &Workspace, mut perf: Child, label: &str) ->
 
 // === setup ===
 
+/// The pause after each session, so that its teardown (TerminateSession, the WebSocket close)
+/// is over before the next session's setup is timed.
+const SETUP_GAP: Duration = Duration::from_millis(5);
+
 async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<Setup> {
     let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
     let serve = Client::start(ClientKind::Serve, ws, &emulator, target.addr, "setup").await?;
     let n = options.setup_sessions;
+    // Bridge and floor sessions alternate, so both see the same machine at the same moments.
     let mut total = Vec::with_capacity(n);
+    let mut floor = Vec::with_capacity(n);
     let mut failures = 0;
+    let mut floor_failures = 0;
     for _ in 0..n {
         let started = Instant::now();
         match open(serve.addr).await {
@@ -713,36 +721,30 @@ async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Re
             }
             Err(_) => failures += 1,
         }
+        tokio::time::sleep(SETUP_GAP).await;
+        match floor::open_session(&emulator).await {
+            Ok(phases) => floor.push(phases),
+            Err(_) => floor_failures += 1,
+        }
+        tokio::time::sleep(SETUP_GAP).await;
+    }
+    if floor.is_empty() {
+        bail!("no floor session opened ({floor_failures} failed)");
     }
     // Let the last sessions' metrics land.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let admin = serve.admin.context("serve path admin address")?;
     let metrics = http_get(admin, "/metrics").await?;
-    let mut rows = vec![SetupRow {
-        phase: "total (client-measured: connect to banner)".into(),
-        p50: quantile(&total, 0.5),
-        p99: quantile(&total, 0.99),
-        mean: total.iter().sum::<f64>() / total.len().max(1) as f64,
-        exact: true,
-    }];
+    let mut rows = vec![exact_row(
+        "total (client-measured: connect to banner)",
+        &total,
+    )];
     for phase in fleet_access_agent_bridge::metrics::PHASES {
         if let Some(row) = histogram_row(&metrics, phase) {
             rows.push(row);
         }
     }
-    // The emulator's own floor for the same steps: the StartSession call alone, and the
-    // instance's connect-to-banner without any session in between.
-    let mut api = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        emulator
-            .start_session(
-                "AWS-StartSSHSession",
-                serde_json::json!({"portNumber": ["22"]}),
-            )
-            .await?;
-        api.push(started.elapsed().as_secs_f64());
-    }
+    let phase = |pick: fn(&floor::FloorPhases) -> f64| floor.iter().map(pick).collect::<Vec<_>>();
     let mut direct = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
@@ -751,28 +753,35 @@ async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Re
         drop(stream);
     }
     let reference = vec![
-        SetupRow {
-            phase: "StartSession API call alone (raw HTTP/1.1, new connection)".into(),
-            p50: quantile(&api, 0.5),
-            p99: quantile(&api, 0.99),
-            mean: api.iter().sum::<f64>() / api.len().max(1) as f64,
-            exact: true,
-        },
-        SetupRow {
-            phase: "target connect to banner, direct".into(),
-            p50: quantile(&direct, 0.5),
-            p99: quantile(&direct, 0.99),
-            mean: direct.iter().sum::<f64>() / direct.len().max(1) as f64,
-            exact: true,
-        },
+        exact_row("total (floor client)", &phase(|p| p.total)),
+        exact_row(
+            "start_session (floor: raw HTTP/1.1, new connection)",
+            &phase(|p| p.start_session),
+        ),
+        exact_row("websocket_connect (floor)", &phase(|p| p.websocket_connect)),
+        exact_row("handshake (floor)", &phase(|p| p.handshake)),
+        exact_row("first_byte (floor)", &phase(|p| p.first_byte)),
+        exact_row("target connect to banner, direct", &direct),
     ];
     serve.stop().await;
     Ok(Setup {
         sessions: n,
         failures,
+        floor_failures,
         rows,
         reference,
     })
+}
+
+/// p50/p99 and mean of per-session samples (seconds).
+fn exact_row(phase: &str, samples: &[f64]) -> SetupRow {
+    SetupRow {
+        phase: phase.into(),
+        p50: quantile(samples, 0.5),
+        p99: quantile(samples, 0.99),
+        mean: samples.iter().sum::<f64>() / samples.len().max(1) as f64,
+        exact: true,
+    }
 }
 
 /// p50/p99 of a phase from the histogram's buckets (linear inside a bucket), and its mean.
