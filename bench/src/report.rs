@@ -228,7 +228,9 @@ impl Report {
              listener as `agent-bridge serve` runs it (one AWS-StartSSHSession session per connection, basic mode), \
              without the Kubernetes watch. Plugin: the official session-manager-plugin, port forwarding (mux), argv \
              as the AWS CLI builds it. Raw relay: two chained TCP relay processes standing in for bridge and emulator. \
-             The emulated agent's read loop alone: one relay process that reads what the target sends 1,024 bytes \
+             Digesting relay: the same two relays, each computing the bridge's SHA-256 of every chunk it carries (at \
+             most 32 KiB, a message), because each end of the SSM protocol hashes every message it sends or receives \
+             (sender and receiver: every byte is hashed twice on its way). The emulated agent's read loop alone: one relay process that reads what the target sends 1,024 bytes \
              at a time with a 1 ms pause, as the emulated agent does in realistic mode (downloads only).\n"
         );
         let _ = writeln!(
@@ -344,8 +346,14 @@ impl Report {
             (Mode::Fast, _) => match relay.filter(|r| *r > 0.0) {
                 Some(relay) if t.client != ClientKind::RawRelay => {
                     let r = median / relay;
+                    let vs_digesting = self
+                        .find(t.mode, t.direction, ClientKind::DigestingRelay)
+                        .map(|d| d.bytes_per_second.median)
+                        .filter(|d| *d > 0.0 && t.client != ClientKind::DigestingRelay)
+                        .map(|d| format!("; {:.2} of digesting relay", median / d));
                     let text = format!(
-                        "{r:.2} of relay{}",
+                        "{r:.2} of relay{}{}",
+                        vs_digesting.unwrap_or_default(),
                         vs_plugin
                             .filter(|_| ours)
                             .map(|v| format!("; {v}"))

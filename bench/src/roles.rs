@@ -109,17 +109,20 @@ async fn serve_target(mut stream: TcpStream, uploaded: Arc<AtomicU64>) {
 
 // === relay ===
 
-/// `relay LISTEN_PORT TO [agent-read-loop]`: copies every connection to `TO`; prints
+/// `relay LISTEN_PORT TO [agent-read-loop|digest]`: copies every connection to `TO`; prints
 /// `relay PORT` when listening; ends when standard input closes. With `agent-read-loop`, what
 /// comes back from `TO` is read as the emulated agent reads a target in realistic mode (1,024
-/// bytes, then a 1 ms pause): the agent's own ceiling, without any data channel.
+/// bytes, then a 1 ms pause): the agent's own ceiling, without any data channel. With `digest`,
+/// every chunk is hashed on its way through with the bridge's own SHA-256 (a message at most
+/// [`DIGEST_CHUNK`]), as each end of the SSM protocol hashes every message it sends or receives.
 pub async fn relay_main(args: &[String]) -> anyhow::Result<()> {
-    let usage = "relay LISTEN_PORT TO [agent-read-loop]";
+    let usage = "relay LISTEN_PORT TO [agent-read-loop|digest]";
     let port: u16 = args.first().context(usage)?.parse()?;
     let to: SocketAddr = args.get(1).context(usage)?.parse()?;
-    let agent_read_loop = match args.get(2).map(String::as_str) {
-        None => false,
-        Some("agent-read-loop") => true,
+    let style = match args.get(2).map(String::as_str) {
+        None => RelayStyle::Copy,
+        Some("agent-read-loop") => RelayStyle::AgentReadLoop,
+        Some("digest") => RelayStyle::Digest,
         Some(other) => anyhow::bail!("unknown relay option {other}; {usage}"),
     };
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
@@ -132,26 +135,38 @@ pub async fn relay_main(args: &[String]) -> anyhow::Result<()> {
                 };
                 let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);
-                if agent_read_loop {
-                    let (mut in_r, mut in_w) = inbound.split();
-                    let (mut out_r, mut out_w) = outbound.split();
-                    let up = async {
-                        let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
-                        let _ = out_w.shutdown().await;
-                    };
-                    let down = async {
-                        let mut buf = [0u8; fleet_access_ssm_emulator::REALISTIC_CHUNK];
-                        while let Ok(n @ 1..) = out_r.read(&mut buf).await {
-                            if in_w.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                            tokio::time::sleep(fleet_access_ssm_emulator::REALISTIC_PAUSE).await;
-                        }
-                        let _ = in_w.shutdown().await;
-                    };
-                    tokio::join!(up, down);
-                } else {
+                if let RelayStyle::Copy = style {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    return;
+                }
+                let (mut in_r, mut in_w) = inbound.split();
+                let (mut out_r, mut out_w) = outbound.split();
+                match style {
+                    RelayStyle::Copy => {}
+                    RelayStyle::AgentReadLoop => {
+                        let up = async {
+                            let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
+                            let _ = out_w.shutdown().await;
+                        };
+                        let down = async {
+                            let mut buf = [0u8; fleet_access_ssm_emulator::REALISTIC_CHUNK];
+                            while let Ok(n @ 1..) = out_r.read(&mut buf).await {
+                                if in_w.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                                tokio::time::sleep(fleet_access_ssm_emulator::REALISTIC_PAUSE)
+                                    .await;
+                            }
+                            let _ = in_w.shutdown().await;
+                        };
+                        tokio::join!(up, down);
+                    }
+                    RelayStyle::Digest => {
+                        tokio::join!(
+                            copy_digesting(&mut in_r, &mut out_w),
+                            copy_digesting(&mut out_r, &mut in_w)
+                        );
+                    }
                 }
             });
         }
@@ -161,6 +176,37 @@ pub async fn relay_main(args: &[String]) -> anyhow::Result<()> {
         () = until_stdin_closes() => {}
     }
     Ok(())
+}
+
+/// How a relay carries what it reads.
+#[derive(Clone, Copy)]
+enum RelayStyle {
+    /// Straight copies both ways.
+    Copy,
+    /// Back from the target as the emulated agent reads it.
+    AgentReadLoop,
+    /// Copies, hashing every chunk.
+    Digest,
+}
+
+/// The most a digesting relay reads (and hashes) at a time: the bridge's largest message.
+pub const DIGEST_CHUNK: usize = 32 * 1024;
+
+/// Copies `from` to `to`, computing the SHA-256 of each chunk read, until EOF; then shuts `to`.
+async fn copy_digesting(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+) {
+    let mut buf = vec![0u8; DIGEST_CHUNK];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        std::hint::black_box(
+            fleet_access_agent_bridge::protocol::message::payload_digest(&buf[..n]),
+        );
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// Resolves when standard input reaches EOF (the harness went away) or after [`ROLE_LIFETIME`].

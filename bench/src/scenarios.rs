@@ -207,6 +207,9 @@ pub enum ClientKind {
     Plugin,
     /// Two chained raw TCP relays (stand-ins for the bridge and the emulator): the upper limit.
     RawRelay,
+    /// The same two relays, each computing the SHA-256 of every chunk it carries: what the
+    /// protocol's digests alone (each end hashes every message) leave of the relay.
+    DigestingRelay,
     /// One relay that reads what comes back as the emulated agent reads its target in
     /// realistic mode: the agent's own download ceiling on this machine, measured.
     AgentReadLoop,
@@ -225,6 +228,7 @@ impl ClientKind {
             ClientKind::Serve => "agent-bridge serve path",
             ClientKind::Plugin => "session-manager-plugin",
             ClientKind::RawRelay => "raw TCP relay x2",
+            ClientKind::DigestingRelay => "raw TCP relay x2, SHA-256 of every chunk",
             ClientKind::AgentReadLoop => "emulated agent's read loop alone",
         }
     }
@@ -359,10 +363,15 @@ impl Client {
                     children: vec![child],
                 })
             }
-            ClientKind::RawRelay => {
-                let (far, far_port) = start_relay(ws, &format!("{log}-2"), target, &[]).await?;
+            ClientKind::RawRelay | ClientKind::DigestingRelay => {
+                let options: &[&str] = if kind == ClientKind::DigestingRelay {
+                    &["digest"]
+                } else {
+                    &[]
+                };
+                let (far, far_port) = start_relay(ws, &format!("{log}-2"), target, options).await?;
                 let (near, near_port) =
-                    start_relay(ws, &format!("{log}-1"), loopback(far_port), &[]).await?;
+                    start_relay(ws, &format!("{log}-1"), loopback(far_port), options).await?;
                 let pid = near.id().context("pid")?;
                 Ok(Self {
                     kind,
@@ -555,7 +564,7 @@ async fn throughput(
         kinds.push(ClientKind::Plugin);
     }
     match mode {
-        Mode::Fast => kinds.push(ClientKind::RawRelay),
+        Mode::Fast => kinds.extend([ClientKind::RawRelay, ClientKind::DigestingRelay]),
         Mode::Realistic => kinds.push(ClientKind::AgentReadLoop),
     }
     let mut clients = Vec::new();
