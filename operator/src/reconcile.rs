@@ -10,8 +10,9 @@
 //!
 //! AWS objects are observed by the names the grant derives, and their owner tag says whether
 //! they are the grant's. A listing of session documents by the owner tag only sweeps up the
-//! documents of an earlier spec (after a spec change, and always at cleanup): a paged listing
-//! misses documents while other grants delete theirs, so nothing may depend on it alone.
+//! documents of an earlier spec (after a spec change until a sync of the new spec succeeds, at
+//! apply or at cleanup): a paged listing misses documents while other grants delete theirs, so
+//! nothing may depend on it alone.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -577,7 +578,7 @@ struct Known {
     document_names: BTreeSet<String>,
     /// Whether documents under names of an earlier spec may exist, so that a listing by the
     /// owner tag must look for them: after a spec change until a sync of the new generation
-    /// succeeds, and at cleanup. A steady grant is never listed.
+    /// succeeds. A steady grant is never listed, nor deleted through a listing.
     sweep_documents: bool,
 }
 
@@ -1032,11 +1033,15 @@ async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
 }
 
 /// Removes every policy and session document the grant owns: the ones it can name directly,
-/// then (always, at cleanup) any other document a listing by its owner tag finds.
+/// then, unless the spec it is deleted with has synced, any other document a listing by its
+/// owner tag finds.
 async fn remove_aws_objects(grant: &SessionAccess, owner: &str, ctx: &Context) -> Result<()> {
     let desired = desired::compute(grant, &ctx.settings).ok();
     let known = Known {
-        sweep_documents: true,
+        sweep_documents: !status::documents_follow_spec_at_deletion(
+            grant.status.as_ref(),
+            grant.metadata.generation,
+        ),
         ..known_objects(grant, desired.as_ref(), ctx)
     };
     sync(grant, owner, &[], &[], &known, ctx).await?;
@@ -1588,6 +1593,54 @@ mod tests {
             aws.count("ListDocuments"),
             3,
             "found one, found the other, none left"
+        );
+    }
+
+    /// The grant as the API server hands it to cleanup: deleted (its generation bumped once),
+    /// with PolicySynced True for generation `synced`.
+    fn deleted_grant_synced_at(generation: i64, synced: i64) -> SessionAccess {
+        let mut grant = grant_with_documents(generation);
+        grant.status = Some(
+            serde_json::from_value(json!({"conditions": [{
+                "type": "PolicySynced", "status": "True", "reason": "Synced", "message": "",
+                "observedGeneration": synced, "lastTransitionTime": "2026-11-29T00:00:00Z",
+            }]}))
+            .expect("status"),
+        );
+        grant
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cleanup_of_a_grant_whose_spec_synced_deletes_by_name_without_listing() {
+        let grant = deleted_grant_synced_at(3, 2);
+        let mut aws = Arc::new(FakeAws::default());
+        for (name, content) in rendered_documents(&grant) {
+            aws = aws.with_document(&name, &content, Some(OWNER));
+        }
+        let ctx = context(aws.clone());
+        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
+            .await
+            .expect("removed");
+        assert_eq!(aws.document_names(), Vec::<String>::new());
+        assert_eq!(aws.count("ListDocuments"), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cleanup_sweeps_when_the_spec_changed_after_its_last_sync() {
+        // Synced at 2, the spec changed (3, a port removed), deleted before it synced (4).
+        let grant = deleted_grant_synced_at(4, 2);
+        let aws = Arc::new(FakeAws::default())
+            .with_document("fleet-access.ops.web-port80", "{}", Some(OWNER))
+            .with_document("fleet-access.ops.other-shell", "{}", Some("ops/other"));
+        let ctx = context(aws.clone());
+        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
+            .await
+            .expect("removed");
+        assert_eq!(aws.document_names(), vec!["fleet-access.ops.other-shell"]);
+        assert_eq!(
+            aws.count("ListDocuments"),
+            2,
+            "found the orphan, then none left"
         );
     }
 

@@ -191,6 +191,18 @@ pub fn documents_follow_spec(
         })
 }
 
+/// The same question at cleanup. Deleting an object that has finalizers bumps its generation
+/// once without changing its spec (kube-apiserver does; `reconcile_real`'s
+/// `a_synced_grant_is_deleted_by_name_without_a_listing` shows it), so a sync of the generation
+/// before the deletion counts as a sync of the spec the grant is deleted with.
+pub fn documents_follow_spec_at_deletion(
+    status: Option<&SessionAccessStatus>,
+    generation: Option<i64>,
+) -> bool {
+    documents_follow_spec(status, generation)
+        || generation.is_some_and(|g| g > 1 && documents_follow_spec(status, Some(g - 1)))
+}
+
 /// Whether an SSM Agent version can carry SSH sessions (2.3.672.0 or later).
 pub fn agent_supports_ssh(version: &str) -> bool {
     let parts: Vec<u64> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
@@ -265,6 +277,30 @@ mod tests {
         );
         let failed = compute(None, &seen(Outcome::no("NotOwned", "taken")), t0);
         assert!(!documents_follow_spec(Some(&failed), Some(3)));
+    }
+
+    #[test]
+    fn at_deletion_a_sync_of_the_generation_before_the_bump_counts() {
+        let t0 = Timestamp::from_second(1_000).expect("time");
+        let synced = compute(None, &seen(Outcome::yes("Synced", "ok")), t0);
+        assert!(documents_follow_spec_at_deletion(Some(&synced), Some(3)));
+        assert!(
+            documents_follow_spec_at_deletion(Some(&synced), Some(4)),
+            "synced at 3, deleted (bumped to 4)"
+        );
+        assert!(
+            !documents_follow_spec_at_deletion(Some(&synced), Some(5)),
+            "the spec changed after the sync, then deleted"
+        );
+        assert!(
+            documents_follow_spec_at_deletion(None, Some(2)),
+            "never another spec: created, then deleted"
+        );
+        assert!(!documents_follow_spec_at_deletion(None, Some(3)));
+        assert!(
+            !documents_follow_spec(Some(&synced), Some(4)),
+            "outside deletion the generation before does not count"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use fleet_access_tests::{ControlPlane, Moto, TestNamespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -1404,6 +1404,83 @@ async fn many_grants_deleted_at_once_leave_no_document_and_no_policy() {
                 .is_none()
         );
     }
+    h.stop().await;
+}
+
+/// A grant whose spec has synced is cleaned up through the names it derives, without listing
+/// documents. That relies on the API server bumping the generation once when an object with
+/// finalizers is deleted (a sync of the generation before counts), which a second finalizer
+/// holds the grant to show.
+#[tokio::test]
+async fn a_synced_grant_is_deleted_by_name_without_a_listing() {
+    const HOLD: &str = "test.fleetaccess.io/hold";
+    let h = Harness::start("op-delete-by-name", Duration::from_secs(300)).await;
+    let judy = h.unique("judy");
+    h.user(&judy).await;
+    let spec = json!({
+        "principals": {"users": [judy]},
+        "targets": {"instanceIds": ["i-0000000000000000a"]},
+        "sessions": {"shell": true, "ports": [5432]},
+    });
+    h.create("web", spec).await;
+    let grant = h.wait_condition("web", "Ready", "True").await;
+    let documents: Vec<String> = h
+        .derived_documents(&grant)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(documents.len(), 2);
+    let mut finalizers = grant.finalizers().to_vec();
+    finalizers.push(HOLD.to_owned());
+    h.grants
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": finalizers}})),
+        )
+        .await
+        .expect("hold");
+    let generation = grant.metadata.generation.expect("generation");
+    let listings = || {
+        h.metrics
+            .aws_calls
+            .with_label_values(&["ssm", "ListDocuments", "ok"])
+            .get()
+    };
+    let listed_before = listings();
+
+    h.grants
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let held = wait_for("the operator's cleanup", || async {
+        let grant = h.grants.get_opt("web").await.ok()??;
+        (!grant.finalizers().iter().any(|f| f == reconcile::FINALIZER)).then_some(grant)
+    })
+    .await;
+    assert_eq!(
+        held.metadata.generation,
+        Some(generation + 1),
+        "the deletion bumped the generation once"
+    );
+    for name in &documents {
+        assert!(!h.document_exists(name).await, "{name} deleted");
+    }
+    assert!(h.policy_document(&h.policy_arn("web")).await.is_none());
+    assert_eq!(listings(), listed_before, "no listing: {}", h.calls());
+
+    h.grants
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": []}})),
+        )
+        .await
+        .expect("release");
+    wait_for("the grant to go", || async {
+        h.grants.get_opt("web").await.ok()?.is_none().then_some(())
+    })
+    .await;
     h.stop().await;
 }
 
