@@ -26,8 +26,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use fleet_access_crds::SessionAccess;
 use fleet_access_tests::{
-    ControlPlane, ExposedSample, Moto, TestNamespace, exposition, free_loopback_port, http_get,
-    loopback, moto::MOTO_ACCOUNT_ID,
+    ControlPlane, ExposedSample, Moto, OperatorCommandLine, TestNamespace, exposition,
+    free_loopback_port, http_get, loopback,
 };
 use futures::{StreamExt as _, TryStreamExt as _};
 use kube::{
@@ -39,7 +39,7 @@ use tokio::{process::Child, time::Instant};
 
 use crate::{
     scenarios::{Options, report_perf, start_perf},
-    support::{READY_TIMEOUT, REGION, Workspace, command},
+    support::{READY_TIMEOUT, Workspace, command},
 };
 
 /// Creates in flight at once: a burst, bounded (kubectl apply of a folder sends one at a time;
@@ -367,17 +367,18 @@ impl OperatorProcess {
         let port = free_loopback_port()?;
         let log = format!("operator-{namespace}");
         let mut cmd = command(&bench.ws.bin("fleet-access-operator"), bench.ws, &log)?;
-        cmd.args(["run", "--account", MOTO_ACCOUNT_ID, "--region", REGION])
-            .args(["--resync-seconds", &bench.resync.as_secs().to_string()])
-            .args(["--admin-address", &loopback(port).to_string()])
-            .args(["--replica", "bench"])
-            .args(["--watch-namespace", namespace])
-            .args(["--bridge-namespace", namespace])
-            .envs(bench.moto.process_env())
-            .env("AWS_ENDPOINT_URL_IAM", bench.moto.endpoint())
-            .env("AWS_ENDPOINT_URL_SSM", &bench.ssm_endpoint)
-            .env("KUBECONFIG", bench.control_plane.kubeconfig_path())
-            .stdout(Stdio::null());
+        OperatorCommandLine {
+            kubeconfig: bench.control_plane.kubeconfig_path(),
+            moto: bench.moto,
+            ssm_endpoint: &bench.ssm_endpoint,
+            watch_namespace: namespace,
+            bridge_namespace: namespace,
+            admin_address: &loopback(port).to_string(),
+            replica: "bench",
+        }
+        .apply(cmd.as_std_mut())
+        .args(["--resync-seconds", &bench.resync.as_secs().to_string()]);
+        cmd.stdout(Stdio::null());
         let child = cmd.spawn().context("starting fleet-access-operator")?;
         let operator = Self {
             child,

@@ -13,8 +13,8 @@ use std::{future::Future, path::PathBuf, process::Stdio, time::Duration};
 use fleet_access_crds::SessionAccess;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
-    ControlPlane, ExposedSample, Moto, TestNamespace, exposition, free_loopback_port, http_get,
-    loopback,
+    ControlPlane, ExposedSample, Moto, OperatorCommandLine, TestNamespace, exposition,
+    free_loopback_port, http_get, loopback,
 };
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{
@@ -82,26 +82,20 @@ impl Setup {
             .append(true)
             .open(&log)
             .expect("log file");
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_fleet-access-operator"))
-            .args([
-                "run",
-                "--account",
-                "123456789012",
-                "--region",
-                "us-east-1",
-                "--resync-seconds",
-                "300",
-                "--lease-duration-seconds",
-                &LEASE_SECONDS.to_string(),
-            ])
-            .args(["--admin-address", &format!("127.0.0.1:{port}")])
-            .args(["--replica", replica])
-            .args(["--watch-namespace", self.ns()])
-            .args(["--bridge-namespace", self.ns()])
-            .envs(self.moto.process_env())
-            .env("AWS_ENDPOINT_URL_IAM", self.moto.endpoint())
-            .env("AWS_ENDPOINT_URL_SSM", self.emulator.endpoint_url())
-            .env("KUBECONFIG", self.control_plane.kubeconfig_path())
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleet-access-operator"));
+        OperatorCommandLine {
+            kubeconfig: self.control_plane.kubeconfig_path(),
+            moto: self.moto,
+            ssm_endpoint: &self.emulator.endpoint_url(),
+            watch_namespace: self.ns(),
+            bridge_namespace: self.ns(),
+            admin_address: &format!("127.0.0.1:{port}"),
+            replica,
+        }
+        .apply(command.as_std_mut())
+        .args(["--resync-seconds", "300"])
+        .args(["--lease-duration-seconds", &LEASE_SECONDS.to_string()]);
+        command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(stderr)

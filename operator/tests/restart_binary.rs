@@ -7,7 +7,7 @@ use std::{process::Stdio, time::Duration};
 use fleet_access_crds::SessionAccess;
 use fleet_access_operator::naming;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode};
-use fleet_access_tests::{ControlPlane, Moto};
+use fleet_access_tests::{ControlPlane, Moto, OperatorCommandLine};
 use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
@@ -23,30 +23,21 @@ fn operator(
     ssm: &str,
     namespace: &str,
 ) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_fleet-access-operator"))
-        .args([
-            "run",
-            "--account",
-            "123456789012",
-            "--region",
-            "us-east-1",
-            "--admin-address",
-            "127.0.0.1:0",
-            "--resync-seconds",
-            "5",
-            "--watch-namespace",
-            namespace,
-            "--bridge-namespace",
-            namespace,
-            // One replica, restarted: like a restarted pod it keeps its name, so it takes its
-            // own leader Lease back at once instead of waiting for it to expire.
-            "--replica",
-            "restart",
-        ])
-        .envs(moto.process_env())
-        .env("AWS_ENDPOINT_URL_IAM", moto.endpoint())
-        .env("AWS_ENDPOINT_URL_SSM", ssm)
-        .env("KUBECONFIG", control_plane.kubeconfig_path())
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleet-access-operator"));
+    OperatorCommandLine {
+        kubeconfig: control_plane.kubeconfig_path(),
+        moto,
+        ssm_endpoint: ssm,
+        watch_namespace: namespace,
+        bridge_namespace: namespace,
+        admin_address: "127.0.0.1:0",
+        // One replica, restarted: like a restarted pod it keeps its name, so it takes its own
+        // leader Lease back at once instead of waiting for it to expire.
+        replica: "restart",
+    }
+    .apply(command.as_std_mut())
+    .args(["--resync-seconds", "5"]);
+    command
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

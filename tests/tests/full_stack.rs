@@ -31,7 +31,8 @@ use fleet_access_crds::{
 use fleet_access_operator::naming::{OWNER_TAG, POLICY_PATH, owner_tag_value};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
-    ControlPlane, Moto, Sshd, SupervisedProcess, free_loopback_port, http_get, loopback,
+    ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, free_loopback_port, http_get,
+    loopback,
     manifests::{deploy_dir, kind, kustomize, rbac_in_namespace},
     workspace_binary,
 };
@@ -344,20 +345,19 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     let bridge_program = workspace_binary("agent-bridge").expect("agent-bridge builds");
     let operator_admin = loopback(free_loopback_port().unwrap());
     let mut operator = Command::new(&operator_program);
-    operator
-        .args(["run", "--account", ACCOUNT, "--region", REGION])
-        .args(["--admin-address", &operator_admin.to_string()])
-        .args(["--replica", "full-stack"])
-        .args(["--watch-namespace", team.name()])
-        .args(["--bridge-namespace", system.name()])
-        .args(["--lease-namespace", system.name()])
-        .args(["--bridge-role", &bridge_role])
-        .envs(moto.process_env())
-        .env("AWS_ENDPOINT_URL_IAM", moto.endpoint())
-        .env("AWS_ENDPOINT_URL_SSM", emulator.endpoint_url())
-        .env("KUBECONFIG", &operator_kubeconfig)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1");
+    OperatorCommandLine {
+        kubeconfig: &operator_kubeconfig,
+        moto,
+        ssm_endpoint: &emulator.endpoint_url(),
+        watch_namespace: team.name(),
+        bridge_namespace: system.name(),
+        admin_address: &operator_admin.to_string(),
+        replica: "full-stack",
+    }
+    .apply(&mut operator)
+    .args(["--lease-namespace", system.name()])
+    .args(["--bridge-role", &bridge_role]);
+    operator.env("RUST_LOG", "info").env("NO_COLOR", "1");
     let listen_address = own_loopback_address();
     let mut bridge = Command::new(&bridge_program);
     bridge
