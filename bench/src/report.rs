@@ -230,7 +230,8 @@ impl Report {
              as the AWS CLI builds it. Raw relay: two chained TCP relay processes standing in for bridge and emulator. \
              Digesting relay: the same two relays, each computing the bridge's SHA-256 of every chunk it carries (at \
              most 32 KiB, a message), because each end of the SSM protocol hashes every message it sends or receives \
-             (sender and receiver: every byte is hashed twice on its way). The emulated agent's read loop alone: one relay process that reads what the target sends 1,024 bytes \
+             (sender and receiver: every byte is hashed twice on its way); with only the far relay hashing (the \
+             emulator's share), it is the ceiling of a client whose own digests cost nothing. The emulated agent's read loop alone: one relay process that reads what the target sends 1,024 bytes \
              at a time with a 1 ms pause, as the emulated agent does in realistic mode (downloads only).\n"
         );
         let _ = writeln!(
@@ -349,7 +350,13 @@ impl Report {
                     let vs_digesting = self
                         .find(t.mode, t.direction, ClientKind::DigestingRelay)
                         .map(|d| d.bytes_per_second.median)
-                        .filter(|d| *d > 0.0 && t.client != ClientKind::DigestingRelay)
+                        .filter(|d| {
+                            *d > 0.0
+                                && !matches!(
+                                    t.client,
+                                    ClientKind::DigestingRelay | ClientKind::FarDigestingRelay
+                                )
+                        })
                         .map(|d| format!("; {:.2} of digesting relay", median / d));
                     let text = format!(
                         "{r:.2} of relay{}{}",

@@ -210,6 +210,9 @@ pub enum ClientKind {
     /// The same two relays, each computing the SHA-256 of every chunk it carries: what the
     /// protocol's digests alone (each end hashes every message) leave of the relay.
     DigestingRelay,
+    /// The two relays with only the far one (the emulator's stand-in) hashing: the ceiling of a
+    /// client whose own digests cost nothing.
+    FarDigestingRelay,
     /// One relay that reads what comes back as the emulated agent reads its target in
     /// realistic mode: the agent's own download ceiling on this machine, measured.
     AgentReadLoop,
@@ -229,6 +232,7 @@ impl ClientKind {
             ClientKind::Plugin => "session-manager-plugin",
             ClientKind::RawRelay => "raw TCP relay x2",
             ClientKind::DigestingRelay => "raw TCP relay x2, SHA-256 of every chunk",
+            ClientKind::FarDigestingRelay => "raw TCP relay x2, only the far one hashing",
             ClientKind::AgentReadLoop => "emulated agent's read loop alone",
         }
     }
@@ -363,15 +367,17 @@ impl Client {
                     children: vec![child],
                 })
             }
-            ClientKind::RawRelay | ClientKind::DigestingRelay => {
-                let options: &[&str] = if kind == ClientKind::DigestingRelay {
-                    &["digest"]
-                } else {
-                    &[]
+            ClientKind::RawRelay | ClientKind::DigestingRelay | ClientKind::FarDigestingRelay => {
+                let digest: &[&str] = &["digest"];
+                let (near_options, far_options) = match kind {
+                    ClientKind::DigestingRelay => (digest, digest),
+                    ClientKind::FarDigestingRelay => (&[][..], digest),
+                    _ => (&[][..], &[][..]),
                 };
-                let (far, far_port) = start_relay(ws, &format!("{log}-2"), target, options).await?;
+                let (far, far_port) =
+                    start_relay(ws, &format!("{log}-2"), target, far_options).await?;
                 let (near, near_port) =
-                    start_relay(ws, &format!("{log}-1"), loopback(far_port), options).await?;
+                    start_relay(ws, &format!("{log}-1"), loopback(far_port), near_options).await?;
                 let pid = near.id().context("pid")?;
                 Ok(Self {
                     kind,
@@ -564,7 +570,11 @@ async fn throughput(
         kinds.push(ClientKind::Plugin);
     }
     match mode {
-        Mode::Fast => kinds.extend([ClientKind::RawRelay, ClientKind::DigestingRelay]),
+        Mode::Fast => kinds.extend([
+            ClientKind::RawRelay,
+            ClientKind::DigestingRelay,
+            ClientKind::FarDigestingRelay,
+        ]),
         Mode::Realistic => kinds.push(ClientKind::AgentReadLoop),
     }
     let mut clients = Vec::new();
