@@ -722,10 +722,34 @@ pub(crate) async fn report_perf(ws: &Workspace, mut perf: Child, label: &str) ->
 /// is over before the next session's setup is timed.
 const SETUP_GAP: Duration = Duration::from_millis(5);
 
+/// Runs of [`setup_run`], each with a fresh serve path (so its histograms hold that run only);
+/// every figure is the median of the runs'.
 async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<Setup> {
     let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
-    let serve = Client::start(ClientKind::Serve, ws, &emulator, target.addr, "setup").await?;
-    let n = options.setup_sessions;
+    let mut runs = Vec::with_capacity(options.runs);
+    for run in 0..options.runs {
+        let serve = Client::start(
+            ClientKind::Serve,
+            ws,
+            &emulator,
+            target.addr,
+            &format!("setup-{run}"),
+        )
+        .await?;
+        let result = setup_run(&serve, &emulator, options.setup_sessions, target).await;
+        serve.stop().await;
+        runs.push(result?);
+    }
+    Ok(Setup::median_of(&runs))
+}
+
+/// One run: `sessions` bridge sessions, each followed by a floor session.
+async fn setup_run(
+    serve: &Client,
+    emulator: &Emulator,
+    n: usize,
+    target: &Target,
+) -> anyhow::Result<Setup> {
     // Bridge and floor sessions alternate, so both see the same machine at the same moments.
     let mut total = Vec::with_capacity(n);
     let mut floor = Vec::with_capacity(n);
@@ -741,7 +765,7 @@ async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Re
             Err(_) => failures += 1,
         }
         tokio::time::sleep(SETUP_GAP).await;
-        match floor::open_session(&emulator).await {
+        match floor::open_session(emulator).await {
             Ok(phases) => floor.push(phases),
             Err(_) => floor_failures += 1,
         }
@@ -782,13 +806,15 @@ async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Re
         exact_row("first_byte (floor)", &phase(|p| p.first_byte)),
         exact_row("target connect to banner, direct", &direct),
     ];
-    serve.stop().await;
     Ok(Setup {
         sessions: n,
+        runs: 1,
         failures,
         floor_failures,
         rows,
         reference,
+        added_p50: Spread::of(&[]),
+        added_p99: Spread::of(&[]),
     })
 }
 

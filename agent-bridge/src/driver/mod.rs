@@ -722,9 +722,6 @@ where
     }
 }
 
-/// Resolves at `at`, and at once when `at` is not after `now`. `sleep_until` alone would wait
-/// for the timer even then: tokio rounds deadlines up to its next millisecond tick, which would
-/// cap acks and paced data at about 1,000 frames per second.
 /// The WebSocket keepalive: first due one period from now. (`tokio::time::interval`'s first
 /// tick is "immediate", but awaiting it waits for the timer's next millisecond tick: up to 1 ms
 /// added to every session's setup.)
@@ -734,6 +731,9 @@ fn keepalive_timer(period: Duration) -> tokio::time::Interval {
     timer
 }
 
+/// Resolves at `at`, and at once when `at` is not after `now`. `sleep_until` alone would wait
+/// for the timer even then: tokio rounds deadlines up to its next millisecond tick, which would
+/// cap acks and paced data at about 1,000 frames per second.
 async fn due(at: Instant, now: Instant) {
     if at > now {
         sleep_until(at).await;
