@@ -135,33 +135,14 @@ pub async fn relay_main(args: &[String]) -> anyhow::Result<()> {
                 };
                 let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);
-                if let RelayStyle::Copy = style {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    return;
-                }
-                let (mut in_r, mut in_w) = inbound.split();
-                let (mut out_r, mut out_w) = outbound.split();
                 match style {
-                    RelayStyle::Copy => {}
-                    RelayStyle::AgentReadLoop => {
-                        let up = async {
-                            let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
-                            let _ = out_w.shutdown().await;
-                        };
-                        let down = async {
-                            let mut buf = [0u8; fleet_access_ssm_emulator::REALISTIC_CHUNK];
-                            while let Ok(n @ 1..) = out_r.read(&mut buf).await {
-                                if in_w.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                                tokio::time::sleep(fleet_access_ssm_emulator::REALISTIC_PAUSE)
-                                    .await;
-                            }
-                            let _ = in_w.shutdown().await;
-                        };
-                        tokio::join!(up, down);
+                    RelayStyle::Copy => {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
+                    RelayStyle::AgentReadLoop => read_back_as_the_agent(inbound, outbound).await,
                     RelayStyle::Digest => {
+                        let (mut in_r, mut in_w) = inbound.split();
+                        let (mut out_r, mut out_w) = outbound.split();
                         tokio::join!(
                             copy_digesting(&mut in_r, &mut out_w),
                             copy_digesting(&mut out_r, &mut in_w)
@@ -187,6 +168,28 @@ enum RelayStyle {
     AgentReadLoop,
     /// Copies, hashing every chunk.
     Digest,
+}
+
+/// Copies `inbound` to `outbound`, and reads what comes back as the emulated agent reads its
+/// target in realistic mode: 1,024 bytes, then a 1 ms pause.
+async fn read_back_as_the_agent(mut inbound: TcpStream, mut outbound: TcpStream) {
+    let (mut in_r, mut in_w) = inbound.split();
+    let (mut out_r, mut out_w) = outbound.split();
+    let up = async {
+        let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
+        let _ = out_w.shutdown().await;
+    };
+    let down = async {
+        let mut buf = [0u8; fleet_access_ssm_emulator::REALISTIC_CHUNK];
+        while let Ok(n @ 1..) = out_r.read(&mut buf).await {
+            if in_w.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(fleet_access_ssm_emulator::REALISTIC_PAUSE).await;
+        }
+        let _ = in_w.shutdown().await;
+    };
+    tokio::join!(up, down);
 }
 
 /// The most a digesting relay reads (and hashes) at a time: the bridge's largest message.
