@@ -62,6 +62,8 @@ pub struct Setup {
     pub added_p50: Spread,
     /// Per run: the bridge's total p99 minus the floor's.
     pub added_p99: Spread,
+    /// The share of the machine's CPU time the hypervisor took away during the runs.
+    pub steal: Option<f64>,
 }
 
 impl Setup {
@@ -107,6 +109,7 @@ impl Setup {
             reference: median_rows(|r| &r.reference),
             added_p50: added(|r| r.p50),
             added_p99: added(|r| r.p99),
+            steal: None,
         }
     }
 }
@@ -485,6 +488,15 @@ impl Report {
                 },
                 ms(setup.added_p50.median),
             );
+            if let Some(steal) = setup.steal {
+                let _ = writeln!(
+                    out,
+                    "During these runs the hypervisor took {:.1} % of the machine's CPU time away (steal, /proc/stat), \
+                     in slices that stall whatever runs on the vCPU at the time: with 200 sessions, two stalled \
+                     sessions set the p99.\n",
+                    steal * 100.0
+                );
+            }
         }
     }
 

@@ -25,8 +25,8 @@ use crate::{
     report::{Report, Scale, Setup, SetupRow, Throughput},
     roles::{BANNER, CHUNK, DOWNLOAD, Target, UPLOAD},
     support::{
-        Emulator, Mode, Spread, Workspace, command, cpu_seconds, drain, http_get, quantile,
-        rss_kib, wait_for_line,
+        CpuTicks, Emulator, Mode, Spread, Workspace, command, cpu_seconds, drain, http_get,
+        quantile, rss_kib, wait_for_line,
     },
 };
 
@@ -726,6 +726,7 @@ const SETUP_GAP: Duration = Duration::from_millis(5);
 /// every figure is the median of the runs'.
 async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<Setup> {
     let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
+    let ticks_before = CpuTicks::now();
     let mut runs = Vec::with_capacity(options.runs);
     for run in 0..options.runs {
         let serve = Client::start(
@@ -740,7 +741,12 @@ async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Re
         serve.stop().await;
         runs.push(result?);
     }
-    Ok(Setup::median_of(&runs))
+    Ok(Setup {
+        steal: ticks_before
+            .zip(CpuTicks::now())
+            .map(|(before, after)| after.steal_since(before)),
+        ..Setup::median_of(&runs)
+    })
 }
 
 /// One run: `sessions` bridge sessions, each followed by a floor session.
@@ -815,6 +821,7 @@ async fn setup_run(
         reference,
         added_p50: Spread::of(&[]),
         added_p99: Spread::of(&[]),
+        steal: None,
     })
 }
 

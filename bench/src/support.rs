@@ -281,6 +281,42 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
+/// The machine's CPU time so far, from the first line of /proc/stat (clock ticks): all of it,
+/// and the part the hypervisor took away (steal), during which nothing here runs.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuTicks {
+    /// Every state summed.
+    pub total: u64,
+    /// Steal.
+    pub steal: u64,
+}
+
+impl CpuTicks {
+    /// Now; None where /proc/stat cannot be read.
+    pub fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().next()?.strip_prefix("cpu ")?;
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        Some(Self {
+            // user nice system idle iowait irq softirq steal (guest time is inside user).
+            total: ticks.iter().take(8).sum(),
+            steal: *ticks.get(7)?,
+        })
+    }
+
+    /// The share of the machine's CPU time stolen since `earlier`.
+    pub fn steal_since(self, earlier: Self) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        self.steal.saturating_sub(earlier.steal) as f64 / total as f64
+    }
+}
+
 /// User plus system CPU time of `pid`, in seconds (clock ticks at 100 Hz, Linux's USER_HZ).
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
