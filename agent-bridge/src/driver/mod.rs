@@ -441,7 +441,12 @@ where
     async fn drive(&mut self, shutdown: impl Future<Output = ()>) -> Result<Outcome, DriverError> {
         tokio::pin!(shutdown);
         let mut shutting_down = false;
-        let mut ping = keepalive_timer(self.tunnel.config.ping_interval);
+        // Awaiting this "immediate" first tick waits for the timer's next millisecond (up to
+        // 1 ms of every session's setup; BENCHMARKS.md). Removing it is held back until the
+        // proxy's race between an early end of input and the agent's dial error is fixed.
+        let mut ping = tokio::time::interval(self.tunnel.config.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
         let mut incoming_open = true;
         loop {
             let now = Instant::now();
@@ -722,15 +727,6 @@ where
     }
 }
 
-/// The WebSocket keepalive: first due one period from now. (`tokio::time::interval`'s first
-/// tick is "immediate", but awaiting it waits for the timer's next millisecond tick: up to 1 ms
-/// added to every session's setup.)
-fn keepalive_timer(period: Duration) -> tokio::time::Interval {
-    let mut timer = tokio::time::interval_at(Instant::now() + period, period);
-    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    timer
-}
-
 /// Resolves at `at`, and at once when `at` is not after `now`. `sleep_until` alone would wait
 /// for the timer even then: tokio rounds deadlines up to its next millisecond tick, which would
 /// cap acks and paced data at about 1,000 frames per second.
@@ -831,20 +827,5 @@ mod tests {
             Some(())
         );
         assert_eq!(due(now + Duration::from_secs(60), now).now_or_never(), None);
-    }
-
-    /// The driver starts turning at once: nothing about the keepalive is due at the start (a
-    /// first tick at the start is awaited on the timer's next millisecond, in every session's
-    /// setup). The first ping goes one whole period after it.
-    #[tokio::test(start_paused = true)]
-    async fn the_keepalive_is_first_due_a_period_after_the_start() {
-        let period = Duration::from_secs(5);
-        let started = Instant::now();
-        let mut timer = keepalive_timer(period);
-        assert!(timer.tick().now_or_never().is_none());
-        timer.tick().await;
-        assert_eq!(started.elapsed(), period);
-        timer.tick().await;
-        assert_eq!(started.elapsed(), 2 * period);
     }
 }
