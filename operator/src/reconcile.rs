@@ -1568,9 +1568,7 @@ mod tests {
                 .missed_by_listings(&name, usize::MAX);
         }
         let ctx = context(aws.clone());
-        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
-            .await
-            .expect("removed");
+        clean_up(&grant, &ctx).await;
         assert_eq!(aws.document_names(), Vec::<String>::new());
         assert_eq!(aws.count("DeleteDocument"), 2);
     }
@@ -1585,15 +1583,20 @@ mod tests {
             .missed_by_listings("fleet-access.ops.web-port81", 1)
             .with_document("fleet-access.ops.other-shell", "{}", Some("ops/other"));
         let ctx = context(aws.clone());
-        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
-            .await
-            .expect("removed");
+        clean_up(&grant, &ctx).await;
         assert_eq!(aws.document_names(), vec!["fleet-access.ops.other-shell"]);
         assert_eq!(
             aws.count("ListDocuments"),
             3,
             "found one, found the other, none left"
         );
+    }
+
+    /// The AWS part of a cleanup: what `cleanup` removes for `grant`.
+    async fn clean_up(grant: &SessionAccess, ctx: &Context) {
+        remove_aws_objects(grant, &grant_id(grant), ctx)
+            .await
+            .expect("removed");
     }
 
     /// The grant as the API server hands it to cleanup: deleted (its generation bumped once),
@@ -1618,9 +1621,7 @@ mod tests {
             aws = aws.with_document(&name, &content, Some(OWNER));
         }
         let ctx = context(aws.clone());
-        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
-            .await
-            .expect("removed");
+        clean_up(&grant, &ctx).await;
         assert_eq!(aws.document_names(), Vec::<String>::new());
         assert_eq!(aws.count("ListDocuments"), 0);
     }
@@ -1633,9 +1634,7 @@ mod tests {
             .with_document("fleet-access.ops.web-port80", "{}", Some(OWNER))
             .with_document("fleet-access.ops.other-shell", "{}", Some("ops/other"));
         let ctx = context(aws.clone());
-        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
-            .await
-            .expect("removed");
+        clean_up(&grant, &ctx).await;
         assert_eq!(aws.document_names(), vec!["fleet-access.ops.other-shell"]);
         assert_eq!(
             aws.count("ListDocuments"),
@@ -1652,9 +1651,7 @@ mod tests {
             .with_document(shell, "{}", None)
             .with_document("fleet-access.ops.web-port5432", "{}", Some("ops/other"));
         let ctx = context(aws.clone());
-        remove_aws_objects(&grant, &grant_id(&grant), &ctx)
-            .await
-            .expect("removed");
+        clean_up(&grant, &ctx).await;
         assert_eq!(aws.document_names().len(), 2);
         assert_eq!(aws.writes(), 0);
     }
