@@ -6,7 +6,7 @@ CARGO ?= cargo
 # Keep CI output readable and builds within the machine's two cores.
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo plan test test-unit test-integration setup lint fmt clippy generate check-generated bench
+.PHONY: demo plan test test-unit test-integration stress setup lint fmt clippy generate check-generated bench
 
 ## The main job on its embedded default: no AWS account, no cluster.
 demo:
@@ -24,14 +24,22 @@ setup:
 test: lint check-generated setup
 	bash tests/env/with-services.sh $(CARGO) test --workspace --no-fail-fast
 
-## Fast tests without external components (no setup needed).
+## Fast tests without external components (no setup needed): unit tests, goldens, the CRDs'
+## validation, the operator's command line, and the bridge's driver against in-process fakes.
 test-unit:
 	$(CARGO) test --workspace --lib --bins
-	$(CARGO) test -p fleet-access-crds -p fleet-access-operator --tests
+	$(CARGO) test -p fleet-access-crds --tests
+	$(CARGO) test -p fleet-access-operator --test cli --test golden
+	$(CARGO) test -p fleet-access-agent-bridge --tests
 
 ## Tests against real components: kube-apiserver + etcd, moto, sshd, Prometheus, the official plugin.
 test-integration: setup
 	bash tests/env/with-services.sh $(CARGO) test -p fleet-access-tests -p fleet-access-ssm-emulator -p fleet-access-agent-bridge --tests
+
+## The end-to-end test binaries RUNS times in a row (default 20) under a background release
+## build, bounded by LIMIT seconds; prints each failure with its test name (tests/env/stress.sh).
+stress: setup
+	bash tests/env/stress.sh
 
 lint: fmt clippy
 

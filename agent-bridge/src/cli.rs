@@ -141,6 +141,11 @@ impl Args {
                 Command::Demo(args) => crate::demo::run(args).await,
             }
         });
+        // Every mode has finished its work here (a tunnel returns once its local writes are
+        // done). Dropping the runtime would wait for its blocking threads, and `proxy` may
+        // have one parked in a read of standard input that ends only when the caller closes
+        // it: the process would outlive its session.
+        runtime.shutdown_background();
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -190,13 +195,16 @@ pub fn upgrade_signer(sdk: &aws_config::SdkConfig) -> Option<Arc<dyn UpgradeSign
     Some(Arc::new(SigV4Signer::new(credentials, region)))
 }
 
-/// Fires when the process gets SIGINT or SIGTERM.
+/// Fires when the process gets SIGINT, SIGTERM or SIGHUP (ssh ends its ProxyCommand with
+/// SIGHUP; a closed terminal sends it too): the session is then ended at AWS at once instead of
+/// lingering until the agent notices the lost WebSocket.
 pub fn shutdown_on_signal() -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
     let fire = token.clone();
     tokio::spawn(async move {
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        let received = |kind: SignalKind| async move {
+            match signal(kind) {
                 Ok(mut signal) => {
                     signal.recv().await;
                 }
@@ -204,8 +212,9 @@ pub fn shutdown_on_signal() -> CancellationToken {
             }
         };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = terminate => {}
+            () = received(SignalKind::interrupt()) => {}
+            () = received(SignalKind::terminate()) => {}
+            () = received(SignalKind::hangup()) => {}
         }
         fire.cancel();
     });
@@ -236,6 +245,9 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin = TcpListener::bind(args.admin_address)
         .await
         .with_context(|| format!("cannot listen on {}", args.admin_address))?;
+    // On standard error whatever the log filter: with port 0 the kernel picks the port, and
+    // whoever started the process reads it here.
+    eprintln!("admin listening on {}", admin.local_addr()?);
     let shutdown = shutdown_on_signal();
     let stop_admin = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(

@@ -17,7 +17,7 @@ use fleet_access_agent_bridge::driver::control::{
     ControlPlane, ControlPlaneError, StartSessionRequest, StreamTarget,
 };
 use fleet_access_agent_bridge::driver::signing::{SignedHeaders, SigningError, UpgradeSigner};
-use fleet_access_agent_bridge::driver::{DriverConfig, DriverError, Tunnel};
+use fleet_access_agent_bridge::driver::{DriverConfig, DriverError, Outcome, Tunnel};
 use fleet_access_agent_bridge::protocol::handshake::AcknowledgeContent;
 use fleet_access_agent_bridge::protocol::message::{self, FLAG_FIN, FLAG_SYN};
 use fleet_access_agent_bridge::protocol::smux::{self, Command, Frame};
@@ -67,6 +67,9 @@ struct Script {
     refuse_streams: bool,
     /// Send channel_closed with this Output right after HandshakeComplete.
     close_after_handshake: Option<&'static str>,
+    /// Basic mode: answer the first Output with this many bytes (1 KiB messages), then
+    /// channel_closed at once.
+    answer_then_close: Option<usize>,
 }
 
 struct AgentState {
@@ -235,10 +238,20 @@ fn react(state: &mut AgentState, frame: &[u8]) -> Reaction {
                 out.push(agent_frame(state, PayloadType::Output, &reply));
             }
         }
-        PayloadType::Output => {
+        PayloadType::Output => match state.script.answer_then_close.take() {
+            Some(bytes) => {
+                for chunk in answer(bytes).chunks(1024) {
+                    out.push(agent_frame(state, PayloadType::Output, chunk));
+                }
+                out.push(control_frame(
+                    MessageType::ChannelClosed,
+                    br#"{"SessionId":"s-1","MessageType":"channel_closed","SchemaVersion":1,"Output":""}"#
+                        .to_vec(),
+                ));
+            }
             // Basic echo.
-            out.push(agent_frame(state, PayloadType::Output, &m.payload));
-        }
+            None => out.push(agent_frame(state, PayloadType::Output, &m.payload)),
+        },
         _ => {}
     }
     Reaction::Send(out)
@@ -427,6 +440,62 @@ fn config() -> DriverConfig {
     DriverConfig {
         reconnect_initial_backoff: Duration::from_millis(20),
         ..DriverConfig::default()
+    }
+}
+
+/// What the agent answers with `answer_then_close`: a pattern, so that a lost or reordered
+/// chunk shows.
+fn answer(bytes: usize) -> Vec<u8> {
+    (0..bytes).map(|i| (i % 251) as u8).collect()
+}
+
+/// A local connection that takes a millisecond for every write (a slow client) and records what
+/// it was given and whether it was shut down. Reads come from `input`.
+struct SlowLocal {
+    input: DuplexStream,
+    written: Arc<Mutex<Vec<u8>>>,
+    shut_down: Arc<std::sync::atomic::AtomicBool>,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for SlowLocal {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.input).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowLocal {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let pause = self
+            .pause
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(1))));
+        std::task::ready!(pause.as_mut().poll(cx));
+        self.pause = None;
+        self.written.lock().unwrap().extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.shut_down.store(true, Ordering::SeqCst);
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
@@ -630,7 +699,7 @@ async fn silent_gateway_is_detected_by_ping_and_resumed() {
         .unwrap();
     let config = DriverConfig {
         ping_interval: Duration::from_millis(100),
-        dead_peer_timeout: Duration::from_millis(300),
+        dead_peer_timeout: DEAD_PEER_TIMEOUT,
         ..config()
     };
     let tunnel = Tunnel::new(&s.control, None, config);
@@ -653,8 +722,67 @@ async fn silent_gateway_is_detected_by_ping_and_resumed() {
     .await
     .expect("test finished in time");
     let outcome = outcome.unwrap();
-    assert_eq!(outcome.stats.reconnects, 1);
-    assert_eq!(s.state.lock().unwrap().connections, 2);
+    assert_dead_peer_resumed(&outcome, &s);
+}
+
+/// How long the dead-peer tests let a gateway be silent. A live gateway on a loaded machine can
+/// pause too, so the tests accept further resumes after the one the script forces.
+const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The first connection was judged dead and the session resumed (once, or more when a live
+/// connection also paused past [`DEAD_PEER_TIMEOUT`]).
+fn assert_dead_peer_resumed(outcome: &Outcome, s: &Setup) {
+    assert!(outcome.stats.reconnects >= 1, "{outcome:?}");
+    assert_eq!(
+        u64::from(s.state.lock().unwrap().connections),
+        outcome.stats.reconnects + 1
+    );
+}
+
+/// A caller may exit as soon as the tunnel returns (`proxy` does): by then every byte the agent
+/// sent before closing must have been written to the local connection, and the connection shut
+/// down, however slowly it takes writes.
+#[tokio::test]
+async fn the_last_bytes_reach_a_slow_client_before_the_tunnel_returns() {
+    const ANSWER: usize = 64 * 1024;
+    let script = Script {
+        answer_then_close: Some(ANSWER),
+        ..Script::default()
+    };
+    let s = setup_with(SSH, script, false).await;
+    let target = s
+        .control
+        .start_session(&StartSessionRequest::default())
+        .await
+        .unwrap();
+    let tunnel = Tunnel::new(&s.control, None, config());
+    let (conn_tx, conn_rx) = mpsc::channel(4);
+    let (mut input, theirs) = tokio::io::duplex(1024);
+    let local = SlowLocal {
+        input: theirs,
+        written: Arc::default(),
+        shut_down: Arc::default(),
+        pause: None,
+    };
+    let (written, shut_down) = (local.written.clone(), local.shut_down.clone());
+    conn_tx.send(local).await.unwrap();
+    input.write_all(b"go").await.unwrap();
+    let outcome = tokio::time::timeout(LIMIT, tunnel.run(target, conn_rx, std::future::pending()))
+        .await
+        .expect("test finished in time")
+        .unwrap();
+    assert_eq!(outcome.cause, CloseCause::ChannelClosed);
+    let written = written.lock().unwrap();
+    assert_eq!(
+        written.len(),
+        ANSWER,
+        "every byte written before the return"
+    );
+    assert!(*written == answer(ANSWER), "in order and intact");
+    assert!(
+        shut_down.load(Ordering::SeqCst),
+        "and the connection shut down"
+    );
 }
 
 #[tokio::test]
@@ -765,7 +893,7 @@ async fn gateway_that_pongs_but_never_acks_is_resumed() {
         .unwrap();
     let config = DriverConfig {
         ping_interval: Duration::from_millis(100),
-        dead_peer_timeout: Duration::from_millis(400),
+        dead_peer_timeout: DEAD_PEER_TIMEOUT,
         ..config()
     };
     let tunnel = Tunnel::new(&s.control, None, config);
@@ -788,6 +916,6 @@ async fn gateway_that_pongs_but_never_acks_is_resumed() {
     .await
     .expect("test finished in time");
     let outcome = outcome.unwrap();
-    assert_eq!(outcome.stats.reconnects, 1);
+    assert_dead_peer_resumed(&outcome, &s);
     assert!(outcome.stats.retransmissions > 0);
 }

@@ -68,7 +68,7 @@ pub struct Options {
 }
 
 impl Options {
-    fn parse(args: &[String]) -> anyhow::Result<Self> {
+    pub(crate) fn parse(args: &[String]) -> anyhow::Result<Self> {
         let mut options = Self {
             runs: 3,
             window: Duration::from_secs(3),

@@ -230,15 +230,38 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a program that must be told its port
+/// before it binds it (a Service's target port, a third-party server's flag).
+///
+/// The port is drawn at random from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`): ports there are never handed out by a `bind` to port 0 or
+/// by an outgoing connection, so between this check and the program's own bind only another
+/// explicit bind to the same port could take it (another test drawing the same one of ~20,000
+/// ports within that moment), not the hundreds of connections the suite makes meanwhile. Where
+/// the listener is ours, bind port 0 and hand the socket over instead.
 pub fn free_loopback_port() -> FixtureResult<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(FixtureError::io("binding a free loopback port"))?;
-    let port = listener
-        .local_addr()
-        .map_err(FixtureError::io("reading a bound port"))?
-        .port();
-    Ok(port)
+    let high = ephemeral_range_start();
+    let span = u32::from(high.saturating_sub(LOWEST_CHOSEN_PORT)).max(1);
+    let start = (uuid::Uuid::new_v4().as_u128() % u128::from(span)) as u32;
+    (0..span)
+        .map(|offset| LOWEST_CHOSEN_PORT + ((start + offset) % span) as u16)
+        .find(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, *port)).is_ok())
+        .ok_or_else(|| {
+            FixtureError::io(format!(
+                "finding a free loopback port in {LOWEST_CHOSEN_PORT}..{high}"
+            ))(std::io::ErrorKind::AddrInUse.into())
+        })
+}
+
+/// The lowest port [`free_loopback_port`] draws: above the well-known and common service ports.
+const LOWEST_CHOSEN_PORT: u16 = 12_000;
+
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_range_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// The loopback address with `port`.

@@ -36,6 +36,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use crate::protocol::handshake::OpenDataChannel;
@@ -77,6 +78,8 @@ const WS_READ_BUFFER: usize = 8 * 1024;
 const WS_WRITE_BUFFER: usize = 8 * 1024;
 /// Chunks queued toward one local connection before the session stops draining events.
 pub const DEFAULT_LOCAL_WRITE_QUEUE: usize = 64;
+/// How long a closed session's local writers may take to write out the instance's last bytes.
+const LOCAL_FLUSH_GRACE: Duration = Duration::from_secs(10);
 /// Largest WebSocket message accepted: far above any SSM frame, small enough to bound memory.
 pub const MAX_WS_MESSAGE: usize = 4 * 1024 * 1024;
 
@@ -187,12 +190,16 @@ enum LocalInput {
 
 struct Conn {
     writer: mpsc::Sender<Bytes>,
-    reader: JoinHandle<()>,
+    /// The reader task, held to be aborted when the connection is dropped.
+    _reader: AbortOnDropHandle<()>,
+    /// The writer task: it ends once the queue is written out and the connection shut down.
+    written: JoinHandle<()>,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.reader.abort();
+impl Conn {
+    /// Stops reading, closes the queue, and returns the writer task that drains it.
+    fn into_writer_task(self) -> JoinHandle<()> {
+        self.written
     }
 }
 
@@ -279,6 +286,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             ),
             last_heard: start,
             mode: None,
+            finishing: Vec::new(),
         };
         let (tx, rx) = mpsc::channel(self.config.local_write_queue.max(1));
         run.local_tx = Some(tx);
@@ -288,6 +296,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             debug!(error = %e, "TerminateSession after close");
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), run.ws.close(None)).await;
+        run.finish_local_writes().await;
         if let Some(stats) = &self.stats {
             stats.send_replace(run.session.stats());
         }
@@ -421,6 +430,8 @@ struct Run<'t, 'a, C, L> {
     pacer: Pacer,
     last_heard: Instant,
     mode: Option<ForwardingMode>,
+    /// Writer tasks of connections closed with the session, still writing out.
+    finishing: Vec<JoinHandle<()>>,
 }
 
 enum Turn<L> {
@@ -441,12 +452,7 @@ where
     async fn drive(&mut self, shutdown: impl Future<Output = ()>) -> Result<Outcome, DriverError> {
         tokio::pin!(shutdown);
         let mut shutting_down = false;
-        // Awaiting this "immediate" first tick waits for the timer's next millisecond (up to
-        // 1 ms of every session's setup; BENCHMARKS.md). Removing it is held back until the
-        // proxy's race between an early end of input and the agent's dial error is fixed.
-        let mut ping = tokio::time::interval(self.tunnel.config.ping_interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ping.tick().await;
+        let mut ping = keepalive_timer(self.tunnel.config.ping_interval);
         let mut incoming_open = true;
         loop {
             let now = Instant::now();
@@ -594,7 +600,7 @@ where
     async fn transport_lost(&mut self) -> Result<Option<Outcome>, DriverError> {
         let closing = self.mode.is_some() && !self.session.is_open();
         if closing || self.session.is_closed() {
-            self.conns.clear();
+            self.close_local();
             return Ok(Some(Outcome {
                 cause: CloseCause::LocalTerminate,
                 output: None,
@@ -702,7 +708,7 @@ where
                 }
                 Event::Closed { cause, output } => {
                     info!(?cause, output = ?output, "session closed");
-                    self.conns.clear();
+                    self.close_local();
                     return Some(Outcome {
                         cause,
                         output,
@@ -715,6 +721,26 @@ where
         None
     }
 
+    /// The session ended: every local connection stops reading, and its writer goes on until
+    /// what the instance sent is written out (awaited by [`Run::finish_local_writes`]).
+    fn close_local(&mut self) {
+        self.finishing
+            .extend(self.conns.drain().map(|(_, conn)| conn.into_writer_task()));
+    }
+
+    /// Waits, up to [`LOCAL_FLUSH_GRACE`], until every closed connection's writer has written
+    /// out what it was handed: a caller that exits right after the tunnel (`proxy`, whose
+    /// runtime ends with it) must not cut the instance's last bytes.
+    async fn finish_local_writes(&mut self) {
+        let writers = futures::future::join_all(self.finishing.drain(..));
+        if tokio::time::timeout(LOCAL_FLUSH_GRACE, writers)
+            .await
+            .is_err()
+        {
+            warn!("a local connection did not take the session's last bytes in time");
+        }
+    }
+
     fn deliver_local(&mut self, now: Instant, key: u32, data: Bytes) {
         let Some(conn) = self.conns.get(&key) else {
             return;
@@ -725,6 +751,15 @@ where
             Err(mpsc::error::TrySendError::Closed(_)) => self.local_gone(now, key),
         }
     }
+}
+
+/// The WebSocket keepalive: first due one period from now. (`tokio::time::interval`'s first
+/// tick is "immediate", but awaiting it waits for the timer's next millisecond tick: up to 1 ms
+/// added to every session's setup.)
+fn keepalive_timer(period: Duration) -> tokio::time::Interval {
+    let mut timer = tokio::time::interval_at(Instant::now() + period, period);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
 }
 
 /// Resolves at `at`, and at once when `at` is not after `now`. `sleep_until` alone would wait
@@ -776,7 +811,7 @@ where
             }
         }
     });
-    tokio::spawn(async move {
+    let written = tokio::spawn(async move {
         while let Some(data) = rx.recv().await {
             if wr.write_all(&data).await.is_err() {
                 return;
@@ -789,7 +824,11 @@ where
         }
         let _ = wr.shutdown().await;
     });
-    Conn { writer, reader }
+    Conn {
+        writer,
+        _reader: AbortOnDropHandle::new(reader),
+        written,
+    }
 }
 
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, DriverError> {
@@ -827,5 +866,20 @@ mod tests {
             Some(())
         );
         assert_eq!(due(now + Duration::from_secs(60), now).now_or_never(), None);
+    }
+
+    /// The driver starts turning at once: nothing about the keepalive is due at the start (a
+    /// first tick at the start is awaited on the timer's next millisecond, in every session's
+    /// setup). The first ping goes one whole period after it.
+    #[tokio::test(start_paused = true)]
+    async fn the_keepalive_is_first_due_a_period_after_the_start() {
+        let period = Duration::from_secs(5);
+        let started = Instant::now();
+        let mut timer = keepalive_timer(period);
+        assert!(timer.tick().now_or_never().is_none());
+        timer.tick().await;
+        assert_eq!(started.elapsed(), period);
+        timer.tick().await;
+        assert_eq!(started.elapsed(), 2 * period);
     }
 }
