@@ -32,7 +32,8 @@ struct RunArgs {
     /// Seconds between drift checks of a synced grant.
     #[arg(long, env = "FLEET_ACCESS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
-    /// Address of /metrics, /healthz and /readyz.
+    /// Address of /metrics, /healthz and /readyz; with port 0 the system picks a free port. The
+    /// address bound is printed on standard error: `admin listening on ADDRESS`.
     #[arg(
         long,
         env = "FLEET_ACCESS_ADMIN_ADDRESS",

@@ -76,7 +76,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {address}: {e}")))?;
-    tracing::info!(address = %listener.local_addr().unwrap_or(address), "admin endpoint");
+    let bound = listener.local_addr().unwrap_or(address);
+    tracing::info!(address = %bound, "admin endpoint");
+    // On standard error whatever the log filter: with port 0 the kernel picks the port, and
+    // whoever started the process reads it here.
+    eprintln!("admin listening on {bound}");
     let ready = Arc::new(AtomicBool::new(false));
     let admin = tokio::spawn(crate::admin::serve(listener, registry, ready.clone()));
 

@@ -4,30 +4,43 @@
 //!   the standby take over and reconcile a new grant; a clean shutdown releases the Lease;
 //! - the admin endpoint on a live run: /healthz, /readyz, and /metrics with reconcile
 //!   durations, errors by bounded reason, AWS calls by service/operation/outcome and grants by
-//!   state; a terminal AWS error is reported once, not retried in a loop.
+//!   state; a terminal AWS error is not retried with backoff nor in a loop, only at the resync.
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
-use std::{future::Future, path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use fleet_access_crds::SessionAccess;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
-    ControlPlane, ExposedSample, Moto, OperatorCommandLine, TestNamespace, exposition,
-    free_loopback_port, http_get, loopback,
+    ControlPlane, ExposedSample, Moto, OperatorCommandLine, TestNamespace,
+    addresses::wait_for_reported_address, exposition, http_get,
 };
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::{
+    api::coordination::v1::Lease,
+    jiff::{SignedDuration, Timestamp},
+};
 use kube::{
     Api,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 use tokio::time::Instant;
 
+/// The longest wait for anything the operator does (it reacts within seconds).
 const WAIT: Duration = Duration::from_secs(120);
 const INSTANCE: &str = "i-0000000000000000a";
 /// The test's lease duration: short, so that a takeover happens within seconds.
 const LEASE_SECONDS: u64 = 6;
+/// The name of the leader Lease.
+const LEASE: &str = "fleet-access-operator";
+/// Seconds between drift checks: beyond every wait of the tests, unless a test says otherwise.
+const RESYNC_SECONDS: u64 = 300;
 
 struct Setup {
     control_plane: &'static ControlPlane,
@@ -74,14 +87,12 @@ impl Setup {
         self.namespace.name()
     }
 
-    /// Starts the binary as replica `replica` with its admin endpoint on `port`.
-    fn operator(&self, replica: &str, port: u16) -> tokio::process::Child {
+    /// Starts the binary as replica `replica`, resyncing every `resync_seconds`; its admin
+    /// endpoint on a port the system picks, which it reports.
+    async fn operator(&self, replica: &str, resync_seconds: u64) -> Replica {
         let log = self.log_path(replica);
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
+        let stdout = std::fs::File::create(&log).expect("log file");
+        let stderr = stdout.try_clone().expect("log file");
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleet-access-operator"));
         OperatorCommandLine {
             kubeconfig: self.control_plane.kubeconfig_path(),
@@ -89,19 +100,26 @@ impl Setup {
             ssm_endpoint: &self.emulator.endpoint_url(),
             watch_namespace: self.ns(),
             bridge_namespace: self.ns(),
-            admin_address: &format!("127.0.0.1:{port}"),
+            admin_address: "127.0.0.1:0",
             replica,
         }
         .apply(command.as_std_mut())
-        .args(["--resync-seconds", "300"])
+        .args(["--resync-seconds", &resync_seconds.to_string()])
         .args(["--lease-duration-seconds", &LEASE_SECONDS.to_string()]);
-        command
+        let mut child = command
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .env("NO_COLOR", "1")
+            .stdout(stdout)
             .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
-            .expect("the operator starts")
+            .expect("the operator starts");
+        let admin = wait_for_reported_address(replica, &log, "admin", WAIT, || {
+            Some(child.try_wait().ok()??.to_string())
+        })
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+        Replica { child, admin, log }
     }
 
     fn log_path(&self, replica: &str) -> PathBuf {
@@ -172,6 +190,27 @@ impl Setup {
     }
 }
 
+/// One operator process: where its admin endpoint listens and where it logs (standard output and
+/// error).
+struct Replica {
+    child: tokio::process::Child,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Replica {
+    /// Whether the log has a line containing `text`.
+    fn logged(&self, text: &str) -> bool {
+        read_log(&self.log).lines().any(|line| line.contains(text))
+    }
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Polls `probe` every 200 ms until it returns a value; fails after [`WAIT`] saying what was
+/// awaited.
 async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
@@ -182,31 +221,49 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {} s",
+            WAIT.as_secs()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// GET `path` on the admin endpoint: (status code, body), or `None` when nothing answers.
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    http_get(loopback(port), path).await
+/// GET `path` on an admin endpoint: (status code, body), or `None` when nothing answers.
+async fn get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_get(admin, path).await
 }
 
-async fn scrape(port: u16) -> Vec<ExposedSample> {
-    let (code, body) = get(port, "/metrics").await.expect("/metrics answers");
+async fn scrape(admin: SocketAddr) -> Vec<ExposedSample> {
+    let (code, body) = get(admin, "/metrics").await.expect("/metrics answers");
     assert_eq!(code, 200);
     exposition::parse(&body)
 }
 
+/// The Lease's holder; `None` when it is released (or not there).
 async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases
-        .get_opt("fleet-access-operator")
-        .await
-        .ok()
-        .flatten()?
-        .spec?
+    let lease = leases.get_opt(LEASE).await.expect("the Lease is read")?;
+    holder_of(&lease)
+}
+
+fn holder_of(lease: &Lease) -> Option<String> {
+    lease
+        .spec
+        .as_ref()?
         .holder_identity
+        .clone()
         .filter(|h| !h.is_empty())
+}
+
+/// When the Lease's holder last renewed it (its clock).
+fn renewed_at(lease: &Lease) -> Timestamp {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.renew_time.as_ref())
+        .expect("a held Lease has a renew time")
+        .0
 }
 
 fn terminate(child: &tokio::process::Child) {
@@ -224,38 +281,43 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     let user = format!("leader-{}", s.ns());
     s.user(&user).await;
     let leases: Api<Lease> = s.namespace.api();
-    let (port_a, port_b) = (
-        free_loopback_port().expect("port"),
-        free_loopback_port().expect("port"),
-    );
     println!("logs: {}", s.log_path("a").display());
 
-    let mut a = s.operator("a", port_a);
+    let mut a = s.operator("a", RESYNC_SECONDS).await;
     wait_for("a leads", || async {
         let leads = holder(&leases).await.as_deref() == Some("a");
-        let ready = get(port_a, "/readyz").await.map(|r| r.0) == Some(200);
+        let ready = get(a.admin, "/readyz").await.map(|r| r.0) == Some(200);
         (leads && ready).then_some(())
     })
     .await;
-    let mut b = s.operator("b", port_b);
-    wait_for("b answers", || async {
-        (get(port_b, "/healthz").await.map(|r| r.0) == Some(200)).then_some(())
+    let mut b = s.operator("b", RESYNC_SECONDS).await;
+    wait_for("b's elector starts", || async {
+        b.logged("waiting for the leader Lease").then_some(())
     })
     .await;
-    // For longer than a lease duration, b stays a standby and a keeps the Lease.
-    let until = Instant::now() + Duration::from_secs(LEASE_SECONDS + 2);
-    while Instant::now() < until {
-        assert_eq!(holder(&leases).await.as_deref(), Some("a"));
-        let (code, body) = get(port_b, "/readyz").await.expect("b /readyz");
-        assert_eq!((code, body.as_str()), (503, "standby\n"));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // For longer than a lease duration (as a's renewals measure it), b stays a standby and a
+    // keeps the Lease: a standby takes a Lease over only once it has seen it unchanged for a
+    // whole duration, and a renews it well within one.
+    let lease = leases.get(LEASE).await.expect("the Lease");
+    let watched_from = renewed_at(&lease);
+    let long_enough = SignedDuration::from_secs(LEASE_SECONDS as i64 + 2);
+    wait_for(
+        "a's renewals to span more than a lease duration",
+        || async {
+            let lease = leases.get(LEASE).await.expect("the Lease");
+            assert_eq!(holder_of(&lease).as_deref(), Some("a"), "a keeps the Lease");
+            let (code, body) = get(b.admin, "/readyz").await.expect("b /readyz");
+            assert_eq!((code, body.as_str()), (503, "standby\n"), "b stands by");
+            (renewed_at(&lease) >= watched_from + long_enough).then_some(())
+        },
+    )
+    .await;
 
     // Only the leader reconciles.
     s.grant("first", &user).await;
     s.wait_condition("first", "Ready", "True", "").await;
-    let on_a = scrape(port_a).await;
-    let on_b = scrape(port_b).await;
+    let on_a = scrape(a.admin).await;
+    let on_b = scrape(b.admin).await;
     assert!(
         exposition::sum(
             &on_a,
@@ -265,8 +327,16 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     );
     assert!(exposition::sum(&on_a, "fleet_access_operator_aws_calls_total", &[]) >= 1.0);
     assert_eq!(
-        exposition::sum(&on_a, "fleet_access_operator_leader", &[]),
-        1.0
+        exposition::exported_sum(&on_a, "fleet_access_operator_leader", &[]),
+        Some(1.0)
+    );
+    // The standby exports its leader gauge, at 0, and has observed no reconcile and no AWS call
+    // (the operator creates those series at their first observation; b exports them once it
+    // leads, below).
+    assert_eq!(
+        exposition::exported_sum(&on_b, "fleet_access_operator_leader", &[]),
+        Some(0.0),
+        "the standby exports that it does not lead"
     );
     assert_eq!(
         exposition::sum(
@@ -282,33 +352,40 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
         0.0,
         "the standby called AWS"
     );
-    assert_eq!(
-        exposition::sum(&on_b, "fleet_access_operator_leader", &[]),
-        0.0
-    );
 
     // Kill the leader: the standby takes over once the Lease expires, and reconciles.
-    a.kill().await.expect("killed");
+    a.child.kill().await.expect("killed");
     let killed = Instant::now();
     wait_for("b takes over", || async {
         let leads = holder(&leases).await.as_deref() == Some("b");
-        let ready = get(port_b, "/readyz").await.map(|r| r.0) == Some(200);
+        let ready = get(b.admin, "/readyz").await.map(|r| r.0) == Some(200);
         (leads && ready).then_some(())
     })
     .await;
-    let takeover = killed.elapsed();
     println!(
         "takeover {:.1} s after the leader was killed (lease {LEASE_SECONDS} s)",
-        takeover.as_secs_f64()
+        killed.elapsed().as_secs_f64()
     );
-    let lease = leases.get("fleet-access-operator").await.expect("lease");
+    let lease = leases.get(LEASE).await.expect("lease");
     assert!(
         lease.spec.and_then(|s| s.lease_transitions).unwrap_or(0) >= 1,
         "the takeover counts as a transition"
     );
     s.grant("second", &user).await;
     s.wait_condition("second", "Ready", "True", "").await;
-    let on_b = scrape(port_b).await;
+    let on_b = scrape(b.admin).await;
+    assert_eq!(
+        exposition::exported_sum(&on_b, "fleet_access_operator_leader", &[]),
+        Some(1.0)
+    );
+    assert!(
+        exposition::sum(
+            &on_b,
+            "fleet_access_operator_reconcile_duration_seconds_count",
+            &[("kind", "SessionAccess")]
+        ) >= 1.0,
+        "the new leader reconciles"
+    );
     assert!(
         exposition::sum(
             &on_b,
@@ -318,28 +395,30 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
         "the new leader created the second grant's policy"
     );
 
-    // A clean shutdown releases the Lease; the next replica acquires it without waiting.
-    terminate(&b);
-    let exited = tokio::time::timeout(Duration::from_secs(30), b.wait())
+    // A clean shutdown releases the Lease; the next replica acquires it without waiting for it
+    // to expire.
+    terminate(&b.child);
+    let exited = tokio::time::timeout(WAIT, b.child.wait())
         .await
-        .expect("b stops within 30 s")
+        .unwrap_or_else(|_| panic!("b still runs {} s after SIGTERM", WAIT.as_secs()))
         .expect("status");
     assert!(exited.success(), "b exits cleanly: {exited}");
     assert_eq!(holder(&leases).await, None, "the Lease is released");
-    let restarted = Instant::now();
-    let mut a = s.operator("a2", port_a);
-    wait_for("a2 leads", || async {
+    // The released Lease now says it lasts an hour: a replica that took it only once it expired
+    // would not lead within the wait.
+    leases
+        .patch(
+            LEASE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"leaseDurationSeconds": 3600}})),
+        )
+        .await
+        .expect("the released Lease's duration");
+    let mut a2 = s.operator("a2", RESYNC_SECONDS).await;
+    wait_for("a2 takes the released Lease", || async {
         (holder(&leases).await.as_deref() == Some("a2")).then_some(())
     })
     .await;
-    println!(
-        "a released Lease acquired {:.1} s after the start of a new replica",
-        restarted.elapsed().as_secs_f64()
-    );
-    assert!(
-        restarted.elapsed() < Duration::from_secs(LEASE_SECONDS),
-        "a released Lease is taken without waiting for it to expire"
-    );
 
     s.delete_all_and_wait().await;
     let attached = s
@@ -350,7 +429,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
         .await
         .expect("attached");
     assert!(attached.attached_policies().is_empty());
-    a.kill().await.expect("stopped");
+    a2.child.kill().await.expect("stopped");
 }
 
 #[tokio::test]
@@ -359,14 +438,14 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
     let user = format!("admin-{}", s.ns());
     s.user(&user).await;
     let ghost = format!("ghost-{}", s.ns());
-    let port = free_loopback_port().expect("port");
-    let mut operator = s.operator("solo", port);
+    let mut operator = s.operator("solo", FAILING_RESYNC.as_secs()).await;
+    let admin = operator.admin;
     wait_for("ready", || async {
-        (get(port, "/readyz").await == Some((200, "leading\n".into()))).then_some(())
+        (get(admin, "/readyz").await == Some((200, "leading\n".into()))).then_some(())
     })
     .await;
-    assert_eq!(get(port, "/healthz").await, Some((200, "ok\n".into())));
-    assert_eq!(get(port, "/nothing").await.map(|r| r.0), Some(404));
+    assert_eq!(get(admin, "/healthz").await, Some((200, "ok\n".into())));
+    assert_eq!(get(admin, "/nothing").await.map(|r| r.0), Some(404));
 
     s.grant("good", &user).await;
     // A principal that does not exist: NoSuchEntity is terminal.
@@ -376,7 +455,7 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
         .await;
 
     let samples = wait_for("grant gauges settle", || async {
-        let samples = scrape(port).await;
+        let samples = scrape(admin).await;
         (exposition::sum(
             &samples,
             "fleet_access_operator_grants",
@@ -458,43 +537,37 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
         }
     }
 
-    // The terminal error is not retried in a loop: no new attach attempts for a while, once the
-    // reconcile that the grant's own status write triggers has run (it tries the attach once
-    // more and writes nothing, as the status does not change). The gauges can settle before it
-    // runs, so the controller is first seen idle for a second.
-    let reconciles = |samples: &[ExposedSample]| {
-        exposition::sum(
-            samples,
-            "fleet_access_operator_reconcile_duration_seconds_count",
-            &[("kind", "SessionAccess")],
-        )
-    };
-    let idle = wait_for("the controller idle", || async {
-        let before = reconciles(&scrape(port).await);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let after = scrape(port).await;
-        (reconciles(&after) == before).then_some(after)
+    // The terminal error is not retried with backoff: the grant is tried again at the resync
+    // (every FAILING_RESYNC here), not before. Awaited: that attempt, the first one logged a
+    // resync or more after the first. Before it, one more attempt may come: the reconcile that
+    // the grant's own status write triggers (it tries the attach again and writes nothing, as
+    // the status does not change; a status that changed with every attempt would loop).
+    assert!(FAILING_RESYNC > fleet_access_operator::reconcile::retry_pause(1));
+    let resync = SignedDuration::try_from(FAILING_RESYNC).expect("a resync");
+    let attempts = wait_for("the failing grant's attempt at the resync", || async {
+        let attempts = failed_attaches(&read_log(&operator.log), "bad");
+        let first = attempts.first()?.at;
+        attempts
+            .iter()
+            .any(|a| a.at >= first + resync)
+            .then_some(attempts)
     })
     .await;
-    let attempts = exposition::sum(
-        &idle,
-        "fleet_access_operator_aws_calls_total",
-        &failed_attach,
+    assert!(
+        attempts.iter().all(|a| a.terminal),
+        "a terminal error was retried with backoff: {attempts:#?}"
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let later = scrape(port).await;
-    assert_eq!(
-        exposition::sum(
-            &later,
-            "fleet_access_operator_aws_calls_total",
-            &failed_attach
-        ),
-        attempts,
-        "a terminal error was retried"
+    let before_resync = attempts
+        .iter()
+        .take_while(|a| a.at < attempts[0].at + resync)
+        .count();
+    assert!(
+        before_resync <= 2,
+        "{before_resync} attempts before the resync: {attempts:#?}"
     );
 
     s.delete_all_and_wait().await;
-    let samples = scrape(port).await;
+    let samples = scrape(admin).await;
     assert_eq!(
         exposition::sum(
             &samples,
@@ -503,5 +576,67 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
         ),
         0.0
     );
-    operator.kill().await.expect("stopped");
+    operator.child.kill().await.expect("stopped");
+}
+
+/// The resync of the test with a failing grant: the failing grant is tried again this often.
+/// Longer than the first pause of the retry backoff, so that a retry with backoff comes before
+/// the resync's.
+const FAILING_RESYNC: Duration = Duration::from_secs(10);
+
+/// What the operator logs when a reconcile fails for good: it waits for the resync or a change.
+const TERMINAL_ERROR_LOGGED: &str = "terminal error: waiting for a change of the grant";
+/// What the operator logs when a failed reconcile goes to the retry backoff.
+const RETRY_LOGGED: &str = "reconcile failed";
+
+/// One failed attempt to attach a grant's policy, as the operator logged it.
+#[derive(Debug, PartialEq)]
+struct FailedAttach {
+    /// When (the operator's clock).
+    at: Timestamp,
+    /// Reported as terminal (tried again at the resync), else handed to the retry backoff.
+    terminal: bool,
+}
+
+/// The failed attaches of grant `grant` in an operator log (`RUST_LOG=info`, no colours): the
+/// lines that report its `AttachUserPolicy: NoSuchEntity` failures, terminal or to be retried.
+fn failed_attaches(log: &str, grant: &str) -> Vec<FailedAttach> {
+    let field = format!(" grant={grant} ");
+    log.lines()
+        .filter(|line| line.contains(&field) && line.contains("AttachUserPolicy: NoSuchEntity"))
+        .filter_map(|line| {
+            let terminal = line.contains(TERMINAL_ERROR_LOGGED);
+            if !terminal && !line.contains(RETRY_LOGGED) {
+                return None;
+            }
+            let at = line.split_whitespace().next()?.parse().ok()?;
+            Some(FailedAttach { at, terminal })
+        })
+        .collect()
+}
+
+#[test]
+fn failed_attaches_are_read_from_the_log() {
+    let log = "\
+2026-01-02T03:04:05.000001Z  INFO fleet_access_operator::runner: leading: starting the controllers
+2026-01-02T03:04:06.5Z  WARN fleet_access_operator::reconcile: terminal error: waiting for a change of the grant or the next resync grant=bad error=AttachUserPolicy: NoSuchEntity: no user
+2026-01-02T03:04:07Z  WARN fleet_access_operator::reconcile: terminal error: waiting for a change of the grant or the next resync grant=badge error=AttachUserPolicy: NoSuchEntity: no user
+2026-01-02T03:04:08Z  WARN fleet_access_operator::reconcile: reconcile failed grant=bad error=AttachUserPolicy: NoSuchEntity: no user retry_in=5s
+2026-01-02T03:04:09Z  WARN fleet_access_operator::reconcile: reconcile failed grant=bad error=Kubernetes API: conflict retry_in=5s
+";
+    let at = |text: &str| text.parse::<Timestamp>().expect("a timestamp");
+    assert_eq!(
+        failed_attaches(log, "bad"),
+        vec![
+            FailedAttach {
+                at: at("2026-01-02T03:04:06.5Z"),
+                terminal: true
+            },
+            FailedAttach {
+                at: at("2026-01-02T03:04:08Z"),
+                terminal: false
+            },
+        ]
+    );
+    assert_eq!(failed_attaches(log, "good"), Vec::new());
 }

@@ -4,6 +4,7 @@
 
 use std::{process::Stdio, time::Duration};
 
+use aws_sdk_iam::types::Policy;
 use fleet_access_crds::SessionAccess;
 use fleet_access_operator::naming;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode};
@@ -53,6 +54,24 @@ fn ready(grant: &SessionAccess) -> bool {
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True")
     })
+}
+
+/// The policies under the operator's path whose names start with `prefix`, from every page of
+/// the listing (moto holds the policies of every test of the run).
+async fn policies_named(iam: &aws_sdk_iam::Client, prefix: &str) -> Vec<Policy> {
+    let listed = iam
+        .list_policies()
+        .path_prefix(naming::POLICY_PATH)
+        .into_paginator()
+        .items()
+        .send()
+        .try_collect()
+        .await
+        .expect("ListPolicies");
+    listed
+        .into_iter()
+        .filter(|p| p.policy_name().is_some_and(|n| n.starts_with(prefix)))
+        .collect()
 }
 
 /// A pseudo-random pause from 200 ms to 2 s (uuid's randomness; the order of kills matters,
@@ -138,18 +157,7 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
 
     // Exactly one policy per grant, one version, attached once; one shell document per grant.
     let prefix = format!("{}.{ns}.", naming::NAME_PREFIX);
-    let policies = iam
-        .list_policies()
-        .path_prefix(naming::POLICY_PATH)
-        .max_items(1000)
-        .send()
-        .await
-        .expect("policies");
-    let ours: Vec<_> = policies
-        .policies()
-        .iter()
-        .filter(|p| p.policy_name().is_some_and(|n| n.starts_with(&prefix)))
-        .collect();
+    let ours = policies_named(&iam, &prefix).await;
     assert_eq!(ours.len(), GRANTS, "one policy per grant");
     for policy in &ours {
         let arn = policy.arn().expect("arn");
@@ -200,17 +208,9 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
         .await
         .expect("attached");
     assert!(attached.attached_policies().is_empty());
-    let left = iam
-        .list_policies()
-        .path_prefix(naming::POLICY_PATH)
-        .max_items(1000)
-        .send()
-        .await
-        .expect("policies");
-    assert!(
-        left.policies()
-            .iter()
-            .all(|p| !p.policy_name().is_some_and(|n| n.starts_with(&prefix))),
+    assert_eq!(
+        policies_named(&iam, &prefix).await,
+        Vec::new(),
         "no policy of the grants is left"
     );
     child.kill().await.expect("stopped");

@@ -54,13 +54,20 @@ pub fn parse(text: &str) -> Vec<ExposedSample> {
         .collect()
 }
 
-/// The sum of the samples named `name` whose labels include every pair of `labels`.
+/// The sum of the samples named `name` whose labels include every pair of `labels` (0 when
+/// there are none).
 pub fn sum(samples: &[ExposedSample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    exported_sum(samples, name, labels).unwrap_or(0.0)
+}
+
+/// Like [`sum`], but `None` when no sample matches: the metric is not exported (with those
+/// labels), which a sum of 0 cannot tell from an exported 0.
+pub fn exported_sum(samples: &[ExposedSample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     samples
         .iter()
         .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == *v))
         .map(|s| s.value)
-        .sum()
+        .reduce(|total, value| total + value)
 }
 
 #[cfg(test)]
@@ -87,6 +94,17 @@ mod tests {
             3.0
         );
         assert_eq!(sum(&samples, "leader", &[]), 1.0);
+        assert_eq!(exported_sum(&samples, "leader", &[]), Some(1.0));
+        assert_eq!(
+            exported_sum(&samples, "calls", &[("outcome", "ok")]),
+            Some(4.0)
+        );
+        assert_eq!(sum(&samples, "absent", &[]), 0.0);
+        assert_eq!(exported_sum(&samples, "absent", &[]), None);
+        assert_eq!(
+            exported_sum(&samples, "calls", &[("outcome", "Throttling")]),
+            None
+        );
         assert_eq!(samples[1].label("outcome"), "NoSuchEntity");
         assert_eq!(samples[3].label("outcome"), "");
     }

@@ -8,6 +8,7 @@
 //! processes on drop. Shared fixtures ([`ControlPlane::shared`], [`Moto::shared`]) use
 //! the services of `tests/env/with-services.sh` when its environment variables are set.
 
+pub mod addresses;
 pub mod binaries;
 pub mod certificates;
 pub mod control_plane;
@@ -21,6 +22,7 @@ pub mod process;
 pub mod prometheus;
 pub mod sshd;
 
+pub use addresses::RefusingAddress;
 pub use binaries::{workspace_binary, workspace_root};
 pub use control_plane::{ControlPlane, TestNamespace};
 pub use error::{FixtureError, FixtureResult};

@@ -18,7 +18,8 @@ pub struct OperatorCommandLine<'a> {
     pub watch_namespace: &'a str,
     /// Where the bridge's endpoint Services go.
     pub bridge_namespace: &'a str,
-    /// Metrics and health (`127.0.0.1:PORT`).
+    /// Metrics and health (`127.0.0.1:PORT`; with port 0 the operator binds a port the system
+    /// picks and reports it: [`crate::addresses::reported_address`]).
     pub admin_address: &'a str,
     /// The replica's name (its leader Lease holder identity).
     pub replica: &'a str,

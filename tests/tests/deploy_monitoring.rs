@@ -15,13 +15,16 @@
 
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
 use fleet_access_crds::SessionAccess;
-use fleet_access_tests::{ControlPlane, free_loopback_port, http_get, loopback, workspace_binary};
+use fleet_access_tests::{
+    ControlPlane, RefusingAddress, addresses::wait_for_reported_address, http_get, workspace_binary,
+};
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 use tokio::{
@@ -322,11 +325,15 @@ fn exported(scrape: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Scrapes `port` until every name of `wanted` is exported, or fails listing what is missing.
-async fn scrape_until(port: u16, wanted: &BTreeSet<String>, what: &str) -> BTreeSet<String> {
+/// Scrapes `admin` until every name of `wanted` is exported, or fails listing what is missing.
+async fn scrape_until(
+    admin: SocketAddr,
+    wanted: &BTreeSet<String>,
+    what: &str,
+) -> BTreeSet<String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
-        let names = http_get(loopback(port), "/metrics")
+        let names = http_get(admin, "/metrics")
             .await
             .map(|(_, body)| exported(&body))
             .unwrap_or_default();
@@ -342,9 +349,24 @@ async fn scrape_until(port: u16, wanted: &BTreeSet<String>, what: &str) -> BTree
     }
 }
 
+/// The admin address in the demo's hint `  curl -s http://<address>/metrics | grep ...`.
+fn demo_admin_address(line: &str) -> Option<SocketAddr> {
+    let rest = line.trim().strip_prefix("curl -s http://")?;
+    rest.split_once("/metrics")?.0.parse().ok()
+}
+
+#[test]
+fn the_demo_admin_address_is_read_from_its_hint() {
+    assert_eq!(
+        demo_admin_address("  curl -s http://127.0.0.1:41234/metrics | grep agent_bridge_"),
+        Some(SocketAddr::from(([127, 0, 0, 1], 41234)))
+    );
+    assert_eq!(demo_admin_address("  ssh -p 22 me@127.0.0.1"), None);
+}
+
 /// Runs `agent-bridge demo`, carries a session and causes a refusal; returns what it exports.
 async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<String> {
-    let admin = free_loopback_port().unwrap();
+    // Port 0 everywhere: the demo picks free ports itself and prints them.
     let mut demo = tokio::process::Command::new(program)
         .args([
             "demo",
@@ -353,7 +375,7 @@ async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<S
             "--port-base",
             "0",
             "--admin-port",
-            &admin.to_string(),
+            "0",
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -364,6 +386,7 @@ async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<S
     // "  i-0123456789abcdef0:22 -> 127.0.0.1:<port>"
     let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
     let mut endpoints = Vec::new();
+    let mut admin = None;
     while let Some(line) = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
         .await
         .expect("the demo prints its endpoints")
@@ -372,11 +395,13 @@ async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<S
         if let Some((_, port)) = line.trim().split_once(":22 -> 127.0.0.1:") {
             endpoints.push(port.parse::<u16>().unwrap());
         }
+        admin = admin.or(demo_admin_address(&line));
         if line.starts_with("Running until") {
             break;
         }
     }
     assert_eq!(endpoints.len(), 2, "two demo endpoints");
+    let admin = admin.expect("the demo prints its admin address");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     // One session: bytes both ways (the instance leads to an sshd, which speaks first, or to an
@@ -393,7 +418,9 @@ async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<S
     assert!(n > 0);
     drop(session);
 
-    // The demo admits 20 sessions per instance: the 21st connection is refused.
+    // The demo admits 20 sessions per instance: the 21st connection is refused. The listener
+    // accepts connections in the order they were made (the kernel's accept queue is FIFO) and
+    // admits each as it accepts it, so the 21st is judged after the 20 took their places.
     let mut held = Vec::new();
     for _ in 0..20 {
         held.push(
@@ -402,12 +429,18 @@ async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<S
                 .unwrap(),
         );
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut refused = TcpStream::connect(("127.0.0.1", endpoints[1]))
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), refused.read_to_end(&mut answer)).await;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(60), refused.read_to_string(&mut answer))
+        .await
+        .expect("the 21st connection is answered and closed")
+        .expect("the refusal is read");
+    assert!(
+        answer.starts_with("fleet-access: refused: ") && answer.contains("limit of 20 sessions"),
+        "the 21st connection is refused for the instance's limit: {answer:?}"
+    );
 
     let wanted: BTreeSet<String> = wanted
         .iter()
@@ -450,9 +483,12 @@ async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet
     let grants: Api<SessionAccess> = namespace.api();
     grants.create(&PostParams::default(), &grant).await.unwrap();
 
-    // Nothing listens here: every AWS call fails fast, on loopback.
-    let dead = format!("http://127.0.0.1:{}", free_loopback_port().unwrap());
-    let admin = free_loopback_port().unwrap();
+    // Connections are refused here: every AWS call fails fast, on loopback.
+    let refusing = RefusingAddress::bind().unwrap();
+    let dead = refusing.url();
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("operator.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut operator = tokio::process::Command::new(program)
         .args([
             "run",
@@ -460,8 +496,9 @@ async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet
             "123456789012",
             "--region",
             "us-east-1",
+            // The system picks the port; the operator reports it on standard error.
             "--admin-address",
-            &format!("127.0.0.1:{admin}"),
+            "127.0.0.1:0",
             "--watch-namespace",
             &ns,
             "--bridge-namespace",
@@ -477,10 +514,19 @@ async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet
         .env_remove("AWS_PROFILE")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .expect("the operator starts");
+    let admin = wait_for_reported_address(
+        "fleet-access-operator",
+        &log_path,
+        "admin",
+        Duration::from_secs(60),
+        || Some(operator.try_wait().ok()??.to_string()),
+    )
+    .await
+    .unwrap_or_else(|error| panic!("{error}"));
     let wanted: BTreeSet<String> = wanted
         .iter()
         .filter(|n| n.starts_with("fleet_access_operator_"))

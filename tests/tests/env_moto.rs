@@ -1,6 +1,7 @@
 //! The AWS part of the test environment: moto answers the IAM and SSM calls the
 //! operator makes, through the real AWS SDK clients.
 
+use aws_sdk_ssm::error::ProvideErrorMetadata;
 use aws_sdk_ssm::types::{DocumentFormat, DocumentType};
 use fleet_access_tests::Moto;
 use serde_json::json;
@@ -104,6 +105,13 @@ async fn ssm_session_document_is_created_and_read_back() {
         serde_json::from_str(document.content().expect("content")).expect("JSON content");
     assert_eq!(read_back, content);
 
-    let missing = ssm.get_document().name(unique("absent")).send().await;
-    assert!(missing.is_err(), "an unknown document is an error");
+    // An unknown document is InvalidDocument (the code the tests take for "does not exist"),
+    // not any error.
+    let missing = ssm
+        .get_document()
+        .name(unique("absent"))
+        .send()
+        .await
+        .expect_err("an unknown document is an error");
+    assert_eq!(missing.code(), Some("InvalidDocument"), "{missing:?}");
 }

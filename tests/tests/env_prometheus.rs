@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fleet_access_tests::Prometheus;
+use fleet_access_tests::{FixtureError, Prometheus, RefusingAddress};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -75,9 +75,9 @@ async fn scrapes_an_exporter_and_answers_an_instant_query() {
 
 #[tokio::test]
 async fn a_target_that_is_down_is_reported_down() {
-    // A port nobody listens on.
-    let port = fleet_access_tests::free_loopback_port().expect("port");
-    let address = fleet_access_tests::process::loopback(port);
+    // An address that refuses connections for as long as the test holds it.
+    let refusing = RefusingAddress::bind().expect("a refusing address");
+    let address = refusing.address();
     let prometheus = Prometheus::start(&[address])
         .await
         .expect("prometheus starts");
@@ -86,10 +86,13 @@ async fn a_target_that_is_down_is_reported_down() {
         .await
         .expect("query");
     assert_eq!(down[0].labels["instance"], address.to_string());
+    // The wait for a successful scrape ends at its deadline, not with a failed query.
+    let never_up = prometheus
+        .wait_for_scrape(Duration::from_secs(2))
+        .await
+        .expect_err("the target is never up");
     assert!(
-        prometheus
-            .wait_for_scrape(Duration::from_secs(2))
-            .await
-            .is_err()
+        matches!(&never_up, FixtureError::NotReady { name, .. } if name.contains(&address.to_string())),
+        "{never_up}"
     );
 }

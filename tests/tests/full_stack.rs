@@ -24,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use aws_sdk_iam::error::ProvideErrorMetadata;
 use fleet_access_crds::{
     SessionAccess,
     bridge_contract::{EndpointAnnotations, bridge_pod_selector, managed_labels},
@@ -31,8 +32,7 @@ use fleet_access_crds::{
 use fleet_access_operator::naming::{OWNER_TAG, POLICY_PATH, owner_tag_value};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
-    ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, free_loopback_port, http_get,
-    loopback,
+    ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, http_get,
     manifests::{deploy_dir, kind, kustomize, rbac_in_namespace},
     workspace_binary,
 };
@@ -74,6 +74,16 @@ impl Stack {
             self.operator.log_tail(40),
             self.bridge.log_tail(40)
         )
+    }
+
+    /// Where the admin endpoint of one of the programs (`program` picks it) listens: the address
+    /// it reports once it has bound port 0.
+    async fn admin_address(
+        &mut self,
+        program: fn(&mut Self) -> &mut SupervisedProcess,
+    ) -> SocketAddr {
+        let reported = program(self).reported_address("admin", WAIT).await;
+        reported.unwrap_or_else(|error| panic!("{error}{}", self.logs()))
     }
 
     /// Fails with both logs unless both programs still run.
@@ -218,18 +228,25 @@ async fn policies_in_moto(
     found
 }
 
-/// ARNs of the policies under the operator's path that carry `owner` as their owner tag.
+/// ARNs of the policies under the operator's path that carry `owner` as their owner tag (every
+/// page of the listing: moto holds the policies of every test of the run).
 async fn policies_owned_by(iam: &aws_sdk_iam::Client, owner: &str) -> Vec<String> {
     let listed = iam
         .list_policies()
         .path_prefix(POLICY_PATH)
-        .max_items(1000)
+        .into_paginator()
+        .items()
         .send()
+        .try_collect()
         .await
-        .unwrap();
+        .expect("ListPolicies");
     let mut owned = Vec::new();
-    for arn in listed.policies().iter().filter_map(|p| p.arn()) {
-        let tags = iam.list_policy_tags().policy_arn(arn).send().await.unwrap();
+    for arn in listed.iter().filter_map(|p| p.arn()) {
+        let tags = match iam.list_policy_tags().policy_arn(arn).send().await {
+            // Deleted since the listing (moto is shared with tests running meanwhile): not left.
+            Err(error) if error.code() == Some("NoSuchEntity") => continue,
+            answer => answer.expect("ListPolicyTags"),
+        };
         if tags
             .tags()
             .iter()
@@ -242,9 +259,13 @@ async fn policies_owned_by(iam: &aws_sdk_iam::Client, owner: &str) -> Vec<String
 }
 
 /// The value of the grant's `fleet_access_operator_grant_expiry_timestamp_seconds` series on
-/// the operator's /metrics, if exported.
+/// the operator's /metrics, if exported (the endpoint must answer: a scrape that fails is not an
+/// absent series).
 async fn expiry_gauge(admin: SocketAddr, namespace: &str) -> Option<f64> {
-    let (_, body) = http_get(admin, "/metrics").await?;
+    let (code, body) = http_get(admin, "/metrics")
+        .await
+        .expect("the operator's /metrics answers");
+    assert_eq!(code, 200, "/metrics: {body}");
     let (grant, grant_namespace) = (
         format!("grant_name=\"{GRANT}\""),
         format!("grant_namespace=\"{namespace}\""),
@@ -343,7 +364,6 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     // 2. The operator and the bridge as processes.
     let operator_program = workspace_binary("fleet-access-operator").expect("operator builds");
     let bridge_program = workspace_binary("agent-bridge").expect("agent-bridge builds");
-    let operator_admin = loopback(free_loopback_port().unwrap());
     let mut operator = Command::new(&operator_program);
     OperatorCommandLine {
         kubeconfig: &operator_kubeconfig,
@@ -351,7 +371,8 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         ssm_endpoint: &emulator.endpoint_url(),
         watch_namespace: team.name(),
         bridge_namespace: system.name(),
-        admin_address: &operator_admin.to_string(),
+        // The system picks the port; the operator reports it.
+        admin_address: "127.0.0.1:0",
         replica: "full-stack",
     }
     .apply(&mut operator)
@@ -363,10 +384,8 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     bridge
         .args(["serve", "--namespace", system.name()])
         .args(["--listen-address", &listen_address.to_string()])
-        .args([
-            "--admin-address",
-            &format!("127.0.0.1:{}", free_loopback_port().unwrap()),
-        ])
+        // The system picks the port; the bridge reports it.
+        .args(["--admin-address", "127.0.0.1:0"])
         .args(["--region", REGION, "--ssm-endpoint"])
         .arg(emulator.endpoint_url())
         .envs(moto.process_env())
@@ -384,6 +403,15 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
             .expect("bridge starts"),
         listen_address,
     };
+    let operator_admin = stack.admin_address(|s| &mut s.operator).await;
+    let bridge_admin = stack.admin_address(|s| &mut s.bridge).await;
+    assert_eq!(
+        http_get(bridge_admin, "/healthz")
+            .await
+            .map(|(code, _)| code),
+        Some(200),
+        "the bridge's admin endpoint answers where it said it listens"
+    );
 
     // 3. `kubectl apply -f` a grant; it becomes Ready.
     let grant_file = dir.path().join("grant.yaml");
@@ -534,9 +562,13 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         (emulator.stats().sessions_active == 0).then_some(())
     })
     .await;
-    assert!(
-        TcpStream::connect(listener).await.is_err(),
-        "the bridge no longer listens for the instance"
+    let closed = TcpStream::connect(listener)
+        .await
+        .expect_err("the bridge no longer listens for the instance");
+    assert_eq!(
+        closed.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{closed}"
     );
     wait_for(&mut stack, "the expiry gauge is withdrawn", || async {
         expiry_gauge(operator_admin, team.name())
