@@ -75,7 +75,7 @@ while ((round < runs)); do
             rm -f "$log"
         else
             failed=$((failed + 1))
-            names=$(grep -E '^test .* \.\.\. FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' | paste -sd, - || true)
+            names=$(sed -nE 's/^---- (.*) stdout ----$/\1/p' "$log" | paste -sd, - || true)
             echo "stress: round $round: ${test#*:} failed: ${names:-no test named (see the log)}; log: $log"
         fi
     done

@@ -25,8 +25,12 @@ use fleet_access_agent_bridge::{
 use fleet_access_crds::bridge_contract::{
     EndpointAnnotations, EndpointPort, bridge_pod_selector, managed_labels,
 };
-use fleet_access_ssm_emulator::{Config, Emulator, Faults, InstanceConfig, Mode, Running};
-use fleet_access_tests::{ControlPlane, Prometheus, Sshd, TestNamespace, free_loopback_port};
+use fleet_access_ssm_emulator::{
+    Config, Emulator, Faults, InstanceConfig, Mode, Running, SessionReport,
+};
+use fleet_access_tests::{
+    ControlPlane, Prometheus, RefusingAddress, Sshd, TestNamespace, free_loopback_port,
+};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use prometheus::Registry;
@@ -131,8 +135,9 @@ fn endpoint_service(instance: &str, ports: &[(u16, u16)]) -> Service {
     }
 }
 
+/// Waits (up to a minute, on a loaded machine) until `port` accepts connections or refuses them.
 async fn wait_listening(port: u16, up: bool) {
-    for _ in 0..200 {
+    for _ in 0..1200 {
         if TcpStream::connect((LOOPBACK, port)).await.is_ok() == up {
             return;
         }
@@ -266,9 +271,17 @@ fn scp_round_trip(sshd: &Sshd, port: u16, file: &Path) {
     assert_eq!(sha256_file(&download), sha256_file(file), "download intact");
 }
 
-fn assert_no_violations(emulator: &Running) {
+/// Waits until every session the emulator started has ended, then checks that none broke the
+/// protocol (the emulator judges a session's last frames too, so only an ended session's
+/// verdict is final). Returns the sessions' reports.
+async fn all_sessions_ended(emulator: &Running) -> Vec<SessionReport> {
+    let reports = emulator
+        .wait_for_all_ended(Duration::from_secs(60))
+        .await
+        .expect("every session ends");
     let violations = emulator.violations();
     assert!(violations.is_empty(), "{violations:?}");
+    reports
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
@@ -293,11 +306,9 @@ async fn ssh_through_proxy_as_proxycommand() {
         .arg(format!("{}@{WEB}", sshd.user()))
         .arg("echo hello-through-the-bridge");
     assert_eq!(run_ok(&mut ssh).trim(), "hello-through-the-bridge");
-    assert!(
-        emulator.violations().is_empty(),
-        "{:?}",
-        emulator.violations()
-    );
+    // ssh ends its ProxyCommand with SIGHUP; the proxy then terminates the session.
+    let sessions = all_sessions_ended(&emulator).await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
@@ -307,7 +318,8 @@ async fn proxy_explains_what_a_person_can_fix() {
     const OFFLINE: &str = "i-0000000000000aaaa";
     const OLD_AGENT: &str = "i-0000000000000bbbb";
     const NOTHING_LISTENS: &str = "i-0000000000000cccc";
-    let closed_port = SocketAddr::new(LOOPBACK, free_loopback_port().expect("port"));
+    let refusing = RefusingAddress::bind().expect("a refusing address");
+    let closed_port = refusing.address();
     let mut config = Config {
         mode: Mode::Fast,
         ..Config::default()
@@ -359,14 +371,13 @@ async fn proxy_explains_what_a_person_can_fix() {
             .env(
                 "AWS_SHARED_CREDENTIALS_FILE",
                 no_credentials.path().join("credentials"),
-            )
-            .stdin(Stdio::null());
+            );
         if with_credentials {
             proxy
                 .env("AWS_ACCESS_KEY_ID", "testing")
                 .env("AWS_SECRET_ACCESS_KEY", "testing");
         }
-        let output = proxy.output().expect("runs");
+        let output = run_as_proxy_command(proxy).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{instance}: {stderr}");
         assert!(
@@ -374,6 +385,25 @@ async fn proxy_explains_what_a_person_can_fix() {
             "{instance}: expected {expected:?} in {stderr}"
         );
     }
+}
+
+/// Runs `proxy` as ssh runs a ProxyCommand: its standard input stays open (ssh closes it only
+/// when it is done), so the proxy must end on its own when the session does. Fails the test when
+/// it has not within a minute.
+async fn run_as_proxy_command(proxy: Command) -> std::process::Output {
+    let mut proxy = tokio::process::Command::from(proxy);
+    let mut child = proxy
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("proxy starts");
+    let _held_open = child.stdin.take();
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{proxy:?} did not end within 60 s of its session"))
+        .expect("proxy runs")
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
@@ -409,12 +439,7 @@ async fn serve_follows_services_and_carries_ssh_and_scp() {
     scp_round_trip(&sshd, web_port, &test_file(dir.path(), 50));
 
     // Removing the DB Service closes its listener and its open tunnel; WEB is untouched.
-    let mut long = ssh_via(&sshd, db_port)
-        .arg("sleep 60")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("ssh");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let long = started_remotely(ssh_via(&sshd, db_port).arg("echo started; sleep 60")).await;
     served
         .namespace
         .api::<Service>()
@@ -422,13 +447,13 @@ async fn serve_follows_services_and_carries_ssh_and_scp() {
         .await
         .expect("delete");
     wait_listening(db_port, false).await;
-    let status = tokio::task::spawn_blocking(move || long.wait())
+    let output = tokio::task::spawn_blocking(move || long.wait_with_output())
         .await
         .expect("join")
         .expect("wait");
     assert!(
-        !status.success(),
-        "the tunnel of a removed endpoint is closed"
+        !output.status.success() && output.stdout.is_empty(),
+        "the tunnel of a removed endpoint is closed before the command ends: {output:?}"
     );
     assert_eq!(
         run_ok(ssh_via(&sshd, web_port).arg("echo still-there")).trim(),
@@ -436,12 +461,41 @@ async fn serve_follows_services_and_carries_ssh_and_scp() {
     );
 
     served.stop().await;
-    assert_no_violations(&emulator);
+    let sessions = all_sessions_ended(&emulator).await;
+    // Two commands, two copies, one cut and one more command, and the connections the test
+    // made to see a listener open or closed (each a session of its own).
+    assert!(sessions.len() >= 6, "{sessions:?}");
     let text = fleet_access_agent_bridge::metrics::encode(&registry);
     assert!(
-        text.contains(r#"agent_bridge_sessions_started_total{document="AWS-StartSSHSession"} 8"#),
-        "two readiness probes, two commands, two copies, one cut and one more command: {text}"
+        text.contains(&format!(
+            r#"agent_bridge_sessions_started_total{{document="AWS-StartSSHSession"}} {}"#,
+            sessions.len()
+        )),
+        "every session the emulator saw is counted once: {text}"
     );
+}
+
+/// Spawns `ssh`, whose remote command prints `started` first, and returns once it has: the
+/// session is open end to end. Its standard output is read to the end by `wait_with_output`.
+async fn started_remotely(ssh: &mut Command) -> std::process::Child {
+    let mut child = ssh
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ssh");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let first_line = tokio::task::spawn_blocking(move || {
+        let mut line = [0u8; 8];
+        std::io::Read::read_exact(&mut stdout, &mut line).map(|()| (line, stdout))
+    });
+    let (line, stdout) = tokio::time::timeout(Duration::from_secs(60), first_line)
+        .await
+        .expect("the remote command starts within 60 s")
+        .expect("join")
+        .expect("the remote command prints its first line");
+    assert_eq!(&line, b"started\n");
+    child.stdout = Some(stdout);
+    child
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
@@ -462,12 +516,19 @@ async fn fifty_concurrent_ssh_sessions_to_several_instances() {
         limits,
     )
     .await;
-    let sessions: Vec<_> = (0..50)
+    // Each remote command checks in, then waits (up to 2 minutes) until all 50 have: none can
+    // answer unless all 50 sessions were open at once.
+    const SESSIONS: usize = 50;
+    let here = tempfile::tempdir().expect("tempdir");
+    let sessions: Vec<_> = (0..SESSIONS)
         .map(|i| {
             let port = served.port(if i % 2 == 0 { WEB } else { DB });
-            // Each session stays open a while so that all 50 overlap.
             let mut ssh = ssh_via(&sshd, port);
-            ssh.arg(format!("sleep 2; echo session-{i}"));
+            ssh.arg(format!(
+                "cd {}; touch {i}; n=0; until [ $(ls | wc -l) -ge {SESSIONS} ]; do \
+                 n=$((n+1)); [ $n -lt 1200 ] || exit 3; sleep 0.1; done; echo session-{i}",
+                here.path().display()
+            ));
             tokio::task::spawn_blocking(move || run_ok(&mut ssh))
         })
         .collect();
@@ -476,9 +537,8 @@ async fn fifty_concurrent_ssh_sessions_to_several_instances() {
     }
     let probes = served.ports.len();
     served.stop().await;
-    assert_no_violations(&emulator);
     // One session per ssh, plus the readiness probe of each listener.
-    assert_eq!(emulator.session_reports().len(), 50 + probes);
+    assert_eq!(all_sessions_ended(&emulator).await.len(), SESSIONS + probes);
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
@@ -517,7 +577,7 @@ async fn faults_during_scp_leave_the_file_intact() {
     let dir = tempfile::tempdir().expect("tempdir");
     scp_round_trip(&sshd, served.port(WEB), &test_file(dir.path(), 8));
     served.stop().await;
-    assert_no_violations(&emulator);
+    all_sessions_ended(&emulator).await;
     let text = fleet_access_agent_bridge::metrics::encode(&registry);
     let reconnects = text
         .lines()
@@ -555,14 +615,9 @@ async fn sigterm_drains_a_transfer_that_ends_within_the_grace_period() {
     .await;
     let (port, readiness) = (served.port(WEB), served.readiness.clone());
     assert!(readiness.get());
-    // A command that is still running when shutdown starts, and ends 3 s later.
-    let running = ssh_via(&sshd, port)
-        .arg("sleep 3; echo finished")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("ssh");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A command that is running when shutdown starts, and ends 3 s later.
+    let running =
+        started_remotely(ssh_via(&sshd, port).arg("echo started; sleep 3; echo finished")).await;
     let stopping = tokio::spawn(served.stop());
     wait_listening(port, false).await;
     assert!(!readiness.get(), "not ready while draining");
@@ -649,13 +704,8 @@ async fn forward_carries_parallel_http_requests_over_one_session() {
         .await
         .expect("join")
         .expect("forward ends cleanly");
-    let sessions = emulator.session_reports();
+    let sessions = all_sessions_ended(&emulator).await;
     assert_eq!(sessions.len(), 1, "one session carried every connection");
-    assert!(
-        emulator.violations().is_empty(),
-        "{:?}",
-        emulator.violations()
-    );
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
@@ -698,7 +748,23 @@ async fn prometheus_scrapes_what_a_session_caused() {
     assert!(listeners.apply(&desired).await.is_empty());
     let output = run_ok(ssh_via(&sshd, endpoint.listen_port).arg("head -c 100000 /dev/zero"));
     assert_eq!(output.len(), 100_000);
+    // The session's counters are final once it has ended (and the listener drained).
+    all_sessions_ended(&emulator).await;
+    listeners.shutdown(Duration::from_secs(10)).await;
+    let exported = fleet_access_agent_bridge::metrics::encode(&registry);
+    let received = exported
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(r#"agent_bridge_transferred_bytes_total{direction="from_instance"} "#)
+        })
+        .and_then(|value| value.parse::<f64>().ok())
+        .expect("bytes from the instance exported");
+    assert!(
+        received > 100_000.0,
+        "the 100,000 bytes and ssh's own framing are counted: {received}"
+    );
 
+    // Prometheus scraped the same: one session, and the final byte count.
     let sessions = prometheus
         .query_until_present(
             r#"agent_bridge_session_setup_seconds_count{phase="total"}"#,
@@ -707,14 +773,15 @@ async fn prometheus_scrapes_what_a_session_caused() {
         .await
         .expect("scraped");
     assert_eq!(sessions[0].value, 1.0);
-    let received = prometheus
+    prometheus
         .query_until_present(
-            r#"agent_bridge_transferred_bytes_total{direction="from_instance"} > 100000"#,
+            &format!(
+                r#"agent_bridge_transferred_bytes_total{{direction="from_instance"}} == {received}"#
+            ),
             Duration::from_secs(30),
         )
         .await
-        .expect("bytes scraped");
-    assert!(received[0].value > 100_000.0);
+        .expect("Prometheus scrapes the final byte count");
 
     // Names, units, help texts and types pass Prometheus's own linter on the live scrape.
     let (code, scrape) = fleet_access_tests::http_get(admin_address, "/metrics")
@@ -740,6 +807,5 @@ async fn prometheus_scrapes_what_a_session_caused() {
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
-    listeners.shutdown(Duration::from_secs(1)).await;
     stop.cancel();
 }

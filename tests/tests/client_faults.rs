@@ -1,6 +1,7 @@
 //! This project's SSM client (the driver under `agent-bridge`) against the strict emulator in every
 //! fault-injection scenario of `ssm-protocol.md` section 9.2, in basic and in mux mode, each
-//! transfer compared by SHA-256.
+//! transfer compared by SHA-256. Each scenario also shows from the emulator's reports that its
+//! fault fired and had its effect, and reads violations only once every session has ended.
 //!
 //! The instance's port leads to a loopback transfer server. Like sshd, it speaks first (a greeting
 //! byte `R`), which is what lets a legacy agent without a handshake carry it: such an agent's first
@@ -21,7 +22,9 @@ use fleet_access_agent_bridge::driver::{
 };
 use fleet_access_agent_bridge::protocol::Stats;
 use fleet_access_agent_bridge::ssm::SdkControlPlane;
-use fleet_access_ssm_emulator::{Config, Emulator, Faults, InstanceConfig, Mode, Running};
+use fleet_access_ssm_emulator::{
+    Config, Emulator, Faults, InstanceConfig, Mode, Running, SessionReport, unobserved_faults,
+};
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream},
@@ -191,9 +194,17 @@ fn forwarding(instance: &str) -> StartSessionRequest {
     fleet_access_agent_bridge::cli::forward_request(instance, TRANSFER_PORT, None)
 }
 
+/// A bound on waiting for the emulator to see sessions end (they normally end at once).
+const END_LIMIT: Duration = Duration::from_secs(120);
+
 /// Starts a session for `request`, runs `transfers` each over its own local connection (all at
-/// once), then terminates the session; checks that the emulator saw no violation.
-async fn session(emulator: &Running, request: &StartSessionRequest, transfers: &[Transfer]) {
+/// once), then terminates the session; checks that the emulator saw it end without a violation
+/// and returns its final report.
+async fn session(
+    emulator: &Running,
+    request: &StartSessionRequest,
+    transfers: &[Transfer],
+) -> SessionReport {
     let control = Arc::new(control(emulator));
     let target = control.start_session(request).await.expect("StartSession");
     let session_id = target.session_id.clone();
@@ -239,6 +250,20 @@ async fn session(emulator: &Running, request: &StartSessionRequest, transfers: &
             emulator.session_reports()
         );
     }
+    // Like a careful client, wait for the acks of everything sent before closing: what a fault
+    // held back (a withheld ack, a lost upload) is retransmitted first, so that its effect
+    // shows in the emulator's report.
+    let mut client = stats.clone();
+    if tokio::time::timeout(END_LIMIT, client.wait_for(|s| s.unacked_messages == 0))
+        .await
+        .is_err()
+    {
+        panic!(
+            "the client's messages were never all acknowledged: {:?}\nthe emulator: {:?}",
+            *stats.borrow(),
+            emulator.session_reports()
+        );
+    }
     drop(connections);
     shutdown.cancel();
     let outcome = tokio::time::timeout(Duration::from_secs(60), tunnel)
@@ -247,15 +272,33 @@ async fn session(emulator: &Running, request: &StartSessionRequest, transfers: &
         .expect("join")
         .expect("the data channel ends cleanly");
     let report = emulator
-        .wait_for_end(&session_id, Duration::from_secs(30))
+        .wait_for_end(&session_id, END_LIMIT)
         .await
-        .expect("the emulator saw the session end");
+        .unwrap_or_else(|e| panic!("the emulator saw the session end: {e}"));
     assert!(
         report.violations.is_empty(),
         "{session_id}: {:?} (client stats {:?})",
         report.violations,
         outcome.stats
     );
+    report
+}
+
+/// Waits until every session of `emulator` has ended, then checks that none saw a violation
+/// and that each of `faults` fired and had its effect; returns the final reports.
+async fn assert_survived(name: &str, emulator: &Running, faults: &Faults) -> Vec<SessionReport> {
+    let reports = emulator
+        .wait_for_all_ended(END_LIMIT)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let violations = emulator.violations();
+    assert!(violations.is_empty(), "{name}: {violations:?}");
+    let unobserved = unobserved_faults(faults, &reports);
+    assert!(
+        unobserved.is_empty(),
+        "{name}: {unobserved:?}\n{reports:#?}"
+    );
+    reports
 }
 
 /// Every scenario: a small upload and download in mux mode (two streams at once) and in basic mode
@@ -265,7 +308,7 @@ async fn scenario(name: &str, faults: Faults) {
     init_logging();
     let mux = !faults.legacy_no_handshake;
     let target = transfer_server().await;
-    let emulator = emulator(Mode::Fast, target, faults).await;
+    let emulator = emulator(Mode::Fast, target, faults.clone()).await;
     let size = 256 * 1024;
     if mux {
         eprintln!("scenario {name}: mux");
@@ -280,8 +323,7 @@ async fn scenario(name: &str, faults: Faults) {
         eprintln!("scenario {name}: basic {transfer:?}");
         session(&emulator, &forwarding(OLD_AGENT), &[transfer]).await;
     }
-    let violations = emulator.violations();
-    assert!(violations.is_empty(), "{name}: {violations:?}");
+    assert_survived(name, &emulator, &faults).await;
 }
 
 /// `RUST_LOG=debug` shows what the driver did (off by default).
@@ -312,14 +354,16 @@ fault_scenarios! {
     flipped_payload_bits: Faults { flip_payload_bit_every: Some(11), ..Faults::default() };
     lost_uploads: Faults { drop_client_every: Some(7), ..Faults::default() };
     withheld_acks: Faults { withhold_ack_every: Some(5), ..Faults::default() };
+    // A session carries only some 15 to 35 frames to the client (large messages), so the
+    // connection faults come after 8.
     recycled_websockets: Faults {
-        recycle_after_frames: Some(40),
+        recycle_after_frames: Some(8),
         connection_faults: Some(3),
         ..Faults::default()
     };
-    black_hole: Faults { black_hole_after_frames: Some(40), ..Faults::default() };
+    black_hole: Faults { black_hole_after_frames: Some(8), ..Faults::default() };
     tcp_resets: Faults {
-        reset_after_frames: Some(40),
+        reset_after_frames: Some(8),
         connection_faults: Some(2),
         ..Faults::default()
     };
@@ -333,12 +377,14 @@ fault_scenarios! {
 const MIB: u64 = 1024 * 1024;
 
 /// 5% loss each way, reordering, 1% duplication and a WebSocket recycle every few seconds.
+/// (A transmission both faults hit is dropped: the periods are coprime so that duplicates
+/// happen.)
 fn lossy() -> Faults {
     Faults {
         drop_every: Some(20),
         drop_client_every: Some(20),
         reorder_window: Some(3),
-        duplicate_every: Some(100),
+        duplicate_every: Some(97),
         recycle_after_frames: Some(1_500),
         connection_faults: Some(1_000),
         ..Faults::default()
@@ -356,10 +402,11 @@ async fn sixty_four_mib_each_way_through_a_lossy_channel_in_mux_mode() {
         &[Transfer::Upload(64 * MIB), Transfer::Download(64 * MIB)],
     )
     .await;
-    let report = &emulator.session_reports()[0];
+    let reports = assert_survived("lossy mux", &emulator, &lossy()).await;
     assert!(
-        report.connections > 1,
-        "the WebSocket was recycled: {report:?}"
+        reports[0].connections > 1,
+        "the WebSocket was recycled: {:?}",
+        reports[0]
     );
 }
 
@@ -371,7 +418,7 @@ async fn sixty_four_mib_each_way_through_a_lossy_channel_in_basic_mode() {
     for transfer in [Transfer::Upload(64 * MIB), Transfer::Download(64 * MIB)] {
         session(&emulator, &forwarding(OLD_AGENT), &[transfer]).await;
     }
-    for report in emulator.session_reports() {
+    for report in assert_survived("lossy basic", &emulator, &lossy()).await {
         assert!(
             report.connections > 1,
             "the WebSocket was recycled: {report:?}"
@@ -389,13 +436,13 @@ async fn a_black_hole_during_a_download_is_noticed_and_survived() {
         black_hole_after_frames: Some(20),
         ..Faults::default()
     };
-    let emulator = emulator(Mode::Fast, target, faults).await;
-    session(
+    let emulator = emulator(Mode::Fast, target, faults.clone()).await;
+    let report = session(
         &emulator,
         &forwarding(CURRENT_AGENT),
         &[Transfer::Download(4 * MIB)],
     )
     .await;
-    let report = &emulator.session_reports()[0];
     assert!(report.connections > 1, "the client resumed: {report:?}");
+    assert_survived("black hole during a download", &emulator, &faults).await;
 }

@@ -588,6 +588,11 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         (0, 0),
         "nothing attached to the user or the bridge role"
     );
+    // The emulator's verdict on a session is final once the session has ended.
+    emulator
+        .wait_for_all_ended(WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", stack.logs()));
     assert!(
         emulator.violations().is_empty(),
         "{:?}",

@@ -2,8 +2,14 @@
 //! gates and timeout, the reliability layer (acks, its own retransmission with the agent's RTO,
 //! acceptance of client retransmissions, checks that the client acks everything and numbers
 //! its stream correctly), basic and mux port forwarding, flags, timeouts and `channel_closed`.
-//! One tokio task per session; it outlives WebSocket connections so that resumes continue the
-//! sequence numbers.
+//!
+//! One tokio task per session. It outlives WebSocket connections, so that resumes continue the
+//! sequence numbers, and it outlives the session's end until the last WebSocket of the session
+//! has closed: every client frame that arrives is checked, whether on a connection a newer one
+//! replaced, during the closing drain, or after `channel_closed` (as the real agent still parses
+//! what reaches it). Once the session has begun to end, client data is checked but no longer
+//! forwarded to the targets, and checks that depend on the session still running (a sequence
+//! gap, a late HandshakeResponse) no longer apply.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -16,13 +22,12 @@ use uuid::Uuid;
 
 use crate::config::{Config, Faults, Mode};
 use crate::message::{
-    self, AcknowledgeContent, ChannelClosed, ClientMessage, DecodedFrame, FLAG_FIN, FLAG_SYN,
-    HandshakeComplete, HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction,
-    flag, payload_type,
+    self, AcknowledgeContent, ChannelClosed, ClientMessage, FLAG_FIN, FLAG_SYN, HandshakeComplete,
+    HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction, flag, payload_type,
 };
 use crate::port::{self, MuxPlumbing, OutputBudget, PortEvent};
 use crate::registry::{SessionInfo, Shared, lock};
-use crate::report::{SessionReport, SessionStatus, Transfer};
+use crate::report::{InjectedFaults, SessionReport, SessionStatus, Transfer};
 use crate::smux;
 use crate::version;
 
@@ -34,14 +39,19 @@ pub(crate) enum AgentInput {
         conn_id: u32,
         outbound: UnboundedSender<ToClient>,
     },
-    /// That WebSocket is gone.
+    /// That WebSocket can carry nothing more to the client (it is closing or gone).
     Detach { conn_id: u32 },
+    /// That WebSocket is closed: no more client frames will come from it.
+    Closed { conn_id: u32 },
     /// A frame from the client.
     ClientFrame {
         conn_id: u32,
         data: Vec<u8>,
         text: bool,
     },
+    /// The gateway lost a client `input_stream_data` frame on purpose (`drop_client_every`);
+    /// `seq` is its sequence number when the frame had one.
+    InputDropped { seq: Option<i64> },
     /// The TerminateSession API was called.
     Terminate,
     /// The gateway saw a violation; `close` ends the session whatever the strictness.
@@ -142,6 +152,13 @@ enum Processed {
     NotReady,
 }
 
+/// The session is ending but waits (at most [`DRAIN_LIMIT`]) for the client to ack its output.
+struct Drain {
+    deadline: Instant,
+    status: SessionStatus,
+    reason: String,
+}
+
 enum BasicState {
     Idle,
     Dialing,
@@ -152,20 +169,19 @@ struct BasicPort {
     generation: u64,
     state: BasicState,
     task: Option<JoinHandle<()>>,
-    ever_connected: bool,
 }
 
 struct MuxStream {
     writer: Option<UnboundedSender<Vec<u8>>>,
     pending: Vec<Vec<u8>>,
-    task: JoinHandle<()>,
+    /// The dial-and-copy task; none when there was no target to dial.
+    task: Option<JoinHandle<()>>,
 }
 
+/// The forwarding side of mux mode (what the checks see is in [`SmuxLedger`]).
 struct MuxPort {
     plumbing: MuxPlumbing,
-    decoder: smux::Decoder,
     streams: HashMap<u32, MuxStream>,
-    closed: HashSet<u32>,
     keepalive: bool,
     last_rx: Instant,
     last_nop: Instant,
@@ -177,6 +193,40 @@ enum PortState {
     Mux(MuxPort),
 }
 
+/// The client's smux byte stream as the strict checks see it. Kept after the session has
+/// ended, so that the last frames are checked too.
+#[derive(Default)]
+struct SmuxLedger {
+    decoder: smux::Decoder,
+    /// Opened by the client and not yet closed by either side.
+    open: HashSet<u32>,
+    /// Closed by either side; their ids may not be used again.
+    closed: HashSet<u32>,
+}
+
+impl SmuxLedger {
+    /// Closes `id`; false when it was not open.
+    fn close(&mut self, id: u32) -> bool {
+        let was_open = self.open.remove(&id);
+        if was_open {
+            self.closed.insert(id);
+        }
+        was_open
+    }
+}
+
+/// What to do with client Output in basic or mux mode.
+enum Delivery {
+    /// Written to the basic connection.
+    Written,
+    /// For the smux streams.
+    Mux,
+    /// The port is not up: not acked, the client retransmits.
+    NotReady,
+    /// The basic connection was closed by Flag 1: dial again, then take the retransmission.
+    Redial,
+}
+
 /// The agent of one session.
 pub(crate) struct Agent {
     shared: Arc<Shared>,
@@ -186,7 +236,13 @@ pub(crate) struct Agent {
     mode: Mode,
     strict: bool,
     inbox: UnboundedSender<AgentInput>,
+    // Connections.
+    /// The connection output goes to.
     conn_id: Option<u32>,
+    /// The newest connection attached; older ones have been replaced.
+    latest_conn: Option<u32>,
+    /// Connections that may still deliver client frames.
+    connections: HashSet<u32>,
     outbound: Option<UnboundedSender<ToClient>>,
     detached_since: Option<Instant>,
     // Sending.
@@ -206,13 +262,17 @@ pub(crate) struct Agent {
     gap_reported: bool,
     client_frames: u64,
     in_order_accepted: u64,
+    /// Sequence numbers of client messages the gateway lost on purpose.
+    lost_input: HashSet<i64>,
     // Session.
     handshake: Handshake,
-    client_version: Option<String>,
+    transfer: Option<Transfer>,
     port: PortState,
+    smux: Option<SmuxLedger>,
     last_activity: Instant,
-    ending: Option<(Instant, SessionStatus, String)>,
-    finished: bool,
+    ending: Option<Drain>,
+    /// The status the session ended with, once `channel_closed` went out.
+    finished: Option<SessionStatus>,
 }
 
 impl Agent {
@@ -228,17 +288,19 @@ impl Agent {
             faults: info.faults.clone(),
             mode: config.mode,
             strict: config.strict,
+            output_budget: OutputBudget::new(config.output_budget_bytes),
             shared: shared.clone(),
             info,
             report,
             inbox,
             conn_id: None,
+            latest_conn: None,
+            connections: HashSet::new(),
             outbound: None,
             detached_since: Some(now),
             next_seq: 0,
             unacked: VecDeque::new(),
             unsent: 0,
-            output_budget: OutputBudget::new(config.output_budget_bytes),
             unacked_output_bytes: 0,
             rto: RtoEstimator::default(),
             expected_seq: 0,
@@ -249,53 +311,64 @@ impl Agent {
             gap_reported: false,
             client_frames: 0,
             in_order_accepted: 0,
+            lost_input: HashSet::new(),
             handshake: Handshake::NotStarted,
-            client_version: None,
+            transfer: None,
             port: PortState::None,
+            smux: None,
             last_activity: now,
             ending: None,
-            finished: false,
+            finished: None,
         }
     }
 
-    /// Runs the agent until the session ends.
+    /// Runs the agent until the session is over: finished, and every WebSocket of it closed
+    /// (so that every frame it delivered has been checked). Then marks the session ended.
     pub(crate) async fn run(mut self, mut inbox: UnboundedReceiver<AgentInput>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !self.finished {
+        while !self.is_over() {
             tokio::select! {
                 input = inbox.recv() => match input {
                     Some(i) => self.handle(i),
                     None => break,
                 },
-                _ = tick.tick() => self.on_tick(Instant::now()),
+                _ = tick.tick(), if self.finished.is_none() => self.on_tick(Instant::now()),
             }
         }
-        if !self.finished {
+        if self.finished.is_none() {
             self.finish(SessionStatus::Terminated, "emulator shut down".to_owned());
         }
+        let status = self.finished.unwrap_or(SessionStatus::Terminated);
+        self.shared.mark_ended(&self.info.id, status);
+    }
+
+    /// Finished, and no connection can deliver another client frame.
+    fn is_over(&self) -> bool {
+        self.finished.is_some() && self.connections.is_empty()
+    }
+
+    /// The session has begun to end (draining) or has ended.
+    fn is_closing(&self) -> bool {
+        self.finished.is_some() || self.ending.is_some()
     }
 
     fn handle(&mut self, input: AgentInput) {
         match input {
             AgentInput::Attach { conn_id, outbound } => self.on_attach(conn_id, outbound),
-            AgentInput::Detach { conn_id } => {
-                if self.conn_id == Some(conn_id) {
-                    self.conn_id = None;
-                    self.outbound = None;
-                    self.detached_since = Some(Instant::now());
-                    if !self.is_closing() {
-                        lock(&self.report).status = SessionStatus::Disconnected;
-                    }
-                }
+            AgentInput::Detach { conn_id } => self.on_detach(conn_id),
+            AgentInput::Closed { conn_id } => {
+                self.connections.remove(&conn_id);
             }
             AgentInput::ClientFrame {
                 conn_id,
                 data,
                 text,
-            } => {
-                if self.conn_id == Some(conn_id) && !self.is_closing() {
-                    self.on_client_frame(&data, text);
+            } => self.on_client_frame(conn_id, &data, text),
+            AgentInput::InputDropped { seq } => {
+                self.count(|f| f.input_dropped += 1);
+                if let Some(seq) = seq {
+                    self.lost_input.insert(seq);
                 }
             }
             AgentInput::Terminate => self.end(
@@ -311,32 +384,36 @@ impl Agent {
                     self.violation(reason);
                 }
             }
-            AgentInput::Inject(i) => self.to_client(ToClient::Inject(i)),
-            AgentInput::Port(event) => {
-                if !self.is_closing() {
-                    self.on_port_event(event);
-                }
+            AgentInput::Inject(i) => {
+                self.to_client(ToClient::Inject(i));
             }
+            AgentInput::Port(event) => self.on_port_event(event),
         }
     }
 
-    fn is_closing(&self) -> bool {
-        self.finished || self.ending.is_some()
+    /// Counts an injected fault in the report.
+    fn count(&self, fault: impl FnOnce(&mut InjectedFaults)) {
+        fault(&mut lock(&self.report).injected);
     }
 
     // === impl Agent: connection ===
 
     fn on_attach(&mut self, conn_id: u32, outbound: UnboundedSender<ToClient>) {
+        self.connections.insert(conn_id);
+        self.latest_conn = Some(self.latest_conn.map_or(conn_id, |l| l.max(conn_id)));
+        lock(&self.report).connections += 1;
+        if self.finished.is_some() {
+            // Opened just as the session ended: close it (its frames are still checked).
+            let _ = outbound.send(ToClient::Close {
+                code: 1000,
+                reason: String::new(),
+            });
+            return;
+        }
         self.conn_id = Some(conn_id);
         self.outbound = Some(outbound);
         self.detached_since = None;
-        {
-            let mut r = lock(&self.report);
-            r.connections += 1;
-            if !r.status.is_ended() {
-                r.status = SessionStatus::Connected;
-            }
-        }
+        lock(&self.report).status = SessionStatus::Connected;
         // What went out on the old connection may never have reached the client (a black hole
         // swallows it), so its unacknowledged output is judged afresh on the new one.
         for out in &mut self.unacked {
@@ -349,32 +426,52 @@ impl Agent {
         self.flush_unsent();
     }
 
-    fn to_client(&self, item: ToClient) {
-        if let Some(o) = &self.outbound {
-            let _ = o.send(item);
+    fn on_detach(&mut self, conn_id: u32) {
+        if self.conn_id != Some(conn_id) {
+            return;
+        }
+        self.conn_id = None;
+        self.outbound = None;
+        self.detached_since = Some(Instant::now());
+        if !self.is_closing() {
+            lock(&self.report).status = SessionStatus::Disconnected;
         }
     }
 
-    fn send_control(&self, message: &ClientMessage) {
+    /// Hands `item` to the current connection; false when there is none.
+    fn to_client(&self, item: ToClient) -> bool {
+        self.outbound.as_ref().is_some_and(|o| o.send(item).is_ok())
+    }
+
+    fn send_control(&self, message: &ClientMessage) -> bool {
         self.to_client(ToClient::Frame {
             data: message.encode(),
             stream: false,
-        });
+        })
+    }
+
+    fn set_transfer(&mut self, transfer: Transfer) {
+        self.transfer = Some(transfer);
+        lock(&self.report).transfer = Some(transfer);
     }
 
     fn start_handshake(&mut self) {
-        if self.faults.start_publication_first {
-            self.send_control(&ClientMessage::new(
+        if self.faults.start_publication_first
+            && self.send_control(&ClientMessage::new(
                 MessageType::StartPublication,
                 0,
                 FLAG_SYN | FLAG_FIN,
                 payload_type::UNSET,
                 Vec::new(),
-            ));
+            ))
+        {
+            self.count(|f| f.early_start_publications += 1);
         }
         if self.faults.legacy_no_handshake {
             self.handshake = Handshake::Skipped;
-            lock(&self.report).transfer = Some(Transfer::Basic);
+            self.count(|f| f.handshakes_skipped += 1);
+            self.set_transfer(Transfer::Basic);
+            self.last_activity = Instant::now();
             self.start_basic();
             return;
         }
@@ -450,21 +547,28 @@ impl Agent {
         self.unsent = 0;
     }
 
-    fn ack(&mut self, m: &ClientMessage) {
+    fn ack(&self, m: &ClientMessage) {
         let ack = ClientMessage::acknowledge(&m.message_type, m.message_id, m.sequence_number);
-        self.send_control(&ack);
-        lock(&self.report).acks_to_client += 1;
+        if self.send_control(&ack) {
+            lock(&self.report).acks_to_client += 1;
+        }
     }
 
     // === impl Agent: receiving ===
 
-    fn on_client_frame(&mut self, data: &[u8], text: bool) {
+    fn on_client_frame(&mut self, conn_id: u32, data: &[u8], text: bool) {
         self.client_frames += 1;
+        {
+            let mut r = lock(&self.report);
+            if self.is_closing() {
+                r.client_frames_after_end += 1;
+            }
+            if self.latest_conn.is_some_and(|latest| conn_id < latest) {
+                r.client_frames_on_replaced_connections += 1;
+            }
+        }
         if text {
             self.violation("text WebSocket frame after the open message".to_owned());
-            if self.is_closing() {
-                return;
-            }
         }
         let frame = match message::decode(data) {
             Ok(f) => f,
@@ -473,20 +577,15 @@ impl Agent {
                 return;
             }
         };
-        let issues = frame.strict_issues();
-        let digest_ok = frame.digest_valid();
-        for issue in issues {
+        for issue in frame.strict_issues() {
             self.violation(issue);
-            if self.is_closing() {
-                return;
-            }
         }
-        if !digest_ok {
+        if !frame.digest_valid() {
             // Not acked: the client must retransmit.
             return;
         }
         match frame.message.message_type {
-            MessageType::InputStreamData => self.on_input(&frame, data),
+            MessageType::InputStreamData => self.on_input(&frame.message, data),
             MessageType::Acknowledge => self.on_ack(&frame.message),
             ref other => {
                 self.violation(format!("client sent a {} message", other.as_str()));
@@ -523,6 +622,9 @@ impl Agent {
                 let Some(o) = self.unacked.remove(i) else {
                     return;
                 };
+                if i > 0 {
+                    lock(&self.report).out_of_order_acks_from_client += 1;
+                }
                 self.unacked_output_bytes -= o.charged;
                 self.output_budget.give_back(o.charged);
                 if o.id.hyphenated().to_string() != content.acknowledged_message_id {
@@ -544,8 +646,9 @@ impl Agent {
                     "acknowledge for seq {seq}, which the agent never sent"
                 ));
             }
-            None => {} // a repeated ack
+            None => lock(&self.report).repeated_acks_from_client += 1,
         }
+        self.finish_drain_if_acknowledged();
     }
 
     fn remember(&mut self, header: [u8; message::FRAME_HEADER_SIZE]) {
@@ -572,8 +675,7 @@ impl Agent {
         }
     }
 
-    fn on_input(&mut self, frame: &DecodedFrame, raw: &[u8]) {
-        let m = &frame.message;
+    fn on_input(&mut self, m: &ClientMessage, raw: &[u8]) {
         let seq = m.sequence_number;
         lock(&self.report).messages_from_client += 1;
         let mut header = [0u8; message::FRAME_HEADER_SIZE];
@@ -583,12 +685,13 @@ impl Agent {
             self.violation(format!("negative sequence number {seq}"));
             return;
         }
+        if self.lost_input.remove(&seq) {
+            lock(&self.report).lost_input_resent += 1;
+        }
         if seq < self.expected_seq || self.reorder.contains_key(&seq) {
             lock(&self.report).duplicates_from_client += 1;
             self.check_identical(seq, &header);
-            if !self.is_closing() {
-                self.ack(m); // the agent re-acks duplicates
-            }
+            self.ack(m); // the agent re-acks duplicates
             return;
         }
         if seq > self.expected_seq {
@@ -623,8 +726,12 @@ impl Agent {
                     .faults
                     .withhold_ack_every
                     .is_some_and(|n| n > 0 && self.in_order_accepted.is_multiple_of(u64::from(n)));
-                if !withhold && !self.finished && !acked_early {
-                    self.ack(m);
+                if !acked_early {
+                    if withhold {
+                        self.count(|f| f.acks_withheld += 1);
+                    } else {
+                        self.ack(m);
+                    }
                 }
                 self.remember(header);
                 self.expected_seq += 1;
@@ -636,10 +743,7 @@ impl Agent {
 
     fn drain_reorder(&mut self) {
         let before = self.expected_seq;
-        while !self.is_closing() {
-            let Some(b) = self.reorder.remove(&self.expected_seq) else {
-                break;
-            };
+        while let Some(b) = self.reorder.remove(&self.expected_seq) {
             match self.process(&b.message) {
                 Processed::NotReady => {
                     self.reorder.insert(self.expected_seq, b);
@@ -676,12 +780,7 @@ impl Agent {
                     ));
                     return Processed::Done;
                 }
-                let r = self.port_output(&m.payload);
-                if matches!(r, Processed::Done) {
-                    self.last_activity = Instant::now();
-                    lock(&self.report).bytes_from_client += m.payload.len() as u64;
-                }
-                r
+                self.on_output(&m.payload)
             }
             payload_type::FLAG => {
                 self.on_flag(&m.payload);
@@ -705,25 +804,19 @@ impl Agent {
     }
 
     fn on_handshake_response(&mut self, payload: &[u8]) {
-        if !matches!(self.handshake, Handshake::Awaiting { .. }) {
+        let Handshake::Awaiting { since } = self.handshake else {
             self.violation("HandshakeResponse outside the handshake".to_owned());
             return;
-        }
-        let since = match self.handshake {
-            Handshake::Awaiting { since } => since,
-            _ => Instant::now(),
         };
         let response: HandshakeResponse = match serde_json::from_slice(payload) {
             Ok(r) => r,
             Err(e) => {
                 self.violation(format!("HandshakeResponse is not valid JSON: {e}"));
-                if !self.is_closing() {
-                    self.end(
-                        SessionStatus::Failed,
-                        "invalid HandshakeResponse".to_owned(),
-                        false,
-                    );
-                }
+                self.end(
+                    SessionStatus::Failed,
+                    "invalid HandshakeResponse".to_owned(),
+                    false,
+                );
                 return;
             }
         };
@@ -732,9 +825,6 @@ impl Agent {
                 "ClientVersion {:?} is not a dotted version",
                 response.client_version
             ));
-            if self.is_closing() {
-                return;
-            }
         }
         let actions = &response.processed_client_actions;
         if actions.len() != 1 || actions[0].action_type != "SessionType" {
@@ -742,9 +832,10 @@ impl Agent {
             self.violation(format!(
                 "HandshakeResponse must process exactly [SessionType], got {got:?}"
             ));
-            if self.is_closing() {
-                return;
-            }
+        }
+        if self.is_closing() {
+            // Failed by a violation above, or a late answer to a session that already ended.
+            return;
         }
         if let Some(bad) = actions.iter().find(|a| a.action_status != 1) {
             let reason = format!(
@@ -756,7 +847,7 @@ impl Agent {
             self.end(SessionStatus::Failed, reason, false);
             return;
         }
-        let client_version = response.client_version.clone();
+        let client_version = response.client_version;
         let agent_version = self.info.instance.agent_version.clone();
         let mux = version::agent_uses_mux(
             &agent_version,
@@ -764,13 +855,12 @@ impl Agent {
             self.info.properties.local_port_forwarding,
         );
         let keepalive = mux && version::agent_smux_keepalive(&agent_version, &client_version);
+        self.set_transfer(if mux { Transfer::Mux } else { Transfer::Basic });
         {
             let mut r = lock(&self.report);
-            r.client_version = Some(client_version.clone());
-            r.transfer = Some(if mux { Transfer::Mux } else { Transfer::Basic });
+            r.client_version = Some(client_version);
             r.smux_keepalive = keepalive;
         }
-        self.client_version = Some(client_version);
         let complete = HandshakeComplete {
             handshake_time_to_complete: since.elapsed().as_nanos() as i64,
             customer_message: String::new(),
@@ -780,6 +870,7 @@ impl Agent {
             serde_json::to_vec(&complete).unwrap_or_default(),
         );
         self.handshake = Handshake::Complete;
+        self.last_activity = Instant::now();
         self.after_handshake_faults();
         if mux {
             self.start_mux(keepalive);
@@ -803,10 +894,12 @@ impl Agent {
                 *b = 0xA5;
             }
             bytes[116..120].copy_from_slice(&120u32.to_le_bytes());
-            self.to_client(ToClient::Frame {
+            if self.to_client(ToClient::Frame {
                 data: bytes,
                 stream: false,
-            });
+            }) {
+                self.count(|f| f.garbage_publications += 1);
+            }
             let start = ClientMessage::new(
                 MessageType::StartPublication,
                 0,
@@ -820,20 +913,27 @@ impl Agent {
             let state = serde_json::json!({
                 "SchemaVersion": 1, "SessionState": "Connected", "SessionId": self.info.id,
             });
-            self.send_control(&ClientMessage::new(
-                MessageType::AgentSessionState,
-                0,
-                FLAG_SYN | FLAG_FIN,
-                0,
-                serde_json::to_vec(&state).unwrap_or_default(),
-            ));
-            self.send_control(&ClientMessage::new(
-                MessageType::Other("future_message_type".to_owned()),
-                0,
-                0,
-                99,
-                b"ignore me".to_vec(),
-            ));
+            let extra = [
+                ClientMessage::new(
+                    MessageType::AgentSessionState,
+                    0,
+                    FLAG_SYN | FLAG_FIN,
+                    0,
+                    serde_json::to_vec(&state).unwrap_or_default(),
+                ),
+                ClientMessage::new(
+                    MessageType::Other("future_message_type".to_owned()),
+                    0,
+                    0,
+                    99,
+                    b"ignore me".to_vec(),
+                ),
+            ];
+            for m in &extra {
+                if self.send_control(m) {
+                    self.count(|f| f.extra_messages += 1);
+                }
+            }
         }
     }
 
@@ -846,15 +946,21 @@ impl Agent {
             return;
         };
         match value {
-            flag::DISCONNECT_TO_PORT => match &mut self.port {
-                PortState::Basic(b) => {
+            flag::DISCONNECT_TO_PORT => {
+                if self.transfer != Some(Transfer::Basic) {
+                    self.violation("DisconnectToPort flag outside basic mode".to_owned());
+                    return;
+                }
+                if self.is_closing() {
+                    return;
+                }
+                if let PortState::Basic(b) = &mut self.port {
                     if let Some(t) = b.task.take() {
                         t.abort();
                     }
                     b.state = BasicState::Idle;
                 }
-                _ => self.violation("DisconnectToPort flag outside basic mode".to_owned()),
-            },
+            }
             flag::TERMINATE_SESSION => {
                 if !version::agent_supports_terminate_flag(&self.info.instance.agent_version) {
                     self.violation(format!(
@@ -882,20 +988,23 @@ impl Agent {
     }
 
     fn start_basic(&mut self) {
-        let mut b = BasicPort {
+        self.port = PortState::Basic(BasicPort {
             generation: 0,
             state: BasicState::Idle,
             task: None,
-            ever_connected: false,
-        };
-        self.dial_basic(&mut b);
-        self.port = PortState::Basic(b);
+        });
+        self.dial_basic();
     }
 
-    fn dial_basic(&mut self, b: &mut BasicPort) {
+    /// Dials the basic connection again (a new generation: events of older ones are stale).
+    fn dial_basic(&mut self) {
+        let target = self.target();
+        let PortState::Basic(b) = &mut self.port else {
+            return;
+        };
         b.generation += 1;
         b.state = BasicState::Dialing;
-        match self.target() {
+        match target {
             Some(addr) => {
                 b.task = Some(port::spawn_basic(
                     addr,
@@ -920,60 +1029,79 @@ impl Agent {
         let now = Instant::now();
         self.port = PortState::Mux(MuxPort {
             plumbing: MuxPlumbing::spawn(self.mode, self.output_budget.clone(), self.inbox.clone()),
-            decoder: smux::Decoder::default(),
             streams: HashMap::new(),
-            closed: HashSet::new(),
             keepalive,
             last_rx: now,
             last_nop: now,
         });
+        self.smux = Some(SmuxLedger::default());
     }
 
-    fn port_output(&mut self, data: &[u8]) -> Processed {
-        let mut port = std::mem::replace(&mut self.port, PortState::None);
-        let r = match &mut port {
-            PortState::None => Processed::NotReady,
+    /// Client Output after the handshake: forwarded while the session runs, only checked once
+    /// it has begun to end.
+    fn on_output(&mut self, data: &[u8]) -> Processed {
+        if self.is_closing() {
+            self.on_smux_bytes(data);
+            return Processed::Done;
+        }
+        let delivery = match &mut self.port {
+            PortState::None => Delivery::NotReady,
             PortState::Basic(b) => match &b.state {
                 BasicState::Up { writer } => {
                     let _ = writer.send(data.to_vec());
-                    Processed::Done
+                    Delivery::Written
                 }
-                BasicState::Dialing => Processed::NotReady,
-                BasicState::Idle => {
-                    self.dial_basic(b);
-                    Processed::NotReady
-                }
+                BasicState::Dialing => Delivery::NotReady,
+                BasicState::Idle => Delivery::Redial,
             },
             PortState::Mux(mx) => {
                 mx.last_rx = Instant::now();
-                match mx.decoder.push(data) {
-                    Ok(frames) => {
-                        for f in frames {
-                            self.on_smux_frame(mx, f);
-                        }
-                    }
-                    Err(e) => {
-                        self.violation(format!("fatal smux error: {e}"));
-                        if !self.is_closing() {
-                            self.end(
-                                SessionStatus::Failed,
-                                format!("smux session died: {e}"),
-                                false,
-                            );
-                        }
-                    }
-                }
-                Processed::Done
+                Delivery::Mux
             }
         };
-        if !self.finished {
-            self.port = port;
+        match delivery {
+            Delivery::NotReady => return Processed::NotReady,
+            Delivery::Redial => {
+                self.dial_basic();
+                return Processed::NotReady;
+            }
+            Delivery::Mux => self.on_smux_bytes(data),
+            Delivery::Written => {}
         }
-        r
+        self.last_activity = Instant::now();
+        lock(&self.report).bytes_from_client += data.len() as u64;
+        Processed::Done
     }
 
-    fn on_smux_frame(&mut self, mx: &mut MuxPort, f: smux::Frame) {
+    /// Feeds the client's smux byte stream (mux mode only) to the checks and the streams.
+    fn on_smux_bytes(&mut self, data: &[u8]) {
+        let Some(ledger) = &mut self.smux else {
+            return;
+        };
+        let frames = match ledger.decoder.push(data) {
+            Ok(frames) => frames,
+            Err(e) => {
+                // The whole smux session is dead (xtaci semantics); nothing more is decoded.
+                self.smux = None;
+                self.violation(format!("fatal smux error: {e}"));
+                self.end(
+                    SessionStatus::Failed,
+                    format!("smux session died: {e}"),
+                    false,
+                );
+                return;
+            }
+        };
+        for f in frames {
+            self.on_smux_frame(f);
+        }
+    }
+
+    fn on_smux_frame(&mut self, f: smux::Frame) {
         let sid = f.stream_id;
+        let Some(ledger) = &mut self.smux else {
+            return;
+        };
         match f.command {
             smux::Command::Nop => {}
             smux::Command::Syn => {
@@ -983,158 +1111,197 @@ impl Agent {
                     ));
                     return;
                 }
-                if mx.streams.contains_key(&sid) || mx.closed.contains(&sid) {
+                if ledger.open.contains(&sid) || ledger.closed.contains(&sid) {
                     self.violation(format!("smux stream id {sid} reused"));
                     return;
                 }
+                ledger.open.insert(sid);
                 lock(&self.report).smux_streams_opened += 1;
-                match self.target() {
-                    Some(addr) => {
-                        let task = port::spawn_mux_stream(
-                            addr,
-                            sid,
-                            mx.plumbing.data.clone(),
-                            self.inbox.clone(),
-                        );
-                        mx.streams.insert(
-                            sid,
-                            MuxStream {
-                                writer: None,
-                                pending: Vec::new(),
-                                task,
-                            },
-                        );
-                    }
-                    None => {
-                        let _ = self.inbox.send(AgentInput::Port(PortEvent::MuxDialFailed {
-                            stream_id: sid,
-                            error: "no target configured for this port".to_owned(),
-                        }));
-                        mx.streams.insert(
-                            sid,
-                            MuxStream {
-                                writer: None,
-                                pending: Vec::new(),
-                                task: tokio::spawn(async {}),
-                            },
-                        );
-                    }
-                }
+                self.open_mux_stream(sid);
             }
             smux::Command::Psh => {
-                if let Some(s) = mx.streams.get_mut(&sid) {
-                    match &s.writer {
-                        Some(w) => {
-                            let _ = w.send(f.data);
-                        }
-                        None => s.pending.push(f.data),
-                    }
-                } else if !mx.closed.contains(&sid) {
+                if ledger.open.contains(&sid) {
+                    self.write_mux_stream(sid, f.data);
+                } else if !ledger.closed.contains(&sid) {
                     self.violation(format!("smux PSH for stream {sid}, which was never opened"));
                 }
             }
             smux::Command::Fin => {
-                if let Some(s) = mx.streams.remove(&sid) {
-                    s.task.abort();
-                    mx.closed.insert(sid);
-                    let fin = smux::Frame::control(smux::Command::Fin, sid).encode();
-                    let _ = mx.plumbing.control.send(fin);
+                if ledger.close(sid) {
+                    self.close_mux_stream(sid);
                 }
             }
         }
     }
 
+    /// Dials the target for a new smux stream (while the session runs).
+    fn open_mux_stream(&mut self, sid: u32) {
+        if self.is_closing() {
+            return;
+        }
+        let target = self.target();
+        let PortState::Mux(mx) = &mut self.port else {
+            return;
+        };
+        let task = match target {
+            Some(addr) => Some(port::spawn_mux_stream(
+                addr,
+                sid,
+                mx.plumbing.data.clone(),
+                self.inbox.clone(),
+            )),
+            None => {
+                let _ = self.inbox.send(AgentInput::Port(PortEvent::MuxDialFailed {
+                    stream_id: sid,
+                    error: "no target configured for this port".to_owned(),
+                }));
+                None
+            }
+        };
+        mx.streams.insert(
+            sid,
+            MuxStream {
+                writer: None,
+                pending: Vec::new(),
+                task,
+            },
+        );
+    }
+
+    fn write_mux_stream(&mut self, sid: u32, data: Vec<u8>) {
+        if self.is_closing() {
+            return;
+        }
+        if let PortState::Mux(mx) = &mut self.port
+            && let Some(s) = mx.streams.get_mut(&sid)
+        {
+            match &s.writer {
+                Some(w) => {
+                    let _ = w.send(data);
+                }
+                None => s.pending.push(data),
+            }
+        }
+    }
+
+    /// Ends a stream on the agent's side: stops its task and sends its FIN to the client.
+    fn close_mux_stream(&mut self, sid: u32) {
+        if let PortState::Mux(mx) = &mut self.port
+            && let Some(s) = mx.streams.remove(&sid)
+        {
+            if let Some(t) = s.task {
+                t.abort();
+            }
+            let fin = smux::Frame::control(smux::Command::Fin, sid).encode();
+            let _ = mx.plumbing.control.send(fin);
+        }
+    }
+
+    /// The basic connection of `generation`, when it is the current one.
+    fn basic_port(&mut self, generation: u64) -> Option<&mut BasicPort> {
+        match &mut self.port {
+            PortState::Basic(b) if b.generation == generation => Some(b),
+            _ => None,
+        }
+    }
+
     fn on_port_event(&mut self, event: PortEvent) {
-        let mut port = std::mem::replace(&mut self.port, PortState::None);
-        match (&mut port, event) {
-            (PortState::Basic(b), PortEvent::BasicUp { generation, writer })
-                if generation == b.generation =>
-            {
-                b.state = BasicState::Up { writer };
-                b.ever_connected = true;
-                self.port = port;
-                self.drain_reorder();
-                return;
-            }
-            (PortState::Basic(b), PortEvent::BasicDialFailed { generation, error })
-                if generation == b.generation =>
-            {
-                let output = format!("Unable to connect to specified port: {error}");
-                self.port = port;
-                self.end(SessionStatus::Failed, output, false);
-                return;
-            }
-            (PortState::Basic(b), PortEvent::BasicData { generation, data })
-                if generation == b.generation =>
-            {
-                self.port = port;
-                self.send_stream(payload_type::OUTPUT, data);
-                return;
-            }
-            (PortState::Basic(b), PortEvent::BasicClosed { generation })
-                if generation == b.generation =>
-            {
-                if self.info.properties.local_port_forwarding {
-                    b.state = BasicState::Idle;
-                    b.task = None;
-                } else {
-                    self.port = port;
-                    self.end(
-                        SessionStatus::Terminated,
-                        "the target closed the connection".to_owned(),
-                        true,
-                    );
-                    return;
+        if self.is_closing() {
+            // The targets no longer matter; what they read goes back to the budget.
+            self.output_budget.give_back(event.output_len());
+            return;
+        }
+        match event {
+            PortEvent::BasicUp { generation, writer } => {
+                if let Some(b) = self.basic_port(generation) {
+                    b.state = BasicState::Up { writer };
+                    self.drain_reorder();
                 }
             }
-            (PortState::Mux(mx), PortEvent::MuxUp { stream_id, writer }) => {
-                if let Some(s) = mx.streams.get_mut(&stream_id) {
+            PortEvent::BasicDialFailed { generation, error } => {
+                if self.basic_port(generation).is_some() {
+                    let output = format!("Unable to connect to specified port: {error}");
+                    self.end(SessionStatus::Failed, output, false);
+                }
+            }
+            PortEvent::BasicData { generation, data } => {
+                if self.basic_port(generation).is_some() {
+                    self.send_stream(payload_type::OUTPUT, data);
+                } else {
+                    self.output_budget.give_back(data.len());
+                }
+            }
+            PortEvent::BasicClosed { generation } => {
+                let local_port_forwarding = self.info.properties.local_port_forwarding;
+                if let Some(b) = self.basic_port(generation) {
+                    if local_port_forwarding {
+                        b.state = BasicState::Idle;
+                        b.task = None;
+                    } else {
+                        self.end(
+                            SessionStatus::Terminated,
+                            "the target closed the connection".to_owned(),
+                            true,
+                        );
+                    }
+                }
+            }
+            PortEvent::MuxUp { stream_id, writer } => {
+                if let PortState::Mux(mx) = &mut self.port
+                    && let Some(s) = mx.streams.get_mut(&stream_id)
+                {
                     for d in s.pending.drain(..) {
                         let _ = writer.send(d);
                     }
                     s.writer = Some(writer);
                 }
             }
-            (PortState::Mux(mx), PortEvent::MuxDialFailed { stream_id, error }) => {
+            PortEvent::MuxDialFailed { stream_id, error } => {
+                if !matches!(self.port, PortState::Mux(_)) {
+                    return;
+                }
                 tracing::debug!(session = %self.info.id, stream_id, "dial failed: {error}");
-                mx.streams.remove(&stream_id);
-                mx.closed.insert(stream_id);
+                self.close_mux_stream(stream_id);
+                if let Some(ledger) = &mut self.smux {
+                    ledger.close(stream_id);
+                }
                 lock(&self.report).smux_dial_failures += 1;
-                let fin = smux::Frame::control(smux::Command::Fin, stream_id).encode();
-                let _ = mx.plumbing.control.send(fin);
-                self.port = port;
                 self.send_stream(
                     payload_type::FLAG,
                     message::flag_payload(flag::CONNECT_TO_PORT_ERROR),
                 );
-                return;
             }
-            (PortState::Mux(mx), PortEvent::MuxClosed { stream_id }) => {
-                mx.streams.remove(&stream_id);
-                mx.closed.insert(stream_id);
+            PortEvent::MuxClosed { stream_id } => {
+                if let PortState::Mux(mx) = &mut self.port {
+                    mx.streams.remove(&stream_id);
+                }
+                if let Some(ledger) = &mut self.smux {
+                    ledger.close(stream_id);
+                }
             }
-            (PortState::Mux(_), PortEvent::MuxOutput(data)) => {
-                self.port = port;
-                self.send_stream(payload_type::OUTPUT, data);
-                return;
+            PortEvent::MuxOutput(data) => {
+                if matches!(self.port, PortState::Mux(_)) {
+                    self.send_stream(payload_type::OUTPUT, data);
+                } else {
+                    self.output_budget.give_back(data.len());
+                }
             }
-            // A stale event from an earlier connection: what it read goes back to the budget.
-            (_, stale) => self.output_budget.give_back(stale.output_len()),
         }
-        self.port = port;
     }
 
     // === impl Agent: timers ===
 
     fn on_tick(&mut self, now: Instant) {
-        if let Some((deadline, status, reason)) = self.ending.clone()
-            && (self.unacked.is_empty() || now >= deadline || self.outbound.is_none())
-        {
-            self.finish(status, reason);
+        if let Some(drain) = &self.ending {
+            if now >= drain.deadline || self.outbound.is_none() {
+                self.finish_drain();
+            } else {
+                self.retransmit_head(now);
+            }
             return;
         }
         self.retransmit_head(now);
-        if self.finished {
+        if self.is_closing() {
             return;
         }
         let shared = self.shared.clone();
@@ -1159,7 +1326,10 @@ impl Agent {
             );
             return;
         }
-        if now.duration_since(self.last_activity) > Config::duration(config.idle_timeout_ms) {
+        // While the handshake runs, its own timeout applies.
+        if self.handshake_done()
+            && now.duration_since(self.last_activity) > Config::duration(config.idle_timeout_ms)
+        {
             self.end(
                 SessionStatus::Terminated,
                 "Session idle timeout".to_owned(),
@@ -1182,7 +1352,7 @@ impl Agent {
                 "client sequence gap: expected seq {} but only later ones (from {next}) arrived",
                 self.expected_seq
             ));
-            if self.finished {
+            if self.is_closing() {
                 return;
             }
         }
@@ -1257,10 +1427,9 @@ impl Agent {
 
     // === impl Agent: ending ===
 
+    /// Records a client violation; in strict mode it also fails the session. Violations are
+    /// recorded at any time, also after the session ended.
     fn violation(&mut self, reason: String) {
-        if self.finished {
-            return;
-        }
         self.shared.record_violation(Some(&self.info.id), &reason);
         if self.strict {
             self.end(
@@ -1273,23 +1442,44 @@ impl Agent {
 
     /// Ends the session; with `drain`, first waits (at most 2 s) for the client to ack.
     fn end(&mut self, status: SessionStatus, reason: String, drain: bool) {
-        if self.finished {
+        if self.finished.is_some() {
             return;
         }
         if drain && !self.unacked.is_empty() && self.outbound.is_some() {
             if self.ending.is_none() {
-                self.ending = Some((Instant::now() + DRAIN_LIMIT, status, reason));
+                self.ending = Some(Drain {
+                    deadline: Instant::now() + DRAIN_LIMIT,
+                    status,
+                    reason,
+                });
             }
             return;
         }
+        self.ending = None;
         self.finish(status, reason);
     }
 
+    /// Ends a closing drain now.
+    fn finish_drain(&mut self) {
+        if let Some(drain) = self.ending.take() {
+            self.finish(drain.status, drain.reason);
+        }
+    }
+
+    /// Ends a closing drain as soon as the client has acknowledged everything.
+    fn finish_drain_if_acknowledged(&mut self) {
+        if self.unacked.is_empty() {
+            self.finish_drain();
+        }
+    }
+
+    /// Sends `channel_closed`, closes the current WebSocket and stops the targets. The task
+    /// goes on checking what the client's WebSockets still deliver until they are closed.
     fn finish(&mut self, status: SessionStatus, reason: String) {
-        if self.finished {
+        if self.finished.is_some() {
             return;
         }
-        self.finished = true;
+        self.finished = Some(status);
         tracing::info!(session = %self.info.id, ?status, "session ended: {reason}");
         {
             let mut r = lock(&self.report);
@@ -1318,15 +1508,19 @@ impl Agent {
             payload_type::UNSET,
             serde_json::to_vec(&closed).unwrap_or_default(),
         );
-        let data = if self.faults.legacy_channel_closed {
+        let legacy = self.faults.legacy_channel_closed;
+        let data = if legacy {
             m.encode_legacy()
         } else {
             m.encode()
         };
-        self.to_client(ToClient::Frame {
+        if self.to_client(ToClient::Frame {
             data,
             stream: false,
-        });
+        }) && legacy
+        {
+            self.count(|f| f.legacy_channels_closed += 1);
+        }
         self.to_client(ToClient::Close {
             code: 1000,
             reason: String::new(),
@@ -1338,14 +1532,15 @@ impl Agent {
                 }
             }
             PortState::Mux(mx) => {
-                for s in mx.streams.values() {
-                    s.task.abort();
+                for t in mx.streams.into_values().filter_map(|s| s.task) {
+                    t.abort();
                 }
             }
             PortState::None => {}
         }
         self.outbound = None;
-        self.shared.mark_ended(&self.info.id, status);
+        self.conn_id = None;
+        self.shared.mark_finished(&self.info.id);
     }
 }
 
@@ -1357,7 +1552,13 @@ fn chrono_like_now() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
+    use tokio::sync::mpsc;
+
     use super::*;
+    use crate::config::InstanceConfig;
+    use crate::registry::{PortProperties, SessionEntry};
 
     #[test]
     fn rto_follows_jacobson_karels_and_is_capped() {
@@ -1370,5 +1571,330 @@ mod tests {
             e.sample(Duration::from_secs(5));
         }
         assert_eq!(e.rto(), MAX_RTO);
+    }
+
+    const SESSION: &str = "fleet-access-0123456789abcdef0";
+
+    /// An agent of an SSH session (basic mode; the target's EOF ends it with a drain), driven
+    /// input by input without its task, its timers or a real target.
+    struct Harness {
+        agent: Agent,
+        report: Arc<Mutex<SessionReport>>,
+        shared: Arc<Shared>,
+        to_client: Vec<UnboundedReceiver<ToClient>>,
+        client_seq: i64,
+    }
+
+    impl Harness {
+        fn new(strict: bool) -> Self {
+            let shared = Arc::new(Shared::new(Config {
+                strict,
+                mode: Mode::Fast,
+                ..Config::default()
+            }));
+            let mut json = serde_json::Map::new();
+            json.insert("portNumber".into(), "22".into());
+            let info = Arc::new(SessionInfo {
+                id: SESSION.to_owned(),
+                document_name: "AWS-StartSSHSession".to_owned(),
+                owner: "test".to_owned(),
+                reason: None,
+                properties: PortProperties {
+                    json,
+                    port: 22,
+                    host: None,
+                    local_port_forwarding: false,
+                },
+                instance: InstanceConfig::new("i-0123456789abcdef0"),
+                faults: Faults::default(),
+            });
+            let report = Arc::new(Mutex::new(SessionReport::new(
+                SESSION,
+                "i-0123456789abcdef0",
+                "AWS-StartSSHSession",
+            )));
+            // The inbox stays unread: the harness delivers every input itself.
+            let (inbox, _) = mpsc::unbounded_channel();
+            lock(&shared.sessions).insert(
+                SESSION.to_owned(),
+                SessionEntry {
+                    info: info.clone(),
+                    token: None,
+                    started: SystemTime::now(),
+                    finished: false,
+                    ended: None,
+                    agent: Some(inbox.clone()),
+                    report: report.clone(),
+                    next_connection: 0,
+                },
+            );
+            let agent = Agent::new(shared.clone(), info, report.clone(), inbox);
+            let mut h = Self {
+                agent,
+                report,
+                shared,
+                to_client: Vec::new(),
+                client_seq: 0,
+            };
+            h.attach();
+            h
+        }
+
+        /// Attaches a new connection; returns its id.
+        fn attach(&mut self) -> u32 {
+            let conn_id = self.to_client.len() as u32;
+            let (outbound, rx) = mpsc::unbounded_channel();
+            self.to_client.push(rx);
+            self.agent.handle(AgentInput::Attach { conn_id, outbound });
+            conn_id
+        }
+
+        fn latest(&self) -> u32 {
+            self.to_client.len() as u32 - 1
+        }
+
+        fn frame_on(&mut self, conn_id: u32, data: Vec<u8>) {
+            self.agent.handle(AgentInput::ClientFrame {
+                conn_id,
+                data,
+                text: false,
+            });
+        }
+
+        fn frame(&mut self, data: Vec<u8>) {
+            self.frame_on(self.latest(), data);
+        }
+
+        /// The client's next `input_stream_data`.
+        fn input(&mut self, payload_type: u32, payload: &[u8]) -> ClientMessage {
+            let m = ClientMessage::new(
+                MessageType::InputStreamData,
+                self.client_seq,
+                0,
+                payload_type,
+                payload.to_vec(),
+            );
+            self.client_seq += 1;
+            m
+        }
+
+        fn ack(&mut self, m: &ClientMessage) {
+            let ack = ClientMessage::acknowledge(&m.message_type, m.message_id, m.sequence_number);
+            self.frame(ack.encode());
+        }
+
+        /// Everything the latest connection got so far, decoded.
+        fn received(&mut self) -> Vec<(ClientMessage, bool)> {
+            let mut out = Vec::new();
+            if let Some(rx) = self.to_client.last_mut() {
+                while let Ok(item) = rx.try_recv() {
+                    match item {
+                        ToClient::Frame { data, .. } => {
+                            out.push((message::decode(&data).expect("agent frame").message, false))
+                        }
+                        ToClient::Close { .. } => out.push((
+                            ClientMessage::new(MessageType::Other("close".into()), 0, 0, 0, vec![]),
+                            true,
+                        )),
+                        ToClient::Inject(_) => {}
+                    }
+                }
+            }
+            out
+        }
+
+        fn outputs(&mut self) -> Vec<ClientMessage> {
+            self.received()
+                .into_iter()
+                .map(|(m, _)| m)
+                .filter(|m| m.message_type == MessageType::OutputStreamData)
+                .collect()
+        }
+
+        /// Completes the handshake and brings the basic connection up; returns the
+        /// HandshakeComplete (unacknowledged) and the target's writer side.
+        fn open_basic(&mut self) -> (ClientMessage, mpsc::UnboundedReceiver<Vec<u8>>) {
+            let request = self.outputs().remove(0);
+            assert_eq!(request.payload_type, payload_type::HANDSHAKE_REQUEST);
+            self.ack(&request);
+            let response = serde_json::json!({
+                "ClientVersion": "1.2.764.0",
+                "ProcessedClientActions": [{"ActionType": "SessionType", "ActionStatus": 1}],
+            });
+            let m = self.input(
+                payload_type::HANDSHAKE_RESPONSE,
+                &serde_json::to_vec(&response).expect("json"),
+            );
+            self.frame(m.encode());
+            let complete = self.outputs().remove(0);
+            assert_eq!(complete.payload_type, payload_type::HANDSHAKE_COMPLETE);
+            let (writer, target) = mpsc::unbounded_channel();
+            self.agent.handle(AgentInput::Port(PortEvent::BasicUp {
+                generation: 1,
+                writer,
+            }));
+            (complete, target)
+        }
+
+        /// The target writes `banner` and closes: the SSH session drains, then ends.
+        fn target_says_and_closes(&mut self, banner: &[u8]) -> ClientMessage {
+            self.agent.handle(AgentInput::Port(PortEvent::BasicData {
+                generation: 1,
+                data: banner.to_vec(),
+            }));
+            self.agent
+                .handle(AgentInput::Port(PortEvent::BasicClosed { generation: 1 }));
+            self.outputs().remove(0)
+        }
+
+        fn report(&self) -> SessionReport {
+            lock(&self.report).clone()
+        }
+
+        fn global_violations(&self) -> Vec<String> {
+            lock(&self.shared.violations)
+                .iter()
+                .map(|v| v.reason.clone())
+                .collect()
+        }
+    }
+
+    fn corrupt_digest(m: &ClientMessage) -> Vec<u8> {
+        let mut bytes = m.encode();
+        bytes[80] ^= 0xFF;
+        bytes
+    }
+
+    #[test]
+    fn the_closing_drain_checks_client_frames_and_ends_once_all_is_acknowledged() {
+        let mut h = Harness::new(false);
+        let (complete, _target) = h.open_basic();
+        let banner = h.target_says_and_closes(b"SSH-2.0-test\r\n");
+        assert!(
+            h.agent.ending.is_some(),
+            "draining: output is unacknowledged"
+        );
+        assert_eq!(h.report().close_reason, None);
+
+        let bad = h.input(payload_type::OUTPUT, b"late");
+        h.frame(corrupt_digest(&bad));
+        assert_eq!(h.report().violations.len(), 1, "{:?}", h.report());
+        assert!(h.report().violations[0].contains("PayloadDigest"));
+
+        h.ack(&complete);
+        assert!(
+            h.agent.finished.is_none(),
+            "the banner is still unacknowledged"
+        );
+        h.ack(&banner);
+        let report = h.report();
+        assert_eq!(h.agent.finished, Some(SessionStatus::Terminated));
+        assert_eq!(
+            report.close_reason.as_deref(),
+            Some("the target closed the connection")
+        );
+        assert_eq!(report.unacked_at_close, 0, "the drain ended on the acks");
+        assert_eq!(report.client_frames_after_end, 3);
+        let sent = h.received();
+        assert!(
+            sent.iter()
+                .any(|(m, _)| m.message_type == MessageType::ChannelClosed)
+        );
+        assert!(sent.last().is_some_and(|(_, close)| *close));
+    }
+
+    #[test]
+    fn a_violation_during_the_drain_fails_a_strict_session() {
+        let mut h = Harness::new(true);
+        let (_complete, _target) = h.open_basic();
+        h.target_says_and_closes(b"banner");
+        let bad = h.input(payload_type::OUTPUT, b"late");
+        h.frame(corrupt_digest(&bad));
+        assert_eq!(h.agent.finished, Some(SessionStatus::Failed));
+        assert!(
+            h.report()
+                .close_reason
+                .is_some_and(|r| r.starts_with("protocol violation: PayloadDigest"))
+        );
+    }
+
+    #[test]
+    fn frames_after_channel_closed_are_checked_and_legal_ones_pass() {
+        let mut h = Harness::new(true);
+        let (complete, mut target) = h.open_basic();
+        let terminate = h.input(
+            payload_type::FLAG,
+            &message::flag_payload(flag::TERMINATE_SESSION),
+        );
+        h.frame(terminate.encode());
+        assert_eq!(h.agent.finished, Some(SessionStatus::Terminated));
+        assert!(!h.agent.is_over(), "its WebSocket is still open");
+
+        // Legal after the end: a late ack, a retransmission, more data (checked, not forwarded).
+        h.ack(&complete);
+        h.ack(&complete);
+        h.frame(terminate.encode());
+        let data = h.input(payload_type::OUTPUT, b"crossing");
+        h.frame(data.encode());
+        let report = h.report();
+        assert!(report.violations.is_empty(), "{report:?}");
+        assert_eq!(report.repeated_acks_from_client, 1);
+        assert_eq!(report.duplicates_from_client, 1);
+        assert!(target.try_recv().is_err(), "nothing reaches the target");
+
+        // A broken one is still a violation, recorded in the report and globally.
+        let wrong_type = ClientMessage::acknowledge(
+            &MessageType::InputStreamData,
+            complete.message_id,
+            complete.sequence_number,
+        );
+        h.frame(wrong_type.encode());
+        let report = h.report();
+        assert!(
+            !report.status.is_ended(),
+            "not over while its WebSocket is open"
+        );
+        assert_eq!(
+            report.violations,
+            vec!["acknowledge for message type \"input_stream_data\"".to_owned()]
+        );
+        assert_eq!(h.global_violations(), report.violations);
+        assert_eq!(report.client_frames_after_end, 5);
+
+        h.agent.handle(AgentInput::Closed { conn_id: 0 });
+        assert!(h.agent.is_over());
+    }
+
+    #[test]
+    fn frames_on_a_replaced_connection_are_checked() {
+        let mut h = Harness::new(true);
+        let (complete, _target) = h.open_basic();
+        let old = h.latest();
+        h.attach();
+        h.agent.handle(AgentInput::Detach { conn_id: old });
+        h.ack(&complete);
+        let late = ClientMessage::acknowledge(&MessageType::OutputStreamData, Uuid::new_v4(), 40);
+        h.frame_on(old, late.encode());
+        let report = h.report();
+        assert_eq!(report.client_frames_on_replaced_connections, 1);
+        assert_eq!(
+            report.violations,
+            vec!["acknowledge for seq 40, which the agent never sent".to_owned()]
+        );
+        assert_eq!(h.agent.finished, Some(SessionStatus::Failed));
+        assert!(h.agent.connections.contains(&old), "still delivering");
+    }
+
+    #[test]
+    fn a_connection_attached_after_the_end_is_closed_at_once() {
+        let mut h = Harness::new(true);
+        h.agent.handle(AgentInput::Terminate);
+        assert!(h.agent.finished.is_some());
+        let late = h.attach();
+        assert!(h.received().iter().any(|(_, close)| *close));
+        assert!(!h.agent.is_over());
+        h.agent.handle(AgentInput::Closed { conn_id: 0 });
+        h.agent.handle(AgentInput::Closed { conn_id: late });
+        assert!(h.agent.is_over());
     }
 }

@@ -474,6 +474,7 @@ async fn start_session(
             info,
             token: Some(token.clone()),
             started: SystemTime::now(),
+            finished: false,
             ended: None,
             agent: Some(tx),
             report,
@@ -508,7 +509,7 @@ fn resume_session(shared: &Shared, input: &Value) -> Result<Value, ApiError> {
             format!("session {sid} does not exist"),
         )
     })?;
-    if entry.ended.is_some() {
+    if entry.is_over() {
         // What SMP reads as "session timed out".
         return Ok(json!({"SessionId": sid}));
     }
@@ -744,20 +745,29 @@ mod tests {
         assert!(p.local_port_forwarding);
         assert_eq!(p.json["type"], "LocalPortForwarding");
 
-        assert!(
-            builtin_document("AWS-StartSSHSession", &json!({"portNumber": ["x"]}))
+        let refused = |name: &str, params: Value| {
+            let e = builtin_document(name, &params)
                 .expect("builtin")
-                .is_err()
+                .expect_err("refused");
+            (e.kind, e.message)
+        };
+        assert_eq!(
+            refused("AWS-StartSSHSession", json!({"portNumber": ["x"]})),
+            (
+                "ValidationException",
+                "portNumber \"x\" is not a port number".to_owned()
+            )
         );
-        assert!(
-            builtin_document("AWS-StartSSHSession", &json!({"bogus": ["1"]}))
-                .expect("builtin")
-                .is_err()
+        assert_eq!(
+            refused("AWS-StartSSHSession", json!({"bogus": ["1"]})),
+            (
+                "InvalidParameters",
+                "parameter bogus is not defined by document AWS-StartSSHSession".to_owned()
+            )
         );
-        assert!(
-            builtin_document("AWS-StartPortForwardingSessionToRemoteHost", &json!({}))
-                .expect("builtin")
-                .is_err()
+        assert_eq!(
+            refused("AWS-StartPortForwardingSessionToRemoteHost", json!({})),
+            ("InvalidParameters", "parameter host is required".to_owned())
         );
         assert!(builtin_document("Custom-Doc", &json!({})).is_none());
     }

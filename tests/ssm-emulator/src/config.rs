@@ -42,9 +42,12 @@ pub struct Config {
     pub upstream: Option<String>,
     /// Principal used in session ids (`<principal>-<17 hex>`).
     pub session_principal: String,
+    /// The gateway waits this long for a new WebSocket's open message.
+    pub open_timeout_ms: u64,
     /// Agent waits this long for HandshakeResponse (the agent's value is 15 s).
     pub handshake_timeout_ms: u64,
-    /// Session ends after this long without data in either direction.
+    /// Session ends after this long without data in either direction (counted from the end
+    /// of the handshake).
     pub idle_timeout_ms: u64,
     /// A detached session (no WebSocket) ends after this long without a resume.
     pub reconnect_timeout_ms: u64,
@@ -81,6 +84,7 @@ impl Default for Config {
             strict: true,
             upstream: None,
             session_principal: "fleet-access".to_owned(),
+            open_timeout_ms: 10_000,
             handshake_timeout_ms: 15_000,
             idle_timeout_ms: 20 * 60 * 1000,
             reconnect_timeout_ms: 60_000,

@@ -1,11 +1,13 @@
 //! The gateway's data channel (MGS): the WebSocket upgrade at `/v1/data-channel/<session>`, the
 //! open message and its token, the per-connection relay between client and agent, the rate
 //! limit of realistic mode, and the transit faults (drop, duplicate, reorder, delay, corrupt,
-//! recycle, black hole, TCP reset).
+//! recycle, black hole, TCP reset), each counted in the session's report. A WebSocket the
+//! gateway closes keeps relaying client frames to the agent until the client answers the close
+//! (or [`CLOSE_LINGER`] passes), so that the last frames are checked too.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -19,12 +21,15 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::agent::{AgentInput, Injection, ToClient};
-use crate::config::{Faults, Mode};
+use crate::config::{Config, Faults, Mode};
 use crate::message::{self, OpenDataChannelInput};
-use crate::registry::Shared;
+use crate::registry::{Opened, Shared, lock};
+use crate::report::{InjectedFaults, SessionReport};
 
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const REORDER_FLUSH: Duration = Duration::from_millis(20);
+/// How long a WebSocket the gateway closes waits for the client's answer (reading its last
+/// frames meanwhile).
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
 /// Serves one data-channel connection from the upgrade to the close.
 pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
@@ -71,7 +76,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     }
 
     // Control frames (the plugin pings at once) may come before the open message.
-    let first = tokio::time::timeout(OPEN_TIMEOUT, async {
+    let open_timeout = Config::duration(shared.config.open_timeout_ms);
+    let first = tokio::time::timeout(open_timeout, async {
         loop {
             match ws.next().await {
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -81,9 +87,21 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         }
     })
     .await;
-    let Ok(Some(first)) = first else {
-        shared.record_violation(Some(&session_id), "no open message within 10 s");
-        return;
+    let first = match first {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            report_open_failure(
+                &shared,
+                &session_id,
+                "the WebSocket ended before the open message",
+            );
+            return;
+        }
+        Err(_) => {
+            let reason = format!("no open message within {open_timeout:?}");
+            report_open_failure(&shared, &session_id, &reason);
+            return;
+        }
     };
     let open_text = match first {
         Message::Text(t) => t.as_str().to_owned(),
@@ -130,14 +148,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     if strict && open.client_version.as_deref().is_none_or(str::is_empty) {
         violations.push("open message lacks ClientVersion".to_owned());
     }
-    let (agent, conn_index, info) = match shared.open(&session_id, &open.token_value) {
-        Ok(x) => x,
+    let Opened {
+        agent,
+        conn_id,
+        info,
+        report,
+    } = match shared.open(&session_id, &open.token_value) {
+        Ok(opened) => opened,
         Err(reason) => {
             fail_open(&shared, &session_id, &reason, ws).await;
             return;
         }
     };
-    let conn_id = conn_index;
     let (outbound, rx) = mpsc::unbounded_channel();
     let _ = agent.send(AgentInput::Attach { conn_id, outbound });
     for v in violations {
@@ -147,27 +169,43 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         });
     }
     let faults = info.faults.clone();
-    let relay = Relay {
+    let mut relay = Relay {
         agent: agent.clone(),
         conn_id,
-        transit: Transit::new(&faults, conn_index),
+        transit: Transit::new(&faults, conn_id, report),
         bucket: (shared.config.mode == Mode::Realistic)
             .then(|| TokenBucket::new(shared.config.rate_limit_per_second)),
         drop_client_every: faults.drop_client_every,
         client_stream_frames: 0,
+        black_hole: false,
     };
-    relay.run(ws, rx).await;
+    let end = relay.run(&mut ws, rx).await;
     let _ = agent.send(AgentInput::Detach { conn_id });
+    if let End::Closing { frame, flush } = end {
+        relay.close_and_linger(&mut ws, frame, flush).await;
+    }
+    let _ = agent.send(AgentInput::Closed { conn_id });
 }
 
+/// Records why a WebSocket could not open its session and closes it.
 async fn fail_open(
     shared: &Shared,
     session_id: &str,
     reason: &str,
     mut ws: WebSocketStream<TcpStream>,
 ) {
-    let known = shared.agent(session_id);
-    match known {
+    report_open_failure(shared, session_id, reason);
+    let frame = CloseFrame {
+        code: CloseCode::Policy,
+        reason: "open rejected".into(),
+    };
+    let _ = ws.close(Some(frame)).await;
+}
+
+/// A violation before any open message was accepted: the session's agent judges it (in strict
+/// mode it fails the session); without a live agent it is recorded as it is.
+fn report_open_failure(shared: &Shared, session_id: &str, reason: &str) {
+    match shared.agent(session_id) {
         Some(agent) => {
             let _ = agent.send(AgentInput::GatewayViolation {
                 reason: reason.to_owned(),
@@ -176,11 +214,6 @@ async fn fail_open(
         }
         None => shared.record_violation(Some(session_id), reason),
     }
-    let frame = CloseFrame {
-        code: CloseCode::Policy,
-        reason: "open rejected".into(),
-    };
-    let _ = ws.close(Some(frame)).await;
 }
 
 /// Gateway limit on client stream messages (a token bucket of one second's worth).
@@ -213,9 +246,10 @@ impl TokenBucket {
     }
 }
 
-/// Transit faults on frames to the client.
+/// Transit faults on frames to the client, counted in the session's report.
 struct Transit {
     faults: Faults,
+    report: Arc<Mutex<SessionReport>>,
     connection_faulted: bool,
     stream_count: u64,
     frames_sent: u64,
@@ -225,9 +259,10 @@ struct Transit {
 }
 
 impl Transit {
-    fn new(faults: &Faults, conn_index: u32) -> Self {
+    fn new(faults: &Faults, conn_index: u32, report: Arc<Mutex<SessionReport>>) -> Self {
         Self {
             faults: faults.clone(),
+            report,
             connection_faulted: conn_index < faults.connection_faults.unwrap_or(1),
             stream_count: 0,
             frames_sent: 0,
@@ -241,6 +276,11 @@ impl Transit {
         n.is_some_and(|n| n > 0 && count.is_multiple_of(u64::from(n)))
     }
 
+    /// Counts an injected fault in the report.
+    fn count(&self, fault: impl FnOnce(&mut InjectedFaults)) {
+        fault(&mut lock(&self.report).injected);
+    }
+
     /// Applies per-frame faults; returns the frames to send now (before the delay).
     fn apply(&mut self, mut data: Vec<u8>, stream: bool) -> Vec<Vec<u8>> {
         if !stream {
@@ -249,19 +289,23 @@ impl Transit {
         self.stream_count += 1;
         let c = self.stream_count;
         if Self::every(self.faults.drop_every, c) {
+            self.count(|f| f.output_dropped += 1);
             return Vec::new();
         }
         if Self::every(self.faults.corrupt_digest_every, c) && data.len() > 112 {
             data[80] ^= 0xFF;
+            self.count(|f| f.digests_corrupted += 1);
         }
         if Self::every(self.faults.flip_payload_bit_every, c)
             && data.len() > message::FRAME_HEADER_SIZE
         {
             data[message::FRAME_HEADER_SIZE] ^= 0x01;
+            self.count(|f| f.payload_bits_flipped += 1);
         }
         let mut out = vec![data];
         if Self::every(self.faults.duplicate_every, c) {
             out.push(out[0].clone());
+            self.count(|f| f.output_duplicated += 1);
         }
         match self.faults.reorder_window {
             Some(w) if w > 1 => {
@@ -280,6 +324,10 @@ impl Transit {
     fn flush_reorder(&mut self) -> Vec<Vec<u8>> {
         self.reorder_since = None;
         let mut group = std::mem::take(&mut self.reorder);
+        if group.len() > 1 {
+            let n = group.len() as u64;
+            self.count(|f| f.output_reordered += n);
+        }
         group.reverse();
         group
     }
@@ -309,96 +357,142 @@ struct Relay {
     bucket: Option<TokenBucket>,
     drop_client_every: Option<u32>,
     client_stream_frames: u64,
+    /// Silent both ways: nothing is read or sent any more.
+    black_hole: bool,
 }
 
-enum Step {
-    Continue,
-    Stop,
+/// How a connection's relay loop ended.
+enum End {
+    /// The gateway closes the WebSocket (with `frame`, after flushing held frames when
+    /// `flush`); the client may still send until it answers.
+    Closing {
+        frame: Option<CloseFrame>,
+        flush: bool,
+    },
+    /// The connection is gone (closed by the client, broken, reset or black-holed).
+    Gone,
 }
 
 impl Relay {
+    /// Relays until the connection ends or the gateway starts to close it.
     async fn run(
-        mut self,
-        mut ws: WebSocketStream<TcpStream>,
+        &mut self,
+        ws: &mut WebSocketStream<TcpStream>,
         mut rx: mpsc::UnboundedReceiver<ToClient>,
-    ) {
-        let mut black_hole = false;
+    ) -> End {
         loop {
             let next_delay = self.transit.delayed.front().map(|(t, _)| *t);
             let reorder_due = self.transit.reorder_since.map(|t| t + REORDER_FLUSH);
+            let black_hole = self.black_hole;
             // A black hole stops reading the socket altogether: no frame is relayed and no ping
             // is answered, as when the network in between fails silently.
-            let step = tokio::select! {
+            let end = tokio::select! {
                 incoming = ws.next(), if !black_hole => match incoming {
-                    Some(Ok(Message::Binary(b))) => self.relay_client_frame(b.to_vec(), false),
-                    Some(Ok(Message::Text(t))) => self.relay_client_frame(t.as_bytes().to_vec(), true),
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Step::Stop,
-                    Some(Ok(_)) => Step::Continue,
+                    Some(Ok(Message::Binary(b))) => {
+                        self.relay_client_frame(b.to_vec(), false);
+                        None
+                    }
+                    Some(Ok(Message::Text(t))) => {
+                        self.relay_client_frame(t.as_bytes().to_vec(), true);
+                        None
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Some(End::Gone),
+                    Some(Ok(_)) => None,
                 },
                 out = rx.recv() => match out {
-                    Some(_) if black_hole => Step::Continue,
-                    None => {
-                        let _ = ws.close(None).await;
-                        Step::Stop
-                    }
+                    Some(_) if black_hole => None,
+                    // The agent let this connection go (a newer one replaced it, or the session
+                    // ended).
+                    None if black_hole => Some(End::Gone),
+                    None => Some(End::Closing { frame: None, flush: false }),
                     Some(ToClient::Frame { data, stream }) => {
                         let frames = self.transit.apply(data, stream);
-                        self.emit(&mut ws, frames).await
+                        self.emit(ws, frames).await
                     }
-                    Some(ToClient::Close { code, reason }) => {
-                        self.flush_all(&mut ws).await;
-                        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-                        let _ = ws.close(Some(frame)).await;
-                        Step::Stop
-                    }
-                    Some(ToClient::Inject(i)) => match self.inject(&mut ws, i).await {
-                        Some(true) => { black_hole = true; Step::Continue }
-                        _ => Step::Stop,
-                    },
+                    Some(ToClient::Close { code, reason }) => Some(End::Closing {
+                        frame: Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }),
+                        flush: true,
+                    }),
+                    Some(ToClient::Inject(i)) => self.inject(ws, i),
                 },
                 _ = sleep_until_opt(next_delay), if next_delay.is_some() && !black_hole => {
-                    self.send_due(&mut ws).await
+                    self.send_due(ws).await
                 }
                 _ = sleep_until_opt(reorder_due), if reorder_due.is_some() && !black_hole => {
                     let frames = self.transit.flush_reorder();
-                    self.emit(&mut ws, frames).await
+                    self.emit(ws, frames).await
                 }
             };
-            if matches!(step, Step::Stop) {
-                break;
+            if let Some(end) = end {
+                return end;
             }
-            if !black_hole && let Some(i) = self.transit.connection_fault_due() {
+            if !self.black_hole
+                && let Some(i) = self.transit.connection_fault_due()
+            {
                 self.transit.connection_faulted = false;
-                match self.inject(&mut ws, i).await {
-                    Some(true) => black_hole = true,
-                    _ => break,
+                if let Some(end) = self.inject(ws, i) {
+                    return end;
                 }
             }
         }
     }
 
-    /// Performs a connection fault; `Some(true)` means "now a black hole", otherwise the
-    /// connection is gone.
-    async fn inject(&mut self, ws: &mut WebSocketStream<TcpStream>, i: Injection) -> Option<bool> {
+    /// Performs a connection fault (counted); `None` while the connection lives on (as a black
+    /// hole).
+    fn inject(&mut self, ws: &mut WebSocketStream<TcpStream>, i: Injection) -> Option<End> {
         tracing::info!(conn = self.conn_id, "injecting {i:?}");
         match i {
             Injection::Recycle => {
-                let frame = CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "Bye".into(),
-                };
-                let _ = ws.close(Some(frame)).await;
-                None
+                self.transit.count(|f| f.websocket_recycles += 1);
+                Some(End::Closing {
+                    frame: Some(CloseFrame {
+                        code: CloseCode::Normal,
+                        reason: "Bye".into(),
+                    }),
+                    flush: false,
+                })
             }
             Injection::Reset => {
+                self.transit.count(|f| f.tcp_resets += 1);
                 let _ = ws.get_ref().set_zero_linger();
+                Some(End::Gone)
+            }
+            Injection::BlackHole => {
+                self.transit.count(|f| f.black_holes += 1);
+                self.black_hole = true;
                 None
             }
-            Injection::BlackHole => Some(true),
         }
     }
 
-    fn relay_client_frame(&mut self, data: Vec<u8>, text: bool) -> Step {
+    /// Sends the close and relays the client's last frames until it answers (bounded by
+    /// [`CLOSE_LINGER`]).
+    async fn close_and_linger(
+        &mut self,
+        ws: &mut WebSocketStream<TcpStream>,
+        frame: Option<CloseFrame>,
+        flush: bool,
+    ) {
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            if flush {
+                self.flush_all(ws).await;
+            }
+            if ws.close(frame).await.is_err() {
+                return;
+            }
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Binary(b) => self.relay_client_frame(b.to_vec(), false),
+                    Message::Text(t) => self.relay_client_frame(t.as_bytes().to_vec(), true),
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+
+    fn relay_client_frame(&mut self, data: Vec<u8>, text: bool) {
         let is_stream = data.len() > 4 + 17 && &data[4..4 + 17] == b"input_stream_data";
         if is_stream {
             self.client_stream_frames += 1;
@@ -412,10 +506,13 @@ impl Relay {
                     ),
                     close: true,
                 });
-                return Step::Continue;
+                return;
             }
             if Transit::every(self.drop_client_every, self.client_stream_frames) {
-                return Step::Continue;
+                let _ = self.agent.send(AgentInput::InputDropped {
+                    seq: message::peek_sequence_number(&data),
+                });
+                return;
             }
         }
         let _ = self.agent.send(AgentInput::ClientFrame {
@@ -423,31 +520,38 @@ impl Relay {
             data,
             text,
         });
-        Step::Continue
     }
 
-    async fn emit(&mut self, ws: &mut WebSocketStream<TcpStream>, frames: Vec<Vec<u8>>) -> Step {
+    /// Sends `frames` now, or queues them when `delay_ms` is set; `Some` when the connection
+    /// broke.
+    async fn emit(
+        &mut self,
+        ws: &mut WebSocketStream<TcpStream>,
+        frames: Vec<Vec<u8>>,
+    ) -> Option<End> {
         match self.transit.faults.delay_ms {
             Some(ms) if ms > 0 => {
                 let at = Instant::now() + Duration::from_millis(ms);
+                let n = frames.len() as u64;
+                self.transit.count(|f| f.output_delayed += n);
                 self.transit
                     .delayed
                     .extend(frames.into_iter().map(|f| (at, f)));
-                Step::Continue
+                None
             }
             _ => {
                 for f in frames {
                     if ws.send(Message::Binary(f.into())).await.is_err() {
-                        return Step::Stop;
+                        return Some(End::Gone);
                     }
                     self.transit.frames_sent += 1;
                 }
-                Step::Continue
+                None
             }
         }
     }
 
-    async fn send_due(&mut self, ws: &mut WebSocketStream<TcpStream>) -> Step {
+    async fn send_due(&mut self, ws: &mut WebSocketStream<TcpStream>) -> Option<End> {
         let now = Instant::now();
         while let Some((t, _)) = self.transit.delayed.front() {
             if *t > now {
@@ -457,11 +561,11 @@ impl Relay {
                 break;
             };
             if ws.send(Message::Binary(f.into())).await.is_err() {
-                return Step::Stop;
+                return Some(End::Gone);
             }
             self.transit.frames_sent += 1;
         }
-        Step::Continue
+        None
     }
 
     async fn flush_all(&mut self, ws: &mut WebSocketStream<TcpStream>) {

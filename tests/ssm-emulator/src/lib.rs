@@ -5,13 +5,16 @@
 //! gates, reliability layer, basic and smux port forwarding) with fault injection.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), fleet_access_ssm_emulator::Error> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig};
 //! let mut config = Config::default();
 //! config.instances.push(InstanceConfig::new("i-0123456789abcdef0")
 //!     .with_port("22", "127.0.0.1:2222".parse().expect("addr")));
 //! let running = Emulator::start(config).await?;
 //! println!("point aws-sdk-ssm at {}", running.endpoint_url());
+//! // ... run the client and end its sessions; then, with final reports only:
+//! let reports = running.wait_for_all_ended(std::time::Duration::from_secs(60)).await?;
+//! assert!(running.violations().is_empty(), "{reports:?}");
 //! # Ok(()) }
 //! ```
 //!
@@ -41,9 +44,11 @@ use tokio::task::JoinHandle;
 
 pub use agent::Injection;
 pub use config::{Config, Faults, InstanceConfig, Mode};
-pub use error::Error;
+pub use error::{Error, WaitError};
 pub use port::{REALISTIC_CHUNK, REALISTIC_PAUSE};
-pub use report::{SessionReport, SessionStatus, Stats, Transfer, Violation};
+pub use report::{
+    InjectedFaults, SessionReport, SessionStatus, Stats, Transfer, Violation, unobserved_faults,
+};
 
 use registry::{Shared, lock};
 
@@ -90,20 +95,21 @@ impl Running {
         self.addr
     }
 
-    /// Every violation so far.
+    /// Every violation so far, in order. Complete for a session only once it has ended: read it
+    /// after [`Running::wait_for_end`] or [`Running::wait_for_all_ended`] returned.
     pub fn violations(&self) -> Vec<Violation> {
         lock(&self.shared.violations).clone()
     }
 
-    /// The report of one session.
+    /// The report of one session as it is now (a live session's may still grow; see
+    /// [`Running::wait_for_end`]).
     pub fn session_report(&self, session_id: &str) -> Option<SessionReport> {
         self.shared.report(session_id)
     }
 
-    /// Reports of every session.
+    /// Reports of every session as they are now, oldest session first.
     pub fn session_reports(&self) -> Vec<SessionReport> {
-        let ids: Vec<String> = lock(&self.shared.sessions).keys().cloned().collect();
-        ids.iter().filter_map(|id| self.shared.report(id)).collect()
+        self.shared.reports()
     }
 
     /// Global counters.
@@ -124,17 +130,62 @@ impl Running {
             .is_some_and(|a| a.send(agent::AgentInput::Inject(injection)).is_ok())
     }
 
-    /// Waits until the session has ended, or `limit` passes; returns its report either way.
-    pub async fn wait_for_end(&self, session_id: &str, limit: Duration) -> Option<SessionReport> {
+    /// Waits until the session has ended for good (its `channel_closed` sent, every WebSocket
+    /// of it closed and every client frame checked) and returns its final report, whose
+    /// violations are complete. Fails when the session is unknown or has not ended within
+    /// `limit` (a bound on the wait: be generous).
+    pub async fn wait_for_end(
+        &self,
+        session_id: &str,
+        limit: Duration,
+    ) -> Result<SessionReport, WaitError> {
         let deadline = tokio::time::Instant::now() + limit;
+        let mut ended = self.shared.sessions_ended.subscribe();
         loop {
-            let r = self.shared.report(session_id);
-            if r.as_ref().is_none_or(|r| r.status.is_ended())
-                || tokio::time::Instant::now() >= deadline
-            {
-                return r;
+            let report =
+                self.shared
+                    .report(session_id)
+                    .ok_or_else(|| WaitError::UnknownSession {
+                        session_id: session_id.to_owned(),
+                    })?;
+            if report.status.is_ended() {
+                return Ok(report);
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !wait_for_change(&mut ended, deadline).await {
+                return Err(WaitError::NotEnded {
+                    limit,
+                    report: Box::new(report),
+                });
+            }
+        }
+    }
+
+    /// Waits until every session this emulator has started has ended for good (see
+    /// [`Running::wait_for_end`]) and returns their final reports, oldest first. Fails with the
+    /// sessions still running when `limit` passes. Read [`Running::violations`] after this to
+    /// judge a whole test.
+    pub async fn wait_for_all_ended(
+        &self,
+        limit: Duration,
+    ) -> Result<Vec<SessionReport>, WaitError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut ended = self.shared.sessions_ended.subscribe();
+        loop {
+            let reports = self.shared.reports();
+            if reports.iter().all(|r| r.status.is_ended()) {
+                return Ok(reports);
+            }
+            if !wait_for_change(&mut ended, deadline).await {
+                let total = reports.len();
+                return Err(WaitError::NotAllEnded {
+                    limit,
+                    total,
+                    pending: reports
+                        .into_iter()
+                        .filter(|r| !r.status.is_ended())
+                        .collect(),
+                });
+            }
         }
     }
 
@@ -145,6 +196,14 @@ impl Running {
             let _ = t.await;
         }
     }
+}
+
+/// Waits for the next change of `ended` until `deadline`; false when the deadline passed first.
+async fn wait_for_change(ended: &mut watch::Receiver<u64>, deadline: tokio::time::Instant) -> bool {
+    matches!(
+        tokio::time::timeout_at(deadline, ended.changed()).await,
+        Ok(Ok(()))
+    )
 }
 
 impl Drop for Running {

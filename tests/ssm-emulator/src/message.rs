@@ -320,6 +320,16 @@ impl ClientMessage {
     }
 }
 
+/// The SequenceNumber of a raw frame, without decoding the rest; `None` when the frame is too
+/// short to hold one.
+pub fn peek_sequence_number(frame: &[u8]) -> Option<i64> {
+    let bytes: [u8; SEQ_LEN] = frame
+        .get(SEQ_OFFSET..SEQ_OFFSET + SEQ_LEN)?
+        .try_into()
+        .ok()?;
+    Some(i64::from_be_bytes(bytes))
+}
+
 /// Reads a frame with the §2.2 reader rule: HL ∈ {112, 116, ...}, payload = `frame[HL+4..]`,
 /// PayloadType read only when HL ≥ 116.
 pub fn decode(frame: &[u8]) -> Result<DecodedFrame, DecodeError> {
@@ -654,6 +664,13 @@ mod tests {
             decode(&wire),
             Err(DecodeError::HeaderPastEnd { .. })
         ));
+    }
+
+    #[test]
+    fn the_sequence_number_is_peeked_from_a_raw_frame() {
+        let m = ClientMessage::new(MessageType::InputStreamData, 77, 0, 1, b"x".to_vec());
+        assert_eq!(peek_sequence_number(&m.encode()), Some(77));
+        assert_eq!(peek_sequence_number(&[0u8; 20]), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The emulator's shared state: the live sessions (token, status, agent handle, report),
-//! the violation log and the counters. Everything here is behind short-lived locks.
+//! The emulator's shared state: the sessions (token, life cycle, agent handle, report), the
+//! violation log and the counters. Everything here is behind short-lived locks; a watch channel
+//! tells waiters when a session has ended for good.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::watch;
 
 use crate::agent::AgentInput;
 use crate::config::{Config, Faults, InstanceConfig};
@@ -43,10 +45,32 @@ pub(crate) struct SessionEntry {
     /// The live, unused token; `None` once used or after the end.
     pub(crate) token: Option<String>,
     pub(crate) started: SystemTime,
+    /// The agent has finished the session (sent `channel_closed`); its WebSockets may still be
+    /// closing and their last frames still being checked.
+    pub(crate) finished: bool,
+    /// When the session ended for good: every WebSocket closed, every frame checked.
     pub(crate) ended: Option<SystemTime>,
     pub(crate) agent: Option<UnboundedSender<AgentInput>>,
     pub(crate) report: Arc<Mutex<SessionReport>>,
     pub(crate) next_connection: u32,
+}
+
+impl SessionEntry {
+    /// No client may open or resume it any more.
+    pub(crate) fn is_over(&self) -> bool {
+        self.finished || self.ended.is_some()
+    }
+}
+
+/// What a client's WebSocket gets from a successful open message.
+pub(crate) struct Opened {
+    /// The session's agent.
+    pub(crate) agent: UnboundedSender<AgentInput>,
+    /// The index of this connection in the session (0 for the first).
+    pub(crate) conn_id: u32,
+    pub(crate) info: Arc<SessionInfo>,
+    /// The session's report, for the transit-fault counters.
+    pub(crate) report: Arc<Mutex<SessionReport>>,
 }
 
 /// State shared by the API, the gateway and the agents.
@@ -62,6 +86,8 @@ pub(crate) struct Shared {
     pub(crate) api_requests: AtomicU64,
     pub(crate) forwarded_requests: AtomicU64,
     pub(crate) data_channel_connections: AtomicU64,
+    /// Bumped whenever a session ends for good.
+    pub(crate) sessions_ended: watch::Sender<u64>,
 }
 
 /// Locks a mutex, recovering from poisoning (a panicked test task must not hide reports).
@@ -83,6 +109,7 @@ impl Shared {
             api_requests: AtomicU64::new(0),
             forwarded_requests: AtomicU64::new(0),
             data_channel_connections: AtomicU64::new(0),
+            sessions_ended: watch::Sender::new(0),
         }
     }
 
@@ -126,20 +153,16 @@ impl Shared {
         }
     }
 
-    /// Consumes a session's live token. On success returns the agent handle and the index of
-    /// this connection (0 for the first).
-    pub(crate) fn open(
-        &self,
-        session_id: &str,
-        token: &str,
-    ) -> Result<(UnboundedSender<AgentInput>, u32, Arc<SessionInfo>), String> {
+    /// Consumes a session's live token for a new connection.
+    pub(crate) fn open(&self, session_id: &str, token: &str) -> Result<Opened, String> {
         let mut sessions = lock(&self.sessions);
         let entry = sessions
             .get_mut(session_id)
             .ok_or_else(|| format!("open message for unknown session {session_id}"))?;
-        if entry.ended.is_some() {
-            return Err("open message for a session that has ended".to_owned());
-        }
+        let agent = match &entry.agent {
+            Some(agent) if !entry.is_over() => agent.clone(),
+            _ => return Err("open message for a session that has ended".to_owned()),
+        };
         match &entry.token {
             Some(t) if t == token => {}
             Some(_) => return Err("TokenValue does not match the session's live token".to_owned()),
@@ -150,27 +173,41 @@ impl Shared {
                 );
             }
         }
-        let agent = entry
-            .agent
-            .clone()
-            .ok_or_else(|| "session has no agent".to_owned())?;
         entry.token = None;
-        let index = entry.next_connection;
+        let conn_id = entry.next_connection;
         entry.next_connection += 1;
-        Ok((agent, index, entry.info.clone()))
+        Ok(Opened {
+            agent,
+            conn_id,
+            info: entry.info.clone(),
+            report: entry.report.clone(),
+        })
     }
 
-    /// Marks a session ended (called by its agent).
+    /// Marks a session finished (called by its agent when it sends `channel_closed`): no more
+    /// opens, resumes or API inputs.
+    pub(crate) fn mark_finished(&self, session_id: &str) {
+        if let Some(e) = lock(&self.sessions).get_mut(session_id) {
+            e.token = None;
+            e.agent = None;
+            e.finished = true;
+        }
+    }
+
+    /// Marks a session ended for good (called by its agent once its last WebSocket closed and
+    /// its last frame was checked) and wakes the waiters.
     pub(crate) fn mark_ended(&self, session_id: &str, status: SessionStatus) {
         if let Some(e) = lock(&self.sessions).get_mut(session_id) {
             e.token = None;
             e.agent = None;
+            e.finished = true;
             e.ended = Some(SystemTime::now());
             lock(&e.report).status = status;
         }
         if status == SessionStatus::Failed {
             self.sessions_failed.fetch_add(1, Ordering::Relaxed);
         }
+        self.sessions_ended.send_modify(|n| *n += 1);
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -190,6 +227,14 @@ impl Shared {
         lock(&self.sessions)
             .get(session_id)
             .map(|e| lock(&e.report).clone())
+    }
+
+    /// Every session's report, oldest session first.
+    pub(crate) fn reports(&self) -> Vec<SessionReport> {
+        let sessions = lock(&self.sessions);
+        let mut entries: Vec<&SessionEntry> = sessions.values().collect();
+        entries.sort_by_key(|e| e.started);
+        entries.iter().map(|e| lock(&e.report).clone()).collect()
     }
 
     pub(crate) fn agent(&self, session_id: &str) -> Option<UnboundedSender<AgentInput>> {

@@ -200,8 +200,14 @@ async fn describe_instance_information_filters_and_pages() {
                 .expect("filter"),
         )
         .send()
-        .await;
-    assert!(bad.is_err());
+        .await
+        .expect_err("an unknown filter key")
+        .into_service_error();
+    assert_eq!(bad.code(), Some("InvalidInstanceInformationFilterValue"));
+    assert_eq!(
+        bad.message(),
+        Some("filter key \"NoSuchKey\" is not supported")
+    );
 }
 
 #[tokio::test]
@@ -269,8 +275,14 @@ async fn session_lifecycle_through_the_api() {
         .resume_session()
         .session_id("nobody-00000000000000000")
         .send()
-        .await;
-    assert!(unknown.is_err());
+        .await
+        .expect_err("an unknown session")
+        .into_service_error();
+    assert_eq!(unknown.code(), Some("DoesNotExistException"));
+    assert_eq!(
+        unknown.message(),
+        Some("session nobody-00000000000000000 does not exist")
+    );
 }
 
 #[tokio::test]
@@ -353,7 +365,13 @@ async fn moto_serves_other_operations_and_custom_port_documents() {
     mux.read_until(&[(id, 8)])
         .await
         .expect("echo through port 5432");
-    let report = running.session_report(&started.session_id).expect("report");
+    assert_eq!(mux.received[&id], b"SELECT 1");
+    mux.client.flag(FLAG_TERMINATE).await.expect("flag");
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("the session ends");
+    assert_eq!(report.status, SessionStatus::Terminated, "{report:?}");
     assert_eq!(
         report.transfer,
         Some(fleet_access_ssm_emulator::Transfer::Mux)

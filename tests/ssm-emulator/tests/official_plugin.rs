@@ -2,18 +2,21 @@
 //! exactly as the AWS CLI runs it, works through the emulator with no violation: an SSH session
 //! (stdio, basic mode) carrying a real `ssh` to the test sshd, and a port-forwarding session
 //! (mux) carrying several concurrent connections. The tests fail when the plugin is missing.
+//! Reports and violations are read after the session ended.
+
+#![allow(clippy::panic)] // test helpers report failures by panicking
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::*;
 use fleet_access_ssm_emulator::{
     Config, Emulator, InstanceConfig, Mode, Running, SessionStatus, Transfer,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
 
 const INSTANCE: &str = "i-0aaaaaaaaaaaaaaa1";
 const REGION: &str = "us-east-1";
@@ -84,8 +87,15 @@ async fn start(
     (started, response, request)
 }
 
-fn assert_clean(running: &Running, session_id: &str) {
-    let report = running.session_report(session_id).expect("report");
+/// Waits for the session's end; neither it nor any other session saw a violation.
+async fn assert_clean(
+    running: &Running,
+    session_id: &str,
+) -> fleet_access_ssm_emulator::SessionReport {
+    let report = running
+        .wait_for_end(session_id, TEST_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         report.violations.is_empty(),
         "violations: {:?}\n{report:?}",
@@ -93,6 +103,7 @@ fn assert_clean(running: &Running, session_id: &str) {
     );
     let all = running.violations();
     assert!(all.is_empty(), "emulator violations: {all:?}");
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,6 +112,9 @@ async fn ssh_through_the_official_plugin() {
     let sshd = fleet_access_tests::Sshd::start().await.expect("sshd");
     let mut config = Config {
         mode: Mode::Realistic,
+        // When ssh is done the plugin just exits (stdin EOF): unless sshd's close comes first,
+        // the session then ends because its client does not come back.
+        reconnect_timeout_ms: 2_000,
         ..Config::default()
     };
     config
@@ -171,15 +185,20 @@ async fn ssh_through_the_official_plugin() {
         stdout.len()
     );
 
-    let report = running
-        .wait_for_end(&started.session_id, Duration::from_secs(5))
-        .await
-        .expect("report");
+    let report = assert_clean(&running, &started.session_id).await;
     eprintln!("{report:?}");
+    // Whichever comes first: sshd's close, or the plugin's exit without coming back.
+    assert_eq!(report.status, SessionStatus::Terminated, "{report:?}");
+    assert!(
+        matches!(
+            report.close_reason.as_deref(),
+            Some("the target closed the connection" | "the client did not reconnect")
+        ),
+        "{report:?}"
+    );
     assert_eq!(report.transfer, Some(Transfer::Basic));
     assert_eq!(report.client_version.as_deref(), Some("1.2.0.0"));
     assert!(report.bytes_to_client > 200_000, "{report:?}");
-    assert_clean(&running, &started.session_id);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -189,10 +208,25 @@ fn tempfile_dir() -> PathBuf {
     dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn port_forwarding_through_the_official_plugin() {
-    let plugin = plugin();
-    for mode in [Mode::Realistic, Mode::Fast] {
+/// The plugin forwarding a local port to an echo target through its own emulator, listening.
+struct Forwarding {
+    running: Running,
+    started: Started,
+    child: Child,
+    local_port: u16,
+    dir: PathBuf,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+/// How often a local port is chosen again when another process took it first.
+const PORT_ATTEMPTS: u32 = 5;
+
+/// Starts the plugin as the AWS CLI would for a port-forwarding session, and waits until it
+/// listens. The local port is chosen free but bound only by the plugin: when another process
+/// took it in between, the whole start is repeated with a new port.
+async fn start_forwarding(plugin: &Path, mode: Mode) -> Forwarding {
+    let mut attempt = 1;
+    loop {
         let echo = echo_server().await;
         let mut config = Config {
             mode,
@@ -210,9 +244,8 @@ async fn port_forwarding_through_the_official_plugin() {
             serde_json::json!({"portNumber": ["8080"], "localPortNumber": [local_port.to_string()]}),
         )
         .await;
-
         let dir = tempfile_dir();
-        let mut cmd = tokio::process::Command::new(&plugin);
+        let mut cmd = tokio::process::Command::new(plugin);
         cmd.args(cli_args(&response, &request, &running.endpoint_url()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -220,10 +253,12 @@ async fn port_forwarding_through_the_official_plugin() {
             .kill_on_drop(true);
         plugin_env(&mut cmd, &dir);
         let mut child = cmd.spawn().expect("plugin starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let waiting = tokio::time::timeout(TEST_TIMEOUT, async {
-            while let Ok(Some(line)) = lines.next_line().await {
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut output = String::new();
+        let listening = tokio::time::timeout(TEST_TIMEOUT, async {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                output.push_str(&line);
+                output.push('\n');
                 if line.contains("Waiting for connections") {
                     return true;
                 }
@@ -232,11 +267,44 @@ async fn port_forwarding_through_the_official_plugin() {
         })
         .await
         .expect("plugin ready in time");
-        assert!(waiting, "plugin exited before listening");
+        if listening {
+            return Forwarding {
+                running,
+                started,
+                child,
+                local_port,
+                dir,
+                stdout,
+            };
+        }
+        let _ = child.wait().await;
+        output.push_str(&std::fs::read_to_string(dir.join("plugin.stderr")).unwrap_or_default());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            output.contains("address already in use") && attempt < PORT_ATTEMPTS,
+            "{mode:?}: the plugin exited before listening (attempt {attempt}):\n{output}"
+        );
+        eprintln!("{mode:?}: local port {local_port} was taken; starting again");
+        attempt += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forwarding_through_the_official_plugin() {
+    let plugin = plugin();
+    for mode in [Mode::Realistic, Mode::Fast] {
+        let Forwarding {
+            running,
+            started,
+            mut child,
+            local_port,
+            dir,
+            mut stdout,
+        } = start_forwarding(&plugin, mode).await;
         let stdout_log = dir.join("plugin.stdout");
         tokio::spawn(async move {
             let mut text = String::new();
-            while let Ok(Some(line)) = lines.next_line().await {
+            while let Ok(Some(line)) = stdout.next_line().await {
                 text.push_str(&line);
                 text.push('\n');
                 let _ = std::fs::write(&stdout_log, &text);
@@ -274,12 +342,12 @@ async fn port_forwarding_through_the_official_plugin() {
             .arg(pid.to_string())
             .status()
             .expect("kill");
-        let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
-
-        let report = running
-            .wait_for_end(&started.session_id, Duration::from_secs(20))
+        tokio::time::timeout(TEST_TIMEOUT, child.wait())
             .await
-            .expect("report");
+            .expect("the plugin exits")
+            .expect("wait");
+
+        let report = assert_clean(&running, &started.session_id).await;
         assert_eq!(report.transfer, Some(Transfer::Mux), "{mode:?}: {report:?}");
         assert_eq!(report.smux_streams_opened, 5, "{mode:?}: {report:?}");
         assert_eq!(
@@ -287,7 +355,6 @@ async fn port_forwarding_through_the_official_plugin() {
             SessionStatus::Terminated,
             "{mode:?}: {report:?}"
         );
-        assert_clean(&running, &started.session_id);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,13 +1,16 @@
 //! Data-channel sessions through the emulator with the in-test client: basic and mux port
-//! forwarding in both modes, version gates, fault injection, and strict-mode violations.
+//! forwarding in both modes, version gates, fault injection (each fault shown to have fired
+//! and had its effect), and strict-mode violations. Every report is read after its session
+//! ended.
+
+#![allow(clippy::panic)] // test helpers report failures by panicking
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use fleet_access_ssm_emulator::{
-    Config, Emulator, Faults, InstanceConfig, Mode, Running, SessionStatus, Transfer,
+    Config, Emulator, Faults, InstanceConfig, Mode, Running, SessionReport, SessionStatus,
+    Transfer, unobserved_faults,
 };
 
 const INSTANCE: &str = "i-0123456789abcdef0";
@@ -34,7 +37,23 @@ async fn emulator(
     (running, ssm)
 }
 
-async fn basic_echo(running: &Running, ssm: &aws_sdk_ssm::Client, len: usize) -> String {
+/// Ends the session with the TerminateSession flag, once everything the client sent is
+/// acknowledged, and returns its final report.
+async fn terminate(running: &Running, client: &Client, session_id: &str) -> SessionReport {
+    client.flush().await.expect("everything acknowledged");
+    client.flag(FLAG_TERMINATE).await.expect("flag");
+    ended(running, session_id).await
+}
+
+/// The final report of a session that is ending.
+async fn ended(running: &Running, session_id: &str) -> SessionReport {
+    running
+        .wait_for_end(session_id, TEST_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn basic_echo(running: &Running, ssm: &aws_sdk_ssm::Client, len: usize) -> SessionReport {
     let started = start_session(
         ssm,
         INSTANCE,
@@ -51,23 +70,18 @@ async fn basic_echo(running: &Running, ssm: &aws_sdk_ssm::Client, len: usize) ->
     client.send(data.clone()).await.expect("send");
     let back = client.read_exact(len).await.expect("echo");
     assert!(back == data, "echoed bytes differ");
-    client.flag(FLAG_TERMINATE).await.expect("flag");
-    let report = running
-        .wait_for_end(&started.session_id, TEST_TIMEOUT)
-        .await
-        .expect("report");
+    let report = terminate(running, &client, &started.session_id).await;
     assert_eq!(report.status, SessionStatus::Terminated, "{report:?}");
     assert_eq!(report.transfer, Some(Transfer::Basic));
     assert_eq!(report.bytes_from_client, len as u64);
-    started.session_id
+    report
 }
 
 #[tokio::test]
 async fn basic_session_echoes_in_both_modes() {
     for mode in [Mode::Fast, Mode::Realistic] {
         let (running, ssm) = emulator(mode, Faults::default(), |_| {}).await;
-        let sid = basic_echo(&running, &ssm, 64 * 1024).await;
-        let report = running.session_report(&sid).expect("report");
+        let report = basic_echo(&running, &ssm, 64 * 1024).await;
         assert!(
             report.violations.is_empty(),
             "{mode:?}: {:?}",
@@ -104,7 +118,7 @@ async fn mux_echo(
     ssm: &aws_sdk_ssm::Client,
     streams: usize,
     len: usize,
-) -> String {
+) -> SessionReport {
     let (started, mut mux) = port_forwarding(ssm, "80").await;
     let mut ids = Vec::new();
     for i in 0..streams {
@@ -121,23 +135,18 @@ async fn mux_echo(
         );
         mux.close(*id).await.expect("fin");
     }
-    mux.client.flag(FLAG_TERMINATE).await.expect("flag");
-    let report = running
-        .wait_for_end(&started.session_id, TEST_TIMEOUT)
-        .await
-        .expect("report");
+    let report = terminate(running, &mux.client, &started.session_id).await;
     assert_eq!(report.transfer, Some(Transfer::Mux), "{report:?}");
     assert_eq!(report.smux_streams_opened, streams as u64);
     assert_eq!(report.status, SessionStatus::Terminated, "{report:?}");
-    started.session_id
+    report
 }
 
 #[tokio::test]
 async fn mux_session_carries_concurrent_streams_in_both_modes() {
     for mode in [Mode::Fast, Mode::Realistic] {
         let (running, ssm) = emulator(mode, Faults::default(), |_| {}).await;
-        let sid = mux_echo(&running, &ssm, 4, 40_000).await;
-        let report = running.session_report(&sid).expect("report");
+        let report = mux_echo(&running, &ssm, 4, 40_000).await;
         assert!(
             report.violations.is_empty(),
             "{mode:?}: {:?}",
@@ -162,7 +171,7 @@ async fn mux_dial_failure_sends_connect_to_port_error() {
         .expect("flag");
     assert_eq!(event, ClientEvent::Flag(3));
     mux.wait_fin(id).await.expect("FIN for the failed stream");
-    let report = running.session_report(&started.session_id).expect("report");
+    let report = terminate(&running, &mux.client, &started.session_id).await;
     assert_eq!(report.smux_dial_failures, 1);
     assert!(report.violations.is_empty(), "{:?}", report.violations);
 }
@@ -189,8 +198,9 @@ async fn version_gates_choose_basic_mode_and_keepalive() {
     client.handshake().await.expect("handshake");
     client.send(b"raw bytes".to_vec()).await.expect("send");
     assert_eq!(client.read_exact(9).await.expect("echo"), b"raw bytes");
-    let report = running.session_report(&started.session_id).expect("report");
+    let report = terminate(&running, &client, &started.session_id).await;
     assert_eq!(report.transfer, Some(Transfer::Basic));
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
 
     // A source-built plugin (1.2.0.0) keeps the agent's smux keepalive on.
     let started = start_session(
@@ -209,13 +219,10 @@ async fn version_gates_choose_basic_mode_and_keepalive() {
         .await
         .expect("client");
     client.handshake().await.expect("handshake");
-    client.flag(FLAG_TERMINATE).await.expect("flag");
-    let report = running
-        .wait_for_end(&started.session_id, TEST_TIMEOUT)
-        .await
-        .expect("report");
+    let report = terminate(&running, &client, &started.session_id).await;
     assert_eq!(report.transfer, Some(Transfer::Mux));
     assert!(report.smux_keepalive);
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
 
     // An agent ≤ 3.0.196.0 has no mux at all.
     let (running, ssm) = emulator(Mode::Fast, Faults::default(), |c| {
@@ -234,11 +241,9 @@ async fn version_gates_choose_basic_mode_and_keepalive() {
         .await
         .expect("client");
     assert_eq!(client.handshake().await.expect("handshake"), "3.0.196.0");
-    let report = running
-        .wait_for_end(&started.session_id, Duration::from_millis(300))
-        .await
-        .expect("report");
+    let report = terminate(&running, &client, &started.session_id).await;
     assert_eq!(report.transfer, Some(Transfer::Basic));
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
 }
 
 #[tokio::test]
@@ -311,24 +316,28 @@ async fn transit_faults_are_survived_without_violations() {
             },
         ),
     ];
+    // Realistic mode: the agent's 1,024-byte reads make many messages, so that every fault
+    // has something to hit.
     for (name, faults) in cases {
-        let (running, ssm) = emulator(Mode::Fast, faults.clone(), |_| {}).await;
-        let sid = basic_echo(&running, &ssm, 20 * 1024).await;
-        let report = running.session_report(&sid).expect("report");
-        assert!(
-            report.violations.is_empty(),
-            "{name}: {:?}",
-            report.violations
-        );
-        let (running, ssm) = emulator(Mode::Fast, faults, |_| {}).await;
-        let sid = mux_echo(&running, &ssm, 3, 10_000).await;
-        let report = running.session_report(&sid).expect("report");
-        assert!(
-            report.violations.is_empty(),
-            "{name} (mux): {:?}",
-            report.violations
-        );
+        let (running, ssm) = emulator(Mode::Realistic, faults.clone(), |_| {}).await;
+        let report = basic_echo(&running, &ssm, 20 * 1024).await;
+        assert_survived(name, &faults, &report);
+        let (running, ssm) = emulator(Mode::Realistic, faults.clone(), |_| {}).await;
+        let report = mux_echo(&running, &ssm, 3, 10_000).await;
+        assert_survived(&format!("{name} (mux)"), &faults, &report);
     }
+}
+
+/// The session saw no violation, and its report shows that every configured fault fired and
+/// had its effect.
+fn assert_survived(name: &str, faults: &Faults, report: &SessionReport) {
+    assert!(
+        report.violations.is_empty(),
+        "{name}: {:?}",
+        report.violations
+    );
+    let unobserved = unobserved_faults(faults, std::slice::from_ref(report));
+    assert!(unobserved.is_empty(), "{name}: {unobserved:?}\n{report:?}");
 }
 
 #[tokio::test]
@@ -357,7 +366,7 @@ async fn connection_faults_are_survived_by_resuming() {
         ),
     ];
     for (name, faults) in cases {
-        let (running, ssm) = emulator(Mode::Fast, faults, |_| {}).await;
+        let (running, ssm) = emulator(Mode::Fast, faults.clone(), |_| {}).await;
         let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
             .await
             .expect("StartSession");
@@ -369,17 +378,8 @@ async fn connection_faults_are_survived_by_resuming() {
         client.send(data.clone()).await.expect("send");
         let back = client.read_exact(data.len()).await.expect(name);
         assert!(back == data, "{name}: echoed bytes differ");
-        client.flag(FLAG_TERMINATE).await.expect("flag");
-        let report = running
-            .wait_for_end(&started.session_id, TEST_TIMEOUT)
-            .await
-            .expect("report");
-        assert!(report.connections >= 2, "{name}: {report:?}");
-        assert!(
-            report.violations.is_empty(),
-            "{name}: {:?}",
-            report.violations
-        );
+        let report = terminate(&running, &client, &started.session_id).await;
+        assert_survived(name, &faults, &report);
     }
 }
 
@@ -405,8 +405,9 @@ async fn injected_recycle_on_a_live_session_is_resumed() {
         .expect("reconnect");
     client.send(b"after".to_vec()).await.expect("send");
     assert_eq!(client.read_exact(5).await.expect("echo"), b"after");
-    let report = running.session_report(&started.session_id).expect("report");
-    assert_eq!(report.connections, 2);
+    let report = terminate(&running, &client, &started.session_id).await;
+    assert_eq!(report.injected.websocket_recycles, 1, "{report:?}");
+    assert!(report.connections >= 2, "{report:?}");
     assert!(report.violations.is_empty(), "{:?}", report.violations);
 }
 
@@ -473,7 +474,8 @@ async fn unacknowledged_output_is_held_to_the_budget_and_none_is_lost() {
         mux.received[&id] == pattern(LEN, 9),
         "downloaded bytes differ"
     );
-    let report = running.session_report(&started.session_id).expect("report");
+    let report = terminate(&running, &mux.client, &started.session_id).await;
+    assert_eq!(report.injected.black_holes, 1, "{report:?}");
     assert!(report.connections >= 2, "{report:?}");
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     assert!(
@@ -489,7 +491,7 @@ async fn legacy_agent_without_handshake_streams_at_once() {
         legacy_no_handshake: true,
         ..Faults::default()
     };
-    let (running, ssm) = emulator(Mode::Fast, faults, |_| {}).await;
+    let (running, ssm) = emulator(Mode::Fast, faults.clone(), |_| {}).await;
     let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
         .await
         .expect("StartSession");
@@ -502,10 +504,10 @@ async fn legacy_agent_without_handshake_streams_at_once() {
         .expect("client");
     client.send(b"no handshake".to_vec()).await.expect("send");
     assert_eq!(client.read_exact(12).await.expect("echo"), b"no handshake");
-    let report = running.session_report(&started.session_id).expect("report");
+    let report = terminate(&running, &client, &started.session_id).await;
     assert_eq!(report.transfer, Some(Transfer::Basic));
     assert!(report.client_version.is_none());
-    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_survived("legacy agent", &faults, &report);
 }
 
 #[tokio::test]
@@ -545,10 +547,7 @@ async fn target_eof_in_ssh_mode_ends_the_session_with_channel_closed() {
         .await
         .expect("closed");
     assert_eq!(closed, ClientEvent::ChannelClosed(String::new()));
-    let report = running
-        .wait_for_end(&started.session_id, TEST_TIMEOUT)
-        .await
-        .expect("report");
+    let report = ended(&running, &started.session_id).await;
     assert_eq!(report.status, SessionStatus::Terminated);
     assert!(report.violations.is_empty(), "{:?}", report.violations);
 }
@@ -579,10 +578,7 @@ async fn unreachable_basic_target_fails_with_the_agents_message() {
         output.starts_with("Unable to connect to specified port"),
         "{output}"
     );
-    let report = running
-        .wait_for_end(&started.session_id, TEST_TIMEOUT)
-        .await
-        .expect("report");
+    let report = ended(&running, &started.session_id).await;
     assert_eq!(report.status, SessionStatus::Failed);
 }
 
@@ -605,10 +601,7 @@ async fn terminate_session_api_sends_channel_closed() {
         .wait_event(|e| matches!(e, ClientEvent::ChannelClosed(_)))
         .await
         .expect("closed");
-    let report = running
-        .wait_for_end(&started.session_id, TEST_TIMEOUT)
-        .await
-        .expect("report");
+    let report = ended(&running, &started.session_id).await;
     assert_eq!(report.status, SessionStatus::Terminated);
     assert_eq!(
         report.close_reason.as_deref(),
@@ -626,13 +619,8 @@ async fn handshake_timeout_fails_the_session() {
         .await
         .expect("StartSession");
     // Opens the channel but never answers the HandshakeRequest.
-    let _ws = open_ws(&started.url, &started.token, "1.2.764.0")
-        .await
-        .expect("open");
-    let report = running
-        .wait_for_end(&started.session_id, TEST_TIMEOUT)
-        .await
-        .expect("report");
+    let _raw = RawClient::open(&started, "1.2.764.0").await.expect("open");
+    let report = ended(&running, &started.session_id).await;
     assert_eq!(report.status, SessionStatus::Failed);
     assert!(
         report
@@ -658,10 +646,7 @@ async fn realistic_gateway_closes_sessions_over_the_rate_limit() {
     client.handshake().await.expect("handshake");
     // 200 messages of 1 KiB sent without pacing.
     client.send(pattern(200 * 1024, 3)).await.expect("send");
-    let report = running
-        .wait_for_end(&started.session_id, TEST_TIMEOUT)
-        .await
-        .expect("report");
+    let report = ended(&running, &started.session_id).await;
     assert_eq!(report.status, SessionStatus::Failed);
     assert!(
         report.violations.iter().any(|v| v.contains("per second")),
@@ -671,7 +656,9 @@ async fn realistic_gateway_closes_sessions_over_the_rate_limit() {
 
 #[tokio::test]
 async fn idle_sessions_end_with_channel_closed() {
-    let (running, ssm) = emulator(Mode::Fast, Faults::default(), |c| c.idle_timeout_ms = 400).await;
+    // Counted from the end of the handshake: a slow handshake cannot run into it.
+    let (running, ssm) =
+        emulator(Mode::Fast, Faults::default(), |c| c.idle_timeout_ms = 1000).await;
     let started = start_session(&ssm, INSTANCE, "AWS-StartSSHSession", &[])
         .await
         .expect("StartSession");
@@ -687,10 +674,7 @@ async fn idle_sessions_end_with_channel_closed() {
         closed,
         ClientEvent::ChannelClosed("Session idle timeout".into())
     );
-    let report = running
-        .wait_for_end(&started.session_id, TEST_TIMEOUT)
-        .await
-        .expect("report");
+    let report = ended(&running, &started.session_id).await;
     assert_eq!(report.status, SessionStatus::Terminated);
 }
 
@@ -718,6 +702,6 @@ async fn remote_host_document_leads_to_the_mapped_address() {
     mux.write(id, b"remote").await.expect("write");
     mux.read_until(&[(id, 6)]).await.expect("echo");
     assert_eq!(mux.received[&id], b"remote");
-    let report = running.session_report(&started.session_id).expect("report");
+    let report = terminate(&running, &mux.client, &started.session_id).await;
     assert!(report.violations.is_empty(), "{:?}", report.violations);
 }

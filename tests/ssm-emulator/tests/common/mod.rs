@@ -1,6 +1,7 @@
-//! Test helpers: an echo target, an aws-sdk-ssm client for the emulator, and a minimal data
+//! Test helpers: an echo target, an aws-sdk-ssm client for the emulator, a minimal data
 //! channel client built from the emulator's own codec (acks, re-acks, reorder buffer,
-//! retransmission, resume after a lost WebSocket, a tiny smux client).
+//! retransmission, resume after a lost WebSocket, a tiny smux client), and a raw client that
+//! sends hand-made frames.
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
@@ -13,12 +14,14 @@ use fleet_access_ssm_emulator::message::{
     ProcessedClientAction, flag, payload_type,
 };
 use fleet_access_ssm_emulator::smux;
+use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -107,7 +110,7 @@ impl Default for ClientOptions {
         Self {
             client_version: "1.2.764.0".to_owned(),
             expect_handshake: true,
-            dead_after: Duration::from_millis(1500),
+            dead_after: Duration::from_secs(3),
         }
     }
 }
@@ -122,9 +125,11 @@ pub struct Client {
 pub enum Upload {
     Data(Vec<u8>),
     Flag(u32),
+    /// Answered once everything sent so far is acknowledged.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 pub async fn open_ws(url: &str, token: &str, client_version: &str) -> Result<Ws> {
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
@@ -160,6 +165,7 @@ impl Client {
             next_seq: 0,
             expected: 0,
             unacked: BTreeMap::new(),
+            flushes: Vec::new(),
             reorder: BTreeMap::new(),
             ready: false,
             download: download_tx,
@@ -179,6 +185,20 @@ impl Client {
             .send(Upload::Data(data))
             .await
             .map_err(|_| anyhow::anyhow!("client gone"))
+    }
+
+    /// Waits until the agent has acknowledged everything the client sent (retransmitting what
+    /// it has to).
+    pub async fn flush(&self) -> Result<()> {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        self.upload
+            .send(Upload::Flush(done))
+            .await
+            .map_err(|_| anyhow::anyhow!("client gone"))?;
+        tokio::time::timeout(TEST_TIMEOUT, flushed)
+            .await
+            .context("timed out waiting for acks")?
+            .context("client gone")
     }
 
     pub async fn flag(&self, value: u32) -> Result<()> {
@@ -235,6 +255,8 @@ struct Driver {
     next_seq: i64,
     expected: i64,
     unacked: BTreeMap<i64, (Vec<u8>, Instant)>,
+    /// Waiting for `unacked` to empty.
+    flushes: Vec<tokio::sync::oneshot::Sender<()>>,
     reorder: BTreeMap<i64, ClientMessage>,
     ready: bool,
     download: mpsc::UnboundedSender<Vec<u8>>,
@@ -329,6 +351,10 @@ impl Driver {
                             return Outcome::Lost(e.to_string());
                         }
                     }
+                    Some(Upload::Flush(done)) => {
+                        self.flushes.push(done);
+                        self.answer_flushes();
+                    }
                     None => return Outcome::Closed,
                 },
                 _ = tick.tick() => {
@@ -345,6 +371,14 @@ impl Driver {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    fn answer_flushes(&mut self) {
+        if self.unacked.is_empty() {
+            for done in self.flushes.drain(..) {
+                let _ = done.send(());
             }
         }
     }
@@ -379,6 +413,7 @@ impl Driver {
             MessageType::Acknowledge => {
                 let c: message::AcknowledgeContent = serde_json::from_slice(&m.payload)?;
                 self.unacked.remove(&c.acknowledged_message_sequence_number);
+                self.answer_flushes();
             }
             MessageType::ChannelClosed => {
                 let v: serde_json::Value = serde_json::from_slice(&m.payload)?;
@@ -547,3 +582,102 @@ pub async fn tcp_round_trip(addr: SocketAddr, data: &[u8]) -> Result<Vec<u8>> {
 }
 
 pub const FLAG_TERMINATE: u32 = flag::TERMINATE_SESSION;
+
+/// `m` as a binary WebSocket frame.
+pub fn binary(m: &ClientMessage) -> Message {
+    Message::Binary(m.encode().into())
+}
+
+/// A data-channel client for tests that send exact frames. A background task reads everything
+/// the gateway sends, so that a close is answered at once as a real client does, and hands the
+/// frames out in order.
+pub struct RawClient {
+    sink: SplitSink<Ws, Message>,
+    frames: mpsc::UnboundedReceiver<Message>,
+}
+
+impl RawClient {
+    /// Dials `url`, with an `Authorization` header when given; sends nothing.
+    pub async fn dial(url: &str, authorization: Option<&str>) -> Result<Self> {
+        let mut request = url.into_client_request()?;
+        if let Some(a) = authorization {
+            request.headers_mut().insert("authorization", a.parse()?);
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .context("dial data channel")?;
+        Ok(Self::from_ws(ws))
+    }
+
+    /// Dials the session and sends a valid open message.
+    pub async fn open(started: &Started, client_version: &str) -> Result<Self> {
+        Ok(Self::from_ws(
+            open_ws(&started.url, &started.token, client_version).await?,
+        ))
+    }
+
+    pub fn from_ws(ws: Ws) -> Self {
+        let (sink, mut stream) = ws.split();
+        let (tx, frames) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = stream.next().await {
+                let _ = tx.send(m);
+            }
+        });
+        Self { sink, frames }
+    }
+
+    /// Sends `messages` in one write: they reach the gateway together, before any answer.
+    pub async fn send_all(&mut self, messages: Vec<Message>) -> Result<()> {
+        for m in messages {
+            self.sink.feed(m).await?;
+        }
+        self.sink.flush().await?;
+        Ok(())
+    }
+
+    pub async fn send(&mut self, m: &ClientMessage) -> Result<()> {
+        self.send_all(vec![binary(m)]).await
+    }
+
+    /// Acknowledges the agent's `m`.
+    pub async fn ack(&mut self, m: &ClientMessage) -> Result<()> {
+        self.send(&ClientMessage::acknowledge(
+            &m.message_type,
+            m.message_id,
+            m.sequence_number,
+        ))
+        .await
+    }
+
+    /// The next data-channel message from the gateway; `None` once the WebSocket closed.
+    pub async fn next_message(&mut self) -> Result<Option<ClientMessage>> {
+        loop {
+            let frame = tokio::time::timeout(TEST_TIMEOUT, self.frames.recv())
+                .await
+                .context("timed out waiting for a frame")?;
+            match frame {
+                None | Some(Message::Close(_)) => return Ok(None),
+                Some(Message::Binary(b)) => return Ok(Some(message::decode(&b)?.message)),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// The next `output_stream_data` of `payload_type` (others, such as retransmissions of
+    /// earlier messages, are skipped).
+    pub async fn next_output(&mut self, payload_type: u32) -> Result<ClientMessage> {
+        loop {
+            match self.next_message().await? {
+                Some(m)
+                    if m.message_type == MessageType::OutputStreamData
+                        && m.payload_type == payload_type =>
+                {
+                    return Ok(m);
+                }
+                Some(_) => {}
+                None => bail!("the WebSocket closed before PayloadType {payload_type}"),
+            }
+        }
+    }
+}
