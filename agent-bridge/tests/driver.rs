@@ -401,6 +401,16 @@ struct Setup {
     control: FakeControl,
 }
 
+impl Setup {
+    /// StartSession on the fake control plane: the scripted agent's stream.
+    async fn start(&self) -> StreamTarget {
+        self.control
+            .start_session(&StartSessionRequest::default())
+            .await
+            .unwrap()
+    }
+}
+
 async fn setup(properties: &'static str, drop_first_after_data: bool) -> Setup {
     setup_with(
         properties,
@@ -513,11 +523,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 #[tokio::test]
 async fn basic_echo_signed_upgrade_and_terminate() {
     let s = setup(SSH, false).await;
-    let target = s
-        .control
-        .start_session(&StartSessionRequest::default())
-        .await
-        .unwrap();
+    let target = s.start().await;
     let signer = FakeSigner;
     let tunnel = Tunnel::new(&s.control, Some(&signer), config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
@@ -571,11 +577,7 @@ async fn basic_echo_signed_upgrade_and_terminate() {
 #[tokio::test]
 async fn mux_streams_echo_concurrently() {
     let s = setup(LFW, false).await;
-    let target = s
-        .control
-        .start_session(&StartSessionRequest::default())
-        .await
-        .unwrap();
+    let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -627,11 +629,7 @@ async fn mux_streams_echo_concurrently() {
 #[tokio::test]
 async fn lost_websocket_resumes_with_new_token_and_same_sequence() {
     let s = setup(SSH, true).await;
-    let target = s
-        .control
-        .start_session(&StartSessionRequest::default())
-        .await
-        .unwrap();
+    let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -692,11 +690,7 @@ async fn silent_gateway_is_detected_by_ping_and_resumed() {
         ..Script::default()
     };
     let s = setup_with(SSH, script, false).await;
-    let target = s
-        .control
-        .start_session(&StartSessionRequest::default())
-        .await
-        .unwrap();
+    let target = s.start().await;
     let config = DriverConfig {
         ping_interval: Duration::from_millis(100),
         dead_peer_timeout: DEAD_PEER_TIMEOUT,
@@ -750,11 +744,7 @@ async fn the_last_bytes_reach_a_slow_client_before_the_tunnel_returns() {
         ..Script::default()
     };
     let s = setup_with(SSH, script, false).await;
-    let target = s
-        .control
-        .start_session(&StartSessionRequest::default())
-        .await
-        .unwrap();
+    let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
     let (mut input, theirs) = tokio::io::duplex(1024);
@@ -792,11 +782,7 @@ async fn expired_session_on_resume_is_an_error() {
         ..Script::default()
     };
     let s = setup_with(SSH, script, true).await;
-    let target = s
-        .control
-        .start_session(&StartSessionRequest::default())
-        .await
-        .unwrap();
+    let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
     let (mut local, remote) = tokio::io::duplex(1024);
@@ -823,11 +809,7 @@ async fn channel_closed_output_ends_the_tunnel() {
         ..Script::default()
     };
     let s = setup_with(SSH, script, false).await;
-    let target = s
-        .control
-        .start_session(&StartSessionRequest::default())
-        .await
-        .unwrap();
+    let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (_conn_tx, conn_rx) = mpsc::channel::<DuplexStream>(4);
     let outcome = tokio::time::timeout(LIMIT, tunnel.run(target, conn_rx, std::future::pending()))
@@ -848,11 +830,7 @@ async fn refused_stream_closes_its_local_connection() {
         ..Script::default()
     };
     let s = setup_with(LFW, script, false).await;
-    let target = s
-        .control
-        .start_session(&StartSessionRequest::default())
-        .await
-        .unwrap();
+    let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -886,11 +864,7 @@ async fn gateway_that_pongs_but_never_acks_is_resumed() {
         ..Script::default()
     };
     let s = setup_with(SSH, script, false).await;
-    let target = s
-        .control
-        .start_session(&StartSessionRequest::default())
-        .await
-        .unwrap();
+    let target = s.start().await;
     let config = DriverConfig {
         ping_interval: Duration::from_millis(100),
         dead_peer_timeout: DEAD_PEER_TIMEOUT,

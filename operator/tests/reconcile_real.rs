@@ -394,15 +394,7 @@ impl Harness {
     /// page of the listing (moto holds the policies of every test of the run).
     async fn policies_in_namespace(&self) -> Vec<String> {
         let prefix = naming::grant_object_name(self.namespace.name(), "", "");
-        let listed = self
-            .iam
-            .list_policies()
-            .scope(aws_sdk_iam::types::PolicyScopeType::Local)
-            .path_prefix(naming::POLICY_PATH)
-            .into_paginator()
-            .items()
-            .send()
-            .try_collect()
+        let listed = fleet_access_tests::moto::policies_under(&self.iam, naming::POLICY_PATH)
             .await
             .expect("ListPolicies");
         listed

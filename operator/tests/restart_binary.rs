@@ -59,16 +59,9 @@ fn ready(grant: &SessionAccess) -> bool {
 /// The policies under the operator's path whose names start with `prefix`, from every page of
 /// the listing (moto holds the policies of every test of the run).
 async fn policies_named(iam: &aws_sdk_iam::Client, prefix: &str) -> Vec<Policy> {
-    let listed = iam
-        .list_policies()
-        .path_prefix(naming::POLICY_PATH)
-        .into_paginator()
-        .items()
-        .send()
-        .try_collect()
+    fleet_access_tests::moto::policies_under(iam, naming::POLICY_PATH)
         .await
-        .expect("ListPolicies");
-    listed
+        .expect("ListPolicies")
         .into_iter()
         .filter(|p| p.policy_name().is_some_and(|n| n.starts_with(prefix)))
         .collect()

@@ -159,3 +159,24 @@ pub fn sdk_config_for(endpoint: &str) -> SdkConfig {
         )
         .build()
 }
+
+/// Every customer managed policy under `path`, from every page of the listing: a moto server
+/// shared by a test run holds far more policies than one page, so a check that something is
+/// gone must not read only the first.
+pub async fn policies_under(
+    iam: &aws_sdk_iam::Client,
+    path: &str,
+) -> FixtureResult<Vec<aws_sdk_iam::types::Policy>> {
+    iam.list_policies()
+        .scope(aws_sdk_iam::types::PolicyScopeType::Local)
+        .path_prefix(path)
+        .into_paginator()
+        .items()
+        .send()
+        .try_collect()
+        .await
+        .map_err(|error| FixtureError::UnexpectedAnswer {
+            component: "IAM ListPolicies".to_owned(),
+            detail: format!("{error:?}"),
+        })
+}

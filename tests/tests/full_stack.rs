@@ -231,13 +231,7 @@ async fn policies_in_moto(
 /// ARNs of the policies under the operator's path that carry `owner` as their owner tag (every
 /// page of the listing: moto holds the policies of every test of the run).
 async fn policies_owned_by(iam: &aws_sdk_iam::Client, owner: &str) -> Vec<String> {
-    let listed = iam
-        .list_policies()
-        .path_prefix(POLICY_PATH)
-        .into_paginator()
-        .items()
-        .send()
-        .try_collect()
+    let listed = fleet_access_tests::moto::policies_under(iam, POLICY_PATH)
         .await
         .expect("ListPolicies");
     let mut owned = Vec::new();
