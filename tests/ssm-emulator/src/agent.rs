@@ -1128,6 +1128,7 @@ impl Agent {
             }
             smux::Command::Fin => {
                 if ledger.close(sid) {
+                    lock(&self.report).smux_streams_closed_by_client += 1;
                     self.close_mux_stream(sid);
                 }
             }

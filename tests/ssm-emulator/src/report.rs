@@ -109,6 +109,8 @@ pub struct SessionReport {
     pub retransmissions_to_client: u64,
     /// smux streams the client opened.
     pub smux_streams_opened: u64,
+    /// smux streams the client closed (its FIN for an open stream).
+    pub smux_streams_closed_by_client: u64,
     /// smux streams whose dial failed (Flag 3 sent).
     pub smux_dial_failures: u64,
     /// Agent messages still unacked when the session ended.
@@ -302,6 +304,7 @@ impl SessionReport {
             lost_input_resent: 0,
             retransmissions_to_client: 0,
             smux_streams_opened: 0,
+            smux_streams_closed_by_client: 0,
             smux_dial_failures: 0,
             unacked_at_close: 0,
             peak_unacked_output_bytes: 0,

@@ -87,6 +87,30 @@ async fn start(
     (started, response, request)
 }
 
+/// Waits until the client has closed `streams` smux streams and the agent has acknowledged
+/// every message the client sent: nothing of the client's is in flight.
+async fn wait_until_quiet(running: &Running, session_id: &str, streams: u64) {
+    let quiet = async {
+        loop {
+            let report = running.session_report(session_id).expect("a known session");
+            if report.smux_streams_closed_by_client == streams
+                && report.acks_to_client >= report.messages_from_client
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(TEST_TIMEOUT, quiet)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the plugin did not close its streams: {:?}",
+                running.session_report(session_id)
+            )
+        });
+}
+
 /// Waits for the session's end; neither it nor any other session saw a violation.
 async fn assert_clean(
     running: &Running,
@@ -230,6 +254,10 @@ async fn start_forwarding(plugin: &Path, mode: Mode) -> Forwarding {
         let echo = echo_server().await;
         let mut config = Config {
             mode,
+            // The plugin's TerminateSession flag can be lost when it exits at once (see
+            // `port_forwarding_through_the_official_plugin`): the session then ends because its
+            // client does not come back.
+            reconnect_timeout_ms: 2_000,
             ..Config::default()
         };
         config
@@ -335,6 +363,14 @@ async fn port_forwarding_through_the_official_plugin() {
         // A second wave after the first closed: streams are reopened per connection.
         assert!(tcp_round_trip(addr, b"again").await.expect("again") == b"again");
 
+        // The plugin numbers its messages without a lock (`SendInputDataMessage` reads and
+        // increments `StreamDataSequenceNumber` unguarded), and its Ctrl-C handler sends the
+        // TerminateSession flag from another goroutine than its smux writer: a stream's FIN
+        // still on its way then goes out under the flag's sequence number, which the emulator
+        // rightly reports. Ctrl-C only once the plugin has closed all five streams and every
+        // message it sent was acknowledged.
+        wait_until_quiet(&running, &started.session_id, 5).await;
+
         // Ctrl-C: the plugin sends the TerminateSession flag and exits.
         let pid = child.id().expect("pid");
         std::process::Command::new("kill")
@@ -350,9 +386,19 @@ async fn port_forwarding_through_the_official_plugin() {
         let report = assert_clean(&running, &started.session_id).await;
         assert_eq!(report.transfer, Some(Transfer::Mux), "{mode:?}: {report:?}");
         assert_eq!(report.smux_streams_opened, 5, "{mode:?}: {report:?}");
+        // The flag ends the session, unless the plugin's exit lost it: it exits right after
+        // writing it, and a socket closed with unread data is reset, which can discard the
+        // flag on its way. Then the session ends because the plugin does not come back.
         assert_eq!(
             report.status,
             SessionStatus::Terminated,
+            "{mode:?}: {report:?}"
+        );
+        assert!(
+            matches!(
+                report.close_reason.as_deref(),
+                Some("client sent the TerminateSession flag" | "the client did not reconnect")
+            ),
             "{mode:?}: {report:?}"
         );
         let _ = std::fs::remove_dir_all(&dir);
