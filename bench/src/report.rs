@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// What the emulated agent allows downstream in realistic mode: 1,024 bytes per read, then a
-/// 1 ms pause (ssm-protocol.md section 8.1).
+/// 1 ms pause (docs/data-channel.md, "Rates").
 pub const AGENT_REALISTIC_BYTES_PER_SECOND: f64 = 1024.0 * 1000.0;
 
 /// One throughput figure.

@@ -61,7 +61,7 @@ fn account_and_region_settings_are_pinned_too() {
     );
 }
 
-/// The statements of the classic console policies (shared/docs/seed-classic-setup.md), which the
+/// The statements of the classic console policies (the manual console set-up this project replaces), which the
 /// classic examples must render (plus hardening, which is extra conditions or statements).
 fn rendered_statements(plan_json: &str) -> Vec<Value> {
     let plan: Value = serde_json::from_str(plan_json).expect("json");

@@ -1,5 +1,5 @@
 //! This project's SSM client (the driver under `agent-bridge`) against the strict emulator in every
-//! fault-injection scenario of `ssm-protocol.md` section 9.2, in basic and in mux mode, each
+//! fault-injection scenario of the emulator's fault injection (tests/ssm-emulator/README.md), in basic and in mux mode, each
 //! transfer compared by SHA-256. Each scenario also shows from the emulator's reports that its
 //! fault fired and had its effect, and reads violations only once every session has ended.
 //!

@@ -1,4 +1,4 @@
-//! The JSON payloads of the data channel (ssm-protocol.md sections 1.4, 3.4, 4.2, 5.2) and the
+//! The JSON payloads of the data channel (docs/data-channel.md, "Opening" and "JSON payloads") and the
 //! version gates of section 5.4. Pure serde types and comparisons; no I/O.
 
 use std::cmp::Ordering;

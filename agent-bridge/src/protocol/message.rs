@@ -1,4 +1,4 @@
-//! The `ClientMessage` binary codec (ssm-protocol.md section 2): one whole WebSocket binary
+//! The `ClientMessage` binary codec (docs/data-channel.md, "Frames"): one whole WebSocket binary
 //! message in, one `ClientMessage` out, and back.
 //!
 //! Owns the wire layout (offsets defined once below), the message and payload type enums, the

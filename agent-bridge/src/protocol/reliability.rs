@@ -1,4 +1,4 @@
-//! The reliability layer (ssm-protocol.md section 4): the outgoing send buffer with sequence
+//! The reliability layer (docs/data-channel.md, "Reliability"): the outgoing send buffer with sequence
 //! numbers, retransmission and RTT sampling, and the incoming reorder buffer.
 //!
 //! No clock and no I/O: every method that needs time takes `now`. Memory is bounded by the

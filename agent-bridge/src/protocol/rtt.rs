@@ -1,4 +1,4 @@
-//! Retransmission timeout estimator (ssm-protocol.md section 4.4). Pure arithmetic on
+//! Retransmission timeout estimator (docs/data-channel.md, "Reliability"). Pure arithmetic on
 //! `Duration`s: no clock, no I/O.
 //!
 //! Jacobson/Karels as SMP and the agent compute it (alpha 1/8, beta 1/4, initial SRTT 100 ms,
