@@ -10,7 +10,9 @@ use aws_sdk_ssm::{
     types::InstanceInformationStringFilter,
 };
 
-use crate::driver::control::{ControlPlane, ControlPlaneError, StartSessionRequest, StreamTarget};
+use crate::driver::control::{
+    ControlPlane, ControlPlaneError, Resumed, StartSessionRequest, StreamTarget,
+};
 
 /// The first agent version that can carry SSH (`AWS-StartSSHSession`).
 pub const MIN_SSH_AGENT_VERSION: [u64; 4] = [2, 3, 672, 0];
@@ -138,10 +140,7 @@ impl ControlPlane for SdkControlPlane {
         })
     }
 
-    async fn resume_session(
-        &self,
-        session_id: &str,
-    ) -> Result<Option<StreamTarget>, ControlPlaneError> {
+    async fn resume_session(&self, session_id: &str) -> Result<Option<Resumed>, ControlPlaneError> {
         let output = self
             .client
             .resume_session()
@@ -149,14 +148,13 @@ impl ControlPlane for SdkControlPlane {
             .send()
             .await
             .map_err(|e| classify("ResumeSession", None, e))?;
-        Ok(match (output.stream_url(), output.token_value()) {
-            (Some(url), Some(token)) => Some(StreamTarget {
-                session_id: output.session_id().unwrap_or(session_id).to_owned(),
-                stream_url: url.to_owned(),
-                token_value: token.to_owned(),
-            }),
-            _ => None,
-        })
+        Ok(output.token_value().map(|token| Resumed {
+            token_value: token.to_owned(),
+            stream_url: output
+                .stream_url()
+                .filter(|url| !url.is_empty())
+                .map(str::to_owned),
+        }))
     }
 
     async fn terminate_session(&self, session_id: &str) -> Result<(), ControlPlaneError> {

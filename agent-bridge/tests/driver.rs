@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fleet_access_agent_bridge::driver::control::{
-    ControlPlane, ControlPlaneError, StartSessionRequest, StreamTarget,
+    ControlPlane, ControlPlaneError, Resumed, StartSessionRequest, StreamTarget,
 };
 use fleet_access_agent_bridge::driver::signing::{SignedHeaders, SigningError, UpgradeSigner};
 use fleet_access_agent_bridge::driver::{DriverConfig, DriverError, Outcome, Tunnel};
@@ -339,10 +339,20 @@ async fn spawn_agent(state: Shared) -> String {
 
 // === fake control plane and signer ===
 
+/// How the fake ResumeSession answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ResumeAnswer {
+    /// A token and the stream URL.
+    Resumed,
+    /// A token but no stream URL: the last one is to be used again.
+    WithoutStreamUrl,
+    /// No token: the session expired.
+    Expired,
+}
+
 struct FakeControl {
     url: String,
-    /// ResumeSession answers "no token" (session expired).
-    expired: bool,
+    resume: ResumeAnswer,
     resumes: AtomicU32,
     terminated: Mutex<Vec<String>>,
 }
@@ -361,16 +371,17 @@ impl ControlPlane for FakeControl {
 
     async fn resume_session(
         &self,
-        session_id: &str,
-    ) -> Result<Option<StreamTarget>, ControlPlaneError> {
+        _session_id: &str,
+    ) -> Result<Option<Resumed>, ControlPlaneError> {
         let n = self.resumes.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.expired {
-            return Ok(None);
-        }
-        Ok(Some(StreamTarget {
-            session_id: session_id.into(),
-            stream_url: self.url.clone(),
+        let stream_url = match self.resume {
+            ResumeAnswer::Expired => return Ok(None),
+            ResumeAnswer::Resumed => Some(self.url.clone()),
+            ResumeAnswer::WithoutStreamUrl => None,
+        };
+        Ok(Some(Resumed {
             token_value: format!("tok-{n}"),
+            stream_url,
         }))
     }
 
@@ -418,12 +429,12 @@ async fn setup(properties: &'static str, drop_first_after_data: bool) -> Setup {
             drop_first_after_data,
             ..Script::default()
         },
-        false,
+        ResumeAnswer::Resumed,
     )
     .await
 }
 
-async fn setup_with(properties: &'static str, script: Script, expired: bool) -> Setup {
+async fn setup_with(properties: &'static str, script: Script, resume: ResumeAnswer) -> Setup {
     let state = Arc::new(Mutex::new(AgentState {
         script,
         properties,
@@ -439,7 +450,7 @@ async fn setup_with(properties: &'static str, script: Script, expired: bool) -> 
         state,
         control: FakeControl {
             url,
-            expired,
+            resume,
             resumes: AtomicU32::new(0),
             terminated: Mutex::new(Vec::new()),
         },
@@ -684,12 +695,48 @@ async fn lost_websocket_resumes_with_new_token_and_same_sequence() {
 }
 
 #[tokio::test]
+async fn a_resume_without_a_stream_url_dials_the_last_one_again() {
+    let script = Script {
+        drop_first_after_data: true,
+        ..Script::default()
+    };
+    let s = setup_with(SSH, script, ResumeAnswer::WithoutStreamUrl).await;
+    let target = s.start().await;
+    let tunnel = Tunnel::new(&s.control, None, config());
+    let (conn_tx, conn_rx) = mpsc::channel(4);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let body = async {
+        let (mut local, remote) = tokio::io::duplex(64 * 1024);
+        conn_tx.send(remote).await.unwrap();
+        assert_eq!(
+            echo(&mut local, b"across the drop").await,
+            b"across the drop"
+        );
+        stop_tx.send(()).unwrap();
+    };
+    let (outcome, ()) = tokio::time::timeout(LIMIT, async {
+        tokio::join!(
+            tunnel.run(target, conn_rx, async {
+                let _ = stop_rx.await;
+            }),
+            body
+        )
+    })
+    .await
+    .expect("test finished in time");
+    assert_eq!(outcome.unwrap().stats.reconnects, 1);
+    let state = s.state.lock().unwrap();
+    assert_eq!(state.connections, 2, "the same URL dialled again");
+    assert_eq!(state.log.opens[1]["TokenValue"], "tok-1");
+}
+
+#[tokio::test]
 async fn silent_gateway_is_detected_by_ping_and_resumed() {
     let script = Script {
         silent_first_after_handshake: true,
         ..Script::default()
     };
-    let s = setup_with(SSH, script, false).await;
+    let s = setup_with(SSH, script, ResumeAnswer::Resumed).await;
     let target = s.start().await;
     let config = DriverConfig {
         ping_interval: Duration::from_millis(100),
@@ -743,7 +790,7 @@ async fn the_last_bytes_reach_a_slow_client_before_the_tunnel_returns() {
         answer_then_close: Some(ANSWER),
         ..Script::default()
     };
-    let s = setup_with(SSH, script, false).await;
+    let s = setup_with(SSH, script, ResumeAnswer::Resumed).await;
     let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
@@ -781,7 +828,7 @@ async fn expired_session_on_resume_is_an_error() {
         drop_first_after_data: true,
         ..Script::default()
     };
-    let s = setup_with(SSH, script, true).await;
+    let s = setup_with(SSH, script, ResumeAnswer::Expired).await;
     let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
@@ -808,7 +855,7 @@ async fn channel_closed_output_ends_the_tunnel() {
         close_after_handshake: Some("Plugin with name Port is not supported"),
         ..Script::default()
     };
-    let s = setup_with(SSH, script, false).await;
+    let s = setup_with(SSH, script, ResumeAnswer::Resumed).await;
     let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (_conn_tx, conn_rx) = mpsc::channel::<DuplexStream>(4);
@@ -829,7 +876,7 @@ async fn refused_stream_closes_its_local_connection() {
         refuse_streams: true,
         ..Script::default()
     };
-    let s = setup_with(LFW, script, false).await;
+    let s = setup_with(LFW, script, ResumeAnswer::Resumed).await;
     let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
@@ -863,7 +910,7 @@ async fn gateway_that_pongs_but_never_acks_is_resumed() {
         deaf_first_after_handshake: true,
         ..Script::default()
     };
-    let s = setup_with(SSH, script, false).await;
+    let s = setup_with(SSH, script, ResumeAnswer::Resumed).await;
     let target = s.start().await;
     let config = DriverConfig {
         ping_interval: Duration::from_millis(100),

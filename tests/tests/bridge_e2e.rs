@@ -809,3 +809,150 @@ async fn prometheus_scrapes_what_a_session_caused() {
     );
     stop.cancel();
 }
+
+/// The download a slow reader takes: 16 MB, about twice what the bridge (4 MiB received and
+/// not yet written, its socket's send buffer of up to 4 MiB) and the reader's small receive
+/// buffer can hold while the reader is slow.
+const DOWNLOAD_LEN: usize = 16_000_000;
+/// How long the reader takes 10 KB/s before it reads as fast as it can. At the agent's own
+/// pace (1 KiB per millisecond at most) a shorter slow phase is absorbed by buffers.
+const SLOW_PHASE: Duration = Duration::from_secs(30);
+
+fn download_pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect()
+}
+
+/// A server that sends [`DOWNLOAD_LEN`] bytes of [`download_pattern`] to each connection,
+/// then closes it.
+async fn download_server() -> SocketAddr {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let data = Arc::new(download_pattern(DOWNLOAD_LEN));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let data = data.clone();
+            let (mut r, mut w) = stream.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+            });
+            tokio::spawn(async move {
+                let _ = w.write_all(&data).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    address
+}
+
+/// Reads from `local` to its end, with a 64 KiB receive buffer: 1 KB every 100 ms for
+/// [`SLOW_PHASE`], then as fast as it can. Bounded: the whole download must arrive within
+/// four minutes (at the agent's pace it takes about one).
+async fn read_slowly_then_fast(local: SocketAddr) -> Vec<u8> {
+    let read = async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+        let mut stream = socket.connect(local).await.expect("connect");
+        let mut received = Vec::with_capacity(DOWNLOAD_LEN);
+        let fast_from = tokio::time::Instant::now() + SLOW_PHASE;
+        let mut slow = tokio::time::interval(Duration::from_millis(100));
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let want = if tokio::time::Instant::now() < fast_from {
+                slow.tick().await;
+                1000
+            } else {
+                buf.len()
+            };
+            match stream.read(&mut buf[..want]).await.expect("read") {
+                0 => return received,
+                n => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(240), read)
+        .await
+        .expect("the download ends within four minutes")
+}
+
+/// What a slow reader's session must show: every byte, in order, and a stream the agent never
+/// had to resend message by message (a client that drops what it cannot hold makes the agent,
+/// which resends only its oldest unacknowledged message, crawl at one message per tick).
+async fn assert_slow_download_intact(received: &[u8], emulator: &Running) {
+    assert!(
+        received == download_pattern(DOWNLOAD_LEN).as_slice(),
+        "the download differs: {} of {DOWNLOAD_LEN} bytes arrived",
+        received.len()
+    );
+    // The newest session is the reader's (serve's start probes its listener with a session
+    // of its own).
+    let sessions = all_sessions_ended(emulator).await;
+    let session = sessions.last().expect("a session");
+    assert!(
+        session.retransmissions_to_client * 10 < session.messages_to_client,
+        "the agent resent {} of {} messages: the client dropped what it could not hold",
+        session.retransmissions_to_client,
+        session.messages_to_client
+    );
+}
+
+/// An emulator in realistic mode (the agent's 1 KiB reads and 1 ms pauses) whose instance
+/// serves [`download_server`] on ports 22 and 8080.
+async fn download_emulator() -> Running {
+    let source = download_server().await;
+    let mut config = Config {
+        mode: Mode::Realistic,
+        ..Config::default()
+    };
+    config.instances.push(
+        InstanceConfig::new(WEB)
+            .with_port("22", source)
+            .with_port("8080", source),
+    );
+    Emulator::start(config).await.expect("emulator starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_holds_back_for_a_slow_reader_and_loses_nothing() {
+    let emulator = download_emulator().await;
+    let control = SdkControlPlane::new(&sdk_config(&emulator.endpoint_url()));
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let local = listener.local_addr().expect("address");
+    let shutdown = CancellationToken::new();
+    let request = forward_request(WEB, 8080, None);
+    let forwarding = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            fleet_access_agent_bridge::cli::forward(&control, None, &request, listener, shutdown)
+                .await
+        })
+    };
+    let received = read_slowly_then_fast(local).await;
+    shutdown.cancel();
+    forwarding
+        .await
+        .expect("join")
+        .expect("forward ends cleanly");
+    assert_slow_download_intact(&received, &emulator).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_holds_back_for_a_slow_reader_and_loses_nothing() {
+    let emulator = download_emulator().await;
+    let limits = Limits {
+        total: 10,
+        per_instance: 10,
+    };
+    let registry = Registry::new();
+    let served = Served::start(
+        "bridge-slow-reader",
+        context(&emulator, &registry),
+        &[WEB],
+        limits,
+    )
+    .await;
+    let received = read_slowly_then_fast(SocketAddr::new(LOOPBACK, served.port(WEB))).await;
+    served.stop().await;
+    assert_slow_download_intact(&received, &emulator).await;
+}

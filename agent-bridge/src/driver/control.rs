@@ -27,6 +27,25 @@ impl std::fmt::Debug for StreamTarget {
     }
 }
 
+/// What ResumeSession returns for a session that lives on.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Resumed {
+    /// TokenValue for the next open message.
+    pub token_value: String,
+    /// StreamUrl, when the service sent one; without it the last URL is used again (as the
+    /// session-manager-plugin does).
+    pub stream_url: Option<String>,
+}
+
+impl std::fmt::Debug for Resumed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resumed")
+            .field("stream_url", &self.stream_url)
+            .field("token_value", &"** REDACTED **")
+            .finish()
+    }
+}
+
 /// StartSession input.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StartSessionRequest {
@@ -64,7 +83,7 @@ pub trait ControlPlane: Send + Sync {
     fn resume_session(
         &self,
         session_id: &str,
-    ) -> impl Future<Output = Result<Option<StreamTarget>, ControlPlaneError>> + Send;
+    ) -> impl Future<Output = Result<Option<Resumed>, ControlPlaneError>> + Send;
 
     /// TerminateSession.
     fn terminate_session(

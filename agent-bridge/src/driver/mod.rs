@@ -285,6 +285,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
                 self.config.burst,
             ),
             last_heard: start,
+            listening_since: start,
             mode: None,
             finishing: Vec::new(),
         };
@@ -379,8 +380,8 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
                 Err(e) if !e.retryable => return Err(e.into()),
                 Err(e) => e.to_string(),
                 Ok(Some(resumed)) => {
-                    if !resumed.stream_url.is_empty() {
-                        target.stream_url = resumed.stream_url;
+                    if let Some(url) = resumed.stream_url {
+                        target.stream_url = url;
                     }
                     target.token_value = resumed.token_value;
                     match self.dial(target).await {
@@ -429,6 +430,10 @@ struct Run<'t, 'a, C, L> {
     outgoing: Option<Bytes>,
     pacer: Pacer,
     last_heard: Instant,
+    /// Since when the driver has been reading the WebSocket without a pause. While the local
+    /// side is too slow the driver stops reading ([`Session::wants_frames`]), and neither
+    /// silence nor missing acks say anything about the peer then.
+    listening_since: Instant,
     mode: Option<ForwardingMode>,
     /// Writer tasks of connections closed with the session, still writing out.
     finishing: Vec<JoinHandle<()>>,
@@ -474,6 +479,10 @@ where
             };
             let timer = self.session.poll_timeout().map(Instant::from_std);
             let accepting = incoming_open && self.accepting();
+            let reading = self.session.wants_frames();
+            if !reading {
+                self.listening_since = now;
+            }
             let take_local = self.pending_local.is_none();
             let stalled_tx = self
                 .stalled
@@ -485,7 +494,7 @@ where
                 biased;
                 () = &mut shutdown, if !shutting_down => Turn::Shutdown,
                 () = due(send_at, now), if self.outgoing.is_some() => Turn::Send,
-                msg = self.ws.next() => Turn::Ws(msg),
+                msg = self.ws.next(), if reading => Turn::Ws(msg),
                 () = due(timer.unwrap_or(now), now), if timer.is_some() => Turn::Timer,
                 _ = ping.tick() => Turn::Ping,
                 permit = async { stalled_tx?.reserve_owned().await.ok() }, if self.stalled.is_some() => Turn::Unstalled(permit),
@@ -523,13 +532,14 @@ where
                 Turn::Timer => self.session.handle_timeout(now.into_std()),
                 Turn::Ping => {
                     let limit = self.tunnel.config.dead_peer_timeout;
+                    let listening = now.duration_since(self.listening_since) > limit;
                     let silent = now.duration_since(self.last_heard) > limit;
                     // A socket that still answers pings but never acks is just as dead.
                     let no_acks = self
                         .session
                         .ack_wait_since()
                         .is_some_and(|since| now.into_std().duration_since(since) > limit);
-                    let dead = silent || no_acks;
+                    let dead = listening && (silent || no_acks);
                     if dead {
                         warn!(
                             silent,

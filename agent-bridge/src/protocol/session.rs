@@ -47,12 +47,17 @@ pub const DEFAULT_RTO_FLOOR: Duration = Duration::from_millis(50);
 pub const DEFAULT_RTO_CEILING: Duration = Duration::from_secs(3);
 /// Early (out-of-order) messages kept; beyond this they are dropped unacked (reference: 10,000).
 pub const DEFAULT_MAX_REORDER_MESSAGES: usize = 1024;
-/// Received payload bytes held for the caller. Early messages are kept only while the reorder
-/// buffer plus undrained events stay within this; in-order data only while undrained events do;
-/// beyond that a message is dropped unacked and the agent retransmits it later (receive
-/// backpressure). When a gap fills, the reorder buffer drains into events, so at most twice this
-/// is held.
+/// Received payload bytes held for the caller, and, apart, early messages held until a gap
+/// fills. A driver stops reading the WebSocket while less than [`INBOUND_HEADROOM`] of the
+/// first is free ([`Session::wants_frames`]): receive backpressure goes through the transport.
+/// Only an in-order message that still does not fit (larger than the headroom) is dropped
+/// unacked, for the agent to resend. Early messages beyond their bound are dropped unacked; a
+/// gap never stops reading, since what fills it comes through the same transport. When a gap
+/// fills, the reorder buffer drains into events, so at most twice this is held.
 pub const DEFAULT_MAX_INBOUND_BYTES: usize = 4 * 1024 * 1024;
+/// Room kept for one more message when [`Session::wants_frames`] says to read: more than any
+/// agent message carries (its port plugin reads 1,024 bytes at a time).
+pub const INBOUND_HEADROOM: usize = 64 * 1024;
 /// Time from session start (or reconnect) to HandshakeComplete. The agent itself waits 15 s
 /// for our response; a slow gateway can delay its request.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -361,7 +366,10 @@ pub struct Session {
     events: VecDeque<Event>,
     /// Payload bytes inside queued Data/StreamData events.
     event_bytes: usize,
-    paused: bool,
+    /// Since when MGS has paused publication. The agent's own data channel lifts a pause at
+    /// the next data or ack from its peer, and so does this one: a pause that is never lifted
+    /// must not stop a session for ever.
+    paused_since: Option<Instant>,
     clock: WallClock,
     ids: MessageIds,
     request: Option<HandshakeRequest>,
@@ -387,7 +395,7 @@ impl Session {
             control: VecDeque::new(),
             events: VecDeque::new(),
             event_bytes: 0,
-            paused: false,
+            paused_since: None,
             clock: WallClock {
                 base: now,
                 base_epoch_ms: now_epoch_ms,
@@ -412,7 +420,7 @@ impl Session {
         let decoded = match message::decode(frame) {
             Ok(decoded) => decoded,
             Err(error) => {
-                if self.handle_text_control(frame) {
+                if self.handle_text_control(now, frame) {
                     return Ok(());
                 }
                 self.stats.malformed_frames += 1;
@@ -431,10 +439,12 @@ impl Session {
                 })
             }
             MessageType::OutputStreamData => {
+                self.paused_since = None;
                 self.handle_stream_message(now, message);
                 Ok(())
             }
             MessageType::Acknowledge => {
+                self.paused_since = None;
                 self.handle_ack(now, &message.payload);
                 Ok(())
             }
@@ -448,11 +458,11 @@ impl Session {
                 Ok(())
             }
             MessageType::StartPublication => {
-                self.paused = false;
+                self.paused_since = None;
                 Ok(())
             }
             MessageType::PausePublication => {
-                self.paused = true;
+                self.pause(now);
                 Ok(())
             }
             MessageType::InputStreamData
@@ -561,7 +571,7 @@ impl Session {
     /// timers restart from `now`.
     pub fn reset_transport(&mut self, now: Instant) {
         self.stats.reconnects += 1;
-        self.paused = false;
+        self.paused_since = None;
         self.send.requeue_in_flight(now);
         match &mut self.state {
             State::AwaitingHandshake { deadline } | State::AwaitingComplete { deadline } => {
@@ -590,7 +600,7 @@ impl Session {
             State::Closed => return,
             _ => {}
         }
-        if !self.paused {
+        if !self.is_paused() {
             self.send.handle_timeout(now);
         }
         if let Some(mux) = &mut self.mux {
@@ -616,7 +626,7 @@ impl Session {
         }
         let frame = match self.control.pop_front() {
             Some(frame) => Some(frame),
-            None if self.paused => None,
+            None if self.is_paused() => None,
             None => {
                 if !self.send.has_unsent() {
                     self.cut_output(now, false);
@@ -651,7 +661,7 @@ impl Session {
             State::Open => None,
             State::Closed => return None,
         };
-        let send = if self.paused {
+        let send = if self.is_paused() {
             None
         } else {
             self.send.poll_timeout()
@@ -694,20 +704,33 @@ impl Session {
         matches!(self.state, State::Open)
     }
 
-    /// Since when sent messages have waited for an ack without any progress (`None` when
-    /// nothing is in flight, or while paused). A driver treats a long wait as a dead transport
-    /// even when the WebSocket still answers pings.
+    /// Since when sent messages have waited for an ack without any progress, or, while MGS
+    /// has paused publication, since when what there is to send has waited for the pause to
+    /// lift (`None` when there is nothing to wait for). A driver treats a long wait as a dead
+    /// transport even when the WebSocket still answers pings.
     pub fn ack_wait_since(&self) -> Option<Instant> {
-        if self.paused {
-            None
-        } else {
-            self.send.waiting_since()
+        let waiting = self.send.waiting_since();
+        match self.paused_since {
+            Some(since) if self.send.len() > 0 || !self.unsent_output.is_empty() => {
+                Some(waiting.map_or(since, |w| w.min(since)))
+            }
+            _ => waiting,
         }
     }
 
     /// True while MGS has paused publication.
     pub fn is_paused(&self) -> bool {
-        self.paused
+        self.paused_since.is_some()
+    }
+
+    /// Whether the caller should read the next WebSocket frame. False while the data held for
+    /// the caller (undrained events) leaves no room for one more message of up to
+    /// [`INBOUND_HEADROOM`] bytes. The agent has no send window and resends only its oldest
+    /// unacknowledged message, about once per 100 ms, so a message dropped for lack of room
+    /// costs a tick each: a driver pushes back by not reading instead, and the transport holds
+    /// the agent back.
+    pub fn wants_frames(&self) -> bool {
+        self.event_bytes + INBOUND_HEADROOM <= self.config.max_inbound_bytes
     }
 
     /// Counters and gauges.
@@ -721,7 +744,7 @@ impl Session {
             unacked_messages: self.send.len(),
             unacked_bytes: self.send.payload_bytes() + self.unsent_output.len(),
             reorder_buffered: self.recv.buffered_messages(),
-            paused: self.paused,
+            paused: self.is_paused(),
             open_streams: self.mux.as_ref().map_or(0, MuxClient::stream_count),
             next_send_sequence: self.send.next_sequence(),
             next_receive_sequence: self.recv.expected(),
@@ -745,14 +768,18 @@ impl Session {
     }
 
     /// BRG saw text frames whose whole body is a control word (section 1.4).
-    fn handle_text_control(&mut self, frame: &[u8]) -> bool {
+    fn handle_text_control(&mut self, now: Instant, frame: &[u8]) -> bool {
         match frame.trim_ascii() {
-            b"start_publication" => self.paused = false,
-            b"pause_publication" => self.paused = true,
+            b"start_publication" => self.paused_since = None,
+            b"pause_publication" => self.pause(now),
             b"channel_closed" => self.channel_closed(None),
             _ => return false,
         }
         true
+    }
+
+    fn pause(&mut self, now: Instant) {
+        self.paused_since.get_or_insert(now);
     }
 
     fn channel_closed(&mut self, output: Option<String>) {
@@ -872,8 +899,7 @@ impl Session {
 
     /// Room to keep an early message until the gap before it fills.
     fn early_room(&self, len: usize) -> bool {
-        let held = self.event_bytes + self.recv.buffered_bytes();
-        self.recv.has_room() && held + len <= self.config.max_inbound_bytes
+        self.recv.has_room() && self.recv.buffered_bytes() + len <= self.config.max_inbound_bytes
     }
 
     fn handle_stream_message(&mut self, now: Instant, message: ClientMessage) {

@@ -572,6 +572,34 @@ fn receive_backpressure_withholds_acks_until_drained() {
 }
 
 #[test]
+fn the_session_asks_for_no_frames_while_what_it_holds_leaves_no_headroom() {
+    let config = Config {
+        max_inbound_bytes: session::INBOUND_HEADROOM + 4096,
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    p.basic_open();
+    let chunk = [7u8; 1024];
+    let mut delivered = 0;
+    while p.session.wants_frames() {
+        let frame = p.agent.send(PayloadType::Output, &chunk);
+        p.deliver(&frame).unwrap();
+        delivered += 1;
+        assert!(
+            delivered <= 5,
+            "still asking for frames with {delivered} KiB held"
+        );
+    }
+    // A driver that stops reading here never makes the session drop: every message was
+    // accepted and acknowledged.
+    assert_eq!(delivered, 5);
+    assert_eq!(p.transmit().acks.len(), 5);
+    assert_eq!(p.session.stats().dropped_no_room, 0);
+    assert_eq!(p.drain_events().len(), 5);
+    assert!(p.session.wants_frames(), "draining makes room again");
+}
+
+#[test]
 fn a_full_reorder_buffer_still_admits_the_message_that_fills_its_gap() {
     let config = Config {
         max_inbound_bytes: 8,
@@ -623,7 +651,7 @@ fn reorder_buffer_is_bounded() {
 // === publication control ===
 
 #[test]
-fn pause_stops_data_and_retransmission_but_not_acks() {
+fn pause_holds_data_and_retransmission_until_the_agent_is_heard_again() {
     let mut p = Pair::new(Config::default());
     p.basic_open();
     p.session.handle_local_data(b"first").unwrap();
@@ -632,17 +660,55 @@ fn pause_stops_data_and_retransmission_but_not_acks() {
     p.deliver(&pause).unwrap();
     assert!(p.session.is_paused());
     p.session.handle_local_data(b"second").unwrap();
-    let frame = p.agent.send(PayloadType::Output, b"in");
-    p.deliver(&frame).unwrap();
-    let sent = p.transmit();
-    assert!(sent.data.is_empty());
-    assert_eq!(sent.acks.len(), 1);
+    assert!(p.transmit().data.is_empty());
     assert_eq!(
         p.session.poll_timeout(),
         None,
         "no retransmit timer while paused"
     );
-    // Garbage digest and length on start_publication are tolerated (section 2.2).
+    assert!(
+        p.session.ack_wait_since().is_some(),
+        "a pause with data waiting still counts toward the dead-peer check"
+    );
+    // The agent's next data lifts the pause, as in the agent's own data channel: a pause that
+    // is never lifted by start_publication does not stop the session.
+    let frame = p.agent.send(PayloadType::Output, b"in");
+    p.deliver(&frame).unwrap();
+    assert!(!p.session.is_paused());
+    let sent = p.transmit();
+    assert_eq!(sent.acks.len(), 1);
+    assert_eq!(payloads(&sent.data), b"second");
+    // Both were sent at the same instant, so both are overdue together.
+    assert!(p.step());
+    let mut expected = in_flight.clone();
+    expected.extend(sent.data);
+    assert_eq!(p.transmit().data, expected);
+}
+
+#[test]
+fn an_ack_lifts_a_pause_and_acks_flow_while_paused() {
+    let mut p = Pair::new(Config::default());
+    p.basic_open();
+    p.session.handle_local_data(b"first").unwrap();
+    let in_flight = p.transmit().data;
+    let pause = p.agent.control(MessageType::PausePublication, Vec::new());
+    p.deliver(&pause).unwrap();
+    p.session.handle_local_data(b"second").unwrap();
+    assert!(p.transmit().data.is_empty());
+    p.ack_all(&in_flight);
+    assert!(!p.session.is_paused());
+    assert_eq!(payloads(&p.transmit().data), b"second");
+}
+
+#[test]
+fn start_publication_with_a_garbage_digest_lifts_a_pause() {
+    let mut p = Pair::new(Config::default());
+    p.basic_open();
+    let pause = p.agent.control(MessageType::PausePublication, Vec::new());
+    p.deliver(&pause).unwrap();
+    p.session.handle_local_data(b"second").unwrap();
+    assert!(p.transmit().data.is_empty());
+    // Garbage digest and length on start_publication are tolerated (docs/data-channel.md).
     let mut start = p
         .agent
         .control(MessageType::StartPublication, b"junk".to_vec())
@@ -651,13 +717,7 @@ fn pause_stops_data_and_retransmission_but_not_acks() {
     start[116..120].copy_from_slice(&0x0400_0000u32.to_be_bytes());
     p.deliver(&start).unwrap();
     assert!(!p.session.is_paused());
-    let sent = p.transmit().data;
-    assert_eq!(payloads(&sent), b"second");
-    // Both were sent at the same instant, so both are overdue together.
-    assert!(p.step());
-    let mut expected = in_flight.clone();
-    expected.extend(sent);
-    assert_eq!(p.transmit().data, expected);
+    assert_eq!(payloads(&p.transmit().data), b"second");
 }
 
 #[test]

@@ -25,7 +25,7 @@ use crate::message::{
     self, AcknowledgeContent, ChannelClosed, ClientMessage, FLAG_FIN, FLAG_SYN, HandshakeComplete,
     HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction, flag, payload_type,
 };
-use crate::port::{self, MuxPlumbing, OutputBudget, PortEvent};
+use crate::port::{self, InTransit, MuxPlumbing, PortEvent, TransportBuffer};
 use crate::registry::{SessionInfo, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport, SessionStatus, Transfer};
 use crate::smux;
@@ -76,8 +76,14 @@ pub enum Injection {
 /// What the agent asks the gateway connection to do.
 #[derive(Debug)]
 pub(crate) enum ToClient {
-    /// A binary frame; `stream` marks `output_stream_data` (subject to transit faults).
-    Frame { data: Vec<u8>, stream: bool },
+    /// A binary frame; `stream` marks `output_stream_data` (subject to transit faults). `room`
+    /// is the first sending of target output: its room in the transport, given back once
+    /// the gateway has written it.
+    Frame {
+        data: Vec<u8>,
+        stream: bool,
+        room: Option<InTransit>,
+    },
     /// Close the WebSocket.
     Close { code: u16, reason: String },
     /// A connection fault now.
@@ -87,6 +93,9 @@ pub(crate) enum ToClient {
 const TICK: Duration = Duration::from_millis(100);
 const MAX_RTO: Duration = Duration::from_secs(1);
 const REORDER_LIMIT: usize = 100_000;
+/// Sent messages the agent keeps for retransmission (`OutgoingMessageBufferCapacity`); beyond
+/// it a message is sent once and never again.
+const OUTGOING_BUFFER_CAPACITY: usize = 100_000;
 const SEEN_HEADERS: usize = 8192;
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -126,8 +135,10 @@ struct Outgoing {
     seq: i64,
     id: Uuid,
     bytes: Vec<u8>,
-    /// Target output bytes this message took from the output budget.
-    charged: usize,
+    /// Target output bytes this message carries.
+    output_len: usize,
+    /// Its room in the transport until it is first sent.
+    room: Option<InTransit>,
     last_sent: Option<Instant>,
     retransmits: u32,
     client_frames_mark: Option<u64>,
@@ -249,10 +260,12 @@ pub(crate) struct Agent {
     next_seq: i64,
     unacked: VecDeque<Outgoing>,
     unsent: usize,
-    output_budget: OutputBudget,
-    /// Target output in `unacked` (what it took from `output_budget`).
+    transport: TransportBuffer,
+    /// Target output in `unacked`.
     unacked_output_bytes: usize,
     rto: RtoEstimator,
+    /// The outgoing buffer overflowed once (reported once).
+    outgoing_full_reported: bool,
     // Receiving.
     expected_seq: i64,
     reorder: BTreeMap<i64, Buffered>,
@@ -288,7 +301,7 @@ impl Agent {
             faults: info.faults.clone(),
             mode: config.mode,
             strict: config.strict,
-            output_budget: OutputBudget::new(config.output_budget_bytes),
+            transport: TransportBuffer::new(config.gateway_buffer_bytes),
             shared: shared.clone(),
             info,
             report,
@@ -303,6 +316,7 @@ impl Agent {
             unsent: 0,
             unacked_output_bytes: 0,
             rto: RtoEstimator::default(),
+            outgoing_full_reported: false,
             expected_seq: 0,
             reorder: BTreeMap::new(),
             seen: VecDeque::new(),
@@ -447,6 +461,7 @@ impl Agent {
         self.to_client(ToClient::Frame {
             data: message.encode(),
             stream: false,
+            room: None,
         })
     }
 
@@ -488,6 +503,7 @@ impl Agent {
         self.send_stream(
             payload_type::HANDSHAKE_REQUEST,
             serde_json::to_vec(&request).unwrap_or_default(),
+            None,
         );
         self.handshake = Handshake::Awaiting {
             since: Instant::now(),
@@ -496,20 +512,17 @@ impl Agent {
 
     // === impl Agent: sending ===
 
-    fn send_stream(&mut self, payload_type: u32, payload: Vec<u8>) {
+    /// Sends one `output_stream_data` and keeps it for retransmission. Target output carries
+    /// its `room` in the transport.
+    fn send_stream(&mut self, payload_type: u32, payload: Vec<u8>, room: Option<InTransit>) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let flags = if seq == 0 { FLAG_SYN } else { 0 };
-        let mut charged = 0;
+        let mut output_len = 0;
         if payload_type == payload_type::OUTPUT {
-            charged = payload.len();
-            self.unacked_output_bytes += charged;
+            output_len = payload.len();
             self.last_activity = Instant::now();
-            let mut r = lock(&self.report);
-            r.bytes_to_client += payload.len() as u64;
-            r.peak_unacked_output_bytes = r
-                .peak_unacked_output_bytes
-                .max(self.unacked_output_bytes as u64);
+            lock(&self.report).bytes_to_client += payload.len() as u64;
         }
         let m = ClientMessage::new(
             MessageType::OutputStreamData,
@@ -518,18 +531,43 @@ impl Agent {
             payload_type,
             payload,
         );
+        lock(&self.report).messages_to_client += 1;
+        if self.unacked.len() >= OUTGOING_BUFFER_CAPACITY {
+            // The agent sends it once and keeps it no more: if the client lost it, it is lost.
+            if !self.outgoing_full_reported {
+                self.outgoing_full_reported = true;
+                self.violation(format!(
+                    "the client left {OUTGOING_BUFFER_CAPACITY} messages unacknowledged: the agent keeps no more for retransmission"
+                ));
+            }
+            if let Some(out) = &self.outbound {
+                let _ = out.send(ToClient::Frame {
+                    data: m.encode(),
+                    stream: true,
+                    room,
+                });
+            }
+            return;
+        }
+        self.unacked_output_bytes += output_len;
+        {
+            let mut r = lock(&self.report);
+            r.peak_unacked_output_bytes = r
+                .peak_unacked_output_bytes
+                .max(self.unacked_output_bytes as u64);
+        }
         self.unacked.push_back(Outgoing {
             seq,
             id: m.message_id,
             bytes: m.encode(),
-            charged,
+            output_len,
+            room,
             last_sent: None,
             retransmits: 0,
             client_frames_mark: None,
             reported: false,
         });
         self.unsent += 1;
-        lock(&self.report).messages_to_client += 1;
         self.flush_unsent();
     }
 
@@ -541,6 +579,7 @@ impl Agent {
             let _ = out.send(ToClient::Frame {
                 data: o.bytes.clone(),
                 stream: true,
+                room: o.room.take(),
             });
             o.last_sent = Some(now);
         }
@@ -625,8 +664,7 @@ impl Agent {
                 if i > 0 {
                     lock(&self.report).out_of_order_acks_from_client += 1;
                 }
-                self.unacked_output_bytes -= o.charged;
-                self.output_budget.give_back(o.charged);
+                self.unacked_output_bytes -= o.output_len;
                 if o.id.hyphenated().to_string() != content.acknowledged_message_id {
                     self.violation(format!(
                         "acknowledge for seq {seq} names message id {}, sent as {}",
@@ -868,6 +906,7 @@ impl Agent {
         self.send_stream(
             payload_type::HANDSHAKE_COMPLETE,
             serde_json::to_vec(&complete).unwrap_or_default(),
+            None,
         );
         self.handshake = Handshake::Complete;
         self.last_activity = Instant::now();
@@ -880,6 +919,18 @@ impl Agent {
     }
 
     fn after_handshake_faults(&mut self) {
+        if self.faults.lasting_pause {
+            let pause = ClientMessage::new(
+                MessageType::PausePublication,
+                0,
+                FLAG_SYN | FLAG_FIN,
+                0,
+                Vec::new(),
+            );
+            if self.send_control(&pause) {
+                self.count(|f| f.lasting_pauses += 1);
+            }
+        }
         if self.faults.garbage_publication {
             let pause = ClientMessage::new(
                 MessageType::PausePublication,
@@ -897,6 +948,7 @@ impl Agent {
             if self.to_client(ToClient::Frame {
                 data: bytes,
                 stream: false,
+                room: None,
             }) {
                 self.count(|f| f.garbage_publications += 1);
             }
@@ -1010,7 +1062,7 @@ impl Agent {
                     addr,
                     b.generation,
                     self.mode,
-                    self.output_budget.clone(),
+                    self.transport.clone(),
                     self.inbox.clone(),
                 ));
             }
@@ -1028,7 +1080,7 @@ impl Agent {
     fn start_mux(&mut self, keepalive: bool) {
         let now = Instant::now();
         self.port = PortState::Mux(MuxPort {
-            plumbing: MuxPlumbing::spawn(self.mode, self.output_budget.clone(), self.inbox.clone()),
+            plumbing: MuxPlumbing::spawn(self.mode, self.transport.clone(), self.inbox.clone()),
             streams: HashMap::new(),
             keepalive,
             last_rx: now,
@@ -1208,8 +1260,7 @@ impl Agent {
 
     fn on_port_event(&mut self, event: PortEvent) {
         if self.is_closing() {
-            // The targets no longer matter; what they read goes back to the budget.
-            self.output_budget.give_back(event.output_len());
+            // The targets no longer matter (what they read gives its room back as it drops).
             return;
         }
         match event {
@@ -1225,11 +1276,13 @@ impl Agent {
                     self.end(SessionStatus::Failed, output, false);
                 }
             }
-            PortEvent::BasicData { generation, data } => {
+            PortEvent::BasicData {
+                generation,
+                data,
+                room,
+            } => {
                 if self.basic_port(generation).is_some() {
-                    self.send_stream(payload_type::OUTPUT, data);
-                } else {
-                    self.output_budget.give_back(data.len());
+                    self.send_stream(payload_type::OUTPUT, data, Some(room));
                 }
             }
             PortEvent::BasicClosed { generation } => {
@@ -1270,6 +1323,7 @@ impl Agent {
                 self.send_stream(
                     payload_type::FLAG,
                     message::flag_payload(flag::CONNECT_TO_PORT_ERROR),
+                    None,
                 );
             }
             PortEvent::MuxClosed { stream_id } => {
@@ -1280,11 +1334,9 @@ impl Agent {
                     ledger.close(stream_id);
                 }
             }
-            PortEvent::MuxOutput(data) => {
+            PortEvent::MuxOutput { data, room } => {
                 if matches!(self.port, PortState::Mux(_)) {
-                    self.send_stream(payload_type::OUTPUT, data);
-                } else {
-                    self.output_budget.give_back(data.len());
+                    self.send_stream(payload_type::OUTPUT, data, Some(room));
                 }
             }
         }
@@ -1404,6 +1456,7 @@ impl Agent {
         let _ = out.send(ToClient::Frame {
             data: head.bytes.clone(),
             stream: true,
+            room: None,
         });
         head.last_sent = Some(now);
         head.retransmits += 1;
@@ -1518,6 +1571,7 @@ impl Agent {
         if self.to_client(ToClient::Frame {
             data,
             stream: false,
+            room: None,
         }) && legacy
         {
             self.count(|f| f.legacy_channels_closed += 1);
@@ -1739,9 +1793,13 @@ mod tests {
 
         /// The target writes `banner` and closes: the SSH session drains, then ends.
         fn target_says_and_closes(&mut self, banner: &[u8]) -> ClientMessage {
+            let room = std::sync::Arc::new(tokio::sync::Semaphore::new(banner.len()))
+                .try_acquire_many_owned(banner.len() as u32)
+                .expect("room");
             self.agent.handle(AgentInput::Port(PortEvent::BasicData {
                 generation: 1,
                 data: banner.to_vec(),
+                room,
             }));
             self.agent
                 .handle(AgentInput::Port(PortEvent::BasicClosed { generation: 1 }));

@@ -60,11 +60,12 @@ pub struct Config {
     /// Agent retransmissions of one message, with the client alive, before its missing ack
     /// counts as a violation.
     pub unacked_retransmit_limit: u32,
-    /// Target output (payload bytes) the agent holds sent but unacknowledged before it stops
-    /// reading its targets. The real agent has no window: its blocking WebSocket write holds
-    /// it back. The emulator's gateway queue does not block, so without this bound a fast
-    /// target would be read into memory at loopback speed, far ahead of the client.
-    pub output_budget_bytes: u32,
+    /// Target output (payload bytes) on its way from the agent to the client's socket at
+    /// most: the agent's read loops wait while the transport is full. The real agent has no
+    /// send window and ignores acknowledgements here; only its blocking WebSocket write holds
+    /// it back when a client does not read. This is the buffer of the emulator's gateway
+    /// queue, which does not block by itself.
+    pub gateway_buffer_bytes: u32,
     /// How long a gap in the client's sequence numbers may stay open before it counts as a
     /// violation.
     pub sequence_gap_timeout_ms: u64,
@@ -92,7 +93,7 @@ impl Default for Config {
             smux_keepalive_interval_ms: 10_000,
             smux_keepalive_timeout_ms: 30_000,
             unacked_retransmit_limit: 30,
-            output_budget_bytes: 4 * 1024 * 1024,
+            gateway_buffer_bytes: 256 * 1024,
             sequence_gap_timeout_ms: 10_000,
             faults: Faults::default(),
             instances: Vec::new(),
@@ -220,6 +221,9 @@ pub struct Faults {
     /// Send `pause_publication` (garbage digest and length) then `start_publication` after the
     /// handshake.
     pub garbage_publication: bool,
+    /// Send `pause_publication` after the handshake and never `start_publication` (the
+    /// agent's own data channel lifts a pause at its peer's next data or ack).
+    pub lasting_pause: bool,
     /// Send `agent_session_state` and an unknown message type after the handshake.
     pub extra_message_types: bool,
     /// Send `channel_closed` in the legacy form (HL 112, NUL padding).
@@ -265,10 +269,10 @@ impl Config {
                 }
             }
         }
-        if (self.output_budget_bytes as usize) < crate::port::FAST_CHUNK {
+        if (self.gateway_buffer_bytes as usize) < crate::port::FAST_CHUNK {
             return Err(Error::Config(format!(
-                "output_budget_bytes {} is less than one read of the target ({} bytes)",
-                self.output_budget_bytes,
+                "gateway_buffer_bytes {} is less than one read of the target ({} bytes)",
+                self.gateway_buffer_bytes,
                 crate::port::FAST_CHUNK
             )));
         }
@@ -337,12 +341,12 @@ instances:
     }
 
     #[test]
-    fn an_output_budget_under_one_read_is_refused() {
-        let err = Config::from_yaml("output_budget_bytes: 1024\n").expect_err("too small");
+    fn a_gateway_buffer_under_one_read_is_refused() {
+        let err = Config::from_yaml("gateway_buffer_bytes: 1024\n").expect_err("too small");
         assert!(
-            err.to_string().contains("output_budget_bytes 1024"),
+            err.to_string().contains("gateway_buffer_bytes 1024"),
             "{err}"
         );
-        assert!(Config::from_yaml("output_budget_bytes: 32768\n").is_ok());
+        assert!(Config::from_yaml("gateway_buffer_bytes: 32768\n").is_ok());
     }
 }

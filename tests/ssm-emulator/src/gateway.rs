@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::agent::{AgentInput, Injection, ToClient};
 use crate::config::{Config, Faults, Mode};
 use crate::message::{self, OpenDataChannelInput};
+use crate::port::InTransit;
 use crate::registry::{Opened, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport};
 
@@ -178,6 +179,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         drop_client_every: faults.drop_client_every,
         client_stream_frames: 0,
         black_hole: false,
+        stuck: Vec::new(),
     };
     let end = relay.run(&mut ws, rx).await;
     let _ = agent.send(AgentInput::Detach { conn_id });
@@ -359,6 +361,9 @@ struct Relay {
     client_stream_frames: u64,
     /// Silent both ways: nothing is read or sent any more.
     black_hole: bool,
+    /// The transport room of output swallowed by a black hole, held while the connection
+    /// lives.
+    stuck: Vec<InTransit>,
 }
 
 /// How a connection's relay loop ended.
@@ -400,14 +405,22 @@ impl Relay {
                     Some(Ok(_)) => None,
                 },
                 out = rx.recv() => match out {
+                    // Nothing gets through, and the agent's writes block: what it sent keeps its
+                    // room in the transport.
+                    Some(ToClient::Frame { room, .. }) if black_hole => {
+                        self.stuck.extend(room);
+                        None
+                    }
                     Some(_) if black_hole => None,
                     // The agent let this connection go (a newer one replaced it, or the session
                     // ended).
                     None if black_hole => Some(End::Gone),
                     None => Some(End::Closing { frame: None, flush: false }),
-                    Some(ToClient::Frame { data, stream }) => {
+                    Some(ToClient::Frame { data, stream, room }) => {
                         let frames = self.transit.apply(data, stream);
-                        self.emit(ws, frames).await
+                        let end = self.emit(ws, frames).await;
+                        drop(room);
+                        end
                     }
                     Some(ToClient::Close { code, reason }) => Some(End::Closing {
                         frame: Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }),

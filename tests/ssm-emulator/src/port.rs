@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::agent::AgentInput;
@@ -31,6 +31,7 @@ pub(crate) enum PortEvent {
     BasicData {
         generation: u64,
         data: Vec<u8>,
+        room: InTransit,
     },
     BasicClosed {
         generation: u64,
@@ -46,49 +47,35 @@ pub(crate) enum PortEvent {
     MuxClosed {
         stream_id: u32,
     },
-    MuxOutput(Vec<u8>),
+    MuxOutput {
+        data: Vec<u8>,
+        room: InTransit,
+    },
 }
 
-impl PortEvent {
-    /// Target output this event carries, taken from the [`OutputBudget`].
-    pub(crate) fn output_len(&self) -> usize {
-        match self {
-            PortEvent::BasicData { data, .. } | PortEvent::MuxOutput(data) => data.len(),
-            _ => 0,
-        }
-    }
-}
+/// The room one read of target output takes in the [`TransportBuffer`]; given back when
+/// dropped: once the gateway has written the message to the client's socket, or whenever the
+/// output is discarded.
+pub(crate) type InTransit = OwnedSemaphorePermit;
 
-/// The agent's bound on target output sent but not yet acknowledged
-/// (`Config::output_budget_bytes`): a read loop takes what it read before handing it to the
-/// agent and waits while the budget is spent; the client's acks give it back.
+/// The transport between the agent and the client (`Config::gateway_buffer_bytes`). The real
+/// agent has no send window: it sends whatever its targets give it, and only its blocking
+/// WebSocket write holds it back once the path to a client that does not read is full. A read
+/// loop takes room here before it hands output to the agent and waits while there is none; the
+/// gateway gives the room back when it has written the message to the client's WebSocket.
+/// Acknowledgements play no part.
 #[derive(Clone)]
-pub(crate) struct OutputBudget(Arc<Semaphore>);
+pub(crate) struct TransportBuffer(Arc<Semaphore>);
 
-impl OutputBudget {
+impl TransportBuffer {
     pub(crate) fn new(bytes: u32) -> Self {
         Self(Arc::new(Semaphore::new(bytes as usize)))
     }
 
-    /// Waits until `n` bytes are free and takes them; false once the agent is gone.
-    async fn take(&self, n: usize) -> bool {
-        let Ok(n) = u32::try_from(n) else {
-            return false;
-        };
-        match self.0.acquire_many(n).await {
-            Ok(permit) => {
-                permit.forget();
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    /// Returns `n` bytes (acknowledged, or read for a connection that is gone).
-    pub(crate) fn give_back(&self, n: usize) {
-        if n > 0 {
-            self.0.add_permits(n);
-        }
+    /// Waits until `n` bytes fit; `None` once the agent is gone.
+    async fn reserve(&self, n: usize) -> Option<InTransit> {
+        let n = u32::try_from(n).ok()?;
+        self.0.clone().acquire_many_owned(n).await.ok()
     }
 }
 
@@ -130,7 +117,7 @@ pub(crate) fn spawn_basic(
     addr: SocketAddr,
     generation: u64,
     mode: Mode,
-    budget: OutputBudget,
+    transport: TransportBuffer,
     inbox: UnboundedSender<AgentInput>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -163,15 +150,18 @@ pub(crate) fn spawn_basic(
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if !budget.take(n).await
-                        || !send(
-                            &inbox,
-                            PortEvent::BasicData {
-                                generation,
-                                data: buf[..n].to_vec(),
-                            },
-                        )
-                    {
+                    let Some(room) = transport.reserve(n).await else {
+                        return;
+                    };
+                    let data = buf[..n].to_vec();
+                    if !send(
+                        &inbox,
+                        PortEvent::BasicData {
+                            generation,
+                            data,
+                            room,
+                        },
+                    ) {
                         return;
                     }
                 }
@@ -197,7 +187,7 @@ pub(crate) struct MuxPlumbing {
 impl MuxPlumbing {
     pub(crate) fn spawn(
         mode: Mode,
-        budget: OutputBudget,
+        transport: TransportBuffer,
         inbox: UnboundedSender<AgentInput>,
     ) -> Self {
         let (mut pipe_w, mut pipe_r) = tokio::io::duplex(64 * 1024);
@@ -222,9 +212,11 @@ impl MuxPlumbing {
                 match pipe_r.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if !budget.take(n).await
-                            || !send(&inbox, PortEvent::MuxOutput(buf[..n].to_vec()))
-                        {
+                        let Some(room) = transport.reserve(n).await else {
+                            break;
+                        };
+                        let data = buf[..n].to_vec();
+                        if !send(&inbox, PortEvent::MuxOutput { data, room }) {
                             break;
                         }
                     }

@@ -115,8 +115,8 @@ pub struct SessionReport {
     pub smux_dial_failures: u64,
     /// Agent messages still unacked when the session ended.
     pub unacked_at_close: u64,
-    /// The most target output the agent held sent but unacknowledged at once (bounded by
-    /// `Config::output_budget_bytes`).
+    /// The most target output the agent held sent but unacknowledged at once (the agent has
+    /// no window: a client that acks late makes this grow).
     pub peak_unacked_output_bytes: u64,
     /// Client frames received after the session began to end (during the closing drain or
     /// after `channel_closed`); each was checked like any other.
@@ -164,6 +164,8 @@ pub struct InjectedFaults {
     /// `pause_publication` messages with a garbage digest and length sent
     /// (`garbage_publication`).
     pub garbage_publications: u64,
+    /// `pause_publication` messages sent never to be lifted (`lasting_pause`).
+    pub lasting_pauses: u64,
     /// `agent_session_state` and unknown-type messages sent (`extra_message_types`).
     pub extra_messages: u64,
     /// `channel_closed` messages sent in the legacy HL 112 form (`legacy_channel_closed`).
@@ -255,6 +257,11 @@ pub fn unobserved_faults(faults: &Faults, reports: &[SessionReport]) -> Vec<Stri
             faults.garbage_publication,
             total(|r| r.injected.garbage_publications) > 0,
             "garbage_publication: no garbage pause_publication was sent",
+        ),
+        (
+            faults.lasting_pause,
+            total(|r| r.injected.lasting_pauses) > 0,
+            "lasting_pause: no pause_publication was sent",
         ),
         (
             faults.extra_message_types,

@@ -438,12 +438,10 @@ async fn source_server(len: usize, seed: u8) -> std::net::SocketAddr {
 }
 
 #[tokio::test]
-async fn unacknowledged_output_is_held_to_the_budget_and_none_is_lost() {
-    const BUDGET: u32 = 256 * 1024;
+async fn a_black_hole_mid_download_holds_the_agent_back_and_loses_nothing() {
     const LEN: usize = 8 * 1024 * 1024;
     let source = source_server(LEN, 9).await;
     let (running, ssm) = emulator(Mode::Fast, Faults::default(), |c| {
-        c.output_budget_bytes = BUDGET;
         c.instances[0].ports.insert("80".to_owned(), source);
     })
     .await;
@@ -453,7 +451,8 @@ async fn unacknowledged_output_is_held_to_the_budget_and_none_is_lost() {
         .await
         .expect("first bytes");
     // From here on no ack reaches the agent. The write leaves the client with unacked data,
-    // so it gives the connection up and resumes; until then a fast target is far ahead.
+    // so it gives the connection up and resumes; meanwhile the agent, whose writes go into
+    // the hole, stops reading its target once the transport is full.
     assert!(running.inject(
         &started.session_id,
         fleet_access_ssm_emulator::Injection::BlackHole
@@ -478,11 +477,6 @@ async fn unacknowledged_output_is_held_to_the_budget_and_none_is_lost() {
     assert_eq!(report.injected.black_holes, 1, "{report:?}");
     assert!(report.connections >= 2, "{report:?}");
     assert!(report.violations.is_empty(), "{:?}", report.violations);
-    assert!(
-        report.peak_unacked_output_bytes <= u64::from(BUDGET),
-        "the agent held {} bytes unacknowledged, over its budget of {BUDGET}",
-        report.peak_unacked_output_bytes
-    );
 }
 
 #[tokio::test]
