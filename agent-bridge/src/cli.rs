@@ -21,6 +21,7 @@ use crate::{
     metrics::Metrics,
     serve::{self, ServeConfig},
     ssm::SdkControlPlane,
+    stream_url::StreamUrls,
     tunnel::{SessionContext, carry},
 };
 
@@ -57,6 +58,10 @@ pub struct AwsArgs {
     /// Send SSM API calls here instead of the AWS endpoint (tests, the emulator).
     #[arg(long, env = "AWS_ENDPOINT_URL_SSM")]
     pub ssm_endpoint: Option<String>,
+    /// Dial whatever ws:// or wss:// stream URL StartSession returns, not only wss:// on a
+    /// Session Manager messages host: for an emulator, never against AWS.
+    #[arg(long, env = "AGENT_BRIDGE_ALLOW_ANY_STREAM_URL")]
+    pub allow_any_stream_url: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -188,6 +193,17 @@ pub async fn load_aws(aws: &AwsArgs) -> aws_config::SdkConfig {
     loader.load().await
 }
 
+/// The SSM control plane these settings describe: the SDK, and which stream URLs to dial.
+pub fn control_plane(aws: &AwsArgs, sdk: &aws_config::SdkConfig) -> SdkControlPlane {
+    let stream_urls = if aws.allow_any_stream_url {
+        tracing::warn!("dialling any stream URL (--allow-any-stream-url): for an emulator only");
+        StreamUrls::Any
+    } else {
+        StreamUrls::SessionManagerOnly
+    };
+    SdkControlPlane::new(sdk).with_stream_urls(stream_urls)
+}
+
 /// A signer for WebSocket upgrades, when credentials and a Region are configured.
 pub fn upgrade_signer(sdk: &aws_config::SdkConfig) -> Option<Arc<dyn UpgradeSigner>> {
     let credentials = sdk.credentials_provider()?;
@@ -236,7 +252,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: seconds(args.idle_timeout_seconds),
         max_duration: seconds(args.max_session_seconds),
         ..SessionContext::per_connection(
-            Arc::new(SdkControlPlane::new(&sdk)),
+            Arc::new(control_plane(&args.aws, &sdk)),
             upgrade_signer(&sdk),
             metrics,
         )
@@ -273,7 +289,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let sdk = load_aws(&args.aws).await;
-    let control = SdkControlPlane::new(&sdk);
+    let control = control_plane(&args.aws, &sdk);
     let context = SessionContext::per_connection(
         Arc::new(control.clone()),
         upgrade_signer(&sdk),
@@ -314,7 +330,7 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
 
 async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
     let sdk = load_aws(&args.aws).await;
-    let control = SdkControlPlane::new(&sdk);
+    let control = control_plane(&args.aws, &sdk);
     let signer = upgrade_signer(&sdk);
     let listener = TcpListener::bind(args.local)
         .await

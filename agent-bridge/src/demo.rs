@@ -26,7 +26,6 @@ use crate::{
     cli::{AwsArgs, load_aws, shutdown_on_signal},
     listener::{Endpoint, Limits, Listeners},
     metrics::Metrics,
-    ssm::SdkControlPlane,
     tunnel::SessionContext,
 };
 
@@ -86,13 +85,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let aws = AwsArgs {
         region: Some("us-east-1".into()),
         ssm_endpoint: Some(ssm_endpoint.clone()),
+        allow_any_stream_url: true,
     };
     let sdk = demo_sdk_config(&aws).await;
     let registry = Registry::new();
     let context = Arc::new(SessionContext {
         idle_timeout: Some(Duration::from_secs(1200)),
         ..SessionContext::per_connection(
-            Arc::new(SdkControlPlane::new(&sdk)),
+            Arc::new(crate::cli::control_plane(&aws, &sdk)),
             None,
             Metrics::register(&registry)?,
         )
@@ -150,7 +150,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("  curl -s http://{admin_address}/metrics | grep agent_bridge_");
     println!(
-        "  ssh -o ProxyCommand='env AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo cargo run -q --bin agent-bridge -- proxy %h %p --region us-east-1 --ssm-endpoint {ssm_endpoint}' $USER@{}",
+        "  ssh -o ProxyCommand='env AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo cargo run -q --bin agent-bridge -- proxy %h %p --region us-east-1 --ssm-endpoint {ssm_endpoint} --allow-any-stream-url' $USER@{}",
         FLEET[0]
     );
     println!("\nRunning until Ctrl-C.");

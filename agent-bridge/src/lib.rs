@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod serve;
 pub mod ssm;
+pub mod stream_url;
 pub mod tunnel;
 
 /// AWS's document for SSH (a Port document whose port defaults to 22).

@@ -13,6 +13,7 @@ use aws_sdk_ssm::{
 use crate::driver::control::{
     ControlPlane, ControlPlaneError, Resumed, StartSessionRequest, StreamTarget,
 };
+use crate::stream_url::StreamUrls;
 
 /// The first agent version that can carry SSH (`AWS-StartSSHSession`).
 pub const MIN_SSH_AGENT_VERSION: [u64; 4] = [2, 3, 672, 0];
@@ -21,14 +22,39 @@ pub const MIN_SSH_AGENT_VERSION: [u64; 4] = [2, 3, 672, 0];
 #[derive(Clone, Debug)]
 pub struct SdkControlPlane {
     client: Client,
+    stream_urls: StreamUrls,
 }
 
 impl SdkControlPlane {
     /// From a loaded SDK configuration (default credential chain, Region, endpoint overrides).
+    /// Only stream URLs on Session Manager hosts are accepted.
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         Self {
             client: Client::new(config),
+            stream_urls: StreamUrls::default(),
         }
+    }
+
+    /// Accepts the stream URLs `stream_urls` allows (an emulator's: [`StreamUrls::Any`]).
+    #[must_use]
+    pub fn with_stream_urls(mut self, stream_urls: StreamUrls) -> Self {
+        self.stream_urls = stream_urls;
+        self
+    }
+
+    /// Refuses a stream URL this control plane must not dial.
+    fn check_stream_url(
+        &self,
+        operation: &'static str,
+        url: &str,
+    ) -> Result<(), ControlPlaneError> {
+        self.stream_urls
+            .check(url)
+            .map_err(|untrusted| ControlPlaneError {
+                operation,
+                message: untrusted.to_string(),
+                retryable: false,
+            })
     }
 
     /// What SSM knows of an instance: its ping status and agent version.
@@ -124,7 +150,7 @@ impl ControlPlane for SdkControlPlane {
             message: format!("the response has no {field}"),
             retryable: false,
         };
-        Ok(StreamTarget {
+        let target = StreamTarget {
             session_id: output
                 .session_id()
                 .ok_or_else(|| missing("SessionId"))?
@@ -137,7 +163,13 @@ impl ControlPlane for SdkControlPlane {
                 .token_value()
                 .ok_or_else(|| missing("TokenValue"))?
                 .to_owned(),
-        })
+        };
+        if let Err(refused) = self.check_stream_url("StartSession", &target.stream_url) {
+            // The session exists at AWS but will never be joined: end it there.
+            let _ = self.terminate_session(&target.session_id).await;
+            return Err(refused);
+        }
+        Ok(target)
     }
 
     async fn resume_session(&self, session_id: &str) -> Result<Option<Resumed>, ControlPlaneError> {
@@ -148,12 +180,16 @@ impl ControlPlane for SdkControlPlane {
             .send()
             .await
             .map_err(|e| classify("ResumeSession", None, e))?;
-        Ok(output.token_value().map(|token| Resumed {
+        let Some(token) = output.token_value() else {
+            return Ok(None);
+        };
+        let stream_url = output.stream_url().filter(|url| !url.is_empty());
+        if let Some(url) = stream_url {
+            self.check_stream_url("ResumeSession", url)?;
+        }
+        Ok(Some(Resumed {
             token_value: token.to_owned(),
-            stream_url: output
-                .stream_url()
-                .filter(|url| !url.is_empty())
-                .map(str::to_owned),
+            stream_url: stream_url.map(str::to_owned),
         }))
     }
 

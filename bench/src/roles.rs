@@ -14,10 +14,9 @@ use std::{
 use anyhow::Context as _;
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
-    cli::{AwsArgs, load_aws},
+    cli::{AwsArgs, control_plane, load_aws},
     listener::{Endpoint, Limits, Listeners},
     metrics::Metrics,
-    ssm::SdkControlPlane,
     tunnel::SessionContext,
 };
 use tokio::{
@@ -237,16 +236,17 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
     let endpoint_url = args.first().context(usage)?.clone();
     let document = args.get(1).context(usage)?.clone();
     let port: u16 = args.get(2).context(usage)?.parse()?;
-    let sdk = load_aws(&AwsArgs {
+    let aws = AwsArgs {
         region: Some(crate::support::REGION.into()),
         ssm_endpoint: Some(endpoint_url),
-    })
-    .await;
+        allow_any_stream_url: true,
+    };
+    let sdk = load_aws(&aws).await;
     let registry = prometheus::Registry::new();
     let context = Arc::new(SessionContext {
         idle_timeout: Some(Duration::from_secs(1200)),
         ..SessionContext::per_connection(
-            Arc::new(SdkControlPlane::new(&sdk)),
+            Arc::new(control_plane(&aws, &sdk)),
             None,
             Metrics::register(&registry)?,
         )

@@ -279,6 +279,7 @@ impl Client {
                     "forward",
                     "--region",
                     crate::support::REGION,
+                    "--allow-any-stream-url",
                     "--ssm-endpoint",
                     &emulator.url,
                     crate::support::INSTANCE,

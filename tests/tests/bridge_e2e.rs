@@ -20,6 +20,7 @@ use fleet_access_agent_bridge::{
     metrics::Metrics,
     serve::{self, ServeConfig},
     ssm::SdkControlPlane,
+    stream_url::StreamUrls,
     tunnel::SessionContext,
 };
 use fleet_access_crds::bridge_contract::{
@@ -68,9 +69,14 @@ fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
     fleet_access_tests::moto::sdk_config_for(endpoint)
 }
 
+/// The emulator's SSM API; its stream URLs are plain `ws://` on loopback.
+fn control_plane(emulator: &Running) -> SdkControlPlane {
+    SdkControlPlane::new(&sdk_config(&emulator.endpoint_url())).with_stream_urls(StreamUrls::Any)
+}
+
 fn context(emulator: &Running, registry: &Registry) -> Arc<SessionContext<SdkControlPlane>> {
     Arc::new(SessionContext::per_connection(
-        Arc::new(SdkControlPlane::new(&sdk_config(&emulator.endpoint_url()))),
+        Arc::new(control_plane(emulator)),
         None,
         Metrics::register(registry).expect("metrics"),
     ))
@@ -291,7 +297,7 @@ async fn ssh_through_proxy_as_proxycommand() {
     let sshd = Sshd::start().await.expect("sshd");
     let emulator = emulator(&sshd, Mode::Realistic, &[]).await;
     let proxy = format!(
-        "{} proxy %h %p --region us-east-1 --ssm-endpoint {}",
+        "{} proxy %h %p --region us-east-1 --ssm-endpoint {} --allow-any-stream-url",
         bridge_binary().display(),
         emulator.endpoint_url()
     );
@@ -335,32 +341,36 @@ async fn proxy_explains_what_a_person_can_fix() {
     ];
     let emulator = Emulator::start(config).await.expect("emulator starts");
     let no_credentials = tempfile::tempdir().expect("tempdir");
-    let cases: [(&str, bool, &str); 5] = [
-        ("i-00000000000000000", true, "i-00000000000000000"),
+    // (instance, with credentials, dial the emulator's ws:// stream URLs, what stderr says)
+    let cases: [(&str, bool, bool, &str); 6] = [
+        ("i-00000000000000000", true, true, "i-00000000000000000"),
         (
             OFFLINE,
+            true,
             true,
             "is not connected to Systems Manager (ping status ConnectionLost)",
         ),
         (
             OLD_AGENT,
             true,
+            true,
             "too old for SSH: update it to 2.3.672.0 or later",
         ),
-        (NOTHING_LISTENS, true, "Unable to connect to specified port"),
-        (NOTHING_LISTENS, false, "no AWS credentials found"),
+        (
+            NOTHING_LISTENS,
+            true,
+            true,
+            "Unable to connect to specified port",
+        ),
+        (NOTHING_LISTENS, false, true, "no AWS credentials found"),
+        (NOTHING_LISTENS, true, false, "is not encrypted (wss://)"),
     ];
-    for (instance, with_credentials, expected) in cases {
+    for (instance, with_credentials, any_stream_url, expected) in cases {
         let mut proxy = Command::new(bridge_binary());
         proxy
-            .args([
-                "proxy",
-                instance,
-                "22",
-                "--region",
-                "us-east-1",
-                "--ssm-endpoint",
-            ])
+            .args(["proxy", instance, "22", "--region", "us-east-1"])
+            .args(any_stream_url.then_some("--allow-any-stream-url"))
+            .arg("--ssm-endpoint")
             .arg(emulator.endpoint_url())
             .env_remove("AWS_PROFILE")
             .env_remove("AWS_ACCESS_KEY_ID")
@@ -385,6 +395,11 @@ async fn proxy_explains_what_a_person_can_fix() {
             "{instance}: expected {expected:?} in {stderr}"
         );
     }
+    // The session whose stream URL was refused was ended at once, its WebSocket never opened:
+    // neither the token nor a signature went to that URL.
+    let sessions = all_sessions_ended(&emulator).await;
+    let refused = sessions.last().expect("the refused session");
+    assert_eq!(refused.connections, 0, "{refused:?}");
 }
 
 /// Runs `proxy` as ssh runs a ProxyCommand: its standard input stays open (ssh closes it only
@@ -667,7 +682,7 @@ async fn forward_carries_parallel_http_requests_over_one_session() {
     let sshd = Sshd::start().await.expect("sshd");
     let web = http_server().await;
     let emulator = emulator(&sshd, Mode::Fast, &[(WEB, 8080, web)]).await;
-    let control = SdkControlPlane::new(&sdk_config(&emulator.endpoint_url()));
+    let control = control_plane(&emulator);
     let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
     let local = listener.local_addr().expect("address");
     let shutdown = CancellationToken::new();
@@ -916,7 +931,7 @@ async fn download_emulator() -> Running {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_holds_back_for_a_slow_reader_and_loses_nothing() {
     let emulator = download_emulator().await;
-    let control = SdkControlPlane::new(&sdk_config(&emulator.endpoint_url()));
+    let control = control_plane(&emulator);
     let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
     let local = listener.local_addr().expect("address");
     let shutdown = CancellationToken::new();

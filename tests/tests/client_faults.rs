@@ -22,6 +22,7 @@ use fleet_access_agent_bridge::driver::{
 };
 use fleet_access_agent_bridge::protocol::Stats;
 use fleet_access_agent_bridge::ssm::SdkControlPlane;
+use fleet_access_agent_bridge::stream_url::StreamUrls;
 use fleet_access_ssm_emulator::{
     Config, Emulator, Faults, InstanceConfig, Mode, Running, SessionReport, unobserved_faults,
 };
@@ -186,7 +187,7 @@ async fn emulator(mode: Mode, target: SocketAddr, faults: Faults) -> Running {
 
 fn control(emulator: &Running) -> SdkControlPlane {
     let sdk = fleet_access_tests::moto::sdk_config_for(&emulator.endpoint_url());
-    SdkControlPlane::new(&sdk)
+    SdkControlPlane::new(&sdk).with_stream_urls(StreamUrls::Any)
 }
 
 /// The port-forwarding document: mux with a current agent, basic with an old one.

@@ -380,7 +380,12 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         .args(["--listen-address", &listen_address.to_string()])
         // The system picks the port; the bridge reports it.
         .args(["--admin-address", "127.0.0.1:0"])
-        .args(["--region", REGION, "--ssm-endpoint"])
+        .args([
+            "--region",
+            REGION,
+            "--allow-any-stream-url",
+            "--ssm-endpoint",
+        ])
         .arg(emulator.endpoint_url())
         .envs(moto.process_env())
         .env("KUBECONFIG", &bridge_kubeconfig)

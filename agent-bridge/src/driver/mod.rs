@@ -841,16 +841,38 @@ where
     }
 }
 
+/// The TLS client configuration for `wss://` stream URLs: the system's root certificates
+/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` replace them), loaded once per process. Certificates
+/// that cannot be loaded or parsed are reported once; none at all is an error at every dial.
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, DriverError> {
-    let mut roots = rustls::RootCertStore::empty();
+    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(build_tls_config)
+        .clone()
+        .map_err(DriverError::Connect)
+}
+
+fn build_tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
     let loaded = rustls_native_certs::load_native_certs();
-    for cert in loaded.certs {
-        let _ = roots.add(cert);
+    for error in &loaded.errors {
+        warn!(%error, "a root certificate could not be loaded");
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(loaded.certs);
+    if ignored > 0 {
+        warn!(
+            ignored,
+            "root certificates that could not be parsed were ignored"
+        );
+    }
+    if added == 0 {
+        return Err("no root certificates could be loaded for TLS (see SSL_CERT_FILE)".into());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| DriverError::Connect(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
