@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use crate::{
     operator::{CREATE_CONCURRENCY, FLEET_SIZE, GRANTS_PER_USER, Operator, OperatorRun, Phase},
     scenarios::{ClientKind, Direction, Options},
+    slow_reader::SlowReader,
     support::{Mode, Spread, Workspace, machine_facts},
 };
 
@@ -163,6 +164,8 @@ pub struct Report {
     pub missing: Vec<String>,
     /// perf profiles: what was profiled, and the top symbols by self time.
     pub profiles: Vec<(String, String)>,
+    /// Slow-reader figures.
+    pub slow_reader: Option<SlowReader>,
 }
 
 fn shell(program: &str, args: &[&str]) -> String {
@@ -208,6 +211,7 @@ impl Report {
             operator: None,
             missing: Vec::new(),
             profiles: Vec::new(),
+            slow_reader: None,
         }
     }
 
@@ -256,6 +260,9 @@ impl Report {
         self.render_setup(&mut out);
         self.render_scale(&mut out);
         self.render_operator(&mut out);
+        if let Some(part) = &self.slow_reader {
+            crate::slow_reader::render(part, 5, &mut out);
+        }
         for (what, text) in &self.profiles {
             let _ = writeln!(
                 out,
@@ -879,6 +886,7 @@ mod tests {
             operator: None,
             missing: Vec::new(),
             profiles: Vec::new(),
+            slow_reader: None,
         }
     }
 

@@ -65,6 +65,10 @@ pub struct Options {
     pub operator_reference_grants: usize,
     /// The operator's resync period.
     pub operator_resync: Duration,
+    /// How long the slow reader reads at 10 KB/s.
+    pub slow_phase: Duration,
+    /// How long it then reads at full speed.
+    pub slow_window: Duration,
 }
 
 impl Options {
@@ -79,6 +83,7 @@ impl Options {
             out: "BENCHMARKS.md".into(),
             parts: vec![
                 "throughput".into(),
+                "slow-reader".into(),
                 "setup".into(),
                 "scale".into(),
                 "operator".into(),
@@ -88,6 +93,8 @@ impl Options {
             operator_grants: 1000,
             operator_reference_grants: 100,
             operator_resync: Duration::from_secs(30),
+            slow_phase: Duration::from_secs(30),
+            slow_window: Duration::from_secs(10),
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -101,6 +108,8 @@ impl Options {
                     options.plugin_sample = 2;
                     options.operator_grants = 100;
                     options.operator_reference_grants = 10;
+                    options.slow_phase = Duration::from_secs(5);
+                    options.slow_window = Duration::from_secs(2);
                 }
                 "--perf" => options.perf = true,
                 "--out" => options.out = it.next().context("--out FILE")?.into(),
@@ -116,7 +125,7 @@ impl Options {
                 "--only" => {
                     options.parts = it
                         .next()
-                        .context("--only throughput,setup,scale,operator")?
+                        .context("--only throughput,slow-reader,setup,scale,operator")?
                         .split(',')
                         .map(str::to_owned)
                         .collect();
@@ -166,6 +175,12 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
                     .missing
                     .push(format!("throughput ({}): {error:#}", mode.name())),
             }
+        }
+    }
+    if options.wants("slow-reader") {
+        match crate::slow_reader::run(&ws, &options, &target).await {
+            Ok(part) => report.slow_reader = Some(part),
+            Err(error) => report.missing.push(format!("slow reader: {error:#}")),
         }
     }
     if options.wants("setup") {
@@ -445,7 +460,7 @@ async fn wait_for_log(path: &Path, needle: &str) -> anyhow::Result<()> {
 }
 
 /// Connects through a client and waits for the target's banner.
-async fn open(addr: SocketAddr) -> anyhow::Result<TcpStream> {
+pub(crate) async fn open(addr: SocketAddr) -> anyhow::Result<TcpStream> {
     tokio::time::timeout(BANNER_TIMEOUT, async {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;

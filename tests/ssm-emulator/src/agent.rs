@@ -191,6 +191,9 @@ struct MuxStream {
 
 /// The forwarding side of mux mode (what the checks see is in [`SmuxLedger`]).
 struct MuxPort {
+    /// The smux server is set up: until then, as in the agent (which sets it up only after the
+    /// handshake, in tasks of its own), client data and flags are not acknowledged.
+    ready: bool,
     plumbing: MuxPlumbing,
     streams: HashMap<u32, MuxStream>,
     keepalive: bool,
@@ -800,6 +803,16 @@ impl Agent {
         }
     }
 
+    /// Whether the agent's port session takes messages (its `IsConnectionAvailable`): the basic
+    /// connection has been dialled once, or the mux is set up.
+    fn port_available(&self) -> bool {
+        match &self.port {
+            PortState::None => false,
+            PortState::Basic(b) => !matches!(b.state, BasicState::Dialing),
+            PortState::Mux(mx) => mx.ready,
+        }
+    }
+
     fn handshake_done(&self) -> bool {
         matches!(self.handshake, Handshake::Complete | Handshake::Skipped)
     }
@@ -821,6 +834,17 @@ impl Agent {
                 self.on_output(&m.payload)
             }
             payload_type::FLAG => {
+                if !self.handshake_done() {
+                    // The agent acknowledges it and drops it unread.
+                    self.violation(format!(
+                        "Flag (seq {}) before HandshakeComplete; the agent drops it",
+                        m.sequence_number
+                    ));
+                    return Processed::Done;
+                }
+                if !self.port_available() {
+                    return Processed::NotReady;
+                }
                 self.on_flag(&m.payload);
                 Processed::Done
             }
@@ -1006,6 +1030,17 @@ impl Agent {
                 if self.is_closing() {
                     return;
                 }
+                if !self.info.properties.local_port_forwarding {
+                    // An SSH session's agent closes the connection, its read fails, and the
+                    // session fails: there is no reconnecting.
+                    self.end(
+                        SessionStatus::Failed,
+                        "the client disconnected the port of an SSH session (DisconnectToPort)"
+                            .to_owned(),
+                        true,
+                    );
+                    return;
+                }
                 if let PortState::Basic(b) = &mut self.port {
                     if let Some(t) = b.task.take() {
                         t.abort();
@@ -1080,6 +1115,7 @@ impl Agent {
     fn start_mux(&mut self, keepalive: bool) {
         let now = Instant::now();
         self.port = PortState::Mux(MuxPort {
+            ready: false,
             plumbing: MuxPlumbing::spawn(self.mode, self.transport.clone(), self.inbox.clone()),
             streams: HashMap::new(),
             keepalive,
@@ -1106,6 +1142,7 @@ impl Agent {
                 BasicState::Dialing => Delivery::NotReady,
                 BasicState::Idle => Delivery::Redial,
             },
+            PortState::Mux(mx) if !mx.ready => Delivery::NotReady,
             PortState::Mux(mx) => {
                 mx.last_rx = Instant::now();
                 Delivery::Mux
@@ -1265,9 +1302,15 @@ impl Agent {
         }
         match event {
             PortEvent::BasicUp { generation, writer } => {
+                // Like the agent, early messages wait for the next in-order arrival (the
+                // client's retransmission of what was not acknowledged meanwhile).
                 if let Some(b) = self.basic_port(generation) {
                     b.state = BasicState::Up { writer };
-                    self.drain_reorder();
+                }
+            }
+            PortEvent::MuxReady => {
+                if let PortState::Mux(mx) = &mut self.port {
+                    mx.ready = true;
                 }
             }
             PortEvent::BasicDialFailed { generation, error } => {
@@ -1430,10 +1473,6 @@ impl Agent {
                 "smux keepalive timeout: nothing arrived from the client's smux".to_owned(),
                 false,
             );
-            return;
-        }
-        if !self.reorder.is_empty() {
-            self.drain_reorder();
         }
     }
 

@@ -51,6 +51,8 @@ pub(crate) enum PortEvent {
         data: Vec<u8>,
         room: InTransit,
     },
+    /// The mux plumbing runs: the smux server takes the client's bytes.
+    MuxReady,
 }
 
 /// The room one read of target output takes in the [`TransportBuffer`]; given back when
@@ -193,7 +195,16 @@ impl MuxPlumbing {
         let (mut pipe_w, mut pipe_r) = tokio::io::duplex(64 * 1024);
         let (control, mut control_rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let (data, mut data_rx) = mpsc::channel::<Vec<u8>>(16);
+        let ready = inbox.clone();
         let writer = tokio::spawn(async move {
+            // The agent sets its mux up in tasks of its own after the handshake; the session
+            // takes data only once they run.
+            if mode == Mode::Realistic {
+                tokio::time::sleep(REALISTIC_PAUSE).await;
+            }
+            if !send(&ready, PortEvent::MuxReady) {
+                return;
+            }
             loop {
                 let frame = tokio::select! {
                     biased;
