@@ -1864,6 +1864,46 @@ mod tests {
     }
 
     #[test]
+    fn disconnect_to_port_fails_an_ssh_session() {
+        let mut h = Harness::new(true);
+        let (complete, _target) = h.open_basic();
+        let disconnect = h.input(
+            payload_type::FLAG,
+            &message::flag_payload(flag::DISCONNECT_TO_PORT),
+        );
+        h.frame(disconnect.encode());
+        assert!(h.agent.ending.is_some(), "the session drains, then ends");
+        h.ack(&complete);
+        assert_eq!(h.agent.finished, Some(SessionStatus::Failed));
+        assert_eq!(
+            h.report().close_reason.as_deref(),
+            Some("the client disconnected the port of an SSH session (DisconnectToPort)")
+        );
+    }
+
+    #[test]
+    fn the_agent_keeps_no_more_than_its_outgoing_buffer_and_says_so() {
+        let mut h = Harness::new(false);
+        let _ = h.open_basic();
+        let room = Arc::new(tokio::sync::Semaphore::new(OUTGOING_BUFFER_CAPACITY + 1));
+        for _ in 0..=OUTGOING_BUFFER_CAPACITY {
+            let room = room.clone().try_acquire_owned().expect("room");
+            h.agent.handle(AgentInput::Port(PortEvent::BasicData {
+                generation: 1,
+                data: vec![b'x'],
+                room,
+            }));
+        }
+        assert_eq!(h.agent.unacked.len(), OUTGOING_BUFFER_CAPACITY);
+        let violations = h.report().violations;
+        assert_eq!(violations.len(), 1, "reported once: {violations:?}");
+        assert!(
+            violations[0].contains("left 100000 messages unacknowledged"),
+            "{violations:?}"
+        );
+    }
+
+    #[test]
     fn the_closing_drain_checks_client_frames_and_ends_once_all_is_acknowledged() {
         let mut h = Harness::new(false);
         let (complete, _target) = h.open_basic();

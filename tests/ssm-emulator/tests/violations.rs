@@ -364,6 +364,16 @@ const FRAME_CASES: &[FrameCase] = &[
         "Output (seq 0) before HandshakeComplete; the agent discards it",
         |_| vec![binary(&input(0, payload_type::OUTPUT, b"too early"))],
     ),
+    handshake_case(
+        "Flag (seq 0) before HandshakeComplete; the agent drops it",
+        |_| {
+            vec![binary(&input(
+                0,
+                payload_type::FLAG,
+                &flag_payload(flag::TERMINATE_SESSION),
+            ))]
+        },
+    ),
     case(
         "client sent Size (terminal size) in a Port session (PayloadType 3) as seq 1",
         |_| vec![next(payload_type::SIZE, b"{\"cols\":80,\"rows\":24}")],
