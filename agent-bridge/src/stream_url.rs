@@ -4,7 +4,7 @@
 //! messages host are dialled: a URL from a compromised or misconfigured endpoint would
 //! otherwise receive them, in clear text for `ws://`.
 //!
-//! The hosts, as AWS names them (docs/data-channel.md, "Stream URLs"):
+//! The hosts, as AWS names them (docs/data-channel.md, "Opening"):
 //!
 //! ```text
 //! ssmmessages.<region>.amazonaws.com               regional
