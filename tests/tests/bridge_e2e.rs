@@ -971,3 +971,113 @@ async fn serve_holds_back_for_a_slow_reader_and_loses_nothing() {
     served.stop().await;
     assert_slow_download_intact(&received, &emulator).await;
 }
+
+/// A target that accepts connections and holds them, silent, until the test ends.
+async fn silent_server() -> SocketAddr {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    address
+}
+
+/// `agent-bridge proxy INSTANCE 22` against `emulator`, with test credentials.
+fn proxy_command(emulator: &Running, instance: &str) -> tokio::process::Command {
+    let mut proxy = tokio::process::Command::new(bridge_binary());
+    proxy
+        .args(["proxy", instance, "22", "--region", "us-east-1"])
+        .args(["--allow-any-stream-url", "--ssm-endpoint"])
+        .arg(emulator.endpoint_url())
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    proxy
+}
+
+/// Waits for `child` to exit; fails the test after 30 s (the session's close linger is 3 s).
+async fn exits_soon(child: tokio::process::Child, what: &str) -> std::process::Output {
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("the proxy did not end within 30 s of {what}"))
+        .expect("proxy runs")
+}
+
+/// Against an agent that acknowledges the TerminateSession flag and carries on, and a target
+/// that never speaks or closes, the proxy still ends, through the TerminateSession API: when its
+/// standard input ends, and on SIGTERM, SIGINT and SIGHUP with its input held open (as ssh does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_ends_when_it_should_even_if_the_peer_never_closes() {
+    let faults = Faults {
+        ignore_terminate_flag: true,
+        ..Faults::default()
+    };
+    let mut config = Config {
+        mode: Mode::Fast,
+        ..Config::default()
+    };
+    config.instances.push(
+        InstanceConfig::new(WEB)
+            .with_port("22", silent_server().await)
+            .with_faults(faults.clone()),
+    );
+    let emulator = Emulator::start(config).await.expect("emulator starts");
+
+    // Standard input that ends at once.
+    let child = proxy_command(&emulator, WEB)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("proxy starts");
+    let output = exits_soon(child, "the end of its input").await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    use rustix::process::{Pid, Signal, kill_process};
+    for signal in [Signal::TERM, Signal::INT, Signal::HUP] {
+        let sessions = emulator.session_reports().len();
+        let mut child = proxy_command(&emulator, WEB)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("proxy starts");
+        let _held_open = child.stdin.take();
+        // The session is up once the handshake is: the emulator has the client's version.
+        let mut up = false;
+        for _ in 0..1200 {
+            let reports = emulator.session_reports();
+            up = reports.len() > sessions
+                && reports.last().is_some_and(|r| r.client_version.is_some());
+            if up {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(up, "no session came up for {signal:?}");
+        let pid = child
+            .id()
+            .and_then(|id| Pid::from_raw(i32::try_from(id).ok()?))
+            .expect("the proxy runs");
+        kill_process(pid, signal).expect("signal");
+        exits_soon(child, &format!("{signal:?}")).await;
+    }
+
+    let reports = all_sessions_ended(&emulator).await;
+    assert_eq!(reports.len(), 4, "{reports:?}");
+    for report in &reports {
+        assert_eq!(
+            report.close_reason.as_deref(),
+            Some("TerminateSession called"),
+            "{report:?}"
+        );
+    }
+    let unobserved = fleet_access_ssm_emulator::unobserved_faults(&faults, &reports);
+    assert!(unobserved.is_empty(), "{unobserved:?}");
+}

@@ -71,6 +71,9 @@ pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_LOCAL_READ_SIZE: usize = crate::protocol::smux::MAX_FRAME_DATA;
 /// A local connection's first read room (it grows to the read size under load).
 const MIN_READ_ROOM: usize = 4 * 1024;
+/// Bound on the TerminateSession call that ends every tunnel: a process that exits right after
+/// (`proxy`) must not hang on an unresponsive endpoint.
+const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket read buffer: one read takes up to this much (tungstenite's default is 128 KiB per
 /// connection, idle or not).
 const WS_READ_BUFFER: usize = 8 * 1024;
@@ -293,8 +296,11 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
         run.local_tx = Some(tx);
         run.local_rx = Some(rx);
         let result = run.drive(shutdown).await;
-        if let Err(e) = Box::pin(self.control.terminate_session(&run.target.session_id)).await {
-            debug!(error = %e, "TerminateSession after close");
+        let terminate = Box::pin(self.control.terminate_session(&run.target.session_id));
+        match tokio::time::timeout(TERMINATE_TIMEOUT, terminate).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "TerminateSession after close"),
+            Err(_) => warn!("TerminateSession did not answer in time; the session may linger"),
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), run.ws.close(None)).await;
         run.finish_local_writes().await;

@@ -1049,6 +1049,10 @@ impl Agent {
                 }
             }
             flag::TERMINATE_SESSION => {
+                if self.faults.ignore_terminate_flag {
+                    self.count(|f| f.terminate_flags_ignored += 1);
+                    return;
+                }
                 if !version::agent_supports_terminate_flag(&self.info.instance.agent_version) {
                     self.violation(format!(
                         "TerminateSession flag sent to agent {} (needs > 2.3.722.0)",

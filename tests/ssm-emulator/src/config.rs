@@ -224,6 +224,9 @@ pub struct Faults {
     /// Send `pause_publication` after the handshake and never `start_publication` (the
     /// agent's own data channel lifts a pause at its peer's next data or ack).
     pub lasting_pause: bool,
+    /// Acknowledge the client's TerminateSession flag and carry on as if it had not come (a
+    /// peer that never closes: only the TerminateSession API ends the session).
+    pub ignore_terminate_flag: bool,
     /// Send `agent_session_state` and an unknown message type after the handshake.
     pub extra_message_types: bool,
     /// Send `channel_closed` in the legacy form (HL 112, NUL padding).

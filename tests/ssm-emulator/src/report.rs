@@ -166,6 +166,8 @@ pub struct InjectedFaults {
     pub garbage_publications: u64,
     /// `pause_publication` messages sent never to be lifted (`lasting_pause`).
     pub lasting_pauses: u64,
+    /// TerminateSession flags acknowledged and ignored (`ignore_terminate_flag`).
+    pub terminate_flags_ignored: u64,
     /// `agent_session_state` and unknown-type messages sent (`extra_message_types`).
     pub extra_messages: u64,
     /// `channel_closed` messages sent in the legacy HL 112 form (`legacy_channel_closed`).
@@ -262,6 +264,11 @@ pub fn unobserved_faults(faults: &Faults, reports: &[SessionReport]) -> Vec<Stri
             faults.lasting_pause,
             total(|r| r.injected.lasting_pauses) > 0,
             "lasting_pause: no pause_publication was sent",
+        ),
+        (
+            faults.ignore_terminate_flag,
+            total(|r| r.injected.terminate_flags_ignored) > 0,
+            "ignore_terminate_flag: no TerminateSession flag came to be ignored",
         ),
         (
             faults.extra_message_types,
