@@ -451,3 +451,32 @@ async fn a_black_hole_during_a_download_is_noticed_and_survived() {
     assert!(report.connections > 1, "the client resumed: {report:?}");
     assert_survived("black hole during a download", &emulator, &faults).await;
 }
+
+/// Mux mode at the agent's own pace (1 KiB reads, 1 ms pauses) with its smux keepalive on (an
+/// agent of 3.1.1511.0 keeps it on; here a NOP every 100 ms): both ways intact, zero violations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mux_at_the_agents_pace_with_its_smux_keepalive_on() {
+    init_logging();
+    let target = transfer_server().await;
+    let port = TRANSFER_PORT.to_string();
+    let mut config = Config {
+        mode: Mode::Realistic,
+        smux_keepalive_interval_ms: 100,
+        ..Config::default()
+    };
+    config.instances = vec![
+        InstanceConfig::new(CURRENT_AGENT)
+            .with_agent_version("3.1.1511.0")
+            .with_port(port, target),
+    ];
+    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let report = session(
+        &emulator,
+        &forwarding(CURRENT_AGENT),
+        &[Transfer::Upload(2 * MIB), Transfer::Download(2 * MIB)],
+    )
+    .await;
+    assert!(report.smux_keepalive, "{report:?}");
+    assert!(report.smux_nops_to_client > 0, "{report:?}");
+    assert_survived("keepalive", &emulator, &Faults::default()).await;
+}

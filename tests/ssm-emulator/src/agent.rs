@@ -1464,10 +1464,14 @@ impl Agent {
         {
             if now.duration_since(mx.last_nop) >= interval {
                 mx.last_nop = now;
-                let _ = mx
+                if mx
                     .plumbing
                     .control
-                    .send(smux::Frame::control(smux::Command::Nop, 0).encode());
+                    .send(smux::Frame::control(smux::Command::Nop, 0).encode())
+                    .is_ok()
+                {
+                    lock(&self.report).smux_nops_to_client += 1;
+                }
             }
             keepalive_dead = now.duration_since(mx.last_rx) > timeout;
         }

@@ -76,6 +76,8 @@ pub struct SessionReport {
     pub client_version: Option<String>,
     /// Whether the agent's smux keepalive is on.
     pub smux_keepalive: bool,
+    /// smux NOPs the agent sent (its keepalive).
+    pub smux_nops_to_client: u64,
     /// Violations, in order (complete once `status` is ended).
     pub violations: Vec<String>,
     /// Why the session ended.
@@ -303,6 +305,7 @@ impl SessionReport {
             transfer: None,
             client_version: None,
             smux_keepalive: false,
+            smux_nops_to_client: 0,
             violations: Vec::new(),
             close_reason: None,
             connections: 0,

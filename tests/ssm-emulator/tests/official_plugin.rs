@@ -248,7 +248,12 @@ const PORT_ATTEMPTS: u32 = 5;
 /// Starts the plugin as the AWS CLI would for a port-forwarding session, and waits until it
 /// listens. The local port is chosen free but bound only by the plugin: when another process
 /// took it in between, the whole start is repeated with a new port.
-async fn start_forwarding(plugin: &Path, mode: Mode) -> Forwarding {
+/// An agent old enough (3.1.1511.0) that the plugin keeps its own smux keepalive on. The
+/// agent's is on with every agent version here: a plugin built from source reports 1.2.0.0,
+/// at most 1.2.331.0 (here a NOP every 100 ms).
+const KEEPALIVE_AGENT: &str = "3.1.1511.0";
+
+async fn start_forwarding(plugin: &Path, mode: Mode, plugin_keepalive: bool) -> Forwarding {
     let mut attempt = 1;
     loop {
         let echo = echo_server().await;
@@ -258,11 +263,14 @@ async fn start_forwarding(plugin: &Path, mode: Mode) -> Forwarding {
             // `port_forwarding_through_the_official_plugin`): the session then ends because its
             // client does not come back.
             reconnect_timeout_ms: 2_000,
+            smux_keepalive_interval_ms: 100,
             ..Config::default()
         };
-        config
-            .instances
-            .push(InstanceConfig::new(INSTANCE).with_port("8080", echo));
+        let mut instance = InstanceConfig::new(INSTANCE).with_port("8080", echo);
+        if plugin_keepalive {
+            instance = instance.with_agent_version(KEEPALIVE_AGENT);
+        }
+        config.instances.push(instance);
         let running = Emulator::start(config).await.expect("emulator");
         let ssm = ssm_client(&running.endpoint_url());
         let local_port = fleet_access_tests::free_loopback_port().expect("free port");
@@ -320,7 +328,11 @@ async fn start_forwarding(plugin: &Path, mode: Mode) -> Forwarding {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_forwarding_through_the_official_plugin() {
     let plugin = plugin();
-    for mode in [Mode::Realistic, Mode::Fast] {
+    for (mode, plugin_keepalive) in [
+        (Mode::Realistic, false),
+        (Mode::Fast, false),
+        (Mode::Realistic, true),
+    ] {
         let Forwarding {
             running,
             started,
@@ -328,7 +340,7 @@ async fn port_forwarding_through_the_official_plugin() {
             local_port,
             dir,
             mut stdout,
-        } = start_forwarding(&plugin, mode).await;
+        } = start_forwarding(&plugin, mode, plugin_keepalive).await;
         let stdout_log = dir.join("plugin.stdout");
         tokio::spawn(async move {
             let mut text = String::new();
@@ -386,6 +398,10 @@ async fn port_forwarding_through_the_official_plugin() {
         let report = assert_clean(&running, &started.session_id).await;
         assert_eq!(report.transfer, Some(Transfer::Mux), "{mode:?}: {report:?}");
         assert_eq!(report.smux_streams_opened, 5, "{mode:?}: {report:?}");
+        assert!(
+            report.smux_keepalive && report.smux_nops_to_client > 0,
+            "{mode:?}, plugin keepalive {plugin_keepalive}: {report:?}"
+        );
         // The flag ends the session, unless the plugin's exit lost it: it exits right after
         // writing it, and a socket closed with unread data is reset, which can discard the
         // flag on its way. Then the session ends because the plugin does not come back.
