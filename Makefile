@@ -6,7 +6,7 @@ CARGO ?= cargo
 # Keep CI output readable and builds within the machine's two cores.
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo plan test test-unit test-integration stress setup lint fmt clippy generate check-generated bench
+.PHONY: demo plan test test-unit test-integration stress setup lint fmt clippy fuzz-check generate check-generated bench
 
 ## The main job on its embedded default: no AWS account, no cluster.
 demo:
@@ -20,8 +20,9 @@ plan:
 setup:
 	bash tests/env/setup.sh
 
-## Everything: lints, generated files, unit tests, integration tests against real components.
-test: lint check-generated setup
+## Everything: lints, generated files, the fuzz targets type-checked, unit tests, integration
+## tests against real components.
+test: lint check-generated fuzz-check setup
 	bash tests/env/with-services.sh $(CARGO) test --workspace --no-fail-fast
 
 ## Fast tests without external components (no setup needed): unit tests, goldens, the CRDs'
@@ -42,6 +43,11 @@ stress: setup
 	bash tests/env/stress.sh
 
 lint: fmt clippy
+
+## The cargo-fuzz targets (agent-bridge/fuzz, their own workspace) still compile; running them
+## needs nightly. Their properties run on stable in agent-bridge/tests/randomized.rs.
+fuzz-check:
+	$(CARGO) check --manifest-path agent-bridge/fuzz/Cargo.toml --target-dir $${CARGO_TARGET_DIR:-target}/fuzz
 
 fmt:
 	$(CARGO) fmt --all --check
