@@ -637,9 +637,9 @@ async fn mux_streams_echo_concurrently() {
     assert_eq!(syns, vec![3, 5]);
 }
 
-#[tokio::test]
-async fn lost_websocket_resumes_with_new_token_and_same_sequence() {
-    let s = setup(SSH, true).await;
+/// Runs a tunnel of `s` with one local connection that echoes each of `messages` in turn (each
+/// must come back whole), then stops it.
+async fn echo_through(s: &Setup, messages: &[&[u8]]) -> Result<Outcome, DriverError> {
     let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (conn_tx, conn_rx) = mpsc::channel(4);
@@ -647,11 +647,9 @@ async fn lost_websocket_resumes_with_new_token_and_same_sequence() {
     let body = async {
         let (mut local, remote) = tokio::io::duplex(64 * 1024);
         conn_tx.send(remote).await.unwrap();
-        assert_eq!(
-            echo(&mut local, b"across the drop").await,
-            b"across the drop"
-        );
-        assert_eq!(echo(&mut local, b"after").await, b"after");
+        for message in messages {
+            assert_eq!(echo(&mut local, message).await, *message);
+        }
         stop_tx.send(()).unwrap();
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
@@ -664,7 +662,15 @@ async fn lost_websocket_resumes_with_new_token_and_same_sequence() {
     })
     .await
     .expect("test finished in time");
-    let outcome = outcome.unwrap();
+    outcome
+}
+
+#[tokio::test]
+async fn lost_websocket_resumes_with_new_token_and_same_sequence() {
+    let s = setup(SSH, true).await;
+    let outcome = echo_through(&s, &[b"across the drop", b"after"])
+        .await
+        .unwrap();
     assert_eq!(outcome.stats.reconnects, 1);
     assert_eq!(s.control.resumes.load(Ordering::SeqCst), 1);
     let state = s.state.lock().unwrap();
@@ -701,30 +707,8 @@ async fn a_resume_without_a_stream_url_dials_the_last_one_again() {
         ..Script::default()
     };
     let s = setup_with(SSH, script, ResumeAnswer::WithoutStreamUrl).await;
-    let target = s.start().await;
-    let tunnel = Tunnel::new(&s.control, None, config());
-    let (conn_tx, conn_rx) = mpsc::channel(4);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let body = async {
-        let (mut local, remote) = tokio::io::duplex(64 * 1024);
-        conn_tx.send(remote).await.unwrap();
-        assert_eq!(
-            echo(&mut local, b"across the drop").await,
-            b"across the drop"
-        );
-        stop_tx.send(()).unwrap();
-    };
-    let (outcome, ()) = tokio::time::timeout(LIMIT, async {
-        tokio::join!(
-            tunnel.run(target, conn_rx, async {
-                let _ = stop_rx.await;
-            }),
-            body
-        )
-    })
-    .await
-    .expect("test finished in time");
-    assert_eq!(outcome.unwrap().stats.reconnects, 1);
+    let outcome = echo_through(&s, &[b"across the drop"]).await.unwrap();
+    assert_eq!(outcome.stats.reconnects, 1);
     let state = s.state.lock().unwrap();
     assert_eq!(state.connections, 2, "the same URL dialled again");
     assert_eq!(state.log.opens[1]["TokenValue"], "tok-1");

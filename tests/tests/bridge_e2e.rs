@@ -415,10 +415,7 @@ async fn run_as_proxy_command(proxy: Command) -> std::process::Output {
         .spawn()
         .expect("proxy starts");
     let _held_open = child.stdin.take();
-    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{proxy:?} did not end within 60 s of its session"))
-        .expect("proxy runs")
+    exits_within(child, Duration::from_secs(60), "its session").await
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
@@ -644,6 +641,46 @@ async fn sigterm_drains_a_transfer_that_ends_within_the_grace_period() {
     stopping.await.expect("drained");
 }
 
+/// `agent-bridge forward` (in-process) from a loopback port to `port` on `instance`.
+struct Forwarding {
+    local: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Forwarding {
+    async fn start(emulator: &Running, instance: &str, port: u16) -> Self {
+        let control = control_plane(emulator);
+        let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+        let local = listener.local_addr().expect("address");
+        let shutdown = CancellationToken::new();
+        let request = forward_request(instance, port, None);
+        let task = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                fleet_access_agent_bridge::cli::forward(
+                    &control, None, &request, listener, shutdown,
+                )
+                .await
+            })
+        };
+        Self {
+            local,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Ctrl-C's path: cancel, then wait for the session to end.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("join")
+            .expect("forward ends cleanly");
+    }
+}
+
 /// A tiny HTTP server answering every request with its own path.
 async fn http_server() -> SocketAddr {
     let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
@@ -682,18 +719,8 @@ async fn forward_carries_parallel_http_requests_over_one_session() {
     let sshd = Sshd::start().await.expect("sshd");
     let web = http_server().await;
     let emulator = emulator(&sshd, Mode::Fast, &[(WEB, 8080, web)]).await;
-    let control = control_plane(&emulator);
-    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
-    let local = listener.local_addr().expect("address");
-    let shutdown = CancellationToken::new();
-    let request = forward_request(WEB, 8080, None);
-    let forwarding = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            fleet_access_agent_bridge::cli::forward(&control, None, &request, listener, shutdown)
-                .await
-        })
-    };
+    let forwarding = Forwarding::start(&emulator, WEB, 8080).await;
+    let local = forwarding.local;
     let mut requests = Vec::new();
     for i in 0..20 {
         requests.push(tokio::spawn(async move {
@@ -714,11 +741,7 @@ async fn forward_carries_parallel_http_requests_over_one_session() {
             "{response}"
         );
     }
-    shutdown.cancel();
-    forwarding
-        .await
-        .expect("join")
-        .expect("forward ends cleanly");
+    forwarding.stop().await;
     let sessions = all_sessions_ended(&emulator).await;
     assert_eq!(sessions.len(), 1, "one session carried every connection");
 }
@@ -931,24 +954,10 @@ async fn download_emulator() -> Running {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_holds_back_for_a_slow_reader_and_loses_nothing() {
     let emulator = download_emulator().await;
-    let control = control_plane(&emulator);
-    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
-    let local = listener.local_addr().expect("address");
-    let shutdown = CancellationToken::new();
-    let request = forward_request(WEB, 8080, None);
-    let forwarding = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            fleet_access_agent_bridge::cli::forward(&control, None, &request, listener, shutdown)
-                .await
-        })
-    };
+    let forwarding = Forwarding::start(&emulator, WEB, 8080).await;
+    let local = forwarding.local;
     let received = read_slowly_then_fast(local).await;
-    shutdown.cancel();
-    forwarding
-        .await
-        .expect("join")
-        .expect("forward ends cleanly");
+    forwarding.stop().await;
     assert_slow_download_intact(&received, &emulator).await;
 }
 
@@ -1001,12 +1010,21 @@ fn proxy_command(emulator: &Running, instance: &str) -> tokio::process::Command 
     proxy
 }
 
-/// Waits for `child` to exit; fails the test after 30 s (the session's close linger is 3 s).
-async fn exits_soon(child: tokio::process::Child, what: &str) -> std::process::Output {
-    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+/// Waits for the proxy `child` to exit; fails the test after `limit`.
+async fn exits_within(
+    child: tokio::process::Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::Output {
+    tokio::time::timeout(limit, child.wait_with_output())
         .await
-        .unwrap_or_else(|_| panic!("the proxy did not end within 30 s of {what}"))
+        .unwrap_or_else(|_| panic!("the proxy did not end within {limit:?} of {what}"))
         .expect("proxy runs")
+}
+
+/// [`exits_within`] 30 s (the session's close linger is 3 s).
+async fn exits_soon(child: tokio::process::Child, what: &str) -> std::process::Output {
+    exits_within(child, Duration::from_secs(30), what).await
 }
 
 /// Against an agent that acknowledges the TerminateSession flag and carries on, and a target
