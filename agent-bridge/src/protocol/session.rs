@@ -64,6 +64,11 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After sending the TerminateSession flag, how long to wait for `channel_closed` (the agent
 /// drains its own buffers for at most 2 s, section 5.7).
 pub const DEFAULT_CLOSE_LINGER: Duration = Duration::from_secs(3);
+/// How long a `pause_publication` holds sequenced messages back at most when nothing from the
+/// agent lifts it sooner (its data or ack does, as in the agent's own data channel). The
+/// plugin ignores pauses altogether; waiting for the agent alone could wait for ever when the
+/// agent in turn waits for the client (a new smux stream, a request).
+pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(3);
 /// Acks queued for sending at most; beyond this new acks are dropped (the agent retransmits).
 /// Acks are not paced, so this only fills when the transport stalls.
 pub const MAX_PENDING_ACKS: usize = 4096;
@@ -91,6 +96,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// See [`DEFAULT_CLOSE_LINGER`].
     pub close_linger: Duration,
+    /// See [`DEFAULT_MAX_PAUSE`].
+    pub max_pause: Duration,
     /// See [`DEFAULT_MAX_STREAMS`].
     pub max_streams: usize,
     /// ClientVersion in the HandshakeResponse; see [`handshake::CLIENT_VERSION`].
@@ -109,6 +116,7 @@ impl Default for Config {
             max_inbound_bytes: DEFAULT_MAX_INBOUND_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             close_linger: DEFAULT_CLOSE_LINGER,
+            max_pause: DEFAULT_MAX_PAUSE,
             max_streams: DEFAULT_MAX_STREAMS,
             client_version: handshake::CLIENT_VERSION.to_owned(),
         }
@@ -367,8 +375,8 @@ pub struct Session {
     /// Payload bytes inside queued Data/StreamData events.
     event_bytes: usize,
     /// Since when MGS has paused publication. The agent's own data channel lifts a pause at
-    /// the next data or ack from its peer, and so does this one: a pause that is never lifted
-    /// must not stop a session for ever.
+    /// the next data or ack from its peer, and so does this one; a pause also lapses after
+    /// [`Config::max_pause`]: one that is never lifted must not stop a session for ever.
     paused_since: Option<Instant>,
     clock: WallClock,
     ids: MessageIds,
@@ -600,6 +608,12 @@ impl Session {
             State::Closed => return,
             _ => {}
         }
+        if self
+            .paused_since
+            .is_some_and(|since| now >= since + self.config.max_pause)
+        {
+            self.paused_since = None;
+        }
         if !self.is_paused() {
             self.send.handle_timeout(now);
         }
@@ -661,10 +675,9 @@ impl Session {
             State::Open => None,
             State::Closed => return None,
         };
-        let send = if self.is_paused() {
-            None
-        } else {
-            self.send.poll_timeout()
+        let send = match self.paused_since {
+            Some(since) => Some(since + self.config.max_pause),
+            None => self.send.poll_timeout(),
         };
         let mux = self.mux.as_ref().and_then(MuxClient::poll_timeout);
         [state, send, mux].into_iter().flatten().min()

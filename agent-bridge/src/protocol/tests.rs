@@ -663,8 +663,8 @@ fn pause_holds_data_and_retransmission_until_the_agent_is_heard_again() {
     assert!(p.transmit().data.is_empty());
     assert_eq!(
         p.session.poll_timeout(),
-        None,
-        "no retransmit timer while paused"
+        Some(p.now + session::DEFAULT_MAX_PAUSE),
+        "no retransmit timer while paused, only the pause's own"
     );
     assert!(
         p.session.ack_wait_since().is_some(),
@@ -683,6 +683,21 @@ fn pause_holds_data_and_retransmission_until_the_agent_is_heard_again() {
     let mut expected = in_flight.clone();
     expected.extend(sent.data);
     assert_eq!(p.transmit().data, expected);
+}
+
+#[test]
+fn a_pause_nothing_lifts_lapses_after_its_limit() {
+    let mut p = Pair::new(Config::default());
+    p.basic_open();
+    let pause = p.agent.control(MessageType::PausePublication, Vec::new());
+    p.deliver(&pause).unwrap();
+    p.session.handle_local_data(b"waiting").unwrap();
+    p.advance(session::DEFAULT_MAX_PAUSE - Duration::from_millis(1));
+    assert!(p.session.is_paused());
+    assert!(p.transmit().data.is_empty());
+    p.advance(Duration::from_millis(1));
+    assert!(!p.session.is_paused(), "the pause lapsed");
+    assert_eq!(payloads(&p.transmit().data), b"waiting");
 }
 
 #[test]
