@@ -1,6 +1,7 @@
 //! The slow-reader benchmark: a client reads a download at 10 KB/s for a while, then as fast as
-//! it can. How fast the rest comes once it speeds up, against the emulated agent's own read
-//! loop measured in the same part, and how much memory the client process holds meanwhile.
+//! it can. How fast the rest comes once it speeds up (first what the buffers on the way held,
+//! then the steady rate), against the emulated agent's own read loop measured in the same part,
+//! and how much memory the client process holds meanwhile.
 //!
 //! The agent has no send window and resends only its oldest unacknowledged message, once per
 //! 100 ms tick: a client that drops what it cannot hold makes the rest crawl at about a message
@@ -29,7 +30,10 @@ const SLOW_TICK: Duration = Duration::from_millis(100);
 pub struct SlowReaderRow {
     /// Through what.
     pub client: ClientKind,
-    /// Bytes per second over the window after the slow phase.
+    /// Bytes per second over the first window after the slow phase (what buffers held, then
+    /// new data).
+    pub first: Option<f64>,
+    /// Bytes per second over the window after that: the steady rate.
     pub after: Option<f64>,
     /// The client process's largest resident set during the slow phase.
     pub peak_rss_kib: Option<u64>,
@@ -48,10 +52,23 @@ pub struct SlowReader {
     pub rows: Vec<SlowReaderRow>,
 }
 
+/// The plugin built from source reports ClientVersion 1.2.0.0, which keeps the agent's smux
+/// keepalive on (released plugins, newer than 1.2.331.0, turn it off): the agent then ends a
+/// mux session after 30 s in which the client sent nothing, which a download read slowly for
+/// 30 s is. The part keeps that timeout beyond its own length.
+const KEEPALIVE_TIMEOUT: &str = "smux_keepalive_timeout_ms: 600000\n";
+
 /// Runs the part: every client in turn on one realistic-mode emulator, the agent's read loop
 /// last as the reference.
 pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<SlowReader> {
-    let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
+    let emulator = Emulator::start_with(
+        ws,
+        Mode::Realistic,
+        target.addr,
+        "slow-reader",
+        KEEPALIVE_TIMEOUT,
+    )
+    .await?;
     let mut kinds = vec![ClientKind::Forward, ClientKind::Serve];
     if ws.plugin.is_some() {
         kinds.push(ClientKind::Plugin);
@@ -64,14 +81,20 @@ pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::
                 let result = measure(&client, options.slow_phase, options.slow_window).await;
                 client.stop().await;
                 match result {
-                    Ok((after, peak_rss_kib)) => {
+                    Ok(Measured {
+                        first,
+                        after,
+                        peak_rss_kib,
+                    }) => {
                         eprintln!(
-                            "bench: slow reader, {}: {:.2} MB/s after the slow phase, peak RSS {peak_rss_kib} KiB",
+                            "bench: slow reader, {}: {:.2} then {:.2} MB/s after the slow phase, peak RSS {peak_rss_kib} KiB",
                             kind.name(),
+                            first / 1e6,
                             after / 1e6
                         );
                         SlowReaderRow {
                             client: kind,
+                            first: Some(first),
                             after: Some(after),
                             peak_rss_kib: Some(peak_rss_kib),
                             error: None,
@@ -95,16 +118,24 @@ fn failed(client: ClientKind, error: &anyhow::Error) -> SlowReaderRow {
     eprintln!("bench: slow reader, {}: {error:#}", client.name());
     SlowReaderRow {
         client,
+        first: None,
         after: None,
         peak_rss_kib: None,
         error: Some(format!("{error:#}")),
     }
 }
 
+/// What one client showed.
+struct Measured {
+    first: f64,
+    after: f64,
+    peak_rss_kib: u64,
+}
+
 /// Reads [`SLOW_READ`] bytes per [`SLOW_TICK`] for `slow`, sampling the client's memory each
-/// second, then as fast as it can for `window`. Returns the rate over that window and the peak
+/// second, then as fast as it can for two windows of `window`: the rate over each, and the peak
 /// resident set.
-async fn measure(client: &Client, slow: Duration, window: Duration) -> anyhow::Result<(f64, u64)> {
+async fn measure(client: &Client, slow: Duration, window: Duration) -> anyhow::Result<Measured> {
     let mut stream = open(client.addr).await?;
     stream.write_all(&[DOWNLOAD]).await?;
     let mut buf = vec![0u8; CHUNK];
@@ -125,17 +156,32 @@ async fn measure(client: &Client, slow: Duration, window: Duration) -> anyhow::R
             peak_rss = peak_rss.max(rss_kib(client.pid)?);
         }
     }
+    let first = read_for(&mut stream, &mut buf, window).await?;
+    let after = read_for(&mut stream, &mut buf, window).await?;
+    Ok(Measured {
+        first,
+        after,
+        peak_rss_kib: peak_rss,
+    })
+}
+
+/// Reads as fast as it can for `window`; the rate.
+async fn read_for(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut [u8],
+    window: Duration,
+) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut bytes = 0u64;
     while let Some(left) = window.checked_sub(started.elapsed()) {
-        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+        match tokio::time::timeout(left, stream.read(buf)).await {
             Ok(Ok(0)) => anyhow::bail!("the download ended after the slow phase"),
             Ok(Ok(n)) => bytes += n as u64,
             Ok(Err(error)) => return Err(error.into()),
             Err(_) => break,
         }
     }
-    Ok((bytes as f64 / started.elapsed().as_secs_f64(), peak_rss))
+    Ok(bytes as f64 / started.elapsed().as_secs_f64())
 }
 
 /// The report's section.
@@ -144,8 +190,11 @@ pub fn render(part: &SlowReader, section: usize, out: &mut String) {
         out,
         "## {section}. A slow reader (realistic emulator)\n\n\
          A download read at 10 KB/s (1,000 bytes every 100 ms) for {} s, then as fast as the client allows for \
-         {} s: the rate over those {} s, against the emulated agent's own read loop (1,024-byte reads with a 1 ms \
-         pause) measured in this part. One run per client, the clients one after another on one emulator. The \
+         twice {} s: the rate over the first {} s (mostly what the buffers on the way held) and over the next (the \
+         steady rate), against the emulated agent's own read loop (1,024-byte reads with a 1 ms pause) measured in \
+         this part. The emulator keeps the agent's smux keepalive timeout beyond the part's length: the \
+         plugin built from source reports ClientVersion 1.2.0.0, which keeps that keepalive on, and a download \
+         read slowly sends the agent nothing for 30 s. One run per client, the clients one after another on one emulator. The \
          agent has no send window and resends only its oldest unacknowledged message once per 100 ms, so a client \
          that drops what it cannot hold while the reader is slow gets the rest at about a message per tick. Peak \
          RSS: the client process's largest resident set, sampled each second of the slow phase (the serve path: \
@@ -162,7 +211,7 @@ pub fn render(part: &SlowReader, section: usize, out: &mut String) {
         .filter(|r| *r > 0.0);
     let _ = writeln!(
         out,
-        "| client | after the slow phase (MB/s) | vs the agent's read loop | peak RSS while slow (MiB) |\n|---|---|---|---|"
+        "| client | first window (MB/s) | next window (MB/s) | next vs the agent's read loop | peak RSS while slow (MiB) |\n|---|---|---|---|---|"
     );
     for row in &part.rows {
         let (rate, ratio) = match (row.after, reference) {
@@ -185,10 +234,17 @@ pub fn render(part: &SlowReader, section: usize, out: &mut String) {
                 "**the read-loop reference not measured**: cannot be judged".to_owned(),
             ),
         };
+        let first = row
+            .first
+            .map_or_else(String::new, |first| format!("{:.2}", first / 1e6));
         let rss = row
             .peak_rss_kib
             .map_or_else(String::new, |kib| format!("{:.1}", kib as f64 / 1024.0));
-        let _ = writeln!(out, "| {} | {rate} | {ratio} | {rss} |", row.client.name());
+        let _ = writeln!(
+            out,
+            "| {} | {first} | {rate} | {ratio} | {rss} |",
+            row.client.name()
+        );
     }
     let _ = writeln!(out);
 }
@@ -200,6 +256,7 @@ mod tests {
     fn row(client: ClientKind, after: Option<f64>) -> SlowReaderRow {
         SlowReaderRow {
             client,
+            first: after.map(|a| a * 2.0),
             after,
             peak_rss_kib: after.map(|_| 20 * 1024),
             error: after.is_none().then(|| "did not start".to_owned()),
@@ -219,7 +276,7 @@ mod tests {
         let mut out = String::new();
         render(&part, 5, &mut out);
         assert!(
-            out.contains("| agent-bridge forward | 0.50 | 0.50 | 20.0 |"),
+            out.contains("| agent-bridge forward | 1.00 | 0.50 | 0.50 | 20.0 |"),
             "{out}"
         );
         assert!(out.contains("| reference |"), "{out}");

@@ -182,20 +182,28 @@ pub struct Emulator {
 impl Emulator {
     /// Starts the emulator with one instance whose ports 22 and 9000 lead to `target`.
     pub async fn start(ws: &Workspace, mode: Mode, target: SocketAddr) -> anyhow::Result<Self> {
-        let config = ws.scratch.join(format!("emulator-{}.yaml", mode.name()));
+        Self::start_with(ws, mode, target, mode.name(), "").await
+    }
+
+    /// [`Emulator::start`] with more top-level config lines (`settings`, YAML), its files named
+    /// after `tag`.
+    pub async fn start_with(
+        ws: &Workspace,
+        mode: Mode,
+        target: SocketAddr,
+        tag: &str,
+        settings: &str,
+    ) -> anyhow::Result<Self> {
+        let config = ws.scratch.join(format!("emulator-{tag}.yaml"));
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:0\nmode: {}\nstrict: true\nidle_timeout_ms: 1200000\ninstances:\n  - id: {INSTANCE}\n    ports:\n      \"22\": {target}\n      \"9000\": {target}\n",
+                "listen: 127.0.0.1:0\nmode: {}\nstrict: true\nidle_timeout_ms: 1200000\n{settings}instances:\n  - id: {INSTANCE}\n    ports:\n      \"22\": {target}\n      \"9000\": {target}\n",
                 mode.name()
             ),
         )
         .context("writing the emulator config")?;
-        let mut cmd = command(
-            &ws.bin("ssm-emulator"),
-            ws,
-            &format!("emulator-{}", mode.name()),
-        )?;
+        let mut cmd = command(&ws.bin("ssm-emulator"), ws, &format!("emulator-{tag}"))?;
         cmd.arg("--config").arg(&config);
         let mut child = cmd.spawn().context("starting ssm-emulator")?;
         let mut stdout = BufReader::new(child.stdout.take().context("emulator stdout")?);
