@@ -173,6 +173,15 @@ impl Pair {
         out
     }
 
+    /// MGS pauses publication.
+    fn pause(&mut self) {
+        let pause = self
+            .agent
+            .control(MessageType::PausePublication, Vec::new());
+        self.deliver(&pause).unwrap();
+        assert!(self.session.is_paused());
+    }
+
     /// Jumps the clock to the next timeout and runs it.
     fn step(&mut self) -> bool {
         match self.session.poll_timeout() {
@@ -656,9 +665,7 @@ fn pause_holds_data_and_retransmission_until_the_agent_is_heard_again() {
     p.basic_open();
     p.session.handle_local_data(b"first").unwrap();
     let in_flight = p.transmit().data;
-    let pause = p.agent.control(MessageType::PausePublication, Vec::new());
-    p.deliver(&pause).unwrap();
-    assert!(p.session.is_paused());
+    p.pause();
     p.session.handle_local_data(b"second").unwrap();
     assert!(p.transmit().data.is_empty());
     assert_eq!(
@@ -689,8 +696,7 @@ fn pause_holds_data_and_retransmission_until_the_agent_is_heard_again() {
 fn a_pause_nothing_lifts_lapses_after_its_limit() {
     let mut p = Pair::new(Config::default());
     p.basic_open();
-    let pause = p.agent.control(MessageType::PausePublication, Vec::new());
-    p.deliver(&pause).unwrap();
+    p.pause();
     p.session.handle_local_data(b"waiting").unwrap();
     p.advance(session::DEFAULT_MAX_PAUSE - Duration::from_millis(1));
     assert!(p.session.is_paused());
@@ -706,8 +712,7 @@ fn an_ack_lifts_a_pause_and_acks_flow_while_paused() {
     p.basic_open();
     p.session.handle_local_data(b"first").unwrap();
     let in_flight = p.transmit().data;
-    let pause = p.agent.control(MessageType::PausePublication, Vec::new());
-    p.deliver(&pause).unwrap();
+    p.pause();
     p.session.handle_local_data(b"second").unwrap();
     assert!(p.transmit().data.is_empty());
     p.ack_all(&in_flight);
@@ -719,8 +724,7 @@ fn an_ack_lifts_a_pause_and_acks_flow_while_paused() {
 fn start_publication_with_a_garbage_digest_lifts_a_pause() {
     let mut p = Pair::new(Config::default());
     p.basic_open();
-    let pause = p.agent.control(MessageType::PausePublication, Vec::new());
-    p.deliver(&pause).unwrap();
+    p.pause();
     p.session.handle_local_data(b"second").unwrap();
     assert!(p.transmit().data.is_empty());
     // Garbage digest and length on start_publication are tolerated (docs/data-channel.md).
