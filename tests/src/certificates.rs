@@ -1,6 +1,7 @@
 //! Certificates and keys for a test control plane: a CA, the API server's serving
 //! certificate for 127.0.0.1, an admin client certificate in `system:masters`, and the
-//! service-account signing key. Pure: returns PEM text, writes nothing.
+//! service-account signing key; and a CA with a loopback serving certificate for any other TLS
+//! server a test runs. Pure: returns PEM text, writes nothing.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -35,36 +36,76 @@ pub struct ControlPlaneCertificates {
     pub service_account_public_key_pem: String,
 }
 
+/// A fresh test CA and a serving certificate it signed for the loopback addresses: for any TLS
+/// server a test runs (the SSM emulator's `wss://` gateway).
+#[derive(Debug, Clone)]
+pub struct LoopbackTls {
+    /// The CA (trust it, for example through `SSL_CERT_FILE`).
+    pub ca_cert_pem: String,
+    /// The serving certificate (127.0.0.1, ::1, localhost).
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
+}
+
+impl LoopbackTls {
+    /// Generates a CA and a serving certificate named `common_name` (ECDSA P-256 keys).
+    pub fn generate(common_name: &str) -> FixtureResult<Self> {
+        let ca = test_ca()?;
+        let (cert_pem, key_pem) = loopback_serving(&ca, common_name)?;
+        Ok(Self {
+            ca_cert_pem: ca.pem(),
+            cert_pem,
+            key_pem,
+        })
+    }
+}
+
+fn test_ca() -> FixtureResult<CertifiedIssuer<'static, KeyPair>> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "fleet-access test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(CertifiedIssuer::self_signed(
+        ca_params,
+        KeyPair::generate()?,
+    )?)
+}
+
+/// A serving certificate and key (PEM) for 127.0.0.1, ::1 and localhost, signed by `ca`.
+fn loopback_serving(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    common_name: &str,
+) -> FixtureResult<(String, String)> {
+    let mut serving_params = CertificateParams::new(vec!["localhost".to_owned()])?;
+    serving_params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    serving_params.subject_alt_names.extend([
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+    ]);
+    serving_params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    serving_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let serving_key = KeyPair::generate()?;
+    let serving_cert = serving_params.signed_by(&serving_key, ca)?;
+    Ok((serving_cert.pem(), serving_key.serialize_pem()))
+}
+
 impl ControlPlaneCertificates {
     /// Generates a fresh set (ECDSA P-256 keys).
     pub fn generate() -> FixtureResult<Self> {
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "fleet-access test CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
-
-        let mut serving_params = CertificateParams::new(vec!["localhost".to_owned()])?;
-        serving_params
-            .distinguished_name
-            .push(DnType::CommonName, "kube-apiserver");
-        serving_params.subject_alt_names.extend([
-            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-        ]);
-        serving_params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        serving_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let serving_key = KeyPair::generate()?;
-        let serving_cert = serving_params.signed_by(&serving_key, &ca)?;
+        let ca = test_ca()?;
+        let (serving_cert_pem, serving_key_pem) = loopback_serving(&ca, "kube-apiserver")?;
 
         let mut admin_params = CertificateParams::new(Vec::<String>::new())?;
         admin_params
@@ -85,8 +126,8 @@ impl ControlPlaneCertificates {
 
         Ok(Self {
             ca_cert_pem: ca.pem(),
-            serving_cert_pem: serving_cert.pem(),
-            serving_key_pem: serving_key.serialize_pem(),
+            serving_cert_pem,
+            serving_key_pem,
             admin_cert_pem: admin_cert.pem(),
             admin_key_pem: admin_key.serialize_pem(),
             service_account_key_pem: service_account_key.serialize_pem(),
@@ -118,6 +159,16 @@ mod tests {
         );
         assert_ne!(set.serving_key_pem, set.admin_key_pem);
         assert_ne!(set.serving_cert_pem, set.admin_cert_pem);
+    }
+
+    #[test]
+    fn a_loopback_serving_certificate_comes_with_its_own_ca() {
+        let first = LoopbackTls::generate("gateway").expect("generates");
+        let second = LoopbackTls::generate("gateway").expect("generates");
+        assert!(first.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(first.key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert_ne!(first.ca_cert_pem, second.ca_cert_pem);
+        assert_ne!(first.cert_pem, first.ca_cert_pem);
     }
 
     #[test]

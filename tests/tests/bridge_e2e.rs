@@ -27,10 +27,11 @@ use fleet_access_crds::bridge_contract::{
     EndpointAnnotations, EndpointPort, bridge_pod_selector, managed_labels,
 };
 use fleet_access_ssm_emulator::{
-    Config, Emulator, Faults, InstanceConfig, Mode, Running, SessionReport,
+    Config, Emulator, Faults, InstanceConfig, Mode, Running, SessionReport, TlsFiles,
 };
 use fleet_access_tests::{
-    ControlPlane, Prometheus, RefusingAddress, Sshd, TestNamespace, free_loopback_port,
+    ControlPlane, Prometheus, RefusingAddress, Sshd, TestNamespace, certificates::LoopbackTls,
+    free_loopback_port,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
@@ -48,6 +49,13 @@ const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// The emulator with two instances whose port 22 leads to `sshd`.
 async fn emulator(sshd: &Sshd, mode: Mode, extra: &[(&str, u16, SocketAddr)]) -> Running {
+    Emulator::start(emulator_config(sshd, mode, extra))
+        .await
+        .expect("emulator starts")
+}
+
+/// The configuration of [`emulator`].
+fn emulator_config(sshd: &Sshd, mode: Mode, extra: &[(&str, u16, SocketAddr)]) -> Config {
     let sshd_address = SocketAddr::new(LOOPBACK, sshd.port());
     let mut config = Config {
         mode,
@@ -62,7 +70,7 @@ async fn emulator(sshd: &Sshd, mode: Mode, extra: &[(&str, u16, SocketAddr)]) ->
         }
         config.instances.push(instance);
     }
-    Emulator::start(config).await.expect("emulator starts")
+    config
 }
 
 fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
@@ -315,6 +323,75 @@ async fn ssh_through_proxy_as_proxycommand() {
     // ssh ends its ProxyCommand with SIGHUP; the proxy then terminates the session.
     let sessions = all_sessions_ended(&emulator).await;
     assert_eq!(sessions.len(), 1, "{sessions:?}");
+}
+
+/// A gateway serving `wss://` with a certificate from a test CA: the proxy carries ssh over TLS
+/// when it trusts that CA (through `SSL_CERT_FILE`, as any rustls or OpenSSL client), and refuses
+/// the gateway, before any byte of the token or signature is sent, when it trusts another CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_speaks_tls_to_a_gateway_it_trusts_and_refuses_any_other() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = LoopbackTls::generate("ssm-emulator gateway").expect("certificates");
+    let stranger = LoopbackTls::generate("another gateway").expect("certificates");
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).expect("write PEM");
+        path
+    };
+    let mut config = emulator_config(&sshd, Mode::Realistic, &[]);
+    config.tls = Some(TlsFiles {
+        certificate: write("gateway.pem", &gateway.cert_pem),
+        private_key: write("gateway-key.pem", &gateway.key_pem),
+    });
+    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let (trusted, untrusted) = (
+        write("trusted-ca.pem", &gateway.ca_cert_pem),
+        write("stranger-ca.pem", &stranger.ca_cert_pem),
+    );
+
+    let proxy = format!(
+        "{} proxy %h %p --region us-east-1 --ssm-endpoint {} --allow-any-stream-url",
+        bridge_binary().display(),
+        emulator.endpoint_url()
+    );
+    let mut ssh = Command::new("ssh");
+    ssh.args(sshd.client_options())
+        .arg("-o")
+        .arg(format!("HostKeyAlias=[127.0.0.1]:{}", sshd.port()))
+        .arg("-o")
+        .arg(format!("ProxyCommand={proxy}"))
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("SSL_CERT_FILE", &trusted)
+        .env_remove("SSL_CERT_DIR")
+        .arg(format!("{}@{WEB}", sshd.user()))
+        .arg("echo hello-over-tls");
+    assert_eq!(run_ok(&mut ssh).trim(), "hello-over-tls");
+    let sessions = all_sessions_ended(&emulator).await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let stats = emulator.stats();
+    assert_eq!(
+        (stats.tls_connections, stats.plain_upgrades_refused),
+        (1, 0),
+        "{stats:?}"
+    );
+
+    let mut refused = proxy_command(&emulator, WEB);
+    refused
+        .env("SSL_CERT_FILE", &untrusted)
+        .env_remove("SSL_CERT_DIR")
+        .stdin(Stdio::piped());
+    let mut child = refused.spawn().expect("proxy starts");
+    let _held_open = child.stdin.take();
+    let output = exits_soon(child, "a refused certificate").await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("TLS certificate was refused"), "{stderr}");
+    let sessions = all_sessions_ended(&emulator).await;
+    let refused = sessions.last().expect("the refused session");
+    assert_eq!(refused.connections, 0, "{refused:?}");
+    assert_eq!(emulator.stats().tls_connections, 1);
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge

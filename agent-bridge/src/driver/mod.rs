@@ -150,6 +150,13 @@ pub enum DriverError {
     /// A dial failed (TCP, TLS, upgrade, or the open message).
     #[error("connecting to the data channel failed: {0}")]
     Connect(String),
+    /// The gateway's TLS certificate was refused. Not retried: another dial would meet the
+    /// same certificate.
+    #[error(
+        "the data channel's TLS certificate was refused ({0}): check the trusted root \
+         certificates (SSL_CERT_FILE, SSL_CERT_DIR) and the stream URL's host"
+    )]
+    CertificateRefused(String),
     /// ResumeSession returned no token: the session expired; start a new one.
     #[error("session {0} expired (ResumeSession returned no token)")]
     SessionExpired(String),
@@ -261,11 +268,19 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
         );
         // Calls that happen once or rarely are boxed: their futures (the SDK's are several KiB)
         // would otherwise be laid out inline in every tunnel's task for its whole life.
-        let ws = match Box::pin(self.dial(&target)).await {
-            Ok(ws) => ws,
+        let first_dial = match Box::pin(self.dial(&target)).await {
+            Err(e @ DriverError::CertificateRefused(_)) => Err(e),
             Err(e) => {
                 warn!(error = %e, "first dial failed; resuming");
-                Box::pin(self.reconnect(&mut session, &mut target)).await?
+                Box::pin(self.reconnect(&mut session, &mut target)).await
+            }
+            dialled => dialled,
+        };
+        let ws = match first_dial {
+            Ok(ws) => ws,
+            Err(e) => {
+                self.terminate(&target.session_id).await;
+                return Err(e);
             }
         };
         let mut run = Run {
@@ -296,18 +311,23 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
         run.local_tx = Some(tx);
         run.local_rx = Some(rx);
         let result = run.drive(shutdown).await;
-        let terminate = Box::pin(self.control.terminate_session(&run.target.session_id));
-        match tokio::time::timeout(TERMINATE_TIMEOUT, terminate).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(error = %e, "TerminateSession after close"),
-            Err(_) => warn!("TerminateSession did not answer in time; the session may linger"),
-        }
+        self.terminate(&run.target.session_id).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), run.ws.close(None)).await;
         run.finish_local_writes().await;
         if let Some(stats) = &self.stats {
             stats.send_replace(run.session.stats());
         }
         result
+    }
+
+    /// Ends the session with the TerminateSession API, bounded in time.
+    async fn terminate(&self, session_id: &str) {
+        let terminate = Box::pin(self.control.terminate_session(session_id));
+        match tokio::time::timeout(TERMINATE_TIMEOUT, terminate).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "TerminateSession after close"),
+            Err(_) => warn!("TerminateSession did not answer in time; the session may linger"),
+        }
     }
 
     /// Signs (unless presigned), dials, and sends the open message.
@@ -349,7 +369,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
         let (mut ws, _response) = tokio::time::timeout(self.config.connect_timeout, connect)
             .await
             .map_err(|_| DriverError::Connect("timed out".into()))?
-            .map_err(|e| DriverError::Connect(e.to_string()))?;
+            .map_err(dial_error)?;
         let open = OpenDataChannel::new(
             &target.token_value,
             uuid::Uuid::new_v4(),
@@ -396,6 +416,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
                             info!(attempts, "data channel resumed");
                             return Ok(ws);
                         }
+                        Err(e @ DriverError::CertificateRefused(_)) => return Err(e),
                         Err(e) => e.to_string(),
                     }
                 }
@@ -845,6 +866,20 @@ where
         _reader: AbortOnDropHandle::new(reader),
         written,
     }
+}
+
+/// A failed WebSocket dial: a refused certificate apart (it is not retried), the rest as text.
+fn dial_error(error: tungstenite::Error) -> DriverError {
+    if let tungstenite::Error::Io(io) = &error
+        && let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+        && matches!(
+            tls,
+            rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+        )
+    {
+        return DriverError::CertificateRefused(tls.to_string());
+    }
+    DriverError::Connect(error.to_string())
 }
 
 /// The TLS client configuration for `wss://` stream URLs: the system's root certificates

@@ -73,6 +73,20 @@ pub struct Config {
     pub faults: Faults,
     /// The simulated fleet.
     pub instances: Vec<InstanceConfig>,
+    /// Serve the data channel over TLS (`wss://` stream URLs) with this certificate, as the
+    /// real gateway does. Without it the stream URLs are `ws://`. The JSON API stays plain
+    /// HTTP on the same port either way.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The gateway's TLS identity: PEM files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (it must name the listen address).
+    pub certificate: std::path::PathBuf,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: std::path::PathBuf,
 }
 
 impl Default for Config {
@@ -97,6 +111,7 @@ impl Default for Config {
             sequence_gap_timeout_ms: 10_000,
             faults: Faults::default(),
             instances: Vec::new(),
+            tls: None,
         }
     }
 }

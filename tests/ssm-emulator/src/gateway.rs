@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -26,6 +25,7 @@ use crate::message::{self, OpenDataChannelInput};
 use crate::port::InTransit;
 use crate::registry::{Opened, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport};
+use crate::tls::Transport;
 
 const REORDER_FLUSH: Duration = Duration::from_millis(20);
 /// How long a WebSocket the gateway closes waits for the client's answer (reading its last
@@ -33,8 +33,8 @@ const REORDER_FLUSH: Duration = Duration::from_millis(20);
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
 /// Serves one data-channel connection from the upgrade to the close.
-pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
+pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport) {
+    let _ = stream.tcp().set_nodelay(true);
     let mut path = String::new();
     let mut authorization: Option<String> = None;
     // The Err type is tungstenite's, not ours.
@@ -194,7 +194,7 @@ async fn fail_open(
     shared: &Shared,
     session_id: &str,
     reason: &str,
-    mut ws: WebSocketStream<TcpStream>,
+    mut ws: WebSocketStream<impl Transport>,
 ) {
     report_open_failure(shared, session_id, reason);
     let frame = CloseFrame {
@@ -382,7 +382,7 @@ impl Relay {
     /// Relays until the connection ends or the gateway starts to close it.
     async fn run(
         &mut self,
-        ws: &mut WebSocketStream<TcpStream>,
+        ws: &mut WebSocketStream<impl Transport>,
         mut rx: mpsc::UnboundedReceiver<ToClient>,
     ) -> End {
         loop {
@@ -452,7 +452,7 @@ impl Relay {
 
     /// Performs a connection fault (counted); `None` while the connection lives on (as a black
     /// hole).
-    fn inject(&mut self, ws: &mut WebSocketStream<TcpStream>, i: Injection) -> Option<End> {
+    fn inject(&mut self, ws: &mut WebSocketStream<impl Transport>, i: Injection) -> Option<End> {
         tracing::info!(conn = self.conn_id, "injecting {i:?}");
         match i {
             Injection::Recycle => {
@@ -467,7 +467,7 @@ impl Relay {
             }
             Injection::Reset => {
                 self.transit.count(|f| f.tcp_resets += 1);
-                let _ = ws.get_ref().set_zero_linger();
+                let _ = ws.get_ref().tcp().set_zero_linger();
                 Some(End::Gone)
             }
             Injection::BlackHole => {
@@ -482,7 +482,7 @@ impl Relay {
     /// [`CLOSE_LINGER`]).
     async fn close_and_linger(
         &mut self,
-        ws: &mut WebSocketStream<TcpStream>,
+        ws: &mut WebSocketStream<impl Transport>,
         frame: Option<CloseFrame>,
         flush: bool,
     ) {
@@ -539,7 +539,7 @@ impl Relay {
     /// broke.
     async fn emit(
         &mut self,
-        ws: &mut WebSocketStream<TcpStream>,
+        ws: &mut WebSocketStream<impl Transport>,
         frames: Vec<Vec<u8>>,
     ) -> Option<End> {
         match self.transit.faults.delay_ms {
@@ -564,7 +564,7 @@ impl Relay {
         }
     }
 
-    async fn send_due(&mut self, ws: &mut WebSocketStream<TcpStream>) -> Option<End> {
+    async fn send_due(&mut self, ws: &mut WebSocketStream<impl Transport>) -> Option<End> {
         let now = Instant::now();
         while let Some((t, _)) = self.transit.delayed.front() {
             if *t > now {
@@ -581,7 +581,7 @@ impl Relay {
         None
     }
 
-    async fn flush_all(&mut self, ws: &mut WebSocketStream<TcpStream>) {
+    async fn flush_all(&mut self, ws: &mut WebSocketStream<impl Transport>) {
         let mut frames = self.transit.flush_reorder();
         frames.splice(0..0, self.transit.delayed.drain(..).map(|(_, f)| f));
         for f in frames {

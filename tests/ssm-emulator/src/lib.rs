@@ -1,7 +1,7 @@
 //! A strict local emulator of AWS SSM Session Manager for tests and the demo: the SSM JSON API
 //! (StartSession, ResumeSession, TerminateSession, DescribeSessions,
 //! DescribeInstanceInformation; everything else forwarded to an upstream such as moto), the
-//! gateway's data-channel WebSocket, and a strict agent per session (handshake and version
+//! gateway's data-channel WebSocket (`ws://`, or `wss://` with a configured certificate), and a strict agent per session (handshake and version
 //! gates, reliability layer, basic and smux port forwarding) with fault injection.
 //!
 //! ```no_run
@@ -32,6 +32,7 @@ mod registry;
 pub mod report;
 mod server;
 pub mod smux;
+mod tls;
 pub mod version;
 
 use std::net::SocketAddr;
@@ -43,7 +44,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use agent::Injection;
-pub use config::{Config, Faults, InstanceConfig, Mode};
+pub use config::{Config, Faults, InstanceConfig, Mode, TlsFiles};
 pub use error::{Error, WaitError};
 pub use port::{REALISTIC_CHUNK, REALISTIC_PAUSE};
 pub use report::{
@@ -60,12 +61,13 @@ impl Emulator {
     /// shut down or dropped.
     pub async fn start(config: Config) -> Result<Running, Error> {
         config.validate()?;
+        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
         let _ = shared.addr.set(addr);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(server::accept_loop(listener, shared.clone(), stop_rx));
+        let task = tokio::spawn(server::accept_loop(listener, shared.clone(), tls, stop_rx));
         tracing::info!("SSM emulator listening on http://{addr}");
         Ok(Running {
             shared,

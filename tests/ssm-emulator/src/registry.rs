@@ -86,6 +86,10 @@ pub(crate) struct Shared {
     pub(crate) api_requests: AtomicU64,
     pub(crate) forwarded_requests: AtomicU64,
     pub(crate) data_channel_connections: AtomicU64,
+    /// Connections that completed a TLS handshake.
+    pub(crate) tls_connections: AtomicU64,
+    /// Plain-text data-channel upgrades refused because the gateway serves TLS.
+    pub(crate) plain_upgrades_refused: AtomicU64,
     /// Bumped whenever a session ends for good.
     pub(crate) sessions_ended: watch::Sender<u64>,
 }
@@ -109,6 +113,8 @@ impl Shared {
             api_requests: AtomicU64::new(0),
             forwarded_requests: AtomicU64::new(0),
             data_channel_connections: AtomicU64::new(0),
+            tls_connections: AtomicU64::new(0),
+            plain_upgrades_refused: AtomicU64::new(0),
             sessions_ended: watch::Sender::new(0),
         }
     }
@@ -130,7 +136,12 @@ impl Shared {
 
     pub(crate) fn stream_url(&self, session_id: &str) -> String {
         format!(
-            "ws://{}/v1/data-channel/{session_id}?role=publish_subscribe&cell-number=AAEAAQ",
+            "{}://{}/v1/data-channel/{session_id}?role=publish_subscribe&cell-number=AAEAAQ",
+            if self.config.tls.is_some() {
+                "wss"
+            } else {
+                "ws"
+            },
             self.local_addr()
         )
     }
@@ -220,6 +231,8 @@ impl Shared {
             api_requests: self.api_requests.load(Ordering::Relaxed),
             forwarded_requests: self.forwarded_requests.load(Ordering::Relaxed),
             data_channel_connections: self.data_channel_connections.load(Ordering::Relaxed),
+            tls_connections: self.tls_connections.load(Ordering::Relaxed),
+            plain_upgrades_refused: self.plain_upgrades_refused.load(Ordering::Relaxed),
         }
     }
 

@@ -349,6 +349,10 @@ pub struct Stats {
     pub forwarded_requests: u64,
     /// Data-channel WebSocket connections accepted.
     pub data_channel_connections: u64,
+    /// Connections that completed a TLS handshake (with a configured certificate).
+    pub tls_connections: u64,
+    /// Plain-text data-channel upgrades refused because the gateway serves `wss://`.
+    pub plain_upgrades_refused: u64,
 }
 
 #[cfg(test)]

@@ -1,7 +1,11 @@
 //! The listening socket: one port serves both the JSON API (plain HTTP/1.1) and the data-channel
-//! WebSockets. Each connection is sniffed (peeked, not read) to route it.
+//! WebSockets, over TLS when the emulator has a certificate. Each connection is sniffed (peeked,
+//! not read) to route it: a TLS ClientHello goes to the TLS gateway, a plain data-channel
+//! upgrade to the plain one (refused when TLS is configured, as the real gateway serves only
+//! `wss://`), anything else to the API.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -9,23 +13,29 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::registry::Shared;
 use crate::{api, gateway};
 
 const SNIFF_LIMIT: Duration = Duration::from_secs(10);
 const DATA_CHANNEL_PREFIX: &[u8] = b"GET /v1/data-channel/";
+/// The first byte of a TLS record carrying a handshake message (the ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// A TLS handshake that has not finished by then is given up.
+const TLS_HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, shared.clone()));
+                    tokio::spawn(serve_connection(stream, shared.clone(), tls.clone()));
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -64,8 +74,34 @@ async fn is_data_channel(stream: &TcpStream) -> bool {
     }
 }
 
-async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
-    if is_data_channel(&stream).await {
+/// Peeks the first byte: a TLS ClientHello starts with a handshake record.
+async fn is_tls(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(SNIFF_LIMIT, stream.peek(&mut first)).await;
+    matches!(peeked, Ok(Ok(1))) && first[0] == TLS_HANDSHAKE_RECORD
+}
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
+    if let Some(tls) = tls {
+        if is_tls(&stream).await {
+            match tokio::time::timeout(TLS_HANDSHAKE_LIMIT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    shared.tls_connections.fetch_add(1, Ordering::Relaxed);
+                    gateway::serve(shared, stream).await;
+                }
+                Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!("TLS handshake unfinished after {TLS_HANDSHAKE_LIMIT:?}"),
+            }
+            return;
+        }
+        if is_data_channel(&stream).await {
+            tracing::warn!("a plain-text data-channel upgrade refused: this gateway serves wss://");
+            shared
+                .plain_upgrades_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    } else if is_data_channel(&stream).await {
         gateway::serve(shared, stream).await;
         return;
     }

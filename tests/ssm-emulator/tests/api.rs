@@ -1,14 +1,16 @@
 //! The SSM JSON API through aws-sdk-ssm pointed at the emulator: StartSession and its errors,
 //! DescribeInstanceInformation filters and paging, the session lifecycle (DescribeSessions,
 //! ResumeSession, TerminateSession), and forwarding to an upstream (moto) including custom
-//! Port documents.
+//! Port documents; the gateway's TLS.
 
 mod common;
 
 use aws_sdk_ssm::error::ProvideErrorMetadata;
 use aws_sdk_ssm::types::{InstanceInformationStringFilter, SessionState};
 use common::*;
-use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running, SessionStatus};
+use fleet_access_ssm_emulator::{
+    Config, Emulator, InstanceConfig, Mode, Running, SessionStatus, TlsFiles,
+};
 
 async fn fleet(upstream: Option<String>) -> (Running, aws_sdk_ssm::Client) {
     let echo = echo_server().await;
@@ -377,4 +379,56 @@ async fn moto_serves_other_operations_and_custom_port_documents() {
         Some(fleet_access_ssm_emulator::Transfer::Mux)
     );
     assert!(report.violations.is_empty(), "{:?}", report.violations);
+}
+
+/// With a certificate the gateway serves `wss://` stream URLs on the API's port, refuses a
+/// plain-text data-channel upgrade (the real gateway speaks only TLS) and still answers the
+/// API in plain HTTP; a certificate it cannot read is named at start.
+#[tokio::test]
+async fn a_tls_gateway_serves_only_wss() {
+    let dir = tempfile_dir();
+    let tls = fleet_access_tests::certificates::LoopbackTls::generate("gateway").expect("certs");
+    let (certificate, private_key) = (dir.join("gateway.pem"), dir.join("gateway-key.pem"));
+    std::fs::write(&certificate, &tls.cert_pem).expect("write");
+    let mut config = Config {
+        mode: Mode::Fast,
+        tls: Some(TlsFiles {
+            certificate: certificate.clone(),
+            private_key: private_key.clone(),
+        }),
+        ..Config::default()
+    };
+    config
+        .instances
+        .push(InstanceConfig::new("i-0000000000000a001").with_port("22", echo_server().await));
+    let Err(missing_key) = Emulator::start(config.clone()).await else {
+        panic!("an emulator without its private key started");
+    };
+    assert!(
+        missing_key
+            .to_string()
+            .contains(&private_key.display().to_string()),
+        "{missing_key}"
+    );
+
+    std::fs::write(&private_key, &tls.key_pem).expect("write");
+    let running = Emulator::start(config).await.expect("emulator");
+    let ssm = ssm_client(&running.endpoint_url());
+    let started = start_session(&ssm, "i-0000000000000a001", "AWS-StartSSHSession", &[])
+        .await
+        .expect("StartSession over plain HTTP");
+    assert!(
+        started.url.starts_with("wss://127.0.0.1:"),
+        "{}",
+        started.url
+    );
+    let plain = started.url.replacen("wss://", "ws://", 1);
+    assert!(open_ws(&plain, &started.token, "1.2.0.0").await.is_err());
+    let stats = running.stats();
+    assert_eq!(
+        (stats.plain_upgrades_refused, stats.tls_connections),
+        (1, 0),
+        "{stats:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

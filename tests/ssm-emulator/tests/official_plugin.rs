@@ -1,6 +1,7 @@
 //! Conformance: the official session-manager-plugin (built by `tests/env` into the cache), run
 //! exactly as the AWS CLI runs it, works through the emulator with no violation: an SSH session
-//! (stdio, basic mode) carrying a real `ssh` to the test sshd, and a port-forwarding session
+//! (stdio, basic mode, over `wss://` with certificate verification) carrying a real `ssh` to the
+//! test sshd, and a port-forwarding session
 //! (mux) carrying several concurrent connections. The tests fail when the plugin is missing.
 //! Reports and violations are read after the session ended.
 
@@ -13,8 +14,9 @@ use std::process::Stdio;
 
 use common::*;
 use fleet_access_ssm_emulator::{
-    Config, Emulator, InstanceConfig, Mode, Running, SessionStatus, Transfer,
+    Config, Emulator, InstanceConfig, Mode, Running, SessionStatus, TlsFiles, Transfer,
 };
+use fleet_access_tests::certificates::LoopbackTls;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 
@@ -130,11 +132,26 @@ async fn assert_clean(
     report
 }
 
+/// ssh through the plugin as its ProxyCommand, over a `wss://` data channel whose certificate
+/// the plugin verifies (against a test CA given in `SSL_CERT_FILE`, as Go reads it), as it does
+/// against AWS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_through_the_official_plugin() {
     let plugin = plugin();
     let sshd = fleet_access_tests::Sshd::start().await.expect("sshd");
+    let dir = tempfile_dir();
+    let tls = LoopbackTls::generate("ssm-emulator gateway").expect("certificates");
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write PEM");
+        path
+    };
+    let trusted_ca = write("ca.pem", &tls.ca_cert_pem);
     let mut config = Config {
+        tls: Some(TlsFiles {
+            certificate: write("gateway.pem", &tls.cert_pem),
+            private_key: write("gateway-key.pem", &tls.key_pem),
+        }),
         mode: Mode::Realistic,
         // When ssh is done the plugin just exits (stdin EOF): unless sshd's close comes first,
         // the session then ends because its client does not come back.
@@ -155,8 +172,8 @@ async fn ssh_through_the_official_plugin() {
         serde_json::json!({"portNumber": ["22"]}),
     )
     .await;
+    assert!(started.url.starts_with("wss://"), "{}", started.url);
 
-    let dir = tempfile_dir();
     let wrapper = dir.join("proxy.sh");
     let args: Vec<String> = cli_args(&response, &request, &running.endpoint_url())
         .iter()
@@ -165,8 +182,9 @@ async fn ssh_through_the_official_plugin() {
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nexport AWS_ACCESS_KEY_ID=AKIATESTEMULATOR AWS_SECRET_ACCESS_KEY=secret SSM_PLUGIN_SKIP_CLIENT_CONFIGURE=true HOME={}\nexec {} {}\n",
+            "#!/bin/sh\nexport AWS_ACCESS_KEY_ID=AKIATESTEMULATOR AWS_SECRET_ACCESS_KEY=secret SSM_PLUGIN_SKIP_CLIENT_CONFIGURE=true HOME={} SSL_CERT_FILE={}\nunset SSL_CERT_DIR\nexec {} {}\n",
             shell_quote(&dir.display().to_string()),
+            shell_quote(&trusted_ca.display().to_string()),
             shell_quote(&plugin.display().to_string()),
             args.join(" ")
         ),
@@ -223,13 +241,11 @@ async fn ssh_through_the_official_plugin() {
     assert_eq!(report.transfer, Some(Transfer::Basic));
     assert_eq!(report.client_version.as_deref(), Some("1.2.0.0"));
     assert!(report.bytes_to_client > 200_000, "{report:?}");
+    assert_eq!(
+        u64::from(report.connections),
+        running.stats().tls_connections
+    );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempfile_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ssm-emulator-plugin-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 /// The plugin forwarding a local port to an echo target through its own emulator, listening.
