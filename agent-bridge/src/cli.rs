@@ -19,10 +19,11 @@ use crate::{
     },
     listener::Limits,
     metrics::Metrics,
+    replica::{self, ReplicaMark},
     serve::{self, ServeConfig},
     ssm::SdkControlPlane,
     stream_url::StreamUrls,
-    tunnel::{SessionContext, carry},
+    tunnel::{SessionContext, UNMARKED_REASON, carry},
 };
 
 /// Reach EC2 instances through AWS Systems Manager Session Manager, without the AWS CLI or the
@@ -92,6 +93,17 @@ struct ServeArgs {
     /// Seconds running sessions may continue after SIGTERM before they are terminated.
     #[arg(long, default_value_t = 25)]
     drain_seconds: u64,
+    /// This replica's pod name (downward API). With --pod-uid, every session is marked with
+    /// this run of this pod, and at start the sessions of dead runs are terminated.
+    #[arg(long, env = "POD_NAME", requires = "pod_uid")]
+    pod_name: Option<String>,
+    /// This replica's pod uid (downward API).
+    #[arg(long, env = "POD_UID", requires = "pod_name")]
+    pod_uid: Option<String>,
+    /// A name for this cluster, the same for every replica: bridges of clusters that share
+    /// an IAM role must have different names, so that none sweeps another's sessions.
+    #[arg(long, env = "FLEET_ACCESS_CLUSTER_NAME", default_value = "default")]
+    cluster_name: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -248,15 +260,32 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot reach the Kubernetes API")?;
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
+    let control = Arc::new(control_plane(&args.aws, &sdk));
+    let mark = match (&args.pod_name, &args.pod_uid) {
+        (Some(pod), Some(uid)) => Some(
+            ReplicaMark::for_this_run(&args.cluster_name, &args.namespace, pod, uid)
+                .context("marking this replica's sessions")?,
+        ),
+        _ => {
+            tracing::warn!(
+                "no POD_NAME and POD_UID: sessions are not marked, and the sessions of a \
+                 killed run are left to SSM's idle timeout"
+            );
+            None
+        }
+    };
     let context = Arc::new(SessionContext {
         idle_timeout: seconds(args.idle_timeout_seconds),
         max_duration: seconds(args.max_session_seconds),
-        ..SessionContext::per_connection(
-            Arc::new(control_plane(&args.aws, &sdk)),
-            upgrade_signer(&sdk),
-            metrics,
-        )
+        reason: mark
+            .as_ref()
+            .map_or_else(|| UNMARKED_REASON.to_owned(), ReplicaMark::reason),
+        ..SessionContext::per_connection(control.clone(), upgrade_signer(&sdk), metrics)
     });
+    if let Some(mark) = mark {
+        let pods = kube::Api::namespaced(client.clone(), &args.namespace);
+        tokio::spawn(async move { replica::sweep(&mark, &control, &pods).await });
+    }
     let readiness = Readiness::default();
     let admin = TcpListener::bind(args.admin_address)
         .await

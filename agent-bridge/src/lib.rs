@@ -11,6 +11,7 @@ pub mod driver;
 pub mod listener;
 pub mod metrics;
 pub mod protocol;
+pub mod replica;
 pub mod serve;
 pub mod ssm;
 pub mod stream_url;

@@ -58,8 +58,8 @@ impl Endpoint {
         }
     }
 
-    /// The StartSession request for one connection.
-    pub fn start_request(&self) -> StartSessionRequest {
+    /// The StartSession request for one connection, with `reason`.
+    pub fn start_request(&self, reason: &str) -> StartSessionRequest {
         let mut parameters = BTreeMap::new();
         if let Some(port) = self.port_parameter {
             parameters.insert("portNumber".to_owned(), vec![port.to_string()]);
@@ -68,7 +68,7 @@ impl Endpoint {
             target: self.instance_id.clone(),
             document_name: Some(self.document.clone()),
             parameters,
-            reason: Some("fleet-access agent bridge".to_owned()),
+            reason: Some(reason.to_owned()),
         }
     }
 }
@@ -325,7 +325,7 @@ async fn accept_loop<C: ControlPlane + 'static>(
                         stop.cancel();
                     })
                 };
-                let request = endpoint_for_task.start_request();
+                let request = endpoint_for_task.start_request(&context.reason);
                 if let Err(error) =
                     carry(&context, &request, stream, connected_at, stop.clone()).await
                 {
@@ -374,11 +374,12 @@ mod tests {
         assert_eq!(set.len(), 2);
         let ssh = &set[&("i-0123abcd".to_owned(), 22)];
         assert_eq!(ssh.listen_port, 20001);
-        let request = ssh.start_request();
+        let request = ssh.start_request("why");
         assert_eq!(request.parameters["portNumber"], ["22"]);
+        assert_eq!(request.reason.as_deref(), Some("why"));
         assert!(
             set[&("i-0fedcba9".to_owned(), 5432)]
-                .start_request()
+                .start_request("why")
                 .parameters
                 .is_empty()
         );

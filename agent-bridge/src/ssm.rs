@@ -1,5 +1,6 @@
 //! The SSM control plane over aws-sdk-ssm: StartSession, ResumeSession and TerminateSession
-//! for the driver, and DescribeInstanceInformation to explain failures. The only module that
+//! for the driver, DescribeInstanceInformation to explain failures, and DescribeSessions for
+//! the sweep of dead replicas' sessions. The only module that
 //! imports the SDK. Errors become messages a person can act on.
 
 use std::collections::HashMap;
@@ -7,7 +8,7 @@ use std::collections::HashMap;
 use aws_sdk_ssm::{
     Client,
     error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
-    types::InstanceInformationStringFilter,
+    types::{InstanceInformationStringFilter, SessionState},
 };
 
 use crate::driver::control::{
@@ -17,6 +18,9 @@ use crate::stream_url::StreamUrls;
 
 /// The first agent version that can carry SSH (`AWS-StartSSHSession`).
 pub const MIN_SSH_AGENT_VERSION: [u64; 4] = [2, 3, 672, 0];
+
+/// [`SdkControlPlane::active_sessions`] stops listing after this many.
+pub const ACTIVE_SESSIONS_LIMIT: usize = 20_000;
 
 /// Session Manager through the AWS SDK.
 #[derive(Clone, Debug)]
@@ -55,6 +59,36 @@ impl SdkControlPlane {
                 message: untrusted.to_string(),
                 retryable: false,
             })
+    }
+
+    /// The Active sessions the caller may see, as (session id, reason) pairs, at most
+    /// [`ACTIVE_SESSIONS_LIMIT`].
+    pub async fn active_sessions(&self) -> Result<Vec<(String, String)>, ControlPlaneError> {
+        let mut sessions = Vec::new();
+        let mut next_token = None;
+        loop {
+            let page = self
+                .client
+                .describe_sessions()
+                .state(SessionState::Active)
+                .set_next_token(next_token)
+                .send()
+                .await
+                .map_err(|e| classify("DescribeSessions", None, e))?;
+            sessions.extend(page.sessions().iter().filter_map(|session| {
+                Some((
+                    session.session_id()?.to_owned(),
+                    session.reason().unwrap_or_default().to_owned(),
+                ))
+            }));
+            next_token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if next_token.is_none() || sessions.len() >= ACTIVE_SESSIONS_LIMIT {
+                return Ok(sessions);
+            }
+        }
     }
 
     /// What SSM knows of an instance: its ping status and agent version.

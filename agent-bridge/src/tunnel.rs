@@ -36,7 +36,13 @@ pub struct SessionContext<C> {
     pub idle_timeout: Option<Duration>,
     /// End sessions after this long whatever they do.
     pub max_duration: Option<Duration>,
+    /// StartSession's Reason for the sessions of `serve` (the replica's mark, see
+    /// [`crate::replica`]).
+    pub reason: String,
 }
+
+/// The Reason of `serve`'s sessions when the replica has no mark (outside a pod).
+pub const UNMARKED_REASON: &str = "fleet-access agent bridge";
 
 impl<C> SessionContext<C> {
     /// One session per local connection, ended when that connection ends (the serve path,
@@ -56,6 +62,7 @@ impl<C> SessionContext<C> {
             metrics,
             idle_timeout: None,
             max_duration: None,
+            reason: UNMARKED_REASON.to_owned(),
         }
     }
 }

@@ -165,6 +165,15 @@ impl SupervisedProcess {
         let _ = self.child.wait();
     }
 
+    /// Kills the program and everything it forked at once (SIGKILL to the process group, as
+    /// an OOM kill or a lost node would end it: no handler runs), and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(group) = i32::try_from(self.child.id()).ok().and_then(Pid::from_raw) {
+            let _ = kill_process_group(group, Signal::KILL);
+        }
+        let _ = self.child.wait();
+    }
+
     /// Waits until `probe` answers true, failing early when the program exits and
     /// after `timeout` otherwise.
     pub async fn wait_until<F, Fut>(&mut self, timeout: Duration, mut probe: F) -> FixtureResult<()>

@@ -31,7 +31,7 @@ use fleet_access_ssm_emulator::{
 };
 use fleet_access_tests::{
     ControlPlane, Prometheus, RefusingAddress, Sshd, TestNamespace, certificates::LoopbackTls,
-    free_loopback_port,
+    free_loopback_port, http_get,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
@@ -1175,4 +1175,222 @@ async fn proxy_ends_when_it_should_even_if_the_peer_never_closes() {
     }
     let unobserved = fleet_access_ssm_emulator::unobserved_faults(&faults, &reports);
     assert!(unobserved.is_empty(), "{unobserved:?}");
+}
+
+/// A target that echoes what it receives, until the test ends.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    address
+}
+
+/// Sends a line through `stream` and reads it back from the echo target.
+async fn echoes(stream: &mut TcpStream, line: &str) {
+    stream.write_all(line.as_bytes()).await.expect("write");
+    let mut back = vec![0; line.len()];
+    tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut back))
+        .await
+        .expect("the echo comes back in time")
+        .expect("read");
+    assert_eq!(back, line.as_bytes());
+}
+
+/// One replica of `agent-bridge serve` as a process, with the identity of a pod.
+struct Replica {
+    process: fleet_access_tests::SupervisedProcess,
+    address: SocketAddr,
+}
+
+impl Replica {
+    async fn start(
+        emulator: &Running,
+        namespace: &TestNamespace,
+        pod: &k8s_openapi::api::core::v1::Pod,
+        address: SocketAddr,
+        dir: &Path,
+    ) -> Self {
+        let control_plane = ControlPlane::shared().await.expect("control plane");
+        let name = pod.metadata.name.clone().expect("pod name");
+        let uid = pod.metadata.uid.clone().expect("pod uid");
+        let mut serve = Command::new(bridge_binary());
+        serve
+            .args(["serve", "--namespace", namespace.name()])
+            .args(["--listen-address", &address.ip().to_string()])
+            .args(["--admin-address", "127.0.0.1:0"])
+            .args(["--region", "us-east-1", "--allow-any-stream-url"])
+            .args(["--cluster-name", "test", "--drain-seconds", "0"])
+            .arg("--ssm-endpoint")
+            .arg(emulator.endpoint_url())
+            .env("POD_NAME", &name)
+            .env("POD_UID", &uid)
+            .env("KUBECONFIG", control_plane.kubeconfig_path())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        let log = dir.join(format!("{name}-{}.log", uuid::Uuid::new_v4()));
+        let mut process = fleet_access_tests::SupervisedProcess::spawn(&name, &serve, &log)
+            .expect("the bridge starts");
+        // Ready once its listeners are up (a probe of the listener would start a session).
+        let admin = process
+            .reported_address("admin", Duration::from_secs(60))
+            .await
+            .expect("the admin address");
+        process
+            .wait_until(Duration::from_secs(60), || async move {
+                http_get(admin, "/readyz").await.map(|(code, _)| code) == Some(200)
+            })
+            .await
+            .expect("the bridge becomes ready");
+        Self { process, address }
+    }
+
+    /// A connection through this replica whose session carries an echo.
+    async fn connect(&self) -> TcpStream {
+        let mut stream = TcpStream::connect(self.address).await.expect("connect");
+        echoes(&mut stream, "hello\n").await;
+        stream
+    }
+}
+
+/// The Active sessions at the emulator, by the pod their Reason names.
+async fn active_sessions_by_pod(emulator: &Running) -> BTreeMap<String, Vec<String>> {
+    let ssm = aws_sdk_ssm::Client::new(&sdk_config(&emulator.endpoint_url()));
+    let listed = ssm
+        .describe_sessions()
+        .state(aws_sdk_ssm::types::SessionState::Active)
+        .send()
+        .await
+        .expect("DescribeSessions");
+    let mut by_pod: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for session in listed.sessions() {
+        let reason = session.reason().unwrap_or_default();
+        let pod = reason
+            .strip_prefix("fleet-access bridge test/")
+            .and_then(|rest| rest.split([' ', '/']).nth(1))
+            .unwrap_or_else(|| panic!("an unmarked session: {reason:?}"));
+        by_pod
+            .entry(pod.to_owned())
+            .or_default()
+            .push(session.session_id().expect("id").to_owned());
+    }
+    by_pod
+}
+
+/// A pod object for a bridge replica (nothing runs it: only its name and uid matter).
+async fn bridge_pod(namespace: &TestNamespace, name: &str) -> k8s_openapi::api::core::v1::Pod {
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": bridge_pod_selector()},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "agent-bridge", "image": "agent-bridge"}]
+        }
+    }))
+    .expect("a pod");
+    namespace
+        .api()
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create the pod")
+}
+
+/// Replicas sharing one IAM role: a run killed with SIGKILL leaves its sessions open at AWS
+/// (the emulator waits for a resume that never comes). The next run of the same pod
+/// terminates them at start, and a new pod terminates those of a pod that is gone, while every
+/// session of a live replica carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_run_s_sessions_are_swept_while_live_replicas_keep_theirs() {
+    let echo = echo_server().await;
+    let mut config = Config {
+        mode: Mode::Fast,
+        // Long enough that only the sweep can end a dead run's sessions in the test.
+        reconnect_timeout_ms: 600_000,
+        ..Config::default()
+    };
+    config
+        .instances
+        .push(InstanceConfig::new(WEB).with_port("22", echo));
+    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    let namespace = control_plane
+        .namespace("bridge-sweep")
+        .await
+        .expect("namespace");
+    let service_account: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}}))
+            .expect("a service account");
+    // No controller manager creates it; pods need it to be admitted.
+    let _ = namespace
+        .api()
+        .create(&PostParams::default(), &service_account)
+        .await;
+    let target_port = free_loopback_port().expect("port");
+    namespace
+        .api::<Service>()
+        .create(
+            &PostParams::default(),
+            &endpoint_service(WEB, &[(22, target_port)]),
+        )
+        .await
+        .expect("service");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let address =
+        |last: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 3, last)), target_port);
+    let (pod_a, pod_b) = (
+        bridge_pod(&namespace, "bridge-a").await,
+        bridge_pod(&namespace, "bridge-b").await,
+    );
+
+    let mut a = Replica::start(&emulator, &namespace, &pod_a, address(1), dir.path()).await;
+    let mut b = Replica::start(&emulator, &namespace, &pod_b, address(2), dir.path()).await;
+    let _through_a = (a.connect().await, a.connect().await);
+    let mut through_b = b.connect().await;
+    let before = active_sessions_by_pod(&emulator).await;
+    assert_eq!(
+        (before["bridge-a"].len(), before["bridge-b"].len()),
+        (2, 1),
+        "{before:?}"
+    );
+
+    // SIGKILL: no handler runs, nothing is terminated. The container restarts in the same pod.
+    a.process.kill();
+    let a_again = Replica::start(&emulator, &namespace, &pod_a, address(1), dir.path()).await;
+    for session in &before["bridge-a"] {
+        emulator
+            .wait_for_end(session, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("the killed run's session is swept: {e}"));
+    }
+    echoes(&mut through_b, "b still carries\n").await;
+    let mut through_a_again = a_again.connect().await;
+
+    // The pod of B is gone (deleted after SIGKILL), and a new pod C starts.
+    b.process.kill();
+    namespace
+        .api::<k8s_openapi::api::core::v1::Pod>()
+        .delete("bridge-b", &DeleteParams::default())
+        .await
+        .expect("delete the pod");
+    let pod_c = bridge_pod(&namespace, "bridge-c").await;
+    let c = Replica::start(&emulator, &namespace, &pod_c, address(3), dir.path()).await;
+    emulator
+        .wait_for_end(&before["bridge-b"][0], Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("the gone pod's session is swept: {e}"));
+    echoes(&mut through_a_again, "the new run of a still carries\n").await;
+    let after = active_sessions_by_pod(&emulator).await;
+    assert_eq!(after.keys().collect::<Vec<_>>(), ["bridge-a"], "{after:?}");
+    assert_eq!(after["bridge-a"].len(), 1, "{after:?}");
+
+    drop((a_again, c));
+    all_sessions_ended(&emulator).await;
 }

@@ -604,6 +604,7 @@ fn the_bridge_role_allows_every_call_of_the_bridge() {
         operations,
         [
             "DescribeInstanceInformation",
+            "DescribeSessions",
             "ResumeSession",
             "StartSession",
             "TerminateSession"
@@ -636,6 +637,8 @@ fn the_bridge_role_allows_every_call_of_the_bridge() {
         &[&baseline],
         &Request::new("ssm:DescribeInstanceInformation", "*"),
     );
+    // DescribeSessions: the sweep of a dead run's sessions at start (agent-bridge/src/replica.rs).
+    assert_allowed(&[&baseline], &Request::new("ssm:DescribeSessions", "*"));
 
     // StartSession: through the policy the operator attaches to the bridge's role per grant.
     let session = format!("arn:aws:ssm:{REGION}:{ACCOUNT}:session/{BRIDGE_USERID}-0a1b2c3d4e5f6");

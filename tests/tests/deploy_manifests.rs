@@ -238,12 +238,15 @@ fn every_container_is_locked_down() {
 #[test]
 fn rbac_is_least_privilege() {
     let objects = base_objects();
-    // The bridge: get/list/watch Services in its namespace, nothing cluster-wide.
+    // The bridge: get/list/watch Services and get Pods in its namespace, nothing cluster-wide.
     let bridge = find(&objects, "Role", "agent-bridge");
     assert_eq!(bridge["metadata"]["namespace"], "fleet-access");
     assert_eq!(
         bridge["rules"],
-        serde_json::json!([{"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]}])
+        serde_json::json!([
+            {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}
+        ])
     );
     assert!(
         !objects
