@@ -186,7 +186,9 @@ impl Emulator {
     }
 
     /// [`Emulator::start`] with more top-level config lines (`settings`, YAML), its files named
-    /// after `tag`.
+    /// after `tag`. The agent acks the HandshakeResponse before HandshakeComplete, its usual
+    /// order: the official plugin's mux session can crash on the other (see the conformance
+    /// tests), and the benchmarks compare speeds, not that race.
     pub async fn start_with(
         ws: &Workspace,
         mode: Mode,
@@ -198,7 +200,7 @@ impl Emulator {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:0\nmode: {}\nstrict: true\nidle_timeout_ms: 1200000\n{settings}instances:\n  - id: {INSTANCE}\n    ports:\n      \"22\": {target}\n      \"9000\": {target}\n",
+                "listen: 127.0.0.1:0\nmode: {}\nstrict: true\nidle_timeout_ms: 1200000\nhandshake_ack: ack_first\n{settings}instances:\n  - id: {INSTANCE}\n    ports:\n      \"22\": {target}\n      \"9000\": {target}\n",
                 mode.name()
             ),
         )

@@ -27,7 +27,7 @@ use fleet_access_crds::bridge_contract::{
     EndpointAnnotations, EndpointPort, bridge_pod_selector, managed_labels,
 };
 use fleet_access_ssm_emulator::{
-    Config, Emulator, Faults, InstanceConfig, Mode, Running, SessionReport, TlsFiles,
+    Config, Emulator, Faults, HandshakeAck, InstanceConfig, Mode, Running, SessionReport, TlsFiles,
 };
 use fleet_access_tests::{
     ControlPlane, Prometheus, RefusingAddress, Sshd, TestNamespace, certificates::LoopbackTls,
@@ -795,7 +795,13 @@ async fn http_server() -> SocketAddr {
 async fn forward_carries_parallel_http_requests_over_one_session() {
     let sshd = Sshd::start().await.expect("sshd");
     let web = http_server().await;
-    let emulator = emulator(&sshd, Mode::Fast, &[(WEB, 8080, web)]).await;
+    // HandshakeComplete before the ack of the HandshakeResponse: the rarer order of the
+    // agent's race, which the official plugin's mux session does not survive.
+    let config = Config {
+        handshake_ack: HandshakeAck::CompleteFirst,
+        ..emulator_config(&sshd, Mode::Fast, &[(WEB, 8080, web)])
+    };
+    let emulator = Emulator::start(config).await.expect("emulator starts");
     let forwarding = Forwarding::start(&emulator, WEB, 8080).await;
     let local = forwarding.local;
     let mut requests = Vec::new();
@@ -821,6 +827,7 @@ async fn forward_carries_parallel_http_requests_over_one_session() {
     forwarding.stop().await;
     let sessions = all_sessions_ended(&emulator).await;
     assert_eq!(sessions.len(), 1, "one session carried every connection");
+    assert!(!sessions[0].handshake_ack_first, "{:?}", sessions[0]);
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge

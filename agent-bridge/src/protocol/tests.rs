@@ -303,6 +303,34 @@ fn handshake_response_reports_client_version_and_acks_request() {
     assert!(p.transmit().data.is_empty());
 }
 
+/// The agent races the HandshakeResponse's ack against HandshakeComplete: the session opens on
+/// HandshakeComplete whichever comes first, and the late ack only releases the response.
+#[test]
+fn handshake_complete_before_the_ack_of_the_response_opens_the_session() {
+    let mut p = Pair::new(Config::default());
+    let req = p.agent.handshake_request("3.3.1345.0", SSH);
+    p.deliver(&req).unwrap();
+    let response = p.transmit().data;
+    assert_eq!(response[0].payload_type, PayloadType::HandshakeResponse);
+    let complete = p.agent.handshake_complete();
+    p.deliver(&complete).unwrap();
+    assert!(matches!(
+        p.drain_events().as_slice(),
+        [Event::HandshakeComplete(info)] if info.mode == ForwardingMode::Basic
+    ));
+    assert_eq!(p.session.stats().unacked_messages, 1);
+    p.ack_all(&response);
+    assert_eq!(p.session.stats().unacked_messages, 0);
+    // Data flows both ways, numbered after the response.
+    assert_eq!(p.session.handle_local_data(b"up").unwrap(), 2);
+    let up = p.transmit().data;
+    assert_eq!((up[0].sequence_number, &up[0].payload[..]), (1, &b"up"[..]));
+    let down = p.agent.send(PayloadType::Output, b"down");
+    p.deliver(&down).unwrap();
+    assert_eq!(p.drain_events(), [Event::Data(Bytes::from_static(b"down"))]);
+    assert!(p.closed().is_none());
+}
+
 #[test]
 fn mux_chosen_for_new_agent_with_keepalive_off() {
     let mut p = Pair::new(Config::default());

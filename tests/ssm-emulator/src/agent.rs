@@ -282,6 +282,8 @@ pub(crate) struct Agent {
     lost_input: HashSet<i64>,
     // Session.
     handshake: Handshake,
+    /// The HandshakeResponse's ack goes out before HandshakeComplete (else after it).
+    handshake_ack_first: bool,
     transfer: Option<Transfer>,
     port: PortState,
     smux: Option<SmuxLedger>,
@@ -301,6 +303,7 @@ impl Agent {
         let now = Instant::now();
         let config: &Config = &shared.config;
         Self {
+            handshake_ack_first: config.handshake_ack.ack_first(&info.id),
             faults: info.faults.clone(),
             mode: config.mode,
             strict: config.strict,
@@ -752,10 +755,13 @@ impl Agent {
             }
             return;
         }
-        // The real agent acks on its receive path and sends HandshakeComplete from its handshake
-        // task afterwards, so the client sees the ack first. (The plugin depends on that order:
-        // a message arriving between HandshakeComplete and its mux setup crashes its reader.)
-        let acked_early = m.payload_type == payload_type::HANDSHAKE_RESPONSE;
+        // The real agent acks a HandshakeResponse on its receive path after handing it to its
+        // handshake task, which sends HandshakeComplete: the two race for the WebSocket, and
+        // either may go first (`Config::handshake_ack`). (The official plugin's mux session
+        // crashes its reader on a message that arrives between HandshakeComplete and its mux
+        // setup, such as the ack coming second.) It is never withheld.
+        let handshake_response = m.payload_type == payload_type::HANDSHAKE_RESPONSE;
+        let acked_early = handshake_response && self.handshake_ack_first;
         if acked_early {
             self.ack(m);
         }
@@ -763,10 +769,10 @@ impl Agent {
             Processed::NotReady => {}
             Processed::Done => {
                 self.in_order_accepted += 1;
-                let withhold = self
-                    .faults
-                    .withhold_ack_every
-                    .is_some_and(|n| n > 0 && self.in_order_accepted.is_multiple_of(u64::from(n)));
+                let withhold = !handshake_response
+                    && self.faults.withhold_ack_every.is_some_and(|n| {
+                        n > 0 && self.in_order_accepted.is_multiple_of(u64::from(n))
+                    });
                 if !acked_early {
                     if withhold {
                         self.count(|f| f.acks_withheld += 1);
@@ -922,6 +928,7 @@ impl Agent {
             let mut r = lock(&self.report);
             r.client_version = Some(client_version);
             r.smux_keepalive = keepalive;
+            r.handshake_ack_first = self.handshake_ack_first;
         }
         let complete = HandshakeComplete {
             handshake_time_to_complete: since.elapsed().as_nanos() as i64,

@@ -73,10 +73,44 @@ pub struct Config {
     pub faults: Faults,
     /// The simulated fleet.
     pub instances: Vec<InstanceConfig>,
+    /// Which the agent sends first after an in-order HandshakeResponse: its ack, or
+    /// HandshakeComplete. The real agent races them (two goroutines), so either may come first.
+    pub handshake_ack: HandshakeAck,
     /// Serve the data channel over TLS (`wss://` stream URLs) with this certificate, as the
     /// real gateway does. Without it the stream URLs are `ws://`. The JSON API stays plain
     /// HTTP on the same port either way.
     pub tls: Option<TlsFiles>,
+}
+
+/// The order of the HandshakeResponse's ack and HandshakeComplete.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandshakeAck {
+    /// Either, per session (from its id: the same session always gets the same), as the
+    /// agent's race does.
+    #[default]
+    Either,
+    /// The ack first (the agent's usual winner; the official plugin's mux session needs it).
+    AckFirst,
+    /// HandshakeComplete first.
+    CompleteFirst,
+}
+
+impl HandshakeAck {
+    /// Whether the ack goes first for session `session_id`.
+    pub(crate) fn ack_first(self, session_id: &str) -> bool {
+        match self {
+            Self::AckFirst => true,
+            Self::CompleteFirst => false,
+            // FNV-1a of the id: stable per session, about even over many.
+            Self::Either => {
+                let hash = session_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+                hash & 1 == 0
+            }
+        }
+    }
 }
 
 /// The gateway's TLS identity: PEM files.
@@ -111,6 +145,7 @@ impl Default for Config {
             sequence_gap_timeout_ms: 10_000,
             faults: Faults::default(),
             instances: Vec::new(),
+            handshake_ack: HandshakeAck::default(),
             tls: None,
         }
     }
@@ -319,6 +354,26 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use super::HandshakeAck;
+
+    #[test]
+    fn either_order_is_stable_per_session_and_both_occur() {
+        let ids: Vec<String> = (0..64).map(|i| format!("fleet-access-{i:017x}")).collect();
+        let firsts: Vec<bool> = ids
+            .iter()
+            .map(|id| HandshakeAck::Either.ack_first(id))
+            .collect();
+        assert!(
+            firsts.iter().any(|f| *f) && firsts.iter().any(|f| !*f),
+            "{firsts:?}"
+        );
+        for (id, first) in ids.iter().zip(&firsts) {
+            assert_eq!(HandshakeAck::Either.ack_first(id), *first);
+        }
+        assert!(HandshakeAck::AckFirst.ack_first("s"));
+        assert!(!HandshakeAck::CompleteFirst.ack_first("s"));
+    }
+
     use super::*;
 
     #[test]

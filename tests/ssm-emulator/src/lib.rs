@@ -44,7 +44,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use agent::Injection;
-pub use config::{Config, Faults, InstanceConfig, Mode, TlsFiles};
+pub use config::{Config, Faults, HandshakeAck, InstanceConfig, Mode, TlsFiles};
 pub use error::{Error, WaitError};
 pub use port::{REALISTIC_CHUNK, REALISTIC_PAUSE};
 pub use report::{

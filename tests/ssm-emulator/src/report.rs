@@ -76,6 +76,9 @@ pub struct SessionReport {
     pub client_version: Option<String>,
     /// Whether the agent's smux keepalive is on.
     pub smux_keepalive: bool,
+    /// Whether the HandshakeResponse's ack went out before HandshakeComplete (see
+    /// `Config::handshake_ack`).
+    pub handshake_ack_first: bool,
     /// smux NOPs the agent sent (its keepalive).
     pub smux_nops_to_client: u64,
     /// Violations, in order (complete once `status` is ended).
@@ -305,6 +308,7 @@ impl SessionReport {
             transfer: None,
             client_version: None,
             smux_keepalive: false,
+            handshake_ack_first: false,
             smux_nops_to_client: 0,
             violations: Vec::new(),
             close_reason: None,
