@@ -25,7 +25,7 @@ use crate::message::{
     self, AcknowledgeContent, ChannelClosed, ClientMessage, FLAG_FIN, FLAG_SYN, HandshakeComplete,
     HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction, flag, payload_type,
 };
-use crate::port::{self, InTransit, MuxPlumbing, PortEvent, TransportBuffer};
+use crate::port::{self, InTransit, MuxPlumbing, PortEvent, StreamInput, TransportBuffer};
 use crate::registry::{SessionInfo, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport, SessionStatus, Transfer};
 use crate::smux;
@@ -183,8 +183,8 @@ struct BasicPort {
 }
 
 struct MuxStream {
-    writer: Option<UnboundedSender<Vec<u8>>>,
-    pending: Vec<Vec<u8>>,
+    /// The client's bytes and FIN, for the stream's task.
+    input: UnboundedSender<StreamInput>,
     /// The dial-and-copy task; none when there was no target to dial.
     task: Option<JoinHandle<()>>,
 }
@@ -1204,6 +1204,11 @@ impl Agent {
         };
         match f.command {
             smux::Command::Nop => {}
+            // Read and ignored by the agent's smux (version 1): the client expects a window
+            // that no one keeps.
+            smux::Command::Upd => self.violation(format!(
+                "smux UPD for stream {sid}: a version 2 window update in a version 1 session"
+            )),
             smux::Command::Syn => {
                 if sid == 0 || sid.is_multiple_of(2) {
                     self.violation(format!(
@@ -1244,11 +1249,13 @@ impl Agent {
         let PortState::Mux(mx) = &mut self.port else {
             return;
         };
+        let (input, input_rx) = tokio::sync::mpsc::unbounded_channel();
         let task = match target {
             Some(addr) => Some(port::spawn_mux_stream(
                 addr,
                 sid,
                 mx.plumbing.data.clone(),
+                input_rx,
                 self.inbox.clone(),
             )),
             None => {
@@ -1259,14 +1266,7 @@ impl Agent {
                 None
             }
         };
-        mx.streams.insert(
-            sid,
-            MuxStream {
-                writer: None,
-                pending: Vec::new(),
-                task,
-            },
-        );
+        mx.streams.insert(sid, MuxStream { input, task });
     }
 
     fn write_mux_stream(&mut self, sid: u32, data: Vec<u8>) {
@@ -1276,23 +1276,26 @@ impl Agent {
         if let PortState::Mux(mx) = &mut self.port
             && let Some(s) = mx.streams.get_mut(&sid)
         {
-            match &s.writer {
-                Some(w) => {
-                    let _ = w.send(data);
-                }
-                None => s.pending.push(data),
-            }
+            let _ = s.input.send(StreamInput::Data(data));
         }
     }
 
-    /// Ends a stream on the agent's side: stops its task and sends its FIN to the client.
+    /// The client's FIN: the stream's task writes what came before it to the target (after its
+    /// dial, when that is still under way), closes the connection, and sends the stream's FIN
+    /// after its last data.
     fn close_mux_stream(&mut self, sid: u32) {
         if let PortState::Mux(mx) = &mut self.port
-            && let Some(s) = mx.streams.remove(&sid)
+            && let Some(s) = mx.streams.get(&sid)
         {
-            if let Some(t) = s.task {
-                t.abort();
-            }
+            let _ = s.input.send(StreamInput::Fin);
+        }
+    }
+
+    /// A stream whose dial failed: forgotten, and its FIN sent (it never carried data).
+    fn fail_mux_stream(&mut self, sid: u32) {
+        if let PortState::Mux(mx) = &mut self.port
+            && mx.streams.remove(&sid).is_some()
+        {
             let fin = smux::Frame::control(smux::Command::Fin, sid).encode();
             let _ = mx.plumbing.control.send(fin);
         }
@@ -1354,22 +1357,12 @@ impl Agent {
                     }
                 }
             }
-            PortEvent::MuxUp { stream_id, writer } => {
-                if let PortState::Mux(mx) = &mut self.port
-                    && let Some(s) = mx.streams.get_mut(&stream_id)
-                {
-                    for d in s.pending.drain(..) {
-                        let _ = writer.send(d);
-                    }
-                    s.writer = Some(writer);
-                }
-            }
             PortEvent::MuxDialFailed { stream_id, error } => {
                 if !matches!(self.port, PortState::Mux(_)) {
                     return;
                 }
                 tracing::debug!(session = %self.info.id, stream_id, "dial failed: {error}");
-                self.close_mux_stream(stream_id);
+                self.fail_mux_stream(stream_id);
                 if let Some(ledger) = &mut self.smux {
                     ledger.close(stream_id);
                 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -35,10 +35,6 @@ pub(crate) enum PortEvent {
     },
     BasicClosed {
         generation: u64,
-    },
-    MuxUp {
-        stream_id: u32,
-        writer: UnboundedSender<Vec<u8>>,
     },
     MuxDialFailed {
         stream_id: u32,
@@ -100,10 +96,12 @@ fn send(inbox: &UnboundedSender<AgentInput>, event: PortEvent) -> bool {
 }
 
 /// Writes everything received on the returned channel to `w`; shuts the write side down when
-/// the channel closes.
-fn spawn_writer(mut w: tokio::net::tcp::OwnedWriteHalf) -> UnboundedSender<Vec<u8>> {
+/// the channel closes, and then the returned task ends.
+fn spawn_writer(
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+) -> (UnboundedSender<Vec<u8>>, JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    tokio::spawn(async move {
+    let written = tokio::spawn(async move {
         while let Some(data) = rx.recv().await {
             if w.write_all(&data).await.is_err() {
                 break;
@@ -111,7 +109,7 @@ fn spawn_writer(mut w: tokio::net::tcp::OwnedWriteHalf) -> UnboundedSender<Vec<u
         }
         let _ = w.shutdown().await;
     });
-    tx
+    (tx, written)
 }
 
 /// Basic mode: dials `addr`, then reports data and EOF tagged with `generation`.
@@ -142,7 +140,7 @@ pub(crate) fn spawn_basic(
             &inbox,
             PortEvent::BasicUp {
                 generation,
-                writer: spawn_writer(w),
+                writer: spawn_writer(w).0,
             },
         ) {
             return;
@@ -253,12 +251,25 @@ impl Drop for MuxPlumbing {
     }
 }
 
-/// Mux mode: dials `addr` for one smux stream and copies target bytes into PSH frames; on EOF
-/// writes the stream's FIN (after its data) and reports the close.
+/// What the agent hands one smux stream's task.
+#[derive(Debug)]
+pub(crate) enum StreamInput {
+    /// The client's bytes for the target (kept until the dial is done).
+    Data(Vec<u8>),
+    /// The client's FIN.
+    Fin,
+}
+
+/// Mux mode: dials `addr` for one smux stream, writes the client's bytes (`input`) to it and
+/// copies target bytes into PSH frames. As the agent's stream copies: the client's FIN ends
+/// the copy to the target once what came before it is written, and then the connection is
+/// closed, whatever the target still had to say; the target's EOF ends the copy from it. Either
+/// way the stream's FIN follows its last PSH frame on `data`, and the close is reported.
 pub(crate) fn spawn_mux_stream(
     addr: SocketAddr,
     stream_id: u32,
     data: mpsc::Sender<Vec<u8>>,
+    mut input: UnboundedReceiver<StreamInput>,
     inbox: UnboundedSender<AgentInput>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -277,27 +288,37 @@ pub(crate) fn spawn_mux_stream(
         };
         let _ = stream.set_nodelay(true);
         let (mut r, w) = stream.into_split();
-        if !send(
-            &inbox,
-            PortEvent::MuxUp {
-                stream_id,
-                writer: spawn_writer(w),
-            },
-        ) {
-            return;
-        }
+        let (writer, written) = spawn_writer(w);
+        let (mut writer, mut written) = (Some(writer), Some(written));
         let mut buf = vec![0u8; smux::MAX_FRAME_SIZE];
         loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let frame = smux::Frame::psh(stream_id, buf[..n].to_vec()).encode();
-                    if data.send(frame).await.is_err() {
-                        return;
+            tokio::select! {
+                read = r.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let frame = smux::Frame::psh(stream_id, buf[..n].to_vec()).encode();
+                        if data.send(frame).await.is_err() {
+                            return;
+                        }
                     }
-                }
+                },
+                next = input.recv(), if writer.is_some() => match next {
+                    Some(StreamInput::Data(d)) => {
+                        if let Some(w) = &writer {
+                            let _ = w.send(d);
+                        }
+                    }
+                    Some(StreamInput::Fin) | None => {
+                        writer = None;
+                        if let Some(written) = written.take() {
+                            let _ = written.await;
+                        }
+                        break;
+                    }
+                },
             }
         }
+        drop(writer);
         let fin = smux::Frame::control(smux::Command::Fin, stream_id).encode();
         let _ = data.send(fin).await;
         send(&inbox, PortEvent::MuxClosed { stream_id });

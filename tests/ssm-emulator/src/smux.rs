@@ -6,6 +6,8 @@
 pub const VERSION: u8 = 1;
 /// Header size: ver u8, cmd u8, length u16 LE, stream id u32 LE.
 pub const HEADER_SIZE: usize = 8;
+/// The payload of a UPD frame (consumed, unused, in version 1).
+const UPD_SIZE: usize = 8;
 /// Largest data block smux's default config writes.
 pub const MAX_FRAME_SIZE: usize = 32768;
 
@@ -20,6 +22,9 @@ pub enum Command {
     Psh,
     /// Keepalive, stream id 0.
     Nop,
+    /// Version 2's window update: 8 bytes (consumed, 4 bytes each), whatever the header's
+    /// length says. xtaci v1.5.15 reads and ignores it in a version 1 session too.
+    Upd,
 }
 
 impl Command {
@@ -29,6 +34,7 @@ impl Command {
             Self::Fin => 1,
             Self::Psh => 2,
             Self::Nop => 3,
+            Self::Upd => 4,
         }
     }
 }
@@ -50,9 +56,23 @@ pub enum SmuxError {
     /// Version byte other than 1.
     #[error("smux version byte {0}, expected 1")]
     BadVersion(u8),
-    /// Unknown command (including v2's UPD).
-    #[error("smux command {0} is not valid in version 1")]
+    /// Unknown command.
+    #[error("smux command {0} is unknown")]
     BadCommand(u8),
+    /// SYN, FIN or NOP with a non-zero length. xtaci reads no payload for them, so the agent
+    /// would take the bytes that follow for the next header.
+    #[error(
+        "smux {command:?} for stream {stream_id} declares {length} bytes of payload: the agent \
+         reads none for it and would take them for the next frame's header"
+    )]
+    ControlWithLength {
+        /// The command.
+        command: Command,
+        /// Its stream.
+        stream_id: u32,
+        /// The length it declares.
+        length: u16,
+    },
 }
 
 impl Frame {
@@ -126,10 +146,23 @@ impl Decoder {
                 1 => Command::Fin,
                 2 => Command::Psh,
                 3 => Command::Nop,
+                4 => Command::Upd,
                 other => return Err(SmuxError::BadCommand(other)),
             };
-            let len = u16::from_le_bytes([h[2], h[3]]) as usize;
+            let length = u16::from_le_bytes([h[2], h[3]]);
             let stream_id = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            let len = match command {
+                Command::Psh => usize::from(length),
+                Command::Upd => UPD_SIZE,
+                Command::Syn | Command::Fin | Command::Nop if length == 0 => 0,
+                Command::Syn | Command::Fin | Command::Nop => {
+                    return Err(SmuxError::ControlWithLength {
+                        command,
+                        stream_id,
+                        length,
+                    });
+                }
+            };
             if self.buf.len() - at < HEADER_SIZE + len {
                 break;
             }
@@ -193,7 +226,7 @@ mod tests {
     }
 
     #[test]
-    fn version_two_and_unknown_commands_are_fatal() {
+    fn version_two_unknown_commands_and_control_payloads_are_fatal() {
         let mut d = Decoder::default();
         assert_eq!(
             d.push(&[2, 0, 0, 0, 3, 0, 0, 0]),
@@ -201,8 +234,27 @@ mod tests {
         );
         let mut d = Decoder::default();
         assert_eq!(
-            d.push(&[1, 4, 0, 0, 3, 0, 0, 0]),
-            Err(SmuxError::BadCommand(4))
+            d.push(&[1, 5, 0, 0, 3, 0, 0, 0]),
+            Err(SmuxError::BadCommand(5))
         );
+        let mut d = Decoder::default();
+        assert!(matches!(
+            d.push(&[1, 0, 2, 0, 3, 0, 0, 0, 9, 9]),
+            Err(SmuxError::ControlWithLength {
+                length: 2,
+                stream_id: 3,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn upd_is_read_as_eight_bytes_whatever_its_length_says() {
+        let mut wire = vec![1, 4, 0, 0, 3, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        wire.extend(Frame::control(Command::Fin, 3).encode());
+        let frames = Decoder::default().push(&wire).expect("valid");
+        assert_eq!(frames[0].command, Command::Upd);
+        assert_eq!(frames[0].data, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(frames[1], Frame::control(Command::Fin, 3));
     }
 }

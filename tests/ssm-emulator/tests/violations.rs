@@ -433,12 +433,27 @@ const FRAME_CASES: &[FrameCase] = &[
     mux_case("fatal smux error: smux version byte 2, expected 1", |_| {
         vec![next(payload_type::OUTPUT, &[2, 0, 0, 0, 3, 0, 0, 0])]
     }),
+    mux_case("fatal smux error: smux command 5 is unknown", |_| {
+        vec![next(
+            payload_type::OUTPUT,
+            &[smux::VERSION, 5, 0, 0, 3, 0, 0, 0],
+        )]
+    }),
     mux_case(
-        "fatal smux error: smux command 4 is not valid in version 1",
+        "smux UPD for stream 3: a version 2 window update in a version 1 session",
         |_| {
             vec![next(
                 payload_type::OUTPUT,
-                &[smux::VERSION, 4, 0, 0, 3, 0, 0, 0],
+                &[smux::VERSION, 4, 8, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+            )]
+        },
+    ),
+    mux_case(
+        "fatal smux error: smux Syn for stream 3 declares 2 bytes of payload",
+        |_| {
+            vec![next(
+                payload_type::OUTPUT,
+                &[smux::VERSION, 0, 2, 0, 3, 0, 0, 0, 9, 9],
             )]
         },
     ),

@@ -547,16 +547,24 @@ impl MuxClient {
                 .await
                 .context("timed out reading smux")?
                 .context("download closed")?;
-            for f in self.decoder.push(&chunk)? {
-                match f.command {
-                    smux::Command::Psh => {
-                        self.received.entry(f.stream_id).or_default().extend(f.data)
-                    }
-                    smux::Command::Fin => {
-                        self.finished.insert(f.stream_id);
-                    }
-                    _ => {}
+            self.take(&chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Sorts one chunk of the agent's smux bytes. Data after a stream's FIN is an error: the
+    /// agent closes a stream only after its last write.
+    fn take(&mut self, chunk: &[u8]) -> Result<()> {
+        for f in self.decoder.push(chunk)? {
+            match f.command {
+                smux::Command::Psh if self.finished.contains(&f.stream_id) => {
+                    anyhow::bail!("PSH for stream {} after its FIN", f.stream_id)
                 }
+                smux::Command::Psh => self.received.entry(f.stream_id).or_default().extend(f.data),
+                smux::Command::Fin => {
+                    self.finished.insert(f.stream_id);
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -569,11 +577,7 @@ impl MuxClient {
                 .await
                 .context("timed out waiting for FIN")?
                 .context("download closed")?;
-            for f in self.decoder.push(&chunk)? {
-                if f.command == smux::Command::Fin {
-                    self.finished.insert(f.stream_id);
-                }
-            }
+            self.take(&chunk)?;
         }
         Ok(())
     }
