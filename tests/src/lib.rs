@@ -21,6 +21,7 @@ pub mod operator_command;
 pub mod process;
 pub mod prometheus;
 pub mod sshd;
+pub mod targets;
 
 pub use addresses::RefusingAddress;
 pub use binaries::{workspace_binary, workspace_root};
@@ -33,3 +34,4 @@ pub use operator_command::OperatorCommandLine;
 pub use process::{SupervisedProcess, free_loopback_port, http_get, loopback};
 pub use prometheus::{Prometheus, Sample};
 pub use sshd::Sshd;
+pub use targets::GatedSink;

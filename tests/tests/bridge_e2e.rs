@@ -30,8 +30,8 @@ use fleet_access_ssm_emulator::{
     Config, Emulator, Faults, HandshakeAck, InstanceConfig, Mode, Running, SessionReport, TlsFiles,
 };
 use fleet_access_tests::{
-    ControlPlane, Prometheus, RefusingAddress, Sshd, TestNamespace, certificates::LoopbackTls,
-    free_loopback_port, http_get,
+    ControlPlane, GatedSink, Prometheus, RefusingAddress, Sshd, TestNamespace,
+    certificates::LoopbackTls, free_loopback_port, http_get,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
@@ -1400,4 +1400,68 @@ async fn a_killed_run_s_sessions_are_swept_while_live_replicas_keep_theirs() {
 
     drop((a_again, c));
     all_sessions_ended(&emulator).await;
+}
+
+/// The agent stops reading the data channel (acks included) while a target does not take what
+/// it was given: a `forward` upload waits it out, holding its data, and loses nothing once the
+/// target reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_waits_out_an_agent_stalled_by_a_target_that_does_not_read() {
+    let mut sink = GatedSink::bind().await.expect("a sink");
+    let mut config = Config {
+        mode: Mode::Fast,
+        ..Config::default()
+    };
+    config
+        .instances
+        .push(InstanceConfig::new(WEB).with_port("9000", sink.address));
+    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let forwarding = Forwarding::start(&emulator, WEB, 9000).await;
+    let upload = download_pattern(12 * 1024 * 1024);
+    let local = forwarding.local;
+    let sent = upload.clone();
+    let writer = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(local).await.expect("connect");
+        stream.write_all(&sent).await.expect("write");
+        stream.shutdown().await.expect("half-close");
+        stream
+    });
+    // The stall: the agent's smux buffer is full and it reads nothing, while the client keeps
+    // offering frames (new data and retransmissions).
+    let stalled = async {
+        loop {
+            let held = emulator
+                .session_reports()
+                .first()
+                .map_or(0, |r| r.peak_held_frames);
+            if held >= 16 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), stalled)
+        .await
+        .unwrap_or_else(|_| panic!("no stall: {:?}", emulator.session_reports()));
+    sink.open();
+    let delivered = tokio::time::timeout(Duration::from_secs(120), sink.received())
+        .await
+        .expect("the upload completes")
+        .expect("the target read it");
+    assert!(
+        delivered == upload,
+        "{} of {} bytes, intact: {}",
+        delivered.len(),
+        upload.len(),
+        upload.starts_with(&delivered)
+    );
+    drop(writer.await.expect("the writer ends"));
+    forwarding.stop().await;
+    let sessions = all_sessions_ended(&emulator).await;
+    let report = &sessions[0];
+    assert!(report.receive_stalls >= 1, "{report:?}");
+    assert!(
+        report.peak_target_backlog_bytes > 4 * 1024 * 1024,
+        "{report:?}"
+    );
 }

@@ -25,7 +25,9 @@ use crate::message::{
     self, AcknowledgeContent, ChannelClosed, ClientMessage, FLAG_FIN, FLAG_SYN, HandshakeComplete,
     HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction, flag, payload_type,
 };
-use crate::port::{self, InTransit, MuxPlumbing, PortEvent, StreamInput, TransportBuffer};
+use crate::port::{
+    self, InTransit, MuxPlumbing, PortEvent, StreamInput, TargetBacklog, ToTarget, TransportBuffer,
+};
 use crate::registry::{SessionInfo, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport, SessionStatus, Transfer};
 use crate::smux;
@@ -173,7 +175,7 @@ struct Drain {
 enum BasicState {
     Idle,
     Dialing,
-    Up { writer: UnboundedSender<Vec<u8>> },
+    Up { writer: UnboundedSender<ToTarget> },
 }
 
 struct BasicPort {
@@ -242,6 +244,20 @@ enum Delivery {
 }
 
 /// The agent of one session.
+/// What the agent's smux server takes from the client before it stops reading (xtaci's
+/// `MaxReceiveBuffer`, 4 MiB by default), while its streams' targets do not read.
+const MUX_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
+/// What the emulator queues for a basic-mode target beyond the socket's own buffers before its
+/// receive path stops, as the agent's blocking socket write does.
+const BASIC_WRITE_BUFFER: usize = 64 * 1024;
+
+/// A client frame the receive path has not read yet.
+struct HeldFrame {
+    conn_id: u32,
+    data: Vec<u8>,
+    text: bool,
+}
+
 pub(crate) struct Agent {
     shared: Arc<Shared>,
     info: Arc<SessionInfo>,
@@ -280,6 +296,11 @@ pub(crate) struct Agent {
     in_order_accepted: u64,
     /// Sequence numbers of client messages the gateway lost on purpose.
     lost_input: HashSet<i64>,
+    /// Client bytes not yet written to the targets.
+    target_backlog: TargetBacklog,
+    /// Client frames not read yet: the receive path stalls while the targets do not take
+    /// what it gave them ([`Agent::receive_stalled`]).
+    held: VecDeque<HeldFrame>,
     // Session.
     handshake: Handshake,
     /// The HandshakeResponse's ack goes out before HandshakeComplete (else after it).
@@ -332,6 +353,8 @@ impl Agent {
             client_frames: 0,
             in_order_accepted: 0,
             lost_input: HashSet::new(),
+            target_backlog: TargetBacklog::default(),
+            held: VecDeque::new(),
             handshake: Handshake::NotStarted,
             transfer: None,
             port: PortState::None,
@@ -348,13 +371,16 @@ impl Agent {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.is_over() {
+            let backlog = self.target_backlog.clone();
             tokio::select! {
                 input = inbox.recv() => match input {
                     Some(i) => self.handle(i),
                     None => break,
                 },
                 _ = tick.tick(), if self.finished.is_none() => self.on_tick(Instant::now()),
+                () = backlog.drained(), if !self.held.is_empty() => {}
             }
+            self.release_held();
         }
         if self.finished.is_none() {
             self.finish(SessionStatus::Terminated, "emulator shut down".to_owned());
@@ -365,7 +391,49 @@ impl Agent {
 
     /// Finished, and no connection can deliver another client frame.
     fn is_over(&self) -> bool {
-        self.finished.is_some() && self.connections.is_empty()
+        self.finished.is_some() && self.connections.is_empty() && self.held.is_empty()
+    }
+
+    /// The agent's receive path is blocked: it processes client frames synchronously and
+    /// writes their bytes towards the targets, and stops reading the WebSocket altogether
+    /// (acks included) while they do not take them: in mux mode once its smux receive buffer
+    /// is full, in basic mode once its socket write blocks. Never once the session is over:
+    /// then frames are only checked.
+    fn receive_stalled(&self) -> bool {
+        let limit = match &self.port {
+            _ if self.finished.is_some() => return false,
+            PortState::Mux(_) => MUX_RECEIVE_BUFFER,
+            PortState::Basic(_) => BASIC_WRITE_BUFFER,
+            PortState::None => return false,
+        };
+        self.target_backlog.bytes() > limit
+    }
+
+    /// A client frame, read now or held while the receive path is stalled.
+    fn receive(&mut self, conn_id: u32, data: Vec<u8>, text: bool) {
+        if self.held.is_empty() && !self.receive_stalled() {
+            self.on_client_frame(conn_id, &data, text);
+            return;
+        }
+        let stall_begins = self.held.is_empty();
+        self.held.push_back(HeldFrame {
+            conn_id,
+            data,
+            text,
+        });
+        let mut report = lock(&self.report);
+        report.receive_stalls += u64::from(stall_begins);
+        report.peak_held_frames = report.peak_held_frames.max(self.held.len() as u64);
+    }
+
+    /// Reads the held frames, in order, while the receive path can take them.
+    fn release_held(&mut self) {
+        while !self.receive_stalled() {
+            let Some(f) = self.held.pop_front() else {
+                return;
+            };
+            self.on_client_frame(f.conn_id, &f.data, f.text);
+        }
     }
 
     /// The session has begun to end (draining) or has ended.
@@ -384,7 +452,7 @@ impl Agent {
                 conn_id,
                 data,
                 text,
-            } => self.on_client_frame(conn_id, &data, text),
+            } => self.receive(conn_id, data, text),
             AgentInput::InputDropped { seq } => {
                 self.count(|f| f.input_dropped += 1);
                 if let Some(seq) = seq {
@@ -1147,7 +1215,7 @@ impl Agent {
             PortState::None => Delivery::NotReady,
             PortState::Basic(b) => match &b.state {
                 BasicState::Up { writer } => {
-                    let _ = writer.send(data.to_vec());
+                    let _ = writer.send(self.target_backlog.hold(data.to_vec()));
                     Delivery::Written
                 }
                 BasicState::Dialing => Delivery::NotReady,
@@ -1169,7 +1237,10 @@ impl Agent {
             Delivery::Written => {}
         }
         self.last_activity = Instant::now();
-        lock(&self.report).bytes_from_client += data.len() as u64;
+        let backlog = self.target_backlog.bytes() as u64;
+        let mut report = lock(&self.report);
+        report.bytes_from_client += data.len() as u64;
+        report.peak_target_backlog_bytes = report.peak_target_backlog_bytes.max(backlog);
         Processed::Done
     }
 
@@ -1254,7 +1325,7 @@ impl Agent {
             Some(addr) => Some(port::spawn_mux_stream(
                 addr,
                 sid,
-                mx.plumbing.data.clone(),
+                &mx.plumbing,
                 input_rx,
                 self.inbox.clone(),
             )),
@@ -1276,7 +1347,9 @@ impl Agent {
         if let PortState::Mux(mx) = &mut self.port
             && let Some(s) = mx.streams.get_mut(&sid)
         {
-            let _ = s.input.send(StreamInput::Data(data));
+            let _ = s
+                .input
+                .send(StreamInput::Data(self.target_backlog.hold(data)));
         }
     }
 
@@ -1474,6 +1547,14 @@ impl Agent {
                 }
             }
             keepalive_dead = now.duration_since(mx.last_rx) > timeout;
+        }
+        // xtaci closes on its keepalive tick only while its receive buffer has room: a
+        // stalled receive path reads nothing, and the client is not to blame.
+        if self.receive_stalled() {
+            if let PortState::Mux(mx) = &mut self.port {
+                mx.last_rx = now;
+            }
+            keepalive_dead = false;
         }
         if keepalive_dead {
             self.end(
@@ -1815,7 +1896,7 @@ mod tests {
 
         /// Completes the handshake and brings the basic connection up; returns the
         /// HandshakeComplete (unacknowledged) and the target's writer side.
-        fn open_basic(&mut self) -> (ClientMessage, mpsc::UnboundedReceiver<Vec<u8>>) {
+        fn open_basic(&mut self) -> (ClientMessage, mpsc::UnboundedReceiver<ToTarget>) {
             let request = self.outputs().remove(0);
             assert_eq!(request.payload_type, payload_type::HANDSHAKE_REQUEST);
             self.ack(&request);
@@ -1909,6 +1990,41 @@ mod tests {
             violations[0].contains("left 100000 messages unacknowledged"),
             "{violations:?}"
         );
+    }
+
+    #[test]
+    fn a_target_that_does_not_read_stalls_the_receive_path_until_it_does() {
+        let mut h = Harness::new(false);
+        let (complete, mut target) = h.open_basic();
+        h.ack(&complete);
+        let acks = |h: &mut Harness| {
+            h.received()
+                .into_iter()
+                .filter(|(m, _)| m.message_type == MessageType::Acknowledge)
+                .count()
+        };
+        let _ = acks(&mut h);
+        let chunk = vec![7u8; 1024];
+        for _ in 0..80 {
+            let m = h.input(payload_type::OUTPUT, &chunk);
+            h.frame(m.encode());
+        }
+        // 65 KiB is past what a basic target's write may hold: the rest waits, unread, unacked.
+        assert_eq!(acks(&mut h), 65);
+        assert_eq!(h.agent.held.len(), 15);
+        assert_eq!(h.report().receive_stalls, 1);
+        // The target takes one chunk: room for one more frame, read and acked.
+        drop(target.try_recv().expect("written towards the target"));
+        h.agent.release_held();
+        assert_eq!(acks(&mut h), 1);
+        while let Ok(chunk) = target.try_recv() {
+            drop(chunk);
+        }
+        h.agent.release_held();
+        assert_eq!(acks(&mut h), 14);
+        assert!(h.agent.held.is_empty());
+        assert_eq!(h.report().bytes_from_client, 80 * 1024);
+        assert!(h.report().violations.is_empty(), "{:?}", h.report());
     }
 
     #[test]

@@ -1,16 +1,18 @@
-//! The agent's TCP side: dialing the instance's targets, the read loops (with the real agent's
-//! 1,024-byte reads and 1 ms pause in realistic mode), and the mux plumbing that stands in for
-//! the agent's smux-over-unix-socket (frames written into a pipe, read back in message-sized
-//! chunks).
+//! The agent's TCP side: dialing the instance's targets (a session's smux streams one at a
+//! time), the read loops (with the real agent's 1,024-byte reads and 1 ms pause in realistic
+//! mode), the writes towards the targets and what waits for them (the backlog that stalls the
+//! agent's receive path), and the mux plumbing that stands in for the agent's
+//! smux-over-unix-socket (frames written into a pipe, read back in message-sized chunks).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::agent::AgentInput;
@@ -22,7 +24,7 @@ use crate::smux;
 pub(crate) enum PortEvent {
     BasicUp {
         generation: u64,
-        writer: UnboundedSender<Vec<u8>>,
+        writer: UnboundedSender<ToTarget>,
     },
     BasicDialFailed {
         generation: u64,
@@ -95,15 +97,62 @@ fn send(inbox: &UnboundedSender<AgentInput>, event: PortEvent) -> bool {
     inbox.send(AgentInput::Port(event)).is_ok()
 }
 
+/// Client bytes handed to the target connections and not yet written to their sockets: what
+/// the agent holds between the data channel and a target that does not read (its smux
+/// receive buffer in mux mode, a blocked socket write in basic mode). Past a limit the agent's
+/// receive path stops (see the agent's `receive_stalled`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TargetBacklog {
+    bytes: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+}
+
+impl TargetBacklog {
+    /// Counts `data` until it is written or dropped.
+    pub(crate) fn hold(&self, data: Vec<u8>) -> ToTarget {
+        self.bytes.fetch_add(data.len(), Ordering::Relaxed);
+        ToTarget {
+            data,
+            backlog: self.clone(),
+        }
+    }
+
+    /// Bytes counted now.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Resolves after some bytes were written (or dropped) since the last call.
+    pub(crate) async fn drained(&self) {
+        self.drained.notified().await;
+    }
+}
+
+/// Client bytes on their way to a target, counted in the [`TargetBacklog`] until dropped.
+#[derive(Debug)]
+pub(crate) struct ToTarget {
+    data: Vec<u8>,
+    backlog: TargetBacklog,
+}
+
+impl Drop for ToTarget {
+    fn drop(&mut self) {
+        self.backlog
+            .bytes
+            .fetch_sub(self.data.len(), Ordering::Relaxed);
+        self.backlog.drained.notify_one();
+    }
+}
+
 /// Writes everything received on the returned channel to `w`; shuts the write side down when
 /// the channel closes, and then the returned task ends.
 fn spawn_writer(
     mut w: tokio::net::tcp::OwnedWriteHalf,
-) -> (UnboundedSender<Vec<u8>>, JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+) -> (UnboundedSender<ToTarget>, JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<ToTarget>();
     let written = tokio::spawn(async move {
-        while let Some(data) = rx.recv().await {
-            if w.write_all(&data).await.is_err() {
+        while let Some(chunk) = rx.recv().await {
+            if w.write_all(&chunk.data).await.is_err() {
                 break;
             }
         }
@@ -181,8 +230,14 @@ pub(crate) struct MuxPlumbing {
     pub(crate) control: UnboundedSender<Vec<u8>>,
     /// Frames from the stream readers (bounded: backpressure to the target sockets).
     pub(crate) data: mpsc::Sender<Vec<u8>>,
+    /// The streams' dials, in the order they were opened: the agent accepts streams and dials
+    /// their targets one at a time, so a slow dial delays the streams opened after it.
+    dialer: UnboundedSender<Dial>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// A target to dial, and where the connection goes.
+type Dial = (SocketAddr, oneshot::Sender<std::io::Result<TcpStream>>);
 
 impl MuxPlumbing {
     pub(crate) fn spawn(
@@ -235,10 +290,17 @@ impl MuxPlumbing {
                 }
             }
         });
+        let (dialer, mut dials) = mpsc::unbounded_channel::<Dial>();
+        let dial_one_at_a_time = tokio::spawn(async move {
+            while let Some((addr, reply)) = dials.recv().await {
+                let _ = reply.send(TcpStream::connect(addr).await);
+            }
+        });
         Self {
             control,
             data,
-            tasks: vec![writer, pump],
+            dialer,
+            tasks: vec![writer, pump, dial_one_at_a_time],
         }
     }
 }
@@ -255,7 +317,7 @@ impl Drop for MuxPlumbing {
 #[derive(Debug)]
 pub(crate) enum StreamInput {
     /// The client's bytes for the target (kept until the dial is done).
-    Data(Vec<u8>),
+    Data(ToTarget),
     /// The client's FIN.
     Fin,
 }
@@ -268,12 +330,18 @@ pub(crate) enum StreamInput {
 pub(crate) fn spawn_mux_stream(
     addr: SocketAddr,
     stream_id: u32,
-    data: mpsc::Sender<Vec<u8>>,
+    plumbing: &MuxPlumbing,
     mut input: UnboundedReceiver<StreamInput>,
     inbox: UnboundedSender<AgentInput>,
 ) -> JoinHandle<()> {
+    let data = plumbing.data.clone();
+    let (reply, dialled) = oneshot::channel();
+    let _ = plumbing.dialer.send((addr, reply));
     tokio::spawn(async move {
-        let stream = match TcpStream::connect(addr).await {
+        let Ok(dialled) = dialled.await else {
+            return;
+        };
+        let stream = match dialled {
             Ok(s) => s,
             Err(e) => {
                 send(

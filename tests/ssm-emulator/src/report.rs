@@ -76,6 +76,14 @@ pub struct SessionReport {
     pub client_version: Option<String>,
     /// Whether the agent's smux keepalive is on.
     pub smux_keepalive: bool,
+    /// Times the agent's receive path stopped because the targets did not take the client's
+    /// bytes (its smux receive buffer full, its socket write blocked): no frame, not even an
+    /// ack, was read until they did.
+    pub receive_stalls: u64,
+    /// Most client bytes waiting for the targets at once.
+    pub peak_target_backlog_bytes: u64,
+    /// Most client frames waiting, unread, for a stalled receive path at once.
+    pub peak_held_frames: u64,
     /// Whether the HandshakeResponse's ack went out before HandshakeComplete (see
     /// `Config::handshake_ack`).
     pub handshake_ack_first: bool,
@@ -309,6 +317,9 @@ impl SessionReport {
             client_version: None,
             smux_keepalive: false,
             handshake_ack_first: false,
+            receive_stalls: 0,
+            peak_target_backlog_bytes: 0,
+            peak_held_frames: 0,
             smux_nops_to_client: 0,
             violations: Vec::new(),
             close_reason: None,

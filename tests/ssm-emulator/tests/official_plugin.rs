@@ -273,10 +273,14 @@ const PORT_ATTEMPTS: u32 = 5;
 /// at most 1.2.331.0 (here a NOP every 100 ms).
 const KEEPALIVE_AGENT: &str = "3.1.1511.0";
 
-async fn start_forwarding(plugin: &Path, mode: Mode, plugin_keepalive: bool) -> Forwarding {
+async fn start_forwarding(
+    plugin: &Path,
+    mode: Mode,
+    plugin_keepalive: bool,
+    target: std::net::SocketAddr,
+) -> Forwarding {
     let mut attempt = 1;
     loop {
-        let echo = echo_server().await;
         let mut config = Config {
             mode,
             // The plugin's TerminateSession flag can be lost when it exits at once (see
@@ -290,7 +294,7 @@ async fn start_forwarding(plugin: &Path, mode: Mode, plugin_keepalive: bool) -> 
             handshake_ack: HandshakeAck::AckFirst,
             ..Config::default()
         };
-        let mut instance = InstanceConfig::new(INSTANCE).with_port("8080", echo);
+        let mut instance = InstanceConfig::new(INSTANCE).with_port("8080", target);
         if plugin_keepalive {
             instance = instance.with_agent_version(KEEPALIVE_AGENT);
         }
@@ -364,7 +368,7 @@ async fn port_forwarding_through_the_official_plugin() {
             local_port,
             dir,
             mut stdout,
-        } = start_forwarding(&plugin, mode, plugin_keepalive).await;
+        } = start_forwarding(&plugin, mode, plugin_keepalive, echo_server().await).await;
         let stdout_log = dir.join("plugin.stdout");
         tokio::spawn(async move {
             let mut text = String::new();
@@ -443,4 +447,76 @@ async fn port_forwarding_through_the_official_plugin() {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// The agent stops reading the data channel (acks included) while a target does not take what
+/// it was given: the plugin's upload waits it out and loses nothing, so the emulator's stall is
+/// one the official client lives with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_plugin_waits_out_an_agent_stalled_by_its_target() {
+    let plugin = plugin();
+    let mut sink = fleet_access_tests::GatedSink::bind().await.expect("a sink");
+    let Forwarding {
+        running,
+        started,
+        mut child,
+        local_port,
+        dir,
+        stdout: _stdout,
+    } = start_forwarding(&plugin, Mode::Fast, false, sink.address).await;
+    let upload = pattern(12 * 1024 * 1024, 9);
+    let sent = upload.clone();
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", local_port))
+            .await
+            .expect("connect");
+        stream.write_all(&sent).await.expect("write");
+        stream.shutdown().await.expect("half-close");
+        stream
+    });
+    let stalled = async {
+        loop {
+            let report = running.session_report(&started.session_id);
+            if report.is_some_and(|r| r.peak_held_frames >= 16) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(TEST_TIMEOUT, stalled)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no stall: {:?}",
+                running.session_report(&started.session_id)
+            )
+        });
+    sink.open();
+    let delivered = tokio::time::timeout(TEST_TIMEOUT, sink.received())
+        .await
+        .expect("the upload completes")
+        .expect("the target read it");
+    assert!(
+        delivered == upload,
+        "{} of {} bytes; plugin output in {}",
+        delivered.len(),
+        upload.len(),
+        dir.display()
+    );
+    drop(writer.await.expect("the writer ends"));
+    wait_until_quiet(&running, &started.session_id, 1).await;
+    let pid = child.id().expect("pid");
+    std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    tokio::time::timeout(TEST_TIMEOUT, child.wait())
+        .await
+        .expect("the plugin exits")
+        .expect("wait");
+    let report = assert_clean(&running, &started.session_id).await;
+    assert!(report.receive_stalls >= 1, "{report:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -159,38 +159,15 @@ async fn mux_session_carries_concurrent_streams_in_both_modes() {
     }
 }
 
-/// A target that reads until its peer closes, then reports everything it received.
-async fn sink_server() -> (
-    std::net::SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
-) {
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut received = Vec::new();
-                let _ = stream.read_to_end(&mut received).await;
-                let _ = tx.send(received);
-            });
-        }
-    });
-    (address, rx)
-}
-
 /// As the agent's stream copies: a stream the client opens, writes to and closes at once (all
 /// before the agent's dial is done) still delivers its bytes to the target, then the agent
 /// closes the connection and sends the stream's FIN.
 #[tokio::test]
 async fn a_client_fin_during_the_dial_still_delivers_what_came_before_it() {
-    let (sink, mut received) = sink_server().await;
+    let sink = fleet_access_tests::GatedSink::bind().await.expect("a sink");
+    let address = sink.address;
     let (running, ssm) = emulator(Mode::Fast, Faults::default(), |c| {
-        c.instances[0].ports.insert("80".into(), sink);
+        c.instances[0].ports.insert("80".into(), address);
     })
     .await;
     let (started, mut mux) = port_forwarding(&ssm, "80").await;
@@ -198,7 +175,7 @@ async fn a_client_fin_during_the_dial_still_delivers_what_came_before_it() {
     let request = pattern(100_000, 3);
     mux.write(id, &request).await.expect("write");
     mux.close(id).await.expect("close");
-    let delivered = tokio::time::timeout(TEST_TIMEOUT, received.recv())
+    let delivered = tokio::time::timeout(TEST_TIMEOUT, sink.received())
         .await
         .expect("the target sees the close")
         .expect("a connection");
