@@ -1,11 +1,27 @@
-//! TCP targets for data-path tests: a sink that takes nothing until a gate opens, then reads
-//! everything until its peer closes and hands it over (the target that does not read).
+//! TCP targets for data-path tests: an echo server, and a sink that takes nothing until a gate
+//! opens, then reads everything until its peer closes and hands it over (the target that does
+//! not read).
 
 use std::net::SocketAddr;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpSocket;
 use tokio::sync::oneshot;
+
+/// A TCP echo server on 127.0.0.1, serving until the test's runtime ends.
+pub async fn echo_server() -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    Ok(address)
+}
 
 /// The sink's socket receive buffer (the kernel may double it).
 pub const RECEIVE_BUFFER: u32 = 64 * 1024;

@@ -298,12 +298,9 @@ async fn all_sessions_ended(emulator: &Running) -> Vec<SessionReport> {
     reports
 }
 
-// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
-// serves them on other worker threads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ssh_through_proxy_as_proxycommand() {
-    let sshd = Sshd::start().await.expect("sshd");
-    let emulator = emulator(&sshd, Mode::Realistic, &[]).await;
+/// `ssh` to the sshd behind instance WEB with `agent-bridge proxy` against `emulator` as its
+/// ProxyCommand and test credentials; the remote command is the caller's.
+fn ssh_through_proxy(sshd: &Sshd, emulator: &Running) -> Command {
     let proxy = format!(
         "{} proxy %h %p --region us-east-1 --ssm-endpoint {} --allow-any-stream-url",
         bridge_binary().display(),
@@ -317,8 +314,18 @@ async fn ssh_through_proxy_as_proxycommand() {
         .arg(format!("ProxyCommand={proxy}"))
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .arg(format!("{}@{WEB}", sshd.user()))
-        .arg("echo hello-through-the-bridge");
+        .arg(format!("{}@{WEB}", sshd.user()));
+    ssh
+}
+
+// Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge
+// serves them on other worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ssh_through_proxy_as_proxycommand() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let emulator = emulator(&sshd, Mode::Realistic, &[]).await;
+    let mut ssh = ssh_through_proxy(&sshd, &emulator);
+    ssh.arg("echo hello-through-the-bridge");
     assert_eq!(run_ok(&mut ssh).trim(), "hello-through-the-bridge");
     // ssh ends its ProxyCommand with SIGHUP; the proxy then terminates the session.
     let sessions = all_sessions_ended(&emulator).await;
@@ -350,22 +357,9 @@ async fn proxy_speaks_tls_to_a_gateway_it_trusts_and_refuses_any_other() {
         write("stranger-ca.pem", &stranger.ca_cert_pem),
     );
 
-    let proxy = format!(
-        "{} proxy %h %p --region us-east-1 --ssm-endpoint {} --allow-any-stream-url",
-        bridge_binary().display(),
-        emulator.endpoint_url()
-    );
-    let mut ssh = Command::new("ssh");
-    ssh.args(sshd.client_options())
-        .arg("-o")
-        .arg(format!("HostKeyAlias=[127.0.0.1]:{}", sshd.port()))
-        .arg("-o")
-        .arg(format!("ProxyCommand={proxy}"))
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("SSL_CERT_FILE", &trusted)
+    let mut ssh = ssh_through_proxy(&sshd, &emulator);
+    ssh.env("SSL_CERT_FILE", &trusted)
         .env_remove("SSL_CERT_DIR")
-        .arg(format!("{}@{WEB}", sshd.user()))
         .arg("echo hello-over-tls");
     assert_eq!(run_ok(&mut ssh).trim(), "hello-over-tls");
     let sessions = all_sessions_ended(&emulator).await;
@@ -1184,21 +1178,6 @@ async fn proxy_ends_when_it_should_even_if_the_peer_never_closes() {
     assert!(unobserved.is_empty(), "{unobserved:?}");
 }
 
-/// A target that echoes what it receives, until the test ends.
-async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
-    address
-}
-
 /// Sends a line through `stream` and reads it back from the echo target.
 async fn echoes(stream: &mut TcpStream, line: &str) {
     stream.write_all(line.as_bytes()).await.expect("write");
@@ -1316,7 +1295,9 @@ async fn bridge_pod(namespace: &TestNamespace, name: &str) -> k8s_openapi::api::
 /// session of a live replica carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_run_s_sessions_are_swept_while_live_replicas_keep_theirs() {
-    let echo = echo_server().await;
+    let echo = fleet_access_tests::targets::echo_server()
+        .await
+        .expect("an echo target");
     let mut config = Config {
         mode: Mode::Fast,
         // Long enough that only the sweep can end a dead run's sessions in the test.
@@ -1428,21 +1409,14 @@ async fn forward_waits_out_an_agent_stalled_by_a_target_that_does_not_read() {
     });
     // The stall: the agent's smux buffer is full and it reads nothing, while the client keeps
     // offering frames (new data and retransmissions).
-    let stalled = async {
-        loop {
-            let held = emulator
-                .session_reports()
-                .first()
-                .map_or(0, |r| r.peak_held_frames);
-            if held >= 16 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), stalled)
-        .await
-        .unwrap_or_else(|_| panic!("no stall: {:?}", emulator.session_reports()));
+    let stalled = emulator
+        .wait_for_report(Duration::from_secs(60), |r| r.peak_held_frames >= 16)
+        .await;
+    assert!(
+        stalled.is_some(),
+        "no stall: {:?}",
+        emulator.session_reports()
+    );
     sink.open();
     let delivered = tokio::time::timeout(Duration::from_secs(120), sink.received())
         .await

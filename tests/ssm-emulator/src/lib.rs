@@ -132,6 +132,27 @@ impl Running {
             .is_some_and(|a| a.send(agent::AgentInput::Inject(injection)).is_ok())
     }
 
+    /// Waits until the live report of some session satisfies `reached` (checked every 20 ms)
+    /// and returns it; `None` when `limit` passed first. For events inside running sessions (a
+    /// stall, the client's streams closed); an ended session's final report comes from
+    /// [`Running::wait_for_end`].
+    pub async fn wait_for_report(
+        &self,
+        limit: Duration,
+        reached: impl Fn(&SessionReport) -> bool,
+    ) -> Option<SessionReport> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(report) = self.shared.reports().into_iter().find(&reached) {
+                return Some(report);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until the session has ended for good (its `channel_closed` sent, every WebSocket
     /// of it closed and every client frame checked) and returns its final report, whose
     /// violations are complete. Fails when the session is unknown or has not ended within

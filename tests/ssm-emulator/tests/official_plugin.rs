@@ -93,25 +93,32 @@ async fn start(
 /// Waits until the client has closed `streams` smux streams and the agent has acknowledged
 /// every message the client sent: nothing of the client's is in flight.
 async fn wait_until_quiet(running: &Running, session_id: &str, streams: u64) {
-    let quiet = async {
-        loop {
-            let report = running.session_report(session_id).expect("a known session");
-            if report.smux_streams_closed_by_client == streams
-                && report.acks_to_client >= report.messages_from_client
-            {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(TEST_TIMEOUT, quiet)
+    let quiet = running
+        .wait_for_report(TEST_TIMEOUT, |r| {
+            r.session_id == session_id
+                && r.smux_streams_closed_by_client == streams
+                && r.acks_to_client >= r.messages_from_client
+        })
+        .await;
+    assert!(
+        quiet.is_some(),
+        "the plugin did not close its streams: {:?}",
+        running.session_report(session_id)
+    );
+}
+
+/// Ctrl-C: the plugin sends the TerminateSession flag and exits.
+async fn interrupt(plugin: &mut Child) {
+    let pid = plugin.id().expect("pid");
+    std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    tokio::time::timeout(TEST_TIMEOUT, plugin.wait())
         .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "the plugin did not close its streams: {:?}",
-                running.session_report(session_id)
-            )
-        });
+        .expect("the plugin exits")
+        .expect("wait");
 }
 
 /// Waits for the session's end; neither it nor any other session saw a violation.
@@ -411,17 +418,7 @@ async fn port_forwarding_through_the_official_plugin() {
         // message it sent was acknowledged.
         wait_until_quiet(&running, &started.session_id, 5).await;
 
-        // Ctrl-C: the plugin sends the TerminateSession flag and exits.
-        let pid = child.id().expect("pid");
-        std::process::Command::new("kill")
-            .arg("-INT")
-            .arg(pid.to_string())
-            .status()
-            .expect("kill");
-        tokio::time::timeout(TEST_TIMEOUT, child.wait())
-            .await
-            .expect("the plugin exits")
-            .expect("wait");
+        interrupt(&mut child).await;
 
         let report = assert_clean(&running, &started.session_id).await;
         assert_eq!(report.transfer, Some(Transfer::Mux), "{mode:?}: {report:?}");
@@ -475,23 +472,14 @@ async fn the_official_plugin_waits_out_an_agent_stalled_by_its_target() {
         stream.shutdown().await.expect("half-close");
         stream
     });
-    let stalled = async {
-        loop {
-            let report = running.session_report(&started.session_id);
-            if report.is_some_and(|r| r.peak_held_frames >= 16) {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(TEST_TIMEOUT, stalled)
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "no stall: {:?}",
-                running.session_report(&started.session_id)
-            )
-        });
+    let stalled = running
+        .wait_for_report(TEST_TIMEOUT, |r| r.peak_held_frames >= 16)
+        .await;
+    assert!(
+        stalled.is_some(),
+        "no stall: {:?}",
+        running.session_report(&started.session_id)
+    );
     sink.open();
     let delivered = tokio::time::timeout(TEST_TIMEOUT, sink.received())
         .await
@@ -506,16 +494,7 @@ async fn the_official_plugin_waits_out_an_agent_stalled_by_its_target() {
     );
     drop(writer.await.expect("the writer ends"));
     wait_until_quiet(&running, &started.session_id, 1).await;
-    let pid = child.id().expect("pid");
-    std::process::Command::new("kill")
-        .arg("-INT")
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    tokio::time::timeout(TEST_TIMEOUT, child.wait())
-        .await
-        .expect("the plugin exits")
-        .expect("wait");
+    interrupt(&mut child).await;
     let report = assert_clean(&running, &started.session_id).await;
     assert!(report.receive_stalls >= 1, "{report:?}");
     let _ = std::fs::remove_dir_all(&dir);

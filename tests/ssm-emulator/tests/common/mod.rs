@@ -17,7 +17,7 @@ use fleet_access_ssm_emulator::smux;
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,17 +27,9 @@ pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A TCP echo server on 127.0.0.1.
 pub async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
+    fleet_access_tests::targets::echo_server()
+        .await
+        .expect("bind echo")
 }
 
 /// An aws-sdk-ssm client pointed at `endpoint`.
