@@ -23,7 +23,7 @@ use crate::agent::{AgentInput, Injection, ToClient};
 use crate::config::{Config, Faults, Mode};
 use crate::message::{self, OpenDataChannelInput};
 use crate::port::InTransit;
-use crate::registry::{Opened, Shared, lock};
+use crate::registry::{OpenRefused, Opened, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport};
 use crate::tls::Transport;
 
@@ -156,8 +156,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport) {
         report,
     } = match shared.open(&session_id, &open.token_value) {
         Ok(opened) => opened,
-        Err(reason) => {
+        Err(OpenRefused::Violation(reason)) => {
             fail_open(&shared, &session_id, &reason, ws).await;
+            return;
+        }
+        Err(OpenRefused::SessionEnded) => {
+            shared.opens_after_end.fetch_add(1, Ordering::Relaxed);
+            close_refused(ws, "the session has ended").await;
             return;
         }
     };
@@ -194,12 +199,17 @@ async fn fail_open(
     shared: &Shared,
     session_id: &str,
     reason: &str,
-    mut ws: WebSocketStream<impl Transport>,
+    ws: WebSocketStream<impl Transport>,
 ) {
     report_open_failure(shared, session_id, reason);
+    close_refused(ws, "open rejected").await;
+}
+
+/// Closes a WebSocket whose open message opened nothing.
+async fn close_refused(mut ws: WebSocketStream<impl Transport>, why: &str) {
     let frame = CloseFrame {
         code: CloseCode::Policy,
-        reason: "open rejected".into(),
+        reason: why.into(),
     };
     let _ = ws.close(Some(frame)).await;
 }

@@ -90,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) tls_connections: AtomicU64,
     /// Plain-text data-channel upgrades refused because the gateway serves TLS.
     pub(crate) plain_upgrades_refused: AtomicU64,
+    /// Open messages read after their session ended (refused, no violation).
+    pub(crate) opens_after_end: AtomicU64,
     /// Bumped whenever a session ends for good.
     pub(crate) sessions_ended: watch::Sender<u64>,
 }
@@ -97,6 +99,17 @@ pub(crate) struct Shared {
 /// Locks a mutex, recovering from poisoning (a panicked test task must not hide reports).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why a WebSocket's open message opened nothing.
+#[derive(Debug)]
+pub(crate) enum OpenRefused {
+    /// The client broke the protocol.
+    Violation(String),
+    /// The session ended before the open message was read. No violation: a client may end a
+    /// session (TerminateSession) right after sending its open message, and the two travel on
+    /// different connections, so the gateway can read them in either order.
+    SessionEnded,
 }
 
 impl Shared {
@@ -115,6 +128,7 @@ impl Shared {
             data_channel_connections: AtomicU64::new(0),
             tls_connections: AtomicU64::new(0),
             plain_upgrades_refused: AtomicU64::new(0),
+            opens_after_end: AtomicU64::new(0),
             sessions_ended: watch::Sender::new(0),
         }
     }
@@ -165,23 +179,27 @@ impl Shared {
     }
 
     /// Consumes a session's live token for a new connection.
-    pub(crate) fn open(&self, session_id: &str, token: &str) -> Result<Opened, String> {
+    pub(crate) fn open(&self, session_id: &str, token: &str) -> Result<Opened, OpenRefused> {
         let mut sessions = lock(&self.sessions);
+        let violation = |reason: &str| OpenRefused::Violation(reason.to_owned());
         let entry = sessions
             .get_mut(session_id)
-            .ok_or_else(|| format!("open message for unknown session {session_id}"))?;
+            .ok_or_else(|| violation(&format!("open message for unknown session {session_id}")))?;
         let agent = match &entry.agent {
             Some(agent) if !entry.is_over() => agent.clone(),
-            _ => return Err("open message for a session that has ended".to_owned()),
+            _ => return Err(OpenRefused::SessionEnded),
         };
         match &entry.token {
             Some(t) if t == token => {}
-            Some(_) => return Err("TokenValue does not match the session's live token".to_owned()),
+            Some(_) => {
+                return Err(violation(
+                    "TokenValue does not match the session's live token",
+                ));
+            }
             None => {
-                return Err(
-                    "TokenValue was already used (tokens are single-use; call ResumeSession)"
-                        .to_owned(),
-                );
+                return Err(violation(
+                    "TokenValue was already used (tokens are single-use; call ResumeSession)",
+                ));
             }
         }
         entry.token = None;
@@ -233,6 +251,7 @@ impl Shared {
             data_channel_connections: self.data_channel_connections.load(Ordering::Relaxed),
             tls_connections: self.tls_connections.load(Ordering::Relaxed),
             plain_upgrades_refused: self.plain_upgrades_refused.load(Ordering::Relaxed),
+            opens_after_end: self.opens_after_end.load(Ordering::Relaxed),
         }
     }
 

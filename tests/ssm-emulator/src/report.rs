@@ -368,6 +368,9 @@ pub struct Stats {
     pub tls_connections: u64,
     /// Plain-text data-channel upgrades refused because the gateway serves `wss://`.
     pub plain_upgrades_refused: u64,
+    /// Open messages read after their session had ended: refused (close 1008), not a
+    /// violation, since a client's TerminateSession and its open message can cross.
+    pub opens_after_end: u64,
 }
 
 #[cfg(test)]

@@ -661,8 +661,11 @@ async fn rejected_open(url: &str, token: &str) {
     assert!(raw.next_message().await.expect("close").is_none());
 }
 
+/// An open message for a session the emulator never started is a violation. One for a session
+/// that has ended is refused but is none: a client's TerminateSession and the open message it
+/// sent just before travel on different connections, and may be read in either order.
 #[tokio::test]
-async fn opening_an_unknown_or_ended_session_is_a_violation() {
+async fn opening_an_unknown_session_is_a_violation_and_an_ended_one_is_refused() {
     let (running, ssm) = emulator(defaults).await;
     let started = start_session(&ssm, INSTANCE, SSH, &[])
         .await
@@ -691,10 +694,9 @@ async fn opening_an_unknown_or_ended_session_is_a_violation() {
     assert!(report.violations.is_empty(), "{report:?}");
     rejected_open(&started.url, &started.token).await;
     let report = running.session_report(&started.session_id).expect("report");
-    assert_eq!(
-        report.violations,
-        ["open message for a session that has ended"]
-    );
+    assert!(report.violations.is_empty(), "{report:?}");
+    assert_eq!(running.stats().opens_after_end, 1);
+    assert_eq!(running.violations().len(), 1, "{:?}", running.violations());
 }
 
 #[tokio::test]
