@@ -95,7 +95,6 @@ impl Mutator {
 fn run(target: &str, mutations: usize, property: impl Fn(&[u8]) -> Result<(), String>) {
     let seeds = corpus(target);
     let mut mutator = Mutator(0x9E37_79B9_7F4A_7C15);
-    let mut tried = 0usize;
     for (i, (path, seed)) in seeds.iter().enumerate() {
         if let Err(broken) = property(seed) {
             panic!("{}: {broken}", path.display());
@@ -109,10 +108,8 @@ fn run(target: &str, mutations: usize, property: impl Fn(&[u8]) -> Result<(), St
                     path.display()
                 );
             }
-            tried += 1;
         }
     }
-    assert_eq!(tried, seeds.len() * mutations);
 }
 
 #[test]
