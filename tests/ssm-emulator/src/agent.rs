@@ -243,7 +243,6 @@ enum Delivery {
     Redial,
 }
 
-/// The agent of one session.
 /// What the agent's smux server takes from the client before it stops reading (xtaci's
 /// `MaxReceiveBuffer`, 4 MiB by default), while its streams' targets do not read.
 const MUX_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
@@ -258,6 +257,7 @@ struct HeldFrame {
     text: bool,
 }
 
+/// The agent of one session.
 pub(crate) struct Agent {
     shared: Arc<Shared>,
     info: Arc<SessionInfo>,
