@@ -15,9 +15,7 @@ use crate::driver::control::{
     ControlPlane, ControlPlaneError, Resumed, StartSessionRequest, StreamTarget,
 };
 use crate::stream_url::StreamUrls;
-
-/// The first agent version that can carry SSH (`AWS-StartSSHSession`).
-pub const MIN_SSH_AGENT_VERSION: [u64; 4] = [2, 3, 672, 0];
+use fleet_access_crds::agent_version;
 
 /// [`SdkControlPlane::active_sessions`] stops listing after this many.
 pub const ACTIVE_SESSIONS_LIMIT: usize = 20_000;
@@ -141,22 +139,14 @@ impl InstanceState {
             ));
         }
         let version = self.agent_version.as_deref().unwrap_or("0");
-        if wants_ssh && !version_at_least(version, MIN_SSH_AGENT_VERSION) {
+        if wants_ssh && !agent_version::supports_ssh(version) {
             return Some(format!(
-                "instance {instance_id} runs SSM Agent {version}, too old for SSH: update it to 2.3.672.0 or later"
+                "instance {instance_id} runs SSM Agent {version}, too old for SSH: update it to {} or later",
+                agent_version::SSH_MIN_AGENT
             ));
         }
         None
     }
-}
-
-/// Compares a dotted version with a four-part minimum.
-pub fn version_at_least(version: &str, minimum: [u64; 4]) -> bool {
-    let mut parts = [0u64; 4];
-    for (slot, part) in parts.iter_mut().zip(version.split('.')) {
-        *slot = part.parse().unwrap_or(0);
-    }
-    parts >= minimum
 }
 
 impl ControlPlane for SdkControlPlane {
@@ -306,16 +296,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn agent_versions_compare_numerically() {
-        assert!(version_at_least("2.3.672.0", MIN_SSH_AGENT_VERSION));
-        assert!(version_at_least("3.0.0.0", MIN_SSH_AGENT_VERSION));
-        assert!(version_at_least("2.3.1000.0", MIN_SSH_AGENT_VERSION));
-        assert!(!version_at_least("2.3.671.9", MIN_SSH_AGENT_VERSION));
-        assert!(!version_at_least("2.2.999.0", MIN_SSH_AGENT_VERSION));
-        assert!(!version_at_least("garbage", MIN_SSH_AGENT_VERSION));
-    }
 
     #[test]
     fn instance_problems_are_explained() {

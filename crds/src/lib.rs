@@ -4,6 +4,7 @@
 //! This crate does no I/O and depends on no runtime: the operator, the bridge and the tests build
 //! on it.
 
+pub mod agent_version;
 pub mod bridge_contract;
 pub mod names;
 // KubeSchema re-emits each struct inside a private module to derive its schema, which trips

@@ -21,7 +21,7 @@ use std::{
 };
 
 use fleet_access_crds::{
-    SessionAccess,
+    SessionAccess, agent_version,
     v1alpha1::{PolicyStatus, SessionAccessStatus, TargetStatus},
 };
 use futures::StreamExt;
@@ -934,7 +934,7 @@ async fn resolve_targets(
             instance_id: i.instance_id.clone(),
             ping_status: i.ping_status.clone(),
             agent_version: i.agent_version.clone(),
-            ssh_capable: i.agent_version.as_deref().map(status::agent_supports_ssh),
+            ssh_capable: i.agent_version.as_deref().map(agent_version::supports_ssh),
             endpoint: bridged.then(|| format!("{}.{namespace}", i.instance_id)),
         })
         .collect();

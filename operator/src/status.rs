@@ -203,12 +203,6 @@ pub fn documents_follow_spec_at_deletion(
         || generation.is_some_and(|g| g > 1 && documents_follow_spec(status, Some(g - 1)))
 }
 
-/// Whether an SSM Agent version can carry SSH sessions (2.3.672.0 or later).
-pub fn agent_supports_ssh(version: &str) -> bool {
-    let parts: Vec<u64> = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
-    parts >= vec![2, 3, 672, 0]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,13 +295,5 @@ mod tests {
             !documents_follow_spec(Some(&synced), Some(4)),
             "outside deletion the generation before does not count"
         );
-    }
-
-    #[test]
-    fn ssh_needs_agent_2_3_672() {
-        assert!(agent_supports_ssh("2.3.672.0"));
-        assert!(agent_supports_ssh("3.1.1511.0"));
-        assert!(!agent_supports_ssh("2.3.671.9"));
-        assert!(!agent_supports_ssh("2.2.1000.0"));
     }
 }

@@ -1,7 +1,6 @@
-//! The JSON payloads of the data channel (docs/data-channel.md, "Opening" and "JSON payloads") and the
-//! version gates of section 5.4. Pure serde types and comparisons; no I/O.
-
-use std::cmp::Ordering;
+//! The JSON payloads of the data channel (docs/data-channel.md, "Opening" and "JSON payloads").
+//! Pure serde types; no I/O. The version gates the handshake decides by are
+//! `fleet_access_crds::agent_version`'s, shared with the operator.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,13 +9,6 @@ use serde::{Deserialize, Serialize};
 pub const CLIENT_VERSION: &str = "1.2.764.0";
 /// `MessageSchemaVersion` of the open message.
 pub const MESSAGE_SCHEMA_VERSION: &str = "1.0";
-
-/// Agents above this version understand the TerminateSession flag.
-pub const TERMINATE_FLAG_MIN_AGENT: &str = "2.3.722.0";
-/// Agents above this version can multiplex LocalPortForwarding with smux.
-pub const MUX_MIN_AGENT: &str = "3.0.196.0";
-/// Agents above this version keep smux keepalive off; at or below it both sides must send NOPs.
-pub const KEEPALIVE_OFF_MIN_AGENT: &str = "3.1.1511.0";
 
 /// ActionStatus: success.
 pub const ACTION_SUCCESS: u32 = 1;
@@ -229,45 +221,15 @@ impl HandshakeRequest {
     }
 }
 
-/// Compares dotted numeric versions, padding the shorter with zeros. `None` if either has a
-/// non-numeric part.
-pub fn compare_versions(a: &str, b: &str) -> Option<Ordering> {
-    let parse = |s: &str| -> Option<Vec<u64>> {
-        s.trim().split('.').map(|p| p.parse::<u64>().ok()).collect()
-    };
-    let (a, b) = (parse(a)?, parse(b)?);
-    let len = a.len().max(b.len());
-    for i in 0..len {
-        let (x, y) = (
-            a.get(i).copied().unwrap_or(0),
-            b.get(i).copied().unwrap_or(0),
-        );
-        match x.cmp(&y) {
-            Ordering::Equal => continue,
-            other => return Some(other),
-        }
-    }
-    Some(Ordering::Equal)
-}
-
-/// True when `version` is strictly greater than `threshold` (unparseable: false).
-pub fn version_above(version: &str, threshold: &str) -> bool {
-    compare_versions(version, threshold) == Some(Ordering::Greater)
-}
-
 #[cfg(test)]
 mod tests {
+    use fleet_access_crds::agent_version::Version;
+
     use super::*;
 
     #[test]
-    fn version_gates() {
-        assert!(version_above("3.0.197.0", MUX_MIN_AGENT));
-        assert!(!version_above("3.0.196.0", MUX_MIN_AGENT));
-        assert!(version_above("3.3.1345.0", KEEPALIVE_OFF_MIN_AGENT));
-        assert!(!version_above("3.1.1511.0", KEEPALIVE_OFF_MIN_AGENT));
-        assert!(version_above("3.1", "3.0.999.0"));
-        assert!(!version_above("x.1", "1.0"));
-        assert!(version_above(CLIENT_VERSION, "1.2.331.0"));
+    fn the_client_version_keeps_the_agents_smux_keepalive_off() {
+        assert!(Version::above(CLIENT_VERSION, "1.2.331.0"));
         assert_eq!(CLIENT_VERSION.split('.').count(), 4);
     }
 

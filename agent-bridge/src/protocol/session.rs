@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use fleet_access_crds::agent_version::{self, Version};
 use uuid::Uuid;
 
 use super::handshake::{
@@ -1024,14 +1025,14 @@ impl Session {
         let above = |threshold: &str| {
             agent_version
                 .as_deref()
-                .is_some_and(|v| handshake::version_above(v, threshold))
+                .is_some_and(|v| Version::above(v, threshold))
         };
         let mux = properties.session_type.as_deref() == Some("Port")
             && properties.port_type.as_deref() == Some("LocalPortForwarding")
-            && above(handshake::MUX_MIN_AGENT);
-        let smux_keepalive = mux && !above(handshake::KEEPALIVE_OFF_MIN_AGENT);
+            && above(agent_version::MUX_ABOVE_AGENT);
+        let smux_keepalive = mux && !above(agent_version::KEEPALIVE_OFF_ABOVE_AGENT);
         let info = HandshakeInfo {
-            terminate_flag_supported: above(handshake::TERMINATE_FLAG_MIN_AGENT),
+            terminate_flag_supported: above(agent_version::TERMINATE_FLAG_ABOVE_AGENT),
             agent_version,
             properties,
             mode: if mux {
