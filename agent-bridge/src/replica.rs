@@ -118,6 +118,11 @@ impl ReplicaMark {
         )
     }
 
+    /// Whether `other` was made by a bridge of the same cluster and namespace.
+    fn same_fleet(&self, other: &Self) -> bool {
+        self.cluster == other.cluster && self.namespace == other.namespace
+    }
+
     /// The mark in a session's Reason; `None` for any other reason.
     pub fn parse(reason: &str) -> Option<Self> {
         let mut words = reason.strip_prefix(PREFIX)?.split(' ');
@@ -146,7 +151,7 @@ pub enum Fate {
 /// The fate of a session marked `marked`, as seen by the run `me`; `live_uid` is the uid of
 /// the pod named in the mark as the API server has it now (`None`: no such pod). Pure.
 pub fn fate(me: &ReplicaMark, marked: &ReplicaMark, live_uid: Option<&str>) -> Fate {
-    if marked.cluster != me.cluster || marked.namespace != me.namespace {
+    if !me.same_fleet(marked) {
         return Fate::Keep;
     }
     if marked.uid == me.uid {
@@ -190,7 +195,7 @@ pub async fn sweep(me: &ReplicaMark, control: &SdkControlPlane, pods: &Api<Pod>)
         let Some(marked) = ReplicaMark::parse(&reason) else {
             continue;
         };
-        if marked.cluster != me.cluster || marked.namespace != me.namespace {
+        if !me.same_fleet(&marked) {
             continue;
         }
         let live_uid = match live_uids.get(&marked.pod) {

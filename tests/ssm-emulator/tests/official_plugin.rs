@@ -453,14 +453,9 @@ async fn port_forwarding_through_the_official_plugin() {
 async fn the_official_plugin_waits_out_an_agent_stalled_by_its_target() {
     let plugin = plugin();
     let mut sink = fleet_access_tests::GatedSink::bind().await.expect("a sink");
-    let Forwarding {
-        running,
-        started,
-        mut child,
-        local_port,
-        dir,
-        stdout: _stdout,
-    } = start_forwarding(&plugin, Mode::Fast, false, sink.address).await;
+    let mut forwarding = start_forwarding(&plugin, Mode::Fast, false, sink.address).await;
+    let (running, session_id) = (&forwarding.running, forwarding.started.session_id.clone());
+    let local_port = forwarding.local_port;
     let upload = pattern(12 * 1024 * 1024, 9);
     let sent = upload.clone();
     let writer = tokio::spawn(async move {
@@ -478,7 +473,7 @@ async fn the_official_plugin_waits_out_an_agent_stalled_by_its_target() {
     assert!(
         stalled.is_some(),
         "no stall: {:?}",
-        running.session_report(&started.session_id)
+        running.session_report(&session_id)
     );
     sink.open();
     let delivered = tokio::time::timeout(TEST_TIMEOUT, sink.received())
@@ -490,12 +485,12 @@ async fn the_official_plugin_waits_out_an_agent_stalled_by_its_target() {
         "{} of {} bytes; plugin output in {}",
         delivered.len(),
         upload.len(),
-        dir.display()
+        forwarding.dir.display()
     );
     drop(writer.await.expect("the writer ends"));
-    wait_until_quiet(&running, &started.session_id, 1).await;
-    interrupt(&mut child).await;
-    let report = assert_clean(&running, &started.session_id).await;
+    wait_until_quiet(running, &session_id, 1).await;
+    interrupt(&mut forwarding.child).await;
+    let report = assert_clean(&forwarding.running, &session_id).await;
     assert!(report.receive_stalls >= 1, "{report:?}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&forwarding.dir);
 }
