@@ -193,7 +193,7 @@ fn print_grant_policy() -> anyhow::Result<()> {
         println!("  {line}");
     }
     println!("\nThe IAM policy it stands for, attached to the bridge's role:");
-    let desired = fleet_access_operator::desired::compute(grant, &Default::default())?;
+    let desired = fleet_access_operator::model::desired::compute(grant, &Default::default())?;
     let bridge = desired
         .bridge
         .context("the embedded grant has no bridge endpoints")?;

@@ -574,7 +574,7 @@ impl Bench<'_> {
     /// Counts the grants' session documents still in SSM, and deletes them.
     async fn remove_documents(&self, namespace: &str, count: usize) -> anyhow::Result<usize> {
         let names = (0..count).map(|k| {
-            fleet_access_operator::naming::grant_object_name(
+            fleet_access_operator::model::naming::grant_object_name(
                 namespace,
                 &grant_name(k),
                 &format!("-port{GRANT_PORT}"),

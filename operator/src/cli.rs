@@ -4,7 +4,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{Error, Result, desired, report, settings::Settings};
+use crate::{
+    Error, Result,
+    model::{desired, report},
+    settings::Settings,
+};
 
 /// Reconcile SessionAccess grants into AWS Session Manager access.
 #[derive(Parser, Debug)]
@@ -216,18 +220,20 @@ fn run(args: RunArgs) -> Result<()> {
         .ok_or_else(|| Error::Config("set --account (policy ARNs need the account ID)".into()))?;
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(crate::runner::run(crate::runner::RunConfig {
-        settings,
-        account,
-        resync: std::time::Duration::from_secs(resync_seconds),
-        admin_address,
-        replica,
-        watch_namespace,
-        manage_preferences,
-        lease_namespace,
-        lease_name,
-        lease_duration: std::time::Duration::from_secs(lease_duration_seconds),
-    }))
+    runtime.block_on(crate::controller::runner::run(
+        crate::controller::runner::RunConfig {
+            settings,
+            account,
+            resync: std::time::Duration::from_secs(resync_seconds),
+            admin_address,
+            replica,
+            watch_namespace,
+            manage_preferences,
+            lease_namespace,
+            lease_name,
+            lease_duration: std::time::Duration::from_secs(lease_duration_seconds),
+        },
+    ))
 }
 
 fn read_input(file: &str) -> Result<String> {

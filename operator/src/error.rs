@@ -54,14 +54,14 @@ pub enum Error {
 
     /// A policy or document with the grant's name exists but is not the grant's.
     #[error("{0}")]
-    NotOwned(#[from] crate::plan::NotOwned),
+    NotOwned(#[from] crate::model::plan::NotOwned),
 
     /// Session documents tagged as the grant's kept turning up under names it does not want,
     /// listing after listing, while the operator deleted them: something else creates them.
     /// The reconcile is retried.
     #[error(
         "session documents tagged {tag}={owner} kept appearing in {listings} listings while being deleted: find what creates them; the operator retries",
-        tag = crate::naming::OWNER_TAG
+        tag = crate::model::naming::OWNER_TAG
     )]
     DocumentsKeepAppearing {
         /// The grant, `<namespace>/<name>`.

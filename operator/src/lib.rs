@@ -1,29 +1,27 @@
 //! The fleet-access operator: reconciles `SessionAccess` grants into IAM policies, session
-//! documents and bridge endpoints.
+//! documents and bridge endpoints, and `SessionPreferences` into the account's session
+//! preferences.
 //!
-//! Pure modules (`desired`, `policy`, `documents`, `naming`, `report`) turn a grant into the
-//! state it stands for; the CLI (`cli`) wires them to files and standard output. `plan` (pure diff) and `status`
-//! (pure conditions) feed `reconcile`, the controller, which talks to AWS through `aws`;
-//! `preferences` reconciles the account's session preferences document; `leader` elects the one
-//! replica that runs the controllers; `runner` wires them with `admin` and `metrics`.
+//! ```text
+//!  model/       pure: a grant → what it stands for (desired, policy, documents, naming),
+//!               the diff against what is observed (plan, endpoints), the status (status),
+//!               and how `plan` shows it (report). No I/O.
+//!  controller/  I/O: the controllers (reconcile, preferences), which observe, plan with
+//!               model/ and apply every change through one applier; leader election; the
+//!               `run` wiring (runner).
+//!  aws/         the IAM and SSM operations the controllers use, their one error
+//!               classification, the SDK adapter and a fake for unit tests.
+//!  cli, admin, metrics, settings, error: the command line, the admin endpoint, the metrics,
+//!               the configuration and the crate's one error type.
+//! ```
 
 pub mod admin;
 pub mod aws;
 pub mod cli;
-pub mod desired;
-pub mod documents;
+pub mod controller;
 pub mod error;
-pub mod leader;
 pub mod metrics;
-pub mod naming;
-pub mod plan;
-pub mod policy;
-pub mod preferences;
-pub mod reconcile;
-pub mod report;
-pub mod runner;
-pub mod services;
+pub mod model;
 pub mod settings;
-pub mod status;
 
 pub use error::{Error, Result};

@@ -542,7 +542,7 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
     // resync or more after the first. Before it, one more attempt may come: the reconcile that
     // the grant's own status write triggers (it tries the attach again and writes nothing, as
     // the status does not change; a status that changed with every attempt would loop).
-    assert!(FAILING_RESYNC > fleet_access_operator::reconcile::retry_pause(1));
+    assert!(FAILING_RESYNC > fleet_access_operator::controller::reconcile::retry_pause(1));
     let resync = SignedDuration::try_from(FAILING_RESYNC).expect("a resync");
     let attempts = wait_for("the failing grant's attempt at the resync", || async {
         let attempts = failed_attaches(&read_log(&operator.log), "bad");
@@ -618,11 +618,11 @@ fn failed_attaches(log: &str, grant: &str) -> Vec<FailedAttach> {
 #[test]
 fn failed_attaches_are_read_from_the_log() {
     let log = "\
-2026-01-02T03:04:05.000001Z  INFO fleet_access_operator::runner: leading: starting the controllers
-2026-01-02T03:04:06.5Z  WARN fleet_access_operator::reconcile: terminal error: waiting for a change of the grant or the next resync grant=bad error=AttachUserPolicy: NoSuchEntity: no user
-2026-01-02T03:04:07Z  WARN fleet_access_operator::reconcile: terminal error: waiting for a change of the grant or the next resync grant=badge error=AttachUserPolicy: NoSuchEntity: no user
-2026-01-02T03:04:08Z  WARN fleet_access_operator::reconcile: reconcile failed grant=bad error=AttachUserPolicy: NoSuchEntity: no user retry_in=5s
-2026-01-02T03:04:09Z  WARN fleet_access_operator::reconcile: reconcile failed grant=bad error=Kubernetes API: conflict retry_in=5s
+2026-01-02T03:04:05.000001Z  INFO fleet_access_operator::controller::runner: leading: starting the controllers
+2026-01-02T03:04:06.5Z  WARN fleet_access_operator::controller::reconcile: terminal error: waiting for a change of the grant or the next resync grant=bad error=AttachUserPolicy: NoSuchEntity: no user
+2026-01-02T03:04:07Z  WARN fleet_access_operator::controller::reconcile: terminal error: waiting for a change of the grant or the next resync grant=badge error=AttachUserPolicy: NoSuchEntity: no user
+2026-01-02T03:04:08Z  WARN fleet_access_operator::controller::reconcile: reconcile failed grant=bad error=AttachUserPolicy: NoSuchEntity: no user retry_in=5s
+2026-01-02T03:04:09Z  WARN fleet_access_operator::controller::reconcile: reconcile failed grant=bad error=Kubernetes API: conflict retry_in=5s
 ";
     let at = |text: &str| text.parse::<Timestamp>().expect("a timestamp");
     assert_eq!(

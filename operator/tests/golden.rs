@@ -2,7 +2,7 @@
 //! Regenerate with `UPDATE_GOLDEN=1 cargo test -p fleet-access-operator --test golden` and review
 //! the diff.
 
-use fleet_access_operator::{cli::plan_grants, policy, settings::Settings};
+use fleet_access_operator::{cli::plan_grants, model::policy, settings::Settings};
 use serde_json::Value;
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");

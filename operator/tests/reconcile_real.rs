@@ -9,11 +9,9 @@ use aws_sdk_iam::error::ProvideErrorMetadata;
 use fleet_access_crds::SessionAccess;
 use fleet_access_operator::{
     aws::sdk::SdkAws,
-    desired,
+    controller::reconcile::{self, Context},
     metrics::Metrics,
-    naming,
-    policy::same_meaning,
-    reconcile::{self, Context},
+    model::{desired, naming, policy::same_meaning},
     settings::Settings,
 };
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
@@ -881,9 +879,12 @@ async fn bridge_endpoints_merge_per_instance_and_admit_only_the_clients() {
 
     // The ansible grant's policy admits its clients to its port only.
     let ansible_policy = policies
-        .get(&fleet_access_operator::services::network_policy_name(
-            &format!("{}/ansible", h.namespace.name()),
-        ))
+        .get(
+            &fleet_access_operator::model::endpoints::network_policy_name(&format!(
+                "{}/ansible",
+                h.namespace.name()
+            )),
+        )
         .await
         .expect("network policy");
     let rule = &ansible_policy.spec.expect("spec").ingress.expect("ingress")[0];
@@ -1036,7 +1037,7 @@ async fn owned_objects_deleted_behind_the_operators_back_are_repaired_promptly()
     )
     .await;
     h.wait_condition("tools", "Ready", "True").await;
-    let policy_name = fleet_access_operator::services::network_policy_name(&format!(
+    let policy_name = fleet_access_operator::model::endpoints::network_policy_name(&format!(
         "{}/tools",
         h.namespace.name()
     ));
@@ -1059,16 +1060,16 @@ async fn owned_objects_deleted_behind_the_operators_back_are_repaired_promptly()
     .await;
     let (service, policy) = repaired;
     assert_eq!(
-        fleet_access_operator::services::grants_of_service(&service),
+        fleet_access_operator::model::endpoints::grants_of_service(&service),
         vec![(h.namespace.name().to_owned(), "tools".to_owned())]
     );
     assert_eq!(
-        fleet_access_operator::services::grant_of_network_policy(&policy),
+        fleet_access_operator::model::endpoints::grant_of_network_policy(&policy),
         Some((h.namespace.name().to_owned(), "tools".to_owned()))
     );
 
     // An edit behind the operator's back (the grant's ports annotation removed) is repaired too.
-    let annotation = fleet_access_operator::services::GRANT_PORTS_ANNOTATION;
+    let annotation = fleet_access_operator::model::endpoints::GRANT_PORTS_ANNOTATION;
     let patch = json!({"metadata": {"annotations": {annotation: null}}});
     services
         .patch(
@@ -1080,7 +1081,7 @@ async fn owned_objects_deleted_behind_the_operators_back_are_repaired_promptly()
         .expect("tamper");
     wait_for("annotation restored", || async {
         let s = services.get_opt("i-0000000000000000a").await.ok()??;
-        (!fleet_access_operator::services::grants_of_service(&s).is_empty()).then_some(())
+        (!fleet_access_operator::model::endpoints::grants_of_service(&s).is_empty()).then_some(())
     })
     .await;
     // So is a Service pointed elsewhere (its record intact).
@@ -1126,8 +1127,8 @@ async fn owned_objects_deleted_behind_the_operators_back_are_repaired_promptly()
 async fn session_preferences_update_the_account_document_and_restore_it_on_delete() {
     use fleet_access_crds::SessionPreferences;
     use fleet_access_operator::{
-        documents::ACCOUNT_SHELL_DOCUMENT,
-        preferences::{self, PREVIOUS_ANNOTATION},
+        controller::preferences::{self, PREVIOUS_ANNOTATION},
+        model::documents::ACCOUNT_SHELL_DOCUMENT,
     };
 
     let _ = tracing_subscriber::fmt()

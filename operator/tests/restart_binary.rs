@@ -6,7 +6,7 @@ use std::{process::Stdio, time::Duration};
 
 use aws_sdk_iam::types::Policy;
 use fleet_access_crds::SessionAccess;
-use fleet_access_operator::naming;
+use fleet_access_operator::model::naming;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode};
 use fleet_access_tests::{ControlPlane, Moto, OperatorCommandLine};
 use kube::{

@@ -32,8 +32,10 @@ use std::{
 };
 
 use fleet_access_operator::{
-    desired::{self, Desired},
-    naming::{OWNER_TAG, POLICY_PATH},
+    model::{
+        desired::{self, Desired},
+        naming::{OWNER_TAG, POLICY_PATH},
+    },
     settings::Settings,
 };
 use serde_json::Value;

@@ -279,7 +279,7 @@ fn rbac_is_least_privilege() {
         "leader election Lease"
     );
     // The controller watches the endpoint Services and NetworkPolicies it owns, in the bridge
-    // namespace only (operator/src/reconcile.rs).
+    // namespace only (operator/src/controller/reconcile.rs).
     for resource in ["services", "networkpolicies"] {
         let rule = namespaced["rules"]
             .as_array()

@@ -29,7 +29,7 @@ use fleet_access_crds::{
     SessionAccess,
     bridge_contract::{EndpointAnnotations, bridge_pod_selector, managed_labels},
 };
-use fleet_access_operator::naming::{OWNER_TAG, POLICY_PATH, owner_tag_value};
+use fleet_access_operator::model::naming::{OWNER_TAG, POLICY_PATH, owner_tag_value};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
     ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, http_get,

@@ -4,7 +4,7 @@ use fleet_access_crds::validation::parse_session_accesses;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::policy::{canonical, counted_chars};
+use crate::model::policy::{canonical, counted_chars};
 
 fn grant(spec: &str) -> SessionAccess {
     let yaml = format!(

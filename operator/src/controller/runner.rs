@@ -23,9 +23,11 @@ use tokio::sync::{oneshot, watch};
 use crate::{
     Error, Result,
     aws::sdk::SdkAws,
-    leader::{Elector, Timing},
+    controller::{
+        leader::{Elector, Timing},
+        reconcile::{self, Context},
+    },
     metrics::Metrics,
-    reconcile::{self, Context},
     settings::Settings,
 };
 
@@ -129,7 +131,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         );
         let preferences = async {
             if config.manage_preferences {
-                crate::preferences::run(ctx.clone(), notified(halt.clone())).await;
+                crate::controller::preferences::run(ctx.clone(), notified(halt.clone())).await;
             }
         };
         tokio::join!(grants, preferences);

@@ -44,9 +44,11 @@ use serde_json::{Value, json};
 use crate::{
     Error, Result,
     aws::{AwsError, AwsResult, with_retry},
-    documents::{ACCOUNT_SHELL_DOCUMENT, shell_document},
-    reconcile::{Context, FIELD_MANAGER, failure_key, retry_pause},
-    status::{self, Outcome},
+    controller::reconcile::{Context, FIELD_MANAGER, failure_key, retry_pause},
+    model::{
+        documents::{ACCOUNT_SHELL_DOCUMENT, shell_document},
+        status::{self, Outcome},
+    },
 };
 
 /// The finalizer that guarantees the restore.

@@ -43,12 +43,14 @@ use serde_json::json;
 use crate::{
     Error, Result,
     aws::{AwsError, IamApi, Principal, PrincipalKind, SsmApi, with_retry},
-    desired::{self, Desired},
     metrics::Metrics,
-    naming::{OWNER_TAG, POLICY_PATH, owned_by},
-    plan::{self, Change, ObservedPolicy, WantedDocument, WantedPolicy},
+    model::{
+        desired::{self, Desired},
+        naming::{OWNER_TAG, POLICY_PATH, owned_by},
+        plan::{self, Change, ObservedPolicy, WantedDocument, WantedPolicy},
+        status::{self, Observations, Outcome},
+    },
     settings::Settings,
-    status::{self, Observations, Outcome},
 };
 
 /// The finalizer that guarantees cleanup.
@@ -211,7 +213,7 @@ pub async fn run(
             Api::<Service>::namespaced(ctx.client.clone(), &bridge_namespace),
             owned.clone(),
             move |service| {
-                let owners = crate::services::grants_of_service(&service);
+                let owners = crate::model::endpoints::grants_of_service(&service);
                 if owners.is_empty() {
                     // Stripped of its record: any grant with endpoints may own it.
                     return known
@@ -231,7 +233,8 @@ pub async fn run(
             Api::<NetworkPolicy>::namespaced(ctx.client.clone(), &bridge_namespace),
             owned,
             move |policy| {
-                crate::services::grant_of_network_policy(&policy).and_then(for_policies.clone())
+                crate::model::endpoints::grant_of_network_policy(&policy)
+                    .and_then(for_policies.clone())
             },
         )
         .graceful_shutdown_on(shutdown)
@@ -305,7 +308,7 @@ pub(crate) fn failure_key(kind: &str, id: &str) -> String {
 // === apply ===
 
 fn grant_id(grant: &SessionAccess) -> String {
-    crate::naming::owner_tag_value(
+    crate::model::naming::owner_tag_value(
         &grant.namespace().unwrap_or_else(|| "default".into()),
         &grant.name_any(),
     )
@@ -1080,10 +1083,10 @@ async fn sync_endpoints(
         .list(&ListParams::default().labels(&services_selector()))
         .await
         .map_err(Error::Kube)?;
-    let mut current: BTreeMap<String, crate::services::GrantPorts> = existing
+    let mut current: BTreeMap<String, crate::model::endpoints::GrantPorts> = existing
         .items
         .iter()
-        .map(|s| (s.name_any(), crate::services::grant_ports(s)))
+        .map(|s| (s.name_any(), crate::model::endpoints::grant_ports(s)))
         .collect();
     let mut used: BTreeSet<u16> = current
         .values()
@@ -1108,9 +1111,10 @@ async fn sync_endpoints(
             let target = match reused {
                 Some(t) => t,
                 None => {
-                    let t = crate::services::allocate_target_port(&used).ok_or_else(|| {
-                        Error::Config("no free target port on the bridge pods".into())
-                    })?;
+                    let t =
+                        crate::model::endpoints::allocate_target_port(&used).ok_or_else(|| {
+                            Error::Config("no free target port on the bridge pods".into())
+                        })?;
                     used.insert(t);
                     t
                 }
@@ -1133,9 +1137,9 @@ async fn sync_endpoints(
         let unchanged = before.get(instance) == Some(grants)
             && (grants.is_empty()
                 || existing.get(instance).is_some_and(|s| {
-                    crate::services::service_matches(
+                    crate::model::endpoints::service_matches(
                         s,
-                        &crate::services::render_service(namespace, instance, grants),
+                        &crate::model::endpoints::render_service(namespace, instance, grants),
                     )
                 }));
         if unchanged {
@@ -1155,7 +1159,7 @@ async fn sync_endpoints(
             )
             .await;
         } else {
-            let service = crate::services::render_service(namespace, instance, grants);
+            let service = crate::model::endpoints::render_service(namespace, instance, grants);
             services
                 .patch(
                     instance,
@@ -1173,7 +1177,7 @@ async fn sync_endpoints(
             .await;
         }
     }
-    let policy_name = crate::services::network_policy_name(owner);
+    let policy_name = crate::model::endpoints::network_policy_name(owner);
     if wanted.is_empty() {
         // Most grants never had one: look before deleting, so that their reconciles (every
         // resync) make no write request at all.
@@ -1202,8 +1206,12 @@ async fn sync_endpoints(
             Err(e) => return Err(Error::Kube(e)),
         }
     } else {
-        let policy =
-            crate::services::render_network_policy(namespace, owner, clients, &target_ports);
+        let policy = crate::model::endpoints::render_network_policy(
+            namespace,
+            owner,
+            clients,
+            &target_ports,
+        );
         let existing = policies.get_opt(&policy_name).await.map_err(Error::Kube)?;
         if existing.as_ref().and_then(|p| p.spec.as_ref()) != policy.spec.as_ref() {
             policies
@@ -1227,7 +1235,7 @@ async fn sync_endpoints(
 }
 
 fn services_selector() -> String {
-    crate::services::managed_selector()
+    crate::model::endpoints::managed_selector()
 }
 
 #[cfg(test)]

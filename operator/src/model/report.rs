@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::{desired::Desired, naming::POLICY_PATH, policy::MANAGED_POLICY_MAX_CHARS};
+use crate::model::{desired::Desired, naming::POLICY_PATH, policy::MANAGED_POLICY_MAX_CHARS};
 
 /// The version of the JSON plan format; bumped on incompatible changes.
 pub const PLAN_FORMAT: &str = "fleetaccess.io/plan/v1";

@@ -22,9 +22,11 @@ use serde_json::Value;
 
 use crate::{
     Error, Result,
-    documents::{self, SSH_DOCUMENT},
-    naming,
-    policy::{Conditions, Effect, MANAGED_POLICY_MAX_CHARS, PolicyDocument, Statement},
+    model::{
+        documents::{self, SSH_DOCUMENT},
+        naming,
+        policy::{Conditions, Effect, MANAGED_POLICY_MAX_CHARS, PolicyDocument, Statement},
+    },
     settings::Settings,
 };
 

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     aws::{PolicyVersion, Principal},
-    policy,
+    model::policy,
 };
 
 /// IAM keeps at most this many versions of a managed policy.
@@ -159,7 +159,7 @@ impl Change {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
     "{what} {name} already exists without the {tag} tag naming this grant: the operator does not adopt it; rename or delete it",
-    tag = crate::naming::OWNER_TAG
+    tag = crate::model::naming::OWNER_TAG
 )]
 pub struct NotOwned {
     /// `IAM policy` or `session document`.
