@@ -70,6 +70,10 @@ pub enum Error {
         listings: usize,
     },
 
+    /// Every target port on the bridge pods is taken.
+    #[error("{0}")]
+    NoFreeTargetPort(#[from] crate::model::endpoints::NoFreeTargetPort),
+
     /// A Kubernetes API call failed; the reconcile is retried.
     #[error("Kubernetes API: {0}")]
     Kube(#[source] kube::Error),
@@ -92,20 +96,9 @@ impl Error {
             Error::TooManyPolicies { .. } => "too_many_policies",
             Error::StatementTooLarge { .. } => "statement_too_large",
             Error::NoBridgeRole => "no_bridge_role",
-            Error::Aws(e) if e.is_retryable() => "aws_retryable",
-            Error::Aws(e) => match e.code.as_str() {
-                "LimitExceeded" | "DocumentLimitExceeded" | "DocumentVersionLimitExceeded" => {
-                    "aws_quota"
-                }
-                "MalformedPolicyDocument"
-                | "InvalidDocumentContent"
-                | "InvalidDocumentSchemaVersion"
-                | "MaxDocumentSizeExceeded" => "aws_invalid_document",
-                "NoSuchEntity" => "aws_not_found",
-                "AccessDenied" | "AccessDeniedException" => "aws_access_denied",
-                _ => "aws",
-            },
+            Error::Aws(e) => e.kind().metric_label(),
             Error::NotOwned(_) => "not_owned",
+            Error::NoFreeTargetPort(_) => "no_free_target_port",
             Error::DocumentsKeepAppearing { .. } => "documents_keep_appearing",
             Error::Kube(_) => "kube",
             Error::Finalizer(inner) => match inner.as_ref() {

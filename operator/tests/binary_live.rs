@@ -542,7 +542,7 @@ async fn the_admin_endpoint_reports_health_readiness_and_metrics() {
     // resync or more after the first. Before it, one more attempt may come: the reconcile that
     // the grant's own status write triggers (it tries the attach again and writes nothing, as
     // the status does not change; a status that changed with every attempt would loop).
-    assert!(FAILING_RESYNC > fleet_access_operator::controller::reconcile::retry_pause(1));
+    assert!(FAILING_RESYNC > fleet_access_operator::controller::retry_pause(1));
     let resync = SignedDuration::try_from(FAILING_RESYNC).expect("a resync");
     let attempts = wait_for("the failing grant's attempt at the resync", || async {
         let attempts = failed_attaches(&read_log(&operator.log), "bad");

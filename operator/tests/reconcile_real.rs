@@ -9,7 +9,7 @@ use aws_sdk_iam::error::ProvideErrorMetadata;
 use fleet_access_crds::SessionAccess;
 use fleet_access_operator::{
     aws::sdk::SdkAws,
-    controller::reconcile::{self, Context},
+    controller::{Context, reconcile},
     metrics::Metrics,
     model::{desired, naming, policy::same_meaning},
     settings::Settings,

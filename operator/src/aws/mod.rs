@@ -1,8 +1,10 @@
 //! The operator's narrow view of AWS: the IAM and SSM operations it needs, in domain verbs,
 //! behind object-safe traits. `sdk` implements them over aws-sdk-iam / aws-sdk-ssm (the only
-//! module that imports those crates). Errors carry AWS's error code, classified as retryable or
-//! not, so callers can back off or report a terminal condition.
+//! module that imports those crates). Errors carry AWS's error code and are classified once
+//! ([`AwsErrorKind`]), so callers back off, count or advise by kind, never by code.
 
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod sdk;
 
 use std::{collections::BTreeMap, fmt, future::Future, time::Duration};
@@ -109,30 +111,89 @@ pub struct AwsError {
     pub message: String,
 }
 
-/// Error codes worth retrying: throttling, overlapping writes, propagation, server faults.
-const RETRYABLE_CODES: &[&str] = &[
-    "Throttling",
-    "ThrottlingException",
-    "TooManyUpdates",
-    "ConcurrentModification",
-    "EntityTemporarilyUnmodifiable",
-    "ServiceFailure",
-    "InternalServerError",
-    "Transport",
-];
+/// What an AWS error means to the operator. Decided from the error code here and nowhere
+/// else: retries, metric labels and the advice in conditions all match on the kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AwsErrorKind {
+    /// AWS asks the caller to slow down. Retried.
+    Throttled,
+    /// Another write to the same entity overlaps, or IAM is still propagating one. Retried.
+    Busy,
+    /// A fault on AWS's side. Retried.
+    ServerFault,
+    /// No answer came (connection, timeout). Retried.
+    Transport,
+    /// The entity does not exist.
+    NotFound,
+    /// A quota is reached: policies per account, attachments per identity, documents or
+    /// versions.
+    Quota,
+    /// AWS rejected a policy or document the operator rendered.
+    InvalidDocument,
+    /// A new document version would repeat the content of an existing one.
+    DuplicateContent,
+    /// The operator's own AWS identity may not make the call.
+    AccessDenied,
+    /// Anything else.
+    Other,
+}
 
-impl AwsError {
-    /// Whether trying again later may succeed.
-    pub fn is_retryable(&self) -> bool {
-        RETRYABLE_CODES.contains(&self.code.as_str())
+impl AwsErrorKind {
+    /// The kind of an AWS error code.
+    pub fn of(code: &str) -> Self {
+        match code {
+            "Throttling" | "ThrottlingException" | "TooManyUpdates" | "RequestLimitExceeded" => {
+                Self::Throttled
+            }
+            "ConcurrentModification" | "EntityTemporarilyUnmodifiable" => Self::Busy,
+            "ServiceFailure" | "InternalServerError" => Self::ServerFault,
+            "Transport" => Self::Transport,
+            "NoSuchEntity" | "InvalidDocument" | "InvalidResourceId" | "DoesNotExistException" => {
+                Self::NotFound
+            }
+            "LimitExceeded" | "DocumentLimitExceeded" | "DocumentVersionLimitExceeded" => {
+                Self::Quota
+            }
+            "MalformedPolicyDocument"
+            | "InvalidDocumentContent"
+            | "InvalidDocumentSchemaVersion"
+            | "MaxDocumentSizeExceeded" => Self::InvalidDocument,
+            "DuplicateDocumentContent" => Self::DuplicateContent,
+            "AccessDenied" | "AccessDeniedException" => Self::AccessDenied,
+            _ => Self::Other,
+        }
     }
 
-    /// Whether the entity does not exist.
-    pub fn is_not_found(&self) -> bool {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(self) -> bool {
         matches!(
-            self.code.as_str(),
-            "NoSuchEntity" | "InvalidDocument" | "InvalidResourceId" | "DoesNotExistException"
+            self,
+            Self::Throttled | Self::Busy | Self::ServerFault | Self::Transport
         )
+    }
+
+    /// A bounded label for metrics.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Self::Throttled | Self::Busy | Self::ServerFault | Self::Transport => "aws_retryable",
+            Self::NotFound => "aws_not_found",
+            Self::Quota => "aws_quota",
+            Self::InvalidDocument => "aws_invalid_document",
+            Self::AccessDenied => "aws_access_denied",
+            Self::DuplicateContent | Self::Other => "aws",
+        }
+    }
+}
+
+impl AwsError {
+    /// What the error means.
+    pub fn kind(&self) -> AwsErrorKind {
+        AwsErrorKind::of(&self.code)
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
     }
 }
 

@@ -115,7 +115,7 @@ impl SdkAws {
 fn not_found_is_none<T>(result: AwsResult<T>) -> AwsResult<Option<T>> {
     match result {
         Ok(v) => Ok(Some(v)),
-        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) if e.kind() == crate::aws::AwsErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }

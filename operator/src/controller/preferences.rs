@@ -33,7 +33,6 @@ use kube::{
     runtime::{
         Controller,
         controller::Action,
-        events::{Event as KubeEvent, EventType},
         finalizer::{Event, finalizer},
         watcher,
     },
@@ -43,8 +42,8 @@ use serde_json::{Value, json};
 
 use crate::{
     Error, Result,
-    aws::{AwsError, AwsResult, with_retry},
-    controller::reconcile::{Context, FIELD_MANAGER, failure_key, retry_pause},
+    aws::{AwsErrorKind, AwsResult, with_retry},
+    controller::{Context, FIELD_MANAGER, apply, failure_key, retry_pause},
     model::{
         documents::{ACCOUNT_SHELL_DOCUMENT, shell_document},
         status::{self, Outcome},
@@ -229,7 +228,7 @@ async fn apply(
             Some(*had_previous),
         ),
         Err(error) => (
-            failure(error),
+            status::preferences_failure(error),
             None,
             recorded(preferences).map(|p| p.existed),
         ),
@@ -348,7 +347,7 @@ async fn cleanup(preferences: &SessionPreferences, ctx: &Context) -> Result<Acti
         Step::Nothing => None,
         Step::Delete => {
             match with_retry(|| ctx.ssm.delete_document(ACCOUNT_SHELL_DOCUMENT)).await {
-                Err(e) if !e.is_not_found() => return Err(e.into()),
+                Err(e) if e.kind() != AwsErrorKind::NotFound => return Err(e.into()),
                 _ => {}
             }
             Some(format!(
@@ -394,7 +393,7 @@ async fn set_content(content: &str, hint: Option<&str>, ctx: &Context) -> AwsRes
     let duplicate = match with_retry(|| ssm.update_document(ACCOUNT_SHELL_DOCUMENT, content)).await
     {
         Ok(version) => return Ok(version),
-        Err(e) if e.code == "DuplicateDocumentContent" => e,
+        Err(e) if e.kind() == AwsErrorKind::DuplicateContent => e,
         Err(e) => return Err(e),
     };
     let latest = with_retry(|| ssm.latest_document_version(ACCOUNT_SHELL_DOCUMENT))
@@ -418,56 +417,9 @@ async fn set_content(content: &str, hint: Option<&str>, ctx: &Context) -> AwsRes
     Err(duplicate)
 }
 
-/// The Ready condition for a failure, with what to do about it.
-fn failure(error: &Error) -> Outcome {
-    match error {
-        Error::Aws(AwsError {
-            operation,
-            code,
-            message,
-        }) => {
-            let advice = match code.as_str() {
-                _ if error.is_retryable() => {
-                    "AWS is throttling or busy: the operator retries with backoff"
-                }
-                "InvalidDocumentContent" | "InvalidDocumentSchemaVersion" => {
-                    "SSM rejected the preferences document: check the spec values (log group, bucket, KMS key, timeouts)"
-                }
-                "MaxDocumentSizeExceeded" => {
-                    "the document is over 64 KB: shorten spec.shellProfile"
-                }
-                "DocumentLimitExceeded" | "DocumentVersionLimitExceeded" => {
-                    "an SSM document quota is reached: delete unused documents or versions"
-                }
-                _ => "check the operator's SSM permissions on the document",
-            };
-            let reason: String = code.chars().filter(char::is_ascii_alphanumeric).collect();
-            let reason = if reason.starts_with(|c: char| c.is_ascii_alphabetic()) {
-                reason
-            } else {
-                "AwsError".into()
-            };
-            Outcome::no(&reason, format!("{operation} failed: {message}: {advice}"))
-        }
-        other => Outcome::no("SyncFailed", other.to_string()),
-    }
-}
-
+/// Publishes an Event about the preferences.
 async fn publish(preferences: &SessionPreferences, reason: &str, note: &str, ctx: &Context) {
-    let event = KubeEvent {
-        type_: EventType::Normal,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: reason.into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx
-        .recorder
-        .publish(&event, &preferences.object_ref(&()))
-        .await
-    {
-        tracing::debug!(%error, "event not published");
-    }
+    apply::publish(&ctx.recorder, &preferences.object_ref(&()), reason, note).await;
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@ use crate::{
     Error, Result,
     aws::sdk::SdkAws,
     controller::{
+        Context,
         leader::{Elector, Timing},
-        reconcile::{self, Context},
+        preferences, reconcile,
     },
     metrics::Metrics,
     settings::Settings,
@@ -131,7 +132,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         );
         let preferences = async {
             if config.manage_preferences {
-                crate::controller::preferences::run(ctx.clone(), notified(halt.clone())).await;
+                preferences::run(ctx.clone(), notified(halt.clone())).await;
             }
         };
         tokio::join!(grants, preferences);

@@ -16,6 +16,7 @@ use fleet_access_crds::{
     v1alpha1::{self, Principals, Targets},
 };
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde::Serialize;
 use serde_json::Value;
@@ -51,6 +52,31 @@ pub struct Desired {
     /// Endpoints the bridge serves, and the bridge role's policy for them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bridge: Option<BridgeGrant>,
+    /// The instances the grant covers, for the controller to resolve (the policies already
+    /// carry them as ARNs and conditions).
+    #[serde(skip)]
+    pub targets: TargetSelection,
+    /// When the grant's window ends, if it does.
+    #[serde(skip)]
+    pub expires_at: Option<Timestamp>,
+}
+
+/// The instances a grant covers, as plain values.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TargetSelection {
+    /// Every instance of the account and Region (never enumerated).
+    pub all_instances: bool,
+    /// Instances by ID.
+    pub instance_ids: Vec<String>,
+    /// Instances carrying every one of these tags (values may hold IAM wildcards).
+    pub tags: BTreeMap<String, String>,
+}
+
+impl Desired {
+    /// Whether the grant's window has ended at `now`.
+    pub fn expired(&self, now: Timestamp) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// A customer managed policy.
@@ -195,6 +221,23 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
         principals: principal_names(&spec.principals),
         documents,
         bridge,
+        targets: TargetSelection {
+            all_instances: spec.targets.all_instances,
+            instance_ids: spec
+                .targets
+                .instance_ids
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            tags: (spec.targets.tags.iter())
+                .map(|(key, value)| (key.clone(), value.to_string()))
+                .collect(),
+        },
+        expires_at: spec
+            .window
+            .as_ref()
+            .and_then(|w| w.expires_at.as_ref())
+            .map(|t| t.0),
     })
 }
 

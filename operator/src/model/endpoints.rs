@@ -5,6 +5,8 @@
 //!
 //! Which grant contributed which ports is recorded on the Service itself
 //! ([`GRANT_PORTS_ANNOTATION`]), so a grant can withdraw its ports without reading the others.
+//! [`endpoint_changes`] plans one grant's endpoints against what is observed: it keeps every
+//! other grant's ports, reuses an (instance, port)'s target port and allocates new ones.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,8 +23,13 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
-use kube::api::ObjectMeta;
+use kube::{ResourceExt, api::ObjectMeta};
 use sha2::{Digest, Sha256};
+
+use crate::model::{
+    desired::{BridgePort, Desired},
+    plan::Change,
+};
 
 /// Annotation: grant (`namespace/name`) → the ports it exposes on this instance (JSON).
 pub const GRANT_PORTS_ANNOTATION: &str = "fleetaccess.io/grant-ports";
@@ -123,6 +130,141 @@ pub fn service_matches(existing: &Service, rendered: &Service) -> bool {
         )
         && selector(existing) == selector(rendered)
         && ports(existing) == ports(rendered)
+}
+
+/// What one grant wants on the bridge: ports per instance, and the clients its NetworkPolicy
+/// admits.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WantedEndpoints {
+    /// Instance → the grant's ports on it.
+    pub instances: Vec<(String, Vec<BridgePort>)>,
+    /// The peers admitted to the grant's target ports.
+    pub clients: Vec<NetworkPolicyPeer>,
+}
+
+impl WantedEndpoints {
+    /// The grant's endpoints: its ports on the instances it lists and on those its tags
+    /// resolved to (`resolved`); none when it asks for no bridge or has expired.
+    pub fn of(desired: &Desired, resolved: &[String], expired: bool) -> Self {
+        let Some(bridge) = desired.bridge.as_ref().filter(|_| !expired) else {
+            return Self::default();
+        };
+        let mut instances: BTreeSet<&String> = bridge.instances.iter().collect();
+        if !bridge.tags.is_empty() {
+            instances.extend(resolved);
+        }
+        Self {
+            instances: (instances.into_iter())
+                .map(|instance| (instance.clone(), bridge.ports.clone()))
+                .collect(),
+            clients: bridge.clients.clone(),
+        }
+    }
+}
+
+/// The endpoint objects observed in the bridge namespace.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObservedEndpoints {
+    /// Every Service the operator manages there, by name (the instance ID).
+    pub services: BTreeMap<String, Service>,
+    /// The grant's NetworkPolicy, when it exists.
+    pub network_policy: Option<NetworkPolicy>,
+}
+
+/// Every target port on the bridge pods is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no free target port on the bridge pods (ports {FIRST_TARGET_PORT} to 65535 are all taken): remove unused grants' bridge ports"
+)]
+pub struct NoFreeTargetPort;
+
+/// The changes that bring the bridge namespace to what grant `owner` wants, keeping every other
+/// grant's ports. A Service whose recorded ports do not change and that still says what they
+/// say is left alone; one stripped of every grant's record is left to its grants.
+pub fn endpoint_changes(
+    namespace: &str,
+    owner: &str,
+    wanted: &WantedEndpoints,
+    observed: &ObservedEndpoints,
+) -> Result<Vec<Change>, NoFreeTargetPort> {
+    let before: BTreeMap<&String, GrantPorts> = (observed.services.iter())
+        .map(|(name, service)| (name, grant_ports(service)))
+        .collect();
+    let mut used: BTreeSet<u16> = (before.values())
+        .flat_map(|g| g.values().flatten().map(|p| p.target_port))
+        .collect();
+    let mut after: BTreeMap<String, GrantPorts> = (before.iter())
+        .map(|(name, grants)| {
+            let mut others = grants.clone();
+            others.remove(owner);
+            ((*name).clone(), others)
+        })
+        .collect();
+    let mut target_ports = BTreeSet::new();
+    for (instance, ports) in &wanted.instances {
+        let previous = before.get(instance);
+        let mut mine = Vec::new();
+        for port in ports {
+            // Reuse the target port this (instance, port) already has, from any grant.
+            let reused = (previous.into_iter())
+                .flat_map(|grants| grants.values().flatten())
+                .find(|p| p.port == port.port)
+                .map(|p| p.target_port);
+            let target = match reused {
+                Some(target) => target,
+                None => {
+                    let target = allocate_target_port(&used).ok_or(NoFreeTargetPort)?;
+                    used.insert(target);
+                    target
+                }
+            };
+            target_ports.insert(target);
+            mine.push(EndpointPort {
+                port: port.port,
+                target_port: target,
+                document: port.document.clone(),
+                port_parameter: port.port_parameter,
+            });
+        }
+        after
+            .entry(instance.clone())
+            .or_default()
+            .insert(owner.to_owned(), mine);
+    }
+    let mut changes = Vec::new();
+    for (instance, grants) in &after {
+        let rendered = render_service(namespace, instance, grants);
+        let unchanged = before.get(instance) == Some(grants)
+            && (grants.is_empty()
+                || (observed.services.get(instance))
+                    .is_some_and(|existing| service_matches(existing, &rendered)));
+        if unchanged {
+            continue;
+        }
+        changes.push(if grants.is_empty() {
+            Change::DeleteService {
+                namespace: namespace.to_owned(),
+                name: instance.clone(),
+            }
+        } else {
+            Change::ApplyService(Box::new(rendered))
+        });
+    }
+    let existing = observed.network_policy.as_ref();
+    if wanted.instances.is_empty() {
+        if let Some(existing) = existing {
+            changes.push(Change::DeleteNetworkPolicy {
+                namespace: namespace.to_owned(),
+                name: existing.name_any(),
+            });
+        }
+    } else {
+        let policy = render_network_policy(namespace, owner, &wanted.clients, &target_ports);
+        if existing.and_then(|p| p.spec.as_ref()) != policy.spec.as_ref() {
+            changes.push(Change::ApplyNetworkPolicy(Box::new(policy)));
+        }
+    }
+    Ok(changes)
 }
 
 /// The smallest target port from [`FIRST_TARGET_PORT`] not in `used`.
@@ -297,5 +439,123 @@ mod tests {
             Some(("a".to_owned(), "one".to_owned()))
         );
         assert_eq!(grants_of_service(&Service::default()), Vec::new());
+    }
+
+    fn wanted(instances: &[&str], ports: &[u16]) -> WantedEndpoints {
+        let ports: Vec<BridgePort> = (ports.iter())
+            .map(|&port| BridgePort {
+                port,
+                document: "AWS-StartPortForwardingSession".into(),
+                port_parameter: Some(port),
+            })
+            .collect();
+        WantedEndpoints {
+            instances: (instances.iter())
+                .map(|i| ((*i).to_owned(), ports.clone()))
+                .collect(),
+            clients: Vec::new(),
+        }
+    }
+
+    /// What the namespace holds after `changes`, starting from `observed`.
+    fn applied(mut observed: ObservedEndpoints, changes: &[Change]) -> ObservedEndpoints {
+        for change in changes {
+            match change {
+                Change::ApplyService(service) => {
+                    observed
+                        .services
+                        .insert(service.name_any(), service.as_ref().clone());
+                }
+                Change::DeleteService { name, .. } => {
+                    observed.services.remove(name);
+                }
+                Change::ApplyNetworkPolicy(policy) => {
+                    observed.network_policy = Some(policy.as_ref().clone());
+                }
+                Change::DeleteNetworkPolicy { .. } => observed.network_policy = None,
+                other => panic!("not an endpoint change: {other:?}"),
+            }
+        }
+        observed
+    }
+
+    const I1: &str = "i-0123456789abcdef0";
+    const I2: &str = "i-0123456789abcdef1";
+
+    #[test]
+    fn grants_share_an_instances_service_and_its_target_ports_and_withdraw_only_their_own() {
+        let one = endpoint_changes(
+            "fa",
+            "a/one",
+            &wanted(&[I1], &[22, 5432]),
+            &Default::default(),
+        )
+        .expect("planned");
+        assert_eq!(
+            one.len(),
+            2,
+            "a Service and the grant's NetworkPolicy: {one:?}"
+        );
+        let after_one = applied(ObservedEndpoints::default(), &one);
+        let ports = grant_ports(&after_one.services[I1]);
+        let targets: Vec<u16> = ports["a/one"].iter().map(|p| p.target_port).collect();
+        assert_eq!(targets, vec![20000, 20001]);
+
+        // A second grant on the same instance and another: port 22 keeps its target port.
+        let other = ObservedEndpoints {
+            network_policy: None,
+            ..after_one.clone()
+        };
+        let two = endpoint_changes("fa", "b/two", &wanted(&[I1, I2], &[22, 80]), &other)
+            .expect("planned");
+        let after_two = applied(other, &two);
+        let on_i1 = grant_ports(&after_two.services[I1]);
+        let two_on_i1: Vec<(u16, u16)> = on_i1["b/two"]
+            .iter()
+            .map(|p| (p.port, p.target_port))
+            .collect();
+        assert_eq!(two_on_i1, vec![(22, 20000), (80, 20002)]);
+        assert_eq!(
+            on_i1["a/one"], ports["a/one"],
+            "the first grant's ports stay"
+        );
+        assert!(after_two.services.contains_key(I2));
+
+        // Planning again against the result changes nothing.
+        let steady = ObservedEndpoints {
+            network_policy: after_two.network_policy.clone(),
+            ..after_two.clone()
+        };
+        let again = endpoint_changes("fa", "b/two", &wanted(&[I1, I2], &[22, 80]), &steady)
+            .expect("planned");
+        assert_eq!(again, Vec::new());
+
+        // Withdrawing: I2 had only this grant (deleted), I1 keeps the first grant's ports.
+        let gone =
+            endpoint_changes("fa", "b/two", &WantedEndpoints::default(), &steady).expect("planned");
+        let after_gone = applied(steady, &gone);
+        assert!(!after_gone.services.contains_key(I2));
+        assert_eq!(grant_ports(&after_gone.services[I1]), ports);
+        assert_eq!(after_gone.network_policy, None);
+    }
+
+    #[test]
+    fn a_full_range_of_target_ports_is_refused_with_advice() {
+        let mut grants = GrantPorts::new();
+        grants.insert(
+            "z/full".into(),
+            (FIRST_TARGET_PORT..=u16::MAX).map(|t| port(t, t)).collect(),
+        );
+        let service = render_service("fa", I2, &grants);
+        let observed = ObservedEndpoints {
+            services: BTreeMap::from([(I2.to_owned(), service)]),
+            network_policy: None,
+        };
+        let error = endpoint_changes("fa", "a/one", &wanted(&[I1], &[22]), &observed)
+            .expect_err("no port left");
+        assert!(
+            error.to_string().contains("remove unused grants"),
+            "{error}"
+        );
     }
 }

@@ -38,6 +38,11 @@ pub fn grant_object_name(namespace: &str, name: &str, suffix: &str) -> String {
     format!("{head}-{}{suffix}", &hex[..HASH_CHARS])
 }
 
+/// The ARN of the operator's managed policy `name` (under [`POLICY_PATH`]).
+pub fn policy_arn(partition: &str, account: &str, name: &str) -> String {
+    format!("arn:{partition}:iam::{account}:policy{POLICY_PATH}{name}")
+}
+
 /// The owner tag's value for a grant.
 pub fn owner_tag_value(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")

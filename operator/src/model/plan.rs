@@ -6,13 +6,22 @@
 //! detach to match the principals. Removing a policy detaches it everywhere, deletes its
 //! non-default versions, then the policy. Documents: create, update, delete, and delete the
 //! orphans a listing by the owner tag finds. Nothing without the grant's ownership tag is ever
-//! changed.
+//! changed. Endpoint Services and NetworkPolicies are planned in `endpoints`, sessions to end at
+//! expiry here; all of them are [`Change`]s, which the controller's one applier applies.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use fleet_access_crds::SessionAccess;
+use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
+use kube::ResourceExt;
+
 use crate::{
-    aws::{PolicyVersion, Principal},
-    model::policy,
+    aws::{PolicyVersion, Principal, PrincipalKind},
+    model::{
+        desired::{self, Desired},
+        naming::policy_arn,
+        policy, status,
+    },
 };
 
 /// IAM keeps at most this many versions of a managed policy.
@@ -56,7 +65,7 @@ pub struct WantedDocument {
 }
 
 /// One change to apply.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Change {
     /// Create a policy (tagged as the grant's).
     CreatePolicy {
@@ -117,6 +126,31 @@ pub enum Change {
         /// Name.
         name: String,
     },
+    /// End an open session (at expiry).
+    TerminateSession {
+        /// The session ID.
+        session: String,
+        /// The instance it is open on.
+        instance: String,
+    },
+    /// Create or update an endpoint Service in the bridge namespace.
+    ApplyService(Box<Service>),
+    /// Delete an endpoint Service that no grant exposes ports on any more.
+    DeleteService {
+        /// Its namespace.
+        namespace: String,
+        /// Its name (the instance ID).
+        name: String,
+    },
+    /// Create or update the grant's NetworkPolicy.
+    ApplyNetworkPolicy(Box<NetworkPolicy>),
+    /// Delete the grant's NetworkPolicy.
+    DeleteNetworkPolicy {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
 }
 
 impl Change {
@@ -132,6 +166,11 @@ impl Change {
             Change::CreateDocument { .. } => "DocumentCreated",
             Change::UpdateDocument { .. } => "DocumentUpdated",
             Change::DeleteDocument { .. } => "DocumentDeleted",
+            Change::TerminateSession { .. } => "SessionTerminated",
+            Change::ApplyService(_) => "EndpointApplied",
+            Change::DeleteService { .. } => "EndpointDeleted",
+            Change::ApplyNetworkPolicy(_) => "NetworkPolicyApplied",
+            Change::DeleteNetworkPolicy { .. } => "NetworkPolicyDeleted",
         }
     }
 
@@ -151,8 +190,148 @@ impl Change {
             Change::CreateDocument { name, .. } => format!("created session document {name}"),
             Change::UpdateDocument { name, .. } => format!("updated session document {name}"),
             Change::DeleteDocument { name } => format!("deleted session document {name}"),
+            Change::TerminateSession { session, instance } => {
+                format!("terminated session {session} on {instance} at expiry")
+            }
+            Change::ApplyService(service) => format!(
+                "applied endpoint Service {}/{}",
+                service.namespace().unwrap_or_default(),
+                service.name_any()
+            ),
+            Change::DeleteService { namespace, name } => {
+                format!("deleted endpoint Service {namespace}/{name}")
+            }
+            Change::ApplyNetworkPolicy(policy) => format!(
+                "applied NetworkPolicy {}/{}",
+                policy.namespace().unwrap_or_default(),
+                policy.name_any()
+            ),
+            Change::DeleteNetworkPolicy { namespace, name } => {
+                format!("deleted NetworkPolicy {namespace}/{name}")
+            }
         }
     }
+}
+
+/// The grant's policies and documents as they must be in AWS (nothing for an expired grant);
+/// policy ARNs in `partition` and `account`.
+pub fn wanted(
+    desired: &Desired,
+    partition: &str,
+    account: &str,
+) -> (Vec<WantedPolicy>, Vec<WantedDocument>) {
+    let p = &desired.principals;
+    let principals: BTreeSet<Principal> = (p.users.iter().map(|n| (PrincipalKind::User, n)))
+        .chain(p.roles.iter().map(|n| (PrincipalKind::Role, n)))
+        .chain(p.groups.iter().map(|n| (PrincipalKind::Group, n)))
+        .map(|(kind, name)| Principal {
+            kind,
+            name: name.clone(),
+        })
+        .collect();
+    let wanted_policy =
+        |policy: &desired::ManagedPolicy, principals: BTreeSet<Principal>| WantedPolicy {
+            name: policy.name.clone(),
+            arn: policy_arn(partition, account, &policy.name),
+            document: policy.document.0.to_json(),
+            principals,
+        };
+    let mut policies: Vec<WantedPolicy> = (desired.policies.iter())
+        .map(|policy| wanted_policy(policy, principals.clone()))
+        .collect();
+    if let Some(bridge) = &desired.bridge {
+        let role = Principal {
+            kind: PrincipalKind::Role,
+            name: bridge.role.clone(),
+        };
+        policies.push(wanted_policy(&bridge.policy, BTreeSet::from([role])));
+    }
+    let documents = (desired.documents.iter())
+        .map(|d| WantedDocument {
+            name: d.name.clone(),
+            content: d.content.to_string(),
+        })
+        .collect();
+    (policies, documents)
+}
+
+/// The ARNs of the principals `wanted` attaches policies to.
+pub fn attached_arns(wanted: &[WantedPolicy], partition: &str, account: &str) -> Vec<String> {
+    let all: BTreeSet<String> = (wanted.iter())
+        .flat_map(|p| p.principals.iter())
+        .map(|p| p.arn(partition, account))
+        .collect();
+    all.into_iter().collect()
+}
+
+/// What the grant may own in AWS besides what it wants now: looked up, and removed when no
+/// longer wanted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Known {
+    /// Policies: the ARNs its status records and the ones its names derive to (which covers a
+    /// crash between creating a policy and recording it).
+    pub policy_arns: BTreeSet<String>,
+    /// Session documents: the names its spec derives, each looked up by name. Never found only
+    /// through a listing: a paged listing misses documents while others are being deleted.
+    pub document_names: BTreeSet<String>,
+    /// Whether documents under names of an earlier spec may exist, so that a listing by the
+    /// owner tag must look for them: after a spec change until a sync of the new generation
+    /// succeeds. A steady grant is never listed, nor deleted through a listing.
+    pub sweep_documents: bool,
+}
+
+/// When the grant is looked at: while it lives, or as it is deleted (which bumps its
+/// generation once without a spec change).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moment {
+    /// Apply.
+    Living,
+    /// Cleanup.
+    Deleted,
+}
+
+/// What the grant may own, from its status, its spec and (when it can be computed) its
+/// desired state.
+pub fn known_objects(
+    grant: &SessionAccess,
+    desired: Option<&Desired>,
+    partition: &str,
+    account: &str,
+    moment: Moment,
+) -> Known {
+    let mut policy_arns: BTreeSet<String> = (grant.status.iter())
+        .flat_map(|s| s.policies.iter().map(|p| p.arn.clone()))
+        .collect();
+    if let Some(desired) = desired {
+        let names = (desired.policies.iter())
+            .chain(desired.bridge.as_ref().map(|b| &b.policy))
+            .map(|p| policy_arn(partition, account, &p.name));
+        policy_arns.extend(names);
+    }
+    let (status, generation) = (grant.status.as_ref(), grant.metadata.generation);
+    let follows_spec = match moment {
+        Moment::Living => status::documents_follow_spec(status, generation),
+        Moment::Deleted => status::documents_follow_spec_at_deletion(status, generation),
+    };
+    Known {
+        policy_arns,
+        document_names: (desired::session_documents(grant).into_iter())
+            .map(|d| d.name)
+            .collect(),
+        sweep_documents: !follows_spec,
+    }
+}
+
+/// The sessions to end at expiry: every listed one, on the instance it was found on.
+pub fn terminations(sessions: &[(String, Vec<String>)]) -> Vec<Change> {
+    (sessions.iter())
+        .flat_map(|(instance, ids)| {
+            ids.iter().map(|session| Change::TerminateSession {
+                session: session.clone(),
+                instance: instance.clone(),
+            })
+        })
+        .collect()
 }
 
 /// A policy or document that exists under the grant's name but is not the grant's.

@@ -1,15 +1,23 @@
 //! Pure status: the conditions of a `SessionAccess` (and of `SessionPreferences`) from what a
-//! reconcile found and did. No I/O; the clock is an argument.
+//! reconcile found and did, as typed facts. Every word of every condition is written here. No
+//! I/O; the clock is an argument.
 //!
 //! Ready = PolicySynced ∧ TargetsResolved ∧ BridgeReady ∧ ¬Expired. A condition keeps its
 //! `lastTransitionTime` while its status does not change.
 
-use fleet_access_crds::v1alpha1::{
-    PolicyStatus, SessionAccessStatus, SessionPreferencesStatus, TargetStatus,
+use fleet_access_crds::{
+    agent_version,
+    v1alpha1::{PolicyStatus, SessionAccessStatus, SessionPreferencesStatus, TargetStatus},
 };
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
+};
+
+use crate::{
+    Error,
+    aws::{AwsError, AwsErrorKind, InstanceInfo},
+    model::desired::TargetSelection,
 };
 
 /// Condition types.
@@ -54,17 +62,72 @@ impl Outcome {
     }
 }
 
+/// What became of the grant's IAM policies and session documents.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PoliciesState {
+    /// The grant is invalid (the message says why); nothing was applied.
+    Invalid(String),
+    /// They match the grant.
+    Synced {
+        /// How many policies.
+        policies: usize,
+        /// How many session documents.
+        documents: usize,
+    },
+    /// Applying them failed ([`sync_failure`] words it).
+    Failed(Outcome),
+}
+
+/// What the grant's targets resolved to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TargetsState {
+    /// The grant is invalid; nothing was resolved.
+    Invalid,
+    /// The grant covers every instance; none are listed.
+    AllInstances,
+    /// This many managed instances.
+    Resolved(usize),
+    /// SSM does not know these listed instances.
+    NotManaged(Vec<String>),
+    /// No managed instance matches.
+    NoneMatch,
+    /// DescribeInstanceInformation failed with this error.
+    Unresolvable(String),
+}
+
+/// What became of the grant's bridge endpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EndpointsState {
+    /// The grant is invalid; nothing was applied.
+    Invalid,
+    /// The grant asks for none.
+    NotRequested,
+    /// Removed because the window ended.
+    Removed,
+    /// The grant asks for endpoints, but no instance resolved.
+    NoInstances,
+    /// This many Services in `namespace` carry the grant's ports.
+    Ready {
+        /// How many Services.
+        services: usize,
+        /// The bridge namespace.
+        namespace: String,
+    },
+    /// Applying them failed with this error.
+    Failed(String),
+}
+
 /// Everything a reconcile learned, as input to the status.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observations {
     /// The object's generation.
     pub generation: Option<i64>,
     /// Policies and documents.
-    pub policy: Outcome,
+    pub policy: PoliciesState,
     /// Target resolution.
-    pub targets: Outcome,
+    pub targets: TargetsState,
     /// Bridge endpoints.
-    pub bridge: Outcome,
+    pub bridge: EndpointsState,
     /// Whether the window has ended.
     pub expired: bool,
     /// The grant's policies with their default versions.
@@ -89,14 +152,15 @@ pub fn compute(
     } else {
         Outcome::no("WithinWindow", "the grant has not expired")
     };
+    let (policy, targets, bridge) = (
+        policies_outcome(&seen.policy),
+        targets_outcome(&seen.targets),
+        endpoints_outcome(&seen.bridge),
+    );
     let ready = if seen.expired {
         Outcome::no("Expired", "the grant's window has ended")
-    } else if !seen.policy.ok {
-        Outcome::no(&seen.policy.reason, seen.policy.message.clone())
-    } else if !seen.targets.ok {
-        Outcome::no(&seen.targets.reason, seen.targets.message.clone())
-    } else if !seen.bridge.ok {
-        Outcome::no(&seen.bridge.reason, seen.bridge.message.clone())
+    } else if let Some(failing) = [&policy, &targets, &bridge].into_iter().find(|o| !o.ok) {
+        Outcome::no(&failing.reason, failing.message.clone())
     } else {
         Outcome::yes(
             "Applied",
@@ -109,9 +173,9 @@ pub fn compute(
     };
     let conditions = vec![
         condition(READY, &ready),
-        condition(POLICY_SYNCED, &seen.policy),
-        condition(TARGETS_RESOLVED, &seen.targets),
-        condition(BRIDGE_READY, &seen.bridge),
+        condition(POLICY_SYNCED, &policy),
+        condition(TARGETS_RESOLVED, &targets),
+        condition(BRIDGE_READY, &bridge),
         condition(EXPIRED, &expired),
     ];
     SessionAccessStatus {
@@ -122,6 +186,174 @@ pub fn compute(
         target_count: i32::try_from(seen.target_list.len()).ok(),
         targets: seen.target_list.clone(),
     }
+}
+
+/// The PolicySynced condition.
+fn policies_outcome(state: &PoliciesState) -> Outcome {
+    match state {
+        PoliciesState::Invalid(message) => Outcome::no("InvalidGrant", message.clone()),
+        PoliciesState::Synced {
+            policies,
+            documents,
+        } => Outcome::yes(
+            "Synced",
+            format!("{policies} IAM policies and {documents} session documents match the grant"),
+        ),
+        PoliciesState::Failed(outcome) => outcome.clone(),
+    }
+}
+
+fn targets_outcome(state: &TargetsState) -> Outcome {
+    match state {
+        TargetsState::Invalid => Outcome::no("InvalidGrant", "not resolved: the grant is invalid"),
+        TargetsState::AllInstances => Outcome::yes(
+            "AllInstances",
+            "the grant covers every instance; none are listed",
+        ),
+        TargetsState::Resolved(count) => {
+            Outcome::yes("Resolved", format!("{count} managed instances"))
+        }
+        TargetsState::NotManaged(missing) => Outcome::no(
+            "InstancesNotManaged",
+            format!(
+                "SSM does not know {} of the listed instances ({}): check the IDs and that the SSM Agent runs and is registered",
+                missing.len(),
+                missing.join(", ")
+            ),
+        ),
+        TargetsState::NoneMatch => Outcome::no(
+            "NoInstances",
+            "no managed instance matches spec.targets: check the tags or instance IDs",
+        ),
+        TargetsState::Unresolvable(error) => Outcome::no(
+            "DescribeInstanceInformationFailed",
+            format!("cannot resolve the targets: {error}; the policies still apply"),
+        ),
+    }
+}
+
+fn endpoints_outcome(state: &EndpointsState) -> Outcome {
+    match state {
+        EndpointsState::Invalid => Outcome::no("InvalidGrant", "not applied: the grant is invalid"),
+        EndpointsState::NotRequested => {
+            Outcome::yes("NotRequested", "the grant asks for no bridge endpoints")
+        }
+        EndpointsState::Removed => Outcome::yes("Expired", "endpoints removed at expiry"),
+        EndpointsState::NoInstances => Outcome::no(
+            "NoEndpoints",
+            "no instance resolved for the bridge: check spec.targets",
+        ),
+        EndpointsState::Ready {
+            services,
+            namespace,
+        } => Outcome::yes(
+            "EndpointsReady",
+            format!("{services} endpoint Services in namespace {namespace}"),
+        ),
+        EndpointsState::Failed(error) => Outcome::no("EndpointsFailed", error.clone()),
+    }
+}
+
+/// The targets' state and list from the instances SSM reported: `selection`'s listed IDs must
+/// all be there. With `endpoint_namespace`, each instance names its endpoint Service.
+pub fn resolved_targets(
+    selection: &TargetSelection,
+    mut found: Vec<InstanceInfo>,
+    endpoint_namespace: Option<&str>,
+) -> (TargetsState, Vec<TargetStatus>) {
+    if selection.all_instances {
+        return (TargetsState::AllInstances, Vec::new());
+    }
+    found.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+    found.dedup_by(|a, b| a.instance_id == b.instance_id);
+    let list: Vec<TargetStatus> = (found.iter())
+        .map(|i| TargetStatus {
+            instance_id: i.instance_id.clone(),
+            ping_status: i.ping_status.clone(),
+            agent_version: i.agent_version.clone(),
+            ssh_capable: i.agent_version.as_deref().map(agent_version::supports_ssh),
+            endpoint: endpoint_namespace.map(|ns| format!("{}.{ns}", i.instance_id)),
+        })
+        .collect();
+    let missing: Vec<String> = (selection.instance_ids.iter())
+        .filter(|id| !found.iter().any(|i| &i.instance_id == *id))
+        .cloned()
+        .collect();
+    let state = if !missing.is_empty() {
+        TargetsState::NotManaged(missing)
+    } else if list.is_empty() {
+        TargetsState::NoneMatch
+    } else {
+        TargetsState::Resolved(list.len())
+    };
+    (state, list)
+}
+
+/// The PolicySynced condition for a failed sync of a grant: AWS's error code as the reason,
+/// and what to do.
+pub fn sync_failure(error: &Error) -> Outcome {
+    match error {
+        Error::Aws(aws) => {
+            let advice = match aws.kind() {
+                AwsErrorKind::Quota => {
+                    "an IAM quota is reached (policies per account, attachments per principal or policy size): raise the quota or split the grant"
+                }
+                AwsErrorKind::InvalidDocument => {
+                    "IAM rejected the rendered policy: report this as a bug with the grant attached"
+                }
+                AwsErrorKind::NotFound => {
+                    "a principal does not exist in IAM: create it or fix spec.principals"
+                }
+                kind if kind.is_retryable() => {
+                    "AWS is throttling or busy: the operator retries with backoff"
+                }
+                _ => "the operator retries; check the operator's AWS permissions",
+            };
+            aws_failure(aws, advice)
+        }
+        Error::NotOwned(e) => Outcome::no("NotOwned", e.to_string()),
+        other => Outcome::no("SyncFailed", other.to_string()),
+    }
+}
+
+/// The Ready condition of `SessionPreferences` after a failure, with what to do about it.
+pub fn preferences_failure(error: &Error) -> Outcome {
+    let Error::Aws(aws) = error else {
+        return Outcome::no("SyncFailed", error.to_string());
+    };
+    let advice = match aws.kind() {
+        kind if kind.is_retryable() => {
+            "AWS is throttling or busy: the operator retries with backoff"
+        }
+        AwsErrorKind::InvalidDocument if aws.code == "MaxDocumentSizeExceeded" => {
+            "the document is over 64 KB: shorten spec.shellProfile"
+        }
+        AwsErrorKind::InvalidDocument => {
+            "SSM rejected the preferences document: check the spec values (log group, bucket, KMS key, timeouts)"
+        }
+        AwsErrorKind::Quota => {
+            "an SSM document quota is reached: delete unused documents or versions"
+        }
+        _ => "check the operator's SSM permissions on the document",
+    };
+    aws_failure(aws, advice)
+}
+
+/// A failing condition for an AWS error: its code as the reason (a condition reason must be
+/// CamelCase letters and digits), the call, AWS's message and the advice.
+fn aws_failure(error: &AwsError, advice: &str) -> Outcome {
+    let reason: String = (error.code.chars())
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let reason = if reason.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        reason
+    } else {
+        "AwsError".into()
+    };
+    Outcome::no(
+        &reason,
+        format!("{} failed: {}: {advice}", error.operation, error.message),
+    )
 }
 
 /// One condition from its outcome, keeping the previous `lastTransitionTime` while the status
@@ -207,16 +439,23 @@ pub fn documents_follow_spec_at_deletion(
 mod tests {
     use super::*;
 
-    fn seen(policy: Outcome) -> Observations {
+    fn seen(policy: PoliciesState) -> Observations {
         Observations {
             generation: Some(3),
             policy,
-            targets: Outcome::yes("Resolved", "1 instance"),
-            bridge: Outcome::yes("NotRequested", "no bridge"),
+            targets: TargetsState::Resolved(1),
+            bridge: EndpointsState::NotRequested,
             expired: false,
             policies: Vec::new(),
             attached_principals: Vec::new(),
             target_list: Vec::new(),
+        }
+    }
+
+    fn synced() -> PoliciesState {
+        PoliciesState::Synced {
+            policies: 1,
+            documents: 0,
         }
     }
 
@@ -233,7 +472,10 @@ mod tests {
         let t0 = Timestamp::from_second(1_000).expect("time");
         let status = compute(
             None,
-            &seen(Outcome::no("LimitExceeded", "too many policies")),
+            &seen(PoliciesState::Failed(Outcome::no(
+                "LimitExceeded",
+                "too many policies",
+            ))),
             t0,
         );
         let ready = find(&status, READY);
@@ -247,10 +489,14 @@ mod tests {
     fn transition_time_stays_while_status_holds() {
         let t0 = Timestamp::from_second(1_000).expect("time");
         let t1 = Timestamp::from_second(2_000).expect("time");
-        let first = compute(None, &seen(Outcome::yes("Applied", "ok")), t0);
-        let second = compute(Some(&first), &seen(Outcome::yes("Applied", "ok")), t1);
+        let first = compute(None, &seen(synced()), t0);
+        let second = compute(Some(&first), &seen(synced()), t1);
         assert_eq!(find(&second, READY).last_transition_time, Time(t0));
-        let third = compute(Some(&second), &seen(Outcome::no("X", "y")), t1);
+        let third = compute(
+            Some(&second),
+            &seen(PoliciesState::Failed(Outcome::no("X", "y"))),
+            t1,
+        );
         assert_eq!(find(&third, READY).last_transition_time, Time(t1));
     }
 
@@ -263,20 +509,24 @@ mod tests {
             "an earlier spec, not synced"
         );
         assert!(!documents_follow_spec(None, None), "unknown generation");
-        let synced = compute(None, &seen(Outcome::yes("Synced", "ok")), t0);
+        let synced = compute(None, &seen(synced()), t0);
         assert!(documents_follow_spec(Some(&synced), Some(3)));
         assert!(
             !documents_follow_spec(Some(&synced), Some(4)),
             "synced for an earlier generation only"
         );
-        let failed = compute(None, &seen(Outcome::no("NotOwned", "taken")), t0);
+        let failed = compute(
+            None,
+            &seen(PoliciesState::Failed(Outcome::no("NotOwned", "taken"))),
+            t0,
+        );
         assert!(!documents_follow_spec(Some(&failed), Some(3)));
     }
 
     #[test]
     fn at_deletion_a_sync_of_the_generation_before_the_bump_counts() {
         let t0 = Timestamp::from_second(1_000).expect("time");
-        let synced = compute(None, &seen(Outcome::yes("Synced", "ok")), t0);
+        let synced = compute(None, &seen(synced()), t0);
         assert!(documents_follow_spec_at_deletion(Some(&synced), Some(3)));
         assert!(
             documents_follow_spec_at_deletion(Some(&synced), Some(4)),

@@ -1,0 +1,138 @@
+//! What the controllers read: a grant's policies and documents in AWS (looked up by the names
+//! it derives, owned or not by its tag), the managed instances its targets resolve to, the
+//! sessions open on them, and the endpoint objects in the bridge namespace. Reads only.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
+use kube::{Api, ResourceExt, api::ListParams};
+
+use crate::{
+    Error, Result,
+    aws::{AwsResult, InstanceInfo, with_retry},
+    controller::Context,
+    model::{
+        desired::TargetSelection,
+        endpoints::{self, ObservedEndpoints},
+        naming::{OWNER_TAG, owned_by},
+        plan::ObservedPolicy,
+    },
+};
+
+/// A managed policy by ARN: `None` when it does not exist; only its owner tag when it is not
+/// `owner`'s (the plan refuses or ignores it without reading more).
+pub async fn policy(arn: &str, owner: &str, ctx: &Context) -> Result<Option<ObservedPolicy>> {
+    let iam = &ctx.iam;
+    let Some(info) = with_retry(|| iam.get_policy(arn)).await? else {
+        return Ok(None);
+    };
+    let mut observed = ObservedPolicy {
+        arn: arn.to_owned(),
+        owner: info.tags.get(OWNER_TAG).cloned(),
+        document: String::new(),
+        versions: Vec::new(),
+        attached: BTreeSet::new(),
+    };
+    if owned_by(&info.tags, owner) {
+        observed.versions = with_retry(|| iam.list_policy_versions(arn)).await?;
+        observed.document =
+            with_retry(|| iam.get_policy_document(arn, &info.default_version)).await?;
+        observed.attached = (with_retry(|| iam.list_attachments(arn)).await?)
+            .into_iter()
+            .collect();
+    }
+    Ok(Some(observed))
+}
+
+/// A session document looked up by name.
+pub enum DocumentLookup {
+    /// No document has the name.
+    Absent,
+    /// It exists without the owner tag naming the grant.
+    Foreign,
+    /// It is the grant's; the content of its default version.
+    Owned {
+        /// The content.
+        content: String,
+    },
+}
+
+/// A session document by name, and whether it is `owner`'s.
+pub async fn document(name: &str, owner: &str, ctx: &Context) -> Result<DocumentLookup> {
+    let Some(tags) = with_retry(|| ctx.ssm.document_tags(name)).await? else {
+        return Ok(DocumentLookup::Absent);
+    };
+    if !owned_by(&tags, owner) {
+        return Ok(DocumentLookup::Foreign);
+    }
+    // Gone between the two calls: absent.
+    Ok(match with_retry(|| ctx.ssm.get_document(name)).await? {
+        Some(document) => DocumentLookup::Owned {
+            content: document.content,
+        },
+        None => DocumentLookup::Absent,
+    })
+}
+
+/// The names of the documents tagged as `owner`'s, through a paged listing (which may miss some
+/// while other documents are deleted).
+pub async fn documents_tagged(owner: &str, ctx: &Context) -> Result<Vec<String>> {
+    Ok(with_retry(|| ctx.ssm.list_documents_tagged(OWNER_TAG, owner)).await?)
+}
+
+/// The managed instances `selection` lists by ID and those carrying its tags (none for
+/// `allInstances`, which is never enumerated).
+pub async fn instances(selection: &TargetSelection, ctx: &Context) -> AwsResult<Vec<InstanceInfo>> {
+    let no_tags = Default::default();
+    let mut found = Vec::new();
+    if selection.all_instances {
+        return Ok(found);
+    }
+    if !selection.instance_ids.is_empty() {
+        found.extend(
+            with_retry(|| {
+                ctx.ssm
+                    .describe_instances(&selection.instance_ids, &no_tags)
+            })
+            .await?,
+        );
+    }
+    if !selection.tags.is_empty() {
+        found.extend(with_retry(|| ctx.ssm.describe_instances(&[], &selection.tags)).await?);
+    }
+    Ok(found)
+}
+
+/// The open sessions on each instance (an instance whose sessions cannot be listed is logged
+/// and left out).
+pub async fn sessions(instances: &[String], ctx: &Context) -> Vec<(String, Vec<String>)> {
+    let mut open = Vec::new();
+    for instance in instances {
+        match with_retry(|| ctx.ssm.active_sessions(instance)).await {
+            Ok(sessions) => open.push((instance.clone(), sessions)),
+            Err(error) => tracing::warn!(%error, %instance, "cannot list sessions"),
+        }
+    }
+    open
+}
+
+/// The operator's Services in the bridge namespace and grant `owner`'s NetworkPolicy.
+pub async fn endpoints(owner: &str, ctx: &Context) -> Result<ObservedEndpoints> {
+    let namespace = &ctx.settings.bridge_namespace;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let listed = services
+        .list(&ListParams::default().labels(&endpoints::managed_selector()))
+        .await
+        .map_err(Error::Kube)?;
+    let network_policy = policies
+        .get_opt(&endpoints::network_policy_name(owner))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(ObservedEndpoints {
+        services: (listed.items.into_iter())
+            .map(|service| (service.name_any(), service))
+            .collect(),
+        network_policy,
+    })
+}
