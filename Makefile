@@ -10,7 +10,7 @@ export CARGO_TERM_COLOR ?= never
 
 ## The main job on its embedded default: no AWS account, no cluster.
 demo:
-	$(CARGO) run --bin agent-bridge -- demo
+	$(CARGO) run --bin fleet-access-demo
 
 ## What a grant applies, offline.
 plan:

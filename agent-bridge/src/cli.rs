@@ -1,8 +1,7 @@
-//! The command line: `serve` (in cluster), `proxy` (ssh ProxyCommand), `forward` (local port
-//! forwarding) and `demo` (everything local). Logs go to standard error: in `proxy` mode standard
-//! output is the SSH stream.
+//! The command line: `serve` (in cluster), `proxy` (ssh ProxyCommand) and `forward` (local port
+//! forwarding). Logs go to standard error: in `proxy` mode standard output is the SSH stream.
 
-use std::{collections::BTreeMap, net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -45,9 +44,6 @@ enum Command {
     /// Forward a local port to a port on (or reachable from) an instance; many connections share
     /// one session.
     Forward(ForwardArgs),
-    /// Run everything locally (an emulated SSM and fleet) and print what to try.
-    #[cfg(feature = "demo")]
-    Demo(crate::demo::DemoArgs),
 }
 
 /// AWS settings shared by every mode.
@@ -154,8 +150,6 @@ impl Args {
                 Command::Serve(args) => run_serve(args).await,
                 Command::Proxy(args) => run_proxy(args).await,
                 Command::Forward(args) => run_forward(args).await,
-                #[cfg(feature = "demo")]
-                Command::Demo(args) => crate::demo::run(args).await,
             }
         });
         // Every mode has finished its work here (a tunnel returns once its local writes are
@@ -176,14 +170,15 @@ impl Args {
 /// Selects rustls' ring provider for the process: the dependency graph enables both ring (kube)
 /// and aws-lc-rs (the AWS SDK's HTTP client), and with two providers rustls refuses to pick one,
 /// so `serve` panicked when it first reached the Kubernetes API.
-fn select_crypto_provider() {
+pub fn select_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Fails only when another thread installed one first, which is just as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 
-fn init_tracing() {
+/// Logs to standard error, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt()
@@ -324,12 +319,12 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         upgrade_signer(&sdk),
         Metrics::register(&Registry::new()).context("registering metrics")?,
     );
-    let request = StartSessionRequest {
-        target: args.instance_id.clone(),
-        document_name: Some(crate::SSH_DOCUMENT.to_owned()),
-        parameters: BTreeMap::from([("portNumber".to_owned(), vec![args.port.to_string()])]),
-        reason: Some("agent-bridge proxy".to_owned()),
-    };
+    let request = StartSessionRequest::port(
+        &args.instance_id,
+        crate::SSH_DOCUMENT,
+        Some(args.port),
+        "agent-bridge proxy",
+    );
     let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
     let failure = match carry(
         &context,
@@ -365,33 +360,16 @@ async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.local))?;
     let local = listener.local_addr()?;
-    let request = forward_request(
+    let request = StartSessionRequest::forwarding(
         &args.instance_id,
         args.remote_port,
         args.remote_host.as_deref(),
+        "agent-bridge forward",
     );
     let shutdown = shutdown_on_signal();
     forward(&control, signer.as_deref(), &request, listener, shutdown).await?;
     eprintln!("forwarding {local} ended");
     Ok(())
-}
-
-/// The StartSession request of a port forwarding session.
-pub fn forward_request(instance_id: &str, port: u16, host: Option<&str>) -> StartSessionRequest {
-    let mut parameters = BTreeMap::from([("portNumber".to_owned(), vec![port.to_string()])]);
-    let document = match host {
-        Some(host) => {
-            parameters.insert("host".to_owned(), vec![host.to_owned()]);
-            "AWS-StartPortForwardingSessionToRemoteHost"
-        }
-        None => "AWS-StartPortForwardingSession",
-    };
-    StartSessionRequest {
-        target: instance_id.to_owned(),
-        document_name: Some(document.to_owned()),
-        parameters,
-        reason: Some("agent-bridge forward".to_owned()),
-    }
 }
 
 /// Starts one session and carries every connection `listener` accepts through it (smux streams

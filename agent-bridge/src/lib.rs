@@ -5,8 +5,6 @@
 
 pub mod admin;
 pub mod cli;
-#[cfg(feature = "demo")]
-pub mod demo;
 pub mod driver;
 pub mod listener;
 pub mod metrics;
@@ -17,5 +15,4 @@ pub mod ssm;
 pub mod stream_url;
 pub mod tunnel;
 
-/// AWS's document for SSH (a Port document whose port defaults to 22).
-pub const SSH_DOCUMENT: &str = "AWS-StartSSHSession";
+pub use fleet_access_crds::ssm_documents::SSH_DOCUMENT;

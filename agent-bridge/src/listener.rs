@@ -60,16 +60,12 @@ impl Endpoint {
 
     /// The StartSession request for one connection, with `reason`.
     pub fn start_request(&self, reason: &str) -> StartSessionRequest {
-        let mut parameters = BTreeMap::new();
-        if let Some(port) = self.port_parameter {
-            parameters.insert("portNumber".to_owned(), vec![port.to_string()]);
-        }
-        StartSessionRequest {
-            target: self.instance_id.clone(),
-            document_name: Some(self.document.clone()),
-            parameters,
-            reason: Some(reason.to_owned()),
-        }
+        StartSessionRequest::port(
+            &self.instance_id,
+            &self.document,
+            self.port_parameter,
+            reason,
+        )
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use fleet_access_crds::ssm_documents::ACCOUNT_SHELL_DOCUMENT;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{mpsc, watch},
@@ -94,7 +95,7 @@ where
     let document = request
         .document_name
         .clone()
-        .unwrap_or_else(|| "SSM-SessionManagerRunShell".into());
+        .unwrap_or_else(|| ACCOUNT_SHELL_DOCUMENT.into());
     let metrics = &context.metrics;
     // Boxed: the SDK's future is several KiB and would otherwise stay in the task for its life.
     let target = match Box::pin(context.control.start_session(request)).await {

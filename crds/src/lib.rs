@@ -7,6 +7,7 @@
 pub mod agent_version;
 pub mod bridge_contract;
 pub mod names;
+pub mod ssm_documents;
 // KubeSchema re-emits each struct inside a private module to derive its schema, which trips
 // `unreachable_pub` on those copies; clippy reads repeated `printcolumn(type_ = ..)` as
 // duplicated attributes.

@@ -15,7 +15,7 @@ use std::{
 
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
-    cli::forward_request,
+    driver::control::StartSessionRequest,
     listener::Limits,
     metrics::Metrics,
     serve::{self, ServeConfig},
@@ -725,7 +725,7 @@ impl Forwarding {
         let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
         let local = listener.local_addr().expect("address");
         let shutdown = CancellationToken::new();
-        let request = forward_request(instance, port, None);
+        let request = StartSessionRequest::forwarding(instance, port, None, "agent-bridge forward");
         let task = {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {

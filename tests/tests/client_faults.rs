@@ -192,7 +192,7 @@ fn control(emulator: &Running) -> SdkControlPlane {
 
 /// The port-forwarding document: mux with a current agent, basic with an old one.
 fn forwarding(instance: &str) -> StartSessionRequest {
-    fleet_access_agent_bridge::cli::forward_request(instance, TRANSFER_PORT, None)
+    StartSessionRequest::forwarding(instance, TRANSFER_PORT, None, "agent-bridge forward")
 }
 
 /// A bound on waiting for the emulator to see sessions end (they normally end at once).

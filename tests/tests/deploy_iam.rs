@@ -31,6 +31,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use fleet_access_crds::ssm_documents::ACCOUNT_SHELL_DOCUMENT;
 use fleet_access_operator::{
     model::{
         desired::{self, Desired},
@@ -41,8 +42,6 @@ use fleet_access_operator::{
 use serde_json::Value;
 
 const ACCOUNT: &str = "123456789012";
-/// The account default session document (`SessionPreferences`).
-const ACCOUNT_SHELL_DOCUMENT: &str = "SSM-SessionManagerRunShell";
 const REGION: &str = "eu-west-1";
 /// The bridge role's `aws:userid` (role ID and session name), as IRSA sessions have it.
 const BRIDGE_USERID: &str = "AROAEXAMPLEBRIDGE000:botocore-session-1700000000";

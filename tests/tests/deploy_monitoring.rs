@@ -3,7 +3,7 @@
 //! plain rule file's groups, and every metric name the rules and the Grafana dashboard use is one
 //! the binaries really export.
 //!
-//! The exported names come from live scrapes, not from the source: `agent-bridge demo` (its
+//! The exported names come from live scrapes, not from the source: `fleet-access-demo` (the bridge's
 //! emulated fleet, on loopback) and `fleet-access-operator run` against the test kube-apiserver.
 //! Families that only appear after an event are caused, not whitelisted: the test carries a
 //! session through the demo's endpoint (sessions started/ended, bytes, durations), fills one
@@ -364,25 +364,17 @@ fn the_demo_admin_address_is_read_from_its_hint() {
     assert_eq!(demo_admin_address("  ssh -p 22 me@127.0.0.1"), None);
 }
 
-/// Runs `agent-bridge demo`, carries a session and causes a refusal; returns what it exports.
+/// Runs `fleet-access-demo` (the bridge in front of an emulated fleet), carries a session and causes a refusal; returns what it exports.
 async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<String> {
     // Port 0 everywhere: the demo picks free ports itself and prints them.
     let mut demo = tokio::process::Command::new(program)
-        .args([
-            "demo",
-            "--seconds",
-            "240",
-            "--port-base",
-            "0",
-            "--admin-port",
-            "0",
-        ])
+        .args(["--seconds", "240", "--port-base", "0", "--admin-port", "0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("agent-bridge demo starts");
+        .expect("fleet-access-demo starts");
     // "  i-0123456789abcdef0:22 -> 127.0.0.1:<port>"
     let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
     let mut endpoints = Vec::new();
@@ -555,7 +547,7 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_exported() {
             .all(|n| n.starts_with("agent_bridge_") || n.starts_with("fleet_access_operator_")),
         "only the binaries' own metrics: {used:?}"
     );
-    let bridge_program = workspace_binary("agent-bridge").expect("agent-bridge builds");
+    let bridge_program = workspace_binary("fleet-access-demo").expect("the demo builds");
     let operator_program = workspace_binary("fleet-access-operator").expect("the operator builds");
     let bridge = bridge_exports(&bridge_program, &used).await;
     let operator = operator_exports(&operator_program, &used).await;

@@ -5,6 +5,10 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
+use fleet_access_crds::ssm_documents::{
+    HOST_PARAMETER, PORT_FORWARDING_DOCUMENT, PORT_PARAMETER, REMOTE_HOST_DOCUMENT,
+};
+
 /// Where a data channel lives: what StartSession and ResumeSession return.
 #[derive(Clone, PartialEq, Eq)]
 pub struct StreamTarget {
@@ -59,6 +63,34 @@ pub struct StartSessionRequest {
     pub reason: Option<String>,
 }
 
+impl StartSessionRequest {
+    /// A session of the Port document `document` to `port` on `target` (`None`: the document's
+    /// default port).
+    pub fn port(target: &str, document: &str, port: Option<u16>, reason: &str) -> Self {
+        let parameters = port
+            .map(|port| (PORT_PARAMETER.to_owned(), vec![port.to_string()]))
+            .into_iter()
+            .collect();
+        Self {
+            target: target.to_owned(),
+            document_name: Some(document.to_owned()),
+            parameters,
+            reason: Some(reason.to_owned()),
+        }
+    }
+
+    /// A port forwarding session to `port` on `target` itself or, with `host`, on a host the
+    /// instance reaches.
+    pub fn forwarding(target: &str, port: u16, host: Option<&str>, reason: &str) -> Self {
+        let Some(host) = host else {
+            return Self::port(target, PORT_FORWARDING_DOCUMENT, Some(port), reason);
+        };
+        let mut request = Self::port(target, REMOTE_HOST_DOCUMENT, Some(port), reason);
+        (request.parameters).insert(HOST_PARAMETER.to_owned(), vec![host.to_owned()]);
+        request
+    }
+}
+
 /// A control-plane call failed.
 #[derive(Debug, thiserror::Error)]
 #[error("{operation} failed: {message}")]
@@ -90,4 +122,30 @@ pub trait ControlPlane: Send + Sync {
         &self,
         session_id: &str,
     ) -> impl Future<Output = Result<(), ControlPlaneError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_name_the_document_and_its_parameters() {
+        let ssh = StartSessionRequest::port("i-1", "AWS-StartSSHSession", Some(2222), "why");
+        assert_eq!(ssh.document_name.as_deref(), Some("AWS-StartSSHSession"));
+        assert_eq!(ssh.parameters["portNumber"], vec!["2222"]);
+        assert_eq!(ssh.reason.as_deref(), Some("why"));
+        let pinned = StartSessionRequest::port("i-1", "fleet-access.ops.db-port5432", None, "why");
+        assert!(pinned.parameters.is_empty(), "the document pins the port");
+
+        let local = StartSessionRequest::forwarding("i-1", 5432, None, "why");
+        assert_eq!(
+            local.document_name.as_deref(),
+            Some(PORT_FORWARDING_DOCUMENT)
+        );
+        assert!(!local.parameters.contains_key("host"));
+        let remote = StartSessionRequest::forwarding("i-1", 5432, Some("db.internal"), "why");
+        assert_eq!(remote.document_name.as_deref(), Some(REMOTE_HOST_DOCUMENT));
+        assert_eq!(remote.parameters["host"], vec!["db.internal"]);
+        assert_eq!(remote.parameters["portNumber"], vec!["5432"]);
+    }
 }

@@ -2,14 +2,9 @@
 //! preferences schema, `Standard_Stream`) and one `Port` document per allowed port, which pins
 //! the port number so that IAM permission on the document is permission on that port alone.
 
+pub use fleet_access_crds::ssm_documents::{ACCOUNT_SHELL_DOCUMENT, SSH_DOCUMENT};
 use fleet_access_crds::v1alpha1::SessionLogging;
 use serde_json::{Value, json};
-
-/// The account default shell document that `SessionPreferences` manages.
-pub const ACCOUNT_SHELL_DOCUMENT: &str = "SSM-SessionManagerRunShell";
-
-/// AWS's document for SSH and SCP (a Port document whose port defaults to 22).
-pub const SSH_DOCUMENT: &str = "AWS-StartSSHSession";
 
 /// The local-port parameter every Port document carries, as AWS's own port forwarding documents
 /// define it: any port, 0 for "pick a free one".

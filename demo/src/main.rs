@@ -1,4 +1,4 @@
-//! `agent-bridge demo`: the whole data path on one machine, with no AWS account and no cluster.
+//! `fleet-access-demo`: the whole data path on one machine, with no AWS account and no cluster.
 //!
 //! It starts the SSM emulator with a small fleet (its instances lead to this machine's sshd when
 //! one listens on port 22, otherwise to a built-in echo service), prints the IAM policy that the
@@ -13,6 +13,17 @@ use std::{
 };
 
 use anyhow::Context as _;
+use clap::Parser;
+use fleet_access_agent_bridge::{
+    SSH_DOCUMENT,
+    admin::{self, Readiness},
+    cli::{
+        AwsArgs, control_plane, init_tracing, load_aws, select_crypto_provider, shutdown_on_signal,
+    },
+    listener::{Endpoint, Limits, Listeners},
+    metrics::Metrics,
+    tunnel::SessionContext,
+};
 use fleet_access_ssm_emulator::{Config as EmulatorConfig, Emulator, InstanceConfig, Mode};
 use prometheus::Registry;
 use tokio::{
@@ -21,36 +32,48 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    admin::{self, Readiness},
-    cli::{AwsArgs, load_aws, shutdown_on_signal},
-    listener::{Endpoint, Limits, Listeners},
-    metrics::Metrics,
-    tunnel::SessionContext,
-};
-
 /// The embedded example grant: bridge endpoints for two instances.
 const EXAMPLE_GRANT: &str = include_str!("../../deploy/examples/bridge-for-ansible.yaml");
 
 /// The instances of the example grant, and their ports.
 const FLEET: [&str; 2] = ["i-0123456789abcdef0", "mi-0123456789abcdef0"];
 
-/// Options of the demo.
-#[derive(clap::Args, Debug)]
-pub struct DemoArgs {
+/// Run fleet-access locally (an emulated SSM and fleet, the bridge's endpoints, /metrics) and
+/// print what to try.
+#[derive(Parser, Debug)]
+#[command(name = "fleet-access-demo", version, about)]
+struct DemoArgs {
     /// First local port for endpoints (one per instance, counting up); 0 picks free ports.
     #[arg(long, default_value_t = 2222)]
-    pub port_base: u16,
+    port_base: u16,
     /// The admin port (/metrics, /healthz, /readyz); 0 picks a free one.
     #[arg(long, default_value_t = 9090)]
-    pub admin_port: u16,
+    admin_port: u16,
     /// Stop after this many seconds instead of waiting for Ctrl-C.
     #[arg(long)]
-    pub seconds: Option<u64>,
+    seconds: Option<u64>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = DemoArgs::parse();
+    init_tracing();
+    select_crypto_provider();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|runtime| runtime.block_on(run(args)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("fleet-access-demo: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs the demo.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let sshd = SocketAddr::new(loopback, 22);
     let (target, target_name) = if TcpStream::connect(sshd).await.is_ok() {
@@ -92,7 +115,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let context = Arc::new(SessionContext {
         idle_timeout: Some(Duration::from_secs(1200)),
         ..SessionContext::per_connection(
-            Arc::new(crate::cli::control_plane(&aws, &sdk)),
+            Arc::new(control_plane(&aws, &sdk)),
             None,
             Metrics::register(&registry)?,
         )
@@ -112,7 +135,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             instance_id: (*id).to_owned(),
             port: 22,
             listen_port,
-            document: crate::SSH_DOCUMENT.into(),
+            document: SSH_DOCUMENT.into(),
             port_parameter: Some(22),
         };
         desired.insert((endpoint.instance_id.clone(), 22), endpoint);
