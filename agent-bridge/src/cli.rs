@@ -13,14 +13,13 @@ use crate::{
     admin::{self, Readiness},
     driver::{
         DriverConfig, Tunnel,
-        control::{ControlPlane, StartSessionRequest},
         signing::{SigV4Signer, UpgradeSigner},
     },
     listener::Limits,
     metrics::Metrics,
     replica::{self, ReplicaMark},
     serve::{self, ServeConfig},
-    ssm::SdkControlPlane,
+    ssm::{ControlPlane, SdkControlPlane, StartSessionRequest},
     stream_url::StreamUrls,
     tunnel::{SessionContext, UNMARKED_REASON, carry},
 };

@@ -1,7 +1,16 @@
 //! fleet-access agent bridge: turns TCP connections into SSM Session Manager sessions.
 //!
-//! `protocol` is the sans-IO data-channel core (no sockets, no clock); `driver` runs it over
-//! tokio and a WebSocket.
+//! ```text
+//!  protocol/   the sans-IO data-channel core: messages, reliability, handshake, smux (no
+//!              sockets, no clock)
+//!  driver/     runs the core over tokio and a WebSocket; signs the upgrade
+//!  ssm/        the control plane (StartSession, ResumeSession, TerminateSession) as a trait,
+//!              and its aws-sdk-ssm implementation
+//!  tunnel      one connection through one session, with metrics
+//!  listener, serve, replica   the in-cluster mode: endpoints from Services, admission, the
+//!              sweep of dead replicas' sessions
+//!  cli, admin, metrics, stream_url   the command line, /metrics and probes, the stream URL policy
+//! ```
 
 pub mod admin;
 pub mod cli;

@@ -27,7 +27,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
-    driver::control::{ControlPlane, StartSessionRequest},
+    ssm::{ControlPlane, StartSessionRequest},
     tunnel::{SessionContext, carry},
 };
 
@@ -107,29 +107,51 @@ struct Admission {
     per_instance: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
+/// Why a client connection was refused before it became a session.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The bridge carries its limit of sessions.
+    #[error("the bridge already carries its limit of {0} sessions")]
+    BridgeFull(usize),
+    /// The instance has its limit of sessions.
+    #[error("{instance} already has its limit of {limit} sessions")]
+    InstanceFull {
+        /// The instance.
+        instance: String,
+        /// Its limit.
+        limit: usize,
+    },
+}
+
+impl Refusal {
+    /// The refusal's label in `connections_refused_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Refusal::BridgeFull(_) => "limit_total",
+            Refusal::InstanceFull { .. } => "limit_instance",
+        }
+    }
+}
+
 impl Admission {
     fn admit(
         &self,
         instance: &str,
-    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), String> {
-        let total = self.total.clone().try_acquire_owned().map_err(|_| {
-            format!(
-                "the bridge already carries its limit of {} sessions",
-                self.limits.total
-            )
-        })?;
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), Refusal> {
+        let total = (self.total.clone().try_acquire_owned())
+            .map_err(|_| Refusal::BridgeFull(self.limits.total))?;
         let instance_semaphore = {
             let mut map = self.per_instance.lock().unwrap_or_else(|e| e.into_inner());
             map.entry(instance.to_owned())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.limits.per_instance)))
                 .clone()
         };
-        let one = instance_semaphore.try_acquire_owned().map_err(|_| {
-            format!(
-                "{instance} already has its limit of {} sessions",
-                self.limits.per_instance
-            )
-        })?;
+        let one = instance_semaphore
+            .try_acquire_owned()
+            .map_err(|_| Refusal::InstanceFull {
+                instance: instance.to_owned(),
+                limit: self.limits.per_instance,
+            })?;
         Ok((total, one))
     }
 }
@@ -283,15 +305,10 @@ async fn accept_loop<C: ControlPlane + 'static>(
         let connected_at = Instant::now();
         let permits = match admission.admit(&endpoint.instance_id) {
             Ok(permits) => permits,
-            Err(reason) => {
-                let label = if reason.starts_with("the bridge") {
-                    "limit_total"
-                } else {
-                    "limit_instance"
-                };
-                context.metrics.connection_refused(label);
-                warn!(instance = endpoint.instance_id, %client, reason, "refusing connection");
-                refuse(stream, &reason).await;
+            Err(refusal) => {
+                context.metrics.connection_refused(refusal.metric_label());
+                warn!(instance = endpoint.instance_id, %client, %refusal, "refusing connection");
+                refuse(stream, &refusal.to_string()).await;
                 continue;
             }
         };
@@ -394,19 +411,18 @@ mod tests {
         };
         let a1 = admission.admit("i-a").unwrap();
         let _a2 = admission.admit("i-a").unwrap();
+        let refusal = admission.admit("i-a").unwrap_err();
+        assert_eq!(refusal.metric_label(), "limit_instance");
         assert!(
-            admission
-                .admit("i-a")
-                .unwrap_err()
+            refusal
+                .to_string()
                 .contains("i-a already has its limit of 2")
         );
         let _b1 = admission.admit("i-b").unwrap();
-        assert!(
-            admission
-                .admit("i-c")
-                .unwrap_err()
-                .contains("limit of 3 sessions")
-        );
+        let refusal = admission.admit("i-c").unwrap_err();
+        assert_eq!(refusal, Refusal::BridgeFull(3));
+        assert_eq!(refusal.metric_label(), "limit_total");
+        assert!(refusal.to_string().contains("limit of 3 sessions"));
         drop(a1);
         assert!(admission.admit("i-c").is_ok());
     }

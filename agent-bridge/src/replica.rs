@@ -22,8 +22,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use tracing::{info, warn};
 
-use crate::driver::control::ControlPlane;
-use crate::ssm::SdkControlPlane;
+use crate::ssm::{ControlPlane, SdkControlPlane};
 
 /// How a marked reason starts.
 const PREFIX: &str = "fleet-access bridge ";

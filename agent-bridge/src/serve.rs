@@ -21,8 +21,8 @@ use tracing::{info, warn};
 
 use crate::{
     admin::Readiness,
-    driver::control::ControlPlane,
     listener::{Limits, Listeners, endpoints},
+    ssm::ControlPlane,
 };
 
 /// Where and how `serve` runs.

@@ -14,13 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    driver::{
-        DriverConfig, DriverError, Outcome, Tunnel,
-        control::{ControlPlane, ControlPlaneError, StartSessionRequest},
-        signing::UpgradeSigner,
-    },
+    driver::{DriverConfig, DriverError, Outcome, Tunnel, signing::UpgradeSigner},
     metrics::{self, Metrics},
     protocol::{CloseCause, Stats},
+    ssm::{ControlPlane, ControlPlaneError, StartSessionRequest},
 };
 
 /// What every session of a bridge shares.

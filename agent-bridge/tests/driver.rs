@@ -13,9 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fleet_access_agent_bridge::driver::control::{
-    ControlPlane, ControlPlaneError, Resumed, StartSessionRequest, StreamTarget,
-};
 use fleet_access_agent_bridge::driver::signing::{SignedHeaders, SigningError, UpgradeSigner};
 use fleet_access_agent_bridge::driver::{DriverConfig, DriverError, Outcome, Tunnel};
 use fleet_access_agent_bridge::protocol::handshake::AcknowledgeContent;
@@ -23,6 +20,9 @@ use fleet_access_agent_bridge::protocol::message::{self, FLAG_FIN, FLAG_SYN};
 use fleet_access_agent_bridge::protocol::smux::{self, Command, Frame};
 use fleet_access_agent_bridge::protocol::{
     ClientMessage, CloseCause, ForwardingMode, MessageType, PayloadType, PortFlag,
+};
+use fleet_access_agent_bridge::ssm::{
+    ControlPlane, ControlPlaneError, Resumed, StartSessionRequest, StreamTarget,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};

@@ -15,11 +15,11 @@ use std::{
 
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
-    driver::control::StartSessionRequest,
     listener::Limits,
     metrics::Metrics,
     serve::{self, ServeConfig},
     ssm::SdkControlPlane,
+    ssm::StartSessionRequest,
     stream_url::StreamUrls,
     tunnel::SessionContext,
 };

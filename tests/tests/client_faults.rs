@@ -16,12 +16,9 @@ use std::{
     time::Duration,
 };
 
-use fleet_access_agent_bridge::driver::{
-    DriverConfig, Tunnel,
-    control::{ControlPlane, StartSessionRequest},
-};
+use fleet_access_agent_bridge::driver::{DriverConfig, Tunnel};
 use fleet_access_agent_bridge::protocol::Stats;
-use fleet_access_agent_bridge::ssm::SdkControlPlane;
+use fleet_access_agent_bridge::ssm::{ControlPlane, SdkControlPlane, StartSessionRequest};
 use fleet_access_agent_bridge::stream_url::StreamUrls;
 use fleet_access_ssm_emulator::{
     Config, Emulator, Faults, InstanceConfig, Mode, Running, SessionReport, unobserved_faults,

@@ -16,7 +16,6 @@
 //!                        ResumeSession + dial ◄── lost ws
 //! ```
 
-pub mod control;
 pub mod pacer;
 pub mod signing;
 
@@ -45,7 +44,7 @@ use crate::protocol::{
     CloseCause, Event, ForwardingMode, HandshakeInfo, Session, SessionError, Stats,
 };
 
-use control::{ControlPlane, ControlPlaneError, StreamTarget};
+use crate::ssm::{ControlPlane, ControlPlaneError, StreamTarget};
 use pacer::Pacer;
 use signing::{SigningError, UpgradeSigner, is_presigned};
 
@@ -149,14 +148,14 @@ pub enum DriverError {
     Signing(#[from] SigningError),
     /// A dial failed (TCP, TLS, upgrade, or the open message).
     #[error("connecting to the data channel failed: {0}")]
-    Connect(String),
+    Connect(#[source] ConnectError),
     /// The gateway's TLS certificate was refused. Not retried: another dial would meet the
     /// same certificate.
     #[error(
         "the data channel's TLS certificate was refused ({0}): check the trusted root \
          certificates (SSL_CERT_FILE, SSL_CERT_DIR) and the stream URL's host"
     )]
-    CertificateRefused(String),
+    CertificateRefused(#[source] rustls::Error),
     /// ResumeSession returned no token: the session expired; start a new one.
     #[error("session {0} expired (ResumeSession returned no token)")]
     SessionExpired(String),
@@ -172,8 +171,43 @@ pub enum DriverError {
         /// Attempts made.
         attempts: u32,
         /// The last failure.
-        last_error: String,
+        #[source]
+        last_error: Box<DriverError>,
     },
+}
+
+/// Why a dial of the data channel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The stream URL or a signed header does not make a valid upgrade request.
+    #[error("invalid upgrade request: {0}")]
+    InvalidRequest(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A step took longer than its timeout.
+    #[error("{0} timed out")]
+    TimedOut(&'static str),
+    /// TCP, TLS, the HTTP upgrade or a WebSocket write failed.
+    #[error(transparent)]
+    WebSocket(#[from] tungstenite::Error),
+    /// No TLS client could be configured for `wss://`.
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+}
+
+impl From<ConnectError> for DriverError {
+    fn from(error: ConnectError) -> Self {
+        DriverError::Connect(error)
+    }
+}
+
+/// The TLS client configuration for `wss://` could not be built.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// Not one root certificate could be loaded.
+    #[error("no root certificates could be loaded for TLS (see SSL_CERT_FILE)")]
+    NoRootCertificates,
+    /// rustls refused the configuration.
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
 }
 
 /// How a tunnel ended at the protocol level.
@@ -338,16 +372,14 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             }
             _ => Vec::new(),
         };
-        let mut request = target
-            .stream_url
-            .as_str()
+        let invalid = |e: Box<dyn std::error::Error + Send + Sync>| ConnectError::InvalidRequest(e);
+        let mut request = (target.stream_url.as_str())
             .into_client_request()
-            .map_err(|e| DriverError::Connect(e.to_string()))?;
+            .map_err(|e| invalid(e.into()))?;
         for (name, value) in headers {
-            let name = http::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|e| DriverError::Connect(e.to_string()))?;
-            let value = http::HeaderValue::from_str(&value)
-                .map_err(|e| DriverError::Connect(e.to_string()))?;
+            let name =
+                http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| invalid(e.into()))?;
+            let value = http::HeaderValue::from_str(&value).map_err(|e| invalid(e.into()))?;
             request.headers_mut().insert(name, value);
         }
         let connector = if target.stream_url.starts_with("wss:") {
@@ -368,7 +400,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
         );
         let (mut ws, _response) = tokio::time::timeout(self.config.connect_timeout, connect)
             .await
-            .map_err(|_| DriverError::Connect("timed out".into()))?
+            .map_err(|_| ConnectError::TimedOut("dialling the data channel"))?
             .map_err(dial_error)?;
         let open = OpenDataChannel::new(
             &target.token_value,
@@ -380,8 +412,8 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             ws.send(Message::text(open.to_json())),
         )
         .await
-        .map_err(|_| DriverError::Connect("sending the open message timed out".into()))?
-        .map_err(|e| DriverError::Connect(e.to_string()))?;
+        .map_err(|_| ConnectError::TimedOut("sending the open message"))?
+        .map_err(ConnectError::WebSocket)?;
         info!(session_id = %target.session_id, "data channel open");
         Ok(ws)
     }
@@ -404,7 +436,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             let error = match self.control.resume_session(&target.session_id).await {
                 Ok(None) => return Err(DriverError::SessionExpired(target.session_id.clone())),
                 Err(e) if !e.retryable => return Err(e.into()),
-                Err(e) => e.to_string(),
+                Err(e) => DriverError::ControlPlane(e),
                 Ok(Some(resumed)) => {
                     if let Some(url) = resumed.stream_url {
                         target.stream_url = url;
@@ -417,7 +449,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
                             return Ok(ws);
                         }
                         Err(e @ DriverError::CertificateRefused(_)) => return Err(e),
-                        Err(e) => e.to_string(),
+                        Err(e) => e,
                     }
                 }
             };
@@ -425,7 +457,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             if started.elapsed() + backoff > self.config.reconnect_budget {
                 return Err(DriverError::ReconnectBudgetExhausted {
                     attempts,
-                    last_error: error,
+                    last_error: Box::new(error),
                 });
             }
             tokio::time::sleep(backoff).await;
@@ -606,12 +638,11 @@ where
     }
 
     /// One WebSocket write, bounded by [`DriverConfig::send_timeout`].
-    async fn send_ws(&mut self, message: Message) -> Result<(), String> {
-        match tokio::time::timeout(self.tunnel.config.send_timeout, self.ws.send(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("WebSocket write timed out".to_owned()),
-        }
+    async fn send_ws(&mut self, message: Message) -> Result<(), ConnectError> {
+        tokio::time::timeout(self.tunnel.config.send_timeout, self.ws.send(message))
+            .await
+            .map_err(|_| ConnectError::TimedOut("a WebSocket write"))?
+            .map_err(ConnectError::WebSocket)
     }
 
     fn accepting(&self) -> bool {
@@ -868,7 +899,7 @@ where
     }
 }
 
-/// A failed WebSocket dial: a refused certificate apart (it is not retried), the rest as text.
+/// A failed WebSocket dial: a refused certificate apart (it is not retried).
 fn dial_error(error: tungstenite::Error) -> DriverError {
     if let tungstenite::Error::Io(io) = &error
         && let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
@@ -877,24 +908,22 @@ fn dial_error(error: tungstenite::Error) -> DriverError {
             rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
         )
     {
-        return DriverError::CertificateRefused(tls.to_string());
+        return DriverError::CertificateRefused(tls.clone());
     }
-    DriverError::Connect(error.to_string())
+    DriverError::Connect(ConnectError::WebSocket(error))
 }
 
 /// The TLS client configuration for `wss://` stream URLs: the system's root certificates
 /// (`SSL_CERT_FILE` and `SSL_CERT_DIR` replace them), loaded once per process. Certificates
 /// that cannot be loaded or parsed are reported once; none at all is an error at every dial.
 fn tls_config() -> Result<Arc<rustls::ClientConfig>, DriverError> {
-    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
+    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, TlsSetupError>> =
         std::sync::OnceLock::new();
-    CONFIG
-        .get_or_init(build_tls_config)
-        .clone()
-        .map_err(DriverError::Connect)
+    let config = CONFIG.get_or_init(build_tls_config).clone();
+    Ok(config.map_err(ConnectError::Tls)?)
 }
 
-fn build_tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+fn build_tls_config() -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
     let loaded = rustls_native_certs::load_native_certs();
     for error in &loaded.errors {
         warn!(%error, "a root certificate could not be loaded");
@@ -908,12 +937,11 @@ fn build_tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
         );
     }
     if added == 0 {
-        return Err("no root certificates could be loaded for TLS (see SSL_CERT_FILE)".into());
+        return Err(TlsSetupError::NoRootCertificates);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))

@@ -1,6 +1,11 @@
-//! The SSM control-plane calls the driver needs (StartSession, ResumeSession,
-//! TerminateSession), behind a small trait so the driver can be tested against a scripted
-//! peer. The aws-sdk-ssm implementation lives elsewhere; this module has no AWS dependency.
+//! The SSM control plane: the calls a session needs (StartSession, ResumeSession,
+//! TerminateSession) as a small trait in domain verbs, so the driver can be tested against a
+//! scripted peer, and (`sdk`) their implementation over aws-sdk-ssm, the only module that imports
+//! the SDK.
+
+pub mod sdk;
+
+pub use sdk::SdkControlPlane;
 
 use std::collections::BTreeMap;
 use std::future::Future;

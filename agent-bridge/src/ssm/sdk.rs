@@ -1,7 +1,7 @@
 //! The SSM control plane over aws-sdk-ssm: StartSession, ResumeSession and TerminateSession
 //! for the driver, DescribeInstanceInformation to explain failures, and DescribeSessions for
-//! the sweep of dead replicas' sessions. The only module that
-//! imports the SDK. Errors become messages a person can act on.
+//! the sweep of dead replicas' sessions. The only module that imports the SDK. Errors become
+//! messages a person can act on.
 
 use std::collections::HashMap;
 
@@ -11,9 +11,7 @@ use aws_sdk_ssm::{
     types::{InstanceInformationStringFilter, SessionState},
 };
 
-use crate::driver::control::{
-    ControlPlane, ControlPlaneError, Resumed, StartSessionRequest, StreamTarget,
-};
+use crate::ssm::{ControlPlane, ControlPlaneError, Resumed, StartSessionRequest, StreamTarget};
 use crate::stream_url::StreamUrls;
 use fleet_access_crds::agent_version;
 
