@@ -229,7 +229,9 @@ impl<C: ControlPlane + 'static> Listeners<C> {
                         listen = endpoint.listen_port,
                         "opening endpoint"
                     );
-                    let removed = CancellationToken::new();
+                    // Cancelled by the endpoint's removal or, through its parent, at the end
+                    // of the grace period; each tunnel's token is a child of it.
+                    let removed = self.terminate.child_token();
                     self.tasks.spawn(accept_loop(
                         listener,
                         endpoint.clone(),
@@ -237,7 +239,6 @@ impl<C: ControlPlane + 'static> Listeners<C> {
                         self.admission.clone(),
                         self.draining.clone(),
                         removed.clone(),
-                        self.terminate.clone(),
                         self.tasks.clone(),
                     ));
                     self.running.insert(
@@ -278,7 +279,6 @@ impl<C: ControlPlane + 'static> Listeners<C> {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // one call site; each token has its own job
 async fn accept_loop<C: ControlPlane + 'static>(
     listener: TcpListener,
     endpoint: Endpoint,
@@ -286,7 +286,6 @@ async fn accept_loop<C: ControlPlane + 'static>(
     admission: Arc<Admission>,
     draining: CancellationToken,
     removed: CancellationToken,
-    terminate: CancellationToken,
     tasks: TaskTracker,
 ) {
     loop {
@@ -312,8 +311,9 @@ async fn accept_loop<C: ControlPlane + 'static>(
                 continue;
             }
         };
-        // Either the endpoint's removal or the end of the grace period stops the tunnel.
-        let stop = CancellationToken::new();
+        // Either the endpoint's removal or the end of the grace period (its parents) stops the
+        // tunnel, as does a timeout of the tunnel itself.
+        let stop = removed.child_token();
         // `carry` fills in the session ID once StartSession returns.
         let span = info_span!(
             "tunnel",
@@ -323,29 +323,13 @@ async fn accept_loop<C: ControlPlane + 'static>(
             session_id = tracing::field::Empty,
         );
         let (context, endpoint_for_task) = (context.clone(), endpoint.clone());
-        let (removed, terminate) = (removed.clone(), terminate.clone());
         tasks.spawn(
             async move {
                 let _permits = permits;
-                let watcher = {
-                    let stop = stop.clone();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            () = removed.cancelled() => {}
-                            () = terminate.cancelled() => {}
-                            () = stop.cancelled() => {}
-                        }
-                        stop.cancel();
-                    })
-                };
                 let request = endpoint_for_task.start_request(&context.reason);
-                if let Err(error) =
-                    carry(&context, &request, stream, connected_at, stop.clone()).await
-                {
+                if let Err(error) = carry(&context, &request, stream, connected_at, stop).await {
                     warn!(%error, "connection not carried");
                 }
-                stop.cancel();
-                let _ = watcher.await;
             }
             .instrument(span),
         );
