@@ -336,7 +336,8 @@ pub struct Bridge {
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub ports: Vec<Port>,
 
-    /// Who may connect, as NetworkPolicy peers (pod and namespace selectors). Empty means no
+    /// Who may connect, as NetworkPolicy peers (pod and namespace selectors). A podSelector
+    /// without a namespaceSelector selects pods in the grant's own namespace. Empty means no
     /// in-cluster client may connect.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]

@@ -15,7 +15,9 @@ use fleet_access_crds::{
     names::{InstanceId, TagValue},
     v1alpha1::{self, Principals, Targets},
 };
-use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
+use k8s_openapi::{
+    api::networking::v1::NetworkPolicyPeer, apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde::Serialize;
@@ -686,8 +688,31 @@ fn bridge_grant(
             .map(|(k, v)| (k.clone(), v.to_string()))
             .collect(),
         ports,
-        clients: bridge.clients.clone(),
+        clients: (bridge.clients.iter())
+            .map(|peer| in_namespace(peer, namespace))
+            .collect(),
     })
+}
+
+/// The label every namespace carries with its own name (set by the API server).
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A client peer as the grant means it: a `podSelector` without a `namespaceSelector` selects
+/// pods in the grant's own namespace. (In the NetworkPolicy, which lives in the bridge's
+/// namespace, it would select the bridge namespace's pods instead.) `ipBlock` peers and peers
+/// with a `namespaceSelector` are kept as written.
+fn in_namespace(peer: &NetworkPolicyPeer, namespace: &str) -> NetworkPolicyPeer {
+    let mut peer = peer.clone();
+    if peer.pod_selector.is_some() && peer.namespace_selector.is_none() {
+        peer.namespace_selector = Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                NAMESPACE_NAME_LABEL.to_owned(),
+                namespace.to_owned(),
+            )])),
+            ..LabelSelector::default()
+        });
+    }
+    peer
 }
 
 // === packing statements into policies ===

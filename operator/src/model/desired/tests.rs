@@ -316,3 +316,24 @@ fn rendering_is_deterministic() {
     assert_eq!(a, b);
     assert!(canonical(&compute_default(spec).policies[0].document.0.to_json()).is_ok());
 }
+
+#[test]
+fn a_client_pod_selector_without_a_namespace_means_the_grants_namespace() {
+    let desired = compute_default(
+        "{targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}, bridge: {clients: [\
+         {podSelector: {matchLabels: {app: ansible}}}, \
+         {podSelector: {matchLabels: {app: ci}}, namespaceSelector: {matchLabels: {team: ci}}}, \
+         {namespaceSelector: {matchLabels: {team: ops}}}]}}",
+    );
+    let clients = serde_json::to_value(desired.bridge.expect("bridge").clients).unwrap();
+    assert_eq!(
+        clients,
+        json!([
+            {"podSelector": {"matchLabels": {"app": "ansible"}},
+             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns"}}},
+            {"podSelector": {"matchLabels": {"app": "ci"}},
+             "namespaceSelector": {"matchLabels": {"team": "ci"}}},
+            {"namespaceSelector": {"matchLabels": {"team": "ops"}}},
+        ])
+    );
+}
