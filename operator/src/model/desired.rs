@@ -15,10 +15,10 @@ use fleet_access_crds::{
     names::{InstanceId, TagValue},
     v1alpha1::{self, Principals, Targets},
 };
+use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::{
     api::networking::v1::NetworkPolicyPeer, apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
-use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde::Serialize;
 use serde_json::Value;
@@ -36,6 +36,14 @@ use crate::{
 /// IAM attaches at most 20 managed policies to one user or role (after a quota increase; 10 by
 /// default), so a grant may never need more.
 pub const MAX_POLICIES_PER_PRINCIPAL: usize = 20;
+
+/// The suffix of a grant's shell document's name.
+const SHELL_SUFFIX: &str = "-shell";
+
+/// The suffix of the name of a grant's Port document for `port`.
+fn port_suffix(port: u16) -> String {
+    format!("-port{port}")
+}
 
 /// The AWS state and endpoints one grant stands for.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -271,7 +279,7 @@ pub fn session_documents(grant: &SessionAccess) -> Vec<SessionDocument> {
     if sessions.shell {
         let logging = spec.logging.clone().unwrap_or_default();
         documents.push(SessionDocument {
-            name: naming::grant_object_name(namespace, name, "-shell"),
+            name: naming::grant_object_name(namespace, name, SHELL_SUFFIX),
             session_type: "Standard_Stream",
             content: documents::shell_document(
                 &format!("fleet-access: shell sessions of grant {grant_id}"),
@@ -281,7 +289,7 @@ pub fn session_documents(grant: &SessionAccess) -> Vec<SessionDocument> {
     }
     for port in &sessions.ports {
         documents.push(SessionDocument {
-            name: naming::grant_object_name(namespace, name, &format!("-port{port}")),
+            name: naming::grant_object_name(namespace, name, &port_suffix(port.0)),
             session_type: "Port",
             content: documents::port_document(
                 &format!("fleet-access: forwarding to port {port} only, grant {grant_id}"),
@@ -567,6 +575,8 @@ fn deny_statements(
     const START: &[&str] = &["ssm:StartSession"];
     let targets = &spec.targets;
     if targets.all_instances {
+        // Every document that starts a session of a denied kind: AWS's, the account's, and
+        // every grant's own (their names end in the kind's suffix, shortened or not).
         let sessions = spec.sessions.clone().unwrap_or_default();
         let mut documents = Vec::new();
         if sessions.ssh {
@@ -574,7 +584,9 @@ fn deny_statements(
         }
         if sessions.shell {
             documents.push(arns.own_document(documents::ACCOUNT_SHELL_DOCUMENT));
+            documents.push(arns.own_document(&naming::any_grant_object_name(SHELL_SUFFIX)));
         }
+        // (Validation refuses a Deny of single ports: AWS's forwarding documents take any.)
         return vec![
             Statement::new(
                 "DenyStartSessionWithDocuments",
@@ -641,7 +653,7 @@ fn bridge_grant(
                     port_parameter: Some(22),
                 }
             } else {
-                let document = naming::grant_object_name(namespace, name, &format!("-port{port}"));
+                let document = naming::grant_object_name(namespace, name, &port_suffix(port.0));
                 BridgePort {
                     port: port.0,
                     document,

@@ -43,6 +43,12 @@ pub fn policy_arn(partition: &str, account: &str, name: &str) -> String {
     format!("arn:{partition}:iam::{account}:policy{POLICY_PATH}{name}")
 }
 
+/// An IAM resource pattern that matches the name of every grant's object ending in `suffix`
+/// ([`grant_object_name`] keeps the suffix when it shortens a name).
+pub fn any_grant_object_name(suffix: &str) -> String {
+    format!("{NAME_PREFIX}.*{suffix}")
+}
+
 /// The owner tag's value for a grant.
 pub fn owner_tag_value(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")

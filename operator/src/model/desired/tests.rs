@@ -201,17 +201,50 @@ fn deny_on_instances_denies_every_session_to_them() {
 }
 
 #[test]
-fn deny_shell_everywhere_denies_the_account_shell_document() {
+fn deny_shell_everywhere_denies_the_account_and_every_grants_shell_document() {
     let desired = compute_default(
         "{effect: Deny, principals: {users: [u]}, targets: {allInstances: true}, sessions: {shell: true, ssh: true}}",
     );
+    let all = statements(&desired);
+    let denied = &statement(&all, "DenyStartSessionWithDocuments")["Resource"];
     assert_eq!(
-        statement(&statements(&desired), "DenyStartSessionWithDocuments")["Resource"],
-        json!([
+        denied,
+        &json!([
             "arn:aws:ssm:*:*:document/AWS-StartSSHSession",
-            "arn:aws:ssm:*:*:document/SSM-SessionManagerRunShell"
+            "arn:aws:ssm:*:*:document/SSM-SessionManagerRunShell",
+            "arn:aws:ssm:*:*:document/fleet-access.*-shell"
         ])
     );
+    // Every grant's shell document matches the pattern, a shortened name too.
+    let pattern = denied[2].as_str().unwrap();
+    let shell_grant =
+        grant("{principals: {users: [u]}, targets: {allInstances: true}, sessions: {shell: true}}");
+    let mut names: Vec<String> = session_documents(&shell_grant)
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    names.push(naming::grant_object_name(
+        "ns",
+        &"n".repeat(200),
+        SHELL_SUFFIX,
+    ));
+    for name in names {
+        let arn = format!("arn:aws:ssm:eu-west-1:123456789012:document/{name}");
+        assert!(iam_matches(pattern, &arn), "{arn} escapes {pattern}");
+    }
+}
+
+/// IAM's matching of a resource pattern: `*` any run of characters, `?` one.
+fn iam_matches(pattern: &str, text: &str) -> bool {
+    fn matches(p: &[u8], t: &[u8]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some((b'*', rest)) => (0..=t.len()).any(|i| matches(rest, &t[i..])),
+            Some((b'?', rest)) => !t.is_empty() && matches(rest, &t[1..]),
+            Some((c, rest)) => t.first() == Some(c) && matches(rest, &t[1..]),
+        }
+    }
+    matches(pattern.as_bytes(), text.as_bytes())
 }
 
 #[test]
