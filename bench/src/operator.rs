@@ -575,6 +575,7 @@ impl Bench<'_> {
     async fn remove_documents(&self, namespace: &str, count: usize) -> anyhow::Result<usize> {
         let names = (0..count).map(|k| {
             fleet_access_operator::model::naming::grant_object_name(
+                fleet_access_operator::settings::DEFAULT_CLUSTER,
                 namespace,
                 &grant_name(k),
                 &format!("-port{GRANT_PORT}"),

@@ -110,6 +110,15 @@ struct AwsArgs {
         default_value = "fleet-access"
     )]
     bridge_namespace: String,
+    /// This cluster's name, part of the names and owner tags of everything the operator creates
+    /// in AWS. Clusters that share an AWS account must have different names.
+    #[arg(
+        long,
+        env = "FLEET_ACCESS_CLUSTER_NAME",
+        default_value = crate::settings::DEFAULT_CLUSTER,
+        value_parser = parse_cluster
+    )]
+    cluster_name: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -126,6 +135,14 @@ fn parse_account(value: &str) -> std::result::Result<String, String> {
     }
 }
 
+fn parse_cluster(value: &str) -> std::result::Result<String, String> {
+    if crate::settings::valid_cluster_name(value) {
+        Ok(value.to_owned())
+    } else {
+        Err("a cluster name is 1 to 40 lowercase letters, digits and hyphens, starting and ending with a letter or digit".into())
+    }
+}
+
 impl AwsArgs {
     fn into_settings(self) -> Settings {
         let AwsArgs {
@@ -134,6 +151,7 @@ impl AwsArgs {
             partition,
             bridge_role,
             bridge_namespace,
+            cluster_name,
         } = self;
         Settings {
             partition,
@@ -141,6 +159,7 @@ impl AwsArgs {
             region,
             bridge_role: Some(bridge_role),
             bridge_namespace,
+            cluster: cluster_name,
         }
     }
 }

@@ -1,6 +1,21 @@
 //! Operator settings that shape the desired AWS state: where the grants apply (partition,
 //! account, Region) and the agent bridge's identity and namespace.
 
+/// The cluster name when none is set (the bridge's default too).
+pub const DEFAULT_CLUSTER: &str = "default";
+
+/// Whether `name` can name a cluster: 1 to 40 lowercase letters, digits and hyphens, starting
+/// and ending with a letter or digit (it becomes part of IAM and SSM names).
+pub fn valid_cluster_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let inner = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
+    let edge = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    (1..=40).contains(&bytes.len())
+        && bytes.iter().all(inner)
+        && edge(bytes.first())
+        && edge(bytes.last())
+}
+
 /// Where and for whom the operator renders grants.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -14,6 +29,10 @@ pub struct Settings {
     pub bridge_role: Option<String>,
     /// The namespace the bridge runs in, where endpoint Services live.
     pub bridge_namespace: String,
+    /// This cluster's name, in the names and owner tags of what the operator creates in AWS:
+    /// operators of clusters that share an account must have different names, so that none
+    /// adopts, changes or deletes another's objects.
+    pub cluster: String,
 }
 
 impl Default for Settings {
@@ -24,6 +43,7 @@ impl Default for Settings {
             region: None,
             bridge_role: Some("fleet-access-bridge".into()),
             bridge_namespace: "fleet-access".into(),
+            cluster: DEFAULT_CLUSTER.into(),
         }
     }
 }

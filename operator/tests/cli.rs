@@ -58,7 +58,7 @@ fn plan_text_uses_the_account_and_region() {
         "{text}"
     );
     assert!(
-        text.contains("fleet-access.ops.classic-allow-ssh -> user ssh-user"),
+        text.contains("fleet-access.default.ops.classic-allow-ssh -> user ssh-user"),
         "{text}"
     );
 }

@@ -26,6 +26,8 @@ use tokio::sync::oneshot;
 
 const ACCOUNT: &str = "123456789012";
 const REGION: &str = "us-east-1";
+/// The cluster name of the operators under test.
+const CLUSTER: &str = "test";
 /// How long a test waits for the controller to converge before failing.
 const CONVERGE: Duration = Duration::from_secs(90);
 
@@ -105,6 +107,7 @@ impl Harness {
             bridge_role: Some(format!("bridge-{}", namespace.name())),
             // Each test's namespace doubles as its bridge namespace.
             bridge_namespace: namespace.name().to_owned(),
+            cluster: CLUSTER.into(),
         };
         let ctx = Arc::new(Context::new(
             namespace.client(),
@@ -203,7 +206,7 @@ impl Harness {
         format!(
             "arn:aws:iam::{ACCOUNT}:policy{}{}",
             naming::POLICY_PATH,
-            naming::grant_object_name(self.namespace.name(), grant, "")
+            naming::grant_object_name(CLUSTER, self.namespace.name(), grant, "")
         )
     }
 
@@ -347,7 +350,7 @@ impl Harness {
 
     /// The document names the grant's spec derives, with their rendered content.
     fn derived_documents(&self, grant: &SessionAccess) -> Vec<(String, Value)> {
-        desired::session_documents(grant)
+        desired::session_documents(grant, CLUSTER)
             .into_iter()
             .map(|d| (d.name, d.content))
             .collect()
@@ -391,7 +394,7 @@ impl Harness {
     /// The operator's policies of this test's namespace (by their derived names), from every
     /// page of the listing (moto holds the policies of every test of the run).
     async fn policies_in_namespace(&self) -> Vec<String> {
-        let prefix = naming::grant_object_name(self.namespace.name(), "", "");
+        let prefix = naming::grant_object_name(CLUSTER, self.namespace.name(), "", "");
         let listed = fleet_access_tests::moto::policies_under(&self.iam, naming::POLICY_PATH)
             .await
             .expect("ListPolicies");
@@ -494,8 +497,8 @@ async fn create_update_and_delete_follow_the_grant() {
     assert!(grant.finalizers().iter().any(|f| f == reconcile::FINALIZER));
 
     // Shell and a port: the grant's documents appear.
-    let shell = naming::grant_object_name(h.namespace.name(), "web", "-shell");
-    let port = naming::grant_object_name(h.namespace.name(), "web", "-port5432");
+    let shell = naming::grant_object_name(CLUSTER, h.namespace.name(), "web", "-shell");
+    let port = naming::grant_object_name(CLUSTER, h.namespace.name(), "web", "-port5432");
     h.set_spec(
         "web",
         json!({
@@ -779,7 +782,7 @@ async fn a_same_named_policy_without_the_owner_tag_is_not_adopted() {
     let h = Harness::start("op-foreign", Duration::from_secs(300)).await;
     let erin = h.unique("erin");
     h.user(&erin).await;
-    let name = naming::grant_object_name(h.namespace.name(), "taken", "");
+    let name = naming::grant_object_name(CLUSTER, h.namespace.name(), "taken", "");
     let foreign = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
         "Action": "ssm:DescribeSessions", "Resource": "*"}]});
     h.iam
@@ -1518,10 +1521,10 @@ async fn a_same_named_document_is_adopted_only_with_the_grants_tag() {
     });
     let by_hand = json!({"schemaVersion": "1.0", "description": "made by hand",
         "sessionType": "Standard_Stream", "inputs": {"idleSessionTimeout": "35"}});
-    let taken = naming::grant_object_name(h.namespace.name(), "taken", "-shell");
-    let mine = naming::grant_object_name(h.namespace.name(), "mine", "-shell");
+    let taken = naming::grant_object_name(CLUSTER, h.namespace.name(), "taken", "-shell");
+    let mine = naming::grant_object_name(CLUSTER, h.namespace.name(), "mine", "-shell");
     h.create_document(&taken, &by_hand, None).await;
-    let owner = naming::owner_tag_value(h.namespace.name(), "mine");
+    let owner = naming::owner_tag_value(CLUSTER, h.namespace.name(), "mine");
     h.create_document(&mine, &by_hand, Some(&owner)).await;
 
     h.create("taken", spec.clone()).await;
@@ -1571,5 +1574,115 @@ async fn a_same_named_document_is_adopted_only_with_the_grants_tag() {
         .send()
         .await
         .expect("test cleanup");
+    h.stop().await;
+}
+
+/// Two clusters share the AWS account, and both have a grant `web` in a namespace of the same
+/// name: the other cluster's operator has synced it (its policy attached to the same user, its
+/// shell document), as this operator would under the other cluster's name. This operator
+/// creates, changes and deletes only its own objects: the other's stay as they were.
+#[tokio::test]
+async fn another_clusters_objects_of_the_same_grant_are_never_touched() {
+    let h = Harness::start("op-clusters", Duration::from_secs(300)).await;
+    let judy = h.unique("judy");
+    h.user(&judy).await;
+    let namespace = h.namespace.name();
+    let theirs = naming::owner_tag_value("other", namespace, "web");
+    let their_policy = naming::grant_object_name("other", namespace, "web", "");
+    let their_shell = naming::grant_object_name("other", namespace, "web", "-shell");
+    let their_document = json!({"Version": "2012-10-17", "Statement": [{"Sid": "TheirOwn",
+        "Effect": "Allow", "Action": "ssm:StartSession", "Resource": "*"}]});
+    let created = h
+        .iam
+        .create_policy()
+        .policy_name(&their_policy)
+        .path(naming::POLICY_PATH)
+        .policy_document(their_document.to_string())
+        .tags(
+            aws_sdk_iam::types::Tag::builder()
+                .key(naming::OWNER_TAG)
+                .value(&theirs)
+                .build()
+                .expect("tag"),
+        )
+        .send()
+        .await
+        .expect("their policy");
+    let their_arn = created
+        .policy()
+        .and_then(|p| p.arn())
+        .expect("arn")
+        .to_owned();
+    h.iam
+        .attach_user_policy()
+        .user_name(&judy)
+        .policy_arn(&their_arn)
+        .send()
+        .await
+        .expect("attached");
+    let their_content = json!({"schemaVersion": "1.0", "description": "the other cluster's",
+        "sessionType": "Standard_Stream", "inputs": {"idleSessionTimeout": "20"}});
+    h.create_document(&their_shell, &their_content, Some(&theirs))
+        .await;
+    let untouched = || async {
+        assert_eq!(
+            h.attachments(&their_arn).await,
+            BTreeSet::from([format!("user/{judy}")])
+        );
+        let (document, versions) = h.policy_document(&their_arn).await.expect("their policy");
+        assert!(
+            same_meaning(&document, &their_document.to_string()).unwrap_or(false),
+            "{document}"
+        );
+        assert_eq!(versions, 1, "no version added");
+        assert_eq!(
+            h.document_content(&their_shell).await,
+            Some(their_content.clone())
+        );
+    };
+
+    let spec = |shell: bool| {
+        json!({
+            "principals": {"users": [judy]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ssh": true, "shell": shell},
+        })
+    };
+    let grant = h.create("web", spec(true)).await;
+    h.wait_condition("web", "Ready", "True").await;
+    let ours = h.policy_arn("web");
+    assert_ne!(ours, their_arn);
+    assert_eq!(
+        h.attachments(&ours).await,
+        BTreeSet::from([format!("user/{judy}")])
+    );
+    let [(our_shell, _)] = h
+        .derived_documents(&grant)
+        .try_into()
+        .expect("one document");
+    assert_ne!(our_shell, their_shell);
+    assert!(h.document_exists(&our_shell).await);
+    untouched().await;
+
+    // A spec change removes our shell document, and only ours.
+    h.set_spec("web", spec(false)).await;
+    h.wait_condition("web", "Ready", "True").await;
+    wait_for("our shell document to go", || async {
+        (!h.document_exists(&our_shell).await).then_some(())
+    })
+    .await;
+    untouched().await;
+
+    // Deleting the grant removes everything of ours and nothing of theirs.
+    h.grants
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("the grant to go", || async {
+        h.grants.get_opt("web").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
+    untouched().await;
     h.stop().await;
 }

@@ -6,7 +6,7 @@ use std::{process::Stdio, time::Duration};
 
 use aws_sdk_iam::types::Policy;
 use fleet_access_crds::SessionAccess;
-use fleet_access_operator::model::naming;
+use fleet_access_operator::{model::naming, settings::DEFAULT_CLUSTER};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode};
 use fleet_access_tests::{ControlPlane, Moto, OperatorCommandLine};
 use kube::{
@@ -149,7 +149,7 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
     );
 
     // Exactly one policy per grant, one version, attached once; one shell document per grant.
-    let prefix = format!("{}.{ns}.", naming::NAME_PREFIX);
+    let prefix = naming::grant_object_name(DEFAULT_CLUSTER, &ns, "", "");
     let ours = policies_named(&iam, &prefix).await;
     assert_eq!(ours.len(), GRANTS, "one policy per grant");
     for policy in &ours {

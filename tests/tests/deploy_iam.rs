@@ -535,7 +535,7 @@ fn the_operator_policy_allows_every_call_of_the_operator() {
 fn the_operator_policy_refuses_what_the_operator_does_not_own() {
     let policy = policy("deploy/iam/operator-policy.json");
     let foreign = format!("arn:aws:iam::{ACCOUNT}:policy/AdministratorAccess");
-    let ours = policy_arn("fleet-access.ops.web-1");
+    let ours = policy_arn("fleet-access.default.ops.web-1");
     // Other policies: not readable, changeable or attachable.
     assert_denied(&[&policy], &Request::new("iam:GetPolicy", &foreign));
     assert_denied(
@@ -557,7 +557,7 @@ fn the_operator_policy_refuses_what_the_operator_does_not_own() {
     assert_denied(
         &[&policy],
         &Request::new("iam:CreatePolicy", &ours)
-            .with("aws:RequestTag/fleetaccess.io/grant", &["ops/web"])
+            .with("aws:RequestTag/fleetaccess.io/grant", &["default/ops/web"])
             .with("aws:TagKeys", &["fleetaccess.io/grant", "extra"]),
     );
     // Never to itself.
@@ -579,7 +579,7 @@ fn the_operator_policy_refuses_what_the_operator_does_not_own() {
         &[&policy],
         &Request::new(
             "ssm:DeleteDocument",
-            &document_arn("fleet-access.ops.web-shell"),
+            &document_arn("fleet-access.default.ops.web-shell"),
         ),
     );
     // Tags of documents outside the prefix are not read either.

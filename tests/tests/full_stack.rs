@@ -29,7 +29,10 @@ use fleet_access_crds::{
     SessionAccess,
     bridge_contract::{EndpointAnnotations, bridge_pod_selector, managed_labels},
 };
-use fleet_access_operator::model::naming::{OWNER_TAG, POLICY_PATH, owner_tag_value};
+use fleet_access_operator::{
+    model::naming::{OWNER_TAG, POLICY_PATH, owner_tag_value},
+    settings::DEFAULT_CLUSTER,
+};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
     ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, http_get,
@@ -576,7 +579,7 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
             .then_some(())
     })
     .await;
-    let owner = owner_tag_value(team.name(), GRANT);
+    let owner = owner_tag_value(DEFAULT_CLUSTER, team.name(), GRANT);
     assert_eq!(
         policies_owned_by(&iam, &owner).await,
         Vec::<String>::new(),

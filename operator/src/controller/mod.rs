@@ -104,6 +104,15 @@ impl Context {
         naming::policy_arn(&self.settings.partition, &self.account, name)
     }
 
+    /// Where the operator's AWS objects live: partition, account and cluster name.
+    pub fn scope(&self) -> (&str, &str, &str) {
+        (
+            &self.settings.partition,
+            &self.account,
+            &self.settings.cluster,
+        )
+    }
+
     /// Counts one more failure in a row for `key`; returns how many there are now.
     pub(crate) fn count_failure(&self, key: &str) -> u32 {
         let Ok(mut failures) = self.failures.lock() else {

@@ -133,7 +133,7 @@ pub async fn run(
 /// Reconciles one grant.
 pub async fn reconcile(grant: Arc<SessionAccess>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_else(|| "default".into());
-    let grant_key = grant_id(&grant);
+    let key = grant_key(&grant);
     let api: Api<SessionAccess> = Api::namespaced(ctx.client.clone(), &namespace);
     let timer = (ctx.metrics.reconcile_duration)
         .with_label_values(&["SessionAccess"])
@@ -148,7 +148,7 @@ pub async fn reconcile(grant: Arc<SessionAccess>, ctx: Arc<Context>) -> Result<A
     .map_err(|e| Error::Finalizer(Box::new(e)));
     timer.observe_duration();
     if result.is_ok() {
-        ctx.forget_failures(&failure_key("SessionAccess", &grant_key));
+        ctx.forget_failures(&failure_key("SessionAccess", &key));
     }
     result
 }
@@ -158,22 +158,31 @@ pub fn error_policy(grant: Arc<SessionAccess>, error: &Error, ctx: Arc<Context>)
     (ctx.metrics.reconcile_errors)
         .with_label_values(&[error.metric_label()])
         .inc();
-    let key = failure_key("SessionAccess", &grant_id(&grant));
+    let key = failure_key("SessionAccess", &grant_key(&grant));
     let pause = retry_pause(ctx.count_failure(&key));
     tracing::warn!(grant = %grant.name_any(), %error, retry_in = ?pause, "reconcile failed");
     Action::requeue(pause)
 }
 
-/// `<namespace>/<name>`: the owner tag's value and the key of the grant's metrics.
-fn grant_id(grant: &SessionAccess) -> String {
+/// `<namespace>/<name>`: how the grant's endpoints and metrics name it.
+fn grant_key(grant: &SessionAccess) -> String {
+    naming::grant_key(
+        &grant.namespace().unwrap_or_else(|| "default".into()),
+        &grant.name_any(),
+    )
+}
+
+/// `<cluster>/<namespace>/<name>`: the owner tag of the grant's AWS objects.
+fn aws_owner(grant: &SessionAccess, ctx: &Context) -> String {
     naming::owner_tag_value(
+        &ctx.settings.cluster,
         &grant.namespace().unwrap_or_else(|| "default".into()),
         &grant.name_any(),
     )
 }
 
 async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -> Result<Action> {
-    let id = grant_id(grant);
+    let (key, owner) = (grant_key(grant), aws_owner(grant, ctx));
     let now = Timestamp::now();
     let previous = grant.status.as_ref();
     let desired = match desired::compute(grant, &ctx.settings) {
@@ -191,13 +200,13 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
                 target_list: Vec::new(),
             };
             write_status(api, grant, &seen).await?;
-            ctx.set_state(&id, Some("failed"));
+            ctx.set_state(&key, Some("failed"));
             return Ok(Action::await_change());
         }
     };
     let expired = desired.expired(now);
     ctx.set_expiry(grant, desired.expires_at);
-    let applier = Applier::new(ctx, grant.object_ref(&()), &id);
+    let applier = Applier::new(ctx, grant.object_ref(&()), &owner);
 
     let found = observe::instances(&desired.targets, ctx).await;
     let bridge_namespace = desired
@@ -222,16 +231,10 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         true => (Vec::new(), Vec::new()),
         false => plan::wanted(&desired, &ctx.settings.partition, &ctx.account),
     };
-    let known = plan::known_objects(
-        grant,
-        Some(&desired),
-        &ctx.settings.partition,
-        &ctx.account,
-        Moment::Living,
-    );
+    let known = plan::known_objects(grant, Some(&desired), ctx.scope(), Moment::Living);
     let synced = sync_aws(
         &applier,
-        &id,
+        &owner,
         &wanted_policies,
         &wanted_documents,
         &known,
@@ -269,7 +272,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
 
     let resolved: Vec<String> = target_list.iter().map(|t| t.instance_id.clone()).collect();
     let wanted_endpoints = WantedEndpoints::of(&desired, &resolved, expired);
-    let synced = sync_endpoints(&applier, &id, &wanted_endpoints, ctx).await;
+    let synced = sync_endpoints(&applier, &key, &wanted_endpoints, ctx).await;
     let bridge = match (&desired.bridge, synced) {
         _ if expired => EndpointsState::Removed,
         (None, Ok(())) => EndpointsState::NotRequested,
@@ -292,7 +295,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         target_list,
     };
     let written = write_status(api, grant, &seen).await?;
-    ctx.set_state(&id, Some(state_label(expired, &written)));
+    ctx.set_state(&key, Some(state_label(expired, &written)));
     next_action(
         failure,
         desired.expires_at.filter(|_| !expired),
@@ -358,11 +361,11 @@ async fn write_status(
 }
 
 async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
-    let id = grant_id(grant);
-    let applier = Applier::new(ctx, grant.object_ref(&()), &id);
-    remove_aws_objects(&applier, grant, &id, ctx).await?;
-    sync_endpoints(&applier, &id, &WantedEndpoints::default(), ctx).await?;
-    ctx.set_state(&id, None);
+    let (key, owner) = (grant_key(grant), aws_owner(grant, ctx));
+    let applier = Applier::new(ctx, grant.object_ref(&()), &owner);
+    remove_aws_objects(&applier, grant, &owner, ctx).await?;
+    sync_endpoints(&applier, &key, &WantedEndpoints::default(), ctx).await?;
+    ctx.set_state(&key, None);
     ctx.set_expiry(grant, None);
     Ok(Action::await_change())
 }
@@ -379,8 +382,7 @@ async fn remove_aws_objects(
     ctx: &Context,
 ) -> Result<()> {
     let desired = desired::compute(grant, &ctx.settings).ok();
-    let (partition, account) = (&ctx.settings.partition, &ctx.account);
-    let known = plan::known_objects(grant, desired.as_ref(), partition, account, Moment::Deleted);
+    let known = plan::known_objects(grant, desired.as_ref(), ctx.scope(), Moment::Deleted);
     sync_aws(applier, owner, &[], &[], &known, ctx).await?;
     Ok(())
 }
@@ -494,18 +496,18 @@ async fn sweep_orphan_documents(
 
 // === bridge endpoints ===
 
-/// Brings the endpoint Services and the grant's NetworkPolicy to `wanted`. Endpoint changes of
+/// Brings the endpoint Services and the NetworkPolicy of grant `key` to `wanted`. Endpoint changes of
 /// all grants are serialized: target ports are allocated across every grant.
 async fn sync_endpoints(
     applier: &Applier<'_>,
-    owner: &str,
+    key: &str,
     wanted: &WantedEndpoints,
     ctx: &Context,
 ) -> Result<()> {
     let _allocation = ctx.endpoints.lock().await;
-    let observed = observe::endpoints(owner, ctx).await?;
+    let observed = observe::endpoints(key, ctx).await?;
     let namespace = &ctx.settings.bridge_namespace;
-    for change in endpoints::endpoint_changes(namespace, owner, wanted, &observed)? {
+    for change in endpoints::endpoint_changes(namespace, key, wanted, &observed)? {
         applier.apply(&change).await?;
     }
     Ok(())

@@ -27,7 +27,7 @@ use crate::{
     Error, Result,
     model::{
         documents::{self, SSH_DOCUMENT},
-        naming,
+        naming::{self, GrantNames},
         policy::{Conditions, Effect, MANAGED_POLICY_MAX_CHARS, PolicyDocument, Statement},
     },
     settings::Settings,
@@ -176,9 +176,14 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
     let arns = Arns { settings };
     let window = window_conditions(spec.window.as_ref());
     let sessions = spec.sessions.clone().unwrap_or_default();
-    let grant_id = naming::owner_tag_value(&namespace, &name);
+    let names = GrantNames {
+        cluster: &settings.cluster,
+        namespace: &namespace,
+        name: &name,
+    };
+    let grant_id = names.owner();
 
-    let documents = session_documents(grant);
+    let documents = session_documents(grant, &settings.cluster);
     let effect = match spec.effect {
         v1alpha1::Effect::Allow => Effect::Allow,
         v1alpha1::Effect::Deny => Effect::Deny,
@@ -206,13 +211,12 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
     let policies = if spec.principals.is_empty() {
         Vec::new()
     } else {
-        pack(&namespace, &name, "", statements)?
+        pack(&names, "", statements)?
     };
 
     let bridge = match &spec.bridge {
         Some(bridge) if bridge.enabled => Some(bridge_grant(
-            &namespace,
-            &name,
+            &names,
             settings,
             &arns,
             &spec.targets,
@@ -265,21 +269,25 @@ fn principal_names(principals: &Principals) -> PrincipalNames {
 /// The session documents a grant stands for (none for a Deny grant). Unlike [`compute`] this
 /// cannot fail, so the documents' names are known even for a grant whose policies cannot be
 /// rendered (the operator looks its documents up by these names).
-pub fn session_documents(grant: &SessionAccess) -> Vec<SessionDocument> {
+pub fn session_documents(grant: &SessionAccess, cluster: &str) -> Vec<SessionDocument> {
     let namespace = grant.namespace().unwrap_or_else(|| "default".into());
     let name = grant.name_any();
     let spec = &grant.spec;
     if spec.effect == v1alpha1::Effect::Deny {
         return Vec::new();
     }
-    let (namespace, name) = (namespace.as_str(), name.as_str());
-    let grant_id = naming::owner_tag_value(namespace, name);
+    let names = GrantNames {
+        cluster,
+        namespace: &namespace,
+        name: &name,
+    };
+    let grant_id = names.owner();
     let sessions = spec.sessions.clone().unwrap_or_default();
     let mut documents = Vec::new();
     if sessions.shell {
         let logging = spec.logging.clone().unwrap_or_default();
         documents.push(SessionDocument {
-            name: naming::grant_object_name(namespace, name, SHELL_SUFFIX),
+            name: names.object(SHELL_SUFFIX),
             session_type: "Standard_Stream",
             content: documents::shell_document(
                 &format!("fleet-access: shell sessions of grant {grant_id}"),
@@ -289,7 +297,7 @@ pub fn session_documents(grant: &SessionAccess) -> Vec<SessionDocument> {
     }
     for port in &sessions.ports {
         documents.push(SessionDocument {
-            name: naming::grant_object_name(namespace, name, &port_suffix(port.0)),
+            name: names.object(&port_suffix(port.0)),
             session_type: "Port",
             content: documents::port_document(
                 &format!("fleet-access: forwarding to port {port} only, grant {grant_id}"),
@@ -631,8 +639,7 @@ fn deny_statements(
 
 #[allow(clippy::too_many_arguments)] // one call site; the arguments are the grant's parts
 fn bridge_grant(
-    namespace: &str,
-    name: &str,
+    names: &GrantNames<'_>,
     settings: &Settings,
     arns: &Arns<'_>,
     targets: &Targets,
@@ -653,7 +660,7 @@ fn bridge_grant(
                     port_parameter: Some(22),
                 }
             } else {
-                let document = naming::grant_object_name(namespace, name, &port_suffix(port.0));
+                let document = names.object(&port_suffix(port.0));
                 BridgePort {
                     port: port.0,
                     document,
@@ -678,7 +685,7 @@ fn bridge_grant(
         "TerminateAndResumeOwnSessionsAsRole",
         window,
     ));
-    let mut policies = pack(namespace, name, "-bridge", statements)?;
+    let mut policies = pack(names, "-bridge", statements)?;
     if policies.len() > 1 {
         return Err(Error::TooManyPolicies {
             needed: policies.len(),
@@ -701,7 +708,7 @@ fn bridge_grant(
             .collect(),
         ports,
         clients: (bridge.clients.iter())
-            .map(|peer| in_namespace(peer, namespace))
+            .map(|peer| in_namespace(peer, names.namespace))
             .collect(),
     })
 }
@@ -732,8 +739,7 @@ fn in_namespace(peer: &NetworkPolicyPeer, namespace: &str) -> NetworkPolicyPeer 
 /// Packs statements into as few managed policies as fit IAM's size quota, splitting the
 /// resource lists of statements too large for one policy. Names are `<base>`, `<base>-2`, ….
 fn pack(
-    namespace: &str,
-    name: &str,
+    names: &GrantNames<'_>,
     suffix: &str,
     statements: Vec<Statement>,
 ) -> Result<Vec<ManagedPolicy>> {
@@ -779,7 +785,7 @@ fn pack(
             };
             let document = PolicyDocument { statements };
             ManagedPolicy {
-                name: naming::grant_object_name(namespace, name, &format!("{suffix}{index}")),
+                name: names.object(&format!("{suffix}{index}")),
                 size: document.size(),
                 document: PolicyDocumentJson(document),
             }

@@ -1,5 +1,6 @@
-//! Names of what the operator creates in AWS, derived from the grant's namespace and name so
-//! that they are stable, unique per grant, and recognisable as the operator's own.
+//! Names of what the operator creates in AWS, derived from the cluster's name and the grant's
+//! namespace and name so that they are stable, unique per grant and cluster (clusters share
+//! accounts), and recognisable as the operator's own.
 //!
 //! IAM policy names allow `[A-Za-z0-9+=,.@_-]` up to 128 characters and SSM document names
 //! `[A-Za-z0-9_.-]` from 3 to 128; Kubernetes names fit both alphabets but not always the
@@ -16,7 +17,7 @@ pub const NAME_PREFIX: &str = "fleet-access";
 pub const POLICY_PATH: &str = "/fleet-access/";
 
 /// The key of the tag that marks an AWS object as owned by a grant; its value is
-/// `<namespace>/<name>`.
+/// `<cluster>/<namespace>/<name>`.
 pub const OWNER_TAG: &str = "fleetaccess.io/grant";
 
 /// Longest name IAM and SSM both accept.
@@ -25,16 +26,39 @@ const MAX_NAME: usize = 128;
 /// Characters of the hash that ends a shortened name.
 const HASH_CHARS: usize = 10;
 
-/// `fleet-access.<namespace>.<name><suffix>`, shortened with a hash when too long.
-pub fn grant_object_name(namespace: &str, name: &str, suffix: &str) -> String {
-    let full = format!("{NAME_PREFIX}.{namespace}.{name}{suffix}");
+/// What one grant's AWS objects are named after.
+#[derive(Clone, Copy, Debug)]
+pub struct GrantNames<'a> {
+    /// The cluster's name.
+    pub cluster: &'a str,
+    /// The grant's namespace.
+    pub namespace: &'a str,
+    /// The grant's name.
+    pub name: &'a str,
+}
+
+impl GrantNames<'_> {
+    /// The name of the grant's object ending in `suffix` ([`grant_object_name`]).
+    pub fn object(&self, suffix: &str) -> String {
+        grant_object_name(self.cluster, self.namespace, self.name, suffix)
+    }
+
+    /// The owner tag's value ([`owner_tag_value`]).
+    pub fn owner(&self) -> String {
+        owner_tag_value(self.cluster, self.namespace, self.name)
+    }
+}
+
+/// `fleet-access.<cluster>.<namespace>.<name><suffix>`, shortened with a hash when too long.
+pub fn grant_object_name(cluster: &str, namespace: &str, name: &str, suffix: &str) -> String {
+    let full = format!("{NAME_PREFIX}.{cluster}.{namespace}.{name}{suffix}");
     if full.len() <= MAX_NAME {
         return full;
     }
     let hash = Sha256::digest(full.as_bytes());
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
     let keep = MAX_NAME - suffix.len() - HASH_CHARS - 1;
-    let head = &format!("{NAME_PREFIX}.{namespace}.{name}")[..keep];
+    let head = &format!("{NAME_PREFIX}.{cluster}.{namespace}.{name}")[..keep];
     format!("{head}-{}{suffix}", &hex[..HASH_CHARS])
 }
 
@@ -49,8 +73,14 @@ pub fn any_grant_object_name(suffix: &str) -> String {
     format!("{NAME_PREFIX}.*{suffix}")
 }
 
-/// The owner tag's value for a grant.
-pub fn owner_tag_value(namespace: &str, name: &str) -> String {
+/// The owner tag's value for a grant of `cluster`.
+pub fn owner_tag_value(cluster: &str, namespace: &str, name: &str) -> String {
+    format!("{cluster}/{namespace}/{name}")
+}
+
+/// A grant's key inside its cluster, `<namespace>/<name>`: how the endpoint Services and
+/// NetworkPolicies (in Kubernetes, where the cluster goes without saying) name their grants.
+pub fn grant_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
@@ -66,9 +96,11 @@ mod tests {
     #[test]
     fn short_names_read_plainly() {
         assert_eq!(
-            grant_object_name("ops", "web", "-1"),
-            "fleet-access.ops.web-1"
+            grant_object_name("prod", "ops", "web", "-1"),
+            "fleet-access.prod.ops.web-1"
         );
+        assert_eq!(owner_tag_value("prod", "ops", "web"), "prod/ops/web");
+        assert_eq!(grant_key("ops", "web"), "ops/web");
     }
 
     #[test]
@@ -79,17 +111,22 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect()
         };
-        assert!(owned_by(&tags(&[(OWNER_TAG, "ops/web")]), "ops/web"));
-        assert!(!owned_by(&tags(&[(OWNER_TAG, "ops/other")]), "ops/web"));
-        assert!(!owned_by(&tags(&[("team", "ops/web")]), "ops/web"));
-        assert!(!owned_by(&tags(&[]), "ops/web"));
+        let mine = "prod/ops/web";
+        assert!(owned_by(&tags(&[(OWNER_TAG, mine)]), mine));
+        assert!(!owned_by(&tags(&[(OWNER_TAG, "prod/ops/other")]), mine));
+        assert!(
+            !owned_by(&tags(&[(OWNER_TAG, "staging/ops/web")]), mine),
+            "another cluster's grant of the same name"
+        );
+        assert!(!owned_by(&tags(&[("team", mine)]), mine));
+        assert!(!owned_by(&tags(&[]), mine));
     }
 
     #[test]
     fn long_names_are_cut_with_a_distinguishing_hash() {
         let long = "a".repeat(200);
-        let a = grant_object_name("ops", &long, "-shell");
-        let b = grant_object_name("ops", &format!("{long}b"), "-shell");
+        let a = grant_object_name("prod", "ops", &long, "-shell");
+        let b = grant_object_name("prod", "ops", &format!("{long}b"), "-shell");
         assert_eq!(a.len(), MAX_NAME);
         assert!(a.ends_with("-shell"));
         assert_ne!(a, b);

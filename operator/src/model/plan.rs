@@ -291,12 +291,11 @@ pub enum Moment {
 }
 
 /// What the grant may own, from its status, its spec and (when it can be computed) its
-/// desired state.
+/// desired state; policy ARNs and document names in `(partition, account, cluster)`.
 pub fn known_objects(
     grant: &SessionAccess,
     desired: Option<&Desired>,
-    partition: &str,
-    account: &str,
+    (partition, account, cluster): (&str, &str, &str),
     moment: Moment,
 ) -> Known {
     let mut policy_arns: BTreeSet<String> = (grant.status.iter())
@@ -315,7 +314,7 @@ pub fn known_objects(
     };
     Known {
         policy_arns,
-        document_names: (desired::session_documents(grant).into_iter())
+        document_names: (desired::session_documents(grant, cluster).into_iter())
             .map(|d| d.name)
             .collect(),
         sweep_documents: !follows_spec,

@@ -5,7 +5,11 @@ use fleet_access_crds::v1alpha1::PolicyStatus;
 use kube::Client;
 
 use super::*;
-use crate::{aws::fake::FakeAws, metrics::Metrics, settings::Settings};
+use crate::{
+    aws::fake::FakeAws,
+    metrics::Metrics,
+    settings::{DEFAULT_CLUSTER, Settings},
+};
 
 /// A context whose Kubernetes client points at a closed loopback port: Events fail (and
 /// are ignored); nothing else here talks to Kubernetes.
@@ -54,10 +58,10 @@ async fn apply_grant(grant: &SessionAccess, ctx: &Context) -> Result<Vec<PolicyS
     let desired = desired::compute(grant, &ctx.settings).expect("desired");
     let (partition, account) = (&ctx.settings.partition, &ctx.account);
     let (policies, documents) = plan::wanted(&desired, partition, account);
-    let known = plan::known_objects(grant, Some(&desired), partition, account, Moment::Living);
-    let id = grant_id(grant);
-    let applier = Applier::new(ctx, grant.object_ref(&()), &id);
-    sync_aws(&applier, &id, &policies, &documents, &known, ctx).await
+    let known = plan::known_objects(grant, Some(&desired), ctx.scope(), Moment::Living);
+    let owner = aws_owner(grant, ctx);
+    let applier = Applier::new(ctx, grant.object_ref(&()), &owner);
+    sync_aws(&applier, &owner, &policies, &documents, &known, ctx).await
 }
 
 /// A grant with a shell document and a port document, at `generation`, without status.
@@ -71,13 +75,13 @@ fn grant_with_documents(generation: i64) -> SessionAccess {
 
 /// Its documents: name → content, as the operator renders them.
 fn rendered_documents(grant: &SessionAccess) -> BTreeMap<String, String> {
-    desired::session_documents(grant)
+    desired::session_documents(grant, DEFAULT_CLUSTER)
         .into_iter()
         .map(|d| (d.name, d.content.to_string()))
         .collect()
 }
 
-const OWNER: &str = "ops/web";
+const OWNER: &str = "default/ops/web";
 
 #[tokio::test(start_paused = true)]
 async fn cleanup_deletes_the_grants_documents_that_every_listing_misses() {
@@ -99,13 +103,20 @@ async fn cleanup_lists_again_until_a_listing_finds_no_orphan_left() {
     // Two documents of ports the grant no longer has; the first listing misses one.
     let grant = grant_with_documents(3);
     let aws = Arc::new(FakeAws::default())
-        .with_document("fleet-access.ops.web-port80", "{}", Some(OWNER))
-        .with_document("fleet-access.ops.web-port81", "{}", Some(OWNER))
-        .missed_by_listings("fleet-access.ops.web-port81", 1)
-        .with_document("fleet-access.ops.other-shell", "{}", Some("ops/other"));
+        .with_document("fleet-access.default.ops.web-port80", "{}", Some(OWNER))
+        .with_document("fleet-access.default.ops.web-port81", "{}", Some(OWNER))
+        .missed_by_listings("fleet-access.default.ops.web-port81", 1)
+        .with_document(
+            "fleet-access.default.ops.other-shell",
+            "{}",
+            Some("default/ops/other"),
+        );
     let ctx = context(aws.clone());
     clean_up(&grant, &ctx).await;
-    assert_eq!(aws.document_names(), vec!["fleet-access.ops.other-shell"]);
+    assert_eq!(
+        aws.document_names(),
+        vec!["fleet-access.default.ops.other-shell"]
+    );
     assert_eq!(
         aws.count("ListDocuments"),
         3,
@@ -115,9 +126,9 @@ async fn cleanup_lists_again_until_a_listing_finds_no_orphan_left() {
 
 /// The AWS part of a cleanup: what `cleanup` removes for `grant`.
 async fn clean_up(grant: &SessionAccess, ctx: &Context) {
-    let id = grant_id(grant);
-    let applier = Applier::new(ctx, grant.object_ref(&()), &id);
-    remove_aws_objects(&applier, grant, &id, ctx)
+    let owner = aws_owner(grant, ctx);
+    let applier = Applier::new(ctx, grant.object_ref(&()), &owner);
+    remove_aws_objects(&applier, grant, &owner, ctx)
         .await
         .expect("removed");
 }
@@ -154,11 +165,18 @@ async fn cleanup_sweeps_when_the_spec_changed_after_its_last_sync() {
     // Synced at 2, the spec changed (3, a port removed), deleted before it synced (4).
     let grant = deleted_grant_synced_at(4, 2);
     let aws = Arc::new(FakeAws::default())
-        .with_document("fleet-access.ops.web-port80", "{}", Some(OWNER))
-        .with_document("fleet-access.ops.other-shell", "{}", Some("ops/other"));
+        .with_document("fleet-access.default.ops.web-port80", "{}", Some(OWNER))
+        .with_document(
+            "fleet-access.default.ops.other-shell",
+            "{}",
+            Some("default/ops/other"),
+        );
     let ctx = context(aws.clone());
     clean_up(&grant, &ctx).await;
-    assert_eq!(aws.document_names(), vec!["fleet-access.ops.other-shell"]);
+    assert_eq!(
+        aws.document_names(),
+        vec!["fleet-access.default.ops.other-shell"]
+    );
     assert_eq!(
         aws.count("ListDocuments"),
         2,
@@ -169,10 +187,14 @@ async fn cleanup_sweeps_when_the_spec_changed_after_its_last_sync() {
 #[tokio::test(start_paused = true)]
 async fn cleanup_leaves_a_foreign_document_under_the_grants_name() {
     let grant = grant_with_documents(1);
-    let shell = "fleet-access.ops.web-shell";
+    let shell = "fleet-access.default.ops.web-shell";
     let aws = Arc::new(FakeAws::default())
         .with_document(shell, "{}", None)
-        .with_document("fleet-access.ops.web-port5432", "{}", Some("ops/other"));
+        .with_document(
+            "fleet-access.default.ops.web-port5432",
+            "{}",
+            Some("default/ops/other"),
+        );
     let ctx = context(aws.clone());
     clean_up(&grant, &ctx).await;
     assert_eq!(aws.document_names().len(), 2);
@@ -182,7 +204,7 @@ async fn cleanup_leaves_a_foreign_document_under_the_grants_name() {
 #[tokio::test(start_paused = true)]
 async fn a_tagged_document_the_listing_misses_is_adopted() {
     let grant = grant_with_documents(2);
-    let shell = "fleet-access.ops.web-shell";
+    let shell = "fleet-access.default.ops.web-shell";
     let aws = Arc::new(FakeAws::default())
         .with_document(shell, r#"{"schemaVersion":"1.0"}"#, Some(OWNER))
         .missed_by_listings(shell, usize::MAX);
@@ -199,8 +221,8 @@ async fn a_tagged_document_the_listing_misses_is_adopted() {
 #[tokio::test(start_paused = true)]
 async fn a_document_under_the_grants_name_without_its_tag_is_refused() {
     let grant = grant_with_documents(1);
-    let shell = "fleet-access.ops.web-shell";
-    for owner in [None, Some("ops/other")] {
+    let shell = "fleet-access.default.ops.web-shell";
+    for owner in [None, Some("default/ops/other")] {
         let aws = Arc::new(FakeAws::default()).with_document(shell, "{}", owner);
         let ctx = context(aws.clone());
         let error = apply_grant(&grant, &ctx).await.expect_err("refused");
@@ -235,7 +257,7 @@ async fn after_a_spec_change_documents_of_the_earlier_spec_are_swept() {
     // Generation 2, not yet synced: the port the grant had before is listed and deleted.
     let grant = grant_with_documents(2);
     let aws = Arc::new(FakeAws::default()).with_document(
-        "fleet-access.ops.web-port80",
+        "fleet-access.default.ops.web-port80",
         "{}",
         Some(OWNER),
     );
@@ -299,7 +321,7 @@ async fn busy_iam_that_stays_busy_goes_to_the_error_policy_with_growing_pauses()
         .collect();
     assert_eq!(pauses, expected);
     // A success resets the backoff.
-    ctx.forget_failures(&failure_key("SessionAccess", &grant_id(&grant)));
+    ctx.forget_failures(&failure_key("SessionAccess", &grant_key(&grant)));
     assert_eq!(
         error_policy(grant, &error, ctx),
         Action::requeue(Duration::from_secs(5))

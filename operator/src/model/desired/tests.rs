@@ -49,7 +49,7 @@ fn account_and_region_fill_the_arns() {
         json!([
             "arn:aws:ec2:eu-west-1:123456789012:instance/i-0123abcd",
             "arn:aws:ssm:eu-west-1:*:document/AWS-StartSSHSession",
-            "arn:aws:ssm:eu-west-1:123456789012:document/fleet-access.ns.g-port5432"
+            "arn:aws:ssm:eu-west-1:123456789012:document/fleet-access.default.ns.g-port5432"
         ])
     );
 }
@@ -131,7 +131,7 @@ fn shell_grants_get_their_own_document_and_kms_permission() {
     );
     assert_eq!(desired.documents.len(), 1);
     let shell = &desired.documents[0];
-    assert_eq!(shell.name, "fleet-access.ns.g-shell");
+    assert_eq!(shell.name, "fleet-access.default.ns.g-shell");
     assert_eq!(shell.content["sessionType"], "Standard_Stream");
     assert_eq!(shell.content["inputs"]["idleSessionTimeout"], "5");
     assert_eq!(shell.content["inputs"]["kmsKeyId"], "alias/k");
@@ -219,11 +219,12 @@ fn deny_shell_everywhere_denies_the_account_and_every_grants_shell_document() {
     let pattern = denied[2].as_str().unwrap();
     let shell_grant =
         grant("{principals: {users: [u]}, targets: {allInstances: true}, sessions: {shell: true}}");
-    let mut names: Vec<String> = session_documents(&shell_grant)
+    let mut names: Vec<String> = session_documents(&shell_grant, "default")
         .into_iter()
         .map(|d| d.name)
         .collect();
     names.push(naming::grant_object_name(
+        "a-long-cluster-name",
         "ns",
         &"n".repeat(200),
         SHELL_SUFFIX,
@@ -259,7 +260,7 @@ fn bridge_only_grants_have_no_principal_policy() {
         bridge.ports,
         [BridgePort {
             port: 8080,
-            document: "fleet-access.ns.g-port8080".into(),
+            document: "fleet-access.default.ns.g-port8080".into(),
             port_parameter: None
         }]
     );
@@ -267,7 +268,7 @@ fn bridge_only_grants_have_no_principal_policy() {
     assert!(
         policy
             .to_string()
-            .contains("document/fleet-access.ns.g-port8080")
+            .contains("document/fleet-access.default.ns.g-port8080")
     );
 }
 
@@ -324,7 +325,10 @@ fn long_instance_lists_split_into_policies_under_the_quota() {
     seen.dedup();
     assert_eq!(seen.len(), 1000);
     let names: Vec<&str> = desired.policies.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names[..2], ["fleet-access.ns.g", "fleet-access.ns.g-2"]);
+    assert_eq!(
+        names[..2],
+        ["fleet-access.default.ns.g", "fleet-access.default.ns.g-2"]
+    );
 }
 
 #[test]
@@ -333,7 +337,12 @@ fn more_than_twenty_policies_is_an_error() {
         .map(|i| format!("arn:aws:ec2:*:*:instance/i-{i:017x}"))
         .collect();
     let statement = Statement::new("Big", Effect::Allow, &["ssm:StartSession"], resources);
-    let err = pack("ns", "g", "", vec![statement]).unwrap_err();
+    let names = GrantNames {
+        cluster: "default",
+        namespace: "ns",
+        name: "g",
+    };
+    let err = pack(&names, "", vec![statement]).unwrap_err();
     assert!(
         matches!(err, Error::TooManyPolicies { limit: 20, .. }),
         "{err}"
