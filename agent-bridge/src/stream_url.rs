@@ -4,7 +4,7 @@
 //! messages host are dialled: a URL from a compromised or misconfigured endpoint would
 //! otherwise receive them, in clear text for `ws://`.
 //!
-//! The hosts, as AWS names them (docs/data-channel.md, "Opening"):
+//! The hosts, as AWS names them (docs/protocol.md §1):
 //!
 //! ```text
 //! ssmmessages.<region>.amazonaws.com               regional

@@ -574,7 +574,7 @@ async fn basic_echo_signed_upgrade_and_terminate() {
         state.log.authorizations[0].as_deref(),
         Some("AWS4-HMAC-SHA256 test")
     );
-    // Chunks above 1 KiB were used (section 6.2).
+    // Chunks above 1 KiB were used (docs/protocol.md §6.2).
     let max_payload = state
         .log
         .inputs

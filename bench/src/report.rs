@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// What the emulated agent allows downstream in realistic mode: 1,024 bytes per read, then a
-/// 1 ms pause (docs/data-channel.md, "Rates").
+/// 1 ms pause (docs/protocol.md §8).
 pub const AGENT_REALISTIC_BYTES_PER_SECOND: f64 = 1024.0 * 1000.0;
 
 /// One throughput figure.

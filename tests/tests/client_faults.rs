@@ -332,7 +332,7 @@ fn init_logging() {
         .try_init();
 }
 
-/// One test per fault of section 9.2, so that a failure names its scenario.
+/// One test per fault of docs/protocol.md §9.2, so that a failure names its scenario.
 macro_rules! fault_scenarios {
     ($($test:ident: $faults:expr;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

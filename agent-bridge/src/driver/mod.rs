@@ -56,7 +56,7 @@ pub const DEFAULT_DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(75);
 /// One dial (TCP, TLS, upgrade) may take this long.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Total time allowed to restore one lost WebSocket. MGS recycles sockets hourly and the
-/// plugin's ~3–6 s budget sometimes runs out (docs/data-channel.md, "Reliability"); two minutes rides
+/// plugin's ~3–6 s budget sometimes runs out (docs/protocol.md §4); two minutes rides
 /// out a gateway hiccup while the session's idle timeout (minutes) still bounds it.
 pub const DEFAULT_RECONNECT_BUDGET: Duration = Duration::from_secs(120);
 /// First reconnect backoff.

@@ -1,5 +1,5 @@
 //! Outgoing message pacing: a token bucket that keeps the data channel under the gateway's
-//! ~1000 messages per second (docs/data-channel.md, "Rates"; exceeding it closes the socket).
+//! ~1000 messages per second (docs/protocol.md §8; exceeding it closes the socket).
 //! Pure: time is an argument.
 
 use std::time::{Duration, Instant};

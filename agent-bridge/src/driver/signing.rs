@@ -1,4 +1,4 @@
-//! SigV4 for the data-channel WebSocket upgrade (docs/data-channel.md, "Opening"): a `GET` of the
+//! SigV4 for the data-channel WebSocket upgrade (docs/protocol.md §1): a `GET` of the
 //! stream URL, service `ssmmessages`, the session's region, the SHA-256 of an empty body.
 //! Presigned URLs (any `X-Amz-*` signing parameter present) are left unsigned.
 

@@ -1,11 +1,11 @@
-//! The JSON payloads of the data channel (docs/data-channel.md, "Opening" and "JSON payloads").
+//! The JSON payloads of the data channel (docs/protocol.md §1.4, §3.4, §4.2, §5.2).
 //! Pure serde types; no I/O. The version gates the handshake decides by are
 //! `fleet_access_crds::agent_version`'s, shared with the operator.
 
 use serde::{Deserialize, Serialize};
 
 /// The ClientVersion we report: four parts and above 1.2.331.0, so the agent turns its smux
-/// keepalive off and uses mux for LocalPortForwarding (section 5.4). Same value BRG reports.
+/// keepalive off and uses mux for LocalPortForwarding (docs/protocol.md §5.4). Same value aws-ssm-bridge reports.
 pub const CLIENT_VERSION: &str = "1.2.764.0";
 /// `MessageSchemaVersion` of the open message.
 pub const MESSAGE_SCHEMA_VERSION: &str = "1.0";
@@ -17,7 +17,7 @@ pub const ACTION_FAILED: u32 = 2;
 /// ActionStatus: unsupported.
 pub const ACTION_UNSUPPORTED: u32 = 3;
 
-/// The open message: the first (text) WebSocket frame (section 1.4).
+/// The open message: the first (text) WebSocket frame (docs/protocol.md §1.4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct OpenDataChannel {
@@ -112,7 +112,7 @@ pub struct HandshakeComplete {
     pub customer_message: String,
 }
 
-/// The `acknowledge` payload (section 4.2).
+/// The `acknowledge` payload (docs/protocol.md §4.2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcknowledgeContent {
     /// Type of the acked message.
@@ -129,7 +129,7 @@ pub struct AcknowledgeContent {
     pub is_sequential_message: bool,
 }
 
-/// The `channel_closed` payload (section 3.4); every field optional on read.
+/// The `channel_closed` payload (docs/protocol.md §3.4); every field optional on read.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct ChannelClosed {

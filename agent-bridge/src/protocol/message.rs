@@ -1,4 +1,4 @@
-//! The `ClientMessage` binary codec (docs/data-channel.md, "Frames"): one whole WebSocket binary
+//! The `ClientMessage` binary codec (docs/protocol.md §2): one whole WebSocket binary
 //! message in, one `ClientMessage` out, and back.
 //!
 //! Owns the wire layout (offsets defined once below), the message and payload type enums, the
@@ -51,7 +51,7 @@ const PAYLOAD_LENGTH_LEN: usize = 4;
 /// Offset of the payload in a frame with HeaderLength 116.
 pub const PAYLOAD_OFFSET: usize = PAYLOAD_LENGTH_OFFSET + PAYLOAD_LENGTH_LEN;
 
-/// The HeaderLength every writer puts on the wire: the offset of PayloadLength (section 2.2).
+/// The HeaderLength every writer puts on the wire: the offset of PayloadLength (docs/protocol.md §2.2).
 pub const HEADER_LENGTH: u32 = PAYLOAD_LENGTH_OFFSET as u32;
 /// The short HeaderLength reported for MGS's `channel_closed` (no PayloadType field).
 pub const SHORT_HEADER_LENGTH: u32 = PAYLOAD_TYPE_OFFSET as u32;
@@ -67,14 +67,14 @@ pub const FLAG_FIN: u64 = 2;
 
 // === types ===
 
-/// The MessageType field (section 2.3). Unknown strings are kept, not rejected (section 9.3 item 2).
+/// The MessageType field (docs/protocol.md §2.3). Unknown strings are kept, not rejected (docs/protocol.md §9.3 item 2).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MessageType {
     /// Client to agent stream data; sequenced and acked.
     InputStreamData,
     /// Agent to client stream data; sequenced and acked.
     OutputStreamData,
-    /// An acknowledgement (JSON payload, section 4.2); never acked.
+    /// An acknowledgement (JSON payload, docs/protocol.md §4.2); never acked.
     Acknowledge,
     /// MGS says the session is over; the JSON payload carries `Output`.
     ChannelClosed,
@@ -117,13 +117,13 @@ impl MessageType {
         }
     }
 
-    /// True for the two flow-control types whose header and digest are not validated (section 2.5).
+    /// True for the two flow-control types whose header and digest are not validated (docs/protocol.md §2.5).
     pub fn is_publication(&self) -> bool {
         matches!(self, Self::StartPublication | Self::PausePublication)
     }
 }
 
-/// The PayloadType field (section 3.2). Unknown values are kept as `Other`.
+/// The PayloadType field (docs/protocol.md §3.2). Unknown values are kept as `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PayloadType {
     /// 0: acks, channel_closed, publication messages.
@@ -198,7 +198,7 @@ impl PayloadType {
     }
 }
 
-/// The Flag payload values (section 3.3), carried as a 4-byte big-endian u32.
+/// The Flag payload values (docs/protocol.md §3.3), carried as a 4-byte big-endian u32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PortFlag {
     /// 1, client to agent: basic mode, the local connection closed.
@@ -254,9 +254,9 @@ pub struct ClientMessage {
     pub schema_version: u32,
     /// CreatedDate, Unix epoch milliseconds.
     pub created_date: u64,
-    /// SequenceNumber (section 4.1); 0 for acks and control messages.
+    /// SequenceNumber (docs/protocol.md §4.1); 0 for acks and control messages.
     pub sequence_number: i64,
-    /// Flags (section 2.6); recorded, never interpreted.
+    /// Flags (docs/protocol.md §2.6); recorded, never interpreted.
     pub flags: u64,
     /// The logical (RFC 4122 order) MessageId.
     pub message_id: Uuid,
@@ -273,7 +273,7 @@ pub struct Decoded {
     pub message: ClientMessage,
     /// HeaderLength as read (112 or 116).
     pub header_length: u32,
-    /// PayloadLength as read at offset HL; advisory (section 2.2).
+    /// PayloadLength as read at offset HL; advisory (docs/protocol.md §2.2).
     pub declared_payload_length: u32,
     /// The digest as read from the wire.
     pub digest: [u8; 32],
@@ -311,7 +311,7 @@ pub enum DecodeError {
     /// MessageType is not printable ASCII.
     #[error("MessageType is not printable ASCII")]
     MessageTypeNotAscii,
-    /// CreatedDate is zero (section 2.5), on a message that is validated.
+    /// CreatedDate is zero (docs/protocol.md §2.5), on a message that is validated.
     #[error("CreatedDate is zero")]
     ZeroCreatedDate,
 }
@@ -324,7 +324,7 @@ impl ClientMessage {
         FIXED_HEADER_LEN + self.payload.len()
     }
 
-    /// Writes the frame with the section 2.1 writer rules: HL 116, space padding, swapped UUID
+    /// Writes the frame with the docs/protocol.md §2.1 writer rules: HL 116, space padding, swapped UUID
     /// halves, SHA-256 digest, correct PayloadLength. A MessageType longer than 32 bytes is cut.
     pub fn encode(&self, buf: &mut impl BufMut) {
         buf.put_u32(HEADER_LENGTH);
@@ -354,7 +354,7 @@ impl ClientMessage {
     }
 }
 
-/// Decodes one whole WebSocket binary message with the section 2.2 reader rule.
+/// Decodes one whole WebSocket binary message with the docs/protocol.md §2.2 reader rule.
 ///
 /// Accepts HeaderLength 112 or 116, takes the payload as `frame[HL + 4 ..]`, reads PayloadType
 /// only when HL is 116, treats PayloadLength as advisory, trims NULs then whitespace from
@@ -432,7 +432,7 @@ pub fn payload_digest(payload: &[u8]) -> [u8; 32] {
     out
 }
 
-/// The section 2.4 MessageId order: the second 8 bytes first. Its own inverse.
+/// The docs/protocol.md §2.4 MessageId order: the second 8 bytes first. Its own inverse.
 pub fn swap_uuid_halves(bytes: [u8; 16]) -> [u8; 16] {
     let mut out = [0u8; 16];
     out[..8].copy_from_slice(&bytes[8..]);
@@ -539,7 +539,7 @@ mod tests {
         assert_eq!(decoded.header_length, 116);
     }
 
-    /// Empty payload: the digest is SHA-256 of zero bytes (section 2.5).
+    /// Empty payload: the digest is SHA-256 of zero bytes (docs/protocol.md §2.5).
     #[test]
     fn golden_empty_payload_digest() {
         let message = ClientMessage {
@@ -563,7 +563,7 @@ mod tests {
         assert_eq!(&bytes[56..64], &[0, 0, 0, 0, 0, 0, 0, 3]);
     }
 
-    /// The GIM worked example of the half swap (section 2.4).
+    /// The GIM worked example of the half swap (docs/protocol.md §2.4).
     #[test]
     fn uuid_half_swap_matches_worked_example() {
         let wire = Uuid::parse_str("a3de282f-478b-a6e6-812e-f34f87bd449e").unwrap();

@@ -1,9 +1,9 @@
-//! The reliability layer (docs/data-channel.md, "Reliability"): the outgoing send buffer with sequence
+//! The reliability layer (docs/protocol.md §4): the outgoing send buffer with sequence
 //! numbers, retransmission and RTT sampling, and the incoming reorder buffer.
 //!
 //! No clock and no I/O: every method that needs time takes `now`. Memory is bounded by the
 //! limits the owner passes in; nothing unacked is ever evicted (the owner stops accepting local
-//! data instead, section 9.3 item 6).
+//! data instead, docs/protocol.md §9.3 item 6).
 //!
 //! ```text
 //!  send:     push(seq n) -> [unsent] --poll_transmit--> [in flight] --on_ack--> gone

@@ -1,10 +1,10 @@
-//! Retransmission timeout estimator (docs/data-channel.md, "Reliability"). Pure arithmetic on
+//! Retransmission timeout estimator (docs/protocol.md §4). Pure arithmetic on
 //! `Duration`s: no clock, no I/O.
 //!
 //! Jacobson/Karels as SMP and the agent compute it (alpha 1/8, beta 1/4, initial SRTT 100 ms,
 //! RTO = SRTT + max(10 ms, 4 RTTVAR)), with two differences the reference lacks:
 //! * the result is clamped to `[floor, ceiling]` (the reference caps at 1 s, which retransmits
-//!   far too eagerly over a slow path; section 9.3 item 5 asks for a floor and a generous ceiling);
+//!   far too eagerly over a slow path; docs/protocol.md §9.3 item 5 asks for a floor and a generous ceiling);
 //! * Karn's rule: the caller only feeds samples from messages sent once, and each timeout doubles
 //!   the RTO (exponential backoff, still capped by the ceiling) until a fresh sample arrives.
 

@@ -33,7 +33,7 @@ use super::smux::{MuxClient, MuxError, MuxEvent, OpenError, StreamCloseReason, S
 // === Config ===
 
 /// Payload bytes per outgoing Output message. SMP and the agent use 1024 with a 1 ms sleep
-/// (section 6.2); BRG reports 8 KiB and 32 KiB work against agent 3.3.3572.0. 32 KiB cuts the
+/// (docs/protocol.md §6.2); aws-ssm-bridge reports 8 KiB and 32 KiB work against agent 3.3.3572.0. 32 KiB cuts the
 /// message rate 32-fold, so bulk uploads stay far under the gateway's ~1000 msg/s: the pacer,
 /// not the chunk, bounds throughput.
 pub const DEFAULT_CHUNK_SIZE: usize = 32 * 1024;
@@ -41,7 +41,7 @@ pub const DEFAULT_CHUNK_SIZE: usize = 32 * 1024;
 pub const DEFAULT_MAX_UNACKED_MESSAGES: usize = 2048;
 /// Unacked payload bytes before local reads stop: bounds memory per session.
 pub const DEFAULT_MAX_UNACKED_BYTES: usize = 4 * 1024 * 1024;
-/// RTO floor: below this, scheduling jitter alone triggers spurious retransmissions (section 9.3).
+/// RTO floor: below this, scheduling jitter alone triggers spurious retransmissions (docs/protocol.md §9.3).
 pub const DEFAULT_RTO_FLOOR: Duration = Duration::from_millis(50);
 /// RTO ceiling (with exponential backoff): the reference's 1 s cap retransmits too eagerly on a
 /// slow path; 3 s still recovers a lost message quickly on a healthy one.
@@ -63,7 +63,7 @@ pub const INBOUND_HEADROOM: usize = 64 * 1024;
 /// for our response; a slow gateway can delay its request.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After sending the TerminateSession flag, how long to wait for `channel_closed` (the agent
-/// drains its own buffers for at most 2 s, section 5.7).
+/// drains its own buffers for at most 2 s, docs/protocol.md §5.7).
 pub const DEFAULT_CLOSE_LINGER: Duration = Duration::from_secs(3);
 /// How long a `pause_publication` holds sequenced messages back at most when nothing from the
 /// agent lifts it sooner (its data or ack does, as in the agent's own data channel). The
@@ -126,7 +126,7 @@ impl Default for Config {
 
 // === public types ===
 
-/// How local bytes travel, decided at HandshakeComplete (section 5.4).
+/// How local bytes travel, decided at HandshakeComplete (docs/protocol.md §5.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardingMode {
     /// One raw byte stream (SSH, old agents, non-LocalPortForwarding): use
@@ -458,7 +458,7 @@ impl Session {
                 Ok(())
             }
             MessageType::ChannelClosed => {
-                // Accepted whatever its digest: it is final, and MGS's own form is odd (section 2.2).
+                // Accepted whatever its digest: it is final, and MGS's own form is odd (docs/protocol.md §2.2).
                 let output = serde_json::from_slice::<ChannelClosed>(&message.payload)
                     .ok()
                     .map(|c| c.output)
@@ -781,7 +781,7 @@ impl Session {
         }
     }
 
-    /// BRG saw text frames whose whole body is a control word (section 1.4).
+    /// aws-ssm-bridge saw text frames whose whole body is a control word (docs/protocol.md §1.4).
     fn handle_text_control(&mut self, now: Instant, frame: &[u8]) -> bool {
         match frame.trim_ascii() {
             b"start_publication" => self.paused_since = None,

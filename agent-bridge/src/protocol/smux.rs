@@ -1,4 +1,4 @@
-//! smux protocol version 1, client side (docs/data-channel.md, "Port sessions, smux and version gates"), as the agent's
+//! smux protocol version 1, client side (docs/protocol.md §5.4, §5.5), as the agent's
 //! xtaci/smux server expects it for `LocalPortForwarding`.
 //!
 //! Owns the 8-byte frame codec (`ver u8 | cmd u8 | length u16 LE | streamId u32 LE`), the

@@ -1,4 +1,4 @@
-//! The strict agent of one session (protocol reference §9.1): the handshake with its version
+//! The strict agent of one session (docs/protocol.md §9.1): the handshake with its version
 //! gates and timeout, the reliability layer (acks, its own retransmission with the agent's RTO,
 //! acceptance of client retransmissions, checks that the client acks everything and numbers
 //! its stream correctly), basic and mux port forwarding, flags, timeouts and `channel_closed`.

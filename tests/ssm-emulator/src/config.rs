@@ -237,7 +237,7 @@ impl InstanceConfig {
     }
 }
 
-/// Fault injection (protocol reference §9.2). Counters are per session and deterministic:
+/// Fault injection (docs/protocol.md §9.2). Counters are per session and deterministic:
 /// "every N" means the Nth, 2Nth, … occurrence.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -1,4 +1,4 @@
-//! The data channel's binary frame (`ClientMessage` / `AgentMessage`, protocol reference §2):
+//! The data channel's binary frame (`ClientMessage` / `AgentMessage`, docs/protocol.md §2):
 //! encoding, decoding with the lenient reader rule, and the strict checks the emulator applies
 //! to every client frame. Also the JSON payloads carried inside frames (§3.4, §4.2, §5.2).
 

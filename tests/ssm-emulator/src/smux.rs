@@ -1,4 +1,4 @@
-//! smux protocol version 1 framing (xtaci/smux, protocol reference §5.5): the 8-byte frame
+//! smux protocol version 1 framing (xtaci/smux, docs/protocol.md §5.5): the 8-byte frame
 //! header, an incremental decoder over the byte stream carried in Output payloads, and the
 //! checks a strict server applies to a client's frames.
 

@@ -1,4 +1,4 @@
-//! Dotted version strings and the agent/client version gates of protocol reference §5.4.
+//! Dotted version strings and the agent/client version gates of docs/protocol.md §5.4.
 
 use std::cmp::Ordering;
 

@@ -3,6 +3,7 @@
 //! session goes on. Violations in a session's last frames (after the TerminateSession flag, on
 //! a replaced WebSocket) are recorded too, and legal late frames are not violations. Driven by
 //! a raw client that sends hand-made frames; every report is read after its session ended.
+//! Section numbers (§) are those of docs/protocol.md.
 //!
 //! Each `violation` string below is the reason one `violation(...)`/`record_violation(...)` call
 //! in the emulator's source produces: together the tables cover every one of them.

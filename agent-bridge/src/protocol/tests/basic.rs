@@ -13,7 +13,7 @@ fn basic_data_round_trip_is_chunked_and_never_rewritten() {
     let data: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(p.session.handle_local_data(&data).unwrap(), 2500);
     let mut sent = p.transmit().data;
-    // A lone LF must travel as LF (section 6.2 hazard).
+    // A lone LF must travel as LF (docs/protocol.md §6.2 hazard).
     assert_eq!(p.session.handle_local_data(b"\n").unwrap(), 1);
     sent.extend(p.transmit().data);
     let sizes: Vec<usize> = sent.iter().map(|m| m.payload.len()).collect();

@@ -70,7 +70,7 @@ fn start_publication_with_a_garbage_digest_lifts_a_pause() {
     p.pause();
     p.session.handle_local_data(b"second").unwrap();
     assert!(p.transmit().data.is_empty());
-    // Garbage digest and length on start_publication are tolerated (docs/data-channel.md).
+    // Garbage digest and length on start_publication are tolerated (docs/protocol.md §2.5, §6.1).
     let mut start = p
         .agent
         .control(MessageType::StartPublication, b"junk".to_vec())
