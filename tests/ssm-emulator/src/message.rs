@@ -1,6 +1,11 @@
 //! The data channel's binary frame (`ClientMessage` / `AgentMessage`, docs/protocol.md §2):
 //! encoding, decoding with the lenient reader rule, and the strict checks the emulator applies
 //! to every client frame. Also the JSON payloads carried inside frames (§3.4, §4.2, §5.2).
+//!
+//! This codec re-implements what `agent-bridge`'s `protocol::message` also implements, on
+//! purpose: the emulator is the independent oracle the bridge is tested against, so it shares
+//! no protocol code with it (a bug copied into both would pass every test). It is written from
+//! docs/protocol.md and the agent's sources, and is itself checked against the official plugin.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

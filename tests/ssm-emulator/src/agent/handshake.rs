@@ -1,0 +1,244 @@
+//! The handshake and its version gates, what each client message means once delivered in
+//! order, and the flags.
+
+use super::*;
+
+impl Agent {
+    pub(super) fn start_handshake(&mut self) {
+        if self.faults.start_publication_first
+            && self.send_control(&ClientMessage::new(
+                MessageType::StartPublication,
+                0,
+                FLAG_SYN | FLAG_FIN,
+                payload_type::UNSET,
+                Vec::new(),
+            ))
+        {
+            self.count(|f| f.early_start_publications += 1);
+        }
+        if self.faults.legacy_no_handshake {
+            self.handshake = Handshake::Skipped;
+            self.count(|f| f.handshakes_skipped += 1);
+            self.set_transfer(Transfer::Basic);
+            self.last_activity = Instant::now();
+            self.start_basic();
+            return;
+        }
+        let request = HandshakeRequest {
+            agent_version: self.info.instance.agent_version.clone(),
+            requested_client_actions: vec![RequestedClientAction {
+                action_type: "SessionType".to_owned(),
+                action_parameters: serde_json::json!({
+                    "SessionType": "Port",
+                    "Properties": self.info.properties.json,
+                }),
+            }],
+        };
+        self.send_stream(
+            payload_type::HANDSHAKE_REQUEST,
+            serde_json::to_vec(&request).unwrap_or_default(),
+            None,
+        );
+        self.handshake = Handshake::Awaiting {
+            since: Instant::now(),
+        };
+    }
+
+    /// Whether the agent's port session takes messages (its `IsConnectionAvailable`): the basic
+    /// connection has been dialled once, or the mux is set up.
+    pub(super) fn port_available(&self) -> bool {
+        match &self.port {
+            PortState::None => false,
+            PortState::Basic(b) => !matches!(b.state, BasicState::Dialing),
+            PortState::Mux(mx) => mx.ready,
+        }
+    }
+
+    pub(super) fn handshake_done(&self) -> bool {
+        matches!(self.handshake, Handshake::Complete | Handshake::Skipped)
+    }
+
+    pub(super) fn process(&mut self, m: &ClientMessage) -> Processed {
+        match m.payload_type {
+            payload_type::HANDSHAKE_RESPONSE => {
+                self.on_handshake_response(&m.payload);
+                Processed::Done
+            }
+            payload_type::OUTPUT => {
+                if !self.handshake_done() {
+                    self.violation(format!(
+                        "Output (seq {}) before HandshakeComplete; the agent discards it",
+                        m.sequence_number
+                    ));
+                    return Processed::Done;
+                }
+                self.on_output(&m.payload)
+            }
+            payload_type::FLAG => {
+                if !self.handshake_done() {
+                    // The agent acknowledges it and drops it unread.
+                    self.violation(format!(
+                        "Flag (seq {}) before HandshakeComplete; the agent drops it",
+                        m.sequence_number
+                    ));
+                    return Processed::Done;
+                }
+                if !self.port_available() {
+                    return Processed::NotReady;
+                }
+                self.on_flag(&m.payload);
+                Processed::Done
+            }
+            other => {
+                let name = match other {
+                    payload_type::SIZE => "Size (terminal size) in a Port session",
+                    payload_type::ENC_CHALLENGE_RESPONSE => {
+                        "EncChallengeResponse in a session without KMS"
+                    }
+                    _ => "an unexpected PayloadType",
+                };
+                self.violation(format!(
+                    "client sent {name} (PayloadType {other}) as seq {}",
+                    m.sequence_number
+                ));
+                Processed::Done
+            }
+        }
+    }
+
+    pub(super) fn on_handshake_response(&mut self, payload: &[u8]) {
+        let Handshake::Awaiting { since } = self.handshake else {
+            self.violation("HandshakeResponse outside the handshake".to_owned());
+            return;
+        };
+        let response: HandshakeResponse = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.violation(format!("HandshakeResponse is not valid JSON: {e}"));
+                self.end(
+                    SessionStatus::Failed,
+                    "invalid HandshakeResponse".to_owned(),
+                    false,
+                );
+                return;
+            }
+        };
+        if version::parse(&response.client_version).is_none() {
+            self.violation(format!(
+                "ClientVersion {:?} is not a dotted version",
+                response.client_version
+            ));
+        }
+        let actions = &response.processed_client_actions;
+        if actions.len() != 1 || actions[0].action_type != "SessionType" {
+            let got: Vec<&str> = actions.iter().map(|a| a.action_type.as_str()).collect();
+            self.violation(format!(
+                "HandshakeResponse must process exactly [SessionType], got {got:?}"
+            ));
+        }
+        if self.is_closing() {
+            // Failed by a violation above, or a late answer to a session that already ended.
+            return;
+        }
+        if let Some(bad) = actions.iter().find(|a| a.action_status != 1) {
+            let reason = format!(
+                "client reported ActionStatus {} for {}: {}",
+                bad.action_status,
+                bad.action_type,
+                bad.error.clone().unwrap_or_default()
+            );
+            self.end(SessionStatus::Failed, reason, false);
+            return;
+        }
+        let client_version = response.client_version;
+        let agent_version = self.info.instance.agent_version.clone();
+        let mux = version::agent_uses_mux(
+            &agent_version,
+            &client_version,
+            self.info.properties.local_port_forwarding,
+        );
+        let keepalive = mux && version::agent_smux_keepalive(&agent_version, &client_version);
+        self.set_transfer(if mux { Transfer::Mux } else { Transfer::Basic });
+        {
+            let mut r = lock(&self.report);
+            r.client_version = Some(client_version);
+            r.smux_keepalive = keepalive;
+            r.handshake_ack_first = self.handshake_ack_first;
+        }
+        let complete = HandshakeComplete {
+            handshake_time_to_complete: since.elapsed().as_nanos() as i64,
+            customer_message: String::new(),
+        };
+        self.send_stream(
+            payload_type::HANDSHAKE_COMPLETE,
+            serde_json::to_vec(&complete).unwrap_or_default(),
+            None,
+        );
+        self.handshake = Handshake::Complete;
+        self.last_activity = Instant::now();
+        self.after_handshake_faults();
+        if mux {
+            self.start_mux(keepalive);
+        } else {
+            self.start_basic();
+        }
+    }
+
+    pub(super) fn on_flag(&mut self, payload: &[u8]) {
+        let Some(value) = message::parse_flag(payload) else {
+            self.violation(format!(
+                "Flag payload of {} bytes, expected 4",
+                payload.len()
+            ));
+            return;
+        };
+        match value {
+            flag::DISCONNECT_TO_PORT => {
+                if self.transfer != Some(Transfer::Basic) {
+                    self.violation("DisconnectToPort flag outside basic mode".to_owned());
+                    return;
+                }
+                if self.is_closing() {
+                    return;
+                }
+                if !self.info.properties.local_port_forwarding {
+                    // An SSH session's agent closes the connection, its read fails, and the
+                    // session fails: there is no reconnecting.
+                    self.end(
+                        SessionStatus::Failed,
+                        "the client disconnected the port of an SSH session (DisconnectToPort)"
+                            .to_owned(),
+                        true,
+                    );
+                    return;
+                }
+                if let PortState::Basic(b) = &mut self.port {
+                    if let Some(t) = b.task.take() {
+                        t.abort();
+                    }
+                    b.state = BasicState::Idle;
+                }
+            }
+            flag::TERMINATE_SESSION => {
+                if self.faults.ignore_terminate_flag {
+                    self.count(|f| f.terminate_flags_ignored += 1);
+                    return;
+                }
+                if !version::agent_supports_terminate_flag(&self.info.instance.agent_version) {
+                    self.violation(format!(
+                        "TerminateSession flag sent to agent {} (needs > 2.3.722.0)",
+                        self.info.instance.agent_version
+                    ));
+                }
+                if !self.is_closing() {
+                    self.end(
+                        SessionStatus::Terminated,
+                        "client sent the TerminateSession flag".to_owned(),
+                        false,
+                    );
+                }
+            }
+            other => self.violation(format!("client sent Flag {other}")),
+        }
+    }
+}

@@ -1,0 +1,686 @@
+//! The strict agent of one session (docs/protocol.md §9.1): the handshake with its version
+//! gates and timeout, the reliability layer (acks, its own retransmission with the agent's RTO,
+//! acceptance of client retransmissions, checks that the client acks everything and numbers
+//! its stream correctly), basic and mux port forwarding, flags, timeouts and `channel_closed`.
+//!
+//! One tokio task per session. It outlives WebSocket connections, so that resumes continue the
+//! sequence numbers, and it outlives the session's end until the last WebSocket of the session
+//! has closed: every client frame that arrives is checked, whether on a connection a newer one
+//! replaced, during the closing drain, or after `channel_closed` (as the real agent still parses
+//! what reaches it). Once the session has begun to end, client data is checked but no longer
+//! forwarded to the targets, and checks that depend on the session still running (a sequence
+//! gap, a late HandshakeResponse) no longer apply.
+//!
+//! ```text
+//!  mod.rs          the task: inputs, connections, the session's end (channel_closed)
+//!  reliability.rs  sending, retransmitting, receiving, acks and their strict checks
+//!  handshake.rs    the handshake, its version gates, flags
+//!  ports.rs        basic and mux forwarding to the targets, smux checks
+//!  timers.rs       every timeout as a deadline; the task sleeps until the earliest
+//!  faults.rs       fault injection
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::config::{Config, Faults, Mode};
+use crate::message::{
+    self, AcknowledgeContent, ChannelClosed, ClientMessage, FLAG_FIN, FLAG_SYN, HandshakeComplete,
+    HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction, flag, payload_type,
+};
+use crate::port::{
+    self, InTransit, MuxPlumbing, PortEvent, StreamInput, TargetBacklog, ToTarget, TransportBuffer,
+};
+use crate::registry::{SessionInfo, Shared, lock};
+use crate::report::{InjectedFaults, SessionReport, SessionStatus, Transfer};
+use crate::smux;
+use crate::version;
+
+mod faults;
+mod handshake;
+mod ports;
+mod reliability;
+#[cfg(test)]
+mod tests;
+mod timers;
+
+/// What the agent task receives.
+#[derive(Debug)]
+pub(crate) enum AgentInput {
+    /// A client WebSocket passed the open message.
+    Attach {
+        conn_id: u32,
+        outbound: UnboundedSender<ToClient>,
+    },
+    /// That WebSocket can carry nothing more to the client (it is closing or gone).
+    Detach { conn_id: u32 },
+    /// That WebSocket is closed: no more client frames will come from it.
+    Closed { conn_id: u32 },
+    /// A frame from the client.
+    ClientFrame {
+        conn_id: u32,
+        data: Vec<u8>,
+        text: bool,
+    },
+    /// The gateway lost a client `input_stream_data` frame on purpose (`drop_client_every`);
+    /// `seq` is its sequence number when the frame had one.
+    InputDropped { seq: Option<i64> },
+    /// The TerminateSession API was called.
+    Terminate,
+    /// The gateway saw a violation; `close` ends the session whatever the strictness.
+    GatewayViolation { reason: String, close: bool },
+    /// Runtime fault injection on the current connection.
+    Inject(Injection),
+    /// From the port tasks.
+    Port(PortEvent),
+}
+
+/// One-shot faults a test can trigger on a live session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injection {
+    /// Close the WebSocket with 1000 "Bye".
+    Recycle,
+    /// Reset the TCP connection.
+    Reset,
+    /// Go silent in both directions.
+    BlackHole,
+}
+
+/// What the agent asks the gateway connection to do.
+#[derive(Debug)]
+pub(crate) enum ToClient {
+    /// A binary frame; `stream` marks `output_stream_data` (subject to transit faults). `room`
+    /// is the first sending of target output: its room in the transport, given back once
+    /// the gateway has written it.
+    Frame {
+        data: Vec<u8>,
+        stream: bool,
+        room: Option<InTransit>,
+    },
+    /// Close the WebSocket.
+    Close { code: u16, reason: String },
+    /// A connection fault now.
+    Inject(Injection),
+}
+
+const TICK: Duration = Duration::from_millis(100);
+const MAX_RTO: Duration = Duration::from_secs(1);
+const REORDER_LIMIT: usize = 100_000;
+/// Sent messages the agent keeps for retransmission (`OutgoingMessageBufferCapacity`); beyond
+/// it a message is sent once and never again.
+const OUTGOING_BUFFER_CAPACITY: usize = 100_000;
+const SEEN_HEADERS: usize = 8192;
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// The agent's RTO estimator (§4.4).
+#[derive(Debug, Clone)]
+pub(crate) struct RtoEstimator {
+    srtt_ms: f64,
+    rttvar_ms: f64,
+    rto: Duration,
+}
+
+impl Default for RtoEstimator {
+    fn default() -> Self {
+        Self {
+            srtt_ms: 100.0,
+            rttvar_ms: 0.0,
+            rto: Duration::from_millis(200),
+        }
+    }
+}
+
+impl RtoEstimator {
+    pub(crate) fn sample(&mut self, rtt: Duration) {
+        let r = rtt.as_secs_f64() * 1000.0;
+        self.rttvar_ms = 0.75 * self.rttvar_ms + 0.25 * (self.srtt_ms - r).abs();
+        self.srtt_ms = 0.875 * self.srtt_ms + 0.125 * r;
+        let rto_ms = self.srtt_ms + (4.0 * self.rttvar_ms).max(10.0);
+        self.rto = Duration::from_secs_f64(rto_ms / 1000.0).min(MAX_RTO);
+    }
+
+    pub(crate) fn rto(&self) -> Duration {
+        self.rto
+    }
+}
+
+struct Outgoing {
+    seq: i64,
+    id: Uuid,
+    bytes: Vec<u8>,
+    /// Target output bytes this message carries.
+    output_len: usize,
+    /// Its room in the transport until it is first sent.
+    room: Option<InTransit>,
+    last_sent: Option<Instant>,
+    retransmits: u32,
+    client_frames_mark: Option<u64>,
+    reported: bool,
+}
+
+struct Buffered {
+    message: ClientMessage,
+    header: [u8; message::FRAME_HEADER_SIZE],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handshake {
+    NotStarted,
+    Awaiting { since: Instant },
+    Complete,
+    Skipped,
+}
+
+enum Processed {
+    Done,
+    NotReady,
+}
+
+/// The session is ending but waits (at most [`DRAIN_LIMIT`]) for the client to ack its output.
+struct Drain {
+    deadline: Instant,
+    status: SessionStatus,
+    reason: String,
+}
+
+enum BasicState {
+    Idle,
+    Dialing,
+    Up { writer: UnboundedSender<ToTarget> },
+}
+
+struct BasicPort {
+    generation: u64,
+    state: BasicState,
+    task: Option<JoinHandle<()>>,
+}
+
+struct MuxStream {
+    /// The client's bytes and FIN, for the stream's task.
+    input: UnboundedSender<StreamInput>,
+    /// The dial-and-copy task; none when there was no target to dial.
+    task: Option<JoinHandle<()>>,
+}
+
+/// The forwarding side of mux mode (what the checks see is in [`SmuxLedger`]).
+struct MuxPort {
+    /// The smux server is set up: until then, as in the agent (which sets it up only after the
+    /// handshake, in tasks of its own), client data and flags are not acknowledged.
+    ready: bool,
+    plumbing: MuxPlumbing,
+    streams: HashMap<u32, MuxStream>,
+    keepalive: bool,
+    last_rx: Instant,
+    last_nop: Instant,
+}
+
+enum PortState {
+    None,
+    Basic(BasicPort),
+    Mux(MuxPort),
+}
+
+/// The client's smux byte stream as the strict checks see it. Kept after the session has
+/// ended, so that the last frames are checked too.
+#[derive(Default)]
+struct SmuxLedger {
+    decoder: smux::Decoder,
+    /// Opened by the client and not yet closed by either side.
+    open: HashSet<u32>,
+    /// Closed by either side; their ids may not be used again.
+    closed: HashSet<u32>,
+}
+
+impl SmuxLedger {
+    /// Closes `id`; false when it was not open.
+    fn close(&mut self, id: u32) -> bool {
+        let was_open = self.open.remove(&id);
+        if was_open {
+            self.closed.insert(id);
+        }
+        was_open
+    }
+}
+
+/// What to do with client Output in basic or mux mode.
+enum Delivery {
+    /// Written to the basic connection.
+    Written,
+    /// For the smux streams.
+    Mux,
+    /// The port is not up: not acked, the client retransmits.
+    NotReady,
+    /// The basic connection was closed by Flag 1: dial again, then take the retransmission.
+    Redial,
+}
+
+/// What the agent's smux server takes from the client before it stops reading (xtaci's
+/// `MaxReceiveBuffer`, 4 MiB by default), while its streams' targets do not read.
+const MUX_RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
+/// What the emulator queues for a basic-mode target beyond the socket's own buffers before its
+/// receive path stops, as the agent's blocking socket write does.
+const BASIC_WRITE_BUFFER: usize = 64 * 1024;
+
+/// A client frame the receive path has not read yet.
+struct HeldFrame {
+    conn_id: u32,
+    data: Vec<u8>,
+    text: bool,
+}
+
+/// The agent of one session.
+pub(crate) struct Agent {
+    shared: Arc<Shared>,
+    info: Arc<SessionInfo>,
+    report: Arc<Mutex<SessionReport>>,
+    faults: Faults,
+    mode: Mode,
+    strict: bool,
+    inbox: UnboundedSender<AgentInput>,
+    // Connections.
+    /// The connection output goes to.
+    conn_id: Option<u32>,
+    /// The newest connection attached; older ones have been replaced.
+    latest_conn: Option<u32>,
+    /// Connections that may still deliver client frames.
+    connections: HashSet<u32>,
+    outbound: Option<UnboundedSender<ToClient>>,
+    detached_since: Option<Instant>,
+    // Sending.
+    next_seq: i64,
+    unacked: VecDeque<Outgoing>,
+    unsent: usize,
+    transport: TransportBuffer,
+    /// Target output in `unacked`.
+    unacked_output_bytes: usize,
+    rto: RtoEstimator,
+    /// The outgoing buffer overflowed once (reported once).
+    outgoing_full_reported: bool,
+    // Receiving.
+    expected_seq: i64,
+    reorder: BTreeMap<i64, Buffered>,
+    seen: VecDeque<[u8; message::FRAME_HEADER_SIZE]>,
+    seen_base: i64,
+    gap_since: Option<Instant>,
+    gap_reported: bool,
+    client_frames: u64,
+    in_order_accepted: u64,
+    /// Sequence numbers of client messages the gateway lost on purpose.
+    lost_input: HashSet<i64>,
+    /// Client bytes not yet written to the targets.
+    target_backlog: TargetBacklog,
+    /// Client frames not read yet: the receive path stalls while the targets do not take
+    /// what it gave them ([`Agent::receive_stalled`]).
+    held: VecDeque<HeldFrame>,
+    // Session.
+    handshake: Handshake,
+    /// The HandshakeResponse's ack goes out before HandshakeComplete (else after it).
+    handshake_ack_first: bool,
+    transfer: Option<Transfer>,
+    port: PortState,
+    smux: Option<SmuxLedger>,
+    last_activity: Instant,
+    ending: Option<Drain>,
+    /// The status the session ended with, once `channel_closed` went out.
+    finished: Option<SessionStatus>,
+}
+
+impl Agent {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        info: Arc<SessionInfo>,
+        report: Arc<Mutex<SessionReport>>,
+        inbox: UnboundedSender<AgentInput>,
+    ) -> Self {
+        let now = Instant::now();
+        let config: &Config = &shared.config;
+        Self {
+            handshake_ack_first: config.handshake_ack.ack_first(&info.id),
+            faults: info.faults.clone(),
+            mode: config.mode,
+            strict: config.strict,
+            transport: TransportBuffer::new(config.gateway_buffer_bytes),
+            shared: shared.clone(),
+            info,
+            report,
+            inbox,
+            conn_id: None,
+            latest_conn: None,
+            connections: HashSet::new(),
+            outbound: None,
+            detached_since: Some(now),
+            next_seq: 0,
+            unacked: VecDeque::new(),
+            unsent: 0,
+            unacked_output_bytes: 0,
+            rto: RtoEstimator::default(),
+            outgoing_full_reported: false,
+            expected_seq: 0,
+            reorder: BTreeMap::new(),
+            seen: VecDeque::new(),
+            seen_base: 0,
+            gap_since: None,
+            gap_reported: false,
+            client_frames: 0,
+            in_order_accepted: 0,
+            lost_input: HashSet::new(),
+            target_backlog: TargetBacklog::default(),
+            held: VecDeque::new(),
+            handshake: Handshake::NotStarted,
+            transfer: None,
+            port: PortState::None,
+            smux: None,
+            last_activity: now,
+            ending: None,
+            finished: None,
+        }
+    }
+
+    /// Runs the agent until the session is over: finished, and every WebSocket of it closed
+    /// (so that every frame it delivered has been checked). Then marks the session ended.
+    pub(crate) async fn run(mut self, mut inbox: UnboundedReceiver<AgentInput>) {
+        while !self.is_over() {
+            let backlog = self.target_backlog.clone();
+            let deadline = self.next_deadline();
+            tokio::select! {
+                input = inbox.recv() => match input {
+                    Some(i) => self.handle(i),
+                    None => break,
+                },
+                () = sleep_until_some(deadline), if deadline.is_some() => self.on_tick(Instant::now()),
+                () = backlog.drained(), if !self.held.is_empty() => {}
+            }
+            self.release_held();
+        }
+        if self.finished.is_none() {
+            self.finish(SessionStatus::Terminated, "emulator shut down".to_owned());
+        }
+        let status = self.finished.unwrap_or(SessionStatus::Terminated);
+        self.shared.mark_ended(&self.info.id, status);
+    }
+
+    /// Finished, and no connection can deliver another client frame.
+    fn is_over(&self) -> bool {
+        self.finished.is_some() && self.connections.is_empty() && self.held.is_empty()
+    }
+
+    /// The agent's receive path is blocked: it processes client frames synchronously and
+    /// writes their bytes towards the targets, and stops reading the WebSocket altogether
+    /// (acks included) while they do not take them: in mux mode once its smux receive buffer
+    /// is full, in basic mode once its socket write blocks. Never once the session is over:
+    /// then frames are only checked.
+    fn receive_stalled(&self) -> bool {
+        let limit = match &self.port {
+            _ if self.finished.is_some() => return false,
+            PortState::Mux(_) => MUX_RECEIVE_BUFFER,
+            PortState::Basic(_) => BASIC_WRITE_BUFFER,
+            PortState::None => return false,
+        };
+        self.target_backlog.bytes() > limit
+    }
+
+    /// A client frame, read now or held while the receive path is stalled.
+    fn receive(&mut self, conn_id: u32, data: Vec<u8>, text: bool) {
+        if self.held.is_empty() && !self.receive_stalled() {
+            self.on_client_frame(conn_id, &data, text);
+            return;
+        }
+        let stall_begins = self.held.is_empty();
+        self.held.push_back(HeldFrame {
+            conn_id,
+            data,
+            text,
+        });
+        let mut report = lock(&self.report);
+        report.receive_stalls += u64::from(stall_begins);
+        report.peak_held_frames = report.peak_held_frames.max(self.held.len() as u64);
+    }
+
+    /// Reads the held frames, in order, while the receive path can take them.
+    fn release_held(&mut self) {
+        while !self.receive_stalled() {
+            let Some(f) = self.held.pop_front() else {
+                return;
+            };
+            self.on_client_frame(f.conn_id, &f.data, f.text);
+        }
+    }
+
+    /// The session has begun to end (draining) or has ended.
+    fn is_closing(&self) -> bool {
+        self.finished.is_some() || self.ending.is_some()
+    }
+
+    fn handle(&mut self, input: AgentInput) {
+        match input {
+            AgentInput::Attach { conn_id, outbound } => self.on_attach(conn_id, outbound),
+            AgentInput::Detach { conn_id } => self.on_detach(conn_id),
+            AgentInput::Closed { conn_id } => {
+                self.connections.remove(&conn_id);
+            }
+            AgentInput::ClientFrame {
+                conn_id,
+                data,
+                text,
+            } => self.receive(conn_id, data, text),
+            AgentInput::InputDropped { seq } => {
+                self.count(|f| f.input_dropped += 1);
+                if let Some(seq) = seq {
+                    self.lost_input.insert(seq);
+                }
+            }
+            AgentInput::Terminate => self.end(
+                SessionStatus::Terminated,
+                "TerminateSession called".to_owned(),
+                false,
+            ),
+            AgentInput::GatewayViolation { reason, close } => {
+                if close {
+                    self.shared.record_violation(Some(&self.info.id), &reason);
+                    self.end(SessionStatus::Failed, reason, false);
+                } else {
+                    self.violation(reason);
+                }
+            }
+            AgentInput::Inject(i) => {
+                self.to_client(ToClient::Inject(i));
+            }
+            AgentInput::Port(event) => self.on_port_event(event),
+        }
+    }
+
+    fn on_attach(&mut self, conn_id: u32, outbound: UnboundedSender<ToClient>) {
+        self.connections.insert(conn_id);
+        self.latest_conn = Some(self.latest_conn.map_or(conn_id, |l| l.max(conn_id)));
+        lock(&self.report).connections += 1;
+        if self.finished.is_some() {
+            // Opened just as the session ended: close it (its frames are still checked).
+            let _ = outbound.send(ToClient::Close {
+                code: 1000,
+                reason: String::new(),
+            });
+            return;
+        }
+        self.conn_id = Some(conn_id);
+        self.outbound = Some(outbound);
+        self.detached_since = None;
+        lock(&self.report).status = SessionStatus::Connected;
+        // What went out on the old connection may never have reached the client (a black hole
+        // swallows it), so its unacknowledged output is judged afresh on the new one.
+        for out in &mut self.unacked {
+            out.retransmits = 0;
+            out.client_frames_mark = None;
+        }
+        if self.handshake == Handshake::NotStarted {
+            self.start_handshake();
+        }
+        self.flush_unsent();
+    }
+
+    fn on_detach(&mut self, conn_id: u32) {
+        if self.conn_id != Some(conn_id) {
+            return;
+        }
+        self.conn_id = None;
+        self.outbound = None;
+        self.detached_since = Some(Instant::now());
+        if !self.is_closing() {
+            lock(&self.report).status = SessionStatus::Disconnected;
+        }
+    }
+
+    /// Hands `item` to the current connection; false when there is none.
+    fn to_client(&self, item: ToClient) -> bool {
+        self.outbound.as_ref().is_some_and(|o| o.send(item).is_ok())
+    }
+
+    fn send_control(&self, message: &ClientMessage) -> bool {
+        self.to_client(ToClient::Frame {
+            data: message.encode(),
+            stream: false,
+            room: None,
+        })
+    }
+
+    fn set_transfer(&mut self, transfer: Transfer) {
+        self.transfer = Some(transfer);
+        lock(&self.report).transfer = Some(transfer);
+    }
+
+    /// Records a client violation; in strict mode it also fails the session. Violations are
+    /// recorded at any time, also after the session ended.
+    fn violation(&mut self, reason: String) {
+        self.shared.record_violation(Some(&self.info.id), &reason);
+        if self.strict {
+            self.end(
+                SessionStatus::Failed,
+                format!("protocol violation: {reason}"),
+                false,
+            );
+        }
+    }
+
+    /// Ends the session; with `drain`, first waits (at most 2 s) for the client to ack.
+    fn end(&mut self, status: SessionStatus, reason: String, drain: bool) {
+        if self.finished.is_some() {
+            return;
+        }
+        if drain && !self.unacked.is_empty() && self.outbound.is_some() {
+            if self.ending.is_none() {
+                self.ending = Some(Drain {
+                    deadline: Instant::now() + DRAIN_LIMIT,
+                    status,
+                    reason,
+                });
+            }
+            return;
+        }
+        self.ending = None;
+        self.finish(status, reason);
+    }
+
+    /// Ends a closing drain now.
+    fn finish_drain(&mut self) {
+        if let Some(drain) = self.ending.take() {
+            self.finish(drain.status, drain.reason);
+        }
+    }
+
+    /// Ends a closing drain as soon as the client has acknowledged everything.
+    fn finish_drain_if_acknowledged(&mut self) {
+        if self.unacked.is_empty() {
+            self.finish_drain();
+        }
+    }
+
+    /// Sends `channel_closed`, closes the current WebSocket and stops the targets. The task
+    /// goes on checking what the client's WebSockets still deliver until they are closed.
+    fn finish(&mut self, status: SessionStatus, reason: String) {
+        if self.finished.is_some() {
+            return;
+        }
+        self.finished = Some(status);
+        tracing::info!(session = %self.info.id, ?status, "session ended: {reason}");
+        {
+            let mut r = lock(&self.report);
+            r.close_reason = Some(reason.clone());
+            r.unacked_at_close = self.unacked.len() as u64;
+            tracing::debug!(session = %self.info.id, report = ?*r, "session report");
+        }
+        let output = if status == SessionStatus::Failed || reason.starts_with("Session idle") {
+            reason
+        } else {
+            String::new()
+        };
+        let closed = ChannelClosed {
+            message_id: Uuid::new_v4().hyphenated().to_string(),
+            created_date: chrono_like_now(),
+            destination_id: self.info.instance.id.clone(),
+            session_id: self.info.id.clone(),
+            message_type: "channel_closed".to_owned(),
+            schema_version: 1,
+            output,
+        };
+        let m = ClientMessage::new(
+            MessageType::ChannelClosed,
+            0,
+            FLAG_SYN | FLAG_FIN,
+            payload_type::UNSET,
+            serde_json::to_vec(&closed).unwrap_or_default(),
+        );
+        let legacy = self.faults.legacy_channel_closed;
+        let data = if legacy {
+            m.encode_legacy()
+        } else {
+            m.encode()
+        };
+        if self.to_client(ToClient::Frame {
+            data,
+            stream: false,
+            room: None,
+        }) && legacy
+        {
+            self.count(|f| f.legacy_channels_closed += 1);
+        }
+        self.to_client(ToClient::Close {
+            code: 1000,
+            reason: String::new(),
+        });
+        match std::mem::replace(&mut self.port, PortState::None) {
+            PortState::Basic(b) => {
+                if let Some(t) = b.task {
+                    t.abort();
+                }
+            }
+            PortState::Mux(mx) => {
+                for t in mx.streams.into_values().filter_map(|s| s.task) {
+                    t.abort();
+                }
+            }
+            PortState::None => {}
+        }
+        self.outbound = None;
+        self.conn_id = None;
+        self.shared.mark_finished(&self.info.id);
+    }
+}
+
+/// Sleeps until `deadline`; forever without one (the branch is disabled then).
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn chrono_like_now() -> String {
+    // RFC 3339 in UTC, from epoch milliseconds (no calendar crate needed for tests).
+    let ms = message::now_millis();
+    format!("{}.{:03}", ms / 1000, ms % 1000)
+}

@@ -1,0 +1,424 @@
+use std::time::SystemTime;
+
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::config::InstanceConfig;
+use crate::registry::{PortProperties, SessionEntry};
+
+#[test]
+fn rto_follows_jacobson_karels_and_is_capped() {
+    let mut e = RtoEstimator::default();
+    assert_eq!(e.rto(), Duration::from_millis(200));
+    e.sample(Duration::from_millis(100));
+    // rttvar = 0, srtt = 100 → rto = 100 + max(10, 0)
+    assert_eq!(e.rto().as_millis(), 110);
+    for _ in 0..5 {
+        e.sample(Duration::from_secs(5));
+    }
+    assert_eq!(e.rto(), MAX_RTO);
+}
+
+const SESSION: &str = "fleet-access-0123456789abcdef0";
+
+/// An agent of an SSH session (basic mode; the target's EOF ends it with a drain), driven
+/// input by input without its task, its timers or a real target.
+struct Harness {
+    agent: Agent,
+    report: Arc<Mutex<SessionReport>>,
+    shared: Arc<Shared>,
+    to_client: Vec<UnboundedReceiver<ToClient>>,
+    client_seq: i64,
+}
+
+impl Harness {
+    fn new(strict: bool) -> Self {
+        let shared = Arc::new(Shared::new(Config {
+            strict,
+            mode: Mode::Fast,
+            ..Config::default()
+        }));
+        let mut json = serde_json::Map::new();
+        json.insert("portNumber".into(), "22".into());
+        let info = Arc::new(SessionInfo {
+            id: SESSION.to_owned(),
+            document_name: "AWS-StartSSHSession".to_owned(),
+            owner: "test".to_owned(),
+            reason: None,
+            properties: PortProperties {
+                json,
+                port: 22,
+                host: None,
+                local_port_forwarding: false,
+            },
+            instance: InstanceConfig::new("i-0123456789abcdef0"),
+            faults: Faults::default(),
+        });
+        let report = Arc::new(Mutex::new(SessionReport::new(
+            SESSION,
+            "i-0123456789abcdef0",
+            "AWS-StartSSHSession",
+        )));
+        // The inbox stays unread: the harness delivers every input itself.
+        let (inbox, _) = mpsc::unbounded_channel();
+        lock(&shared.sessions).insert(
+            SESSION.to_owned(),
+            SessionEntry {
+                info: info.clone(),
+                token: None,
+                started: SystemTime::now(),
+                finished: false,
+                ended: None,
+                agent: Some(inbox.clone()),
+                report: report.clone(),
+                next_connection: 0,
+            },
+        );
+        let agent = Agent::new(shared.clone(), info, report.clone(), inbox);
+        let mut h = Self {
+            agent,
+            report,
+            shared,
+            to_client: Vec::new(),
+            client_seq: 0,
+        };
+        h.attach();
+        h
+    }
+
+    /// Attaches a new connection; returns its id.
+    fn attach(&mut self) -> u32 {
+        let conn_id = self.to_client.len() as u32;
+        let (outbound, rx) = mpsc::unbounded_channel();
+        self.to_client.push(rx);
+        self.agent.handle(AgentInput::Attach { conn_id, outbound });
+        conn_id
+    }
+
+    fn latest(&self) -> u32 {
+        self.to_client.len() as u32 - 1
+    }
+
+    fn frame_on(&mut self, conn_id: u32, data: Vec<u8>) {
+        self.agent.handle(AgentInput::ClientFrame {
+            conn_id,
+            data,
+            text: false,
+        });
+    }
+
+    fn frame(&mut self, data: Vec<u8>) {
+        self.frame_on(self.latest(), data);
+    }
+
+    /// The client's next `input_stream_data`.
+    fn input(&mut self, payload_type: u32, payload: &[u8]) -> ClientMessage {
+        let m = ClientMessage::new(
+            MessageType::InputStreamData,
+            self.client_seq,
+            0,
+            payload_type,
+            payload.to_vec(),
+        );
+        self.client_seq += 1;
+        m
+    }
+
+    fn ack(&mut self, m: &ClientMessage) {
+        let ack = ClientMessage::acknowledge(&m.message_type, m.message_id, m.sequence_number);
+        self.frame(ack.encode());
+    }
+
+    /// Everything the latest connection got so far, decoded.
+    fn received(&mut self) -> Vec<(ClientMessage, bool)> {
+        let mut out = Vec::new();
+        if let Some(rx) = self.to_client.last_mut() {
+            while let Ok(item) = rx.try_recv() {
+                match item {
+                    ToClient::Frame { data, .. } => {
+                        out.push((message::decode(&data).expect("agent frame").message, false))
+                    }
+                    ToClient::Close { .. } => out.push((
+                        ClientMessage::new(MessageType::Other("close".into()), 0, 0, 0, vec![]),
+                        true,
+                    )),
+                    ToClient::Inject(_) => {}
+                }
+            }
+        }
+        out
+    }
+
+    fn outputs(&mut self) -> Vec<ClientMessage> {
+        self.received()
+            .into_iter()
+            .map(|(m, _)| m)
+            .filter(|m| m.message_type == MessageType::OutputStreamData)
+            .collect()
+    }
+
+    /// Completes the handshake and brings the basic connection up; returns the
+    /// HandshakeComplete (unacknowledged) and the target's writer side.
+    fn open_basic(&mut self) -> (ClientMessage, mpsc::UnboundedReceiver<ToTarget>) {
+        let request = self.outputs().remove(0);
+        assert_eq!(request.payload_type, payload_type::HANDSHAKE_REQUEST);
+        self.ack(&request);
+        let response = serde_json::json!({
+            "ClientVersion": "1.2.764.0",
+            "ProcessedClientActions": [{"ActionType": "SessionType", "ActionStatus": 1}],
+        });
+        let m = self.input(
+            payload_type::HANDSHAKE_RESPONSE,
+            &serde_json::to_vec(&response).expect("json"),
+        );
+        self.frame(m.encode());
+        let complete = self.outputs().remove(0);
+        assert_eq!(complete.payload_type, payload_type::HANDSHAKE_COMPLETE);
+        let (writer, target) = mpsc::unbounded_channel();
+        self.agent.handle(AgentInput::Port(PortEvent::BasicUp {
+            generation: 1,
+            writer,
+        }));
+        (complete, target)
+    }
+
+    /// The target writes `banner` and closes: the SSH session drains, then ends.
+    fn target_says_and_closes(&mut self, banner: &[u8]) -> ClientMessage {
+        let room = std::sync::Arc::new(tokio::sync::Semaphore::new(banner.len()))
+            .try_acquire_many_owned(banner.len() as u32)
+            .expect("room");
+        self.agent.handle(AgentInput::Port(PortEvent::BasicData {
+            generation: 1,
+            data: banner.to_vec(),
+            room,
+        }));
+        self.agent
+            .handle(AgentInput::Port(PortEvent::BasicClosed { generation: 1 }));
+        self.outputs().remove(0)
+    }
+
+    fn report(&self) -> SessionReport {
+        lock(&self.report).clone()
+    }
+
+    fn global_violations(&self) -> Vec<String> {
+        lock(&self.shared.violations)
+            .iter()
+            .map(|v| v.reason.clone())
+            .collect()
+    }
+}
+
+fn corrupt_digest(m: &ClientMessage) -> Vec<u8> {
+    let mut bytes = m.encode();
+    bytes[80] ^= 0xFF;
+    bytes
+}
+
+#[test]
+fn disconnect_to_port_fails_an_ssh_session() {
+    let mut h = Harness::new(true);
+    let (complete, _target) = h.open_basic();
+    let disconnect = h.input(
+        payload_type::FLAG,
+        &message::flag_payload(flag::DISCONNECT_TO_PORT),
+    );
+    h.frame(disconnect.encode());
+    assert!(h.agent.ending.is_some(), "the session drains, then ends");
+    h.ack(&complete);
+    assert_eq!(h.agent.finished, Some(SessionStatus::Failed));
+    assert_eq!(
+        h.report().close_reason.as_deref(),
+        Some("the client disconnected the port of an SSH session (DisconnectToPort)")
+    );
+}
+
+#[test]
+fn the_agent_keeps_no_more_than_its_outgoing_buffer_and_says_so() {
+    let mut h = Harness::new(false);
+    let _ = h.open_basic();
+    let room = Arc::new(tokio::sync::Semaphore::new(OUTGOING_BUFFER_CAPACITY + 1));
+    for _ in 0..=OUTGOING_BUFFER_CAPACITY {
+        let room = room.clone().try_acquire_owned().expect("room");
+        h.agent.handle(AgentInput::Port(PortEvent::BasicData {
+            generation: 1,
+            data: vec![b'x'],
+            room,
+        }));
+    }
+    assert_eq!(h.agent.unacked.len(), OUTGOING_BUFFER_CAPACITY);
+    let violations = h.report().violations;
+    assert_eq!(violations.len(), 1, "reported once: {violations:?}");
+    assert!(
+        violations[0].contains("left 100000 messages unacknowledged"),
+        "{violations:?}"
+    );
+}
+
+#[test]
+fn a_target_that_does_not_read_stalls_the_receive_path_until_it_does() {
+    let mut h = Harness::new(false);
+    let (complete, mut target) = h.open_basic();
+    h.ack(&complete);
+    let acks = |h: &mut Harness| {
+        h.received()
+            .into_iter()
+            .filter(|(m, _)| m.message_type == MessageType::Acknowledge)
+            .count()
+    };
+    let _ = acks(&mut h);
+    let chunk = vec![7u8; 1024];
+    for _ in 0..80 {
+        let m = h.input(payload_type::OUTPUT, &chunk);
+        h.frame(m.encode());
+    }
+    // 65 KiB is past what a basic target's write may hold: the rest waits, unread, unacked.
+    assert_eq!(acks(&mut h), 65);
+    assert_eq!(h.agent.held.len(), 15);
+    assert_eq!(h.report().receive_stalls, 1);
+    // The target takes one chunk: room for one more frame, read and acked.
+    drop(target.try_recv().expect("written towards the target"));
+    h.agent.release_held();
+    assert_eq!(acks(&mut h), 1);
+    while let Ok(chunk) = target.try_recv() {
+        drop(chunk);
+    }
+    h.agent.release_held();
+    assert_eq!(acks(&mut h), 14);
+    assert!(h.agent.held.is_empty());
+    assert_eq!(h.report().bytes_from_client, 80 * 1024);
+    assert!(h.report().violations.is_empty(), "{:?}", h.report());
+}
+
+#[test]
+fn the_closing_drain_checks_client_frames_and_ends_once_all_is_acknowledged() {
+    let mut h = Harness::new(false);
+    let (complete, _target) = h.open_basic();
+    let banner = h.target_says_and_closes(b"SSH-2.0-test\r\n");
+    assert!(
+        h.agent.ending.is_some(),
+        "draining: output is unacknowledged"
+    );
+    assert_eq!(h.report().close_reason, None);
+
+    let bad = h.input(payload_type::OUTPUT, b"late");
+    h.frame(corrupt_digest(&bad));
+    assert_eq!(h.report().violations.len(), 1, "{:?}", h.report());
+    assert!(h.report().violations[0].contains("PayloadDigest"));
+
+    h.ack(&complete);
+    assert!(
+        h.agent.finished.is_none(),
+        "the banner is still unacknowledged"
+    );
+    h.ack(&banner);
+    let report = h.report();
+    assert_eq!(h.agent.finished, Some(SessionStatus::Terminated));
+    assert_eq!(
+        report.close_reason.as_deref(),
+        Some("the target closed the connection")
+    );
+    assert_eq!(report.unacked_at_close, 0, "the drain ended on the acks");
+    assert_eq!(report.client_frames_after_end, 3);
+    let sent = h.received();
+    assert!(
+        sent.iter()
+            .any(|(m, _)| m.message_type == MessageType::ChannelClosed)
+    );
+    assert!(sent.last().is_some_and(|(_, close)| *close));
+}
+
+#[test]
+fn a_violation_during_the_drain_fails_a_strict_session() {
+    let mut h = Harness::new(true);
+    let (_complete, _target) = h.open_basic();
+    h.target_says_and_closes(b"banner");
+    let bad = h.input(payload_type::OUTPUT, b"late");
+    h.frame(corrupt_digest(&bad));
+    assert_eq!(h.agent.finished, Some(SessionStatus::Failed));
+    assert!(
+        h.report()
+            .close_reason
+            .is_some_and(|r| r.starts_with("protocol violation: PayloadDigest"))
+    );
+}
+
+#[test]
+fn frames_after_channel_closed_are_checked_and_legal_ones_pass() {
+    let mut h = Harness::new(true);
+    let (complete, mut target) = h.open_basic();
+    let terminate = h.input(
+        payload_type::FLAG,
+        &message::flag_payload(flag::TERMINATE_SESSION),
+    );
+    h.frame(terminate.encode());
+    assert_eq!(h.agent.finished, Some(SessionStatus::Terminated));
+    assert!(!h.agent.is_over(), "its WebSocket is still open");
+
+    // Legal after the end: a late ack, a retransmission, more data (checked, not forwarded).
+    h.ack(&complete);
+    h.ack(&complete);
+    h.frame(terminate.encode());
+    let data = h.input(payload_type::OUTPUT, b"crossing");
+    h.frame(data.encode());
+    let report = h.report();
+    assert!(report.violations.is_empty(), "{report:?}");
+    assert_eq!(report.repeated_acks_from_client, 1);
+    assert_eq!(report.duplicates_from_client, 1);
+    assert!(target.try_recv().is_err(), "nothing reaches the target");
+
+    // A broken one is still a violation, recorded in the report and globally.
+    let wrong_type = ClientMessage::acknowledge(
+        &MessageType::InputStreamData,
+        complete.message_id,
+        complete.sequence_number,
+    );
+    h.frame(wrong_type.encode());
+    let report = h.report();
+    assert!(
+        !report.status.is_ended(),
+        "not over while its WebSocket is open"
+    );
+    assert_eq!(
+        report.violations,
+        vec!["acknowledge for message type \"input_stream_data\"".to_owned()]
+    );
+    assert_eq!(h.global_violations(), report.violations);
+    assert_eq!(report.client_frames_after_end, 5);
+
+    h.agent.handle(AgentInput::Closed { conn_id: 0 });
+    assert!(h.agent.is_over());
+}
+
+#[test]
+fn frames_on_a_replaced_connection_are_checked() {
+    let mut h = Harness::new(true);
+    let (complete, _target) = h.open_basic();
+    let old = h.latest();
+    h.attach();
+    h.agent.handle(AgentInput::Detach { conn_id: old });
+    h.ack(&complete);
+    let late = ClientMessage::acknowledge(&MessageType::OutputStreamData, Uuid::new_v4(), 40);
+    h.frame_on(old, late.encode());
+    let report = h.report();
+    assert_eq!(report.client_frames_on_replaced_connections, 1);
+    assert_eq!(
+        report.violations,
+        vec!["acknowledge for seq 40, which the agent never sent".to_owned()]
+    );
+    assert_eq!(h.agent.finished, Some(SessionStatus::Failed));
+    assert!(h.agent.connections.contains(&old), "still delivering");
+}
+
+#[test]
+fn a_connection_attached_after_the_end_is_closed_at_once() {
+    let mut h = Harness::new(true);
+    h.agent.handle(AgentInput::Terminate);
+    assert!(h.agent.finished.is_some());
+    let late = h.attach();
+    assert!(h.received().iter().any(|(_, close)| *close));
+    assert!(!h.agent.is_over());
+    h.agent.handle(AgentInput::Closed { conn_id: 0 });
+    h.agent.handle(AgentInput::Closed { conn_id: late });
+    assert!(h.agent.is_over());
+}

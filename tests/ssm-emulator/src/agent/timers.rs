@@ -1,0 +1,168 @@
+//! The agent's timers: retransmission checks, the handshake, reconnect and idle timeouts,
+//! the client's sequence gaps, the smux keepalive and the closing drain, each a deadline; the
+//! task sleeps until the earliest.
+
+use super::*;
+
+/// A deadline a moment past `since + after`: the checks fire once strictly past their limit.
+fn past(since: Instant, after: Duration) -> Instant {
+    since + after + Duration::from_millis(1)
+}
+
+impl Agent {
+    /// When the task must next look at its timers: `None` once the session has ended. While
+    /// output the client has not acknowledged is out, every [`TICK`], as the agent's resend
+    /// scheduler polls; otherwise at the earliest timeout, so that an idle session costs no
+    /// wake-ups.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        if self.finished.is_some() {
+            return None;
+        }
+        let now = Instant::now();
+        let resend =
+            (self.unacked.len() > self.unsent && self.outbound.is_some()).then(|| now + TICK);
+        if let Some(drain) = &self.ending {
+            // Without a connection nothing can be acknowledged any more: end the drain now.
+            let end = if self.outbound.is_none() {
+                now
+            } else {
+                drain.deadline
+            };
+            return Some(resend.map_or(end, |r| r.min(end)));
+        }
+        let config = &self.shared.config;
+        let mut deadlines = vec![resend];
+        if let Handshake::Awaiting { since } = self.handshake {
+            deadlines.push(Some(past(
+                since,
+                Config::duration(config.handshake_timeout_ms),
+            )));
+        }
+        if let Some(since) = self.detached_since {
+            deadlines.push(Some(past(
+                since,
+                Config::duration(config.reconnect_timeout_ms),
+            )));
+        }
+        if self.handshake_done() {
+            let idle = Config::duration(config.idle_timeout_ms);
+            deadlines.push(Some(past(self.last_activity, idle)));
+        }
+        if let Some(since) = self.gap_since
+            && !self.gap_reported
+        {
+            let gap = Config::duration(config.sequence_gap_timeout_ms);
+            deadlines.push(Some(past(since, gap)));
+        }
+        if let PortState::Mux(mx) = &self.port
+            && mx.keepalive
+        {
+            let interval = Config::duration(config.smux_keepalive_interval_ms);
+            let timeout = Config::duration(config.smux_keepalive_timeout_ms);
+            deadlines.push(Some(mx.last_nop + interval));
+            deadlines.push(Some(past(mx.last_rx, timeout)));
+        }
+        deadlines.into_iter().flatten().min()
+    }
+
+    pub(super) fn on_tick(&mut self, now: Instant) {
+        if let Some(drain) = &self.ending {
+            if now >= drain.deadline || self.outbound.is_none() {
+                self.finish_drain();
+            } else {
+                self.retransmit_head(now);
+            }
+            return;
+        }
+        self.retransmit_head(now);
+        if self.is_closing() {
+            return;
+        }
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        if let Handshake::Awaiting { since } = self.handshake
+            && now.duration_since(since) > Config::duration(config.handshake_timeout_ms)
+        {
+            self.end(
+                SessionStatus::Failed,
+                "Handshake timed out. Please ensure that you have the latest version of the session manager plugin.".to_owned(),
+                false,
+            );
+            return;
+        }
+        if let Some(since) = self.detached_since
+            && now.duration_since(since) > Config::duration(config.reconnect_timeout_ms)
+        {
+            self.end(
+                SessionStatus::Terminated,
+                "the client did not reconnect".to_owned(),
+                false,
+            );
+            return;
+        }
+        // While the handshake runs, its own timeout applies.
+        if self.handshake_done()
+            && now.duration_since(self.last_activity) > Config::duration(config.idle_timeout_ms)
+        {
+            self.end(
+                SessionStatus::Terminated,
+                "Session idle timeout".to_owned(),
+                false,
+            );
+            return;
+        }
+        if let Some(since) = self.gap_since
+            && !self.gap_reported
+            && now.duration_since(since) > Config::duration(config.sequence_gap_timeout_ms)
+        {
+            self.gap_reported = true;
+            let next = self
+                .reorder
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(self.expected_seq);
+            self.violation(format!(
+                "client sequence gap: expected seq {} but only later ones (from {next}) arrived",
+                self.expected_seq
+            ));
+            if self.is_closing() {
+                return;
+            }
+        }
+        let interval = Config::duration(config.smux_keepalive_interval_ms);
+        let timeout = Config::duration(config.smux_keepalive_timeout_ms);
+        let mut keepalive_dead = false;
+        if let PortState::Mux(mx) = &mut self.port
+            && mx.keepalive
+        {
+            if now.duration_since(mx.last_nop) >= interval {
+                mx.last_nop = now;
+                if mx
+                    .plumbing
+                    .control
+                    .send(smux::Frame::control(smux::Command::Nop, 0).encode())
+                    .is_ok()
+                {
+                    lock(&self.report).smux_nops_to_client += 1;
+                }
+            }
+            keepalive_dead = now.duration_since(mx.last_rx) > timeout;
+        }
+        // xtaci closes on its keepalive tick only while its receive buffer has room: a
+        // stalled receive path reads nothing, and the client is not to blame.
+        if self.receive_stalled() {
+            if let PortState::Mux(mx) = &mut self.port {
+                mx.last_rx = now;
+            }
+            keepalive_dead = false;
+        }
+        if keepalive_dead {
+            self.end(
+                SessionStatus::Failed,
+                "smux keepalive timeout: nothing arrived from the client's smux".to_owned(),
+                false,
+            );
+        }
+    }
+}
