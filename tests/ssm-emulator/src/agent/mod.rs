@@ -326,6 +326,9 @@ pub(crate) struct Agent {
     port: PortState,
     smux: Option<SmuxLedger>,
     last_activity: Instant,
+    /// The origin of the resend checks' grid: the agent's resend scheduler looks every
+    /// [`TICK`], whatever else happens.
+    resend_grid: Instant,
     ending: Option<Drain>,
     /// The status the session ended with, once `channel_closed` went out.
     finished: Option<SessionStatus>,
@@ -377,6 +380,7 @@ impl Agent {
             port: PortState::None,
             smux: None,
             last_activity: now,
+            resend_grid: now,
             ending: None,
             finished: None,
         }

@@ -10,17 +10,36 @@ fn past(since: Instant, after: Duration) -> Instant {
 }
 
 impl Agent {
+    /// When the oldest sent, unacknowledged message becomes due for a resend.
+    fn resend_due(&self) -> Option<Instant> {
+        self.outbound.as_ref()?;
+        if self.unacked.len() <= self.unsent {
+            return None;
+        }
+        let last = self.unacked.front()?.last_sent?;
+        Some(past(last, self.rto.rto()))
+    }
+
+    /// The first resend check at or after `at`: the agent's scheduler looks only every
+    /// [`TICK`], on a grid that input does not move.
+    fn on_resend_grid(&self, at: Instant) -> Instant {
+        let tick = TICK.as_nanos();
+        let since = at.saturating_duration_since(self.resend_grid).as_nanos();
+        let offset = u64::try_from(since.div_ceil(tick) * tick).unwrap_or(u64::MAX);
+        self.resend_grid + Duration::from_nanos(offset)
+    }
+
     /// When the task must next look at its timers: `None` once the session has ended. While
-    /// output the client has not acknowledged is out, every [`TICK`], as the agent's resend
-    /// scheduler polls; otherwise at the earliest timeout, so that an idle session costs no
-    /// wake-ups.
+    /// output the client has not acknowledged is out, at the resend check where its oldest
+    /// message is due (the agent's scheduler looks every [`TICK`]); otherwise at the earliest
+    /// timeout, so that an idle session costs no wake-ups. Every deadline is absolute: a steady
+    /// flow of input never postpones one.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         if self.finished.is_some() {
             return None;
         }
         let now = Instant::now();
-        let resend =
-            (self.unacked.len() > self.unsent && self.outbound.is_some()).then(|| now + TICK);
+        let resend = self.resend_due().map(|due| self.on_resend_grid(due));
         if let Some(drain) = &self.ending {
             // Without a connection nothing can be acknowledged any more: end the drain now.
             let end = if self.outbound.is_none() {
