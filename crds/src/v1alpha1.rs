@@ -381,6 +381,21 @@ pub struct SessionAccessStatus {
     /// The resolved instances.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetStatus>,
+
+    /// The sessions ended when the window ended: those the grant's principals had open on its
+    /// instances, and the bridge's through the grant's endpoints. Done once per expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions_ended: Option<SessionsEnded>,
+}
+
+/// The sessions a grant's expiry ended.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionsEnded {
+    /// When.
+    pub at: Time,
+    /// How many sessions were terminated.
+    pub count: i32,
 }
 
 /// One managed policy of a grant.

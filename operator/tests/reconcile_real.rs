@@ -52,7 +52,7 @@ struct Harness {
     settings: Settings,
     stop: Option<oneshot::Sender<()>>,
     controller: Option<tokio::task::JoinHandle<()>>,
-    _emulator: Running,
+    emulator: Running,
 }
 
 impl Harness {
@@ -136,8 +136,36 @@ impl Harness {
             settings,
             stop: Some(stop),
             controller: Some(controller),
-            _emulator: emulator,
+            emulator,
         }
+    }
+
+    /// An SSM client whose sessions the emulator reports as `owner`'s (DescribeSessions'
+    /// `Owner`), as AWS reports the caller.
+    fn ssm_as(&self, owner: &str) -> aws_sdk_ssm::Client {
+        let key = format!(
+            "AKIA{}",
+            owner.len() * 7919 + owner.bytes().map(usize::from).sum::<usize>()
+        );
+        self.emulator.set_session_owner(&key, owner);
+        let credentials = aws_sdk_ssm::config::Credentials::new(&key, "secret", None, None, "test");
+        let config = (self.ssm.config().to_builder())
+            .credentials_provider(credentials)
+            .build();
+        aws_sdk_ssm::Client::from_conf(config)
+    }
+
+    /// The IDs of the active sessions on `instance`.
+    async fn active_sessions(&self, instance: &str) -> BTreeSet<String> {
+        let out = (self.ssm.describe_sessions())
+            .state(aws_sdk_ssm::types::SessionState::Active)
+            .send()
+            .await
+            .expect("DescribeSessions");
+        (out.sessions().iter())
+            .filter(|s| s.target() == Some(instance))
+            .filter_map(|s| s.session_id().map(str::to_owned))
+            .collect()
     }
 
     /// A name unique in the (shared) IAM account.
@@ -708,9 +736,10 @@ async fn tag_targets_resolve_to_instances_with_their_agent_state() {
     h.stop().await;
 }
 
-/// A grant's window ends: its policy is revoked, its open sessions are terminated and it says
-/// Expired. The window first ends in an hour, so that the grant is seen in force however slow the
-/// machine; once it has been, the window is moved to end a few seconds later.
+/// A grant's window ends: its policy is revoked, the sessions its principal has open on its
+/// instance are terminated (once; another principal's session on the same instance survives) and
+/// it says Expired. The window first ends in an hour, so that the grant is seen in force however
+/// slow the machine; once it has been, the window is moved to end a few seconds later.
 #[tokio::test]
 async fn expiry_revokes_the_policy_and_sets_expired() {
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -741,16 +770,28 @@ async fn expiry_revokes_the_policy_and_sets_expired() {
         h.policy_document(&arn).await.is_some(),
         "in force before expiry"
     );
-    // An open session on the grant's instance, to be terminated at expiry.
-    let session = h
-        .ssm
-        .start_session()
-        .target("i-0000000000000000a")
-        .document_name("AWS-StartSSHSession")
-        .send()
-        .await
-        .expect("session starts");
-    assert!(session.session_id().is_some());
+    // Open sessions on the grant's instance: the grant's principal's, to be terminated at
+    // expiry, and another principal's, which another grant may allow and which must survive.
+    let instance = "i-0000000000000000a";
+    let user_arn = |name: &str| format!("arn:aws:iam::{ACCOUNT}:user/{name}");
+    let as_dave = h.ssm_as(&user_arn(&dave));
+    let as_mallory = h.ssm_as(&user_arn(&h.unique("mallory")));
+    let start = |client: aws_sdk_ssm::Client| async move {
+        let started = client
+            .start_session()
+            .target(instance)
+            .document_name("AWS-StartSSHSession")
+            .send()
+            .await
+            .expect("session starts");
+        started.session_id().expect("session id").to_owned()
+    };
+    let daves = start(as_dave.clone()).await;
+    let mallorys = start(as_mallory).await;
+    assert_eq!(
+        h.active_sessions(instance).await,
+        BTreeSet::from([daves.clone(), mallorys.clone()])
+    );
 
     // The window now ends in a few seconds: the operator expires the grant then (it requeues
     // the grant for its end, long before the 300 s resync), or at once if the change reaches it
@@ -769,9 +810,46 @@ async fn expiry_revokes_the_policy_and_sets_expired() {
         .aws_calls
         .with_label_values(&["ssm", "TerminateSession", "ok"])
         .get();
-    assert!(
-        terminated >= 1,
-        "the open session is terminated at expiry: {}",
+    assert_eq!(
+        terminated,
+        1,
+        "only the grant's principal's session is terminated: {}",
+        h.calls()
+    );
+    assert_eq!(
+        h.active_sessions(instance).await,
+        BTreeSet::from([mallorys.clone()])
+    );
+    let ended = wait_for("the ended sessions recorded", || async {
+        let grant = h.grants.get("temp").await.ok()?;
+        grant.status?.sessions_ended
+    })
+    .await;
+    assert_eq!(ended.count, 1);
+
+    // Once: a later reconcile of the expired grant ends nothing more (IAM already refuses the
+    // principal new sessions; a session started against the emulator anyway stays).
+    let later = start(as_dave).await;
+    let reconciles = || {
+        h.metrics
+            .reconcile_duration
+            .with_label_values(&["SessionAccess"])
+            .get_sample_count()
+    };
+    let before = reconciles();
+    let touch = json!({"metadata": {"annotations": {"example.com/touched": "yes"}}});
+    h.grants
+        .patch("temp", &PatchParams::default(), &Patch::Merge(&touch))
+        .await
+        .expect("annotated");
+    wait_for("a reconcile after the change", || async {
+        (reconciles() > before).then_some(())
+    })
+    .await;
+    assert_eq!(
+        h.active_sessions(instance).await,
+        BTreeSet::from([mallorys, later]),
+        "nothing ended twice: {}",
         h.calls()
     );
     h.stop().await;

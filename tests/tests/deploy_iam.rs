@@ -118,7 +118,7 @@ fn operator_operations() -> BTreeSet<(String, String)> {
 }
 
 fn bridge_operations() -> BTreeSet<String> {
-    operations(&read("agent-bridge/src/ssm.rs"), &[".client"])
+    operations(&read("agent-bridge/src/ssm/sdk.rs"), &[".client"])
         .into_iter()
         .map(|(_, op)| op)
         .collect()
@@ -153,7 +153,7 @@ fn only_the_two_wrappers_use_the_aws_sdk() {
                 .into_owned()
         })
         .collect();
-    let expected: BTreeSet<String> = ["agent-bridge/src/ssm.rs", "operator/src/aws/sdk.rs"]
+    let expected: BTreeSet<String> = ["agent-bridge/src/ssm/sdk.rs", "operator/src/aws/sdk.rs"]
         .into_iter()
         .map(str::to_owned)
         .collect();
@@ -449,6 +449,13 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
         "GetPolicy" | "GetPolicyVersion" | "ListPolicyVersions" | "ListEntitiesForPolicy" => {
             on_policies(&|arn| vec![Request::new(&iam(operation), arn)])
         }
+        // A grant's groups' members, whose sessions its expiry ends.
+        "GetGroup" => d
+            .principals
+            .groups
+            .iter()
+            .map(|g| Request::new("iam:GetGroup", &format!("arn:aws:iam::{ACCOUNT}:group/{g}")))
+            .collect(),
         // Tags on create need iam:TagPolicy as well.
         "CreatePolicy" => on_policies(&|arn| {
             vec![

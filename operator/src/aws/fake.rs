@@ -9,8 +9,8 @@ use std::{
 
 use crate::{
     aws::{
-        AwsError, AwsResult, DocumentInfo, IamApi, InstanceInfo, PolicyInfo, PolicyVersion,
-        Principal, SsmApi, is_write,
+        ActiveSession, AwsError, AwsResult, DocumentInfo, IamApi, InstanceInfo, PolicyInfo,
+        PolicyVersion, Principal, SsmApi, is_write,
     },
     model::naming::OWNER_TAG,
 };
@@ -169,6 +169,10 @@ impl IamApi for FakeAws {
         self.record("DeletePolicy");
         Ok(())
     }
+    async fn group_members(&self, _: &str) -> AwsResult<Vec<String>> {
+        self.record("GetGroup");
+        Ok(Vec::new())
+    }
 }
 
 #[async_trait::async_trait]
@@ -259,7 +263,7 @@ impl SsmApi for FakeAws {
         self.record("DescribeInstanceInformation");
         Ok(Vec::new())
     }
-    async fn active_sessions(&self, _: &str) -> AwsResult<Vec<String>> {
+    async fn active_sessions(&self, _: &str) -> AwsResult<Vec<ActiveSession>> {
         self.record("DescribeSessions");
         Ok(Vec::new())
     }

@@ -99,6 +99,17 @@ pub struct InstanceInfo {
     pub agent_version: Option<String>,
 }
 
+/// An active session as DescribeSessions reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveSession {
+    /// The session ID.
+    pub id: String,
+    /// The ARN of the IAM identity that started it (a user, or an assumed role's session).
+    pub owner: Option<String>,
+    /// The session document.
+    pub document: Option<String>,
+}
+
 /// An AWS call that failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{operation}: {code}: {message}")]
@@ -256,6 +267,8 @@ pub trait IamApi: Send + Sync {
     async fn detach(&self, arn: &str, principal: &Principal) -> AwsResult<()>;
     /// Deletes a policy (detached, with only its default version left).
     async fn delete_policy(&self, arn: &str) -> AwsResult<()>;
+    /// The ARNs of a group's users.
+    async fn group_members(&self, group: &str) -> AwsResult<Vec<String>>;
 }
 
 /// The SSM operations the operator uses.
@@ -292,8 +305,8 @@ pub trait SsmApi: Send + Sync {
         ids: &[String],
         tags: &BTreeMap<String, String>,
     ) -> AwsResult<Vec<InstanceInfo>>;
-    /// IDs of the active sessions on an instance.
-    async fn active_sessions(&self, instance_id: &str) -> AwsResult<Vec<String>>;
+    /// The active sessions on an instance.
+    async fn active_sessions(&self, instance_id: &str) -> AwsResult<Vec<ActiveSession>>;
     /// Terminates a session.
     async fn terminate_session(&self, session_id: &str) -> AwsResult<()>;
 }

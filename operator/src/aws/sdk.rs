@@ -10,8 +10,8 @@ use aws_sdk_ssm::types::{
 };
 
 use super::{
-    AwsError, AwsResult, DocumentInfo, IamApi, InstanceInfo, PolicyInfo, PolicyVersion, Principal,
-    PrincipalKind, SsmApi,
+    ActiveSession, AwsError, AwsResult, DocumentInfo, IamApi, InstanceInfo, PolicyInfo,
+    PolicyVersion, Principal, PrincipalKind, SsmApi,
 };
 use crate::metrics::Metrics;
 
@@ -375,6 +375,26 @@ impl IamApi for SdkAws {
         )
         .map(drop)
     }
+
+    async fn group_members(&self, group: &str) -> AwsResult<Vec<String>> {
+        let mut members = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let out = self.iam(
+                "GetGroup",
+                (self.iam.get_group().group_name(group))
+                    .set_marker(marker.clone())
+                    .send()
+                    .await,
+            )?;
+            members.extend(out.users().iter().map(|u| u.arn().to_owned()));
+            match (out.is_truncated(), out.marker()) {
+                (true, Some(next)) => marker = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(members)
+    }
 }
 
 #[async_trait::async_trait]
@@ -602,10 +622,10 @@ impl SsmApi for SdkAws {
         Ok(instances)
     }
 
-    async fn active_sessions(&self, instance_id: &str) -> AwsResult<Vec<String>> {
+    async fn active_sessions(&self, instance_id: &str) -> AwsResult<Vec<ActiveSession>> {
         // Filtered here rather than with a Target filter, which not every SSM implementation
         // (the test emulator) honours.
-        let mut ids = Vec::new();
+        let mut sessions = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let out = self.ssm(
@@ -617,18 +637,23 @@ impl SsmApi for SdkAws {
                     .send()
                     .await,
             )?;
-            ids.extend(
-                out.sessions()
-                    .iter()
+            sessions.extend(
+                (out.sessions().iter())
                     .filter(|s| s.target() == Some(instance_id))
-                    .filter_map(|s| s.session_id().map(str::to_owned)),
+                    .filter_map(|s| {
+                        Some(ActiveSession {
+                            id: s.session_id()?.to_owned(),
+                            owner: s.owner().map(str::to_owned),
+                            document: s.document_name().map(str::to_owned),
+                        })
+                    }),
             );
             match out.next_token() {
                 Some(next) if !next.is_empty() => token = Some(next.to_owned()),
                 _ => break,
             }
         }
-        Ok(ids)
+        Ok(sessions)
     }
 
     async fn terminate_session(&self, session_id: &str) -> AwsResult<()> {

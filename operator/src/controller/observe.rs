@@ -9,7 +9,7 @@ use kube::{Api, ResourceExt, api::ListParams};
 
 use crate::{
     Error, Result,
-    aws::{AwsResult, InstanceInfo, with_retry},
+    aws::{ActiveSession, AwsResult, InstanceInfo, with_retry},
     controller::Context,
     model::{
         desired::TargetSelection,
@@ -103,17 +103,30 @@ pub async fn instances(selection: &TargetSelection, ctx: &Context) -> AwsResult<
     Ok(found)
 }
 
-/// The open sessions on each instance (an instance whose sessions cannot be listed is logged
-/// and left out).
-pub async fn sessions(instances: &[String], ctx: &Context) -> Vec<(String, Vec<String>)> {
+/// The active sessions on each instance.
+pub async fn sessions(
+    instances: &[String],
+    ctx: &Context,
+) -> AwsResult<Vec<(String, Vec<ActiveSession>)>> {
     let mut open = Vec::new();
     for instance in instances {
-        match with_retry(|| ctx.ssm.active_sessions(instance)).await {
-            Ok(sessions) => open.push((instance.clone(), sessions)),
-            Err(error) => tracing::warn!(%error, %instance, "cannot list sessions"),
-        }
+        let sessions = with_retry(|| ctx.ssm.active_sessions(instance)).await?;
+        open.push((instance.clone(), sessions));
     }
-    open
+    Ok(open)
+}
+
+/// The user names of the groups' members.
+pub async fn group_members(groups: &[String], ctx: &Context) -> AwsResult<BTreeSet<String>> {
+    let mut users = BTreeSet::new();
+    for group in groups {
+        let arns = with_retry(|| ctx.iam.group_members(group)).await?;
+        users.extend(
+            arns.iter()
+                .filter_map(|arn| arn.rsplit('/').next().map(str::to_owned)),
+        );
+    }
+    Ok(users)
 }
 
 /// The operator's Services in the bridge namespace and grant `owner`'s NetworkPolicy.

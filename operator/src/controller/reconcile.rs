@@ -26,10 +26,10 @@ use std::{
 
 use fleet_access_crds::{
     SessionAccess,
-    v1alpha1::{PolicyStatus, SessionAccessStatus},
+    v1alpha1::{PolicyStatus, SessionAccessStatus, SessionsEnded},
 };
 use futures::StreamExt;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Resource, ResourceExt,
     api::{Patch, PatchParams},
@@ -53,10 +53,10 @@ use crate::{
         retry_pause,
     },
     model::{
-        desired,
+        desired::{self, Desired},
         endpoints::{self, WantedEndpoints},
         naming,
-        plan::{self, Change, Known, Moment, WantedDocument, WantedPolicy},
+        plan::{self, Change, Known, Moment, SessionOwners, WantedDocument, WantedPolicy},
         status::{self, EndpointsState, Observations, PoliciesState, TargetsState},
     },
 };
@@ -198,6 +198,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
                 policies: Vec::new(),
                 attached_principals: Vec::new(),
                 target_list: Vec::new(),
+                sessions_ended: None,
             };
             write_status(api, grant, &seen).await?;
             ctx.set_state(&key, Some("failed"));
@@ -217,15 +218,6 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         Ok(found) => status::resolved_targets(&desired.targets, found, bridge_namespace),
         Err(error) => (TargetsState::Unresolvable(error.to_string()), Vec::new()),
     };
-    if expired {
-        let instances: Vec<String> = target_list.iter().map(|t| t.instance_id.clone()).collect();
-        for change in plan::terminations(&observe::sessions(&instances, ctx).await) {
-            // One session that cannot be ended must not keep the others open.
-            if let Err(error) = applier.apply(&change).await {
-                tracing::warn!(%error, change = %change.describe(), "cannot terminate session");
-            }
-        }
-    }
 
     let (wanted_policies, wanted_documents) = match expired {
         true => (Vec::new(), Vec::new()),
@@ -273,11 +265,17 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     let resolved: Vec<String> = target_list.iter().map(|t| t.instance_id.clone()).collect();
     let wanted_endpoints = WantedEndpoints::of(&desired, &resolved, expired);
     let synced = sync_endpoints(&applier, &key, &wanted_endpoints, ctx).await;
+    let sessions_ended = match (desired.expires_at, &synced) {
+        (Some(at), Ok(served)) if expired && status::sessions_to_end_at_expiry(previous, at) => {
+            end_sessions(&applier, &desired, &resolved, served, ctx).await
+        }
+        _ => None,
+    };
     let bridge = match (&desired.bridge, synced) {
         _ if expired => EndpointsState::Removed,
-        (None, Ok(())) => EndpointsState::NotRequested,
-        (Some(_), Ok(())) if wanted_endpoints.instances.is_empty() => EndpointsState::NoInstances,
-        (Some(_), Ok(())) => EndpointsState::Ready {
+        (None, Ok(_)) => EndpointsState::NotRequested,
+        (Some(_), Ok(_)) if wanted_endpoints.instances.is_empty() => EndpointsState::NoInstances,
+        (Some(_), Ok(_)) => EndpointsState::Ready {
             services: wanted_endpoints.instances.len(),
             namespace: ctx.settings.bridge_namespace.clone(),
         },
@@ -293,6 +291,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         policies,
         attached_principals,
         target_list,
+        sessions_ended,
     };
     let written = write_status(api, grant, &seen).await?;
     ctx.set_state(&key, Some(state_label(expired, &written)));
@@ -302,6 +301,51 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         now,
         ctx.resync,
     )
+}
+
+/// Ends the sessions the expired grant's principals have open on its instances, and the
+/// bridge's through its endpoints (`served`: the instances some endpoint still serves), once:
+/// returns what was ended, or `None` (logged) when the sessions could not all be listed and
+/// ended, to be tried again at the next reconcile.
+async fn end_sessions(
+    applier: &Applier<'_>,
+    desired: &Desired,
+    instances: &[String],
+    served: &BTreeSet<String>,
+    ctx: &Context,
+) -> Option<SessionsEnded> {
+    let listed = async {
+        let mut users: BTreeSet<String> = desired.principals.users.iter().cloned().collect();
+        users.extend(observe::group_members(&desired.principals.groups, ctx).await?);
+        let owners = SessionOwners {
+            account: ctx.account.clone(),
+            users,
+            roles: desired.principals.roles.iter().cloned().collect(),
+            bridge_role: desired.bridge.as_ref().map(|b| b.role.clone()),
+            own_documents: desired.documents.iter().map(|d| d.name.clone()).collect(),
+        };
+        let open = observe::sessions(instances, ctx).await?;
+        Ok::<_, crate::aws::AwsError>(plan::sessions_to_end(&open, &owners, served))
+    };
+    let changes = match listed.await {
+        Ok(changes) => changes,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list the sessions to end at expiry; trying again later");
+            return None;
+        }
+    };
+    let mut ended = 0;
+    for change in &changes {
+        // One session that cannot be ended must not keep the others open.
+        match applier.apply(change).await {
+            Ok(_) => ended += 1,
+            Err(error) => tracing::warn!(%error, change = %change.describe(), "cannot end session"),
+        }
+    }
+    (ended == changes.len()).then(|| SessionsEnded {
+        at: Time(Timestamp::now()),
+        count: i32::try_from(ended).unwrap_or(i32::MAX),
+    })
 }
 
 /// The grant's state for the `grants` gauge.
@@ -496,21 +540,28 @@ async fn sweep_orphan_documents(
 
 // === bridge endpoints ===
 
-/// Brings the endpoint Services and the NetworkPolicy of grant `key` to `wanted`. Endpoint changes of
+/// Brings the endpoint Services and the NetworkPolicy of grant `key` to `wanted`; returns the
+/// instances that have an endpoint Service afterwards (of any grant). Endpoint changes of
 /// all grants are serialized: target ports are allocated across every grant.
 async fn sync_endpoints(
     applier: &Applier<'_>,
     key: &str,
     wanted: &WantedEndpoints,
     ctx: &Context,
-) -> Result<()> {
+) -> Result<BTreeSet<String>> {
     let _allocation = ctx.endpoints.lock().await;
     let observed = observe::endpoints(key, ctx).await?;
     let namespace = &ctx.settings.bridge_namespace;
+    let mut served: BTreeSet<String> = observed.services.keys().cloned().collect();
     for change in endpoints::endpoint_changes(namespace, key, wanted, &observed)? {
         applier.apply(&change).await?;
+        match &change {
+            Change::ApplyService(service) => served.insert(service.name_any()),
+            Change::DeleteService { name, .. } => served.remove(name),
+            _ => false,
+        };
     }
-    Ok(())
+    Ok(served)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
 use kube::ResourceExt;
 
 use crate::{
-    aws::{PolicyVersion, Principal, PrincipalKind},
+    aws::{ActiveSession, PolicyVersion, Principal, PrincipalKind},
     model::{
         desired::{self, Desired},
         naming::policy_arn,
@@ -321,14 +321,86 @@ pub fn known_objects(
     }
 }
 
-/// The sessions to end at expiry: every listed one, on the instance it was found on.
-pub fn terminations(sessions: &[(String, Vec<String>)]) -> Vec<Change> {
-    (sessions.iter())
-        .flat_map(|(instance, ids)| {
-            ids.iter().map(|session| Change::TerminateSession {
-                session: session.clone(),
-                instance: instance.clone(),
-            })
+/// Whose open sessions a grant's expiry ends: its own principals', and the bridge's through
+/// its own endpoints. Nobody else's: other grants may cover the same instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionOwners {
+    /// The account: an owner of another account is never the grant's.
+    pub account: String,
+    /// IAM user names: the grant's users and its groups' members.
+    pub users: BTreeSet<String>,
+    /// IAM role names: their sessions are the grant's.
+    pub roles: BTreeSet<String>,
+    /// The bridge's role, when the grant has bridge endpoints.
+    pub bridge_role: Option<String>,
+    /// The grant's own session documents: a bridge session with one of them was opened through
+    /// the grant's endpoint.
+    pub own_documents: BTreeSet<String>,
+}
+
+/// Who an owner ARN of DescribeSessions names, in `account`: `arn:…:iam::<acct>:user/[path/]name`
+/// or `arn:…:sts::<acct>:assumed-role/<role>/<session>`.
+enum Owner<'a> {
+    User(&'a str),
+    Role(&'a str),
+}
+
+fn owner_of<'a>(arn: &'a str, account: &str) -> Option<Owner<'a>> {
+    let mut parts = arn.splitn(6, ':');
+    let (_arn, _partition, service, _region, owner_account, resource) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    if owner_account != account {
+        return None;
+    }
+    match (service, resource.split_once('/')?) {
+        ("iam", ("user", path_and_name)) => path_and_name.rsplit('/').next().map(Owner::User),
+        ("sts", ("assumed-role", role_and_session)) => {
+            role_and_session.split('/').next().map(Owner::Role)
+        }
+        _ => None,
+    }
+}
+
+/// The sessions a grant's expiry ends, of those open on its instances: its principals' and
+/// the bridge's through its own documents or on an instance no endpoint serves any more
+/// (`served`: the instances that still have an endpoint Service, of any grant).
+pub fn sessions_to_end(
+    open: &[(String, Vec<ActiveSession>)],
+    owners: &SessionOwners,
+    served: &BTreeSet<String>,
+) -> Vec<Change> {
+    let is_grants = |instance: &String, session: &ActiveSession| {
+        let owner = session
+            .owner
+            .as_deref()
+            .and_then(|o| owner_of(o, &owners.account));
+        match owner {
+            Some(Owner::User(name)) => owners.users.contains(name),
+            Some(Owner::Role(role)) if owners.bridge_role.as_deref() == Some(role) => {
+                let own = session
+                    .document
+                    .as_ref()
+                    .is_some_and(|d| owners.own_documents.contains(d));
+                own || !served.contains(instance)
+            }
+            Some(Owner::Role(role)) => owners.roles.contains(role),
+            None => false,
+        }
+    };
+    (open.iter())
+        .flat_map(|(instance, sessions)| {
+            (sessions.iter())
+                .filter(move |s| is_grants(instance, s))
+                .map(move |s| Change::TerminateSession {
+                    session: s.id.clone(),
+                    instance: instance.clone(),
+                })
         })
         .collect()
 }

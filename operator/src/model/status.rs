@@ -7,7 +7,9 @@
 
 use fleet_access_crds::{
     agent_version,
-    v1alpha1::{PolicyStatus, SessionAccessStatus, SessionPreferencesStatus, TargetStatus},
+    v1alpha1::{
+        PolicyStatus, SessionAccessStatus, SessionPreferencesStatus, SessionsEnded, TargetStatus,
+    },
 };
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
@@ -136,6 +138,9 @@ pub struct Observations {
     pub attached_principals: Vec<String>,
     /// Resolved instances.
     pub target_list: Vec<TargetStatus>,
+    /// The sessions this reconcile ended at expiry, if it did (else what the status recorded
+    /// stays).
+    pub sessions_ended: Option<SessionsEnded>,
 }
 
 /// The status to write, given the previous one (for transition times) and the time now.
@@ -147,7 +152,7 @@ pub fn compute(
     let expired = if seen.expired {
         Outcome::yes(
             "WindowEnded",
-            "spec.window.expiresAt has passed: the policies are revoked, endpoints removed and open sessions terminated; move expiresAt to grant access again",
+            "spec.window.expiresAt has passed: the policies are revoked, endpoints removed and the grant's own sessions terminated (status.sessionsEnded); move expiresAt to grant access again",
         )
     } else {
         Outcome::no("WithinWindow", "the grant has not expired")
@@ -185,6 +190,8 @@ pub fn compute(
         attached_principals: seen.attached_principals.clone(),
         target_count: i32::try_from(seen.target_list.len()).ok(),
         targets: seen.target_list.clone(),
+        sessions_ended: (seen.sessions_ended.clone())
+            .or_else(|| previous.and_then(|p| p.sessions_ended.clone())),
     }
 }
 
@@ -401,6 +408,16 @@ pub fn preferences(
     }
 }
 
+/// Whether the sessions of the expiry at `expires_at` still need ending: not yet ended, or last
+/// ended for an earlier window (the window was extended, then ended again).
+pub fn sessions_to_end_at_expiry(
+    status: Option<&SessionAccessStatus>,
+    expires_at: Timestamp,
+) -> bool {
+    let ended = status.and_then(|s| s.sessions_ended.as_ref());
+    ended.is_none_or(|ended| ended.at.0 < expires_at)
+}
+
 /// Whether every session document the grant can own is under a name its current spec derives,
 /// so that looking those names up finds them all: true when the grant never had another spec
 /// (generation 1), or when PolicySynced is True for this generation (that sync removed the
@@ -449,6 +466,7 @@ mod tests {
             policies: Vec::new(),
             attached_principals: Vec::new(),
             target_list: Vec::new(),
+            sessions_ended: None,
         }
     }
 

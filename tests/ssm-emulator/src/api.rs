@@ -374,6 +374,13 @@ async fn custom_document(
     })
 }
 
+/// The access key ID of a SigV4-signed request (`Credential=<key>/<date>/...`), unverified.
+fn caller_access_key(headers: &HeaderMap) -> Option<String> {
+    let authorization = headers.get("authorization")?.to_str().ok()?;
+    let credential = authorization.split("Credential=").nth(1)?;
+    credential.split('/').next().map(str::to_owned)
+}
+
 fn new_session_id(principal: &str) -> String {
     let hex = uuid::Uuid::new_v4().simple().to_string();
     format!("{principal}-{}", &hex[..17])
@@ -443,12 +450,24 @@ async fn start_session(
         }
         None => custom_document(shared, headers, document, &params).await?,
     };
-    let session_id = new_session_id(&shared.config.session_principal);
+    let registered =
+        caller_access_key(headers).and_then(|key| lock(&shared.owners).get(&key).cloned());
+    // AWS names a session after its caller: the user, or the role session.
+    let (owner, principal) = match registered {
+        Some(owner) => {
+            let name = owner.rsplit('/').next().unwrap_or_default().to_owned();
+            (owner, name)
+        }
+        None => (
+            format!(
+                "arn:aws:iam::{}:user/{}",
+                shared.config.account_id, shared.config.session_principal
+            ),
+            shared.config.session_principal.clone(),
+        ),
+    };
+    let session_id = new_session_id(&principal);
     let token = new_token();
-    let owner = format!(
-        "arn:aws:iam::{}:user/{}",
-        shared.config.account_id, shared.config.session_principal
-    );
     let info = Arc::new(SessionInfo {
         id: session_id.clone(),
         document_name: document.to_owned(),

@@ -119,6 +119,13 @@ impl Running {
         self.shared.stats()
     }
 
+    /// Sessions that callers with `access_key_id` start are owned by `owner` (an IAM user or
+    /// assumed-role ARN), as AWS reports the caller in DescribeSessions' `Owner`. Callers not
+    /// registered own theirs as `arn:aws:iam::<account_id>:user/<session_principal>`.
+    pub fn set_session_owner(&self, access_key_id: &str, owner: &str) {
+        lock(&self.shared.owners).insert(access_key_id.to_owned(), owner.to_owned());
+    }
+
     /// Replaces the faults for new sessions to `instance_id`.
     pub fn set_instance_faults(&self, instance_id: &str, faults: Faults) {
         lock(&self.shared.instance_faults).insert(instance_id.to_owned(), faults);

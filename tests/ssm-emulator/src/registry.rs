@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     pub(crate) addr: OnceLock<SocketAddr>,
     pub(crate) sessions: Mutex<HashMap<String, SessionEntry>>,
     pub(crate) instance_faults: Mutex<HashMap<String, Faults>>,
+    /// Session owners (ARNs) by the caller's access key ID.
+    pub(crate) owners: Mutex<HashMap<String, String>>,
     pub(crate) violations: Mutex<Vec<Violation>>,
     pub(crate) sessions_started: AtomicU64,
     pub(crate) sessions_failed: AtomicU64,
@@ -119,6 +121,7 @@ impl Shared {
             addr: OnceLock::new(),
             sessions: Mutex::new(HashMap::new()),
             instance_faults: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
             violations: Mutex::new(Vec::new()),
             sessions_started: AtomicU64::new(0),
             sessions_failed: AtomicU64::new(0),

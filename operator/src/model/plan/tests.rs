@@ -237,3 +237,115 @@ fn a_listing_finds_orphans_only_under_names_not_wanted_and_not_yet_deleted() {
         "nothing wanted: everything listed goes"
     );
 }
+
+mod sessions_at_expiry {
+    use super::*;
+    use crate::aws::ActiveSession;
+
+    const ACCOUNT: &str = "123456789012";
+
+    fn session(id: &str, owner: &str, document: &str) -> ActiveSession {
+        ActiveSession {
+            id: id.into(),
+            owner: Some(owner.into()),
+            document: Some(document.into()),
+        }
+    }
+
+    fn ended(changes: &[Change]) -> Vec<&str> {
+        (changes.iter())
+            .map(|c| match c {
+                Change::TerminateSession { session, .. } => session.as_str(),
+                other => panic!("not a termination: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_the_grants_principals_and_its_bridge_sessions_end() {
+        let owners = SessionOwners {
+            account: ACCOUNT.into(),
+            users: BTreeSet::from(["alice".to_owned(), "member".to_owned()]),
+            roles: BTreeSet::from(["ci".to_owned()]),
+            bridge_role: Some("fleet-access-bridge".into()),
+            own_documents: BTreeSet::from(["fleet-access.c.ops.db-port5432".to_owned()]),
+        };
+        let ssh = "AWS-StartSSHSession";
+        let open = vec![
+            (
+                "i-1".to_owned(),
+                vec![
+                    session("alice-1", "arn:aws:iam::123456789012:user/alice", ssh),
+                    session(
+                        "alice-path",
+                        "arn:aws:iam::123456789012:user/team/alice",
+                        ssh,
+                    ),
+                    session("member-1", "arn:aws:iam::123456789012:user/member", ssh),
+                    session(
+                        "ci-1",
+                        "arn:aws:sts::123456789012:assumed-role/ci/run-7",
+                        ssh,
+                    ),
+                    session("bob-1", "arn:aws:iam::123456789012:user/bob", ssh),
+                    session(
+                        "other-ci",
+                        "arn:aws:sts::123456789012:assumed-role/cid/x",
+                        ssh,
+                    ),
+                    session("foreign", "arn:aws:iam::999999999999:user/alice", ssh),
+                    // The bridge: through this grant's own document, or a shared one on an
+                    // instance another grant still serves.
+                    session(
+                        "bridge-own",
+                        "arn:aws:sts::123456789012:assumed-role/fleet-access-bridge/b",
+                        "fleet-access.c.ops.db-port5432",
+                    ),
+                    session(
+                        "bridge-shared",
+                        "arn:aws:sts::123456789012:assumed-role/fleet-access-bridge/b",
+                        ssh,
+                    ),
+                ],
+            ),
+            (
+                "i-2".to_owned(),
+                vec![session(
+                    "bridge-unserved",
+                    "arn:aws:sts::123456789012:assumed-role/fleet-access-bridge/b",
+                    ssh,
+                )],
+            ),
+        ];
+        let served = BTreeSet::from(["i-1".to_owned()]);
+        assert_eq!(
+            ended(&sessions_to_end(&open, &owners, &served)),
+            vec![
+                "alice-1",
+                "alice-path",
+                "member-1",
+                "ci-1",
+                "bridge-own",
+                "bridge-unserved"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_session_without_an_owner_is_never_the_grants() {
+        let owners = SessionOwners {
+            account: ACCOUNT.into(),
+            users: BTreeSet::from(["alice".to_owned()]),
+            ..SessionOwners::default()
+        };
+        let open = vec![(
+            "i-1".to_owned(),
+            vec![ActiveSession {
+                id: "s".into(),
+                owner: None,
+                document: None,
+            }],
+        )];
+        assert!(sessions_to_end(&open, &owners, &BTreeSet::new()).is_empty());
+    }
+}
