@@ -1,7 +1,7 @@
 //! The tokio driver of one SSM data channel: the only place that awaits.
 //!
-//! One loop `select!`s over the WebSocket, the local connections, the session's timer, the
-//! pacer, the ping timer and shutdown; after every input it drains the sans-IO
+//! One loop `select!`s over the WebSocket, the local connections, the session's timer (which
+//! covers its pacing), the ping timer and shutdown; after every input it drains the sans-IO
 //! [`Session`](crate::protocol::Session)'s outputs. Local connections arrive on a channel: in
 //! basic mode they are served one at a time (DisconnectToPort between them), in mux mode each
 //! becomes an smux stream. On a lost WebSocket it calls ResumeSession, dials the new StreamUrl
@@ -16,7 +16,6 @@
 //!                        ResumeSession + dial ◄── lost ws
 //! ```
 
-pub mod pacer;
 pub mod signing;
 
 use std::collections::HashMap;
@@ -39,13 +38,11 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use crate::protocol::handshake::OpenDataChannel;
-use crate::protocol::message;
 use crate::protocol::{
-    CloseCause, Event, ForwardingMode, HandshakeInfo, Session, SessionError, Stats,
+    CloseCause, Event, ForwardingMode, HandshakeInfo, Session, SessionError, Stats, Transmit,
 };
 
 use crate::ssm::{ControlPlane, ControlPlaneError, StreamTarget};
-use pacer::Pacer;
 use signing::{SigningError, UpgradeSigner, is_presigned};
 
 /// WebSocket ping interval: within the 30–60 s the reference suggests (the agent pings every 54 s).
@@ -104,10 +101,6 @@ pub struct DriverConfig {
     pub reconnect_initial_backoff: Duration,
     /// See [`DEFAULT_RECONNECT_MAX_BACKOFF`].
     pub reconnect_max_backoff: Duration,
-    /// Outgoing messages per second; see [`pacer::DEFAULT_MESSAGES_PER_SECOND`].
-    pub messages_per_second: u32,
-    /// Pacer burst; see [`pacer::DEFAULT_BURST`].
-    pub burst: u32,
     /// See [`DEFAULT_LOCAL_READ_SIZE`].
     pub local_read_size: usize,
     /// See [`DEFAULT_LOCAL_WRITE_QUEUE`].
@@ -130,8 +123,6 @@ impl Default for DriverConfig {
             reconnect_budget: DEFAULT_RECONNECT_BUDGET,
             reconnect_initial_backoff: DEFAULT_RECONNECT_INITIAL_BACKOFF,
             reconnect_max_backoff: DEFAULT_RECONNECT_MAX_BACKOFF,
-            messages_per_second: pacer::DEFAULT_MESSAGES_PER_SECOND,
-            burst: pacer::DEFAULT_BURST,
             local_read_size: DEFAULT_LOCAL_READ_SIZE,
             local_write_queue: DEFAULT_LOCAL_WRITE_QUEUE,
             end_on_local_eof: false,
@@ -331,11 +322,6 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             stalled: None,
             unattached: None,
             outgoing: None,
-            pacer: Pacer::new(
-                start.into_std(),
-                self.config.messages_per_second,
-                self.config.burst,
-            ),
             last_heard: start,
             listening_since: start,
             mode: None,
@@ -485,9 +471,8 @@ struct Run<'t, 'a, C, L> {
     /// that speaks first, such as sshd's banner). Events stop draining until one attaches, so
     /// the session's receive window holds the rest: nothing is dropped.
     unattached: Option<Bytes>,
-    /// A frame taken from the session, waiting for the pacer.
-    outgoing: Option<Bytes>,
-    pacer: Pacer,
+    /// A frame taken from the session, to be written.
+    outgoing: Option<Transmit>,
     last_heard: Instant,
     /// Since when the driver has been reading the WebSocket without a pause. While the local
     /// side is too slow the driver stops reading ([`Session::wants_frames`]), and neither
@@ -530,12 +515,6 @@ where
             if let Some(stats) = &self.tunnel.stats {
                 stats.send_replace(self.session.stats());
             }
-            // Acks are not paced: their rate is the agent's own (≤ ~1000/s), and delaying them
-            // only causes retransmissions. Data messages are.
-            let send_at = match &self.outgoing {
-                Some(frame) if message::is_acknowledge(frame) => now,
-                _ => Instant::from_std(self.pacer.ready_at(now.into_std())),
-            };
             let timer = self.session.poll_timeout().map(Instant::from_std);
             let accepting = incoming_open && self.accepting();
             let reading = self.session.wants_frames();
@@ -552,7 +531,7 @@ where
             let turn = tokio::select! {
                 biased;
                 () = &mut shutdown, if !shutting_down => Turn::Shutdown,
-                () = due(send_at, now), if self.outgoing.is_some() => Turn::Send,
+                () = std::future::ready(()), if self.outgoing.is_some() => Turn::Send,
                 msg = self.ws.next(), if reading => Turn::Ws(msg),
                 () = due(timer.unwrap_or(now), now), if timer.is_some() => Turn::Timer,
                 _ = ping.tick() => Turn::Ping,
@@ -576,15 +555,13 @@ where
                     }
                 }
                 Turn::Send => {
-                    if let Some(frame) = self.outgoing.take() {
-                        if !message::is_acknowledge(&frame) {
-                            self.pacer.consume(now.into_std());
-                        }
-                        if let Err(e) = self.send_ws(Message::Binary(frame)).await {
-                            debug!(error = %e, "WebSocket send failed");
-                            if let Some(outcome) = self.transport_lost().await? {
-                                return Ok(outcome);
-                            }
+                    let Some(Transmit { frame, kind }) = self.outgoing.take() else {
+                        continue;
+                    };
+                    if let Err(e) = self.send_ws(Message::Binary(frame)).await {
+                        debug!(error = %e, ?kind, "WebSocket send failed");
+                        if let Some(outcome) = self.transport_lost().await? {
+                            return Ok(outcome);
                         }
                     }
                 }

@@ -34,7 +34,7 @@ pub fn drive_session(data: &[u8], origin: Instant) -> Result<(), String> {
     for frame in data.split(|b| *b == 0xff) {
         let _ = session.handle_ws_message(now, frame);
         while let Some(out) = session.poll_transmit(now) {
-            if let Err(error) = message::decode(&out) {
+            if let Err(error) = message::decode(&out.frame) {
                 return Err(format!(
                     "the session sent a frame it cannot decode: {error}"
                 ));

@@ -414,16 +414,6 @@ pub fn decode(frame: &[u8]) -> Result<Decoded, DecodeError> {
     })
 }
 
-/// True when an encoded frame is an `acknowledge` (a cheap peek at MessageType, for pacing).
-pub fn is_acknowledge(frame: &[u8]) -> bool {
-    let name = MessageType::Acknowledge.as_str().as_bytes();
-    frame
-        .get(MESSAGE_TYPE_OFFSET..MESSAGE_TYPE_OFFSET + MESSAGE_TYPE_LEN)
-        .is_some_and(|t| {
-            t.starts_with(name) && t[name.len()..].iter().all(|b| *b == b' ' || *b == 0)
-        })
-}
-
 /// SHA-256 of the payload bytes as transmitted.
 pub fn payload_digest(payload: &[u8]) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, payload);
@@ -615,26 +605,6 @@ mod tests {
         assert!(decode(&frame).is_ok());
         frame[4..21].copy_from_slice(b"output_stream_dat");
         assert_eq!(decode(&frame), Err(DecodeError::ZeroCreatedDate));
-    }
-
-    #[test]
-    fn acknowledge_peek() {
-        let mut ack = ClientMessage {
-            message_type: MessageType::Acknowledge,
-            schema_version: 1,
-            created_date: 1,
-            sequence_number: 0,
-            flags: 3,
-            message_id: Uuid::nil(),
-            payload_type: PayloadType::Unset,
-            payload: Bytes::new(),
-        };
-        assert!(is_acknowledge(&ack.to_bytes()));
-        ack.message_type = MessageType::InputStreamData;
-        assert!(!is_acknowledge(&ack.to_bytes()));
-        ack.message_type = MessageType::Other("acknowledgex".into());
-        assert!(!is_acknowledge(&ack.to_bytes()));
-        assert!(!is_acknowledge(b"short"));
     }
 
     #[test]

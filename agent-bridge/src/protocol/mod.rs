@@ -30,6 +30,7 @@
 pub mod fuzzing;
 pub mod handshake;
 pub mod message;
+pub mod pacer;
 pub mod reliability;
 pub mod rtt;
 pub mod session;
@@ -41,5 +42,6 @@ mod tests;
 pub use message::{ClientMessage, DecodeError, Decoded, MessageType, PayloadType, PortFlag};
 pub use session::{
     CloseCause, Config, Event, ForwardingMode, HandshakeInfo, Session, SessionError, Stats,
+    Transmit, TransmitKind,
 };
 pub use smux::{StreamCloseReason, StreamId};

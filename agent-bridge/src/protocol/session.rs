@@ -26,6 +26,7 @@ use super::handshake::{
 use super::message::{
     self, ClientMessage, DecodeError, FLAG_FIN, FLAG_SYN, MessageType, PayloadType, PortFlag,
 };
+use super::pacer::{self, Pacer};
 use super::reliability::{AckOutcome, Arrival, ReceiveBuffer, SendBuffer};
 use super::rtt::RttEstimator;
 use super::smux::{MuxClient, MuxError, MuxEvent, OpenError, StreamCloseReason, StreamId};
@@ -103,6 +104,10 @@ pub struct Config {
     pub max_streams: usize,
     /// ClientVersion in the HandshakeResponse; see [`handshake::CLIENT_VERSION`].
     pub client_version: String,
+    /// Sequenced messages per second at most; see [`pacer::DEFAULT_MESSAGES_PER_SECOND`].
+    pub messages_per_second: u32,
+    /// Sequenced messages back to back at most; see [`pacer::DEFAULT_BURST`].
+    pub burst: u32,
 }
 
 impl Default for Config {
@@ -120,6 +125,8 @@ impl Default for Config {
             max_pause: DEFAULT_MAX_PAUSE,
             max_streams: DEFAULT_MAX_STREAMS,
             client_version: handshake::CLIENT_VERSION.to_owned(),
+            messages_per_second: pacer::DEFAULT_MESSAGES_PER_SECOND,
+            burst: pacer::DEFAULT_BURST,
         }
     }
 }
@@ -384,7 +391,31 @@ pub struct Session {
     request: Option<HandshakeRequest>,
     info: Option<HandshakeInfo>,
     mux: Option<MuxClient>,
+    /// Paces sequenced messages under the gateway's rate limit (acks are not paced: their
+    /// rate is the agent's own, and delaying them only causes retransmissions).
+    pacer: Pacer,
+    /// Set when the last [`Session::poll_transmit`] had something to send but the pacer held
+    /// it: when it may go.
+    paced_until: Option<Instant>,
     stats: Stats,
+}
+
+/// A frame for the WebSocket, from [`Session::poll_transmit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// One whole binary WebSocket message.
+    pub frame: Bytes,
+    /// What it is.
+    pub kind: TransmitKind,
+}
+
+/// What a [`Transmit`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransmitKind {
+    /// An `acknowledge`: never paced, never retransmitted.
+    Acknowledge,
+    /// A sequenced message (stream data, a flag, the handshake): paced, kept until acked.
+    Sequenced,
 }
 
 impl Session {
@@ -413,6 +444,8 @@ impl Session {
             request: None,
             info: None,
             mux: None,
+            pacer: Pacer::new(now, config.messages_per_second, config.burst),
+            paced_until: None,
             stats: Stats::default(),
             config,
         }
@@ -615,6 +648,10 @@ impl Session {
         {
             self.paused_since = None;
         }
+        // The pacer lets the held message go: the next poll_transmit sends it.
+        if self.paced_until.is_some_and(|until| now >= until) {
+            self.paced_until = None;
+        }
         if !self.is_paused() {
             self.send.handle_timeout(now);
         }
@@ -634,25 +671,46 @@ impl Session {
     // --- outputs ---
 
     /// The next frame to send as a WebSocket binary message, if any. Acks go first and flow
-    /// even while paused; sequenced messages wait while MGS has paused publication.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+    /// even while paused; sequenced messages wait while MGS has paused publication, and for
+    /// the pacer ([`Session::poll_timeout`] says until when).
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if matches!(self.state, State::Closed) {
             return None;
         }
-        let frame = match self.control.pop_front() {
-            Some(frame) => Some(frame),
+        let transmit = match self.control.pop_front() {
+            Some(frame) => Some(Transmit {
+                frame,
+                kind: TransmitKind::Acknowledge,
+            }),
             None if self.is_paused() => None,
             None => {
+                let ready = self.pacer.ready_at(now);
+                if ready > now {
+                    // Something to send waits for the pacer: that is when to look again.
+                    let due = self.send.poll_timeout().is_some_and(|at| at <= now);
+                    if due || self.send.has_unsent() || !self.unsent_output.is_empty() {
+                        self.paced_until = Some(ready);
+                    }
+                    return None;
+                }
+                self.paced_until = None;
                 if !self.send.has_unsent() {
                     self.cut_output(now, false);
                 }
-                self.send.poll_transmit(now)
+                let frame = self.send.poll_transmit(now);
+                if frame.is_some() {
+                    self.pacer.consume(now);
+                }
+                frame.map(|frame| Transmit {
+                    frame,
+                    kind: TransmitKind::Sequenced,
+                })
             }
         };
-        if frame.is_some() {
+        if transmit.is_some() {
             self.stats.frames_sent += 1;
         }
-        frame
+        transmit
     }
 
     /// The next event for the caller, in order.
@@ -676,9 +734,11 @@ impl Session {
             State::Open => None,
             State::Closed => return None,
         };
-        let send = match self.paused_since {
-            Some(since) => Some(since + self.config.max_pause),
-            None => self.send.poll_timeout(),
+        let send = match (self.paused_since, self.paced_until) {
+            (Some(since), _) => Some(since + self.config.max_pause),
+            // Something due waits for the pacer: it is the next deadline.
+            (None, Some(until)) => Some(until),
+            (None, None) => self.send.poll_timeout(),
         };
         let mux = self.mux.as_ref().and_then(MuxClient::poll_timeout);
         [state, send, mux].into_iter().flatten().min()

@@ -35,9 +35,9 @@ fn writes_made_while_a_frame_waits_fill_one_message() {
     };
     let mut p = Pair::new(config);
     p.basic_open();
-    // The driver holds one frame for the pacer; the writes after it wait, uncut.
+    // One frame is out (on its way to the WebSocket); the writes after it wait, uncut.
     p.session.handle_local_data(b"first").unwrap();
-    let held = p.session.poll_transmit(p.now).expect("a frame");
+    let held = p.session.poll_transmit(p.now).expect("a frame").frame;
     for _ in 0..30 {
         p.session.handle_local_data(&[7u8; 50]).unwrap();
     }
@@ -49,4 +49,37 @@ fn writes_made_while_a_frame_waits_fill_one_message() {
     // 1,500 bytes in two messages instead of 30, and the flag after them.
     assert_eq!(sizes, vec![5, 1000, 500, 4]);
     assert_eq!(sent[3].payload_type, PayloadType::Flag);
+}
+
+#[test]
+fn sequenced_messages_are_paced_and_acks_are_not() {
+    // Pacing as configured (the harness turns it off): 1,000 a second, 3 back to back.
+    let mut p = Pair::new(Config::default());
+    p.session = Session::new(
+        Config {
+            messages_per_second: 1000,
+            burst: 3,
+            chunk_size: 10,
+            ..Config::default()
+        },
+        p.now,
+        START_MS,
+        42,
+    );
+    p.basic_open();
+    p.session.handle_local_data(&[1u8; 100]).unwrap();
+    let burst = p.transmit();
+    assert_eq!(burst.data.len(), 2, "the burst, less the HandshakeResponse");
+    // The pacer's deadline is the session's next timeout; an ack is not held meanwhile.
+    let next = p.session.poll_timeout().expect("a deadline");
+    assert_eq!(next, p.now + ms(1));
+    let output = p.agent.send(PayloadType::Output, b"x");
+    p.deliver(&output).unwrap();
+    let acks_only = p.transmit();
+    assert_eq!((acks_only.acks.len(), acks_only.data.len()), (1, 0));
+    // Then one message per millisecond.
+    for _ in 0..3 {
+        p.advance(ms(1));
+        assert_eq!(p.transmit().data.len(), 1);
+    }
 }

@@ -131,8 +131,15 @@ const LFW: &str = r#"{"portNumber":"80","type":"LocalPortForwarding"}"#;
 const SSH: &str = r#"{"portNumber":"22"}"#;
 
 impl Pair {
+    /// A session with `config`, unpaced (pacing has its own tests): the simulated clock does
+    /// not move while a test drains what the session sends.
     fn new(config: Config) -> Self {
         let now = origin();
+        let config = Config {
+            messages_per_second: u32::MAX,
+            burst: u32::MAX,
+            ..config
+        };
         Self {
             now,
             session: Session::new(config, now, START_MS, 42),
@@ -148,7 +155,7 @@ impl Pair {
     /// Drains everything the client wants to send, decoding it with our codec.
     fn transmit(&mut self) -> Sent {
         let mut sent = Sent::default();
-        while let Some(frame) = self.session.poll_transmit(self.now) {
+        while let Some(Transmit { frame, .. }) = self.session.poll_transmit(self.now) {
             let decoded = message::decode(&frame).unwrap();
             assert!(decoded.digest_matches());
             assert!(decoded.payload_length_matches());

@@ -7,13 +7,15 @@ fn lost_data_is_retransmitted_with_identical_bytes() {
     let mut p = Pair::new(Config::default());
     p.basic_open();
     assert_eq!(p.session.handle_local_data(b"abc").unwrap(), 3);
-    let first: Vec<Bytes> = std::iter::from_fn(|| p.session.poll_transmit(p.now)).collect();
+    let first: Vec<Bytes> =
+        std::iter::from_fn(|| p.session.poll_transmit(p.now).map(|t| t.frame)).collect();
     assert_eq!(first.len(), 1);
     // Lost. The RTO (initial 200 ms, the handshake ack gave one sample) fires:
     let before = p.now;
     assert!(p.step());
     assert!(p.now > before);
-    let again: Vec<Bytes> = std::iter::from_fn(|| p.session.poll_transmit(p.now)).collect();
+    let again: Vec<Bytes> =
+        std::iter::from_fn(|| p.session.poll_transmit(p.now).map(|t| t.frame)).collect();
     assert_eq!(again, first);
     assert_eq!(p.session.stats().retransmissions, 1);
     let m = message::decode(&again[0]).unwrap().message;

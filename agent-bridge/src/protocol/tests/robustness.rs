@@ -79,7 +79,7 @@ fn lossy_channel_delivers_exact_bytes_both_ways() {
             up_offset += p.session.handle_local_data(&upload[up_offset..]).unwrap();
         }
         // client -> agent
-        while let Some(frame) = p.session.poll_transmit(p.now) {
+        while let Some(Transmit { frame, .. }) = p.session.poll_transmit(p.now) {
             if rng.chance(25) {
                 continue;
             }
