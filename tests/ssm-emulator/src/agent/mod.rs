@@ -329,6 +329,9 @@ pub(crate) struct Agent {
     /// The origin of the resend checks' grid: the agent's resend scheduler looks every
     /// [`TICK`], whatever else happens.
     resend_grid: Instant,
+    /// The last resend check: the next is on the grid after it, so that at most one message is
+    /// resent per [`TICK`], as by the agent's scheduler.
+    resend_checked: Option<Instant>,
     ending: Option<Drain>,
     /// The status the session ended with, once `channel_closed` went out.
     finished: Option<SessionStatus>,
@@ -381,6 +384,7 @@ impl Agent {
             smux: None,
             last_activity: now,
             resend_grid: now,
+            resend_checked: None,
             ending: None,
             finished: None,
         }

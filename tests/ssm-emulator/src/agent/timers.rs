@@ -20,6 +20,22 @@ impl Agent {
         Some(past(last, self.rto.rto()))
     }
 
+    /// The resend check that will resend the oldest message: the first on the grid after the
+    /// last check at which it is due.
+    fn next_resend_check(&self) -> Option<Instant> {
+        let due = self.resend_due()?;
+        let after_last = self.resend_checked.map(|t| t + Duration::from_nanos(1));
+        Some(self.on_resend_grid(after_last.map_or(due, |t| t.max(due))))
+    }
+
+    /// Resends the oldest message if a resend check is due now.
+    fn check_resend(&mut self, now: Instant) {
+        if self.next_resend_check().is_some_and(|at| now >= at) {
+            self.resend_checked = Some(now);
+            self.retransmit_head(now);
+        }
+    }
+
     /// The first resend check at or after `at`: the agent's scheduler looks only every
     /// [`TICK`], on a grid that input does not move.
     fn on_resend_grid(&self, at: Instant) -> Instant {
@@ -39,7 +55,7 @@ impl Agent {
             return None;
         }
         let now = Instant::now();
-        let resend = self.resend_due().map(|due| self.on_resend_grid(due));
+        let resend = self.next_resend_check();
         if let Some(drain) = &self.ending {
             // Without a connection nothing can be acknowledged any more: end the drain now.
             let end = if self.outbound.is_none() {
@@ -89,11 +105,11 @@ impl Agent {
             if now >= drain.deadline || self.outbound.is_none() {
                 self.finish_drain();
             } else {
-                self.retransmit_head(now);
+                self.check_resend(now);
             }
             return;
         }
-        self.retransmit_head(now);
+        self.check_resend(now);
         if self.is_closing() {
             return;
         }
