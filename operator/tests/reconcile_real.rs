@@ -140,6 +140,23 @@ impl Harness {
         }
     }
 
+    /// Deletes grant `name` and waits until it is gone (its cleanup done).
+    async fn delete(&self, name: &str) {
+        self.grants
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+        wait_for(&format!("{name} to go"), || async {
+            self.grants
+                .get_opt(name)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+
     /// An SSM client whose sessions the emulator reports as `owner`'s (DescribeSessions'
     /// `Owner`), as AWS reports the caller.
     fn ssm_as(&self, owner: &str) -> aws_sdk_ssm::Client {
@@ -578,14 +595,7 @@ async fn create_update_and_delete_follow_the_grant() {
     assert!(!h.document_exists(&port).await);
 
     // Delete: nothing of the grant is left.
-    h.grants
-        .delete("web", &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_for("the grant to go", || async {
-        h.grants.get_opt("web").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    h.delete("web").await;
     assert!(h.policy_document(&arn).await.is_none(), "policy deleted");
     assert!(h.attachments_of_role_empty(&oncall).await);
     h.stop().await;
@@ -1752,14 +1762,7 @@ async fn another_clusters_objects_of_the_same_grant_are_never_touched() {
     untouched().await;
 
     // Deleting the grant removes everything of ours and nothing of theirs.
-    h.grants
-        .delete("web", &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_for("the grant to go", || async {
-        h.grants.get_opt("web").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    h.delete("web").await;
     assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
     untouched().await;
     h.stop().await;

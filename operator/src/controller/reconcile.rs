@@ -57,6 +57,7 @@ use crate::{
         endpoints::{self, WantedEndpoints},
         naming,
         plan::{self, Change, Known, Moment, SessionOwners, WantedDocument, WantedPolicy},
+        policy::Effect,
         status::{self, EndpointsState, Observations, PoliciesState, TargetsState},
     },
 };
@@ -265,8 +266,12 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     let resolved: Vec<String> = target_list.iter().map(|t| t.instance_id.clone()).collect();
     let wanted_endpoints = WantedEndpoints::of(&desired, &resolved, expired);
     let synced = sync_endpoints(&applier, &key, &wanted_endpoints, ctx).await;
+    // Only an Allow ends sessions: the end of a Deny gives access back.
+    let ends_sessions = expired && desired.effect == Effect::Allow;
     let sessions_ended = match (desired.expires_at, &synced) {
-        (Some(at), Ok(served)) if expired && status::sessions_to_end_at_expiry(previous, at) => {
+        (Some(at), Ok(served))
+            if ends_sessions && status::sessions_to_end_at_expiry(previous, at) =>
+        {
             end_sessions(&applier, &desired, &resolved, served, ctx).await
         }
         _ => None,
