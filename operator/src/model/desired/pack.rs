@@ -1,0 +1,89 @@
+//! Packing a grant's statements into as few managed policies as fit IAM's size quota, and
+//! splitting the resource lists of statements too large for one policy.
+
+use super::*;
+
+/// Packs statements into as few managed policies as fit IAM's size quota, splitting the
+/// resource lists of statements too large for one policy. Names are `<base>`, `<base>-2`, ….
+pub(super) fn pack(
+    names: &GrantNames<'_>,
+    suffix: &str,
+    statements: Vec<Statement>,
+) -> Result<Vec<ManagedPolicy>> {
+    let fits = |statements: &[Statement]| {
+        PolicyDocument {
+            statements: statements.to_vec(),
+        }
+        .size()
+            <= MANAGED_POLICY_MAX_CHARS
+    };
+    let mut pieces = Vec::new();
+    for statement in statements {
+        if fits(std::slice::from_ref(&statement)) {
+            pieces.push(statement);
+        } else {
+            pieces.extend(split_resources(statement, &fits)?);
+        }
+    }
+    let mut documents: Vec<Vec<Statement>> = Vec::new();
+    for piece in pieces {
+        match documents.last_mut() {
+            Some(current) if fits(&[current.as_slice(), std::slice::from_ref(&piece)].concat()) => {
+                current.push(piece)
+            }
+            _ => documents.push(vec![piece]),
+        }
+    }
+    if documents.len() > MAX_POLICIES_PER_PRINCIPAL {
+        return Err(Error::TooManyPolicies {
+            needed: documents.len(),
+            limit: MAX_POLICIES_PER_PRINCIPAL,
+            what: "managed policies per principal",
+        });
+    }
+    Ok(documents
+        .into_iter()
+        .enumerate()
+        .map(|(i, statements)| {
+            let index = if i == 0 {
+                String::new()
+            } else {
+                format!("-{}", i + 1)
+            };
+            let document = PolicyDocument { statements };
+            ManagedPolicy {
+                name: names.object(&format!("{suffix}{index}")),
+                size: document.size(),
+                document: PolicyDocumentJson(document),
+            }
+        })
+        .collect())
+}
+
+/// Splits a statement's resources over as many statements as needed, each fitting a policy alone.
+fn split_resources(
+    statement: Statement,
+    fits: &dyn Fn(&[Statement]) -> bool,
+) -> Result<Vec<Statement>> {
+    let mut parts: Vec<Statement> = Vec::new();
+    let mut current = Statement {
+        resources: Vec::new(),
+        ..statement.clone()
+    };
+    for resource in statement.resources {
+        current.resources.push(resource);
+        if !fits(std::slice::from_ref(&current)) {
+            let last = current.resources.pop().unwrap_or_default();
+            if current.resources.is_empty() {
+                return Err(Error::StatementTooLarge { sid: statement.sid });
+            }
+            parts.push(current.clone());
+            current.resources = vec![last];
+        }
+    }
+    parts.push(current);
+    for (i, part) in parts.iter_mut().enumerate() {
+        part.sid = format!("{}Part{}", statement.sid, i + 1);
+    }
+    Ok(parts)
+}
