@@ -1767,3 +1767,51 @@ async fn another_clusters_objects_of_the_same_grant_are_never_touched() {
     untouched().await;
     h.stop().await;
 }
+
+/// The end of a Deny grant's window gives access back: its principals' open sessions stay, and
+/// nothing is recorded as ended.
+#[tokio::test]
+async fn a_deny_grants_expiry_ends_no_session() {
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    let h = Harness::start("op-deny-expiry", Duration::from_secs(300)).await;
+    let frank = h.unique("frank");
+    h.user(&frank).await;
+    let instance = "i-0000000000000000a";
+    let ending_in = |seconds: i64| {
+        let expires_at = Timestamp::now() + SignedDuration::from_secs(seconds);
+        json!({
+            "effect": "Deny",
+            "principals": {"users": [frank]},
+            "targets": {"instanceIds": [instance]},
+            "window": {"expiresAt": expires_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()},
+        })
+    };
+    h.create("pause", ending_in(3600)).await;
+    h.wait_condition("pause", "PolicySynced", "True").await;
+    let as_frank = h.ssm_as(&format!("arn:aws:iam::{ACCOUNT}:user/{frank}"));
+    let franks = as_frank
+        .start_session()
+        .target(instance)
+        .document_name("AWS-StartSSHSession")
+        .send()
+        .await
+        .expect("session starts")
+        .session_id()
+        .expect("session id")
+        .to_owned();
+
+    h.set_spec("pause", ending_in(3)).await;
+    let grant = h.wait_condition("pause", "Expired", "True").await;
+    assert_eq!(grant.status.and_then(|s| s.sessions_ended), None);
+    assert!(
+        h.policy_document(&h.policy_arn("pause")).await.is_none(),
+        "deny lifted"
+    );
+    assert!(h.active_sessions(instance).await.contains(&franks));
+    let terminated = (h.metrics.aws_calls)
+        .with_label_values(&["ssm", "TerminateSession", "ok"])
+        .get();
+    assert_eq!(terminated, 0, "{}", h.calls());
+    h.stop().await;
+}
