@@ -160,10 +160,8 @@ impl Harness {
     /// An SSM client whose sessions the emulator reports as `owner`'s (DescribeSessions'
     /// `Owner`), as AWS reports the caller.
     fn ssm_as(&self, owner: &str) -> aws_sdk_ssm::Client {
-        let key = format!(
-            "AKIA{}",
-            owner.len() * 7919 + owner.bytes().map(usize::from).sum::<usize>()
-        );
+        // An access key ID is the Credential's first field: it holds no '/'.
+        let key = format!("AKIA-{}", owner.replace('/', "-"));
         self.emulator.set_session_owner(&key, owner);
         let credentials = aws_sdk_ssm::config::Credentials::new(&key, "secret", None, None, "test");
         let config = (self.ssm.config().to_builder())

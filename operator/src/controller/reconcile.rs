@@ -133,7 +133,7 @@ pub async fn run(
 
 /// Reconciles one grant.
 pub async fn reconcile(grant: Arc<SessionAccess>, ctx: Arc<Context>) -> Result<Action> {
-    let namespace = grant.namespace().unwrap_or_else(|| "default".into());
+    let namespace = namespace_of(&grant);
     let key = grant_key(&grant);
     let api: Api<SessionAccess> = Api::namespaced(ctx.client.clone(), &namespace);
     let timer = (ctx.metrics.reconcile_duration)
@@ -167,19 +167,20 @@ pub fn error_policy(grant: Arc<SessionAccess>, error: &Error, ctx: Arc<Context>)
 
 /// `<namespace>/<name>`: how the grant's endpoints and metrics name it.
 fn grant_key(grant: &SessionAccess) -> String {
-    naming::grant_key(
-        &grant.namespace().unwrap_or_else(|| "default".into()),
-        &grant.name_any(),
-    )
+    naming::grant_key(&namespace_of(grant), &grant.name_any())
 }
 
 /// `<cluster>/<namespace>/<name>`: the owner tag of the grant's AWS objects.
 fn aws_owner(grant: &SessionAccess, ctx: &Context) -> String {
     naming::owner_tag_value(
         &ctx.settings.cluster,
-        &grant.namespace().unwrap_or_else(|| "default".into()),
+        &namespace_of(grant),
         &grant.name_any(),
     )
+}
+
+fn namespace_of(grant: &SessionAccess) -> String {
+    grant.namespace().unwrap_or_else(|| "default".into())
 }
 
 async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -> Result<Action> {

@@ -296,6 +296,9 @@ pub fn resolved_targets(
     (state, list)
 }
 
+/// The advice for an AWS error that is retried.
+const RETRYING: &str = "AWS is throttling or busy: the operator retries with backoff";
+
 /// The PolicySynced condition for a failed sync of a grant: AWS's error code as the reason,
 /// and what to do.
 pub fn sync_failure(error: &Error) -> Outcome {
@@ -311,9 +314,7 @@ pub fn sync_failure(error: &Error) -> Outcome {
                 AwsErrorKind::NotFound => {
                     "a principal does not exist in IAM: create it or fix spec.principals"
                 }
-                kind if kind.is_retryable() => {
-                    "AWS is throttling or busy: the operator retries with backoff"
-                }
+                kind if kind.is_retryable() => RETRYING,
                 _ => "the operator retries; check the operator's AWS permissions",
             };
             aws_failure(aws, advice)
@@ -329,9 +330,7 @@ pub fn preferences_failure(error: &Error) -> Outcome {
         return Outcome::no("SyncFailed", error.to_string());
     };
     let advice = match aws.kind() {
-        kind if kind.is_retryable() => {
-            "AWS is throttling or busy: the operator retries with backoff"
-        }
+        kind if kind.is_retryable() => RETRYING,
         AwsErrorKind::InvalidDocument if aws.code == "MaxDocumentSizeExceeded" => {
             "the document is over 64 KB: shorten spec.shellProfile"
         }
