@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use rustix::process::{Pid, Signal, kill_process_group};
+use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
 
 use crate::error::{FixtureError, FixtureResult};
 use crate::locations::env_scripts_dir;
@@ -156,12 +156,12 @@ impl SupervisedProcess {
         for _ in 0..(STOP_GRACE.as_millis() / step.as_millis()) {
             if matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
                 // The supervisor has gone; make sure nothing of its group is left.
-                let _ = kill_process_group(group, Signal::KILL);
+                kill_group_and_wait(group);
                 return;
             }
             std::thread::sleep(step);
         }
-        let _ = kill_process_group(group, Signal::KILL);
+        kill_group_and_wait(group);
         let _ = self.child.wait();
     }
 
@@ -196,6 +196,20 @@ impl SupervisedProcess {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+}
+
+/// Sends SIGKILL to a process group and waits (at most [`STOP_GRACE`]) until none of its
+/// members is left: a killed process exists until it has been reaped, so a return right after
+/// the signal could leave members behind for a moment.
+fn kill_group_and_wait(group: Pid) {
+    let _ = kill_process_group(group, Signal::KILL);
+    let step = Duration::from_millis(10);
+    for _ in 0..(STOP_GRACE.as_millis() / step.as_millis()) {
+        if test_kill_process_group(group).is_err() {
+            return;
+        }
+        std::thread::sleep(step);
     }
 }
 
