@@ -1,5 +1,6 @@
-//! The fleet-access API (`fleetaccess.io`): the `SessionAccess` grant and the account-wide
-//! `SessionPreferences`, plus the offline validation that `fleet-access-operator plan` uses.
+//! The fleet-access API (`fleetaccess.io`): the `SessionAccess` grant, the account-wide
+//! `SessionPreferences` and the `SessionAccessPolicy` boundaries on grants, plus the offline
+//! validation that `fleet-access-operator plan` uses.
 //!
 //! This crate does no I/O and depends on no runtime: the operator, the bridge and the tests build
 //! on it.
@@ -15,14 +16,21 @@ pub mod ssm_documents;
 pub mod v1alpha1;
 pub mod validation;
 
-pub use v1alpha1::{SessionAccess, SessionAccessSpec, SessionPreferences, SessionPreferencesSpec};
+pub use v1alpha1::{
+    SessionAccess, SessionAccessPolicy, SessionAccessSpec, SessionPreferences,
+    SessionPreferencesSpec,
+};
 
 use kube::CustomResourceExt;
 
 /// The CRDs this crate defines, as one multi-document YAML stream (what `deploy/crds/` holds).
 pub fn crds_yaml() -> String {
     let mut out = String::new();
-    for crd in [SessionAccess::crd(), SessionPreferences::crd()] {
+    for crd in [
+        SessionAccess::crd(),
+        SessionPreferences::crd(),
+        SessionAccessPolicy::crd(),
+    ] {
         out.push_str("---\n");
         // A CRD built from derived types always serializes.
         out.push_str(&serde_yaml::to_string(&crd).unwrap_or_default());

@@ -143,6 +143,33 @@ validated_string!(
     message = "must be a Linux user name: a lowercase letter or _ followed by up to 31 lowercase letters, digits, _ or -"
 );
 
+validated_string!(
+    /// A value pattern in a `SessionAccessPolicy`: a value, or a prefix followed by one `*`
+    /// (`payments-*`). No other wildcard: a pattern must be checkable in CEL and in the operator
+    /// alike, and a prefix is what team naming conventions give.
+    Pattern,
+    max = 512,
+    rule = "self.matches('^[^*?]+[*]?$') || self == '*'",
+    message = "must be a value, or a prefix followed by one trailing * (payments-*); * and ? may not appear elsewhere"
+);
+
+impl Pattern {
+    /// Whether `value` is the pattern's value, or starts with its prefix. A value that itself
+    /// holds IAM wildcards matches only when the pattern's prefix is literally at its start, so
+    /// every string IAM would match with it stays inside the pattern too.
+    pub fn matches(&self, value: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => value.starts_with(prefix),
+            None => value == self.0,
+        }
+    }
+
+    /// Whether any of `patterns` matches `value`.
+    pub fn any_matches(patterns: &[Pattern], value: &str) -> bool {
+        patterns.iter().any(|p| p.matches(value))
+    }
+}
+
 /// A resource tag key as EC2 and IAM conditions accept it.
 pub const TAG_KEY_RULE: &str = "self.all(k, k.size() >= 1 && k.size() <= 128 && k.matches('^[\\\\p{L}\\\\p{Z}\\\\p{N}_.:/=+@-]+$') && !k.startsWith('aws:'))";
 /// What the API server says when a tag key is invalid.

@@ -55,13 +55,9 @@ impl Setup {
     async fn start(prefix: &str) -> Self {
         let control_plane = ControlPlane::shared().await.expect("control plane");
         control_plane
-            .apply_yaml(&fleet_access_crds::crds_yaml(), None)
+            .install_fleet_access(&fleet_access_crds::crds_yaml())
             .await
-            .expect("CRDs");
-        control_plane
-            .wait_for_crd_established("sessionaccesses.fleetaccess.io", Duration::from_secs(30))
-            .await
-            .expect("established");
+            .expect("fleet-access's API");
         let namespace = control_plane.namespace(prefix).await.expect("namespace");
         let moto = Moto::shared().await.expect("moto");
         let mut config = Config {

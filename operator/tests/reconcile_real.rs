@@ -65,18 +65,9 @@ impl Harness {
             .await
             .expect("control plane (run tests/env/setup.sh first)");
         control_plane
-            .apply_yaml(&fleet_access_crds::crds_yaml(), None)
+            .install_fleet_access(&fleet_access_crds::crds_yaml())
             .await
-            .expect("CRDs apply");
-        for name in [
-            "sessionaccesses.fleetaccess.io",
-            "sessionpreferences.fleetaccess.io",
-        ] {
-            control_plane
-                .wait_for_crd_established(name, Duration::from_secs(30))
-                .await
-                .expect("established");
-        }
+            .expect("fleet-access's API");
         let namespace = control_plane.namespace(prefix).await.expect("namespace");
         let moto = Moto::shared().await.expect("moto");
         let mut config = Config {

@@ -78,13 +78,9 @@ fn random_pause() -> Duration {
 async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
     let control_plane = ControlPlane::shared().await.expect("control plane");
     control_plane
-        .apply_yaml(&fleet_access_crds::crds_yaml(), None)
+        .install_fleet_access(&fleet_access_crds::crds_yaml())
         .await
-        .expect("CRDs");
-    control_plane
-        .wait_for_crd_established("sessionaccesses.fleetaccess.io", Duration::from_secs(30))
-        .await
-        .expect("established");
+        .expect("fleet-access's API");
     let namespace = control_plane.namespace("op-restart").await.expect("ns");
     let ns = namespace.name().to_owned();
     let moto = Moto::shared().await.expect("moto");

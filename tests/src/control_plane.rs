@@ -28,6 +28,10 @@ use crate::process::{
     SupervisedProcess, accepts_connections, free_loopback_port, loopback, retry_on_port_clash,
 };
 
+/// The boundary that admits every valid grant in every namespace.
+pub const SINGLE_TEAM_BOUNDARY: &str =
+    include_str!("../../deploy/examples/boundary-single-team.yaml");
+
 /// When set, [`ControlPlane::shared`] uses the control plane this kubeconfig points to
 /// (set by `tests/env/with-services.sh`) instead of starting one.
 pub const KUBECONFIG_ENV: &str = "FLEET_ACCESS_KUBECONFIG";
@@ -273,6 +277,21 @@ impl ControlPlane {
         let yaml = std::fs::read_to_string(path)
             .map_err(FixtureError::io(format!("reading {}", path.display())))?;
         self.apply_yaml(&yaml, default_namespace).await
+    }
+
+    /// Installs the fleet-access API from `crds_yaml` (the CRDs, as
+    /// `fleet_access_crds::crds_yaml` prints them), waits until every CRD is established, and
+    /// applies the single-team boundary (`deploy/examples/boundary-single-team.yaml`), which
+    /// admits every valid grant: without a boundary the operator refuses every grant. Tests of
+    /// narrower boundaries add their own; a grant must fit every boundary of its namespace.
+    pub async fn install_fleet_access(&self, crds_yaml: &str) -> FixtureResult<()> {
+        for crd in self.apply_yaml(crds_yaml, None).await? {
+            let name = crd.metadata.name.unwrap_or_default();
+            self.wait_for_crd_established(&name, Duration::from_secs(30))
+                .await?;
+        }
+        self.apply_yaml(SINGLE_TEAM_BOUNDARY, None).await?;
+        Ok(())
     }
 
     /// Waits until the CustomResourceDefinition `name` is `Established`, so that its

@@ -2,7 +2,7 @@
 //! Established, every example is accepted, every invalid object of the shared corpus is rejected
 //! with a message naming its field, and `kubectl get` shows the printer columns.
 
-use std::{path::Path, time::Duration};
+use std::path::Path;
 
 use fleet_access_crds::SessionAccess;
 use fleet_access_tests::ControlPlane;
@@ -19,20 +19,12 @@ async fn with_crds() -> &'static ControlPlane {
     let control_plane = ControlPlane::shared()
         .await
         .expect("control plane starts (run tests/env/setup.sh first)");
-    let crds = Path::new(REPO).join("deploy/crds/fleet-access.yaml");
+    let crds = std::fs::read_to_string(Path::new(REPO).join("deploy/crds/fleet-access.yaml"))
+        .expect("deploy/crds/fleet-access.yaml");
     control_plane
-        .apply_yaml_file(&crds, None)
+        .install_fleet_access(&crds)
         .await
         .expect("the CRDs apply");
-    for name in [
-        "sessionaccesses.fleetaccess.io",
-        "sessionpreferences.fleetaccess.io",
-    ] {
-        control_plane
-            .wait_for_crd_established(name, Duration::from_secs(30))
-            .await
-            .expect("established");
-    }
     control_plane
 }
 
@@ -54,7 +46,8 @@ async fn every_example_is_accepted() {
         let path = entry.expect("entry").path();
         let object: Value =
             serde_yaml::from_str(&std::fs::read_to_string(&path).expect("read")).expect("yaml");
-        let yaml = if object["kind"] == "SessionPreferences" {
+        let cluster_scoped = ["SessionPreferences", "SessionAccessPolicy"];
+        let yaml = if cluster_scoped.iter().any(|kind| object["kind"] == *kind) {
             serde_yaml::to_string(&object).expect("yaml")
         } else {
             in_namespace(object, namespace.name())

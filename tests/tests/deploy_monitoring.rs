@@ -450,13 +450,9 @@ async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<S
 async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<String> {
     let control_plane = ControlPlane::shared().await.expect("control plane");
     control_plane
-        .apply_yaml(&fleet_access_crds::crds_yaml(), None)
+        .install_fleet_access(&fleet_access_crds::crds_yaml())
         .await
-        .expect("CRDs");
-    control_plane
-        .wait_for_crd_established("sessionaccesses.fleetaccess.io", Duration::from_secs(30))
-        .await
-        .expect("established");
+        .expect("fleet-access's API");
     let namespace = control_plane.namespace("deploy-mon").await.expect("ns");
     let ns = namespace.name().to_owned();
     let grant: SessionAccess = serde_json::from_value(json!({

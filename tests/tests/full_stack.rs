@@ -316,9 +316,9 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         .collect();
     control_plane.apply_objects(&crds).expect("CRDs");
     control_plane
-        .wait_for_crd_established("sessionaccesses.fleetaccess.io", Duration::from_secs(30))
+        .install_fleet_access(&fleet_access_crds::crds_yaml())
         .await
-        .expect("the SessionAccess CRD is established");
+        .expect("the CRDs are established, with the single-team boundary");
 
     // The operator's and the bridge's namespace, and a team's namespace for the grant.
     let system = control_plane.namespace("fs-system").await.expect("ns");

@@ -57,6 +57,18 @@ impl<'a> Applier<'a> {
         publish(&self.ctx.recorder, &self.subject, reason, note).await;
     }
 
+    /// Publishes a Warning Event about the subject: something its owner must fix.
+    pub async fn warn(&self, reason: &str, note: &str) {
+        publish_event(
+            &self.ctx.recorder,
+            &self.subject,
+            EventType::Warning,
+            reason,
+            note,
+        )
+        .await;
+    }
+
     async fn make(&self, change: &Change) -> Result<Option<String>> {
         let (iam, ssm) = (&self.ctx.iam, &self.ctx.ssm);
         let tags = BTreeMap::from([(OWNER_TAG.to_owned(), self.owner.to_owned())]);
@@ -166,8 +178,18 @@ fn gone_is_done(result: AwsResult<()>) -> AwsResult<()> {
 
 /// Publishes a Normal Event about `subject`; a failure to publish is logged, never fatal.
 pub async fn publish(recorder: &Recorder, subject: &ObjectReference, reason: &str, note: &str) {
+    publish_event(recorder, subject, EventType::Normal, reason, note).await;
+}
+
+async fn publish_event(
+    recorder: &Recorder,
+    subject: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     let event = Event {
-        type_: EventType::Normal,
+        type_,
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
         action: reason.into(),

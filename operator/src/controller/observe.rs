@@ -1,10 +1,15 @@
 //! What the controllers read: a grant's policies and documents in AWS (looked up by the names
 //! it derives, owned or not by its tag), the managed instances its targets resolve to, the
-//! sessions open on them, and the endpoint objects in the bridge namespace. Reads only.
+//! sessions open on them, the endpoint objects in the bridge namespace, and the boundaries of
+//! a grant's namespace. Reads only.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
+use fleet_access_crds::SessionAccessPolicy;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Service},
+    networking::v1::NetworkPolicy,
+};
 use kube::{Api, ResourceExt, api::ListParams};
 
 use crate::{
@@ -148,4 +153,23 @@ pub async fn endpoints(owner: &str, ctx: &Context) -> Result<ObservedEndpoints> 
             .collect(),
         network_policy,
     })
+}
+
+/// What the boundaries judge a grant in `namespace` by: every `SessionAccessPolicy`, and the
+/// namespace's labels (none when it is gone).
+pub async fn boundaries(
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(Vec<SessionAccessPolicy>, BTreeMap<String, String>)> {
+    let policies = Api::<SessionAccessPolicy>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?;
+    let labels = Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(namespace)
+        .await
+        .map_err(Error::Kube)?
+        .map(|ns| ns.labels().clone())
+        .unwrap_or_default();
+    Ok((policies.items, labels))
 }

@@ -2,9 +2,12 @@
 //! what each grant stands for, in one direction:
 //!
 //! ```text
-//!  watch ─▶ finalizer ─┬─ Apply:   desired::compute ─▶ observe ─▶ plan ─▶ apply ─▶ status
+//!  watch ─▶ finalizer ─┬─ Apply:   boundary::admit, desired::compute ─▶ observe ─▶ plan ─▶ apply ─▶ status
 //!                      └─ Cleanup: (nothing wanted) ─▶ observe ─▶ plan ─▶ apply
 //! ```
+//!
+//! A grant its namespace's boundaries (`SessionAccessPolicy`) refuse is applied like an expired
+//! one: nothing wanted, so whatever it had is revoked, and its Admitted condition says why.
 //!
 //! Three parts, each observed, planned and applied in turn: the IAM policies and session
 //! documents (`sync_aws`), the sessions to end at expiry, and the endpoint Services and
@@ -25,7 +28,7 @@ use std::{
 };
 
 use fleet_access_crds::{
-    SessionAccess,
+    SessionAccess, SessionAccessPolicy,
     v1alpha1::{PolicyStatus, SessionAccessStatus, SessionsEnded},
 };
 use futures::StreamExt;
@@ -53,6 +56,7 @@ use crate::{
         retry_pause,
     },
     model::{
+        boundary::{self, Admission},
         desired::{self, Desired},
         endpoints::{self, WantedEndpoints},
         naming,
@@ -71,7 +75,10 @@ pub async fn run(
     namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
+    use k8s_openapi::api::{
+        core::v1::{Namespace, Service},
+        networking::v1::NetworkPolicy,
+    };
 
     let grants: Api<SessionAccess> = match namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
@@ -93,7 +100,30 @@ pub async fn run(
     let for_policies = in_scope.clone();
     let controller = Controller::new(grants, watcher::Config::default().any_semantic());
     let known = controller.store();
+    // A boundary's change may admit or refuse any grant; a namespace's labels decide which
+    // boundaries select its grants.
+    let (for_boundaries, for_namespaces) = (known.clone(), known.clone());
     controller
+        .watches(
+            Api::<SessionAccessPolicy>::all(ctx.client.clone()),
+            watcher::Config::default().any_semantic(),
+            move |_| {
+                (for_boundaries.state().iter())
+                    .map(|g| ObjectRef::from_obj(g.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<Namespace>::all(ctx.client.clone()),
+            watcher::Config::default().any_semantic(),
+            move |namespace| {
+                let name = namespace.name_any();
+                (for_namespaces.state().iter())
+                    .filter(|g| g.namespace().as_deref() == Some(name.as_str()))
+                    .map(|g| ObjectRef::from_obj(g.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .watches(
             Api::<Service>::namespaced(ctx.client.clone(), &bridge_namespace),
             owned.clone(),
@@ -187,12 +217,15 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     let (key, owner) = (grant_key(grant), aws_owner(grant, ctx));
     let now = Timestamp::now();
     let previous = grant.status.as_ref();
+    let admission = judge(grant, ctx, now).await?;
+    let refused = matches!(admission, Admission::Refused(_));
     let desired = match desired::compute(grant, &ctx.settings) {
         Ok(desired) => desired,
         Err(error) => {
             ctx.set_expiry(grant, None);
             let seen = Observations {
                 generation: grant.metadata.generation,
+                admission,
                 policy: PoliciesState::Invalid(error.to_string()),
                 targets: TargetsState::Invalid,
                 bridge: EndpointsState::Invalid,
@@ -208,8 +241,19 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         }
     };
     let expired = desired.expired(now);
+    // Outside its boundary, a grant stands for nothing: like an expired one, it is revoked.
+    let revoked = expired || refused;
     ctx.set_expiry(grant, desired.expires_at);
     let applier = Applier::new(ctx, grant.object_ref(&()), &owner);
+    if let Admission::Refused(refusals) = &admission
+        && newly_refused(previous, &admission)
+    {
+        let first = refusals
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        applier.warn("OutsideBoundary", &first).await;
+    }
 
     let found = observe::instances(&desired.targets, ctx).await;
     let bridge_namespace = desired
@@ -221,7 +265,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         Err(error) => (TargetsState::Unresolvable(error.to_string()), Vec::new()),
     };
 
-    let (wanted_policies, wanted_documents) = match expired {
+    let (wanted_policies, wanted_documents) = match revoked {
         true => (Vec::new(), Vec::new()),
         false => plan::wanted(&desired, &ctx.settings.partition, &ctx.account),
     };
@@ -237,9 +281,12 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     .await;
     let (policy, policies, attached_principals, failure) = match synced {
         Ok(policies) => (
-            PoliciesState::Synced {
-                policies: wanted_policies.len(),
-                documents: wanted_documents.len(),
+            match refused {
+                true => PoliciesState::Revoked,
+                false => PoliciesState::Synced {
+                    policies: wanted_policies.len(),
+                    documents: wanted_documents.len(),
+                },
             },
             policies,
             plan::attached_arns(&wanted_policies, &ctx.settings.partition, &ctx.account),
@@ -265,7 +312,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     };
 
     let resolved: Vec<String> = target_list.iter().map(|t| t.instance_id.clone()).collect();
-    let wanted_endpoints = WantedEndpoints::of(&desired, &resolved, expired);
+    let wanted_endpoints = WantedEndpoints::of(&desired, &resolved, revoked);
     let synced = sync_endpoints(&applier, &key, &wanted_endpoints, ctx).await;
     // Only an Allow ends sessions: the end of a Deny gives access back.
     let ends_sessions = expired && desired.effect == Effect::Allow;
@@ -279,6 +326,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     };
     let bridge = match (&desired.bridge, synced) {
         _ if expired => EndpointsState::Removed,
+        (_, Ok(_)) if refused => EndpointsState::Revoked,
         (None, Ok(_)) => EndpointsState::NotRequested,
         (Some(_), Ok(_)) if wanted_endpoints.instances.is_empty() => EndpointsState::NoInstances,
         (Some(_), Ok(_)) => EndpointsState::Ready {
@@ -290,6 +338,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
 
     let seen = Observations {
         generation: grant.metadata.generation,
+        admission,
         policy,
         targets,
         bridge,
@@ -307,6 +356,29 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         now,
         ctx.resync,
     )
+}
+
+/// Judges the grant against the boundaries of its namespace.
+async fn judge(grant: &SessionAccess, ctx: &Context, now: Timestamp) -> Result<Admission> {
+    let namespace = namespace_of(grant);
+    let (boundaries, labels) = observe::boundaries(&namespace, ctx).await?;
+    let judged = boundary::Grant {
+        spec: &grant.spec,
+        namespace: &namespace,
+        namespace_labels: &labels,
+        created: grant.metadata.creation_timestamp.as_ref().map(|t| t.0),
+    };
+    Ok(boundary::admit(&judged, &boundaries, now))
+}
+
+/// Whether `admission` refuses the grant where the recorded status did not, or for another
+/// reason: then it is worth an Event.
+fn newly_refused(previous: Option<&SessionAccessStatus>, admission: &Admission) -> bool {
+    let recorded = (previous.into_iter())
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == status::ADMITTED);
+    let words = status::admission_outcome(admission);
+    recorded.is_none_or(|c| c.status != "False" || c.message != words.message)
 }
 
 /// Ends the sessions the expired grant's principals have open on its instances, and the

@@ -718,7 +718,7 @@ fn bridge_grant(
 }
 
 /// The label every namespace carries with its own name (set by the API server).
-const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+pub(crate) const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// A client peer as the grant means it: a `podSelector` without a `namespaceSelector` selects
 /// pods in the grant's own namespace. (In the NetworkPolicy, which lives in the bridge's

@@ -2,7 +2,7 @@
 //! reconcile found and did, as typed facts. Every word of every condition is written here. No
 //! I/O; the clock is an argument.
 //!
-//! Ready = PolicySynced ∧ TargetsResolved ∧ BridgeReady ∧ ¬Expired. A condition keeps its
+//! Ready = Admitted ∧ PolicySynced ∧ TargetsResolved ∧ BridgeReady ∧ ¬Expired. A condition keeps its
 //! `lastTransitionTime` while its status does not change.
 
 use fleet_access_crds::{
@@ -19,11 +19,13 @@ use k8s_openapi::{
 use crate::{
     Error,
     aws::{AwsError, AwsErrorKind, InstanceInfo},
-    model::desired::TargetSelection,
+    model::{boundary::Admission, desired::TargetSelection},
 };
 
 /// Condition types.
 pub const READY: &str = "Ready";
+/// Every `SessionAccessPolicy` of the grant's namespace admits it.
+pub const ADMITTED: &str = "Admitted";
 /// IAM policies and session documents match the grant.
 pub const POLICY_SYNCED: &str = "PolicySynced";
 /// The targets resolved to managed instances.
@@ -69,6 +71,8 @@ impl Outcome {
 pub enum PoliciesState {
     /// The grant is invalid (the message says why); nothing was applied.
     Invalid(String),
+    /// Removed, or never written: the grant is outside its boundary.
+    Revoked,
     /// They match the grant.
     Synced {
         /// How many policies.
@@ -106,6 +110,8 @@ pub enum EndpointsState {
     NotRequested,
     /// Removed because the window ended.
     Removed,
+    /// Removed, or never written: the grant is outside its boundary.
+    Revoked,
     /// The grant asks for endpoints, but no instance resolved.
     NoInstances,
     /// This many Services in `namespace` carry the grant's ports.
@@ -124,6 +130,8 @@ pub enum EndpointsState {
 pub struct Observations {
     /// The object's generation.
     pub generation: Option<i64>,
+    /// Whether the boundaries of the grant's namespace admit it.
+    pub admission: Admission,
     /// Policies and documents.
     pub policy: PoliciesState,
     /// Target resolution.
@@ -157,14 +165,17 @@ pub fn compute(
     } else {
         Outcome::no("WithinWindow", "the grant has not expired")
     };
-    let (policy, targets, bridge) = (
+    let (admitted, policy, targets, bridge) = (
+        admission_outcome(&seen.admission),
         policies_outcome(&seen.policy),
         targets_outcome(&seen.targets),
         endpoints_outcome(&seen.bridge),
     );
     let ready = if seen.expired {
         Outcome::no("Expired", "the grant's window has ended")
-    } else if let Some(failing) = [&policy, &targets, &bridge].into_iter().find(|o| !o.ok) {
+    } else if let Some(failing) =
+        ([&admitted, &policy, &targets, &bridge].into_iter()).find(|o| !o.ok)
+    {
         Outcome::no(&failing.reason, failing.message.clone())
     } else {
         Outcome::yes(
@@ -178,6 +189,7 @@ pub fn compute(
     };
     let conditions = vec![
         condition(READY, &ready),
+        condition(ADMITTED, &admitted),
         condition(POLICY_SYNCED, &policy),
         condition(TARGETS_RESOLVED, &targets),
         condition(BRIDGE_READY, &bridge),
@@ -195,10 +207,34 @@ pub fn compute(
     }
 }
 
+/// The Admitted condition: the boundaries, or every refusal (each names its field and boundary).
+pub fn admission_outcome(admission: &Admission) -> Outcome {
+    match admission {
+        Admission::Admitted { boundaries } => Outcome::yes(
+            "WithinBoundary",
+            format!("admitted by SessionAccessPolicy {}", boundaries.join(", ")),
+        ),
+        Admission::Refused(refusals) => {
+            let refusals: Vec<String> = refusals.iter().map(ToString::to_string).collect();
+            Outcome::no(
+                "OutsideBoundary",
+                format!(
+                    "nothing is granted until the grant fits its namespace's boundaries: {}",
+                    refusals.join("; ")
+                ),
+            )
+        }
+    }
+}
+
 /// The PolicySynced condition.
 fn policies_outcome(state: &PoliciesState) -> Outcome {
     match state {
         PoliciesState::Invalid(message) => Outcome::no("InvalidGrant", message.clone()),
+        PoliciesState::Revoked => Outcome::yes(
+            "OutsideBoundary",
+            "no IAM policy or session document: the grant is outside its boundary (see Admitted)",
+        ),
         PoliciesState::Synced {
             policies,
             documents,
@@ -246,6 +282,10 @@ fn endpoints_outcome(state: &EndpointsState) -> Outcome {
             Outcome::yes("NotRequested", "the grant asks for no bridge endpoints")
         }
         EndpointsState::Removed => Outcome::yes("Expired", "endpoints removed at expiry"),
+        EndpointsState::Revoked => Outcome::yes(
+            "OutsideBoundary",
+            "no endpoints: the grant is outside its boundary (see Admitted)",
+        ),
         EndpointsState::NoInstances => Outcome::no(
             "NoEndpoints",
             "no instance resolved for the bridge: check spec.targets",
@@ -454,10 +494,14 @@ pub fn documents_follow_spec_at_deletion(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::boundary::Refusal;
 
     fn seen(policy: PoliciesState) -> Observations {
         Observations {
             generation: Some(3),
+            admission: Admission::Admitted {
+                boundaries: vec!["team".into()],
+            },
             policy,
             targets: TargetsState::Resolved(1),
             bridge: EndpointsState::NotRequested,
@@ -482,6 +526,39 @@ mod tests {
             .iter()
             .find(|c| c.type_ == type_)
             .expect("condition present")
+    }
+
+    #[test]
+    fn a_grant_outside_its_boundary_is_not_ready_and_says_why() {
+        let refused = Observations {
+            admission: Admission::Refused(vec![Refusal {
+                boundary: Some("team".into()),
+                field: "spec.sessions.ports".into(),
+                message: "port 3306 is not among the ports this boundary allows (5432)".into(),
+            }]),
+            ..seen(PoliciesState::Revoked)
+        };
+        let status = compute(None, &refused, Timestamp::from_second(1_000).expect("time"));
+        let (ready, admitted) = (find(&status, READY), find(&status, ADMITTED));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "OutsideBoundary")
+        );
+        assert_eq!(admitted.status, "False");
+        assert!(
+            admitted.message.ends_with("spec.sessions.ports: port 3306 is not among the ports this boundary allows (5432) (SessionAccessPolicy team)"),
+            "{}",
+            admitted.message
+        );
+        let inside = compute(
+            None,
+            &seen(synced()),
+            Timestamp::from_second(1_000).expect("time"),
+        );
+        assert_eq!(
+            find(&inside, ADMITTED).message,
+            "admitted by SessionAccessPolicy team"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `fleetaccess.io/v1alpha1`: the `SessionAccess` grant (namespaced) and the account-wide
-//! `SessionPreferences` (cluster-scoped).
+//! `fleetaccess.io/v1alpha1`: the `SessionAccess` grant (namespaced), the account-wide
+//! `SessionPreferences` and the `SessionAccessPolicy` boundaries on grants (both
+//! cluster-scoped, the latter in `boundary`).
 //!
 //! Every field's `///` comment becomes its `kubectl explain` text. Rules that span several fields
 //! are CEL rules on the struct that owns those fields, each with a message that says what to fix.
@@ -16,6 +17,13 @@ use serde::{Deserialize, Serialize};
 use crate::names::{
     BucketName, IamGroupName, IamRoleName, IamUserName, InstanceId, KmsKeyId, LogGroupName,
     OsUserName, Port, S3KeyPrefix, TAG_KEY_MESSAGE, TAG_KEY_RULE, TagValue,
+};
+
+mod boundary;
+
+pub use boundary::{
+    BridgeBounds, PrincipalPatterns, SessionAccessPolicy, SessionAccessPolicySpec, SessionBounds,
+    ShellLoggingRequirement, TargetBounds, WindowBounds,
 };
 
 /// The API group of every fleet-access resource.
