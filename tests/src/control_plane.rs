@@ -203,6 +203,14 @@ impl ControlPlane {
         Ok(command)
     }
 
+    /// A `kubectl` command that authenticates with `kubeconfig` instead (see
+    /// [`ControlPlane::service_account_kubeconfig`]).
+    pub fn kubectl_with(&self, kubeconfig: &Path) -> FixtureResult<Command> {
+        let mut command = self.kubectl()?;
+        command.env("KUBECONFIG", kubeconfig);
+        Ok(command)
+    }
+
     /// Runs kubectl with `args`; returns its stdout, or its stderr as the error.
     pub fn run_kubectl<I, S>(&self, args: I) -> FixtureResult<String>
     where
@@ -285,12 +293,18 @@ impl ControlPlane {
     /// admits every valid grant: without a boundary the operator refuses every grant. Tests of
     /// narrower boundaries add their own; a grant must fit every boundary of its namespace.
     pub async fn install_fleet_access(&self, crds_yaml: &str) -> FixtureResult<()> {
+        self.install_crds(crds_yaml).await?;
+        self.apply_yaml(SINGLE_TEAM_BOUNDARY, None).await?;
+        Ok(())
+    }
+
+    /// Applies the CRDs of `crds_yaml` and waits until every one is established.
+    pub async fn install_crds(&self, crds_yaml: &str) -> FixtureResult<()> {
         for crd in self.apply_yaml(crds_yaml, None).await? {
             let name = crd.metadata.name.unwrap_or_default();
             self.wait_for_crd_established(&name, Duration::from_secs(30))
                 .await?;
         }
-        self.apply_yaml(SINGLE_TEAM_BOUNDARY, None).await?;
         Ok(())
     }
 

@@ -107,7 +107,7 @@ pub struct TargetBounds {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 10))]
     #[x_kube(validation = Rule::new(TAG_KEY_RULE).message(TAG_KEY_MESSAGE))]
-    pub tags: BTreeMap<String, Vec<Pattern>>,
+    pub tags: BTreeMap<String, TagValuePatterns>,
 
     /// The effects a grant on allInstances may have; a grant of such an effect may target any
     /// instances. Defaults to [Deny]: a tenant may deny its own principals anywhere, and allow
@@ -130,6 +130,31 @@ impl Default for TargetBounds {
 
 fn deny_only() -> Vec<Effect> {
     vec![Effect::Deny]
+}
+
+/// The value patterns of one tag key: a grant's value must match one of them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct TagValuePatterns(pub Vec<Pattern>);
+
+impl schemars::JsonSchema for TagValuePatterns {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TagValuePatterns".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    // Bounded, so that the API server's CEL cost estimate of the patterns' rule stays in budget.
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 10,
+            "items": generator.subschema_for::<Pattern>(),
+        })
+    }
 }
 
 /// The sessions Allow grants may allow.

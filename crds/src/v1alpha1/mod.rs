@@ -23,7 +23,7 @@ mod boundary;
 
 pub use boundary::{
     BridgeBounds, PrincipalPatterns, SessionAccessPolicy, SessionAccessPolicySpec, SessionBounds,
-    ShellLoggingRequirement, TargetBounds, WindowBounds,
+    ShellLoggingRequirement, TagValuePatterns, TargetBounds, WindowBounds,
 };
 
 /// The API group of every fleet-access resource.

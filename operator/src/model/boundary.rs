@@ -3,7 +3,7 @@
 //!
 //! A boundary is a constraint: every boundary that selects the namespace must admit the grant,
 //! and a namespace that no boundary selects admits nothing. The same rules are CEL in
-//! `deploy/admission/` (the admission policy), which refuses at `kubectl apply` what CEL can
+//! `deploy/tenancy/` (the admission policy), which refuses at `kubectl apply` what CEL can
 //! express; this module is the operator's own check before any AWS write, and the reference
 //! the admission policy's tests compare against.
 
@@ -261,14 +261,14 @@ fn target_refusals(
                     "spec.targets.tags".into(),
                     format!(
                         "tag targets must include the tag {key} ({})",
-                        listed(patterns)
+                        listed(&patterns.0)
                     ),
                 )),
-                Some(value) if !Pattern::any_matches(patterns, value.as_str()) => out.push((
+                Some(value) if !Pattern::any_matches(&patterns.0, value.as_str()) => out.push((
                     format!("spec.targets.tags.{key}"),
                     format!(
                         "{key}={value} is outside this boundary ({key} may be {})",
-                        listed(patterns)
+                        listed(&patterns.0)
                     ),
                 )),
                 Some(_) => {}

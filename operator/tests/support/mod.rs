@@ -1,0 +1,520 @@
+//! The reconciler's harness against real parts, shared by the operator's real-component tests:
+//! a real kube-apiserver + etcd, IAM on moto, SSM on the project's emulator with moto as its
+//! upstream. Each harness runs its own controller, in-process on a real client, scoped to its own
+//! namespace, with its own metrics (so AWS calls can be counted).
+
+// Each test binary uses part of the harness.
+#![allow(dead_code)]
+
+use std::{collections::BTreeSet, future::Future, sync::Arc, time::Duration};
+
+use aws_sdk_iam::error::ProvideErrorMetadata;
+use fleet_access_crds::SessionAccess;
+use fleet_access_operator::{
+    aws::sdk::SdkAws,
+    controller::{Context, reconcile},
+    metrics::Metrics,
+    model::{desired, naming},
+    settings::Settings,
+};
+use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
+use fleet_access_tests::{ControlPlane, Moto, TestNamespace};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub(crate) const ACCOUNT: &str = "123456789012";
+pub(crate) const REGION: &str = "us-east-1";
+/// The cluster name of the operators under test.
+pub(crate) const CLUSTER: &str = "test";
+/// How long a test waits for the controller to converge before failing.
+pub(crate) const CONVERGE: Duration = Duration::from_secs(90);
+
+/// Instances of the emulated fleet: IDs, a tag and agent versions.
+pub(crate) const FLEET: &[(&str, &str, &str)] = &[
+    ("i-0000000000000000a", "staging", "3.3.0.0"),
+    ("i-0000000000000000b", "staging", "2.3.500.0"),
+    ("i-0000000000000000c", "production", "3.3.0.0"),
+    ("i-0000000000000000d", "production", "3.3.0.0"),
+    ("i-0000000000000000e", "production", "3.3.0.0"),
+    ("i-0000000000000000f", "production", "3.3.0.0"),
+    ("i-00000000000000010", "production", "3.3.0.0"),
+    ("i-00000000000000011", "production", "3.3.0.0"),
+];
+
+pub(crate) struct Harness {
+    pub(crate) namespace: TestNamespace,
+    pub(crate) grants: Api<SessionAccess>,
+    pub(crate) iam: aws_sdk_iam::Client,
+    pub(crate) ssm: aws_sdk_ssm::Client,
+    pub(crate) metrics: Metrics,
+    pub(crate) settings: Settings,
+    pub(crate) stop: Option<oneshot::Sender<()>>,
+    pub(crate) controller: Option<tokio::task::JoinHandle<()>>,
+    pub(crate) emulator: Running,
+}
+
+impl Harness {
+    /// A harness on the shared control plane, whose namespaces the single-team boundary
+    /// (admitting every valid grant) selects.
+    pub(crate) async fn start(prefix: &str, resync: Duration) -> Self {
+        let control_plane = ControlPlane::shared()
+            .await
+            .expect("control plane (run tests/env/setup.sh first)");
+        control_plane
+            .install_fleet_access(&fleet_access_crds::crds_yaml())
+            .await
+            .expect("fleet-access's API");
+        Self::start_on(control_plane, prefix, resync).await
+    }
+
+    /// A harness on `control_plane`, which must have the CRDs installed.
+    pub(crate) async fn start_on(
+        control_plane: &ControlPlane,
+        prefix: &str,
+        resync: Duration,
+    ) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let namespace = control_plane.namespace(prefix).await.expect("namespace");
+        let moto = Moto::shared().await.expect("moto");
+        let mut config = Config {
+            mode: Mode::Fast,
+            upstream: Some(moto.endpoint().to_owned()),
+            ..Config::default()
+        };
+        for (id, environment, agent) in FLEET {
+            config.instances.push(
+                InstanceConfig::new(*id)
+                    .with_tag("Environment", *environment)
+                    .with_agent_version(*agent),
+            );
+        }
+        let emulator = Emulator::start(config).await.expect("emulator starts");
+        let iam_config = moto.sdk_config();
+        let ssm_config = fleet_access_tests::moto::sdk_config_for(&emulator.endpoint_url());
+        let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
+        let aws = Arc::new(SdkAws::with_configs(
+            &iam_config,
+            &ssm_config,
+            metrics.clone(),
+        ));
+        let settings = Settings {
+            partition: "aws".into(),
+            account: Some(ACCOUNT.into()),
+            region: Some(REGION.into()),
+            bridge_role: Some(format!("bridge-{}", namespace.name())),
+            // Each test's namespace doubles as its bridge namespace.
+            bridge_namespace: namespace.name().to_owned(),
+            cluster: CLUSTER.into(),
+        };
+        let ctx = Arc::new(Context::new(
+            namespace.client(),
+            aws.clone(),
+            aws,
+            settings.clone(),
+            ACCOUNT.into(),
+            metrics.clone(),
+            resync,
+            "test",
+        ));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let scope = namespace.name().to_owned();
+        let controller = tokio::spawn(async move {
+            reconcile::run(ctx, Some(&scope), async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Self {
+            grants: namespace.api(),
+            namespace,
+            iam: aws_sdk_iam::Client::new(&iam_config),
+            ssm: aws_sdk_ssm::Client::new(&ssm_config),
+            metrics,
+            settings,
+            stop: Some(stop),
+            controller: Some(controller),
+            emulator,
+        }
+    }
+
+    /// Deletes grant `name` and waits until it is gone (its cleanup done).
+    pub(crate) async fn delete(&self, name: &str) {
+        self.grants
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+        wait_for(&format!("{name} to go"), || async {
+            self.grants
+                .get_opt(name)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// An SSM client whose sessions the emulator reports as `owner`'s (DescribeSessions'
+    /// `Owner`), as AWS reports the caller.
+    pub(crate) fn ssm_as(&self, owner: &str) -> aws_sdk_ssm::Client {
+        // An access key ID is the Credential's first field: it holds no '/'.
+        let key = format!("AKIA-{}", owner.replace('/', "-"));
+        self.emulator.set_session_owner(&key, owner);
+        let credentials = aws_sdk_ssm::config::Credentials::new(&key, "secret", None, None, "test");
+        let config = (self.ssm.config().to_builder())
+            .credentials_provider(credentials)
+            .build();
+        aws_sdk_ssm::Client::from_conf(config)
+    }
+
+    /// The IDs of the active sessions on `instance`.
+    pub(crate) async fn active_sessions(&self, instance: &str) -> BTreeSet<String> {
+        let out = (self.ssm.describe_sessions())
+            .state(aws_sdk_ssm::types::SessionState::Active)
+            .send()
+            .await
+            .expect("DescribeSessions");
+        (out.sessions().iter())
+            .filter(|s| s.target() == Some(instance))
+            .filter_map(|s| s.session_id().map(str::to_owned))
+            .collect()
+    }
+
+    /// A name unique in the (shared) IAM account.
+    pub(crate) fn unique(&self, what: &str) -> String {
+        format!("{what}-{}", self.namespace.name())
+    }
+
+    pub(crate) async fn user(&self, name: &str) {
+        self.iam
+            .create_user()
+            .user_name(name)
+            .send()
+            .await
+            .expect("user");
+    }
+
+    pub(crate) async fn role(&self, name: &str) {
+        let trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
+            "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]});
+        self.iam
+            .create_role()
+            .role_name(name)
+            .assume_role_policy_document(trust.to_string())
+            .send()
+            .await
+            .expect("role");
+    }
+
+    pub(crate) async fn group(&self, name: &str) {
+        self.iam
+            .create_group()
+            .group_name(name)
+            .send()
+            .await
+            .expect("group");
+    }
+
+    pub(crate) fn grant(&self, name: &str, spec: Value) -> SessionAccess {
+        serde_json::from_value(json!({
+            "apiVersion": "fleetaccess.io/v1alpha1",
+            "kind": "SessionAccess",
+            "metadata": {"name": name, "namespace": self.namespace.name()},
+            "spec": spec,
+        }))
+        .expect("a SessionAccess")
+    }
+
+    pub(crate) async fn create(&self, name: &str, spec: Value) -> SessionAccess {
+        self.grants
+            .create(&PostParams::default(), &self.grant(name, spec))
+            .await
+            .expect("created")
+    }
+
+    pub(crate) async fn set_spec(&self, name: &str, spec: Value) {
+        let mut current = self.grants.get(name).await.expect("get");
+        current.spec = serde_json::from_value(spec).expect("spec");
+        current.status = None;
+        self.grants
+            .replace(name, &PostParams::default(), &current)
+            .await
+            .expect("replaced");
+    }
+
+    pub(crate) fn policy_arn(&self, grant: &str) -> String {
+        format!(
+            "arn:aws:iam::{ACCOUNT}:policy{}{}",
+            naming::POLICY_PATH,
+            naming::grant_object_name(CLUSTER, self.namespace.name(), grant, "")
+        )
+    }
+
+    /// Waits until the grant's current generation is observed with `condition` = `status`.
+    pub(crate) async fn wait_condition(
+        &self,
+        name: &str,
+        condition: &str,
+        status: &str,
+    ) -> SessionAccess {
+        wait_for(&format!("{name} {condition}={status}"), || async {
+            let grant = self.grants.get(name).await.ok()?;
+            let observed = grant.status.as_ref()?.observed_generation;
+            (observed == grant.metadata.generation
+                && find(&grant, condition).is_some_and(|c| c.status == status))
+            .then_some(grant)
+        })
+        .await
+    }
+
+    /// Waits until there are `count` grants, each with its current generation Ready.
+    pub(crate) async fn wait_all_ready(&self, count: usize) {
+        wait_for(&format!("{count} grants Ready"), || async {
+            let list = self.grants.list(&ListParams::default()).await.ok()?;
+            (list.items.len() == count
+                && list.items.iter().all(|g| {
+                    g.status.as_ref().is_some_and(|s| {
+                        s.observed_generation == g.metadata.generation
+                            && s.conditions
+                                .iter()
+                                .any(|c| c.type_ == "Ready" && c.status == "True")
+                    })
+                }))
+            .then_some(())
+        })
+        .await;
+    }
+
+    pub(crate) async fn attachments(&self, arn: &str) -> BTreeSet<String> {
+        let out = self
+            .iam
+            .list_entities_for_policy()
+            .policy_arn(arn)
+            .send()
+            .await
+            .expect("entities");
+        let mut all = BTreeSet::new();
+        all.extend(
+            out.policy_users()
+                .iter()
+                .filter_map(|u| u.user_name())
+                .map(|n| format!("user/{n}")),
+        );
+        all.extend(
+            out.policy_roles()
+                .iter()
+                .filter_map(|r| r.role_name())
+                .map(|n| format!("role/{n}")),
+        );
+        all.extend(
+            out.policy_groups()
+                .iter()
+                .filter_map(|g| g.group_name())
+                .map(|n| format!("group/{n}")),
+        );
+        all
+    }
+
+    /// The default version's document and the number of versions.
+    pub(crate) async fn policy_document(&self, arn: &str) -> Option<(String, usize)> {
+        let policy = match self.iam.get_policy().policy_arn(arn).send().await {
+            Err(e) if e.code() == Some("NoSuchEntity") => return None,
+            other => other.expect("get_policy answers").policy().cloned()?,
+        };
+        let version = policy.default_version_id().expect("default version");
+        let document = self
+            .iam
+            .get_policy_version()
+            .policy_arn(arn)
+            .version_id(version)
+            .send()
+            .await
+            .expect("version");
+        let versions = self
+            .iam
+            .list_policy_versions()
+            .policy_arn(arn)
+            .send()
+            .await
+            .expect("versions");
+        Some((
+            document
+                .policy_version()
+                .and_then(|v| v.document())
+                .expect("document")
+                .to_owned(),
+            versions.versions().len(),
+        ))
+    }
+
+    /// The document the grant stands for, rendered by the pure code.
+    pub(crate) fn expected_document(&self, grant: &SessionAccess) -> String {
+        desired::compute(grant, &self.settings)
+            .expect("desired")
+            .policies[0]
+            .document
+            .0
+            .to_json()
+    }
+
+    pub(crate) async fn document_exists(&self, name: &str) -> bool {
+        get_document_if_exists(self.ssm.get_document().name(name))
+            .await
+            .is_some()
+    }
+
+    /// The content of a document's default version, as JSON, or `None` when it does not exist.
+    pub(crate) async fn document_content(&self, name: &str) -> Option<Value> {
+        let out = get_document_if_exists(self.ssm.get_document().name(name)).await?;
+        Some(serde_json::from_str(out.content().expect("content")).expect("JSON content"))
+    }
+
+    /// Creates a Session document directly in SSM (moto), with the owner tag naming `owner` if
+    /// given.
+    pub(crate) async fn create_document(&self, name: &str, content: &Value, owner: Option<&str>) {
+        let tags = owner.map(|owner| {
+            vec![
+                aws_sdk_ssm::types::Tag::builder()
+                    .key(naming::OWNER_TAG)
+                    .value(owner)
+                    .build()
+                    .expect("tag"),
+            ]
+        });
+        self.ssm
+            .create_document()
+            .name(name)
+            .content(content.to_string())
+            .document_type(aws_sdk_ssm::types::DocumentType::Session)
+            .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
+            .set_tags(tags)
+            .send()
+            .await
+            .expect("document created");
+    }
+
+    /// The document names the grant's spec derives, with their rendered content.
+    pub(crate) fn derived_documents(&self, grant: &SessionAccess) -> Vec<(String, Value)> {
+        desired::session_documents(grant, CLUSTER)
+            .into_iter()
+            .map(|d| (d.name, d.content))
+            .collect()
+    }
+
+    /// Documents carrying the owner tag of any grant of this test's namespace, through a full
+    /// listing (moto ignores ListDocuments' tag filter, so every document is checked here).
+    pub(crate) async fn documents_tagged_in_namespace(&self) -> Vec<String> {
+        let prefix = format!("{}/", self.namespace.name());
+        let mut found = Vec::new();
+        let mut token = None;
+        loop {
+            let out = self
+                .ssm
+                .list_documents()
+                .max_results(50)
+                .set_next_token(token)
+                .send()
+                .await
+                .expect("ListDocuments");
+            found.extend(
+                out.document_identifiers()
+                    .iter()
+                    .filter(|d| {
+                        d.tags()
+                            .iter()
+                            .any(|t| t.key() == naming::OWNER_TAG && t.value().starts_with(&prefix))
+                    })
+                    .filter_map(|d| d.name().map(str::to_owned)),
+            );
+            token = out
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if token.is_none() {
+                return found;
+            }
+        }
+    }
+
+    /// The operator's policies of this test's namespace (by their derived names), from every
+    /// page of the listing (moto holds the policies of every test of the run).
+    pub(crate) async fn policies_in_namespace(&self) -> Vec<String> {
+        let prefix = naming::grant_object_name(CLUSTER, self.namespace.name(), "", "");
+        let listed = fleet_access_tests::moto::policies_under(&self.iam, naming::POLICY_PATH)
+            .await
+            .expect("ListPolicies");
+        listed
+            .iter()
+            .filter_map(|p| p.policy_name())
+            .filter(|name| name.starts_with(&prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub(crate) async fn stop(mut self) {
+        if let (Some(stop), Some(controller)) = (self.stop.take(), self.controller.take()) {
+            stop_controller(stop, controller).await;
+        }
+    }
+}
+
+/// Asks a controller to stop and waits until it has: one that does not stop, or that panicked,
+/// fails the test.
+pub(crate) async fn stop_controller(
+    stop: oneshot::Sender<()>,
+    controller: tokio::task::JoinHandle<()>,
+) {
+    // A failed send means that the controller has ended already: its join says how.
+    let _ = stop.send(());
+    tokio::time::timeout(CONVERGE, controller)
+        .await
+        .expect("the controller stops")
+        .expect("the controller ran without panicking");
+}
+
+/// The document `request` asks for, or `None` when SSM answers that it does not exist
+/// (`InvalidDocument`); any other error fails the test instead of passing for "absent".
+pub(crate) async fn get_document_if_exists(
+    request: aws_sdk_ssm::operation::get_document::builders::GetDocumentFluentBuilder,
+) -> Option<aws_sdk_ssm::operation::get_document::GetDocumentOutput> {
+    match request.send().await {
+        Err(error) if error.code() == Some("InvalidDocument") => None,
+        other => Some(other.expect("GetDocument answers, or says InvalidDocument")),
+    }
+}
+
+pub(crate) fn find<'a>(grant: &'a SessionAccess, type_: &str) -> Option<&'a Condition> {
+    grant
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+pub(crate) async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + CONVERGE;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {} s",
+            CONVERGE.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

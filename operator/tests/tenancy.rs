@@ -1,0 +1,388 @@
+//! Tenancy against real parts: a tenant that may manage grants in its own namespace only (a
+//! ServiceAccount bound to the shipped `fleet-access-grant-editor` ClusterRole) gets what its
+//! `SessionAccessPolicy` allows and nothing else, refused first by the shipped admission policy
+//! (`deploy/tenancy/`) and, with that policy removed, by the operator, which then writes nothing
+//! to AWS. Narrowing the boundary revokes what no longer fits.
+//!
+//! On a control plane of its own: the admission policy is cluster-wide, and the test removes
+//! it halfway.
+
+mod support;
+
+use std::{path::Path, time::Duration};
+
+use fleet_access_tests::ControlPlane;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use serde_json::{Value, json};
+use support::*;
+
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+const TENANT: &str = "tenant";
+const INSIDE_INSTANCE: &str = "i-0000000000000000a";
+const OUTSIDE_INSTANCE: &str = "i-0000000000000000c";
+
+/// The tenant's boundary: its CI roles, two instances or staging tags, SSH, shells that stream
+/// to its log group as `deploy`, PostgreSQL, two-hour windows, bridge clients from `tools`.
+fn boundary(namespace: &str, ssh: bool) -> Value {
+    json!({
+        "apiVersion": "fleetaccess.io/v1alpha1",
+        "kind": "SessionAccessPolicy",
+        "metadata": {"name": TENANT},
+        "spec": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "principals": {"roles": ["tenant-ci-*"]},
+            "targets": {
+                "instanceIds": [INSIDE_INSTANCE, "i-0000000000000000b"],
+                "tags": {"Environment": ["staging"]},
+            },
+            "sessions": {"ssh": ssh, "shell": true, "ports": [5432], "runAsUsers": ["deploy"]},
+            "shellLogging": {"cloudWatchLogGroups": ["/fleet-access/tenant*"], "requireStreaming": true},
+            "window": {"maxDuration": "2h", "requireExpiresAt": true},
+            "bridge": {"clientNamespaces": ["tools"]},
+        },
+    })
+}
+
+/// In `hours` from now, as RFC 3339.
+fn hours_from_now(hours: i64) -> String {
+    (Timestamp::now() + SignedDuration::from_hours(hours)).to_string()
+}
+
+/// A grant spec inside the boundary for `role`.
+fn inside(role: &str) -> Value {
+    json!({
+        "principals": {"roles": [role]},
+        "targets": {"instanceIds": [INSIDE_INSTANCE]},
+        "sessions": {"ssh": true},
+        "window": {"expiresAt": hours_from_now(1)},
+    })
+}
+
+/// Grants each outside the boundary in one way: (name, the field refused, the spec).
+fn outside(role: &str) -> Vec<(&'static str, &'static str, Value)> {
+    let with = |change: &dyn Fn(&mut Value)| {
+        let mut spec = inside(role);
+        change(&mut spec);
+        spec
+    };
+    let logged = json!({"cloudWatch": {"logGroupName": "/fleet-access/tenant", "streaming": true}});
+    vec![
+        (
+            "foreign-instance",
+            "spec.targets.instanceIds",
+            with(&|s| s["targets"] = json!({"instanceIds": [OUTSIDE_INSTANCE]})),
+        ),
+        (
+            "foreign-tag",
+            "spec.targets.tags",
+            with(&|s| s["targets"] = json!({"tags": {"Environment": "production"}})),
+        ),
+        (
+            "all-instances",
+            "spec.targets.allInstances",
+            with(&|s| s["targets"] = json!({"allInstances": true})),
+        ),
+        (
+            "foreign-role",
+            "spec.principals.roles",
+            with(&|s| s["principals"] = json!({"roles": ["intern-ci"]})),
+        ),
+        (
+            "deny-break-glass",
+            "spec.principals.roles",
+            json!({
+                "effect": "Deny",
+                "principals": {"roles": ["break-glass"]},
+                "targets": {"instanceIds": [INSIDE_INSTANCE]},
+                "window": {"expiresAt": hours_from_now(1)},
+            }),
+        ),
+        (
+            "root-shell",
+            "spec.logging.runAs.defaultUser",
+            with(&|s| {
+                s["sessions"] = json!({"shell": true});
+                s["logging"] = logged.clone();
+                s["logging"]["runAs"] = json!({"enabled": true, "defaultUser": "root"});
+            }),
+        ),
+        (
+            "unlogged-shell",
+            "spec.logging.cloudWatch",
+            with(&|s| s["sessions"] = json!({"shell": true})),
+        ),
+        (
+            "mysql",
+            "spec.sessions.ports",
+            with(&|s| s["sessions"] = json!({"ssh": true, "ports": [3306]})),
+        ),
+        (
+            "open-bridge",
+            "spec.bridge.clients",
+            with(&|s| {
+                s["bridge"] =
+                    json!({"ports": [22], "clients": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})
+            }),
+        ),
+        (
+            "foreign-clients",
+            "spec.bridge.clients",
+            with(&|s| {
+                s["bridge"] = json!({"ports": [22], "clients": [{"namespaceSelector":
+                {"matchLabels": {"kubernetes.io/metadata.name": "other-team"}}}]});
+            }),
+        ),
+        (
+            "too-long",
+            "spec.window.expiresAt",
+            with(&|s| s["window"] = json!({"expiresAt": hours_from_now(5)})),
+        ),
+        (
+            "endless",
+            "spec.window.expiresAt",
+            with(&|s| {
+                s.as_object_mut().map(|o| o.remove("window"));
+            }),
+        ),
+    ]
+}
+
+fn grant_yaml(namespace: &str, name: &str, spec: &Value) -> String {
+    json!({
+        "apiVersion": "fleetaccess.io/v1alpha1",
+        "kind": "SessionAccess",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    })
+    .to_string()
+}
+
+/// `kubectl apply -f -` of `yaml` (JSON is YAML) with `kubeconfig` (the admin's when `None`):
+/// its stdout, or its stderr as the error.
+async fn kubectl_apply(
+    control_plane: &ControlPlane,
+    kubeconfig: Option<&Path>,
+    yaml: &str,
+    extra: &[&str],
+) -> Result<String, String> {
+    use tokio::io::AsyncWriteExt;
+    let command = match kubeconfig {
+        Some(path) => control_plane.kubectl_with(path),
+        None => control_plane.kubectl(),
+    };
+    let mut command = tokio::process::Command::from(command.expect("kubectl"));
+    command.args(["apply", "-f", "-"]).args(extra);
+    command.stdin(std::process::Stdio::piped());
+    command.stdout(std::process::Stdio::piped());
+    command.stderr(std::process::Stdio::piped());
+    command.kill_on_drop(true);
+    let mut child = command.spawn().expect("kubectl runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(yaml.as_bytes())
+        .await
+        .expect("kubectl reads");
+    drop(stdin);
+    let output = child.wait_with_output().await.expect("kubectl ends");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    match output.status.success() {
+        true => Ok(text(&output.stdout)),
+        false => Err(text(&output.stderr)),
+    }
+}
+
+/// Waits until the admission policy refuses (`enforced`) or admits a grant outside the
+/// boundary, in a server-side dry run: the API server loads policies and bindings a moment
+/// after they are written.
+async fn wait_admission(control_plane: &ControlPlane, namespace: &str, role: &str, enforced: bool) {
+    let probe = grant_yaml(namespace, "probe", &outside(role)[0].2);
+    wait_for(&format!("admission enforced={enforced}"), || async {
+        let result = kubectl_apply(control_plane, None, &probe, &["--dry-run=server"]).await;
+        match (enforced, result) {
+            (true, Err(error)) if error.contains("fleet-access-boundaries") => Some(()),
+            (false, Ok(_)) => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_gets_only_what_its_boundary_allows() {
+    let control_plane = ControlPlane::start()
+        .await
+        .expect("a control plane of its own");
+    control_plane
+        .install_crds(&fleet_access_crds::crds_yaml())
+        .await
+        .expect("CRDs");
+    let h = Harness::start_on(&control_plane, "tenancy", Duration::from_secs(300)).await;
+    let ns = h.namespace.name().to_owned();
+    let role = format!("tenant-ci-{ns}");
+    h.role(&role).await;
+
+    // No boundary selects the namespace yet: the operator refuses the grant, writes nothing.
+    h.create("ci", inside(&role)).await;
+    let refused = h.wait_condition("ci", "Admitted", "False").await;
+    let message = &find(&refused, "Admitted").expect("Admitted").message;
+    assert!(
+        message.contains(&format!("no SessionAccessPolicy selects namespace {ns}")),
+        "{message}"
+    );
+    assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
+
+    // The boundary admits it: the boundary's watch reconciles the grant to Ready.
+    control_plane
+        .apply_yaml(&boundary(&ns, true).to_string(), None)
+        .await
+        .expect("the boundary");
+    h.wait_condition("ci", "Ready", "True").await;
+    let arn = h.policy_arn("ci");
+    assert!(h.policy_document(&arn).await.is_some());
+
+    // The shipped admission policy, and a tenant bound to the shipped ClusterRole in its
+    // namespace only.
+    let tenancy = Path::new(REPO).join("deploy/tenancy");
+    for file in ["validating-admission-policy.yaml", "grant-editor.yaml"] {
+        control_plane
+            .apply_yaml_file(&tenancy.join(file), None)
+            .await
+            .expect("deploy/tenancy");
+    }
+    let tenant_rbac = format!(
+        r#"{{"apiVersion": "v1", "kind": "List", "items": [
+            {{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {{"name": "{TENANT}", "namespace": "{ns}"}}}},
+            {{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+              "metadata": {{"name": "{TENANT}-grants", "namespace": "{ns}"}},
+              "roleRef": {{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "fleet-access-grant-editor"}},
+              "subjects": [{{"kind": "ServiceAccount", "name": "{TENANT}", "namespace": "{ns}"}}]}}]}}"#
+    );
+    kubectl_apply(&control_plane, None, &tenant_rbac, &[])
+        .await
+        .expect("tenant RBAC");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("tenant.kubeconfig");
+    control_plane
+        .service_account_kubeconfig(&ns, TENANT, Duration::from_secs(3600), &kubeconfig)
+        .expect("the tenant's kubeconfig");
+    wait_admission(&control_plane, &ns, &role, true).await;
+
+    // Every grant outside the boundary is refused at once, naming the field and the boundary.
+    let cases = outside(&role);
+    assert!(cases.len() >= 10);
+    for (name, field, spec) in &cases {
+        let error = kubectl_apply(
+            &control_plane,
+            Some(&kubeconfig),
+            &grant_yaml(&ns, name, spec),
+            &[],
+        )
+        .await
+        .expect_err(&format!("{name} must be refused at admission"));
+        assert!(error.contains(field), "{name}: {error}");
+        assert!(
+            error.contains("SessionAccessPolicy tenant"),
+            "{name}: {error}"
+        );
+    }
+    // The tenant may not widen its boundary, nor grant elsewhere.
+    let widened = boundary(&ns, true).to_string().replace("tenant-ci-*", "*");
+    let error = kubectl_apply(&control_plane, Some(&kubeconfig), &widened, &[])
+        .await
+        .expect_err("boundaries are the admins'");
+    assert!(error.contains("forbidden"), "{error}");
+    let elsewhere = grant_yaml("default", "ci", &inside(&role));
+    let error = kubectl_apply(&control_plane, Some(&kubeconfig), &elsewhere, &[])
+        .await
+        .expect_err("only its namespace");
+    assert!(error.contains("forbidden"), "{error}");
+    // A grant inside the boundary is admitted (and stays Ready).
+    let second = grant_yaml(
+        &ns,
+        "ci-staging",
+        &json!({
+            "principals": {"roles": [role]},
+            "targets": {"tags": {"Environment": "staging"}},
+            "sessions": {"ssh": true},
+            "window": {"expiresAt": hours_from_now(1)},
+        }),
+    );
+    kubectl_apply(&control_plane, Some(&kubeconfig), &second, &[])
+        .await
+        .expect("inside the boundary");
+    h.wait_condition("ci-staging", "Ready", "True").await;
+
+    // Without the admission policy, the same grants get in, and the operator refuses each,
+    // naming the field, with nothing written to AWS.
+    control_plane
+        .run_kubectl([
+            "delete",
+            "validatingadmissionpolicybinding",
+            "fleet-access-boundaries",
+        ])
+        .expect("the binding goes");
+    wait_admission(&control_plane, &ns, &role, false).await;
+    for (name, _, spec) in &cases {
+        kubectl_apply(
+            &control_plane,
+            Some(&kubeconfig),
+            &grant_yaml(&ns, name, spec),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name} is admitted without the policy: {e}"));
+    }
+    for (name, field, _) in &cases {
+        let grant = h.wait_condition(name, "Admitted", "False").await;
+        let admitted = find(&grant, "Admitted").expect("Admitted");
+        assert!(
+            admitted.message.contains(field),
+            "{name}: {}",
+            admitted.message
+        );
+        assert!(
+            admitted.message.contains("(SessionAccessPolicy tenant)"),
+            "{name}: {}",
+            admitted.message
+        );
+        assert_eq!(
+            find(&grant, "Ready").map(|c| c.reason.as_str()),
+            Some("OutsideBoundary")
+        );
+        assert!(
+            h.policy_document(&h.policy_arn(name)).await.is_none(),
+            "{name} wrote a policy"
+        );
+    }
+    let policies = h.policies_in_namespace().await;
+    assert_eq!(
+        policies.len(),
+        2,
+        "only the admitted grants' policies: {policies:?}"
+    );
+    assert_eq!(
+        h.documents_tagged_in_namespace().await,
+        Vec::<String>::new()
+    );
+
+    // Narrowing the boundary (no more SSH) revokes both grants: detached and deleted.
+    control_plane
+        .apply_yaml(&boundary(&ns, false).to_string(), None)
+        .await
+        .expect("the narrowed boundary");
+    for name in ["ci", "ci-staging"] {
+        let grant = h.wait_condition(name, "Admitted", "False").await;
+        let message = &find(&grant, "Admitted").expect("Admitted").message;
+        assert!(message.contains("spec.sessions.ssh"), "{message}");
+        wait_for(&format!("{name}'s policy to go"), || async {
+            h.policy_document(&h.policy_arn(name))
+                .await
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+    assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
+    h.stop().await;
+    control_plane.stop();
+}
