@@ -18,7 +18,7 @@ use kube::{CustomResourceExt, core::cel::Validator};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{SessionAccess, SessionPreferences};
+use crate::{SessionAccess, SessionAccessPolicy, SessionPreferences};
 
 /// One problem with one field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +58,13 @@ pub fn parse_session_accesses(yaml: &str) -> Result<Vec<SessionAccess>, InvalidO
 
 /// Parses one or more `SessionPreferences` documents and validates each.
 pub fn parse_session_preferences(yaml: &str) -> Result<Vec<SessionPreferences>, InvalidObject> {
+    parse_stream(yaml)
+}
+
+/// Parses one or more `SessionAccessPolicy` documents (boundaries) and validates each.
+pub fn parse_session_access_policies(
+    yaml: &str,
+) -> Result<Vec<SessionAccessPolicy>, InvalidObject> {
     parse_stream(yaml)
 }
 

@@ -5,8 +5,8 @@
 #![allow(clippy::panic)] // test helpers report failures by panicking
 
 use fleet_access_crds::validation::{
-    FieldError, InvalidObject, parse_session_accesses, parse_session_preferences,
-    validate_session_access,
+    FieldError, InvalidObject, parse_session_access_policies, parse_session_accesses,
+    parse_session_preferences, validate_session_access,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -48,14 +48,12 @@ fn every_example_is_valid() {
     for entry in std::fs::read_dir(EXAMPLES).expect("deploy/examples exists") {
         let path = entry.expect("readable entry").path();
         let text = std::fs::read_to_string(&path).expect("readable example");
-        let kind = if text.contains("kind: SessionPreferences") {
-            "prefs"
+        let result = if text.contains("kind: SessionPreferences") {
+            parse_session_preferences(&text).map(|v| v.len())
+        } else if text.contains("kind: SessionAccessPolicy") {
+            parse_session_access_policies(&text).map(|v| v.len())
         } else {
-            "access"
-        };
-        let result = match kind {
-            "prefs" => parse_session_preferences(&text).map(|v| v.len()),
-            _ => parse_session_accesses(&text).map(|v| v.len()),
+            parse_session_accesses(&text).map(|v| v.len())
         };
         assert_eq!(
             result.unwrap_or_else(|e| panic!("{}: {e}", path.display())),

@@ -42,6 +42,10 @@ use fleet_access_operator::{
 use serde_json::Value;
 
 const ACCOUNT: &str = "123456789012";
+/// How the account marks the users and roles the operator may attach to (docs/iam.md).
+const GRANTABLE_TAG: &str = "aws:ResourceTag/fleetaccess.io/grantable";
+/// The IAM path of the groups the operator may attach to.
+const GRANTABLE_PATH: &str = "fleet-access-grantable";
 const REGION: &str = "eu-west-1";
 /// The bridge role's `aws:userid` (role ID and session name), as IRSA sessions have it.
 const BRIDGE_USERID: &str = "AROAEXAMPLEBRIDGE000:botocore-session-1700000000";
@@ -410,8 +414,11 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
     for role in &d.principals.roles {
         principals.push(format!("arn:aws:iam::{ACCOUNT}:role/{role}"));
     }
+    // The account marks grantable groups by their path (groups carry no tags).
     for group in &d.principals.groups {
-        principals.push(format!("arn:aws:iam::{ACCOUNT}:group/{group}"));
+        principals.push(format!(
+            "arn:aws:iam::{ACCOUNT}:group/{GRANTABLE_PATH}/{group}"
+        ));
     }
     if let Some(bridge) = &d.bridge {
         names.push(bridge.policy.name.clone());
@@ -438,7 +445,9 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
             .filter(|p| p.contains(&format!(":{kind}/")))
             .flat_map(|principal| {
                 names.iter().map(move |n| {
-                    Request::new(action, principal).with("iam:PolicyARN", &[&policy_arn(n)])
+                    Request::new(action, principal)
+                        .with("iam:PolicyARN", &[&policy_arn(n)])
+                        .with(GRANTABLE_TAG, &["true"])
                 })
             })
             .collect()
@@ -566,6 +575,38 @@ fn the_operator_policy_refuses_what_the_operator_does_not_own() {
         &Request::new("iam:CreatePolicy", &ours)
             .with("aws:RequestTag/fleetaccess.io/grant", &["default/ops/web"])
             .with("aws:TagKeys", &["fleetaccess.io/grant", "extra"]),
+    );
+    // Only to identities the account marks as grantable; detaching from any.
+    let role = |name: &str| format!("arn:aws:iam::{ACCOUNT}:role/{name}");
+    let unmarked =
+        Request::new("iam:AttachRolePolicy", &role("admin")).with("iam:PolicyARN", &[&ours]);
+    assert_denied(&[&policy], &unmarked);
+    assert_denied(
+        &[&policy],
+        &Request::new(
+            "iam:AttachUserPolicy",
+            &format!("arn:aws:iam::{ACCOUNT}:user/root-like"),
+        )
+        .with("iam:PolicyARN", &[&ours])
+        .with(GRANTABLE_TAG, &["false"]),
+    );
+    assert_denied(
+        &[&policy],
+        &Request::new(
+            "iam:AttachGroupPolicy",
+            &format!("arn:aws:iam::{ACCOUNT}:group/admins"),
+        )
+        .with("iam:PolicyARN", &[&ours]),
+    );
+    assert_allowed(
+        &[&policy],
+        &Request::new("iam:AttachRolePolicy", &role("ci"))
+            .with("iam:PolicyARN", &[&ours])
+            .with(GRANTABLE_TAG, &["true"]),
+    );
+    assert_allowed(
+        &[&policy],
+        &Request::new("iam:DetachRolePolicy", &role("admin")).with("iam:PolicyARN", &[&ours]),
     );
     // Never to itself.
     assert_denied(

@@ -254,7 +254,8 @@ fn rbac_is_least_privilege() {
             .any(|o| kind(o) == "ClusterRoleBinding" && o["subjects"][0]["name"] == "agent-bridge"),
         "no cluster-wide binding for the bridge"
     );
-    // The operator: no wildcards, no Secrets, and only its own API group cluster-wide.
+    // The operator: no wildcards, no Secrets, and cluster-wide only its own API group, its
+    // Events, and reading namespaces (whose labels select the boundaries of their grants).
     for (kind_, name_) in [
         ("ClusterRole", "fleet-access-operator"),
         ("Role", "fleet-access-operator"),
@@ -268,9 +269,11 @@ fn rbac_is_least_privilege() {
     let cluster = find(&objects, "ClusterRole", "fleet-access-operator");
     for rule in cluster["rules"].as_array().unwrap() {
         let group = rule["apiGroups"][0].as_str().unwrap();
+        let reads_namespaces = *rule
+            == serde_json::json!({"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]});
         assert!(
-            ["fleetaccess.io", "events.k8s.io"].contains(&group),
-            "cluster-wide only grants and their events: {rule}"
+            ["fleetaccess.io", "events.k8s.io"].contains(&group) || reads_namespaces,
+            "cluster-wide only grants, boundaries, their events and reading namespaces: {rule}"
         );
     }
     let namespaced = find(&objects, "Role", "fleet-access-operator");
