@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     Error, Result,
-    model::{desired, report},
+    model::{boundary, desired, desired::NAMESPACE_NAME_LABEL, report},
     settings::Settings,
 };
 
@@ -82,6 +82,22 @@ struct PlanArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// A file with the cluster's SessionAccessPolicy boundaries: each grant must fit every
+    /// boundary that selects its namespace, as the operator requires, or the plan fails naming
+    /// the fields outside them.
+    #[arg(long)]
+    boundaries: Option<String>,
+    /// A label of the grants' namespace (`key=value`, repeatable), for the boundaries'
+    /// namespaceSelectors; kubernetes.io/metadata.name is always the grant's namespace.
+    #[arg(long = "namespace-label", value_parser = parse_label, requires = "boundaries")]
+    namespace_labels: Vec<(String, String)>,
+}
+
+fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not key=value"))?;
+    Ok((key.to_owned(), value.to_owned()))
 }
 
 /// Where grants apply: shared by `plan` and, later, `run`.
@@ -186,15 +202,60 @@ impl Args {
 }
 
 fn plan(args: PlanArgs) -> Result<String> {
-    let PlanArgs { file, aws, output } = args;
+    let PlanArgs {
+        file,
+        aws,
+        output,
+        boundaries,
+        namespace_labels,
+    } = args;
     let text = read_input(&file)?;
     let grants = fleet_access_crds::validation::parse_session_accesses(&text)
         .map_err(Error::InvalidGrant)?;
+    if let Some(path) = boundaries {
+        let boundaries =
+            fleet_access_crds::validation::parse_session_access_policies(&read_input(&path)?)
+                .map_err(Error::InvalidBoundary)?;
+        judge_grants(&grants, &boundaries, namespace_labels)?;
+    }
     plan_grants(
         &grants,
         &aws.into_settings(),
         matches!(output, Output::Json),
     )
+}
+
+/// Judges each grant against `boundaries` as the operator would, in a namespace with `labels`
+/// (and its own name label); the refusals of every refused grant are the error.
+fn judge_grants(
+    grants: &[fleet_access_crds::SessionAccess],
+    boundaries: &[fleet_access_crds::SessionAccessPolicy],
+    labels: Vec<(String, String)>,
+) -> Result<()> {
+    use kube::ResourceExt;
+    let mut refused = Vec::new();
+    for grant in grants {
+        let namespace = grant.namespace().unwrap_or_else(|| "default".into());
+        let mut namespace_labels: std::collections::BTreeMap<String, String> =
+            labels.iter().cloned().collect();
+        namespace_labels.insert(NAMESPACE_NAME_LABEL.into(), namespace.clone());
+        let judged = boundary::Grant {
+            spec: &grant.spec,
+            namespace: &namespace,
+            namespace_labels: &namespace_labels,
+            created: None,
+        };
+        let now = k8s_openapi::jiff::Timestamp::now();
+        if let boundary::Admission::Refused(refusals) = boundary::admit(&judged, boundaries, now) {
+            refused.extend(
+                (refusals.iter()).map(|r| format!("{namespace}/{}: {r}", grant.name_any())),
+            );
+        }
+    }
+    match refused.is_empty() {
+        true => Ok(()),
+        false => Err(Error::OutsideBoundary(refused.join("\n"))),
+    }
 }
 
 /// Renders the plan for validated grants.

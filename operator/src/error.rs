@@ -18,6 +18,13 @@ pub enum Error {
     /// A grant is invalid. The message names each field and what to change.
     #[error("invalid SessionAccess:\n{0}")]
     InvalidGrant(#[source] InvalidObject),
+    /// `plan --boundaries`: the boundaries file is invalid.
+    #[error("invalid SessionAccessPolicy:\n{0}")]
+    InvalidBoundary(#[source] InvalidObject),
+
+    /// `plan --boundaries`: grants outside the boundaries of their namespace, one line each.
+    #[error("outside the boundaries:\n{0}")]
+    OutsideBoundary(String),
 
     /// The grant needs more managed policies than IAM allows. Use tag targets instead of long
     /// instance lists, or split the grant.
@@ -93,6 +100,8 @@ impl Error {
         match self {
             Error::ReadGrant { .. } => "read_grant",
             Error::InvalidGrant(_) => "invalid_grant",
+            Error::InvalidBoundary(_) => "invalid_boundary",
+            Error::OutsideBoundary(_) => "outside_boundary",
             Error::TooManyPolicies { .. } => "too_many_policies",
             Error::StatementTooLarge { .. } => "statement_too_large",
             Error::NoBridgeRole => "no_bridge_role",

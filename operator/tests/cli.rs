@@ -104,3 +104,70 @@ fn crds_prints_the_committed_yaml() {
     .expect("crds");
     assert_eq!(String::from_utf8(out.stdout).expect("utf-8"), committed);
 }
+
+const TEAM_PAYMENTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/examples/boundary-team-payments.yaml"
+);
+
+/// The grant a tenant should not be able to make: another team's role, every instance, a root
+/// shell, a database port, an endpoint open to any address.
+const INTERN_EVERYWHERE: &str = r#"
+apiVersion: fleetaccess.io/v1alpha1
+kind: SessionAccess
+metadata: {name: everything, namespace: team-intern}
+spec:
+  principals: {roles: [intern-ci]}
+  targets: {allInstances: true}
+  sessions: {ssh: true, shell: true, ports: [3306]}
+  logging: {runAs: {enabled: true, defaultUser: root}}
+  bridge: {ports: [22], clients: [{ipBlock: {cidr: 0.0.0.0/0}}]}
+"#;
+
+#[test]
+fn plan_with_boundaries_refuses_what_no_boundary_admits() {
+    let args = ["plan", "-f", "-", "--boundaries", TEAM_PAYMENTS];
+    // In a namespace the boundary does not select: refused for that alone.
+    let out = run(&args, Some(INTERN_EVERYWHERE));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{stderr}");
+    assert!(stderr.contains("team-intern/everything: metadata.namespace: no SessionAccessPolicy selects namespace team-intern"), "{stderr}");
+    // In a namespace it selects: every field outside it, each naming the boundary.
+    let labelled = [&args[..], &["--namespace-label", "team=payments"]].concat();
+    let out = run(&labelled, Some(INTERN_EVERYWHERE));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{stderr}");
+    for field in [
+        "spec.principals.roles",
+        "spec.targets.allInstances",
+        "spec.sessions.ports",
+        "spec.logging.runAs.defaultUser",
+        "spec.logging.cloudWatch",
+        "spec.bridge.clients[0].ipBlock",
+        "spec.window.expiresAt",
+    ] {
+        assert!(
+            stderr.contains(&format!("team-intern/everything: {field}")),
+            "{field}: {stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("(SessionAccessPolicy team-payments)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn plan_with_the_single_team_boundary_admits_a_valid_grant() {
+    let single_team = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/boundary-single-team.yaml"
+    );
+    let out = run(&["plan", "-f", CLASSIC, "--boundaries", single_team], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty());
+}

@@ -12,6 +12,7 @@ mod support;
 use std::{path::Path, time::Duration};
 
 use fleet_access_tests::ControlPlane;
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
 use support::*;
@@ -230,6 +231,22 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
         "{message}"
     );
     assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
+    let events: kube::Api<Event> = h.namespace.api();
+    let warning = wait_for("an OutsideBoundary Event", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("OutsideBoundary")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("ci")
+        })
+    })
+    .await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(
+        warning
+            .note
+            .unwrap_or_default()
+            .contains("no SessionAccessPolicy selects")
+    );
 
     // The boundary admits it: the boundary's watch reconciles the grant to Ready.
     control_plane
