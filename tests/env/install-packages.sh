@@ -15,6 +15,11 @@ for pkg in "${wanted[@]}"; do
         missing+=("$pkg")
     fi
 done
+# Node.js and npm run the IAM evaluator (tests/iam-evaluator); any install on PATH will do.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    wanted+=(nodejs npm)
+    missing+=(nodejs npm)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
     log "Debian packages present: ${wanted[*]}"
     exit 0

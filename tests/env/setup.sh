@@ -4,6 +4,8 @@
 #   - Debian packages: openssh-server, openssh-client, prometheus (with promtool),
 #     openssl, python3-venv, ca-certificates;
 #   - moto[server] from PyPI in a virtual environment in the cache;
+#   - the IAM evaluator's npm packages (@cloud-copilot/iam-simulate, pinned by
+#     tests/iam-evaluator/package-lock.json) in the cache;
 #   - etcd, kube-apiserver, kubectl and the official session-manager-plugin, built
 #     from the Go module proxy into the cache (needs Go >= 1.25 on PATH).
 # Cache: ${FLEET_ACCESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fleet-access}, keyed by version.
@@ -20,7 +22,7 @@ mkdir -p "$FLEET_ACCESS_CACHE"
 
 # pip is network-bound and the Go builds CPU-bound: run them side by side.
 moto_log="$FLEET_ACCESS_CACHE/install-moto.log"
-"$here/install-moto.sh" >"$moto_log" 2>&1 &
+{ "$here/install-moto.sh" && "$here/install-iam-evaluator.sh"; } >"$moto_log" 2>&1 &
 moto_pid=$!
 trap 'kill "$moto_pid" 2>/dev/null || true' EXIT INT TERM
 
@@ -29,7 +31,7 @@ trap 'kill "$moto_pid" 2>/dev/null || true' EXIT INT TERM
 
 if ! wait "$moto_pid"; then
     cat "$moto_log" >&2
-    die "installing moto failed"
+    die "installing moto or the IAM evaluator failed"
 fi
 trap - EXIT INT TERM
 cat "$moto_log" >&2

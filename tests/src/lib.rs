@@ -14,6 +14,7 @@ pub mod certificates;
 pub mod control_plane;
 pub mod error;
 pub mod exposition;
+pub mod iam_evaluator;
 pub mod locations;
 pub mod manifests;
 pub mod moto;

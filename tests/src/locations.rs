@@ -36,6 +36,8 @@ pub struct Locations {
     pub session_manager_plugin: PathBuf,
     /// `moto_server` inside its virtual environment.
     pub moto_server: PathBuf,
+    /// The `node_modules` folder of the IAM evaluator's packages.
+    pub iam_evaluator_node_modules: PathBuf,
 }
 
 impl Locations {
@@ -67,6 +69,7 @@ impl Locations {
             etcd: get("ETCD_BIN")?.into(),
             session_manager_plugin: get("SMP_BIN")?.into(),
             moto_server: get("MOTO_SERVER_BIN")?.into(),
+            iam_evaluator_node_modules: get("IAM_EVALUATOR_NODE_MODULES")?.into(),
         })
     }
 
@@ -145,12 +148,13 @@ mod tests {
     fn parses_the_locations_printed_by_common_sh() {
         let text = "FLEET_ACCESS_CACHE=/c\nKUBE_VERSION=v1.35.4\nETCD_VERSION=v3.6.5\n\
             MOTO_VERSION=5.2.5\nSMP_VERSION=v0.0.0-1\nKUBE_APISERVER_BIN=/c/a\nKUBECTL_BIN=/c/k\n\
-            ETCD_BIN=/c/e\nSMP_BIN=/c/s\nMOTO_SERVER_BIN=/c/m\n";
+            ETCD_BIN=/c/e\nSMP_BIN=/c/s\nMOTO_SERVER_BIN=/c/m\nIAM_EVALUATOR_NODE_MODULES=/c/n\n";
         let locations = Locations::parse(text).expect("parses");
         assert_eq!(locations.cache_dir, PathBuf::from("/c"));
         assert_eq!(locations.kube_version, "v1.35.4");
         assert_eq!(locations.session_manager_plugin, PathBuf::from("/c/s"));
         assert_eq!(locations.moto_server, PathBuf::from("/c/m"));
+        assert_eq!(locations.iam_evaluator_node_modules, PathBuf::from("/c/n"));
     }
 
     #[test]

@@ -1,0 +1,724 @@
+//! What a grant means to IAM, judged by an evaluator fleet-access did not write
+//! (`@cloud-copilot/iam-simulate`, `fleet_access_tests::iam_evaluator`): the policies the operator
+//! renders (`desired::compute`) for every example under `deploy/examples/` and for a decision
+//! matrix of our own are evaluated for concrete requests, and each decision is asserted:
+//! allowed, implicitly denied, or explicitly denied.
+//!
+//! Requests are what AWS evaluates: `ssm:StartSession` once on the instance and once on the
+//! document (both must be allowed), with `aws:CurrentTime` and the instance's
+//! `ssm:resourceTag/…`; `ssm:TerminateSession` and `ssm:ResumeSession` on a session, as the user
+//! (`aws:username`) or the role session (`aws:userid`, and the session's
+//! `aws:ssmmessages:session-id` tag). AWS-owned documents have ARNs without an account
+//! (`arn:aws:ssm:us-east-1::document/AWS-StartSSHSession`), which the rendered `*` account must
+//! match. Every validated request must have no ignored context key: a key the policies rely on
+//! that IAM would never set for the request would make a condition silently moot.
+
+#![allow(clippy::panic, clippy::unwrap_used)]
+
+use fleet_access_crds::{SessionAccess, validation::parse_session_accesses};
+use fleet_access_operator::{
+    model::desired::{self, Desired},
+    settings::Settings,
+};
+use fleet_access_tests::iam_evaluator::{Decision, IamRequest, evaluate};
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+const ACCOUNT: &str = "123456789012";
+const REGION: &str = "us-east-1";
+/// A time inside every example's window but time-window.yaml's.
+const NOW: &str = "2026-12-05T12:00:00Z";
+/// An instance no grant names.
+const STRANGER: &str = "i-0ffffffffffffffff";
+
+use Decision::{Allowed, ExplicitlyDenied, ImplicitlyDenied};
+
+fn settings() -> Settings {
+    Settings {
+        partition: "aws".into(),
+        account: Some(ACCOUNT.into()),
+        region: Some(REGION.into()),
+        ..Settings::default()
+    }
+}
+
+fn render(grant: &SessionAccess) -> Desired {
+    desired::compute(grant, &settings()).unwrap_or_else(|e| panic!("{}: {e}", grant.name_any()))
+}
+
+fn grant(name: &str, spec: Value) -> SessionAccess {
+    let yaml = json!({
+        "apiVersion": "fleetaccess.io/v1alpha1",
+        "kind": "SessionAccess",
+        "metadata": {"name": name, "namespace": "team"},
+        "spec": spec,
+    });
+    parse_session_accesses(&yaml.to_string()).unwrap().remove(0)
+}
+
+fn instance(id: &str) -> String {
+    match id.strip_prefix("mi-") {
+        Some(_) => format!("arn:aws:ssm:{REGION}:{ACCOUNT}:managed-instance/{id}"),
+        None => format!("arn:aws:ec2:{REGION}:{ACCOUNT}:instance/{id}"),
+    }
+}
+
+/// An AWS-owned document: no account in its ARN.
+fn aws_document(name: &str) -> String {
+    format!("arn:aws:ssm:{REGION}::document/{name}")
+}
+
+fn own_document(name: &str) -> String {
+    format!("arn:aws:ssm:{REGION}:{ACCOUNT}:document/{name}")
+}
+
+fn session(id: &str) -> String {
+    format!("arn:aws:ssm:{REGION}:{ACCOUNT}:session/{id}")
+}
+
+/// Someone who holds the grant's policies: (name in failures, principal ARN, context keys).
+struct Caller {
+    name: String,
+    arn: String,
+    context: Vec<(String, Value)>,
+    /// The session ID of one of its own sessions, with that session's tags as context.
+    own_session: (String, Vec<(String, Value)>),
+}
+
+fn user(name: &str) -> Caller {
+    Caller {
+        name: format!("user {name}"),
+        arn: format!("arn:aws:iam::{ACCOUNT}:user/{name}"),
+        context: vec![("aws:username".into(), json!(name))],
+        own_session: (format!("{name}-0a1b2c3d4e5f67890"), Vec::new()),
+    }
+}
+
+/// A session of role `name`, as IRSA or SSO sessions are.
+fn role(name: &str) -> Caller {
+    let userid = format!("AROAEXAMPLE{}:session-1", name.len());
+    Caller {
+        name: format!("role {name}"),
+        arn: format!("arn:aws:sts::{ACCOUNT}:assumed-role/{name}/session-1"),
+        context: vec![("aws:userid".into(), json!(userid))],
+        own_session: (
+            "session-1-0a1b2c3d4e5f67890".into(),
+            vec![(
+                "ssm:resourceTag/aws:ssmmessages:session-id".into(),
+                json!(userid),
+            )],
+        ),
+    }
+}
+
+/// A caller with the policies it holds.
+struct Holder {
+    caller: Caller,
+    policies: Vec<Value>,
+}
+
+/// The callers a grant's policies reach: its users, its roles' sessions, a member of each group,
+/// and the bridge role's session for its endpoints.
+fn callers(d: &Desired) -> Vec<Holder> {
+    let policies: Vec<Value> = (d.policies.iter())
+        .map(|p| serde_json::from_str(&p.document.0.to_json()).unwrap())
+        .collect();
+    let mut out = Vec::new();
+    for name in &d.principals.users {
+        out.push(Holder {
+            caller: user(name),
+            policies: policies.clone(),
+        });
+    }
+    for name in &d.principals.groups {
+        out.push(Holder {
+            caller: user(&format!("member-of-{name}")),
+            policies: policies.clone(),
+        });
+    }
+    for name in &d.principals.roles {
+        out.push(Holder {
+            caller: role(name),
+            policies: policies.clone(),
+        });
+    }
+    if let Some(bridge) = &d.bridge {
+        let policy = serde_json::from_str(&bridge.policy.document.0.to_json()).unwrap();
+        out.push(Holder {
+            caller: role(&bridge.role),
+            policies: vec![policy],
+        });
+    }
+    out
+}
+
+/// One request with its expected decision.
+struct Case {
+    request: IamRequest,
+    expected: Decision,
+}
+
+struct Cases(Vec<Case>);
+
+impl Cases {
+    /// A caller, holding its policies, asks for `action` on `resource` with `context`.
+    fn add(
+        &mut self,
+        what: &str,
+        (caller, policies): (&Caller, &[Value]),
+        action: &str,
+        resource: &str,
+        context: &[(String, Value)],
+        expected: Decision,
+    ) {
+        let mut request = IamRequest::new(
+            format!("{what}: {} {action} {resource}", caller.name),
+            &caller.arn,
+            action,
+            resource,
+            ACCOUNT,
+        );
+        for (key, value) in caller.context.iter().chain(context) {
+            request = request.with(key, value.clone());
+        }
+        for (index, policy) in policies.iter().enumerate() {
+            request = request.policy(&format!("policy-{index}"), policy);
+        }
+        if resource.contains("::document/") {
+            request = request.unvalidated();
+        }
+        self.0.push(Case { request, expected });
+    }
+
+    /// Evaluates every case and fails with all the wrong decisions at once.
+    fn check(self) {
+        let requests: Vec<IamRequest> = self.0.iter().map(|c| c.request.clone()).collect();
+        let evaluations = evaluate(&requests).expect("the IAM evaluator runs (tests/env/setup.sh)");
+        let mut wrong = Vec::new();
+        for (case, evaluation) in self.0.iter().zip(&evaluations) {
+            match (&evaluation.error, evaluation.decision) {
+                (Some(error), _) => wrong.push(format!(
+                    "{}: refused by the evaluator: {error}",
+                    case.request.id
+                )),
+                (None, Some(decision)) if decision != case.expected => wrong.push(format!(
+                    "{}: {decision:?}, expected {:?}",
+                    case.request.id, case.expected
+                )),
+                _ => {}
+            }
+            if !evaluation.ignored_context_keys.is_empty() {
+                wrong.push(format!(
+                    "{}: context keys IAM would not set: {:?}",
+                    case.request.id, evaluation.ignored_context_keys
+                ));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} of {} decisions wrong:\n{}",
+            wrong.len(),
+            requests.len(),
+            wrong.join("\n")
+        );
+        assert!(requests.len() >= 10, "{} requests", requests.len());
+        eprintln!("{} IAM decisions as expected", requests.len());
+    }
+}
+
+/// A concrete tag value that an IAM `StringLike` pattern matches.
+fn matching(pattern: &str) -> String {
+    pattern.replace('*', "x").replace('?', "y")
+}
+
+/// What an Allow grant must allow its callers, and nothing next to it.
+fn allow_cases(cases: &mut Cases, grant: &SessionAccess, now: &str) {
+    let d = render(grant);
+    let spec = &grant.spec;
+    let what = grant.name_any();
+    let time = [("aws:CurrentTime".to_owned(), json!(now))];
+    let tags: Vec<(String, Value)> = (spec.targets.tags.iter())
+        .map(|(k, v)| (format!("ssm:resourceTag/{k}"), json!(matching(v.as_str()))))
+        .collect();
+    let mut targets: Vec<(String, Vec<(String, Value)>)> = spec
+        .targets
+        .instance_ids
+        .iter()
+        .map(|id| (instance(id.as_str()), Vec::new()))
+        .collect();
+    if !tags.is_empty() {
+        targets.push((instance("i-0123456789abc0000"), tags.clone()));
+    }
+    let sessions = spec.sessions.clone().unwrap_or_default();
+    let mut documents = Vec::new();
+    if sessions.ssh {
+        documents.push(aws_document("AWS-StartSSHSession"));
+    }
+    documents.extend(d.documents.iter().map(|doc| own_document(&doc.name)));
+    for Holder { caller, policies } in callers(&d) {
+        let add = |cases: &mut Cases, resource: &str, context: &[(String, Value)], expected| {
+            let context: Vec<_> = time
+                .iter()
+                .cloned()
+                .chain(context.iter().cloned())
+                .collect();
+            cases.add(
+                &what,
+                (&caller, &policies),
+                "ssm:StartSession",
+                resource,
+                &context,
+                expected,
+            );
+        };
+        for (target, context) in &targets {
+            add(cases, target, context, Allowed);
+        }
+        for document in &documents {
+            add(cases, document, &[], Allowed);
+        }
+        // Next to the grant: another instance, AWS's any-port document, another tag value.
+        let foreign_tags: Vec<_> = tags
+            .iter()
+            .map(|(k, _)| (k.clone(), json!("someone-else")))
+            .collect();
+        add(cases, &instance(STRANGER), &foreign_tags, ImplicitlyDenied);
+        if sessions.ports.is_empty() {
+            add(
+                cases,
+                &aws_document("AWS-StartPortForwardingSession"),
+                &[],
+                ImplicitlyDenied,
+            );
+        }
+        if !sessions.shell {
+            add(
+                cases,
+                &own_document("SSM-SessionManagerRunShell"),
+                &[],
+                ImplicitlyDenied,
+            );
+        }
+        // Its own sessions, and not someone else's (people only: the bridge ends its own).
+        if d.bridge
+            .as_ref()
+            .is_some_and(|b| caller.arn.contains(&format!("/{}/", b.role)))
+        {
+            continue;
+        }
+        let (own, own_context) = &caller.own_session;
+        for action in ["ssm:TerminateSession", "ssm:ResumeSession"] {
+            let context: Vec<_> = time
+                .iter()
+                .cloned()
+                .chain(own_context.iter().cloned())
+                .collect();
+            cases.add(
+                &what,
+                (&caller, &policies),
+                action,
+                &session(own),
+                &context,
+                Allowed,
+            );
+            let other_context: Vec<_> = (time.iter().cloned())
+                .chain(
+                    own_context
+                        .iter()
+                        .map(|(k, _)| (k.clone(), json!("AROAOTHER:someone"))),
+                )
+                .collect();
+            cases.add(
+                &what,
+                (&caller, &policies),
+                action,
+                &session("mallory-0a1b2c3d4e5f67890"),
+                &other_context,
+                ImplicitlyDenied,
+            );
+        }
+    }
+}
+
+fn admin() -> Value {
+    json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+}
+
+#[test]
+fn every_example_grant_means_to_iam_what_it_says() {
+    let mut cases = Cases(Vec::new());
+    let examples = fleet_access_tests::workspace_root().join("deploy/examples");
+    let mut grants = 0;
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        if !text.contains("kind: SessionAccess\n") {
+            continue;
+        }
+        for grant in parse_session_accesses(&text).unwrap() {
+            grants += 1;
+            let window = grant.spec.window.clone().unwrap_or_default();
+            let now = match (&window.not_before, &window.expires_at) {
+                (Some(from), _) => (from.0 + std::time::Duration::from_secs(60)).to_string(),
+                (None, Some(to)) => (to.0 - std::time::Duration::from_secs(60)).to_string(),
+                (None, None) => NOW.to_owned(),
+            };
+            match grant.spec.effect {
+                fleet_access_crds::v1alpha1::Effect::Allow => allow_cases(&mut cases, &grant, &now),
+                fleet_access_crds::v1alpha1::Effect::Deny => deny_cases(&mut cases, &grant, &now),
+            }
+        }
+    }
+    assert!(grants >= 7, "{grants} example grants");
+    cases.check();
+}
+
+/// A Deny takes away what an administrator's Allow gives, for the kinds it names.
+fn deny_cases(cases: &mut Cases, grant: &SessionAccess, now: &str) {
+    let d = render(grant);
+    let what = grant.name_any();
+    let time = [("aws:CurrentTime".to_owned(), json!(now))];
+    let sessions = grant.spec.sessions.clone().unwrap_or_default();
+    for Holder {
+        caller,
+        mut policies,
+    } in callers(&d)
+    {
+        policies.push(admin());
+        let mut add = |resource: &str, expected| {
+            cases.add(
+                &what,
+                (&caller, &policies),
+                "ssm:StartSession",
+                resource,
+                &time,
+                expected,
+            );
+        };
+        if sessions.ssh {
+            add(&aws_document("AWS-StartSSHSession"), ExplicitlyDenied);
+        }
+        if !sessions.shell {
+            add(&own_document("SSM-SessionManagerRunShell"), Allowed);
+        }
+    }
+}
+
+#[test]
+fn a_decision_matrix_of_windows_tags_ports_and_denies() {
+    let mut cases = Cases(Vec::new());
+    let at = |t: &str| [("aws:CurrentTime".to_owned(), json!(t))];
+
+    // Window edges: IAM's DateGreaterThan and DateLessThan are strict.
+    let window = grant(
+        "window",
+        json!({
+            "principals": {"users": ["wendy"]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ssh": true},
+            "window": {"notBefore": "2026-12-05T08:00:00Z", "expiresAt": "2026-12-05T10:00:00Z"},
+        }),
+    );
+    let d = render(&window);
+    let Holder {
+        caller: wendy,
+        policies,
+    } = callers(&d).remove(0);
+    let target = instance("i-0000000000000000a");
+    for (time, expected) in [
+        ("2026-12-05T07:59:59Z", ImplicitlyDenied),
+        ("2026-12-05T08:00:00Z", ImplicitlyDenied),
+        ("2026-12-05T08:00:01Z", Allowed),
+        ("2026-12-05T09:59:59Z", Allowed),
+        ("2026-12-05T10:00:00Z", ImplicitlyDenied),
+    ] {
+        cases.add(
+            "window",
+            (&wendy, &policies),
+            "ssm:StartSession",
+            &target,
+            &at(time),
+            expected,
+        );
+        cases.add(
+            "window",
+            (&wendy, &policies),
+            "ssm:StartSession",
+            &aws_document("AWS-StartSSHSession"),
+            &at(time),
+            expected,
+        );
+    }
+
+    // Tag values with IAM wildcards: * any run, ? one character; every tag must match.
+    let tags = grant(
+        "tags",
+        json!({
+            "principals": {"roles": ["ops"]},
+            "targets": {"tags": {"Environment": "stag*", "Team": "a?c"}},
+            "sessions": {"ssh": true},
+        }),
+    );
+    let d = render(&tags);
+    let Holder {
+        caller: ops,
+        policies,
+    } = callers(&d).remove(0);
+    for (environment, team, expected) in [
+        ("staging", "abc", Allowed),
+        ("stag", "axc", Allowed),
+        ("staging", "abbc", ImplicitlyDenied),
+        ("production", "abc", ImplicitlyDenied),
+    ] {
+        let context = [
+            ("aws:CurrentTime".to_owned(), json!(NOW)),
+            ("ssm:resourceTag/Environment".to_owned(), json!(environment)),
+            ("ssm:resourceTag/Team".to_owned(), json!(team)),
+        ];
+        cases.add(
+            &format!("tags {environment}/{team}"),
+            (&ops, &policies),
+            "ssm:StartSession",
+            &instance(STRANGER),
+            &context,
+            expected,
+        );
+    }
+
+    // Ports: the generated document pins the port; AWS's documents take any port, so they stay
+    // refused.
+    let ports = grant(
+        "db",
+        json!({
+            "principals": {"users": ["dana"]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ports": [5432]},
+        }),
+    );
+    let d = render(&ports);
+    let Holder {
+        caller: dana,
+        policies,
+    } = callers(&d).remove(0);
+    let port_document = (d.documents.iter())
+        .find(|doc| doc.name.ends_with("-port5432"))
+        .expect("a port document");
+    for (document, expected) in [
+        (own_document(&port_document.name), Allowed),
+        (
+            aws_document("AWS-StartPortForwardingSession"),
+            ImplicitlyDenied,
+        ),
+        (
+            aws_document("AWS-StartPortForwardingSessionToRemoteHost"),
+            ImplicitlyDenied,
+        ),
+        (aws_document("AWS-StartSSHSession"), ImplicitlyDenied),
+        (
+            own_document("fleet-access.default.other.db-port5432"),
+            ImplicitlyDenied,
+        ),
+    ] {
+        cases.add(
+            "ports",
+            (&dana, &policies),
+            "ssm:StartSession",
+            &document,
+            &at(NOW),
+            expected,
+        );
+    }
+
+    // A Deny of shells everywhere wins over an administrator's Allow, for the account's shell
+    // document and every grant's own shell document, and leaves SSH alone.
+    let no_shells = grant(
+        "no-shells",
+        json!({
+            "effect": "Deny",
+            "principals": {"users": ["root-like"]},
+            "targets": {"allInstances": true},
+            "sessions": {"shell": true},
+        }),
+    );
+    let d = render(&no_shells);
+    let Holder {
+        caller: root_like,
+        mut policies,
+    } = callers(&d).remove(0);
+    policies.push(admin());
+    for (resource, expected) in [
+        (own_document("SSM-SessionManagerRunShell"), ExplicitlyDenied),
+        (
+            own_document("fleet-access.default.team.audited-shell"),
+            ExplicitlyDenied,
+        ),
+        (
+            own_document("fleet-access.other-cluster.ops.web-shell"),
+            ExplicitlyDenied,
+        ),
+        (aws_document("AWS-StartSSHSession"), Allowed),
+        (instance(STRANGER), Allowed),
+    ] {
+        cases.add(
+            "deny shells",
+            (&root_like, &policies),
+            "ssm:StartSession",
+            &resource,
+            &at(NOW),
+            expected,
+        );
+    }
+
+    // A Deny of chosen instances denies every session to them, whatever else allows.
+    let quarantine = grant(
+        "quarantine",
+        json!({
+            "effect": "Deny",
+            "principals": {"groups": ["everyone"]},
+            "targets": {"instanceIds": ["i-0000000000000000b"]},
+        }),
+    );
+    let d = render(&quarantine);
+    let Holder {
+        caller: member,
+        mut policies,
+    } = callers(&d).remove(0);
+    policies.push(admin());
+    cases.add(
+        "quarantine",
+        (&member, &policies),
+        "ssm:StartSession",
+        &instance("i-0000000000000000b"),
+        &at(NOW),
+        ExplicitlyDenied,
+    );
+    cases.add(
+        "quarantine",
+        (&member, &policies),
+        "ssm:StartSession",
+        &instance(STRANGER),
+        &at(NOW),
+        Allowed,
+    );
+    cases.check();
+}
+
+/// The operator's own role (`deploy/iam/operator-policy.json`) attaches its policies only to
+/// identities the account marks as grantable, and never to itself; it detaches from anyone.
+#[test]
+fn the_operator_role_attaches_only_to_grantable_identities() {
+    let path = fleet_access_tests::workspace_root().join("deploy/iam/operator-policy.json");
+    let policy: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let operator = role("fleet-access-operator");
+    let ours = format!("arn:aws:iam::{ACCOUNT}:policy/fleet-access/fleet-access.default.team.ci");
+    let foreign = format!("arn:aws:iam::{ACCOUNT}:policy/AdministratorAccess");
+    let iam = |kind: &str, name: &str| format!("arn:aws:iam::{ACCOUNT}:{kind}/{name}");
+    let grantable = |value: &str| {
+        (
+            "aws:ResourceTag/fleetaccess.io/grantable".to_owned(),
+            json!(value),
+        )
+    };
+    let attaching = |arn: &str| ("iam:PolicyARN".to_owned(), json!(arn));
+    let mut cases = Cases(Vec::new());
+    let policies = [policy];
+    for (action, resource, context, expected) in [
+        (
+            "iam:AttachRolePolicy",
+            iam("role", "ci"),
+            vec![attaching(&ours), grantable("true")],
+            Allowed,
+        ),
+        (
+            "iam:AttachUserPolicy",
+            iam("user", "alice"),
+            vec![attaching(&ours), grantable("true")],
+            Allowed,
+        ),
+        (
+            "iam:AttachRolePolicy",
+            iam("role", "admin"),
+            vec![attaching(&ours)],
+            ImplicitlyDenied,
+        ),
+        (
+            "iam:AttachRolePolicy",
+            iam("role", "admin"),
+            vec![attaching(&ours), grantable("false")],
+            ImplicitlyDenied,
+        ),
+        (
+            "iam:AttachRolePolicy",
+            iam("role", "ci"),
+            vec![attaching(&foreign), grantable("true")],
+            ImplicitlyDenied,
+        ),
+        (
+            "iam:AttachRolePolicy",
+            iam("role", "fleet-access-operator"),
+            vec![attaching(&ours), grantable("true")],
+            ExplicitlyDenied,
+        ),
+        (
+            "iam:AttachGroupPolicy",
+            iam("group", "fleet-access-grantable/web-admins"),
+            vec![attaching(&ours)],
+            Allowed,
+        ),
+        (
+            "iam:AttachGroupPolicy",
+            iam("group", "admins"),
+            vec![attaching(&ours)],
+            ImplicitlyDenied,
+        ),
+        (
+            "iam:DetachRolePolicy",
+            iam("role", "admin"),
+            vec![attaching(&ours)],
+            Allowed,
+        ),
+        (
+            "iam:DetachRolePolicy",
+            iam("role", "admin"),
+            vec![attaching(&foreign)],
+            ImplicitlyDenied,
+        ),
+        (
+            "iam:CreatePolicy",
+            ours.clone(),
+            vec![
+                (
+                    "aws:RequestTag/fleetaccess.io/grant".to_owned(),
+                    json!("default/team/ci"),
+                ),
+                ("aws:TagKeys".to_owned(), json!(["fleetaccess.io/grant"])),
+            ],
+            Allowed,
+        ),
+        ("iam:CreatePolicy", ours.clone(), vec![], ImplicitlyDenied),
+        (
+            "iam:DeletePolicy",
+            foreign.clone(),
+            vec![(
+                "aws:ResourceTag/fleetaccess.io/grant".to_owned(),
+                json!("a/b/c"),
+            )],
+            ImplicitlyDenied,
+        ),
+        (
+            "ssm:StartSession",
+            instance(STRANGER),
+            vec![],
+            ImplicitlyDenied,
+        ),
+    ] {
+        cases.add(
+            "operator role",
+            (&operator, &policies),
+            action,
+            &resource,
+            &context,
+            expected,
+        );
+    }
+    cases.check();
+}
