@@ -449,6 +449,26 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
         );
     }
 
+    // The document access check: a caller that turns it off (to reach the account's default
+    // shell document without naming it) is refused; one that leaves it on, or sends none, is not.
+    for (check, expected) in [
+        (Some("false"), ImplicitlyDenied),
+        (Some("true"), Allowed),
+        (None, Allowed),
+    ] {
+        let mut context = at("2026-12-05T09:00:00Z").to_vec();
+        context.extend(check.map(|c| ("ssm:SessionDocumentAccessCheck".to_owned(), json!(c))));
+        let what = format!("document access check {check:?}");
+        cases.add(
+            &what,
+            (&wendy, &policies),
+            "ssm:StartSession",
+            &target,
+            &context,
+            expected,
+        );
+    }
+
     // Tag values with IAM wildcards: * any run, ? one character; every tag must match.
     let tags = grant(
         "tags",
