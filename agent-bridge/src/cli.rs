@@ -118,12 +118,18 @@ struct ForwardArgs {
     aws: AwsArgs,
     /// The instance ID.
     instance_id: String,
-    /// The port to reach, on the instance or on --remote-host.
-    #[arg(long)]
-    remote_port: u16,
+    /// The port to reach, on the instance or on --remote-host. Not with a --document that
+    /// pins the port (as a grant's generated documents do).
+    #[arg(long, required_unless_present = "document")]
+    remote_port: Option<u16>,
     /// A host reachable from the instance (AWS-StartPortForwardingSessionToRemoteHost).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "document")]
     remote_host: Option<String>,
+    /// The Port session document to start instead of AWS's: a grant's own document
+    /// (`fleet-access.<cluster>.<namespace>.<grant>-port<N>`, which `fleet-access-operator plan`
+    /// names), the only one a port grant allows.
+    #[arg(long)]
+    document: Option<String>,
     /// The local address to listen on.
     #[arg(long, default_value = "127.0.0.1:0")]
     local: SocketAddr,
@@ -359,12 +365,19 @@ async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.local))?;
     let local = listener.local_addr()?;
-    let request = StartSessionRequest::forwarding(
-        &args.instance_id,
-        args.remote_port,
-        args.remote_host.as_deref(),
-        "agent-bridge forward",
-    );
+    let reason = "agent-bridge forward";
+    let request = match (&args.document, args.remote_port) {
+        (Some(document), port) => {
+            StartSessionRequest::port(&args.instance_id, document, port, reason)
+        }
+        (None, Some(port)) => StartSessionRequest::forwarding(
+            &args.instance_id,
+            port,
+            args.remote_host.as_deref(),
+            reason,
+        ),
+        (None, None) => anyhow::bail!("give --remote-port, or a --document that pins the port"),
+    };
     let shutdown = shutdown_on_signal();
     forward(&control, signer.as_deref(), &request, listener, shutdown).await?;
     eprintln!("forwarding {local} ended");
@@ -381,15 +394,17 @@ pub async fn forward<C: ControlPlane>(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let target = control.start_session(request).await?;
+    let port = (request.parameters.get("portNumber"))
+        .and_then(|p| p.first())
+        .map_or("the document's port", String::as_str);
     eprintln!(
-        "forwarding {} -> {}:{} (session {})",
+        "forwarding {} -> {} port {port} through {} (session {})",
         listener.local_addr()?,
         request.target,
         request
-            .parameters
-            .get("portNumber")
-            .and_then(|p| p.first())
-            .map_or("?", String::as_str),
+            .document_name
+            .as_deref()
+            .unwrap_or("the default document"),
         target.session_id
     );
     let (connections, incoming) = mpsc::channel(64);

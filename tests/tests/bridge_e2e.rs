@@ -19,7 +19,7 @@ use fleet_access_agent_bridge::{
     metrics::Metrics,
     serve::{self, ServeConfig},
     ssm::SdkControlPlane,
-    ssm::StartSessionRequest,
+    ssm::{ControlPlane as _, StartSessionRequest},
     stream_url::StreamUrls,
     tunnel::SessionContext,
 };
@@ -30,7 +30,7 @@ use fleet_access_ssm_emulator::{
     Config, Emulator, Faults, HandshakeAck, InstanceConfig, Mode, Running, SessionReport, TlsFiles,
 };
 use fleet_access_tests::{
-    ControlPlane, GatedSink, Prometheus, RefusingAddress, Sshd, TestNamespace,
+    ControlPlane, GatedSink, Moto, Prometheus, RefusingAddress, Sshd, TestNamespace,
     certificates::LoopbackTls, free_loopback_port, http_get,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -721,11 +721,16 @@ struct Forwarding {
 
 impl Forwarding {
     async fn start(emulator: &Running, instance: &str, port: u16) -> Self {
+        let request = StartSessionRequest::forwarding(instance, port, None, "agent-bridge forward");
+        Self::start_session(emulator, request).await
+    }
+
+    /// `forward` of any request: `--document` gives one of a grant's own documents.
+    async fn start_session(emulator: &Running, request: StartSessionRequest) -> Self {
         let control = control_plane(emulator);
         let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
         let local = listener.local_addr().expect("address");
         let shutdown = CancellationToken::new();
-        let request = StartSessionRequest::forwarding(instance, port, None, "agent-bridge forward");
         let task = {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
@@ -822,6 +827,99 @@ async fn forward_carries_parallel_http_requests_over_one_session() {
     let sessions = all_sessions_ended(&emulator).await;
     assert_eq!(sessions.len(), 1, "one session carried every connection");
     assert!(!sessions[0].handshake_ack_first, "{:?}", sessions[0]);
+}
+
+/// One HTTP request through `local`: the response.
+async fn http_get_through(local: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(local).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    response
+}
+
+/// A port grant is usable by a person: `forward --document` with the grant's own Port document
+/// (as the operator renders and creates it, here in moto) carries bytes to the pinned port, and
+/// SSM refuses the same document with a port of the caller's choosing or a malformed local port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forward_through_a_port_grants_own_document() {
+    use fleet_access_operator::{model::desired, settings::Settings};
+    let sshd = Sshd::start().await.expect("sshd");
+    let web = http_server().await;
+    let moto = Moto::shared().await.expect("moto");
+    let config = Config {
+        upstream: Some(moto.endpoint().to_owned()),
+        ..emulator_config(&sshd, Mode::Fast, &[(WEB, 5432, web)])
+    };
+    let emulator = Emulator::start(config).await.expect("emulator starts");
+    // The grant's document, as the operator renders it and creates it.
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let grant = fleet_access_crds::validation::parse_session_accesses(&format!(
+        "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\n\
+         metadata: {{name: db-{unique}, namespace: data}}\n\
+         spec: {{principals: {{users: [dana]}}, targets: {{instanceIds: [{WEB}]}}, sessions: {{ports: [5432]}}}}\n"
+    ))
+    .expect("a port grant")
+    .remove(0);
+    let rendered = desired::compute(&grant, &Settings::default()).expect("renders");
+    let document = rendered
+        .documents
+        .first()
+        .expect("the grant's Port document");
+    let ssm = aws_sdk_ssm::Client::new(&sdk_config(moto.endpoint()));
+    ssm.create_document()
+        .name(&document.name)
+        .content(document.content.to_string())
+        .document_type(aws_sdk_ssm::types::DocumentType::Session)
+        .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
+        .send()
+        .await
+        .expect("the document in moto");
+
+    let request = StartSessionRequest::port(WEB, &document.name, None, "agent-bridge forward");
+    let forwarding = Forwarding::start_session(&emulator, request).await;
+    for path in ["/first", "/second"] {
+        let response = http_get_through(forwarding.local, path).await;
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK") && response.ends_with(path),
+            "{response}"
+        );
+    }
+    forwarding.stop().await;
+    let sessions = all_sessions_ended(&emulator).await;
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].document_name, document.name);
+
+    // The document pins the port: naming one is refused, as is a local port that is not one.
+    let control = control_plane(&emulator);
+    let other_port = StartSessionRequest::port(WEB, &document.name, Some(22), "widen");
+    let error = control
+        .start_session(&other_port)
+        .await
+        .expect_err("portNumber is not defined");
+    assert!(
+        error
+            .message
+            .contains("parameter portNumber is not defined"),
+        "{error}"
+    );
+    let mut malformed = StartSessionRequest::port(WEB, &document.name, None, "odd");
+    malformed
+        .parameters
+        .insert("localPortNumber".into(), vec!["80; rm -rf /".into()]);
+    let error = control
+        .start_session(&malformed)
+        .await
+        .expect_err("allowedPattern");
+    assert!(error.message.contains("allowedPattern"), "{error}");
+    let missing =
+        StartSessionRequest::port(WEB, "fleet-access.default.data.nothing-port5432", None, "x");
+    let error = control
+        .start_session(&missing)
+        .await
+        .expect_err("no such document");
+    assert!(error.message.contains("does not exist"), "{error}");
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge

@@ -198,6 +198,44 @@ fn first_param(params: &Value, name: &str) -> Option<String> {
     }
 }
 
+/// A parameter value against its definition in a document, as SSM checks it at StartSession:
+/// `allowedPattern` and `allowedValues`. The whole value must match the pattern: a pattern
+/// without anchors is then no more lenient here than anywhere.
+fn check_parameter(
+    document: &str,
+    parameter: &str,
+    definition: &Value,
+    value: &str,
+) -> Result<(), ApiError> {
+    if let Some(pattern) = definition.get("allowedPattern").and_then(Value::as_str) {
+        let regex = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| {
+            ApiError::new(
+                "InvalidDocument",
+                format!("document {document}: parameter {parameter}'s allowedPattern is not a regular expression: {e}"),
+            )
+        })?;
+        if !regex.is_match(value) {
+            return Err(ApiError::new(
+                "InvalidParameters",
+                format!(
+                    "parameter {parameter} value {value:?} does not match the allowedPattern {pattern} of document {document}"
+                ),
+            ));
+        }
+    }
+    if let Some(allowed) = definition.get("allowedValues").and_then(Value::as_array)
+        && !allowed.iter().any(|a| a.as_str() == Some(value))
+    {
+        return Err(ApiError::new(
+            "InvalidParameters",
+            format!(
+                "parameter {parameter} value {value:?} is not among the allowedValues of document {document}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn parse_port(name: &str, value: &str) -> Result<u16, ApiError> {
     value.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
         ApiError::new(
@@ -314,6 +352,14 @@ async fn custom_document(
         .and_then(Value::as_str)
         .ok_or_else(invalid)?;
     let content: Value = serde_yaml::from_str(content).map_err(|_| invalid())?;
+    if let Some(kind) = doc.get("DocumentType").and_then(Value::as_str)
+        && kind != "Session"
+    {
+        return Err(ApiError::new(
+            "InvalidDocument",
+            format!("document {name} is a {kind} document; StartSession needs a Session document"),
+        ));
+    }
     if content.get("sessionType").and_then(Value::as_str) != Some("Port") {
         return Err(ApiError::new(
             "InvalidDocument",
@@ -322,31 +368,34 @@ async fn custom_document(
             ),
         ));
     }
-    let mut values = HashMap::new();
-    if let Some(defs) = content.get("parameters").and_then(Value::as_object) {
-        for (k, def) in defs {
-            if let Some(d) = def.get("default") {
-                let d = d
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| d.to_string());
-                values.insert(k.clone(), d);
-            }
-        }
-    }
+    let definitions = content.get("parameters").and_then(Value::as_object);
     if let Some(obj) = params.as_object() {
         for k in obj.keys() {
-            let defined = content.get("parameters").and_then(|p| p.get(k)).is_some();
-            if !defined {
+            if definitions.is_none_or(|d| !d.contains_key(k)) {
                 return Err(ApiError::new(
                     "InvalidParameters",
                     format!("parameter {k} is not defined by document {name}"),
                 ));
             }
-            if let Some(v) = first_param(params, k) {
-                values.insert(k.clone(), v);
-            }
         }
+    }
+    // Each defined parameter: the value given, else the default; one without either is
+    // required; the value must satisfy the definition's allowedPattern and allowedValues.
+    let mut values = HashMap::new();
+    for (k, definition) in definitions.into_iter().flatten() {
+        let default = definition.get("default").map(|d| {
+            d.as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| d.to_string())
+        });
+        let Some(value) = first_param(params, k).or(default) else {
+            return Err(ApiError::new(
+                "InvalidParameters",
+                format!("parameter {k} of document {name} is required: it has no default"),
+            ));
+        };
+        check_parameter(name, k, definition, &value)?;
+        values.insert(k.clone(), value);
     }
     let mut json = serde_json::Map::new();
     if let Some(props) = content.get("properties").and_then(Value::as_object) {
@@ -745,6 +794,35 @@ fn describe_instance_information(shared: &Shared, input: &Value) -> Result<Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parameters_must_satisfy_their_definition() {
+        let port = json!({"type": "String", "allowedPattern": "^([0-9]|[1-9][0-9]{1,4})$", "default": "0"});
+        assert!(check_parameter("doc", "localPortNumber", &port, "5432").is_ok());
+        for bad in ["abc", "05432", "123456", "1;2", ""] {
+            let error = check_parameter("doc", "localPortNumber", &port, bad).expect_err(bad);
+            assert_eq!(error.kind, "InvalidParameters", "{bad}");
+            assert!(
+                error.message.contains("allowedPattern"),
+                "{}",
+                error.message
+            );
+        }
+        // Unanchored patterns match the whole value, never a part of it.
+        let unanchored = json!({"allowedPattern": "[0-9]+"});
+        assert!(check_parameter("doc", "p", &unanchored, "80").is_ok());
+        assert!(check_parameter("doc", "p", &unanchored, "80; rm").is_err());
+        let choice = json!({"allowedValues": ["a", "b"]});
+        assert!(check_parameter("doc", "p", &choice, "a").is_ok());
+        assert!(check_parameter("doc", "p", &choice, "c").is_err());
+        let broken = json!({"allowedPattern": "(["});
+        assert_eq!(
+            check_parameter("doc", "p", &broken, "x")
+                .expect_err("broken")
+                .kind,
+            "InvalidDocument"
+        );
+    }
 
     #[test]
     fn builtin_documents_resolve_their_properties() {
