@@ -171,3 +171,26 @@ fn plan_with_the_single_team_boundary_admits_a_valid_grant() {
     );
     assert!(!out.stdout.is_empty());
 }
+
+#[test]
+fn plan_prints_how_to_connect_through_the_grants_own_document() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/port-forwarding.yaml"
+    );
+    let out = run(&["plan", "-f", example], None);
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let document = "fleet-access.default.data.db-tunnel-port5432";
+    assert!(
+        text.contains(&format!(
+            "agent-bridge forward i-0a1b2c3d --document {document} --local 127.0.0.1:5432"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "aws ssm start-session --target i-0a1b2c3d --document-name {document}"
+        )),
+        "{text}"
+    );
+}

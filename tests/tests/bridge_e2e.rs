@@ -863,9 +863,18 @@ async fn forward_through_a_port_grants_own_document() {
     .expect("a port grant")
     .remove(0);
     let rendered = desired::compute(&grant, &Settings::default()).expect("renders");
-    let document = rendered
-        .documents
-        .first()
+    // The document `plan` tells a person to forward through.
+    let connection = rendered.connect.first().expect("plan's connection");
+    let command = connection
+        .agent_bridge
+        .as_deref()
+        .expect("an agent-bridge command");
+    assert!(
+        command.contains(&format!("--document {}", connection.document)),
+        "{command}"
+    );
+    let document = (rendered.documents.iter())
+        .find(|d| d.name == connection.document)
         .expect("the grant's Port document");
     let ssm = aws_sdk_ssm::Client::new(&sdk_config(moto.endpoint()));
     ssm.create_document()

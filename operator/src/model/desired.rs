@@ -66,6 +66,9 @@ pub struct Desired {
     /// Endpoints the bridge serves, and the bridge role's policy for them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bridge: Option<BridgeGrant>,
+    /// How the grant's principals start each kind of session it allows.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub connect: Vec<Connection>,
     /// The instances the grant covers, for the controller to resolve (the policies already
     /// carry them as ARNs and conditions).
     #[serde(skip)]
@@ -73,6 +76,22 @@ pub struct Desired {
     /// When the grant's window ends, if it does.
     #[serde(skip)]
     pub expires_at: Option<Timestamp>,
+}
+
+/// One kind of session a grant allows, and the exact commands a person runs for it: the
+/// document is the one the grant's policy allows, which AWS's defaults are not for ports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    /// The session document to start.
+    pub document: String,
+    /// The port on the instance.
+    pub port: u16,
+    /// With fleet-access's own client, `agent-bridge` (none for shells yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_bridge: Option<String>,
+    /// With the AWS CLI and the session-manager-plugin.
+    pub aws_cli: String,
 }
 
 /// The instances a grant covers, as plain values.
@@ -232,12 +251,17 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
         _ => None,
     };
 
+    let connect = match effect {
+        Effect::Allow if !spec.principals.is_empty() => connections(spec, &sessions, &documents),
+        _ => Vec::new(),
+    };
     Ok(Desired {
         grant: grant_id,
         effect,
         policies,
         principals: principal_names(&spec.principals),
         documents,
+        connect,
         bridge,
         targets: TargetSelection {
             all_instances: spec.targets.all_instances,
@@ -257,6 +281,56 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
             .and_then(|w| w.expires_at.as_ref())
             .map(|t| t.0),
     })
+}
+
+/// The commands of each kind of session: for the grant's first instance, or `<instance>`.
+fn connections(
+    spec: &v1alpha1::SessionAccessSpec,
+    sessions: &v1alpha1::Sessions,
+    documents: &[SessionDocument],
+) -> Vec<Connection> {
+    let target =
+        (spec.targets.instance_ids.first()).map_or("<instance>".to_owned(), |id| id.to_string());
+    let aws_cli = |document: &str, parameters: &str| {
+        format!("aws ssm start-session --target {target} --document-name {document}{parameters}")
+    };
+    let mut out = Vec::new();
+    if sessions.ssh {
+        out.push(Connection {
+            document: SSH_DOCUMENT.into(),
+            port: 22,
+            agent_bridge: Some(format!(
+                "ssh -o ProxyCommand='agent-bridge proxy %h %p' <user>@{target}"
+            )),
+            aws_cli: aws_cli(SSH_DOCUMENT, " --parameters portNumber=22"),
+        });
+    }
+    for document in documents {
+        let port = document.content["properties"]["portNumber"]
+            .as_str()
+            .and_then(|p| p.parse().ok());
+        out.push(match (document.session_type, port) {
+            ("Port", Some(port)) => Connection {
+                document: document.name.clone(),
+                port,
+                agent_bridge: Some(format!(
+                    "agent-bridge forward {target} --document {} --local 127.0.0.1:{port}",
+                    document.name
+                )),
+                aws_cli: aws_cli(
+                    &document.name,
+                    &format!(" --parameters localPortNumber={port}"),
+                ),
+            },
+            _ => Connection {
+                document: document.name.clone(),
+                port: 0,
+                agent_bridge: None,
+                aws_cli: aws_cli(&document.name, ""),
+            },
+        });
+    }
+    out
 }
 
 fn principal_names(principals: &Principals) -> PrincipalNames {

@@ -135,6 +135,19 @@ pub fn text(grants: &[Desired]) -> String {
         if desired.documents.is_empty() {
             let _ = writeln!(out, "  (none)");
         }
+        section(&mut out, "How to connect");
+        for connection in &desired.connect {
+            let _ = writeln!(out, "  {}", connection.document);
+            for command in connection.agent_bridge.iter().chain([&connection.aws_cli]) {
+                let _ = writeln!(out, "    {command}");
+            }
+        }
+        if desired.connect.is_empty() {
+            let _ = writeln!(
+                out,
+                "  (no session for people: the grant names no principal, or denies)"
+            );
+        }
         section(&mut out, "Bridge endpoints");
         match &desired.bridge {
             None => {
