@@ -28,6 +28,7 @@ use fleet_access_crds::bridge_contract::{
 };
 use fleet_access_ssm_emulator::{
     Config, Emulator, Faults, HandshakeAck, InstanceConfig, Mode, Running, SessionReport, TlsFiles,
+    Transfer,
 };
 use fleet_access_tests::{
     ControlPlane, GatedSink, Moto, Prometheus, RefusingAddress, Sshd, TestNamespace,
@@ -107,17 +108,26 @@ fn run_ok(command: &mut Command) -> String {
 
 /// An endpoint Service as the operator writes it.
 fn endpoint_service(instance: &str, ports: &[(u16, u16)]) -> Service {
+    let ports: Vec<EndpointPort> = (ports.iter())
+        .map(|(port, target)| ssh_endpoint(*port, *target))
+        .collect();
+    endpoint_service_of(instance, &ports)
+}
+
+/// An endpoint through AWS-StartSSHSession to `port`, served on `target`.
+fn ssh_endpoint(port: u16, target: u16) -> EndpointPort {
+    EndpointPort {
+        port,
+        target_port: target,
+        document: "AWS-StartSSHSession".into(),
+        port_parameter: Some(port),
+    }
+}
+
+fn endpoint_service_of(instance: &str, ports: &[EndpointPort]) -> Service {
     let annotations = EndpointAnnotations {
         instance_id: instance.to_owned(),
-        ports: ports
-            .iter()
-            .map(|(port, target)| EndpointPort {
-                port: *port,
-                target_port: *target,
-                document: "AWS-StartSSHSession".into(),
-                port_parameter: Some(*port),
-            })
-            .collect(),
+        ports: ports.to_vec(),
     };
     Service {
         metadata: ObjectMeta {
@@ -131,12 +141,12 @@ fn endpoint_service(instance: &str, ports: &[(u16, u16)]) -> Service {
             ports: Some(
                 ports
                     .iter()
-                    .map(|(port, target)| ServicePort {
-                        name: Some(format!("p{port}")),
-                        port: i32::from(*port),
+                    .map(|endpoint| ServicePort {
+                        name: Some(format!("p{}", endpoint.port)),
+                        port: i32::from(endpoint.port),
                         target_port: Some(
                             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(
-                                i32::from(*target),
+                                i32::from(endpoint.target_port),
                             ),
                         ),
                         ..ServicePort::default()
@@ -193,20 +203,39 @@ impl Served {
         instances: &[&'static str],
         limits: Limits,
     ) -> Self {
+        let endpoints: Vec<_> = (instances.iter())
+            .map(|instance| (*instance, 22, "AWS-StartSSHSession", Some(22)))
+            .collect();
+        Self::start_endpoints(prefix, context, &endpoints, limits).await
+    }
+
+    /// Serves one endpoint per instance: (instance, port, document, portNumber parameter).
+    async fn start_endpoints(
+        prefix: &str,
+        context: Arc<SessionContext<SdkControlPlane>>,
+        endpoints: &[(&'static str, u16, &str, Option<u16>)],
+        limits: Limits,
+    ) -> Self {
         let control_plane = ControlPlane::shared().await.expect("control plane");
         let namespace = control_plane.namespace(prefix).await.expect("namespace");
         let services = namespace.api::<Service>();
         let mut ports = BTreeMap::new();
-        for instance in instances {
-            let port = free_loopback_port().expect("port");
+        for (instance, port, document, port_parameter) in endpoints {
+            let target_port = free_loopback_port().expect("port");
+            let endpoint = EndpointPort {
+                port: *port,
+                target_port,
+                document: (*document).to_owned(),
+                port_parameter: *port_parameter,
+            };
             services
                 .create(
                     &PostParams::default(),
-                    &endpoint_service(instance, &[(22, port)]),
+                    &endpoint_service_of(instance, &[endpoint]),
                 )
                 .await
                 .expect("service");
-            ports.insert(*instance, port);
+            ports.insert(*instance, target_port);
         }
         let (readiness, shutdown) = (Readiness::default(), CancellationToken::new());
         let config = ServeConfig {
@@ -839,12 +868,41 @@ async fn http_get_through(local: SocketAddr, path: &str) -> String {
     response
 }
 
+/// What the operator renders for a grant of `port` on WEB to a person (a unique name, as
+/// moto is shared).
+fn port_grant(port: u16) -> fleet_access_operator::model::desired::Desired {
+    use fleet_access_operator::{model::desired, settings::Settings};
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let grant = fleet_access_crds::validation::parse_session_accesses(&format!(
+        "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\n\
+         metadata: {{name: db-{unique}, namespace: data}}\n\
+         spec: {{principals: {{users: [dana]}}, targets: {{instanceIds: [{WEB}]}}, sessions: {{ports: [{port}]}}}}\n"
+    ))
+    .expect("a port grant")
+    .remove(0);
+    desired::compute(&grant, &Settings::default()).expect("renders")
+}
+
+/// Creates the grant's session documents in moto, as the operator does.
+async fn create_documents(moto: &Moto, rendered: &fleet_access_operator::model::desired::Desired) {
+    let ssm = aws_sdk_ssm::Client::new(&sdk_config(moto.endpoint()));
+    for document in &rendered.documents {
+        ssm.create_document()
+            .name(&document.name)
+            .content(document.content.to_string())
+            .document_type(aws_sdk_ssm::types::DocumentType::Session)
+            .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
+            .send()
+            .await
+            .expect("the document in moto");
+    }
+}
+
 /// A port grant is usable by a person: `forward --document` with the grant's own Port document
 /// (as the operator renders and creates it, here in moto) carries bytes to the pinned port, and
 /// SSM refuses the same document with a port of the caller's choosing or a malformed local port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forward_through_a_port_grants_own_document() {
-    use fleet_access_operator::{model::desired, settings::Settings};
     let sshd = Sshd::start().await.expect("sshd");
     let web = http_server().await;
     let moto = Moto::shared().await.expect("moto");
@@ -853,16 +911,7 @@ async fn forward_through_a_port_grants_own_document() {
         ..emulator_config(&sshd, Mode::Fast, &[(WEB, 5432, web)])
     };
     let emulator = Emulator::start(config).await.expect("emulator starts");
-    // The grant's document, as the operator renders it and creates it.
-    let unique = uuid::Uuid::new_v4().simple().to_string();
-    let grant = fleet_access_crds::validation::parse_session_accesses(&format!(
-        "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\n\
-         metadata: {{name: db-{unique}, namespace: data}}\n\
-         spec: {{principals: {{users: [dana]}}, targets: {{instanceIds: [{WEB}]}}, sessions: {{ports: [5432]}}}}\n"
-    ))
-    .expect("a port grant")
-    .remove(0);
-    let rendered = desired::compute(&grant, &Settings::default()).expect("renders");
+    let rendered = port_grant(5432);
     // The document `plan` tells a person to forward through.
     let connection = rendered.connect.first().expect("plan's connection");
     let command = connection
@@ -873,18 +922,10 @@ async fn forward_through_a_port_grants_own_document() {
         command.contains(&format!("--document {}", connection.document)),
         "{command}"
     );
+    create_documents(moto, &rendered).await;
     let document = (rendered.documents.iter())
         .find(|d| d.name == connection.document)
         .expect("the grant's Port document");
-    let ssm = aws_sdk_ssm::Client::new(&sdk_config(moto.endpoint()));
-    ssm.create_document()
-        .name(&document.name)
-        .content(document.content.to_string())
-        .document_type(aws_sdk_ssm::types::DocumentType::Session)
-        .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
-        .send()
-        .await
-        .expect("the document in moto");
 
     let request = StartSessionRequest::port(WEB, &document.name, None, "agent-bridge forward");
     let forwarding = Forwarding::start_session(&emulator, request).await;
@@ -929,6 +970,53 @@ async fn forward_through_a_port_grants_own_document() {
         .await
         .expect_err("no such document");
     assert!(error.message.contains("does not exist"), "{error}");
+}
+
+/// The serve path through a grant's Port document (mux mode): each connection's session ends
+/// with the connection, instead of holding the session and the bridge's slot until the idle
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_ends_a_mux_session_with_its_connection() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let web = http_server().await;
+    let moto = Moto::shared().await.expect("moto");
+    let config = Config {
+        upstream: Some(moto.endpoint().to_owned()),
+        ..emulator_config(&sshd, Mode::Fast, &[(WEB, 5432, web)])
+    };
+    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let rendered = port_grant(5432);
+    create_documents(moto, &rendered).await;
+    let document = rendered.documents[0].name.as_str();
+    let limits = Limits {
+        total: 10,
+        per_instance: 10,
+    };
+    let context = context(&emulator, &Registry::new());
+    let served = Served::start_endpoints(
+        "bridge-mux",
+        context,
+        &[(WEB, 5432, document, None)],
+        limits,
+    )
+    .await;
+    let local = SocketAddr::new(LOOPBACK, served.port(WEB));
+    for path in ["/one", "/two"] {
+        let response = http_get_through(local, path).await;
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK") && response.ends_with(path),
+            "{response}"
+        );
+    }
+    // Every session ends while the bridge still serves: with its connection (the two requests',
+    // and the readiness probe's of `Served::start`, which sent nothing).
+    let sessions = all_sessions_ended(&emulator).await;
+    assert!(sessions.len() >= 2, "{sessions:?}");
+    for session in &sessions {
+        assert_eq!(session.transfer, Some(Transfer::Mux), "{session:?}");
+        assert_eq!(session.document_name, document);
+    }
+    served.stop().await;
 }
 
 // Multi-threaded: the tests run ssh and scp as blocking child processes while the bridge

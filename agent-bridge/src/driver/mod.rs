@@ -105,8 +105,11 @@ pub struct DriverConfig {
     pub local_read_size: usize,
     /// See [`DEFAULT_LOCAL_WRITE_QUEUE`].
     pub local_write_queue: usize,
-    /// Basic mode: end the whole session when the local connection ends (SSH ProxyCommand),
-    /// instead of sending DisconnectToPort and serving the next connection.
+    /// One connection per session (`serve`, `proxy`): end the whole session when its local
+    /// connection ends. Basic mode then terminates instead of sending DisconnectToPort and
+    /// serving the next connection; mux mode closes the stream, then terminates once no stream
+    /// is left (a FIN alone would keep the session, and the bridge's slot, until the idle
+    /// timeout).
     pub end_on_local_eof: bool,
     /// ClientId of the open message: one per process, reused across reconnects.
     pub client_id: uuid::Uuid,
@@ -686,11 +689,19 @@ where
         match self.mode {
             Some(ForwardingMode::Mux) => {
                 let _ = self.session.close_stream(key);
+                self.end_when_no_stream_is_left(now);
             }
             _ if self.tunnel.config.end_on_local_eof => self.session.terminate(now),
             _ => {
                 let _ = self.session.disconnect_local(now);
             }
+        }
+    }
+
+    /// Mux mode, one connection per session: the session ends with its last stream.
+    fn end_when_no_stream_is_left(&mut self, now: std::time::Instant) {
+        if self.tunnel.config.end_on_local_eof && self.conns.is_empty() {
+            self.session.terminate(now);
         }
     }
 
@@ -746,7 +757,12 @@ where
                 Event::StreamData { stream, data } => self.deliver_local(now, stream, data),
                 Event::StreamClosed { stream, reason } => {
                     debug!(stream, ?reason, "stream closed by the agent");
-                    self.conns.remove(&stream);
+                    // Its writer goes on until what the agent sent before the close is out.
+                    if let Some(conn) = self.conns.remove(&stream) {
+                        self.finishing.retain(|writer| !writer.is_finished());
+                        self.finishing.push(conn.into_writer_task());
+                    }
+                    self.end_when_no_stream_is_left(now.into_std());
                 }
                 Event::ConnectToPortError => {
                     warn!("the agent could not connect to the destination port");
