@@ -182,14 +182,11 @@ pub async fn run(ws: &Workspace, options: &Options) -> anyhow::Result<Operator> 
     let control_plane = ControlPlane::shared()
         .await
         .context("kube-apiserver + etcd (make setup builds them)")?;
+    // The CRDs, and the single-team boundary: without a boundary every grant is refused.
     control_plane
-        .apply_yaml(&fleet_access_crds::crds_yaml(), None)
+        .install_fleet_access(&fleet_access_crds::crds_yaml())
         .await
-        .context("applying the CRDs")?;
-    control_plane
-        .wait_for_crd_established("sessionaccesses.fleetaccess.io", Duration::from_secs(60))
-        .await
-        .context("CRD established")?;
+        .context("applying the CRDs and the single-team boundary")?;
     let moto = Moto::shared()
         .await
         .context("moto (make setup installs it)")?;

@@ -135,6 +135,16 @@ struct AwsArgs {
         value_parser = parse_cluster
     )]
     cluster_name: String,
+    /// The account's quota of managed policies attached to one user, role or group (IAM's
+    /// default is 10; it can be raised to 20). A grant that would exceed it is refused before
+    /// anything is written.
+    #[arg(
+        long,
+        env = "FLEET_ACCESS_MAX_POLICIES_PER_IDENTITY",
+        default_value_t = crate::settings::DEFAULT_MAX_POLICIES_PER_IDENTITY,
+        value_parser = clap::value_parser!(u8).range(1..=20)
+    )]
+    max_policies_per_identity: u8,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -168,6 +178,7 @@ impl AwsArgs {
             bridge_role,
             bridge_namespace,
             cluster_name,
+            max_policies_per_identity,
         } = self;
         Settings {
             partition,
@@ -176,6 +187,7 @@ impl AwsArgs {
             bridge_role: Some(bridge_role),
             bridge_namespace,
             cluster: cluster_name,
+            max_policies_per_identity: usize::from(max_policies_per_identity),
         }
     }
 }

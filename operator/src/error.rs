@@ -40,6 +40,22 @@ pub enum Error {
         what: &'static str,
     },
 
+    /// Attaching the grant's policies would exceed the account's quota of managed policies on
+    /// one identity: nothing was written.
+    #[error(
+        "{principal} already has {attached} other managed policies attached; with this grant's {needed} it would exceed the quota of {limit} per identity: detach policies from it, raise the quota (and --max-policies-per-identity), or name a group or another role instead"
+    )]
+    AttachmentQuota {
+        /// The principal.
+        principal: String,
+        /// Policies attached to it that are not this grant's.
+        attached: usize,
+        /// This grant's policies for it.
+        needed: usize,
+        /// The quota.
+        limit: usize,
+    },
+
     /// One statement cannot fit a policy even with a single resource (cannot happen with valid
     /// names; a bug if seen).
     #[error("statement {sid} does not fit in one IAM policy")]
@@ -103,6 +119,7 @@ impl Error {
             Error::InvalidBoundary(_) => "invalid_boundary",
             Error::OutsideBoundary(_) => "outside_boundary",
             Error::TooManyPolicies { .. } => "too_many_policies",
+            Error::AttachmentQuota { .. } => "attachment_quota",
             Error::StatementTooLarge { .. } => "statement_too_large",
             Error::NoBridgeRole => "no_bridge_role",
             Error::Aws(e) => e.kind().metric_label(),

@@ -1,6 +1,10 @@
 //! Operator settings that shape the desired AWS state: where the grants apply (partition,
 //! account, Region) and the agent bridge's identity and namespace.
 
+/// IAM's default quota of managed policies attached to one user, role or group (an account can
+/// have it raised to 20).
+pub const DEFAULT_MAX_POLICIES_PER_IDENTITY: u8 = 10;
+
 /// The cluster name when none is set (the bridge's default too).
 pub const DEFAULT_CLUSTER: &str = "default";
 
@@ -33,6 +37,9 @@ pub struct Settings {
     /// operators of clusters that share an account must have different names, so that none
     /// adopts, changes or deletes another's objects.
     pub cluster: String,
+    /// The account's quota of managed policies attached to one identity: a grant that would
+    /// exceed it on any principal is refused before anything is written.
+    pub max_policies_per_identity: usize,
 }
 
 impl Default for Settings {
@@ -44,6 +51,7 @@ impl Default for Settings {
             bridge_role: Some("fleet-access-bridge".into()),
             bridge_namespace: "fleet-access".into(),
             cluster: DEFAULT_CLUSTER.into(),
+            max_policies_per_identity: usize::from(DEFAULT_MAX_POLICIES_PER_IDENTITY),
         }
     }
 }

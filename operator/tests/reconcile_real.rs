@@ -583,14 +583,18 @@ async fn bridge_endpoints_merge_per_instance_and_admit_only_the_clients() {
 async fn two_hundred_grants_reach_ready() {
     const COUNT: usize = 200;
     let h = Harness::start("op-scale", Duration::from_secs(300)).await;
-    let grace = h.unique("grace");
-    h.user(&grace).await;
+    // One user per grant: IAM attaches at most 10 (20 raised) managed policies to one identity,
+    // which the operator enforces.
+    let users: Vec<String> = (0..COUNT).map(|i| h.unique(&format!("grace{i}"))).collect();
+    for user in &users {
+        h.user(user).await;
+    }
     let started = tokio::time::Instant::now();
-    for i in 0..COUNT {
+    for (i, user) in users.iter().enumerate() {
         h.create(
             &format!("g{i}"),
             json!({
-                "principals": {"users": [grace]},
+                "principals": {"users": [user]},
                 "targets": {"instanceIds": ["i-0000000000000000a"]},
                 "sessions": {"ssh": true},
             }),
@@ -606,16 +610,12 @@ async fn two_hundred_grants_reach_ready() {
         calls as f64 / COUNT as f64,
         writes as f64 / COUNT as f64
     );
-    // Every grant has its one policy, attached.
-    let attached = h
-        .iam
-        .list_attached_user_policies()
-        .user_name(&grace)
-        .max_items(1000)
-        .send()
-        .await
-        .expect("attached");
-    assert_eq!(attached.attached_policies().len(), COUNT);
+    // Every grant has its one policy, attached to its user.
+    assert_eq!(h.policies_in_namespace().await.len(), COUNT);
+    for (i, user) in users.iter().enumerate().step_by(20) {
+        let attached = h.attachments(&h.policy_arn(&format!("g{i}"))).await;
+        assert_eq!(attached, BTreeSet::from([format!("user/{user}")]));
+    }
     h.stop().await;
 }
 
@@ -970,17 +970,18 @@ async fn session_preferences_update_the_account_document_and_restore_it_on_delet
 async fn many_grants_deleted_at_once_leave_no_document_and_no_policy() {
     const COUNT: usize = 50;
     let h = Harness::start("op-mass-delete", Duration::from_secs(300)).await;
-    let heidi = h.unique("heidi");
-    h.user(&heidi).await;
-    // Four documents per grant: 200 in all, four pages of ListDocuments.
-    let spec = json!({
-        "principals": {"users": [heidi]},
-        "targets": {"instanceIds": ["i-0000000000000000a"]},
-        "sessions": {"shell": true, "ports": [5432, 6379, 8080]},
-    });
+    // Four documents per grant: 200 in all, four pages of ListDocuments. One user per grant
+    // (IAM's quota of attached policies per identity).
     let mut grants = Vec::new();
     for i in 0..COUNT {
-        grants.push(h.create(&format!("g{i}"), spec.clone()).await);
+        let heidi = h.unique(&format!("heidi{i}"));
+        h.user(&heidi).await;
+        let spec = json!({
+            "principals": {"users": [heidi]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"shell": true, "ports": [5432, 6379, 8080]},
+        });
+        grants.push(h.create(&format!("g{i}"), spec).await);
     }
     h.wait_all_ready(COUNT).await;
     let derived: Vec<String> = grants
@@ -1330,5 +1331,78 @@ async fn a_deny_grants_expiry_ends_no_session() {
         .with_label_values(&["ssm", "TerminateSession", "ok"])
         .get();
     assert_eq!(terminated, 0, "{}", h.calls());
+    h.stop().await;
+}
+
+/// IAM allows 10 managed policies per identity by default, and moto does not enforce it: the
+/// operator counts before it writes, and refuses a grant that would go over, with nothing
+/// created; once there is room, the grant applies.
+#[tokio::test]
+async fn a_grant_over_the_attachment_quota_is_refused_before_anything_is_written() {
+    let h = Harness::start("op-quota", Duration::from_secs(300)).await;
+    let role = h.unique("crowded");
+    h.role(&role).await;
+    let mut foreign = Vec::new();
+    for i in 0..10 {
+        let name = h.unique(&format!("other-{i}"));
+        let arn = h
+            .iam
+            .create_policy()
+            .policy_name(&name)
+            .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:ListBucket","Resource":"*"}]}"#)
+            .send()
+            .await
+            .expect("a policy")
+            .policy()
+            .and_then(|p| p.arn())
+            .expect("its ARN")
+            .to_owned();
+        h.iam
+            .attach_role_policy()
+            .role_name(&role)
+            .policy_arn(&arn)
+            .send()
+            .await
+            .expect("attached");
+        foreign.push(arn);
+    }
+    let spec = json!({
+        "principals": {"roles": [role]},
+        "targets": {"instanceIds": ["i-0000000000000000a"]},
+        "sessions": {"ssh": true, "ports": [5432]},
+    });
+    h.create("crowded", spec.clone()).await;
+    let refused = h.wait_condition("crowded", "PolicySynced", "False").await;
+    let condition = find(&refused, "PolicySynced").expect("PolicySynced");
+    assert_eq!(condition.reason, "AttachmentQuota");
+    assert!(
+        condition.message.contains(&role) && condition.message.contains("quota of 10"),
+        "{}",
+        condition.message
+    );
+    assert!(
+        h.policy_document(&h.policy_arn("crowded")).await.is_none(),
+        "no policy created"
+    );
+    assert_eq!(
+        h.documents_tagged_in_namespace().await,
+        Vec::<String>::new(),
+        "no document created"
+    );
+
+    // Room for it: one foreign policy goes; the next change of the grant applies it.
+    h.iam
+        .detach_role_policy()
+        .role_name(&role)
+        .policy_arn(&foreign[0])
+        .send()
+        .await
+        .expect("detached");
+    let mut spec = spec;
+    spec["sessions"]["ports"] = json!([5433]);
+    h.set_spec("crowded", spec).await;
+    h.wait_condition("crowded", "Ready", "True").await;
+    let attached = h.attachments(&h.policy_arn("crowded")).await;
+    assert_eq!(attached, BTreeSet::from([format!("role/{role}")]));
     h.stop().await;
 }

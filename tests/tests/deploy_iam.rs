@@ -465,6 +465,18 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
             .iter()
             .map(|g| Request::new("iam:GetGroup", &format!("arn:aws:iam::{ACCOUNT}:group/{g}")))
             .collect(),
+        // The policies already attached to each principal, against IAM's quota.
+        "ListAttachedUserPolicies" | "ListAttachedRolePolicies" | "ListAttachedGroupPolicies" => {
+            let kind = match operation {
+                "ListAttachedUserPolicies" => ":user/",
+                "ListAttachedRolePolicies" => ":role/",
+                _ => ":group/",
+            };
+            (principals.iter())
+                .filter(|p| p.contains(kind))
+                .map(|p| Request::new(&iam(operation), p))
+                .collect()
+        }
         // Tags on create need iam:TagPolicy as well.
         "CreatePolicy" => on_policies(&|arn| {
             vec![

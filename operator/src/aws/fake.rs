@@ -157,6 +157,10 @@ impl IamApi for FakeAws {
         self.record("ListEntitiesForPolicy");
         Ok(Vec::new())
     }
+    async fn attached_policies(&self, _: &Principal) -> AwsResult<Vec<String>> {
+        self.record("ListAttachedPolicies");
+        Ok(Vec::new())
+    }
     async fn attach(&self, _: &str, _: &Principal) -> AwsResult<()> {
         self.record("AttachPolicy");
         Ok(())

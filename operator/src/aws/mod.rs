@@ -261,6 +261,8 @@ pub trait IamApi: Send + Sync {
     async fn delete_policy_version(&self, arn: &str, version: &str) -> AwsResult<()>;
     /// The users, roles and groups the policy is attached to.
     async fn list_attachments(&self, arn: &str) -> AwsResult<Vec<Principal>>;
+    /// The ARNs of every managed policy attached to `principal` (whoever attached them).
+    async fn attached_policies(&self, principal: &Principal) -> AwsResult<Vec<String>>;
     /// Attaches the policy to a principal.
     async fn attach(&self, arn: &str, principal: &Principal) -> AwsResult<()>;
     /// Detaches the policy from a principal.

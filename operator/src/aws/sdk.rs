@@ -290,6 +290,71 @@ impl IamApi for SdkAws {
         Ok(principals)
     }
 
+    async fn attached_policies(&self, principal: &Principal) -> AwsResult<Vec<String>> {
+        let name = principal.name.as_str();
+        let mut arns = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let (policies, truncated, next) = match principal.kind {
+                PrincipalKind::User => {
+                    let out = self.iam(
+                        "ListAttachedUserPolicies",
+                        (self.iam.list_attached_user_policies().user_name(name))
+                            .set_marker(marker.clone())
+                            .send()
+                            .await,
+                    )?;
+                    let next = out.marker().map(str::to_owned);
+                    (
+                        out.attached_policies.unwrap_or_default(),
+                        out.is_truncated,
+                        next,
+                    )
+                }
+                PrincipalKind::Role => {
+                    let out = self.iam(
+                        "ListAttachedRolePolicies",
+                        (self.iam.list_attached_role_policies().role_name(name))
+                            .set_marker(marker.clone())
+                            .send()
+                            .await,
+                    )?;
+                    let next = out.marker().map(str::to_owned);
+                    (
+                        out.attached_policies.unwrap_or_default(),
+                        out.is_truncated,
+                        next,
+                    )
+                }
+                PrincipalKind::Group => {
+                    let out = self.iam(
+                        "ListAttachedGroupPolicies",
+                        (self.iam.list_attached_group_policies().group_name(name))
+                            .set_marker(marker.clone())
+                            .send()
+                            .await,
+                    )?;
+                    let next = out.marker().map(str::to_owned);
+                    (
+                        out.attached_policies.unwrap_or_default(),
+                        out.is_truncated,
+                        next,
+                    )
+                }
+            };
+            arns.extend(
+                policies
+                    .iter()
+                    .filter_map(|p| p.policy_arn().map(str::to_owned)),
+            );
+            match (truncated, next) {
+                (true, Some(next)) => marker = Some(next),
+                _ => break,
+            }
+        }
+        Ok(arns)
+    }
+
     async fn attach(&self, arn: &str, principal: &Principal) -> AwsResult<()> {
         let name = principal.name.as_str();
         match principal.kind {

@@ -14,7 +14,7 @@ use kube::{Api, ResourceExt, api::ListParams};
 
 use crate::{
     Error, Result,
-    aws::{ActiveSession, AwsResult, InstanceInfo, with_retry},
+    aws::{ActiveSession, AwsResult, InstanceInfo, Principal, with_retry},
     controller::Context,
     model::{
         desired::TargetSelection,
@@ -172,4 +172,17 @@ pub async fn boundaries(
         .map(|ns| ns.labels().clone())
         .unwrap_or_default();
     Ok((policies.items, labels))
+}
+
+/// The managed policies attached to each of `principals`, by ARN.
+pub async fn attached_policies(
+    principals: impl IntoIterator<Item = &Principal>,
+    ctx: &Context,
+) -> Result<BTreeMap<Principal, Vec<String>>> {
+    let mut attached = BTreeMap::new();
+    for principal in principals {
+        let arns = with_retry(|| ctx.iam.attached_policies(principal)).await?;
+        attached.insert(principal.clone(), arns);
+    }
+    Ok(attached)
 }

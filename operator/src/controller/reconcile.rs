@@ -48,6 +48,7 @@ use serde_json::json;
 
 use crate::{
     Error, Result,
+    aws::Principal,
     controller::{
         Context, FIELD_MANAGER,
         apply::Applier,
@@ -519,9 +520,27 @@ async fn sync_aws(
     known: &Known,
     ctx: &Context,
 ) -> Result<Vec<PolicyStatus>> {
-    let mut statuses = Vec::new();
+    let mut observed_policies = Vec::new();
     for wanted in wanted_policies {
-        let observed = observe::policy(&wanted.arn, owner, ctx).await?;
+        observed_policies.push(observe::policy(&wanted.arn, owner, ctx).await?);
+    }
+    // Before anything is written: new attachments must fit the principals' quota.
+    let attaching: BTreeSet<&Principal> = (wanted_policies.iter().zip(&observed_policies))
+        .flat_map(|(wanted, observed)| {
+            (wanted.principals.iter())
+                .filter(move |p| observed.as_ref().is_none_or(|o| !o.attached.contains(*p)))
+        })
+        .collect();
+    if !attaching.is_empty() {
+        let attached = observe::attached_policies(attaching, ctx).await?;
+        plan::attachment_quota(
+            wanted_policies,
+            &attached,
+            ctx.settings.max_policies_per_identity,
+        )?;
+    }
+    let mut statuses = Vec::new();
+    for (wanted, observed) in wanted_policies.iter().zip(observed_policies) {
         let mut version = (observed.iter())
             .flat_map(|o| o.versions.iter())
             .find(|v| v.is_default)

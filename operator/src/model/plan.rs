@@ -40,6 +40,39 @@ pub struct WantedPolicy {
     pub principals: BTreeSet<Principal>,
 }
 
+/// Refuses `wanted` when attaching it would leave some principal with more than `limit`
+/// managed policies: `attached` holds every policy ARN each principal has now (the grant's own
+/// included when already attached). Checked before anything is written, so that a grant is
+/// never half-applied against IAM's quota.
+pub fn attachment_quota(
+    wanted: &[WantedPolicy],
+    attached: &BTreeMap<Principal, Vec<String>>,
+    limit: usize,
+) -> crate::Result<()> {
+    let mut ours: BTreeMap<&Principal, BTreeSet<&str>> = BTreeMap::new();
+    for policy in wanted {
+        for principal in &policy.principals {
+            ours.entry(principal)
+                .or_default()
+                .insert(policy.arn.as_str());
+        }
+    }
+    for (principal, arns) in ours {
+        let others = (attached.get(principal).into_iter().flatten())
+            .filter(|arn| !arns.contains(arn.as_str()))
+            .count();
+        if others + arns.len() > limit {
+            return Err(crate::Error::AttachmentQuota {
+                principal: principal.to_string(),
+                attached: others,
+                needed: arns.len(),
+                limit,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A managed policy as observed in IAM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObservedPolicy {

@@ -360,6 +360,7 @@ pub fn sync_failure(error: &Error) -> Outcome {
             aws_failure(aws, advice)
         }
         Error::NotOwned(e) => Outcome::no("NotOwned", e.to_string()),
+        Error::AttachmentQuota { .. } => Outcome::no("AttachmentQuota", error.to_string()),
         other => Outcome::no("SyncFailed", other.to_string()),
     }
 }

@@ -113,6 +113,7 @@ impl Harness {
             // Each test's namespace doubles as its bridge namespace.
             bridge_namespace: namespace.name().to_owned(),
             cluster: CLUSTER.into(),
+            ..Settings::default()
         };
         let ctx = Arc::new(Context::new(
             namespace.client(),

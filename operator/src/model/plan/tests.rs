@@ -349,3 +349,28 @@ mod sessions_at_expiry {
         assert!(sessions_to_end(&open, &owners, &BTreeSet::new()).is_empty());
     }
 }
+
+#[test]
+fn attachments_beyond_the_quota_are_refused_before_anything_is_written() {
+    let ours = [wanted("arn:aws:ec2:*:*:instance/i-1", &["alice", "bob"])];
+    let others = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("arn:aws:iam::123456789012:policy/other-{i}"))
+            .collect()
+    };
+    // alice has 9 others: ours is the 10th, within the default quota; bob's 10 leave no room.
+    let attached = BTreeMap::from([(user("alice"), others(9)), (user("bob"), others(10))]);
+    let error = attachment_quota(&ours, &attached, 10).expect_err("bob is full");
+    assert!(
+        matches!(&error, crate::Error::AttachmentQuota { principal, attached: 10, needed: 1, limit: 10 } if principal.contains("bob")),
+        "{error}"
+    );
+    // Already attached, the grant's own policy does not count twice.
+    let mut full_with_ours = others(9);
+    full_with_ours.push(ARN.into());
+    let attached = BTreeMap::from([(user("alice"), others(9)), (user("bob"), full_with_ours)]);
+    assert!(attachment_quota(&ours, &attached, 10).is_ok());
+    // A raised quota.
+    let attached = BTreeMap::from([(user("alice"), others(15)), (user("bob"), others(19))]);
+    assert!(attachment_quota(&ours, &attached, 20).is_ok());
+}
