@@ -115,6 +115,38 @@ async fn create_update_and_delete_follow_the_grant() {
     h.delete("web").await;
     assert!(h.policy_document(&arn).await.is_none(), "policy deleted");
     assert!(h.attachments_of_role_empty(&oncall).await);
+
+    // Every change of the grant's life was published as a Normal Event about it, saying what.
+    let policy_name = naming::grant_object_name(CLUSTER, h.namespace.name(), "web", "");
+    let wanted = [
+        ("PolicyCreated", policy_name.as_str()),
+        ("PolicyAttached", alice.as_str()),
+        ("PolicyDetached", alice.as_str()),
+        ("PolicyVersionCreated", arn.as_str()),
+        ("PolicyVersionDeleted", arn.as_str()),
+        ("DocumentCreated", shell.as_str()),
+        ("DocumentDeleted", port.as_str()),
+        ("PolicyDeleted", arn.as_str()),
+    ];
+    let events = wait_for("the grant's Events", || async {
+        let events = h.events_about("web").await;
+        wanted
+            .iter()
+            .all(|(reason, _)| events.iter().any(|e| e.reason.as_deref() == Some(reason)))
+            .then_some(events)
+    })
+    .await;
+    for (reason, subject) in wanted {
+        let notes: Vec<&str> = (events.iter())
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter_map(|e| e.note.as_deref())
+            .collect();
+        assert!(
+            notes.iter().any(|n| n.contains(subject)),
+            "{reason}: {notes:?}"
+        );
+    }
+    assert!(events.iter().all(|e| e.type_.as_deref() == Some("Normal")));
     h.stop().await;
 }
 

@@ -460,6 +460,18 @@ impl Harness {
             .collect()
     }
 
+    /// The Events published about grant `name`, in this namespace.
+    pub(crate) async fn events_about(
+        &self,
+        name: &str,
+    ) -> Vec<k8s_openapi::api::events::v1::Event> {
+        let events: Api<k8s_openapi::api::events::v1::Event> = self.namespace.api();
+        let list = events.list(&ListParams::default()).await.expect("Events");
+        (list.items.into_iter())
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect()
+    }
+
     pub(crate) async fn stop(mut self) {
         if let (Some(stop), Some(controller)) = (self.stop.take(), self.controller.take()) {
             stop_controller(stop, controller).await;
