@@ -24,6 +24,7 @@
 mod agent;
 mod api;
 pub mod config;
+mod documents;
 mod error;
 mod gateway;
 pub mod message;
