@@ -27,6 +27,8 @@
 //! undrained received data ([`session::Config::max_inbound_bytes`], at most twice over) push back on the agent by
 //! withholding acks, smux frames are at most 64 KiB, and streams are capped.
 
+pub mod config;
+pub mod events;
 pub mod fuzzing;
 pub mod handshake;
 pub mod message;
