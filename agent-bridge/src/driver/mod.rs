@@ -16,16 +16,17 @@
 //!                        ResumeSession + dial ◄── lost ws
 //! ```
 
+mod dial;
+mod local;
 pub mod signing;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -34,7 +35,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
-use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use crate::protocol::handshake::OpenDataChannel;
@@ -43,6 +43,8 @@ use crate::protocol::{
 };
 
 use crate::ssm::{ControlPlane, ControlPlaneError, StreamTarget};
+use dial::{dial_error, tls_config};
+use local::{Conn, LocalInput, spawn_conn};
 use signing::{SigningError, UpgradeSigner, is_presigned};
 
 /// WebSocket ping interval: within the 30–60 s the reference suggests (the agent pings every 54 s).
@@ -65,8 +67,6 @@ pub const DEFAULT_RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bytes read from a local connection at once: one full smux frame, hence one message.
 pub const DEFAULT_LOCAL_READ_SIZE: usize = crate::protocol::smux::MAX_FRAME_DATA;
-/// A local connection's first read room (it grows to the read size under load).
-const MIN_READ_ROOM: usize = 4 * 1024;
 /// Bound on the TerminateSession call that ends every tunnel: a process that exits right after
 /// (`proxy`) must not hang on an unresponsive endpoint.
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -218,28 +218,6 @@ pub struct Outcome {
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// What a local connection's reader task reports.
-#[derive(Debug)]
-enum LocalInput {
-    Data(u32, Bytes),
-    Eof(u32),
-}
-
-struct Conn {
-    writer: mpsc::Sender<Bytes>,
-    /// The reader task, held to be aborted when the connection is dropped.
-    _reader: AbortOnDropHandle<()>,
-    /// The writer task: it ends once the queue is written out and the connection shut down.
-    written: JoinHandle<()>,
-}
-
-impl Conn {
-    /// Stops reading, closes the queue, and returns the writer task that drains it.
-    fn into_writer_task(self) -> JoinHandle<()> {
-        self.written
-    }
-}
 
 /// One tunnel: a control plane, an optional signer, and configuration.
 pub struct Tunnel<'a, C> {
@@ -830,114 +808,6 @@ async fn due(at: Instant, now: Instant) {
     if at > now {
         sleep_until(at).await;
     }
-}
-
-fn spawn_conn<L>(
-    key: u32,
-    conn: L,
-    to_driver: mpsc::Sender<LocalInput>,
-    read_size: usize,
-    write_queue: usize,
-) -> Conn
-where
-    L: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (mut rd, mut wr) = tokio::io::split(conn);
-    let (writer, mut rx) = mpsc::channel::<Bytes>(write_queue.max(1));
-    let reader = tokio::spawn(async move {
-        // Reads land in spare capacity and leave as `Bytes` without a copy or a memset. The
-        // room grows from MIN_READ_ROOM to `read_size` while reads fill it, so an idle or
-        // interactive connection holds a small block and a bulk one reads whole frames.
-        let read_size = read_size.max(1);
-        let mut room = MIN_READ_ROOM.min(read_size);
-        let mut buf = BytesMut::new();
-        loop {
-            if buf.capacity() < room {
-                buf.reserve(room);
-            }
-            match rd.read_buf(&mut (&mut buf).limit(room)).await {
-                Ok(0) | Err(_) => {
-                    let _ = to_driver.send(LocalInput::Eof(key)).await;
-                    return;
-                }
-                Ok(n) => {
-                    if n == room {
-                        room = (room * 2).min(read_size);
-                    }
-                    let data = buf.split().freeze();
-                    if to_driver.send(LocalInput::Data(key, data)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    let written = tokio::spawn(async move {
-        while let Some(data) = rx.recv().await {
-            if wr.write_all(&data).await.is_err() {
-                return;
-            }
-            // Buffered writers (standard output is line-buffered) hold binary data until a
-            // flush; flush whenever the queue runs dry (a no-op on sockets).
-            if rx.is_empty() && wr.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-    Conn {
-        writer,
-        _reader: AbortOnDropHandle::new(reader),
-        written,
-    }
-}
-
-/// A failed WebSocket dial: a refused certificate apart (it is not retried).
-fn dial_error(error: tungstenite::Error) -> DriverError {
-    if let tungstenite::Error::Io(io) = &error
-        && let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
-        && matches!(
-            tls,
-            rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
-        )
-    {
-        return DriverError::CertificateRefused(tls.clone());
-    }
-    DriverError::Connect(ConnectError::WebSocket(error))
-}
-
-/// The TLS client configuration for `wss://` stream URLs: the system's root certificates
-/// (`SSL_CERT_FILE` and `SSL_CERT_DIR` replace them), loaded once per process. Certificates
-/// that cannot be loaded or parsed are reported once; none at all is an error at every dial.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, DriverError> {
-    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, TlsSetupError>> =
-        std::sync::OnceLock::new();
-    let config = CONFIG.get_or_init(build_tls_config).clone();
-    Ok(config.map_err(ConnectError::Tls)?)
-}
-
-fn build_tls_config() -> Result<Arc<rustls::ClientConfig>, TlsSetupError> {
-    let loaded = rustls_native_certs::load_native_certs();
-    for error in &loaded.errors {
-        warn!(%error, "a root certificate could not be loaded");
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, ignored) = roots.add_parsable_certificates(loaded.certs);
-    if ignored > 0 {
-        warn!(
-            ignored,
-            "root certificates that could not be parsed were ignored"
-        );
-    }
-    if added == 0 {
-        return Err(TlsSetupError::NoRootCertificates);
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 fn rand_seed() -> u64 {
