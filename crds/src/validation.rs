@@ -85,19 +85,30 @@ where
         if value.is_null() {
             continue; // an empty document, as between two `---`
         }
-        match validate::<K>(&value) {
-            Ok(object) => objects.push(object),
-            Err(InvalidObject::Fields(fields)) => {
-                errors.extend(fields.into_iter().map(|e| FieldError {
-                    path: if index == 0 {
-                        e.path
-                    } else {
-                        format!("document {}: {}", index + 1, e.path)
-                    },
-                    message: e.message,
-                }))
+        // `kubectl get … -o yaml` prints a List of the objects.
+        let documents = match value.get("kind").and_then(Value::as_str) {
+            Some("List") => value
+                .get("items")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            _ => vec![value],
+        };
+        for value in documents {
+            match validate::<K>(&value) {
+                Ok(object) => objects.push(object),
+                Err(InvalidObject::Fields(fields)) => {
+                    errors.extend(fields.into_iter().map(|e| FieldError {
+                        path: if index == 0 {
+                            e.path
+                        } else {
+                            format!("document {}: {}", index + 1, e.path)
+                        },
+                        message: e.message,
+                    }))
+                }
+                Err(other) => return Err(other),
             }
-            Err(other) => return Err(other),
         }
     }
     if objects.is_empty() && errors.is_empty() {

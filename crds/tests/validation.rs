@@ -148,3 +148,25 @@ fn defaults_are_applied_when_typed() {
     assert!(bridge.enabled);
     assert_eq!(bridge.ports, [fleet_access_crds::names::Port(22)]);
 }
+
+#[test]
+fn a_list_as_kubectl_prints_it_parses_to_its_items() {
+    let list = r#"
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: fleetaccess.io/v1alpha1
+    kind: SessionAccessPolicy
+    metadata: {name: a, resourceVersion: "7"}
+    spec: {namespaceSelector: {matchLabels: {team: a}}}
+  - apiVersion: fleetaccess.io/v1alpha1
+    kind: SessionAccessPolicy
+    metadata: {name: b}
+    spec: {namespaceSelector: {}, sessions: {ssh: true}}
+"#;
+    let boundaries = parse_session_access_policies(list).expect("a List of boundaries");
+    assert_eq!(boundaries.len(), 2);
+    assert!(boundaries[1].spec.sessions.ssh);
+    let wrong = list.replace("sessions: {ssh: true}", "sessions: {ssh: yes-please}");
+    assert!(parse_session_access_policies(&wrong).is_err());
+}
