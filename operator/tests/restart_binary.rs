@@ -67,6 +67,17 @@ async fn policies_named(iam: &aws_sdk_iam::Client, prefix: &str) -> Vec<Policy> 
         .collect()
 }
 
+/// How many managed policies are attached to IAM user `user`.
+async fn attached_to(iam: &aws_sdk_iam::Client, user: &str) -> usize {
+    iam.list_attached_user_policies()
+        .user_name(user)
+        .send()
+        .await
+        .expect("attached")
+        .attached_policies()
+        .len()
+}
+
 /// A pseudo-random pause from 200 ms to 2 s (uuid's randomness; the order of kills matters,
 /// not the exact times).
 fn random_pause() -> Duration {
@@ -94,17 +105,21 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
         .push(InstanceConfig::new("i-0000000000000000a").with_agent_version("3.3.0.0"));
     let emulator = Emulator::start(config).await.expect("emulator");
     let iam = aws_sdk_iam::Client::new(&moto.sdk_config());
-    let user = format!("restart-{ns}");
-    iam.create_user()
-        .user_name(&user)
-        .send()
-        .await
-        .expect("user");
+    // One user per grant: IAM attaches at most 10 managed policies to one identity by default,
+    // which the operator enforces.
+    let users: Vec<String> = (0..GRANTS).map(|i| format!("restart{i}-{ns}")).collect();
+    for user in &users {
+        iam.create_user()
+            .user_name(user)
+            .send()
+            .await
+            .expect("user");
+    }
 
     let grants: Api<SessionAccess> = namespace.api();
     let started = tokio::time::Instant::now();
     let mut child = operator(control_plane, moto, &emulator.endpoint_url(), &ns);
-    for i in 0..GRANTS {
+    for (i, user) in users.iter().enumerate() {
         let grant: SessionAccess = serde_json::from_value(json!({
             "apiVersion": "fleetaccess.io/v1alpha1",
             "kind": "SessionAccess",
@@ -162,14 +177,10 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
             "no duplicate versions of {arn}"
         );
     }
-    let attached = iam
-        .list_attached_user_policies()
-        .user_name(&user)
-        .max_items(1000)
-        .send()
-        .await
-        .expect("attached");
-    assert_eq!(attached.attached_policies().len(), GRANTS);
+    // Each user has its grant's policy, attached once.
+    for user in &users {
+        assert_eq!(attached_to(&iam, user).await, 1, "{user}");
+    }
 
     // Delete everything: nothing is left, even after the restarts.
     grants
@@ -190,13 +201,9 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let attached = iam
-        .list_attached_user_policies()
-        .user_name(&user)
-        .send()
-        .await
-        .expect("attached");
-    assert!(attached.attached_policies().is_empty());
+    for user in &users {
+        assert_eq!(attached_to(&iam, user).await, 0, "{user}");
+    }
     assert_eq!(
         policies_named(&iam, &prefix).await,
         Vec::new(),
