@@ -883,6 +883,21 @@ fn port_grant(port: u16) -> fleet_access_operator::model::desired::Desired {
     desired::compute(&grant, &Settings::default()).expect("renders")
 }
 
+/// An emulator with moto as its upstream (where the grants' documents are), whose instance WEB
+/// has an HTTP server at port 5432.
+async fn behind_port_5432(sshd: &Sshd) -> (&'static Moto, Running) {
+    let web = http_server().await;
+    let moto = Moto::shared().await.expect("moto");
+    let config = Config {
+        upstream: Some(moto.endpoint().to_owned()),
+        ..emulator_config(sshd, Mode::Fast, &[(WEB, 5432, web)])
+    };
+    (
+        moto,
+        Emulator::start(config).await.expect("emulator starts"),
+    )
+}
+
 /// Creates the grant's session documents in moto, as the operator does.
 async fn create_documents(moto: &Moto, rendered: &fleet_access_operator::model::desired::Desired) {
     let ssm = aws_sdk_ssm::Client::new(&sdk_config(moto.endpoint()));
@@ -904,13 +919,7 @@ async fn create_documents(moto: &Moto, rendered: &fleet_access_operator::model::
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forward_through_a_port_grants_own_document() {
     let sshd = Sshd::start().await.expect("sshd");
-    let web = http_server().await;
-    let moto = Moto::shared().await.expect("moto");
-    let config = Config {
-        upstream: Some(moto.endpoint().to_owned()),
-        ..emulator_config(&sshd, Mode::Fast, &[(WEB, 5432, web)])
-    };
-    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let (moto, emulator) = behind_port_5432(&sshd).await;
     let rendered = port_grant(5432);
     // The document `plan` tells a person to forward through.
     let connection = rendered.connect.first().expect("plan's connection");
@@ -978,13 +987,7 @@ async fn forward_through_a_port_grants_own_document() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serve_ends_a_mux_session_with_its_connection() {
     let sshd = Sshd::start().await.expect("sshd");
-    let web = http_server().await;
-    let moto = Moto::shared().await.expect("moto");
-    let config = Config {
-        upstream: Some(moto.endpoint().to_owned()),
-        ..emulator_config(&sshd, Mode::Fast, &[(WEB, 5432, web)])
-    };
-    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let (moto, emulator) = behind_port_5432(&sshd).await;
     let rendered = port_grant(5432);
     create_documents(moto, &rendered).await;
     let document = rendered.documents[0].name.as_str();
