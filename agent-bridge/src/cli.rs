@@ -110,6 +110,10 @@ struct ProxyArgs {
     /// The SSH port on the instance (`%p`).
     #[arg(default_value_t = 22)]
     port: u16,
+    /// The session document to start instead of AWS-StartSSHSession: a grant's own Port
+    /// document for port 22 (which pins the port, so `%p` is not passed).
+    #[arg(long)]
+    document: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -324,12 +328,16 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         upgrade_signer(&sdk),
         Metrics::register(&Registry::new()).context("registering metrics")?,
     );
-    let request = StartSessionRequest::port(
-        &args.instance_id,
-        crate::SSH_DOCUMENT,
-        Some(args.port),
-        "agent-bridge proxy",
-    );
+    let reason = "agent-bridge proxy";
+    let request = match &args.document {
+        Some(document) => StartSessionRequest::port(&args.instance_id, document, None, reason),
+        None => StartSessionRequest::port(
+            &args.instance_id,
+            crate::SSH_DOCUMENT,
+            Some(args.port),
+            reason,
+        ),
+    };
     let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
     let failure = match carry(
         &context,

@@ -70,9 +70,26 @@ async fn create_update_and_delete_follow_the_grant() {
         }),
     )
     .await;
-    h.wait_condition("web", "Ready", "True").await;
+    let grant = h.wait_condition("web", "Ready", "True").await;
     assert!(h.document_exists(&shell).await);
     assert!(h.document_exists(&port).await);
+    // The status says how to connect: through the documents the policy allows.
+    let connect = grant.status.expect("status").connect;
+    let documents: Vec<&str> = connect.iter().map(|c| c.document.as_str()).collect();
+    assert_eq!(
+        documents,
+        ["AWS-StartSSHSession", shell.as_str(), port.as_str()]
+    );
+    let forward = connect[2]
+        .agent_bridge
+        .as_deref()
+        .expect("a forward command");
+    assert_eq!(
+        forward,
+        format!(
+            "agent-bridge forward i-0000000000000000a --document {port} --local 127.0.0.1:5432"
+        )
+    );
     // Principals changed: the role replaces the user.
     assert_eq!(
         h.attachments(&arn).await,

@@ -390,10 +390,30 @@ pub struct SessionAccessStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetStatus>,
 
+    /// How the grant's principals start each kind of session it allows: the session document
+    /// its policy allows, and the commands (while the grant is in force).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect: Vec<ConnectStatus>,
+
     /// The sessions ended when the window ended: those the grant's principals had open on its
     /// instances, and the bridge's through the grant's endpoints. Done once per expiry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions_ended: Option<SessionsEnded>,
+}
+
+/// How to start one kind of session a grant allows.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectStatus {
+    /// The session document to start.
+    pub document: String,
+    /// The port on the instance (0 for a shell).
+    pub port: i32,
+    /// With fleet-access's `agent-bridge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_bridge: Option<String>,
+    /// With the AWS CLI and the session-manager-plugin.
+    pub aws_cli: String,
 }
 
 /// The sessions a grant's expiry ended.

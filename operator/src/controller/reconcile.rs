@@ -235,6 +235,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
                 attached_principals: Vec::new(),
                 target_list: Vec::new(),
                 sessions_ended: None,
+                connect: Vec::new(),
             };
             write_status(api, grant, &seen).await?;
             ctx.set_state(&key, Some("failed"));
@@ -348,6 +349,10 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         attached_principals,
         target_list,
         sessions_ended,
+        connect: match revoked {
+            true => Vec::new(),
+            false => desired.connect.clone(),
+        },
     };
     let written = write_status(api, grant, &seen).await?;
     ctx.set_state(&key, Some(state_label(expired, &written)));

@@ -8,7 +8,8 @@
 use fleet_access_crds::{
     agent_version,
     v1alpha1::{
-        PolicyStatus, SessionAccessStatus, SessionPreferencesStatus, SessionsEnded, TargetStatus,
+        ConnectStatus, PolicyStatus, SessionAccessStatus, SessionPreferencesStatus, SessionsEnded,
+        TargetStatus,
     },
 };
 use k8s_openapi::{
@@ -19,7 +20,10 @@ use k8s_openapi::{
 use crate::{
     Error,
     aws::{AwsError, AwsErrorKind, InstanceInfo},
-    model::{boundary::Admission, desired::TargetSelection},
+    model::{
+        boundary::Admission,
+        desired::{Connection, TargetSelection},
+    },
 };
 
 /// Condition types.
@@ -149,6 +153,8 @@ pub struct Observations {
     /// The sessions this reconcile ended at expiry, if it did (else what the status recorded
     /// stays).
     pub sessions_ended: Option<SessionsEnded>,
+    /// How the grant's principals connect (none while it is not in force).
+    pub connect: Vec<Connection>,
 }
 
 /// The status to write, given the previous one (for transition times) and the time now.
@@ -204,6 +210,14 @@ pub fn compute(
         targets: seen.target_list.clone(),
         sessions_ended: (seen.sessions_ended.clone())
             .or_else(|| previous.and_then(|p| p.sessions_ended.clone())),
+        connect: (seen.connect.iter())
+            .map(|c| ConnectStatus {
+                document: c.document.clone(),
+                port: i32::from(c.port),
+                agent_bridge: c.agent_bridge.clone(),
+                aws_cli: c.aws_cli.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -511,6 +525,7 @@ mod tests {
             attached_principals: Vec::new(),
             target_list: Vec::new(),
             sessions_ended: None,
+            connect: Vec::new(),
         }
     }
 
