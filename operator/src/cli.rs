@@ -245,6 +245,7 @@ fn judge_grants(
     labels: Vec<(String, String)>,
 ) -> Result<()> {
     use kube::ResourceExt;
+    let now = k8s_openapi::jiff::Timestamp::now();
     let mut refused = Vec::new();
     for grant in grants {
         let namespace = grant.namespace().unwrap_or_else(|| "default".into());
@@ -257,7 +258,6 @@ fn judge_grants(
             namespace_labels: &namespace_labels,
             created: None,
         };
-        let now = k8s_openapi::jiff::Timestamp::now();
         if let boundary::Admission::Refused(refusals) = boundary::admit(&judged, boundaries, now) {
             refused.extend(
                 (refusals.iter()).map(|r| format!("{namespace}/{}: {r}", grant.name_any())),

@@ -290,6 +290,8 @@ impl IamApi for SdkAws {
         Ok(principals)
     }
 
+    // Three explicit calls, one per kind: the SDK's outputs share no trait, and
+    // tests/tests/deploy_iam.rs reads the operations the operator calls from this source.
     async fn attached_policies(&self, principal: &Principal) -> AwsResult<Vec<String>> {
         let name = principal.name.as_str();
         let mut arns = Vec::new();

@@ -156,7 +156,9 @@ pub async fn endpoints(owner: &str, ctx: &Context) -> Result<ObservedEndpoints> 
 }
 
 /// What the boundaries judge a grant in `namespace` by: every `SessionAccessPolicy`, and the
-/// namespace's labels (none when it is gone).
+/// namespace's labels (none when it is gone). Read at each reconcile, two small reads: the
+/// controller's watches of both only trigger reconciles (kube's shared stores for secondary
+/// watches need an unstable feature), and a grant must be judged on the current boundaries.
 pub async fn boundaries(
     namespace: &str,
     ctx: &Context,
