@@ -216,12 +216,26 @@ fn print_grant_policy() -> anyhow::Result<()> {
         println!("  {line}");
     }
     println!("\nThe IAM policy it stands for, attached to the bridge's role:");
-    let desired = fleet_access_operator::model::desired::compute(grant, &Default::default())?;
+    let settings = fleet_access_operator::settings::Settings::default();
+    let desired = fleet_access_operator::model::desired::compute(grant, &settings)?;
     let bridge = desired
         .bridge
+        .as_ref()
         .context("the embedded grant has no bridge endpoints")?;
-    for line in bridge.policy.document.0.to_pretty_json().lines() {
-        println!("  {line}");
+    let role = fleet_access_operator::aws::Principal::new(
+        fleet_access_operator::aws::PrincipalKind::Role,
+        &bridge.role,
+    );
+    let sets = fleet_access_operator::model::identity::policy_sets(
+        std::slice::from_ref(&desired),
+        &settings.cluster,
+        settings.max_policies_per_identity,
+    )?;
+    for policy in sets.get(&role).map(|s| s.policies.as_slice()).unwrap_or_default() {
+        println!("  {}:", policy.name);
+        for line in policy.document.0.to_pretty_json().lines() {
+            println!("  {line}");
+        }
     }
     println!();
     Ok(())

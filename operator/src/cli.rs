@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     Error, Result,
-    model::{boundary, desired, desired::NAMESPACE_NAME_LABEL, report},
+    model::{boundary, desired, desired::NAMESPACE_NAME_LABEL, identity, report},
     settings::Settings,
 };
 
@@ -280,10 +280,15 @@ pub fn plan_grants(
         .iter()
         .map(|g| desired::compute(g, settings))
         .collect::<Result<Vec<_>>>()?;
+    let sets = identity::policy_sets(
+        &desired,
+        &settings.cluster,
+        settings.max_policies_per_identity,
+    )?;
     Ok(if json {
-        report::json(&desired)
+        report::json(&desired, &sets)
     } else {
-        report::text(&desired)
+        report::text(&desired, &sets)
     })
 }
 

@@ -40,20 +40,30 @@ pub enum Error {
         what: &'static str,
     },
 
-    /// Attaching the grant's policies would exceed the account's quota of managed policies on
-    /// one identity: nothing was written.
+    /// The grant's statements do not fit the policy set of one of its identities within the
+    /// account's quota of managed policies per identity: they are left out of that set.
     #[error(
-        "{principal} already has {attached} other managed policies attached; with this grant's {needed} it would exceed the quota of {limit} per identity: detach policies from it, raise the quota (and --max-policies-per-identity), or name a group or another role instead"
+        "{principal} has {attached} managed policies attached that are not this cluster's, and the policy set of the grants before this one takes {needed}: with this grant's statements it would exceed the quota of {limit} per identity; detach policies from it, raise the quota (and --max-policies-per-identity), target instances by tag, or name a group or another role instead"
     )]
     AttachmentQuota {
         /// The principal.
         principal: String,
-        /// Policies attached to it that are not this grant's.
+        /// Policies attached to it that are not this cluster's.
         attached: usize,
-        /// This grant's policies for it.
+        /// The policies of its set without this grant.
         needed: usize,
         /// The quota.
         limit: usize,
+    },
+
+    /// A sync of an identity's policy set failed; it is shared by every grant that waited for it.
+    #[error("the policy set of {identity}: {source}")]
+    IdentitySync {
+        /// The identity.
+        identity: String,
+        /// Why.
+        #[source]
+        source: std::sync::Arc<Error>,
     },
 
     /// One statement cannot fit a policy even with a single resource (cannot happen with valid
@@ -120,6 +130,7 @@ impl Error {
             Error::OutsideBoundary(_) => "outside_boundary",
             Error::TooManyPolicies { .. } => "too_many_policies",
             Error::AttachmentQuota { .. } => "attachment_quota",
+            Error::IdentitySync { source, .. } => source.metric_label(),
             Error::StatementTooLarge { .. } => "statement_too_large",
             Error::NoBridgeRole => "no_bridge_role",
             Error::Aws(e) => e.kind().metric_label(),
@@ -140,6 +151,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Aws(e) => e.is_retryable(),
+            Error::IdentitySync { source, .. } => source.is_retryable(),
             Error::Kube(_) | Error::Finalizer(_) | Error::DocumentsKeepAppearing { .. } => true,
             _ => false,
         }

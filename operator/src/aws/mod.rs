@@ -29,15 +29,46 @@ pub struct Principal {
     pub name: String,
 }
 
-impl Principal {
-    /// The principal's ARN.
-    pub fn arn(&self, partition: &str, account: &str) -> String {
-        let kind = match self.kind {
+impl PrincipalKind {
+    /// `user`, `role` or `group`, as in ARNs.
+    pub fn as_str(self) -> &'static str {
+        match self {
             PrincipalKind::User => "user",
             PrincipalKind::Role => "role",
             PrincipalKind::Group => "group",
+        }
+    }
+}
+
+impl Principal {
+    /// A principal of `kind` named `name`.
+    pub fn new(kind: PrincipalKind, name: &str) -> Self {
+        Self {
+            kind,
+            name: name.to_owned(),
+        }
+    }
+
+    /// The principal's ARN.
+    pub fn arn(&self, partition: &str, account: &str) -> String {
+        format!(
+            "arn:{partition}:iam::{account}:{}/{}",
+            self.kind.as_str(),
+            self.name
+        )
+    }
+
+    /// The principal an IAM ARN names (`arn:…:iam::<account>:user/[path/]name`), if any.
+    pub fn from_arn(arn: &str) -> Option<Self> {
+        let resource = arn.splitn(6, ':').nth(5)?;
+        let (kind, path_and_name) = resource.split_once('/')?;
+        let kind = match kind {
+            "user" => PrincipalKind::User,
+            "role" => PrincipalKind::Role,
+            "group" => PrincipalKind::Group,
+            _ => return None,
         };
-        format!("arn:{partition}:iam::{account}:{kind}/{}", self.name)
+        Some(Self::new(kind, path_and_name.rsplit('/').next()?))
     }
 }
 

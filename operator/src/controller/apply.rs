@@ -20,7 +20,7 @@ use crate::{
     aws::{AwsErrorKind, AwsResult, with_retry},
     controller::{Context, FIELD_MANAGER},
     model::{
-        naming::{OWNER_TAG, POLICY_PATH},
+        naming::{OwnerTag, POLICY_PATH},
         plan::Change,
     },
 };
@@ -30,13 +30,13 @@ pub struct Applier<'a> {
     ctx: &'a Context,
     /// The object the Events are about.
     subject: ObjectReference,
-    /// The owner tag's value for what is created.
-    owner: &'a str,
+    /// The owner tag of what is created.
+    owner: OwnerTag<'a>,
 }
 
 impl<'a> Applier<'a> {
     /// An applier for changes made for `subject`, tagging what it creates as `owner`'s.
-    pub fn new(ctx: &'a Context, subject: ObjectReference, owner: &'a str) -> Self {
+    pub fn new(ctx: &'a Context, subject: ObjectReference, owner: OwnerTag<'a>) -> Self {
         Self {
             ctx,
             subject,
@@ -71,7 +71,7 @@ impl<'a> Applier<'a> {
 
     async fn make(&self, change: &Change) -> Result<Option<String>> {
         let (iam, ssm) = (&self.ctx.iam, &self.ctx.ssm);
-        let tags = BTreeMap::from([(OWNER_TAG.to_owned(), self.owner.to_owned())]);
+        let tags = BTreeMap::from([(self.owner.key.to_owned(), self.owner.value.to_owned())]);
         match change {
             Change::CreatePolicy { name, document } => {
                 let info =

@@ -1,5 +1,5 @@
-//! The controllers and what they share: the grant controller (`reconcile`), the session
-//! preferences controller (`preferences`), what they read from AWS and Kubernetes
+//! The controllers and what they share: the grant controller (`reconcile`), each IAM
+//! identity's policy set (`identities`), the session preferences controller (`preferences`), what they read from AWS and Kubernetes
 //! (`observe`), the one applier of every change, which also publishes its Event (`apply`),
 //! leader election (`leader`) and the wiring of `fleet-access-operator run` (`runner`).
 //!
@@ -9,6 +9,7 @@
 //! ```
 
 pub mod apply;
+pub mod identities;
 pub mod leader;
 pub mod observe;
 pub mod preferences;
@@ -56,6 +57,10 @@ pub struct Context {
     pub resync: Duration,
     /// Publishes Events.
     pub recorder: Recorder,
+    /// Only this namespace's grants, when set (`--watch-namespace`).
+    pub watch_namespace: Option<String>,
+    /// Each IAM identity's policy set, synced one at a time per identity.
+    pub identities: identities::Identities,
     /// Each grant's state for the `grants` gauge.
     states: Mutex<BTreeMap<String, &'static str>>,
     /// Serializes endpoint changes: target ports are allocated across every grant.
@@ -93,10 +98,18 @@ impl Context {
             metrics,
             resync,
             recorder,
+            watch_namespace: None,
+            identities: identities::Identities::default(),
             states: Mutex::new(BTreeMap::new()),
             endpoints: tokio::sync::Mutex::new(()),
             failures: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The context of an operator that watches only `namespace`'s grants.
+    pub fn watching(mut self, namespace: Option<String>) -> Self {
+        self.watch_namespace = namespace;
+        self
     }
 
     /// The ARN of the operator's managed policy `name` in this account.

@@ -19,26 +19,30 @@ use crate::{
     model::{
         desired::TargetSelection,
         endpoints::{self, ObservedEndpoints},
-        naming::{OWNER_TAG, owned_by},
+        naming::{OWNER_TAG, OwnerTag, owned_by},
         plan::ObservedPolicy,
     },
 };
 
 /// A managed policy by ARN: `None` when it does not exist; only its owner tag when it is not
 /// `owner`'s (the plan refuses or ignores it without reading more).
-pub async fn policy(arn: &str, owner: &str, ctx: &Context) -> Result<Option<ObservedPolicy>> {
+pub async fn policy(
+    arn: &str,
+    owner: OwnerTag<'_>,
+    ctx: &Context,
+) -> Result<Option<ObservedPolicy>> {
     let iam = &ctx.iam;
     let Some(info) = with_retry(|| iam.get_policy(arn)).await? else {
         return Ok(None);
     };
     let mut observed = ObservedPolicy {
         arn: arn.to_owned(),
-        owner: info.tags.get(OWNER_TAG).cloned(),
+        owner: info.tags.get(owner.key).cloned(),
         document: String::new(),
         versions: Vec::new(),
         attached: BTreeSet::new(),
     };
-    if owned_by(&info.tags, owner) {
+    if owner.owns(&info.tags) {
         observed.versions = with_retry(|| iam.list_policy_versions(arn)).await?;
         observed.document =
             with_retry(|| iam.get_policy_document(arn, &info.default_version)).await?;
@@ -173,6 +177,25 @@ pub async fn boundaries(
         .map_err(Error::Kube)?
         .map(|ns| ns.labels().clone())
         .unwrap_or_default();
+    Ok((policies.items, labels))
+}
+
+/// Every `SessionAccessPolicy`, and every namespace's labels: what the boundaries judge any
+/// grant by (see [`boundaries`]), read once for a sync that judges many grants.
+pub async fn all_boundaries(
+    ctx: &Context,
+) -> Result<(Vec<SessionAccessPolicy>, BTreeMap<String, BTreeMap<String, String>>)> {
+    let policies = Api::<SessionAccessPolicy>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?;
+    let namespaces = Api::<Namespace>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?;
+    let labels = (namespaces.items.into_iter())
+        .map(|ns| (ns.name_any(), ns.labels().clone()))
+        .collect();
     Ok((policies.items, labels))
 }
 

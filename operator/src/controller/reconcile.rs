@@ -60,8 +60,8 @@ use crate::{
         boundary::{self, Admission},
         desired::{self, Desired},
         endpoints::{self, WantedEndpoints},
-        naming,
-        plan::{self, Change, Known, Moment, SessionOwners, WantedDocument, WantedPolicy},
+        naming::{self, OwnerTag},
+        plan::{self, Change, Known, Moment, SessionOwners, WantedDocument},
         policy::Effect,
         status::{self, EndpointsState, Observations, PoliciesState, TargetsState},
     },
@@ -70,12 +70,14 @@ use crate::{
 /// The finalizer that guarantees cleanup.
 pub const FINALIZER: &str = "fleetaccess.io/cleanup";
 
-/// Runs the controller until `shutdown` completes, over every namespace or only `namespace`.
+/// Runs the controller until `shutdown` completes, over every namespace or only the
+/// context's `watch_namespace`.
 pub async fn run(
     ctx: Arc<Context>,
-    namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let namespace = ctx.watch_namespace.clone();
+    let namespace = namespace.as_deref();
     use k8s_openapi::api::{
         core::v1::{Namespace, Service},
         networking::v1::NetworkPolicy,
@@ -246,7 +248,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     // Outside its boundary, a grant stands for nothing: like an expired one, it is revoked.
     let revoked = expired || refused;
     ctx.set_expiry(grant, desired.expires_at);
-    let applier = Applier::new(ctx, grant.object_ref(&()), &owner);
+    let applier = Applier::new(ctx, grant.object_ref(&()), OwnerTag::grant(&owner));
     if let Admission::Refused(refusals) = &admission
         && newly_refused(previous, &admission)
     {
@@ -267,31 +269,33 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         Err(error) => (TargetsState::Unresolvable(error.to_string()), Vec::new()),
     };
 
-    let (wanted_policies, wanted_documents) = match revoked {
-        true => (Vec::new(), Vec::new()),
-        false => plan::wanted(&desired, &ctx.settings.partition, &ctx.account),
+    let wanted_documents = match revoked {
+        true => Vec::new(),
+        false => plan::wanted_documents(&desired),
     };
-    let known = plan::known_objects(grant, Some(&desired), ctx.scope(), Moment::Living);
-    let synced = sync_aws(
-        &applier,
-        &owner,
-        &wanted_policies,
-        &wanted_documents,
-        &known,
-        ctx,
-    )
+    let known = plan::known_objects(grant, ctx.scope(), Moment::Living);
+    let contributes: BTreeSet<Principal> = match revoked {
+        true => BTreeSet::new(),
+        false => desired.contributions().into_keys().collect(),
+    };
+    let synced = async {
+        sync_aws(&applier, &owner, &wanted_documents, &known, ctx).await?;
+        sync_identities(grant, &desired.grant, &contributes, ctx).await
+    }
     .await;
     let (policy, policies, attached_principals, failure) = match synced {
         Ok(policies) => (
             match refused {
                 true => PoliciesState::Revoked,
                 false => PoliciesState::Synced {
-                    policies: wanted_policies.len(),
+                    policies: policies.len(),
                     documents: wanted_documents.len(),
                 },
             },
             policies,
-            plan::attached_arns(&wanted_policies, &ctx.settings.partition, &ctx.account),
+            (contributes.iter())
+                .map(|p| p.arn(&ctx.settings.partition, &ctx.account))
+                .collect(),
             None,
         ),
         Err(error) => {
@@ -490,8 +494,10 @@ async fn write_status(
 
 async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
     let (key, owner) = (grant_key(grant), aws_owner(grant, ctx));
-    let applier = Applier::new(ctx, grant.object_ref(&()), &owner);
+    let applier = Applier::new(ctx, grant.object_ref(&()), OwnerTag::grant(&owner));
     remove_aws_objects(&applier, grant, &owner, ctx).await?;
+    // The grant being deleted contributes nothing any more: its identities' sets lose it.
+    sync_identities(grant, &owner, &BTreeSet::new(), ctx).await?;
     sync_endpoints(&applier, &key, &WantedEndpoints::default(), ctx).await?;
     ctx.set_state(&key, None);
     ctx.set_expiry(grant, None);
@@ -500,75 +506,69 @@ async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
 
 // === IAM policies and session documents ===
 
-/// Removes every policy and session document the deleted grant owns: the ones it can name,
-/// then, unless the spec it is deleted with has synced, any other a listing by its owner tag
-/// finds.
+/// Removes every session document (and policy of an earlier release) the deleted grant owns:
+/// the ones it can name, then, unless the spec it is deleted with has synced, any other a
+/// listing by its owner tag finds.
 async fn remove_aws_objects(
     applier: &Applier<'_>,
     grant: &SessionAccess,
     owner: &str,
     ctx: &Context,
 ) -> Result<()> {
-    let desired = desired::compute(grant, &ctx.settings).ok();
-    let known = plan::known_objects(grant, desired.as_ref(), ctx.scope(), Moment::Deleted);
-    sync_aws(applier, owner, &[], &[], &known, ctx).await?;
-    Ok(())
+    let known = plan::known_objects(grant, ctx.scope(), Moment::Deleted);
+    sync_aws(applier, owner, &[], &known, ctx).await
 }
 
-/// Brings IAM and SSM to the wanted state and removes what else the grant is known to own;
-/// returns the wanted policies with their default versions.
+/// Brings the policy sets of the grant's identities up to date: those it contributes to
+/// (`contributes`) and those its status says it did (which may lose it); returns the
+/// policies of the sets it contributes to. Left out of a set for the quota, it fails with
+/// [`Error::AttachmentQuota`].
+async fn sync_identities(
+    grant: &SessionAccess,
+    owner: &str,
+    contributes: &BTreeSet<Principal>,
+    ctx: &Context,
+) -> Result<Vec<PolicyStatus>> {
+    let recorded = (grant.status.iter())
+        .flat_map(|s| s.attached_principals.iter())
+        .filter_map(|arn| Principal::from_arn(arn));
+    let identities: BTreeSet<Principal> = contributes.iter().cloned().chain(recorded).collect();
+    let subject = grant.object_ref(&());
+    let mut policies = Vec::new();
+    for identity in &identities {
+        let synced = ctx.identities.sync(identity, &subject, ctx).await?;
+        if !contributes.contains(identity) {
+            continue;
+        }
+        if synced.left_out.contains(owner) {
+            return Err(Error::AttachmentQuota {
+                principal: identity.to_string(),
+                attached: synced.others,
+                needed: synced.size,
+                limit: ctx.settings.max_policies_per_identity,
+            });
+        }
+        policies.extend(synced.policies.iter().cloned());
+    }
+    Ok(policies)
+}
+
+/// Brings the grant's session documents to the wanted state and removes what else it is
+/// known to own (its own policies of an earlier release included).
 async fn sync_aws(
     applier: &Applier<'_>,
     owner: &str,
-    wanted_policies: &[WantedPolicy],
     wanted_documents: &[WantedDocument],
     known: &Known,
     ctx: &Context,
-) -> Result<Vec<PolicyStatus>> {
-    let mut observed_policies = Vec::new();
-    for wanted in wanted_policies {
-        observed_policies.push(observe::policy(&wanted.arn, owner, ctx).await?);
-    }
-    // Before anything is written: new attachments must fit the principals' quota.
-    let attaching: BTreeSet<&Principal> = (wanted_policies.iter().zip(&observed_policies))
-        .flat_map(|(wanted, observed)| {
-            (wanted.principals.iter())
-                .filter(move |p| observed.as_ref().is_none_or(|o| !o.attached.contains(*p)))
-        })
-        .collect();
-    if !attaching.is_empty() {
-        let attached = observe::attached_policies(attaching, ctx).await?;
-        plan::attachment_quota(
-            wanted_policies,
-            &attached,
-            ctx.settings.max_policies_per_identity,
-        )?;
-    }
-    let mut statuses = Vec::new();
-    for (wanted, observed) in wanted_policies.iter().zip(observed_policies) {
-        let mut version = (observed.iter())
-            .flat_map(|o| o.versions.iter())
-            .find(|v| v.is_default)
-            .map(|v| v.id.clone());
-        for change in plan::policy_changes(owner, Some(wanted), observed.as_ref())? {
-            if let Some(made) = applier.apply(&change).await? {
-                version = Some(made);
-            }
-        }
-        statuses.push(PolicyStatus {
-            arn: wanted.arn.clone(),
-            version_id: version.unwrap_or_else(|| "v1".into()),
-        });
-    }
-    let wanted_arns: BTreeSet<&str> = wanted_policies.iter().map(|p| p.arn.as_str()).collect();
-    for arn in (known.policy_arns.iter()).filter(|arn| !wanted_arns.contains(arn.as_str())) {
-        let observed = observe::policy(arn, owner, ctx).await?;
+) -> Result<()> {
+    for arn in &known.policy_arns {
+        let observed = observe::policy(arn, OwnerTag::grant(owner), ctx).await?;
         for change in plan::policy_changes(owner, None, observed.as_ref())? {
             applier.apply(&change).await?;
         }
     }
-    sync_documents(applier, owner, wanted_documents, known, ctx).await?;
-    Ok(statuses)
+    sync_documents(applier, owner, wanted_documents, known, ctx).await
 }
 
 /// Brings the grant's session documents to `wanted`. Every name the grant derives (and every

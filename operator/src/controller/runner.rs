@@ -99,7 +99,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics.clone(),
         config.resync,
         &config.replica,
-    ));
+    )
+    .watching(config.watch_namespace.clone()));
 
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
@@ -125,11 +126,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics.leader.set(1);
         ready.store(true, Ordering::Relaxed);
         let halt = halt_when_stopped_or_deposed(stop.clone(), leading.clone());
-        let grants = reconcile::run(
-            ctx.clone(),
-            config.watch_namespace.as_deref(),
-            notified(halt.clone()),
-        );
+        let grants = reconcile::run(ctx.clone(), notified(halt.clone()));
         let preferences = async {
             if config.manage_preferences {
                 preferences::run(ctx.clone(), notified(halt.clone())).await;

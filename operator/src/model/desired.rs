@@ -2,11 +2,14 @@
 //! stands for. Pure: no I/O, no clock, deterministic output.
 //!
 //! ```text
-//!  SessionAccess ─┬─▶ statements ──pack(6,144 chars, ≤20)──▶ managed policies ─▶ principals
-//!                 ├─▶ bridge statements ──────────────────▶ bridge policy ────▶ bridge role
+//!  SessionAccess ─┬─▶ statements ─────────▶ each principal's policy set (model::identity)
+//!                 ├─▶ bridge statements ──▶ the bridge role's policy set
 //!                 ├─▶ session documents (own shell document, one Port document per port)
 //!                 └─▶ bridge endpoints (instance × port → session document)
 //! ```
+//!
+//! A grant's statements alone must fit [`MAX_POLICIES_PER_PRINCIPAL`] policies; merged with
+//! other grants' they usually take far fewer.
 
 use std::collections::BTreeMap;
 
@@ -25,17 +28,17 @@ use serde_json::Value;
 
 use crate::{
     Error, Result,
+    aws::{Principal, PrincipalKind},
     model::{
         documents::{self, SSH_DOCUMENT},
+        identity::pack,
         naming::{self, GrantNames},
-        policy::{Conditions, Effect, MANAGED_POLICY_MAX_CHARS, PolicyDocument, Statement},
+        policy::{Conditions, Effect, Statement},
     },
     settings::Settings,
 };
 
-mod pack;
-
-use pack::pack;
+pub use crate::model::identity::{ManagedPolicy, PolicyDocumentJson};
 
 /// IAM attaches at most 20 managed policies to one user or role (after a quota increase; 10 by
 /// default), so a grant may never need more.
@@ -57,8 +60,8 @@ pub struct Desired {
     pub grant: String,
     /// Allow or Deny.
     pub effect: Effect,
-    /// Managed policies attached to every principal, in order.
-    pub policies: Vec<ManagedPolicy>,
+    /// The statements every principal's policy set carries for the grant.
+    pub statements: Vec<Statement>,
     /// The principals the policies are attached to.
     pub principals: PrincipalNames,
     /// Session documents the grant owns.
@@ -110,28 +113,42 @@ impl Desired {
     pub fn expired(&self, now: Timestamp) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
-}
 
-/// A customer managed policy.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ManagedPolicy {
-    /// The policy name (under [`naming::POLICY_PATH`]).
-    pub name: String,
-    /// The document.
-    pub document: PolicyDocumentJson,
-    /// Characters counted against IAM's 6,144 quota.
-    pub size: usize,
-}
-
-/// A policy document that serializes as its JSON object.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PolicyDocumentJson(pub PolicyDocument);
-
-impl Serialize for PolicyDocumentJson {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
+    /// The statements the grant puts in each identity's policy set: its own to each principal,
+    /// the bridge's to the bridge role (both, when the bridge role is also a principal).
+    pub fn contributions(&self) -> BTreeMap<Principal, Vec<Statement>> {
+        let p = &self.principals;
+        let mut out: BTreeMap<Principal, Vec<Statement>> = BTreeMap::new();
+        if !self.statements.is_empty() {
+            let principals = (p.users.iter().map(|n| Principal::new(PrincipalKind::User, n)))
+                .chain(p.roles.iter().map(|n| Principal::new(PrincipalKind::Role, n)))
+                .chain(p.groups.iter().map(|n| Principal::new(PrincipalKind::Group, n)));
+            for principal in principals {
+                out.entry(principal)
+                    .or_default()
+                    .extend(self.statements.iter().cloned());
+            }
+        }
+        if let Some(bridge) = &self.bridge {
+            out.entry(Principal::new(PrincipalKind::Role, &bridge.role))
+                .or_default()
+                .extend(bridge.statements.iter().cloned());
+        }
+        out
     }
+}
+
+/// Refuses statements that alone would need more than [`MAX_POLICIES_PER_PRINCIPAL`] policies.
+fn within_policy_limit(statements: &[Statement], what: &'static str) -> Result<()> {
+    let needed = pack(statements.to_vec(), &str::to_owned)?.len();
+    if needed > MAX_POLICIES_PER_PRINCIPAL {
+        return Err(Error::TooManyPolicies {
+            needed,
+            limit: MAX_POLICIES_PER_PRINCIPAL,
+            what,
+        });
+    }
+    Ok(())
 }
 
 /// IAM principals by name.
@@ -163,8 +180,8 @@ pub struct SessionDocument {
 pub struct BridgeGrant {
     /// The IAM role the bridge runs as.
     pub role: String,
-    /// The policy attached to that role for these endpoints.
-    pub policy: ManagedPolicy,
+    /// The statements the grant puts in that role's policy set for these endpoints.
+    pub statements: Vec<Statement>,
     /// Instances named by ID.
     pub instances: Vec<String>,
     /// Tags whose instances are resolved when the grant is applied.
@@ -231,11 +248,11 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
         }
         Effect::Deny => deny_statements(&arns, spec, &window),
     };
-    let policies = if spec.principals.is_empty() {
-        Vec::new()
-    } else {
-        pack(&names, "", statements)?
+    let statements = match spec.principals.is_empty() {
+        true => Vec::new(),
+        false => statements,
     };
+    within_policy_limit(&statements, "managed policies per principal")?;
 
     let bridge = match &spec.bridge {
         Some(bridge) if bridge.enabled => Some(bridge_grant(
@@ -258,7 +275,7 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
     Ok(Desired {
         grant: grant_id,
         effect,
-        policies,
+        statements,
         principals: principal_names(&spec.principals),
         documents,
         connect,
@@ -763,17 +780,10 @@ fn bridge_grant(
         "TerminateAndResumeOwnSessionsAsRole",
         window,
     ));
-    let mut policies = pack(names, "-bridge", statements)?;
-    if policies.len() > 1 {
-        return Err(Error::TooManyPolicies {
-            needed: policies.len(),
-            limit: 1,
-            what: "the bridge role's policy",
-        });
-    }
+    within_policy_limit(&statements, "managed policies on the bridge role")?;
     Ok(BridgeGrant {
         role,
-        policy: policies.remove(0),
+        statements,
         instances: targets
             .instance_ids
             .iter()

@@ -6,6 +6,7 @@ pub mod boundary;
 pub mod desired;
 pub mod documents;
 pub mod endpoints;
+pub mod identity;
 pub mod naming;
 pub mod plan;
 pub mod policy;

@@ -20,6 +20,42 @@ pub const POLICY_PATH: &str = "/fleet-access/";
 /// `<cluster>/<namespace>/<name>`.
 pub const OWNER_TAG: &str = "fleetaccess.io/grant";
 
+/// The key of the tag that marks a managed policy as part of one IAM identity's policy set in
+/// one cluster; its value is `<cluster>/<kind>/<name>` ([`identity_tag_value`]).
+pub const IDENTITY_TAG: &str = "fleetaccess.io/identity";
+
+/// An owner tag, key and value: what says an AWS object is a grant's or an identity set's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnerTag<'a> {
+    /// [`OWNER_TAG`] or [`IDENTITY_TAG`].
+    pub key: &'static str,
+    /// Whose it is.
+    pub value: &'a str,
+}
+
+impl<'a> OwnerTag<'a> {
+    /// The tag of grant `owner` ([`owner_tag_value`]).
+    pub fn grant(owner: &'a str) -> Self {
+        Self {
+            key: OWNER_TAG,
+            value: owner,
+        }
+    }
+
+    /// The tag of an identity's policy set ([`identity_tag_value`]).
+    pub fn identity(owner: &'a str) -> Self {
+        Self {
+            key: IDENTITY_TAG,
+            value: owner,
+        }
+    }
+
+    /// Whether an AWS object with these tags carries this tag.
+    pub fn owns(&self, tags: &BTreeMap<String, String>) -> bool {
+        tags.get(self.key).is_some_and(|value| value == self.value)
+    }
+}
+
 /// Longest name IAM and SSM both accept.
 const MAX_NAME: usize = 128;
 
@@ -51,15 +87,48 @@ impl GrantNames<'_> {
 
 /// `fleet-access.<cluster>.<namespace>.<name><suffix>`, shortened with a hash when too long.
 pub fn grant_object_name(cluster: &str, namespace: &str, name: &str, suffix: &str) -> String {
-    let full = format!("{NAME_PREFIX}.{cluster}.{namespace}.{name}{suffix}");
+    fitted(&format!("{NAME_PREFIX}.{cluster}.{namespace}.{name}"), suffix)
+}
+
+/// `fleet-access.<cluster>.<kind><index>@<name>`: the name of an identity's managed policy
+/// (`kind` is `user`, `role` or `group`; `index` is `""`, `-2`, `-3`, …), shortened with a
+/// hash when too long. The index comes before the name, which may end in anything an index
+/// could (user `alice-2`). No grant's object can have it: Kubernetes namespaces have no `@`.
+pub fn identity_policy_name(cluster: &str, kind: &str, name: &str, index: &str) -> String {
+    fitted(&format!("{NAME_PREFIX}.{cluster}.{kind}{index}@{name}"), "")
+}
+
+/// The prefix of every name of this cluster's own policies, a grant's or an identity's.
+pub fn cluster_prefix(cluster: &str) -> String {
+    format!("{NAME_PREFIX}.{cluster}.")
+}
+
+/// Whether a policy name is one of an identity's sets (see [`identity_policy_name`]), not a
+/// grant's own policy of an earlier release.
+pub fn is_identity_policy_name(name: &str) -> bool {
+    name.starts_with(NAME_PREFIX) && name.contains('@')
+}
+
+/// The identity tag's value for `kind`/`name` in `cluster`.
+pub fn identity_tag_value(cluster: &str, kind: &str, name: &str) -> String {
+    format!("{cluster}/{kind}/{name}")
+}
+
+/// `head` + `suffix`, or when longer than IAM and SSM allow, `head` cut to fit with a hash of
+/// the full name before the suffix (which is always kept).
+fn fitted(head: &str, suffix: &str) -> String {
+    let full = format!("{head}{suffix}");
     if full.len() <= MAX_NAME {
         return full;
     }
     let hash = Sha256::digest(full.as_bytes());
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
     let keep = MAX_NAME - suffix.len() - HASH_CHARS - 1;
-    let head = &format!("{NAME_PREFIX}.{cluster}.{namespace}.{name}")[..keep];
-    format!("{head}-{}{suffix}", &hex[..HASH_CHARS])
+    let mut cut = keep;
+    while !head.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}-{}{suffix}", &head[..cut], &hex[..HASH_CHARS])
 }
 
 /// The ARN of the operator's managed policy `name` (under [`POLICY_PATH`]).
@@ -86,7 +155,7 @@ pub fn grant_key(namespace: &str, name: &str) -> String {
 
 /// Whether an AWS object with these tags is the grant `owner`'s (its owner tag names the grant).
 pub fn owned_by(tags: &BTreeMap<String, String>, owner: &str) -> bool {
-    tags.get(OWNER_TAG).is_some_and(|value| value == owner)
+    OwnerTag::grant(owner).owns(tags)
 }
 
 #[cfg(test)]
@@ -120,6 +189,23 @@ mod tests {
         );
         assert!(!owned_by(&tags(&[("team", mine)]), mine));
         assert!(!owned_by(&tags(&[]), mine));
+    }
+
+    #[test]
+    fn identity_policies_are_named_apart_from_every_grant_object() {
+        let name = identity_policy_name("prod", "role", "ansible", "-2");
+        assert_eq!(name, "fleet-access.prod.role-2@ansible");
+        assert_ne!(
+            identity_policy_name("prod", "user", "alice", "-2"),
+            identity_policy_name("prod", "user", "alice-2", "")
+        );
+        assert!(is_identity_policy_name(&name));
+        assert!(!is_identity_policy_name(&grant_object_name(
+            "prod", "role", "ansible", "-2"
+        )));
+        let long = identity_policy_name("prod", "user", &"u".repeat(128), "-20");
+        assert!(long.len() <= MAX_NAME && is_identity_policy_name(&long));
+        assert_ne!(long, identity_policy_name("prod", "user", &"u".repeat(128), "-19"));
     }
 
     #[test]

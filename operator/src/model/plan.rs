@@ -16,10 +16,11 @@ use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
 use kube::ResourceExt;
 
 use crate::{
-    aws::{ActiveSession, PolicyVersion, Principal, PrincipalKind},
+    aws::{ActiveSession, PolicyVersion, Principal},
     model::{
-        desired::{self, Desired},
-        naming::policy_arn,
+        desired::{self, Desired, MAX_POLICIES_PER_PRINCIPAL},
+        identity::PolicySet,
+        naming::{self, POLICY_PATH, policy_arn},
         policy, status,
     },
 };
@@ -40,37 +41,48 @@ pub struct WantedPolicy {
     pub principals: BTreeSet<Principal>,
 }
 
-/// Refuses `wanted` when attaching it would leave some principal with more than `limit`
-/// managed policies: `attached` holds every policy ARN each principal has now (the grant's own
-/// included when already attached). Checked before anything is written, so that a grant is
-/// never half-applied against IAM's quota.
-pub fn attachment_quota(
-    wanted: &[WantedPolicy],
-    attached: &BTreeMap<Principal, Vec<String>>,
-    limit: usize,
-) -> crate::Result<()> {
-    let mut ours: BTreeMap<&Principal, BTreeSet<&str>> = BTreeMap::new();
-    for policy in wanted {
-        for principal in &policy.principals {
-            ours.entry(principal)
-                .or_default()
-                .insert(policy.arn.as_str());
-        }
-    }
-    for (principal, arns) in ours {
-        let others = (attached.get(principal).into_iter().flatten())
-            .filter(|arn| !arns.contains(arn.as_str()))
-            .count();
-        if others + arns.len() > limit {
-            return Err(crate::Error::AttachmentQuota {
-                principal: principal.to_string(),
-                attached: others,
-                needed: arns.len(),
-                limit,
-            });
-        }
-    }
-    Ok(())
+/// How many more managed policies `identity`'s set may have: `limit` less the policies
+/// attached to it (`attached`, ARNs) that are neither this cluster's set for it nor this
+/// cluster's own per-grant policies of an earlier release (which the grants remove).
+pub fn policy_budget(attached: &[String], cluster: &str, limit: usize) -> usize {
+    let ours = format!("{POLICY_PATH}{}", naming::cluster_prefix(cluster));
+    let others = attached.iter().filter(|arn| !arn.contains(&ours)).count();
+    limit.saturating_sub(others)
+}
+
+/// The policies of an identity's set as they must be in IAM, attached to it alone.
+pub fn wanted_policies(
+    identity: &Principal,
+    set: &PolicySet,
+    partition: &str,
+    account: &str,
+) -> Vec<WantedPolicy> {
+    (set.policies.iter())
+        .map(|policy| WantedPolicy {
+            name: policy.name.clone(),
+            arn: policy_arn(partition, account, &policy.name),
+            document: policy.document.0.to_json(),
+            principals: BTreeSet::from([identity.clone()]),
+        })
+        .collect()
+}
+
+/// The policy ARNs of this cluster's set for an identity among those attached to it.
+pub fn attached_set<'a>(
+    attached: &'a [String],
+    cluster: &str,
+    identity: &Principal,
+) -> impl Iterator<Item = &'a String> {
+    let name = crate::model::identity::policy_name(cluster, identity);
+    let names: BTreeSet<String> = (1..=MAX_POLICIES_PER_PRINCIPAL)
+        .map(|i| match i {
+            1 => name(""),
+            i => name(&format!("-{i}")),
+        })
+        .collect();
+    attached.iter().filter(move |arn| {
+        (arn.rsplit_once(POLICY_PATH)).is_some_and(|(_, name)| names.contains(name))
+    })
 }
 
 /// A managed policy as observed in IAM.
@@ -246,63 +258,22 @@ impl Change {
     }
 }
 
-/// The grant's policies and documents as they must be in AWS (nothing for an expired grant);
-/// policy ARNs in `partition` and `account`.
-pub fn wanted(
-    desired: &Desired,
-    partition: &str,
-    account: &str,
-) -> (Vec<WantedPolicy>, Vec<WantedDocument>) {
-    let p = &desired.principals;
-    let principals: BTreeSet<Principal> = (p.users.iter().map(|n| (PrincipalKind::User, n)))
-        .chain(p.roles.iter().map(|n| (PrincipalKind::Role, n)))
-        .chain(p.groups.iter().map(|n| (PrincipalKind::Group, n)))
-        .map(|(kind, name)| Principal {
-            kind,
-            name: name.clone(),
-        })
-        .collect();
-    let wanted_policy =
-        |policy: &desired::ManagedPolicy, principals: BTreeSet<Principal>| WantedPolicy {
-            name: policy.name.clone(),
-            arn: policy_arn(partition, account, &policy.name),
-            document: policy.document.0.to_json(),
-            principals,
-        };
-    let mut policies: Vec<WantedPolicy> = (desired.policies.iter())
-        .map(|policy| wanted_policy(policy, principals.clone()))
-        .collect();
-    if let Some(bridge) = &desired.bridge {
-        let role = Principal {
-            kind: PrincipalKind::Role,
-            name: bridge.role.clone(),
-        };
-        policies.push(wanted_policy(&bridge.policy, BTreeSet::from([role])));
-    }
-    let documents = (desired.documents.iter())
+/// The grant's session documents as they must be in SSM.
+pub fn wanted_documents(desired: &Desired) -> Vec<WantedDocument> {
+    (desired.documents.iter())
         .map(|d| WantedDocument {
             name: d.name.clone(),
             content: d.content.to_string(),
         })
-        .collect();
-    (policies, documents)
-}
-
-/// The ARNs of the principals `wanted` attaches policies to.
-pub fn attached_arns(wanted: &[WantedPolicy], partition: &str, account: &str) -> Vec<String> {
-    let all: BTreeSet<String> = (wanted.iter())
-        .flat_map(|p| p.principals.iter())
-        .map(|p| p.arn(partition, account))
-        .collect();
-    all.into_iter().collect()
+        .collect()
 }
 
 /// What the grant may own in AWS besides what it wants now: looked up, and removed when no
 /// longer wanted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Known {
-    /// Policies: the ARNs its status records and the ones its names derive to (which covers a
-    /// crash between creating a policy and recording it).
+    /// Policies of its own from an earlier release, when its status records them (grants
+    /// now share their identities' policy sets, which are not the grant's to remove).
     pub policy_arns: BTreeSet<String>,
     /// Session documents: the names its spec derives, each looked up by name. Never found only
     /// through a listing: a paged listing misses documents while others are being deleted.
@@ -323,23 +294,23 @@ pub enum Moment {
     Deleted,
 }
 
-/// What the grant may own, from its status, its spec and (when it can be computed) its
-/// desired state; policy ARNs and document names in `(partition, account, cluster)`.
+/// What the grant may own, from its status and its spec; policy ARNs and document names in
+/// `(partition, account, cluster)`.
 pub fn known_objects(
     grant: &SessionAccess,
-    desired: Option<&Desired>,
     (partition, account, cluster): (&str, &str, &str),
     moment: Moment,
 ) -> Known {
-    let mut policy_arns: BTreeSet<String> = (grant.status.iter())
+    let own = |arn: &str| {
+        let name = arn.rsplit('/').next().unwrap_or_default();
+        arn.starts_with(&format!("arn:{partition}:iam::{account}:policy{POLICY_PATH}"))
+            && name.starts_with(&naming::cluster_prefix(cluster))
+            && !naming::is_identity_policy_name(name)
+    };
+    let policy_arns: BTreeSet<String> = (grant.status.iter())
         .flat_map(|s| s.policies.iter().map(|p| p.arn.clone()))
+        .filter(|arn| own(arn))
         .collect();
-    if let Some(desired) = desired {
-        let names = (desired.policies.iter())
-            .chain(desired.bridge.as_ref().map(|b| &b.policy))
-            .map(|p| policy_arn(partition, account, &p.name));
-        policy_arns.extend(names);
-    }
     let (status, generation) = (grant.status.as_ref(), grant.metadata.generation);
     let follows_spec = match moment {
         Moment::Living => status::documents_follow_spec(status, generation),

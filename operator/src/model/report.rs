@@ -4,77 +4,52 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::model::{desired::Desired, naming::POLICY_PATH, policy::MANAGED_POLICY_MAX_CHARS};
+use std::collections::BTreeMap;
 
-/// The version of the JSON plan format; bumped on incompatible changes.
-pub const PLAN_FORMAT: &str = "fleetaccess.io/plan/v1";
+use crate::{
+    aws::Principal,
+    model::{
+        desired::Desired,
+        identity::PolicySet,
+        naming::POLICY_PATH,
+        policy::{MANAGED_POLICY_MAX_CHARS, PolicyDocument, Statement},
+    },
+};
 
-/// One attachment of a managed policy to a principal.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Attachment {
-    /// The policy name.
-    pub policy: String,
-    /// `user`, `role` or `group`.
-    pub principal_type: &'static str,
-    /// The principal's name.
-    pub principal: String,
-}
+/// The version of the JSON plan format; bumped on incompatible changes (v2: policies are
+/// per identity, merged across grants, no longer per grant).
+pub const PLAN_FORMAT: &str = "fleetaccess.io/plan/v2";
 
-/// Every attachment a grant needs: each policy to each principal, the bridge policy to the
-/// bridge role.
-pub fn attachments(desired: &Desired) -> Vec<Attachment> {
-    let p = &desired.principals;
-    let principals = p
-        .users
-        .iter()
-        .map(|n| ("user", n))
-        .chain(p.roles.iter().map(|n| ("role", n)))
-        .chain(p.groups.iter().map(|n| ("group", n)));
-    let mut out: Vec<Attachment> = principals
-        .flat_map(|(kind, principal)| {
-            desired.policies.iter().map(move |policy| Attachment {
-                policy: policy.name.clone(),
-                principal_type: kind,
-                principal: principal.clone(),
-            })
-        })
-        .collect();
-    if let Some(bridge) = &desired.bridge {
-        out.push(Attachment {
-            policy: bridge.policy.name.clone(),
-            principal_type: "role",
-            principal: bridge.role.clone(),
-        });
-    }
-    out
-}
-
+/// One identity's policy set in the plan.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct GrantPlan<'a> {
-    #[serde(flatten)]
-    desired: &'a Desired,
+struct IdentityPlan<'a> {
+    /// `user`, `role` or `group`.
+    principal_type: &'static str,
+    principal: &'a str,
     policy_path: &'static str,
-    attachments: Vec<Attachment>,
+    #[serde(flatten)]
+    set: &'a PolicySet,
 }
 
 #[derive(Serialize)]
 struct Plan<'a> {
     format: &'static str,
-    grants: Vec<GrantPlan<'a>>,
+    grants: &'a [Desired],
+    identities: Vec<IdentityPlan<'a>>,
 }
 
 /// The plan as pretty JSON.
-pub fn json(grants: &[Desired]) -> String {
+pub fn json(grants: &[Desired], sets: &BTreeMap<Principal, PolicySet>) -> String {
     let plan = Plan {
         format: PLAN_FORMAT,
-        grants: grants
-            .iter()
-            .map(|desired| GrantPlan {
-                desired,
+        grants,
+        identities: (sets.iter())
+            .map(|(identity, set)| IdentityPlan {
+                principal_type: identity.kind.as_str(),
+                principal: &identity.name,
                 policy_path: POLICY_PATH,
-                attachments: attachments(desired),
+                set,
             })
             .collect(),
     };
@@ -82,8 +57,8 @@ pub fn json(grants: &[Desired]) -> String {
     serde_json::to_string_pretty(&plan).unwrap_or_default() + "\n"
 }
 
-/// The plan as text for people.
-pub fn text(grants: &[Desired]) -> String {
+/// The plan as text for people: each grant, then each identity's policy set.
+pub fn text(grants: &[Desired], sets: &BTreeMap<Principal, PolicySet>) -> String {
     let mut out = String::new();
     for desired in grants {
         let _ = writeln!(
@@ -91,38 +66,20 @@ pub fn text(grants: &[Desired]) -> String {
             "SessionAccess {} ({:?})",
             desired.grant, desired.effect
         );
-        section(
-            &mut out,
-            &format!("IAM managed policies, path {POLICY_PATH}"),
-        );
-        for policy in desired
-            .policies
-            .iter()
-            .chain(desired.bridge.as_ref().map(|b| &b.policy))
-        {
-            let _ = writeln!(
-                out,
-                "  {} ({} of {MANAGED_POLICY_MAX_CHARS} characters)",
-                policy.name, policy.size
-            );
-            for line in policy.document.0.to_pretty_json().lines() {
-                let _ = writeln!(out, "    {line}");
-            }
-        }
-        if desired.policies.is_empty() && desired.bridge.is_none() {
+        section(&mut out, "IAM statements, in the policy set of each principal");
+        let principals = principal_list(desired);
+        if desired.statements.is_empty() {
             let _ = writeln!(out, "  (none: the grant names no principal)");
+        } else {
+            let _ = writeln!(out, "  for {}", principals.join(", "));
+            statements(&mut out, &desired.statements);
         }
-        section(&mut out, "Attachments");
-        let attachments = attachments(desired);
-        for a in &attachments {
-            let _ = writeln!(
-                out,
-                "  {} -> {} {}",
-                a.policy, a.principal_type, a.principal
+        if let Some(bridge) = &desired.bridge {
+            section(
+                &mut out,
+                &format!("IAM statements, in the policy set of the bridge role {}", bridge.role),
             );
-        }
-        if attachments.is_empty() {
-            let _ = writeln!(out, "  (none)");
+            statements(&mut out, &bridge.statements);
         }
         section(&mut out, "Session documents");
         for document in &desired.documents {
@@ -183,7 +140,51 @@ pub fn text(grants: &[Desired]) -> String {
         }
         out.push('\n');
     }
+    let _ = writeln!(
+        out,
+        "IAM managed policies per identity, merged across the grants above, path {POLICY_PATH}:"
+    );
+    for (identity, set) in sets {
+        let _ = writeln!(out, "\n  {} {}:", identity.kind.as_str(), identity.name);
+        for policy in &set.policies {
+            let _ = writeln!(
+                out,
+                "    {} ({} of {MANAGED_POLICY_MAX_CHARS} characters)",
+                policy.name, policy.size
+            );
+            for line in policy.document.0.to_pretty_json().lines() {
+                let _ = writeln!(out, "      {line}");
+            }
+        }
+        for grant in &set.left_out {
+            let _ = writeln!(
+                out,
+                "    left out, over the quota of managed policies per identity: {grant}"
+            );
+        }
+    }
+    if sets.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
     out
+}
+
+/// `user alice`, `role ci`, …: the grant's principals.
+fn principal_list(desired: &Desired) -> Vec<String> {
+    let p = &desired.principals;
+    (p.users.iter().map(|n| format!("user {n}")))
+        .chain(p.roles.iter().map(|n| format!("role {n}")))
+        .chain(p.groups.iter().map(|n| format!("group {n}")))
+        .collect()
+}
+
+fn statements(out: &mut String, statements: &[Statement]) {
+    let document = PolicyDocument {
+        statements: statements.to_vec(),
+    };
+    for line in document.to_pretty_json().lines() {
+        let _ = writeln!(out, "    {line}");
+    }
 }
 
 fn section(out: &mut String, title: &str) {

@@ -124,11 +124,11 @@ impl Harness {
             metrics.clone(),
             resync,
             "test",
-        ));
+        )
+        .watching(Some(namespace.name().to_owned())));
         let (stop, stopped) = oneshot::channel::<()>();
-        let scope = namespace.name().to_owned();
         let controller = tokio::spawn(async move {
-            reconcile::run(ctx, Some(&scope), async {
+            reconcile::run(ctx, async {
                 let _ = stopped.await;
             })
             .await;

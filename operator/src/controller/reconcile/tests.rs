@@ -7,6 +7,7 @@ use kube::Client;
 use super::*;
 use crate::{
     aws::fake::FakeAws,
+    controller::identities,
     metrics::Metrics,
     settings::{DEFAULT_CLUSTER, Settings},
 };
@@ -53,15 +54,22 @@ async fn sync_grant(ctx: &Context) -> Result<Vec<PolicyStatus>> {
     apply_grant(&grant(), ctx).await
 }
 
-/// The AWS part of an apply: what `apply` syncs for `grant`.
+/// The AWS part of an apply: what `apply` syncs for `grant` as the only grant of its
+/// identities.
 async fn apply_grant(grant: &SessionAccess, ctx: &Context) -> Result<Vec<PolicyStatus>> {
     let desired = desired::compute(grant, &ctx.settings).expect("desired");
-    let (partition, account) = (&ctx.settings.partition, &ctx.account);
-    let (policies, documents) = plan::wanted(&desired, partition, account);
-    let known = plan::known_objects(grant, Some(&desired), ctx.scope(), Moment::Living);
+    let documents = plan::wanted_documents(&desired);
+    let known = plan::known_objects(grant, ctx.scope(), Moment::Living);
     let owner = aws_owner(grant, ctx);
-    let applier = Applier::new(ctx, grant.object_ref(&()), &owner);
-    sync_aws(&applier, &owner, &policies, &documents, &known, ctx).await
+    let applier = Applier::new(ctx, grant.object_ref(&()), OwnerTag::grant(&owner));
+    sync_aws(&applier, &owner, &documents, &known, ctx).await?;
+    let mut policies = Vec::new();
+    for (identity, statements) in desired.contributions() {
+        let only = [(owner.clone(), statements)];
+        let synced = identities::apply_set(&identity, &only, &grant.object_ref(&()), ctx).await?;
+        policies.extend(synced.policies);
+    }
+    Ok(policies)
 }
 
 /// A grant with a shell document and a port document, at `generation`, without status.
@@ -127,7 +135,7 @@ async fn cleanup_lists_again_until_a_listing_finds_no_orphan_left() {
 /// The AWS part of a cleanup: what `cleanup` removes for `grant`.
 async fn clean_up(grant: &SessionAccess, ctx: &Context) {
     let owner = aws_owner(grant, ctx);
-    let applier = Applier::new(ctx, grant.object_ref(&()), &owner);
+    let applier = Applier::new(ctx, grant.object_ref(&()), OwnerTag::grant(&owner));
     remove_aws_objects(&applier, grant, &owner, ctx)
         .await
         .expect("removed");

@@ -4,7 +4,7 @@ use fleet_access_crds::validation::parse_session_accesses;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::model::policy::{canonical, counted_chars};
+use crate::model::policy::{PolicyDocument, canonical};
 
 fn grant(spec: &str) -> SessionAccess {
     let yaml = format!(
@@ -20,12 +20,8 @@ fn compute_default(spec: &str) -> Desired {
 }
 
 fn statements(desired: &Desired) -> Vec<Value> {
-    let documents = desired
-        .policies
-        .iter()
-        .map(|p| serde_json::to_value(&p.document).unwrap());
-    documents
-        .flat_map(|d| d["Statement"].as_array().unwrap().clone())
+    (desired.statements.iter())
+        .map(|s| serde_json::to_value(s).unwrap())
         .collect()
 }
 
@@ -253,7 +249,7 @@ fn bridge_only_grants_have_no_principal_policy() {
     let desired = compute_default(
         "{targets: {instanceIds: [i-0123abcd]}, sessions: {ports: [8080]}, bridge: {ports: [8080]}}",
     );
-    assert!(desired.policies.is_empty());
+    assert!(desired.statements.is_empty());
     let bridge = desired.bridge.expect("bridge");
     assert_eq!(bridge.role, "fleet-access-bridge");
     assert_eq!(
@@ -264,7 +260,7 @@ fn bridge_only_grants_have_no_principal_policy() {
             port_parameter: None
         }]
     );
-    let policy = serde_json::to_value(&bridge.policy.document).unwrap();
+    let policy = serde_json::to_value(&bridge.statements).unwrap();
     assert!(
         policy
             .to_string()
@@ -295,54 +291,12 @@ fn a_disabled_bridge_opens_nothing() {
 }
 
 #[test]
-fn long_instance_lists_split_into_policies_under_the_quota() {
-    let ids: Vec<String> = (0..1000).map(|i| format!("i-{i:017x}")).collect();
-    let desired = compute_default(&format!(
-        "{{principals: {{users: [u]}}, targets: {{instanceIds: [{}]}}, sessions: {{ssh: true}}}}",
-        ids.join(",")
-    ));
-    assert!(desired.policies.len() > 1);
-    let mut seen = Vec::new();
-    for policy in &desired.policies {
-        assert!(
-            policy.size <= MANAGED_POLICY_MAX_CHARS,
-            "{} is {}",
-            policy.name,
-            policy.size
-        );
-        assert_eq!(policy.size, counted_chars(&policy.document.0.to_json()));
-        for s in &policy.document.0.statements {
-            seen.extend(
-                s.resources
-                    .iter()
-                    .filter(|r| r.contains(":instance/"))
-                    .cloned(),
-            );
-        }
-    }
-    assert_eq!(seen.len(), 1000, "every instance appears exactly once");
-    seen.sort();
-    seen.dedup();
-    assert_eq!(seen.len(), 1000);
-    let names: Vec<&str> = desired.policies.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(
-        names[..2],
-        ["fleet-access.default.ns.g", "fleet-access.default.ns.g-2"]
-    );
-}
-
-#[test]
-fn more_than_twenty_policies_is_an_error() {
+fn statements_that_alone_need_more_than_twenty_policies_are_refused() {
     let resources: Vec<String> = (0..3000)
         .map(|i| format!("arn:aws:ec2:*:*:instance/i-{i:017x}"))
         .collect();
     let statement = Statement::new("Big", Effect::Allow, &["ssm:StartSession"], resources);
-    let names = GrantNames {
-        cluster: "default",
-        namespace: "ns",
-        name: "g",
-    };
-    let err = pack(&names, "", vec![statement]).unwrap_err();
+    let err = within_policy_limit(&[statement], "managed policies per principal").unwrap_err();
     assert!(
         matches!(err, Error::TooManyPolicies { limit: 20, .. }),
         "{err}"
@@ -351,12 +305,31 @@ fn more_than_twenty_policies_is_an_error() {
 }
 
 #[test]
+fn each_principal_and_the_bridge_role_get_the_grants_statements() {
+    let desired = compute_default(
+        "{principals: {users: [alice], roles: [ci]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}, bridge: {ports: [22]}}",
+    );
+    let contributions = desired.contributions();
+    let keys: Vec<String> = contributions.keys().map(ToString::to_string).collect();
+    assert_eq!(keys, ["User alice", "Role ci", "Role fleet-access-bridge"]);
+    let bridge = &contributions[&Principal::new(PrincipalKind::Role, "fleet-access-bridge")];
+    assert_eq!(bridge, &desired.bridge.as_ref().unwrap().statements);
+    assert_eq!(
+        contributions[&Principal::new(PrincipalKind::User, "alice")],
+        desired.statements
+    );
+}
+
+#[test]
 fn rendering_is_deterministic() {
     let spec = "{principals: {users: [u], groups: [g]}, targets: {tags: {B: b, A: a}}, sessions: {ssh: true, shell: true, ports: [1, 2]}}";
     let a = serde_json::to_string(&compute_default(spec)).unwrap();
     let b = serde_json::to_string(&compute_default(spec)).unwrap();
     assert_eq!(a, b);
-    assert!(canonical(&compute_default(spec).policies[0].document.0.to_json()).is_ok());
+    let document = PolicyDocument {
+        statements: compute_default(spec).statements,
+    };
+    assert!(canonical(&document.to_json()).is_ok());
 }
 
 #[test]

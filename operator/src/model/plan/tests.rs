@@ -351,26 +351,25 @@ mod sessions_at_expiry {
 }
 
 #[test]
-fn attachments_beyond_the_quota_are_refused_before_anything_is_written() {
-    let ours = [wanted("arn:aws:ec2:*:*:instance/i-1", &["alice", "bob"])];
-    let others = |n: usize| -> Vec<String> {
-        (0..n)
-            .map(|i| format!("arn:aws:iam::123456789012:policy/other-{i}"))
-            .collect()
-    };
-    // alice has 9 others: ours is the 10th, within the default quota; bob's 10 leave no room.
-    let attached = BTreeMap::from([(user("alice"), others(9)), (user("bob"), others(10))]);
-    let error = attachment_quota(&ours, &attached, 10).expect_err("bob is full");
-    assert!(
-        matches!(&error, crate::Error::AttachmentQuota { principal, attached: 10, needed: 1, limit: 10 } if principal.contains("bob")),
-        "{error}"
-    );
-    // Already attached, the grant's own policy does not count twice.
-    let mut full_with_ours = others(9);
-    full_with_ours.push(ARN.into());
-    let attached = BTreeMap::from([(user("alice"), others(9)), (user("bob"), full_with_ours)]);
-    assert!(attachment_quota(&ours, &attached, 10).is_ok());
-    // A raised quota.
-    let attached = BTreeMap::from([(user("alice"), others(15)), (user("bob"), others(19))]);
-    assert!(attachment_quota(&ours, &attached, 20).is_ok());
+fn the_budget_counts_every_policy_but_this_clusters_own() {
+    let policy = |name: &str| format!("arn:aws:iam::123456789012:policy{POLICY_PATH}{name}");
+    let attached = vec![
+        "arn:aws:iam::aws:policy/ReadOnlyAccess".to_owned(),
+        "arn:aws:iam::123456789012:policy/team/admin".to_owned(),
+        policy("fleet-access.other.user@alice"),
+        policy("fleet-access.prod.user@alice"),
+        policy("fleet-access.prod.user-2@alice"),
+        policy("fleet-access.prod.ops.web"),
+    ];
+    // Three others (another cluster's set counts): seven left of ten.
+    assert_eq!(policy_budget(&attached, "prod", 10), 7);
+    assert_eq!(policy_budget(&attached, "prod", 2), 0);
+    let alice = user("alice");
+    let set: Vec<&String> = attached_set(&attached, "prod", &alice).collect();
+    assert_eq!(set, [&attached[3], &attached[4]]);
+    let bob = user("bob");
+    assert_eq!(attached_set(&attached, "prod", &bob).count(), 0);
+    // Another identity whose name extends alice's is not alice's.
+    let other = vec![policy("fleet-access.prod.user@alice-2")];
+    assert_eq!(attached_set(&other, "prod", &alice).count(), 0);
 }

@@ -1,15 +1,16 @@
-//! Packing a grant's statements into as few managed policies as fit IAM's size quota, and
-//! splitting the resource lists of statements too large for one policy.
+//! Packing statements into as few managed policies as fit IAM's size quota, splitting the
+//! resource lists of statements too large for one policy.
 
-use super::*;
+use crate::{
+    Error, Result,
+    model::policy::{MANAGED_POLICY_MAX_CHARS, PolicyDocument, Statement},
+};
 
-/// Packs statements into as few managed policies as fit IAM's size quota, splitting the
-/// resource lists of statements too large for one policy. Names are `<base>`, `<base>-2`, ….
-pub(super) fn pack(
-    names: &GrantNames<'_>,
-    suffix: &str,
-    statements: Vec<Statement>,
-) -> Result<Vec<ManagedPolicy>> {
+use super::{ManagedPolicy, PolicyDocumentJson};
+
+/// Packs statements, in order, into as few managed policies as fit IAM's size quota; `name`
+/// maps a policy's index suffix (`""`, `"-2"`, …) to its name.
+pub fn pack(statements: Vec<Statement>, name: &dyn Fn(&str) -> String) -> Result<Vec<ManagedPolicy>> {
     let fits = |statements: &[Statement]| {
         PolicyDocument {
             statements: statements.to_vec(),
@@ -34,13 +35,6 @@ pub(super) fn pack(
             _ => documents.push(vec![piece]),
         }
     }
-    if documents.len() > MAX_POLICIES_PER_PRINCIPAL {
-        return Err(Error::TooManyPolicies {
-            needed: documents.len(),
-            limit: MAX_POLICIES_PER_PRINCIPAL,
-            what: "managed policies per principal",
-        });
-    }
     Ok(documents
         .into_iter()
         .enumerate()
@@ -52,7 +46,7 @@ pub(super) fn pack(
             };
             let document = PolicyDocument { statements };
             ManagedPolicy {
-                name: names.object(&format!("{suffix}{index}")),
+                name: name(&index),
                 size: document.size(),
                 document: PolicyDocumentJson(document),
             }

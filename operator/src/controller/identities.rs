@@ -1,0 +1,238 @@
+//! Each IAM identity's policy set: brings the managed policies of one user, role or group to
+//! what every live, admitted grant naming it asks (and, for the bridge role, every bridge
+//! grant), as `model::identity` merges and packs them.
+//!
+//! ```text
+//!  grant reconciles ─request─▶ Identities::sync(identity) ─┬─ LIST grants, boundaries, namespaces
+//!   (many at once)  ◀─outcome─┘   one sync at a time       ├─ desired::compute + admit, per grant
+//!                                 per identity, coalesced  ├─ ListAttached*Policies (the budget)
+//!                                                          └─ plan ─▶ apply (create, update,
+//!                                                              attach, then detach and delete)
+//! ```
+//!
+//! A sync reads the grants afresh from the API server, after the requests it answers were made,
+//! so it sees every change that caused them: requests that arrive while a sync runs share the
+//! next one, and a thousand grants naming one role cost a handful of syncs, not a thousand.
+//! A grant is judged here as its own reconcile judges it (same boundaries, same clock rules),
+//! so a grant outside its boundary, expired, invalid or being deleted contributes nothing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use fleet_access_crds::{SessionAccess, v1alpha1::PolicyStatus};
+use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
+use kube::{Api, ResourceExt, api::ListParams};
+
+use crate::{
+    Error, Result,
+    aws::{Principal, with_retry},
+    controller::{Context, apply::Applier, observe},
+    model::{
+        boundary::{self, Admission},
+        desired::{self, Desired},
+        identity::{self, Contribution},
+        naming::{self, OwnerTag},
+        plan,
+        policy::Statement,
+    },
+};
+
+/// What one sync of an identity's set did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdentitySynced {
+    /// The set's policies with their default versions.
+    pub policies: Vec<PolicyStatus>,
+    /// The grants (owner tag values) left out of the set: it would exceed the budget.
+    pub left_out: BTreeSet<String>,
+    /// Policies attached to the identity that are not this cluster's.
+    pub others: usize,
+    /// The set's size.
+    pub size: usize,
+}
+
+type Outcome = std::result::Result<Arc<IdentitySynced>, Arc<Error>>;
+
+/// One identity's syncs: how many were requested, and the last outcome with the number of
+/// requests it answers.
+#[derive(Default)]
+struct Slot {
+    requested: std::sync::atomic::AtomicU64,
+    last: tokio::sync::Mutex<(u64, Option<Outcome>)>,
+}
+
+/// Every identity's syncs, one at a time per identity.
+#[derive(Default)]
+pub struct Identities {
+    slots: Mutex<HashMap<Principal, Arc<Slot>>>,
+}
+
+impl Identities {
+    /// Brings `identity`'s set up to date with every grant as it is now, and returns what the
+    /// sync did; `subject` is the grant its Events are about.
+    pub async fn sync(
+        &self,
+        identity: &Principal,
+        subject: &ObjectReference,
+        ctx: &Context,
+    ) -> Result<Arc<IdentitySynced>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.entry(identity.clone()).or_default().clone()
+        };
+        let ticket = slot.requested.fetch_add(1, SeqCst) + 1;
+        let mut last = slot.last.lock().await;
+        if let (answered, Some(outcome)) = &*last
+            && *answered >= ticket
+        {
+            return unshared(identity, outcome.clone());
+        }
+        // Every request made so far is answered by a sync that reads the grants from now on.
+        let answers = slot.requested.load(SeqCst);
+        let outcome = sync_now(identity, subject, ctx)
+            .await
+            .map(Arc::new)
+            .map_err(Arc::new);
+        *last = (answers, Some(outcome.clone()));
+        unshared(identity, outcome)
+    }
+}
+
+fn unshared(identity: &Principal, outcome: Outcome) -> Result<Arc<IdentitySynced>> {
+    outcome.map_err(|source| Error::IdentitySync {
+        identity: identity.to_string(),
+        source,
+    })
+}
+
+/// One sync of `identity`'s set.
+async fn sync_now(
+    identity: &Principal,
+    subject: &ObjectReference,
+    ctx: &Context,
+) -> Result<IdentitySynced> {
+    let grants = contributing_grants(identity, ctx).await?;
+    apply_set(identity, &grants, subject, ctx).await
+}
+
+/// Brings `identity`'s set in IAM to what `grants` (owner tag values with their statements,
+/// in order of precedence) ask, within the identity's budget.
+pub(crate) async fn apply_set(
+    identity: &Principal,
+    grants: &[(String, Vec<Statement>)],
+    subject: &ObjectReference,
+    ctx: &Context,
+) -> Result<IdentitySynced> {
+    let (cluster, limit) = (&ctx.settings.cluster, ctx.settings.max_policies_per_identity);
+    let contributions: Vec<Contribution<'_>> = (grants.iter())
+        .map(|(grant, statements)| Contribution {
+            grant: grant.as_str(),
+            statements,
+        })
+        .collect();
+    let attached = with_retry(|| ctx.iam.attached_policies(identity)).await?;
+    let budget = plan::policy_budget(&attached, cluster, limit);
+    let set = identity::policy_set(
+        &contributions,
+        budget,
+        &identity::policy_name(cluster, identity),
+    )?;
+    let (partition, account) = (&ctx.settings.partition, &ctx.account);
+    let wanted = plan::wanted_policies(identity, &set, partition, account);
+
+    let owner_value = naming::identity_tag_value(cluster, identity.kind.as_str(), &identity.name);
+    let owner = OwnerTag::identity(&owner_value);
+    let applier = Applier::new(ctx, subject.clone(), owner);
+    let mut policies = Vec::new();
+    for policy in &wanted {
+        let observed = observe::policy(&policy.arn, owner, ctx).await?;
+        let mut version = (observed.iter())
+            .flat_map(|o| o.versions.iter())
+            .find(|v| v.is_default)
+            .map(|v| v.id.clone());
+        for change in plan::policy_changes(owner.value, Some(policy), observed.as_ref())? {
+            if let Some(made) = applier.apply(&change).await? {
+                version = Some(made);
+            }
+        }
+        policies.push(PolicyStatus {
+            arn: policy.arn.clone(),
+            version_id: version.unwrap_or_else(|| "v1".into()),
+        });
+    }
+    // Then what the set no longer needs: policies of a larger set, or of no set at all.
+    let wanted_arns: BTreeSet<&str> = wanted.iter().map(|p| p.arn.as_str()).collect();
+    let stale: Vec<&String> = plan::attached_set(&attached, cluster, identity)
+        .filter(|arn| !wanted_arns.contains(arn.as_str()))
+        .collect();
+    for arn in stale {
+        let observed = observe::policy(arn, owner, ctx).await?;
+        for change in plan::policy_changes(owner.value, None, observed.as_ref())? {
+            applier.apply(&change).await?;
+        }
+    }
+    Ok(IdentitySynced {
+        size: policies.len(),
+        policies,
+        left_out: set.left_out.into_iter().collect(),
+        others: limit.saturating_sub(budget),
+    })
+}
+
+/// The grants whose statements go in `identity`'s set, in order of precedence (creation, then
+/// owner), with those statements: every live grant the boundaries admit and whose window has
+/// not ended.
+async fn contributing_grants(
+    identity: &Principal,
+    ctx: &Context,
+) -> Result<Vec<(String, Vec<Statement>)>> {
+    let api: Api<SessionAccess> = match &ctx.watch_namespace {
+        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
+        None => Api::all(ctx.client.clone()),
+    };
+    let grants = api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?;
+    let (boundaries, labels) = observe::all_boundaries(ctx).await?;
+    let now = Timestamp::now();
+    let no_labels = BTreeMap::new();
+    let mut contributing: Vec<(Option<Timestamp>, String, Vec<Statement>)> = Vec::new();
+    for grant in &grants.items {
+        if grant.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let Ok(desired) = desired::compute(grant, &ctx.settings) else {
+            continue;
+        };
+        let Some(statements) = statements_for(&desired, identity, now) else {
+            continue;
+        };
+        let namespace = grant.namespace().unwrap_or_default();
+        let judged = boundary::Grant {
+            spec: &grant.spec,
+            namespace: &namespace,
+            namespace_labels: labels.get(&namespace).unwrap_or(&no_labels),
+            created: grant.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        };
+        if let Admission::Refused(_) = boundary::admit(&judged, &boundaries, now) {
+            continue;
+        }
+        let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        contributing.push((created, desired.grant, statements));
+    }
+    contributing.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    Ok((contributing.into_iter())
+        .map(|(_, grant, statements)| (grant, statements))
+        .collect())
+}
+
+/// The statements `desired` puts in `identity`'s set at `now`, if any.
+fn statements_for(desired: &Desired, identity: &Principal, now: Timestamp) -> Option<Vec<Statement>> {
+    if desired.expired(now) {
+        return None;
+    }
+    desired.contributions().remove(identity)
+}
