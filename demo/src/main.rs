@@ -231,7 +231,11 @@ fn print_grant_policy() -> anyhow::Result<()> {
         &settings.cluster,
         settings.max_policies_per_identity,
     )?;
-    for policy in sets.get(&role).map(|s| s.policies.as_slice()).unwrap_or_default() {
+    for policy in sets
+        .get(&role)
+        .map(|s| s.policies.as_slice())
+        .unwrap_or_default()
+    {
         println!("  {}:", policy.name);
         for line in policy.document.0.to_pretty_json().lines() {
             println!("  {line}");

@@ -34,7 +34,8 @@ fn plan_prints_the_classic_policy_as_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json on stdout");
-    let resources = &plan["grants"][0]["policies"][0]["document"]["Statement"][0]["Resource"];
+    let resources = &plan["identities"][0]["policies"][0]["document"]["Statement"][0]["Resource"];
+    assert_eq!(plan["identities"][0]["principal"], "ssh-user");
     assert_eq!(resources[1], "arn:aws:ssm:*:*:document/AWS-StartSSHSession");
 }
 
@@ -58,7 +59,7 @@ fn plan_text_uses_the_account_and_region() {
         "{text}"
     );
     assert!(
-        text.contains("fleet-access.default.ops.classic-allow-ssh -> user ssh-user"),
+        text.contains("user ssh-user:\n    fleet-access.default.user@ssh-user ("),
         "{text}"
     );
 }

@@ -65,7 +65,7 @@ fn account_and_region_settings_are_pinned_too() {
 /// classic examples must render (plus hardening, which is extra conditions or statements).
 fn rendered_statements(plan_json: &str) -> Vec<Value> {
     let plan: Value = serde_json::from_str(plan_json).expect("json");
-    plan["grants"][0]["policies"][0]["document"]["Statement"]
+    plan["identities"][0]["policies"][0]["document"]["Statement"]
         .as_array()
         .expect("statements")
         .clone()

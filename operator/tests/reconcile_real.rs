@@ -32,9 +32,10 @@ async fn create_update_and_delete_follow_the_grant() {
     let oncall = h.unique("oncall");
     h.user(&alice).await;
     h.role(&oncall).await;
-    let arn = h.policy_arn("web");
+    let alices = h.set_arn(&format!("user/{alice}"));
+    let arn = h.set_arn(&format!("role/{oncall}"));
 
-    // Create: the exact policy exists and is attached.
+    // Create: the exact policy exists, in alice's set, attached to her.
     let spec = json!({
         "principals": {"users": [alice]},
         "targets": {"instanceIds": ["i-0000000000000000a"]},
@@ -42,15 +43,15 @@ async fn create_update_and_delete_follow_the_grant() {
     });
     h.create("web", spec).await;
     let grant = h.wait_condition("web", "Ready", "True").await;
-    let (document, versions) = h.policy_document(&arn).await.expect("policy exists");
+    let (document, versions) = h.policy_document(&alices).await.expect("policy exists");
     assert!(same_meaning(&document, &h.expected_document(&grant)).expect("policies"));
     assert_eq!(versions, 1);
     assert_eq!(
-        h.attachments(&arn).await,
+        h.attachments(&alices).await,
         BTreeSet::from([format!("user/{alice}")])
     );
     let status = grant.status.clone().expect("status");
-    assert_eq!(status.policies[0].arn, arn);
+    assert_eq!(status.policies[0].arn, alices);
     assert_eq!(
         status.attached_principals,
         vec![format!("arn:aws:iam::{ACCOUNT}:user/{alice}")]
@@ -90,10 +91,14 @@ async fn create_update_and_delete_follow_the_grant() {
             "agent-bridge forward i-0000000000000000a --document {port} --local 127.0.0.1:5432"
         )
     );
-    // Principals changed: the role replaces the user.
+    // Principals changed: the role's set replaces the user's, which no grant needs any more.
     assert_eq!(
         h.attachments(&arn).await,
         BTreeSet::from([format!("role/{oncall}")])
+    );
+    assert!(
+        h.policy_document(&alices).await.is_none(),
+        "alice's set removed"
     );
 
     // Targets change again and again: versions follow, never more than 5.
@@ -134,7 +139,7 @@ async fn create_update_and_delete_follow_the_grant() {
     assert!(h.attachments_of_role_empty(&oncall).await);
 
     // Every change of the grant's life was published as a Normal Event about it, saying what.
-    let policy_name = naming::grant_object_name(CLUSTER, h.namespace.name(), "web", "");
+    let policy_name = naming::identity_policy_name(CLUSTER, "user", &alice, "");
     let wanted = [
         ("PolicyCreated", policy_name.as_str()),
         ("PolicyAttached", alice.as_str()),
@@ -208,7 +213,7 @@ async fn a_deny_grant_attaches_a_deny_policy_to_a_group() {
     )
     .await;
     let grant = h.wait_condition("no-prod", "PolicySynced", "True").await;
-    let arn = h.policy_arn("no-prod");
+    let arn = h.set_arn(&format!("group/{contractors}"));
     let (document, _) = h.policy_document(&arn).await.expect("policy");
     assert!(same_meaning(&document, &h.expected_document(&grant)).expect("policies"));
     let parsed: Value = serde_json::from_str(&document).expect("json");
@@ -236,7 +241,7 @@ async fn drift_is_repaired_and_a_steady_resync_writes_nothing() {
     )
     .await;
     let grant = h.wait_condition("db", "Ready", "True").await;
-    let arn = h.policy_arn("db");
+    let arn = h.set_arn(&format!("user/{bob}"));
 
     // Steady state: several resyncs read AWS but write nothing.
     let writes = h.metrics.aws_write_calls();
@@ -333,7 +338,7 @@ async fn expiry_revokes_the_policy_and_sets_expired() {
         })
     };
     h.create("temp", ending_in(3600)).await;
-    let arn = h.policy_arn("temp");
+    let arn = h.set_arn(&format!("user/{dave}"));
 
     // In force before expiry.
     let grant = h.wait_condition("temp", "PolicySynced", "True").await;
@@ -436,7 +441,7 @@ async fn a_same_named_policy_without_the_owner_tag_is_not_adopted() {
     let h = Harness::start("op-foreign", Duration::from_secs(300)).await;
     let erin = h.unique("erin");
     h.user(&erin).await;
-    let name = naming::grant_object_name(CLUSTER, h.namespace.name(), "taken", "");
+    let name = naming::identity_policy_name(CLUSTER, "user", &erin, "");
     let foreign = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
         "Action": "ssm:DescribeSessions", "Resource": "*"}]});
     h.iam
@@ -461,7 +466,7 @@ async fn a_same_named_policy_without_the_owner_tag_is_not_adopted() {
         find(&grant, "PolicySynced").map(|c| c.reason.as_str()),
         Some("NotOwned")
     );
-    let arn = h.policy_arn("taken");
+    let arn = h.set_arn(&format!("user/{erin}"));
     let (document, versions) = h.policy_document(&arn).await.expect("still there");
     assert!(same_meaning(&document, &foreign.to_string()).expect("policies"));
     assert_eq!(versions, 1);
@@ -659,10 +664,10 @@ async fn two_hundred_grants_reach_ready() {
         calls as f64 / COUNT as f64,
         writes as f64 / COUNT as f64
     );
-    // Every grant has its one policy, attached to its user.
+    // Every user has its set of one policy, attached to it.
     assert_eq!(h.policies_in_namespace().await.len(), COUNT);
-    for (i, user) in users.iter().enumerate().step_by(20) {
-        let attached = h.attachments(&h.policy_arn(&format!("g{i}"))).await;
+    for user in users.iter().step_by(20) {
+        let attached = h.attachments(&h.set_arn(&format!("user/{user}"))).await;
         assert_eq!(attached, BTreeSet::from([format!("user/{user}")]));
     }
     h.stop().await;
@@ -1075,13 +1080,6 @@ async fn many_grants_deleted_at_once_leave_no_document_and_no_policy() {
         Vec::<String>::new()
     );
     assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
-    for grant in &grants {
-        assert!(
-            h.policy_document(&h.policy_arn(&grant.name_any()))
-                .await
-                .is_none()
-        );
-    }
     h.stop().await;
 }
 
@@ -1144,7 +1142,11 @@ async fn a_synced_grant_is_deleted_by_name_without_a_listing() {
     for name in &documents {
         assert!(!h.document_exists(name).await, "{name} deleted");
     }
-    assert!(h.policy_document(&h.policy_arn("web")).await.is_none());
+    assert!(
+        h.policy_document(&h.set_arn(&format!("user/{judy}")))
+            .await
+            .is_none()
+    );
     assert_eq!(listings(), listed_before, "no listing: {}", h.calls());
 
     h.grants
@@ -1305,7 +1307,7 @@ async fn another_clusters_objects_of_the_same_grant_are_never_touched() {
     };
     let grant = h.create("web", spec(true)).await;
     h.wait_condition("web", "Ready", "True").await;
-    let ours = h.policy_arn("web");
+    let ours = h.set_arn(&format!("user/{judy}"));
     assert_ne!(ours, their_arn);
     assert_eq!(
         h.attachments(&ours).await,
@@ -1372,7 +1374,9 @@ async fn a_deny_grants_expiry_ends_no_session() {
     let grant = h.wait_condition("pause", "Expired", "True").await;
     assert_eq!(grant.status.and_then(|s| s.sessions_ended), None);
     assert!(
-        h.policy_document(&h.policy_arn("pause")).await.is_none(),
+        h.policy_document(&h.set_arn(&format!("user/{frank}")))
+            .await
+            .is_none(),
         "deny lifted"
     );
     assert!(h.active_sessions(instance).await.contains(&franks));
@@ -1430,7 +1434,9 @@ async fn a_grant_over_the_attachment_quota_is_refused_before_anything_is_written
         condition.message
     );
     assert!(
-        h.policy_document(&h.policy_arn("crowded")).await.is_none(),
+        h.policy_document(&h.set_arn(&format!("role/{role}")))
+            .await
+            .is_none(),
         "no policy created"
     );
     assert_eq!(
@@ -1451,7 +1457,7 @@ async fn a_grant_over_the_attachment_quota_is_refused_before_anything_is_written
     spec["sessions"]["ports"] = json!([5433]);
     h.set_spec("crowded", spec).await;
     h.wait_condition("crowded", "Ready", "True").await;
-    let attached = h.attachments(&h.policy_arn("crowded")).await;
+    let attached = h.attachments(&h.set_arn(&format!("role/{role}"))).await;
     assert_eq!(attached, BTreeSet::from([format!("role/{role}")]));
     h.stop().await;
 }

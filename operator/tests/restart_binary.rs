@@ -58,12 +58,19 @@ fn ready(grant: &SessionAccess) -> bool {
 
 /// The policies under the operator's path whose names start with `prefix`, from every page of
 /// the listing (moto holds the policies of every test of the run).
-async fn policies_named(iam: &aws_sdk_iam::Client, prefix: &str) -> Vec<Policy> {
+/// The operator's policies for this run's users: their sets, named after them.
+async fn policies_of(iam: &aws_sdk_iam::Client, users: &[String]) -> Vec<Policy> {
+    let names: Vec<String> = (users.iter())
+        .map(|user| naming::identity_policy_name(DEFAULT_CLUSTER, "user", user, ""))
+        .collect();
     fleet_access_tests::moto::policies_under(iam, naming::POLICY_PATH)
         .await
         .expect("ListPolicies")
         .into_iter()
-        .filter(|p| p.policy_name().is_some_and(|n| n.starts_with(prefix)))
+        .filter(|p| {
+            p.policy_name()
+                .is_some_and(|n| names.iter().any(|m| m == n))
+        })
         .collect()
 }
 
@@ -159,9 +166,9 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
         started.elapsed().as_secs_f64()
     );
 
-    // Exactly one policy per grant, one version, attached once; one shell document per grant.
-    let prefix = naming::grant_object_name(DEFAULT_CLUSTER, &ns, "", "");
-    let ours = policies_named(&iam, &prefix).await;
+    // Exactly one policy per user's set (one grant each), one version, attached once; one
+    // shell document per grant.
+    let ours = policies_of(&iam, &users).await;
     assert_eq!(ours.len(), GRANTS, "one policy per grant");
     for policy in &ours {
         let arn = policy.arn().expect("arn");
@@ -205,7 +212,7 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
         assert_eq!(attached_to(&iam, user).await, 0, "{user}");
     }
     assert_eq!(
-        policies_named(&iam, &prefix).await,
+        policies_of(&iam, &users).await,
         Vec::new(),
         "no policy of the grants is left"
     );

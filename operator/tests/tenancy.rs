@@ -11,6 +11,7 @@ mod support;
 
 use std::{path::Path, time::Duration};
 
+use fleet_access_operator::model::naming;
 use fleet_access_tests::ControlPlane;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -47,6 +48,17 @@ fn boundary(namespace: &str, ssh: bool) -> Value {
 /// In `hours` from now, as RFC 3339.
 fn hours_from_now(hours: i64) -> String {
     (Timestamp::now() + SignedDuration::from_hours(hours)).to_string()
+}
+
+/// `user/<name>`, `role/<name>`, `group/<name>`: the identities a grant spec names.
+fn identities_named(spec: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for (field, kind) in [("users", "user"), ("roles", "role"), ("groups", "group")] {
+        for name in spec["principals"][field].as_array().into_iter().flatten() {
+            out.push(format!("{kind}/{}", name.as_str().unwrap_or_default()));
+        }
+    }
+    out
 }
 
 /// A grant spec inside the boundary for `role`.
@@ -254,7 +266,7 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
         .await
         .expect("the boundary");
     h.wait_condition("ci", "Ready", "True").await;
-    let arn = h.policy_arn("ci");
+    let arn = h.set_arn(&format!("role/{role}"));
     assert!(h.policy_document(&arn).await.is_some());
 
     // The shipped admission policy, and a tenant bound to the shipped ClusterRole in its
@@ -349,7 +361,7 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
         .await
         .unwrap_or_else(|e| panic!("{name} is admitted without the policy: {e}"));
     }
-    for (name, field, _) in &cases {
+    for (name, field, spec) in &cases {
         let grant = h.wait_condition(name, "Admitted", "False").await;
         let admitted = find(&grant, "Admitted").expect("Admitted");
         assert!(
@@ -366,16 +378,26 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
             find(&grant, "Ready").map(|c| c.reason.as_str()),
             Some("OutsideBoundary")
         );
-        assert!(
-            h.policy_document(&h.policy_arn(name)).await.is_none(),
-            "{name} wrote a policy"
-        );
+        for identity in identities_named(spec) {
+            if identity != format!("role/{role}") {
+                assert!(
+                    h.policy_document(&h.set_arn(&identity)).await.is_none(),
+                    "{name} wrote a policy for {identity}"
+                );
+            }
+        }
     }
+    // The role's set holds the admitted grants' statements only, in one policy.
     let policies = h.policies_in_namespace().await;
     assert_eq!(
-        policies.len(),
-        2,
-        "only the admitted grants' policies: {policies:?}"
+        policies,
+        [naming::identity_policy_name(CLUSTER, "role", &role, "")],
+        "only the admitted grants' set"
+    );
+    let (document, _) = h.policy_document(&arn).await.expect("the role's set");
+    assert!(
+        !document.contains(OUTSIDE_INSTANCE),
+        "no refused grant's instance: {document}"
     );
     assert_eq!(
         h.documents_tagged_in_namespace().await,
@@ -391,14 +413,11 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
         let grant = h.wait_condition(name, "Admitted", "False").await;
         let message = &find(&grant, "Admitted").expect("Admitted").message;
         assert!(message.contains("spec.sessions.ssh"), "{message}");
-        wait_for(&format!("{name}'s policy to go"), || async {
-            h.policy_document(&h.policy_arn(name))
-                .await
-                .is_none()
-                .then_some(())
-        })
-        .await;
     }
+    wait_for("the role's set to go", || async {
+        h.policy_document(&arn).await.is_none().then_some(())
+    })
+    .await;
     assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
     h.stop().await;
     control_plane.stop();

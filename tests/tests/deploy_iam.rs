@@ -35,7 +35,8 @@ use fleet_access_crds::ssm_documents::ACCOUNT_SHELL_DOCUMENT;
 use fleet_access_operator::{
     model::{
         desired::{self, Desired},
-        naming::{OWNER_TAG, POLICY_PATH},
+        naming::{self, IDENTITY_TAG, OWNER_TAG, POLICY_PATH},
+        policy::PolicyDocument,
     },
     settings::Settings,
 };
@@ -406,7 +407,20 @@ fn document_arn(name: &str) -> String {
 /// Every request the operator makes for one grant, per SDK operation.
 fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
     let owner = d.grant.as_str();
-    let mut names: Vec<String> = d.policies.iter().map(|p| p.name.clone()).collect();
+    // Each identity's set: `(policy name, identity tag value)`, as `controller::identities`
+    // creates and changes them.
+    let sets: Vec<(String, String)> = (d.contributions().into_keys())
+        .map(|identity| {
+            let kind = identity.kind.as_str();
+            (
+                naming::identity_policy_name("default", kind, &identity.name, ""),
+                naming::identity_tag_value("default", kind, &identity.name),
+            )
+        })
+        .collect();
+    let names: Vec<String> = sets.iter().map(|(name, _)| name.clone()).collect();
+    // A grant's own policy of an earlier release, which the grant deletes.
+    let legacy = policy_arn(&naming::grant_object_name("default", "ops", "web", ""));
     let mut principals: Vec<String> = Vec::new();
     for user in &d.principals.users {
         principals.push(format!("arn:aws:iam::{ACCOUNT}:user/{user}"));
@@ -421,7 +435,6 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
         ));
     }
     if let Some(bridge) = &d.bridge {
-        names.push(bridge.policy.name.clone());
         principals.push(format!("arn:aws:iam::{ACCOUNT}:role/{}", bridge.role));
     }
     let documents: Vec<String> = d.documents.iter().map(|doc| doc.name.clone()).collect();
@@ -478,14 +491,26 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
                 .collect()
         }
         // Tags on create need iam:TagPolicy as well.
-        "CreatePolicy" => on_policies(&|arn| {
-            vec![
-                created("iam:CreatePolicy", arn),
-                created("iam:TagPolicy", arn),
-            ]
-        }),
+        "CreatePolicy" => (sets.iter())
+            .flat_map(|(name, identity)| {
+                ["iam:CreatePolicy", "iam:TagPolicy"].map(|action| {
+                    Request::new(action, &policy_arn(name))
+                        .with(&format!("aws:RequestTag/{IDENTITY_TAG}"), &[identity])
+                        .with("aws:TagKeys", &[IDENTITY_TAG])
+                })
+            })
+            .collect(),
         "CreatePolicyVersion" | "DeletePolicyVersion" | "DeletePolicy" => {
-            on_policies(&|arn| vec![owned(&iam(operation), arn)])
+            let mut all: Vec<Request> = (sets.iter())
+                .map(|(name, identity)| {
+                    Request::new(&iam(operation), &policy_arn(name))
+                        .with(&format!("aws:ResourceTag/{IDENTITY_TAG}"), &[identity])
+                })
+                .collect();
+            if operation != "CreatePolicyVersion" {
+                all.push(owned(&iam(operation), &legacy));
+            }
+            all
         }
         "AttachUserPolicy" | "DetachUserPolicy" => attach("user", &iam(operation)),
         "AttachRolePolicy" | "DetachRolePolicy" => attach("role", &iam(operation)),
@@ -706,7 +731,9 @@ fn the_bridge_role_allows_every_call_of_the_bridge() {
     let mut checked = 0;
     for d in example_grants() {
         let Some(bridge) = &d.bridge else { continue };
-        let attached: Value = serde_json::from_str(&bridge.policy.document.0.to_json()).unwrap();
+        let statements = bridge.statements.clone();
+        let attached: Value =
+            serde_json::from_str(&PolicyDocument { statements }.to_json()).unwrap();
         for instance in &bridge.instances {
             for port in &bridge.ports {
                 let document = if port.document.starts_with("AWS-") {

@@ -1,6 +1,6 @@
 //! What a grant means to IAM, judged by an evaluator fleet-access did not write
-//! (`@cloud-copilot/iam-simulate`, `fleet_access_tests::iam_evaluator`): the policies the operator
-//! renders (`desired::compute`) for every example under `deploy/examples/` and for a decision
+//! (`@cloud-copilot/iam-simulate`, `fleet_access_tests::iam_evaluator`): the policy sets the
+//! operator renders (`desired::compute`, merged per identity by `identity::policy_sets`) for every example under `deploy/examples/` and for a decision
 //! matrix of our own are evaluated for concrete requests, and each decision is asserted:
 //! allowed, implicitly denied, or explicitly denied.
 //!
@@ -15,9 +15,15 @@
 
 #![allow(clippy::panic, clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
+
 use fleet_access_crds::{SessionAccess, validation::parse_session_accesses};
 use fleet_access_operator::{
-    model::desired::{self, Desired},
+    aws::{Principal, PrincipalKind},
+    model::{
+        desired::{self, Desired},
+        identity,
+    },
     settings::Settings,
 };
 use fleet_access_tests::iam_evaluator::{Decision, IamRequest, evaluate};
@@ -120,36 +126,51 @@ struct Holder {
 /// The callers a grant's policies reach: its users, its roles' sessions, a member of each group,
 /// and the bridge role's session for its endpoints.
 fn callers(d: &Desired) -> Vec<Holder> {
-    let policies: Vec<Value> = (d.policies.iter())
-        .map(|p| serde_json::from_str(&p.document.0.to_json()).unwrap())
-        .collect();
+    let sets = policy_sets(std::slice::from_ref(d));
+    let policies_of = |kind: PrincipalKind, name: &str| -> Vec<Value> {
+        sets.get(&Principal::new(kind, name))
+            .cloned()
+            .unwrap_or_default()
+    };
     let mut out = Vec::new();
     for name in &d.principals.users {
         out.push(Holder {
             caller: user(name),
-            policies: policies.clone(),
+            policies: policies_of(PrincipalKind::User, name),
         });
     }
     for name in &d.principals.groups {
         out.push(Holder {
             caller: user(&format!("member-of-{name}")),
-            policies: policies.clone(),
+            policies: policies_of(PrincipalKind::Group, name),
         });
     }
     for name in &d.principals.roles {
         out.push(Holder {
             caller: role(name),
-            policies: policies.clone(),
+            policies: policies_of(PrincipalKind::Role, name),
         });
     }
     if let Some(bridge) = &d.bridge {
-        let policy = serde_json::from_str(&bridge.policy.document.0.to_json()).unwrap();
         out.push(Holder {
             caller: role(&bridge.role),
-            policies: vec![policy],
+            policies: policies_of(PrincipalKind::Role, &bridge.role),
         });
     }
     out
+}
+
+/// Each identity's policy set for `grants` (as the operator merges them), as JSON documents.
+fn policy_sets(grants: &[Desired]) -> BTreeMap<Principal, Vec<Value>> {
+    let sets = identity::policy_sets(grants, "prod", 20).expect("policy sets");
+    (sets.into_iter())
+        .map(|(identity, set)| {
+            let documents = (set.policies.iter())
+                .map(|p| serde_json::from_str(&p.document.0.to_json()).unwrap())
+                .collect();
+            (identity, documents)
+        })
+        .collect()
 }
 
 /// One request with its expected decision.
@@ -629,7 +650,10 @@ fn the_operator_role_attaches_only_to_grantable_identities() {
     let path = fleet_access_tests::workspace_root().join("deploy/iam/operator-policy.json");
     let policy: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let operator = role("fleet-access-operator");
-    let ours = format!("arn:aws:iam::{ACCOUNT}:policy/fleet-access/fleet-access.default.team.ci");
+    let ours = format!("arn:aws:iam::{ACCOUNT}:policy/fleet-access/fleet-access.default.role@ci");
+    // A grant's own policy of an earlier release, which only the grant's deletion touches.
+    let legacy = format!("arn:aws:iam::{ACCOUNT}:policy/fleet-access/fleet-access.default.team.ci");
+    let tagged = |key: &str, value: &str| (format!("aws:{key}"), json!(value));
     let foreign = format!("arn:aws:iam::{ACCOUNT}:policy/AdministratorAccess");
     let iam = |kind: &str, name: &str| format!("arn:aws:iam::{ACCOUNT}:{kind}/{name}");
     let grantable = |value: &str| {
@@ -706,15 +730,54 @@ fn the_operator_role_attaches_only_to_grantable_identities() {
             "iam:CreatePolicy",
             ours.clone(),
             vec![
-                (
-                    "aws:RequestTag/fleetaccess.io/grant".to_owned(),
-                    json!("default/team/ci"),
-                ),
-                ("aws:TagKeys".to_owned(), json!(["fleetaccess.io/grant"])),
+                tagged("RequestTag/fleetaccess.io/identity", "default/role/ci"),
+                ("aws:TagKeys".to_owned(), json!(["fleetaccess.io/identity"])),
             ],
             Allowed,
         ),
+        (
+            "iam:CreatePolicy",
+            ours.clone(),
+            vec![
+                tagged("RequestTag/fleetaccess.io/grant", "default/team/ci"),
+                ("aws:TagKeys".to_owned(), json!(["fleetaccess.io/grant"])),
+            ],
+            ImplicitlyDenied,
+        ),
         ("iam:CreatePolicy", ours.clone(), vec![], ImplicitlyDenied),
+        (
+            "iam:CreatePolicyVersion",
+            ours.clone(),
+            vec![tagged(
+                "ResourceTag/fleetaccess.io/identity",
+                "default/role/ci",
+            )],
+            Allowed,
+        ),
+        (
+            "iam:CreatePolicyVersion",
+            ours.clone(),
+            vec![],
+            ImplicitlyDenied,
+        ),
+        (
+            "iam:DeletePolicy",
+            legacy.clone(),
+            vec![tagged(
+                "ResourceTag/fleetaccess.io/grant",
+                "default/team/ci",
+            )],
+            Allowed,
+        ),
+        (
+            "iam:CreatePolicyVersion",
+            legacy.clone(),
+            vec![tagged(
+                "ResourceTag/fleetaccess.io/grant",
+                "default/team/ci",
+            )],
+            ImplicitlyDenied,
+        ),
         (
             "iam:DeletePolicy",
             foreign.clone(),
@@ -741,4 +804,181 @@ fn the_operator_role_attaches_only_to_grantable_identities() {
         );
     }
     cases.check();
+}
+
+/// Every example grant, each on its own and all merged into one role's policy set (as when they
+/// all name that role), gives every request the same decision: the merged set decides as the
+/// grants together do (an explicit Deny of any wins, else an Allow of any allows). The role is
+/// also the bridge role, so bridge statements merge too.
+#[test]
+fn a_merged_policy_set_decides_as_its_grants_do_together() {
+    const SHARED: &str = "fleet-access-bridge";
+    let examples = fleet_access_tests::workspace_root().join("deploy/examples");
+    let mut grants = Vec::new();
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        if text.contains("kind: SessionAccess\n") {
+            grants.extend(parse_session_accesses(&text).unwrap());
+        }
+    }
+    let rendered: Vec<Desired> = (grants.iter_mut())
+        .map(|grant| {
+            grant.spec.principals = serde_json::from_value(json!({"roles": [SHARED]})).unwrap();
+            render(grant)
+        })
+        .collect();
+    let shared = Principal::new(PrincipalKind::Role, SHARED);
+    // Each grant's statements as it renders them, unmerged.
+    let separate: Vec<Vec<Value>> = (rendered.iter())
+        .map(|d| {
+            let statements = d.contributions().remove(&shared).unwrap_or_default();
+            (identity::pack(statements, &str::to_owned).unwrap().iter())
+                .map(|p| serde_json::from_str(&p.document.0.to_json()).unwrap())
+                .collect()
+        })
+        .collect();
+    let merged = policy_sets(&rendered)
+        .remove(&shared)
+        .expect("the role's set");
+    assert!(
+        merged.len() < rendered.len(),
+        "{} policies for {} grants",
+        merged.len(),
+        rendered.len()
+    );
+
+    // The requests: every resource any grant names, and one none does, at every window edge,
+    // with and without every grant's tags.
+    let caller = role(SHARED);
+    let mut resources = vec![
+        ("ssm:StartSession", instance(STRANGER), Vec::new()),
+        (
+            "ssm:StartSession",
+            aws_document("AWS-StartPortForwardingSession"),
+            Vec::new(),
+        ),
+        (
+            "ssm:TerminateSession",
+            session(&caller.own_session.0),
+            caller.own_session.1.clone(),
+        ),
+        (
+            "ssm:TerminateSession",
+            session("someone-else-0a1b2c3d4e5f6"),
+            Vec::new(),
+        ),
+    ];
+    let mut times = vec![NOW.to_owned()];
+    let mut tag_sets: Vec<Vec<(String, Value)>> = vec![Vec::new()];
+    for (grant, d) in grants.iter().zip(&rendered) {
+        for id in &grant.spec.targets.instance_ids {
+            resources.push(("ssm:StartSession", instance(id.as_str()), Vec::new()));
+        }
+        resources.push((
+            "ssm:StartSession",
+            aws_document("AWS-StartSSHSession"),
+            Vec::new(),
+        ));
+        for document in &d.documents {
+            resources.push(("ssm:StartSession", own_document(&document.name), Vec::new()));
+        }
+        let window = grant.spec.window.clone().unwrap_or_default();
+        for edge in window.not_before.iter().chain(&window.expires_at) {
+            for offset in [-60, 60] {
+                let at = edge.0 + k8s_openapi::jiff::SignedDuration::from_secs(offset);
+                times.push(at.to_string());
+            }
+        }
+        let tags: Vec<(String, Value)> = (grant.spec.targets.tags.iter())
+            .map(|(k, v)| (format!("ssm:resourceTag/{k}"), json!(matching(v.as_str()))))
+            .collect();
+        if !tags.is_empty() {
+            tag_sets.push(tags);
+        }
+    }
+    resources.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    resources.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+    times.sort();
+    times.dedup();
+
+    let mut requests: Vec<(String, String, Vec<(String, Value)>)> = Vec::new();
+    for (action, resource, extra) in &resources {
+        for time in &times {
+            let instance_tags = match resource.contains(":instance/") {
+                true => tag_sets.as_slice(),
+                false => &tag_sets[..1],
+            };
+            for tags in instance_tags {
+                let mut context = vec![("aws:CurrentTime".to_owned(), json!(time))];
+                context.extend(tags.iter().cloned());
+                context.extend(extra.iter().cloned());
+                if *action == "ssm:StartSession" {
+                    context.push(("ssm:SessionDocumentAccessCheck".to_owned(), json!("true")));
+                }
+                requests.push(((*action).to_owned(), resource.clone(), context));
+            }
+        }
+    }
+    let decide = |policies: &[Value]| -> Vec<Decision> {
+        let mut batch = Vec::new();
+        for (index, (action, resource, context)) in requests.iter().enumerate() {
+            let mut request =
+                IamRequest::new(format!("{index}"), &caller.arn, action, resource, ACCOUNT);
+            for (key, value) in caller.context.iter().chain(context) {
+                request = request.with(key, value.clone());
+            }
+            for (i, policy) in policies.iter().enumerate() {
+                request = request.policy(&format!("policy-{i}"), policy);
+            }
+            if resource.contains("::document/") {
+                request = request.unvalidated();
+            }
+            batch.push(request);
+        }
+        let evaluated = evaluate(&batch).expect("the IAM evaluator runs (tests/env/setup.sh)");
+        (evaluated.into_iter())
+            .map(|e| {
+                assert_eq!(e.error, None, "request {}", e.id);
+                e.decision.expect("a decision")
+            })
+            .collect()
+    };
+    let together = (separate.iter().map(|policies| decide(policies))).fold(
+        vec![ImplicitlyDenied; requests.len()],
+        |acc, decisions| {
+            (acc.into_iter().zip(decisions))
+                .map(|(a, b)| match (a, b) {
+                    (ExplicitlyDenied, _) | (_, ExplicitlyDenied) => ExplicitlyDenied,
+                    (Allowed, _) | (_, Allowed) => Allowed,
+                    _ => ImplicitlyDenied,
+                })
+                .collect()
+        },
+    );
+    let merged_decisions = decide(&merged);
+    let wrong: Vec<String> = (requests.iter().zip(together.iter().zip(&merged_decisions)))
+        .filter(|(_, (a, b))| a != b)
+        .map(|((action, resource, context), (a, b))| {
+            format!("{action} {resource} {context:?}: merged {b:?}, together {a:?}")
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} decisions differ:\n{}",
+        wrong.len(),
+        requests.len(),
+        wrong.join("\n")
+    );
+    for decision in [Allowed, ImplicitlyDenied, ExplicitlyDenied] {
+        assert!(
+            merged_decisions.contains(&decision),
+            "the requests reach {decision:?}"
+        );
+    }
+    eprintln!(
+        "{} requests decided alike by {} grants together and their merged set of {} policies",
+        requests.len(),
+        rendered.len(),
+        merged.len()
+    );
 }

@@ -125,7 +125,10 @@ pub(crate) async fn apply_set(
     subject: &ObjectReference,
     ctx: &Context,
 ) -> Result<IdentitySynced> {
-    let (cluster, limit) = (&ctx.settings.cluster, ctx.settings.max_policies_per_identity);
+    let (cluster, limit) = (
+        &ctx.settings.cluster,
+        ctx.settings.max_policies_per_identity,
+    );
     let contributions: Vec<Contribution<'_>> = (grants.iter())
         .map(|(grant, statements)| Contribution {
             grant: grant.as_str(),
@@ -230,7 +233,11 @@ async fn contributing_grants(
 }
 
 /// The statements `desired` puts in `identity`'s set at `now`, if any.
-fn statements_for(desired: &Desired, identity: &Principal, now: Timestamp) -> Option<Vec<Statement>> {
+fn statements_for(
+    desired: &Desired,
+    identity: &Principal,
+    now: Timestamp,
+) -> Option<Vec<Statement>> {
     if desired.expired(now) {
         return None;
     }

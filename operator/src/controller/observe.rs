@@ -184,7 +184,10 @@ pub async fn boundaries(
 /// grant by (see [`boundaries`]), read once for a sync that judges many grants.
 pub async fn all_boundaries(
     ctx: &Context,
-) -> Result<(Vec<SessionAccessPolicy>, BTreeMap<String, BTreeMap<String, String>>)> {
+) -> Result<(
+    Vec<SessionAccessPolicy>,
+    BTreeMap<String, BTreeMap<String, String>>,
+)> {
     let policies = Api::<SessionAccessPolicy>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await

@@ -278,9 +278,11 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         true => BTreeSet::new(),
         false => desired.contributions().into_keys().collect(),
     };
+    // Identities first: a grant their quota leaves out gets no document either.
     let synced = async {
+        let policies = sync_identities(grant, &desired.grant, &contributes, ctx).await?;
         sync_aws(&applier, &owner, &wanted_documents, &known, ctx).await?;
-        sync_identities(grant, &desired.grant, &contributes, ctx).await
+        Ok::<_, Error>(policies)
     }
     .await;
     let (policy, policies, attached_principals, failure) = match synced {

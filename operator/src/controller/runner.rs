@@ -90,17 +90,19 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let client = kube::Client::try_default().await.map_err(Error::Kube)?;
     let sdk_config = aws_config::load_from_env().await;
     let aws = Arc::new(SdkAws::new(&sdk_config, metrics.clone()));
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        aws.clone(),
-        aws,
-        config.settings,
-        config.account,
-        metrics.clone(),
-        config.resync,
-        &config.replica,
-    )
-    .watching(config.watch_namespace.clone()));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            aws.clone(),
+            aws,
+            config.settings,
+            config.account,
+            metrics.clone(),
+            config.resync,
+            &config.replica,
+        )
+        .watching(config.watch_namespace.clone()),
+    );
 
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {

@@ -120,9 +120,20 @@ impl Desired {
         let p = &self.principals;
         let mut out: BTreeMap<Principal, Vec<Statement>> = BTreeMap::new();
         if !self.statements.is_empty() {
-            let principals = (p.users.iter().map(|n| Principal::new(PrincipalKind::User, n)))
-                .chain(p.roles.iter().map(|n| Principal::new(PrincipalKind::Role, n)))
-                .chain(p.groups.iter().map(|n| Principal::new(PrincipalKind::Group, n)));
+            let principals = (p
+                .users
+                .iter()
+                .map(|n| Principal::new(PrincipalKind::User, n)))
+            .chain(
+                p.roles
+                    .iter()
+                    .map(|n| Principal::new(PrincipalKind::Role, n)),
+            )
+            .chain(
+                p.groups
+                    .iter()
+                    .map(|n| Principal::new(PrincipalKind::Group, n)),
+            );
             for principal in principals {
                 out.entry(principal)
                     .or_default()

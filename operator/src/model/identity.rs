@@ -73,7 +73,11 @@ pub struct PolicySet {
 
 /// The names of `identity`'s policies in `cluster`, by index suffix (`""`, `"-2"`, …).
 pub fn policy_name(cluster: &str, identity: &Principal) -> impl Fn(&str) -> String {
-    let (cluster, kind, name) = (cluster.to_owned(), identity.kind.as_str(), identity.name.clone());
+    let (cluster, kind, name) = (
+        cluster.to_owned(),
+        identity.kind.as_str(),
+        identity.name.clone(),
+    );
     move |suffix| naming::identity_policy_name(&cluster, kind, &name, suffix)
 }
 
@@ -121,8 +125,7 @@ pub fn policy_sets(
     let contributed: Vec<(&str, BTreeMap<Principal, Vec<Statement>>)> = (grants.iter())
         .map(|d| (d.grant.as_str(), d.contributions()))
         .collect();
-    let identities: BTreeSet<&Principal> =
-        contributed.iter().flat_map(|(_, c)| c.keys()).collect();
+    let identities: BTreeSet<&Principal> = contributed.iter().flat_map(|(_, c)| c.keys()).collect();
     let mut sets = BTreeMap::new();
     for identity in identities {
         let contributions: Vec<Contribution<'_>> = (contributed.iter())

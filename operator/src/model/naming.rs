@@ -87,7 +87,10 @@ impl GrantNames<'_> {
 
 /// `fleet-access.<cluster>.<namespace>.<name><suffix>`, shortened with a hash when too long.
 pub fn grant_object_name(cluster: &str, namespace: &str, name: &str, suffix: &str) -> String {
-    fitted(&format!("{NAME_PREFIX}.{cluster}.{namespace}.{name}"), suffix)
+    fitted(
+        &format!("{NAME_PREFIX}.{cluster}.{namespace}.{name}"),
+        suffix,
+    )
 }
 
 /// `fleet-access.<cluster>.<kind><index>@<name>`: the name of an identity's managed policy
@@ -205,7 +208,10 @@ mod tests {
         )));
         let long = identity_policy_name("prod", "user", &"u".repeat(128), "-20");
         assert!(long.len() <= MAX_NAME && is_identity_policy_name(&long));
-        assert_ne!(long, identity_policy_name("prod", "user", &"u".repeat(128), "-19"));
+        assert_ne!(
+            long,
+            identity_policy_name("prod", "user", &"u".repeat(128), "-19")
+        );
     }
 
     #[test]

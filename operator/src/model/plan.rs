@@ -303,8 +303,9 @@ pub fn known_objects(
 ) -> Known {
     let own = |arn: &str| {
         let name = arn.rsplit('/').next().unwrap_or_default();
-        arn.starts_with(&format!("arn:{partition}:iam::{account}:policy{POLICY_PATH}"))
-            && name.starts_with(&naming::cluster_prefix(cluster))
+        arn.starts_with(&format!(
+            "arn:{partition}:iam::{account}:policy{POLICY_PATH}"
+        )) && name.starts_with(&naming::cluster_prefix(cluster))
             && !naming::is_identity_policy_name(name)
     };
     let policy_arns: BTreeSet<String> = (grant.status.iter())

@@ -66,7 +66,10 @@ pub fn text(grants: &[Desired], sets: &BTreeMap<Principal, PolicySet>) -> String
             "SessionAccess {} ({:?})",
             desired.grant, desired.effect
         );
-        section(&mut out, "IAM statements, in the policy set of each principal");
+        section(
+            &mut out,
+            "IAM statements, in the policy set of each principal",
+        );
         let principals = principal_list(desired);
         if desired.statements.is_empty() {
             let _ = writeln!(out, "  (none: the grant names no principal)");
@@ -77,7 +80,10 @@ pub fn text(grants: &[Desired], sets: &BTreeMap<Principal, PolicySet>) -> String
         if let Some(bridge) = &desired.bridge {
             section(
                 &mut out,
-                &format!("IAM statements, in the policy set of the bridge role {}", bridge.role),
+                &format!(
+                    "IAM statements, in the policy set of the bridge role {}",
+                    bridge.role
+                ),
             );
             statements(&mut out, &bridge.statements);
         }

@@ -14,7 +14,7 @@ use fleet_access_operator::{
     aws::sdk::SdkAws,
     controller::{Context, reconcile},
     metrics::Metrics,
-    model::{desired, naming},
+    model::{desired, identity, naming},
     settings::Settings,
 };
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
@@ -115,17 +115,19 @@ impl Harness {
             cluster: CLUSTER.into(),
             ..Settings::default()
         };
-        let ctx = Arc::new(Context::new(
-            namespace.client(),
-            aws.clone(),
-            aws,
-            settings.clone(),
-            ACCOUNT.into(),
-            metrics.clone(),
-            resync,
-            "test",
-        )
-        .watching(Some(namespace.name().to_owned())));
+        let ctx = Arc::new(
+            Context::new(
+                namespace.client(),
+                aws.clone(),
+                aws,
+                settings.clone(),
+                ACCOUNT.into(),
+                metrics.clone(),
+                resync,
+                "test",
+            )
+            .watching(Some(namespace.name().to_owned())),
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         let controller = tokio::spawn(async move {
             reconcile::run(ctx, async {
@@ -251,11 +253,14 @@ impl Harness {
             .expect("replaced");
     }
 
-    pub(crate) fn policy_arn(&self, grant: &str) -> String {
+    /// The ARN of the first policy of an identity's set: `identity` is `user/<name>`,
+    /// `role/<name>` or `group/<name>`.
+    pub(crate) fn set_arn(&self, identity: &str) -> String {
+        let (kind, name) = identity.split_once('/').expect("kind/name");
         format!(
             "arn:aws:iam::{ACCOUNT}:policy{}{}",
             naming::POLICY_PATH,
-            naming::grant_object_name(CLUSTER, self.namespace.name(), grant, "")
+            naming::identity_policy_name(CLUSTER, kind, name, "")
         )
     }
 
@@ -356,14 +361,13 @@ impl Harness {
         ))
     }
 
-    /// The document the grant stands for, rendered by the pure code.
+    /// The document of the first policy of the grant's first identity's set when the grant is
+    /// the set's only one, rendered by the pure code.
     pub(crate) fn expected_document(&self, grant: &SessionAccess) -> String {
-        desired::compute(grant, &self.settings)
-            .expect("desired")
-            .policies[0]
-            .document
-            .0
-            .to_json()
+        let desired = desired::compute(grant, &self.settings).expect("desired");
+        let sets = identity::policy_sets(&[desired], CLUSTER, 10).expect("sets");
+        let (_, set) = sets.into_iter().next().expect("an identity");
+        set.policies[0].document.0.to_json()
     }
 
     pub(crate) async fn document_exists(&self, name: &str) -> bool {
@@ -445,17 +449,22 @@ impl Harness {
         }
     }
 
-    /// The operator's policies of this test's namespace (by their derived names), from every
-    /// page of the listing (moto holds the policies of every test of the run).
+    /// The operator's policies of this test's identities (their names end in the namespace,
+    /// see [`Self::unique`]) or of its grants, from every page of the listing (moto holds the
+    /// policies of every test of the run).
     pub(crate) async fn policies_in_namespace(&self) -> Vec<String> {
         let prefix = naming::grant_object_name(CLUSTER, self.namespace.name(), "", "");
+        let identity = format!("-{}", self.namespace.name());
         let listed = fleet_access_tests::moto::policies_under(&self.iam, naming::POLICY_PATH)
             .await
             .expect("ListPolicies");
         listed
             .iter()
             .filter_map(|p| p.policy_name())
-            .filter(|name| name.starts_with(&prefix))
+            .filter(|name| {
+                name.starts_with(&prefix)
+                    || (naming::is_identity_policy_name(name) && name.ends_with(&identity))
+            })
             .map(str::to_owned)
             .collect()
     }

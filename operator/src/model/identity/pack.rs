@@ -10,7 +10,10 @@ use super::{ManagedPolicy, PolicyDocumentJson};
 
 /// Packs statements, in order, into as few managed policies as fit IAM's size quota; `name`
 /// maps a policy's index suffix (`""`, `"-2"`, …) to its name.
-pub fn pack(statements: Vec<Statement>, name: &dyn Fn(&str) -> String) -> Result<Vec<ManagedPolicy>> {
+pub fn pack(
+    statements: Vec<Statement>,
+    name: &dyn Fn(&str) -> String,
+) -> Result<Vec<ManagedPolicy>> {
     let fits = |statements: &[Statement]| {
         PolicyDocument {
             statements: statements.to_vec(),

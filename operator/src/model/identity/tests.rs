@@ -23,7 +23,11 @@ fn names(suffix: &str) -> String {
 #[test]
 fn statements_differing_only_in_resources_merge_into_one() {
     let window = Statement::new("Windowed", Effect::Allow, START, vec![instance(3)])
-        .with_condition("DateLessThan", "aws:CurrentTime", vec!["2027-01-01T00:00:00Z".into()]);
+        .with_condition(
+            "DateLessThan",
+            "aws:CurrentTime",
+            vec!["2027-01-01T00:00:00Z".into()],
+        );
     let deny = Statement::new("Deny", Effect::Deny, START, vec![instance(1)]);
     let merged = merge(&[
         allow("StartB", vec![instance(2), instance(1)]),
@@ -33,8 +37,15 @@ fn statements_differing_only_in_resources_merge_into_one() {
     ]);
     assert_eq!(merged.len(), 3, "{merged:#?}");
     let plain = &merged[0];
-    assert_eq!(plain.sid, "StartA", "the first Sid of its kind, whatever the order");
-    assert_eq!(plain.resources, [instance(1), instance(2)], "deduplicated and sorted");
+    assert_eq!(
+        plain.sid, "StartA",
+        "the first Sid of its kind, whatever the order"
+    );
+    assert_eq!(
+        plain.resources,
+        [instance(1), instance(2)],
+        "deduplicated and sorted"
+    );
     assert!(merged.contains(&Statement {
         sid: "Windowed".into(),
         ..window
@@ -82,7 +93,12 @@ fn long_resource_lists_split_into_policies_under_the_size_quota() {
     assert!(policies.len() > 1);
     let mut seen = Vec::new();
     for policy in &policies {
-        assert!(policy.size <= MANAGED_POLICY_MAX_CHARS, "{} is {}", policy.name, policy.size);
+        assert!(
+            policy.size <= MANAGED_POLICY_MAX_CHARS,
+            "{} is {}",
+            policy.name,
+            policy.size
+        );
         assert_eq!(policy.size, counted_chars(&policy.document.0.to_json()));
         for s in &policy.document.0.statements {
             seen.extend(s.resources.iter().cloned());
@@ -100,7 +116,12 @@ fn grants_beyond_the_budget_are_left_out_from_the_first_that_does_not_fit() {
     // Each grant brings 60 instances of its own: about 4,000 characters, so two grants'
     // statements cannot share one policy.
     let statements: Vec<Vec<Statement>> = (0..5)
-        .map(|g| vec![allow("Start", (g * 60..(g + 1) * 60).map(instance).collect())])
+        .map(|g| {
+            vec![allow(
+                "Start",
+                (g * 60..(g + 1) * 60).map(instance).collect(),
+            )]
+        })
         .collect();
     let grants: Vec<String> = (0..5).map(|g| format!("c/ns/g{g}")).collect();
     let contributions: Vec<Contribution<'_>> = (grants.iter().zip(&statements))
