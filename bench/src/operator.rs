@@ -47,8 +47,9 @@ use crate::{
 pub const CREATE_CONCURRENCY: usize = 32;
 /// Instances in the emulated fleet; grant k targets instance k mod this.
 pub const FLEET_SIZE: usize = 100;
-/// Grants per IAM user: IAM allows 10 managed policies per user by default.
-pub const GRANTS_PER_USER: usize = 10;
+/// IAM's default quota of managed policies attached to one identity, which every grant's one
+/// role must stay within.
+pub const IAM_DEFAULT_QUOTA: usize = 10;
 /// The longest wait for every grant to be Ready, or to be gone after the deletion.
 const CONVERGE_LIMIT: Duration = Duration::from_secs(900);
 /// How long the reconcile counter must stand still for the operator to count as settled.
@@ -123,7 +124,10 @@ pub struct OperatorRun {
     pub resync: Phase,
     /// From the deletion of every grant until they are all gone (finalizer: IAM/SSM cleaned).
     pub delete: Phase,
-    /// Policies still attached to the run's users after the deletion (should be 0).
+    /// Managed policies attached to the one role every grant names, once every grant was Ready
+    /// and the operator settled.
+    pub role_policies: usize,
+    /// Policies still attached to the run's role after the deletion (should be 0).
     pub leftover_attachments: usize,
     /// The grants' session documents still in SSM after the deletion (should be 0); the bench
     /// deletes them.
@@ -275,15 +279,15 @@ fn instance_id(k: usize) -> String {
 /// The port every grant forwards (its session document's).
 const GRANT_PORT: u16 = 5432;
 
-/// A grant as users write them: one IAM user may start SSH sessions and forward port 5432 to
-/// one instance (one IAM policy and one SSM session document each).
-fn grant(namespace: &str, index: usize, user: &str) -> anyhow::Result<SessionAccess> {
+/// A grant as teams write them: one IAM role (the same for every grant) may start SSH sessions
+/// and forward port 5432 to one instance.
+fn grant(namespace: &str, index: usize, role: &str) -> anyhow::Result<SessionAccess> {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "fleetaccess.io/v1alpha1",
         "kind": "SessionAccess",
         "metadata": {"name": grant_name(index), "namespace": namespace},
         "spec": {
-            "principals": {"users": [user]},
+            "principals": {"roles": [role]},
             "targets": {"instanceIds": [instance_id(index % FLEET_SIZE)]},
             "sessions": {"ssh": true, "ports": [GRANT_PORT]},
         },
@@ -510,50 +514,45 @@ impl Bench<'_> {
         }
     }
 
-    async fn users(&self, namespace: &str, count: usize) -> anyhow::Result<Vec<String>> {
-        let names: Vec<String> = (0..count).map(|k| format!("{namespace}-u{k}")).collect();
-        futures::stream::iter(names.clone())
-            .map(|name| async move {
-                self.iam
-                    .create_user()
-                    .user_name(&name)
-                    .send()
-                    .await
-                    .with_context(|| format!("creating IAM user {name}"))
-            })
-            .buffer_unordered(8)
-            .try_collect::<Vec<_>>()
-            .await?;
-        Ok(names)
+    /// The role every grant of the run names.
+    async fn role(&self, namespace: &str) -> anyhow::Result<String> {
+        let name = format!("{namespace}-deployer");
+        let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+        self.iam
+            .create_role()
+            .role_name(&name)
+            .assume_role_policy_document(trust)
+            .send()
+            .await
+            .with_context(|| format!("creating IAM role {name}"))?;
+        Ok(name)
     }
 
-    /// Counts the policies still attached to `users`, then deletes the users.
-    async fn remove_users(&self, users: &[String]) -> anyhow::Result<usize> {
-        let attached = futures::stream::iter(users.to_vec())
-            .map(|name| async move {
-                let attached = self
-                    .iam
-                    .list_attached_user_policies()
-                    .user_name(&name)
-                    .send()
-                    .await
-                    .with_context(|| format!("listing the policies of {name}"))?
-                    .attached_policies()
-                    .len();
-                if attached == 0 {
-                    self.iam
-                        .delete_user()
-                        .user_name(&name)
-                        .send()
-                        .await
-                        .with_context(|| format!("deleting IAM user {name}"))?;
-                }
-                anyhow::Ok(attached)
-            })
-            .buffer_unordered(8)
-            .try_collect::<Vec<_>>()
-            .await?;
-        Ok(attached.into_iter().sum())
+    /// The managed policies attached to `role`.
+    async fn role_policies(&self, role: &str) -> anyhow::Result<usize> {
+        Ok(self
+            .iam
+            .list_attached_role_policies()
+            .role_name(role)
+            .send()
+            .await
+            .with_context(|| format!("listing the policies of {role}"))?
+            .attached_policies()
+            .len())
+    }
+
+    /// Counts the policies still attached to `role`, then deletes it unless some are.
+    async fn remove_role(&self, role: &str) -> anyhow::Result<usize> {
+        let attached = self.role_policies(role).await?;
+        if attached == 0 {
+            self.iam
+                .delete_role()
+                .role_name(role)
+                .send()
+                .await
+                .with_context(|| format!("deleting IAM role {role}"))?;
+        }
+        Ok(attached)
     }
 
     /// One grant created and deleted, untimed, so that the first timed create does not pay for
@@ -569,15 +568,13 @@ impl Bench<'_> {
     }
 
     /// Counts the grants' session documents still in SSM, and deletes them.
-    async fn remove_documents(&self, namespace: &str, count: usize) -> anyhow::Result<usize> {
-        let names = (0..count).map(|k| {
-            fleet_access_operator::model::naming::grant_object_name(
-                fleet_access_operator::settings::DEFAULT_CLUSTER,
-                namespace,
-                &grant_name(k),
-                &format!("-port{GRANT_PORT}"),
-            )
-        });
+    /// Deletes the Port document the run's grants shared, if it is still there; returns how
+    /// many were.
+    async fn remove_documents(&self) -> anyhow::Result<usize> {
+        let names = [fleet_access_operator::model::naming::shared_document_name(
+            fleet_access_operator::settings::DEFAULT_CLUSTER,
+            &format!("port{GRANT_PORT}"),
+        )];
         let left = futures::stream::iter(names)
             .map(|name| async move {
                 let found = self.ssm.get_document().name(&name).send().await.is_ok();
@@ -621,16 +618,16 @@ impl Bench<'_> {
 
         let namespace = self.control_plane.namespace("bench-op").await?;
         let ns = namespace.name().to_owned();
-        let users = self.users(&ns, count.div_ceil(GRANTS_PER_USER)).await?;
+        let role = self.role(&ns).await?;
         let grants = (0..count)
-            .map(|k| grant(&ns, k, &users[k / GRANTS_PER_USER]))
+            .map(|k| grant(&ns, k, &role))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let api: Api<SessionAccess> = namespace.api();
         let operator = OperatorProcess::start(self, &ns).await?;
-        let result = self.measure(&operator, &api, grants, profile).await;
+        let result = self.measure(&operator, &api, grants, &role, profile).await;
         operator.stop().await;
-        let leftover_attachments = self.remove_users(&users).await?;
-        let leftover_documents = self.remove_documents(&ns, count).await?;
+        let leftover_attachments = self.remove_role(&role).await?;
+        let leftover_documents = self.remove_documents().await?;
         let (mut figure, profile) = result?;
         figure.floor_create_seconds = floor_create_seconds;
         figure.leftover_attachments = leftover_attachments;
@@ -643,6 +640,7 @@ impl Bench<'_> {
         operator: &OperatorProcess,
         api: &Api<SessionAccess>,
         grants: Vec<SessionAccess>,
+        role: &str,
         profile: bool,
     ) -> anyhow::Result<(OperatorRun, Option<String>)> {
         let count = grants.len();
@@ -672,6 +670,7 @@ impl Bench<'_> {
 
         let settled = self.settle(operator, self.resync).await?;
         let apply = start.until(&settled);
+        let role_policies = self.role_policies(role).await?;
         // Steady state: every grant reconciled once more by the resync timer.
         let resync_limit = self.resync * 3 + Duration::from_secs(300);
         let deadline = Instant::now() + resync_limit;
@@ -720,6 +719,7 @@ impl Bench<'_> {
                 apply,
                 resync,
                 delete: before_delete.until(&deleted),
+                role_policies,
                 leftover_attachments: 0,
                 leftover_documents: 0,
             },

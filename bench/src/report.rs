@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    operator::{CREATE_CONCURRENCY, FLEET_SIZE, GRANTS_PER_USER, Operator, OperatorRun, Phase},
+    operator::{CREATE_CONCURRENCY, FLEET_SIZE, IAM_DEFAULT_QUOTA, Operator, OperatorRun, Phase},
     scenarios::{ClientKind, Direction, Options},
     slow_reader::SlowReader,
     support::{Mode, Spread, Workspace, machine_facts},
@@ -669,8 +669,9 @@ impl Report {
              The operator's release binary (one process per run, one replica leading alone, `--resync-seconds {}`) \
              against the fixtures' kube-apiserver + etcd and moto ({}); SSM is the project's emulator (moto \
              upstream, a fleet of {FLEET_SIZE} managed instances), as the operator's own tests wire it. Each grant \
-             lets one IAM user ({GRANTS_PER_USER} grants per user, the IAM default quota of managed policies) start \
-             SSH sessions and forward port 5432 to one instance: one IAM policy and one SSM session document. The \
+             lets one IAM role, the same for every grant, start SSH sessions and forward port 5432 to one \
+             instance: the role's policy set merges them all (IAM's default quota: {IAM_DEFAULT_QUOTA} managed \
+             policies per identity), and the grants share one Port document. The \
              grants are created {CREATE_CONCURRENCY} in flight at once; Ready means every grant's current \
              generation has Ready=True (seen through a watch). AWS calls are the operator's \
              `fleet_access_operator_aws_calls_total`; Kubernetes writes are the API server's \
@@ -837,12 +838,22 @@ impl Report {
             }
         }
         let all = || op.runs.iter().chain(&op.reference);
+        for runs in [&op.runs, &op.reference] {
+            let Some(first) = runs.first() else { continue };
+            let most = runs.iter().map(|r| r.role_policies).max().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "\nManaged policies attached to the one role at {} grants (most in any run): **{most}** \
+                 (IAM's default quota: {IAM_DEFAULT_QUOTA}; goal: within it).",
+                first.grants
+            );
+        }
         let attachments: usize = all().map(|r| r.leftover_attachments).sum();
         let documents: usize = all().map(|r| r.leftover_documents).sum();
         let _ = writeln!(
             out,
-            "\nAfter the deletions: {attachments} policies still attached to the runs' users, {documents} of the \
-             grants' session documents still in SSM (the bench then deletes both, and the users).\n"
+            "\nAfter the deletions: {attachments} policies still attached to the runs' roles, {documents} of the \
+             grants' session documents still in SSM (the bench then deletes both, and the roles).\n"
         );
         if !op.failures.is_empty() {
             let _ = writeln!(out, "Failed runs:\n");

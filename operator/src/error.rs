@@ -56,11 +56,12 @@ pub enum Error {
         limit: usize,
     },
 
-    /// A sync of an identity's policy set failed; it is shared by every grant that waited for it.
-    #[error("the policy set of {identity}: {source}")]
-    IdentitySync {
-        /// The identity.
-        identity: String,
+    /// A sync shared by every grant that waited for it (an identity's policy set, the cluster's
+    /// shared session documents) failed.
+    #[error("{what}: {source}")]
+    SharedSync {
+        /// What was synced.
+        what: String,
         /// Why.
         #[source]
         source: std::sync::Arc<Error>,
@@ -93,11 +94,12 @@ pub enum Error {
     /// listing after listing, while the operator deleted them: something else creates them.
     /// The reconcile is retried.
     #[error(
-        "session documents tagged {tag}={owner} kept appearing in {listings} listings while being deleted: find what creates them; the operator retries",
-        tag = crate::model::naming::OWNER_TAG
+        "session documents tagged {tag}={owner} kept appearing in {listings} listings while being deleted: find what creates them; the operator retries"
     )]
     DocumentsKeepAppearing {
-        /// The grant, `<namespace>/<name>`.
+        /// The owner tag's key.
+        tag: &'static str,
+        /// Its value: the grant's, or the cluster's for shared documents.
         owner: String,
         /// How many listings found new ones.
         listings: usize,
@@ -130,7 +132,7 @@ impl Error {
             Error::OutsideBoundary(_) => "outside_boundary",
             Error::TooManyPolicies { .. } => "too_many_policies",
             Error::AttachmentQuota { .. } => "attachment_quota",
-            Error::IdentitySync { source, .. } => source.metric_label(),
+            Error::SharedSync { source, .. } => source.metric_label(),
             Error::StatementTooLarge { .. } => "statement_too_large",
             Error::NoBridgeRole => "no_bridge_role",
             Error::Aws(e) => e.kind().metric_label(),
@@ -151,7 +153,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Aws(e) => e.is_retryable(),
-            Error::IdentitySync { source, .. } => source.is_retryable(),
+            Error::SharedSync { source, .. } => source.is_retryable(),
             Error::Kube(_) | Error::Finalizer(_) | Error::DocumentsKeepAppearing { .. } => true,
             _ => false,
         }

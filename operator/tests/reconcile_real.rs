@@ -60,8 +60,8 @@ async fn create_update_and_delete_follow_the_grant() {
     assert!(grant.finalizers().iter().any(|f| f == reconcile::FINALIZER));
 
     // Shell and a port: the grant's documents appear.
-    let shell = naming::grant_object_name(CLUSTER, h.namespace.name(), "web", "-shell");
-    let port = naming::grant_object_name(CLUSTER, h.namespace.name(), "web", "-port5432");
+    let shell = naming::grant_object_name(&h.settings.cluster, h.namespace.name(), "web", "-shell");
+    let port = naming::shared_document_name(&h.settings.cluster, "port5432");
     h.set_spec(
         "web",
         json!({
@@ -139,7 +139,10 @@ async fn create_update_and_delete_follow_the_grant() {
     assert!(h.attachments_of_role_empty(&oncall).await);
 
     // Every change of the grant's life was published as a Normal Event about it, saying what.
-    let policy_name = naming::identity_policy_name(CLUSTER, "user", &alice, "");
+    // Events of one reason about one grant form one series (kube's recorder), which keeps the
+    // first one's note: alice's set was created and deleted before the role's, and the shell
+    // document deleted before the Port document.
+    let policy_name = naming::identity_policy_name(&h.settings.cluster, "user", &alice, "");
     let wanted = [
         ("PolicyCreated", policy_name.as_str()),
         ("PolicyAttached", alice.as_str()),
@@ -147,15 +150,18 @@ async fn create_update_and_delete_follow_the_grant() {
         ("PolicyVersionCreated", arn.as_str()),
         ("PolicyVersionDeleted", arn.as_str()),
         ("DocumentCreated", shell.as_str()),
-        ("DocumentDeleted", port.as_str()),
-        ("PolicyDeleted", arn.as_str()),
+        ("DocumentDeleted", shell.as_str()),
+        ("PolicyDeleted", alices.as_str()),
     ];
     let events = wait_for("the grant's Events", || async {
         let events = h.events_about("web").await;
-        wanted
-            .iter()
-            .all(|(reason, _)| events.iter().any(|e| e.reason.as_deref() == Some(reason)))
-            .then_some(events)
+        let all = (wanted.iter()).all(|(reason, subject)| {
+            events.iter().any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.note.as_deref().is_some_and(|n| n.contains(subject))
+            })
+        });
+        all.then_some(events)
     })
     .await;
     for (reason, subject) in wanted {
@@ -187,6 +193,11 @@ impl Harness {
     }
 
     async fn attachments_of_role_empty(&self, role: &str) -> bool {
+        self.role_policies(role).await.is_empty()
+    }
+
+    /// The ARNs of the managed policies attached to `role`.
+    async fn role_policies(&self, role: &str) -> Vec<String> {
         self.iam
             .list_attached_role_policies()
             .role_name(role)
@@ -194,7 +205,9 @@ impl Harness {
             .await
             .expect("attached")
             .attached_policies()
-            .is_empty()
+            .iter()
+            .filter_map(|p| p.policy_arn().map(str::to_owned))
+            .collect()
     }
 }
 
@@ -441,7 +454,7 @@ async fn a_same_named_policy_without_the_owner_tag_is_not_adopted() {
     let h = Harness::start("op-foreign", Duration::from_secs(300)).await;
     let erin = h.unique("erin");
     h.user(&erin).await;
-    let name = naming::identity_policy_name(CLUSTER, "user", &erin, "");
+    let name = naming::identity_policy_name(&h.settings.cluster, "user", &erin, "");
     let foreign = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow",
         "Action": "ssm:DescribeSessions", "Resource": "*"}]});
     h.iam
@@ -1178,10 +1191,11 @@ async fn a_same_named_document_is_adopted_only_with_the_grants_tag() {
     });
     let by_hand = json!({"schemaVersion": "1.0", "description": "made by hand",
         "sessionType": "Standard_Stream", "inputs": {"idleSessionTimeout": "35"}});
-    let taken = naming::grant_object_name(CLUSTER, h.namespace.name(), "taken", "-shell");
-    let mine = naming::grant_object_name(CLUSTER, h.namespace.name(), "mine", "-shell");
+    let taken =
+        naming::grant_object_name(&h.settings.cluster, h.namespace.name(), "taken", "-shell");
+    let mine = naming::grant_object_name(&h.settings.cluster, h.namespace.name(), "mine", "-shell");
     h.create_document(&taken, &by_hand, None).await;
-    let owner = naming::owner_tag_value(CLUSTER, h.namespace.name(), "mine");
+    let owner = naming::owner_tag_value(&h.settings.cluster, h.namespace.name(), "mine");
     h.create_document(&mine, &by_hand, Some(&owner)).await;
 
     h.create("taken", spec.clone()).await;
@@ -1459,5 +1473,65 @@ async fn a_grant_over_the_attachment_quota_is_refused_before_anything_is_written
     h.wait_condition("crowded", "Ready", "True").await;
     let attached = h.attachments(&h.set_arn(&format!("role/{role}"))).await;
     assert_eq!(attached, BTreeSet::from([format!("role/{role}")]));
+    h.stop().await;
+}
+
+/// IAM attaches at most 10 managed policies to one identity by default, and moto does not
+/// enforce it, so the test counts: 30 grants naming one role and 30 bridge grants (on the one
+/// bridge role) must stay within the quota, each identity with one set merged from its grants.
+/// Each grant adds its own instance and port, so no grant's statements are a copy of another's.
+#[tokio::test]
+async fn thirty_grants_on_one_role_and_thirty_bridge_grants_stay_within_the_quota() {
+    const EACH: usize = 30;
+    const QUOTA: usize = 10;
+    let h = Harness::start("op-set-quota", Duration::from_secs(300)).await;
+    let deployer = h.unique("deployer");
+    h.role(&deployer).await;
+    let bridge_role = h.settings.bridge_role.clone().expect("bridge role");
+    h.role(&bridge_role).await;
+    let instance = |i: usize| FLEET[i % FLEET.len()].0;
+    let port = |i: usize| 5000 + u16::try_from(i).expect("port");
+    for i in 0..EACH {
+        h.create(
+            &format!("deploy-{i}"),
+            json!({
+                "principals": {"roles": [deployer]},
+                "targets": {"instanceIds": [instance(i)]},
+                "sessions": {"ssh": true, "ports": [port(i)]},
+            }),
+        )
+        .await;
+        h.create(
+            &format!("bridge-{i}"),
+            json!({
+                "targets": {"instanceIds": [instance(i)]},
+                "sessions": {"ports": [port(i)]},
+                "bridge": {"ports": [port(i)], "clients": [{"podSelector": {"matchLabels": {"app": "jobs"}}}]},
+            }),
+        )
+        .await;
+    }
+    h.wait_all_ready(2 * EACH).await;
+
+    for role in [&deployer, &bridge_role] {
+        let arns = h.role_policies(role).await;
+        assert!(
+            !arns.is_empty() && arns.len() <= QUOTA,
+            "{role} has {} managed policies: {arns:?}",
+            arns.len()
+        );
+        // Every grant's instance and Port document is in the set.
+        let mut documents = String::new();
+        for arn in &arns {
+            documents.push_str(&h.policy_document(arn).await.expect("policy").0);
+        }
+        for i in 0..EACH {
+            let document =
+                naming::shared_document_name(&h.settings.cluster, &format!("port{}", port(i)));
+            assert!(documents.contains(instance(i)), "{role}: {}", instance(i));
+            assert!(documents.contains(&document), "{role}: {document}");
+        }
+        println!("{EACH} grants on {role}: {} managed policies", arns.len());
+    }
     h.stop().await;
 }

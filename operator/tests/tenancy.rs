@@ -391,7 +391,12 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
     let policies = h.policies_in_namespace().await;
     assert_eq!(
         policies,
-        [naming::identity_policy_name(CLUSTER, "role", &role, "")],
+        [naming::identity_policy_name(
+            &h.settings.cluster,
+            "role",
+            &role,
+            ""
+        )],
         "only the admitted grants' set"
     );
     let (document, _) = h.policy_document(&arn).await.expect("the role's set");

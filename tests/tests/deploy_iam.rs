@@ -35,7 +35,7 @@ use fleet_access_crds::ssm_documents::ACCOUNT_SHELL_DOCUMENT;
 use fleet_access_operator::{
     model::{
         desired::{self, Desired},
-        naming::{self, IDENTITY_TAG, OWNER_TAG, POLICY_PATH},
+        naming::{self, CLUSTER_TAG, IDENTITY_TAG, OWNER_TAG, POLICY_PATH},
         policy::PolicyDocument,
     },
     settings::Settings,
@@ -437,20 +437,28 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
     if let Some(bridge) = &d.bridge {
         principals.push(format!("arn:aws:iam::{ACCOUNT}:role/{}", bridge.role));
     }
-    let documents: Vec<String> = d.documents.iter().map(|doc| doc.name.clone()).collect();
-    let created = |action: &str, arn: &str| {
+    // Documents with their owner tag: the grant's own, or the cluster's shared ones.
+    let documents: Vec<(String, &str, &str)> = (d.documents.iter())
+        .map(|doc| match doc.shared {
+            true => (doc.name.clone(), CLUSTER_TAG, "default"),
+            false => (doc.name.clone(), OWNER_TAG, owner),
+        })
+        .collect();
+    let created = |action: &str, arn: &str, key: &str, value: &str| {
         Request::new(action, arn)
-            .with(&format!("aws:RequestTag/{OWNER_TAG}"), &[owner])
-            .with("aws:TagKeys", &[OWNER_TAG])
+            .with(&format!("aws:RequestTag/{key}"), &[value])
+            .with("aws:TagKeys", &[key])
     };
-    let owned = |action: &str, arn: &str| {
-        Request::new(action, arn).with(&format!("aws:ResourceTag/{OWNER_TAG}"), &[owner])
+    let owned = |action: &str, arn: &str, key: &str, value: &str| {
+        Request::new(action, arn).with(&format!("aws:ResourceTag/{key}"), &[value])
     };
     let on_policies = |f: &dyn Fn(&str) -> Vec<Request>| -> Vec<Request> {
         names.iter().flat_map(|n| f(&policy_arn(n))).collect()
     };
-    let on_documents = |f: &dyn Fn(&str) -> Vec<Request>| -> Vec<Request> {
-        documents.iter().flat_map(|n| f(&document_arn(n))).collect()
+    let on_documents = |f: &dyn Fn(&str, &str, &str) -> Vec<Request>| -> Vec<Request> {
+        (documents.iter())
+            .flat_map(|(n, key, value)| f(&document_arn(n), key, value))
+            .collect()
     };
     let attach = |kind: &str, action: &str| -> Vec<Request> {
         principals
@@ -508,7 +516,7 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
                 })
                 .collect();
             if operation != "CreatePolicyVersion" {
-                all.push(owned(&iam(operation), &legacy));
+                all.push(owned(&iam(operation), &legacy, OWNER_TAG, owner));
             }
             all
         }
@@ -518,7 +526,7 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
         // Grant documents (`fleet-access.*`, tagged) and the account default shell document
         // that SessionPreferences manages (AWS's name, untagged: it belongs to the account).
         "GetDocument" | "DescribeDocument" => {
-            let mut all = on_documents(&|arn| vec![Request::new(&ssm(operation), arn)]);
+            let mut all = on_documents(&|arn, _, _| vec![Request::new(&ssm(operation), arn)]);
             all.push(Request::new(
                 &ssm(operation),
                 &document_arn(ACCOUNT_SHELL_DOCUMENT),
@@ -526,13 +534,15 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
             all
         }
         // The ownership tag of each document name a grant derives.
-        "ListTagsForResource" => on_documents(&|arn| vec![Request::new(&ssm(operation), arn)]),
+        "ListTagsForResource" => {
+            on_documents(&|arn, _, _| vec![Request::new(&ssm(operation), arn)])
+        }
         // Tags on create need ssm:AddTagsToResource as well.
         "CreateDocument" => {
-            let mut all = on_documents(&|arn| {
+            let mut all = on_documents(&|arn, key, value| {
                 vec![
-                    created("ssm:CreateDocument", arn),
-                    created("ssm:AddTagsToResource", arn),
+                    created("ssm:CreateDocument", arn, key, value),
+                    created("ssm:AddTagsToResource", arn, key, value),
                 ]
             });
             all.push(Request::new(
@@ -542,7 +552,8 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
             all
         }
         "UpdateDocument" | "UpdateDocumentDefaultVersion" | "DeleteDocument" => {
-            let mut all = on_documents(&|arn| vec![owned(&ssm(operation), arn)]);
+            let mut all =
+                on_documents(&|arn, key, value| vec![owned(&ssm(operation), arn, key, value)]);
             all.push(Request::new(
                 &ssm(operation),
                 &document_arn(ACCOUNT_SHELL_DOCUMENT),

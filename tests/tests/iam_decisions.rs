@@ -541,7 +541,7 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
         policies,
     } = callers(&d).remove(0);
     let port_document = (d.documents.iter())
-        .find(|doc| doc.name.ends_with("-port5432"))
+        .find(|doc| doc.name.ends_with(".port5432"))
         .expect("a port document");
     for (document, expected) in [
         (own_document(&port_document.name), Allowed),
@@ -555,7 +555,7 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
         ),
         (aws_document("AWS-StartSSHSession"), ImplicitlyDenied),
         (
-            own_document("fleet-access.default.other.db-port5432"),
+            own_document("fleet-access.default.port6379"),
             ImplicitlyDenied,
         ),
     ] {
@@ -901,7 +901,9 @@ fn a_merged_policy_set_decides_as_its_grants_do_together() {
     times.sort();
     times.dedup();
 
-    let mut requests: Vec<(String, String, Vec<(String, Value)>)> = Vec::new();
+    // (action, resource, context)
+    type Request = (String, String, Vec<(String, Value)>);
+    let mut requests: Vec<Request> = Vec::new();
     for (action, resource, extra) in &resources {
         for time in &times {
             let instance_tags = match resource.contains(":instance/") {

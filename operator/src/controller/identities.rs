@@ -17,18 +17,18 @@
 //! so a grant outside its boundary, expired, invalid or being deleted contributes nothing.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
 };
 
-use fleet_access_crds::{SessionAccess, v1alpha1::PolicyStatus};
+use fleet_access_crds::v1alpha1::PolicyStatus;
 use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
-use kube::{Api, ResourceExt, api::ListParams};
+use kube::ResourceExt;
 
 use crate::{
     Error, Result,
     aws::{Principal, with_retry},
-    controller::{Context, apply::Applier, observe},
+    controller::{Context, apply::Applier, coalesce::Coalesced, observe},
     model::{
         boundary::{self, Admission},
         desired::{self, Desired},
@@ -52,20 +52,10 @@ pub struct IdentitySynced {
     pub size: usize,
 }
 
-type Outcome = std::result::Result<Arc<IdentitySynced>, Arc<Error>>;
-
-/// One identity's syncs: how many were requested, and the last outcome with the number of
-/// requests it answers.
-#[derive(Default)]
-struct Slot {
-    requested: std::sync::atomic::AtomicU64,
-    last: tokio::sync::Mutex<(u64, Option<Outcome>)>,
-}
-
 /// Every identity's syncs, one at a time per identity.
 #[derive(Default)]
 pub struct Identities {
-    slots: Mutex<HashMap<Principal, Arc<Slot>>>,
+    syncs: Coalesced<Principal, IdentitySynced>,
 }
 
 impl Identities {
@@ -77,34 +67,14 @@ impl Identities {
         subject: &ObjectReference,
         ctx: &Context,
     ) -> Result<Arc<IdentitySynced>> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots.entry(identity.clone()).or_default().clone()
-        };
-        let ticket = slot.requested.fetch_add(1, SeqCst) + 1;
-        let mut last = slot.last.lock().await;
-        if let (answered, Some(outcome)) = &*last
-            && *answered >= ticket
-        {
-            return unshared(identity, outcome.clone());
-        }
-        // Every request made so far is answered by a sync that reads the grants from now on.
-        let answers = slot.requested.load(SeqCst);
-        let outcome = sync_now(identity, subject, ctx)
-            .await
-            .map(Arc::new)
-            .map_err(Arc::new);
-        *last = (answers, Some(outcome.clone()));
-        unshared(identity, outcome)
+        let outcome = (self.syncs)
+            .run(identity, || sync_now(identity, subject, ctx))
+            .await;
+        outcome.map_err(|source| Error::SharedSync {
+            what: format!("the policy set of {identity}"),
+            source,
+        })
     }
-}
-
-fn unshared(identity: &Principal, outcome: Outcome) -> Result<Arc<IdentitySynced>> {
-    outcome.map_err(|source| Error::IdentitySync {
-        identity: identity.to_string(),
-        source,
-    })
 }
 
 /// One sync of `identity`'s set.
@@ -191,19 +161,12 @@ async fn contributing_grants(
     identity: &Principal,
     ctx: &Context,
 ) -> Result<Vec<(String, Vec<Statement>)>> {
-    let api: Api<SessionAccess> = match &ctx.watch_namespace {
-        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
-        None => Api::all(ctx.client.clone()),
-    };
-    let grants = api
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::Kube)?;
+    let grants = observe::grants(ctx).await?;
     let (boundaries, labels) = observe::all_boundaries(ctx).await?;
     let now = Timestamp::now();
     let no_labels = BTreeMap::new();
     let mut contributing: Vec<(Option<Timestamp>, String, Vec<Statement>)> = Vec::new();
-    for grant in &grants.items {
+    for grant in &grants {
         if grant.metadata.deletion_timestamp.is_some() {
             continue;
         }

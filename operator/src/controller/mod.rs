@@ -9,12 +9,14 @@
 //! ```
 
 pub mod apply;
+pub mod coalesce;
 pub mod identities;
 pub mod leader;
 pub mod observe;
 pub mod preferences;
 pub mod reconcile;
 pub mod runner;
+pub mod shared;
 
 use std::{
     collections::BTreeMap,
@@ -61,6 +63,8 @@ pub struct Context {
     pub watch_namespace: Option<String>,
     /// Each IAM identity's policy set, synced one at a time per identity.
     pub identities: identities::Identities,
+    /// The session documents the cluster's grants share.
+    pub shared_documents: shared::SharedDocuments,
     /// Each grant's state for the `grants` gauge.
     states: Mutex<BTreeMap<String, &'static str>>,
     /// Serializes endpoint changes: target ports are allocated across every grant.
@@ -100,6 +104,7 @@ impl Context {
             recorder,
             watch_namespace: None,
             identities: identities::Identities::default(),
+            shared_documents: shared::SharedDocuments::default(),
             states: Mutex::new(BTreeMap::new()),
             endpoints: tokio::sync::Mutex::new(()),
             failures: Mutex::new(BTreeMap::new()),

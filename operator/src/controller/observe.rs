@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fleet_access_crds::SessionAccessPolicy;
+use fleet_access_crds::{SessionAccess, SessionAccessPolicy};
 use k8s_openapi::api::{
     core::v1::{Namespace, Service},
     networking::v1::NetworkPolicy,
@@ -19,7 +19,7 @@ use crate::{
     model::{
         desired::TargetSelection,
         endpoints::{self, ObservedEndpoints},
-        naming::{OWNER_TAG, OwnerTag, owned_by},
+        naming::OwnerTag,
         plan::ObservedPolicy,
     },
 };
@@ -67,11 +67,11 @@ pub enum DocumentLookup {
 }
 
 /// A session document by name, and whether it is `owner`'s.
-pub async fn document(name: &str, owner: &str, ctx: &Context) -> Result<DocumentLookup> {
+pub async fn document(name: &str, owner: OwnerTag<'_>, ctx: &Context) -> Result<DocumentLookup> {
     let Some(tags) = with_retry(|| ctx.ssm.document_tags(name)).await? else {
         return Ok(DocumentLookup::Absent);
     };
-    if !owned_by(&tags, owner) {
+    if !owner.owns(&tags) {
         return Ok(DocumentLookup::Foreign);
     }
     // Gone between the two calls: absent.
@@ -85,8 +85,8 @@ pub async fn document(name: &str, owner: &str, ctx: &Context) -> Result<Document
 
 /// The names of the documents tagged as `owner`'s, through a paged listing (which may miss some
 /// while other documents are deleted).
-pub async fn documents_tagged(owner: &str, ctx: &Context) -> Result<Vec<String>> {
-    Ok(with_retry(|| ctx.ssm.list_documents_tagged(OWNER_TAG, owner)).await?)
+pub async fn documents_tagged(owner: OwnerTag<'_>, ctx: &Context) -> Result<Vec<String>> {
+    Ok(with_retry(|| ctx.ssm.list_documents_tagged(owner.key, owner.value)).await?)
 }
 
 /// The managed instances `selection` lists by ID and those carrying its tags (none for
@@ -178,6 +178,20 @@ pub async fn boundaries(
         .map(|ns| ns.labels().clone())
         .unwrap_or_default();
     Ok((policies.items, labels))
+}
+
+/// Every grant the operator watches (one namespace's, with `--watch-namespace`), read afresh
+/// from the API server.
+pub async fn grants(ctx: &Context) -> Result<Vec<SessionAccess>> {
+    let api: Api<SessionAccess> = match &ctx.watch_namespace {
+        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
+        None => Api::all(ctx.client.clone()),
+    };
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?;
+    Ok(list.items)
 }
 
 /// Every `SessionAccessPolicy`, and every namespace's labels: what the boundaries judge any

@@ -9,9 +9,10 @@
 //! A grant its namespace's boundaries (`SessionAccessPolicy`) refuse is applied like an expired
 //! one: nothing wanted, so whatever it had is revoked, and its Admitted condition says why.
 //!
-//! Three parts, each observed, planned and applied in turn: the IAM policies and session
-//! documents (`sync_aws`), the sessions to end at expiry, and the endpoint Services and
-//! NetworkPolicy (`sync_endpoints`). Every change goes through the one [`Applier`], and the
+//! Four parts, each observed, planned and applied in turn: the policy sets of the grant's IAM
+//! identities (`identities`, shared with every grant naming them), its own session documents
+//! (`sync_aws`) and the cluster's shared ones (`shared`), the sessions to end at expiry, and the
+//! endpoint Services and NetworkPolicy (`sync_endpoints`). Every change goes through the one [`Applier`], and the
 //! status is words from typed facts (`model::status`). A finalizer guarantees cleanup, which
 //! runs the same parts with nothing wanted.
 //!
@@ -282,6 +283,8 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     let synced = async {
         let policies = sync_identities(grant, &desired.grant, &contributes, ctx).await?;
         sync_aws(&applier, &owner, &wanted_documents, &known, ctx).await?;
+        let subject = grant.object_ref(&());
+        ctx.shared_documents.sync(&subject, ctx).await?;
         Ok::<_, Error>(policies)
     }
     .await;
@@ -498,8 +501,12 @@ async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
     let (key, owner) = (grant_key(grant), aws_owner(grant, ctx));
     let applier = Applier::new(ctx, grant.object_ref(&()), OwnerTag::grant(&owner));
     remove_aws_objects(&applier, grant, &owner, ctx).await?;
-    // The grant being deleted contributes nothing any more: its identities' sets lose it.
+    // The grant being deleted contributes nothing any more: its identities' sets lose it, and
+    // the shared documents only it needed go.
     sync_identities(grant, &owner, &BTreeSet::new(), ctx).await?;
+    ctx.shared_documents
+        .sync(&grant.object_ref(&()), ctx)
+        .await?;
     sync_endpoints(&applier, &key, &WantedEndpoints::default(), ctx).await?;
     ctx.set_state(&key, None);
     ctx.set_expiry(grant, None);
@@ -570,16 +577,23 @@ async fn sync_aws(
             applier.apply(&change).await?;
         }
     }
-    sync_documents(applier, owner, wanted_documents, known, ctx).await
+    sync_documents(
+        applier,
+        OwnerTag::grant(owner),
+        wanted_documents,
+        known,
+        ctx,
+    )
+    .await
 }
 
-/// Brings the grant's session documents to `wanted`. Every name the grant derives (and every
-/// wanted name) is looked up directly, and its owner tag tells the grant's document from someone
-/// else's; then, when documents of an earlier spec may exist, a listing by the owner tag finds
-/// them for deletion.
-async fn sync_documents(
+/// Brings `owner`'s session documents (a grant's, or the ones its cluster's grants share) to
+/// `wanted`. Every known name (and every wanted name) is looked up directly, and its owner tag
+/// tells `owner`'s document from someone else's; then, when documents under other names may
+/// exist, a listing by the owner tag finds them for deletion.
+pub(crate) async fn sync_documents(
     applier: &Applier<'_>,
-    owner: &str,
+    owner: OwnerTag<'_>,
     wanted: &[WantedDocument],
     known: &Known,
     ctx: &Context,
@@ -618,7 +632,7 @@ const MAX_SWEEP_LISTINGS: usize = 5;
 /// listing may miss some while other documents are deleted).
 async fn sweep_orphan_documents(
     applier: &Applier<'_>,
-    owner: &str,
+    owner: OwnerTag<'_>,
     wanted: &[WantedDocument],
     ctx: &Context,
 ) -> Result<()> {
@@ -637,7 +651,8 @@ async fn sweep_orphan_documents(
         }
     }
     Err(Error::DocumentsKeepAppearing {
-        owner: owner.to_owned(),
+        tag: owner.key,
+        owner: owner.value.to_owned(),
         listings: MAX_SWEEP_LISTINGS,
     })
 }

@@ -173,7 +173,7 @@ pub struct PrincipalNames {
     pub groups: Vec<String>,
 }
 
-/// A session document the grant owns.
+/// A session document a grant uses.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionDocument {
@@ -183,6 +183,19 @@ pub struct SessionDocument {
     pub session_type: &'static str,
     /// The content, as sent to CreateDocument.
     pub content: Value,
+    /// Whether every grant of the cluster that needs it shares it (a Port document, named
+    /// after its port) rather than the grant owning it (a shell document, with the grant's
+    /// logging). Shared documents keep identity policy sets small: a thousand port grants
+    /// name one document.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+}
+
+impl SessionDocument {
+    /// The documents among `all` that the grant owns.
+    pub fn owned(all: &[SessionDocument]) -> impl Iterator<Item = &SessionDocument> {
+        all.iter().filter(|d| !d.shared)
+    }
 }
 
 /// What the bridge serves for a grant.
@@ -399,19 +412,42 @@ pub fn session_documents(grant: &SessionAccess, cluster: &str) -> Vec<SessionDoc
                 &format!("fleet-access: shell sessions of grant {grant_id}"),
                 &logging,
             ),
+            shared: false,
         });
     }
     for port in &sessions.ports {
-        documents.push(SessionDocument {
-            name: names.object(&port_suffix(port.0)),
-            session_type: "Port",
-            content: documents::port_document(
-                &format!("fleet-access: forwarding to port {port} only, grant {grant_id}"),
-                port.0,
-            ),
-        });
+        documents.push(port_document(cluster, port.0));
     }
     documents
+}
+
+/// The Port document of `port`, shared by the cluster's grants.
+fn port_document(cluster: &str, port: u16) -> SessionDocument {
+    SessionDocument {
+        name: naming::shared_document_name(cluster, &format!("port{port}")),
+        session_type: "Port",
+        content: documents::port_document(
+            &format!("fleet-access: forwarding to port {port} only (cluster {cluster})"),
+            port,
+        ),
+        shared: true,
+    }
+}
+
+/// The names a grant's own Port documents had before Port documents were shared: looked up, and
+/// deleted, after an upgrade.
+pub fn earlier_port_document_names(grant: &SessionAccess, cluster: &str) -> Vec<String> {
+    let namespace = grant.namespace().unwrap_or_else(|| "default".into());
+    let name = grant.name_any();
+    let names = GrantNames {
+        cluster,
+        namespace: &namespace,
+        name: &name,
+    };
+    let sessions = grant.spec.sessions.clone().unwrap_or_default();
+    (sessions.ports.iter())
+        .map(|port| names.object(&port_suffix(port.0)))
+        .collect()
 }
 
 /// ARNs in the operator's partition, account and Region (or `*`).
@@ -766,10 +802,9 @@ fn bridge_grant(
                     port_parameter: Some(22),
                 }
             } else {
-                let document = names.object(&port_suffix(port.0));
                 BridgePort {
                     port: port.0,
-                    document,
+                    document: port_document(names.cluster, port.0).name,
                     port_parameter: None,
                 }
             }

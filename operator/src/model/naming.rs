@@ -24,10 +24,14 @@ pub const OWNER_TAG: &str = "fleetaccess.io/grant";
 /// one cluster; its value is `<cluster>/<kind>/<name>` ([`identity_tag_value`]).
 pub const IDENTITY_TAG: &str = "fleetaccess.io/identity";
 
+/// The key of the tag that marks a session document as shared by every grant of one cluster
+/// (a Port document of one port); its value is the cluster's name.
+pub const CLUSTER_TAG: &str = "fleetaccess.io/cluster";
+
 /// An owner tag, key and value: what says an AWS object is a grant's or an identity set's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OwnerTag<'a> {
-    /// [`OWNER_TAG`] or [`IDENTITY_TAG`].
+    /// [`OWNER_TAG`], [`IDENTITY_TAG`] or [`CLUSTER_TAG`].
     pub key: &'static str,
     /// Whose it is.
     pub value: &'a str,
@@ -47,6 +51,14 @@ impl<'a> OwnerTag<'a> {
         Self {
             key: IDENTITY_TAG,
             value: owner,
+        }
+    }
+
+    /// The tag of a document every grant of cluster `cluster` shares.
+    pub fn cluster(cluster: &'a str) -> Self {
+        Self {
+            key: CLUSTER_TAG,
+            value: cluster,
         }
     }
 
@@ -99,6 +111,12 @@ pub fn grant_object_name(cluster: &str, namespace: &str, name: &str, suffix: &st
 /// could (user `alice-2`). No grant's object can have it: Kubernetes namespaces have no `@`.
 pub fn identity_policy_name(cluster: &str, kind: &str, name: &str, index: &str) -> String {
     fitted(&format!("{NAME_PREFIX}.{cluster}.{kind}{index}@{name}"), "")
+}
+
+/// `fleet-access.<cluster>.<what>`: a session document every grant of the cluster shares (no
+/// grant's object has a name of three parts).
+pub fn shared_document_name(cluster: &str, what: &str) -> String {
+    fitted(&format!("{NAME_PREFIX}.{cluster}.{what}"), "")
 }
 
 /// The prefix of every name of this cluster's own policies, a grant's or an identity's.

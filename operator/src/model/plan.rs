@@ -18,7 +18,7 @@ use kube::ResourceExt;
 use crate::{
     aws::{ActiveSession, PolicyVersion, Principal},
     model::{
-        desired::{self, Desired, MAX_POLICIES_PER_PRINCIPAL},
+        desired::{self, Desired, MAX_POLICIES_PER_PRINCIPAL, SessionDocument},
         identity::PolicySet,
         naming::{self, POLICY_PATH, policy_arn},
         policy, status,
@@ -258,9 +258,29 @@ impl Change {
     }
 }
 
-/// The grant's session documents as they must be in SSM.
+/// The session documents the grant owns as they must be in SSM (shared ones are the
+/// cluster's, see [`wanted_shared_documents`]).
 pub fn wanted_documents(desired: &Desired) -> Vec<WantedDocument> {
-    (desired.documents.iter())
+    (SessionDocument::owned(&desired.documents))
+        .map(|d| WantedDocument {
+            name: d.name.clone(),
+            content: d.content.to_string(),
+        })
+        .collect()
+}
+
+/// The documents the cluster's grants share, by name, for `grants` (each grant's
+/// `session_documents`): the union of what the live ones need.
+pub fn wanted_shared_documents<'a>(
+    grants: impl IntoIterator<Item = &'a [SessionDocument]>,
+) -> Vec<WantedDocument> {
+    let mut wanted: BTreeMap<&str, &SessionDocument> = BTreeMap::new();
+    for documents in grants {
+        for document in documents.iter().filter(|d| d.shared) {
+            wanted.entry(document.name.as_str()).or_insert(document);
+        }
+    }
+    (wanted.into_values())
         .map(|d| WantedDocument {
             name: d.name.clone(),
             content: d.content.to_string(),
@@ -319,8 +339,10 @@ pub fn known_objects(
     };
     Known {
         policy_arns,
-        document_names: (desired::session_documents(grant, cluster).into_iter())
-            .map(|d| d.name)
+        document_names: (desired::session_documents(grant, cluster).iter())
+            .filter(|d| !d.shared)
+            .map(|d| d.name.clone())
+            .chain(desired::earlier_port_document_names(grant, cluster))
             .collect(),
         sweep_documents: !follows_spec,
     }

@@ -375,6 +375,14 @@ pub fn sync_failure(error: &Error) -> Outcome {
         }
         Error::NotOwned(e) => Outcome::no("NotOwned", e.to_string()),
         Error::AttachmentQuota { .. } => Outcome::no("AttachmentQuota", error.to_string()),
+        // The reason of what failed in the shared sync, saying what it synced.
+        Error::SharedSync { what, source } => {
+            let inner = sync_failure(source);
+            Outcome {
+                message: format!("{what}: {}", inner.message),
+                ..inner
+            }
+        }
         other => Outcome::no("SyncFailed", other.to_string()),
     }
 }

@@ -30,7 +30,6 @@ use tokio::sync::oneshot;
 pub(crate) const ACCOUNT: &str = "123456789012";
 pub(crate) const REGION: &str = "us-east-1";
 /// The cluster name of the operators under test.
-pub(crate) const CLUSTER: &str = "test";
 /// How long a test waits for the controller to converge before failing.
 pub(crate) const CONVERGE: Duration = Duration::from_secs(90);
 
@@ -45,6 +44,16 @@ pub(crate) const FLEET: &[(&str, &str, &str)] = &[
     ("i-00000000000000010", "production", "3.3.0.0"),
     ("i-00000000000000011", "production", "3.3.0.0"),
 ];
+
+/// Each test is a cluster of its own: what the operator shares between a cluster's grants
+/// (identity policy sets, Port documents) is then the test's alone, though tests share moto.
+fn cluster_of(namespace: &str) -> String {
+    let mut cluster: String = namespace.chars().take(40).collect();
+    while cluster.ends_with('-') {
+        cluster.pop();
+    }
+    cluster
+}
 
 pub(crate) struct Harness {
     pub(crate) namespace: TestNamespace,
@@ -112,7 +121,7 @@ impl Harness {
             bridge_role: Some(format!("bridge-{}", namespace.name())),
             // Each test's namespace doubles as its bridge namespace.
             bridge_namespace: namespace.name().to_owned(),
-            cluster: CLUSTER.into(),
+            cluster: cluster_of(namespace.name()),
             ..Settings::default()
         };
         let ctx = Arc::new(
@@ -260,7 +269,7 @@ impl Harness {
         format!(
             "arn:aws:iam::{ACCOUNT}:policy{}{}",
             naming::POLICY_PATH,
-            naming::identity_policy_name(CLUSTER, kind, name, "")
+            naming::identity_policy_name(&self.settings.cluster, kind, name, "")
         )
     }
 
@@ -365,7 +374,7 @@ impl Harness {
     /// the set's only one, rendered by the pure code.
     pub(crate) fn expected_document(&self, grant: &SessionAccess) -> String {
         let desired = desired::compute(grant, &self.settings).expect("desired");
-        let sets = identity::policy_sets(&[desired], CLUSTER, 10).expect("sets");
+        let sets = identity::policy_sets(&[desired], &self.settings.cluster, 10).expect("sets");
         let (_, set) = sets.into_iter().next().expect("an identity");
         set.policies[0].document.0.to_json()
     }
@@ -408,7 +417,7 @@ impl Harness {
 
     /// The document names the grant's spec derives, with their rendered content.
     pub(crate) fn derived_documents(&self, grant: &SessionAccess) -> Vec<(String, Value)> {
-        desired::session_documents(grant, CLUSTER)
+        desired::session_documents(grant, &self.settings.cluster)
             .into_iter()
             .map(|d| (d.name, d.content))
             .collect()
@@ -453,7 +462,8 @@ impl Harness {
     /// see [`Self::unique`]) or of its grants, from every page of the listing (moto holds the
     /// policies of every test of the run).
     pub(crate) async fn policies_in_namespace(&self) -> Vec<String> {
-        let prefix = naming::grant_object_name(CLUSTER, self.namespace.name(), "", "");
+        let prefix =
+            naming::grant_object_name(&self.settings.cluster, self.namespace.name(), "", "");
         let identity = format!("-{}", self.namespace.name());
         let listed = fleet_access_tests::moto::policies_under(&self.iam, naming::POLICY_PATH)
             .await

@@ -45,7 +45,7 @@ fn account_and_region_fill_the_arns() {
         json!([
             "arn:aws:ec2:eu-west-1:123456789012:instance/i-0123abcd",
             "arn:aws:ssm:eu-west-1:*:document/AWS-StartSSHSession",
-            "arn:aws:ssm:eu-west-1:123456789012:document/fleet-access.default.ns.g-port5432"
+            "arn:aws:ssm:eu-west-1:123456789012:document/fleet-access.default.port5432"
         ])
     );
 }
@@ -256,7 +256,7 @@ fn bridge_only_grants_have_no_principal_policy() {
         bridge.ports,
         [BridgePort {
             port: 8080,
-            document: "fleet-access.default.ns.g-port8080".into(),
+            document: "fleet-access.default.port8080".into(),
             port_parameter: None
         }]
     );
@@ -264,7 +264,7 @@ fn bridge_only_grants_have_no_principal_policy() {
     assert!(
         policy
             .to_string()
-            .contains("document/fleet-access.default.ns.g-port8080")
+            .contains("document/fleet-access.default.port8080")
     );
 }
 

@@ -1,0 +1,81 @@
+//! The session documents every grant of the cluster shares: one Port document per port, named
+//! after it and tagged [`CLUSTER_TAG`](crate::model::naming::CLUSTER_TAG). A sync brings them
+//! to the union of what the live grants need: it creates the missing ones and deletes those no
+//! grant needs any more, looked up by name: the names every listed grant derives (the ones
+//! being deleted included) and the names this process has seen exist. The first sync after a
+//! start also lists the documents by the tag, for those an earlier process left. Grant
+//! reconciles ask for syncs, which are coalesced as identities' are.
+
+use std::{collections::BTreeSet, sync::Mutex};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+
+use crate::{
+    Error, Result,
+    controller::{
+        Context, apply::Applier, coalesce::Coalesced, observe, reconcile::sync_documents,
+    },
+    model::{
+        desired,
+        naming::OwnerTag,
+        plan::{self, Known},
+    },
+};
+
+/// The cluster's shared documents' syncs, one at a time.
+#[derive(Default)]
+pub struct SharedDocuments {
+    syncs: Coalesced<(), ()>,
+    /// The shared documents that exist after the last sync, once a sync has listed them.
+    existing: Mutex<Option<BTreeSet<String>>>,
+}
+
+impl SharedDocuments {
+    /// Brings the shared documents up to date with every grant as it is now; `subject` is the
+    /// grant its Events are about.
+    pub async fn sync(&self, subject: &ObjectReference, ctx: &Context) -> Result<()> {
+        let outcome = self.syncs.run(&(), || self.sync_now(subject, ctx)).await;
+        outcome.map(|_| ()).map_err(|source| Error::SharedSync {
+            what: "the cluster's shared session documents".into(),
+            source,
+        })
+    }
+}
+
+impl SharedDocuments {
+    async fn sync_now(&self, subject: &ObjectReference, ctx: &Context) -> Result<()> {
+        let cluster = &ctx.settings.cluster;
+        let grants = observe::grants(ctx).await?;
+        let documents: Vec<(bool, Vec<desired::SessionDocument>)> = (grants.iter())
+            .map(|grant| {
+                let live = grant.metadata.deletion_timestamp.is_none();
+                (live, desired::session_documents(grant, cluster))
+            })
+            .collect();
+        let wanted = plan::wanted_shared_documents(
+            (documents.iter())
+                .filter(|(live, _)| *live)
+                .map(|(_, documents)| documents.as_slice()),
+        );
+        let existing = self
+            .existing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let known = Known {
+            policy_arns: BTreeSet::new(),
+            document_names: (documents.iter())
+                .flat_map(|(_, documents)| documents.iter().filter(|d| d.shared))
+                .map(|d| d.name.clone())
+                .chain(existing.iter().flatten().cloned())
+                .collect(),
+            sweep_documents: existing.is_none(),
+        };
+        let owner = OwnerTag::cluster(cluster);
+        let applier = Applier::new(ctx, subject.clone(), owner);
+        sync_documents(&applier, owner, &wanted, &known, ctx).await?;
+        let now: BTreeSet<String> = wanted.into_iter().map(|d| d.name).collect();
+        *self.existing.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+        Ok(())
+    }
+}
