@@ -367,7 +367,11 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
         lease.spec.and_then(|s| s.lease_transitions).unwrap_or(0) >= 1,
         "the takeover counts as a transition"
     );
-    s.grant("second", &user).await;
+    // Another user: the first user's set already holds what a second grant like the first
+    // would add, so the new leader would have nothing to write.
+    let second_user = format!("leader2-{}", s.ns());
+    s.user(&second_user).await;
+    s.grant("second", &second_user).await;
     s.wait_condition("second", "Ready", "True", "").await;
     let on_b = scrape(b.admin).await;
     assert_eq!(
@@ -388,7 +392,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
             "fleet_access_operator_aws_calls_total",
             &[("operation", "CreatePolicy"), ("outcome", "ok")]
         ) >= 1.0,
-        "the new leader created the second grant's policy"
+        "the new leader created the second user's policy set"
     );
 
     // A clean shutdown releases the Lease; the next replica acquires it without waiting for it

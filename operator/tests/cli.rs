@@ -174,14 +174,14 @@ fn plan_with_the_single_team_boundary_admits_a_valid_grant() {
 }
 
 #[test]
-fn plan_prints_how_to_connect_through_the_grants_own_document() {
+fn plan_prints_how_to_connect_through_the_clusters_port_document() {
     let example = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/examples/port-forwarding.yaml"
     );
     let out = run(&["plan", "-f", example], None);
     let text = String::from_utf8(out.stdout).expect("utf-8");
-    let document = "fleet-access.default.data.db-tunnel-port5432";
+    let document = "fleet-access.default.port5432";
     assert!(
         text.contains(&format!(
             "agent-bridge forward i-0a1b2c3d --document {document} --local 127.0.0.1:5432"
