@@ -5,6 +5,7 @@ use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use fleet_access_crds::ssm_documents;
 use prometheus::Registry;
 use tokio::{net::TcpListener, sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -123,17 +124,25 @@ struct ForwardArgs {
     /// The instance ID.
     instance_id: String,
     /// The port to reach, on the instance or on --remote-host. Not with a --document that
-    /// pins the port (as a grant's generated documents do).
+    /// pins the port (as the grants' documents do).
     #[arg(long, required_unless_present = "document")]
     remote_port: Option<u16>,
-    /// A host reachable from the instance (AWS-StartPortForwardingSessionToRemoteHost).
+    /// A host reachable from the instance.
     #[arg(long, conflicts_with = "document")]
     remote_host: Option<String>,
-    /// The Port session document to start instead of AWS's: a grant's own document
-    /// (`fleet-access.<cluster>.<namespace>.<grant>-port<N>`, which `fleet-access-operator plan`
-    /// names), the only one a port grant allows.
+    /// The Port session document to start. By default, the one fleet-access grants allow for
+    /// --remote-port (and --remote-host) in --cluster-name: `fleet-access.<cluster>.port<N>`
+    /// or `fleet-access.<cluster>.to-<host>-port<N>`, as `fleet-access-operator plan` prints.
     #[arg(long)]
     document: Option<String>,
+    /// Start AWS's own forwarding documents instead (AWS-StartPortForwardingSession, or
+    /// AWS-StartPortForwardingSessionToRemoteHost with --remote-host), which take any port and
+    /// host: for accounts whose policies allow them, not for fleet-access grants.
+    #[arg(long, conflicts_with = "document")]
+    aws_document: bool,
+    /// The cluster whose grants' documents to start (the operator's --cluster).
+    #[arg(long, env = "FLEET_ACCESS_CLUSTER_NAME", default_value = "default")]
+    cluster_name: String,
     /// The local address to listen on.
     #[arg(long, default_value = "127.0.0.1:0")]
     local: SocketAddr,
@@ -378,18 +387,31 @@ async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
         (Some(document), port) => {
             StartSessionRequest::port(&args.instance_id, document, port, reason)
         }
-        (None, Some(port)) => StartSessionRequest::forwarding(
+        (None, Some(port)) if args.aws_document => StartSessionRequest::forwarding(
             &args.instance_id,
             port,
             args.remote_host.as_deref(),
             reason,
         ),
+        (None, Some(port)) => {
+            let document = grants_document(&args.cluster_name, args.remote_host.as_deref(), port);
+            StartSessionRequest::port(&args.instance_id, &document, None, reason)
+        }
         (None, None) => anyhow::bail!("give --remote-port, or a --document that pins the port"),
     };
     let shutdown = shutdown_on_signal();
     forward(&control, signer.as_deref(), &request, listener, shutdown).await?;
     eprintln!("forwarding {local} ended");
     Ok(())
+}
+
+/// The document fleet-access grants of `cluster` allow for forwarding to `port` of the instance
+/// or of `host`.
+fn grants_document(cluster: &str, host: Option<&str>, port: u16) -> String {
+    match host {
+        Some(host) => ssm_documents::remote_host_document_name(cluster, host, port),
+        None => ssm_documents::port_document_name(cluster, port),
+    }
 }
 
 /// Starts one session and carries every connection `listener` accepts through it (smux streams

@@ -571,9 +571,9 @@ impl Bench<'_> {
     /// Deletes the Port document the run's grants shared, if it is still there; returns how
     /// many were.
     async fn remove_documents(&self) -> anyhow::Result<usize> {
-        let names = [fleet_access_operator::model::naming::shared_document_name(
+        let names = [fleet_access_crds::ssm_documents::port_document_name(
             fleet_access_operator::settings::DEFAULT_CLUSTER,
-            &format!("port{GRANT_PORT}"),
+            GRANT_PORT,
         )];
         let left = futures::stream::iter(names)
             .map(|name| async move {

@@ -298,6 +298,7 @@ impl Client {
                     "--ssm-endpoint",
                     &emulator.url,
                     crate::support::INSTANCE,
+                    "--aws-document",
                     "--remote-port",
                     "9000",
                     "--local",

@@ -170,6 +170,25 @@ impl Pattern {
     }
 }
 
+validated_string!(
+    /// The hosts a boundary lets grants forward to: one host, or `*.` and a domain (every host
+    /// in that domain, at any depth).
+    HostPattern,
+    max = 253,
+    rule = "self.matches('^(\\\\*\\\\.)?[a-z0-9.:-]+$')",
+    message = "must be a host (DNS name or IP address) or *. followed by a domain"
+);
+
+impl HostPattern {
+    /// Whether `host` is the pattern's host, or in its domain.
+    pub fn matches(&self, host: &str) -> bool {
+        match self.0.strip_prefix('*') {
+            Some(domain) => host.ends_with(domain),
+            None => host == self.0,
+        }
+    }
+}
+
 /// A resource tag key as EC2 and IAM conditions accept it.
 pub const TAG_KEY_RULE: &str = "self.all(k, k.size() >= 1 && k.size() <= 128 && k.matches('^[\\\\p{L}\\\\p{Z}\\\\p{N}_.:/=+@-]+$') && !k.startsWith('aws:'))";
 /// What the API server says when a tag key is invalid.
@@ -183,6 +202,59 @@ validated_string!(
     rule = "self.matches('^[\\\\p{L}\\\\p{Z}\\\\p{N}_.:/=+@*?-]*$')",
     message = "tag values must be 0 to 256 letters, digits, spaces and _.:/=+-@ (and the wildcards * and ?)"
 );
+
+/// A host that an instance forwards to: a DNS name or an IP address, but never the instance
+/// itself (loopback), an unspecified address, or a link-local or EC2-reserved address (the
+/// metadata and credential endpoints), which the SSM agent refuses to forward to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RemoteHostName(pub String);
+
+impl RemoteHostName {
+    /// The CEL rule for its form: an IP address, or a DNS name whose last label starts with a
+    /// letter (so that no malformed address passes for a name).
+    pub const FORM_RULE: &'static str = "isIP(self) || self.matches('^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\\\.)*[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')";
+    /// What the API server says when the form is wrong.
+    pub const FORM_MESSAGE: &'static str =
+        "must be a DNS name (lowercase letters, digits, dots and hyphens) or an IP address";
+    /// The CEL rule that keeps the agent's forbidden destinations out.
+    pub const REACHABLE_RULE: &'static str = "self != 'localhost' && !self.endsWith('.localhost') && !self.startsWith('instance-data') && !(isIP(self) && (ip(self).isLoopback() || ip(self).isUnspecified() || ip(self).isLinkLocalUnicast() || (ip(self).family() == 6 && cidr('fd00:ec2::/32').containsIP(ip(self)))))";
+    /// What the API server says when it names a forbidden destination.
+    pub const REACHABLE_MESSAGE: &'static str = "must not be the instance itself (localhost, 127.0.0.0/8, ::1), an unspecified address, or a link-local or EC2-reserved address (169.254.0.0/16, fe80::/10, fd00:ec2::/32: the instance metadata and the ECS and EKS credential endpoints): the SSM agent refuses to forward there; to reach a port of the instance itself use spec.sessions.ports";
+
+    /// The host as written in the resource.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RemoteHostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl JsonSchema for RemoteHostName {
+    fn schema_name() -> Cow<'static, str> {
+        "RemoteHostName".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 253,
+            "x-kubernetes-validations": [
+                { "rule": Self::FORM_RULE, "message": Self::FORM_MESSAGE },
+                { "rule": Self::REACHABLE_RULE, "message": Self::REACHABLE_MESSAGE },
+            ],
+        })
+    }
+}
 
 /// A TCP port number, 1 to 65535.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -20,3 +20,68 @@ pub const PORT_PARAMETER: &str = "portNumber";
 
 /// The parameter that names the remote host of [`REMOTE_HOST_DOCUMENT`].
 pub const HOST_PARAMETER: &str = "host";
+
+/// The longest SSM document name.
+const MAX_DOCUMENT_NAME: usize = 128;
+
+/// The Port document every grant of `cluster` that allows `port` shares:
+/// `fleet-access.<cluster>.port<N>`. It pins the port, so IAM permission on the document is
+/// permission on that port alone.
+pub fn port_document_name(cluster: &str, port: u16) -> String {
+    format!("fleet-access.{cluster}.port{port}")
+}
+
+/// The Port document every grant of `cluster` that allows forwarding to `host`:`port` through
+/// an instance shares: `fleet-access.<cluster>.to-<host>-port<N>`, the `:` of an IPv6 address
+/// written `_` (SSM names allow letters, digits, `_`, `.` and `-`). A host too long for SSM's
+/// 128 characters is cut, and a hash of the whole host keeps names apart.
+pub fn remote_host_document_name(cluster: &str, host: &str, port: u16) -> String {
+    let host_part = host.replace(':', "_");
+    let name = format!("fleet-access.{cluster}.to-{host_part}-port{port}");
+    if name.len() <= MAX_DOCUMENT_NAME {
+        return name;
+    }
+    let hash = format!("{:016x}", fnv1a(host.as_bytes()));
+    let fixed = name.len() - host_part.len();
+    let keep = MAX_DOCUMENT_NAME - fixed - hash.len() - 1;
+    let cut: String = host_part.chars().take(keep).collect();
+    format!("fleet-access.{cluster}.to-{cut}-{hash}-port{port}")
+}
+
+/// FNV-1a, 64 bits: a stable hash with no dependency, for names only.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_document_names_say_what_they_forward_to() {
+        assert_eq!(
+            port_document_name("prod", 5432),
+            "fleet-access.prod.port5432"
+        );
+        assert_eq!(
+            remote_host_document_name("prod", "db.internal", 5432),
+            "fleet-access.prod.to-db.internal-port5432"
+        );
+        assert_eq!(
+            remote_host_document_name("prod", "fd00:1::5", 443),
+            "fleet-access.prod.to-fd00_1__5-port443"
+        );
+    }
+
+    #[test]
+    fn long_hosts_are_cut_and_kept_apart() {
+        let long = format!("{}.example.com", "a".repeat(200));
+        let a = remote_host_document_name("prod", &long, 5432);
+        let b = remote_host_document_name("prod", &format!("b{long}"), 5432);
+        assert!(a.len() <= MAX_DOCUMENT_NAME, "{a}");
+        assert!(a.ends_with("-port5432"));
+        assert_ne!(a, b);
+    }
+}

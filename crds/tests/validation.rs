@@ -170,3 +170,21 @@ items:
     let wrong = list.replace("sessions: {ssh: true}", "sessions: {ssh: yes-please}");
     assert!(parse_session_access_policies(&wrong).is_err());
 }
+
+#[test]
+fn remote_hosts_by_name_and_by_routable_address_are_valid() {
+    for host in [
+        "db.internal",
+        "orders.cluster-c1a2b3.eu-west-1.rds.amazonaws.com",
+        "cache",
+        "10.0.3.17",
+        "2001:db8::17",
+    ] {
+        let spec = json!({
+            "principals": {"users": ["alice"]},
+            "targets": {"instanceIds": ["i-0123abcd"]},
+            "sessions": {"remoteHosts": [{"host": host, "port": 5432}]},
+        });
+        validate_session_access(&object(spec)).unwrap_or_else(|e| panic!("{host}: {e}"));
+    }
+}

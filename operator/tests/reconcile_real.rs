@@ -61,7 +61,7 @@ async fn create_update_and_delete_follow_the_grant() {
 
     // Shell and a port: the grant's documents appear.
     let shell = naming::grant_object_name(&h.settings.cluster, h.namespace.name(), "web", "-shell");
-    let port = naming::shared_document_name(&h.settings.cluster, "port5432");
+    let port = fleet_access_crds::ssm_documents::port_document_name(&h.settings.cluster, 5432);
     h.set_spec(
         "web",
         json!({
@@ -1523,7 +1523,7 @@ async fn thirty_grants_on_one_role_and_thirty_bridge_grants_stay_within_the_quot
         }
         for i in 0..EACH {
             let document =
-                naming::shared_document_name(&h.settings.cluster, &format!("port{}", port(i)));
+                fleet_access_crds::ssm_documents::port_document_name(&h.settings.cluster, port(i));
             assert!(documents.contains(instance(i)), "{role}: {}", instance(i));
             assert!(documents.contains(&document), "{role}: {document}");
         }

@@ -37,7 +37,8 @@ fn boundary(namespace: &str, ssh: bool) -> Value {
                 "instanceIds": [INSIDE_INSTANCE, "i-0000000000000000b"],
                 "tags": {"Environment": ["staging"]},
             },
-            "sessions": {"ssh": ssh, "shell": true, "ports": [5432], "runAsUsers": ["deploy"]},
+            "sessions": {"ssh": ssh, "shell": true, "ports": [5432], "runAsUsers": ["deploy"],
+                "remoteHosts": [{"host": "*.tenant.internal", "ports": [5432]}]},
             "shellLogging": {"cloudWatchLogGroups": ["/fleet-access/tenant*"], "requireStreaming": true},
             "window": {"maxDuration": "2h", "requireExpiresAt": true},
             "bridge": {"clientNamespaces": ["tools"]},
@@ -128,6 +129,14 @@ fn outside(role: &str) -> Vec<(&'static str, &'static str, Value)> {
             "mysql",
             "spec.sessions.ports",
             with(&|s| s["sessions"] = json!({"ssh": true, "ports": [3306]})),
+        ),
+        (
+            "other-db",
+            "spec.sessions.remoteHosts",
+            with(&|s| {
+                s["sessions"] =
+                    json!({"remoteHosts": [{"host": "orders.other.internal", "port": 5432}]})
+            }),
         ),
         (
             "open-bridge",
@@ -332,7 +341,7 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
         &json!({
             "principals": {"roles": [role]},
             "targets": {"tags": {"Environment": "staging"}},
-            "sessions": {"ssh": true},
+            "sessions": {"ssh": true, "remoteHosts": [{"host": "orders.tenant.internal", "port": 5432}]},
             "window": {"expiresAt": hours_from_now(1)},
         }),
     );

@@ -13,7 +13,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::Effect;
-use crate::names::{InstanceId, Pattern, Port, TAG_KEY_MESSAGE, TAG_KEY_RULE};
+use crate::names::{HostPattern, InstanceId, Pattern, Port, TAG_KEY_MESSAGE, TAG_KEY_RULE};
 
 /// What the SessionAccess grants in the selected namespaces may contain. Owned by cluster
 /// admins; a tenant who may create grants should not be able to change it.
@@ -179,11 +179,29 @@ pub struct SessionBounds {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub any_port: bool,
 
+    /// Remote hosts grants may allow forwarding to through their instances, each with the
+    /// ports allowed on it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub remote_hosts: Vec<RemoteHostBound>,
+
     /// OS users (names or prefixes) shells may run as (spec.logging.runAs). Without it, grants
     /// may not use runAs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub run_as_users: Vec<Pattern>,
+}
+
+/// Destinations grants may forward to through their instances.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteHostBound {
+    /// A host, or `*.` and a domain: every host in it.
+    pub host: HostPattern,
+    /// The ports allowed on those hosts.
+    #[schemars(length(min = 1, max = 50))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub ports: Vec<Port>,
 }
 
 /// Logging that every Allow grant of shell sessions must carry in spec.logging.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::names::{
     BucketName, IamGroupName, IamRoleName, IamUserName, InstanceId, KmsKeyId, LogGroupName,
-    OsUserName, Port, S3KeyPrefix, TAG_KEY_MESSAGE, TAG_KEY_RULE, TagValue,
+    OsUserName, Port, RemoteHostName, S3KeyPrefix, TAG_KEY_MESSAGE, TAG_KEY_RULE, TagValue,
 };
 
 mod boundary;
@@ -74,8 +74,8 @@ pub const GROUP: &str = "fleetaccess.io";
     validation = Rule::new("(has(self.principals) && ((has(self.principals.users) && size(self.principals.users) > 0) || (has(self.principals.roles) && size(self.principals.roles) > 0) || (has(self.principals.groups) && size(self.principals.groups) > 0))) || (has(self.bridge) && (!has(self.bridge.enabled) || self.bridge.enabled))")
         .message("spec.principals must name at least one IAM user, role or group, unless the grant only asks for bridge endpoints (spec.bridge)")
         .field_path(".principals"),
-    validation = Rule::new("self.effect == 'Deny' || (has(self.sessions) && ((has(self.sessions.ssh) && self.sessions.ssh) || (has(self.sessions.shell) && self.sessions.shell) || (has(self.sessions.ports) && size(self.sessions.ports) > 0)))")
-        .message("an Allow grant must allow at least one kind of session: set spec.sessions.ssh, spec.sessions.shell or spec.sessions.ports")
+    validation = Rule::new("self.effect == 'Deny' || (has(self.sessions) && ((has(self.sessions.ssh) && self.sessions.ssh) || (has(self.sessions.shell) && self.sessions.shell) || (has(self.sessions.ports) && size(self.sessions.ports) > 0) || (has(self.sessions.remoteHosts) && size(self.sessions.remoteHosts) > 0)))")
+        .message("an Allow grant must allow at least one kind of session: set spec.sessions.ssh, spec.sessions.shell, spec.sessions.ports or spec.sessions.remoteHosts")
         .field_path(".sessions"),
     validation = Rule::new("self.effect != 'Deny' || !has(self.bridge)")
         .message("spec.bridge is for Allow grants only: a Deny grant cannot open bridge endpoints")
@@ -89,6 +89,9 @@ pub const GROUP: &str = "fleetaccess.io";
     validation = Rule::new("self.effect != 'Deny' || !has(self.sessions) || !has(self.sessions.ports) || size(self.sessions.ports) == 0")
         .message("a Deny grant cannot deny single ports (AWS's port forwarding documents accept any port): deny the instances instead, or allow only chosen ports with an Allow grant")
         .field_path(".sessions.ports"),
+    validation = Rule::new("self.effect != 'Deny' || !has(self.sessions) || !has(self.sessions.remoteHosts) || size(self.sessions.remoteHosts) == 0")
+        .message("a Deny grant cannot deny single remote hosts (AWS-StartPortForwardingSessionToRemoteHost accepts any host): deny the instances instead, or allow only chosen hosts with an Allow grant")
+        .field_path(".sessions.remoteHosts"),
     validation = Rule::new("!(has(self.targets.allInstances) && self.targets.allInstances) || ((!has(self.targets.instanceIds) || size(self.targets.instanceIds) == 0) && (!has(self.targets.tags) || size(self.targets.tags) == 0))")
         .message("spec.targets.allInstances already covers every instance: remove instanceIds and tags")
         .field_path(".targets"),
@@ -220,6 +223,26 @@ pub struct Sessions {
     #[schemars(length(max = 20))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub ports: Vec<Port>,
+
+    /// Hosts the instances may forward to (databases, caches, internal HTTP services they
+    /// reach), each on one port: the model of AWS-StartPortForwardingSessionToRemoteHost, with
+    /// the host and port pinned in a session document, so IAM restricts forwarding to exactly
+    /// these destinations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    #[schemars(extend("x-kubernetes-list-type" = "map"))]
+    #[schemars(extend("x-kubernetes-list-map-keys" = ["host", "port"]))]
+    pub remote_hosts: Vec<RemoteHost>,
+}
+
+/// A destination an instance forwards to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteHost {
+    /// A DNS name or IP address the instance reaches.
+    pub host: RemoteHostName,
+    /// The port on that host.
+    pub port: Port,
 }
 
 /// A time window, in RFC 3339 UTC.
@@ -407,7 +430,10 @@ pub struct SessionAccessStatus {
 pub struct ConnectStatus {
     /// The session document to start.
     pub document: String,
-    /// The port on the instance (0 for a shell).
+    /// The remote host it forwards to, if not the instance itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The port on the instance, or on the remote host (0 for a shell).
     pub port: i32,
     /// With fleet-access's `agent-bridge`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

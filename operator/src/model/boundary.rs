@@ -308,6 +308,26 @@ fn session_refusals(
             ),
         ));
     }
+    for remote in &sessions.remote_hosts {
+        let (host, port) = (remote.host.as_str(), remote.port);
+        let allowed = (bounds.remote_hosts.iter())
+            .any(|bound| bound.host.matches(host) && bound.ports.contains(&port));
+        if !allowed {
+            let bounded: Vec<String> = (bounds.remote_hosts.iter())
+                .map(|b| format!("{} ports {}", b.host, listed(&b.ports)))
+                .collect();
+            out.push((
+                "spec.sessions.remoteHosts".into(),
+                format!(
+                    "forwarding to {host} port {port} is outside this boundary (remote hosts: {})",
+                    match bounded.is_empty() {
+                        true => "none".to_owned(),
+                        false => bounded.join("; "),
+                    }
+                ),
+            ));
+        }
+    }
     let logging = spec.logging.as_ref();
     let run_as = logging
         .and_then(|l| l.run_as.as_ref())

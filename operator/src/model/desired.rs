@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use fleet_access_crds::{
     SessionAccess,
     names::{InstanceId, TagValue},
+    ssm_documents,
     v1alpha1::{self, Principals, Targets},
 };
 use k8s_openapi::jiff::Timestamp;
@@ -88,7 +89,10 @@ pub struct Desired {
 pub struct Connection {
     /// The session document to start.
     pub document: String,
-    /// The port on the instance.
+    /// The remote host the document forwards to, if not the instance itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The port on the instance, or on the remote host.
     pub port: u16,
     /// With fleet-access's own client, `agent-bridge` (none for shells yet).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -339,6 +343,7 @@ fn connections(
     if sessions.ssh {
         out.push(Connection {
             document: SSH_DOCUMENT.into(),
+            host: None,
             port: 22,
             agent_bridge: Some(format!(
                 "ssh -o ProxyCommand='agent-bridge proxy %h %p' <user>@{target}"
@@ -347,12 +352,14 @@ fn connections(
         });
     }
     for document in documents {
-        let port = document.content["properties"]["portNumber"]
+        let properties = &document.content["properties"];
+        let port = properties["portNumber"]
             .as_str()
             .and_then(|p| p.parse().ok());
         out.push(match (document.session_type, port) {
             ("Port", Some(port)) => Connection {
                 document: document.name.clone(),
+                host: properties["host"].as_str().map(str::to_owned),
                 port,
                 agent_bridge: Some(format!(
                     "agent-bridge forward {target} --document {} --local 127.0.0.1:{port}",
@@ -365,6 +372,7 @@ fn connections(
             },
             _ => Connection {
                 document: document.name.clone(),
+                host: None,
                 port: 0,
                 agent_bridge: None,
                 aws_cli: aws_cli(&document.name, ""),
@@ -418,13 +426,26 @@ pub fn session_documents(grant: &SessionAccess, cluster: &str) -> Vec<SessionDoc
     for port in &sessions.ports {
         documents.push(port_document(cluster, port.0));
     }
+    for remote in &sessions.remote_hosts {
+        let (host, port) = (remote.host.as_str(), remote.port.0);
+        documents.push(SessionDocument {
+            name: ssm_documents::remote_host_document_name(cluster, host, port),
+            session_type: "Port",
+            content: documents::remote_host_document(
+                &format!("fleet-access: forwarding to {host} port {port} only (cluster {cluster})"),
+                host,
+                port,
+            ),
+            shared: true,
+        });
+    }
     documents
 }
 
 /// The Port document of `port`, shared by the cluster's grants.
 fn port_document(cluster: &str, port: u16) -> SessionDocument {
     SessionDocument {
-        name: naming::shared_document_name(cluster, &format!("port{port}")),
+        name: ssm_documents::port_document_name(cluster, port),
         session_type: "Port",
         content: documents::port_document(
             &format!("fleet-access: forwarding to port {port} only (cluster {cluster})"),

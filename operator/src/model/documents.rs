@@ -1,6 +1,7 @@
 //! Session documents the operator renders: a grant's own shell document (the Session Manager
-//! preferences schema, `Standard_Stream`) and one `Port` document per allowed port, which pins
-//! the port number so that IAM permission on the document is permission on that port alone.
+//! preferences schema, `Standard_Stream`), and `Port` documents that pin where they forward (a
+//! port of the instance, or a remote host and port), so that IAM permission on the document is
+//! permission on that destination alone.
 
 pub use fleet_access_crds::ssm_documents::{ACCOUNT_SHELL_DOCUMENT, SSH_DOCUMENT};
 use fleet_access_crds::v1alpha1::SessionLogging;
@@ -38,9 +39,19 @@ pub fn shell_document(description: &str, logging: &SessionLogging) -> Value {
     })
 }
 
-/// A `Port` session document that forwards to `port` and nothing else.
+/// A `Port` session document that forwards to `port` of the instance and nothing else.
 pub fn port_document(description: &str, port: u16) -> Value {
-    json!({
+    forwarding_document(description, None, port)
+}
+
+/// A `Port` session document that forwards to `host`:`port` through the instance and nowhere
+/// else: AWS-StartPortForwardingSessionToRemoteHost with both parameters pinned.
+pub fn remote_host_document(description: &str, host: &str, port: u16) -> Value {
+    forwarding_document(description, Some(host), port)
+}
+
+fn forwarding_document(description: &str, host: Option<&str>, port: u16) -> Value {
+    let mut document = json!({
         "schemaVersion": "1.0",
         "description": description,
         "sessionType": "Port",
@@ -57,5 +68,9 @@ pub fn port_document(description: &str, port: u16) -> Value {
             "type": "LocalPortForwarding",
             "localPortNumber": "{{ localPortNumber }}"
         }
-    })
+    });
+    if let Some(host) = host {
+        document["properties"]["host"] = json!(host);
+    }
+    document
 }

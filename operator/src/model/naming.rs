@@ -113,12 +113,6 @@ pub fn identity_policy_name(cluster: &str, kind: &str, name: &str, index: &str) 
     fitted(&format!("{NAME_PREFIX}.{cluster}.{kind}{index}@{name}"), "")
 }
 
-/// `fleet-access.<cluster>.<what>`: a session document every grant of the cluster shares (no
-/// grant's object has a name of three parts).
-pub fn shared_document_name(cluster: &str, what: &str) -> String {
-    fitted(&format!("{NAME_PREFIX}.{cluster}.{what}"), "")
-}
-
 /// The prefix of every name of this cluster's own policies, a grant's or an identity's.
 pub fn cluster_prefix(cluster: &str) -> String {
     format!("{NAME_PREFIX}.{cluster}.")

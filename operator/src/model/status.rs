@@ -213,6 +213,7 @@ pub fn compute(
         connect: (seen.connect.iter())
             .map(|c| ConnectStatus {
                 document: c.document.clone(),
+                host: c.host.clone(),
                 port: i32::from(c.port),
                 agent_bridge: c.agent_bridge.clone(),
                 aws_cli: c.aws_cli.clone(),

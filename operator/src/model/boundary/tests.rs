@@ -31,7 +31,8 @@ fn team_a() -> SessionAccessPolicy {
                 "instanceIds": ["i-0000000000000000a", "i-0000000000000000b"],
                 "tags": {"Team": ["a", "a-*"]},
             },
-            "sessions": {"ssh": true, "shell": true, "ports": [5432], "runAsUsers": ["deploy"]},
+            "sessions": {"ssh": true, "shell": true, "ports": [5432], "runAsUsers": ["deploy"],
+                "remoteHosts": [{"host": "*.db.internal", "ports": [5432]}, {"host": "cache.internal", "ports": [6379]}]},
             "shellLogging": {"cloudWatchLogGroups": ["/fleet/team-a*"], "requireStreaming": true},
             "window": {"maxDuration": "8h"},
             "bridge": {"clientNamespaces": ["tools-*"]},
@@ -289,6 +290,39 @@ fn sessions_ports_and_run_as_must_be_allowed() {
         panic!("shell admitted by an SSH-only boundary");
     };
     assert_eq!(refusals[0].field, "spec.sessions.shell");
+}
+
+#[test]
+fn remote_hosts_must_be_in_an_allowed_domain_on_an_allowed_port() {
+    let remote = |host: &str, port: u16| {
+        inside(move |g| g["sessions"] = json!({"remoteHosts": [{"host": host, "port": port}]}))
+    };
+    for (host, port) in [
+        ("orders.db.internal", 5432),
+        ("a.b.db.internal", 5432),
+        ("cache.internal", 6379),
+    ] {
+        let admitted = judge(&remote(host, port), &[team_a()]);
+        assert!(
+            matches!(admitted, Admission::Admitted { .. }),
+            "{host}: {admitted:?}"
+        );
+    }
+    assert_refused(
+        &remote("orders.db.internal", 6379),
+        "spec.sessions.remoteHosts",
+        "port 6379",
+    );
+    assert_refused(
+        &remote("db.internal.evil.com", 5432),
+        "spec.sessions.remoteHosts",
+        "*.db.internal ports 5432",
+    );
+    assert_refused(
+        &remote("other.cache.internal", 6379),
+        "spec.sessions.remoteHosts",
+        "outside this boundary",
+    );
 }
 
 #[test]
