@@ -868,19 +868,28 @@ async fn http_get_through(local: SocketAddr, path: &str) -> String {
     response
 }
 
-/// What the operator renders for a grant of `port` on WEB to a person (a unique name, as
-/// moto is shared).
+/// What the operator renders for a grant of `port` on WEB to a person.
 fn port_grant(port: u16) -> fleet_access_operator::model::desired::Desired {
+    person_grant(&format!("{{ports: [{port}]}}"))
+}
+
+/// What the operator renders for a grant of `sessions` on WEB to a person, in a cluster of its
+/// own (its shared documents' names are then unique in moto, which every test shares).
+fn person_grant(sessions: &str) -> fleet_access_operator::model::desired::Desired {
     use fleet_access_operator::{model::desired, settings::Settings};
     let unique = uuid::Uuid::new_v4().simple().to_string();
     let grant = fleet_access_crds::validation::parse_session_accesses(&format!(
         "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\n\
-         metadata: {{name: db-{unique}, namespace: data}}\n\
-         spec: {{principals: {{users: [dana]}}, targets: {{instanceIds: [{WEB}]}}, sessions: {{ports: [{port}]}}}}\n"
+         metadata: {{name: db, namespace: data}}\n\
+         spec: {{principals: {{users: [dana]}}, targets: {{instanceIds: [{WEB}]}}, sessions: {sessions}}}\n"
     ))
-    .expect("a port grant")
+    .expect("a grant")
     .remove(0);
-    desired::compute(&grant, &Settings::default()).expect("renders")
+    let settings = Settings {
+        cluster: format!("e2e-{}", &unique[..12]),
+        ..Settings::default()
+    };
+    desired::compute(&grant, &settings).expect("renders")
 }
 
 /// An emulator with moto as its upstream (where the grants' documents are), whose instance WEB
@@ -979,6 +988,100 @@ async fn forward_through_a_port_grants_own_document() {
         .await
         .expect_err("no such document");
     assert!(error.message.contains("does not exist"), "{error}");
+}
+
+/// A remote-host grant is usable by a person: the document it allows pins the host and the port,
+/// `forward --remote-host` starts it and carries bytes to the service the instance reaches under
+/// that name, and the agent's checks hold: another host or port through the document is refused,
+/// and an agent of 3.3.4851.0 or later refuses to forward to loopback, as AWS would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forward_through_a_remote_host_grants_document() {
+    const DB_HOST: &str = "orders.db.internal";
+    let web = http_server().await;
+    let moto = Moto::shared().await.expect("moto");
+    // The instance resolves the database's name to a VPC address; the emulator's network leads
+    // that host and port to the loopback server.
+    let instance = InstanceConfig::new(WEB)
+        .with_agent_version("3.3.4851.0")
+        .with_host(DB_HOST, vec!["10.0.3.17".parse().expect("address")])
+        .with_port(format!("{DB_HOST}:5432"), web);
+    let config = Config {
+        upstream: Some(moto.endpoint().to_owned()),
+        mode: Mode::Fast,
+        instances: vec![instance],
+        ..Config::default()
+    };
+    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let rendered = person_grant(&format!(
+        "{{remoteHosts: [{{host: {DB_HOST}, port: 5432}}]}}"
+    ));
+    create_documents(moto, &rendered).await;
+    let cluster = rendered.grant.split('/').next().expect("the cluster");
+    let document =
+        fleet_access_crds::ssm_documents::remote_host_document_name(cluster, DB_HOST, 5432);
+    let connection = (rendered.connect.iter())
+        .find(|c| c.document == document)
+        .expect("plan's connection to the database");
+    assert_eq!(connection.host.as_deref(), Some(DB_HOST));
+
+    let request = StartSessionRequest::port(WEB, &document, None, "agent-bridge forward");
+    let forwarding = Forwarding::start_session(&emulator, request).await;
+    for path in ["/orders", "/customers"] {
+        let response = http_get_through(forwarding.local, path).await;
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK") && response.ends_with(path),
+            "{response}"
+        );
+    }
+    forwarding.stop().await;
+
+    // The document pins both: neither another host nor another port gets through it.
+    let control = control_plane(&emulator);
+    for (name, value) in [("host", "other.db.internal"), ("portNumber", "22")] {
+        let mut widened = StartSessionRequest::port(WEB, &document, None, "widen");
+        widened.parameters.insert(name.into(), vec![value.into()]);
+        let error = control
+            .start_session(&widened)
+            .await
+            .expect_err("the document pins it");
+        assert!(
+            error
+                .message
+                .contains(&format!("parameter {name} is not defined")),
+            "{error}"
+        );
+    }
+    // A document to loopback (no grant can ask for one, but anyone with ssm:CreateDocument can
+    // write it) is refused by the agent: the session fails with its words.
+    let loopback =
+        fleet_access_crds::ssm_documents::remote_host_document_name(cluster, "127.0.0.2", 5432);
+    let content = fleet_access_operator::model::documents::remote_host_document(
+        "to the instance itself",
+        "127.0.0.2",
+        5432,
+    );
+    aws_sdk_ssm::Client::new(&sdk_config(moto.endpoint()))
+        .create_document()
+        .name(&loopback)
+        .content(content.to_string())
+        .document_type(aws_sdk_ssm::types::DocumentType::Session)
+        .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
+        .send()
+        .await
+        .expect("the loopback document in moto");
+    let request = StartSessionRequest::port(WEB, &loopback, None, "to the instance itself");
+    let forwarding = Forwarding::start_session(&emulator, request).await;
+    // The session ends by itself: forward returns without being stopped.
+    forwarding.task.await.expect("join").expect("forward ends");
+    let sessions = all_sessions_ended(&emulator).await;
+    let refused = (sessions.iter())
+        .find(|s| s.document_name == loopback)
+        .expect("the session to loopback");
+    assert_eq!(
+        refused.close_reason.as_deref(),
+        Some("Forwarding to IP address 127.0.0.2 is forbidden."),
+        "{refused:?}"
+    );
 }
 
 /// The serve path through a grant's Port document (mux mode): each connection's session ends

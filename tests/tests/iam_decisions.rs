@@ -312,6 +312,21 @@ fn allow_cases(cases: &mut Cases, grant: &SessionAccess, now: &str) {
                 ImplicitlyDenied,
             );
         }
+        // AWS's any-host document, and a document of the same host on another port.
+        add(
+            cases,
+            &aws_document("AWS-StartPortForwardingSessionToRemoteHost"),
+            &[],
+            ImplicitlyDenied,
+        );
+        for remote in &sessions.remote_hosts {
+            let elsewhere = fleet_access_crds::ssm_documents::remote_host_document_name(
+                "default",
+                remote.host.as_str(),
+                remote.port.0.wrapping_add(1),
+            );
+            add(cases, &own_document(&elsewhere), &[], ImplicitlyDenied);
+        }
         if !sessions.shell {
             add(
                 cases,

@@ -173,6 +173,11 @@ pub struct InstanceConfig {
     /// are loopback socket addresses.
     #[serde(default)]
     pub ports: BTreeMap<String, SocketAddr>,
+    /// The instance's DNS: the addresses each name resolves to, which the agent checks before
+    /// it forwards to a remote host (an IP address resolves to itself, `localhost` to the
+    /// loopback addresses; other names to nothing, and are dialled unchecked).
+    #[serde(default)]
+    pub hosts: BTreeMap<String, Vec<std::net::IpAddr>>,
     /// Faults for sessions to this instance (replace the global ones when set).
     #[serde(default)]
     pub faults: Option<Faults>,
@@ -198,6 +203,7 @@ impl InstanceConfig {
             platform_type: default_platform(),
             tags: BTreeMap::new(),
             ports: BTreeMap::new(),
+            hosts: BTreeMap::new(),
             faults: None,
         }
     }
@@ -206,6 +212,27 @@ impl InstanceConfig {
     pub fn with_port(mut self, key: impl Into<String>, to: SocketAddr) -> Self {
         self.ports.insert(key.into(), to);
         self
+    }
+
+    /// Lets the instance resolve `name` to `addresses`.
+    pub fn with_host(mut self, name: impl Into<String>, addresses: Vec<std::net::IpAddr>) -> Self {
+        self.hosts.insert(name.into(), addresses);
+        self
+    }
+
+    /// The addresses `host` resolves to on the instance.
+    pub fn addresses_of(&self, host: &str) -> Vec<std::net::IpAddr> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        if let Ok(address) = host.parse::<IpAddr>() {
+            return vec![address];
+        }
+        if host == "localhost" {
+            return vec![
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ];
+        }
+        self.hosts.get(host).cloned().unwrap_or_default()
     }
 
     /// Adds a tag.

@@ -24,6 +24,7 @@
 mod agent;
 mod api;
 pub mod config;
+mod destination;
 mod documents;
 mod error;
 mod gateway;

@@ -43,6 +43,15 @@ pub fn agent_supports_terminate_flag(agent_version: &str) -> bool {
     greater(agent_version, "2.3.722.0")
 }
 
+/// The agent refuses to forward to loopback and to the ECS and EKS credential endpoints
+/// (3.3.4851.0 and later).
+pub fn agent_refuses_loopback_forwarding(agent_version: &str) -> bool {
+    matches!(
+        compare(agent_version, "3.3.4851.0"),
+        Some(Ordering::Greater | Ordering::Equal)
+    )
+}
+
 /// The agent chooses mux: it supports it, the client is ≥ 1.1.70, and the type is
 /// `LocalPortForwarding`.
 pub fn agent_uses_mux(

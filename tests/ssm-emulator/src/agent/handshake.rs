@@ -21,7 +21,9 @@ impl Agent {
             self.count(|f| f.handshakes_skipped += 1);
             self.set_transfer(Transfer::Basic);
             self.last_activity = Instant::now();
-            self.start_basic();
+            if self.destination_allowed() {
+                self.start_basic();
+            }
             return;
         }
         let request = HandshakeRequest {
@@ -177,10 +179,10 @@ impl Agent {
         self.handshake = Handshake::Complete;
         self.last_activity = Instant::now();
         self.after_handshake_faults();
-        if mux {
-            self.start_mux(keepalive);
-        } else {
-            self.start_basic();
+        match (self.destination_allowed(), mux) {
+            (false, _) => {}
+            (true, true) => self.start_mux(keepalive),
+            (true, false) => self.start_basic(),
         }
     }
 

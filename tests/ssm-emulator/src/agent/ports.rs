@@ -9,6 +9,24 @@ impl Agent {
         self.info.instance.resolve(p.host.as_deref(), p.port)
     }
 
+    /// Whether the Port plugin may forward where the session's properties say: for a remote
+    /// host, the agent checks its addresses first (`destination`), and a refusal fails the
+    /// session with the agent's words before anything is dialled.
+    pub(super) fn destination_allowed(&mut self) -> bool {
+        let Some(host) = self.info.properties.host.clone().filter(|h| !h.is_empty()) else {
+            return true;
+        };
+        let instance = &self.info.instance;
+        let addresses = instance.addresses_of(&host);
+        match crate::destination::check(&host, &addresses, &instance.agent_version) {
+            Ok(()) => true,
+            Err(refusal) => {
+                self.end(SessionStatus::Failed, refusal, false);
+                false
+            }
+        }
+    }
+
     pub(super) fn start_basic(&mut self) {
         self.port = PortState::Basic(BasicPort {
             generation: 0,
