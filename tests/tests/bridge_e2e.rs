@@ -990,9 +990,9 @@ async fn forward_through_a_port_grants_own_document() {
     assert!(error.message.contains("does not exist"), "{error}");
 }
 
-/// A remote-host grant is usable by a person: the document it allows pins the host and the port,
-/// `forward --remote-host` starts it and carries bytes to the service the instance reaches under
-/// that name, and the agent's checks hold: another host or port through the document is refused,
+/// A remote-host grant is usable: the document it allows pins the host and the port, and
+/// `forward` (as `forward --remote-host` starts it) and serve carry bytes through it to the
+/// service the instance reaches under that name; the agent's checks hold: another host or port through the document is refused,
 /// and an agent of 3.3.4851.0 or later refuses to forward to loopback, as AWS would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forward_through_a_remote_host_grants_document() {
@@ -1034,6 +1034,21 @@ async fn forward_through_a_remote_host_grants_document() {
         );
     }
     forwarding.stop().await;
+    // And through serve: an endpoint Service whose port leads to the same document.
+    let served = Served::start_endpoints(
+        "bridge-remote",
+        context(&emulator, &Registry::new()),
+        &[(WEB, 5432, &document, None)],
+        Limits {
+            total: 10,
+            per_instance: 10,
+        },
+    )
+    .await;
+    let local = SocketAddr::new(LOOPBACK, served.port(WEB));
+    let response = http_get_through(local, "/through-serve").await;
+    assert!(response.ends_with("/through-serve"), "{response}");
+    served.stop().await;
 
     // The document pins both: neither another host nor another port gets through it.
     let control = control_plane(&emulator);
