@@ -181,6 +181,27 @@ struct Case {
 
 struct Cases(Vec<Case>);
 
+/// A caller, holding its policies, asks for `action` on `resource` with `context`.
+fn request(
+    id: String,
+    (caller, policies): (&Caller, &[Value]),
+    action: &str,
+    resource: &str,
+    context: &[(String, Value)],
+) -> IamRequest {
+    let mut request = IamRequest::new(id, &caller.arn, action, resource, ACCOUNT);
+    for (key, value) in caller.context.iter().chain(context) {
+        request = request.with(key, value.clone());
+    }
+    for (index, policy) in policies.iter().enumerate() {
+        request = request.policy(&format!("policy-{index}"), policy);
+    }
+    if resource.contains("::document/") {
+        request = request.unvalidated();
+    }
+    request
+}
+
 impl Cases {
     /// A caller, holding its policies, asks for `action` on `resource` with `context`.
     fn add(
@@ -192,22 +213,8 @@ impl Cases {
         context: &[(String, Value)],
         expected: Decision,
     ) {
-        let mut request = IamRequest::new(
-            format!("{what}: {} {action} {resource}", caller.name),
-            &caller.arn,
-            action,
-            resource,
-            ACCOUNT,
-        );
-        for (key, value) in caller.context.iter().chain(context) {
-            request = request.with(key, value.clone());
-        }
-        for (index, policy) in policies.iter().enumerate() {
-            request = request.policy(&format!("policy-{index}"), policy);
-        }
-        if resource.contains("::document/") {
-            request = request.unvalidated();
-        }
+        let id = format!("{what}: {} {action} {resource}", caller.name);
+        let request = request(id, (caller, policies), action, resource, context);
         self.0.push(Case { request, expected });
     }
 
@@ -937,21 +944,12 @@ fn a_merged_policy_set_decides_as_its_grants_do_together() {
         }
     }
     let decide = |policies: &[Value]| -> Vec<Decision> {
-        let mut batch = Vec::new();
-        for (index, (action, resource, context)) in requests.iter().enumerate() {
-            let mut request =
-                IamRequest::new(format!("{index}"), &caller.arn, action, resource, ACCOUNT);
-            for (key, value) in caller.context.iter().chain(context) {
-                request = request.with(key, value.clone());
-            }
-            for (i, policy) in policies.iter().enumerate() {
-                request = request.policy(&format!("policy-{i}"), policy);
-            }
-            if resource.contains("::document/") {
-                request = request.unvalidated();
-            }
-            batch.push(request);
-        }
+        let batch: Vec<IamRequest> = (requests.iter().enumerate())
+            .map(|(index, (action, resource, context))| {
+                let id = format!("{index}");
+                request(id, (&caller, policies), action, resource, context)
+            })
+            .collect();
         let evaluated = evaluate(&batch).expect("the IAM evaluator runs (tests/env/setup.sh)");
         (evaluated.into_iter())
             .map(|e| {
