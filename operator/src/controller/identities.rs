@@ -48,8 +48,6 @@ pub struct IdentitySynced {
     pub left_out: BTreeSet<String>,
     /// Policies attached to the identity that are not this cluster's.
     pub others: usize,
-    /// The set's size.
-    pub size: usize,
 }
 
 /// Every identity's syncs, one at a time per identity.
@@ -147,7 +145,6 @@ pub(crate) async fn apply_set(
         }
     }
     Ok(IdentitySynced {
-        size: policies.len(),
         policies,
         left_out: set.left_out.into_iter().collect(),
         others: limit.saturating_sub(budget),

@@ -14,7 +14,7 @@ use kube::{Api, ResourceExt, api::ListParams};
 
 use crate::{
     Error, Result,
-    aws::{ActiveSession, AwsResult, InstanceInfo, Principal, with_retry},
+    aws::{ActiveSession, AwsResult, InstanceInfo, with_retry},
     controller::Context,
     model::{
         desired::TargetSelection,
@@ -214,17 +214,4 @@ pub async fn all_boundaries(
         .map(|ns| (ns.name_any(), ns.labels().clone()))
         .collect();
     Ok((policies.items, labels))
-}
-
-/// The managed policies attached to each of `principals`, by ARN.
-pub async fn attached_policies(
-    principals: impl IntoIterator<Item = &Principal>,
-    ctx: &Context,
-) -> Result<BTreeMap<Principal, Vec<String>>> {
-    let mut attached = BTreeMap::new();
-    for principal in principals {
-        let arns = with_retry(|| ctx.iam.attached_policies(principal)).await?;
-        attached.insert(principal.clone(), arns);
-    }
-    Ok(attached)
 }

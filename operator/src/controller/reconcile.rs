@@ -12,9 +12,9 @@
 //! Four parts, each observed, planned and applied in turn: the policy sets of the grant's IAM
 //! identities (`identities`, shared with every grant naming them), its own session documents
 //! (`sync_aws`) and the cluster's shared ones (`shared`), the sessions to end at expiry, and the
-//! endpoint Services and NetworkPolicy (`sync_endpoints`). Every change goes through the one [`Applier`], and the
-//! status is words from typed facts (`model::status`). A finalizer guarantees cleanup, which
-//! runs the same parts with nothing wanted.
+//! endpoint Services and NetworkPolicy (`sync_endpoints`). Every change goes through the one
+//! [`Applier`], and the status is words from typed facts (`model::status`). A finalizer
+//! guarantees cleanup, which runs the same parts with nothing wanted.
 //!
 //! AWS objects are observed by the names the grant derives, and their owner tag says whether
 //! they are the grant's. A listing of session documents by the owner tag only sweeps up the
@@ -281,7 +281,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     };
     // Identities first: a grant their quota leaves out gets no document either.
     let synced = async {
-        let policies = sync_identities(grant, &desired.grant, &contributes, ctx).await?;
+        let policies = sync_identities(grant, &owner, &contributes, ctx).await?;
         sync_aws(&applier, &owner, &wanted_documents, &known, ctx).await?;
         let subject = grant.object_ref(&());
         ctx.shared_documents.sync(&subject, ctx).await?;
@@ -553,7 +553,7 @@ async fn sync_identities(
             return Err(Error::AttachmentQuota {
                 principal: identity.to_string(),
                 attached: synced.others,
-                needed: synced.size,
+                needed: synced.policies.len(),
                 limit: ctx.settings.max_policies_per_identity,
             });
         }
