@@ -30,7 +30,7 @@ use fleet_access_crds::{
     bridge_contract::{EndpointAnnotations, bridge_pod_selector, managed_labels},
 };
 use fleet_access_operator::{
-    model::naming::{OWNER_TAG, POLICY_PATH, owner_tag_value},
+    model::naming::{IDENTITY_TAG, OWNER_TAG, POLICY_PATH, identity_tag_value, owner_tag_value},
     settings::DEFAULT_CLUSTER,
 };
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
@@ -169,7 +169,8 @@ async fn run_bounded(command: Command, limit: Duration) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// The policy documents `fleet-access-operator plan` says the grant stands for, by name.
+/// The policy documents `fleet-access-operator plan` says the grant stands for (its
+/// identities' sets, with the grant as their only one), by name.
 async fn planned_policies(
     operator: &Path,
     grant_file: &Path,
@@ -184,11 +185,9 @@ async fn planned_policies(
         .args(["--bridge-role", bridge_role])
         .args(["--bridge-namespace", bridge_namespace]);
     let plan: Value = serde_json::from_str(&run_bounded(plan, SSH_TIMEOUT).await).unwrap();
-    let grant = &plan["grants"][0];
-    let mut policies: Vec<&Value> = grant["policies"].as_array().unwrap().iter().collect();
-    policies.extend(grant["bridge"].get("policy"));
-    policies
-        .into_iter()
+    let identities = plan["identities"].as_array().unwrap();
+    (identities.iter())
+        .flat_map(|identity| identity["policies"].as_array().unwrap())
         .map(|p| {
             (
                 p["name"].as_str().unwrap().to_owned(),
@@ -231,9 +230,9 @@ async fn policies_in_moto(
     found
 }
 
-/// ARNs of the policies under the operator's path that carry `owner` as their owner tag (every
+/// ARNs of the policies under the operator's path that carry the tag `key` = `owner` (every
 /// page of the listing: moto holds the policies of every test of the run).
-async fn policies_owned_by(iam: &aws_sdk_iam::Client, owner: &str) -> Vec<String> {
+async fn policies_tagged(iam: &aws_sdk_iam::Client, key: &str, owner: &str) -> Vec<String> {
     let listed = fleet_access_tests::moto::policies_under(iam, POLICY_PATH)
         .await
         .expect("ListPolicies");
@@ -247,7 +246,7 @@ async fn policies_owned_by(iam: &aws_sdk_iam::Client, owner: &str) -> Vec<String
         if tags
             .tags()
             .iter()
-            .any(|t| t.key() == OWNER_TAG && t.value() == owner)
+            .any(|t| t.key() == key && t.value() == owner)
         {
             owned.push(arn.to_owned());
         }
@@ -435,7 +434,7 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     assert_eq!(
         planned.len(),
         2,
-        "a user policy and a bridge policy: {planned:#?}"
+        "the user's set and the bridge role's, one policy each: {planned:#?}"
     );
     assert_eq!(
         policies_in_moto(&iam, &grant).await,
@@ -579,12 +578,14 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
             .then_some(())
     })
     .await;
+    let mut left = Vec::new();
+    for (kind, name) in [("user", user.as_str()), ("role", bridge_role.as_str())] {
+        let identity = identity_tag_value(DEFAULT_CLUSTER, kind, name);
+        left.extend(policies_tagged(&iam, IDENTITY_TAG, &identity).await);
+    }
     let owner = owner_tag_value(DEFAULT_CLUSTER, team.name(), GRANT);
-    assert_eq!(
-        policies_owned_by(&iam, &owner).await,
-        Vec::<String>::new(),
-        "IAM is clean"
-    );
+    left.extend(policies_tagged(&iam, OWNER_TAG, &owner).await);
+    assert_eq!(left, Vec::<String>::new(), "IAM is clean");
     assert_eq!(
         attached_policy_counts(&iam, &user, &bridge_role).await,
         (0, 0),
