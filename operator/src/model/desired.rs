@@ -48,7 +48,7 @@ pub const MAX_POLICIES_PER_PRINCIPAL: usize = 20;
 /// The suffix of a grant's shell document's name.
 const SHELL_SUFFIX: &str = "-shell";
 
-/// The suffix of the name of a grant's Port document for `port`.
+/// The suffix of the name a grant's own Port document for `port` had in earlier releases.
 fn port_suffix(port: u16) -> String {
     format!("-port{port}")
 }
