@@ -57,17 +57,20 @@ pub fn pack(
         .collect())
 }
 
-/// Splits a statement's resources over as many statements as needed, each fitting a policy alone.
+/// Splits a statement's resources over as many statements as needed, each fitting a policy alone
+/// under its final Sid (`<sid>Part<n>`: the Sid counts against the quota too).
 fn split_resources(
     statement: Statement,
     fits: &dyn Fn(&[Statement]) -> bool,
 ) -> Result<Vec<Statement>> {
+    let part_sid = |n: usize| format!("{}Part{n}", statement.sid);
     let mut parts: Vec<Statement> = Vec::new();
     let mut current = Statement {
+        sid: part_sid(1),
         resources: Vec::new(),
         ..statement.clone()
     };
-    for resource in statement.resources {
+    for resource in statement.resources.iter().cloned() {
         current.resources.push(resource);
         if !fits(std::slice::from_ref(&current)) {
             let last = current.resources.pop().unwrap_or_default();
@@ -75,12 +78,10 @@ fn split_resources(
                 return Err(Error::StatementTooLarge { sid: statement.sid });
             }
             parts.push(current.clone());
+            current.sid = part_sid(parts.len() + 1);
             current.resources = vec![last];
         }
     }
     parts.push(current);
-    for (i, part) in parts.iter_mut().enumerate() {
-        part.sid = format!("{}Part{}", statement.sid, i + 1);
-    }
     Ok(parts)
 }

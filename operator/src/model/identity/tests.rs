@@ -112,6 +112,25 @@ fn long_resource_lists_split_into_policies_under_the_size_quota() {
 }
 
 #[test]
+fn no_policy_exceeds_the_size_quota_whatever_the_sid() {
+    // The Sids of split statements (`<sid>Part<n>`) count too: every Sid length from 1 to 100
+    // moves the split by one character, so that some split fills a policy to within a few
+    // characters of the quota.
+    let resources: Vec<String> = (0..300).map(instance).collect();
+    for length in 1..100 {
+        let sid = "S".repeat(length);
+        for policy in pack(vec![allow(&sid, resources.clone())], &names).expect("packs") {
+            let counted = counted_chars(&policy.document.0.to_json());
+            assert!(
+                counted <= MANAGED_POLICY_MAX_CHARS,
+                "Sid of {length}: {counted}"
+            );
+            assert_eq!(policy.size, counted);
+        }
+    }
+}
+
+#[test]
 fn grants_beyond_the_budget_are_left_out_from_the_first_that_does_not_fit() {
     // Each grant brings 60 instances of its own: about 4,000 characters, so two grants'
     // statements cannot share one policy.
