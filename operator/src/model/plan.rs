@@ -337,12 +337,20 @@ pub fn known_objects(
         Moment::Living => status::documents_follow_spec(status, generation),
         Moment::Deleted => status::documents_follow_spec_at_deletion(status, generation),
     };
+    // A status that records a policy of its own was written by an earlier release, which also
+    // gave the grant Port documents of its own: looked up until a sync of this release
+    // succeeds (and records the grant's identity sets instead).
+    let earlier_release = !policy_arns.is_empty();
+    let earlier_documents = (earlier_release
+        .then(|| desired::earlier_port_document_names(grant, cluster)))
+    .into_iter()
+    .flatten();
     Known {
         policy_arns,
         document_names: (desired::session_documents(grant, cluster).iter())
             .filter(|d| !d.shared)
             .map(|d| d.name.clone())
-            .chain(desired::earlier_port_document_names(grant, cluster))
+            .chain(earlier_documents)
             .collect(),
         sweep_documents: !follows_spec,
     }

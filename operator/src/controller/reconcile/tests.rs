@@ -253,9 +253,9 @@ async fn a_steady_grant_reads_its_documents_by_name_without_listing_or_writing()
     let ctx = context(aws.clone());
     apply_grant(&grant, &ctx).await.expect("synced");
     assert_eq!(aws.count("ListDocuments"), 0);
-    // The shell document, and the name its Port document had before Port documents were
-    // shared (absent: nothing more read).
-    assert_eq!(aws.count("ListTagsForResource"), 2);
+    // The shell document only: the grant's status records no policy of an earlier release,
+    // so the names of that release's Port documents are not looked up.
+    assert_eq!(aws.count("ListTagsForResource"), 1);
     assert_eq!(aws.count("GetDocument"), 1);
     let document_writes = ["CreateDocument", "UpdateDocument", "DeleteDocument"]
         .iter()
@@ -392,4 +392,31 @@ fn retry_pauses_double_up_to_five_minutes() {
     assert_eq!(retry_pause(2), Duration::from_secs(10));
     assert_eq!(retry_pause(7), Duration::from_secs(300));
     assert_eq!(retry_pause(u32::MAX), Duration::from_secs(300));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_an_upgrade_the_grants_own_port_documents_of_the_earlier_release_are_deleted() {
+    // Synced by an earlier release: its status records the grant's own policy, and the grant
+    // had its own Port document, which this release replaces with the cluster's shared one.
+    let mut grant = grant_with_documents(1);
+    grant.status = Some(
+        serde_json::from_value(json!({"policies": [{
+            "arn": "arn:aws:iam::123456789012:policy/fleet-access/fleet-access.default.ops.web",
+            "versionId": "v1",
+        }]}))
+        .expect("status"),
+    );
+    let earlier = "fleet-access.default.ops.web-port5432";
+    let aws = Arc::new(FakeAws::default()).with_document(earlier, "{}", Some(OWNER));
+    let ctx = context(aws.clone());
+    apply_grant(&grant, &ctx).await.expect("synced");
+    let mut expected: Vec<String> = rendered_documents(&grant).into_keys().collect();
+    expected.sort();
+    assert_eq!(
+        aws.document_names(),
+        expected,
+        "the earlier Port document is gone"
+    );
+    assert_eq!(aws.count("DeleteDocument"), 1);
+    assert_eq!(aws.count("ListDocuments"), 0, "found by name");
 }
