@@ -868,6 +868,17 @@ async fn http_get_through(local: SocketAddr, path: &str) -> String {
     response
 }
 
+/// Each path's request through `local` is answered with that path.
+async fn assert_answered(local: SocketAddr, paths: &[&str]) {
+    for path in paths {
+        let response = http_get_through(local, path).await;
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK") && response.ends_with(path),
+            "{response}"
+        );
+    }
+}
+
 /// What the operator renders for a grant of `port` on WEB to a person.
 fn port_grant(port: u16) -> fleet_access_operator::model::desired::Desired {
     person_grant(&format!("{{ports: [{port}]}}"))
@@ -947,13 +958,7 @@ async fn forward_through_a_port_grants_own_document() {
 
     let request = StartSessionRequest::port(WEB, &document.name, None, "agent-bridge forward");
     let forwarding = Forwarding::start_session(&emulator, request).await;
-    for path in ["/first", "/second"] {
-        let response = http_get_through(forwarding.local, path).await;
-        assert!(
-            response.starts_with("HTTP/1.1 200 OK") && response.ends_with(path),
-            "{response}"
-        );
-    }
+    assert_answered(forwarding.local, &["/first", "/second"]).await;
     forwarding.stop().await;
     let sessions = all_sessions_ended(&emulator).await;
     assert_eq!(sessions.len(), 1);
@@ -1026,13 +1031,7 @@ async fn forward_through_a_remote_host_grants_document() {
 
     let request = StartSessionRequest::port(WEB, &document, None, "agent-bridge forward");
     let forwarding = Forwarding::start_session(&emulator, request).await;
-    for path in ["/orders", "/customers"] {
-        let response = http_get_through(forwarding.local, path).await;
-        assert!(
-            response.starts_with("HTTP/1.1 200 OK") && response.ends_with(path),
-            "{response}"
-        );
-    }
+    assert_answered(forwarding.local, &["/orders", "/customers"]).await;
     forwarding.stop().await;
     // And through serve: an endpoint Service whose port leads to the same document.
     let served = Served::start_endpoints(
@@ -1122,13 +1121,7 @@ async fn serve_ends_a_mux_session_with_its_connection() {
     )
     .await;
     let local = SocketAddr::new(LOOPBACK, served.port(WEB));
-    for path in ["/one", "/two"] {
-        let response = http_get_through(local, path).await;
-        assert!(
-            response.starts_with("HTTP/1.1 200 OK") && response.ends_with(path),
-            "{response}"
-        );
-    }
+    assert_answered(local, &["/one", "/two"]).await;
     // Every session ends while the bridge still serves: with its connection (the two requests',
     // and the readiness probe's of `Served::start`, which sent nothing).
     let sessions = all_sessions_ended(&emulator).await;

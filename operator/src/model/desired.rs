@@ -39,8 +39,6 @@ use crate::{
     settings::Settings,
 };
 
-pub use crate::model::identity::{ManagedPolicy, PolicyDocumentJson};
-
 /// IAM attaches at most 20 managed policies to one user or role (after a quota increase; 10 by
 /// default), so a grant may never need more.
 pub const MAX_POLICIES_PER_PRINCIPAL: usize = 20;

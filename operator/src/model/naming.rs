@@ -168,11 +168,6 @@ pub fn grant_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
-/// Whether an AWS object with these tags is the grant `owner`'s (its owner tag names the grant).
-pub fn owned_by(tags: &BTreeMap<String, String>, owner: &str) -> bool {
-    OwnerTag::grant(owner).owns(tags)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +191,8 @@ mod tests {
                 .collect()
         };
         let mine = "prod/ops/web";
+        let owned_by =
+            |tags: &BTreeMap<String, String>, owner: &str| OwnerTag::grant(owner).owns(tags);
         assert!(owned_by(&tags(&[(OWNER_TAG, mine)]), mine));
         assert!(!owned_by(&tags(&[(OWNER_TAG, "prod/ops/other")]), mine));
         assert!(

@@ -20,6 +20,20 @@ fn names(suffix: &str) -> String {
     format!("set{suffix}")
 }
 
+/// Grant `c/ns/g<i>` contributes `statements[i]`.
+fn grant_names(count: usize) -> Vec<String> {
+    (0..count).map(|g| format!("c/ns/g{g}")).collect()
+}
+
+fn contributions<'a>(
+    grants: &'a [String],
+    statements: &'a [Vec<Statement>],
+) -> Vec<Contribution<'a>> {
+    (grants.iter().zip(statements))
+        .map(|(grant, statements)| Contribution { grant, statements })
+        .collect()
+}
+
 #[test]
 fn statements_differing_only_in_resources_merge_into_one() {
     let window = Statement::new("Windowed", Effect::Allow, START, vec![instance(3)])
@@ -76,10 +90,8 @@ fn a_thousand_grants_of_fifty_instances_take_one_policy() {
     let statements: Vec<Vec<Statement>> = (0..1000)
         .map(|g| vec![allow("StartSessionOnInstances", vec![instance(g % 50)])])
         .collect();
-    let grants: Vec<String> = (0..1000).map(|g| format!("c/ns/g{g}")).collect();
-    let contributions: Vec<Contribution<'_>> = (grants.iter().zip(&statements))
-        .map(|(grant, statements)| Contribution { grant, statements })
-        .collect();
+    let grants = grant_names(1000);
+    let contributions = contributions(&grants, &statements);
     let set = policy_set(&contributions, 10, &names).expect("packs");
     assert_eq!(set.policies.len(), 1);
     assert!(set.left_out.is_empty());
@@ -142,10 +154,8 @@ fn grants_beyond_the_budget_are_left_out_from_the_first_that_does_not_fit() {
             )]
         })
         .collect();
-    let grants: Vec<String> = (0..5).map(|g| format!("c/ns/g{g}")).collect();
-    let contributions: Vec<Contribution<'_>> = (grants.iter().zip(&statements))
-        .map(|(grant, statements)| Contribution { grant, statements })
-        .collect();
+    let grants = grant_names(5);
+    let contributions = contributions(&grants, &statements);
     let all = policy_set(&contributions, 10, &names).expect("packs");
     assert!(all.left_out.is_empty());
     let needed = all.policies.len();
