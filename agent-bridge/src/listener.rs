@@ -1,5 +1,6 @@
-//! Endpoint listeners: exactly one per (instance, port), each accepting connections and carrying
-//! every one through its own SSM session, within limits on concurrent sessions.
+//! Endpoint listeners: exactly one per listen port (a Service's targetPort, unique across the
+//! operator's Services), each accepting connections and carrying every one through its own SSM
+//! session, within limits on concurrent sessions.
 //!
 //! ```text
 //!  Services ──endpoints()──▶ desired set ──Listeners::apply──▶ one accept loop per endpoint
@@ -36,7 +37,10 @@ use crate::{
 pub struct Endpoint {
     /// The instance sessions go to.
     pub instance_id: String,
-    /// The port on the instance.
+    /// The remote host the sessions forward to through the instance, if not the instance
+    /// itself (the document pins it; kept for the logs).
+    pub remote_host: Option<String>,
+    /// The port on the instance, or on the remote host.
     pub port: u16,
     /// The port the bridge listens on.
     pub listen_port: u16,
@@ -47,10 +51,11 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// The endpoint of one exposed port of an instance.
-    pub fn from_contract(instance_id: &str, port: &EndpointPort) -> Self {
+    /// The endpoint of one exposed port of a Service.
+    pub fn from_contract(service: &EndpointAnnotations, port: &EndpointPort) -> Self {
         Self {
-            instance_id: instance_id.to_owned(),
+            instance_id: service.instance_id.clone(),
+            remote_host: service.remote_host.clone(),
             port: port.port,
             listen_port: port.target_port,
             document: port.document.clone(),
@@ -69,18 +74,28 @@ impl Endpoint {
     }
 }
 
-/// The endpoints described by a set of Services' annotations. Services that do not follow the
-/// contract are skipped with a warning. Pure.
+/// The endpoints described by a set of Services' annotations, by listen port. Services that do
+/// not follow the contract are skipped with a warning, and so is a port whose listen port
+/// another Service already claimed (the operator never hands one out twice). Pure.
 pub fn endpoints<'a>(
     annotations: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, String>)>,
-) -> BTreeMap<(String, u16), Endpoint> {
-    let mut out = BTreeMap::new();
+) -> BTreeMap<u16, Endpoint> {
+    let mut out: BTreeMap<u16, Endpoint> = BTreeMap::new();
     for (service, annotations) in annotations {
         match EndpointAnnotations::parse(annotations) {
             Ok(parsed) => {
                 for port in &parsed.ports {
-                    let endpoint = Endpoint::from_contract(&parsed.instance_id, port);
-                    out.insert((endpoint.instance_id.clone(), endpoint.port), endpoint);
+                    let endpoint = Endpoint::from_contract(&parsed, port);
+                    if let Some(claimed) = out.get(&endpoint.listen_port) {
+                        warn!(
+                            service,
+                            listen_port = endpoint.listen_port,
+                            claimed_by = claimed.instance_id,
+                            "skipping a port whose listen port another Service claims"
+                        );
+                        continue;
+                    }
+                    out.insert(endpoint.listen_port, endpoint);
                 }
             }
             Err(error) => {
@@ -167,7 +182,7 @@ pub struct Listeners<C> {
     context: Arc<SessionContext<C>>,
     admission: Arc<Admission>,
     address: IpAddr,
-    running: BTreeMap<(String, u16), Running>,
+    running: BTreeMap<u16, Running>,
     /// Cancelled at shutdown: stop accepting.
     draining: CancellationToken,
     /// Cancelled after the grace period: terminate remaining sessions.
@@ -198,18 +213,19 @@ impl<C: ControlPlane + 'static> Listeners<C> {
     /// tunnels), opens the new ones. Returns the endpoints that failed to bind.
     pub async fn apply(
         &mut self,
-        desired: &BTreeMap<(String, u16), Endpoint>,
+        desired: &BTreeMap<u16, Endpoint>,
     ) -> Vec<(Endpoint, std::io::Error)> {
-        let stale: Vec<(String, u16)> = self
+        let stale: Vec<u16> = self
             .running
             .iter()
             .filter(|(key, running)| desired.get(*key) != Some(&running.endpoint))
-            .map(|(key, _)| key.clone())
+            .map(|(key, _)| *key)
             .collect();
         for key in stale {
             if let Some(running) = self.running.remove(&key) {
                 info!(
                     instance = running.endpoint.instance_id,
+                    remote_host = running.endpoint.remote_host,
                     port = running.endpoint.port,
                     "closing endpoint"
                 );
@@ -225,6 +241,7 @@ impl<C: ControlPlane + 'static> Listeners<C> {
                 Ok(listener) => {
                     info!(
                         instance = endpoint.instance_id,
+                        remote_host = endpoint.remote_host,
                         port = endpoint.port,
                         listen = endpoint.listen_port,
                         "opening endpoint"
@@ -242,7 +259,7 @@ impl<C: ControlPlane + 'static> Listeners<C> {
                         self.tasks.clone(),
                     ));
                     self.running.insert(
-                        key.clone(),
+                        *key,
                         Running {
                             endpoint: endpoint.clone(),
                             removed,
@@ -318,6 +335,7 @@ async fn accept_loop<C: ControlPlane + 'static>(
         let span = info_span!(
             "tunnel",
             instance = %endpoint.instance_id,
+            remote_host = endpoint.remote_host,
             port = endpoint.port,
             %client,
             session_id = tracing::field::Empty,
@@ -366,19 +384,43 @@ mod tests {
             "i-0fedcba9",
             r#"[{"port":5432,"targetPort":20002,"document":"pg"}]"#,
         );
+        // A database behind the same instance, on the instance's own port number.
+        let mut db = annotations(
+            "i-0123abcd",
+            r#"[{"port":5432,"targetPort":20003,"document":"to-db"}]"#,
+        );
+        db.insert("fleetaccess.io/remote-host".into(), "db.internal".into());
         let broken = annotations("i-1", "not json");
-        let set = endpoints([("a", &a), ("b", &b), ("broken", &broken)]);
-        assert_eq!(set.len(), 2);
-        let ssh = &set[&("i-0123abcd".to_owned(), 22)];
-        assert_eq!(ssh.listen_port, 20001);
+        // A Service claiming a listen port that is taken loses that port only.
+        let thief = annotations(
+            "i-2",
+            r#"[{"port":22,"targetPort":20001,"document":"AWS-StartSSHSession"}]"#,
+        );
+        let set = endpoints([
+            ("a", &a),
+            ("b", &b),
+            ("db", &db),
+            ("broken", &broken),
+            ("thief", &thief),
+        ]);
+        assert_eq!(
+            set.keys().copied().collect::<Vec<_>>(),
+            [20001, 20002, 20003]
+        );
+        let ssh = &set[&20001];
+        assert_eq!((ssh.instance_id.as_str(), ssh.port), ("i-0123abcd", 22));
         let request = ssh.start_request("why");
         assert_eq!(request.parameters["portNumber"], ["22"]);
         assert_eq!(request.reason.as_deref(), Some("why"));
-        assert!(
-            set[&("i-0fedcba9".to_owned(), 5432)]
-                .start_request("why")
-                .parameters
-                .is_empty()
+        assert!(set[&20002].start_request("why").parameters.is_empty());
+        let to_db = &set[&20003];
+        assert_eq!(
+            (
+                to_db.remote_host.as_deref(),
+                to_db.port,
+                to_db.document.as_str()
+            ),
+            (Some("db.internal"), 5432, "to-db")
         );
     }
 

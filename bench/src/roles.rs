@@ -266,12 +266,13 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
         .port();
     let endpoint = Endpoint {
         instance_id: crate::support::INSTANCE.into(),
+        remote_host: None,
         port,
         listen_port,
         document,
         port_parameter: Some(port),
     };
-    let desired = BTreeMap::from([((endpoint.instance_id.clone(), port), endpoint)]);
+    let desired = BTreeMap::from([(listen_port, endpoint)]);
     if let Some((_, error)) = listeners.apply(&desired).await.into_iter().next() {
         anyhow::bail!("cannot listen: {error}");
     }

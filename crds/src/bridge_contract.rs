@@ -17,9 +17,14 @@
 //!   ports: [{name: p22, port: 22, targetPort: 20001}]
 //! ```
 //!
-//! The bridge keeps exactly one listener per (instance, port): it listens on `targetPort` and
-//! starts sessions to the instance with `document` (passing `portNumber = portParameter` when
-//! set). Pure: no I/O.
+//! A remote host reached through an instance gets a Service of its own, named by
+//! [`service_name`] (`<instance>-<host>-<hash>`), with a [`REMOTE_HOST_ANNOTATION`]: its ports
+//! are the host's, and its documents pin host and port. So the instance's port 5432 and a
+//! database's port 5432 behind it never meet in one Service.
+//!
+//! The bridge keeps exactly one listener per `targetPort` (target ports are unique across all
+//! Services) and starts sessions to the instance with `document` (passing `portNumber =
+//! portParameter` when set). Pure: no I/O.
 
 use std::collections::BTreeMap;
 
@@ -43,6 +48,37 @@ pub const INSTANCE_ID_ANNOTATION: &str = "fleetaccess.io/instance-id";
 /// Annotation with the exposed ports, as a JSON list of [`EndpointPort`].
 pub const PORTS_ANNOTATION: &str = "fleetaccess.io/ports";
 
+/// Annotation with the remote host a Service's sessions forward to, on a remote host's Service.
+pub const REMOTE_HOST_ANNOTATION: &str = "fleetaccess.io/remote-host";
+
+/// The longest Service name (a DNS label).
+const MAX_SERVICE_NAME: usize = 63;
+
+/// The name of the Service for `instance`, or for `remote_host` reached through it: the instance
+/// ID, or `<instance>-<host>-<hash>` with each run of the host's dots and colons as one `-`, cut to fit a DNS
+/// label, and a hash of the whole host that keeps `db.example` and `db-example` apart.
+pub fn service_name(instance: &str, remote_host: Option<&str>) -> String {
+    let Some(host) = remote_host else {
+        return instance.to_owned();
+    };
+    let mut label = String::new();
+    for c in host.chars().map(|c| c.to_ascii_lowercase()) {
+        match c {
+            'a'..='z' | '0'..='9' => label.push(c),
+            _ if !label.ends_with('-') => label.push('-'),
+            _ => {}
+        }
+    }
+    let hash = format!(
+        "{:06x}",
+        crate::ssm_documents::fnv1a(host.as_bytes()) & 0xff_ffff
+    );
+    let room = MAX_SERVICE_NAME - instance.len() - hash.len() - 2;
+    let cut: String = label.chars().take(room).collect();
+    let cut = cut.trim_matches('-');
+    format!("{instance}-{cut}-{hash}")
+}
+
 /// One exposed port of an instance.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -63,6 +99,8 @@ pub struct EndpointPort {
 pub struct EndpointAnnotations {
     /// The instance ID.
     pub instance_id: String,
+    /// The remote host reached through the instance, on a remote host's Service.
+    pub remote_host: Option<String>,
     /// The exposed ports, sorted by port.
     pub ports: Vec<EndpointPort>,
 }
@@ -88,10 +126,14 @@ impl EndpointAnnotations {
         ports.sort();
         // A list of plain structs always serializes.
         let ports = serde_json::to_string(&ports).unwrap_or_default();
-        BTreeMap::from([
+        let mut annotations = BTreeMap::from([
             (INSTANCE_ID_ANNOTATION.to_owned(), self.instance_id.clone()),
             (PORTS_ANNOTATION.to_owned(), ports),
-        ])
+        ]);
+        if let Some(host) = &self.remote_host {
+            annotations.insert(REMOTE_HOST_ANNOTATION.to_owned(), host.clone());
+        }
+        annotations
     }
 
     /// Reads the annotations of a Service; other annotations are ignored.
@@ -116,7 +158,11 @@ impl EndpointAnnotations {
                 return Err(ContractError::DuplicatePort(p.target_port));
             }
         }
-        Ok(Self { instance_id, ports })
+        Ok(Self {
+            instance_id,
+            remote_host: annotations.get(REMOTE_HOST_ANNOTATION).cloned(),
+            ports,
+        })
     }
 }
 
@@ -137,6 +183,7 @@ mod tests {
     fn sample() -> EndpointAnnotations {
         EndpointAnnotations {
             instance_id: "i-0123456789abcdef0".into(),
+            remote_host: None,
             ports: vec![
                 EndpointPort {
                     port: 5432,
@@ -165,6 +212,39 @@ mod tests {
         assert_eq!(parsed.instance_id, "i-0123456789abcdef0");
         assert_eq!(parsed.ports[0].port, 22);
         assert_eq!(parsed.ports[1].port_parameter, None);
+    }
+
+    #[test]
+    fn a_remote_host_has_its_own_service_named_after_instance_and_host() {
+        let instance = "i-0123456789abcdef0";
+        assert_eq!(service_name(instance, None), instance);
+        let db = service_name(instance, Some("db.internal.example"));
+        assert!(
+            db.starts_with("i-0123456789abcdef0-db-internal-example-"),
+            "{db}"
+        );
+        // Hosts that read alike stay apart; every name is a DNS label.
+        let other = service_name(instance, Some("db-internal.example"));
+        assert_ne!(db, other);
+        let long = "a".repeat(200) + ".example";
+        for name in [
+            db,
+            other,
+            service_name(instance, Some(&long)),
+            service_name("mi-0123456789abcdef0", Some("fd12::1")),
+        ] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{name}"
+            );
+            assert!(!name.ends_with('-') && !name.contains("--"), "{name}");
+        }
+        let mut remote = sample();
+        remote.remote_host = Some("db.internal.example".into());
+        let parsed = EndpointAnnotations::parse(&remote.render()).expect("parses");
+        assert_eq!(parsed.remote_host.as_deref(), Some("db.internal.example"));
     }
 
     #[test]

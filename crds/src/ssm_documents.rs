@@ -49,7 +49,7 @@ pub fn remote_host_document_name(cluster: &str, host: &str, port: u16) -> String
 }
 
 /// FNV-1a, 64 bits: a stable hash with no dependency, for names only.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -146,7 +146,32 @@ fn defaults_are_applied_when_typed() {
     let grant = parse_session_accesses(&text).expect("valid").remove(0);
     let bridge = grant.spec.bridge.expect("bridge");
     assert!(bridge.enabled);
-    assert_eq!(bridge.ports, [fleet_access_crds::names::Port(22)]);
+    assert_eq!(
+        bridge.instance_ports(),
+        [fleet_access_crds::names::Port(22)]
+    );
+    // With remote hosts and no ports listed, no instance port is exposed.
+    let remote = bridge_with(
+        "ports: [22]",
+        "{remoteHosts: [{host: db.internal, port: 5432}]}",
+    );
+    assert_eq!(remote.instance_ports(), []);
+    let both = bridge_with(
+        "ssh: true",
+        "{ports: [22], remoteHosts: [{host: db.internal, port: 5432}]}",
+    );
+    assert_eq!(both.instance_ports(), [fleet_access_crds::names::Port(22)]);
+}
+
+/// The bridge of a grant with `sessions` (plus a remote host) and `bridge`.
+fn bridge_with(sessions: &str, bridge: &str) -> fleet_access_crds::v1alpha1::Bridge {
+    let text = format!(
+        "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\nmetadata: {{name: g, namespace: ns}}\nspec:\n  targets: {{instanceIds: [i-0123456789abcdef0]}}\n  sessions: {{{sessions}, remoteHosts: [{{host: db.internal, port: 5432}}]}}\n  bridge: {bridge}\n"
+    );
+    let grant = parse_session_accesses(&text)
+        .unwrap_or_else(|e| panic!("valid: {e}"))
+        .remove(0);
+    grant.spec.bridge.expect("bridge")
 }
 
 #[test]

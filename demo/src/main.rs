@@ -133,12 +133,13 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let listen_port = pick_port(args.port_base, i).await?;
         let endpoint = Endpoint {
             instance_id: (*id).to_owned(),
+            remote_host: None,
             port: 22,
             listen_port,
             document: SSH_DOCUMENT.into(),
             port_parameter: Some(22),
         };
-        desired.insert((endpoint.instance_id.clone(), 22), endpoint);
+        desired.insert(listen_port, endpoint);
     }
     if let Some((endpoint, error)) = listeners.apply(&desired).await.into_iter().next() {
         anyhow::bail!(

@@ -127,6 +127,7 @@ fn ssh_endpoint(port: u16, target: u16) -> EndpointPort {
 fn endpoint_service_of(instance: &str, ports: &[EndpointPort]) -> Service {
     let annotations = EndpointAnnotations {
         instance_id: instance.to_owned(),
+        remote_host: None,
         ports: ports.to_vec(),
     };
     Service {
@@ -1156,6 +1157,7 @@ async fn prometheus_scrapes_what_a_session_caused() {
 
     let endpoint = fleet_access_agent_bridge::listener::Endpoint {
         instance_id: WEB.into(),
+        remote_host: None,
         port: 22,
         listen_port: free_loopback_port().expect("port"),
         document: "AWS-StartSSHSession".into(),
@@ -1169,7 +1171,7 @@ async fn prometheus_scrapes_what_a_session_caused() {
         },
         LOOPBACK,
     );
-    let desired = BTreeMap::from([((WEB.to_owned(), 22), endpoint.clone())]);
+    let desired = BTreeMap::from([(endpoint.listen_port, endpoint.clone())]);
     assert!(listeners.apply(&desired).await.is_empty());
     let output = run_ok(ssh_via(&sshd, endpoint.listen_port).arg("head -c 100000 /dev/zero"));
     assert_eq!(output.len(), 100_000);

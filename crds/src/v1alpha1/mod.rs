@@ -101,6 +101,15 @@ pub const GROUP: &str = "fleetaccess.io";
     validation = Rule::new("!has(self.bridge) || !has(self.bridge.ports) || self.bridge.ports.all(p, (p == 22 && has(self.sessions) && has(self.sessions.ssh) && self.sessions.ssh) || (has(self.sessions) && has(self.sessions.ports) && p in self.sessions.ports))")
         .message("every spec.bridge.ports entry must be allowed by the grant: port 22 needs spec.sessions.ssh: true, any other port must be listed in spec.sessions.ports")
         .field_path(".bridge.ports"),
+    validation = Rule::new("!has(self.bridge) || has(self.bridge.ports) || (has(self.bridge.remoteHosts) && size(self.bridge.remoteHosts) > 0) || (has(self.sessions) && has(self.sessions.ssh) && self.sessions.ssh)")
+        .message("spec.bridge exposes port 22 unless it lists ports or remoteHosts, and port 22 needs spec.sessions.ssh: true: set spec.bridge.ports or spec.bridge.remoteHosts")
+        .field_path(".bridge"),
+    validation = Rule::new("!has(self.bridge) || !has(self.bridge.ports) || size(self.bridge.ports) > 0 || (has(self.bridge.remoteHosts) && size(self.bridge.remoteHosts) > 0)")
+        .message("spec.bridge must expose something: list ports or remoteHosts, or remove spec.bridge")
+        .field_path(".bridge.ports"),
+    validation = Rule::new("!has(self.bridge) || !has(self.bridge.remoteHosts) || self.bridge.remoteHosts.all(r, has(self.sessions) && has(self.sessions.remoteHosts) && self.sessions.remoteHosts.exists(s, s.host == r.host && s.port == r.port))")
+        .message("every spec.bridge.remoteHosts entry must be allowed by the grant: list the same host and port in spec.sessions.remoteHosts")
+        .field_path(".bridge.remoteHosts"),
 )]
 pub struct SessionAccessSpec {
     /// Allow grants access; Deny takes it away, whatever other policies allow (an explicit IAM
@@ -361,11 +370,19 @@ pub struct Bridge {
     pub enabled: bool,
 
     /// Ports on the instances to expose, each allowed by spec.sessions (22 through ssh).
-    /// Defaults to [22].
-    #[serde(default = "default_bridge_ports")]
-    #[schemars(length(min = 1, max = 20))]
+    /// Defaults to [22] when remoteHosts is empty, and to none otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 20))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
-    pub ports: Vec<Port>,
+    pub ports: Option<Vec<Port>>,
+
+    /// Remote hosts to expose, each listed in spec.sessions.remoteHosts. Each (instance, host)
+    /// gets its own Service, `<instance>-<host>-<hash>`, whose ports are the host's ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    #[schemars(extend("x-kubernetes-list-type" = "map"))]
+    #[schemars(extend("x-kubernetes-list-map-keys" = ["host", "port"]))]
+    pub remote_hosts: Vec<RemoteHost>,
 
     /// Who may connect, as NetworkPolicy peers (pod and namespace selectors). A podSelector
     /// without a namespaceSelector selects pods in the grant's own namespace. Empty means no
@@ -379,8 +396,16 @@ fn default_true() -> bool {
     true
 }
 
-fn default_bridge_ports() -> Vec<Port> {
-    vec![Port(22)]
+impl Bridge {
+    /// The instance ports exposed: those listed, or, when none are listed, 22 unless the grant
+    /// exposes remote hosts.
+    pub fn instance_ports(&self) -> Vec<Port> {
+        match &self.ports {
+            Some(ports) => ports.clone(),
+            None if self.remote_hosts.is_empty() => vec![Port(22)],
+            None => Vec::new(),
+        }
+    }
 }
 
 /// What the operator observed and did. Written by the operator only.
@@ -477,9 +502,22 @@ pub struct TargetStatus {
     /// Whether the agent can carry SSH (2.3.672.0 or later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_capable: Option<bool>,
-    /// The bridge endpoint's DNS name, when the grant has one.
+    /// The bridge endpoint's DNS name, when the grant exposes ports of the instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The bridge endpoints of the remote hosts the grant exposes through the instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_endpoints: Vec<RemoteEndpointStatus>,
+}
+
+/// The bridge endpoint of a remote host reached through one instance.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteEndpointStatus {
+    /// The remote host.
+    pub host: String,
+    /// The endpoint's DNS name; its ports are the host's.
+    pub endpoint: String,
 }
 
 // === SessionPreferences ===

@@ -60,7 +60,7 @@ use crate::{
     model::{
         boundary::{self, Admission},
         desired::{self, Desired},
-        endpoints::{self, WantedEndpoints},
+        endpoints::{self, Destination, WantedEndpoints},
         naming::{self, OwnerTag},
         plan::{self, Change, Known, Moment, SessionOwners, WantedDocument},
         policy::Effect,
@@ -261,12 +261,14 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     }
 
     let found = observe::instances(&desired.targets, ctx).await;
-    let bridge_namespace = desired
-        .bridge
-        .as_ref()
-        .map(|_| ctx.settings.bridge_namespace.as_str());
+    let endpoints = (desired.bridge.as_ref()).map(|bridge| {
+        (
+            ctx.settings.bridge_namespace.as_str(),
+            bridge.ports.as_slice(),
+        )
+    });
     let (targets, target_list) = match found {
-        Ok(found) => status::resolved_targets(&desired.targets, found, bridge_namespace),
+        Ok(found) => status::resolved_targets(&desired.targets, found, endpoints),
         Err(error) => (TargetsState::Unresolvable(error.to_string()), Vec::new()),
     };
 
@@ -339,9 +341,9 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         _ if expired => EndpointsState::Removed,
         (_, Ok(_)) if refused => EndpointsState::Revoked,
         (None, Ok(_)) => EndpointsState::NotRequested,
-        (Some(_), Ok(_)) if wanted_endpoints.instances.is_empty() => EndpointsState::NoInstances,
+        (Some(_), Ok(_)) if wanted_endpoints.services.is_empty() => EndpointsState::NoInstances,
         (Some(_), Ok(_)) => EndpointsState::Ready {
-            services: wanted_endpoints.instances.len(),
+            services: wanted_endpoints.services.len(),
             namespace: ctx.settings.bridge_namespace.clone(),
         },
         (_, Err(error)) => EndpointsState::Failed(error.to_string()),
@@ -671,16 +673,22 @@ async fn sync_endpoints(
     let _allocation = ctx.endpoints.lock().await;
     let observed = observe::endpoints(key, ctx).await?;
     let namespace = &ctx.settings.bridge_namespace;
-    let mut served: BTreeSet<String> = observed.services.keys().cloned().collect();
+    let mut services = observed.services.clone();
     for change in endpoints::endpoint_changes(namespace, key, wanted, &observed)? {
         applier.apply(&change).await?;
         match &change {
-            Change::ApplyService(service) => served.insert(service.name_any()),
-            Change::DeleteService { name, .. } => served.remove(name),
-            _ => false,
+            Change::ApplyService(service) => {
+                services.insert(service.name_any(), service.as_ref().clone());
+            }
+            Change::DeleteService { name, .. } => {
+                services.remove(name);
+            }
+            _ => {}
         };
     }
-    Ok(served)
+    Ok((services.values())
+        .map(|service| Destination::of_service(service).instance)
+        .collect())
 }
 
 #[cfg(test)]

@@ -213,7 +213,8 @@ pub struct BridgeGrant {
     /// Tags whose instances are resolved when the grant is applied.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
-    /// Ports exposed on each instance, with the session document that reaches each.
+    /// Ports exposed on each instance, and on the remote hosts reached through it, with the
+    /// session document that reaches each.
     pub ports: Vec<BridgePort>,
     /// Who may connect (NetworkPolicy peers).
     pub clients: Vec<NetworkPolicyPeer>,
@@ -223,13 +224,27 @@ pub struct BridgeGrant {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BridgePort {
-    /// The port on the instance.
+    /// The remote host the port is on, when it is not the instance's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The port on the instance, or on the remote host.
     pub port: u16,
     /// The session document the bridge starts sessions with.
     pub document: String,
     /// The `portNumber` parameter to pass, for documents that do not pin the port.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port_parameter: Option<u16>,
+}
+
+impl BridgePort {
+    /// Where it leads: `port` on the instance, or `host:port`.
+    pub fn destination(&self) -> String {
+        match &self.host {
+            Some(host) if host.contains(':') => format!("[{host}]:{}", self.port),
+            Some(host) => format!("{host}:{}", self.port),
+            None => self.port.to_string(),
+        }
+    }
 }
 
 // === compute ===
@@ -810,25 +825,34 @@ fn bridge_grant(
     window: &Conditions,
 ) -> Result<BridgeGrant> {
     let role = settings.bridge_role.clone().ok_or(Error::NoBridgeRole)?;
-    let ports: Vec<BridgePort> = bridge
-        .ports
-        .iter()
-        .map(|port| {
-            if port.0 == 22 && sessions.ssh {
-                BridgePort {
-                    port: 22,
-                    document: SSH_DOCUMENT.into(),
-                    port_parameter: Some(22),
-                }
-            } else {
-                BridgePort {
-                    port: port.0,
-                    document: port_document(names.cluster, port.0).name,
-                    port_parameter: None,
-                }
+    let instance_ports = (bridge.instance_ports().into_iter()).map(|port| {
+        if port.0 == 22 && sessions.ssh {
+            BridgePort {
+                host: None,
+                port: 22,
+                document: SSH_DOCUMENT.into(),
+                port_parameter: Some(22),
             }
-        })
-        .collect();
+        } else {
+            BridgePort {
+                host: None,
+                port: port.0,
+                document: port_document(names.cluster, port.0).name,
+                port_parameter: None,
+            }
+        }
+    });
+    let remote_ports = bridge.remote_hosts.iter().map(|remote| BridgePort {
+        host: Some(remote.host.to_string()),
+        port: remote.port.0,
+        document: ssm_documents::remote_host_document_name(
+            names.cluster,
+            remote.host.as_str(),
+            remote.port.0,
+        ),
+        port_parameter: None,
+    });
+    let ports: Vec<BridgePort> = instance_ports.chain(remote_ports).collect();
     let document_arns = ports
         .iter()
         .map(|p| {

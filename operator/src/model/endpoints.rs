@@ -1,12 +1,13 @@
-//! Bridge endpoints as Kubernetes objects, rendered purely: one `Service` per instance in the
-//! bridge namespace (the contract in `fleet_access_crds::bridge_contract`), merging the ports of
-//! every grant on that instance, and one `NetworkPolicy` per grant that admits only the
-//! grant's clients to the grant's target ports. No I/O.
+//! Bridge endpoints as Kubernetes objects, rendered purely: one `Service` per destination in the
+//! bridge namespace (the contract in `fleet_access_crds::bridge_contract`): per instance, and per
+//! remote host reached through an instance. Each merges the ports of every grant on that
+//! destination. One `NetworkPolicy` per grant admits only the grant's clients to the grant's
+//! target ports. No I/O.
 //!
 //! Which grant contributed which ports is recorded on the Service itself
 //! ([`GRANT_PORTS_ANNOTATION`]), so a grant can withdraw its ports without reading the others.
 //! [`endpoint_changes`] plans one grant's endpoints against what is observed: it keeps every
-//! other grant's ports, reuses an (instance, port)'s target port and allocates new ones.
+//! other grant's ports, reuses a (Service, port)'s target port and allocates new ones.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -52,15 +53,55 @@ pub fn grant_ports(service: &Service) -> GrantPorts {
         .unwrap_or_default()
 }
 
-/// The Service for `instance` carrying the union of the grants' ports (the first grant, in
-/// name order, decides a port's document).
-pub fn render_service(namespace: &str, instance: &str, grants: &GrantPorts) -> Service {
+/// Where a Service's sessions go: an instance, or a remote host reached through it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Destination {
+    /// The instance the sessions start on.
+    pub instance: String,
+    /// The remote host they forward to, if not the instance itself.
+    pub remote_host: Option<String>,
+}
+
+impl Destination {
+    /// The instance itself.
+    pub fn instance(instance: &str) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            remote_host: None,
+        }
+    }
+
+    /// The name of its Service.
+    pub fn service_name(&self) -> String {
+        bridge_contract::service_name(&self.instance, self.remote_host.as_deref())
+    }
+
+    /// What an observed Service reaches, by its annotations; by its name (an instance ID) when
+    /// they are unreadable.
+    pub fn of_service(service: &Service) -> Self {
+        let parsed = (service.metadata.annotations.as_ref())
+            .and_then(|a| EndpointAnnotations::parse(a).ok());
+        match parsed {
+            Some(endpoint) => Self {
+                instance: endpoint.instance_id,
+                remote_host: endpoint.remote_host,
+            },
+            None => Self::instance(&service.name_any()),
+        }
+    }
+}
+
+/// The Service for `destination` carrying the union of the grants' ports (the first grant, in
+/// name order, decides a port's document; grants on one destination agree on it, since
+/// documents are per destination and port).
+pub fn render_service(namespace: &str, destination: &Destination, grants: &GrantPorts) -> Service {
     let mut ports: BTreeMap<u16, EndpointPort> = BTreeMap::new();
     for exposed in grants.values().flatten() {
         ports.entry(exposed.port).or_insert_with(|| exposed.clone());
     }
     let endpoint = EndpointAnnotations {
-        instance_id: instance.to_owned(),
+        instance_id: destination.instance.clone(),
+        remote_host: destination.remote_host.clone(),
         ports: ports.values().cloned().collect(),
     };
     let mut annotations = endpoint.render();
@@ -71,7 +112,7 @@ pub fn render_service(namespace: &str, instance: &str, grants: &GrantPorts) -> S
     );
     Service {
         metadata: ObjectMeta {
-            name: Some(instance.to_owned()),
+            name: Some(destination.service_name()),
             namespace: Some(namespace.to_owned()),
             labels: Some(managed_labels()),
             annotations: Some(annotations),
@@ -132,19 +173,20 @@ pub fn service_matches(existing: &Service, rendered: &Service) -> bool {
         && ports(existing) == ports(rendered)
 }
 
-/// What one grant wants on the bridge: ports per instance, and the clients its NetworkPolicy
-/// admits.
+/// What one grant wants on the bridge: ports per destination, and the clients its
+/// NetworkPolicy admits.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WantedEndpoints {
-    /// Instance → the grant's ports on it.
-    pub instances: Vec<(String, Vec<BridgePort>)>,
+    /// Destination → the grant's ports on it.
+    pub services: Vec<(Destination, Vec<BridgePort>)>,
     /// The peers admitted to the grant's target ports.
     pub clients: Vec<NetworkPolicyPeer>,
 }
 
 impl WantedEndpoints {
     /// The grant's endpoints: its ports on the instances it lists and on those its tags
-    /// resolved to (`resolved`); none when it asks for no bridge or has expired.
+    /// resolved to (`resolved`), and on the remote hosts behind each; none when it asks for no
+    /// bridge or has expired.
     pub fn of(desired: &Desired, resolved: &[String], expired: bool) -> Self {
         let Some(bridge) = desired.bridge.as_ref().filter(|_| !expired) else {
             return Self::default();
@@ -153,10 +195,27 @@ impl WantedEndpoints {
         if !bridge.tags.is_empty() {
             instances.extend(resolved);
         }
+        let mut by_host: BTreeMap<Option<&String>, Vec<BridgePort>> = BTreeMap::new();
+        for port in &bridge.ports {
+            by_host
+                .entry(port.host.as_ref())
+                .or_default()
+                .push(port.clone());
+        }
+        let services = instances
+            .into_iter()
+            .flat_map(|instance| {
+                by_host.iter().map(|(host, ports)| {
+                    let destination = Destination {
+                        instance: instance.clone(),
+                        remote_host: host.cloned(),
+                    };
+                    (destination, ports.clone())
+                })
+            })
+            .collect();
         Self {
-            instances: (instances.into_iter())
-                .map(|instance| (instance.clone(), bridge.ports.clone()))
-                .collect(),
+            services,
             clients: bridge.clients.clone(),
         }
     }
@@ -165,7 +224,7 @@ impl WantedEndpoints {
 /// The endpoint objects observed in the bridge namespace.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ObservedEndpoints {
-    /// Every Service the operator manages there, by name (the instance ID).
+    /// Every Service the operator manages there, by name.
     pub services: BTreeMap<String, Service>,
     /// The grant's NetworkPolicy, when it exists.
     pub network_policy: Option<NetworkPolicy>,
@@ -193,19 +252,20 @@ pub fn endpoint_changes(
     let mut used: BTreeSet<u16> = (before.values())
         .flat_map(|g| g.values().flatten().map(|p| p.target_port))
         .collect();
-    let mut after: BTreeMap<String, GrantPorts> = (before.iter())
-        .map(|(name, grants)| {
-            let mut others = grants.clone();
+    let mut after: BTreeMap<String, (Destination, GrantPorts)> = (observed.services.iter())
+        .map(|(name, service)| {
+            let mut others = grant_ports(service);
             others.remove(owner);
-            ((*name).clone(), others)
+            (name.clone(), (Destination::of_service(service), others))
         })
         .collect();
     let mut target_ports = BTreeSet::new();
-    for (instance, ports) in &wanted.instances {
-        let previous = before.get(instance);
+    for (destination, ports) in &wanted.services {
+        let name = destination.service_name();
+        let previous = before.get(&name);
         let mut mine = Vec::new();
         for port in ports {
-            // Reuse the target port this (instance, port) already has, from any grant.
+            // Reuse the target port this (Service, port) already has, from any grant.
             let reused = (previous.into_iter())
                 .flat_map(|grants| grants.values().flatten())
                 .find(|p| p.port == port.port)
@@ -226,17 +286,17 @@ pub fn endpoint_changes(
                 port_parameter: port.port_parameter,
             });
         }
-        after
-            .entry(instance.clone())
-            .or_default()
-            .insert(owner.to_owned(), mine);
+        let (_, grants) = after
+            .entry(name)
+            .or_insert_with(|| (destination.clone(), GrantPorts::new()));
+        grants.insert(owner.to_owned(), mine);
     }
     let mut changes = Vec::new();
-    for (instance, grants) in &after {
-        let rendered = render_service(namespace, instance, grants);
-        let unchanged = before.get(instance) == Some(grants)
+    for (name, (destination, grants)) in &after {
+        let rendered = render_service(namespace, destination, grants);
+        let unchanged = before.get(name) == Some(grants)
             && (grants.is_empty()
-                || (observed.services.get(instance))
+                || (observed.services.get(name))
                     .is_some_and(|existing| service_matches(existing, &rendered)));
         if unchanged {
             continue;
@@ -244,14 +304,14 @@ pub fn endpoint_changes(
         changes.push(if grants.is_empty() {
             Change::DeleteService {
                 namespace: namespace.to_owned(),
-                name: instance.clone(),
+                name: name.clone(),
             }
         } else {
             Change::ApplyService(Box::new(rendered))
         });
     }
     let existing = observed.network_policy.as_ref();
-    if wanted.instances.is_empty() {
+    if wanted.services.is_empty() {
         if let Some(existing) = existing {
             changes.push(Change::DeleteNetworkPolicy {
                 namespace: namespace.to_owned(),
@@ -378,7 +438,11 @@ mod tests {
             ("a/one".to_owned(), vec![port(22, 20000)]),
             ("b/two".to_owned(), vec![port(22, 20000), port(5432, 20001)]),
         ]);
-        let service = render_service("fleet-access", "i-0123456789abcdef0", &grants);
+        let service = render_service(
+            "fleet-access",
+            &Destination::instance("i-0123456789abcdef0"),
+            &grants,
+        );
         let annotations = service.metadata.annotations.clone().expect("annotations");
         let endpoint = EndpointAnnotations::parse(&annotations).expect("contract");
         assert_eq!(endpoint.ports.len(), 2);
@@ -411,7 +475,11 @@ mod tests {
             ("a/one".to_owned(), vec![port(22, 20000)]),
             ("b/two".to_owned(), vec![port(22, 20000)]),
         ]);
-        let service = render_service("fleet-access", "i-0123456789abcdef0", &grants);
+        let service = render_service(
+            "fleet-access",
+            &Destination::instance("i-0123456789abcdef0"),
+            &grants,
+        );
         assert_eq!(
             grants_of_service(&service),
             vec![
@@ -444,14 +512,15 @@ mod tests {
     fn wanted(instances: &[&str], ports: &[u16]) -> WantedEndpoints {
         let ports: Vec<BridgePort> = (ports.iter())
             .map(|&port| BridgePort {
+                host: None,
                 port,
                 document: "AWS-StartPortForwardingSession".into(),
                 port_parameter: Some(port),
             })
             .collect();
         WantedEndpoints {
-            instances: (instances.iter())
-                .map(|i| ((*i).to_owned(), ports.clone()))
+            services: (instances.iter())
+                .map(|i| (Destination::instance(i), ports.clone()))
                 .collect(),
             clients: Vec::new(),
         }
@@ -540,13 +609,68 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_host_gets_a_service_of_its_own_beside_its_instances() {
+        let yaml = format!(
+            "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\nmetadata: {{name: g, namespace: ns}}\nspec:
+  targets: {{instanceIds: [{I1}, {I2}]}}
+  sessions: {{ports: [5432], remoteHosts: [{{host: db.internal, port: 5432}}]}}
+  bridge: {{ports: [5432], remoteHosts: [{{host: db.internal, port: 5432}}]}}
+"
+        );
+        let grant = fleet_access_crds::validation::parse_session_accesses(&yaml)
+            .expect("valid grant")
+            .remove(0);
+        let settings = crate::settings::Settings {
+            bridge_role: Some("bridge".into()),
+            ..Default::default()
+        };
+        let desired = crate::model::desired::compute(&grant, &settings).expect("computes");
+        let wanted = WantedEndpoints::of(&desired, &[], false);
+        assert_eq!(wanted.services.len(), 4, "{wanted:?}");
+        let changes =
+            endpoint_changes("fa", "a/one", &wanted, &Default::default()).expect("planned");
+        let after = applied(ObservedEndpoints::default(), &changes);
+        let db_service = bridge_contract::service_name(I1, Some("db.internal"));
+        let (own, db) = (&after.services[I1], &after.services[&db_service]);
+        let parse = |service: &Service| {
+            EndpointAnnotations::parse(service.metadata.annotations.as_ref().expect("annotations"))
+                .expect("contract")
+        };
+        let (own, db) = (parse(own), parse(db));
+        assert_eq!((own.instance_id.as_str(), own.remote_host), (I1, None));
+        assert_eq!(
+            (db.instance_id.as_str(), db.remote_host.as_deref()),
+            (I1, Some("db.internal"))
+        );
+        // Same port number, each its own document and target port.
+        assert_eq!(
+            (own.ports[0].port, own.ports[0].document.as_str()),
+            (5432, "fleet-access.default.port5432")
+        );
+        assert_eq!(
+            (db.ports[0].port, db.ports[0].document.as_str()),
+            (5432, "fleet-access.default.to-db.internal-port5432")
+        );
+        assert_ne!(own.ports[0].target_port, db.ports[0].target_port);
+        // Observed again, each Service says where it leads; planning again changes nothing.
+        assert_eq!(
+            Destination::of_service(&after.services[&db_service])
+                .remote_host
+                .as_deref(),
+            Some("db.internal")
+        );
+        let again = endpoint_changes("fa", "a/one", &wanted, &after).expect("planned");
+        assert_eq!(again, Vec::new());
+    }
+
+    #[test]
     fn a_full_range_of_target_ports_is_refused_with_advice() {
         let mut grants = GrantPorts::new();
         grants.insert(
             "z/full".into(),
             (FIRST_TARGET_PORT..=u16::MAX).map(|t| port(t, t)).collect(),
         );
-        let service = render_service("fa", I2, &grants);
+        let service = render_service("fa", &Destination::instance(I2), &grants);
         let observed = ObservedEndpoints {
             services: BTreeMap::from([(I2.to_owned(), service)]),
             network_policy: None,

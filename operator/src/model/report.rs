@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use fleet_access_crds::bridge_contract;
 use serde::Serialize;
 
 use std::collections::BTreeMap;
@@ -9,7 +10,7 @@ use std::collections::BTreeMap;
 use crate::{
     aws::Principal,
     model::{
-        desired::Desired,
+        desired::{BridgePort, Desired},
         identity::PolicySet,
         naming::POLICY_PATH,
         policy::{MANAGED_POLICY_MAX_CHARS, PolicyDocument, Statement},
@@ -119,7 +120,13 @@ pub fn text(grants: &[Desired], sets: &BTreeMap<Principal, PolicySet>) -> String
             Some(bridge) => {
                 for instance in &bridge.instances {
                     for port in &bridge.ports {
-                        let _ = writeln!(out, "  {instance}:{} via {}", port.port, port.document);
+                        let service = bridge_contract::service_name(instance, port.host.as_deref());
+                        let to = match port.host {
+                            Some(_) => format!(" (to {} through {instance})", port.destination()),
+                            None => String::new(),
+                        };
+                        let _ =
+                            writeln!(out, "  {service}:{}{to} via {}", port.port, port.document);
                     }
                 }
                 if !bridge.tags.is_empty() {
@@ -129,7 +136,7 @@ pub fn text(grants: &[Desired], sets: &BTreeMap<Principal, PolicySet>) -> String
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect();
                     let ports: Vec<String> =
-                        bridge.ports.iter().map(|p| p.port.to_string()).collect();
+                        bridge.ports.iter().map(BridgePort::destination).collect();
                     let _ = writeln!(
                         out,
                         "  instances tagged {} (resolved when applied), ports {}",

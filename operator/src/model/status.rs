@@ -6,10 +6,10 @@
 //! `lastTransitionTime` while its status does not change.
 
 use fleet_access_crds::{
-    agent_version,
+    agent_version, bridge_contract,
     v1alpha1::{
-        ConnectStatus, PolicyStatus, SessionAccessStatus, SessionPreferencesStatus, SessionsEnded,
-        TargetStatus,
+        ConnectStatus, PolicyStatus, RemoteEndpointStatus, SessionAccessStatus,
+        SessionPreferencesStatus, SessionsEnded, TargetStatus,
     },
 };
 use k8s_openapi::{
@@ -22,7 +22,7 @@ use crate::{
     aws::{AwsError, AwsErrorKind, InstanceInfo},
     model::{
         boundary::Admission,
-        desired::{Connection, TargetSelection},
+        desired::{BridgePort, Connection, TargetSelection},
     },
 };
 
@@ -316,12 +316,34 @@ fn endpoints_outcome(state: &EndpointsState) -> Outcome {
     }
 }
 
+/// The endpoints of the remote hosts behind `instance`, one per host.
+fn remote_endpoints(
+    instance: &str,
+    endpoints: Option<(&str, &[BridgePort])>,
+) -> Vec<RemoteEndpointStatus> {
+    let Some((namespace, ports)) = endpoints else {
+        return Vec::new();
+    };
+    let hosts: std::collections::BTreeSet<&str> =
+        ports.iter().filter_map(|p| p.host.as_deref()).collect();
+    (hosts.into_iter())
+        .map(|host| RemoteEndpointStatus {
+            host: host.to_owned(),
+            endpoint: format!(
+                "{}.{namespace}",
+                bridge_contract::service_name(instance, Some(host))
+            ),
+        })
+        .collect()
+}
+
 /// The targets' state and list from the instances SSM reported: `selection`'s listed IDs must
-/// all be there. With `endpoint_namespace`, each instance names its endpoint Service.
+/// all be there. With `endpoints` (the bridge namespace and the grant's bridge ports), each
+/// instance names its endpoint Services.
 pub fn resolved_targets(
     selection: &TargetSelection,
     mut found: Vec<InstanceInfo>,
-    endpoint_namespace: Option<&str>,
+    endpoints: Option<(&str, &[BridgePort])>,
 ) -> (TargetsState, Vec<TargetStatus>) {
     if selection.all_instances {
         return (TargetsState::AllInstances, Vec::new());
@@ -334,7 +356,9 @@ pub fn resolved_targets(
             ping_status: i.ping_status.clone(),
             agent_version: i.agent_version.clone(),
             ssh_capable: i.agent_version.as_deref().map(agent_version::supports_ssh),
-            endpoint: endpoint_namespace.map(|ns| format!("{}.{ns}", i.instance_id)),
+            endpoint: (endpoints.filter(|(_, ports)| ports.iter().any(|p| p.host.is_none())))
+                .map(|(ns, _)| format!("{}.{ns}", i.instance_id)),
+            remote_endpoints: remote_endpoints(&i.instance_id, endpoints),
         })
         .collect();
     let missing: Vec<String> = (selection.instance_ids.iter())

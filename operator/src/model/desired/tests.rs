@@ -255,6 +255,7 @@ fn bridge_only_grants_have_no_principal_policy() {
     assert_eq!(
         bridge.ports,
         [BridgePort {
+            host: None,
             port: 8080,
             document: "fleet-access.default.port8080".into(),
             port_parameter: None
