@@ -1,4 +1,4 @@
-//! TCP targets for data-path tests: an echo server, and a sink that takes nothing until a gate
+//! TCP targets for data-path tests: an echo server (plain, or greeting first), and a sink that takes nothing until a gate
 //! opens, then reads everything until its peer closes and hands it over (the target that does
 //! not read).
 
@@ -17,6 +17,25 @@ pub async fn echo_server() -> std::io::Result<SocketAddr> {
             tokio::spawn(async move {
                 let (mut reader, mut writer) = stream.split();
                 let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// A TCP server on 127.0.0.1 that says `greeting` on each connection, then echoes: tells apart
+/// which of several servers a path leads to.
+pub async fn greeting_echo_server(greeting: &'static str) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                if stream.write_all(greeting.as_bytes()).await.is_ok() {
+                    let (mut reader, mut writer) = stream.split();
+                    let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                }
             });
         }
     });

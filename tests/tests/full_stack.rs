@@ -2,7 +2,8 @@
 //! `deploy/` are dry-run on the kube-apiserver; the operator and the bridge run as their
 //! binaries, each under its own ServiceAccount token and the base's least-privilege RBAC; IAM is
 //! moto, SSM the project's emulator (moto upstream for documents) whose instance's port 22 is the
-//! real sshd.
+//! real sshd; its port 5432 and a database behind it are two loopback servers, each reached
+//! through its own Service.
 //!
 //! ```text
 //!  kubectl apply -f grant ──▶ operator ──▶ IAM policy (moto) + Service (bridge namespace)
@@ -27,7 +28,7 @@ use std::{
 use aws_sdk_iam::error::ProvideErrorMetadata;
 use fleet_access_crds::{
     SessionAccess,
-    bridge_contract::{EndpointAnnotations, bridge_pod_selector, managed_labels},
+    bridge_contract::{EndpointAnnotations, bridge_pod_selector, managed_labels, service_name},
 };
 use fleet_access_operator::{
     model::naming::{IDENTITY_TAG, OWNER_TAG, POLICY_PATH, identity_tag_value, owner_tag_value},
@@ -37,13 +38,14 @@ use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running}
 use fleet_access_tests::{
     ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, http_get,
     manifests::{deploy_dir, kind, kustomize, rbac_in_namespace},
+    targets::greeting_echo_server,
     workspace_binary,
 };
 use k8s_openapi::{api::core::v1::Service, jiff::Timestamp};
 use kube::Api;
 use serde_json::Value;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
     time::{Instant, sleep, timeout},
 };
@@ -52,6 +54,11 @@ const ACCOUNT: &str = "123456789012";
 const REGION: &str = "us-east-1";
 const INSTANCE: &str = "i-0fa11c0ffee000001";
 const GRANT: &str = "web-ssh";
+/// A database the instance reaches; its port is the instance's own port 5432's number too.
+const DB_HOST: &str = "orders.db.internal";
+/// What the instance's own port 5432 and the database each say first.
+const INSTANCE_GREETING: &str = "the instance's own 5432\n";
+const DB_GREETING: &str = "the database behind the instance\n";
 /// The ServiceAccounts of `deploy/base` the two programs run as.
 const OPERATOR_ACCOUNT: &str = "fleet-access-operator";
 const BRIDGE_ACCOUNT: &str = "agent-bridge";
@@ -140,8 +147,11 @@ spec:
     instanceIds: [{INSTANCE}]
   sessions:
     ssh: true
+    ports: [5432]
+    remoteHosts: [{{host: {DB_HOST}, port: 5432}}]
   bridge:
-    ports: [22]
+    ports: [22, 5432]
+    remoteHosts: [{{host: {DB_HOST}, port: 5432}}]
     clients:
       - podSelector:
           matchLabels: {{app: ansible}}
@@ -281,8 +291,15 @@ fn is_ready(grant: &SessionAccess) -> bool {
     })
 }
 
-/// The emulator with one instance whose port 22 is `sshd`; document APIs go to moto.
+/// The emulator with one instance whose port 22 is `sshd`, whose port 5432 and whose database
+/// `DB_HOST`:5432 are two servers that greet differently; document APIs go to moto.
 async fn emulator(moto: &Moto, sshd: &Sshd) -> Running {
+    let own_5432 = greeting_echo_server(INSTANCE_GREETING)
+        .await
+        .expect("the instance's server");
+    let database = greeting_echo_server(DB_GREETING)
+        .await
+        .expect("the database");
     let mut config = Config {
         mode: Mode::Fast,
         upstream: Some(moto.endpoint().to_owned()),
@@ -294,7 +311,10 @@ async fn emulator(moto: &Moto, sshd: &Sshd) -> Running {
             .with_port(
                 "22",
                 SocketAddr::new(Ipv4Addr::LOCALHOST.into(), sshd.port()),
-            ),
+            )
+            .with_port("5432", own_5432)
+            .with_host(DB_HOST, vec![Ipv4Addr::new(10, 0, 3, 17).into()])
+            .with_port(format!("{DB_HOST}:5432"), database),
     );
     Emulator::start(config).await.expect("emulator starts")
 }
@@ -476,15 +496,15 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     let endpoint = EndpointAnnotations::parse(&service.metadata.annotations.clone().unwrap())
         .expect("contract annotations");
     assert_eq!(endpoint.instance_id, INSTANCE);
-    let [port] = endpoint.ports.as_slice() else {
-        panic!("one port: {endpoint:?}");
+    let [port, _] = endpoint.ports.as_slice() else {
+        panic!("ports 22 and 5432: {endpoint:?}");
     };
     assert_eq!(
         (port.port, port.document.as_str()),
         (22, "AWS-StartSSHSession")
     );
     let service_ports = spec.ports.unwrap();
-    assert_eq!(service_ports.len(), 1);
+    assert_eq!(service_ports.len(), 2);
     assert_eq!(service_ports[0].port, 22);
     assert_eq!(
         service_ports[0].target_port,
@@ -506,6 +526,53 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     let answer = run_bounded(ssh, SSH_TIMEOUT).await;
     let hostname = run_bounded(Command::new("hostname"), SSH_TIMEOUT).await;
     assert_eq!(answer.trim(), format!("reached-42-on-{}", hostname.trim()));
+
+    // Port 5432 of the instance and of the database behind it: two Services, each leading to
+    // its own server; the grant's status names both.
+    let db_service = service_name(INSTANCE, Some(DB_HOST));
+    for (name, greeting) in [
+        (INSTANCE, INSTANCE_GREETING),
+        (db_service.as_str(), DB_GREETING),
+    ] {
+        let service = services.get(name).await.expect("the endpoint Service");
+        let endpoint = EndpointAnnotations::parse(&service.metadata.annotations.unwrap())
+            .expect("contract annotations");
+        let port = (endpoint.ports.iter())
+            .find(|p| p.port == 5432)
+            .unwrap_or_else(|| panic!("port 5432 on {name}: {endpoint:?}"));
+        let listener = SocketAddr::new(stack.listen_address, port.target_port);
+        let mut stream = wait_for(&mut stack, "the bridge listens for port 5432", || async {
+            TcpStream::connect(listener).await.ok()
+        })
+        .await;
+        let said = timeout(SSH_TIMEOUT, async {
+            let mut said = vec![0; greeting.len() + 4];
+            stream.read_exact(&mut said[..greeting.len()]).await?;
+            stream.write_all(b"ping").await?;
+            stream.read_exact(&mut said[greeting.len()..]).await?;
+            std::io::Result::Ok(said)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{name} answers in time{}", stack.logs()))
+        .expect("the tunnel carries both ways");
+        assert_eq!(String::from_utf8_lossy(&said), format!("{greeting}ping"));
+    }
+    let grant = grants.get(GRANT).await.expect("the grant");
+    let status = grant.status.expect("status");
+    let [target] = status.targets.as_slice() else {
+        panic!("one target: {status:?}");
+    };
+    assert_eq!(
+        target.endpoint.as_deref(),
+        Some(format!("{INSTANCE}.{}", system.name()).as_str())
+    );
+    let remote: Vec<(&str, &str)> = (target.remote_endpoints.iter())
+        .map(|r| (r.host.as_str(), r.endpoint.as_str()))
+        .collect();
+    assert_eq!(
+        remote,
+        [(DB_HOST, format!("{db_service}.{}", system.name()).as_str())]
+    );
 
     // A tunnel that stays open until something closes it.
     let mut long_ssh = tokio::process::Command::from(sshd.ssh_command_via(listener));
@@ -542,13 +609,10 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         grants.get_opt(GRANT).await.unwrap().is_none(),
         "the finalizer let the grant go"
     );
-    wait_for(&mut stack, "the Service is deleted", || async {
-        services
-            .get_opt(INSTANCE)
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
+    wait_for(&mut stack, "the Services are deleted", || async {
+        let instance = services.get_opt(INSTANCE).await.ok()?;
+        let database = services.get_opt(&db_service).await.ok()?;
+        (instance.is_none() && database.is_none()).then_some(())
     })
     .await;
     let ended = timeout(WAIT, long_ssh.wait())

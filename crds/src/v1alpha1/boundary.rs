@@ -185,6 +185,12 @@ pub struct SessionBounds {
     #[schemars(length(max = 50))]
     pub remote_hosts: Vec<RemoteHostBound>,
 
+    /// Grants may allow forwarding to any remote host and port (remoteHosts is then moot); the
+    /// grant's own validation still refuses the instance itself and the metadata and
+    /// credential endpoints.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub any_remote_host: bool,
+
     /// OS users (names or prefixes) shells may run as (spec.logging.runAs). Without it, grants
     /// may not use runAs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -310,8 +310,9 @@ fn session_refusals(
     }
     for remote in &sessions.remote_hosts {
         let (host, port) = (remote.host.as_str(), remote.port);
-        let allowed = (bounds.remote_hosts.iter())
-            .any(|bound| bound.host.matches(host) && bound.ports.contains(&port));
+        let allowed = bounds.any_remote_host
+            || (bounds.remote_hosts.iter())
+                .any(|bound| bound.host.matches(host) && bound.ports.contains(&port));
         if !allowed {
             let bounded: Vec<String> = (bounds.remote_hosts.iter())
                 .map(|b| format!("{} ports {}", b.host, listed(&b.ports)))

@@ -323,6 +323,15 @@ fn remote_hosts_must_be_in_an_allowed_domain_on_an_allowed_port() {
         "spec.sessions.remoteHosts",
         "outside this boundary",
     );
+    // A boundary with anyRemoteHost admits every destination the grant's validation accepts.
+    let mut open = team_a();
+    open.spec.sessions.remote_hosts.clear();
+    open.spec.sessions.any_remote_host = true;
+    let admitted = judge(&remote("other.cache.internal", 6379), &[open]);
+    assert!(
+        matches!(admitted, Admission::Admitted { .. }),
+        "{admitted:?}"
+    );
 }
 
 #[test]
