@@ -1531,3 +1531,54 @@ async fn thirty_grants_on_one_role_and_thirty_bridge_grants_stay_within_the_quot
     }
     h.stop().await;
 }
+
+/// What a tenant who may edit its grants can do: strip the operator's finalizer and delete the
+/// grant, so that no cleanup runs. The role's policy set then names a grant that no longer
+/// exists; the sweep (at start and every resync) finds the set by its tag and removes it, while
+/// a second role, still named by a live grant, keeps its own.
+#[tokio::test]
+async fn a_grant_deleted_with_its_finalizer_stripped_loses_its_access_at_the_sweep() {
+    let h = Harness::start("op-orphan-sweep", Duration::from_secs(2)).await;
+    let (gone, kept) = (h.unique("gone"), h.unique("kept"));
+    h.role(&gone).await;
+    h.role(&kept).await;
+    for (name, role) in [("vanishing", &gone), ("staying", &kept)] {
+        h.create(
+            name,
+            json!({"principals": {"roles": [role]}, "targets": {"instanceIds": [FLEET[0].0]},
+                "sessions": {"ssh": true}}),
+        )
+        .await;
+    }
+    h.wait_all_ready(2).await;
+    assert_eq!(
+        h.role_policies(&gone).await,
+        [h.set_arn(&format!("role/{gone}"))]
+    );
+
+    h.grants
+        .patch(
+            "vanishing",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .expect("the finalizer stripped");
+    h.grants
+        .delete("vanishing", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    let set = h.set_arn(&format!("role/{gone}"));
+    wait_for("the orphaned set to be swept", || async {
+        let attached = h.role_policies(&gone).await;
+        let exists = h.policy_document(&set).await.is_some();
+        (attached.is_empty() && !exists).then_some(())
+    })
+    .await;
+    assert_eq!(
+        h.role_policies(&kept).await,
+        [h.set_arn(&format!("role/{kept}"))],
+        "the live grant's role keeps its set"
+    );
+    h.stop().await;
+}

@@ -479,6 +479,8 @@ fn operator_requests(d: &Desired, operation: &str) -> Vec<Request> {
         "GetPolicy" | "GetPolicyVersion" | "ListPolicyVersions" | "ListEntitiesForPolicy" => {
             on_policies(&|arn| vec![Request::new(&iam(operation), arn)])
         }
+        // The sweep of policy sets no grant names: IAM has no resource for a listing.
+        "ListPolicies" => vec![Request::new("iam:ListPolicies", "*")],
         // A grant's groups' members, whose sessions its expiry ends.
         "GetGroup" => d
             .principals

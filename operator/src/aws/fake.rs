@@ -173,6 +173,10 @@ impl IamApi for FakeAws {
         self.record("DeletePolicy");
         Ok(())
     }
+    async fn list_policies(&self, _: &str) -> AwsResult<Vec<(String, String)>> {
+        self.record("ListPolicies");
+        Ok(Vec::new())
+    }
     async fn group_members(&self, _: &str) -> AwsResult<Vec<String>> {
         self.record("GetGroup");
         Ok(Vec::new())

@@ -38,6 +38,13 @@ impl PrincipalKind {
             PrincipalKind::Group => "group",
         }
     }
+
+    /// The kind [`PrincipalKind::as_str`] names.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::User, Self::Role, Self::Group]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+    }
 }
 
 impl Principal {
@@ -292,6 +299,8 @@ pub trait IamApi: Send + Sync {
     async fn delete_policy_version(&self, arn: &str, version: &str) -> AwsResult<()>;
     /// The users, roles and groups the policy is attached to.
     async fn list_attachments(&self, arn: &str) -> AwsResult<Vec<Principal>>;
+    /// The names and ARNs of the account's own managed policies under `path_prefix`.
+    async fn list_policies(&self, path_prefix: &str) -> AwsResult<Vec<(String, String)>>;
     /// The ARNs of every managed policy attached to `principal` (whoever attached them).
     async fn attached_policies(&self, principal: &Principal) -> AwsResult<Vec<String>>;
     /// Attaches the policy to a principal.

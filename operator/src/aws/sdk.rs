@@ -292,6 +292,30 @@ impl IamApi for SdkAws {
 
     // Three explicit calls, one per kind: the SDK's outputs share no trait, and
     // tests/tests/deploy_iam.rs reads the operations the operator calls from this source.
+    async fn list_policies(&self, path_prefix: &str) -> AwsResult<Vec<(String, String)>> {
+        let mut policies = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let out = self.iam(
+                "ListPolicies",
+                (self.iam.list_policies())
+                    .scope(aws_sdk_iam::types::PolicyScopeType::Local)
+                    .path_prefix(path_prefix)
+                    .set_marker(marker.clone())
+                    .send()
+                    .await,
+            )?;
+            policies.extend(
+                (out.policies().iter())
+                    .filter_map(|p| Some((p.policy_name()?.to_owned(), p.arn()?.to_owned()))),
+            );
+            marker = out.marker().map(str::to_owned);
+            if !out.is_truncated || marker.is_none() {
+                return Ok(policies);
+            }
+        }
+    }
+
     async fn attached_policies(&self, principal: &Principal) -> AwsResult<Vec<String>> {
         let name = principal.name.as_str();
         let mut arns = Vec::new();

@@ -28,15 +28,15 @@ use crate::{
 /// Applies the changes made for one object.
 pub struct Applier<'a> {
     ctx: &'a Context,
-    /// The object the Events are about.
-    subject: ObjectReference,
+    /// The object the Events are about; with none, changes are logged instead.
+    subject: Option<ObjectReference>,
     /// The owner tag of what is created.
     owner: OwnerTag<'a>,
 }
 
 impl<'a> Applier<'a> {
     /// An applier for changes made for `subject`, tagging what it creates as `owner`'s.
-    pub fn new(ctx: &'a Context, subject: ObjectReference, owner: OwnerTag<'a>) -> Self {
+    pub fn new(ctx: &'a Context, subject: Option<ObjectReference>, owner: OwnerTag<'a>) -> Self {
         Self {
             ctx,
             subject,
@@ -54,19 +54,21 @@ impl<'a> Applier<'a> {
 
     /// Publishes an Event about the subject.
     pub async fn publish(&self, reason: &str, note: &str) {
-        publish(&self.ctx.recorder, &self.subject, reason, note).await;
+        match &self.subject {
+            Some(subject) => publish(&self.ctx.recorder, subject, reason, note).await,
+            None => tracing::info!(reason, note, "changed"),
+        }
     }
 
     /// Publishes a Warning Event about the subject: something its owner must fix.
     pub async fn warn(&self, reason: &str, note: &str) {
-        publish_event(
-            &self.ctx.recorder,
-            &self.subject,
-            EventType::Warning,
-            reason,
-            note,
-        )
-        .await;
+        match &self.subject {
+            Some(subject) => {
+                let recorder = &self.ctx.recorder;
+                publish_event(recorder, subject, EventType::Warning, reason, note).await;
+            }
+            None => tracing::warn!(reason, note, "warning"),
+        }
     }
 
     async fn make(&self, change: &Change) -> Result<Option<String>> {

@@ -27,7 +27,7 @@ use kube::ResourceExt;
 
 use crate::{
     Error, Result,
-    aws::{Principal, with_retry},
+    aws::{Principal, PrincipalKind, with_retry},
     controller::{Context, apply::Applier, coalesce::Coalesced, observe},
     model::{
         boundary::{self, Admission},
@@ -58,11 +58,11 @@ pub struct Identities {
 
 impl Identities {
     /// Brings `identity`'s set up to date with every grant as it is now, and returns what the
-    /// sync did; `subject` is the grant its Events are about.
+    /// sync did; `subject` is the grant its Events are about (none for the sweep: it logs).
     pub async fn sync(
         &self,
         identity: &Principal,
-        subject: &ObjectReference,
+        subject: Option<&ObjectReference>,
         ctx: &Context,
     ) -> Result<Arc<IdentitySynced>> {
         let outcome = (self.syncs)
@@ -78,10 +78,13 @@ impl Identities {
 /// One sync of `identity`'s set.
 async fn sync_now(
     identity: &Principal,
-    subject: &ObjectReference,
+    subject: Option<&ObjectReference>,
     ctx: &Context,
 ) -> Result<IdentitySynced> {
-    let grants = contributing_grants(identity, ctx).await?;
+    let grants = contributions(ctx)
+        .await?
+        .remove(identity)
+        .unwrap_or_default();
     apply_set(identity, &grants, subject, ctx).await
 }
 
@@ -90,7 +93,7 @@ async fn sync_now(
 pub(crate) async fn apply_set(
     identity: &Principal,
     grants: &[(String, Vec<Statement>)],
-    subject: &ObjectReference,
+    subject: Option<&ObjectReference>,
     ctx: &Context,
 ) -> Result<IdentitySynced> {
     let (cluster, limit) = (
@@ -115,7 +118,7 @@ pub(crate) async fn apply_set(
 
     let owner_value = naming::identity_tag_value(cluster, identity.kind.as_str(), &identity.name);
     let owner = OwnerTag::identity(&owner_value);
-    let applier = Applier::new(ctx, subject.clone(), owner);
+    let applier = Applier::new(ctx, subject.cloned(), owner);
     let mut policies = Vec::new();
     for policy in &wanted {
         let observed = observe::policy(&policy.arn, owner, ctx).await?;
@@ -151,18 +154,17 @@ pub(crate) async fn apply_set(
     })
 }
 
-/// The grants whose statements go in `identity`'s set, in order of precedence (creation, then
-/// owner), with those statements: every live grant the boundaries admit and whose window has
-/// not ended.
-async fn contributing_grants(
-    identity: &Principal,
+/// Each identity's contributing grants, in order of precedence (creation, then owner), with
+/// their statements: every live grant the boundaries admit and whose window has not ended,
+/// read from the API server now.
+async fn contributions(
     ctx: &Context,
-) -> Result<Vec<(String, Vec<Statement>)>> {
+) -> Result<BTreeMap<Principal, Vec<(String, Vec<Statement>)>>> {
     let grants = observe::grants(ctx).await?;
     let (boundaries, labels) = observe::all_boundaries(ctx).await?;
     let now = Timestamp::now();
     let no_labels = BTreeMap::new();
-    let mut contributing: Vec<(Option<Timestamp>, String, Vec<Statement>)> = Vec::new();
+    let mut contributing: Vec<(Option<Timestamp>, Desired)> = Vec::new();
     for grant in &grants {
         if grant.metadata.deletion_timestamp.is_some() {
             continue;
@@ -170,9 +172,9 @@ async fn contributing_grants(
         let Ok(desired) = desired::compute(grant, &ctx.settings) else {
             continue;
         };
-        let Some(statements) = statements_for(&desired, identity, now) else {
+        if desired.expired(now) {
             continue;
-        };
+        }
         let namespace = grant.namespace().unwrap_or_default();
         let judged = boundary::Grant {
             spec: &grant.spec,
@@ -184,22 +186,47 @@ async fn contributing_grants(
             continue;
         }
         let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        contributing.push((created, desired.grant, statements));
+        contributing.push((created, desired));
     }
-    contributing.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    Ok((contributing.into_iter())
-        .map(|(_, grant, statements)| (grant, statements))
-        .collect())
+    contributing.sort_by(|a, b| (a.0, &a.1.grant).cmp(&(b.0, &b.1.grant)));
+    let mut by_identity: BTreeMap<Principal, Vec<(String, Vec<Statement>)>> = BTreeMap::new();
+    for (_, desired) in contributing {
+        for (identity, statements) in desired.contributions() {
+            (by_identity.entry(identity).or_default()).push((desired.grant.clone(), statements));
+        }
+    }
+    Ok(by_identity)
 }
 
-/// The statements `desired` puts in `identity`'s set at `now`, if any.
-fn statements_for(
-    desired: &Desired,
-    identity: &Principal,
-    now: Timestamp,
-) -> Option<Vec<Statement>> {
-    if desired.expired(now) {
-        return None;
+/// Removes the policy sets of this cluster's identities that no grant names any more, which
+/// no grant's reconcile would touch: a grant deleted while its finalizer was stripped (anyone
+/// who may edit the grant can strip it), or while an earlier operator had crashed between
+/// syncing identities and recording them. Finds the sets by their identity tag among the
+/// policies under the operator's path; returns the identities swept.
+pub async fn sweep_orphans(ctx: &Context) -> Result<Vec<Principal>> {
+    let cluster = &ctx.settings.cluster;
+    let prefix = naming::cluster_prefix(cluster);
+    let listed = with_retry(|| ctx.iam.list_policies(naming::POLICY_PATH)).await?;
+    let mut with_sets = BTreeSet::new();
+    for (name, arn) in &listed {
+        if !name.starts_with(&prefix) || !naming::is_identity_policy_name(name) {
+            continue;
+        }
+        let Some(policy) = with_retry(|| ctx.iam.get_policy(arn)).await? else {
+            continue;
+        };
+        let identity = (policy.tags.get(naming::IDENTITY_TAG))
+            .and_then(|value| naming::parse_identity_tag_value(cluster, value))
+            .and_then(|(kind, name)| Some(Principal::new(PrincipalKind::parse(kind)?, name)));
+        with_sets.extend(identity);
     }
-    desired.contributions().remove(identity)
+    let named = contributions(ctx).await?;
+    let orphans: Vec<Principal> = (with_sets.into_iter())
+        .filter(|identity| !named.contains_key(identity))
+        .collect();
+    for identity in &orphans {
+        tracing::info!(%identity, "no grant names this identity any more: removing its policy set");
+        ctx.identities.sync(identity, None, ctx).await?;
+    }
+    Ok(orphans)
 }

@@ -53,7 +53,7 @@ use crate::{
     controller::{
         Context, FIELD_MANAGER,
         apply::Applier,
-        failure_key,
+        failure_key, identities,
         observe::{self, DocumentLookup},
         retry_pause,
     },
@@ -107,7 +107,7 @@ pub async fn run(
     // A boundary's change may admit or refuse any grant; a namespace's labels decide which
     // boundaries select its grants.
     let (for_boundaries, for_namespaces) = (known.clone(), known.clone());
-    controller
+    let controller = controller
         .watches(
             Api::<SessionAccessPolicy>::all(ctx.client.clone()),
             watcher::Config::default().any_semantic(),
@@ -156,13 +156,34 @@ pub async fn run(
             },
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "reconcile ended with an error");
             }
-        })
-        .await;
+        });
+    // The sweep stops with the controller (it is idempotent wherever it is cut).
+    tokio::select! {
+        () = controller => {}
+        () = sweep_orphans_every_resync(&ctx) => {}
+    }
+}
+
+/// Sweeps the policy sets no grant names (see [`identities::sweep_orphans`]) at start, then
+/// at every resync interval.
+async fn sweep_orphans_every_resync(ctx: &Context) {
+    loop {
+        match identities::sweep_orphans(ctx).await {
+            Ok(swept) if !swept.is_empty() => {
+                tracing::info!(count = swept.len(), "swept policy sets no grant names");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot sweep orphaned policy sets; trying again at the next resync")
+            }
+        }
+        tokio::time::sleep(ctx.resync).await;
+    }
 }
 
 /// Reconciles one grant.
@@ -249,7 +270,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     // Outside its boundary, a grant stands for nothing: like an expired one, it is revoked.
     let revoked = expired || refused;
     ctx.set_expiry(grant, desired.expires_at);
-    let applier = Applier::new(ctx, grant.object_ref(&()), OwnerTag::grant(&owner));
+    let applier = Applier::new(ctx, Some(grant.object_ref(&())), OwnerTag::grant(&owner));
     if let Admission::Refused(refusals) = &admission
         && newly_refused(previous, &admission)
     {
@@ -501,7 +522,7 @@ async fn write_status(
 
 async fn cleanup(grant: &SessionAccess, ctx: &Context) -> Result<Action> {
     let (key, owner) = (grant_key(grant), aws_owner(grant, ctx));
-    let applier = Applier::new(ctx, grant.object_ref(&()), OwnerTag::grant(&owner));
+    let applier = Applier::new(ctx, Some(grant.object_ref(&())), OwnerTag::grant(&owner));
     remove_aws_objects(&applier, grant, &owner, ctx).await?;
     // The grant being deleted contributes nothing any more: its identities' sets lose it, and
     // the shared documents only it needed go.
@@ -547,7 +568,7 @@ async fn sync_identities(
     let subject = grant.object_ref(&());
     let mut policies = Vec::new();
     for identity in &identities {
-        let synced = ctx.identities.sync(identity, &subject, ctx).await?;
+        let synced = ctx.identities.sync(identity, Some(&subject), ctx).await?;
         if !contributes.contains(identity) {
             continue;
         }

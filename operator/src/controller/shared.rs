@@ -72,7 +72,7 @@ impl SharedDocuments {
             sweep_documents: existing.is_none(),
         };
         let owner = OwnerTag::cluster(cluster);
-        let applier = Applier::new(ctx, subject.clone(), owner);
+        let applier = Applier::new(ctx, Some(subject.clone()), owner);
         sync_documents(&applier, owner, &wanted, &known, ctx).await?;
         let now: BTreeSet<String> = wanted.into_iter().map(|d| d.name).collect();
         *self.existing.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);

@@ -129,6 +129,12 @@ pub fn identity_tag_value(cluster: &str, kind: &str, name: &str) -> String {
     format!("{cluster}/{kind}/{name}")
 }
 
+/// The kind and name an identity tag's value names in `cluster`, if it is one of its.
+pub fn parse_identity_tag_value<'a>(cluster: &str, value: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = value.strip_prefix(cluster)?.strip_prefix('/')?;
+    rest.split_once('/')
+}
+
 /// `head` + `suffix`, or when longer than IAM and SSM allow, `head` cut to fit with a hash of
 /// the full name before the suffix (which is always kept).
 fn fitted(head: &str, suffix: &str) -> String {

@@ -61,12 +61,13 @@ async fn apply_grant(grant: &SessionAccess, ctx: &Context) -> Result<Vec<PolicyS
     let documents = plan::wanted_documents(&desired);
     let known = plan::known_objects(grant, ctx.scope(), Moment::Living);
     let owner = aws_owner(grant, ctx);
-    let applier = Applier::new(ctx, grant.object_ref(&()), OwnerTag::grant(&owner));
+    let applier = Applier::new(ctx, Some(grant.object_ref(&())), OwnerTag::grant(&owner));
     sync_aws(&applier, &owner, &documents, &known, ctx).await?;
     let mut policies = Vec::new();
     for (identity, statements) in desired.contributions() {
         let only = [(owner.clone(), statements)];
-        let synced = identities::apply_set(&identity, &only, &grant.object_ref(&()), ctx).await?;
+        let synced =
+            identities::apply_set(&identity, &only, Some(&grant.object_ref(&())), ctx).await?;
         policies.extend(synced.policies);
     }
     Ok(policies)
@@ -137,7 +138,7 @@ async fn cleanup_lists_again_until_a_listing_finds_no_orphan_left() {
 /// The AWS part of a cleanup: what `cleanup` removes for `grant`.
 async fn clean_up(grant: &SessionAccess, ctx: &Context) {
     let owner = aws_owner(grant, ctx);
-    let applier = Applier::new(ctx, grant.object_ref(&()), OwnerTag::grant(&owner));
+    let applier = Applier::new(ctx, Some(grant.object_ref(&())), OwnerTag::grant(&owner));
     remove_aws_objects(&applier, grant, &owner, ctx)
         .await
         .expect("removed");
