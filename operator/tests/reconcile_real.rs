@@ -1534,23 +1534,44 @@ async fn thirty_grants_on_one_role_and_thirty_bridge_grants_stay_within_the_quot
 
 /// What a tenant who may edit its grants can do: strip the operator's finalizer and delete the
 /// grant, so that no cleanup runs. The role's policy set then names a grant that no longer
-/// exists; the sweep (at start and every resync) finds the set by its tag and removes it, while
-/// a second role, still named by a live grant, keeps its own.
+/// exists, and its NetworkPolicy still admits its clients to a Service another grant keeps; the
+/// sweep (at start and every resync) removes the set and withdraws the endpoints, while a
+/// second grant, alive, keeps its own.
 #[tokio::test]
 async fn a_grant_deleted_with_its_finalizer_stripped_loses_its_access_at_the_sweep() {
+    use fleet_access_operator::model::endpoints::{grant_ports, network_policy_name};
+    use k8s_openapi::api::{core::v1::Service, networking::v1::NetworkPolicy};
+
     let h = Harness::start("op-orphan-sweep", Duration::from_secs(2)).await;
     let (gone, kept) = (h.unique("gone"), h.unique("kept"));
     h.role(&gone).await;
     h.role(&kept).await;
+    h.role(&h.settings.bridge_role.clone().expect("bridge role"))
+        .await;
     for (name, role) in [("vanishing", &gone), ("staying", &kept)] {
         h.create(
             name,
             json!({"principals": {"roles": [role]}, "targets": {"instanceIds": [FLEET[0].0]},
-                "sessions": {"ssh": true}}),
+                "sessions": {"ssh": true},
+                "bridge": {"clients": [{"podSelector": {"matchLabels": {"app": name}}}]}}),
         )
         .await;
     }
     h.wait_all_ready(2).await;
+    let key = |name: &str| format!("{}/{name}", h.namespace.name());
+    let (services, policies) = (
+        h.namespace.api::<Service>(),
+        h.namespace.api::<NetworkPolicy>(),
+    );
+    let recorded = |service: Option<Service>| -> BTreeSet<String> {
+        service
+            .map(|s| grant_ports(&s).into_keys().collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        recorded(services.get_opt(FLEET[0].0).await.expect("get")),
+        BTreeSet::from([key("staying"), key("vanishing")])
+    );
     assert_eq!(
         h.role_policies(&gone).await,
         [h.set_arn(&format!("role/{gone}"))]
@@ -1575,10 +1596,27 @@ async fn a_grant_deleted_with_its_finalizer_stripped_loses_its_access_at_the_swe
         (attached.is_empty() && !exists).then_some(())
     })
     .await;
+    wait_for("the orphaned endpoints to be withdrawn", || async {
+        let policy = policies
+            .get_opt(&network_policy_name(&key("vanishing")))
+            .await
+            .ok()?;
+        let service = services.get_opt(FLEET[0].0).await.ok()?;
+        (policy.is_none() && recorded(service) == BTreeSet::from([key("staying")])).then_some(())
+    })
+    .await;
     assert_eq!(
         h.role_policies(&kept).await,
         [h.set_arn(&format!("role/{kept}"))],
         "the live grant's role keeps its set"
+    );
+    assert!(
+        (policies
+            .get_opt(&network_policy_name(&key("staying")))
+            .await)
+            .expect("get")
+            .is_some(),
+        "the live grant keeps its NetworkPolicy"
     );
     h.stop().await;
 }

@@ -19,7 +19,7 @@ use crate::{
     model::{
         desired::TargetSelection,
         endpoints::{self, ObservedEndpoints},
-        naming::OwnerTag,
+        naming::{self, OwnerTag},
         plan::ObservedPolicy,
     },
 };
@@ -157,6 +157,32 @@ pub async fn endpoints(owner: &str, ctx: &Context) -> Result<ObservedEndpoints> 
             .collect(),
         network_policy,
     })
+}
+
+/// The grants (`namespace/name`) that the operator's Services and NetworkPolicies in the
+/// bridge namespace were made for.
+pub async fn endpoint_owners(ctx: &Context) -> Result<BTreeSet<String>> {
+    let namespace = &ctx.settings.bridge_namespace;
+    let selector = ListParams::default().labels(&endpoints::managed_selector());
+    let services = Api::<Service>::namespaced(ctx.client.clone(), namespace)
+        .list(&selector)
+        .await
+        .map_err(Error::Kube)?;
+    let policies = Api::<NetworkPolicy>::namespaced(ctx.client.clone(), namespace)
+        .list(&selector)
+        .await
+        .map_err(Error::Kube)?;
+    let owners = (services.items.iter())
+        .flat_map(endpoints::grants_of_service)
+        .chain(
+            policies
+                .items
+                .iter()
+                .filter_map(endpoints::grant_of_network_policy),
+        );
+    Ok(owners
+        .map(|(namespace, name)| naming::grant_key(&namespace, &name))
+        .collect())
 }
 
 /// What the boundaries judge a grant in `namespace` by: every `SessionAccessPolicy`, and the

@@ -169,8 +169,9 @@ pub async fn run(
     }
 }
 
-/// Sweeps the policy sets no grant names (see [`identities::sweep_orphans`]) at start, then
-/// at every resync interval.
+/// At start, then at every resync interval, sweeps what grants that are gone without their
+/// cleanup left: policy sets no grant names (see [`identities::sweep_orphans`]), and
+/// endpoints (Service ports, NetworkPolicies) of grants that no longer exist.
 async fn sweep_orphans_every_resync(ctx: &Context) {
     loop {
         match identities::sweep_orphans(ctx).await {
@@ -182,8 +183,36 @@ async fn sweep_orphans_every_resync(ctx: &Context) {
                 tracing::warn!(%error, "cannot sweep orphaned policy sets; trying again at the next resync")
             }
         }
+        match sweep_orphaned_endpoints(ctx).await {
+            Ok(swept) if !swept.is_empty() => {
+                tracing::info!(grants = ?swept, "withdrew the endpoints of grants that are gone");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot sweep orphaned endpoints; trying again at the next resync")
+            }
+        }
         tokio::time::sleep(ctx.resync).await;
     }
+}
+
+/// Withdraws the endpoints of grants in scope that no longer exist: a grant deleted with its
+/// finalizer stripped leaves its NetworkPolicy (which admits its clients) and its Service
+/// ports. The owners are read before the grants, so a grant whose endpoints were seen either
+/// is listed or is gone. Returns the grants whose endpoints were withdrawn.
+async fn sweep_orphaned_endpoints(ctx: &Context) -> Result<Vec<String>> {
+    let owners = observe::endpoint_owners(ctx).await?;
+    let live: BTreeSet<String> = observe::grants(ctx).await?.iter().map(grant_key).collect();
+    let in_scope = |key: &&String| match &ctx.watch_namespace {
+        Some(namespace) => key.split_once('/').is_some_and(|(ns, _)| ns == namespace),
+        None => true,
+    };
+    let gone: Vec<String> = owners.difference(&live).filter(in_scope).cloned().collect();
+    let applier = Applier::new(ctx, None, OwnerTag::cluster(&ctx.settings.cluster));
+    for key in &gone {
+        sync_endpoints(&applier, key, &WantedEndpoints::default(), ctx).await?;
+    }
+    Ok(gone)
 }
 
 /// Reconciles one grant.
