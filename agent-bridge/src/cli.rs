@@ -22,7 +22,7 @@ use crate::{
     serve::{self, ServeConfig},
     ssm::{ControlPlane, SdkControlPlane, StartSessionRequest},
     stream_url::StreamUrls,
-    tunnel::{SessionContext, UNMARKED_REASON, carry},
+    tunnel::{Ending, SessionContext, UNMARKED_REASON, carry},
 };
 
 /// Reach EC2 instances through AWS Systems Manager Session Manager, without the AWS CLI or the
@@ -100,6 +100,11 @@ struct ServeArgs {
     /// an IAM role must have different names, so that none sweeps another's sessions.
     #[arg(long, env = "FLEET_ACCESS_CLUSTER_NAME", default_value = "default")]
     cluster_name: String,
+    /// Do not watch the cluster's pods to attribute connections to their client pods (in each
+    /// session's Reason and audit record): records then give the client's address only, and
+    /// the bridge needs no permission outside its namespace.
+    #[arg(long, env = "FLEET_ACCESS_NO_CLIENT_ATTRIBUTION")]
+    no_client_attribution: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -322,6 +327,8 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             per_instance: args.max_sessions_per_instance,
         },
         grace: Duration::from_secs(args.drain_seconds),
+        attribute_clients: !args.no_client_attribution,
+        audit: Arc::new(crate::audit::Stdout),
     };
     serve::run(client, context, config, readiness, shutdown).await;
     stop_admin.cancel();
@@ -348,22 +355,23 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         ),
     };
     let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    let failure = match carry(
+    let carried = carry(
         &context,
         &request,
         stdio,
         Instant::now(),
         shutdown_on_signal(),
     )
-    .await
-    {
-        Ok(outcome) => match outcome.output {
-            Some(output) if !output.trim().is_empty() && outcome.stats.bytes_received == 0 => {
+    .await;
+    let failure: anyhow::Error = match carried.ending {
+        Ending::NotStarted(error) => error.into(),
+        Ending::Failed(error) => error.into(),
+        _ => match carried.output {
+            Some(output) if !output.trim().is_empty() && carried.stats.bytes_received == 0 => {
                 anyhow::anyhow!("the session closed: {}", output.trim())
             }
             _ => return Ok(()),
         },
-        Err(error) => error.into(),
     };
     // What SSM knows of the instance (offline, agent too old) says more than the failure itself.
     if let Ok(Some(state)) = control.describe_instance(&args.instance_id).await

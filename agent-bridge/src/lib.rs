@@ -9,11 +9,14 @@
 //!  tunnel      one connection through one session, with metrics
 //!  listener, serve, replica   the in-cluster mode: endpoints from Services, admission, the
 //!              sweep of dead replicas' sessions
+//!  clients, audit   who each connection came from (its pod), and one record per connection
 //!  cli, admin, metrics, stream_url   the command line, /metrics and probes, the stream URL policy
 //! ```
 
 pub mod admin;
+pub mod audit;
 pub mod cli;
+pub mod clients;
 pub mod driver;
 pub mod listener;
 pub mod metrics;

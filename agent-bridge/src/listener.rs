@@ -13,11 +13,11 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
-use fleet_access_crds::bridge_contract::{EndpointAnnotations, EndpointPort};
+use fleet_access_crds::bridge_contract::{self, EndpointAnnotations, EndpointPort, GrantPorts};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -28,9 +28,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
+    audit::{AuditSink, ByteCounts, ClientRecord, ConnectionRecord, Counted, Ended},
+    clients::{self, Client, PodDirectory},
     ssm::{ControlPlane, StartSessionRequest},
-    tunnel::{SessionContext, carry},
+    tunnel::{Carried, Ending, SessionContext, carry},
 };
+use k8s_openapi::jiff::Timestamp;
 
 /// One endpoint: where the bridge listens and what session it starts for each connection.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,11 +51,17 @@ pub struct Endpoint {
     pub document: String,
     /// `portNumber` to pass, for documents that do not pin it.
     pub port_parameter: Option<u16>,
+    /// The grants (`namespace/name`) that expose this port, as the Service records them.
+    pub grants: Vec<String>,
 }
 
 impl Endpoint {
-    /// The endpoint of one exposed port of a Service.
-    pub fn from_contract(service: &EndpointAnnotations, port: &EndpointPort) -> Self {
+    /// The endpoint of one exposed port of a Service, exposed by `grants`.
+    pub fn from_contract(
+        service: &EndpointAnnotations,
+        port: &EndpointPort,
+        grants: &GrantPorts,
+    ) -> Self {
         Self {
             instance_id: service.instance_id.clone(),
             remote_host: service.remote_host.clone(),
@@ -60,6 +69,10 @@ impl Endpoint {
             listen_port: port.target_port,
             document: port.document.clone(),
             port_parameter: port.port_parameter,
+            grants: (grants.iter())
+                .filter(|(_, ports)| ports.iter().any(|p| p.port == port.port))
+                .map(|(grant, _)| grant.clone())
+                .collect(),
         }
     }
 
@@ -84,8 +97,9 @@ pub fn endpoints<'a>(
     for (service, annotations) in annotations {
         match EndpointAnnotations::parse(annotations) {
             Ok(parsed) => {
+                let grants = bridge_contract::grant_ports(annotations);
                 for port in &parsed.ports {
-                    let endpoint = Endpoint::from_contract(&parsed, port);
+                    let endpoint = Endpoint::from_contract(&parsed, port, &grants);
                     if let Some(claimed) = out.get(&endpoint.listen_port) {
                         warn!(
                             service,
@@ -177,10 +191,18 @@ struct Running {
     removed: CancellationToken,
 }
 
+/// What every connection of every listener shares: the sessions' context, admission, and
+/// the audit (who the client is, and where its record goes).
+struct Serving<C> {
+    context: Arc<SessionContext<C>>,
+    admission: Admission,
+    clients: PodDirectory,
+    audit: Option<Arc<dyn AuditSink>>,
+}
+
 /// The set of open endpoint listeners.
 pub struct Listeners<C> {
-    context: Arc<SessionContext<C>>,
-    admission: Arc<Admission>,
+    serving: Arc<Serving<C>>,
     address: IpAddr,
     running: BTreeMap<u16, Running>,
     /// Cancelled at shutdown: stop accepting.
@@ -191,22 +213,37 @@ pub struct Listeners<C> {
 }
 
 impl<C: ControlPlane + 'static> Listeners<C> {
-    /// No listeners yet; they will bind on `address`.
+    /// No listeners yet; they will bind on `address`. Clients are not attributed and no record
+    /// is written until [`Listeners::with_audit`].
     pub fn new(context: Arc<SessionContext<C>>, limits: Limits, address: IpAddr) -> Self {
-        let admission = Arc::new(Admission {
+        let admission = Admission {
             limits,
             total: Arc::new(Semaphore::new(limits.total)),
             per_instance: Mutex::default(),
-        });
+        };
         Self {
-            context,
-            admission,
+            serving: Arc::new(Serving {
+                context,
+                admission,
+                clients: PodDirectory::disabled(),
+                audit: None,
+            }),
             address,
             running: BTreeMap::new(),
             draining: CancellationToken::new(),
             terminate: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
+    }
+
+    /// Attributes each connection to its client pod through `clients` (in its session's Reason
+    /// and its record) and writes one record per connection to `audit`. Before any `apply`.
+    pub fn with_audit(mut self, clients: PodDirectory, audit: Arc<dyn AuditSink>) -> Self {
+        if let Some(serving) = Arc::get_mut(&mut self.serving) {
+            serving.clients = clients;
+            serving.audit = Some(audit);
+        }
+        self
     }
 
     /// Makes the open listeners exactly `desired`: closes the removed or changed ones (and their
@@ -252,8 +289,7 @@ impl<C: ControlPlane + 'static> Listeners<C> {
                     self.tasks.spawn(accept_loop(
                         listener,
                         endpoint.clone(),
-                        self.context.clone(),
-                        self.admission.clone(),
+                        self.serving.clone(),
                         self.draining.clone(),
                         removed.clone(),
                         self.tasks.clone(),
@@ -269,7 +305,10 @@ impl<C: ControlPlane + 'static> Listeners<C> {
                 Err(error) => failed.push((endpoint.clone(), error)),
             }
         }
-        self.context.metrics.set_endpoints(self.running.len());
+        self.serving
+            .context
+            .metrics
+            .set_endpoints(self.running.len());
         failed
     }
 
@@ -283,7 +322,7 @@ impl<C: ControlPlane + 'static> Listeners<C> {
     pub async fn shutdown(mut self, grace: Duration) {
         self.draining.cancel();
         self.running.clear();
-        self.context.metrics.set_endpoints(0);
+        self.serving.context.metrics.set_endpoints(0);
         self.tasks.close();
         if tokio::time::timeout(grace, self.tasks.wait())
             .await
@@ -299,14 +338,13 @@ impl<C: ControlPlane + 'static> Listeners<C> {
 async fn accept_loop<C: ControlPlane + 'static>(
     listener: TcpListener,
     endpoint: Endpoint,
-    context: Arc<SessionContext<C>>,
-    admission: Arc<Admission>,
+    serving: Arc<Serving<C>>,
     draining: CancellationToken,
     removed: CancellationToken,
     tasks: TaskTracker,
 ) {
     loop {
-        let (stream, client) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = draining.cancelled() => return,
             () = removed.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -319,12 +357,15 @@ async fn accept_loop<C: ControlPlane + 'static>(
             },
         };
         let connected_at = Instant::now();
-        let permits = match admission.admit(&endpoint.instance_id) {
+        let record = Record::begin(&endpoint, peer, &serving.clients);
+        let context = &serving.context;
+        let permits = match serving.admission.admit(&endpoint.instance_id) {
             Ok(permits) => permits,
             Err(refusal) => {
                 context.metrics.connection_refused(refusal.metric_label());
-                warn!(instance = endpoint.instance_id, %client, %refusal, "refusing connection");
+                warn!(instance = endpoint.instance_id, client = %peer, %refusal, "refusing connection");
                 refuse(stream, &refusal.to_string()).await;
+                serving.write(record.refused(&refusal));
                 continue;
             }
         };
@@ -337,20 +378,94 @@ async fn accept_loop<C: ControlPlane + 'static>(
             instance = %endpoint.instance_id,
             remote_host = endpoint.remote_host,
             port = endpoint.port,
-            %client,
+            client = %peer,
             session_id = tracing::field::Empty,
         );
-        let (context, endpoint_for_task) = (context.clone(), endpoint.clone());
+        let (serving, endpoint_for_task) = (serving.clone(), endpoint.clone());
         tasks.spawn(
             async move {
                 let _permits = permits;
-                let request = endpoint_for_task.start_request(&context.reason);
-                if let Err(error) = carry(&context, &request, stream, connected_at, stop).await {
-                    warn!(%error, "connection not carried");
+                let context = &serving.context;
+                let reason =
+                    clients::reason(&context.reason, &record.client, &endpoint_for_task.grants);
+                let request = endpoint_for_task.start_request(&reason);
+                let (stream, counts) = Counted::new(stream);
+                let carried = carry(context, &request, stream, connected_at, stop).await;
+                match &carried.ending {
+                    Ending::NotStarted(error) => warn!(%error, "connection not carried"),
+                    Ending::Failed(error) => warn!(%error, "connection not carried to its end"),
+                    _ => {}
                 }
+                serving.write(record.end(carried, &counts));
             }
             .instrument(span),
         );
+    }
+}
+
+impl<C> Serving<C> {
+    fn write(&self, record: ConnectionRecord) {
+        if let Some(audit) = &self.audit {
+            audit.record(&record);
+        }
+    }
+}
+
+/// A connection's record while it is carried: who, to what, since when.
+struct Record {
+    client: Client,
+    draft: ConnectionRecord,
+}
+
+impl Record {
+    fn begin(endpoint: &Endpoint, peer: SocketAddr, clients: &PodDirectory) -> Self {
+        let client = clients.resolve(peer.ip());
+        let now = Timestamp::now();
+        let draft = ConnectionRecord {
+            record: "connection",
+            client: ClientRecord::new(peer.ip(), &client),
+            grants: endpoint.grants.clone(),
+            instance: endpoint.instance_id.clone(),
+            remote_host: endpoint.remote_host.clone(),
+            port: endpoint.port,
+            document: endpoint.document.clone(),
+            session_id: None,
+            start: now,
+            end: now,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+            ended: Ended::Refused,
+            detail: None,
+        };
+        Self { client, draft }
+    }
+
+    fn refused(self, refusal: &Refusal) -> ConnectionRecord {
+        ConnectionRecord {
+            end: Timestamp::now(),
+            detail: Some(refusal.to_string()),
+            ..self.draft
+        }
+    }
+
+    fn end(self, carried: Carried, counts: &ByteCounts) -> ConnectionRecord {
+        let (ended, detail) = match carried.ending {
+            Ending::ClientClosed => (Ended::ClientClosed, None),
+            Ending::TargetClosed => (Ended::TargetClosed, carried.output),
+            Ending::Terminated => (Ended::Terminated, None),
+            Ending::Expired(expiry) => (Ended::Expired, Some(format!("{expiry:?}"))),
+            Ending::NotStarted(error) => (Ended::Refused, Some(error.to_string())),
+            Ending::Failed(error) => (Ended::Error, Some(error.to_string())),
+        };
+        ConnectionRecord {
+            session_id: carried.session_id,
+            end: Timestamp::now(),
+            bytes_from_client: counts.from_client.load(Ordering::Relaxed),
+            bytes_to_client: counts.to_client.load(Ordering::Relaxed),
+            ended,
+            detail: detail.filter(|d| !d.trim().is_empty()),
+            ..self.draft
+        }
     }
 }
 

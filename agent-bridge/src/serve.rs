@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!  Service watch ──▶ reflector store ──(any change)──▶ listener::endpoints ──▶ Listeners::apply
+//!  Pod watch ──▶ clients::PodDirectory (who each connection is from) ──▶ audit records
 //!  SIGTERM ──▶ not ready ──▶ stop accepting ──grace──▶ terminate the rest ──▶ exit
 //! ```
 
@@ -21,6 +22,8 @@ use tracing::{info, warn};
 
 use crate::{
     admin::Readiness,
+    audit::AuditSink,
+    clients::PodDirectory,
     listener::{Limits, Listeners, endpoints},
     ssm::ControlPlane,
 };
@@ -35,7 +38,14 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// How long running sessions may continue after SIGTERM.
     pub grace: Duration,
+    /// Whether to watch the cluster's pods to attribute connections to their client pods.
+    pub attribute_clients: bool,
+    /// Where each connection's record goes.
+    pub audit: Arc<dyn AuditSink>,
 }
+
+/// How long `serve` waits at start for the pod watch's first listing.
+const POD_LIST_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown` fires, then drains.
 pub async fn run<C: ControlPlane + 'static>(
@@ -50,7 +60,24 @@ pub async fn run<C: ControlPlane + 'static>(
         listen_address,
         limits,
         grace,
+        attribute_clients,
+        audit,
     } = config;
+    let (clients, pod_watch) = match attribute_clients {
+        true => {
+            let (directory, watch) = PodDirectory::watch(client.clone());
+            (directory, Some(tokio::spawn(watch)))
+        }
+        false => (PodDirectory::disabled(), None),
+    };
+    // Connections accepted before the pods are listed could not be attributed: wait a little,
+    // not forever (without permission to list pods, the bridge still serves).
+    if !clients.wait_listed(POD_LIST_WAIT).await {
+        warn!(
+            wait_seconds = POD_LIST_WAIT.as_secs(),
+            "pods not listed yet: connections are recorded by address until they are"
+        );
+    }
     let api: Api<Service> = Api::namespaced(client, &namespace);
     let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
     let (store, writer) = reflector::store();
@@ -62,7 +89,7 @@ pub async fn run<C: ControlPlane + 'static>(
     )
     .default_backoff();
     let mut stream = std::pin::pin!(stream);
-    let mut listeners = Listeners::new(context, limits, listen_address);
+    let mut listeners = Listeners::new(context, limits, listen_address).with_audit(clients, audit);
     info!(namespace, selector, "watching endpoint Services");
     loop {
         tokio::select! {
@@ -95,6 +122,9 @@ pub async fn run<C: ControlPlane + 'static>(
     readiness.set(false);
     info!(grace_seconds = grace.as_secs(), "draining");
     listeners.shutdown(grace).await;
+    if let Some(pod_watch) = pod_watch {
+        pod_watch.abort();
+    }
     info!("drained");
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    driver::{DriverConfig, DriverError, Outcome, Tunnel, signing::UpgradeSigner},
+    driver::{DriverConfig, DriverError, Tunnel, signing::UpgradeSigner},
     metrics::{self, Metrics},
     protocol::{CloseCause, Stats},
     ssm::{ControlPlane, ControlPlaneError, StartSessionRequest},
@@ -65,15 +65,54 @@ impl<C> SessionContext<C> {
     }
 }
 
-/// Why a connection was not carried to its end.
-#[derive(Debug, thiserror::Error)]
-pub enum TunnelError {
-    /// StartSession failed; the message says what to do.
-    #[error(transparent)]
-    Start(#[from] ControlPlaneError),
+/// How a carried connection ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// The client closed its side.
+    ClientClosed,
+    /// The instance's side ended the session (the agent, or SSM's `channel_closed`).
+    TargetClosed,
+    /// The bridge ended it (`stop`: shutdown, the endpoint removed).
+    Terminated,
+    /// A timeout of the tunnel ended it.
+    Expired(Expiry),
+    /// StartSession failed; no session exists. The error says what to do.
+    NotStarted(ControlPlaneError),
     /// The data channel failed.
+    Failed(ChannelFailure),
+}
+
+/// Which timeout ended a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// No byte for the idle timeout.
+    Idle,
+    /// The maximum duration.
+    MaxDuration,
+}
+
+/// A data channel that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelFailure {
+    /// The driver could not carry the session (connect, upgrade, resume budget).
     #[error(transparent)]
-    Channel(#[from] DriverError),
+    Driver(#[from] DriverError),
+    /// The protocol ended the session (handshake, keepalive, a malformed stream).
+    #[error("the session broke: {0:?}")]
+    Protocol(CloseCause),
+}
+
+/// What became of one connection.
+#[derive(Debug)]
+pub struct Carried {
+    /// The session, when StartSession gave one.
+    pub session_id: Option<String>,
+    /// How it ended.
+    pub ending: Ending,
+    /// SSM's `channel_closed` output, when sent.
+    pub output: Option<String>,
+    /// The final counters (the last known ones when the channel failed).
+    pub stats: Stats,
 }
 
 /// Carries `connection` through a new session until either side closes it, `stop` fires, or a
@@ -84,7 +123,7 @@ pub async fn carry<C, L>(
     connection: L,
     connected_at: Instant,
     stop: CancellationToken,
-) -> Result<Outcome, TunnelError>
+) -> Carried
 where
     C: ControlPlane,
     L: AsyncRead + AsyncWrite + Send + 'static,
@@ -99,7 +138,12 @@ where
         Ok(target) => target,
         Err(error) => {
             metrics.session_failed_to_start(&document);
-            return Err(error.into());
+            return Carried {
+                session_id: None,
+                ending: Ending::NotStarted(error),
+                output: None,
+                stats: Stats::default(),
+            };
         }
     };
     let opened_at = Instant::now();
@@ -116,6 +160,7 @@ where
     drop(connections);
 
     let (stats_tx, stats_rx) = watch::channel(Stats::default());
+    let last_stats = stats_tx.subscribe();
     let timers = tokio::spawn(watch_session(
         stats_rx,
         metrics.clone(),
@@ -133,18 +178,30 @@ where
     .with_stats(stats_tx);
     let result = tunnel.run(target, incoming, stop.cancelled()).await;
     timers.abort();
+    // A timer that fired has finished, and says which; an aborted one says nothing.
+    let expired = timers.await.ok().flatten();
     let lasted = opened_at.elapsed();
-    match &result {
+    let (ending, output, stats) = match result {
         Ok(outcome) => {
+            let ending = match &outcome.cause {
+                CloseCause::LocalTerminate => match expired {
+                    Some(expiry) => Ending::Expired(expiry),
+                    None if stop.is_cancelled() => Ending::Terminated,
+                    None => Ending::ClientClosed,
+                },
+                CloseCause::ChannelClosed | CloseCause::AgentTerminated => Ending::TargetClosed,
+                cause => Ending::Failed(ChannelFailure::Protocol(cause.clone())),
+            };
             // Terminated when the bridge ended it (shutdown, endpoint removed, a timeout);
             // closed when the client or the instance did.
-            let label = match outcome.cause {
-                CloseCause::LocalTerminate if stop.is_cancelled() => metrics::Outcome::Terminated,
+            let label = match ending {
+                Ending::Terminated | Ending::Expired(_) => metrics::Outcome::Terminated,
                 _ => metrics::Outcome::Closed,
             };
             metrics.session_ended(&document, label, lasted, &outcome.stats);
             info!(session_id, cause = ?outcome.cause, bytes_in = outcome.stats.bytes_received, bytes_out = outcome.stats.bytes_sent, "session ended");
             debug!(session_id, stats = ?outcome.stats, "session stats");
+            (ending, outcome.output, outcome.stats)
         }
         Err(error) => {
             metrics.session_ended(
@@ -154,9 +211,16 @@ where
                 &Stats::default(),
             );
             warn!(session_id, %error, "session failed");
+            let stats = last_stats.borrow().clone();
+            (Ending::Failed(error.into()), None, stats)
         }
+    };
+    Carried {
+        session_id: Some(session_id),
+        ending,
+        output,
+        stats,
     }
-    Ok(result?)
 }
 
 /// Watches a session's counters: records when the first byte arrives, and fires `stop` when the
@@ -169,7 +233,7 @@ async fn watch_session(
     idle_timeout: Option<Duration>,
     max_duration: Option<Duration>,
     stop: CancellationToken,
-) {
+) -> Option<Expiry> {
     const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
     let deadline = opened_at + max_duration.unwrap_or(FOREVER);
     let idle = idle_timeout.unwrap_or(FOREVER);
@@ -186,7 +250,7 @@ async fn watch_session(
         tokio::select! {
             changed = stats.changed() => {
                 if changed.is_err() {
-                    return;
+                    return None;
                 }
                 let now = Instant::now();
                 let current = stats.borrow_and_update().clone();
@@ -214,12 +278,12 @@ async fn watch_session(
             () = tokio::time::sleep_until(idle_deadline) => {
                 info!("session idle too long; ending it");
                 stop.cancel();
-                return;
+                return Some(Expiry::Idle);
             }
             () = tokio::time::sleep_until(deadline) => {
                 info!("session reached its maximum duration; ending it");
                 stop.cancel();
-                return;
+                return Some(Expiry::MaxDuration);
             }
         }
     }

@@ -271,6 +271,7 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
         listen_port,
         document,
         port_parameter: Some(port),
+        grants: Vec::new(),
     };
     let desired = BTreeMap::from([(listen_port, endpoint)]);
     if let Some((_, error)) = listeners.apply(&desired).await.into_iter().next() {

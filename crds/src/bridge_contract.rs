@@ -48,6 +48,21 @@ pub const INSTANCE_ID_ANNOTATION: &str = "fleetaccess.io/instance-id";
 /// Annotation with the exposed ports, as a JSON list of [`EndpointPort`].
 pub const PORTS_ANNOTATION: &str = "fleetaccess.io/ports";
 
+/// Annotation: grant (`namespace/name`) → the ports it exposes on this Service (a JSON object
+/// of lists of [`EndpointPort`]): lets a grant withdraw its ports without reading the others,
+/// and tells the bridge which grants a connection came through.
+pub const GRANT_PORTS_ANNOTATION: &str = "fleetaccess.io/grant-ports";
+
+/// Each grant's ports on one Service, by grant (`namespace/name`).
+pub type GrantPorts = BTreeMap<String, Vec<EndpointPort>>;
+
+/// The grants' ports recorded in a Service's annotations (empty when absent or unreadable).
+pub fn grant_ports(annotations: &BTreeMap<String, String>) -> GrantPorts {
+    (annotations.get(GRANT_PORTS_ANNOTATION))
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default()
+}
+
 /// Annotation with the remote host a Service's sessions forward to, on a remote host's Service.
 pub const REMOTE_HOST_ANNOTATION: &str = "fleetaccess.io/remote-host";
 

@@ -138,6 +138,7 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
             listen_port,
             document: SSH_DOCUMENT.into(),
             port_parameter: Some(22),
+            grants: Vec::new(),
         };
         desired.insert(listen_port, endpoint);
     }

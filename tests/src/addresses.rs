@@ -11,6 +11,14 @@ use tokio::net::TcpSocket;
 use crate::error::{FixtureError, FixtureResult};
 use crate::process::{SupervisedProcess, log_tail};
 
+/// A loopback address of its own for this run, in 127.0.0.0/8 but not 127.0.0.1: for a
+/// listener whose fixed ports must not clash with another test's, or a client that must be
+/// told apart by its source address.
+pub fn own_loopback_address() -> std::net::IpAddr {
+    let [a, b, c, ..] = *uuid::Uuid::new_v4().as_bytes();
+    std::net::IpAddr::V4(Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254)))
+}
+
 /// What the workspace's servers print on standard error once they listen:
 /// `<what> listening on <address>` (`fleet-access-operator run` and `agent-bridge serve` for their
 /// admin endpoint, as `admin listening on 127.0.0.1:40123`).

@@ -24,7 +24,7 @@ pub mod prometheus;
 pub mod sshd;
 pub mod targets;
 
-pub use addresses::RefusingAddress;
+pub use addresses::{RefusingAddress, own_loopback_address};
 pub use binaries::{workspace_binary, workspace_root};
 pub use control_plane::{ControlPlane, TestNamespace};
 pub use error::{FixtureError, FixtureResult};

@@ -15,6 +15,7 @@ use std::{
 
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
+    audit::{Collected, ConnectionRecord, Ended},
     listener::Limits,
     metrics::Metrics,
     serve::{self, ServeConfig},
@@ -24,7 +25,7 @@ use fleet_access_agent_bridge::{
     tunnel::SessionContext,
 };
 use fleet_access_crds::bridge_contract::{
-    EndpointAnnotations, EndpointPort, bridge_pod_selector, managed_labels,
+    EndpointAnnotations, EndpointPort, GRANT_PORTS_ANNOTATION, bridge_pod_selector, managed_labels,
 };
 use fleet_access_ssm_emulator::{
     Config, Emulator, Faults, HandshakeAck, InstanceConfig, Mode, Running, SessionReport, TlsFiles,
@@ -124,17 +125,25 @@ fn ssh_endpoint(port: u16, target: u16) -> EndpointPort {
     }
 }
 
+/// The grant the test Services record as exposing their ports.
+const TEST_GRANT: &str = "tests/bridge-e2e";
+
 fn endpoint_service_of(instance: &str, ports: &[EndpointPort]) -> Service {
-    let annotations = EndpointAnnotations {
+    let endpoint = EndpointAnnotations {
         instance_id: instance.to_owned(),
         remote_host: None,
         ports: ports.to_vec(),
     };
+    let mut annotations = endpoint.render();
+    annotations.insert(
+        GRANT_PORTS_ANNOTATION.to_owned(),
+        serde_json::json!({ TEST_GRANT: ports }).to_string(),
+    );
     Service {
         metadata: ObjectMeta {
             name: Some(instance.to_owned()),
             labels: Some(managed_labels()),
-            annotations: Some(annotations.render()),
+            annotations: Some(annotations),
             ..ObjectMeta::default()
         },
         spec: Some(ServiceSpec {
@@ -192,6 +201,8 @@ fn bridge_binary() -> PathBuf {
 struct Served {
     namespace: TestNamespace,
     ports: BTreeMap<&'static str, u16>,
+    /// Each connection's audit record.
+    audit: Collected,
     readiness: Readiness,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<()>,
@@ -239,11 +250,14 @@ impl Served {
             ports.insert(*instance, target_port);
         }
         let (readiness, shutdown) = (Readiness::default(), CancellationToken::new());
+        let audit = Collected::default();
         let config = ServeConfig {
             namespace: namespace.name().to_owned(),
             listen_address: LOOPBACK,
             limits,
             grace: Duration::from_secs(30),
+            attribute_clients: true,
+            audit: Arc::new(audit.clone()),
         };
         let server = tokio::spawn(serve::run(
             namespace.client(),
@@ -258,6 +272,7 @@ impl Served {
         Self {
             namespace,
             ports,
+            audit,
             readiness,
             shutdown,
             server,
@@ -1162,6 +1177,7 @@ async fn prometheus_scrapes_what_a_session_caused() {
         listen_port: free_loopback_port().expect("port"),
         document: "AWS-StartSSHSession".into(),
         port_parameter: Some(22),
+        grants: Vec::new(),
     };
     let mut listeners = fleet_access_agent_bridge::listener::Listeners::new(
         context,
@@ -1598,6 +1614,174 @@ async fn bridge_pod(namespace: &TestNamespace, name: &str) -> k8s_openapi::api::
         .create(&PostParams::default(), &pod)
         .await
         .expect("create the pod")
+}
+
+/// A pod in its own namespace, running with service account `account` at `address` (the test
+/// API server runs no kubelet: the test writes the status a kubelet would).
+async fn client_pod(namespace: &TestNamespace, name: &str, account: &str, address: IpAddr) {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    use kube::api::{Patch, PatchParams};
+    let account: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": account}}))
+            .expect("an account");
+    (namespace.api::<ServiceAccount>())
+        .create(&PostParams::default(), &account)
+        .await
+        .expect("create the service account");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "serviceAccountName": account.metadata.name,
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "ansible", "image": "ansible"}]
+        }
+    }))
+    .expect("a pod");
+    let pods = namespace.api::<Pod>();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create the pod");
+    let status = serde_json::json!({"status": {"phase": "Running", "podIP": address.to_string(),
+        "podIPs": [{"ip": address.to_string()}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("the pod's status");
+}
+
+/// Every connection through `serve` is attributed to its client pod, found by its source address
+/// among the cluster's pods: in its session's Reason (the emulator reports what it received) and
+/// in one audit record with the bytes each way and how it ended. A connection from an address no
+/// pod has is carried and says so; one that StartSession refuses is recorded with why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_is_attributed_to_its_pod_and_recorded() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let echo = fleet_access_tests::targets::echo_server()
+        .await
+        .expect("echo");
+    let emulator = emulator(&sshd, Mode::Fast, &[(WEB, 7, echo)]).await;
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    let clients = control_plane
+        .namespace("audit-clients")
+        .await
+        .expect("namespace");
+    let address = fleet_access_tests::own_loopback_address();
+    client_pod(&clients, "ansible-0", "deployer", address).await;
+
+    let refused_document = "fleet-access.nowhere.port8";
+    let served = Served::start_endpoints(
+        "bridge-audit",
+        context(&emulator, &Registry::new()),
+        &[
+            (WEB, 7, "AWS-StartPortForwardingSession", Some(7)),
+            (DB, 8, refused_document, None),
+        ],
+        Limits {
+            total: 10,
+            per_instance: 10,
+        },
+    )
+    .await;
+    let connect_from = |to: u16| async move {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(address, 0))
+            .expect("bind the pod's address");
+        socket
+            .connect(SocketAddr::new(LOOPBACK, to))
+            .await
+            .expect("connect")
+    };
+    // Carried, from the pod.
+    let line = b"hello through the bridge\n";
+    let mut stream = connect_from(served.port(WEB)).await;
+    echoes(&mut stream, std::str::from_utf8(line).expect("text")).await;
+    drop(stream);
+    // Refused by StartSession: the document does not exist.
+    let mut refused = connect_from(served.port(DB)).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), refused.read_to_end(&mut rest)).await;
+
+    let from_pod = |records: Vec<ConnectionRecord>| -> Vec<ConnectionRecord> {
+        records
+            .into_iter()
+            .filter(|r| r.client.address == address)
+            .collect()
+    };
+    let mut records = Vec::new();
+    for _ in 0..1200 {
+        records = from_pod(served.audit.records());
+        if records.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each written when its connection ended, in whatever order.
+    records.sort_by_key(|r| r.port);
+    let [carried, refused] = records.as_slice() else {
+        panic!("two records from the pod: {records:#?}");
+    };
+    let pod = carried.client.pod.as_ref().expect("the pod is known");
+    assert_eq!(
+        (
+            pod.namespace.as_str(),
+            pod.name.as_str(),
+            pod.service_account.as_str()
+        ),
+        (clients.name(), "ansible-0", "deployer")
+    );
+    assert_eq!(carried.grants, [TEST_GRANT]);
+    assert_eq!((carried.instance.as_str(), carried.port), (WEB, 7));
+    assert_eq!(carried.ended, Ended::ClientClosed, "{carried:?}");
+    assert_eq!(
+        (carried.bytes_from_client, carried.bytes_to_client),
+        (line.len() as u64, line.len() as u64)
+    );
+    assert!(carried.start <= carried.end);
+    assert_eq!(
+        (refused.ended, refused.session_id.as_ref()),
+        (Ended::Refused, None)
+    );
+    assert!(
+        refused
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains(refused_document)),
+        "{refused:?}"
+    );
+    // The record is one JSON line as a log pipeline reads it.
+    let json = serde_json::to_value(carried).expect("json");
+    assert_eq!(json["client"]["pod"]["serviceAccount"], "deployer");
+    assert_eq!(json["ended"], "client_closed");
+
+    // What AWS keeps: the emulator received who asked, and through which grant.
+    let sessions = all_sessions_ended(&emulator).await;
+    let session_id = carried.session_id.as_deref().expect("a session");
+    let session = (sessions.iter())
+        .find(|s| s.session_id == session_id)
+        .expect("the emulator saw the session");
+    assert_eq!(
+        session.reason.as_deref(),
+        Some(
+            format!(
+                "fleet-access agent bridge for={}/ansible-0 sa=deployer grant={TEST_GRANT}",
+                clients.name()
+            )
+            .as_str()
+        )
+    );
+    // The readiness probes of `Served` came from 127.0.0.1, which no pod has: carried, and said.
+    let probe = (served.audit.records().into_iter())
+        .find(|r| r.client.address == LOOPBACK && r.port == 7)
+        .expect("the probe's record");
+    assert_eq!(probe.client.pod, None);
+    let probe_session = (sessions.iter())
+        .find(|s| Some(&s.session_id) == probe.session_id.as_ref())
+        .expect("the probe's session");
+    assert!(
+        (probe_session.reason.as_deref()).is_some_and(|r| r.contains("for=unresolved:127.0.0.1")),
+        "{probe_session:?}"
+    );
+    served.stop().await;
 }
 
 /// Replicas sharing one IAM role: a run killed with SIGKILL leaves its sessions open at AWS

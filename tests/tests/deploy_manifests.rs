@@ -238,7 +238,8 @@ fn every_container_is_locked_down() {
 #[test]
 fn rbac_is_least_privilege() {
     let objects = base_objects();
-    // The bridge: get/list/watch Services and get Pods in its namespace, nothing cluster-wide.
+    // The bridge: get/list/watch Services and get Pods in its namespace; cluster-wide only
+    // list/watch of Pods (to attribute connections), through one binding.
     let bridge = find(&objects, "Role", "agent-bridge");
     assert_eq!(bridge["metadata"]["namespace"], "fleet-access");
     assert_eq!(
@@ -248,11 +249,20 @@ fn rbac_is_least_privilege() {
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}
         ])
     );
-    assert!(
-        !objects
-            .iter()
-            .any(|o| kind(o) == "ClusterRoleBinding" && o["subjects"][0]["name"] == "agent-bridge"),
-        "no cluster-wide binding for the bridge"
+    let cluster_bindings: Vec<&Value> = (objects.iter())
+        .filter(|o| kind(o) == "ClusterRoleBinding" && o["subjects"][0]["name"] == "agent-bridge")
+        .collect();
+    let [binding] = cluster_bindings.as_slice() else {
+        panic!("one cluster-wide binding for the bridge: {cluster_bindings:?}");
+    };
+    let role = find(
+        &objects,
+        "ClusterRole",
+        binding["roleRef"]["name"].as_str().unwrap(),
+    );
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}])
     );
     // The operator: no wildcards, no Secrets, and cluster-wide only its own API group, its
     // Events, and reading namespaces (whose labels select the boundaries of their grants).

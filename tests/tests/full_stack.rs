@@ -38,6 +38,7 @@ use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running}
 use fleet_access_tests::{
     ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, http_get,
     manifests::{deploy_dir, kind, kustomize, rbac_in_namespace},
+    own_loopback_address,
     targets::greeting_echo_server,
     workspace_binary,
 };
@@ -126,12 +127,6 @@ where
     }
 }
 
-/// A loopback address of its own for this run, in 127.0.0.0/8 but not 127.0.0.1.
-fn own_loopback_address() -> IpAddr {
-    let [a, b, c, ..] = *uuid::Uuid::new_v4().as_bytes();
-    IpAddr::V4(Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254)))
-}
-
 fn grant_yaml(namespace: &str, user: &str, expires_at: Timestamp) -> String {
     let expires_at = expires_at.strftime("%Y-%m-%dT%H:%M:%SZ");
     format!(
@@ -159,6 +154,11 @@ spec:
     expiresAt: {expires_at}
 "
     )
+}
+
+/// Where the bridge's standard output and error go.
+fn stack_bridge_log(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("bridge.log")
 }
 
 /// Runs a short command to completion (bounded); returns its standard output.
@@ -420,7 +420,7 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
             &dir.path().join("operator.log"),
         )
         .expect("operator starts"),
-        bridge: SupervisedProcess::spawn("agent-bridge", &bridge, &dir.path().join("bridge.log"))
+        bridge: SupervisedProcess::spawn("agent-bridge", &bridge, &stack_bridge_log(&dir))
             .expect("bridge starts"),
         listen_address,
     };
@@ -526,6 +526,30 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     let answer = run_bounded(ssh, SSH_TIMEOUT).await;
     let hostname = run_bounded(Command::new("hostname"), SSH_TIMEOUT).await;
     assert_eq!(answer.trim(), format!("reached-42-on-{}", hostname.trim()));
+
+    // The bridge wrote the connection's audit record on its standard output: a JSON line.
+    let record = wait_for(&mut stack, "the ssh connection's audit record", || async {
+        let log = std::fs::read_to_string(stack_bridge_log(&dir)).ok()?;
+        (log.lines())
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            // Not the probe's record: it sent and received nothing.
+            .find(|r| {
+                r["record"] == "connection"
+                    && r["port"] == 22
+                    && r["bytesToClient"].as_u64() > Some(0)
+            })
+    })
+    .await;
+    assert_eq!(record["instance"], INSTANCE);
+    assert_eq!(
+        record["grants"],
+        serde_json::json!([format!("{}/{GRANT}", team.name())])
+    );
+    assert!(record["sessionId"].is_string(), "{record}");
+    assert_eq!(record["ended"], "client_closed", "{record}");
+    assert!(record["bytesFromClient"].as_u64() > Some(0), "{record}");
+    // No pod has the test's address: the record says so by naming none.
+    assert!(record["client"]["pod"].is_null(), "{record}");
 
     // Port 5432 of the instance and of the database behind it: two Services, each leading to
     // its own server; the grant's status names both.

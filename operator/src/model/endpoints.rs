@@ -32,24 +32,16 @@ use crate::model::{
     plan::Change,
 };
 
-/// Annotation: grant (`namespace/name`) → the ports it exposes on this instance (JSON).
-pub const GRANT_PORTS_ANNOTATION: &str = "fleetaccess.io/grant-ports";
+pub use bridge_contract::{GRANT_PORTS_ANNOTATION, GrantPorts};
 
 /// The first target port handed out on the bridge pods; the range stays clear of the
 /// bridge's own admin port and of well-known ports.
 pub const FIRST_TARGET_PORT: u16 = 20_000;
 
-/// Each grant's ports on one instance.
-pub type GrantPorts = BTreeMap<String, Vec<EndpointPort>>;
-
 /// The grants' ports recorded on a Service (empty when the annotation is absent or unreadable).
 pub fn grant_ports(service: &Service) -> GrantPorts {
-    service
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(GRANT_PORTS_ANNOTATION))
-        .and_then(|text| serde_json::from_str(text).ok())
+    (service.metadata.annotations.as_ref())
+        .map(bridge_contract::grant_ports)
         .unwrap_or_default()
 }
 

@@ -292,12 +292,14 @@ async fn start_session(
         .get("Parameters")
         .cloned()
         .unwrap_or_else(|| json!({}));
-    if let Some(reason) = input.get("Reason").and_then(Value::as_str)
-        && reason.len() > 256
+    // StartSession's Reason: pattern `^.{1,256}$` (Java's `.`: no line terminator).
+    let reason = input.get("Reason").and_then(Value::as_str);
+    if let Some(reason) = reason
+        && !is_valid_reason(reason)
     {
         return Err(ApiError::new(
             "ValidationException",
-            "Reason is longer than 256 characters",
+            "1 validation error detected: Value at 'reason' failed to satisfy constraint: Member must satisfy regular expression pattern: ^.{1,256}$",
         ));
     }
     let properties = match builtin_document(document, &params) {
@@ -343,11 +345,9 @@ async fn start_session(
         faults: shared.faults_for(&instance),
         instance,
     });
-    let report = Arc::new(Mutex::new(SessionReport::new(
-        &session_id,
-        target,
-        document,
-    )));
+    let mut started = SessionReport::new(&session_id, target, document);
+    started.reason = reason.map(str::to_owned);
+    let report = Arc::new(Mutex::new(started));
     let (tx, rx) = mpsc::unbounded_channel();
     let agent = Agent::new(shared.clone(), info.clone(), report.clone(), tx.clone());
     lock(&shared.sessions).insert(
@@ -605,6 +605,13 @@ fn describe_instance_information(shared: &Shared, input: &Value) -> Result<Value
     Ok(out)
 }
 
+/// Whether `reason` matches StartSession's `^.{1,256}$`: 1 to 256 characters, none of them a
+/// line terminator.
+fn is_valid_reason(reason: &str) -> bool {
+    let terminators = ['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'];
+    (1..=256).contains(&reason.chars().count()) && !reason.contains(terminators)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,5 +623,19 @@ mod tests {
         assert_eq!(p, "fleet-access");
         assert_eq!(hex.len(), 17);
         assert!(hex.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn a_reason_is_one_line_of_at_most_256_characters() {
+        assert!(is_valid_reason("fleet-access bridge for=ci/ansible-0"));
+        assert!(is_valid_reason(&"é".repeat(256)), "characters, not bytes");
+        for bad in [
+            String::new(),
+            "x".repeat(257),
+            "two\nlines".into(),
+            "cr\r".into(),
+        ] {
+            assert!(!is_valid_reason(&bad), "{bad:?}");
+        }
     }
 }

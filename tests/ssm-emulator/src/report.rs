@@ -66,6 +66,8 @@ pub struct SessionReport {
     pub target: String,
     /// Document name.
     pub document_name: String,
+    /// StartSession's Reason, as received.
+    pub reason: Option<String>,
     /// Current status. An ended status (see [`SessionStatus::is_ended`]) means the session is
     /// over for good: every WebSocket of it is closed and every client frame it received has
     /// been checked, so `violations` is complete.
@@ -312,6 +314,7 @@ impl SessionReport {
             session_id: session_id.to_owned(),
             target: target.to_owned(),
             document_name: document_name.to_owned(),
+            reason: None,
             status: SessionStatus::Connecting,
             transfer: None,
             client_version: None,

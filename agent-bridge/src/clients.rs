@@ -1,0 +1,310 @@
+//! Who is on the other end of a connection: the client pod, found by the connection's source
+//! address in a watch of the cluster's pods, and what a session's `Reason` says about it.
+//!
+//! ```text
+//!  pods (watch, slimmed to namespace, name, uid, service account, phase, IPs) ──▶ store
+//!  accepted connection ──source address──▶ resolve ──▶ Client::Pod | Client::Unresolved
+//!                                                   └─▶ reason(mark, client, grants) ≤ 256
+//! ```
+//!
+//! An address that no running pod has, or that several have (host-network pods share their
+//! node's), is not guessed: the connection is still carried, and says it is unresolved.
+//! [`resolve_in`] and [`reason`] are pure; [`PodDirectory`] holds the watch.
+
+use std::{future::Future, net::IpAddr};
+
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use kube::{
+    Api,
+    api::ObjectMeta,
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+};
+use serde::Serialize;
+
+/// StartSession's limit on `Reason`.
+pub const REASON_LIMIT: usize = 256;
+
+/// A client pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientPod {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// Its service account.
+    pub service_account: String,
+}
+
+/// Who a connection came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// The one running pod with the connection's source address.
+    Pod(ClientPod),
+    /// No running pod has the address, or several do (`candidates`), or pods are not watched.
+    Unresolved {
+        /// The source address.
+        address: IpAddr,
+        /// How many running pods have it.
+        candidates: usize,
+    },
+}
+
+/// The client among `pods` whose (running or pending) pod has `address`. Pure.
+pub fn resolve_in<'a>(pods: impl IntoIterator<Item = &'a Pod>, address: IpAddr) -> Client {
+    let address = address.to_canonical();
+    let mut found: Vec<&Pod> = (pods.into_iter())
+        .filter(|pod| is_live(pod) && pod_addresses(pod).any(|a| a == address))
+        .collect();
+    match found.as_mut_slice() {
+        [pod] => Client::Pod(ClientPod {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            service_account: (pod.spec.as_ref())
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".into()),
+        }),
+        others => Client::Unresolved {
+            address,
+            candidates: others.len(),
+        },
+    }
+}
+
+fn is_live(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    matches!(phase, Some("Running" | "Pending"))
+}
+
+fn pod_addresses(pod: &Pod) -> impl Iterator<Item = IpAddr> + '_ {
+    let status = pod.status.as_ref();
+    let first = status.and_then(|s| s.pod_ip.as_deref());
+    let all = (status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten())
+    .map(|p| p.ip.as_str());
+    (first.into_iter().chain(all)).filter_map(|ip| ip.parse::<IpAddr>().ok())
+}
+
+/// StartSession's `Reason` for one connection: the replica's `mark`, then who asked and
+/// through which grants, cut to [`REASON_LIMIT`] characters (the mark first: the sweep of a dead
+/// run's sessions reads it). Only characters AWS accepts in a Reason. Pure.
+pub fn reason(mark: &str, client: &Client, grants: &[String]) -> String {
+    let who = match client {
+        Client::Pod(pod) => format!(
+            "for={}/{} sa={}",
+            pod.namespace, pod.name, pod.service_account
+        ),
+        Client::Unresolved {
+            address,
+            candidates: 0,
+        } => format!("for=unresolved:{address}"),
+        Client::Unresolved {
+            address,
+            candidates,
+        } => {
+            format!("for=ambiguous:{address}({candidates} pods)")
+        }
+    };
+    let grants = match grants {
+        [] => String::new(),
+        [one] => format!(" grant={one}"),
+        [first, rest @ ..] => format!(" grant={first}+{}", rest.len()),
+    };
+    let full = format!("{mark} {who}{grants}");
+    let clean: String = (full.chars())
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(REASON_LIMIT)
+        .collect();
+    clean
+}
+
+/// The running pods of the cluster, by their addresses; or nothing, when pods are not watched.
+#[derive(Clone, Default)]
+pub struct PodDirectory {
+    store: Option<Store<Pod>>,
+}
+
+impl PodDirectory {
+    /// A directory that resolves nobody (attribution off).
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// A directory kept by a watch of every namespace's pods; the returned future drives the
+    /// watch and runs until dropped. A watch that fails (no permission, say) is retried with
+    /// back-off; until it lists, every client is unresolved.
+    pub fn watch(client: kube::Client) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let (store, writer) = reflector::store();
+        let stream = reflector(
+            writer,
+            watcher(Api::<Pod>::all(client), Default::default()).modify(slim),
+        )
+        .default_backoff()
+        .applied_objects();
+        let driven = async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(next) = futures::StreamExt::next(&mut stream).await {
+                if let Err(error) = next {
+                    tracing::warn!(%error, "watching pods (to attribute connections) failed; retrying");
+                }
+            }
+        };
+        (Self { store: Some(store) }, driven)
+    }
+
+    /// Waits until the watch has listed the pods once, for at most `limit`: whether it has.
+    pub async fn wait_listed(&self, limit: std::time::Duration) -> bool {
+        match &self.store {
+            Some(store) => matches!(
+                tokio::time::timeout(limit, store.wait_until_ready()).await,
+                Ok(Ok(()))
+            ),
+            None => true,
+        }
+    }
+
+    /// Who has `address`.
+    pub fn resolve(&self, address: IpAddr) -> Client {
+        match &self.store {
+            Some(store) => resolve_in(store.state().iter().map(|p| p.as_ref()), address),
+            None => Client::Unresolved {
+                address: address.to_canonical(),
+                candidates: 0,
+            },
+        }
+    }
+}
+
+/// Keeps of a pod only what attribution reads (a pod's spec can be large and hold secrets in
+/// its environment; none of it stays in memory).
+fn slim(pod: &mut Pod) {
+    let metadata = std::mem::take(&mut pod.metadata);
+    pod.metadata = ObjectMeta {
+        name: metadata.name,
+        namespace: metadata.namespace,
+        uid: metadata.uid,
+        resource_version: metadata.resource_version,
+        ..ObjectMeta::default()
+    };
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        service_account_name: spec.service_account_name,
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        pod_ips: status.pod_ips,
+        ..PodStatus::default()
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodIP;
+
+    fn pod(namespace: &str, name: &str, ip: &str, phase: &str) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(namespace.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                service_account_name: Some(format!("{name}-sa")),
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                pod_ip: Some(ip.into()),
+                pod_ips: Some(vec![
+                    PodIP { ip: ip.into() },
+                    PodIP {
+                        ip: "fd00::7".into(),
+                    },
+                ]),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_running_pod_is_found_by_any_of_its_addresses_and_no_guess_is_made() {
+        let pods = [
+            pod("ci", "ansible-7", "10.1.0.7", "Running"),
+            pod("ci", "old-job", "10.1.0.8", "Succeeded"),
+            pod("kube-system", "node-agent", "10.0.0.1", "Running"),
+            pod("other", "host-net", "10.0.0.1", "Running"),
+        ];
+        let ansible = Client::Pod(ClientPod {
+            namespace: "ci".into(),
+            name: "ansible-7".into(),
+            service_account: "ansible-7-sa".into(),
+        });
+        assert_eq!(resolve_in(&pods, "10.1.0.7".parse().unwrap()), ansible);
+        assert_eq!(
+            resolve_in(&pods, "fd00::7".parse().unwrap()),
+            Client::Unresolved {
+                address: "fd00::7".parse().unwrap(),
+                candidates: 3,
+            },
+            "every pod here has fd00::7 too"
+        );
+        // IPv4 seen through an IPv6 socket.
+        assert_eq!(
+            resolve_in(&pods[..2], "::ffff:10.1.0.7".parse().unwrap()),
+            ansible
+        );
+        // A finished pod's address is nobody's; a shared one is ambiguous.
+        assert!(matches!(
+            resolve_in(&pods, "10.1.0.8".parse().unwrap()),
+            Client::Unresolved { candidates: 0, .. }
+        ));
+        assert!(matches!(
+            resolve_in(&pods, "10.0.0.1".parse().unwrap()),
+            Client::Unresolved { candidates: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn the_reason_keeps_the_mark_first_and_fits_aws_limits() {
+        let replica = crate::replica::ReplicaMark::for_this_run(
+            "prod",
+            "fleet-access",
+            "agent-bridge-0",
+            "0b6f6a5e-2d1c-4d8e-9a51-3f0c1e2d4b5a",
+        )
+        .expect("a mark");
+        let mark = replica.reason();
+        let mark = mark.as_str();
+        let client = Client::Pod(ClientPod {
+            namespace: "ci".into(),
+            name: "ansible-7".into(),
+            service_account: "deployer".into(),
+        });
+        assert_eq!(
+            reason(mark, &client, &["ci/web-ssh".into()]),
+            format!("{mark} for=ci/ansible-7 sa=deployer grant=ci/web-ssh")
+        );
+        let unresolved = Client::Unresolved {
+            address: "10.0.0.1".parse().unwrap(),
+            candidates: 2,
+        };
+        assert_eq!(
+            reason(mark, &unresolved, &["a/b".into(), "c/d".into()]),
+            format!("{mark} for=ambiguous:10.0.0.1(2 pods) grant=a/b+1")
+        );
+        let long = Client::Pod(ClientPod {
+            namespace: "n".repeat(63),
+            name: "p\n".repeat(120),
+            service_account: "s".into(),
+        });
+        let cut = reason(mark, &long, &[]);
+        assert_eq!(cut.chars().count(), REASON_LIMIT);
+        assert!(cut.starts_with(mark) && !cut.contains('\n'), "{cut}");
+        // The sweep of a dead run still reads the mark.
+        assert_eq!(crate::replica::ReplicaMark::parse(&cut), Some(replica));
+    }
+}
