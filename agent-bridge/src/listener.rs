@@ -153,11 +153,13 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The refusal's label in `connections_refused_total`.
+    /// The refusal's label in `connections_refused_total` (one of
+    /// [`metrics::REFUSAL_REASONS`](crate::metrics::REFUSAL_REASONS)).
     pub fn metric_label(&self) -> &'static str {
+        let [total, instance] = crate::metrics::REFUSAL_REASONS;
         match self {
-            Refusal::BridgeFull(_) => "limit_total",
-            Refusal::InstanceFull { .. } => "limit_instance",
+            Refusal::BridgeFull(_) => total,
+            Refusal::InstanceFull { .. } => instance,
         }
     }
 }
@@ -276,6 +278,10 @@ impl<C: ControlPlane + 'static> Listeners<C> {
             }
             match TcpListener::bind(SocketAddr::new(self.address, endpoint.listen_port)).await {
                 Ok(listener) => {
+                    self.serving
+                        .context
+                        .metrics
+                        .expect_document(&endpoint.document);
                     info!(
                         instance = endpoint.instance_id,
                         remote_host = endpoint.remote_host,

@@ -35,6 +35,10 @@ const RTT_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 10.0,
 ];
 
+/// Why connections are refused before a session starts (`connections_refused_total`'s label),
+/// each counted from zero.
+pub const REFUSAL_REASONS: [&str; 2] = ["limit_total", "limit_instance"];
+
 /// How a session ended, as a bounded label value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -51,6 +55,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Closed,
+        Outcome::Terminated,
+        Outcome::StartFailed,
+        Outcome::ChannelFailed,
+        Outcome::PortRefused,
+    ];
+
     /// The label value.
     pub fn label(self) -> &'static str {
         match self {
@@ -114,7 +127,7 @@ impl Metrics {
             refused: IntCounterVec::new(
                 opts(
                     "connections_refused_total",
-                    "Client connections refused before a session started, by reason (limit_total, limit_instance, draining).",
+                    "Client connections refused before a session started, by reason (limit_total, limit_instance).",
                 ),
                 &["reason"],
             )?,
@@ -166,7 +179,20 @@ impl Metrics {
         for direction in ["to_instance", "from_instance"] {
             metrics.bytes.with_label_values(&[direction]);
         }
+        for reason in REFUSAL_REASONS {
+            metrics.refused.with_label_values(&[reason]);
+        }
         Ok(metrics)
+    }
+
+    /// Starts the session counters of `document` at zero, for every outcome: a counter series
+    /// that first appears at 1 shows no increase to `rate()` and `increase()`, so the first
+    /// session (or failure) of a document would be lost to the dashboard and the alerts.
+    pub fn expect_document(&self, document: &str) {
+        self.started.with_label_values(&[document]);
+        for outcome in Outcome::ALL {
+            self.ended.with_label_values(&[document, outcome.label()]);
+        }
     }
 
     /// Records one setup phase.

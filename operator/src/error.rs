@@ -122,8 +122,33 @@ pub enum Error {
     Config(String),
 }
 
+/// Every value [`Error::metric_label`] gives: `reconcile_errors_total` counts each from zero, so
+/// that the first error of a kind is an increase that `rate()` and `increase()` see.
+pub const METRIC_LABELS: [&str; 20] = [
+    "read_grant",
+    "invalid_grant",
+    "invalid_boundary",
+    "outside_boundary",
+    "too_many_policies",
+    "attachment_quota",
+    "statement_too_large",
+    "no_bridge_role",
+    "aws_retryable",
+    "aws_not_found",
+    "aws_quota",
+    "aws_invalid_document",
+    "aws_access_denied",
+    "aws",
+    "not_owned",
+    "no_free_target_port",
+    "documents_keep_appearing",
+    "kube",
+    "finalizer",
+    "config",
+];
+
 impl Error {
-    /// A bounded label for metrics.
+    /// A bounded label for metrics (one of [`METRIC_LABELS`]).
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::ReadGrant { .. } => "read_grant",
@@ -162,3 +187,49 @@ impl Error {
 
 /// The operator's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::{AwsError, AwsErrorKind};
+
+    #[test]
+    fn every_metric_label_is_counted_from_zero() {
+        let aws = |code: &str| {
+            Error::Aws(AwsError {
+                operation: "GetPolicy",
+                code: code.into(),
+                message: String::new(),
+            })
+        };
+        let errors = [
+            aws("Throttling"),
+            aws("NoSuchEntity"),
+            aws("LimitExceeded"),
+            aws("MalformedPolicyDocument"),
+            aws("AccessDenied"),
+            aws("DuplicateDocumentContent"),
+            aws("Whatever"),
+            Error::NoBridgeRole,
+            Error::Config("x".into()),
+        ];
+        for error in &errors {
+            assert!(METRIC_LABELS.contains(&error.metric_label()), "{error:?}");
+        }
+        let kinds = [
+            AwsErrorKind::Throttled,
+            AwsErrorKind::Busy,
+            AwsErrorKind::ServerFault,
+            AwsErrorKind::Transport,
+            AwsErrorKind::NotFound,
+            AwsErrorKind::Quota,
+            AwsErrorKind::InvalidDocument,
+            AwsErrorKind::DuplicateContent,
+            AwsErrorKind::AccessDenied,
+            AwsErrorKind::Other,
+        ];
+        for kind in kinds {
+            assert!(METRIC_LABELS.contains(&kind.metric_label()), "{kind:?}");
+        }
+    }
+}

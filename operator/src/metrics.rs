@@ -79,6 +79,9 @@ impl Metrics {
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(aws_calls.clone()))?;
         registry.register(Box::new(grants.clone()))?;
+        for reason in crate::error::METRIC_LABELS {
+            reconcile_errors.with_label_values(&[reason]);
+        }
         Ok(Self {
             reconcile_duration,
             reconcile_errors,

@@ -47,10 +47,19 @@ impl Prometheus {
     /// Starts Prometheus on a free loopback port, scraping `targets` (`/metrics`,
     /// every second), and waits until it answers queries.
     pub async fn start(targets: &[SocketAddr]) -> FixtureResult<Self> {
+        let unlabelled: Vec<Target> = (targets.iter())
+            .map(|address| (*address, BTreeMap::new()))
+            .collect();
+        Self::start_labelled(&unlabelled).await
+    }
+
+    /// Like [`Prometheus::start`], each target with labels of its own on every series scraped
+    /// from it (as Kubernetes service discovery adds `namespace` and `pod`).
+    pub async fn start_labelled(targets: &[Target]) -> FixtureResult<Self> {
         retry_on_port_clash(|| Self::start_once(targets)).await
     }
 
-    async fn start_once(targets: &[SocketAddr]) -> FixtureResult<Self> {
+    async fn start_once(targets: &[Target]) -> FixtureResult<Self> {
         let prometheus = require_program("prometheus", Path::new(debian::PROMETHEUS))?;
         require_program("promtool", Path::new(debian::PROMTOOL))?;
         let dir = tempfile::Builder::new()
@@ -88,7 +97,7 @@ impl Prometheus {
         Ok(Self {
             process,
             port,
-            targets: targets.to_vec(),
+            targets: targets.iter().map(|(address, _)| *address).collect(),
             _dir: dir,
         })
     }
@@ -106,6 +115,20 @@ impl Prometheus {
     /// Runs an instant query and returns the vector or scalar result as samples.
     pub async fn query(&self, expr: &str) -> FixtureResult<Vec<Sample>> {
         query_with_promtool(&self.url(), expr).await
+    }
+
+    /// Runs an instant query evaluated at `at` (Unix seconds): the same answer however late it
+    /// is asked, once the scrapes up to `at` are in.
+    pub async fn query_at(&self, expr: &str, at: f64) -> FixtureResult<Vec<Sample>> {
+        let output = run_command_async(
+            tokio::process::Command::new(debian::PROMTOOL)
+                .args(["query", "instant", "-o", "json"])
+                .arg(format!("--time={at:.3}"))
+                .arg(self.url())
+                .arg(expr),
+        )
+        .await?;
+        parse_query_result(&String::from_utf8_lossy(&output.stdout))
     }
 
     /// Polls `expr` until it returns at least one sample, then returns the samples.
@@ -153,9 +176,16 @@ impl Prometheus {
     }
 }
 
+/// A scrape target and the labels put on its series.
+pub type Target = (SocketAddr, BTreeMap<String, String>);
+
 /// The Prometheus config scraping `targets` every second.
-fn render_config(targets: &[SocketAddr]) -> FixtureResult<String> {
-    let targets: Vec<String> = targets.iter().map(ToString::to_string).collect();
+fn render_config(targets: &[Target]) -> FixtureResult<String> {
+    let static_configs: Vec<serde_json::Value> = (targets.iter())
+        .map(|(address, labels)| {
+            serde_json::json!({"targets": [address.to_string()], "labels": labels})
+        })
+        .collect();
     let value = serde_json::json!({
         "global": {
             "scrape_interval": "1s",
@@ -164,7 +194,7 @@ fn render_config(targets: &[SocketAddr]) -> FixtureResult<String> {
         },
         "scrape_configs": [{
             "job_name": SCRAPE_JOB,
-            "static_configs": [{"targets": targets}],
+            "static_configs": static_configs,
         }],
     });
     Ok(serde_yaml::to_string(&value)?)
@@ -262,12 +292,13 @@ mod tests {
 
     #[test]
     fn config_scrapes_the_targets_every_second() {
-        let config = render_config(&["127.0.0.1:9100".parse().expect("addr")]).expect("renders");
+        let labels = BTreeMap::from([("namespace".to_owned(), "fleet-access".to_owned())]);
+        let target = ("127.0.0.1:9100".parse().expect("addr"), labels);
+        let config = render_config(&[target]).expect("renders");
         let parsed: serde_yaml::Value = serde_yaml::from_str(&config).expect("yaml");
         assert_eq!(parsed["global"]["scrape_interval"], "1s");
-        assert_eq!(
-            parsed["scrape_configs"][0]["static_configs"][0]["targets"][0],
-            "127.0.0.1:9100"
-        );
+        let scraped = &parsed["scrape_configs"][0]["static_configs"][0];
+        assert_eq!(scraped["targets"][0], "127.0.0.1:9100");
+        assert_eq!(scraped["labels"]["namespace"], "fleet-access");
     }
 }

@@ -1,7 +1,9 @@
 //! The monitoring in `deploy/monitoring/`: the alert rules pass `promtool check rules` and their
 //! unit tests (`promtool test rules`, one test per alert), the PrometheusRule carries exactly the
-//! plain rule file's groups, and every metric name the rules and the Grafana dashboard use is one
-//! the binaries really export.
+//! plain rule file's groups, every metric name the rules and the Grafana dashboard use is one
+//! the binaries really export, and, on a real Prometheus scraping both live programs, every
+//! panel's query returns the series its legend draws and every alert fires exactly when this
+//! state should fire it.
 //!
 //! The exported names come from live scrapes, not from the source: `fleet-access-demo` (the bridge's
 //! emulated fleet, on loopback) and `fleet-access-operator run` against the test kube-apiserver.
@@ -14,7 +16,7 @@
 #![allow(clippy::panic, clippy::unwrap_used)]
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -23,7 +25,8 @@ use std::{
 
 use fleet_access_crds::SessionAccess;
 use fleet_access_tests::{
-    ControlPlane, RefusingAddress, addresses::wait_for_reported_address, http_get, workspace_binary,
+    ControlPlane, Prometheus, RefusingAddress, addresses::wait_for_reported_address, http_get,
+    workspace_binary,
 };
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
@@ -365,10 +368,17 @@ fn the_demo_admin_address_is_read_from_its_hint() {
 }
 
 /// Runs `fleet-access-demo` (the bridge in front of an emulated fleet), carries a session and causes a refusal; returns what it exports.
-async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<String> {
+/// The demo (the bridge over an emulated fleet) running, with its endpoints and admin address.
+struct LiveBridge {
+    _demo: tokio::process::Child,
+    admin: SocketAddr,
+    endpoints: Vec<u16>,
+}
+
+async fn start_demo(program: &Path) -> LiveBridge {
     // Port 0 everywhere: the demo picks free ports itself and prints them.
     let mut demo = tokio::process::Command::new(program)
-        .args(["--seconds", "240", "--port-base", "0", "--admin-port", "0"])
+        .args(["--seconds", "300", "--port-base", "0", "--admin-port", "0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -395,7 +405,17 @@ async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<S
     assert_eq!(endpoints.len(), 2, "two demo endpoints");
     let admin = admin.expect("the demo prints its admin address");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    LiveBridge {
+        _demo: demo,
+        admin,
+        endpoints,
+    }
+}
 
+/// Carries one session through the demo and fills one instance's limit so that a connection is
+/// refused; returns the connections that hold the limit.
+async fn bridge_traffic(bridge: &LiveBridge) -> Vec<TcpStream> {
+    let endpoints = &bridge.endpoints;
     // One session: bytes both ways (the instance leads to an sshd, which speaks first, or to an
     // echo service), then the client closes.
     let mut session = TcpStream::connect(("127.0.0.1", endpoints[0]))
@@ -433,21 +453,20 @@ async fn bridge_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<S
         answer.starts_with("fleet-access: refused: ") && answer.contains("limit of 20 sessions"),
         "the 21st connection is refused for the instance's limit: {answer:?}"
     );
-
-    let wanted: BTreeSet<String> = wanted
-        .iter()
-        .filter(|n| n.starts_with("agent_bridge_"))
-        .cloned()
-        .collect();
-    let names = scrape_until(admin, &wanted, "agent-bridge").await;
-    drop(held);
-    let _ = demo.kill().await;
-    names
+    held
 }
 
-/// Runs the operator against the test API server with a grant and AWS endpoints that refuse
-/// connections; returns what it exports.
-async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet<String> {
+/// The operator running against the test API server with a grant (expiring in 30 minutes) and
+/// AWS endpoints that refuse connections: it reconciles, fails, counts AWS calls and errors, and
+/// sets the grant gauges.
+struct LiveOperator {
+    _operator: tokio::process::Child,
+    admin: SocketAddr,
+    _refusing: RefusingAddress,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_operator(program: &Path) -> LiveOperator {
     let control_plane = ControlPlane::shared().await.expect("control plane");
     control_plane
         .install_fleet_access(&fleet_access_crds::crds_yaml())
@@ -455,6 +474,8 @@ async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet
         .expect("fleet-access's API");
     let namespace = control_plane.namespace("deploy-mon").await.expect("ns");
     let ns = namespace.name().to_owned();
+    let expires_at =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_mins(30);
     let grant: SessionAccess = serde_json::from_value(json!({
         "apiVersion": "fleetaccess.io/v1alpha1",
         "kind": "SessionAccess",
@@ -464,7 +485,7 @@ async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet
             "targets": {"instanceIds": ["i-0123456789abcdef0"]},
             "sessions": {"ssh": true},
             // A window, so that the grant's expiry gauge is exported too.
-            "window": {"expiresAt": "2099-01-01T00:00:00Z"},
+            "window": {"expiresAt": expires_at.to_string()},
         },
     }))
     .unwrap();
@@ -515,18 +536,87 @@ async fn operator_exports(program: &Path, wanted: &BTreeSet<String>) -> BTreeSet
     )
     .await
     .unwrap_or_else(|error| panic!("{error}"));
-    let wanted: BTreeSet<String> = wanted
-        .iter()
-        .filter(|n| n.starts_with("fleet_access_operator_"))
-        .cloned()
-        .collect();
-    let names = scrape_until(admin, &wanted, "fleet-access-operator").await;
-    let _ = operator.kill().await;
-    names
+    LiveOperator {
+        _operator: operator,
+        admin,
+        _refusing: refusing,
+        _dir: dir,
+    }
+}
+
+// === the dashboard and the alerts on live data ===
+
+/// The namespace label Kubernetes service discovery puts on both programs' series.
+const NAMESPACE: &str = "fleet-access";
+
+/// One query of the dashboard: its panel, its expression, and the labels its legend shows.
+struct PanelQuery {
+    panel: String,
+    expr: String,
+    legend_labels: Vec<String>,
+}
+
+/// Every query of the dashboard, with Grafana's variables as a dashboard for `NAMESPACE` sets
+/// them (`$__rate_interval` as one minute: at least four scrapes here).
+fn dashboard_queries() -> Vec<PanelQuery> {
+    let text = std::fs::read_to_string(monitoring().join("grafana-dashboard.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let mut out = Vec::new();
+    let mut panels: Vec<&Value> = dashboard["panels"].as_array().unwrap().iter().collect();
+    while let Some(panel) = panels.pop() {
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = (target["expr"].as_str().unwrap())
+                .replace("$namespace", NAMESPACE)
+                .replace("$__rate_interval", "1m");
+            let legend = target["legendFormat"].as_str().unwrap_or_default();
+            let legend_labels = (legend.split("{{").skip(1))
+                .filter_map(|part| {
+                    part.split_once("}}")
+                        .map(|(label, _)| label.trim().to_owned())
+                })
+                .collect();
+            out.push(PanelQuery {
+                panel: panel["title"].as_str().unwrap_or_default().to_owned(),
+                expr,
+                legend_labels,
+            });
+        }
+    }
+    out
+}
+
+/// The first moment (Unix seconds) at which Prometheus has every kind of event the dashboard
+/// draws within its last minute: a session ended, a connection refused, a reconcile failed.
+/// Every panel is then evaluated at that moment, so that what it shows does not depend on how
+/// long the checks take.
+async fn moment_with_every_event(prometheus: &Prometheus) -> f64 {
+    let ready = [
+        "agent_bridge_sessions_ended_total",
+        "agent_bridge_connections_refused_total",
+        "fleet_access_operator_reconcile_errors_total",
+    ]
+    .map(|name| format!("sum(increase({name}{{namespace=\"{NAMESPACE}\"}}[1m])) > 0"))
+    .join(" and on() ");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        if !prometheus.query_at(&ready, now).await.unwrap().is_empty() {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Prometheus never held every event at once: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_rules_and_the_dashboard_use_is_exported() {
+async fn every_metric_the_rules_and_the_dashboard_use_is_exported_and_every_panel_shows_data() {
     let rules = names_in_rules();
     let dashboard = names_in_dashboard();
     let used: BTreeSet<String> = rules.union(&dashboard).cloned().collect();
@@ -545,9 +635,95 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_exported() {
     );
     let bridge_program = workspace_binary("fleet-access-demo").expect("the demo builds");
     let operator_program = workspace_binary("fleet-access-operator").expect("the operator builds");
-    let bridge = bridge_exports(&bridge_program, &used).await;
-    let operator = operator_exports(&operator_program, &used).await;
-    let exported: BTreeSet<String> = bridge.union(&operator).cloned().collect();
+    let bridge = start_demo(&bridge_program).await;
+    let operator = start_operator(&operator_program).await;
+    // Scraped before the traffic, so that rates see it happen.
+    let labels = |pod: &str| {
+        BTreeMap::from([
+            ("namespace".to_owned(), NAMESPACE.to_owned()),
+            ("pod".to_owned(), pod.to_owned()),
+        ])
+    };
+    let prometheus = Prometheus::start_labelled(&[
+        (bridge.admin, labels("agent-bridge-0")),
+        (operator.admin, labels("fleet-access-operator-0")),
+    ])
+    .await
+    .expect("prometheus");
+    prometheus
+        .wait_for_scrape(Duration::from_secs(60))
+        .await
+        .expect("both scraped");
+    let _held = bridge_traffic(&bridge).await;
+
+    // 1. Every name used is exported.
+    let wanted = |prefix: &str| -> BTreeSet<String> {
+        used.iter()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect()
+    };
+    let mut exported = scrape_until(bridge.admin, &wanted("agent_bridge_"), "agent-bridge").await;
+    exported.extend(
+        scrape_until(
+            operator.admin,
+            &wanted("fleet_access_operator_"),
+            "fleet-access-operator",
+        )
+        .await,
+    );
     let missing: Vec<&String> = used.difference(&exported).collect();
     assert!(missing.is_empty(), "used but not exported: {missing:?}");
+
+    let at = moment_with_every_event(&prometheus).await;
+    let query = |expr: String| {
+        let prometheus = &prometheus;
+        async move { prometheus.query_at(&expr, at).await.unwrap() }
+    };
+    // 2. The template variable lists the namespace.
+    let endpoints = query("agent_bridge_endpoints".into()).await;
+    assert!(
+        (endpoints.iter())
+            .any(|s| s.labels.get("namespace").map(String::as_str) == Some(NAMESPACE)),
+        "{endpoints:?}"
+    );
+    // 3. Every panel's query returns series, each with the labels its legend shows, and a
+    //    number (histogram quantiles of what happened, not NaN).
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 15, "the dashboard's queries");
+    for panel in &queries {
+        let samples = query(panel.expr.clone()).await;
+        let what = format!("panel {:?}: {} gave {samples:?}", panel.panel, panel.expr);
+        assert!(!samples.is_empty(), "{what}");
+        for sample in &samples {
+            assert!(sample.value.is_finite() && sample.value >= 0.0, "{what}");
+            for label in &panel.legend_labels {
+                assert!(sample.labels.contains_key(label), "{what}: no {label}");
+            }
+        }
+        if panel.panel == "Session failure ratio" {
+            assert!(samples.iter().all(|s| s.value <= 1.0), "{what}");
+        }
+    }
+
+    // 4. The alerts this state should fire do, on their expressions (their `for` aside), and
+    //    the others do not. AWS out of reach is retryable: the reconcile errors say so, not
+    //    FleetAccessAwsCallErrors, which is for what retrying cannot mend (access denied, quota).
+    let should_fire = BTreeSet::from([
+        "FleetAccessReconcileErrors",
+        "FleetAccessGrantsNotReady",
+        "FleetAccessGrantExpiringSoon",
+    ]);
+    for (alert, expr) in alerts(&yaml_file(
+        &monitoring().join("rules/fleet-access.rules.yml"),
+    )) {
+        let fires = should_fire.contains(alert.as_str());
+        let samples = query(expr.clone()).await;
+        assert_eq!(
+            !samples.is_empty(),
+            fires,
+            "alert {alert} should {}fire: {expr} gave {samples:?}",
+            if fires { "" } else { "not " }
+        );
+    }
 }
