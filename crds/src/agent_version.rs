@@ -55,6 +55,9 @@ pub fn compare(a: &str, b: &str) -> Option<Ordering> {
 
 /// The first agent that carries SSH (`AWS-StartSSHSession`).
 pub const SSH_MIN_AGENT: &str = "2.3.672.0";
+/// The first agent whose Port plugin forwards to a remote host (the `host` parameter); an older
+/// one forwards to the instance's own port instead.
+pub const REMOTE_HOST_MIN_AGENT: &str = "3.1.1188.0";
 /// Agents above this understand the TerminateSession flag.
 pub const TERMINATE_FLAG_ABOVE_AGENT: &str = "2.3.722.0";
 /// Agents above this multiplex port-forwarding sessions (smux).
@@ -65,6 +68,11 @@ pub const KEEPALIVE_OFF_ABOVE_AGENT: &str = "3.1.1511.0";
 /// Whether an agent of version `agent` can carry SSH sessions.
 pub fn supports_ssh(agent: &str) -> bool {
     Version::at_least(agent, SSH_MIN_AGENT)
+}
+
+/// Whether an agent of version `agent` forwards to remote hosts (and not to its own port).
+pub fn supports_remote_hosts(agent: &str) -> bool {
+    Version::at_least(agent, REMOTE_HOST_MIN_AGENT)
 }
 
 #[cfg(test)]
@@ -81,6 +89,8 @@ mod tests {
         assert!(!supports_ssh("2.2.999.0"));
         assert!(!supports_ssh("garbage"));
         assert!(!supports_ssh(""));
+        assert!(supports_remote_hosts("3.1.1188.0") && supports_remote_hosts("3.3.4851.0"));
+        assert!(!supports_remote_hosts("3.1.1080.0") && !supports_remote_hosts("3.0.1390.0"));
         assert!(Version::above("3.0.197.0", MUX_ABOVE_AGENT));
         assert!(!Version::above("3.0.196.0", MUX_ABOVE_AGENT));
         assert!(!Version::above("3.0.196", MUX_ABOVE_AGENT));

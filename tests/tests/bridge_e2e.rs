@@ -1114,6 +1114,61 @@ async fn forward_through_a_remote_host_grants_document() {
     );
 }
 
+/// Agents older than remote-host support (3.1.1188.0) know no `host` parameter: the same
+/// remote-host document then leads to the instance's own port. The emulator does as such an
+/// agent does, so a client that forgets the version gate is caught here and not in production;
+/// the operator's TargetsResolved condition warns of such instances (`AgentTooOld`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_too_old_for_remote_hosts_forwards_to_its_own_port() {
+    use fleet_access_tests::targets::greeting_echo_server;
+    const DB_HOST: &str = "orders.db.internal";
+    let own = greeting_echo_server("the instance's own 5432\n")
+        .await
+        .expect("server");
+    let database = greeting_echo_server("the database\n")
+        .await
+        .expect("server");
+    let moto = Moto::shared().await.expect("moto");
+    let rendered = person_grant(&format!(
+        "{{remoteHosts: [{{host: {DB_HOST}, port: 5432}}]}}"
+    ));
+    create_documents(moto, &rendered).await;
+    let cluster = rendered.grant.split('/').next().expect("the cluster");
+    let document =
+        fleet_access_crds::ssm_documents::remote_host_document_name(cluster, DB_HOST, 5432);
+    for (agent, greeting) in [
+        ("3.1.1080.0", "the instance's own 5432\n"),
+        (
+            fleet_access_crds::agent_version::REMOTE_HOST_MIN_AGENT,
+            "the database\n",
+        ),
+    ] {
+        let instance = InstanceConfig::new(WEB)
+            .with_agent_version(agent)
+            .with_port("5432", own)
+            .with_host(DB_HOST, vec!["10.0.3.17".parse().expect("address")])
+            .with_port(format!("{DB_HOST}:5432"), database);
+        let config = Config {
+            upstream: Some(moto.endpoint().to_owned()),
+            mode: Mode::Fast,
+            instances: vec![instance],
+            ..Config::default()
+        };
+        let emulator = Emulator::start(config).await.expect("emulator starts");
+        let request = StartSessionRequest::port(WEB, &document, None, "agent-bridge forward");
+        let forwarding = Forwarding::start_session(&emulator, request).await;
+        let mut stream = TcpStream::connect(forwarding.local).await.expect("connect");
+        let mut said = vec![0; greeting.len()];
+        tokio::time::timeout(Duration::from_secs(60), stream.read_exact(&mut said))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert_eq!(String::from_utf8_lossy(&said), greeting, "agent {agent}");
+        drop(stream);
+        forwarding.stop().await;
+    }
+}
+
 /// The serve path through a grant's Port document (mux mode): each connection's session ends
 /// with the connection, instead of holding the session and the bridge's slot until the idle
 /// timeout.

@@ -108,6 +108,9 @@ pub struct TargetSelection {
     pub instance_ids: Vec<String>,
     /// Instances carrying every one of these tags (values may hold IAM wildcards).
     pub tags: BTreeMap<String, String>,
+    /// Whether the grant forwards to remote hosts through them (an Allow grant with
+    /// `sessions.remoteHosts`): their agents must support it.
+    pub remote_hosts: bool,
 }
 
 impl Desired {
@@ -332,6 +335,8 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
             tags: (spec.targets.tags.iter())
                 .map(|(key, value)| (key.clone(), value.to_string()))
                 .collect(),
+            remote_hosts: spec.effect == v1alpha1::Effect::Allow
+                && (spec.sessions.as_ref()).is_some_and(|s| !s.remote_hosts.is_empty()),
         },
         expires_at: spec
             .window

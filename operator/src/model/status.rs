@@ -101,6 +101,9 @@ pub enum TargetsState {
     NotManaged(Vec<String>),
     /// No managed instance matches.
     NoneMatch,
+    /// The grant forwards to remote hosts, and these instances' agents (ID, version) are too
+    /// old to: they would forward to their own port instead.
+    AgentsTooOld(Vec<(String, String)>),
     /// DescribeInstanceInformation failed with this error.
     Unresolvable(String),
 }
@@ -283,6 +286,19 @@ fn targets_outcome(state: &TargetsState) -> Outcome {
             "NoInstances",
             "no managed instance matches spec.targets: check the tags or instance IDs",
         ),
+        TargetsState::AgentsTooOld(old) => {
+            let listed: Vec<String> = (old.iter())
+                .map(|(id, version)| format!("{id} ({version})"))
+                .collect();
+            Outcome::no(
+                "AgentTooOld",
+                format!(
+                    "forwarding to remote hosts needs SSM Agent {} or later, and an older agent forwards to the instance's own port instead: update the agent on {} (AWS-UpdateSSMAgent) or leave them out of spec.targets",
+                    agent_version::REMOTE_HOST_MIN_AGENT,
+                    listed.join(", ")
+                ),
+            )
+        }
         TargetsState::Unresolvable(error) => Outcome::no(
             "DescribeInstanceInformationFailed",
             format!("cannot resolve the targets: {error}; the policies still apply"),
@@ -365,10 +381,17 @@ pub fn resolved_targets(
         .filter(|id| !found.iter().any(|i| &i.instance_id == *id))
         .cloned()
         .collect();
+    let too_old: Vec<(String, String)> = (list.iter())
+        .filter(|_| selection.remote_hosts)
+        .filter_map(|t| Some((t.instance_id.clone(), t.agent_version.clone()?)))
+        .filter(|(_, version)| !agent_version::supports_remote_hosts(version))
+        .collect();
     let state = if !missing.is_empty() {
         TargetsState::NotManaged(missing)
     } else if list.is_empty() {
         TargetsState::NoneMatch
+    } else if !too_old.is_empty() {
+        TargetsState::AgentsTooOld(too_old)
     } else {
         TargetsState::Resolved(list.len())
     };
@@ -687,6 +710,43 @@ mod tests {
         assert!(
             !documents_follow_spec(Some(&synced), Some(4)),
             "outside deletion the generation before does not count"
+        );
+    }
+
+    #[test]
+    fn remote_hosts_need_agents_that_forward_to_them() {
+        let instance = |id: &str, version: &str| InstanceInfo {
+            instance_id: id.into(),
+            ping_status: Some("Online".into()),
+            agent_version: Some(version.into()),
+        };
+        let found = vec![
+            instance("i-0000000000000000a", "3.3.4851.0"),
+            instance("i-0000000000000000b", "3.0.1390.0"),
+        ];
+        let mut selection = TargetSelection {
+            instance_ids: vec!["i-0000000000000000a".into(), "i-0000000000000000b".into()],
+            ..TargetSelection::default()
+        };
+        let (state, _) = resolved_targets(&selection, found.clone(), None);
+        assert_eq!(
+            state,
+            TargetsState::Resolved(2),
+            "no remote host: any agent"
+        );
+        selection.remote_hosts = true;
+        let (state, _) = resolved_targets(&selection, found, None);
+        assert_eq!(
+            state,
+            TargetsState::AgentsTooOld(vec![("i-0000000000000000b".into(), "3.0.1390.0".into())])
+        );
+        let words = targets_outcome(&state);
+        assert_eq!((words.ok, words.reason.as_str()), (false, "AgentTooOld"));
+        assert!(
+            words.message.contains("3.1.1188.0")
+                && words.message.contains("i-0000000000000000b (3.0.1390.0)"),
+            "{}",
+            words.message
         );
     }
 }

@@ -52,6 +52,15 @@ pub fn agent_refuses_loopback_forwarding(agent_version: &str) -> bool {
     )
 }
 
+/// The agent's Port plugin reads a `host` parameter (3.1.1188.0 and later): an older one knows
+/// no such parameter and forwards to the instance's own port (`localhost:portNumber`).
+pub fn agent_forwards_to_remote_hosts(agent_version: &str) -> bool {
+    matches!(
+        compare(agent_version, "3.1.1188.0"),
+        Some(Ordering::Greater | Ordering::Equal)
+    )
+}
+
 /// The agent chooses mux: it supports it, the client is ≥ 1.1.70, and the type is
 /// `LocalPortForwarding`.
 pub fn agent_uses_mux(

@@ -6,14 +6,28 @@ use super::*;
 impl Agent {
     pub(super) fn target(&self) -> Option<std::net::SocketAddr> {
         let p = &self.info.properties;
-        self.info.instance.resolve(p.host.as_deref(), p.port)
+        self.info.instance.resolve(self.remote_host(), p.port)
+    }
+
+    /// The remote host the Port plugin forwards to: the `host` parameter, which an agent
+    /// older than remote-host support does not know (it forwards to its own port instead,
+    /// whatever the document says).
+    fn remote_host(&self) -> Option<&str> {
+        let host = self
+            .info
+            .properties
+            .host
+            .as_deref()
+            .filter(|h| !h.is_empty())?;
+        crate::version::agent_forwards_to_remote_hosts(&self.info.instance.agent_version)
+            .then_some(host)
     }
 
     /// Whether the Port plugin may forward where the session's properties say: for a remote
     /// host, the agent checks its addresses first (`destination`), and a refusal fails the
     /// session with the agent's words before anything is dialled.
     pub(super) fn destination_allowed(&mut self) -> bool {
-        let Some(host) = self.info.properties.host.clone().filter(|h| !h.is_empty()) else {
+        let Some(host) = self.remote_host().map(str::to_owned) else {
             return true;
         };
         let instance = &self.info.instance;
