@@ -407,6 +407,14 @@ async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --remote-port, or a --document that pins the port"),
     };
+    // An agent too old for remote hosts would carry the bytes to the wrong place: ask first
+    // (when the instance cannot be described, StartSession's own answer will do).
+    if args.remote_host.is_some()
+        && let Ok(Some(state)) = control.describe_instance(&args.instance_id).await
+        && let Some(problem) = state.remote_host_problem(&args.instance_id)
+    {
+        anyhow::bail!("{problem}");
+    }
     let shutdown = shutdown_on_signal();
     forward(&control, signer.as_deref(), &request, listener, shutdown).await?;
     eprintln!("forwarding {local} ended");

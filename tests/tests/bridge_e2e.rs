@@ -1166,6 +1166,45 @@ async fn an_agent_too_old_for_remote_hosts_forwards_to_its_own_port() {
         assert_eq!(String::from_utf8_lossy(&said), greeting, "agent {agent}");
         drop(stream);
         forwarding.stop().await;
+        // `agent-bridge forward --remote-host` asks the agent's version first, and refuses an
+        // agent that would forward to its own port.
+        if agent != "3.1.1080.0" {
+            continue;
+        }
+        let mut forward = tokio::process::Command::new(bridge_binary());
+        forward
+            .args([
+                "forward",
+                WEB,
+                "--remote-host",
+                DB_HOST,
+                "--remote-port",
+                "5432",
+            ])
+            .args(["--cluster-name", cluster, "--local", "127.0.0.1:0"])
+            .args([
+                "--region",
+                "us-east-1",
+                "--allow-any-stream-url",
+                "--ssm-endpoint",
+            ])
+            .arg(emulator.endpoint_url())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = forward.spawn().expect("forward starts");
+        let output = exits_soon(child, "forward to a remote host on an old agent").await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("too old to forward to a remote host"),
+            "{stderr}"
+        );
     }
 }
 

@@ -145,6 +145,18 @@ impl InstanceState {
         }
         None
     }
+
+    /// Why the instance cannot forward to a remote host, if its agent says so: an agent before
+    /// remote-host support ignores the host and forwards to its own port instead.
+    pub fn remote_host_problem(&self, instance_id: &str) -> Option<String> {
+        let version = self.agent_version.as_deref()?;
+        (!agent_version::supports_remote_hosts(version)).then(|| {
+            format!(
+                "instance {instance_id} runs SSM Agent {version}, too old to forward to a remote host (it would forward to its own port instead): update it to {} or later",
+                agent_version::REMOTE_HOST_MIN_AGENT
+            )
+        })
+    }
 }
 
 impl ControlPlane for SdkControlPlane {
