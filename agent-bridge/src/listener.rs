@@ -18,6 +18,7 @@ use std::{
 };
 
 use fleet_access_crds::bridge_contract::{self, EndpointAnnotations, EndpointPort, GrantPorts};
+use k8s_openapi::jiff::Timestamp;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -33,7 +34,6 @@ use crate::{
     ssm::{ControlPlane, StartSessionRequest},
     tunnel::{Carried, Ending, SessionContext, carry},
 };
-use k8s_openapi::jiff::Timestamp;
 
 /// One endpoint: where the bridge listens and what session it starts for each connection.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -193,13 +193,28 @@ struct Running {
     removed: CancellationToken,
 }
 
+/// Who each connection is from, and where its record goes.
+#[derive(Clone, Default)]
+pub struct Audit {
+    /// Resolves a connection's source address to its client pod.
+    pub clients: PodDirectory,
+    /// Takes each connection's record; none: no records.
+    pub sink: Option<Arc<dyn AuditSink>>,
+}
+
+impl Audit {
+    /// No attribution and no records (the demo, benchmarks).
+    pub fn none() -> Self {
+        Self::default()
+    }
+}
+
 /// What every connection of every listener shares: the sessions' context, admission, and
-/// the audit (who the client is, and where its record goes).
+/// the audit.
 struct Serving<C> {
     context: Arc<SessionContext<C>>,
     admission: Admission,
-    clients: PodDirectory,
-    audit: Option<Arc<dyn AuditSink>>,
+    audit: Audit,
 }
 
 /// The set of open endpoint listeners.
@@ -215,9 +230,14 @@ pub struct Listeners<C> {
 }
 
 impl<C: ControlPlane + 'static> Listeners<C> {
-    /// No listeners yet; they will bind on `address`. Clients are not attributed and no record
-    /// is written until [`Listeners::with_audit`].
-    pub fn new(context: Arc<SessionContext<C>>, limits: Limits, address: IpAddr) -> Self {
+    /// No listeners yet; they will bind on `address`, and account for each connection to
+    /// `audit`.
+    pub fn new(
+        context: Arc<SessionContext<C>>,
+        limits: Limits,
+        address: IpAddr,
+        audit: Audit,
+    ) -> Self {
         let admission = Admission {
             limits,
             total: Arc::new(Semaphore::new(limits.total)),
@@ -227,8 +247,7 @@ impl<C: ControlPlane + 'static> Listeners<C> {
             serving: Arc::new(Serving {
                 context,
                 admission,
-                clients: PodDirectory::disabled(),
-                audit: None,
+                audit,
             }),
             address,
             running: BTreeMap::new(),
@@ -236,16 +255,6 @@ impl<C: ControlPlane + 'static> Listeners<C> {
             terminate: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
-    }
-
-    /// Attributes each connection to its client pod through `clients` (in its session's Reason
-    /// and its record) and writes one record per connection to `audit`. Before any `apply`.
-    pub fn with_audit(mut self, clients: PodDirectory, audit: Arc<dyn AuditSink>) -> Self {
-        if let Some(serving) = Arc::get_mut(&mut self.serving) {
-            serving.clients = clients;
-            serving.audit = Some(audit);
-        }
-        self
     }
 
     /// Makes the open listeners exactly `desired`: closes the removed or changed ones (and their
@@ -363,7 +372,7 @@ async fn accept_loop<C: ControlPlane + 'static>(
             },
         };
         let connected_at = Instant::now();
-        let record = Record::begin(&endpoint, peer, &serving.clients);
+        let record = Record::begin(&endpoint, peer, &serving.audit.clients);
         let context = &serving.context;
         let permits = match serving.admission.admit(&endpoint.instance_id) {
             Ok(permits) => permits,
@@ -411,8 +420,8 @@ async fn accept_loop<C: ControlPlane + 'static>(
 
 impl<C> Serving<C> {
     fn write(&self, record: ConnectionRecord) {
-        if let Some(audit) = &self.audit {
-            audit.record(&record);
+        if let Some(sink) = &self.audit.sink {
+            sink.record(&record);
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::{
     admin::Readiness,
     audit::AuditSink,
     clients::PodDirectory,
-    listener::{Limits, Listeners, endpoints},
+    listener::{Audit, Limits, Listeners, endpoints},
     ssm::ControlPlane,
 };
 
@@ -89,7 +89,11 @@ pub async fn run<C: ControlPlane + 'static>(
     )
     .default_backoff();
     let mut stream = std::pin::pin!(stream);
-    let mut listeners = Listeners::new(context, limits, listen_address).with_audit(clients, audit);
+    let audit = Audit {
+        clients,
+        sink: Some(audit),
+    };
+    let mut listeners = Listeners::new(context, limits, listen_address, audit);
     info!(namespace, selector, "watching endpoint Services");
     loop {
         tokio::select! {

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
     cli::{AwsArgs, control_plane, load_aws},
-    listener::{Endpoint, Limits, Listeners},
+    listener::{Audit, Endpoint, Limits, Listeners},
     metrics::Metrics,
     tunnel::SessionContext,
 };
@@ -258,6 +258,7 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
             per_instance: 5000,
         },
         Ipv4Addr::LOCALHOST.into(),
+        Audit::none(),
     );
     // A free port, released for the listener to take (nothing else binds here meanwhile).
     let listen_port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

@@ -20,7 +20,7 @@ use fleet_access_agent_bridge::{
     cli::{
         AwsArgs, control_plane, init_tracing, load_aws, select_crypto_provider, shutdown_on_signal,
     },
-    listener::{Endpoint, Limits, Listeners},
+    listener::{Audit, Endpoint, Limits, Listeners},
     metrics::Metrics,
     tunnel::SessionContext,
 };
@@ -127,6 +127,11 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
             per_instance: 20,
         },
         loopback,
+        // Each connection's audit record on standard output, as `serve` writes them.
+        Audit {
+            clients: Default::default(),
+            sink: Some(Arc::new(fleet_access_agent_bridge::audit::Stdout)),
+        },
     );
     let mut desired = BTreeMap::new();
     for (i, id) in FLEET.iter().enumerate() {
@@ -177,6 +182,9 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  ssh -o ProxyCommand='env AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo cargo run -q --bin agent-bridge -- proxy %h %p --region us-east-1 --ssm-endpoint {ssm_endpoint} --allow-any-stream-url' $USER@{}",
         FLEET[0]
+    );
+    println!(
+        "\nEach connection's audit record (a JSON line, as `agent-bridge serve` writes them, docs/audit.md) appears below when it ends."
     );
     println!("\nRunning until Ctrl-C.");
 

@@ -934,6 +934,28 @@ async fn behind_port_5432(sshd: &Sshd) -> (&'static Moto, Running) {
     )
 }
 
+/// A database the instance reaches, at a VPC address of its own.
+const DB_HOST: &str = "orders.db.internal";
+
+/// The emulator with `instance` alone, its documents in moto.
+async fn emulator_with(moto: &Moto, instance: InstanceConfig) -> Running {
+    let config = Config {
+        upstream: Some(moto.endpoint().to_owned()),
+        mode: Mode::Fast,
+        instances: vec![instance],
+        ..Config::default()
+    };
+    Emulator::start(config).await.expect("emulator starts")
+}
+
+/// `instance`, resolving [`DB_HOST`] to a VPC address whose port 5432 the emulator's network
+/// leads to `database`.
+fn with_database(instance: InstanceConfig, database: SocketAddr) -> InstanceConfig {
+    instance
+        .with_host(DB_HOST, vec!["10.0.3.17".parse().expect("address")])
+        .with_port(format!("{DB_HOST}:5432"), database)
+}
+
 /// Creates the grant's session documents in moto, as the operator does.
 async fn create_documents(moto: &Moto, rendered: &fleet_access_operator::model::desired::Desired) {
     let ssm = aws_sdk_ssm::Client::new(&sdk_config(moto.endpoint()));
@@ -1017,22 +1039,10 @@ async fn forward_through_a_port_grants_own_document() {
 /// and an agent of 3.3.4851.0 or later refuses to forward to loopback, as AWS would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forward_through_a_remote_host_grants_document() {
-    const DB_HOST: &str = "orders.db.internal";
     let web = http_server().await;
     let moto = Moto::shared().await.expect("moto");
-    // The instance resolves the database's name to a VPC address; the emulator's network leads
-    // that host and port to the loopback server.
-    let instance = InstanceConfig::new(WEB)
-        .with_agent_version("3.3.4851.0")
-        .with_host(DB_HOST, vec!["10.0.3.17".parse().expect("address")])
-        .with_port(format!("{DB_HOST}:5432"), web);
-    let config = Config {
-        upstream: Some(moto.endpoint().to_owned()),
-        mode: Mode::Fast,
-        instances: vec![instance],
-        ..Config::default()
-    };
-    let emulator = Emulator::start(config).await.expect("emulator starts");
+    let instance = InstanceConfig::new(WEB).with_agent_version("3.3.4851.0");
+    let emulator = emulator_with(moto, with_database(instance, web)).await;
     let rendered = person_grant(&format!(
         "{{remoteHosts: [{{host: {DB_HOST}, port: 5432}}]}}"
     ));
@@ -1121,7 +1131,6 @@ async fn forward_through_a_remote_host_grants_document() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_too_old_for_remote_hosts_forwards_to_its_own_port() {
     use fleet_access_tests::targets::greeting_echo_server;
-    const DB_HOST: &str = "orders.db.internal";
     let own = greeting_echo_server("the instance's own 5432\n")
         .await
         .expect("server");
@@ -1143,18 +1152,8 @@ async fn an_agent_too_old_for_remote_hosts_forwards_to_its_own_port() {
             "the database\n",
         ),
     ] {
-        let instance = InstanceConfig::new(WEB)
-            .with_agent_version(agent)
-            .with_port("5432", own)
-            .with_host(DB_HOST, vec!["10.0.3.17".parse().expect("address")])
-            .with_port(format!("{DB_HOST}:5432"), database);
-        let config = Config {
-            upstream: Some(moto.endpoint().to_owned()),
-            mode: Mode::Fast,
-            instances: vec![instance],
-            ..Config::default()
-        };
-        let emulator = Emulator::start(config).await.expect("emulator starts");
+        let instance = (InstanceConfig::new(WEB).with_agent_version(agent)).with_port("5432", own);
+        let emulator = emulator_with(moto, with_database(instance, database)).await;
         let request = StartSessionRequest::port(WEB, &document, None, "agent-bridge forward");
         let forwarding = Forwarding::start_session(&emulator, request).await;
         let mut stream = TcpStream::connect(forwarding.local).await.expect("connect");
@@ -1280,6 +1279,7 @@ async fn prometheus_scrapes_what_a_session_caused() {
             per_instance: 10,
         },
         LOOPBACK,
+        fleet_access_agent_bridge::listener::Audit::none(),
     );
     let desired = BTreeMap::from([(endpoint.listen_port, endpoint.clone())]);
     assert!(listeners.apply(&desired).await.is_empty());
