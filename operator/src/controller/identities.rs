@@ -208,8 +208,15 @@ pub async fn sweep_orphans(ctx: &Context) -> Result<Vec<Principal>> {
     let prefix = naming::cluster_prefix(cluster);
     let listed = with_retry(|| ctx.iam.list_policies(naming::POLICY_PATH)).await?;
     let mut with_sets = BTreeSet::new();
+    let principal =
+        |(kind, name): (&str, &str)| Some(Principal::new(PrincipalKind::parse(kind)?, name));
     for (name, arn) in &listed {
         if !name.starts_with(&prefix) || !naming::is_identity_policy_name(name) {
+            continue;
+        }
+        // The name tells whose set it is, unless a hash shortened it: then the tag does.
+        if let Some(identity) = naming::parse_identity_policy_name(cluster, name) {
+            with_sets.extend(principal(identity));
             continue;
         }
         let Some(policy) = with_retry(|| ctx.iam.get_policy(arn)).await? else {
@@ -217,7 +224,7 @@ pub async fn sweep_orphans(ctx: &Context) -> Result<Vec<Principal>> {
         };
         let identity = (policy.tags.get(naming::IDENTITY_TAG))
             .and_then(|value| naming::parse_identity_tag_value(cluster, value))
-            .and_then(|(kind, name)| Some(Principal::new(PrincipalKind::parse(kind)?, name)));
+            .and_then(principal);
         with_sets.extend(identity);
     }
     let named = contributions(ctx).await?;

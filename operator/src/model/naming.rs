@@ -129,6 +129,19 @@ pub fn identity_tag_value(cluster: &str, kind: &str, name: &str) -> String {
     format!("{cluster}/{kind}/{name}")
 }
 
+/// The kind (`user`, `role`, `group`) and name of the identity whose set policy `name` belongs
+/// to, read from the name: `None` when it is not one of `cluster`'s sets, or when it may have
+/// been shortened with a hash (IAM's longest names), which only its tag then tells.
+pub fn parse_identity_policy_name<'a>(cluster: &str, name: &'a str) -> Option<(&'a str, &'a str)> {
+    if name.len() >= MAX_NAME {
+        return None;
+    }
+    let rest = name.strip_prefix(&cluster_prefix(cluster))?;
+    let (kind, identity) = rest.split_once('@')?;
+    let kind = kind.split_once('-').map_or(kind, |(kind, _index)| kind);
+    Some((kind, identity))
+}
+
 /// The kind and name an identity tag's value names in `cluster`, if it is one of its.
 pub fn parse_identity_tag_value<'a>(cluster: &str, value: &'a str) -> Option<(&'a str, &'a str)> {
     let rest = value.strip_prefix(cluster)?.strip_prefix('/')?;
@@ -177,6 +190,42 @@ pub fn grant_key(namespace: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_identity_set_is_known_by_its_name_unless_a_hash_shortened_it() {
+        for (kind, name, index) in [
+            ("user", "alice-2", ""),
+            ("role", "deploy", "-3"),
+            ("group", "ops@x", ""),
+        ] {
+            let policy = identity_policy_name("prod", kind, name, index);
+            assert_eq!(
+                parse_identity_policy_name("prod", &policy),
+                Some((kind, name)),
+                "{policy}"
+            );
+            assert_eq!(
+                parse_identity_policy_name("staging", &policy),
+                None,
+                "another cluster's"
+            );
+        }
+        let long = identity_policy_name("prod", "role", &"r".repeat(120), "");
+        assert_eq!(long.len(), MAX_NAME);
+        assert_eq!(
+            parse_identity_policy_name("prod", &long),
+            None,
+            "only its tag tells"
+        );
+        assert_eq!(
+            parse_identity_tag_value("prod", "prod/role/deploy"),
+            Some(("role", "deploy"))
+        );
+        assert_eq!(
+            parse_identity_tag_value("prod", "production/role/deploy"),
+            None
+        );
+    }
 
     #[test]
     fn short_names_read_plainly() {
