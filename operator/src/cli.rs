@@ -48,7 +48,9 @@ struct RunArgs {
     /// must differ between replicas. Default: `fleet-access-operator-<process id>`.
     #[arg(long, env = "POD_NAME")]
     replica: Option<String>,
-    /// Reconcile grants of this namespace only (default: every namespace).
+    /// Reconcile grants of this namespace only (default: every namespace). Operators that
+    /// watch different namespaces of an account must have different --cluster-name values: each
+    /// removes its cluster's policy sets that none of the grants it sees names.
     #[arg(long, env = "FLEET_ACCESS_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
     /// Reconcile the cluster's SessionPreferences (the account default session document).

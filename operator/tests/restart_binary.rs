@@ -6,9 +6,9 @@ use std::{process::Stdio, time::Duration};
 
 use aws_sdk_iam::types::Policy;
 use fleet_access_crds::SessionAccess;
-use fleet_access_operator::{model::naming, settings::DEFAULT_CLUSTER};
+use fleet_access_operator::model::naming;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode};
-use fleet_access_tests::{ControlPlane, Moto, OperatorCommandLine};
+use fleet_access_tests::{ControlPlane, Moto, OperatorCommandLine, cluster_of};
 use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
@@ -59,9 +59,9 @@ fn ready(grant: &SessionAccess) -> bool {
 /// The policies under the operator's path whose names start with `prefix`, from every page of
 /// the listing (moto holds the policies of every test of the run).
 /// The operator's policies for this run's users: their sets, named after them.
-async fn policies_of(iam: &aws_sdk_iam::Client, users: &[String]) -> Vec<Policy> {
+async fn policies_of(iam: &aws_sdk_iam::Client, cluster: &str, users: &[String]) -> Vec<Policy> {
     let names: Vec<String> = (users.iter())
-        .map(|user| naming::identity_policy_name(DEFAULT_CLUSTER, "user", user, ""))
+        .map(|user| naming::identity_policy_name(cluster, "user", user, ""))
         .collect();
     fleet_access_tests::moto::policies_under(iam, naming::POLICY_PATH)
         .await
@@ -168,7 +168,7 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
 
     // Exactly one policy per user's set (one grant each), one version, attached once; one
     // shell document per grant.
-    let ours = policies_of(&iam, &users).await;
+    let ours = policies_of(&iam, &cluster_of(&ns), &users).await;
     assert_eq!(ours.len(), GRANTS, "one policy per grant");
     for policy in &ours {
         let arn = policy.arn().expect("arn");
@@ -212,7 +212,7 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
         assert_eq!(attached_to(&iam, user).await, 0, "{user}");
     }
     assert_eq!(
-        policies_of(&iam, &users).await,
+        policies_of(&iam, &cluster_of(&ns), &users).await,
         Vec::new(),
         "no policy of the grants is left"
     );

@@ -31,7 +31,7 @@ pub use error::{FixtureError, FixtureResult};
 pub use exposition::ExposedSample;
 pub use locations::{Locations, cache_dir, session_manager_plugin_path};
 pub use moto::Moto;
-pub use operator_command::OperatorCommandLine;
+pub use operator_command::{OperatorCommandLine, cluster_of};
 pub use process::{SupervisedProcess, free_loopback_port, http_get, loopback};
 pub use prometheus::{Prometheus, Sample};
 pub use sshd::Sshd;

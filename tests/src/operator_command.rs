@@ -25,7 +25,23 @@ pub struct OperatorCommandLine<'a> {
     pub replica: &'a str,
 }
 
+/// The cluster name a test's operator runs under: its watched namespace's name (cut to 40
+/// characters), so that operators of concurrent tests never take each other's policy sets for
+/// orphans (operators that share a cluster name share its sets, as the operator's docs say).
+pub fn cluster_of(namespace: &str) -> String {
+    let mut cluster: String = namespace.chars().take(40).collect();
+    while cluster.ends_with('-') {
+        cluster.pop();
+    }
+    cluster
+}
+
 impl OperatorCommandLine<'_> {
+    /// The `--cluster-name` it runs under ([`cluster_of`] the watched namespace).
+    pub fn cluster(&self) -> String {
+        cluster_of(self.watch_namespace)
+    }
+
     /// Adds the arguments and the environment to `command` (the operator's binary). Callers add
     /// what differs between them: `--resync-seconds`, lease flags, `RUST_LOG`, where output goes.
     pub fn apply<'c>(&self, command: &'c mut Command) -> &'c mut Command {
@@ -35,6 +51,7 @@ impl OperatorCommandLine<'_> {
             .args(["--replica", self.replica])
             .args(["--watch-namespace", self.watch_namespace])
             .args(["--bridge-namespace", self.bridge_namespace])
+            .args(["--cluster-name", &self.cluster()])
             .envs(self.moto.process_env())
             .env("AWS_ENDPOINT_URL_IAM", self.moto.endpoint())
             .env("AWS_ENDPOINT_URL_SSM", self.ssm_endpoint)

@@ -30,13 +30,12 @@ use fleet_access_crds::{
     SessionAccess,
     bridge_contract::{EndpointAnnotations, bridge_pod_selector, managed_labels, service_name},
 };
-use fleet_access_operator::{
-    model::naming::{IDENTITY_TAG, OWNER_TAG, POLICY_PATH, identity_tag_value, owner_tag_value},
-    settings::DEFAULT_CLUSTER,
+use fleet_access_operator::model::naming::{
+    IDENTITY_TAG, OWNER_TAG, POLICY_PATH, identity_tag_value, owner_tag_value,
 };
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
-    ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, http_get,
+    ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, cluster_of, http_get,
     manifests::{deploy_dir, kind, kustomize, rbac_in_namespace},
     own_loopback_address,
     targets::greeting_echo_server,
@@ -186,6 +185,7 @@ async fn planned_policies(
     grant_file: &Path,
     bridge_role: &str,
     bridge_namespace: &str,
+    cluster: &str,
 ) -> BTreeMap<String, Value> {
     let mut plan = Command::new(operator);
     plan.arg("plan")
@@ -193,7 +193,8 @@ async fn planned_policies(
         .arg(grant_file)
         .args(["-o", "json", "--account", ACCOUNT, "--region", REGION])
         .args(["--bridge-role", bridge_role])
-        .args(["--bridge-namespace", bridge_namespace]);
+        .args(["--bridge-namespace", bridge_namespace])
+        .args(["--cluster-name", cluster]);
     let plan: Value = serde_json::from_str(&run_bounded(plan, SSH_TIMEOUT).await).unwrap();
     let identities = plan["identities"].as_array().unwrap();
     (identities.iter())
@@ -395,6 +396,7 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     .args(["--lease-namespace", system.name()])
     .args(["--bridge-role", &bridge_role]);
     operator.env("RUST_LOG", "info").env("NO_COLOR", "1");
+    let cluster = cluster_of(team.name());
     let listen_address = own_loopback_address();
     let mut bridge = Command::new(&bridge_program);
     bridge
@@ -449,8 +451,14 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     .await;
 
     // The exact policies in moto: what `plan` says, attached to the user and the bridge role.
-    let planned =
-        planned_policies(&operator_program, &grant_file, &bridge_role, system.name()).await;
+    let planned = planned_policies(
+        &operator_program,
+        &grant_file,
+        &bridge_role,
+        system.name(),
+        &cluster,
+    )
+    .await;
     assert_eq!(
         planned.len(),
         2,
@@ -668,10 +676,10 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     .await;
     let mut left = Vec::new();
     for (kind, name) in [("user", user.as_str()), ("role", bridge_role.as_str())] {
-        let identity = identity_tag_value(DEFAULT_CLUSTER, kind, name);
+        let identity = identity_tag_value(&cluster, kind, name);
         left.extend(policies_tagged(&iam, IDENTITY_TAG, &identity).await);
     }
-    let owner = owner_tag_value(DEFAULT_CLUSTER, team.name(), GRANT);
+    let owner = owner_tag_value(&cluster, team.name(), GRANT);
     left.extend(policies_tagged(&iam, OWNER_TAG, &owner).await);
     assert_eq!(left, Vec::<String>::new(), "IAM is clean");
     assert_eq!(

@@ -45,16 +45,6 @@ pub(crate) const FLEET: &[(&str, &str, &str)] = &[
     ("i-00000000000000011", "production", "3.3.0.0"),
 ];
 
-/// Each test is a cluster of its own: what the operator shares between a cluster's grants
-/// (identity policy sets, Port documents) is then the test's alone, though tests share moto.
-fn cluster_of(namespace: &str) -> String {
-    let mut cluster: String = namespace.chars().take(40).collect();
-    while cluster.ends_with('-') {
-        cluster.pop();
-    }
-    cluster
-}
-
 pub(crate) struct Harness {
     pub(crate) namespace: TestNamespace,
     pub(crate) grants: Api<SessionAccess>,
@@ -121,7 +111,10 @@ impl Harness {
             bridge_role: Some(format!("bridge-{}", namespace.name())),
             // Each test's namespace doubles as its bridge namespace.
             bridge_namespace: namespace.name().to_owned(),
-            cluster: cluster_of(namespace.name()),
+            // Each test is a cluster of its own: what the operator shares between a cluster's
+            // grants (identity policy sets, Port documents) is then the test's alone, though
+            // tests share moto.
+            cluster: fleet_access_tests::cluster_of(namespace.name()),
             ..Settings::default()
         };
         let ctx = Arc::new(
@@ -338,28 +331,37 @@ impl Harness {
         all
     }
 
-    /// The default version's document and the number of versions.
+    /// The default version's document and the number of versions; `None` when the policy does
+    /// not exist, or stops existing while it is read (the operator may be deleting it).
     pub(crate) async fn policy_document(&self, arn: &str) -> Option<(String, usize)> {
-        let policy = match self.iam.get_policy().policy_arn(arn).send().await {
-            Err(e) if e.code() == Some("NoSuchEntity") => return None,
-            other => other.expect("get_policy answers").policy().cloned()?,
-        };
-        let version = policy.default_version_id().expect("default version");
-        let document = self
-            .iam
-            .get_policy_version()
-            .policy_arn(arn)
-            .version_id(version)
-            .send()
-            .await
-            .expect("version");
-        let versions = self
-            .iam
-            .list_policy_versions()
-            .policy_arn(arn)
-            .send()
-            .await
-            .expect("versions");
+        fn gone<T, E: ProvideErrorMetadata + std::fmt::Debug>(
+            result: Result<T, E>,
+            what: &str,
+        ) -> Option<T> {
+            match result {
+                Err(e) if e.code() == Some("NoSuchEntity") => None,
+                other => Some(other.expect(what)),
+            }
+        }
+        let policy = gone(
+            self.iam.get_policy().policy_arn(arn).send().await,
+            "GetPolicy",
+        )?;
+        let version = policy
+            .policy()?
+            .default_version_id()
+            .expect("default version");
+        let document = gone(
+            (self.iam.get_policy_version().policy_arn(arn))
+                .version_id(version)
+                .send()
+                .await,
+            "GetPolicyVersion",
+        )?;
+        let versions = gone(
+            self.iam.list_policy_versions().policy_arn(arn).send().await,
+            "ListPolicyVersions",
+        )?;
         Some((
             document
                 .policy_version()
