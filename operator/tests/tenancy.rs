@@ -334,7 +334,8 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
         .await
         .expect_err("only its namespace");
     assert!(error.contains("forbidden"), "{error}");
-    // A grant inside the boundary is admitted (and stays Ready).
+    // A grant inside the boundary is admitted. (Not Ready: one of the staging instances runs an
+    // agent too old for remote hosts, and the grant says so.)
     let second = grant_yaml(
         &ns,
         "ci-staging",
@@ -348,7 +349,18 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
     kubectl_apply(&control_plane, Some(&kubeconfig), &second, &[])
         .await
         .expect("inside the boundary");
-    h.wait_condition("ci-staging", "Ready", "True").await;
+    let staging = h.wait_condition("ci-staging", "PolicySynced", "True").await;
+    assert_eq!(
+        find(&staging, "Admitted").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    let targets = find(&staging, "TargetsResolved").expect("TargetsResolved");
+    assert_eq!(targets.reason, "AgentTooOld", "{targets:?}");
+    assert!(
+        targets.message.contains("i-0000000000000000b (2.3.500.0)"),
+        "{}",
+        targets.message
+    );
 
     // Without the admission policy, the same grants get in, and the operator refuses each,
     // naming the field, with nothing written to AWS.

@@ -29,7 +29,6 @@ use tokio::sync::oneshot;
 
 pub(crate) const ACCOUNT: &str = "123456789012";
 pub(crate) const REGION: &str = "us-east-1";
-/// The cluster name of the operators under test.
 /// How long a test waits for the controller to converge before failing.
 pub(crate) const CONVERGE: Duration = Duration::from_secs(90);
 
