@@ -713,13 +713,14 @@ fn the_bridge_role_allows_every_call_of_the_bridge() {
         .collect::<BTreeSet<_>>(),
         "agent-bridge/src/ssm.rs calls changed: update deploy/iam/bridge-policy.json and this test"
     );
-    // DescribeInstanceInformation only explains a failed `agent-bridge proxy` on a laptop (the
-    // person's credentials), never in `serve`: the in-cluster role does not need it.
+    // DescribeInstanceInformation only explains a failed `agent-bridge proxy`, or checks the
+    // agent before `forward --remote-host`, on a laptop (the person's credentials), never in
+    // `serve`: the in-cluster role does not need it.
     let cli = read("agent-bridge/src/cli.rs");
-    let proxy = cli
-        .split("async fn ")
-        .find(|f| f.starts_with("run_proxy"))
-        .unwrap();
+    let people: usize = (cli.split("async fn "))
+        .filter(|f| f.starts_with("run_proxy") || f.starts_with("run_forward"))
+        .map(|f| f.matches(".describe_instance(").count())
+        .sum();
     let mut files = Vec::new();
     rust_files(&root().join("agent-bridge/src"), &mut files);
     let uses: usize = files
@@ -731,7 +732,7 @@ fn the_bridge_role_allows_every_call_of_the_bridge() {
                 .count()
         })
         .sum();
-    assert_eq!(uses, proxy.matches(".describe_instance(").count());
+    assert_eq!(uses, people);
     assert_denied(
         &[&baseline],
         &Request::new("ssm:DescribeInstanceInformation", "*"),
