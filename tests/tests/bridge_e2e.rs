@@ -956,6 +956,19 @@ fn with_database(instance: InstanceConfig, database: SocketAddr) -> InstanceConf
         .with_port(format!("{DB_HOST}:5432"), database)
 }
 
+/// A person's grant to [`DB_HOST`] port 5432, with its documents in moto, and the name of the
+/// document that pins that destination.
+async fn database_grant(moto: &Moto) -> (fleet_access_operator::model::desired::Desired, String) {
+    let rendered = person_grant(&format!(
+        "{{remoteHosts: [{{host: {DB_HOST}, port: 5432}}]}}"
+    ));
+    create_documents(moto, &rendered).await;
+    let cluster = rendered.grant.split('/').next().expect("the cluster");
+    let document =
+        fleet_access_crds::ssm_documents::remote_host_document_name(cluster, DB_HOST, 5432);
+    (rendered, document)
+}
+
 /// Creates the grant's session documents in moto, as the operator does.
 async fn create_documents(moto: &Moto, rendered: &fleet_access_operator::model::desired::Desired) {
     let ssm = aws_sdk_ssm::Client::new(&sdk_config(moto.endpoint()));
@@ -1043,13 +1056,8 @@ async fn forward_through_a_remote_host_grants_document() {
     let moto = Moto::shared().await.expect("moto");
     let instance = InstanceConfig::new(WEB).with_agent_version("3.3.4851.0");
     let emulator = emulator_with(moto, with_database(instance, web)).await;
-    let rendered = person_grant(&format!(
-        "{{remoteHosts: [{{host: {DB_HOST}, port: 5432}}]}}"
-    ));
-    create_documents(moto, &rendered).await;
+    let (rendered, document) = database_grant(moto).await;
     let cluster = rendered.grant.split('/').next().expect("the cluster");
-    let document =
-        fleet_access_crds::ssm_documents::remote_host_document_name(cluster, DB_HOST, 5432);
     let connection = (rendered.connect.iter())
         .find(|c| c.document == document)
         .expect("plan's connection to the database");
@@ -1138,13 +1146,8 @@ async fn an_agent_too_old_for_remote_hosts_forwards_to_its_own_port() {
         .await
         .expect("server");
     let moto = Moto::shared().await.expect("moto");
-    let rendered = person_grant(&format!(
-        "{{remoteHosts: [{{host: {DB_HOST}, port: 5432}}]}}"
-    ));
-    create_documents(moto, &rendered).await;
+    let (rendered, document) = database_grant(moto).await;
     let cluster = rendered.grant.split('/').next().expect("the cluster");
-    let document =
-        fleet_access_crds::ssm_documents::remote_host_document_name(cluster, DB_HOST, 5432);
     for (agent, greeting) in [
         ("3.1.1080.0", "the instance's own 5432\n"),
         (
