@@ -54,7 +54,7 @@ pub enum Client {
 pub fn resolve_in<'a>(pods: impl IntoIterator<Item = &'a Pod>, address: IpAddr) -> Client {
     let address = address.to_canonical();
     let mut found: Vec<&Pod> = (pods.into_iter())
-        .filter(|pod| is_live(pod) && pod_addresses(pod).any(|a| a == address))
+        .filter(|pod| holds(pod, address))
         .collect();
     match found.as_mut_slice() {
         [pod] => Client::Pod(ClientPod {
@@ -69,6 +69,11 @@ pub fn resolve_in<'a>(pods: impl IntoIterator<Item = &'a Pod>, address: IpAddr) 
             candidates: others.len(),
         },
     }
+}
+
+/// Whether a running or pending `pod` has `address` (canonical).
+fn holds(pod: &Pod, address: IpAddr) -> bool {
+    is_live(pod) && pod_addresses(pod).any(|a| a == address)
 }
 
 fn is_live(pod: &Pod) -> bool {
@@ -168,7 +173,12 @@ impl PodDirectory {
     /// Who has `address`.
     pub fn resolve(&self, address: IpAddr) -> Client {
         match &self.store {
-            Some(store) => resolve_in(store.state().iter().map(|p| p.as_ref()), address),
+            // Only the pods with the address are cloned out of the store (per connection).
+            Some(store) => {
+                let canonical = address.to_canonical();
+                let holders = store.state_filter(|pod| holds(pod, canonical));
+                resolve_in(holders.iter().map(|p| p.as_ref()), address)
+            }
             None => Client::Unresolved {
                 address: address.to_canonical(),
                 candidates: 0,

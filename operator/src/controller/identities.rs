@@ -21,7 +21,7 @@ use std::{
     sync::Arc,
 };
 
-use fleet_access_crds::v1alpha1::PolicyStatus;
+use fleet_access_crds::{SessionAccess, v1alpha1::PolicyStatus};
 use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
 use kube::ResourceExt;
 
@@ -160,12 +160,19 @@ pub(crate) async fn apply_set(
 async fn contributions(
     ctx: &Context,
 ) -> Result<BTreeMap<Principal, Vec<(String, Vec<Statement>)>>> {
-    let grants = observe::grants(ctx).await?;
+    contributions_of(&observe::grants(ctx).await?, ctx).await
+}
+
+/// [`contributions`] of `grants`, as listed.
+async fn contributions_of(
+    grants: &[SessionAccess],
+    ctx: &Context,
+) -> Result<BTreeMap<Principal, Vec<(String, Vec<Statement>)>>> {
     let (boundaries, labels) = observe::all_boundaries(ctx).await?;
     let now = Timestamp::now();
     let no_labels = BTreeMap::new();
     let mut contributing: Vec<(Option<Timestamp>, Desired)> = Vec::new();
-    for grant in &grants {
+    for grant in grants {
         if grant.metadata.deletion_timestamp.is_some() {
             continue;
         }
@@ -198,12 +205,10 @@ async fn contributions(
     Ok(by_identity)
 }
 
-/// Removes the policy sets of this cluster's identities that no grant names any more, which
-/// no grant's reconcile would touch: a grant deleted while its finalizer was stripped (anyone
-/// who may edit the grant can strip it), or while an earlier operator had crashed between
-/// syncing identities and recording them. Finds the sets by their identity tag among the
-/// policies under the operator's path; returns the identities swept.
-pub async fn sweep_orphans(ctx: &Context) -> Result<Vec<Principal>> {
+/// The identities of this cluster that have a policy set in IAM, found among the policies
+/// under the operator's path: by the policy's name, or by its identity tag when a hash
+/// shortened the name.
+pub async fn identities_with_sets(ctx: &Context) -> Result<BTreeSet<Principal>> {
     let cluster = &ctx.settings.cluster;
     let prefix = naming::cluster_prefix(cluster);
     let listed = with_retry(|| ctx.iam.list_policies(naming::POLICY_PATH)).await?;
@@ -227,7 +232,21 @@ pub async fn sweep_orphans(ctx: &Context) -> Result<Vec<Principal>> {
             .and_then(principal);
         with_sets.extend(identity);
     }
-    let named = contributions(ctx).await?;
+    Ok(with_sets)
+}
+
+/// Removes the policy sets of identities (among `with_sets`) that none of `grants` names any
+/// more, which no grant's reconcile would touch: a grant deleted while its finalizer was
+/// stripped (anyone who may edit the grant can strip it), or while an earlier operator had
+/// crashed between syncing identities and recording them. `grants` must be listed after
+/// `with_sets`; each removal is a fresh sync, so a grant created since still keeps its set.
+/// Returns the identities swept.
+pub async fn sweep_orphans(
+    with_sets: BTreeSet<Principal>,
+    grants: &[SessionAccess],
+    ctx: &Context,
+) -> Result<Vec<Principal>> {
+    let named = contributions_of(grants, ctx).await?;
     let orphans: Vec<Principal> = (with_sets.into_iter())
         .filter(|identity| !named.contains_key(identity))
         .collect();

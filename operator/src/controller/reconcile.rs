@@ -170,39 +170,33 @@ pub async fn run(
 }
 
 /// At start, then at every resync interval, sweeps what grants that are gone without their
-/// cleanup left: policy sets no grant names (see [`identities::sweep_orphans`]), and
-/// endpoints (Service ports, NetworkPolicies) of grants that no longer exist.
+/// cleanup left (see [`sweep_orphans`]).
 async fn sweep_orphans_every_resync(ctx: &Context) {
     loop {
-        match identities::sweep_orphans(ctx).await {
-            Ok(swept) if !swept.is_empty() => {
-                tracing::info!(count = swept.len(), "swept policy sets no grant names");
+        match sweep_orphans(ctx).await {
+            Ok((sets, endpoints)) if !sets.is_empty() || !endpoints.is_empty() => {
+                tracing::info!(policy_sets = sets.len(), endpoints_of = ?endpoints, "swept what grants that are gone left");
             }
             Ok(_) => {}
             Err(error) => {
-                tracing::warn!(%error, "cannot sweep orphaned policy sets; trying again at the next resync")
-            }
-        }
-        match sweep_orphaned_endpoints(ctx).await {
-            Ok(swept) if !swept.is_empty() => {
-                tracing::info!(grants = ?swept, "withdrew the endpoints of grants that are gone");
-            }
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(%error, "cannot sweep orphaned endpoints; trying again at the next resync")
+                tracing::warn!(%error, "cannot sweep what gone grants left; trying again at the next resync")
             }
         }
         tokio::time::sleep(ctx.resync).await;
     }
 }
 
-/// Withdraws the endpoints of grants in scope that no longer exist: a grant deleted with its
-/// finalizer stripped leaves its NetworkPolicy (which admits its clients) and its Service
-/// ports. The owners are read before the grants, so a grant whose endpoints were seen either
-/// is listed or is gone. Returns the grants whose endpoints were withdrawn.
-async fn sweep_orphaned_endpoints(ctx: &Context) -> Result<Vec<String>> {
+/// Sweeps what grants gone without their cleanup (a finalizer stripped) left: the policy sets
+/// of identities no grant names ([`identities::sweep_orphans`]), and the endpoints of grants in
+/// scope that no longer exist (their NetworkPolicy still admits their clients, their Service
+/// ports stay). What exists is read before the grants, so whatever was seen for a grant belongs
+/// to a grant listed, or to one that is gone. Returns the identities and the grants swept.
+async fn sweep_orphans(ctx: &Context) -> Result<(Vec<Principal>, Vec<String>)> {
+    let with_sets = identities::identities_with_sets(ctx).await?;
     let owners = observe::endpoint_owners(ctx).await?;
-    let live: BTreeSet<String> = observe::grants(ctx).await?.iter().map(grant_key).collect();
+    let grants = observe::grants(ctx).await?;
+    let sets = identities::sweep_orphans(with_sets, &grants, ctx).await?;
+    let live: BTreeSet<String> = grants.iter().map(grant_key).collect();
     let in_scope = |key: &&String| match &ctx.watch_namespace {
         Some(namespace) => key.split_once('/').is_some_and(|(ns, _)| ns == namespace),
         None => true,
@@ -212,7 +206,7 @@ async fn sweep_orphaned_endpoints(ctx: &Context) -> Result<Vec<String>> {
     for key in &gone {
         sync_endpoints(&applier, key, &WantedEndpoints::default(), ctx).await?;
     }
-    Ok(gone)
+    Ok((sets, gone))
 }
 
 /// Reconciles one grant.

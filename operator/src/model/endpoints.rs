@@ -246,7 +246,7 @@ pub fn endpoint_changes(
         .collect();
     let mut after: BTreeMap<String, (Destination, GrantPorts)> = (observed.services.iter())
         .map(|(name, service)| {
-            let mut others = grant_ports(service);
+            let mut others = before[name].clone();
             others.remove(owner);
             (name.clone(), (Destination::of_service(service), others))
         })
