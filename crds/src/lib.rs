@@ -1,5 +1,6 @@
 //! The fleet-access API (`fleetaccess.io`): the `SessionAccess` grant, the account-wide
-//! `SessionPreferences` and the `SessionAccessPolicy` boundaries on grants, plus the offline
+//! `SessionPreferences`, the `SessionAccessPolicy` boundaries on grants and the
+//! `SessionAccessApproval` of grants that need one, plus the offline
 //! validation that `fleet-access-operator plan` uses.
 //!
 //! This crate does no I/O and depends on no runtime: the operator, the bridge and the tests build
@@ -17,7 +18,7 @@ pub mod v1alpha1;
 pub mod validation;
 
 pub use v1alpha1::{
-    SessionAccess, SessionAccessPolicy, SessionAccessSpec, SessionPreferences,
+    SessionAccess, SessionAccessApproval, SessionAccessPolicy, SessionAccessSpec, SessionPreferences,
     SessionPreferencesSpec,
 };
 
@@ -30,6 +31,7 @@ pub fn crds_yaml() -> String {
         SessionAccess::crd(),
         SessionPreferences::crd(),
         SessionAccessPolicy::crd(),
+        SessionAccessApproval::crd(),
     ] {
         out.push_str("---\n");
         // A CRD built from derived types always serializes.

@@ -171,6 +171,31 @@ impl Pattern {
 }
 
 validated_string!(
+    /// A duration in hours and minutes: `8h`, `90m`, `1h30m`.
+    HoursMinutes,
+    max = 12,
+    rule = "self.matches('^([0-9]{1,5}h)?([0-9]{1,5}m)?$') && size(self) > 0",
+    message = "must be hours and minutes, such as 8h, 90m or 1h30m"
+);
+
+impl HoursMinutes {
+    /// The duration in seconds; `None` for text the schema would refuse.
+    pub fn seconds(&self) -> Option<i64> {
+        let text = self.as_str();
+        let (hours, minutes) = match text.split_once('h') {
+            Some((hours, minutes)) => (Some(hours), minutes),
+            None => (None, text),
+        };
+        let hours: i64 = hours.map_or(Ok(0), str::parse).ok()?;
+        let minutes: i64 = match minutes {
+            "" if !text.is_empty() => 0,
+            minutes => minutes.strip_suffix('m')?.parse().ok()?,
+        };
+        Some(hours * 3600 + minutes * 60)
+    }
+}
+
+validated_string!(
     /// The hosts a boundary lets grants forward to: one host, or `*.` and a domain (every host
     /// in that domain, at any depth).
     HostPattern,

@@ -105,6 +105,14 @@ pub enum Error {
         listings: usize,
     },
 
+    /// A grant's approval ended, and not every session it had open could be listed and ended;
+    /// the reconcile is retried, and the status says Approved until they are.
+    #[error("the approval of {grant} ended, but its open sessions could not all be ended yet: the operator retries")]
+    SessionsNotEnded {
+        /// `<namespace>/<name>` of the grant.
+        grant: String,
+    },
+
     /// Every target port on the bridge pods is taken.
     #[error("{0}")]
     NoFreeTargetPort(#[from] crate::model::endpoints::NoFreeTargetPort),
@@ -124,7 +132,7 @@ pub enum Error {
 
 /// Every value [`Error::metric_label`] gives: `reconcile_errors_total` counts each from zero, so
 /// that the first error of a kind is an increase that `rate()` and `increase()` see.
-pub const METRIC_LABELS: [&str; 20] = [
+pub const METRIC_LABELS: [&str; 21] = [
     "read_grant",
     "invalid_grant",
     "invalid_boundary",
@@ -142,6 +150,7 @@ pub const METRIC_LABELS: [&str; 20] = [
     "not_owned",
     "no_free_target_port",
     "documents_keep_appearing",
+    "sessions_not_ended",
     "kube",
     "finalizer",
     "config",
@@ -164,6 +173,7 @@ impl Error {
             Error::NotOwned(_) => "not_owned",
             Error::NoFreeTargetPort(_) => "no_free_target_port",
             Error::DocumentsKeepAppearing { .. } => "documents_keep_appearing",
+            Error::SessionsNotEnded { .. } => "sessions_not_ended",
             Error::Kube(_) => "kube",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -179,7 +189,10 @@ impl Error {
         match self {
             Error::Aws(e) => e.is_retryable(),
             Error::SharedSync { source, .. } => source.is_retryable(),
-            Error::Kube(_) | Error::Finalizer(_) | Error::DocumentsKeepAppearing { .. } => true,
+            Error::Kube(_)
+            | Error::Finalizer(_)
+            | Error::DocumentsKeepAppearing { .. }
+            | Error::SessionsNotEnded { .. } => true,
             _ => false,
         }
     }

@@ -12,8 +12,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::Effect;
-use crate::names::{HostPattern, InstanceId, Pattern, Port, TAG_KEY_MESSAGE, TAG_KEY_RULE};
+use super::{ApprovalRequirement, Effect};
+use crate::names::{
+    HostPattern, HoursMinutes, InstanceId, Pattern, Port, TAG_KEY_MESSAGE, TAG_KEY_RULE,
+};
 
 /// What the SessionAccess grants in the selected namespaces may contain. Owned by cluster
 /// admins; a tenant who may create grants should not be able to change it.
@@ -68,6 +70,11 @@ pub struct SessionAccessPolicySpec {
     /// Bridge endpoints, and who may connect to them. Without it, grants may not open any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<BridgeBounds>,
+
+    /// Which grants need a second person's approval (a SessionAccessApproval) before they are
+    /// in force. Without it, none do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRequirement>,
 }
 
 /// Names or name prefixes (`ci-*`) of IAM identities, per kind.
@@ -236,8 +243,7 @@ pub struct WindowBounds {
     /// The longest window, from notBefore (or the grant's creation) to expiresAt, in hours
     /// and minutes (8h, 90m, 1h30m). Setting it requires expiresAt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,5}h)?([0-9]{1,5}m)?$') && size(self) > 0").message("must be hours and minutes, such as 8h, 90m or 1h30m"))]
-    pub max_duration: Option<String>,
+    pub max_duration: Option<HoursMinutes>,
 
     /// Grants must set spec.window.expiresAt.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -247,18 +253,7 @@ pub struct WindowBounds {
 impl WindowBounds {
     /// `max_duration` in seconds; `None` when unset (the schema admits only what parses).
     pub fn max_duration_seconds(&self) -> Option<i64> {
-        let text = self.max_duration.as_deref()?;
-        let (hours, minutes) = match text.split_once('h') {
-            Some((hours, rest)) => (hours, rest),
-            None => ("0", text),
-        };
-        let hours: i64 = hours.parse().ok()?;
-        let minutes: i64 = match minutes.strip_suffix('m') {
-            Some(minutes) => minutes.parse().ok()?,
-            None if minutes.is_empty() => 0,
-            None => return None,
-        };
-        Some(hours * 3600 + minutes * 60)
+        self.max_duration.as_ref()?.seconds()
     }
 }
 
@@ -285,7 +280,7 @@ mod tests {
 
     fn window(max: &str) -> WindowBounds {
         WindowBounds {
-            max_duration: Some(max.into()),
+            max_duration: Some(HoursMinutes::from(max)),
             require_expires_at: false,
         }
     }

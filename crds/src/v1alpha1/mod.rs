@@ -1,6 +1,7 @@
 //! `fleetaccess.io/v1alpha1`: the `SessionAccess` grant (namespaced), the account-wide
 //! `SessionPreferences` and the `SessionAccessPolicy` boundaries on grants (both
-//! cluster-scoped, the latter in `boundary`).
+//! cluster-scoped, the latter in `boundary`), and the `SessionAccessApproval` of a grant that
+//! needs one (namespaced, in `approval`).
 //!
 //! Every field's `///` comment becomes its `kubectl explain` text. Rules that span several fields
 //! are CEL rules on the struct that owns those fields, each with a message that says what to fix.
@@ -19,8 +20,13 @@ use crate::names::{
     OsUserName, Port, RemoteHostName, S3KeyPrefix, TAG_KEY_MESSAGE, TAG_KEY_RULE, TagValue,
 };
 
+mod approval;
 mod boundary;
 
+pub use approval::{
+    ApprovalRequirement, ApprovalStatus, ApprovedGrant, REQUESTED_BY_ANNOTATION,
+    SessionAccessApproval, SessionAccessApprovalSpec,
+};
 pub use boundary::{
     BridgeBounds, PrincipalPatterns, SessionAccessPolicy, SessionAccessPolicySpec, SessionBounds,
     ShellLoggingRequirement, TagValuePatterns, TargetBounds, WindowBounds,
@@ -58,6 +64,12 @@ pub const GROUP: &str = "fleetaccess.io";
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Approval",
+        type_ = "string",
+        description = "Approved, Pending, or NotRequired",
+        json_path = ".status.conditions[?(@.type==\"Approved\")].reason"
     ),
     printcolumn(name = "Expires", type_ = "date", json_path = ".spec.window.expiresAt"),
     printcolumn(
@@ -416,11 +428,15 @@ pub struct SessionAccessStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready, PolicySynced, TargetsResolved, BridgeReady and Expired, each with a reason and a
-    /// message.
+    /// Ready, Admitted, Approved, PolicySynced, TargetsResolved, BridgeReady and Expired, each
+    /// with a reason and a message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+
+    /// The approval the grant is in force by, when its boundary requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalStatus>,
 
     /// The managed policies that carry the grant, with their default versions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

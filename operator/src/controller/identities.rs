@@ -14,14 +14,15 @@
 //! so it sees every change that caused them: requests that arrive while a sync runs share the
 //! next one, and a thousand grants naming one role cost a handful of syncs, not a thousand.
 //! A grant is judged here as its own reconcile judges it (same boundaries, same clock rules),
-//! so a grant outside its boundary, expired, invalid or being deleted contributes nothing.
+//! so a grant outside its boundary, waiting for approval, expired, invalid or being deleted
+//! contributes nothing.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
 
-use fleet_access_crds::{SessionAccess, v1alpha1::PolicyStatus};
+use fleet_access_crds::{SessionAccess, SessionAccessApproval, v1alpha1::PolicyStatus};
 use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
 use kube::ResourceExt;
 
@@ -30,6 +31,7 @@ use crate::{
     aws::{Principal, PrincipalKind, with_retry},
     controller::{Context, apply::Applier, coalesce::Coalesced, observe},
     model::{
+        approval,
         boundary::{self, Admission},
         desired::{self, Desired},
         identity::{self, Contribution},
@@ -171,15 +173,10 @@ async fn contributions_of(
     let (boundaries, labels) = observe::all_boundaries(ctx).await?;
     let now = Timestamp::now();
     let no_labels = BTreeMap::new();
+    let mut approvals: Option<Vec<SessionAccessApproval>> = None;
     let mut contributing: Vec<(Option<Timestamp>, Desired)> = Vec::new();
     for grant in grants {
         if grant.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let Ok(desired) = desired::compute(grant, &ctx.settings) else {
-            continue;
-        };
-        if desired.expired(now) {
             continue;
         }
         let namespace = grant.namespace().unwrap_or_default();
@@ -190,6 +187,31 @@ async fn contributions_of(
             created: grant.metadata.creation_timestamp.as_ref().map(|t| t.0),
         };
         if let Admission::Refused(_) = boundary::admit(&judged, &boundaries, now) {
+            continue;
+        }
+        let required = approval::required_by(&judged, &boundaries);
+        let verdict = match required.is_empty() {
+            true => approval::Verdict::NotRequired,
+            false => {
+                let approvals = match &mut approvals {
+                    Some(listed) => listed,
+                    None => approvals.insert(observe::approvals(None, ctx).await?),
+                };
+                let of_namespace: Vec<SessionAccessApproval> = (approvals.iter())
+                    .filter(|a| a.namespace().as_deref() == Some(namespace.as_str()))
+                    .cloned()
+                    .collect();
+                approval::judge(grant, required, &of_namespace, now)
+            }
+        };
+        if !verdict.allows() {
+            continue;
+        }
+        let Ok(desired) = desired::compute(&approval::effective(grant, &verdict), &ctx.settings)
+        else {
+            continue;
+        };
+        if desired.expired(now) {
             continue;
         }
         let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);

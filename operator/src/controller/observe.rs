@@ -1,11 +1,11 @@
 //! What the controllers read: a grant's policies and documents in AWS (looked up by the names
 //! it derives, owned or not by its tag), the managed instances its targets resolve to, the
-//! sessions open on them, the endpoint objects in the bridge namespace, and the boundaries of
-//! a grant's namespace. Reads only.
+//! sessions open on them, the endpoint objects in the bridge namespace, and the boundaries and
+//! approvals of a grant's namespace. Reads only.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use fleet_access_crds::{SessionAccess, SessionAccessPolicy};
+use fleet_access_crds::{SessionAccess, SessionAccessApproval, SessionAccessPolicy};
 use k8s_openapi::api::{
     core::v1::{Namespace, Service},
     networking::v1::NetworkPolicy,
@@ -204,6 +204,22 @@ pub async fn boundaries(
         .map(|ns| ns.labels().clone())
         .unwrap_or_default();
     Ok((policies.items, labels))
+}
+
+/// The approvals of grants in `namespace`, or in every namespace the operator watches.
+pub async fn approvals(
+    namespace: Option<&str>,
+    ctx: &Context,
+) -> Result<Vec<SessionAccessApproval>> {
+    let api: Api<SessionAccessApproval> = match namespace.or(ctx.watch_namespace.as_deref()) {
+        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
+        None => Api::all(ctx.client.clone()),
+    };
+    let list = api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?;
+    Ok(list.items)
 }
 
 /// Every grant the operator watches (one namespace's, with `--watch-namespace`), read afresh

@@ -6,8 +6,11 @@
 //!                      └─ Cleanup: (nothing wanted) ─▶ observe ─▶ plan ─▶ apply
 //! ```
 //!
-//! A grant its namespace's boundaries (`SessionAccessPolicy`) refuse is applied like an expired
-//! one: nothing wanted, so whatever it had is revoked, and its Admitted condition says why.
+//! A grant its namespace's boundaries (`SessionAccessPolicy`) refuse, or one that waits for the
+//! approval they require (`SessionAccessApproval`, `model::approval`), is applied like an
+//! expired one: nothing wanted, so whatever it had is revoked, and its Admitted or Approved
+//! condition says why. An approval limited in time narrows the grant's window to its end; a
+//! withdrawn or lapsed approval also ends the sessions the grant had open.
 //!
 //! Four parts, each observed, planned and applied in turn: the policy sets of the grant's IAM
 //! identities (`identities`, shared with every grant naming them), its own session documents
@@ -29,7 +32,7 @@ use std::{
 };
 
 use fleet_access_crds::{
-    SessionAccess, SessionAccessPolicy,
+    SessionAccess, SessionAccessApproval, SessionAccessPolicy,
     v1alpha1::{PolicyStatus, SessionAccessStatus, SessionsEnded},
 };
 use futures::StreamExt;
@@ -58,13 +61,14 @@ use crate::{
         retry_pause,
     },
     model::{
+        approval::{self, Verdict},
         boundary::{self, Admission},
         desired::{self, Desired},
         endpoints::{self, Destination, WantedEndpoints},
         naming::{self, OwnerTag},
         plan::{self, Change, Known, Moment, SessionOwners, WantedDocument},
         policy::Effect,
-        status::{self, EndpointsState, Observations, PoliciesState, TargetsState},
+        status::{self, EndpointsState, Observations, PoliciesState, TargetsState, Withheld},
     },
 };
 
@@ -101,7 +105,11 @@ pub async fn run(
         (scope.is_none() || scope.as_deref() == Some(ns.as_str()))
             .then(|| ObjectRef::<SessionAccess>::new(&name).within(&ns))
     };
-    let for_policies = in_scope.clone();
+    let (for_policies, for_approvals) = (in_scope.clone(), in_scope.clone());
+    let approvals: Api<SessionAccessApproval> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
     let controller = Controller::new(grants, watcher::Config::default().any_semantic());
     let known = controller.store();
     // A boundary's change may admit or refuse any grant; a namespace's labels decide which
@@ -126,6 +134,15 @@ pub async fn run(
                     .filter(|g| g.namespace().as_deref() == Some(name.as_str()))
                     .map(|g| ObjectRef::from_obj(g.as_ref()))
                     .collect::<Vec<_>>()
+            },
+        )
+        // An approval given or withdrawn puts its grant in force or revokes it at once.
+        .watches(
+            approvals,
+            watcher::Config::default().any_semantic(),
+            move |approval| {
+                let namespace = approval.namespace()?;
+                for_approvals((namespace, approval.spec.grant.name.clone()))
             },
         )
         .watches(
@@ -265,15 +282,18 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     let (key, owner) = (grant_key(grant), aws_owner(grant, ctx));
     let now = Timestamp::now();
     let previous = grant.status.as_ref();
-    let admission = judge(grant, ctx, now).await?;
+    let (admission, verdict) = judge(grant, ctx, now).await?;
     let refused = matches!(admission, Admission::Refused(_));
-    let desired = match desired::compute(grant, &ctx.settings) {
+    let awaiting = !verdict.allows();
+    let in_force = approval::effective(grant, &verdict);
+    let desired = match desired::compute(&in_force, &ctx.settings) {
         Ok(desired) => desired,
         Err(error) => {
             ctx.set_expiry(grant, None);
             let seen = Observations {
                 generation: grant.metadata.generation,
                 admission,
+                approval: verdict,
                 policy: PoliciesState::Invalid(error.to_string()),
                 targets: TargetsState::Invalid,
                 bridge: EndpointsState::Invalid,
@@ -290,8 +310,14 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         }
     };
     let expired = desired.expired(now);
-    // Outside its boundary, a grant stands for nothing: like an expired one, it is revoked.
-    let revoked = expired || refused;
+    // Outside its boundary, or waiting for approval, a grant stands for nothing: like an
+    // expired one, it is revoked.
+    let withheld = match (refused, awaiting) {
+        (true, _) => Some(Withheld::OutsideBoundary),
+        (false, true) => Some(Withheld::AwaitingApproval),
+        (false, false) => None,
+    };
+    let revoked = expired || withheld.is_some();
     ctx.set_expiry(grant, desired.expires_at);
     let applier = Applier::new(ctx, Some(grant.object_ref(&())), OwnerTag::grant(&owner));
     if let Admission::Refused(refusals) = &admission
@@ -302,6 +328,12 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
             .map(ToString::to_string)
             .unwrap_or_default();
         applier.warn("OutsideBoundary", &first).await;
+    }
+    if let Some(event) = status::approval_event(previous, &verdict) {
+        match event.warning {
+            true => applier.warn(event.reason, &event.note).await,
+            false => applier.publish(event.reason, &event.note).await,
+        }
     }
 
     let found = observe::instances(&desired.targets, ctx).await;
@@ -336,9 +368,9 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     .await;
     let (policy, policies, attached_principals, failure) = match synced {
         Ok(policies) => (
-            match refused {
-                true => PoliciesState::Revoked,
-                false => PoliciesState::Synced {
+            match withheld {
+                Some(withheld) => PoliciesState::Revoked(withheld),
+                None => PoliciesState::Synced {
                     policies: policies.len(),
                     documents: wanted_documents.len(),
                 },
@@ -371,31 +403,40 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     let resolved: Vec<String> = target_list.iter().map(|t| t.instance_id.clone()).collect();
     let wanted_endpoints = WantedEndpoints::of(&desired, &resolved, revoked);
     let synced = sync_endpoints(&applier, &key, &wanted_endpoints, ctx).await;
-    // Only an Allow ends sessions: the end of a Deny gives access back.
-    let ends_sessions = expired && desired.effect == Effect::Allow;
-    let sessions_ended = match (desired.expires_at, &synced) {
-        (Some(at), Ok(served))
-            if ends_sessions && status::sessions_to_end_at_expiry(previous, at) =>
-        {
+    // Sessions end when the window ends, or the approval (withdrawn or run out); only an
+    // Allow ends sessions: the end of a Deny gives access back.
+    let approval_ended = status::approval_ended(previous, &verdict);
+    let window_ended = expired
+        && desired.effect == Effect::Allow
+        && (desired.expires_at).is_some_and(|at| status::sessions_to_end_at_expiry(previous, at));
+    let sessions_ended = match &synced {
+        Ok(served) if window_ended || approval_ended => {
             end_sessions(&applier, &desired, &resolved, served, ctx).await
         }
         _ => None,
     };
-    let bridge = match (&desired.bridge, synced) {
+    if approval_ended && sessions_ended.is_none() {
+        // The status keeps saying Approved, so the next attempt ends them.
+        return Err(Error::SessionsNotEnded { grant: key });
+    }
+    let bridge = match (&desired.bridge, synced, withheld) {
         _ if expired => EndpointsState::Removed,
-        (_, Ok(_)) if refused => EndpointsState::Revoked,
-        (None, Ok(_)) => EndpointsState::NotRequested,
-        (Some(_), Ok(_)) if wanted_endpoints.services.is_empty() => EndpointsState::NoInstances,
-        (Some(_), Ok(_)) => EndpointsState::Ready {
+        (_, Ok(_), Some(withheld)) => EndpointsState::Revoked(withheld),
+        (None, Ok(_), None) => EndpointsState::NotRequested,
+        (Some(_), Ok(_), None) if wanted_endpoints.services.is_empty() => {
+            EndpointsState::NoInstances
+        }
+        (Some(_), Ok(_), None) => EndpointsState::Ready {
             services: wanted_endpoints.services.len(),
             namespace: ctx.settings.bridge_namespace.clone(),
         },
-        (_, Err(error)) => EndpointsState::Failed(error.to_string()),
+        (_, Err(error), _) => EndpointsState::Failed(error.to_string()),
     };
 
     let seen = Observations {
         generation: grant.metadata.generation,
         admission,
+        approval: verdict,
         policy,
         targets,
         bridge,
@@ -419,8 +460,13 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     )
 }
 
-/// Judges the grant against the boundaries of its namespace.
-async fn judge(grant: &SessionAccess, ctx: &Context, now: Timestamp) -> Result<Admission> {
+/// Judges the grant against the boundaries of its namespace, and, when they require it, its
+/// approvals (listed only then).
+async fn judge(
+    grant: &SessionAccess,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<(Admission, Verdict)> {
     let namespace = namespace_of(grant);
     let (boundaries, labels) = observe::boundaries(&namespace, ctx).await?;
     let judged = boundary::Grant {
@@ -429,7 +475,15 @@ async fn judge(grant: &SessionAccess, ctx: &Context, now: Timestamp) -> Result<A
         namespace_labels: &labels,
         created: grant.metadata.creation_timestamp.as_ref().map(|t| t.0),
     };
-    Ok(boundary::admit(&judged, &boundaries, now))
+    let required = approval::required_by(&judged, &boundaries);
+    let approvals = match required.is_empty() {
+        true => Vec::new(),
+        false => observe::approvals(Some(&namespace), ctx).await?,
+    };
+    Ok((
+        boundary::admit(&judged, &boundaries, now),
+        approval::judge(grant, required, &approvals, now),
+    ))
 }
 
 /// Whether `admission` refuses the grant where the recorded status did not, or for another

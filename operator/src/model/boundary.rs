@@ -116,7 +116,7 @@ pub fn admit(grant: &Grant<'_>, boundaries: &[SessionAccessPolicy], now: Timesta
 }
 
 /// Whether `selector` selects a namespace with `labels`.
-fn selects(
+pub(crate) fn selects(
     selector: &LabelSelector,
     labels: &BTreeMap<String, String>,
 ) -> Result<bool, kube::core::ParseExpressionError> {

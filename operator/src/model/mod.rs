@@ -2,6 +2,7 @@
 //! here performs I/O or reads the clock; the controller feeds it observations and applies the
 //! changes it returns.
 
+pub mod approval;
 pub mod boundary;
 pub mod desired;
 pub mod documents;

@@ -2,7 +2,7 @@
 //! reconcile found and did, as typed facts. Every word of every condition is written here. No
 //! I/O; the clock is an argument.
 //!
-//! Ready = Admitted ∧ PolicySynced ∧ TargetsResolved ∧ BridgeReady ∧ ¬Expired. A condition keeps its
+//! Ready = Admitted ∧ Approved ∧ PolicySynced ∧ TargetsResolved ∧ BridgeReady ∧ ¬Expired. A condition keeps its
 //! `lastTransitionTime` while its status does not change.
 
 use fleet_access_crds::{
@@ -21,6 +21,7 @@ use crate::{
     Error,
     aws::{AwsError, AwsErrorKind, InstanceInfo},
     model::{
+        approval::{Pending, Verdict},
         boundary::Admission,
         desired::{BridgePort, Connection, TargetSelection},
     },
@@ -30,6 +31,8 @@ use crate::{
 pub const READY: &str = "Ready";
 /// Every `SessionAccessPolicy` of the grant's namespace admits it.
 pub const ADMITTED: &str = "Admitted";
+/// No approval is required, or a second person's approval puts the grant in force.
+pub const APPROVED: &str = "Approved";
 /// IAM policies and session documents match the grant.
 pub const POLICY_SYNCED: &str = "PolicySynced";
 /// The targets resolved to managed instances.
@@ -75,8 +78,8 @@ impl Outcome {
 pub enum PoliciesState {
     /// The grant is invalid (the message says why); nothing was applied.
     Invalid(String),
-    /// Removed, or never written: the grant is outside its boundary.
-    Revoked,
+    /// Removed, or never written.
+    Revoked(Withheld),
     /// They match the grant.
     Synced {
         /// How many policies.
@@ -117,8 +120,8 @@ pub enum EndpointsState {
     NotRequested,
     /// Removed because the window ended.
     Removed,
-    /// Removed, or never written: the grant is outside its boundary.
-    Revoked,
+    /// Removed, or never written.
+    Revoked(Withheld),
     /// The grant asks for endpoints, but no instance resolved.
     NoInstances,
     /// This many Services in `namespace` carry the grant's ports.
@@ -132,6 +135,30 @@ pub enum EndpointsState {
     Failed(String),
 }
 
+/// Why a grant that has not ended stands for nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Withheld {
+    /// It is outside its boundary (see Admitted).
+    OutsideBoundary,
+    /// It waits for approval (see Approved).
+    AwaitingApproval,
+}
+
+impl Withheld {
+    /// The reason, and the words that end "nothing is written: …".
+    fn words(self) -> (&'static str, &'static str) {
+        match self {
+            Withheld::OutsideBoundary => {
+                ("OutsideBoundary", "the grant is outside its boundary (see Admitted)")
+            }
+            Withheld::AwaitingApproval => (
+                "AwaitingApproval",
+                "the grant waits for a second person's approval (see Approved)",
+            ),
+        }
+    }
+}
+
 /// Everything a reconcile learned, as input to the status.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observations {
@@ -139,6 +166,8 @@ pub struct Observations {
     pub generation: Option<i64>,
     /// Whether the boundaries of the grant's namespace admit it.
     pub admission: Admission,
+    /// Whether it needs approval, and has it.
+    pub approval: Verdict,
     /// Policies and documents.
     pub policy: PoliciesState,
     /// Target resolution.
@@ -174,8 +203,9 @@ pub fn compute(
     } else {
         Outcome::no("WithinWindow", "the grant has not expired")
     };
-    let (admitted, policy, targets, bridge) = (
+    let (admitted, approved, policy, targets, bridge) = (
         admission_outcome(&seen.admission),
+        approval_outcome(&seen.approval),
         policies_outcome(&seen.policy),
         targets_outcome(&seen.targets),
         endpoints_outcome(&seen.bridge),
@@ -183,7 +213,7 @@ pub fn compute(
     let ready = if seen.expired {
         Outcome::no("Expired", "the grant's window has ended")
     } else if let Some(failing) =
-        ([&admitted, &policy, &targets, &bridge].into_iter()).find(|o| !o.ok)
+        ([&admitted, &approved, &policy, &targets, &bridge].into_iter()).find(|o| !o.ok)
     {
         Outcome::no(&failing.reason, failing.message.clone())
     } else {
@@ -199,6 +229,7 @@ pub fn compute(
     let conditions = vec![
         condition(READY, &ready),
         condition(ADMITTED, &admitted),
+        condition(APPROVED, &approved),
         condition(POLICY_SYNCED, &policy),
         condition(TARGETS_RESOLVED, &targets),
         condition(BRIDGE_READY, &bridge),
@@ -207,6 +238,7 @@ pub fn compute(
     SessionAccessStatus {
         observed_generation: seen.generation,
         conditions,
+        approval: seen.approval.record().cloned(),
         policies: seen.policies.clone(),
         attached_principals: seen.attached_principals.clone(),
         target_count: i32::try_from(seen.target_list.len()).ok(),
@@ -245,14 +277,85 @@ pub fn admission_outcome(admission: &Admission) -> Outcome {
     }
 }
 
+/// The Approved condition: who approved and until when, or what is missing and how to give it.
+pub fn approval_outcome(verdict: &Verdict) -> Outcome {
+    let time = |t: &Timestamp| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    match verdict {
+        Verdict::NotRequired => Outcome::yes(
+            "NotRequired",
+            "no SessionAccessPolicy of the namespace requires approval of this grant",
+        ),
+        Verdict::Approved { record, .. } => Outcome::yes(
+            "Approved",
+            format!(
+                "approved by {} at {} (SessionAccessApproval {}), requested by {}{}",
+                record.approved_by,
+                time(&record.approved_at.0),
+                record.name,
+                record.requested_by,
+                match &record.expires_at {
+                    Some(until) => format!(", until {}", time(&until.0)),
+                    None => String::new(),
+                }
+            ),
+        ),
+        Verdict::Pending { required_by, why } => {
+            let required = format!(
+                "SessionAccessPolicy {} requires a second person's approval, and nothing is granted until then",
+                required_by.join(", ")
+            );
+            match why {
+                Pending::Awaiting {
+                    requested_by,
+                    generation,
+                    uid,
+                    other_generations,
+                } => Outcome::no(
+                    "Pending",
+                    format!(
+                        "{required}: someone other than {requested_by} creates a SessionAccessApproval with spec.grant {{name, uid: {uid}, generation: {generation}}}{}",
+                        match other_generations.as_slice() {
+                            [] => String::new(),
+                            earlier => format!(
+                                " (approvals exist for generations {} only: the spec changed since)",
+                                earlier.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                            ),
+                        }
+                    ),
+                ),
+                Pending::RequesterUnknown => Outcome::no(
+                    "RequesterUnknown",
+                    format!(
+                        "{required}, which needs to know who asked: apply the grant again with the annotation {}: <your user name> (kubectl auth whoami)",
+                        fleet_access_crds::v1alpha1::REQUESTED_BY_ANNOTATION
+                    ),
+                ),
+                Pending::SelfApproved { approval, by } => Outcome::no(
+                    "SelfApproval",
+                    format!(
+                        "{required}: SessionAccessApproval {approval} is by {by}, who requested the grant, and does not count"
+                    ),
+                ),
+                Pending::Lapsed { approval, by, at } => Outcome::no(
+                    "ApprovalExpired",
+                    format!(
+                        "{required}: the approval by {by} (SessionAccessApproval {approval}) ended at {}; the grant is revoked until approved again",
+                        time(at)
+                    ),
+                ),
+            }
+        }
+    }
+}
+
 /// The PolicySynced condition.
 fn policies_outcome(state: &PoliciesState) -> Outcome {
     match state {
         PoliciesState::Invalid(message) => Outcome::no("InvalidGrant", message.clone()),
-        PoliciesState::Revoked => Outcome::yes(
-            "OutsideBoundary",
-            "no IAM policy or session document: the grant is outside its boundary (see Admitted)",
-        ),
+        PoliciesState::Revoked(withheld) => {
+            let (reason, why) = withheld.words();
+            Outcome::yes(reason, format!("no IAM policy or session document: {why}"))
+        }
         PoliciesState::Synced {
             policies,
             documents,
@@ -313,10 +416,10 @@ fn endpoints_outcome(state: &EndpointsState) -> Outcome {
             Outcome::yes("NotRequested", "the grant asks for no bridge endpoints")
         }
         EndpointsState::Removed => Outcome::yes("Expired", "endpoints removed at expiry"),
-        EndpointsState::Revoked => Outcome::yes(
-            "OutsideBoundary",
-            "no endpoints: the grant is outside its boundary (see Admitted)",
-        ),
+        EndpointsState::Revoked(withheld) => {
+            let (reason, why) = withheld.words();
+            Outcome::yes(reason, format!("no endpoints: {why}"))
+        }
         EndpointsState::NoInstances => Outcome::no(
             "NoEndpoints",
             "no instance resolved for the bridge: check spec.targets",
@@ -528,6 +631,74 @@ pub fn sessions_to_end_at_expiry(
     ended.is_none_or(|ended| ended.at.0 < expires_at)
 }
 
+/// An Event about a grant's approval.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovalEvent {
+    /// Whether it is a Warning (else Normal).
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: &'static str,
+    /// What happened.
+    pub note: String,
+}
+
+/// The Event worth publishing when the Approved condition changes from what `status` records:
+/// an approval, a withdrawal, an approval that ran out, or a grant that starts waiting for
+/// one. None when nothing changed, or when no approval is required.
+pub fn approval_event(
+    status: Option<&SessionAccessStatus>,
+    verdict: &Verdict,
+) -> Option<ApprovalEvent> {
+    let recorded = (status.into_iter())
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == APPROVED);
+    let outcome = approval_outcome(verdict);
+    if recorded.is_some_and(|c| c.reason == outcome.reason && c.message == outcome.message) {
+        return None;
+    }
+    let was_approved = recorded.is_some_and(|c| c.reason == "Approved");
+    let event = |warning, reason| {
+        Some(ApprovalEvent {
+            warning,
+            reason,
+            note: outcome.message.clone(),
+        })
+    };
+    match verdict {
+        Verdict::NotRequired => None,
+        Verdict::Approved { .. } => event(false, "Approved"),
+        Verdict::Pending { why, .. } => match why {
+            Pending::Lapsed { .. } => event(true, "ApprovalExpired"),
+            Pending::SelfApproved { .. } => event(true, "SelfApproval"),
+            Pending::RequesterUnknown => event(true, "RequesterUnknown"),
+            // The approval of the spec the status describes is gone: withdrawn.
+            Pending::Awaiting { generation, .. }
+                if was_approved && status.and_then(|s| s.observed_generation) == Some(*generation) =>
+            {
+                let by = (status.and_then(|s| s.approval.as_ref()))
+                    .map(|a| format!("the approval by {} (SessionAccessApproval {}) was withdrawn", a.approved_by, a.name))
+                    .unwrap_or_else(|| "the approval was withdrawn".into());
+                Some(ApprovalEvent {
+                    warning: true,
+                    reason: "ApprovalWithdrawn",
+                    note: format!("{by}: {}", outcome.message),
+                })
+            }
+            Pending::Awaiting { .. } => event(false, "AwaitingApproval"),
+        },
+    }
+}
+
+/// Whether the grant's approval has just ended (withdrawn or run out): the status records it
+/// in force by an approval, and the verdict is now pending. Its open sessions are then ended;
+/// the status keeps saying Approved until they are, so a failed attempt is tried again.
+pub fn approval_ended(status: Option<&SessionAccessStatus>, verdict: &Verdict) -> bool {
+    let approved = (status.into_iter())
+        .flat_map(|s| s.conditions.iter())
+        .any(|c| c.type_ == APPROVED && c.status == "True" && c.reason == "Approved");
+    approved && !verdict.allows()
+}
+
 /// Whether every session document the grant can own is under a name its current spec derives,
 /// so that looking those names up finds them all: true when the grant never had another spec
 /// (generation 1), or when PolicySynced is True for this generation (that sync removed the
@@ -573,6 +744,7 @@ mod tests {
             admission: Admission::Admitted {
                 boundaries: vec!["team".into()],
             },
+            approval: Verdict::NotRequired,
             policy,
             targets: TargetsState::Resolved(1),
             bridge: EndpointsState::NotRequested,
@@ -608,7 +780,7 @@ mod tests {
                 field: "spec.sessions.ports".into(),
                 message: "port 3306 is not among the ports this boundary allows (5432)".into(),
             }]),
-            ..seen(PoliciesState::Revoked)
+            ..seen(PoliciesState::Revoked(Withheld::OutsideBoundary))
         };
         let status = compute(None, &refused, Timestamp::from_second(1_000).expect("time"));
         let (ready, admitted) = (find(&status, READY), find(&status, ADMITTED));
@@ -631,6 +803,50 @@ mod tests {
             find(&inside, ADMITTED).message,
             "admitted by SessionAccessPolicy team"
         );
+    }
+
+    #[test]
+    fn a_grant_awaiting_approval_is_not_ready_says_how_to_approve_and_ends_an_approval() {
+        let approved = SessionAccessStatus {
+            conditions: vec![Condition {
+                type_: APPROVED.into(),
+                status: "True".into(),
+                reason: "Approved".into(),
+                message: String::new(),
+                observed_generation: Some(3),
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+            }],
+            ..Default::default()
+        };
+        let pending = Verdict::Pending {
+            required_by: vec!["prod".into()],
+            why: Pending::Awaiting {
+                requested_by: "alice".into(),
+                generation: 3,
+                uid: "u-1".into(),
+                other_generations: vec![2],
+            },
+        };
+        let seen = Observations {
+            approval: pending.clone(),
+            bridge: EndpointsState::Revoked(Withheld::AwaitingApproval),
+            ..seen(PoliciesState::Revoked(Withheld::AwaitingApproval))
+        };
+        let status = compute(Some(&approved), &seen, Timestamp::UNIX_EPOCH);
+        let ready = find(&status, READY);
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Pending"));
+        let message = &find(&status, APPROVED).message;
+        for words in ["SessionAccessPolicy prod", "other than alice", "uid: u-1, generation: 3", "generations 2 only"] {
+            assert!(message.contains(words), "{words}: {message}");
+        }
+        assert_eq!(find(&status, POLICY_SYNCED).reason, "AwaitingApproval");
+        assert_eq!(find(&status, BRIDGE_READY).reason, "AwaitingApproval");
+        assert_eq!(status.approval, None);
+        // The recorded approval has just ended: its sessions are ended; once the status says
+        // Pending, not again.
+        assert!(approval_ended(Some(&approved), &pending));
+        assert!(!approval_ended(Some(&status), &pending));
+        assert!(!approval_ended(Some(&approved), &Verdict::NotRequired));
     }
 
     #[test]

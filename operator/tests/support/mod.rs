@@ -499,6 +499,40 @@ impl Harness {
     }
 }
 
+/// `kubectl apply -f -` of `yaml` (JSON is YAML) with `kubeconfig` (the admin's when `None`):
+/// its stdout, or its stderr as the error.
+pub(crate) async fn kubectl_apply(
+    control_plane: &ControlPlane,
+    kubeconfig: Option<&std::path::Path>,
+    yaml: &str,
+    extra: &[&str],
+) -> Result<String, String> {
+    use tokio::io::AsyncWriteExt;
+    let command = match kubeconfig {
+        Some(path) => control_plane.kubectl_with(path),
+        None => control_plane.kubectl(),
+    };
+    let mut command = tokio::process::Command::from(command.expect("kubectl"));
+    command.args(["apply", "-f", "-"]).args(extra);
+    command.stdin(std::process::Stdio::piped());
+    command.stdout(std::process::Stdio::piped());
+    command.stderr(std::process::Stdio::piped());
+    command.kill_on_drop(true);
+    let mut child = command.spawn().expect("kubectl runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(yaml.as_bytes())
+        .await
+        .expect("kubectl reads");
+    drop(stdin);
+    let output = child.wait_with_output().await.expect("kubectl ends");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    match output.status.success() {
+        true => Ok(text(&output.stdout)),
+        false => Err(text(&output.stderr)),
+    }
+}
+
 /// Asks a controller to stop and waits until it has: one that does not stop, or that panicked,
 /// fails the test.
 pub(crate) async fn stop_controller(
