@@ -18,8 +18,8 @@ pub mod v1alpha1;
 pub mod validation;
 
 pub use v1alpha1::{
-    SessionAccess, SessionAccessApproval, SessionAccessPolicy, SessionAccessSpec, SessionPreferences,
-    SessionPreferencesSpec,
+    SessionAccess, SessionAccessApproval, SessionAccessPolicy, SessionAccessSpec,
+    SessionPreferences, SessionPreferencesSpec,
 };
 
 use kube::CustomResourceExt;

@@ -107,7 +107,9 @@ pub enum Error {
 
     /// A grant's approval ended, and not every session it had open could be listed and ended;
     /// the reconcile is retried, and the status says Approved until they are.
-    #[error("the approval of {grant} ended, but its open sessions could not all be ended yet: the operator retries")]
+    #[error(
+        "the approval of {grant} ended, but its open sessions could not all be ended yet: the operator retries"
+    )]
     SessionsNotEnded {
         /// `<namespace>/<name>` of the grant.
         grant: String,

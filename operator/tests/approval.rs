@@ -61,7 +61,14 @@ fn grant(namespace: &str, user: &str, requested_by: Option<&str>, hours: i64) ->
     .to_string()
 }
 
-fn approval(namespace: &str, name: &str, by: &str, uid: &str, generation: i64, duration: Option<&str>) -> String {
+fn approval(
+    namespace: &str,
+    name: &str,
+    by: &str,
+    uid: &str,
+    generation: i64,
+    duration: Option<&str>,
+) -> String {
     json!({
         "apiVersion": "fleetaccess.io/v1alpha1",
         "kind": "SessionAccessApproval",
@@ -146,8 +153,14 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
         dir.path(),
     )
     .await;
-    let (approver, as_approver) =
-        person(&control_plane, &ns, "approver", &["fleet-access-grant-approver"], dir.path()).await;
+    let (approver, as_approver) = person(
+        &control_plane,
+        &ns,
+        "approver",
+        &["fleet-access-grant-approver"],
+        dir.path(),
+    )
+    .await;
     let apply_with = |kubeconfig: &Path, yaml: String, extra: &'static [&'static str]| {
         let kubeconfig = kubeconfig.to_owned();
         let control_plane = &control_plane;
@@ -173,7 +186,12 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
 
     // Without saying who asks, the grant is refused, and so is a claim to be someone else.
     let unnamed = grant(&ns, &user, None, 2);
-    let error = refused(&as_requester, unnamed, "requires a second person's approval").await;
+    let error = refused(
+        &as_requester,
+        unnamed,
+        "requires a second person's approval",
+    )
+    .await;
     assert!(error.contains(&requester), "says what to set: {error}");
     let impostor = grant(&ns, &user, Some(&approver), 2);
     refused(&as_requester, impostor, "fleet-access-requested-by").await;
@@ -185,15 +203,28 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
     let pending = h.wait_condition("oncall", "Approved", "False").await;
     let approved = find(&pending, "Approved").expect("Approved");
     assert_eq!(approved.reason, "Pending");
-    assert!(approved.message.contains(&format!("prod-{ns}")), "{}", approved.message);
-    assert_eq!(find(&pending, "Ready").map(|c| c.reason.as_str()), Some("Pending"));
-    assert_eq!(find(&pending, "PolicySynced").map(|c| c.reason.as_str()), Some("AwaitingApproval"));
+    assert!(
+        approved.message.contains(&format!("prod-{ns}")),
+        "{}",
+        approved.message
+    );
+    assert_eq!(
+        find(&pending, "Ready").map(|c| c.reason.as_str()),
+        Some("Pending")
+    );
+    assert_eq!(
+        find(&pending, "PolicySynced").map(|c| c.reason.as_str()),
+        Some("AwaitingApproval")
+    );
     assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
     assert!(h.policy_document(&arn).await.is_none());
     let listed = control_plane
         .run_kubectl(["get", "sacc", "oncall", "-n", &ns])
         .expect("kubectl get");
-    assert!(listed.contains("APPROVAL") && listed.contains("Pending"), "{listed}");
+    assert!(
+        listed.contains("APPROVAL") && listed.contains("Pending"),
+        "{listed}"
+    );
     let uid = pending.metadata.uid.clone().expect("uid");
 
     // The requester may not approve: not in its own name, nor in the approver's.
@@ -206,18 +237,30 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
     refused(&as_approver, stale, "is not the generation").await;
 
     // Approved: in force, and the status and an Event say by whom.
-    apply(&as_approver, approval(&ns, "first", &approver, &uid, 1, None))
-        .await
-        .expect("the approval");
+    apply(
+        &as_approver,
+        approval(&ns, "first", &approver, &uid, 1, None),
+    )
+    .await
+    .expect("the approval");
     let ready = h.wait_condition("oncall", "Ready", "True").await;
-    let record = ready.status.as_ref().and_then(|s| s.approval.clone()).expect("recorded");
-    assert_eq!((record.name.as_str(), record.approved_by.as_str()), ("first", approver.as_str()));
+    let record = ready
+        .status
+        .as_ref()
+        .and_then(|s| s.approval.clone())
+        .expect("recorded");
+    assert_eq!(
+        (record.name.as_str(), record.approved_by.as_str()),
+        ("first", approver.as_str())
+    );
     assert_eq!(record.requested_by, requester);
     assert!(h.policy_document(&arn).await.is_some(), "in force");
     let events = h.events_about("oncall").await;
     assert!(
-        events.iter().any(|e| e.reason.as_deref() == Some("Approved")
-            && e.note.as_deref().is_some_and(|n| n.contains(&approver))),
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Approved")
+                && e.note.as_deref().is_some_and(|n| n.contains(&approver))),
         "{events:?}"
     );
 
@@ -228,12 +271,18 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
     let changed = h.wait_condition("oncall", "Approved", "False").await;
     let message = &find(&changed, "Approved").expect("Approved").message;
     assert!(message.contains("generations 1 only"), "{message}");
-    wait_for("the set to go", || async { h.policy_document(&arn).await.is_none().then_some(()) }).await;
+    wait_for("the set to go", || async {
+        h.policy_document(&arn).await.is_none().then_some(())
+    })
+    .await;
 
     // Approved for 30 minutes: IAM carries the approval's end.
-    apply(&as_approver, approval(&ns, "second", &approver, &uid, 2, Some("30m")))
-        .await
-        .expect("the second approval");
+    apply(
+        &as_approver,
+        approval(&ns, "second", &approver, &uid, 2, Some("30m")),
+    )
+    .await
+    .expect("the second approval");
     let ready = h.wait_condition("oncall", "Ready", "True").await;
     let until = (ready.status.as_ref())
         .and_then(|s| s.approval.as_ref())
@@ -241,7 +290,10 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
         .expect("the approval's end");
     let (document, _) = h.policy_document(&arn).await.expect("in force");
     let until = until.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
-    assert!(document.contains(&until), "DateLessThan {until}: {document}");
+    assert!(
+        document.contains(&until),
+        "DateLessThan {until}: {document}"
+    );
 
     // The user's open session on the instance, and someone else's.
     let user_arn = |name: &str| format!("arn:aws:iam::{ACCOUNT}:user/{name}");
@@ -268,14 +320,32 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
         .await
         .expect("withdrawn");
     let withdrawn = h.wait_condition("oncall", "Approved", "False").await;
-    assert_eq!(find(&withdrawn, "Approved").map(|c| c.reason.as_str()), Some("Pending"));
-    wait_for("the set to go", || async { h.policy_document(&arn).await.is_none().then_some(()) }).await;
-    assert_eq!(h.active_sessions(PRODUCTION).await, BTreeSet::from([others]));
-    assert_eq!(withdrawn.status.as_ref().and_then(|s| s.sessions_ended.as_ref()).map(|e| e.count), Some(1));
+    assert_eq!(
+        find(&withdrawn, "Approved").map(|c| c.reason.as_str()),
+        Some("Pending")
+    );
+    wait_for("the set to go", || async {
+        h.policy_document(&arn).await.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(
+        h.active_sessions(PRODUCTION).await,
+        BTreeSet::from([others])
+    );
+    assert_eq!(
+        withdrawn
+            .status
+            .as_ref()
+            .and_then(|s| s.sessions_ended.as_ref())
+            .map(|e| e.count),
+        Some(1)
+    );
     let events = h.events_about("oncall").await;
     assert!(
-        events.iter().any(|e| e.reason.as_deref() == Some("ApprovalWithdrawn")
-            && e.type_.as_deref() == Some("Warning")),
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ApprovalWithdrawn")
+                && e.type_.as_deref() == Some("Warning")),
         "{events:?}"
     );
 
@@ -286,9 +356,12 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
             .expect("the binding goes");
     }
     wait_for("the policies unloaded", || async {
-        apply(&as_requester, approval(&ns, "own", &requester, &uid, 2, None))
-            .await
-            .ok()
+        apply(
+            &as_requester,
+            approval(&ns, "own", &requester, &uid, 2, None),
+        )
+        .await
+        .ok()
     })
     .await;
     let refused = wait_for("the self-approval judged", || async {
@@ -298,7 +371,10 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
             .then_some(grant)
     })
     .await;
-    assert_eq!(find(&refused, "Ready").map(|c| c.status.as_str()), Some("False"));
+    assert_eq!(
+        find(&refused, "Ready").map(|c| c.status.as_str()),
+        Some("False")
+    );
     assert!(h.policy_document(&arn).await.is_none(), "nothing in force");
     h.stop().await;
     control_plane.stop();

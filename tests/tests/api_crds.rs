@@ -143,7 +143,9 @@ async fn kubectl_get_shows_the_printer_columns() {
     let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "EFFECT", "TARGETS", "READY", "EXPIRES", "AGE"],
+        [
+            "NAME", "EFFECT", "TARGETS", "READY", "APPROVAL", "EXPIRES", "AGE"
+        ],
         "{output}"
     );
     let row: Vec<&str> = lines.next().expect("a row").split_whitespace().collect();

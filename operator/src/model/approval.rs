@@ -161,10 +161,10 @@ pub fn judge(
     let of_grant: Vec<&SessionAccessApproval> = (approvals.iter())
         .filter(|a| a.spec.grant.name == name && a.spec.grant.uid == uid)
         .collect();
-    let (current, other): (Vec<_>, Vec<_>) = (of_grant.into_iter())
-        .partition(|a| a.spec.grant.generation == generation);
-    let (by_requester, by_others): (Vec<_>, Vec<_>) = (current.into_iter())
-        .partition(|a| &a.spec.approved_by == requested_by);
+    let (current, other): (Vec<_>, Vec<_>) =
+        (of_grant.into_iter()).partition(|a| a.spec.grant.generation == generation);
+    let (by_requester, by_others): (Vec<_>, Vec<_>) =
+        (current.into_iter()).partition(|a| &a.spec.approved_by == requested_by);
     let mut judged: Vec<(ApprovalStatus, Option<Timestamp>)> = (by_others.into_iter())
         .filter_map(|a| {
             let at = a.metadata.creation_timestamp.as_ref()?.0;

@@ -148,9 +148,10 @@ impl Withheld {
     /// The reason, and the words that end "nothing is written: …".
     fn words(self) -> (&'static str, &'static str) {
         match self {
-            Withheld::OutsideBoundary => {
-                ("OutsideBoundary", "the grant is outside its boundary (see Admitted)")
-            }
+            Withheld::OutsideBoundary => (
+                "OutsideBoundary",
+                "the grant is outside its boundary (see Admitted)",
+            ),
             Withheld::AwaitingApproval => (
                 "AwaitingApproval",
                 "the grant waits for a second person's approval (see Approved)",
@@ -318,7 +319,11 @@ pub fn approval_outcome(verdict: &Verdict) -> Outcome {
                             [] => String::new(),
                             earlier => format!(
                                 " (approvals exist for generations {} only: the spec changed since)",
-                                earlier.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                                earlier
+                                    .iter()
+                                    .map(ToString::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
                             ),
                         }
                     ),
@@ -673,10 +678,16 @@ pub fn approval_event(
             Pending::RequesterUnknown => event(true, "RequesterUnknown"),
             // The approval of the spec the status describes is gone: withdrawn.
             Pending::Awaiting { generation, .. }
-                if was_approved && status.and_then(|s| s.observed_generation) == Some(*generation) =>
+                if was_approved
+                    && status.and_then(|s| s.observed_generation) == Some(*generation) =>
             {
                 let by = (status.and_then(|s| s.approval.as_ref()))
-                    .map(|a| format!("the approval by {} (SessionAccessApproval {}) was withdrawn", a.approved_by, a.name))
+                    .map(|a| {
+                        format!(
+                            "the approval by {} (SessionAccessApproval {}) was withdrawn",
+                            a.approved_by, a.name
+                        )
+                    })
                     .unwrap_or_else(|| "the approval was withdrawn".into());
                 Some(ApprovalEvent {
                     warning: true,
@@ -834,9 +845,17 @@ mod tests {
         };
         let status = compute(Some(&approved), &seen, Timestamp::UNIX_EPOCH);
         let ready = find(&status, READY);
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Pending"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Pending")
+        );
         let message = &find(&status, APPROVED).message;
-        for words in ["SessionAccessPolicy prod", "other than alice", "uid: u-1, generation: 3", "generations 2 only"] {
+        for words in [
+            "SessionAccessPolicy prod",
+            "other than alice",
+            "uid: u-1, generation: 3",
+            "generations 2 only",
+        ] {
             assert!(message.contains(words), "{words}: {message}");
         }
         assert_eq!(find(&status, POLICY_SYNCED).reason, "AwaitingApproval");

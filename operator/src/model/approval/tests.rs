@@ -43,7 +43,13 @@ fn boundary(name: &str, approval: Value) -> SessionAccessPolicy {
     .expect("a boundary")
 }
 
-fn approval(name: &str, by: &str, generation: i64, created: &str, duration: Option<&str>) -> SessionAccessApproval {
+fn approval(
+    name: &str,
+    by: &str,
+    generation: i64,
+    created: &str,
+    duration: Option<&str>,
+) -> SessionAccessApproval {
     serde_json::from_value(json!({
         "apiVersion": "fleetaccess.io/v1alpha1",
         "kind": "SessionAccessApproval",
@@ -70,8 +76,16 @@ fn boundaries_require_approval_of_allow_grants_that_may_reach_their_instances() 
     let always = boundary("always", json!({"always": true}));
     let prod = boundary("prod", json!({"instanceIds": ["i-0000000000000000c"]}));
     let none = boundary("none", json!({}));
-    let listed = grant(ssh_to(json!({"instanceIds": ["i-0000000000000000c"]})), None, 1);
-    let other = grant(ssh_to(json!({"instanceIds": ["i-0000000000000000a"]})), None, 1);
+    let listed = grant(
+        ssh_to(json!({"instanceIds": ["i-0000000000000000c"]})),
+        None,
+        1,
+    );
+    let other = grant(
+        ssh_to(json!({"instanceIds": ["i-0000000000000000a"]})),
+        None,
+        1,
+    );
     let tagged = grant(ssh_to(json!({"tags": {"Environment": "staging"}})), None, 1);
     let everywhere = grant(
         json!({"effect": "Deny", "principals": {"roles": ["ci"]}, "targets": {"allInstances": true},
@@ -80,10 +94,16 @@ fn boundaries_require_approval_of_allow_grants_that_may_reach_their_instances() 
         1,
     );
     assert_eq!(required(&listed, &[prod.clone(), none.clone()]), ["prod"]);
-    assert_eq!(required(&other, &[prod.clone(), none.clone()]), Vec::<String>::new());
+    assert_eq!(
+        required(&other, &[prod.clone(), none.clone()]),
+        Vec::<String>::new()
+    );
     // A tag can be put on the listed instance at any time.
     assert_eq!(required(&tagged, std::slice::from_ref(&prod)), ["prod"]);
-    assert_eq!(required(&other, &[always.clone(), prod.clone()]), ["always"]);
+    assert_eq!(
+        required(&other, &[always.clone(), prod.clone()]),
+        ["always"]
+    );
     // A Deny only takes access away.
     assert_eq!(required(&everywhere, &[always, prod]), Vec::<String>::new());
     // A boundary that does not select the namespace requires nothing.
@@ -99,7 +119,11 @@ fn boundaries_require_approval_of_allow_grants_that_may_reach_their_instances() 
 #[test]
 fn an_approval_by_someone_else_of_the_current_generation_puts_the_grant_in_force() {
     let now = at("2026-12-06T12:00:00Z");
-    let g = grant(ssh_to(json!({"instanceIds": ["i-0000000000000000c"]})), Some("alice"), 2);
+    let g = grant(
+        ssh_to(json!({"instanceIds": ["i-0000000000000000c"]})),
+        Some("alice"),
+        2,
+    );
     let approvals = [
         approval("old", "bob", 1, "2026-12-06T09:00:00Z", None),
         approval("by-bob", "bob", 2, "2026-12-06T10:00:00Z", Some("4h")),
@@ -118,14 +142,26 @@ fn an_approval_by_someone_else_of_the_current_generation_puts_the_grant_in_force
     // The window ends when the approval does (IAM enforces it); a shorter window stays.
     let narrowed = effective(&g, &verdict);
     let ends = |g: &SessionAccess| g.spec.window.as_ref().and_then(|w| w.expires_at.clone());
-    assert_eq!(ends(&narrowed).map(|t| t.0), Some(at("2026-12-06T14:00:00Z")));
+    assert_eq!(
+        ends(&narrowed).map(|t| t.0),
+        Some(at("2026-12-06T14:00:00Z"))
+    );
     let mut short = g.clone();
-    short.spec.window.as_mut().expect("window").expires_at =
-        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at("2026-12-06T13:00:00Z")));
-    assert_eq!(ends(&effective(&short, &verdict)).map(|t| t.0), Some(at("2026-12-06T13:00:00Z")));
+    short.spec.window.as_mut().expect("window").expires_at = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at("2026-12-06T13:00:00Z")),
+    );
+    assert_eq!(
+        ends(&effective(&short, &verdict)).map(|t| t.0),
+        Some(at("2026-12-06T13:00:00Z"))
+    );
 
     // At its end, the grant waits again.
-    let later = judge(&g, vec!["prod".into()], &approvals, at("2026-12-06T14:00:00Z"));
+    let later = judge(
+        &g,
+        vec!["prod".into()],
+        &approvals,
+        at("2026-12-06T14:00:00Z"),
+    );
     assert_eq!(
         later,
         Verdict::Pending {
@@ -187,12 +223,15 @@ fn no_approval_counts_from_the_requester_another_generation_or_another_grant() {
     let anonymous = grant(ssh_to(json!({"allInstances": true})), None, 3);
     let bobs = approval("bobs", "bob", 3, "2026-12-06T10:00:00Z", None);
     assert_eq!(
-        judge(&anonymous, required(), &[bobs.clone()], now),
+        judge(&anonymous, required(), std::slice::from_ref(&bobs), now),
         Verdict::Pending {
             required_by: required(),
             why: Pending::RequesterUnknown
         }
     );
     // Nothing required: in force whatever the approvals.
-    assert_eq!(judge(&anonymous, Vec::new(), &[bobs], now), Verdict::NotRequired);
+    assert_eq!(
+        judge(&anonymous, Vec::new(), &[bobs], now),
+        Verdict::NotRequired
+    );
 }
