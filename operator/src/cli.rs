@@ -36,6 +36,11 @@ struct RunArgs {
     /// Seconds between drift checks of a synced grant.
     #[arg(long, env = "FLEET_ACCESS_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+    /// Seconds between counts of the sessions open through each grant (status.openSessions):
+    /// one DescribeSessions listing of the account each time.
+    #[arg(long, env = "FLEET_ACCESS_SESSIONS_CENSUS_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    sessions_census_seconds: u64,
     /// Address of /metrics, /healthz and /readyz; with port 0 the system picks a free port. The
     /// address bound is printed on standard error: `admin listening on ADDRESS`.
     #[arg(
@@ -298,6 +303,7 @@ fn run(args: RunArgs) -> Result<()> {
     let RunArgs {
         aws,
         resync_seconds,
+        sessions_census_seconds,
         admin_address,
         replica,
         watch_namespace,
@@ -324,6 +330,7 @@ fn run(args: RunArgs) -> Result<()> {
             settings,
             account,
             resync: std::time::Duration::from_secs(resync_seconds),
+            census_period: std::time::Duration::from_secs(sessions_census_seconds),
             admin_address,
             replica,
             watch_namespace,

@@ -6,8 +6,9 @@
 //! Until approved, a grant is Pending and nothing is in AWS; the requester cannot approve its
 //! own grant (even holding the approver's role); the approver's approval puts the grant in
 //! force; a change of spec needs a new approval; an approval limited in time carries its end
-//! into IAM; a withdrawal revokes and ends the grant's open sessions; and with the admission
-//! policies removed, the operator still refuses a self-approval.
+//! into IAM; the census counts the sessions open through the grant (its user's, the bridge's
+//! for it); a withdrawal revokes and ends them; and with the admission policies removed, the
+//! operator still refuses a self-approval.
 //!
 //! On a control plane of its own: the admission policies are cluster-wide.
 
@@ -25,7 +26,8 @@ use support::*;
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const PRODUCTION: &str = "i-0000000000000000c";
 
-/// The boundary: one user, SSH to two production instances, approval for the first.
+/// The boundary: one user, SSH to two production instances, bridge endpoints for the
+/// namespace's pods, approval for the first instance.
 fn boundary(namespace: &str, user: &str) -> Value {
     json!({
         "apiVersion": "fleetaccess.io/v1alpha1",
@@ -36,6 +38,7 @@ fn boundary(namespace: &str, user: &str) -> Value {
             "principals": {"users": [user]},
             "targets": {"instanceIds": [PRODUCTION, "i-0000000000000000d"]},
             "sessions": {"ssh": true},
+            "bridge": {},
             "approval": {"instanceIds": [PRODUCTION]},
         },
     })
@@ -56,6 +59,7 @@ fn grant(namespace: &str, user: &str, requested_by: Option<&str>, hours: i64) ->
             "targets": {"instanceIds": [PRODUCTION]},
             "sessions": {"ssh": true},
             "window": {"expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()},
+            "bridge": {"clients": [{"podSelector": {"matchLabels": {"app": "ansible"}}}]},
         },
     })
     .to_string()
@@ -126,6 +130,8 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
     let ns = h.namespace.name().to_owned();
     let user = h.unique("oncall");
     h.user(&user).await;
+    let bridge_role = h.settings.bridge_role.clone().expect("bridge role");
+    h.role(&bridge_role).await;
     let arn = h.set_arn(&format!("user/{user}"));
     control_plane
         .apply_yaml(&boundary(&ns, &user).to_string(), None)
@@ -227,11 +233,19 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
     );
     let uid = pending.metadata.uid.clone().expect("uid");
 
-    // The requester may not approve: not in its own name, nor in the approver's.
+    // The requester may not approve; nobody may approve in another's name. (Each case is
+    // refused by one policy only: with two refusing, which one the API server reports varies.)
     let own = approval(&ns, "self", &requester, &uid, 1, None);
     refused(&as_requester, own, "someone else must approve it").await;
-    let forged = approval(&ns, "forged", &approver, &uid, 1, None);
-    refused(&as_requester, forged, "must be your own user name").await;
+    let forged = approval(
+        &ns,
+        "forged",
+        "system:serviceaccount:elsewhere:boss",
+        &uid,
+        1,
+        None,
+    );
+    refused(&as_approver, forged, "must be your own user name").await;
     // The approver must approve the grant as it is.
     let stale = approval(&ns, "stale", &approver, &uid, 7, None);
     refused(&as_approver, stale, "is not the generation").await;
@@ -312,6 +326,33 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
         h.active_sessions(PRODUCTION).await,
         BTreeSet::from([users.clone(), others.clone()])
     );
+    // Who is connected now: the census counts the user's session, not the other one; then a
+    // session the bridge opened for an in-cluster client of the grant (its Reason names it).
+    let open_sessions = |count: i32, through_bridge: i32| {
+        let grants = &h.grants;
+        async move {
+            wait_for(
+                &format!("{count} open sessions, {through_bridge} through the bridge"),
+                || async {
+                    let open = grants.get("oncall").await.ok()?.status?.open_sessions?;
+                    ((open.count, open.through_bridge) == (count, through_bridge)).then_some(open)
+                },
+            )
+            .await
+        }
+    };
+    open_sessions(1, 0).await;
+    let bridge = format!("arn:aws:sts::{ACCOUNT}:assumed-role/{bridge_role}/pod");
+    let bridges = (h.ssm_as(&bridge).start_session())
+        .target(PRODUCTION)
+        .document_name("AWS-StartSSHSession")
+        .reason(format!(
+            "fa/test for=tools/ansible-0 sa=ansible grant={ns}/oncall"
+        ))
+        .send()
+        .await
+        .expect("the bridge's session starts");
+    open_sessions(2, 1).await;
 
     // Withdrawn: revoked, the user's session ended, and an Event says so.
     let approvals: Api<SessionAccessApproval> = h.namespace.api();
@@ -338,8 +379,11 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
             .as_ref()
             .and_then(|s| s.sessions_ended.as_ref())
             .map(|e| e.count),
-        Some(1)
+        Some(2),
+        "the user's and the bridge's ({:?})",
+        bridges.session_id()
     );
+    open_sessions(0, 0).await;
     let events = h.events_about("oncall").await;
     assert!(
         events

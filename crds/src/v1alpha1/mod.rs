@@ -71,6 +71,12 @@ pub const GROUP: &str = "fleetaccess.io";
         description = "Approved, Pending, or NotRequired",
         json_path = ".status.conditions[?(@.type==\"Approved\")].reason"
     ),
+    printcolumn(
+        name = "Sessions",
+        type_ = "integer",
+        description = "Sessions open through the grant now",
+        json_path = ".status.openSessions.count"
+    ),
     printcolumn(name = "Expires", type_ = "date", json_path = ".spec.window.expiresAt"),
     printcolumn(
         name = "Age",
@@ -459,10 +465,29 @@ pub struct SessionAccessStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub connect: Vec<ConnectStatus>,
 
-    /// The sessions ended when the window ended: those the grant's principals had open on its
-    /// instances, and the bridge's through the grant's endpoints. Done once per expiry.
+    /// The sessions ended when the window or the approval ended: those the grant's
+    /// principals had open on its instances, and the bridge's through the grant's endpoints.
+    /// Done once per end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions_ended: Option<SessionsEnded>,
+
+    /// Who is connected now: the sessions open through the grant, as AWS lists them, counted
+    /// at every census of the account's active sessions (`--sessions-census-seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_sessions: Option<OpenSessions>,
+}
+
+/// The sessions open through a grant.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenSessions {
+    /// All of them: its principals' on its instances, and the bridge's for its endpoints.
+    pub count: i32,
+    /// Those the bridge opened for in-cluster clients of the grant's endpoints (its Reason
+    /// names the grant first).
+    pub through_bridge: i32,
+    /// Since when the counts are these.
+    pub since: Time,
 }
 
 /// How to start one kind of session a grant allows.

@@ -271,7 +271,7 @@ impl SsmApi for FakeAws {
         self.record("DescribeInstanceInformation");
         Ok(Vec::new())
     }
-    async fn active_sessions(&self, _: &str) -> AwsResult<Vec<ActiveSession>> {
+    async fn active_sessions(&self) -> AwsResult<Vec<ActiveSession>> {
         self.record("DescribeSessions");
         Ok(Vec::new())
     }

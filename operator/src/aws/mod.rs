@@ -142,10 +142,14 @@ pub struct InstanceInfo {
 pub struct ActiveSession {
     /// The session ID.
     pub id: String,
+    /// The instance.
+    pub target: String,
     /// The ARN of the IAM identity that started it (a user, or an assumed role's session).
     pub owner: Option<String>,
     /// The session document.
     pub document: Option<String>,
+    /// The reason its starter gave (the bridge's names the client and the grant).
+    pub reason: Option<String>,
 }
 
 /// An AWS call that failed.
@@ -347,8 +351,8 @@ pub trait SsmApi: Send + Sync {
         ids: &[String],
         tags: &BTreeMap<String, String>,
     ) -> AwsResult<Vec<InstanceInfo>>;
-    /// The active sessions on an instance.
-    async fn active_sessions(&self, instance_id: &str) -> AwsResult<Vec<ActiveSession>>;
+    /// Every active session of the account and Region (one paged listing).
+    async fn active_sessions(&self) -> AwsResult<Vec<ActiveSession>>;
     /// Terminates a session.
     async fn terminate_session(&self, session_id: &str) -> AwsResult<()>;
 }

@@ -713,9 +713,7 @@ impl SsmApi for SdkAws {
         Ok(instances)
     }
 
-    async fn active_sessions(&self, instance_id: &str) -> AwsResult<Vec<ActiveSession>> {
-        // Filtered here rather than with a Target filter, which not every SSM implementation
-        // (the test emulator) honours.
+    async fn active_sessions(&self) -> AwsResult<Vec<ActiveSession>> {
         let mut sessions = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -728,17 +726,15 @@ impl SsmApi for SdkAws {
                     .send()
                     .await,
             )?;
-            sessions.extend(
-                (out.sessions().iter())
-                    .filter(|s| s.target() == Some(instance_id))
-                    .filter_map(|s| {
-                        Some(ActiveSession {
-                            id: s.session_id()?.to_owned(),
-                            owner: s.owner().map(str::to_owned),
-                            document: s.document_name().map(str::to_owned),
-                        })
-                    }),
-            );
+            sessions.extend((out.sessions().iter()).filter_map(|s| {
+                Some(ActiveSession {
+                    id: s.session_id()?.to_owned(),
+                    target: s.target()?.to_owned(),
+                    owner: s.owner().map(str::to_owned),
+                    document: s.document_name().map(str::to_owned),
+                    reason: s.reason().map(str::to_owned),
+                })
+            }));
             match out.next_token() {
                 Some(next) if !next.is_empty() => token = Some(next.to_owned()),
                 _ => break,

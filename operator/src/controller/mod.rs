@@ -9,6 +9,7 @@
 //! ```
 
 pub mod apply;
+pub mod census;
 pub mod coalesce;
 pub mod identities;
 pub mod leader;
@@ -61,6 +62,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Only this namespace's grants, when set (`--watch-namespace`).
     pub watch_namespace: Option<String>,
+    /// How often the census counts open sessions (`--sessions-census-seconds`).
+    pub census_period: Duration,
     /// Each IAM identity's policy set, synced one at a time per identity.
     pub identities: identities::Identities,
     /// The session documents the cluster's grants share.
@@ -103,6 +106,7 @@ impl Context {
             resync,
             recorder,
             watch_namespace: None,
+            census_period: census::DEFAULT_PERIOD,
             identities: identities::Identities::default(),
             shared_documents: shared::SharedDocuments::default(),
             states: Mutex::new(BTreeMap::new()),
@@ -114,6 +118,12 @@ impl Context {
     /// The context of an operator that watches only `namespace`'s grants.
     pub fn watching(mut self, namespace: Option<String>) -> Self {
         self.watch_namespace = namespace;
+        self
+    }
+
+    /// The context of an operator whose census counts open sessions every `period`.
+    pub fn counting_sessions_every(mut self, period: Duration) -> Self {
+        self.census_period = period;
         self
     }
 

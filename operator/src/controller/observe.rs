@@ -112,17 +112,21 @@ pub async fn instances(selection: &TargetSelection, ctx: &Context) -> AwsResult<
     Ok(found)
 }
 
-/// The active sessions on each instance.
+/// The active sessions on each instance, from one listing.
 pub async fn sessions(
     instances: &[String],
     ctx: &Context,
 ) -> AwsResult<Vec<(String, Vec<ActiveSession>)>> {
-    let mut open = Vec::new();
-    for instance in instances {
-        let sessions = with_retry(|| ctx.ssm.active_sessions(instance)).await?;
-        open.push((instance.clone(), sessions));
-    }
-    Ok(open)
+    let all = with_retry(|| ctx.ssm.active_sessions()).await?;
+    Ok((instances.iter())
+        .map(|instance| {
+            let on: Vec<ActiveSession> = (all.iter())
+                .filter(|s| &s.target == instance)
+                .cloned()
+                .collect();
+            (instance.clone(), on)
+        })
+        .collect())
 }
 
 /// The user names of the groups' members.

@@ -56,7 +56,7 @@ use crate::{
     controller::{
         Context, FIELD_MANAGER,
         apply::Applier,
-        failure_key, identities,
+        census, failure_key, identities,
         observe::{self, DocumentLookup},
         retry_pause,
     },
@@ -112,6 +112,7 @@ pub async fn run(
     };
     let controller = Controller::new(grants, watcher::Config::default().any_semantic());
     let known = controller.store();
+    let counted = known.clone();
     // A boundary's change may admit or refuse any grant; a namespace's labels decide which
     // boundaries select its grants.
     let (for_boundaries, for_namespaces) = (known.clone(), known.clone());
@@ -179,10 +180,12 @@ pub async fn run(
                 tracing::debug!(%error, "reconcile ended with an error");
             }
         });
-    // The sweep stops with the controller (it is idempotent wherever it is cut).
+    // The sweep and the census stop with the controller (each is idempotent wherever it is
+    // cut).
     tokio::select! {
         () = controller => {}
         () = sweep_orphans_every_resync(&ctx) => {}
+        () = census::run(counted, &ctx) => {}
     }
 }
 
@@ -581,10 +584,15 @@ async fn write_status(
     let previous = grant.status.as_ref();
     let status = status::compute(previous, seen, Timestamp::now());
     if previous != Some(&status) {
+        // The open sessions are the census's field: applying them here would take them over.
+        let written = SessionAccessStatus {
+            open_sessions: None,
+            ..status.clone()
+        };
         let patch = json!({
             "apiVersion": "fleetaccess.io/v1alpha1",
             "kind": "SessionAccess",
-            "status": status,
+            "status": written,
         });
         api.patch_status(
             &grant.name_any(),

@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub account: String,
     /// Seconds between drift checks.
     pub resync: Duration,
+    /// Seconds between censuses of open sessions.
+    pub census_period: Duration,
     /// Where the admin endpoint listens.
     pub admin_address: String,
     /// This replica's name: its identity in the Lease and in Events; unique per replica.
@@ -101,7 +103,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
             config.resync,
             &config.replica,
         )
-        .watching(config.watch_namespace.clone()),
+        .watching(config.watch_namespace.clone())
+        .counting_sessions_every(config.census_period),
     );
 
     let (stop_tx, stop) = watch::channel(false);

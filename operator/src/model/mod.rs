@@ -4,6 +4,7 @@
 
 pub mod approval;
 pub mod boundary;
+pub mod census;
 pub mod desired;
 pub mod documents;
 pub mod endpoints;

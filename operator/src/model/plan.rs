@@ -375,12 +375,12 @@ pub struct SessionOwners {
 
 /// Who an owner ARN of DescribeSessions names, in `account`: `arn:…:iam::<acct>:user/[path/]name`
 /// or `arn:…:sts::<acct>:assumed-role/<role>/<session>`.
-enum Owner<'a> {
+pub(crate) enum Owner<'a> {
     User(&'a str),
     Role(&'a str),
 }
 
-fn owner_of<'a>(arn: &'a str, account: &str) -> Option<Owner<'a>> {
+pub(crate) fn owner_of<'a>(arn: &'a str, account: &str) -> Option<Owner<'a>> {
     let mut parts = arn.splitn(6, ':');
     let (_arn, _partition, service, _region, owner_account, resource) = (
         parts.next()?,

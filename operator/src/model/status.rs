@@ -246,6 +246,8 @@ pub fn compute(
         targets: seen.target_list.clone(),
         sessions_ended: (seen.sessions_ended.clone())
             .or_else(|| previous.and_then(|p| p.sessions_ended.clone())),
+        // The census's (under its own field manager): kept as recorded, never written here.
+        open_sessions: previous.and_then(|p| p.open_sessions.clone()),
         connect: (seen.connect.iter())
             .map(|c| ConnectStatus {
                 document: c.document.clone(),

@@ -127,7 +127,8 @@ impl Harness {
                 resync,
                 "test",
             )
-            .watching(Some(namespace.name().to_owned())),
+            .watching(Some(namespace.name().to_owned()))
+            .counting_sessions_every(Duration::from_secs(1)),
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let controller = tokio::spawn(async move {

@@ -247,8 +247,10 @@ mod sessions_at_expiry {
     fn session(id: &str, owner: &str, document: &str) -> ActiveSession {
         ActiveSession {
             id: id.into(),
+            target: "i-1".into(),
             owner: Some(owner.into()),
             document: Some(document.into()),
+            reason: None,
         }
     }
 
@@ -342,8 +344,10 @@ mod sessions_at_expiry {
             "i-1".to_owned(),
             vec![ActiveSession {
                 id: "s".into(),
+                target: "i-1".into(),
                 owner: None,
                 document: None,
+                reason: None,
             }],
         )];
         assert!(sessions_to_end(&open, &owners, &BTreeSet::new()).is_empty());

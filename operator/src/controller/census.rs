@@ -1,0 +1,128 @@
+//! The census of open sessions, for "who is connected now": every period, one DescribeSessions
+//! listing of the account's active sessions, counted per grant (`model::census`), and written
+//! to each grant's `status.openSessions` when its counts changed.
+//!
+//! It writes under its own field manager, and the reconcile never applies `openSessions`, so
+//! neither takes the other's fields. One listing per period whatever the number of grants;
+//! metrics carry no label per session.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use fleet_access_crds::{
+    SessionAccess,
+    v1alpha1::{Effect, OpenSessions},
+};
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::reflector::Store,
+};
+use serde_json::json;
+
+use crate::{
+    Error, Result,
+    aws::with_retry,
+    controller::{Context, observe},
+    model::{
+        census::{self, Covered},
+        naming,
+        plan::SessionOwners,
+    },
+};
+
+/// The default period of the census.
+pub const DEFAULT_PERIOD: Duration = Duration::from_secs(30);
+
+/// The census's field manager.
+pub const FIELD_MANAGER: &str = "fleet-access-operator-census";
+
+/// Counts at start, then every `ctx.census_period`, the open sessions of the grants in `store`.
+pub async fn run(store: Store<SessionAccess>, ctx: &Context) {
+    loop {
+        match count_sessions(&store, ctx).await {
+            Ok(0) => {}
+            Ok(changed) => tracing::debug!(changed, "open sessions counted"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot count open sessions; trying again at the next census")
+            }
+        }
+        tokio::time::sleep(ctx.census_period).await;
+    }
+}
+
+/// One census; returns how many grants' counts changed.
+async fn count_sessions(store: &Store<SessionAccess>, ctx: &Context) -> Result<usize> {
+    let open = with_retry(|| ctx.ssm.active_sessions()).await?;
+    let mut members: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut changed = 0;
+    for grant in store.state() {
+        let Some(status) = grant.status.as_ref() else {
+            continue;
+        };
+        if grant.metadata.deletion_timestamp.is_some() || grant.spec.effect == Effect::Deny {
+            continue;
+        }
+        let principals = &grant.spec.principals;
+        let mut users: BTreeSet<String> = principals.users.iter().map(|u| u.to_string()).collect();
+        for group in &principals.groups {
+            let group = group.to_string();
+            if !members.contains_key(&group) {
+                let found = observe::group_members(std::slice::from_ref(&group), ctx).await?;
+                members.insert(group.clone(), found);
+            }
+            users.extend(members[&group].iter().cloned());
+        }
+        let owners = SessionOwners {
+            account: ctx.account.clone(),
+            users,
+            roles: principals.roles.iter().map(|r| r.to_string()).collect(),
+            bridge_role: ctx.settings.bridge_role.clone(),
+            own_documents: BTreeSet::new(),
+        };
+        let covered = match grant.spec.targets.all_instances {
+            true => Covered::All,
+            false => Covered::Instances(
+                (status.targets.iter())
+                    .map(|t| t.instance_id.clone())
+                    .collect(),
+            ),
+        };
+        let namespace = grant.namespace().unwrap_or_default();
+        let key = naming::grant_key(&namespace, &grant.name_any());
+        let counted = census::count(&open, &key, &owners, &covered);
+        let recorded = status.open_sessions.as_ref();
+        let same = |r: &OpenSessions| {
+            (r.count, r.through_bridge) == (to_i32(counted.count), to_i32(counted.through_bridge))
+        };
+        if recorded.map_or(counted.count == 0, same) {
+            continue;
+        }
+        let patch = json!({
+            "apiVersion": "fleetaccess.io/v1alpha1",
+            "kind": "SessionAccess",
+            "status": {"openSessions": OpenSessions {
+                count: to_i32(counted.count),
+                through_bridge: to_i32(counted.through_bridge),
+                since: Time(Timestamp::now()),
+            }},
+        });
+        Api::<SessionAccess>::namespaced(ctx.client.clone(), &namespace)
+            .patch_status(
+                &grant.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(Error::Kube)?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
+fn to_i32(count: usize) -> i32 {
+    i32::try_from(count).unwrap_or(i32::MAX)
+}
