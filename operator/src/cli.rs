@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     Error, Result,
-    model::{boundary, desired, desired::NAMESPACE_NAME_LABEL, identity, report},
+    model::{approval, boundary, desired, desired::NAMESPACE_NAME_LABEL, identity, report},
     settings::Settings,
 };
 
@@ -235,7 +235,9 @@ fn plan(args: PlanArgs) -> Result<String> {
         let boundaries =
             fleet_access_crds::validation::parse_session_access_policies(&read_input(&path)?)
                 .map_err(Error::InvalidBoundary)?;
-        judge_grants(&grants, &boundaries, namespace_labels)?;
+        for note in judge_grants(&grants, &boundaries, namespace_labels)? {
+            eprintln!("note: {note}");
+        }
     }
     plan_grants(
         &grants,
@@ -245,15 +247,16 @@ fn plan(args: PlanArgs) -> Result<String> {
 }
 
 /// Judges each grant against `boundaries` as the operator would, in a namespace with `labels`
-/// (and its own name label); the refusals of every refused grant are the error.
+/// (and its own name label): the refusals of every refused grant are the error; otherwise the
+/// grants that will wait for approval, each a note.
 fn judge_grants(
     grants: &[fleet_access_crds::SessionAccess],
     boundaries: &[fleet_access_crds::SessionAccessPolicy],
     labels: Vec<(String, String)>,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     use kube::ResourceExt;
     let now = k8s_openapi::jiff::Timestamp::now();
-    let mut refused = Vec::new();
+    let (mut refused, mut notes) = (Vec::new(), Vec::new());
     for grant in grants {
         let namespace = grant.namespace().unwrap_or_else(|| "default".into());
         let mut namespace_labels: std::collections::BTreeMap<String, String> =
@@ -270,9 +273,17 @@ fn judge_grants(
                 (refusals.iter()).map(|r| format!("{namespace}/{}: {r}", grant.name_any())),
             );
         }
+        let approvers = approval::required_by(&judged, boundaries);
+        if !approvers.is_empty() {
+            notes.push(format!(
+                "{namespace}/{}: nothing is in force until someone other than its requester approves it (SessionAccessPolicy {} requires approval; see docs/tenancy.md)",
+                grant.name_any(),
+                approvers.join(", ")
+            ));
+        }
     }
     match refused.is_empty() {
-        true => Ok(()),
+        true => Ok(notes),
         false => Err(Error::OutsideBoundary(refused.join("\n"))),
     }
 }

@@ -195,3 +195,42 @@ fn plan_prints_how_to_connect_through_the_clusters_port_document() {
         "{text}"
     );
 }
+
+#[test]
+fn plan_with_boundaries_says_which_grants_wait_for_approval() {
+    let grant = r#"
+apiVersion: fleetaccess.io/v1alpha1
+kind: SessionAccess
+metadata: {name: db-oncall, namespace: payments}
+spec:
+  principals: {roles: [payments-oncall]}
+  targets: {instanceIds: [i-0123456789abcdef0]}
+  sessions: {ssh: true}
+  window: {expiresAt: "2030-01-01T08:00:00Z", notBefore: "2030-01-01T00:00:00Z"}
+"#;
+    let args = [
+        "plan",
+        "-f",
+        "-",
+        "--boundaries",
+        TEAM_PAYMENTS,
+        "--namespace-label",
+        "team=payments",
+    ];
+    let out = run(&args, Some(grant));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!out.stdout.is_empty());
+    assert!(
+        stderr.contains("note: payments/db-oncall: nothing is in force until someone other than its requester approves it (SessionAccessPolicy team-payments requires approval"),
+        "{stderr}"
+    );
+    // A Deny needs no approval.
+    let deny = grant
+        .replace("spec:\n", "spec:\n  effect: Deny\n")
+        .replace("  sessions: {ssh: true}\n", "");
+    let out = run(&args, Some(&deny));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("note:"), "{stderr}");
+}

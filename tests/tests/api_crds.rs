@@ -144,7 +144,7 @@ async fn kubectl_get_shows_the_printer_columns() {
     assert_eq!(
         header,
         [
-            "NAME", "EFFECT", "TARGETS", "READY", "APPROVAL", "EXPIRES", "AGE"
+            "NAME", "EFFECT", "TARGETS", "READY", "APPROVAL", "SESSIONS", "EXPIRES", "AGE"
         ],
         "{output}"
     );

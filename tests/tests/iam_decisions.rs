@@ -21,6 +21,7 @@ use fleet_access_crds::{SessionAccess, validation::parse_session_accesses};
 use fleet_access_operator::{
     aws::{Principal, PrincipalKind},
     model::{
+        approval,
         desired::{self, Desired},
         identity,
     },
@@ -490,6 +491,66 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
             &at(time),
             expected,
         );
+    }
+
+    // An approval for one hour, given at 09:00 of a grant whose window lasts the day: IAM
+    // allows from the window's start to the approval's end, and nothing after, whatever the
+    // operator does.
+    let approved = grant(
+        "approved",
+        json!({
+            "principals": {"users": ["olga"]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ssh": true},
+            "window": {"notBefore": "2026-12-05T00:00:00Z", "expiresAt": "2026-12-06T00:00:00Z"},
+        }),
+    );
+    let mut approved_meta = approved.clone();
+    approved_meta.metadata.uid = Some("uid-1".into());
+    approved_meta.metadata.generation = Some(1);
+    approved_meta.metadata.annotations = Some(
+        [(
+            fleet_access_crds::v1alpha1::REQUESTED_BY_ANNOTATION.to_owned(),
+            "olga".to_owned(),
+        )]
+        .into(),
+    );
+    let approval: fleet_access_crds::SessionAccessApproval = serde_json::from_value(json!({
+        "apiVersion": "fleetaccess.io/v1alpha1",
+        "kind": "SessionAccessApproval",
+        "metadata": {"name": "one-hour", "namespace": "team", "creationTimestamp": "2026-12-05T09:00:00Z"},
+        "spec": {"grant": {"name": "approved", "uid": "uid-1", "generation": 1},
+                 "approvedBy": "security-oncall", "duration": "1h"},
+    }))
+    .unwrap();
+    let verdict = approval::judge(
+        &approved_meta,
+        vec!["prod".into()],
+        &[approval],
+        "2026-12-05T09:30:00Z".parse().unwrap(),
+    );
+    assert!(verdict.allows(), "{verdict:?}");
+    let d = render(&approval::effective(&approved_meta, &verdict));
+    let Holder {
+        caller: olga,
+        policies,
+    } = callers(&d).remove(0);
+    for (time, expected) in [
+        ("2026-12-05T09:30:00Z", Allowed),
+        ("2026-12-05T09:59:59Z", Allowed),
+        ("2026-12-05T10:00:00Z", ImplicitlyDenied),
+        ("2026-12-05T18:00:00Z", ImplicitlyDenied),
+    ] {
+        for resource in [target.clone(), aws_document("AWS-StartSSHSession")] {
+            cases.add(
+                "approved for an hour",
+                (&olga, &policies),
+                "ssm:StartSession",
+                &resource,
+                &at(time),
+                expected,
+            );
+        }
     }
 
     // The document access check: a caller that turns it off (to reach the account's default
