@@ -126,7 +126,10 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
         .install_crds(&fleet_access_crds::crds_yaml())
         .await
         .expect("CRDs");
-    let h = Harness::start_on(&control_plane, "approval", Duration::from_secs(300)).await;
+    let census = Duration::from_secs(1);
+    let h =
+        Harness::counting_sessions(&control_plane, "approval", Duration::from_secs(300), census)
+            .await;
     let ns = h.namespace.name().to_owned();
     let user = h.unique("oncall");
     h.user(&user).await;

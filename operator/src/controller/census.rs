@@ -40,8 +40,12 @@ pub const DEFAULT_PERIOD: Duration = Duration::from_secs(30);
 /// The census's field manager.
 pub const FIELD_MANAGER: &str = "fleet-access-operator-census";
 
-/// Counts at start, then every `ctx.census_period`, the open sessions of the grants in `store`.
+/// Counts once the grants are listed, then every `ctx.census_period`, the open sessions of
+/// the grants in `store`.
 pub async fn run(store: Store<SessionAccess>, ctx: &Context) {
+    if store.wait_until_ready().await.is_err() {
+        return; // The controller that feeds the store has stopped.
+    }
     loop {
         match count_sessions(&store, ctx).await {
             Ok(0) => {}
@@ -56,10 +60,14 @@ pub async fn run(store: Store<SessionAccess>, ctx: &Context) {
 
 /// One census; returns how many grants' counts changed.
 async fn count_sessions(store: &Store<SessionAccess>, ctx: &Context) -> Result<usize> {
+    let grants = store.state();
+    if grants.iter().all(|g| g.status.is_none()) {
+        return Ok(0); // Nothing reconciled yet: no call.
+    }
     let open = with_retry(|| ctx.ssm.active_sessions()).await?;
     let mut members: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut changed = 0;
-    for grant in store.state() {
+    for grant in grants {
         let Some(status) = grant.status.as_ref() else {
             continue;
         };

@@ -71,10 +71,22 @@ impl Harness {
     }
 
     /// A harness on `control_plane`, which must have the CRDs installed.
+    /// A harness whose census of open sessions runs at start only (counting AWS calls stays
+    /// about the reconciles).
     pub(crate) async fn start_on(
         control_plane: &ControlPlane,
         prefix: &str,
         resync: Duration,
+    ) -> Self {
+        Self::counting_sessions(control_plane, prefix, resync, Duration::from_secs(3600)).await
+    }
+
+    /// A harness whose census of open sessions runs every `census`.
+    pub(crate) async fn counting_sessions(
+        control_plane: &ControlPlane,
+        prefix: &str,
+        resync: Duration,
+        census: Duration,
     ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -128,7 +140,7 @@ impl Harness {
                 "test",
             )
             .watching(Some(namespace.name().to_owned()))
-            .counting_sessions_every(Duration::from_secs(1)),
+            .counting_sessions_every(census),
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let controller = tokio::spawn(async move {
