@@ -271,6 +271,7 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
         ("first", approver.as_str())
     );
     assert_eq!(record.requested_by, requester);
+    assert_eq!(record.reason.as_deref(), Some("INC-1234"));
     assert!(h.policy_document(&arn).await.is_some(), "in force");
     let events = h.events_about("oncall").await;
     assert!(

@@ -123,4 +123,7 @@ pub struct ApprovalStatus {
     pub expires_at: Option<Time>,
     /// The grant's requester it was checked against.
     pub requested_by: String,
+    /// The approval's reason, if it gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }

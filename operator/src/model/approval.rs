@@ -179,6 +179,7 @@ pub fn judge(
                 approved_at: Time(at),
                 expires_at: until.map(Time),
                 requested_by: requested_by.clone(),
+                reason: a.spec.reason.clone(),
             };
             Some((record, until))
         })

@@ -291,13 +291,17 @@ pub fn approval_outcome(verdict: &Verdict) -> Outcome {
         Verdict::Approved { record, .. } => Outcome::yes(
             "Approved",
             format!(
-                "approved by {} at {} (SessionAccessApproval {}), requested by {}{}",
+                "approved by {} at {} (SessionAccessApproval {}), requested by {}{}{}",
                 record.approved_by,
                 time(&record.approved_at.0),
                 record.name,
                 record.requested_by,
                 match &record.expires_at {
                     Some(until) => format!(", until {}", time(&until.0)),
+                    None => String::new(),
+                },
+                match &record.reason {
+                    Some(reason) => format!(": {reason}"),
                     None => String::new(),
                 }
             ),
