@@ -1,5 +1,5 @@
 //! The command line: `serve` (in cluster), `proxy` (ssh ProxyCommand) and `forward` (local port
-//! forwarding). Logs go to standard error: in `proxy` mode standard output is the SSH stream.
+//! forwarding, `forward.rs`). Logs go to standard error: in `proxy` mode standard output is the SSH stream.
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
@@ -7,20 +7,18 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use fleet_access_crds::ssm_documents;
 use prometheus::Registry;
-use tokio::{net::TcpListener, sync::mpsc, time::Instant};
+use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin::{self, Readiness},
-    driver::{
-        DriverConfig, Tunnel,
-        signing::{SigV4Signer, UpgradeSigner},
-    },
+    driver::signing::{SigV4Signer, UpgradeSigner},
+    forward::{Pool, forward},
     listener::Limits,
     metrics::Metrics,
     replica::{self, ReplicaMark},
     serve::{self, ServeConfig},
-    ssm::{ControlPlane, SdkControlPlane, StartSessionRequest},
+    ssm::{SdkControlPlane, StartSessionRequest},
     stream_url::StreamUrls,
     tunnel::{Ending, SessionContext, UNMARKED_REASON, carry},
 };
@@ -151,6 +149,15 @@ struct ForwardArgs {
     /// The local address to listen on.
     #[arg(long, default_value = "127.0.0.1:0")]
     local: SocketAddr,
+    /// The most sessions to carry connections over at once: another session opens when a
+    /// connection arrives and every open one carries a connection (the agent reads each
+    /// session's connections in one loop, so parallel downloads want sessions of their own).
+    /// 1 carries every connection over one session.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    max_sessions: u16,
+    /// Seconds a session beyond the first stays open without a connection.
+    #[arg(long, default_value_t = Pool::default().idle.as_secs())]
+    idle_session_seconds: u64,
 }
 
 impl Args {
@@ -416,7 +423,19 @@ async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
         anyhow::bail!("{problem}");
     }
     let shutdown = shutdown_on_signal();
-    forward(&control, signer.as_deref(), &request, listener, shutdown).await?;
+    let pool = Pool {
+        max_sessions: usize::from(args.max_sessions),
+        idle: Duration::from_secs(args.idle_session_seconds),
+    };
+    forward(
+        &control,
+        signer.as_deref(),
+        &request,
+        listener,
+        shutdown,
+        pool,
+    )
+    .await?;
     eprintln!("forwarding {local} ended");
     Ok(())
 }
@@ -428,45 +447,4 @@ fn grants_document(cluster: &str, host: Option<&str>, port: u16) -> String {
         Some(host) => ssm_documents::remote_host_document_name(cluster, host, port),
         None => ssm_documents::port_document_name(cluster, port),
     }
-}
-
-/// Starts one session and carries every connection `listener` accepts through it (smux streams
-/// when the agent can, one at a time otherwise) until `shutdown` or the session ends.
-pub async fn forward<C: ControlPlane>(
-    control: &C,
-    signer: Option<&dyn UpgradeSigner>,
-    request: &StartSessionRequest,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let target = control.start_session(request).await?;
-    let port = (request.parameters.get("portNumber"))
-        .and_then(|p| p.first())
-        .map_or("the document's port", String::as_str);
-    eprintln!(
-        "forwarding {} -> {} port {port} through {} (session {})",
-        listener.local_addr()?,
-        request.target,
-        request
-            .document_name
-            .as_deref()
-            .unwrap_or("the default document"),
-        target.session_id
-    );
-    let (connections, incoming) = mpsc::channel(64);
-    let accept = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            if connections.send(stream).await.is_err() {
-                return;
-            }
-        }
-    });
-    let tunnel = Tunnel::new(control, signer, DriverConfig::default());
-    let outcome = tunnel.run(target, incoming, shutdown.cancelled()).await;
-    accept.abort();
-    let outcome = outcome?;
-    if let Some(output) = outcome.output.filter(|o| !o.trim().is_empty()) {
-        eprintln!("session closed: {}", output.trim());
-    }
-    Ok(())
 }

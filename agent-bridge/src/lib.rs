@@ -7,6 +7,7 @@
 //!  ssm/        the control plane (StartSession, ResumeSession, TerminateSession) as a trait,
 //!              and its aws-sdk-ssm implementation
 //!  tunnel      one connection through one session, with metrics
+//!  forward     local port forwarding over a pool of sessions
 //!  listener, serve, replica   the in-cluster mode: endpoints from Services, admission, the
 //!              sweep of dead replicas' sessions
 //!  clients, audit   who each connection came from (its pod), and one record per connection
@@ -18,6 +19,7 @@ pub mod audit;
 pub mod cli;
 pub mod clients;
 pub mod driver;
+pub mod forward;
 pub mod listener;
 pub mod metrics;
 pub mod protocol;

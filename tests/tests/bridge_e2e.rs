@@ -16,6 +16,7 @@ use std::{
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
     audit::{Collected, ConnectionRecord, Ended},
+    forward::{Pool, forward},
     listener::Limits,
     metrics::Metrics,
     serve::{self, ServeConfig},
@@ -28,8 +29,8 @@ use fleet_access_crds::bridge_contract::{
     EndpointAnnotations, EndpointPort, GRANT_PORTS_ANNOTATION, bridge_pod_selector, managed_labels,
 };
 use fleet_access_ssm_emulator::{
-    Config, Emulator, Faults, HandshakeAck, InstanceConfig, Mode, Running, SessionReport, TlsFiles,
-    Transfer,
+    Config, Emulator, Faults, HandshakeAck, InstanceConfig, Mode, Running, SessionReport,
+    SessionStatus, TlsFiles, Transfer,
 };
 use fleet_access_tests::{
     ControlPlane, GatedSink, Moto, Prometheus, RefusingAddress, Sshd, TestNamespace,
@@ -770,8 +771,18 @@ impl Forwarding {
         Self::start_session(emulator, request).await
     }
 
-    /// `forward` of any request: `--document` gives one of a grant's own documents.
+    /// `forward` of any request over one session (`--max-sessions 1`): `--document` gives one
+    /// of a grant's own documents.
     async fn start_session(emulator: &Running, request: StartSessionRequest) -> Self {
+        let one = Pool {
+            max_sessions: 1,
+            ..Pool::default()
+        };
+        Self::start_pooled(emulator, request, one).await
+    }
+
+    /// `forward` of `request` over a pool of sessions.
+    async fn start_pooled(emulator: &Running, request: StartSessionRequest, pool: Pool) -> Self {
         let control = control_plane(emulator);
         let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
         let local = listener.local_addr().expect("address");
@@ -779,10 +790,7 @@ impl Forwarding {
         let task = {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                fleet_access_agent_bridge::cli::forward(
-                    &control, None, &request, listener, shutdown,
-                )
-                .await
+                forward(&control, None, &request, listener, shutdown, pool).await
             })
         };
         Self {
@@ -872,6 +880,139 @@ async fn forward_carries_parallel_http_requests_over_one_session() {
     let sessions = all_sessions_ended(&emulator).await;
     assert_eq!(sessions.len(), 1, "one session carried every connection");
     assert!(!sessions[0].handshake_ack_first, "{:?}", sessions[0]);
+}
+
+/// A server that answers each connection's request (a seed and a length, 4 bytes each, big
+/// endian) with that many bytes of the seed's pattern, then closes.
+async fn seeded_download_server() -> SocketAddr {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                if stream.read_exact(&mut request).await.is_err() {
+                    return;
+                }
+                let seed = u32::from_be_bytes([request[0], request[1], request[2], request[3]]);
+                let length = u32::from_be_bytes([request[4], request[5], request[6], request[7]]);
+                let _ = stream.write_all(&pattern(seed, length as usize)).await;
+            });
+        }
+    });
+    address
+}
+
+/// `length` bytes of a xorshift sequence from `seed`.
+fn pattern(seed: u32, length: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forward_spreads_parallel_downloads_over_a_pool_and_closes_idle_sessions() {
+    const PARALLEL: u32 = 8;
+    const LENGTH: u32 = 256 * 1024;
+    let sshd = Sshd::start().await.expect("sshd");
+    let downloads = seeded_download_server().await;
+    let emulator = Emulator::start(emulator_config(
+        &sshd,
+        Mode::Fast,
+        &[(WEB, 9000, downloads)],
+    ))
+    .await
+    .expect("emulator starts");
+    let pool = Pool {
+        max_sessions: 4,
+        idle: Duration::from_millis(300),
+    };
+    let request = StartSessionRequest::forwarding(WEB, 9000, None, "agent-bridge forward");
+    let forwarding = Forwarding::start_pooled(&emulator, request, pool).await;
+    let local = forwarding.local;
+
+    // Eight downloads, which ask for their bytes only once the pool holds four sessions: until
+    // then no connection can end, so each one that arrives finds every session busy, and the
+    // pool opens a session per connection up to four, then shares them.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let mut downloads = Vec::new();
+    for seed in 1..=PARALLEL {
+        let mut released = released.clone();
+        downloads.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(local).await.expect("connect");
+            released.wait_for(|r| *r).await.expect("released");
+            let request = [seed.to_be_bytes(), LENGTH.to_be_bytes()].concat();
+            stream.write_all(&request).await.expect("request");
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).await.expect("download");
+            (seed, received)
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while emulator.session_reports().len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "four sessions started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    release.send_replace(true);
+    for download in downloads {
+        let (seed, received) = download.await.expect("join");
+        assert_eq!(
+            received.len(),
+            LENGTH as usize,
+            "download {seed}: its length"
+        );
+        assert!(
+            received == pattern(seed, LENGTH as usize),
+            "download {seed}: byte-identical"
+        );
+    }
+    let reports = emulator.session_reports();
+    assert_eq!(
+        reports.len(),
+        4,
+        "one session per connection, up to the pool's size"
+    );
+    assert!(reports.iter().all(|r| r.target == WEB));
+
+    // Idle, the pool shrinks to its first session: every other one is terminated.
+    let first = &reports[0].session_id;
+    for report in &reports[1..] {
+        let ended = emulator
+            .wait_for_end(&report.session_id, Duration::from_secs(60))
+            .await
+            .expect("an idle pooled session is terminated");
+        assert_eq!(ended.status, SessionStatus::Terminated, "{ended:?}");
+    }
+    let primary = emulator.session_report(first).expect("the first session");
+    assert!(
+        !primary.status.is_ended(),
+        "the first session stays: {primary:?}"
+    );
+    // It still carries connections.
+    let mut stream = TcpStream::connect(local).await.expect("connect");
+    let request = [7u32.to_be_bytes(), 1000u32.to_be_bytes()].concat();
+    stream.write_all(&request).await.expect("request");
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).await.expect("download");
+    assert!(received == pattern(7, 1000));
+    assert_eq!(
+        emulator.session_reports().len(),
+        4,
+        "no new session for one connection"
+    );
+
+    forwarding.stop().await;
+    let sessions = all_sessions_ended(&emulator).await;
+    assert_eq!(sessions.len(), 4);
 }
 
 /// One HTTP request through `local`: the response.
