@@ -22,6 +22,7 @@
 
 pub mod floor;
 pub mod operator;
+pub mod parallel;
 pub mod report;
 pub mod roles;
 pub mod scenarios;
@@ -48,7 +49,7 @@ pub fn main_with_args(args: Vec<String>) -> ExitCode {
             Some("relay") => roles::relay_main(&args[1..]).await,
             Some("serve-listeners") => roles::serve_listeners_main(&args[1..]).await,
             _ => Err(anyhow::anyhow!(
-                "usage: fleet-access-bench run [--quick] [--perf] [--out FILE] [--runs N] [--only throughput,slow-reader,setup,scale,operator] [--operator-grants N] [--operator-resync-seconds S]"
+                "usage: fleet-access-bench run [--quick] [--perf] [--out FILE] [--runs N] [--only throughput,slow-reader,parallel,setup,scale,operator] [--operator-grants N] [--operator-resync-seconds S]"
             )),
         }
     });

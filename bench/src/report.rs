@@ -166,6 +166,8 @@ pub struct Report {
     pub profiles: Vec<(String, String)>,
     /// Slow-reader figures.
     pub slow_reader: Option<SlowReader>,
+    /// Parallel downloads through one client.
+    pub parallel: Option<crate::parallel::Parallel>,
 }
 
 fn shell(program: &str, args: &[&str]) -> String {
@@ -212,6 +214,7 @@ impl Report {
             missing: Vec::new(),
             profiles: Vec::new(),
             slow_reader: None,
+            parallel: None,
         }
     }
 
@@ -262,6 +265,9 @@ impl Report {
         self.render_operator(&mut out);
         if let Some(part) = &self.slow_reader {
             crate::slow_reader::render(part, 5, &mut out);
+        }
+        if let Some(part) = &self.parallel {
+            crate::parallel::render(part, 6, &mut out);
         }
         for (what, text) in &self.profiles {
             let _ = writeln!(
@@ -898,6 +904,7 @@ mod tests {
             missing: Vec::new(),
             profiles: Vec::new(),
             slow_reader: None,
+            parallel: None,
         }
     }
 

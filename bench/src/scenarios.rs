@@ -84,6 +84,7 @@ impl Options {
             parts: vec![
                 "throughput".into(),
                 "slow-reader".into(),
+                "parallel".into(),
                 "setup".into(),
                 "scale".into(),
                 "operator".into(),
@@ -125,7 +126,7 @@ impl Options {
                 "--only" => {
                     options.parts = it
                         .next()
-                        .context("--only throughput,slow-reader,setup,scale,operator")?
+                        .context("--only throughput,slow-reader,parallel,setup,scale,operator")?
                         .split(',')
                         .map(str::to_owned)
                         .collect();
@@ -183,6 +184,14 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
             Err(error) => report.missing.push(format!("slow reader: {error:#}")),
         }
     }
+    if options.wants("parallel") {
+        match crate::parallel::run(&ws, &options, &target).await {
+            Ok(part) => report.parallel = Some(part),
+            Err(error) => report
+                .missing
+                .push(format!("parallel downloads: {error:#}")),
+        }
+    }
     if options.wants("setup") {
         match setup(&ws, &options, &target).await {
             Ok(setup) => report.setup = Some(setup),
@@ -214,8 +223,11 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
 /// The clients compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientKind {
-    /// `agent-bridge forward`: one mux session, a smux stream per connection.
+    /// `agent-bridge forward` as shipped: a smux stream per connection, over a pool of
+    /// sessions for parallel connections.
     Forward,
+    /// `agent-bridge forward --max-sessions 1`: every connection a smux stream of one session.
+    ForwardOneSession,
     /// The serve path: one basic (AWS-StartSSHSession) session per connection.
     Serve,
     /// The official session-manager-plugin, port forwarding, as the AWS CLI starts it.
@@ -243,6 +255,7 @@ impl ClientKind {
     pub fn name(self) -> &'static str {
         match self {
             ClientKind::Forward => "agent-bridge forward",
+            ClientKind::ForwardOneSession => "agent-bridge forward --max-sessions 1",
             ClientKind::Serve => "agent-bridge serve path",
             ClientKind::Plugin => "session-manager-plugin",
             ClientKind::RawRelay => "raw TCP relay x2",
@@ -287,7 +300,7 @@ impl Client {
     ) -> anyhow::Result<Self> {
         let log = format!("{}-{tag}", kind.name().replace(' ', "-"));
         match kind {
-            ClientKind::Forward => {
+            ClientKind::Forward | ClientKind::ForwardOneSession => {
                 let port = free_port()?;
                 let mut cmd = command(&ws.bin("agent-bridge"), ws, &log)?;
                 cmd.args([
@@ -304,6 +317,9 @@ impl Client {
                     "--local",
                     &loopback(port).to_string(),
                 ]);
+                if kind == ClientKind::ForwardOneSession {
+                    cmd.args(["--max-sessions", "1"]);
+                }
                 let child = cmd.spawn().context("starting agent-bridge forward")?;
                 let pid = child.id().context("pid")?;
                 wait_for_log(&ws.scratch.join(format!("{log}.stderr")), "forwarding").await?;
