@@ -155,7 +155,7 @@ pub fn render(part: &Parallel, section: usize, out: &mut String) {
          receiving end over {} s after a 0.5 s warm-up. `agent-bridge forward` with its default pool opens a \
          session per connection (up to 8); with `--max-sessions 1` every connection is a smux stream of one \
          session, as with the official plugin (the reference). The emulated agent reads each session's target in \
-         a 1,024-byte loop with a 1 ms pause, so one session's connections share about 1 MB/s. Runs interleave \
+         a 1,024-byte loop with a 1 ms pause, so the connections of one session share that loop. Runs interleave \
          the clients; median of {} runs (min, max). Goal: the pool at least {GOAL}x the plugin.\n",
         part.window.as_secs_f64(),
         part.rows.iter().map(|r| r.rates.len()).max().unwrap_or(0),

@@ -119,13 +119,7 @@ async fn person(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdrawn() {
-    let control_plane = ControlPlane::start()
-        .await
-        .expect("a control plane of its own");
-    control_plane
-        .install_crds(&fleet_access_crds::crds_yaml())
-        .await
-        .expect("CRDs");
+    let control_plane = Harness::own_control_plane().await;
     let census = Duration::from_secs(1);
     let h =
         Harness::counting_sessions(&control_plane, "approval", Duration::from_secs(300), census)

@@ -197,13 +197,7 @@ async fn wait_admission(control_plane: &ControlPlane, namespace: &str, role: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_gets_only_what_its_boundary_allows() {
-    let control_plane = ControlPlane::start()
-        .await
-        .expect("a control plane of its own");
-    control_plane
-        .install_crds(&fleet_access_crds::crds_yaml())
-        .await
-        .expect("CRDs");
+    let control_plane = Harness::own_control_plane().await;
     let h = Harness::start_on(&control_plane, "tenancy", Duration::from_secs(300)).await;
     let ns = h.namespace.name().to_owned();
     let role = format!("tenant-ci-{ns}");

@@ -215,21 +215,24 @@ pub async fn approvals(
     namespace: Option<&str>,
     ctx: &Context,
 ) -> Result<Vec<SessionAccessApproval>> {
-    let api: Api<SessionAccessApproval> = match namespace.or(ctx.watch_namespace.as_deref()) {
-        Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
-        None => Api::all(ctx.client.clone()),
-    };
-    let list = api
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::Kube)?;
-    Ok(list.items)
+    watched(namespace, ctx).await
 }
 
 /// Every grant the operator watches (one namespace's, with `--watch-namespace`), read afresh
 /// from the API server.
 pub async fn grants(ctx: &Context) -> Result<Vec<SessionAccess>> {
-    let api: Api<SessionAccess> = match &ctx.watch_namespace {
+    watched(None, ctx).await
+}
+
+/// Every `K` in `namespace`, or in every namespace the operator watches, read afresh.
+async fn watched<K>(namespace: Option<&str>, ctx: &Context) -> Result<Vec<K>>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = match namespace.or(ctx.watch_namespace.as_deref()) {
         Some(namespace) => Api::namespaced(ctx.client.clone(), namespace),
         None => Api::all(ctx.client.clone()),
     };

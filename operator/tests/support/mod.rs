@@ -59,6 +59,19 @@ pub(crate) struct Harness {
 impl Harness {
     /// A harness on the shared control plane, whose namespaces the single-team boundary
     /// (admitting every valid grant) selects.
+    /// A control plane of the test's own, with fleet-access's CRDs: for what is cluster-wide
+    /// (admission policies), which other tests must not see.
+    pub(crate) async fn own_control_plane() -> ControlPlane {
+        let control_plane = ControlPlane::start()
+            .await
+            .expect("a control plane of its own");
+        control_plane
+            .install_crds(&fleet_access_crds::crds_yaml())
+            .await
+            .expect("CRDs");
+        control_plane
+    }
+
     pub(crate) async fn start(prefix: &str, resync: Duration) -> Self {
         let control_plane = ControlPlane::shared()
             .await
