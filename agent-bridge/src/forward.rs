@@ -198,35 +198,38 @@ pub async fn forward<C: ControlPlane>(
     members.push(member);
     running.push(carried);
     let mut idle_check = tokio::time::interval((pool.idle / 4).max(Duration::from_millis(100)));
+    // Every session's data channel is polled by this loop (through `running`), so no arm may
+    // wait: StartSession runs in `starting`, and connections are handed over without waiting.
+    let mut starting = FuturesUnordered::new();
     let ended: Result<Outcome, DriverError> = loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let chosen = match least_loaded(&members) {
+                let open_or_starting = members.len() + starting.len();
+                match least_loaded(&members) {
                     Some(index) if members[index].load.active() == 0
-                        || members.len() >= pool.max_sessions.max(1) => Some(index),
-                    least => match control.start_session(request).await {
-                        Ok(target) => {
-                            info!(session = %target.session_id, open = members.len() + 1, "another session for parallel connections");
-                            let number = numbers.next().unwrap_or(usize::MAX);
-                            let (member, carried) = open(&tunnel, number, target, &shutdown);
-                            members.push(member);
-                            running.push(carried);
-                            Some(members.len() - 1)
-                        }
-                        Err(error) => {
-                            warn!(%error, "cannot start another session; sharing an open one");
-                            least
-                        }
-                    },
-                };
-                let Some(index) = chosen else { continue };
-                let member = &members[index];
-                let counted = Counted::new(stream, member.load.clone());
-                if member.connections.send(counted).await.is_err() {
-                    warn!(session = %member.session_id, "the session ended before it took the connection");
+                        || open_or_starting >= pool.max_sessions.max(1) => {
+                        hand_over(&members, index, stream);
+                    }
+                    _ => starting.push(async move { (stream, control.start_session(request).await) }),
                 }
             }
+            Some((stream, started)) = starting.next() => match started {
+                Ok(target) => {
+                    info!(session = %target.session_id, open = members.len() + 1, "another session for parallel connections");
+                    let number = numbers.next().unwrap_or(usize::MAX);
+                    let (member, carried) = open(&tunnel, number, target, &shutdown);
+                    members.push(member);
+                    running.push(carried);
+                    hand_over(&members, members.len() - 1, stream);
+                }
+                Err(error) => {
+                    warn!(%error, "cannot start another session; sharing an open one");
+                    if let Some(index) = least_loaded(&members) {
+                        hand_over(&members, index, stream);
+                    }
+                }
+            },
             Some((number, outcome)) = running.next() => {
                 members.retain(|m| m.number != number);
                 if number == 0 {
@@ -246,11 +249,19 @@ pub async fn forward<C: ControlPlane>(
             }
         }
     };
-    // The first session has ended: stop the others, and wait until each is terminated.
+    // The first session has ended: stop the others, and wait until each is terminated; a
+    // session that was starting meanwhile is terminated as soon as it exists.
     for member in &members {
         member.stop.cancel();
     }
     while running.next().await.is_some() {}
+    while let Some((_, started)) = starting.next().await {
+        if let Ok(target) = started
+            && let Err(error) = control.terminate_session(&target.session_id).await
+        {
+            warn!(session = %target.session_id, %error, "cannot terminate a session that started as forward stopped");
+        }
+    }
     let outcome = ended?;
     if let Some(output) = outcome.output.filter(|o| !o.trim().is_empty()) {
         eprintln!("session closed: {}", output.trim());
@@ -283,6 +294,18 @@ fn open<'t, C: ControlPlane>(
         (number, outcome)
     };
     (member, carried)
+}
+
+/// Gives `stream` to member `index`'s session without waiting (its queue holds 64: a session
+/// that has not taken 64 connections is stuck, and the connection is closed).
+fn hand_over(members: &[Member], index: usize, stream: TcpStream) {
+    let member = &members[index];
+    if let Err(error) = member
+        .connections
+        .try_send(Counted::new(stream, member.load.clone()))
+    {
+        warn!(session = %member.session_id, %error, "the session cannot take the connection; closing it");
+    }
 }
 
 /// The member carrying the fewest connections (the earliest opened among equals).

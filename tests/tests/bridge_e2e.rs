@@ -1015,6 +1015,109 @@ async fn forward_spreads_parallel_downloads_over_a_pool_and_closes_idle_sessions
     assert_eq!(sessions.len(), 4);
 }
 
+/// The emulator's control plane, whose StartSession calls after the first wait until `gate`
+/// opens: a slow (or throttled) StartSession.
+struct GatedStarts {
+    inner: SdkControlPlane,
+    started: std::sync::atomic::AtomicUsize,
+    gate: tokio::sync::watch::Receiver<bool>,
+}
+
+impl fleet_access_agent_bridge::ssm::ControlPlane for GatedStarts {
+    async fn start_session(
+        &self,
+        request: &StartSessionRequest,
+    ) -> Result<
+        fleet_access_agent_bridge::ssm::StreamTarget,
+        fleet_access_agent_bridge::ssm::ControlPlaneError,
+    > {
+        if self
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            let _ = self.gate.clone().wait_for(|open| *open).await;
+        }
+        self.inner.start_session(request).await
+    }
+
+    async fn resume_session(
+        &self,
+        session_id: &str,
+    ) -> Result<
+        Option<fleet_access_agent_bridge::ssm::Resumed>,
+        fleet_access_agent_bridge::ssm::ControlPlaneError,
+    > {
+        self.inner.resume_session(session_id).await
+    }
+
+    async fn terminate_session(
+        &self,
+        session_id: &str,
+    ) -> Result<(), fleet_access_agent_bridge::ssm::ControlPlaneError> {
+        self.inner.terminate_session(session_id).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_start_of_a_pooled_session_stalls_no_open_session() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let downloads = seeded_download_server().await;
+    let emulator = Emulator::start(emulator_config(
+        &sshd,
+        Mode::Fast,
+        &[(WEB, 9000, downloads)],
+    ))
+    .await
+    .expect("emulator starts");
+    let (gate, gated) = tokio::sync::watch::channel(false);
+    let control = GatedStarts {
+        inner: control_plane(&emulator),
+        started: std::sync::atomic::AtomicUsize::new(0),
+        gate: gated,
+    };
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let local = listener.local_addr().expect("address");
+    let shutdown = CancellationToken::new();
+    let request = StartSessionRequest::forwarding(WEB, 9000, None, "agent-bridge forward");
+    let pool = Pool {
+        max_sessions: 2,
+        ..Pool::default()
+    };
+    let forwarding = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(
+            async move { forward(&control, None, &request, listener, shutdown, pool).await },
+        )
+    };
+    // A first connection holds the first session; a second asks for another session, whose
+    // StartSession hangs.
+    let mut first = TcpStream::connect(local).await.expect("connect");
+    let _second = TcpStream::connect(local).await.expect("connect");
+    // Meanwhile the first session carries a whole download.
+    let request = [3u32.to_be_bytes(), 100_000u32.to_be_bytes()].concat();
+    first.write_all(&request).await.expect("request");
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), first.read_to_end(&mut received))
+        .await
+        .expect("the open session carries on while another one starts")
+        .expect("download");
+    assert!(received == pattern(3, 100_000));
+    assert_eq!(
+        emulator.session_reports().len(),
+        1,
+        "the second start still waits"
+    );
+    // Stopped while the second session starts: once it exists, it is terminated too.
+    shutdown.cancel();
+    gate.send_replace(true);
+    forwarding
+        .await
+        .expect("join")
+        .expect("forward ends cleanly");
+    all_sessions_ended(&emulator).await;
+}
+
 /// One HTTP request through `local`: the response.
 async fn http_get_through(local: SocketAddr, path: &str) -> String {
     let mut stream = TcpStream::connect(local).await.expect("connect");
