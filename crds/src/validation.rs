@@ -68,6 +68,13 @@ pub fn parse_session_access_policies(
     parse_stream(yaml)
 }
 
+/// Parses one or more `SessionAccessApproval` documents and validates each.
+pub fn parse_session_access_approvals(
+    yaml: &str,
+) -> Result<Vec<crate::SessionAccessApproval>, InvalidObject> {
+    parse_stream(yaml)
+}
+
 /// Validates a JSON value as a `SessionAccess`.
 pub fn validate_session_access(value: &Value) -> Result<SessionAccess, InvalidObject> {
     validate::<SessionAccess>(value)

@@ -5,8 +5,8 @@
 #![allow(clippy::panic)] // test helpers report failures by panicking
 
 use fleet_access_crds::validation::{
-    FieldError, InvalidObject, parse_session_access_policies, parse_session_accesses,
-    parse_session_preferences, validate_session_access,
+    FieldError, InvalidObject, parse_session_access_approvals, parse_session_access_policies,
+    parse_session_accesses, parse_session_preferences, validate_session_access,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -52,6 +52,8 @@ fn every_example_is_valid() {
             parse_session_preferences(&text).map(|v| v.len())
         } else if text.contains("kind: SessionAccessPolicy") {
             parse_session_access_policies(&text).map(|v| v.len())
+        } else if text.contains("kind: SessionAccessApproval") {
+            parse_session_access_approvals(&text).map(|v| v.len())
         } else {
             parse_session_accesses(&text).map(|v| v.len())
         };
