@@ -903,6 +903,23 @@ async fn seeded_download_server() -> SocketAddr {
     address
 }
 
+/// Asks [`seeded_download_server`] (through `stream`) for `length` bytes of `seed`'s pattern;
+/// what came until the end.
+async fn seeded_download(mut stream: TcpStream, seed: u32, length: u32) -> Vec<u8> {
+    let request = [seed.to_be_bytes(), length.to_be_bytes()].concat();
+    stream.write_all(&request).await.expect("request");
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).await.expect("download");
+    received
+}
+
+/// An emulator whose instance WEB has a [`seeded_download_server`] at port 9000.
+async fn with_seeded_downloads(sshd: &Sshd) -> Running {
+    let downloads = seeded_download_server().await;
+    let config = emulator_config(sshd, Mode::Fast, &[(WEB, 9000, downloads)]);
+    Emulator::start(config).await.expect("emulator starts")
+}
+
 /// `length` bytes of a xorshift sequence from `seed`.
 fn pattern(seed: u32, length: usize) -> Vec<u8> {
     let mut state = seed | 1;
@@ -921,14 +938,7 @@ async fn forward_spreads_parallel_downloads_over_a_pool_and_closes_idle_sessions
     const PARALLEL: u32 = 8;
     const LENGTH: u32 = 256 * 1024;
     let sshd = Sshd::start().await.expect("sshd");
-    let downloads = seeded_download_server().await;
-    let emulator = Emulator::start(emulator_config(
-        &sshd,
-        Mode::Fast,
-        &[(WEB, 9000, downloads)],
-    ))
-    .await
-    .expect("emulator starts");
+    let emulator = with_seeded_downloads(&sshd).await;
     let pool = Pool {
         max_sessions: 4,
         idle: Duration::from_millis(300),
@@ -945,13 +955,9 @@ async fn forward_spreads_parallel_downloads_over_a_pool_and_closes_idle_sessions
     for seed in 1..=PARALLEL {
         let mut released = released.clone();
         downloads.push(tokio::spawn(async move {
-            let mut stream = TcpStream::connect(local).await.expect("connect");
+            let stream = TcpStream::connect(local).await.expect("connect");
             released.wait_for(|r| *r).await.expect("released");
-            let request = [seed.to_be_bytes(), LENGTH.to_be_bytes()].concat();
-            stream.write_all(&request).await.expect("request");
-            let mut received = Vec::new();
-            stream.read_to_end(&mut received).await.expect("download");
-            (seed, received)
+            (seed, seeded_download(stream, seed, LENGTH).await)
         }));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -998,12 +1004,8 @@ async fn forward_spreads_parallel_downloads_over_a_pool_and_closes_idle_sessions
         "the first session stays: {primary:?}"
     );
     // It still carries connections.
-    let mut stream = TcpStream::connect(local).await.expect("connect");
-    let request = [7u32.to_be_bytes(), 1000u32.to_be_bytes()].concat();
-    stream.write_all(&request).await.expect("request");
-    let mut received = Vec::new();
-    stream.read_to_end(&mut received).await.expect("download");
-    assert!(received == pattern(7, 1000));
+    let stream = TcpStream::connect(local).await.expect("connect");
+    assert!(seeded_download(stream, 7, 1000).await == pattern(7, 1000));
     assert_eq!(
         emulator.session_reports().len(),
         4,
@@ -1062,14 +1064,7 @@ impl fleet_access_agent_bridge::ssm::ControlPlane for GatedStarts {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_start_of_a_pooled_session_stalls_no_open_session() {
     let sshd = Sshd::start().await.expect("sshd");
-    let downloads = seeded_download_server().await;
-    let emulator = Emulator::start(emulator_config(
-        &sshd,
-        Mode::Fast,
-        &[(WEB, 9000, downloads)],
-    ))
-    .await
-    .expect("emulator starts");
+    let emulator = with_seeded_downloads(&sshd).await;
     let (gate, gated) = tokio::sync::watch::channel(false);
     let control = GatedStarts {
         inner: control_plane(&emulator),
@@ -1092,16 +1087,13 @@ async fn a_slow_start_of_a_pooled_session_stalls_no_open_session() {
     };
     // A first connection holds the first session; a second asks for another session, whose
     // StartSession hangs.
-    let mut first = TcpStream::connect(local).await.expect("connect");
+    let first = TcpStream::connect(local).await.expect("connect");
     let _second = TcpStream::connect(local).await.expect("connect");
     // Meanwhile the first session carries a whole download.
-    let request = [3u32.to_be_bytes(), 100_000u32.to_be_bytes()].concat();
-    first.write_all(&request).await.expect("request");
-    let mut received = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), first.read_to_end(&mut received))
-        .await
-        .expect("the open session carries on while another one starts")
-        .expect("download");
+    let received =
+        tokio::time::timeout(Duration::from_secs(60), seeded_download(first, 3, 100_000))
+            .await
+            .expect("the open session carries on while another one starts");
     assert!(received == pattern(3, 100_000));
     assert_eq!(
         emulator.session_reports().len(),
