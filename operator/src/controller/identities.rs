@@ -197,11 +197,7 @@ async fn contributions_of(
                     Some(listed) => listed,
                     None => approvals.insert(observe::approvals(None, ctx).await?),
                 };
-                let of_namespace: Vec<SessionAccessApproval> = (approvals.iter())
-                    .filter(|a| a.namespace().as_deref() == Some(namespace.as_str()))
-                    .cloned()
-                    .collect();
-                approval::judge(grant, required, &of_namespace, now)
+                approval::judge(grant, required, approvals, now)
             }
         };
         if !verdict.allows() {

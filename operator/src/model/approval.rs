@@ -134,8 +134,9 @@ pub fn required_by(grant: &Grant<'_>, boundaries: &[SessionAccessPolicy]) -> Vec
         .collect()
 }
 
-/// Judges `grant`'s approvals (any of its namespace's; those of other grants are ignored),
-/// given the boundaries that require one (`required_by`).
+/// Judges `grant`'s approvals among `approvals` (only those in the grant's namespace that
+/// name it count: an approver's rights are per namespace), given the boundaries that require
+/// one (`required_by`).
 pub fn judge(
     grant: &SessionAccess,
     required_by: Vec<String>,
@@ -158,7 +159,9 @@ pub fn judge(
         return pending(Pending::RequesterUnknown);
     };
     let name = grant.name_any();
+    let namespace = grant.namespace();
     let of_grant: Vec<&SessionAccessApproval> = (approvals.iter())
+        .filter(|a| a.namespace() == namespace)
         .filter(|a| a.spec.grant.name == name && a.spec.grant.uid == uid)
         .collect();
     let (current, other): (Vec<_>, Vec<_>) =

@@ -204,6 +204,10 @@ fn no_approval_counts_from_the_requester_another_generation_or_another_grant() {
             }
         }
     );
+    // An approver of another namespace approves nothing here.
+    let mut elsewhere = approval("elsewhere", "bob", 3, "2026-12-06T10:00:00Z", None);
+    elsewhere.metadata.namespace = Some("team-b".into());
+    assert!(!judge(&g, required(), &[elsewhere], now).allows());
     let stale = approval("stale", "bob", 2, "2026-12-06T10:00:00Z", None);
     let mut recreated = approval("recreated", "bob", 3, "2026-12-06T10:00:00Z", None);
     recreated.spec.grant.uid = "another-uid".into();
