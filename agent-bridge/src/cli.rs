@@ -1,5 +1,6 @@
-//! The command line: `serve` (in cluster), `proxy` (ssh ProxyCommand) and `forward` (local port
-//! forwarding, `forward.rs`). Logs go to standard error: in `proxy` mode standard output is the SSH stream.
+//! The command line: `serve` (in cluster), `proxy` (ssh ProxyCommand), `forward` (local port
+//! forwarding, `forward.rs`) and `shell` (an interactive shell, `terminal.rs`). Logs go to
+//! standard error: in `proxy` mode standard output is the SSH stream.
 
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
@@ -20,6 +21,7 @@ use crate::{
     serve::{self, ServeConfig},
     ssm::{SdkControlPlane, StartSessionRequest},
     stream_url::StreamUrls,
+    terminal,
     tunnel::{Ending, SessionContext, UNMARKED_REASON, carry},
 };
 
@@ -42,6 +44,8 @@ enum Command {
     /// Forward a local port to a port on (or reachable from) an instance; many connections share
     /// one session.
     Forward(ForwardArgs),
+    /// An interactive shell on an instance (`~.` at the start of a line leaves it).
+    Shell(ShellArgs),
 }
 
 /// AWS settings shared by every mode.
@@ -160,10 +164,27 @@ struct ForwardArgs {
     idle_session_seconds: u64,
 }
 
+#[derive(clap::Args, Debug)]
+struct ShellArgs {
+    #[command(flatten)]
+    aws: AwsArgs,
+    /// The instance ID.
+    instance_id: String,
+    /// The shell document to start: a grant's own, with its logging preferences
+    /// (`fleet-access.<cluster>.<namespace>.<grant>-shell`, as `fleet-access-operator plan` and
+    /// the grant's status print it). By default the account's, SSM-SessionManagerRunShell.
+    #[arg(long)]
+    document: Option<String>,
+}
+
 impl Args {
     /// Runs the chosen mode.
     pub fn run(self) -> ExitCode {
-        init_tracing();
+        // A shell shares the person's terminal: only what needs their attention.
+        init_tracing(match self.command {
+            Command::Shell(_) => "warn",
+            _ => "info",
+        });
         select_crypto_provider();
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -180,6 +201,7 @@ impl Args {
                 Command::Serve(args) => run_serve(args).await,
                 Command::Proxy(args) => run_proxy(args).await,
                 Command::Forward(args) => run_forward(args).await,
+                Command::Shell(args) => run_shell(args).await,
             }
         });
         // Every mode has finished its work here (a tunnel returns once its local writes are
@@ -208,9 +230,9 @@ pub fn select_crypto_provider() {
 }
 
 /// Logs to standard error, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
+pub fn init_tracing(default: &str) {
     let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -368,6 +390,7 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         stdio,
         Instant::now(),
         shutdown_on_signal(),
+        None,
     )
     .await;
     let failure: anyhow::Error = match carried.ending {
@@ -387,6 +410,59 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         anyhow::bail!("{problem}");
     }
     Err(failure)
+}
+
+/// A shell: the person's keys (through the `~.` escape) and terminal size to the instance's
+/// shell, its output to standard output, the terminal raw meanwhile. Ends when the shell exits
+/// (or the service ends the session: then with the service's reason, as an error), on `~.`, or
+/// when standard input ends and the shell exits at the end-of-file that typed.
+async fn run_shell(args: ShellArgs) -> anyhow::Result<()> {
+    let sdk = load_aws(&args.aws).await;
+    let control = control_plane(&args.aws, &sdk);
+    let mut context = SessionContext::per_connection(
+        Arc::new(control.clone()),
+        upgrade_signer(&sdk),
+        Metrics::register(&Registry::new()).context("registering metrics")?,
+    );
+    context.driver.end_on_local_eof = false;
+    context.driver.session.shell = true;
+    let request = StartSessionRequest::shell(
+        &args.instance_id,
+        args.document.as_deref(),
+        "agent-bridge shell",
+    );
+    let stop = shutdown_on_signal();
+    let (keys, local_keys) = tokio::io::duplex(64 * 1024);
+    let typing = tokio::spawn(terminal::type_keys(keys, stop.clone()));
+    let sizes = terminal::sizes(stop.clone()).context("watching the terminal's size")?;
+    let raw = terminal::RawMode::enter().context("putting the terminal in raw mode")?;
+    let local = tokio::io::join(local_keys, tokio::io::stdout());
+    let carried = carry(
+        &context,
+        &request,
+        local,
+        Instant::now(),
+        stop.clone(),
+        sizes,
+    )
+    .await;
+    drop(raw);
+    stop.cancel();
+    typing.abort();
+    match carried.ending {
+        Ending::NotStarted(error) => Err(error.into()),
+        Ending::Failed(error) => Err(error.into()),
+        Ending::Terminated => {
+            eprintln!("\r\nagent-bridge: left the session");
+            Ok(())
+        }
+        _ => match carried.output.as_deref().map(str::trim) {
+            Some(output) if !output.is_empty() => {
+                anyhow::bail!("the session ended: {output}")
+            }
+            _ => Ok(()),
+        },
+    }
 }
 
 async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {

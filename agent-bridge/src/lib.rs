@@ -8,6 +8,7 @@
 //!              and its aws-sdk-ssm implementation
 //!  tunnel      one connection through one session, with metrics
 //!  forward     local port forwarding over a pool of sessions
+//!  terminal    `shell`'s terminal: raw mode, its size, the `~.` escape
 //!  listener, serve, replica   the in-cluster mode: endpoints from Services, admission, the
 //!              sweep of dead replicas' sessions
 //!  clients, audit   who each connection came from (its pod), and one record per connection
@@ -27,6 +28,7 @@ pub mod replica;
 pub mod serve;
 pub mod ssm;
 pub mod stream_url;
+pub mod terminal;
 pub mod tunnel;
 
 pub use fleet_access_crds::ssm_documents::SSH_DOCUMENT;

@@ -405,7 +405,7 @@ async fn accept_loop<C: ControlPlane + 'static>(
                     clients::reason(&context.reason, &record.client, &endpoint_for_task.grants);
                 let request = endpoint_for_task.start_request(&reason);
                 let (stream, counts) = Counted::new(stream);
-                let carried = carry(context, &request, stream, connected_at, stop).await;
+                let carried = carry(context, &request, stream, connected_at, stop, None).await;
                 match &carried.ending {
                     Ending::NotStarted(error) => warn!(%error, "connection not carried"),
                     Ending::Failed(error) => warn!(%error, "connection not carried to its end"),

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    driver::{DriverConfig, DriverError, Tunnel, signing::UpgradeSigner},
+    driver::{DriverConfig, DriverError, TerminalSize, Tunnel, signing::UpgradeSigner},
     metrics::{self, Metrics},
     protocol::{CloseCause, Stats},
     ssm::{ControlPlane, ControlPlaneError, StartSessionRequest},
@@ -117,12 +117,14 @@ pub struct Carried {
 
 /// Carries `connection` through a new session until either side closes it, `stop` fires, or a
 /// timeout ends it. `connected_at` is when the client connected (for the total setup time).
+/// A shell session's `terminal` gives the sizes of the person's terminal.
 pub async fn carry<C, L>(
     context: &SessionContext<C>,
     request: &StartSessionRequest,
     connection: L,
     connected_at: Instant,
     stop: CancellationToken,
+    terminal: Option<watch::Receiver<TerminalSize>>,
 ) -> Carried
 where
     C: ControlPlane,
@@ -170,12 +172,15 @@ where
         context.max_duration,
         stop.clone(),
     ));
-    let tunnel = Tunnel::new(
+    let mut tunnel = Tunnel::new(
         &*context.control,
         context.signer.as_deref(),
         context.driver.clone(),
     )
     .with_stats(stats_tx);
+    if let Some(sizes) = terminal {
+        tunnel = tunnel.with_terminal(sizes);
+    }
     let result = tunnel.run(target, incoming, stop.cancelled()).await;
     timers.abort();
     // A timer that fired has finished, and says which; an aborted one says nothing.

@@ -56,7 +56,7 @@ struct DemoArgs {
 
 fn main() -> std::process::ExitCode {
     let args = DemoArgs::parse();
-    init_tracing();
+    init_tracing("info");
     select_crypto_provider();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

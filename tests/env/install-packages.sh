@@ -7,8 +7,10 @@ set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
 # openssh-server: sshd; openssh-client: ssh, scp, ssh-keygen; prometheus: prometheus
-# and promtool; python3-venv: Debian's python3 with venv for moto.
-wanted=(openssh-server openssh-client prometheus openssl python3-venv ca-certificates)
+# and promtool; python3-venv: Debian's python3 with venv for moto; tmux: the real terminal the
+# shell sessions' tests type into (util-linux's `script`, which the SSM emulator runs as the agent
+# does, is essential on Debian).
+wanted=(openssh-server openssh-client prometheus openssl python3-venv ca-certificates tmux)
 missing=()
 for pkg in "${wanted[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then

@@ -1,6 +1,7 @@
 //! Fixtures that start real components for tests, on 127.0.0.1 only: a Kubernetes
 //! control plane (etcd + kube-apiserver), moto (AWS APIs), OpenSSH's sshd, Prometheus,
-//! the location of the official session-manager-plugin, and the workspace's own binaries.
+//! the location of the official session-manager-plugin, the workspace's own binaries, and a
+//! real terminal (tmux) to type into.
 //!
 //! Programs come from `tests/env/setup.sh` (see `tests/env/README.md`). Every process
 //! a fixture starts runs under `tests/env/supervise.sh`, which stops it when the test
@@ -23,6 +24,7 @@ pub mod process;
 pub mod prometheus;
 pub mod sshd;
 pub mod targets;
+pub mod terminal;
 
 pub use addresses::{RefusingAddress, own_loopback_address};
 pub use binaries::{workspace_binary, workspace_root};
@@ -36,3 +38,4 @@ pub use process::{SupervisedProcess, free_loopback_port, http_get, loopback};
 pub use prometheus::{Prometheus, Sample};
 pub use sshd::Sshd;
 pub use targets::GatedSink;
+pub use terminal::Terminal;

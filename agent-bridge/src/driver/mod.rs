@@ -219,12 +219,22 @@ pub struct Outcome {
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A terminal's size, for a shell session's Size payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalSize {
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
+}
+
 /// One tunnel: a control plane, an optional signer, and configuration.
 pub struct Tunnel<'a, C> {
     control: &'a C,
     signer: Option<&'a dyn UpgradeSigner>,
     config: DriverConfig,
     stats: Option<watch::Sender<Stats>>,
+    terminal: Option<watch::Receiver<TerminalSize>>,
 }
 
 impl<'a, C: ControlPlane> Tunnel<'a, C> {
@@ -240,7 +250,15 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             signer,
             config,
             stats: None,
+            terminal: None,
         }
+    }
+
+    /// A shell session's terminal: its size goes to the agent once the session opens and
+    /// again whenever it changes.
+    pub fn with_terminal(mut self, sizes: watch::Receiver<TerminalSize>) -> Self {
+        self.terminal = Some(sizes);
+        self
     }
 
     /// Publishes the session's [`Stats`] after every loop turn (for metrics).
@@ -289,8 +307,14 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
                 return Err(e);
             }
         };
+        let terminal = self.terminal.clone().map(|mut sizes| {
+            // The size as it is now goes out first.
+            sizes.mark_changed();
+            sizes
+        });
         let mut run = Run {
             tunnel: self,
+            terminal,
             session,
             ws,
             target,
@@ -436,6 +460,8 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
 /// The mutable state of one running tunnel.
 struct Run<'t, 'a, C, L> {
     tunnel: &'t Tunnel<'a, C>,
+    /// A shell session's terminal sizes.
+    terminal: Option<watch::Receiver<TerminalSize>>,
     session: Session,
     ws: Ws,
     target: StreamTarget,
@@ -473,6 +499,8 @@ enum Turn<L> {
     Local(Option<LocalInput>),
     Incoming(Option<L>),
     Unstalled(Option<mpsc::OwnedPermit<Bytes>>),
+    /// The terminal's size changed (false: it will not change any more).
+    Resized(bool),
 }
 
 impl<C: ControlPlane, L> Run<'_, '_, C, L>
@@ -509,6 +537,8 @@ where
                 .and_then(|(key, _)| self.conns.get(key))
                 .map(|c| c.writer.clone());
             let local_rx = self.local_rx.as_mut();
+            let sizes = self.terminal.as_mut().filter(|_| self.session.is_open());
+            let resizing = sizes.is_some();
             let turn = tokio::select! {
                 biased;
                 () = &mut shutdown, if !shutting_down => Turn::Shutdown,
@@ -519,6 +549,7 @@ where
                 permit = async { stalled_tx?.reserve_owned().await.ok() }, if self.stalled.is_some() => Turn::Unstalled(permit),
                 input = async { local_rx?.recv().await }, if take_local => Turn::Local(input),
                 conn = self.incoming.recv(), if accepting => Turn::Incoming(conn),
+                changed = async { sizes?.changed().await.ok() }, if resizing => Turn::Resized(changed.is_some()),
             };
             let now = Instant::now();
             match turn {
@@ -571,6 +602,18 @@ where
                             .is_err();
                     if lost && let Some(outcome) = self.transport_lost().await? {
                         return Ok(outcome);
+                    }
+                }
+                Turn::Resized(false) => self.terminal = None,
+                Turn::Resized(true) => {
+                    if let Some(sizes) = &mut self.terminal {
+                        let size = *sizes.borrow_and_update();
+                        let sent =
+                            self.session
+                                .send_terminal_size(now.into_std(), size.cols, size.rows);
+                        if let Err(e) = sent {
+                            debug!(error = %e, "terminal size not sent");
+                        }
                     }
                 }
                 Turn::Unstalled(permit) => {
@@ -660,6 +703,12 @@ where
     }
 
     fn local_eof(&mut self, now: Instant, key: u32) {
+        if self.tunnel.config.session.shell && self.conns.contains_key(&key) {
+            // A shell's output goes on after its input ends: the session types the terminal's
+            // end-of-file, and the shell ends the session when it exits.
+            let _ = self.session.disconnect_local(now.into_std());
+            return;
+        }
         if self.conns.remove(&key).is_none() {
             return;
         }
@@ -685,6 +734,12 @@ where
 
     /// The local writer went away (the client closed its end).
     fn local_gone(&mut self, now: Instant, key: u32) {
+        if self.tunnel.config.session.shell {
+            // Nobody sees the shell's output any more.
+            self.conns.remove(&key);
+            self.session.terminate(now.into_std());
+            return;
+        }
         self.local_eof(now, key);
     }
 

@@ -79,6 +79,11 @@ pub struct Config {
     pub messages_per_second: u32,
     /// Sequenced messages back to back at most; see [`pacer::DEFAULT_BURST`].
     pub burst: u32,
+    /// The session runs a shell (a Standard_Stream document): the agent's shell plugin takes
+    /// Output and Size payloads and ignores flags, so the end of local input is typed as the
+    /// terminal's end-of-file (^D) and [`Session::terminate`](super::Session::terminate) sends
+    /// no flag. Default false (Port sessions).
+    pub shell: bool,
 }
 
 impl Default for Config {
@@ -98,6 +103,7 @@ impl Default for Config {
             client_version: handshake::CLIENT_VERSION.to_owned(),
             messages_per_second: pacer::DEFAULT_MESSAGES_PER_SECOND,
             burst: pacer::DEFAULT_BURST,
+            shell: false,
         }
     }
 }

@@ -127,6 +127,9 @@ pub enum SessionError {
     /// All 2^31 client stream ids were used; open a new session.
     #[error("smux stream ids exhausted")]
     StreamIdsExhausted,
+    /// Terminal sizes are for shell sessions ([`Config::shell`]).
+    #[error("not a shell session")]
+    NotShell,
     /// The send window is full; retry when [`Session::send_capacity`] is non-zero.
     #[error("send window full")]
     WouldBlock,

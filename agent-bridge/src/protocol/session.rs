@@ -31,6 +31,9 @@ use super::smux::{MuxClient, MuxEvent, OpenError, StreamId};
 pub use super::config::*;
 pub use super::events::*;
 
+/// What a terminal sends for ^D: end of file, at the start of a line.
+const END_OF_FILE: u8 = 0x04;
+
 // === Session ===
 
 /// Private lifecycle; see the module diagram.
@@ -245,14 +248,38 @@ impl Session {
     }
 
     /// Basic mode: the local connection ended; sends DisconnectToPort so the agent closes its
-    /// side and re-dials on the next data.
+    /// side and re-dials on the next data. In a shell session ([`Config::shell`]) it types the
+    /// terminal's end-of-file (^D) instead, as a terminal would: the shell reads it as the end
+    /// of its input and exits, which ends the session.
     pub fn disconnect_local(&mut self, now: Instant) -> Result<(), SessionError> {
         self.require_mode(ForwardingMode::Basic)?;
+        if self.config.shell {
+            self.push_output(&[END_OF_FILE]);
+            self.cut_output(now, true);
+            return Ok(());
+        }
         self.push_sequenced(
             now,
             PayloadType::Flag,
             PortFlag::DisconnectToPort.to_payload(),
         );
+        Ok(())
+    }
+
+    /// A shell session ([`Config::shell`]): sends the terminal's size as a Size payload
+    /// (`{"cols": …, "rows": …}`), in sequence with the keystrokes around it.
+    pub fn send_terminal_size(
+        &mut self,
+        now: Instant,
+        cols: u16,
+        rows: u16,
+    ) -> Result<(), SessionError> {
+        self.require_mode(ForwardingMode::Basic)?;
+        if !self.config.shell {
+            return Err(SessionError::NotShell);
+        }
+        let size = serde_json::json!({"cols": cols, "rows": rows}).to_string();
+        self.push_sequenced(now, PayloadType::Size, Bytes::from(size));
         Ok(())
     }
 
@@ -307,10 +334,12 @@ impl Session {
     /// understands it and waits up to [`Config::close_linger`] for `channel_closed`; otherwise
     /// closes at once. Either way the caller should also call the TerminateSession API.
     pub fn terminate(&mut self, now: Instant) {
-        let flag_ok = self
-            .info
-            .as_ref()
-            .is_some_and(|i| i.terminate_flag_supported);
+        // The agent's shell plugin ignores flags: a shell ends by the API alone.
+        let flag_ok = !self.config.shell
+            && self
+                .info
+                .as_ref()
+                .is_some_and(|i| i.terminate_flag_supported);
         match self.state {
             State::Open if flag_ok => {
                 self.push_sequenced(

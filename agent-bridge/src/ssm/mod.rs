@@ -84,6 +84,17 @@ impl StartSessionRequest {
         }
     }
 
+    /// A shell session on `target` with the shell document `document` (`None`: the account's
+    /// default, `SSM-SessionManagerRunShell`).
+    pub fn shell(target: &str, document: Option<&str>, reason: &str) -> Self {
+        Self {
+            target: target.to_owned(),
+            document_name: document.map(str::to_owned),
+            parameters: Default::default(),
+            reason: Some(reason.to_owned()),
+        }
+    }
+
     /// A port forwarding session to `port` on `target` itself or, with `host`, on a host the
     /// instance reaches.
     pub fn forwarding(target: &str, port: u16, host: Option<&str>, reason: &str) -> Self {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::{Agent, AgentInput};
 use crate::documents::{self, builtin_document};
-use crate::registry::{PortProperties, SessionEntry, SessionInfo, Shared, lock};
+use crate::registry::{SessionEntry, SessionInfo, SessionKind, Shared, lock};
 use crate::report::SessionReport;
 
 const JSON: &str = "application/x-amz-json-1.1";
@@ -192,16 +192,15 @@ async fn call_upstream(
 
 // === StartSession and documents ===
 
-/// Fetches a custom document from the upstream (moto) and resolves it for StartSession.
-async fn custom_document(
+/// Fetches a custom document from the upstream (moto): `None` when it has none of that name
+/// (or there is no upstream).
+async fn fetch_document(
     shared: &Shared,
     headers: &HeaderMap,
     name: &str,
-    params: &Value,
-) -> Result<PortProperties, ApiError> {
-    let invalid = || ApiError::new("InvalidDocument", format!("document {name} does not exist"));
+) -> Result<Option<Value>, ApiError> {
     let Some(upstream) = &shared.config.upstream else {
-        return Err(invalid());
+        return Ok(None);
     };
     let mut h = HeaderMap::new();
     h.insert(
@@ -225,16 +224,45 @@ async fn custom_document(
         .await
         .map_err(|e| ApiError::new("InternalServerError", e))?;
     if resp.status() != StatusCode::OK {
-        return Err(invalid());
+        return Ok(None);
     }
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|_| invalid())?
+        .map_err(|e| ApiError::new("InternalServerError", e.to_string()))?
         .to_bytes();
-    let doc: Value = serde_json::from_slice(&body).map_err(|_| invalid())?;
-    documents::resolve(name, doc, params)
+    Ok(serde_json::from_slice(&body).ok())
+}
+
+/// What a document StartSession names runs: AWS's Port documents as SSM defines them, the
+/// account's shell document (its own `SSM-SessionManagerRunShell` where the upstream has one,
+/// else the default: no logging), or a custom document from the upstream.
+async fn session_kind(
+    shared: &Shared,
+    headers: &HeaderMap,
+    document: &str,
+    params: &Value,
+) -> Result<SessionKind, ApiError> {
+    if let Some(port) = builtin_document(document, params) {
+        return port.map(SessionKind::Port);
+    }
+    if document.starts_with("AWS-StartInteractiveCommand")
+        || document.starts_with("AWS-StartNonInteractiveCommand")
+    {
+        return Err(ApiError::new(
+            "InvalidDocument",
+            format!("{document}: command sessions are not emulated; use a shell or Port document"),
+        ));
+    }
+    match fetch_document(shared, headers, document).await? {
+        Some(doc) => documents::resolve(document, doc, params),
+        None if document == DEFAULT_DOCUMENT => Ok(documents::default_shell()),
+        None => Err(ApiError::new(
+            "InvalidDocument",
+            format!("document {document} does not exist"),
+        )),
+    }
 }
 
 /// The access key ID of a SigV4-signed request (`Credential=<key>/<date>/...`), unverified.
@@ -302,19 +330,7 @@ async fn start_session(
             "1 validation error detected: Value at 'reason' failed to satisfy constraint: Member must satisfy regular expression pattern: ^.{1,256}$",
         ));
     }
-    let properties = match builtin_document(document, &params) {
-        Some(r) => r?,
-        None if document == DEFAULT_DOCUMENT
-            || document.starts_with("AWS-StartInteractiveCommand")
-            || document.starts_with("AWS-StartNonInteractiveCommand") =>
-        {
-            return Err(ApiError::new(
-                "InvalidDocument",
-                format!("{document}: shell sessions are not emulated; use a Port document"),
-            ));
-        }
-        None => custom_document(shared, headers, document, &params).await?,
-    };
+    let kind = session_kind(shared, headers, document, &params).await?;
     let registered =
         caller_access_key(headers).and_then(|key| lock(&shared.owners).get(&key).cloned());
     // AWS names a session after its caller: the user, or the role session.
@@ -341,7 +357,7 @@ async fn start_session(
             .get("Reason")
             .and_then(Value::as_str)
             .map(str::to_owned),
-        properties,
+        kind,
         faults: shared.faults_for(&instance),
         instance,
     });

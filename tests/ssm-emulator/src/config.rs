@@ -49,6 +49,9 @@ pub struct Config {
     /// Session ends after this long without data in either direction (counted from the end
     /// of the handshake).
     pub idle_timeout_ms: u64,
+    /// How long one minute of a shell document's `idleSessionTimeout` and
+    /// `maxSessionDuration` lasts (60,000; tests shorten it).
+    pub session_minute_ms: u64,
     /// A detached session (no WebSocket) ends after this long without a resume.
     pub reconnect_timeout_ms: u64,
     /// Gateway limit on client stream messages per second (realistic mode).
@@ -136,6 +139,7 @@ impl Default for Config {
             open_timeout_ms: 10_000,
             handshake_timeout_ms: 15_000,
             idle_timeout_ms: 20 * 60 * 1000,
+            session_minute_ms: 60_000,
             reconnect_timeout_ms: 60_000,
             rate_limit_per_second: 1000,
             smux_keepalive_interval_ms: 10_000,

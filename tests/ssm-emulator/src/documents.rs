@@ -1,15 +1,16 @@
 //! What a session document means to StartSession, as SSM decides it before any agent is
 //! involved: AWS's Port documents (`AWS-StartSSHSession`, `AWS-StartPortForwardingSession`,
 //! `AWS-StartPortForwardingSessionToRemoteHost`) and custom documents (fetched from the upstream
-//! by `api`), their parameters against their definitions, and the properties handed to the
-//! agent. Pure: no I/O.
+//! by `api`): Port documents, their parameters against their definitions and the properties
+//! handed to the agent; Standard_Stream (shell) documents and their inputs. Pure: no I/O.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
 
 use crate::api::ApiError;
-use crate::registry::PortProperties;
+use crate::registry::{PortProperties, SessionKind};
+use crate::shell::ShellInputs;
 
 /// The first value of parameter `name`: SSM takes each as a list.
 fn first_param(params: &Value, name: &str) -> Option<String> {
@@ -131,9 +132,10 @@ fn substitute(template: &str, values: &HashMap<String, String>) -> String {
 }
 
 /// Resolves a custom document, as GetDocument returned it (`Content`, `DocumentType`), for a
-/// StartSession with `params`: a Session document of type Port, every given parameter defined,
-/// every defined one given or defaulted and satisfying its definition.
-pub(crate) fn resolve(name: &str, doc: Value, params: &Value) -> Result<PortProperties, ApiError> {
+/// StartSession with `params`: a Session document of type Port or Standard_Stream, every given
+/// parameter defined, every defined one given or defaulted and satisfying its definition; a
+/// shell document's inputs as the agent reads them.
+pub(crate) fn resolve(name: &str, doc: Value, params: &Value) -> Result<SessionKind, ApiError> {
     let invalid = || ApiError::new("InvalidDocument", format!("document {name} does not exist"));
     let content = doc
         .get("Content")
@@ -148,11 +150,13 @@ pub(crate) fn resolve(name: &str, doc: Value, params: &Value) -> Result<PortProp
             format!("document {name} is a {kind} document; StartSession needs a Session document"),
         ));
     }
-    if content.get("sessionType").and_then(Value::as_str) != Some("Port") {
+    let session_type = content.get("sessionType").and_then(Value::as_str);
+    if !matches!(session_type, Some("Port" | "Standard_Stream")) {
         return Err(ApiError::new(
             "InvalidDocument",
             format!(
-                "document {name} is not a Port session document; the emulator only runs Port sessions"
+                "document {name} has sessionType {}; the emulator runs Port and Standard_Stream sessions",
+                session_type.unwrap_or("(none)")
             ),
         ));
     }
@@ -185,6 +189,9 @@ pub(crate) fn resolve(name: &str, doc: Value, params: &Value) -> Result<PortProp
         check_parameter(name, k, definition, &value)?;
         values.insert(k.clone(), value);
     }
+    if session_type == Some("Standard_Stream") {
+        return shell_inputs(name, &content, &values).map(SessionKind::Shell);
+    }
     let mut json = serde_json::Map::new();
     if let Some(props) = content.get("properties").and_then(Value::as_object) {
         for (k, v) in props {
@@ -203,12 +210,36 @@ pub(crate) fn resolve(name: &str, doc: Value, params: &Value) -> Result<PortProp
     let port = parse_port("portNumber", &port_text)?;
     let host = json.get("host").and_then(Value::as_str).map(str::to_owned);
     let lpf = json.get("type").and_then(Value::as_str) == Some("LocalPortForwarding");
-    Ok(PortProperties {
+    Ok(SessionKind::Port(PortProperties {
         json,
         port,
         host,
         local_port_forwarding: lpf,
-    })
+    }))
+}
+
+/// A shell document's inputs, its parameters substituted into their strings, as the agent
+/// reads them; inputs it would refuse make the document invalid.
+pub(crate) fn shell_inputs(
+    name: &str,
+    content: &Value,
+    values: &HashMap<String, String>,
+) -> Result<ShellInputs, ApiError> {
+    let mut content = content.clone();
+    if let Some(inputs) = content.get_mut("inputs").and_then(Value::as_object_mut) {
+        for v in inputs.values_mut() {
+            if let Value::String(s) = v {
+                *s = substitute(s, values);
+            }
+        }
+    }
+    ShellInputs::from_document(&content)
+        .map_err(|e| ApiError::new("InvalidDocument", format!("document {name}: {e}")))
+}
+
+/// The account's default shell document when it has none of its own: no logging, no runAs.
+pub(crate) fn default_shell() -> SessionKind {
+    SessionKind::Shell(ShellInputs::default())
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ mod port;
 mod registry;
 pub mod report;
 mod server;
+mod shell;
 pub mod smux;
 mod tls;
 pub mod version;

@@ -73,7 +73,7 @@ impl TransportBuffer {
     }
 
     /// Waits until `n` bytes fit; `None` once the agent is gone.
-    async fn reserve(&self, n: usize) -> Option<InTransit> {
+    pub(crate) async fn reserve(&self, n: usize) -> Option<InTransit> {
         let n = u32::try_from(n).ok()?;
         self.0.clone().acquire_many_owned(n).await.ok()
     }
@@ -133,6 +133,13 @@ impl TargetBacklog {
 pub(crate) struct ToTarget {
     data: Vec<u8>,
     backlog: TargetBacklog,
+}
+
+impl ToTarget {
+    /// The client's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 impl Drop for ToTarget {

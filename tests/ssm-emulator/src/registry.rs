@@ -28,6 +28,15 @@ pub(crate) struct PortProperties {
     pub(crate) local_port_forwarding: bool,
 }
 
+/// What runs behind a session, as its document says.
+#[derive(Debug, Clone)]
+pub(crate) enum SessionKind {
+    /// A Port session: forwarding to a port of the instance or a remote host.
+    Port(PortProperties),
+    /// A Standard_Stream session: a shell.
+    Shell(crate::shell::ShellInputs),
+}
+
 /// What a session is, fixed at StartSession.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionInfo {
@@ -35,9 +44,19 @@ pub(crate) struct SessionInfo {
     pub(crate) document_name: String,
     pub(crate) owner: String,
     pub(crate) reason: Option<String>,
-    pub(crate) properties: PortProperties,
+    pub(crate) kind: SessionKind,
     pub(crate) instance: InstanceConfig,
     pub(crate) faults: Faults,
+}
+
+impl SessionInfo {
+    /// A Port session's properties.
+    pub(crate) fn port(&self) -> Option<&PortProperties> {
+        match &self.kind {
+            SessionKind::Port(p) => Some(p),
+            SessionKind::Shell(_) => None,
+        }
+    }
 }
 
 pub(crate) struct SessionEntry {

@@ -46,6 +46,19 @@ pub enum Transfer {
     Basic,
     /// smux v1 streams.
     Mux,
+    /// A shell on a pseudo-terminal (a Standard_Stream session).
+    Shell,
+}
+
+/// Where a shell session's transcript went.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TranscriptReport {
+    /// CloudWatch Logs events put in the session's log stream (streamed or at the end).
+    pub cloud_watch_events: u64,
+    /// The S3 object written, as `bucket/key`.
+    pub s3_object: Option<String>,
+    /// What the agent skipped or failed, in its words (a missing log group, a failed upload).
+    pub notes: Vec<String>,
 }
 
 /// One protocol violation by a client.
@@ -141,6 +154,14 @@ pub struct SessionReport {
     pub client_frames_on_replaced_connections: u64,
     /// What the fault injection actually did to this session.
     pub injected: InjectedFaults,
+    /// Shell sessions: the user the shell runs as (the emulator runs it as itself: see
+    /// `docs/protocol.md`).
+    pub run_as_user: Option<String>,
+    /// Shell sessions: the terminal sizes the client's Size payloads set, in order.
+    pub terminal_sizes: Vec<(u32, u32)>,
+    /// Shell sessions that keep a transcript: where it went, once it has (before the session
+    /// ends for good).
+    pub transcript: Option<TranscriptReport>,
 }
 
 /// What the configured [`Faults`] did to one session, counted where they happen: each counter
@@ -346,6 +367,9 @@ impl SessionReport {
             client_frames_after_end: 0,
             client_frames_on_replaced_connections: 0,
             injected: InjectedFaults::default(),
+            run_as_user: None,
+            terminal_sizes: Vec::new(),
+            transcript: None,
         }
     }
 }

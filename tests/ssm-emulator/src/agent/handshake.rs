@@ -32,7 +32,7 @@ impl Agent {
                 action_type: "SessionType".to_owned(),
                 action_parameters: serde_json::json!({
                     "SessionType": "Port",
-                    "Properties": self.info.properties.json,
+                    "Properties": self.info.port().map(|p| p.json.clone()),
                 }),
             }],
         };
@@ -53,6 +53,7 @@ impl Agent {
             PortState::None => false,
             PortState::Basic(b) => !matches!(b.state, BasicState::Dialing),
             PortState::Mux(mx) => mx.ready,
+            PortState::Shell(shell) => shell.input.is_some(),
         }
     }
 
@@ -75,6 +76,18 @@ impl Agent {
                     return Processed::Done;
                 }
                 self.on_output(&m.payload)
+            }
+            payload_type::SIZE if matches!(self.info.kind, SessionKind::Shell(_)) => {
+                self.shell_size(m)
+            }
+            payload_type::FLAG if matches!(self.info.kind, SessionKind::Shell(_)) => {
+                // The shell plugin acknowledges flags and ignores them: a client that ends a
+                // shell with one waits for an end that never comes.
+                self.violation(format!(
+                    "Flag (seq {}) in a Standard_Stream session: the shell plugin ignores flags; end the session with TerminateSession",
+                    m.sequence_number
+                ));
+                Processed::Done
             }
             payload_type::FLAG => {
                 if !self.handshake_done() {
@@ -157,7 +170,7 @@ impl Agent {
         let mux = version::agent_uses_mux(
             &agent_version,
             &client_version,
-            self.info.properties.local_port_forwarding,
+            self.info.port().is_some_and(|p| p.local_port_forwarding),
         );
         let keepalive = mux && version::agent_smux_keepalive(&agent_version, &client_version);
         self.set_transfer(if mux { Transfer::Mux } else { Transfer::Basic });
@@ -203,7 +216,7 @@ impl Agent {
                 if self.is_closing() {
                     return;
                 }
-                if !self.info.properties.local_port_forwarding {
+                if !self.info.port().is_some_and(|p| p.local_port_forwarding) {
                     // An SSH session's agent closes the connection, its read fails, and the
                     // session fails: there is no reconnecting.
                     self.end(

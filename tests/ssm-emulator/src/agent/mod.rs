@@ -16,6 +16,7 @@
 //!  reliability.rs  sending, retransmitting, receiving, acks and their strict checks
 //!  handshake.rs    the handshake, its version gates, flags
 //!  ports.rs        basic and mux forwarding to the targets, smux checks
+//!  shell.rs        a Standard_Stream session: the shell's terminal, its end after the transcript
 //!  timers.rs       every timeout as a deadline; the task sleeps until the earliest
 //!  faults.rs       fault injection
 //! ```
@@ -37,7 +38,7 @@ use crate::message::{
 use crate::port::{
     self, InTransit, MuxPlumbing, PortEvent, StreamInput, TargetBacklog, ToTarget, TransportBuffer,
 };
-use crate::registry::{SessionInfo, Shared, lock};
+use crate::registry::{SessionInfo, SessionKind, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport, SessionStatus, Transfer};
 use crate::smux;
 use crate::version;
@@ -46,6 +47,7 @@ mod faults;
 mod handshake;
 mod ports;
 mod reliability;
+mod shell;
 #[cfg(test)]
 mod tests;
 mod timers;
@@ -79,6 +81,8 @@ pub(crate) enum AgentInput {
     Inject(Injection),
     /// From the port tasks.
     Port(PortEvent),
+    /// From a shell session's task.
+    Shell(crate::shell::process::ShellEvent),
 }
 
 /// One-shot faults a test can trigger on a live session.
@@ -224,6 +228,7 @@ enum PortState {
     None,
     Basic(BasicPort),
     Mux(MuxPort),
+    Shell(shell::ShellPort),
 }
 
 /// The client's smux byte stream as the strict checks see it. Kept after the session has
@@ -335,6 +340,13 @@ pub(crate) struct Agent {
     ending: Option<Drain>,
     /// The status the session ended with, once `channel_closed` went out.
     finished: Option<SessionStatus>,
+    /// When the client first attached (a shell's maximum duration counts from it).
+    started: Option<Instant>,
+    /// A shell session's transcript has yet to go where its document says: the session is
+    /// not over before it has.
+    transcript_pending: bool,
+    /// The shell exited by itself: the session ends once its transcript is uploaded.
+    shell_exited: bool,
 }
 
 impl Agent {
@@ -387,6 +399,9 @@ impl Agent {
             resend_checked: None,
             ending: None,
             finished: None,
+            started: None,
+            transcript_pending: false,
+            shell_exited: false,
         }
     }
 
@@ -415,7 +430,10 @@ impl Agent {
 
     /// Finished, and no connection can deliver another client frame.
     fn is_over(&self) -> bool {
-        self.finished.is_some() && self.connections.is_empty() && self.held.is_empty()
+        self.finished.is_some()
+            && self.connections.is_empty()
+            && self.held.is_empty()
+            && !self.transcript_pending
     }
 
     /// The agent's receive path is blocked: it processes client frames synchronously and
@@ -427,7 +445,7 @@ impl Agent {
         let limit = match &self.port {
             _ if self.finished.is_some() => return false,
             PortState::Mux(_) => MUX_RECEIVE_BUFFER,
-            PortState::Basic(_) => BASIC_WRITE_BUFFER,
+            PortState::Basic(_) | PortState::Shell(_) => BASIC_WRITE_BUFFER,
             PortState::None => return false,
         };
         self.target_backlog.bytes() > limit
@@ -500,6 +518,7 @@ impl Agent {
                 self.to_client(ToClient::Inject(i));
             }
             AgentInput::Port(event) => self.on_port_event(event),
+            AgentInput::Shell(event) => self.on_shell_event(event),
         }
     }
 
@@ -526,7 +545,11 @@ impl Agent {
             out.client_frames_mark = None;
         }
         if self.handshake == Handshake::NotStarted {
-            self.start_handshake();
+            self.started = Some(Instant::now());
+            match self.info.kind {
+                SessionKind::Port(_) => self.start_handshake(),
+                SessionKind::Shell(_) => self.start_shell(),
+            }
         }
         self.flush_unsent();
     }
@@ -621,7 +644,7 @@ impl Agent {
             r.unacked_at_close = self.unacked.len() as u64;
             tracing::debug!(session = %self.info.id, report = ?*r, "session report");
         }
-        let output = if status == SessionStatus::Failed || reason.starts_with("Session idle") {
+        let output = if status == SessionStatus::Failed || reason.starts_with("Session ") {
             reason
         } else {
             String::new()
@@ -671,7 +694,8 @@ impl Agent {
                     t.abort();
                 }
             }
-            PortState::None => {}
+            // Dropping its input cancels the shell; its task still uploads the transcript.
+            PortState::Shell(_) | PortState::None => {}
         }
         self.outbound = None;
         self.conn_id = None;

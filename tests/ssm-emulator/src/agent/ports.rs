@@ -5,7 +5,7 @@ use super::*;
 
 impl Agent {
     pub(super) fn target(&self) -> Option<std::net::SocketAddr> {
-        let p = &self.info.properties;
+        let p = self.info.port()?;
         self.info.instance.resolve(self.remote_host(), p.port)
     }
 
@@ -15,7 +15,7 @@ impl Agent {
     fn remote_host(&self) -> Option<&str> {
         let host = self
             .info
-            .properties
+            .port()?
             .host
             .as_deref()
             .filter(|h| !h.is_empty())?;
@@ -99,8 +99,11 @@ impl Agent {
             self.on_smux_bytes(data);
             return Processed::Done;
         }
+        if matches!(self.port, PortState::Shell(_)) {
+            return self.shell_keys(data);
+        }
         let delivery = match &mut self.port {
-            PortState::None => Delivery::NotReady,
+            PortState::None | PortState::Shell(_) => Delivery::NotReady,
             PortState::Basic(b) => match &b.state {
                 BasicState::Up { writer } => {
                     let _ = writer.send(self.target_backlog.hold(data.to_vec()));
@@ -304,7 +307,8 @@ impl Agent {
                 }
             }
             PortEvent::BasicClosed { generation } => {
-                let local_port_forwarding = self.info.properties.local_port_forwarding;
+                let local_port_forwarding =
+                    self.info.port().is_some_and(|p| p.local_port_forwarding);
                 if let Some(b) = self.basic_port(generation) {
                     if local_port_forwarding {
                         b.state = BasicState::Idle;

@@ -4,7 +4,7 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::config::InstanceConfig;
-use crate::registry::{PortProperties, SessionEntry};
+use crate::registry::{PortProperties, SessionEntry, SessionKind};
 
 #[test]
 fn rto_follows_jacobson_karels_and_is_capped() {
@@ -45,12 +45,12 @@ impl Harness {
             document_name: "AWS-StartSSHSession".to_owned(),
             owner: "test".to_owned(),
             reason: None,
-            properties: PortProperties {
+            kind: SessionKind::Port(PortProperties {
                 json,
                 port: 22,
                 host: None,
                 local_port_forwarding: false,
-            },
+            }),
             instance: InstanceConfig::new("i-0123456789abcdef0"),
             faults: Faults::default(),
         });

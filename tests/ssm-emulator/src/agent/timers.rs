@@ -80,8 +80,10 @@ impl Agent {
             )));
         }
         if self.handshake_done() {
-            let idle = Config::duration(config.idle_timeout_ms);
-            deadlines.push(Some(past(self.last_activity, idle)));
+            deadlines.push(Some(past(self.last_activity, self.idle_limit())));
+        }
+        if let (Some(started), (_, Some(max))) = (self.started, self.shell_limits()) {
+            deadlines.push(Some(past(started, max)));
         }
         if let Some(since) = self.gap_since
             && !self.gap_reported
@@ -98,6 +100,14 @@ impl Agent {
             deadlines.push(Some(past(mx.last_rx, timeout)));
         }
         deadlines.into_iter().flatten().min()
+    }
+
+    /// How long the session may go without activity: a shell document's idleSessionTimeout,
+    /// else the emulator's.
+    fn idle_limit(&self) -> Duration {
+        self.shell_limits()
+            .0
+            .unwrap_or_else(|| Config::duration(self.shared.config.idle_timeout_ms))
     }
 
     pub(super) fn on_tick(&mut self, now: Instant) {
@@ -135,10 +145,18 @@ impl Agent {
             );
             return;
         }
-        // While the handshake runs, its own timeout applies.
-        if self.handshake_done()
-            && now.duration_since(self.last_activity) > Config::duration(config.idle_timeout_ms)
+        if let (Some(started), (_, Some(max))) = (self.started, self.shell_limits())
+            && now.duration_since(started) > max
         {
+            self.end(
+                SessionStatus::Terminated,
+                "Session max duration reached".to_owned(),
+                false,
+            );
+            return;
+        }
+        // While the handshake runs, its own timeout applies.
+        if self.handshake_done() && now.duration_since(self.last_activity) > self.idle_limit() {
             self.end(
                 SessionStatus::Terminated,
                 "Session idle timeout".to_owned(),
