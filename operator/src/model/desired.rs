@@ -92,7 +92,7 @@ pub struct Connection {
     pub host: Option<String>,
     /// The port on the instance, or on the remote host.
     pub port: u16,
-    /// With fleet-access's own client, `agent-bridge` (none for shells yet).
+    /// With fleet-access's own client, `agent-bridge`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_bridge: Option<String>,
     /// With the AWS CLI and the session-manager-plugin.
@@ -392,7 +392,10 @@ fn connections(
                 document: document.name.clone(),
                 host: None,
                 port: 0,
-                agent_bridge: None,
+                agent_bridge: Some(format!(
+                    "agent-bridge shell {target} --document {}",
+                    document.name
+                )),
                 aws_cli: aws_cli(&document.name, ""),
             },
         });

@@ -494,3 +494,73 @@ async fn the_official_plugin_waits_out_an_agent_stalled_by_its_target() {
     assert!(report.receive_stalls >= 1, "{report:?}");
     let _ = std::fs::remove_dir_all(&forwarding.dir);
 }
+
+/// A shell session (the account's default document) through the official plugin in a real
+/// terminal: what is typed runs, the window's size follows it, and `exit` ends the session,
+/// with no violation: the emulator's shell is what the plugin expects of the agent's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_through_the_official_plugin() {
+    let plugin = plugin();
+    let mut config = Config {
+        mode: Mode::Realistic,
+        ..Config::default()
+    };
+    config.instances.push(InstanceConfig::new(INSTANCE));
+    let running = Emulator::start(config).await.expect("emulator");
+    let ssm = ssm_client(&running.endpoint_url());
+    let (started, response, request) =
+        start(&ssm, "SSM-SessionManagerRunShell", serde_json::json!({})).await;
+    let home = tempfile_dir();
+    let mut argv = vec![plugin.display().to_string()];
+    argv.extend(cli_args(&response, &request, &running.endpoint_url()));
+    let home_text = home.display().to_string();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIATESTEMULATOR"),
+        ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ("AWS_REGION", REGION),
+        ("SSM_PLUGIN_SKIP_CLIENT_CONFIGURE", "true"),
+        ("HOME", home_text.as_str()),
+    ];
+    let terminal = fleet_access_tests::Terminal::start(&argv, &env, 100, 30).expect("tmux");
+    let typed = |command: &str| {
+        terminal.type_text(command).expect("typed");
+        terminal.press("Enter").expect("typed");
+    };
+    let shows = |expected: &'static str| {
+        let terminal = &terminal;
+        async move {
+            terminal
+                .wait_for_screen(TEST_TIMEOUT, |s| s.contains(expected))
+                .await
+                .unwrap_or_else(|screen| panic!("{expected:?} never appeared:\n{screen}"))
+        }
+    };
+    typed("echo plugin-$((2*3))");
+    shows("plugin-6").await;
+    typed("stty size");
+    shows("30 100").await;
+    terminal.resize(120, 40).expect("resized");
+    let resized = running
+        .wait_for_report(TEST_TIMEOUT, |r| r.terminal_sizes.contains(&(120, 40)))
+        .await;
+    assert!(
+        resized.is_some(),
+        "{:?}",
+        running.session_report(&started.session_id)
+    );
+    typed("stty size");
+    shows("40 120").await;
+    typed("exit");
+    let status = terminal.wait_for_exit(TEST_TIMEOUT).await;
+    assert_eq!(status, Some(0), "{:?}", terminal.screen());
+    let report = assert_clean(&running, &started.session_id).await;
+    assert_eq!(report.status, SessionStatus::Terminated, "{report:?}");
+    assert_eq!(report.close_reason.as_deref(), Some("the shell exited"));
+    assert_eq!(report.transfer, Some(Transfer::Shell));
+    assert_eq!(
+        report.terminal_sizes.first(),
+        Some(&(100, 30)),
+        "{report:?}"
+    );
+    let _ = std::fs::remove_dir_all(&home);
+}

@@ -30,6 +30,8 @@ const CLIENT_VERSION: &str = "1.2.764.0";
 const SSH: &str = "AWS-StartSSHSession";
 /// Mux mode, port 80 (an echo target).
 const FORWARD: &str = "AWS-StartPortForwardingSession";
+/// A shell: the account's default document (no handshake).
+const SHELL: &str = "SSM-SessionManagerRunShell";
 
 async fn emulator(tweak: impl FnOnce(&mut Config)) -> (Running, aws_sdk_ssm::Client) {
     let echo = echo_server().await;
@@ -109,6 +111,9 @@ enum Stage {
     /// The handshake is complete; the HandshakeComplete (agent seq 1) is not acknowledged and
     /// the client's next seq is 1.
     Handshaken,
+    /// A shell session (no handshake) whose shell runs: its first output arrived and was
+    /// acknowledged; the client's next seq is 0.
+    Shell,
 }
 
 /// A session driven by a raw client up to a [`Stage`].
@@ -132,6 +137,18 @@ async fn session(ssm: &aws_sdk_ssm::Client, document: &str, stage: Stage) -> Ses
     let mut raw = RawClient::open(&started, CLIENT_VERSION)
         .await
         .expect("open");
+    if let Stage::Shell = stage {
+        let prompt = raw
+            .next_output(payload_type::OUTPUT)
+            .await
+            .expect("the shell's prompt");
+        raw.ack(&prompt).await.expect("ack");
+        return Session {
+            started,
+            raw,
+            complete: None,
+        };
+    }
     let request = raw
         .next_output(payload_type::HANDSHAKE_REQUEST)
         .await
@@ -220,6 +237,14 @@ const fn handshake_case(
 ) -> FrameCase {
     FrameCase {
         stage: Stage::Opened,
+        ..case(violation, frames)
+    }
+}
+
+const fn shell_case(violation: &'static str, frames: fn(&Session) -> Vec<Message>) -> FrameCase {
+    FrameCase {
+        document: SHELL,
+        stage: Stage::Shell,
         ..case(violation, frames)
     }
 }
@@ -378,6 +403,30 @@ const FRAME_CASES: &[FrameCase] = &[
     case(
         "client sent Size (terminal size) in a Port session (PayloadType 3) as seq 1",
         |_| vec![next(payload_type::SIZE, b"{\"cols\":80,\"rows\":24}")],
+    ),
+    // Shell sessions: what the shell plugin cannot take.
+    shell_case(
+        "Size payload's cols -1 is not a uint32 (seq 0): the agent never acknowledges it",
+        |_| {
+            vec![binary(&input(
+                0,
+                payload_type::SIZE,
+                b"{\"cols\":-1,\"rows\":24}",
+            ))]
+        },
+    ),
+    shell_case("Size payload is not JSON", |_| {
+        vec![binary(&input(0, payload_type::SIZE, b"80x24"))]
+    }),
+    shell_case(
+        "Flag (seq 0) in a Standard_Stream session: the shell plugin ignores flags",
+        |_| {
+            vec![binary(&input(
+                0,
+                payload_type::FLAG,
+                &flag_payload(flag::TERMINATE_SESSION),
+            ))]
+        },
     ),
     case(
         "client sent EncChallengeResponse in a session without KMS (PayloadType 9) as seq 1",
