@@ -19,7 +19,7 @@ use crate::{
     metrics::Metrics,
     replica::{self, ReplicaMark},
     serve::{self, ServeConfig},
-    ssm::{SdkControlPlane, StartSessionRequest},
+    ssm::{SdkControlPlane, SdkDataKeys, StartSessionRequest},
     stream_url::StreamUrls,
     terminal,
     tunnel::{Ending, SessionContext, UNMARKED_REASON, carry},
@@ -57,6 +57,9 @@ pub struct AwsArgs {
     /// Send SSM API calls here instead of the AWS endpoint (tests, the emulator).
     #[arg(long, env = "AWS_ENDPOINT_URL_SSM")]
     pub ssm_endpoint: Option<String>,
+    /// Send KMS API calls (a shell's encryption) here instead of the AWS endpoint (tests).
+    #[arg(long, env = "AWS_ENDPOINT_URL_KMS")]
+    pub kms_endpoint: Option<String>,
     /// Dial whatever ws:// or wss:// stream URL StartSession returns, not only wss:// on a
     /// Session Manager messages host: for an emulator, never against AWS.
     #[arg(long, env = "AGENT_BRIDGE_ALLOW_ANY_STREAM_URL")]
@@ -426,6 +429,10 @@ async fn run_shell(args: ShellArgs) -> anyhow::Result<()> {
     );
     context.driver.end_on_local_eof = false;
     context.driver.session.shell = true;
+    context.data_keys = Some(Arc::new(SdkDataKeys::new(
+        &sdk,
+        args.aws.kms_endpoint.as_deref(),
+    )));
     let request = StartSessionRequest::shell(
         &args.instance_id,
         args.document.as_deref(),

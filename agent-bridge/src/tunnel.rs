@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    driver::{DriverConfig, DriverError, TerminalSize, Tunnel, signing::UpgradeSigner},
+    driver::{
+        DataKeySource, DriverConfig, DriverError, Encryption, TerminalSize, Tunnel,
+        signing::UpgradeSigner,
+    },
     metrics::{self, Metrics},
     protocol::{CloseCause, Stats},
     ssm::{ControlPlane, ControlPlaneError, StartSessionRequest},
@@ -37,6 +40,8 @@ pub struct SessionContext<C> {
     /// StartSession's Reason for the sessions of `serve` (the replica's mark, see
     /// [`crate::replica`]).
     pub reason: String,
+    /// Where a shell's KMS data keys come from (`shell` only).
+    pub data_keys: Option<Arc<dyn DataKeySource>>,
 }
 
 /// The Reason of `serve`'s sessions when the replica has no mark (outside a pod).
@@ -61,6 +66,7 @@ impl<C> SessionContext<C> {
             idle_timeout: None,
             max_duration: None,
             reason: UNMARKED_REASON.to_owned(),
+            data_keys: None,
         }
     }
 }
@@ -180,6 +186,12 @@ where
     .with_stats(stats_tx);
     if let Some(sizes) = terminal {
         tunnel = tunnel.with_terminal(sizes);
+    }
+    if let Some(keys) = &context.data_keys {
+        tunnel = tunnel.with_encryption(Encryption {
+            keys: keys.clone(),
+            target: request.target.clone(),
+        });
     }
     let result = tunnel.run(target, incoming, stop.cancelled()).await;
     timers.abort();

@@ -92,8 +92,10 @@ async fn open_session_inner(emulator: &Emulator) -> anyhow::Result<FloorPhases> 
         match received.payload_type {
             PayloadType::HandshakeRequest => {
                 let request: HandshakeRequest = serde_json::from_slice(&received.payload)?;
-                let response = request
-                    .response(fleet_access_agent_bridge::protocol::handshake::CLIENT_VERSION);
+                let response = request.response(
+                    fleet_access_agent_bridge::protocol::handshake::CLIENT_VERSION,
+                    None,
+                );
                 let body = Bytes::from(serde_json::to_vec(&response)?);
                 let frame = input(0, PayloadType::HandshakeResponse, body);
                 ws.send(Message::binary(frame)).await?;

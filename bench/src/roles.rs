@@ -239,6 +239,7 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
     let aws = AwsArgs {
         region: Some(crate::support::REGION.into()),
         ssm_endpoint: Some(endpoint_url),
+        kms_endpoint: None,
         allow_any_stream_url: true,
     };
     let sdk = load_aws(&aws).await;

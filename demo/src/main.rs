@@ -108,6 +108,7 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let aws = AwsArgs {
         region: Some("us-east-1".into()),
         ssm_endpoint: Some(ssm_endpoint.clone()),
+        kms_endpoint: None,
         allow_any_stream_url: true,
     };
     let sdk = demo_sdk_config(&aws).await;

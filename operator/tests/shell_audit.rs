@@ -2,10 +2,15 @@
 //! logging streams to CloudWatch Logs and uploads to S3 is applied against the real API server
 //! (the operator renders its shell document into moto); a shell through that document, first
 //! with `agent-bridge shell` exactly as the grant's status prints it, then with the official
-//! session-manager-plugin in a real terminal, runs commands; once the session is over, the log
+//! session-manager-plugin in a real terminal (its KMS calls through a loopback stand-in for
+//! KMS's host, in front of moto), runs commands; once the session is over, the log
 //! stream named after the session and the S3 object hold those commands, once each and in
-//! order. The emulator's agent does the logging as the real agent does it (streamed JSON
-//! events, a `script` typescript in S3), with no protocol violation from either client.
+//! order. The grant's document also asks for KMS session encryption: each client has KMS
+//! generate the session's data key, answers the agent's challenge and encrypts what it types.
+//! The emulator's agent does the logging and the encryption as the real agent does them
+//! (streamed JSON events, a `script` typescript in S3; KMS Decrypt, AES-GCM both ways), with no
+//! protocol violation from either client. A key the client cannot use ends the session with
+//! KMS's reason.
 
 #![allow(clippy::panic)]
 
@@ -15,7 +20,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use fleet_access_ssm_emulator::{SessionReport, SessionStatus};
-use fleet_access_tests::{Moto, Terminal, session_manager_plugin_path, workspace_binary};
+use fleet_access_tests::{
+    Moto, ServiceProxy, Terminal, session_manager_plugin_path, workspace_binary,
+};
 use serde_json::{Value, json};
 use support::{FLEET, Harness, REGION};
 
@@ -28,6 +35,10 @@ struct AuditTrail {
     s3: aws_sdk_s3::Client,
     group: String,
     bucket: String,
+    /// The KMS key of the sessions' encryption.
+    key: String,
+    /// moto's endpoint (KMS for the clients).
+    endpoint: String,
 }
 
 impl AuditTrail {
@@ -70,11 +81,25 @@ impl AuditTrail {
             .send()
             .await
             .expect("bucket encryption");
+        let key = aws_sdk_kms::Client::new(&config)
+            .create_key()
+            .description("fleet-access shell sessions")
+            .send()
+            .await
+            .expect("KMS key");
+        let key = key
+            .key_metadata()
+            .expect("metadata")
+            .arn()
+            .expect("arn")
+            .to_owned();
         Self {
             logs,
             s3,
             group,
             bucket,
+            key,
+            endpoint: moto.endpoint().to_owned(),
         }
     }
 
@@ -143,6 +168,7 @@ async fn audited(h: &Harness, trail: &AuditTrail, document: &str) -> SessionRepo
         .expect("a session of the grant's document");
     assert_eq!(report.status, SessionStatus::Terminated, "{report:?}");
     assert_eq!(report.close_reason.as_deref(), Some("the shell exited"));
+    assert!(report.encrypted, "{report:?}");
     let transcript = report.transcript.clone().expect("a transcript");
     assert!(transcript.notes.is_empty(), "{transcript:?}");
     assert!(transcript.cloud_watch_events > 0, "{transcript:?}");
@@ -172,6 +198,7 @@ async fn a_grants_shell_leaves_its_commands_in_cloudwatch_logs_and_s3_through_ei
             "logging": {
                 "cloudWatch": {"logGroupName": trail.group, "streaming": true},
                 "s3": {"bucketName": trail.bucket, "keyPrefix": "sessions/", "encryptionEnabled": true},
+                "kmsKeyId": trail.key,
             },
         }),
     )
@@ -201,37 +228,24 @@ async fn a_grants_shell_leaves_its_commands_in_cloudwatch_logs_and_s3_through_ei
     );
 
     // agent-bridge shell, the commands piped in.
-    let mut bridge = tokio::process::Command::new(workspace_binary("agent-bridge").expect("built"));
-    bridge
-        .args(&words[1..])
-        .args(["--region", REGION, "--ssm-endpoint"])
-        .arg(h.emulator.endpoint_url())
-        .arg("--allow-any-stream-url")
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = bridge.spawn().expect("agent-bridge shell");
-    let mut stdin = child.stdin.take().expect("stdin");
-    tokio::io::AsyncWriteExt::write_all(
-        &mut stdin,
+    let output = bridge_shell(
+        &h,
+        &trail,
+        &words[1..],
         b"echo first-$((20+1))\necho second-$((20+2))\nexit\n",
     )
-    .await
-    .expect("typed");
-    drop(stdin);
-    let output = tokio::time::timeout(WAIT, child.wait_with_output())
-        .await
-        .expect("agent-bridge ends with the shell")
-        .expect("runs");
+    .await;
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let report = audited(&h, &trail, &document).await;
+    assert_eq!(
+        report.client_version.as_deref(),
+        Some("1.2.764.0"),
+        "{report:?}"
+    );
     let typed = ["echo first-$((20+1))", "echo second-$((20+2))"];
     let streamed = trail.streamed_lines(&report.session_id).await.join("\n");
     once_each_in_order(&streamed, &typed);
@@ -270,12 +284,29 @@ async fn a_grants_shell_leaves_its_commands_in_cloudwatch_logs_and_s3_through_ei
     ];
     let home = tempfile::tempdir().expect("home");
     let home_text = home.path().display().to_string();
+    // The plugin calls KMS at its AWS address whatever its environment says: a proxy stands in
+    // for that host, in front of moto.
+    let kms = ServiceProxy::start(
+        &[&format!("kms.{REGION}.amazonaws.com")],
+        trail
+            .endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .expect("moto's address"),
+    )
+    .await
+    .expect("the KMS stand-in");
+    let (proxy, ca_file) = (kms.url(), kms.ca_file().display().to_string());
     let env = [
         ("AWS_ACCESS_KEY_ID", "testing"),
         ("AWS_SECRET_ACCESS_KEY", "testing"),
         ("AWS_REGION", REGION),
         ("SSM_PLUGIN_SKIP_CLIENT_CONFIGURE", "true"),
         ("HOME", home_text.as_str()),
+        ("HTTPS_PROXY", proxy.as_str()),
+        // The AWS SDK trusts AWS_CA_BUNDLE instead of the system's roots when it is set.
+        ("SSL_CERT_FILE", ca_file.as_str()),
+        ("AWS_CA_BUNDLE", ca_file.as_str()),
     ];
     let terminal = Terminal::start(&argv, &env, 100, 30).expect("tmux");
     for (command, shown) in [
@@ -287,7 +318,12 @@ async fn a_grants_shell_leaves_its_commands_in_cloudwatch_logs_and_s3_through_ei
         terminal
             .wait_for_screen(WAIT, |s| s.contains(shown))
             .await
-            .unwrap_or_else(|screen| panic!("{shown:?} never appeared:\n{screen}"));
+            .unwrap_or_else(|screen| {
+                panic!(
+                    "{shown:?} never appeared:\n{screen}\n{:?}",
+                    h.emulator.session_reports().last()
+                )
+            });
     }
     terminal.type_text("exit").expect("typed");
     terminal.press("Enter").expect("typed");
@@ -299,4 +335,58 @@ async fn a_grants_shell_leaves_its_commands_in_cloudwatch_logs_and_s3_through_ei
     once_each_in_order(&streamed, &typed);
     let object = trail.object(&format!("sessions/{session_id}.log")).await;
     once_each_in_order(&object, &typed);
+
+    // A key the client may not use: the session ends, and says why.
+    h.set_spec(
+        "audited",
+        json!({
+            "principals": {"users": [alice]},
+            "targets": {"instanceIds": [instance]},
+            "sessions": {"shell": true},
+            "logging": {"kmsKeyId": "alias/no-such-key"},
+        }),
+    )
+    .await;
+    h.wait_condition("audited", "Ready", "True").await;
+    let output = bridge_shell(&h, &trail, &words[1..], b"exit\n").await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("KMSEncryption failed on client")
+            && stderr.contains("KMS GenerateDataKey with key alias/no-such-key failed"),
+        "{stderr}"
+    );
+}
+
+/// `agent-bridge <args>` against the harness's emulator and moto's KMS, `typed` piped in;
+/// its output once it has exited.
+async fn bridge_shell(
+    h: &Harness,
+    trail: &AuditTrail,
+    args: &[&str],
+    typed: &[u8],
+) -> std::process::Output {
+    let mut bridge = tokio::process::Command::new(workspace_binary("agent-bridge").expect("built"));
+    bridge
+        .args(args)
+        .args(["--region", REGION, "--ssm-endpoint"])
+        .arg(h.emulator.endpoint_url())
+        .args(["--kms-endpoint", &trail.endpoint])
+        .arg("--allow-any-stream-url")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = bridge.spawn().expect("agent-bridge shell");
+    let mut stdin = child.stdin.take().expect("stdin");
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, typed)
+        .await
+        .expect("typed");
+    drop(stdin);
+    tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .expect("agent-bridge ends with its session")
+        .expect("runs")
 }

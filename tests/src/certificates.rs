@@ -1,7 +1,8 @@
 //! Certificates and keys for a test control plane: a CA, the API server's serving
 //! certificate for 127.0.0.1, an admin client certificate in `system:masters`, and the
-//! service-account signing key; and a CA with a loopback serving certificate for any other TLS
-//! server a test runs. Pure: returns PEM text, writes nothing.
+//! service-account signing key; a CA with a loopback serving certificate for any other TLS
+//! server a test runs; and one for named hosts a test stands in for. Pure: returns PEM or DER,
+//! writes nothing.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -57,6 +58,39 @@ impl LoopbackTls {
             ca_cert_pem: ca.pem(),
             cert_pem,
             key_pem,
+        })
+    }
+}
+
+/// A fresh test CA and a serving certificate it signed for DNS `names`, as DER for a server
+/// in-process: for a test's stand-in of a named service (see `service_proxy`).
+#[derive(Debug, Clone)]
+pub struct NamedTls {
+    /// The CA (PEM).
+    pub ca_cert_pem: String,
+    /// The serving certificate (DER).
+    pub cert_der: Vec<u8>,
+    /// Its private key (PKCS#8 DER).
+    pub key_der: Vec<u8>,
+}
+
+impl NamedTls {
+    /// Generates a CA and a serving certificate for `names` (ECDSA P-256 keys).
+    pub fn generate(names: &[&str]) -> FixtureResult<Self> {
+        let ca = test_ca()?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())?;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca)?;
+        Ok(Self {
+            ca_cert_pem: ca.pem(),
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
         })
     }
 }

@@ -38,6 +38,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info, warn};
 
 use crate::protocol::handshake::OpenDataChannel;
+use crate::protocol::kms::DataKey;
 use crate::protocol::{
     CloseCause, Event, ForwardingMode, HandshakeInfo, Session, SessionError, Stats, Transmit,
 };
@@ -228,6 +229,27 @@ pub struct TerminalSize {
     pub rows: u16,
 }
 
+/// Where a shell's KMS data keys come from: KMS `GenerateDataKey` for `key_id`, 64 bytes, with
+/// the encryption context the agent decrypts with (`aws:ssm:SessionId`, `aws:ssm:TargetId`).
+pub trait DataKeySource: Send + Sync {
+    /// A data key, or what to tell the person when there is none.
+    fn generate(
+        &self,
+        key_id: &str,
+        session_id: &str,
+        target: &str,
+    ) -> futures::future::BoxFuture<'static, Result<DataKey, String>>;
+}
+
+/// A shell session's KMS encryption: the data keys, and the instance the session is on.
+#[derive(Clone)]
+pub struct Encryption {
+    /// KMS.
+    pub keys: std::sync::Arc<dyn DataKeySource>,
+    /// The instance (`aws:ssm:TargetId`).
+    pub target: String,
+}
+
 /// One tunnel: a control plane, an optional signer, and configuration.
 pub struct Tunnel<'a, C> {
     control: &'a C,
@@ -235,6 +257,7 @@ pub struct Tunnel<'a, C> {
     config: DriverConfig,
     stats: Option<watch::Sender<Stats>>,
     terminal: Option<watch::Receiver<TerminalSize>>,
+    encryption: Option<Encryption>,
 }
 
 impl<'a, C: ControlPlane> Tunnel<'a, C> {
@@ -251,7 +274,14 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             config,
             stats: None,
             terminal: None,
+            encryption: None,
         }
+    }
+
+    /// A shell session that may be KMS-encrypted: where its data key comes from.
+    pub fn with_encryption(mut self, encryption: Encryption) -> Self {
+        self.encryption = Some(encryption);
+        self
     }
 
     /// A shell session's terminal: its size goes to the agent once the session opens and
@@ -315,6 +345,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
         let mut run = Run {
             tunnel: self,
             terminal,
+            data_key: None,
             session,
             ws,
             target,
@@ -462,6 +493,8 @@ struct Run<'t, 'a, C, L> {
     tunnel: &'t Tunnel<'a, C>,
     /// A shell session's terminal sizes.
     terminal: Option<watch::Receiver<TerminalSize>>,
+    /// A shell's KMS data key, on its way from KMS.
+    data_key: Option<futures::future::BoxFuture<'static, Result<DataKey, String>>>,
     session: Session,
     ws: Ws,
     target: StreamTarget,
@@ -501,6 +534,8 @@ enum Turn<L> {
     Unstalled(Option<mpsc::OwnedPermit<Bytes>>),
     /// The terminal's size changed (false: it will not change any more).
     Resized(bool),
+    /// KMS answered.
+    DataKey(Result<DataKey, String>),
 }
 
 impl<C: ControlPlane, L> Run<'_, '_, C, L>
@@ -539,6 +574,8 @@ where
             let local_rx = self.local_rx.as_mut();
             let sizes = self.terminal.as_mut().filter(|_| self.session.is_open());
             let resizing = sizes.is_some();
+            let data_key = self.data_key.as_mut();
+            let generating = data_key.is_some();
             let turn = tokio::select! {
                 biased;
                 () = &mut shutdown, if !shutting_down => Turn::Shutdown,
@@ -550,6 +587,12 @@ where
                 input = async { local_rx?.recv().await }, if take_local => Turn::Local(input),
                 conn = self.incoming.recv(), if accepting => Turn::Incoming(conn),
                 changed = async { sizes?.changed().await.ok() }, if resizing => Turn::Resized(changed.is_some()),
+                key = async {
+                    match data_key {
+                        Some(key) => key.await,
+                        None => std::future::pending().await,
+                    }
+                }, if generating => Turn::DataKey(key),
             };
             let now = Instant::now();
             match turn {
@@ -603,6 +646,13 @@ where
                     if lost && let Some(outcome) = self.transport_lost().await? {
                         return Ok(outcome);
                     }
+                }
+                Turn::DataKey(key) => {
+                    self.data_key = None;
+                    if let Err(e) = &key {
+                        warn!(error = %e, "no KMS data key for the session's encryption");
+                    }
+                    self.session.provide_data_key(now.into_std(), key);
                 }
                 Turn::Resized(false) => self.terminal = None,
                 Turn::Resized(true) => {
@@ -779,6 +829,18 @@ where
         while self.stalled.is_none() && self.unattached.is_none() {
             let event = self.session.poll_event()?;
             match event {
+                Event::DataKeyRequired { key_id } => {
+                    self.data_key = Some(match &self.tunnel.encryption {
+                        Some(encryption) => encryption.keys.generate(
+                            &key_id,
+                            &self.target.session_id,
+                            &encryption.target,
+                        ),
+                        None => Box::pin(std::future::ready(Err(
+                            "this client has no KMS access configured".to_owned(),
+                        ))),
+                    });
+                }
                 Event::HandshakeComplete(info) => {
                     info!(agent_version = ?info.agent_version, mode = ?info.mode, "handshake complete");
                     self.mode = Some(info.mode);

@@ -54,6 +54,8 @@ pub enum CloseCause {
     KeepaliveTimeout,
     /// The agent's smux stream was malformed.
     MuxProtocol(MuxError),
+    /// A shell's KMS encryption failed: an agent payload or its challenge did not decrypt.
+    Encryption(String),
 }
 
 /// Something the caller must act on, in order.
@@ -77,6 +79,13 @@ pub enum Event {
         stream: StreamId,
         /// Why.
         reason: StreamCloseReason,
+    },
+    /// A shell's agent asks for KMS session encryption: get a data key for `key_id` (KMS
+    /// `GenerateDataKey`, 64 bytes, with the session's encryption context) and hand it to
+    /// [`Session::provide_data_key`].
+    DataKeyRequired {
+        /// The document's `kmsKeyId`.
+        key_id: String,
     },
     /// The agent reported ConnectToPortError (the failed stream follows as `StreamClosed`
     /// with [`StreamCloseReason::ConnectFailed`]).

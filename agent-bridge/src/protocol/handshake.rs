@@ -190,25 +190,55 @@ impl HandshakeRequest {
         out
     }
 
-    /// Our answer: SessionType succeeds; KMSEncryption fails (Port sessions never use it, and
-    /// this client has no KMS support); anything else is unsupported.
-    pub fn response(&self, client_version: &str) -> HandshakeResponse {
+    /// The KMSEncryption action's key, when the agent asks for session encryption.
+    pub fn kms_key_id(&self) -> Option<String> {
+        self.requested_client_actions
+            .iter()
+            .find(|a| a.action_type == "KMSEncryption")
+            .map(|a| {
+                a.action_parameters
+                    .get("KMSKeyId")
+                    .and_then(|k| k.as_str())
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+    }
+
+    /// Our answer: SessionType succeeds; KMSEncryption succeeds with `kms`'s result (the data
+    /// key for the agent) or fails with its error (`None`: this session cannot encrypt; Port
+    /// sessions never ask); anything else is unsupported.
+    pub fn response(
+        &self,
+        client_version: &str,
+        kms: Option<Result<serde_json::Value, String>>,
+    ) -> HandshakeResponse {
         let processed_client_actions = self
             .requested_client_actions
             .iter()
             .map(|action| {
-                let (status, error) = match action.action_type.as_str() {
-                    "SessionType" => (ACTION_SUCCESS, String::new()),
-                    "KMSEncryption" => (
+                let (status, result, error) = match (action.action_type.as_str(), &kms) {
+                    ("SessionType", _) => (ACTION_SUCCESS, serde_json::Value::Null, String::new()),
+                    ("KMSEncryption", Some(Ok(result))) => {
+                        (ACTION_SUCCESS, result.clone(), String::new())
+                    }
+                    ("KMSEncryption", Some(Err(error))) => {
+                        (ACTION_FAILED, serde_json::Value::Null, error.clone())
+                    }
+                    ("KMSEncryption", None) => (
                         ACTION_FAILED,
-                        "KMS encryption is not supported by this client".to_owned(),
+                        serde_json::Value::Null,
+                        "KMS encryption is only for shell sessions".to_owned(),
                     ),
-                    other => (ACTION_UNSUPPORTED, format!("unsupported action {other}")),
+                    (other, _) => (
+                        ACTION_UNSUPPORTED,
+                        serde_json::Value::Null,
+                        format!("unsupported action {other}"),
+                    ),
                 };
                 ProcessedClientAction {
                     action_type: action.action_type.clone(),
                     action_status: status,
-                    action_result: serde_json::Value::Null,
+                    action_result: result,
                     error,
                 }
             })
@@ -246,7 +276,7 @@ mod tests {
         assert_eq!(props.port_type.as_deref(), Some("LocalPortForwarding"));
         assert_eq!(props.port_number.as_deref(), Some("3000"));
         assert_eq!(props.host.as_deref(), Some("172.31.25.54"));
-        let resp = req.response(CLIENT_VERSION);
+        let resp = req.response(CLIENT_VERSION, None);
         let statuses: Vec<u32> = resp
             .processed_client_actions
             .iter()

@@ -31,6 +31,7 @@ pub mod config;
 pub mod events;
 pub mod fuzzing;
 pub mod handshake;
+pub mod kms;
 pub mod message;
 pub mod pacer;
 pub mod reliability;

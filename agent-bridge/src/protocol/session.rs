@@ -21,6 +21,7 @@ use fleet_access_crds::agent_version::{self, Version};
 use uuid::Uuid;
 
 use super::handshake::{AcknowledgeContent, ChannelClosed, HandshakeComplete, HandshakeRequest};
+use super::kms::{self, Cipher, DataKey};
 use super::message::{self, ClientMessage, FLAG_FIN, FLAG_SYN, MessageType, PayloadType, PortFlag};
 use super::pacer::Pacer;
 use super::reliability::{AckOutcome, Arrival, ReceiveBuffer, SendBuffer};
@@ -119,6 +120,13 @@ pub struct Session {
     /// Set when the last [`Session::poll_transmit`] had something to send but the pacer held
     /// it: when it may go.
     paced_until: Option<Instant>,
+    /// A shell's KMS encryption: the HandshakeResponse waits for the caller's data key
+    /// ([`Session::provide_data_key`]).
+    data_key_pending: bool,
+    /// A shell's KMS encryption, once the data key is in: Output payloads both ways.
+    cipher: Option<Cipher>,
+    /// Where the cipher's nonces start (from the id seed: a different start per session).
+    nonce_start: u128,
     stats: Stats,
 }
 
@@ -168,6 +176,9 @@ impl Session {
             mux: None,
             pacer: Pacer::new(now, config.messages_per_second, config.burst),
             paced_until: None,
+            data_key_pending: false,
+            cipher: None,
+            nonce_start: u128::from(id_seed) << 32,
             stats: Stats::default(),
             config,
         }
@@ -635,6 +646,10 @@ impl Session {
 
     /// Allocates a sequence number and buffers one `input_stream_data` message.
     fn sequence(&mut self, now: Instant, payload_type: PayloadType, payload: Bytes) {
+        let payload = match (&mut self.cipher, payload_type) {
+            (Some(cipher), PayloadType::Output) => Bytes::from(cipher.seal(&payload)),
+            _ => payload,
+        };
         let created = self.clock.epoch_ms(now);
         let id = self.ids.next();
         let len = payload.len();
@@ -786,7 +801,29 @@ impl Session {
                     // before HandshakeComplete otherwise, so treat it as implied.
                     self.open(now, None);
                 }
-                self.deliver(message.payload);
+                let payload = match &self.cipher {
+                    Some(cipher) => match cipher.open(&message.payload) {
+                        Ok(plain) => Bytes::from(plain),
+                        Err(e) => {
+                            self.close(CloseCause::Encryption(e.to_string()), None);
+                            return;
+                        }
+                    },
+                    None => message.payload,
+                };
+                self.deliver(payload);
+            }
+            PayloadType::EncChallengeRequest => {
+                let Some(cipher) = &mut self.cipher else {
+                    self.stats.ignored_messages += 1;
+                    return;
+                };
+                match cipher.answer_challenge(&message.payload) {
+                    Ok(answer) => {
+                        self.push_sequenced(now, PayloadType::EncChallengeResponse, answer.into());
+                    }
+                    Err(e) => self.close(CloseCause::Encryption(e.to_string()), None),
+                }
             }
             PayloadType::Flag => match PortFlag::from_payload(&message.payload) {
                 Some(PortFlag::ConnectToPortError) => {
@@ -814,13 +851,45 @@ impl Session {
                 return;
             }
         };
-        let response = request.response(&self.config.client_version);
-        let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
-        self.push_sequenced(now, PayloadType::HandshakeResponse, body);
         if let State::AwaitingHandshake { deadline } = self.state {
             self.state = State::AwaitingComplete { deadline };
         }
+        let kms_key = request.kms_key_id().filter(|_| self.config.shell);
         self.request = Some(request);
+        match kms_key {
+            // The answer waits for the data key; the handshake's deadline still runs.
+            Some(key_id) => {
+                self.data_key_pending = true;
+                self.events.push_back(Event::DataKeyRequired { key_id });
+            }
+            None => self.respond(now, None),
+        }
+    }
+
+    /// Sends the HandshakeResponse, with the KMSEncryption action's result when there is one.
+    fn respond(&mut self, now: Instant, kms: Option<Result<serde_json::Value, String>>) {
+        let Some(request) = &self.request else {
+            return;
+        };
+        let response = request.response(&self.config.client_version, kms);
+        let body = Bytes::from(serde_json::to_vec(&response).unwrap_or_default());
+        self.push_sequenced(now, PayloadType::HandshakeResponse, body);
+    }
+
+    /// The data key for a shell's KMS encryption ([`Event::DataKeyRequired`]), or why there is
+    /// none: the HandshakeResponse goes out with it (the agent then fails the session when
+    /// there is none, and says why in `channel_closed`).
+    pub fn provide_data_key(&mut self, now: Instant, key: Result<DataKey, String>) {
+        if !std::mem::take(&mut self.data_key_pending) {
+            return;
+        }
+        let result = key.and_then(|key| {
+            let cipher =
+                Cipher::new(&key.plaintext, self.nonce_start).map_err(|e| e.to_string())?;
+            self.cipher = Some(cipher);
+            Ok(kms::action_result(&key))
+        });
+        self.respond(now, Some(result));
     }
 
     fn open(&mut self, now: Instant, customer_message: Option<String>) {

@@ -1,10 +1,12 @@
 //! The SSM control plane: the calls a session needs (StartSession, ResumeSession,
 //! TerminateSession) as a small trait in domain verbs, so the driver can be tested against a
 //! scripted peer, and (`sdk`) their implementation over aws-sdk-ssm, the only module that imports
-//! the SDK.
+//! the SDK; `kms`, a shell's data keys over aws-sdk-kms.
 
+pub mod kms;
 pub mod sdk;
 
+pub use kms::SdkDataKeys;
 pub use sdk::SdkControlPlane;
 
 use std::collections::BTreeMap;

@@ -157,6 +157,9 @@ pub struct SessionReport {
     /// Shell sessions: the user the shell runs as (the emulator runs it as itself: see
     /// `docs/protocol.md`).
     pub run_as_user: Option<String>,
+    /// Shell sessions: the KMS handshake completed, and every Output payload both ways is
+    /// encrypted with the session's data key.
+    pub encrypted: bool,
     /// Shell sessions: the terminal sizes the client's Size payloads set, in order.
     pub terminal_sizes: Vec<(u32, u32)>,
     /// Shell sessions that keep a transcript: where it went, once it has (before the session
@@ -368,6 +371,7 @@ impl SessionReport {
             client_frames_on_replaced_connections: 0,
             injected: InjectedFaults::default(),
             run_as_user: None,
+            encrypted: false,
             terminal_sizes: Vec::new(),
             transcript: None,
         }

@@ -75,10 +75,25 @@ impl Agent {
                     ));
                     return Processed::Done;
                 }
+                if matches!(self.info.kind, SessionKind::Shell(_)) && !self.is_closing() {
+                    return self.shell_keys(m);
+                }
                 self.on_output(&m.payload)
             }
             payload_type::SIZE if matches!(self.info.kind, SessionKind::Shell(_)) => {
+                if !self.handshake_done() {
+                    self.violation(format!(
+                        "Size (seq {}) before HandshakeComplete; the agent discards it",
+                        m.sequence_number
+                    ));
+                    return Processed::Done;
+                }
                 self.shell_size(m)
+            }
+            payload_type::ENC_CHALLENGE_RESPONSE
+                if matches!(self.info.kind, SessionKind::Shell(_)) =>
+            {
+                self.on_challenge_response(m)
             }
             payload_type::FLAG if matches!(self.info.kind, SessionKind::Shell(_)) => {
                 // The shell plugin acknowledges flags and ignores them: a client that ends a
@@ -143,6 +158,10 @@ impl Agent {
                 "ClientVersion {:?} is not a dotted version",
                 response.client_version
             ));
+        }
+        if matches!(self.info.kind, SessionKind::Shell(_)) {
+            self.on_shell_handshake_response(response);
+            return;
         }
         let actions = &response.processed_client_actions;
         if actions.len() != 1 || actions[0].action_type != "SessionType" {

@@ -228,7 +228,7 @@ enum PortState {
     None,
     Basic(BasicPort),
     Mux(MuxPort),
-    Shell(shell::ShellPort),
+    Shell(Box<shell::ShellPort>),
 }
 
 /// The client's smux byte stream as the strict checks see it. Kept after the session has

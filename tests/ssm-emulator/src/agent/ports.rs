@@ -99,9 +99,6 @@ impl Agent {
             self.on_smux_bytes(data);
             return Processed::Done;
         }
-        if matches!(self.port, PortState::Shell(_)) {
-            return self.shell_keys(data);
-        }
         let delivery = match &mut self.port {
             PortState::None | PortState::Shell(_) => Delivery::NotReady,
             PortState::Basic(b) => match &b.state {

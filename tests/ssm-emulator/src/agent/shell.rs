@@ -1,20 +1,46 @@
 //! A Standard_Stream session behind the agent: no handshake unless the document names a KMS
-//! key (`sessionplugin.go`: the shell plugin does not require one), the shell's task started
-//! at once, the client's Output and Size payloads into its terminal (refused, unacknowledged,
-//! until the terminal exists; a Size the agent cannot decode is never acknowledged), its
-//! output to the client, and the session's end once the transcript has gone where the
-//! document says.
+//! key (`sessionplugin.go`: the shell plugin does not require one), then the shell's task
+//! started at once; with a key, the handshake with SessionType and KMSEncryption, the client's
+//! data key decrypted with KMS, the encryption challenge, and only then the shell, every
+//! Output payload encrypted both ways. The client's Output and Size payloads go into its
+//! terminal (refused, unacknowledged, until the terminal exists; a Size the agent cannot
+//! decode is never acknowledged), its output to the client, and the session ends once the
+//! transcript has gone where the document says.
 
 use super::*;
+use crate::shell::encryption::{self, AgentCipher};
 use crate::shell::process::{self, ShellEvent, ShellInput, ShellSetup};
 use crate::shell::transcript::{self, EventContext};
-use crate::shell::{ShellInputs, logs::Uploader};
+use crate::shell::{ShellInputs, aws::AgentAws};
 
 /// The shell behind the session.
 pub(super) struct ShellPort {
     /// The terminal's input, once the shell runs; dropping it cancels the shell.
     pub(super) input: Option<UnboundedSender<ShellInput>>,
+    /// What starts the shell, until the KMS handshake has completed.
+    pending: Option<ShellSetup>,
+    kms: Kms,
 }
+
+/// Where a shell session's KMS encryption is.
+enum Kms {
+    /// The document names no key.
+    Off,
+    /// The HandshakeRequest went out; the client's data key is to come.
+    AwaitingKey,
+    /// KMS is decrypting the client's data key.
+    Decrypting,
+    /// The challenge went out; its answer is to come.
+    Challenging {
+        cipher: AgentCipher,
+        secret: Vec<u8>,
+    },
+    /// Every Output payload is encrypted.
+    On(AgentCipher),
+}
+
+/// What the agent tells the client once the challenge is answered.
+const ENCRYPTED_SESSION_MESSAGE: &str = "This session is encrypted using AWS KMS.";
 
 impl Agent {
     fn shell_inputs(&self) -> Option<&ShellInputs> {
@@ -29,18 +55,6 @@ impl Agent {
         let Some(inputs) = self.shell_inputs().cloned() else {
             return;
         };
-        if !inputs.kms_key_id.is_empty() {
-            self.end(
-                SessionStatus::Failed,
-                format!(
-                    "the document asks for KMS encryption (kmsKeyId {}), which the emulator does not run yet",
-                    inputs.kms_key_id
-                ),
-                false,
-            );
-            return;
-        }
-        self.handshake = Handshake::Skipped;
         self.set_transfer(Transfer::Shell);
         self.last_activity = Instant::now();
         let config = &self.shared.config;
@@ -52,24 +66,230 @@ impl Agent {
                 run_as_user: String::new(),
                 session_id: self.info.id.clone(),
             },
-            uploader: config
+            aws: config
                 .upstream
                 .as_deref()
-                .map(|u| Arc::new(Uploader::new(u, &config.region))),
+                .map(|u| Arc::new(AgentAws::new(u, &config.region))),
             mode: self.mode,
             inputs,
         };
+        if setup.inputs.kms_key_id.is_empty() {
+            self.handshake = Handshake::Skipped;
+            self.port = PortState::Shell(Box::new(ShellPort {
+                input: None,
+                pending: None,
+                kms: Kms::Off,
+            }));
+            self.spawn_shell(setup);
+            return;
+        }
+        let request = HandshakeRequest {
+            agent_version: self.info.instance.agent_version.clone(),
+            requested_client_actions: vec![
+                RequestedClientAction {
+                    action_type: "SessionType".to_owned(),
+                    action_parameters: serde_json::json!({
+                        "SessionType": "Standard_Stream",
+                        "Properties": null,
+                    }),
+                },
+                RequestedClientAction {
+                    action_type: "KMSEncryption".to_owned(),
+                    action_parameters: serde_json::json!({
+                        "KMSKeyId": setup.inputs.kms_key_id,
+                        "Challenge": encryption::handshake_challenge(),
+                    }),
+                },
+            ],
+        };
+        self.send_stream(
+            payload_type::HANDSHAKE_REQUEST,
+            serde_json::to_vec(&request).unwrap_or_default(),
+            None,
+        );
+        self.handshake = Handshake::Awaiting {
+            since: Instant::now(),
+        };
+        self.port = PortState::Shell(Box::new(ShellPort {
+            input: None,
+            pending: Some(setup),
+            kms: Kms::AwaitingKey,
+        }));
+    }
+
+    fn spawn_shell(&mut self, setup: ShellSetup) {
         process::spawn(setup, self.transport.clone(), self.inbox.clone());
-        self.port = PortState::Shell(ShellPort { input: None });
         self.transcript_pending = true;
     }
 
-    /// Client Output for the terminal.
-    pub(super) fn shell_keys(&mut self, data: &[u8]) -> Processed {
-        let PortState::Shell(ShellPort { input: Some(input) }) = &self.port else {
+    fn shell_port(&mut self) -> Option<&mut ShellPort> {
+        match &mut self.port {
+            PortState::Shell(shell) => Some(shell.as_mut()),
+            _ => None,
+        }
+    }
+
+    /// The client's HandshakeResponse to a KMS shell's request: both actions processed, the
+    /// KMSEncryption one with the data key, which KMS then decrypts (`Decrypt`, with the
+    /// session's encryption context).
+    pub(super) fn on_shell_handshake_response(&mut self, response: HandshakeResponse) {
+        let types: Vec<&str> = (response.processed_client_actions.iter())
+            .map(|a| a.action_type.as_str())
+            .collect();
+        if types != ["SessionType", "KMSEncryption"] {
+            self.violation(format!(
+                "HandshakeResponse must process exactly [SessionType, KMSEncryption], got {types:?}"
+            ));
+        }
+        if self.is_closing() {
+            return;
+        }
+        if let Some(bad) = (response.processed_client_actions.iter()).find(|a| a.action_status != 1)
+        {
+            let reason = format!(
+                "Encountered error while initiating handshake. {} failed on client with status {} error: {}",
+                bad.action_type,
+                bad.action_status,
+                bad.error.clone().unwrap_or_default()
+            );
+            self.end(SessionStatus::Failed, reason, false);
+            return;
+        }
+        lock(&self.report).client_version = Some(response.client_version.clone());
+        let blob = (response.processed_client_actions.iter())
+            .find(|a| a.action_type == "KMSEncryption")
+            .and_then(|a| a.action_result.get("KMSCipherTextKey"))
+            .and_then(serde_json::Value::as_str)
+            .and_then(|k| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.decode(k).ok()
+            });
+        let Some(blob) = blob else {
+            self.violation(
+                "the KMSEncryption action's result has no base64 KMSCipherTextKey".to_owned(),
+            );
+            return;
+        };
+        let aws = self
+            .shell_port()
+            .and_then(|s| s.pending.as_ref())
+            .and_then(|setup| setup.aws.clone());
+        if let Some(shell) = self.shell_port() {
+            shell.kms = Kms::Decrypting;
+        }
+        let (inbox, session, target) = (
+            self.inbox.clone(),
+            self.info.id.clone(),
+            self.info.instance.id.clone(),
+        );
+        tokio::spawn(async move {
+            let key = match aws {
+                Some(aws) => aws.decrypt_data_key(blob, &session, &target).await,
+                None => Err("no upstream KMS to decrypt the data key with".to_owned()),
+            };
+            let _ = inbox.send(AgentInput::Shell(ShellEvent::DataKey(key)));
+        });
+    }
+
+    /// KMS decrypted the client's data key (or could not): the challenge goes out.
+    fn on_data_key(&mut self, key: Result<Vec<u8>, String>) {
+        if self.is_closing() {
+            return;
+        }
+        let cipher = key.and_then(|k| AgentCipher::new(&k));
+        let mut cipher = match cipher {
+            Ok(cipher) => cipher,
+            Err(e) => {
+                self.end(
+                    SessionStatus::Failed,
+                    format!("Encountered error while initiating handshake. Fetching data key failed: {e}"),
+                    false,
+                );
+                return;
+            }
+        };
+        let (secret, request) = cipher.challenge();
+        if let Some(shell) = self.shell_port() {
+            shell.kms = Kms::Challenging { cipher, secret };
+        }
+        self.send_stream(payload_type::ENC_CHALLENGE_REQUEST, request, None);
+    }
+
+    /// The client's EncChallengeResponse: right, and the handshake completes and the shell
+    /// starts; wrong, and the session fails.
+    pub(super) fn on_challenge_response(&mut self, m: &ClientMessage) -> Processed {
+        let Some(shell) = self.shell_port() else {
+            self.violation("EncChallengeResponse in a session without KMS".to_owned());
+            return Processed::Done;
+        };
+        let Kms::Challenging { cipher, secret } = std::mem::replace(&mut shell.kms, Kms::Off)
+        else {
+            self.violation(format!(
+                "EncChallengeResponse (seq {}) without an EncChallengeRequest",
+                m.sequence_number
+            ));
+            return Processed::Done;
+        };
+        if let Err(e) = cipher.answers(&secret, &m.payload) {
+            self.violation(e);
+            return Processed::Done;
+        }
+        let pending = self.shell_port().and_then(|s| {
+            s.kms = Kms::On(cipher);
+            s.pending.take()
+        });
+        let Handshake::Awaiting { since } = self.handshake else {
+            return Processed::Done;
+        };
+        let complete = HandshakeComplete {
+            handshake_time_to_complete: since.elapsed().as_nanos() as i64,
+            customer_message: ENCRYPTED_SESSION_MESSAGE.to_owned(),
+        };
+        self.send_stream(
+            payload_type::HANDSHAKE_COMPLETE,
+            serde_json::to_vec(&complete).unwrap_or_default(),
+            None,
+        );
+        self.handshake = Handshake::Complete;
+        self.last_activity = Instant::now();
+        lock(&self.report).encrypted = true;
+        if let Some(setup) = pending {
+            self.spawn_shell(setup);
+        }
+        Processed::Done
+    }
+
+    /// Output for the client, encrypted when the session is.
+    fn shell_output(&mut self, data: Vec<u8>) -> Vec<u8> {
+        match self.shell_port().map(|s| &mut s.kms) {
+            Some(Kms::On(cipher)) => cipher.seal(&data),
+            _ => data,
+        }
+    }
+
+    /// Client Output for the terminal (decrypted first when the session is encrypted).
+    pub(super) fn shell_keys(&mut self, m: &ClientMessage) -> Processed {
+        let data = &m.payload;
+        let PortState::Shell(shell) = &self.port else {
             return Processed::NotReady;
         };
-        let _ = input.send(ShellInput::Keys(self.target_backlog.hold(data.to_vec())));
+        let (Some(input), kms) = (&shell.input, &shell.kms) else {
+            return Processed::NotReady;
+        };
+        let keys = match kms {
+            Kms::On(cipher) => match cipher.open(data) {
+                Some(plain) => plain,
+                None => {
+                    self.violation(format!(
+                        "Output (seq {}) does not decrypt with the session's data key",
+                        m.sequence_number
+                    ));
+                    return Processed::Done;
+                }
+            },
+            _ => data.clone(),
+        };
+        let _ = input.send(ShellInput::Keys(self.target_backlog.hold(keys)));
         self.last_activity = Instant::now();
         lock(&self.report).bytes_from_client += data.len() as u64;
         Processed::Done
@@ -80,7 +300,10 @@ impl Agent {
         if self.is_closing() {
             return Processed::Done;
         }
-        let PortState::Shell(ShellPort { input: Some(input) }) = &self.port else {
+        let PortState::Shell(shell) = &self.port else {
+            return Processed::NotReady;
+        };
+        let Some(input) = &shell.input else {
             return Processed::NotReady;
         };
         match transcript::parse_size(&m.payload) {
@@ -112,9 +335,11 @@ impl Agent {
             }
             ShellEvent::Output { data, room } => {
                 if !self.is_closing() {
-                    self.send_stream(payload_type::OUTPUT, data, Some(room));
+                    let payload = self.shell_output(data);
+                    self.send_stream(payload_type::OUTPUT, payload, Some(room));
                 }
             }
+            ShellEvent::DataKey(key) => self.on_data_key(key),
             ShellEvent::Exited => self.shell_exited = true,
             ShellEvent::Failed { output } => {
                 self.transcript_pending = false;

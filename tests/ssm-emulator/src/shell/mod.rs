@@ -3,18 +3,20 @@
 //! as strictly as the agent's document parser reads them ([`ShellInputs`]), `sh` under a
 //! pseudo-terminal fed by the client's Output and Size payloads (`process`), and the session's
 //! transcript uploaded per the document to CloudWatch Logs and S3 (`transcript` formats it,
-//! purely; `logs` calls the upstream, moto).
+//! purely; `aws` calls the upstream, moto), and KMS session encryption (`encryption`).
 //!
 //! ```text
 //!  mod.rs         ShellInputs: what a shell document asks of the agent
 //!  process.rs     the shell's task: checks, sh on a pty, its output, the end of its transcript
 //!  transcript.rs  pure: ANSI stripping, CloudWatch events, the S3 key, Size payloads
-//!  logs.rs        the AWS side: DescribeLogGroups, PutLogEvents, GetBucketEncryption, PutObject
+//!  aws.rs         the agent's AWS calls: logging (CloudWatch Logs, S3) and KMS Decrypt
+//!  encryption.rs  pure: the data key's halves, AES-256-GCM payloads, the challenge
 //! ```
 
 use serde_json::Value;
 
-pub(crate) mod logs;
+pub(crate) mod aws;
+pub(crate) mod encryption;
 pub(crate) mod process;
 pub(crate) mod transcript;
 

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
-use super::logs::{LogGroup, Uploader};
+use super::aws::{AgentAws, LogGroup};
 use super::transcript::{self, EventContext};
 use super::{DEFAULT_RUN_AS_USER, ShellInputs};
 use crate::agent::AgentInput;
@@ -58,6 +58,8 @@ pub(crate) enum ShellEvent {
     Failed { output: String },
     /// The transcript went where the document says (the last event of the task).
     TranscriptDone(TranscriptReport),
+    /// KMS decrypted the client's data key (a KMS handshake, before the shell).
+    DataKey(Result<Vec<u8>, String>),
 }
 
 /// Everything the shell's task needs, fixed at its start.
@@ -65,7 +67,7 @@ pub(crate) struct ShellSetup {
     pub(crate) inputs: ShellInputs,
     pub(crate) context: EventContext,
     pub(crate) mode: Mode,
-    pub(crate) uploader: Option<Arc<Uploader>>,
+    pub(crate) aws: Option<Arc<AgentAws>>,
 }
 
 fn send(inbox: &UnboundedSender<AgentInput>, event: ShellEvent) -> bool {
@@ -117,7 +119,7 @@ async fn check(setup: &ShellSetup, report: &mut TranscriptReport) -> Result<Plan
     let mut log_group = None;
     if !inputs.cloud_watch_log_group_name.is_empty() {
         let group = &inputs.cloud_watch_log_group_name;
-        let state = match &setup.uploader {
+        let state = match &setup.aws {
             Some(u) => u.log_group(group).await,
             None => LogGroup::Missing,
         };
@@ -133,7 +135,7 @@ async fn check(setup: &ShellSetup, report: &mut TranscriptReport) -> Result<Plan
         }
     }
     if inputs.s3_encryption_enabled && !inputs.s3_bucket_name.is_empty() {
-        let algorithm = match &setup.uploader {
+        let algorithm = match &setup.aws {
             Some(u) => u.bucket_encryption(&inputs.s3_bucket_name).await,
             None => Err("no upstream to ask".to_owned()),
         };
@@ -320,7 +322,7 @@ async fn stream(
     at_end: bool,
     report: &mut TranscriptReport,
 ) -> usize {
-    let (Some(uploader), Some(group)) = (&setup.uploader, &plan.log_group) else {
+    let (Some(uploader), Some(group)) = (&setup.aws, &plan.log_group) else {
         return from;
     };
     let pending = &recorded[from..];
@@ -345,7 +347,7 @@ async fn stream(
 }
 
 async fn put(
-    uploader: &Uploader,
+    uploader: &AgentAws,
     group: &str,
     stream: &str,
     events: Vec<String>,
@@ -390,7 +392,7 @@ async fn finish_logging(
     if !to_s3 && !to_cloud_watch {
         return;
     }
-    let Some(uploader) = &setup.uploader else {
+    let Some(uploader) = &setup.aws else {
         report
             .notes
             .push("no upstream: the transcript was not uploaded".to_owned());

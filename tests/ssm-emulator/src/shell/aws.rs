@@ -1,8 +1,9 @@
-//! The AWS calls of a shell session's logging, as the agent makes them, against the upstream
-//! (moto): whether the log group exists and is encrypted (`DescribeLogGroups`), the bucket's
-//! default encryption (`GetBucketEncryption`), the log stream named after the session
+//! The AWS calls of a shell session's agent, as it makes them, against the upstream (moto):
+//! for logging, whether the log group exists and is encrypted (`DescribeLogGroups`), the
+//! bucket's default encryption (`GetBucketEncryption`), the log stream named after the session
 //! (`CreateLogStream`, `PutLogEvents`, four events a call) and the transcript object
-//! (`PutObject`, `bucket-owner-full-control`, `text/plain`).
+//! (`PutObject`, `bucket-owner-full-control`, `text/plain`); for KMS session encryption, the
+//! client's data key decrypted (`Decrypt`, with the session's encryption context).
 
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_cloudwatchlogs::types::InputLogEvent;
@@ -20,14 +21,15 @@ pub(crate) enum LogGroup {
     Present { encrypted: bool },
 }
 
-/// Clients for CloudWatch Logs and S3 at the upstream endpoint.
+/// Clients for CloudWatch Logs, S3 and KMS at the upstream endpoint.
 #[derive(Clone, Debug)]
-pub(crate) struct Uploader {
+pub(crate) struct AgentAws {
     logs: aws_sdk_cloudwatchlogs::Client,
     s3: aws_sdk_s3::Client,
+    kms: aws_sdk_kms::Client,
 }
 
-impl Uploader {
+impl AgentAws {
     /// Clients for `endpoint` (a loopback URL) in `region`, with the emulator's static
     /// credentials (moto checks no signature).
     pub(crate) fn new(endpoint: &str, region: &str) -> Self {
@@ -52,7 +54,30 @@ impl Uploader {
         Self {
             logs: aws_sdk_cloudwatchlogs::Client::new(&shared),
             s3: aws_sdk_s3::Client::from_conf(s3),
+            kms: aws_sdk_kms::Client::new(&shared),
         }
+    }
+
+    /// The client's data key, decrypted as the agent decrypts it: with the session and the
+    /// instance as its encryption context.
+    pub(crate) async fn decrypt_data_key(
+        &self,
+        blob: Vec<u8>,
+        session_id: &str,
+        target: &str,
+    ) -> Result<Vec<u8>, String> {
+        let out = self
+            .kms
+            .decrypt()
+            .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(blob))
+            .encryption_context("aws:ssm:SessionId", session_id)
+            .encryption_context("aws:ssm:TargetId", target)
+            .send()
+            .await
+            .map_err(|e| aws_sdk_kms::error::DisplayErrorContext(e).to_string())?;
+        out.plaintext()
+            .map(|p| p.as_ref().to_vec())
+            .ok_or_else(|| "KMS returned no plaintext".to_owned())
     }
 
     /// `IsLogGroupPresent` and `IsLogGroupEncryptedWithKMS`: an exact name among those
