@@ -20,7 +20,7 @@ cd "$root"
 runs=${RUNS:-20}
 limit=${LIMIT:-4800}
 load=${LOAD:-build}
-tests=${TESTS:-"fleet-access-tests:bridge_e2e fleet-access-tests:client_faults fleet-access-tests:full_stack fleet-access-ssm-emulator:sessions fleet-access-ssm-emulator:violations fleet-access-ssm-emulator:official_plugin fleet-access-agent-bridge:driver"}
+tests=${TESTS:-"fleet-access-tests:bridge_e2e fleet-access-tests:client_faults fleet-access-tests:full_stack fleet-access-ssm-emulator:sessions fleet-access-ssm-emulator:violations fleet-access-ssm-emulator:official_plugin fleet-access-agent-bridge:driver fleet-access-tests:shell_sessions fleet-access-ssm-emulator:shell_documents fleet-access-operator:shell_audit"}
 
 if [[ -z "${FLEET_ACCESS_KUBECONFIG:-}" ]]; then
     exec bash tests/env/with-services.sh bash "$0" "$@"
