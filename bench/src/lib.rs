@@ -26,6 +26,7 @@ pub mod parallel;
 pub mod report;
 pub mod roles;
 pub mod scenarios;
+pub mod shell_paste;
 pub mod slow_reader;
 pub mod support;
 
@@ -49,7 +50,7 @@ pub fn main_with_args(args: Vec<String>) -> ExitCode {
             Some("relay") => roles::relay_main(&args[1..]).await,
             Some("serve-listeners") => roles::serve_listeners_main(&args[1..]).await,
             _ => Err(anyhow::anyhow!(
-                "usage: fleet-access-bench run [--quick] [--perf] [--out FILE] [--runs N] [--only throughput,slow-reader,parallel,setup,scale,operator] [--operator-grants N] [--operator-resync-seconds S]"
+                "usage: fleet-access-bench run [--quick] [--perf] [--out FILE] [--runs N] [--only throughput,slow-reader,parallel,shell-paste,setup,scale,operator] [--operator-grants N] [--operator-resync-seconds S]"
             )),
         }
     });

@@ -214,6 +214,8 @@ pub struct Report {
     pub slow_reader: Option<SlowReader>,
     /// Parallel downloads through one client.
     pub parallel: Option<crate::parallel::Parallel>,
+    /// A paste into a shell, against the plugin.
+    pub shell_paste: Option<crate::shell_paste::ShellPaste>,
 }
 
 fn shell(program: &str, args: &[&str]) -> String {
@@ -261,6 +263,7 @@ impl Report {
             profiles: Vec::new(),
             slow_reader: None,
             parallel: None,
+            shell_paste: None,
         }
     }
 
@@ -314,6 +317,9 @@ impl Report {
         }
         if let Some(part) = &self.parallel {
             crate::parallel::render(part, 6, &mut out);
+        }
+        if let Some(part) = &self.shell_paste {
+            crate::shell_paste::render(part, 7, &mut out);
         }
         for (what, text) in &self.profiles {
             let _ = writeln!(
@@ -982,6 +988,7 @@ mod tests {
             profiles: Vec::new(),
             slow_reader: None,
             parallel: None,
+            shell_paste: None,
         }
     }
 

@@ -85,6 +85,7 @@ impl Options {
                 "throughput".into(),
                 "slow-reader".into(),
                 "parallel".into(),
+                "shell-paste".into(),
                 "setup".into(),
                 "scale".into(),
                 "operator".into(),
@@ -126,7 +127,7 @@ impl Options {
                 "--only" => {
                     options.parts = it
                         .next()
-                        .context("--only throughput,slow-reader,parallel,setup,scale,operator")?
+                        .context("--only throughput,slow-reader,parallel,shell-paste,setup,scale,operator")?
                         .split(',')
                         .map(str::to_owned)
                         .collect();
@@ -196,6 +197,12 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
         match setup(&ws, &options, &target).await {
             Ok(setup) => report.setup = Some(setup),
             Err(error) => report.missing.push(format!("setup: {error:#}")),
+        }
+    }
+    if options.wants("shell-paste") {
+        match crate::shell_paste::run(&ws, &options).await {
+            Ok(part) => report.shell_paste = Some(part),
+            Err(error) => report.missing.push(format!("shell paste: {error:#}")),
         }
     }
     if options.wants("scale") {

@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use fleet_access_ssm_emulator::{SessionReport, SessionStatus};
 use fleet_access_tests::{
-    Moto, ServiceProxy, Terminal, session_manager_plugin_path, workspace_binary,
+    Moto, ServiceProxy, Terminal, plugin_command_line, session_manager_plugin_path,
+    workspace_binary,
 };
 use serde_json::{Value, json};
 use support::{FLEET, Harness, REGION};
@@ -273,15 +274,13 @@ async fn a_grants_shell_leaves_its_commands_in_cloudwatch_logs_and_s3_through_ei
     });
     let request = json!({"Target": instance, "DocumentName": document});
     let plugin = session_manager_plugin_path().expect("the official plugin (tests/env/setup.sh)");
-    let argv = vec![
-        plugin.display().to_string(),
-        response.to_string(),
-        REGION.to_owned(),
-        "StartSession".to_owned(),
-        String::new(),
-        request.to_string(),
-        h.emulator.endpoint_url(),
-    ];
+    let argv = plugin_command_line(
+        &plugin,
+        &response,
+        REGION,
+        &request,
+        &h.emulator.endpoint_url(),
+    );
     let home = tempfile::tempdir().expect("home");
     let home_text = home.path().display().to_string();
     // The plugin calls KMS at its AWS address whatever its environment says: a proxy stands in

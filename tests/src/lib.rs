@@ -32,7 +32,7 @@ pub use binaries::{workspace_binary, workspace_root};
 pub use control_plane::{ControlPlane, TestNamespace};
 pub use error::{FixtureError, FixtureResult};
 pub use exposition::ExposedSample;
-pub use locations::{Locations, cache_dir, session_manager_plugin_path};
+pub use locations::{Locations, cache_dir, plugin_command_line, session_manager_plugin_path};
 pub use moto::Moto;
 pub use operator_command::{OperatorCommandLine, cluster_of};
 pub use process::{SupervisedProcess, free_loopback_port, http_get, loopback};

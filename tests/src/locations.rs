@@ -124,6 +124,27 @@ pub fn session_manager_plugin_path() -> FixtureResult<PathBuf> {
     require_program("session-manager-plugin", &locations.session_manager_plugin)
 }
 
+/// The official plugin's command line, as the AWS CLI builds it after StartSession: the
+/// plugin, the StartSession `response` (JSON), the Region, the operation, the profile (none),
+/// the request's parameters (JSON), and the SSM endpoint.
+pub fn plugin_command_line(
+    plugin: &std::path::Path,
+    response: &serde_json::Value,
+    region: &str,
+    request: &serde_json::Value,
+    endpoint: &str,
+) -> Vec<String> {
+    vec![
+        plugin.display().to_string(),
+        response.to_string(),
+        region.to_owned(),
+        "StartSession".to_owned(),
+        String::new(),
+        request.to_string(),
+        endpoint.to_owned(),
+    ]
+}
+
 /// Debian's programs the fixtures run.
 pub(crate) mod debian {
     /// OpenSSH server (package openssh-server). Must be called by absolute path.

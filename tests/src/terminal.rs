@@ -98,6 +98,16 @@ impl Terminal {
         self.run(keys).map(drop)
     }
 
+    /// Pastes `file` into the window, as a terminal pastes (bracketed paste off).
+    pub fn paste_file(&self, file: &std::path::Path) -> FixtureResult<()> {
+        let mut load = self.tmux();
+        load.args(["load-buffer", "-b", "paste"]).arg(file);
+        self.run(load)?;
+        let mut paste = self.tmux();
+        paste.args(["paste-buffer", "-d", "-b", "paste", "-t", "test"]);
+        self.run(paste).map(drop)
+    }
+
     /// The screen and its scrollback, as text.
     pub fn screen(&self) -> FixtureResult<String> {
         let mut capture = self.tmux();

@@ -91,9 +91,18 @@ async fn start_session_answers_and_validates() {
         .send()
         .await;
     assert_eq!(code(r), "ValidationException");
+    // No document: the account's shell (the default one, without an upstream).
+    let shell = ssm
+        .start_session()
+        .target("i-00000000000000000")
+        .send()
+        .await;
+    assert!(shell.is_ok(), "{shell:?}");
+    // Command sessions are not emulated.
     let r = ssm
         .start_session()
         .target("i-00000000000000000")
+        .document_name("AWS-StartInteractiveCommand")
         .send()
         .await;
     assert_eq!(code(r), "InvalidDocument");

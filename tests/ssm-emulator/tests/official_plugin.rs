@@ -30,21 +30,15 @@ fn plugin() -> PathBuf {
     )
 }
 
-/// argv exactly as the AWS CLI builds it: response JSON, region, "StartSession", profile,
-/// request parameters JSON, endpoint URL.
+/// argv exactly as the AWS CLI builds it, after the plugin: response JSON, region,
+/// "StartSession", profile, request parameters JSON, endpoint URL.
 fn cli_args(
     response: &serde_json::Value,
     request: &serde_json::Value,
     endpoint: &str,
 ) -> Vec<String> {
-    vec![
-        response.to_string(),
-        REGION.to_owned(),
-        "StartSession".to_owned(),
-        String::new(),
-        request.to_string(),
-        endpoint.to_owned(),
-    ]
+    fleet_access_tests::plugin_command_line(Path::new(""), response, REGION, request, endpoint)
+        .split_off(1)
 }
 
 fn shell_quote(s: &str) -> String {
@@ -511,8 +505,13 @@ async fn a_shell_through_the_official_plugin() {
     let (started, response, request) =
         start(&ssm, "SSM-SessionManagerRunShell", serde_json::json!({})).await;
     let home = tempfile_dir();
-    let mut argv = vec![plugin.display().to_string()];
-    argv.extend(cli_args(&response, &request, &running.endpoint_url()));
+    let argv = fleet_access_tests::plugin_command_line(
+        &plugin,
+        &response,
+        REGION,
+        &request,
+        &running.endpoint_url(),
+    );
     let home_text = home.display().to_string();
     let env = [
         ("AWS_ACCESS_KEY_ID", "AKIATESTEMULATOR"),

@@ -448,7 +448,7 @@ const FRAME_CASES: &[FrameCase] = &[
         vec![binary(&input(0, payload_type::HANDSHAKE_RESPONSE, &r))]
     }),
     handshake_case(
-        "HandshakeResponse must process exactly [SessionType], got [\"SessionType\", \"KMSEncryption\"]",
+        "HandshakeResponse must process exactly [\"SessionType\"], got [\"SessionType\", \"KMSEncryption\"]",
         |_| {
             let r = response_with(CLIENT_VERSION, &["SessionType", "KMSEncryption"]);
             vec![binary(&input(0, payload_type::HANDSHAKE_RESPONSE, &r))]

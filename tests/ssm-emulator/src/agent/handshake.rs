@@ -159,29 +159,17 @@ impl Agent {
                 response.client_version
             ));
         }
-        if matches!(self.info.kind, SessionKind::Shell(_)) {
+        let shell = matches!(self.info.kind, SessionKind::Shell(_));
+        let requested: &[&str] = if shell {
+            &["SessionType", "KMSEncryption"]
+        } else {
+            &["SessionType"]
+        };
+        if !self.processed_as_requested(&response, requested) {
+            return;
+        }
+        if shell {
             self.on_shell_handshake_response(response);
-            return;
-        }
-        let actions = &response.processed_client_actions;
-        if actions.len() != 1 || actions[0].action_type != "SessionType" {
-            let got: Vec<&str> = actions.iter().map(|a| a.action_type.as_str()).collect();
-            self.violation(format!(
-                "HandshakeResponse must process exactly [SessionType], got {got:?}"
-            ));
-        }
-        if self.is_closing() {
-            // Failed by a violation above, or a late answer to a session that already ended.
-            return;
-        }
-        if let Some(bad) = actions.iter().find(|a| a.action_status != 1) {
-            let reason = format!(
-                "client reported ActionStatus {} for {}: {}",
-                bad.action_status,
-                bad.action_type,
-                bad.error.clone().unwrap_or_default()
-            );
-            self.end(SessionStatus::Failed, reason, false);
             return;
         }
         let client_version = response.client_version;
@@ -216,6 +204,34 @@ impl Agent {
             (true, true) => self.start_mux(keepalive),
             (true, false) => self.start_basic(),
         }
+    }
+
+    /// Whether the HandshakeResponse processed exactly the `requested` actions (a violation
+    /// otherwise) and all of them succeeded: the agent cancels the session for any other
+    /// status (`handleHandshakeResponse`), in its words.
+    fn processed_as_requested(&mut self, response: &HandshakeResponse, requested: &[&str]) -> bool {
+        let actions = &response.processed_client_actions;
+        let got: Vec<&str> = actions.iter().map(|a| a.action_type.as_str()).collect();
+        if got != requested {
+            self.violation(format!(
+                "HandshakeResponse must process exactly {requested:?}, got {got:?}"
+            ));
+        }
+        if self.is_closing() {
+            // Failed by a violation above, or a late answer to a session that already ended.
+            return false;
+        }
+        if let Some(bad) = actions.iter().find(|a| a.action_status != 1) {
+            let reason = format!(
+                "Encountered error while initiating handshake. {} failed on client with status {} error: {}",
+                bad.action_type,
+                bad.action_status,
+                bad.error.clone().unwrap_or_default()
+            );
+            self.end(SessionStatus::Failed, reason, false);
+            return false;
+        }
+        true
     }
 
     pub(super) fn on_flag(&mut self, payload: &[u8]) {

@@ -129,32 +129,10 @@ impl Agent {
         }
     }
 
-    /// The client's HandshakeResponse to a KMS shell's request: both actions processed, the
-    /// KMSEncryption one with the data key, which KMS then decrypts (`Decrypt`, with the
-    /// session's encryption context).
+    /// The client's HandshakeResponse to a KMS shell's request, both actions processed and
+    /// successful: the KMSEncryption one carries the data key, which KMS then decrypts
+    /// (`Decrypt`, with the session's encryption context).
     pub(super) fn on_shell_handshake_response(&mut self, response: HandshakeResponse) {
-        let types: Vec<&str> = (response.processed_client_actions.iter())
-            .map(|a| a.action_type.as_str())
-            .collect();
-        if types != ["SessionType", "KMSEncryption"] {
-            self.violation(format!(
-                "HandshakeResponse must process exactly [SessionType, KMSEncryption], got {types:?}"
-            ));
-        }
-        if self.is_closing() {
-            return;
-        }
-        if let Some(bad) = (response.processed_client_actions.iter()).find(|a| a.action_status != 1)
-        {
-            let reason = format!(
-                "Encountered error while initiating handshake. {} failed on client with status {} error: {}",
-                bad.action_type,
-                bad.action_status,
-                bad.error.clone().unwrap_or_default()
-            );
-            self.end(SessionStatus::Failed, reason, false);
-            return;
-        }
         lock(&self.report).client_version = Some(response.client_version.clone());
         let blob = (response.processed_client_actions.iter())
             .find(|a| a.action_type == "KMSEncryption")
