@@ -195,7 +195,8 @@ pub fn render(part: &ShellPaste, section: usize, out: &mut String) {
          with `head -c` and printing a marker once it has it all; time from the paste to the marker on the \
          screen (screen polled every 50 ms). The official plugin sends what it reads 1 KiB at a time with a \
          1 ms pause; `agent-bridge shell` sends what it has, up to 32 KiB a message, paced under the \
-         gateway's message rate. Runs interleave the clients; median of {} runs (min, max).\n",
+         gateway's message rate. A paste faster than a few polls is only bounded from below. Runs \
+         interleave the clients; median of {} runs (min, max).\n",
         PASTE_BYTES / 1024,
         part.rows.iter().map(|r| r.rates.len()).max().unwrap_or(0),
     );
