@@ -18,6 +18,7 @@ mod mux;
 mod publication;
 mod reliability;
 mod robustness;
+mod shell;
 
 const START_MS: u64 = 1_700_000_000_000;
 
