@@ -1,15 +1,17 @@
 //! Shell documents as the agent and the service apply them, against a raw client: the
 //! service's idle and maximum-duration limits (in the emulator's shortened minutes), the
 //! agent's runAs user (must exist; reported, as the emulator runs the shell as itself), its
-//! check of an encrypted log group, and documents whose inputs the agent cannot read. Moto
-//! holds the documents; every report is read after its session ended, with no violation.
+//! check of an encrypted log group, documents whose inputs the agent cannot read, and the
+//! transcript uploaded to CloudWatch Logs when the session ends (streaming off). Moto holds the
+//! documents and the log group; every report is read after its session ended, with no
+//! violation.
 
 #![allow(clippy::panic)] // test helpers report failures by panicking
 
 mod common;
 
 use common::*;
-use fleet_access_ssm_emulator::message::{MessageType, payload_type};
+use fleet_access_ssm_emulator::message::{ClientMessage, FLAG_SYN, MessageType, payload_type};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running, SessionStatus};
 use serde_json::{Value, json};
 
@@ -155,6 +157,76 @@ async fn the_services_limits_and_the_agents_checks_apply_to_shell_documents() {
         format!("{refused:#}").contains("cloudWatchStreamingEnabled"),
         "{refused:#}"
     );
+    let violations = running.violations();
+    assert!(violations.is_empty(), "{violations:?}");
+}
+
+#[tokio::test]
+async fn without_streaming_the_transcript_goes_to_cloudwatch_logs_when_the_session_ends() {
+    let moto = fleet_access_tests::Moto::start().await.expect("moto");
+    let (running, ssm) = emulator(&moto).await;
+    let logs = aws_sdk_cloudwatchlogs::Client::new(&moto.sdk_config());
+    logs.create_log_group()
+        .log_group_name("/shell/at-the-end")
+        .send()
+        .await
+        .expect("log group");
+    shell_document(
+        &ssm,
+        "Shell-Logs-At-The-End",
+        json!({"cloudWatchLogGroupName": "/shell/at-the-end", "cloudWatchStreamingEnabled": false}),
+    )
+    .await;
+    let started = start_session(&ssm, INSTANCE, "Shell-Logs-At-The-End", &[])
+        .await
+        .expect("StartSession");
+    let mut raw = RawClient::open(&started, "1.2.764.0").await.expect("open");
+    let prompt = raw.next_output(payload_type::OUTPUT).await.expect("prompt");
+    raw.ack(&prompt).await.expect("ack");
+    raw.send(&ClientMessage::new(
+        MessageType::InputStreamData,
+        0,
+        FLAG_SYN,
+        payload_type::OUTPUT,
+        b"echo at-the-end-$((4+5))\nexit\n".to_vec(),
+    ))
+    .await
+    .expect("typed");
+    while let Some(m) = raw.next_message().await.expect("a message") {
+        match m.message_type {
+            MessageType::OutputStreamData => raw.ack(&m).await.expect("ack"),
+            MessageType::ChannelClosed => break,
+            _ => {}
+        }
+    }
+    let report = running
+        .wait_for_end(&started.session_id, TEST_TIMEOUT)
+        .await
+        .expect("ends");
+    assert_eq!(report.status, SessionStatus::Terminated, "{report:?}");
+    let transcript = report.transcript.expect("a transcript");
+    assert!(transcript.notes.is_empty(), "{transcript:?}");
+    assert!(transcript.cloud_watch_events > 0, "{transcript:?}");
+    let events = logs
+        .get_log_events()
+        .log_group_name("/shell/at-the-end")
+        .log_stream_name(&started.session_id)
+        .start_from_head(true)
+        .send()
+        .await
+        .expect("the session's log stream");
+    let text: String = (events.events().iter())
+        .filter_map(|e| e.message())
+        .collect::<Vec<_>>()
+        .join("\n");
+    // Plain text, as `script` wrote it (not JSON events).
+    assert!(text.starts_with("Script started on "), "{text}");
+    assert_eq!(
+        text.matches("echo at-the-end-$((4+5))").count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("at-the-end-9"), "{text}");
     let violations = running.violations();
     assert!(violations.is_empty(), "{violations:?}");
 }
