@@ -36,9 +36,14 @@ impl Agent {
                 }),
             }],
         };
+        self.request_handshake(&request);
+    }
+
+    /// Sends the HandshakeRequest; the handshake's timeout runs from now.
+    pub(super) fn request_handshake(&mut self, request: &HandshakeRequest) {
         self.send_stream(
             payload_type::HANDSHAKE_REQUEST,
-            serde_json::to_vec(&request).unwrap_or_default(),
+            serde_json::to_vec(request).unwrap_or_default(),
             None,
         );
         self.handshake = Handshake::Awaiting {

@@ -102,14 +102,7 @@ impl Agent {
                 },
             ],
         };
-        self.send_stream(
-            payload_type::HANDSHAKE_REQUEST,
-            serde_json::to_vec(&request).unwrap_or_default(),
-            None,
-        );
-        self.handshake = Handshake::Awaiting {
-            since: Instant::now(),
-        };
+        self.request_handshake(&request);
         self.port = PortState::Shell(Box::new(ShellPort {
             input: None,
             pending: Some(setup),
