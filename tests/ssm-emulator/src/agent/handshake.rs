@@ -51,6 +51,22 @@ impl Agent {
         };
     }
 
+    /// Sends HandshakeComplete (with the time since the request, and `customer_message`); the
+    /// session is open from now.
+    pub(super) fn complete_handshake(&mut self, since: Instant, customer_message: String) {
+        let complete = HandshakeComplete {
+            handshake_time_to_complete: since.elapsed().as_nanos() as i64,
+            customer_message,
+        };
+        self.send_stream(
+            payload_type::HANDSHAKE_COMPLETE,
+            serde_json::to_vec(&complete).unwrap_or_default(),
+            None,
+        );
+        self.handshake = Handshake::Complete;
+        self.last_activity = Instant::now();
+    }
+
     /// Whether the agent's port session takes messages (its `IsConnectionAvailable`): the basic
     /// connection has been dialled once, or the mux is set up.
     pub(super) fn port_available(&self) -> bool {
@@ -192,17 +208,7 @@ impl Agent {
             r.smux_keepalive = keepalive;
             r.handshake_ack_first = self.handshake_ack_first;
         }
-        let complete = HandshakeComplete {
-            handshake_time_to_complete: since.elapsed().as_nanos() as i64,
-            customer_message: String::new(),
-        };
-        self.send_stream(
-            payload_type::HANDSHAKE_COMPLETE,
-            serde_json::to_vec(&complete).unwrap_or_default(),
-            None,
-        );
-        self.handshake = Handshake::Complete;
-        self.last_activity = Instant::now();
+        self.complete_handshake(since, String::new());
         self.after_handshake_faults();
         match (self.destination_allowed(), mux) {
             (false, _) => {}

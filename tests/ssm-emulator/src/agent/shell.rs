@@ -212,17 +212,7 @@ impl Agent {
         let Handshake::Awaiting { since } = self.handshake else {
             return Processed::Done;
         };
-        let complete = HandshakeComplete {
-            handshake_time_to_complete: since.elapsed().as_nanos() as i64,
-            customer_message: ENCRYPTED_SESSION_MESSAGE.to_owned(),
-        };
-        self.send_stream(
-            payload_type::HANDSHAKE_COMPLETE,
-            serde_json::to_vec(&complete).unwrap_or_default(),
-            None,
-        );
-        self.handshake = Handshake::Complete;
-        self.last_activity = Instant::now();
+        self.complete_handshake(since, ENCRYPTED_SESSION_MESSAGE.to_owned());
         lock(&self.report).encrypted = true;
         if let Some(setup) = pending {
             self.spawn_shell(setup);
