@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin::{self, Readiness},
+    budget::{DEFAULT_MEMORY_BUDGET, MemoryBudget},
     driver::signing::{SigV4Signer, UpgradeSigner},
     forward::{Pool, forward},
     listener::Limits,
@@ -85,6 +86,12 @@ struct ServeArgs {
     /// Most concurrent sessions to one instance.
     #[arg(long, default_value_t = 100)]
     max_sessions_per_instance: usize,
+    /// MiB all sessions' buffers may hold together (what clients have not read yet, what the
+    /// instances have not acknowledged): within it nothing is dropped, sessions read less; a
+    /// connection is refused when no room for one more message is left. The default fits the
+    /// shipped pod limit (512Mi) with a thousand sessions open.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_BUDGET / (1024 * 1024))]
+    memory_budget_mib: usize,
     /// End sessions idle this many seconds (0: never).
     #[arg(long, default_value_t = 1200)]
     idle_timeout_seconds: u64,
@@ -310,6 +317,10 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot reach the Kubernetes API")?;
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
+    let budget = MemoryBudget::new(args.memory_budget_mib.saturating_mul(1024 * 1024));
+    registry
+        .register(budget.collector().context("the memory budget's metrics")?)
+        .context("registering the memory budget's metrics")?;
     let control = Arc::new(control_plane(&args.aws, &sdk));
     let mark = match (&args.pod_name, &args.pod_uid) {
         (Some(pod), Some(uid)) => Some(
@@ -330,6 +341,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         reason: mark
             .as_ref()
             .map_or_else(|| UNMARKED_REASON.to_owned(), ReplicaMark::reason),
+        budget: Some(budget),
         ..SessionContext::per_connection(control.clone(), upgrade_signer(&sdk), metrics)
     });
     if let Some(mark) = mark {
@@ -394,6 +406,7 @@ async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         Instant::now(),
         shutdown_on_signal(),
         None,
+        None,
     )
     .await;
     let failure: anyhow::Error = match carried.ending {
@@ -451,6 +464,7 @@ async fn run_shell(args: ShellArgs) -> anyhow::Result<()> {
         Instant::now(),
         stop.clone(),
         sizes,
+        None,
     )
     .await;
     drop(raw);

@@ -290,7 +290,9 @@ fn open<'t, C: ControlPlane>(
         stop: stop.clone(),
     };
     let carried = async move {
-        let outcome = tunnel.run(target, incoming, stop.cancelled_owned()).await;
+        let outcome = tunnel
+            .run(target, incoming, stop.cancelled_owned(), None)
+            .await;
         (number, outcome)
     };
     (member, carried)

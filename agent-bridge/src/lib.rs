@@ -7,6 +7,7 @@
 //!  ssm/        the control plane (StartSession, ResumeSession, TerminateSession) as a trait,
 //!              and its aws-sdk-ssm implementation
 //!  tunnel      one connection through one session, with metrics
+//!  budget      the memory budget every session's buffers draw from
 //!  forward     local port forwarding over a pool of sessions
 //!  terminal    `shell`'s terminal: raw mode, its size, the `~.` escape
 //!  listener, serve, replica   the in-cluster mode: endpoints from Services, admission, the
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod budget;
 pub mod cli;
 pub mod clients;
 pub mod driver;

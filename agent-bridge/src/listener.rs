@@ -30,6 +30,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     audit::{AuditSink, ByteCounts, ClientRecord, ConnectionRecord, Counted, Ended},
+    budget::{Lease, MemoryBudget},
     clients::{self, Client, PodDirectory},
     ssm::{ControlPlane, StartSessionRequest},
     tunnel::{Carried, Ending, SessionContext, carry},
@@ -134,6 +135,8 @@ struct Admission {
     limits: Limits,
     total: Arc<Semaphore>,
     per_instance: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Each session's floor comes from here.
+    budget: Option<MemoryBudget>,
 }
 
 /// Why a client connection was refused before it became a session.
@@ -150,25 +153,38 @@ pub enum Refusal {
         /// Its limit.
         limit: usize,
     },
+    /// The memory budget cannot give a new session its floor.
+    #[error(
+        "the bridge's memory budget ({}) is spent on what other sessions' clients have not read \
+         yet",
+        crate::budget::in_units(*.0)
+    )]
+    MemorySpent(usize),
 }
 
 impl Refusal {
     /// The refusal's label in `connections_refused_total` (one of
     /// [`metrics::REFUSAL_REASONS`](crate::metrics::REFUSAL_REASONS)).
     pub fn metric_label(&self) -> &'static str {
-        let [total, instance] = crate::metrics::REFUSAL_REASONS;
+        let [total, instance, memory] = crate::metrics::REFUSAL_REASONS;
         match self {
             Refusal::BridgeFull(_) => total,
             Refusal::InstanceFull { .. } => instance,
+            Refusal::MemorySpent(_) => memory,
         }
     }
 }
 
+/// What an admitted connection holds while it is carried.
+#[derive(Debug)]
+struct Admitted {
+    _total: OwnedSemaphorePermit,
+    _instance: OwnedSemaphorePermit,
+    lease: Option<Lease>,
+}
+
 impl Admission {
-    fn admit(
-        &self,
-        instance: &str,
-    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), Refusal> {
+    fn admit(&self, instance: &str) -> Result<Admitted, Refusal> {
         let total = (self.total.clone().try_acquire_owned())
             .map_err(|_| Refusal::BridgeFull(self.limits.total))?;
         let instance_semaphore = {
@@ -183,7 +199,17 @@ impl Admission {
                 instance: instance.to_owned(),
                 limit: self.limits.per_instance,
             })?;
-        Ok((total, one))
+        let lease = match &self.budget {
+            Some(budget) => {
+                Some((budget.lease()).ok_or_else(|| Refusal::MemorySpent(budget.limit()))?)
+            }
+            None => None,
+        };
+        Ok(Admitted {
+            _total: total,
+            _instance: one,
+            lease,
+        })
     }
 }
 
@@ -242,6 +268,7 @@ impl<C: ControlPlane + 'static> Listeners<C> {
             limits,
             total: Arc::new(Semaphore::new(limits.total)),
             per_instance: Mutex::default(),
+            budget: context.budget.clone(),
         };
         Self {
             serving: Arc::new(Serving {
@@ -374,8 +401,8 @@ async fn accept_loop<C: ControlPlane + 'static>(
         let connected_at = Instant::now();
         let record = Record::begin(&endpoint, peer, &serving.audit.clients);
         let context = &serving.context;
-        let permits = match serving.admission.admit(&endpoint.instance_id) {
-            Ok(permits) => permits,
+        let admitted = match serving.admission.admit(&endpoint.instance_id) {
+            Ok(admitted) => admitted,
             Err(refusal) => {
                 context.metrics.connection_refused(refusal.metric_label());
                 warn!(instance = endpoint.instance_id, client = %peer, %refusal, "refusing connection");
@@ -399,13 +426,15 @@ async fn accept_loop<C: ControlPlane + 'static>(
         let (serving, endpoint_for_task) = (serving.clone(), endpoint.clone());
         tasks.spawn(
             async move {
-                let _permits = permits;
+                let mut admitted = admitted;
                 let context = &serving.context;
                 let reason =
                     clients::reason(&context.reason, &record.client, &endpoint_for_task.grants);
                 let request = endpoint_for_task.start_request(&reason);
                 let (stream, counts) = Counted::new(stream);
-                let carried = carry(context, &request, stream, connected_at, stop, None).await;
+                let lease = admitted.lease.take();
+                let carried =
+                    carry(context, &request, stream, connected_at, stop, None, lease).await;
                 match &carried.ending {
                     Ending::NotStarted(error) => warn!(%error, "connection not carried"),
                     Ending::Failed(error) => warn!(%error, "connection not carried to its end"),
@@ -564,6 +593,7 @@ mod tests {
             limits,
             total: Arc::new(Semaphore::new(3)),
             per_instance: Mutex::default(),
+            budget: None,
         };
         let a1 = admission.admit("i-a").unwrap();
         let _a2 = admission.admit("i-a").unwrap();
@@ -580,6 +610,35 @@ mod tests {
         assert_eq!(refusal.metric_label(), "limit_total");
         assert!(refusal.to_string().contains("limit of 3 sessions"));
         drop(a1);
+        assert!(admission.admit("i-c").is_ok());
+    }
+
+    #[test]
+    fn admission_refuses_a_session_the_memory_budget_has_no_floor_for() {
+        use crate::budget::SESSION_FLOOR;
+        let limits = Limits {
+            total: 10,
+            per_instance: 10,
+        };
+        let budget = MemoryBudget::new(2 * SESSION_FLOOR + SESSION_FLOOR / 2);
+        let admission = Admission {
+            limits,
+            total: Arc::new(Semaphore::new(10)),
+            per_instance: Mutex::default(),
+            budget: Some(budget.clone()),
+        };
+        let first = admission.admit("i-a").unwrap();
+        assert_eq!(first.lease.as_ref().map(Lease::held), Some(SESSION_FLOOR));
+        let _second = admission.admit("i-b").unwrap();
+        let refusal = admission.admit("i-c").unwrap_err();
+        assert_eq!(refusal.metric_label(), "memory_budget");
+        let limit = crate::budget::in_units(budget.limit());
+        assert!(
+            (refusal.to_string()).contains(&format!("memory budget ({limit}) is spent")),
+            "{refusal}"
+        );
+        drop(first);
+        assert_eq!(budget.in_use(), SESSION_FLOOR);
         assert!(admission.admit("i-c").is_ok());
     }
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    budget::{Lease, MemoryBudget},
     driver::{
         DataKeySource, DriverConfig, DriverError, Encryption, TerminalSize, Tunnel,
         signing::UpgradeSigner,
@@ -42,6 +43,9 @@ pub struct SessionContext<C> {
     pub reason: String,
     /// Where a shell's KMS data keys come from (`shell` only).
     pub data_keys: Option<Arc<dyn DataKeySource>>,
+    /// The memory budget every session's buffers draw from (`serve`); none: each session is
+    /// bounded on its own only.
+    pub budget: Option<MemoryBudget>,
 }
 
 /// The Reason of `serve`'s sessions when the replica has no mark (outside a pod).
@@ -67,6 +71,7 @@ impl<C> SessionContext<C> {
             max_duration: None,
             reason: UNMARKED_REASON.to_owned(),
             data_keys: None,
+            budget: None,
         }
     }
 }
@@ -123,7 +128,8 @@ pub struct Carried {
 
 /// Carries `connection` through a new session until either side closes it, `stop` fires, or a
 /// timeout ends it. `connected_at` is when the client connected (for the total setup time).
-/// A shell session's `terminal` gives the sizes of the person's terminal.
+/// A shell session's `terminal` gives the sizes of the person's terminal; a `lease` of the
+/// bridge's memory budget bounds what the session holds.
 pub async fn carry<C, L>(
     context: &SessionContext<C>,
     request: &StartSessionRequest,
@@ -131,6 +137,7 @@ pub async fn carry<C, L>(
     connected_at: Instant,
     stop: CancellationToken,
     terminal: Option<watch::Receiver<TerminalSize>>,
+    lease: Option<Lease>,
 ) -> Carried
 where
     C: ControlPlane,
@@ -193,7 +200,7 @@ where
             target: request.target.clone(),
         });
     }
-    let result = tunnel.run(target, incoming, stop.cancelled()).await;
+    let result = tunnel.run(target, incoming, stop.cancelled(), lease).await;
     timers.abort();
     // A timer that fired has finished, and says which; an aborted one says nothing.
     let expired = timers.await.ok().flatten();

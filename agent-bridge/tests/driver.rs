@@ -550,9 +550,14 @@ async fn basic_echo_signed_upgrade_and_terminate() {
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
         tokio::join!(
-            tunnel.run(target, conn_rx, async {
-                let _ = stop_rx.await;
-            }),
+            tunnel.run(
+                target,
+                conn_rx,
+                async {
+                    let _ = stop_rx.await;
+                },
+                None
+            ),
             body
         )
     })
@@ -608,9 +613,14 @@ async fn mux_streams_echo_concurrently() {
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
         tokio::join!(
-            tunnel.run(target, conn_rx, async {
-                let _ = stop_rx.await;
-            }),
+            tunnel.run(
+                target,
+                conn_rx,
+                async {
+                    let _ = stop_rx.await;
+                },
+                None
+            ),
             body
         )
     })
@@ -654,9 +664,14 @@ async fn echo_through(s: &Setup, messages: &[&[u8]]) -> Result<Outcome, DriverEr
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
         tokio::join!(
-            tunnel.run(target, conn_rx, async {
-                let _ = stop_rx.await;
-            }),
+            tunnel.run(
+                target,
+                conn_rx,
+                async {
+                    let _ = stop_rx.await;
+                },
+                None
+            ),
             body
         )
     })
@@ -738,9 +753,14 @@ async fn silent_gateway_is_detected_by_ping_and_resumed() {
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
         tokio::join!(
-            tunnel.run(target, conn_rx, async {
-                let _ = stop_rx.await;
-            }),
+            tunnel.run(
+                target,
+                conn_rx,
+                async {
+                    let _ = stop_rx.await;
+                },
+                None
+            ),
             body
         )
     })
@@ -788,10 +808,13 @@ async fn the_last_bytes_reach_a_slow_client_before_the_tunnel_returns() {
     let (written, shut_down) = (local.written.clone(), local.shut_down.clone());
     conn_tx.send(local).await.unwrap();
     input.write_all(b"go").await.unwrap();
-    let outcome = tokio::time::timeout(LIMIT, tunnel.run(target, conn_rx, std::future::pending()))
-        .await
-        .expect("test finished in time")
-        .unwrap();
+    let outcome = tokio::time::timeout(
+        LIMIT,
+        tunnel.run(target, conn_rx, std::future::pending(), None),
+    )
+    .await
+    .expect("test finished in time")
+    .unwrap();
     assert_eq!(outcome.cause, CloseCause::ChannelClosed);
     let written = written.lock().unwrap();
     assert_eq!(
@@ -819,9 +842,12 @@ async fn expired_session_on_resume_is_an_error() {
     let (mut local, remote) = tokio::io::duplex(1024);
     conn_tx.send(remote).await.unwrap();
     local.write_all(b"data").await.unwrap();
-    let result = tokio::time::timeout(LIMIT, tunnel.run(target, conn_rx, std::future::pending()))
-        .await
-        .expect("test finished in time");
+    let result = tokio::time::timeout(
+        LIMIT,
+        tunnel.run(target, conn_rx, std::future::pending(), None),
+    )
+    .await
+    .expect("test finished in time");
     assert!(
         matches!(result, Err(DriverError::SessionExpired(ref id)) if id == "s-1"),
         "{result:?}"
@@ -843,10 +869,13 @@ async fn channel_closed_output_ends_the_tunnel() {
     let target = s.start().await;
     let tunnel = Tunnel::new(&s.control, None, config());
     let (_conn_tx, conn_rx) = mpsc::channel::<DuplexStream>(4);
-    let outcome = tokio::time::timeout(LIMIT, tunnel.run(target, conn_rx, std::future::pending()))
-        .await
-        .expect("test finished in time")
-        .unwrap();
+    let outcome = tokio::time::timeout(
+        LIMIT,
+        tunnel.run(target, conn_rx, std::future::pending(), None),
+    )
+    .await
+    .expect("test finished in time")
+    .unwrap();
     assert_eq!(outcome.cause, CloseCause::ChannelClosed);
     assert_eq!(
         outcome.output.as_deref(),
@@ -875,9 +904,14 @@ async fn refused_stream_closes_its_local_connection() {
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
         tokio::join!(
-            tunnel.run(target, conn_rx, async {
-                let _ = stop_rx.await;
-            }),
+            tunnel.run(
+                target,
+                conn_rx,
+                async {
+                    let _ = stop_rx.await;
+                },
+                None
+            ),
             body
         )
     })
@@ -912,9 +946,14 @@ async fn gateway_that_pongs_but_never_acks_is_resumed() {
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
         tokio::join!(
-            tunnel.run(target, conn_rx, async {
-                let _ = stop_rx.await;
-            }),
+            tunnel.run(
+                target,
+                conn_rx,
+                async {
+                    let _ = stop_rx.await;
+                },
+                None
+            ),
             body
         )
     })

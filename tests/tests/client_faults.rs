@@ -222,7 +222,7 @@ async fn session(
             };
             Tunnel::new(&*control, None, config)
                 .with_stats(stats_tx)
-                .run(target, incoming, shutdown.cancelled())
+                .run(target, incoming, shutdown.cancelled(), None)
                 .await
         })
     };

@@ -18,6 +18,7 @@
 
 mod dial;
 mod local;
+mod share;
 pub mod signing;
 
 use std::collections::HashMap;
@@ -43,9 +44,11 @@ use crate::protocol::{
     CloseCause, Event, ForwardingMode, HandshakeInfo, Session, SessionError, Stats, Transmit,
 };
 
+use crate::budget::Lease;
 use crate::ssm::{ControlPlane, ControlPlaneError, StreamTarget};
 use dial::{dial_error, tls_config};
-use local::{Conn, LocalInput, spawn_conn};
+use local::{Budgeted, Conn, LocalInput, spawn_conn};
+use share::Share;
 use signing::{SigningError, UpgradeSigner, is_presigned};
 
 /// WebSocket ping interval: within the 30–60 s the reference suggests (the agent pings every 54 s).
@@ -299,12 +302,14 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
 
     /// Runs the data channel of `target` until the session closes: serves local connections
     /// from `incoming`, and on `shutdown` terminates the session (TerminateSession flag, then
-    /// the TerminateSession API).
+    /// the TerminateSession API). With a `lease` of a memory budget, what the session holds
+    /// stays within it (see [`crate::budget`]); without, within the per-session bounds only.
     pub async fn run<L>(
         &self,
         target: StreamTarget,
         incoming: mpsc::Receiver<L>,
         shutdown: impl Future<Output = ()>,
+        lease: Option<Lease>,
     ) -> Result<Outcome, DriverError>
     where
         L: AsyncRead + AsyncWrite + Send + 'static,
@@ -362,6 +367,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             listening_since: start,
             mode: None,
             finishing: Vec::new(),
+            share: lease.map(Share::new),
         };
         let (tx, rx) = mpsc::channel(self.config.local_write_queue.max(1));
         run.local_tx = Some(tx);
@@ -521,6 +527,9 @@ struct Run<'t, 'a, C, L> {
     mode: Option<ForwardingMode>,
     /// Writer tasks of connections closed with the session, still writing out.
     finishing: Vec<JoinHandle<()>>,
+    /// The session's share of a memory budget, if the bridge has one. Dropped with the run,
+    /// after the writers finished.
+    share: Option<Share>,
 }
 
 enum Turn<L> {
@@ -536,6 +545,8 @@ enum Turn<L> {
     Resized(bool),
     /// KMS answered.
     DataKey(Result<DataKey, String>),
+    /// The memory budget gave room, or a writer wrote some out.
+    Room,
 }
 
 impl<C: ControlPlane, L> Run<'_, '_, C, L>
@@ -559,6 +570,7 @@ where
             if let Some(stats) = &self.tunnel.stats {
                 stats.send_replace(self.session.stats());
             }
+            self.settle_share();
             let timer = self.session.poll_timeout().map(Instant::from_std);
             let accepting = incoming_open && self.accepting();
             let reading = self.session.wants_frames();
@@ -576,6 +588,8 @@ where
             let resizing = sizes.is_some();
             let data_key = self.data_key.as_mut();
             let generating = data_key.is_some();
+            let waiting_for_room = self.share.as_ref().is_some_and(Share::is_waiting);
+            let share = self.share.as_mut();
             let turn = tokio::select! {
                 biased;
                 () = &mut shutdown, if !shutting_down => Turn::Shutdown,
@@ -593,6 +607,7 @@ where
                         None => std::future::pending().await,
                     }
                 }, if generating => Turn::DataKey(key),
+                () = async { if let Some(share) = share { share.room().await } }, if waiting_for_room => Turn::Room,
             };
             let now = Instant::now();
             match turn {
@@ -666,17 +681,22 @@ where
                         }
                     }
                 }
+                Turn::Room => {}
                 Turn::Unstalled(permit) => {
                     if let Some((key, data)) = self.stalled.take() {
                         match permit {
                             Some(permit) => {
+                                self.handed_to_writer(data.len());
                                 permit.send(data);
                             }
                             None => self.local_gone(now, key),
                         }
                     }
                 }
-                Turn::Local(Some(LocalInput::Data(key, data))) => {
+                Turn::Local(Some(LocalInput::Data(key, data, credit))) => {
+                    if let Some(share) = &mut self.share {
+                        share.took_read(credit);
+                    }
                     self.pending_local = Some((key, data));
                     self.feed_pending_local();
                 }
@@ -811,12 +831,17 @@ where
             return;
         };
         let config = &self.tunnel.config;
+        let budgeted = self.share.as_ref().map(|share| Budgeted {
+            read_credit: share.read_credit.clone(),
+            unwritten: share.unwritten.clone(),
+        });
         let conn = spawn_conn(
             key,
             conn,
             local_tx,
             config.local_read_size,
             config.local_write_queue,
+            budgeted,
         );
         self.conns.insert(key, conn);
         if let Some(data) = self.unattached.take() {
@@ -847,6 +872,15 @@ where
                 }
                 Event::Data(data) => match self.conns.keys().next().copied() {
                     Some(key) => self.deliver_local(now, key, data),
+                    // Closing: no connection will attach any more, and the client these bytes
+                    // were for has gone. Held, they would stop the events behind them, the
+                    // session's close among them.
+                    None if !self.session.is_open() && self.mode.is_some() => {
+                        debug!(
+                            bytes = data.len(),
+                            "discarding bytes for a connection that ended"
+                        );
+                    }
                     None => self.unattached = Some(data),
                 },
                 Event::StreamData { stream, data } => self.deliver_local(now, stream, data),
@@ -901,10 +935,37 @@ where
         let Some(conn) = self.conns.get(&key) else {
             return;
         };
+        let len = data.len();
         match conn.writer.try_send(data) {
-            Ok(()) => {}
+            Ok(()) => self.handed_to_writer(len),
             Err(mpsc::error::TrySendError::Full(data)) => self.stalled = Some((key, data)),
             Err(mpsc::error::TrySendError::Closed(_)) => self.local_gone(now, key),
+        }
+    }
+}
+
+impl<C, L> Run<'_, '_, C, L> {
+    /// Settles the session's share of the memory budget against what the run holds now, and
+    /// tells the session how much more it may receive.
+    fn settle_share(&mut self) {
+        let Some(share) = &mut self.share else {
+            return;
+        };
+        let len = |chunk: &Option<(u32, Bytes)>| chunk.as_ref().map_or(0, |(_, data)| data.len());
+        let held = self.session.buffered_bytes()
+            + len(&self.pending_local)
+            + len(&self.stalled)
+            + self.unattached.as_ref().map_or(0, Bytes::len)
+            + self.outgoing.as_ref().map_or(0, |t| t.frame.len());
+        let room = share.settle(held);
+        let inbound = self.session.inbound_bytes();
+        self.session.set_inbound_budget(inbound + room);
+    }
+
+    /// `bytes` went to a local writer: held by it until written out.
+    fn handed_to_writer(&self, bytes: usize) {
+        if let Some(share) = &self.share {
+            share.unwritten.handed(bytes);
         }
     }
 }

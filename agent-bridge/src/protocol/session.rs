@@ -105,6 +105,9 @@ pub struct Session {
     events: VecDeque<Event>,
     /// Payload bytes inside queued Data/StreamData events.
     event_bytes: usize,
+    /// Received bytes (undrained events and early messages together) the caller's share of a
+    /// memory budget allows ([`Session::set_inbound_budget`]); unbounded by default.
+    inbound_budget: usize,
     /// Since when MGS has paused publication. The agent's own data channel lifts a pause at
     /// the next data or ack from its peer, and so does this one; a pause also lapses after
     /// [`Config::max_pause`]: one that is never lifted must not stop a session for ever.
@@ -165,6 +168,7 @@ impl Session {
             control: VecDeque::new(),
             events: VecDeque::new(),
             event_bytes: 0,
+            inbound_budget: usize::MAX,
             paused_since: None,
             clock: WallClock {
                 base: now,
@@ -563,7 +567,29 @@ impl Session {
     /// costs a tick each: a driver pushes back by not reading instead, and the transport holds
     /// the agent back.
     pub fn wants_frames(&self) -> bool {
-        self.event_bytes + INBOUND_HEADROOM <= self.config.max_inbound_bytes
+        self.event_bytes.saturating_add(INBOUND_HEADROOM) <= self.config.max_inbound_bytes
+            && (self.within_inbound_budget(INBOUND_HEADROOM) || self.awaits_gap())
+    }
+
+    /// Caps the received bytes held for the caller (undrained events and early messages
+    /// together) at `bytes`, below [`Config::max_inbound_bytes`]: a driver passes what its
+    /// share of a memory budget leaves room for. The session then asks for frames only while
+    /// one more message fits, drops unacked (for the agent to resend) a message that does not,
+    /// and keeps early messages only with room left for the one that fills their gap, so that
+    /// a gap never stops it.
+    pub fn set_inbound_budget(&mut self, bytes: usize) {
+        self.inbound_budget = bytes;
+    }
+
+    /// Received payload bytes held for the caller: undrained events and early messages.
+    pub fn inbound_bytes(&self) -> usize {
+        self.event_bytes + self.recv.buffered_bytes()
+    }
+
+    /// Payload bytes the session holds in memory, both ways: received ones not yet drained
+    /// ([`Session::inbound_bytes`]) and local ones sent but not acknowledged, or not yet sent.
+    pub fn buffered_bytes(&self) -> usize {
+        self.inbound_bytes() + self.send.payload_bytes() + self.unsent_output.len()
     }
 
     /// Counters and gauges.
@@ -727,16 +753,32 @@ impl Session {
         }
     }
 
-    /// Room for the next in-order message. Only undrained events count: the reorder buffer
-    /// empties behind this message, so counting it could refuse the one message that fills the
-    /// gap for ever (a full reorder buffer waiting on a hole it will not admit).
+    /// Room for the next in-order message. Against the per-session bound only undrained events
+    /// count: the reorder buffer empties behind this message, so counting it could refuse the
+    /// one message that fills the gap for ever (a full reorder buffer waiting on a hole it will
+    /// not admit). Against the inbound budget early messages count too, and the message that
+    /// fills their gap is always taken: room for it was kept when they were.
     fn in_order_room(&self, len: usize) -> bool {
-        self.event_bytes == 0 || self.event_bytes + len <= self.config.max_inbound_bytes
+        (self.event_bytes == 0 || self.event_bytes + len <= self.config.max_inbound_bytes)
+            && (self.within_inbound_budget(len) || self.awaits_gap())
     }
 
-    /// Room to keep an early message until the gap before it fills.
+    /// Room to keep an early message until the gap before it fills, and then for the message
+    /// that fills it.
     fn early_room(&self, len: usize) -> bool {
-        self.recv.has_room() && self.recv.buffered_bytes() + len <= self.config.max_inbound_bytes
+        self.recv.has_room()
+            && self.recv.buffered_bytes() + len <= self.config.max_inbound_bytes
+            && self.within_inbound_budget(len.saturating_add(INBOUND_HEADROOM))
+    }
+
+    /// Whether `more` received bytes fit the inbound budget.
+    fn within_inbound_budget(&self, more: usize) -> bool {
+        self.inbound_bytes().saturating_add(more) <= self.inbound_budget
+    }
+
+    /// Early messages wait for a gap to fill.
+    fn awaits_gap(&self) -> bool {
+        self.recv.buffered_messages() > 0
     }
 
     fn handle_stream_message(&mut self, now: Instant, message: ClientMessage) {

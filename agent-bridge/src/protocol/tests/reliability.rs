@@ -259,6 +259,71 @@ fn a_full_reorder_buffer_still_admits_the_message_that_fills_its_gap() {
 }
 
 #[test]
+fn an_inbound_budget_below_the_session_bound_withholds_acks_and_stops_reading() {
+    let mut p = Pair::new(Config::default());
+    p.basic_open();
+    let chunk = [7u8; 1024];
+    // Room for one more message of the headroom's size, and 2 KiB besides.
+    p.session
+        .set_inbound_budget(session::INBOUND_HEADROOM + 2048);
+    let mut delivered = 0;
+    while p.session.wants_frames() {
+        let frame = p.agent.send(PayloadType::Output, &chunk);
+        p.deliver(&frame).unwrap();
+        delivered += 1;
+        assert!(delivered <= 3, "still reading with {delivered} KiB held");
+    }
+    assert_eq!(delivered, 3);
+    assert_eq!(p.session.inbound_bytes(), 3 * 1024);
+    // A message past the budget is not acked: the agent resends it.
+    p.session.set_inbound_budget(3 * 1024);
+    let frame = p.agent.send(PayloadType::Output, &chunk);
+    p.deliver(&frame).unwrap();
+    assert_eq!(p.transmit().acks.len(), 3);
+    assert_eq!(p.session.stats().dropped_no_room, 1);
+    assert_eq!(p.drain_events().len(), 3);
+    assert!(
+        !p.session.wants_frames(),
+        "no room for a message even with nothing undrained"
+    );
+    p.session.set_inbound_budget(session::INBOUND_HEADROOM);
+    assert!(p.session.wants_frames());
+}
+
+#[test]
+fn early_messages_keep_room_within_the_inbound_budget_for_the_one_that_fills_their_gap() {
+    let mut p = Pair::new(Config::default());
+    p.basic_open();
+    let base = p.agent.next_seq;
+    let first = p.agent.message(base, PayloadType::Output, b"1234");
+    let gap = p.agent.message(base + 1, PayloadType::Output, b"5678");
+    let early = p.agent.message(base + 2, PayloadType::Output, b"9abc");
+    let later = p.agent.message(base + 3, PayloadType::Output, b"def0");
+    p.session.set_inbound_budget(session::INBOUND_HEADROOM + 8);
+    p.deliver(&first.to_bytes()).unwrap();
+    p.deliver(&early.to_bytes()).unwrap();
+    assert_eq!(p.session.inbound_bytes(), 8);
+    // Another early message would eat the room kept for the gap: dropped unacked.
+    p.deliver(&later.to_bytes()).unwrap();
+    assert_eq!(p.session.stats().dropped_no_room, 1);
+    assert!(p.session.wants_frames(), "a gap keeps the session reading");
+    // The gap is taken, with what waited behind it.
+    p.deliver(&gap.to_bytes()).unwrap();
+    assert_eq!(p.session.stats().dropped_no_room, 1);
+    assert_eq!(p.session.inbound_bytes(), 12);
+    assert!(!p.session.wants_frames(), "past the budget, with no gap");
+    assert_eq!(
+        p.drain_events(),
+        vec![
+            Event::Data(Bytes::from_static(b"1234")),
+            Event::Data(Bytes::from_static(b"5678")),
+            Event::Data(Bytes::from_static(b"9abc"))
+        ]
+    );
+    assert!(p.session.wants_frames());
+}
+
+#[test]
 fn reorder_buffer_is_bounded() {
     let config = Config {
         max_reorder_messages: 2,

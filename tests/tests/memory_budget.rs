@@ -1,0 +1,293 @@
+//! The serve path's memory budget against the strict emulator: clients that read nothing while
+//! their instances send spend the budget and no more; a connection the budget has no room for
+//! is refused with a reason; then every download arrives whole, and the budget is all given
+//! back.
+
+#![allow(clippy::panic)]
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use fleet_access_agent_bridge::{
+    budget::{MemoryBudget, SESSION_FLOOR, in_units},
+    listener::{Audit, Endpoint, Limits, Listeners},
+    metrics::{self, Metrics},
+    ssm::SdkControlPlane,
+    stream_url::StreamUrls,
+    tunnel::SessionContext,
+};
+use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
+use fleet_access_tests::free_loopback_port;
+use prometheus::Registry;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const INSTANCE: &str = "i-0123456789abcdef0";
+/// The budget: six sessions' floors and as much again to share.
+const BUDGET: usize = 12 * SESSION_FLOOR;
+const CLIENTS: usize = 6;
+/// What each client downloads: more than the kernel's socket buffers on the way hold (up to
+/// 4 MiB of send buffer on the bridge's side), so that the rest waits in the bridge.
+const DOWNLOAD: usize = 8_000_000;
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// Sends [`DOWNLOAD`] bytes of [`pattern`] to every connection, then closes it.
+async fn download_server() -> SocketAddr {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let data = Arc::new(pattern(DOWNLOAD));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let data = data.clone();
+            tokio::spawn(async move {
+                let _ = stream.write_all(&data).await;
+                let _ = stream.shutdown().await;
+                // Hold the connection until the far end closes.
+                let _ = stream.read(&mut [0u8; 1]).await;
+            });
+        }
+    });
+    address
+}
+
+/// Polls `condition` every 10 ms until it holds; fails the test after `limit`.
+async fn until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let waited = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(limit, waited)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not happen within {limit:?}"));
+}
+
+/// A client whose receive buffer holds little: what it does not read stays in the bridge.
+async fn connect(port: u16) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
+    socket
+        .connect(SocketAddr::new(LOOPBACK, port))
+        .await
+        .expect("connect")
+}
+
+/// The serve path's endpoint listener for one instance whose port sends [`DOWNLOAD`] bytes,
+/// through the emulator in fast mode.
+struct Bridge {
+    emulator: Running,
+    listeners: Listeners<SdkControlPlane>,
+    registry: Registry,
+    port: u16,
+}
+
+impl Bridge {
+    async fn start(budget: Option<&MemoryBudget>) -> Self {
+        let source = download_server().await;
+        let mut config = Config {
+            mode: Mode::Fast,
+            ..Config::default()
+        };
+        config
+            .instances
+            .push(InstanceConfig::new(INSTANCE).with_port("22", source));
+        let emulator = Emulator::start(config).await.expect("emulator starts");
+        let registry = Registry::new();
+        if let Some(budget) = budget {
+            registry
+                .register(budget.collector().expect("collector"))
+                .expect("register");
+        }
+        let control = SdkControlPlane::new(&fleet_access_tests::moto::sdk_config_for(
+            &emulator.endpoint_url(),
+        ))
+        .with_stream_urls(StreamUrls::Any);
+        let context = Arc::new(SessionContext {
+            budget: budget.cloned(),
+            ..SessionContext::per_connection(
+                Arc::new(control),
+                None,
+                Metrics::register(&registry).expect("metrics"),
+            )
+        });
+        let endpoint = Endpoint {
+            instance_id: INSTANCE.into(),
+            remote_host: None,
+            port: 22,
+            listen_port: free_loopback_port().expect("port"),
+            document: "AWS-StartSSHSession".into(),
+            port_parameter: Some(22),
+            grants: Vec::new(),
+        };
+        let limits = Limits {
+            total: 100,
+            per_instance: 100,
+        };
+        let mut listeners = Listeners::new(context, limits, LOOPBACK, Audit::none());
+        let port = endpoint.listen_port;
+        let endpoints = BTreeMap::from([(port, endpoint)]);
+        assert!(listeners.apply(&endpoints).await.is_empty());
+        Self {
+            emulator,
+            listeners,
+            registry,
+            port,
+        }
+    }
+
+    /// The bridge's own count of open sessions.
+    fn sessions_active(&self) -> String {
+        let exported = metrics::encode(&self.registry);
+        (exported.lines())
+            .find_map(|line| line.strip_prefix("agent_bridge_sessions_active "))
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_spend_the_memory_budget_and_no_more_and_lose_nothing() {
+    let budget = MemoryBudget::new(BUDGET);
+    let Bridge {
+        emulator,
+        listeners,
+        registry,
+        port,
+    } = Bridge::start(Some(&budget)).await;
+
+    // The clients read nothing: their sessions fill what the budget has, then hold back.
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(connect(port).await);
+    }
+    // No room for another session's floor: refused, with the reason. (While the kernel's
+    // socket buffers still take what the writers write, a lease may shrink between the check
+    // and the connection; a connection admitted then is dropped, and the check made again.)
+    let refusal = b"fleet-access: refused: ";
+    let mut answer = Vec::new();
+    for _ in 0..20 {
+        until("the budget being spent", Duration::from_secs(60), || {
+            budget.limit() - budget.in_use() < SESSION_FLOOR && budget.waits() > 0
+        })
+        .await;
+        let mut extra = connect(port).await;
+        answer = vec![0; refusal.len()];
+        tokio::time::timeout(Duration::from_secs(30), extra.read_exact(&mut answer))
+            .await
+            .expect("the connection is answered")
+            .expect("read the answer");
+        if answer == refusal {
+            extra
+                .read_to_end(&mut answer)
+                .await
+                .expect("read the refusal");
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    let reason = format!(
+        "fleet-access: refused: the bridge's memory budget ({}) is spent",
+        in_units(BUDGET)
+    );
+    assert!(answer.starts_with(&reason), "{answer:?}");
+
+    // Every byte arrives, in order, once the clients read.
+    let expected = pattern(DOWNLOAD);
+    let reads: Vec<_> = (clients.into_iter())
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let mut received = Vec::with_capacity(DOWNLOAD);
+                client.read_to_end(&mut received).await.expect("read");
+                received
+            })
+        })
+        .collect();
+    let mut received = Vec::new();
+    for read in reads {
+        let bytes = tokio::time::timeout(Duration::from_secs(120), read)
+            .await
+            .expect("the download ends")
+            .expect("the reader finishes");
+        received.push(bytes);
+    }
+    for (client, received) in received.iter().enumerate() {
+        assert!(
+            *received == expected,
+            "client {client}: {} of {DOWNLOAD} bytes, differing",
+            received.len()
+        );
+    }
+
+    let reports = emulator
+        .wait_for_all_ended(Duration::from_secs(60))
+        .await
+        .expect("every session ends");
+    assert!(
+        emulator.violations().is_empty(),
+        "{:?}",
+        emulator.violations()
+    );
+    for report in &reports {
+        assert!(
+            report.retransmissions_to_client * 10 < report.messages_to_client,
+            "the agent resent {} of {} messages: the bridge dropped what it could not hold",
+            report.retransmissions_to_client,
+            report.messages_to_client
+        );
+    }
+    listeners.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(budget.overdrawn(), 0, "no session held more than its share");
+    assert_eq!(budget.in_use(), 0, "every session gave its share back");
+    let exported = metrics::encode(&registry);
+    assert!(
+        exported.contains(r#"agent_bridge_connections_refused_total{reason="memory_budget"} 1"#),
+        "{exported}"
+    );
+    assert!(exported.contains(&format!("agent_bridge_memory_budget_bytes {BUDGET}")));
+    assert!(exported.contains("agent_bridge_memory_budget_overdrawn_total 0"));
+}
+
+/// A client that leaves in the middle of a download ends its session at once, even while the
+/// session has stopped reading for want of budget: what the instance still sends for it is
+/// discarded, not held in front of the session's close until the transport times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_download_ends_its_session() {
+    let budget = MemoryBudget::new(2 * SESSION_FLOOR);
+    let bridge = Bridge::start(Some(&budget)).await;
+    let mut client = connect(bridge.port).await;
+    let mut head = vec![0; 100_000];
+    client.read_exact(&mut head).await.expect("read");
+    assert!(head == pattern(head.len()));
+    until(
+        "the session waiting for the budget",
+        Duration::from_secs(60),
+        || budget.waits() > 0,
+    )
+    .await;
+    assert_eq!(bridge.sessions_active(), "1");
+    drop(client);
+    until("the session ending", Duration::from_secs(30), || {
+        bridge.sessions_active() == "0"
+    })
+    .await;
+    bridge
+        .emulator
+        .wait_for_all_ended(Duration::from_secs(30))
+        .await
+        .expect("the emulator saw the session end");
+    assert!(bridge.emulator.violations().is_empty());
+    bridge.listeners.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(budget.in_use(), 0);
+}
