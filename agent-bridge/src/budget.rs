@@ -118,9 +118,9 @@ impl MemoryBudget {
             .ok()
     }
 
-    /// Exports the budget's size, use and waits as metrics (to register on a registry).
-    pub fn collector(&self) -> prometheus::Result<Box<dyn Collector>> {
-        Ok(Box::new(BudgetCollector::new(self.clone())?))
+    /// Exports the budget's size, use, waits and overdrafts on `registry`, read at each scrape.
+    pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(BudgetCollector::new(self.clone())?))
     }
 }
 
@@ -341,7 +341,7 @@ mod tests {
     fn the_collector_reads_the_budget_at_scrape_time() {
         let budget = MemoryBudget::new(4 * SESSION_FLOOR);
         let registry = prometheus::Registry::new();
-        registry.register(budget.collector().unwrap()).unwrap();
+        budget.register(&registry).unwrap();
         let _lease = budget.lease().unwrap();
         let text = crate::metrics::encode(&registry);
         assert!(text.contains(&format!(

@@ -318,8 +318,8 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
     let budget = MemoryBudget::new(args.memory_budget_mib.saturating_mul(1024 * 1024));
-    registry
-        .register(budget.collector().context("the memory budget's metrics")?)
+    budget
+        .register(&registry)
         .context("registering the memory budget's metrics")?;
     let control = Arc::new(control_plane(&args.aws, &sdk));
     let mark = match (&args.pod_name, &args.pod_uid) {

@@ -21,6 +21,7 @@
 //! processes: `relay LISTEN TO` and `serve-listeners ...`.
 
 pub mod floor;
+pub mod memory;
 pub mod operator;
 pub mod parallel;
 pub mod report;

@@ -216,6 +216,8 @@ pub struct Report {
     pub parallel: Option<crate::parallel::Parallel>,
     /// A paste into a shell, against the plugin.
     pub shell_paste: Option<crate::shell_paste::ShellPaste>,
+    /// Memory under a thousand slow readers.
+    pub memory: Option<crate::memory::Memory>,
 }
 
 fn shell(program: &str, args: &[&str]) -> String {
@@ -264,6 +266,7 @@ impl Report {
             slow_reader: None,
             parallel: None,
             shell_paste: None,
+            memory: None,
         }
     }
 
@@ -320,6 +323,9 @@ impl Report {
         }
         if let Some(part) = &self.shell_paste {
             crate::shell_paste::render(part, 7, &mut out);
+        }
+        if let Some(part) = &self.memory {
+            crate::memory::render(part, 8, &mut out);
         }
         for (what, text) in &self.profiles {
             let _ = writeln!(
@@ -989,6 +995,7 @@ mod tests {
             slow_reader: None,
             parallel: None,
             shell_paste: None,
+            memory: None,
         }
     }
 

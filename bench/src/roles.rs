@@ -14,6 +14,7 @@ use std::{
 use anyhow::Context as _;
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
+    budget::{DEFAULT_MEMORY_BUDGET, MemoryBudget},
     cli::{AwsArgs, control_plane, load_aws},
     listener::{Audit, Endpoint, Limits, Listeners},
     metrics::Metrics,
@@ -244,8 +245,12 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
     };
     let sdk = load_aws(&aws).await;
     let registry = prometheus::Registry::new();
+    // The memory budget `agent-bridge serve` ships with.
+    let budget = MemoryBudget::new(DEFAULT_MEMORY_BUDGET);
+    budget.register(&registry)?;
     let context = Arc::new(SessionContext {
         idle_timeout: Some(Duration::from_secs(1200)),
+        budget: Some(budget),
         ..SessionContext::per_connection(
             Arc::new(control_plane(&aws, &sdk)),
             None,

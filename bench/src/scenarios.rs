@@ -88,6 +88,7 @@ impl Options {
                 "shell-paste".into(),
                 "setup".into(),
                 "scale".into(),
+                "memory".into(),
                 "operator".into(),
             ],
             modes: vec![Mode::Realistic, Mode::Fast],
@@ -127,7 +128,9 @@ impl Options {
                 "--only" => {
                     options.parts = it
                         .next()
-                        .context("--only throughput,slow-reader,parallel,shell-paste,setup,scale,operator")?
+                        .context(
+                            "--only throughput,slow-reader,parallel,shell-paste,setup,scale,memory,operator",
+                        )?
                         .split(',')
                         .map(str::to_owned)
                         .collect();
@@ -209,6 +212,12 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
         match scale(&ws, &options, &target).await {
             Ok(scale) => report.scale = Some(scale),
             Err(error) => report.missing.push(format!("scale: {error:#}")),
+        }
+    }
+    if options.wants("memory") {
+        match crate::memory::run(&ws, &options, &target).await {
+            Ok(part) => report.memory = Some(part),
+            Err(error) => report.missing.push(format!("memory: {error:#}")),
         }
     }
     if options.wants("operator") {

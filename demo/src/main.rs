@@ -17,6 +17,7 @@ use clap::Parser;
 use fleet_access_agent_bridge::{
     SSH_DOCUMENT,
     admin::{self, Readiness},
+    budget::{DEFAULT_MEMORY_BUDGET, MemoryBudget},
     cli::{
         AwsArgs, control_plane, init_tracing, load_aws, select_crypto_provider, shutdown_on_signal,
     },
@@ -113,8 +114,12 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let sdk = demo_sdk_config(&aws).await;
     let registry = Registry::new();
+    // The memory budget `agent-bridge serve` ships with.
+    let budget = MemoryBudget::new(DEFAULT_MEMORY_BUDGET);
+    budget.register(&registry)?;
     let context = Arc::new(SessionContext {
         idle_timeout: Some(Duration::from_secs(1200)),
+        budget: Some(budget),
         ..SessionContext::per_connection(
             Arc::new(control_plane(&aws, &sdk)),
             None,

@@ -106,9 +106,7 @@ impl Bridge {
         let emulator = Emulator::start(config).await.expect("emulator starts");
         let registry = Registry::new();
         if let Some(budget) = budget {
-            registry
-                .register(budget.collector().expect("collector"))
-                .expect("register");
+            budget.register(&registry).expect("register");
         }
         let control = SdkControlPlane::new(&fleet_access_tests::moto::sdk_config_for(
             &emulator.endpoint_url(),

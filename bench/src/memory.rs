@@ -1,0 +1,267 @@
+//! Memory under a thousand slow readers: the serve path (with its shipped memory budget) carries
+//! a thousand downloads whose clients read 10 KB/s each, on a realistic-mode emulator that
+//! sends each at the agent's own pace. The bridge's resident set is sampled every second
+//! against the bound the budget promises (its size plus what the open sessions cost idle);
+//! the budget's own metrics say how much of it was held, how often sessions waited for it, and
+//! how many of the connections opened once it was spent were refused.
+
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+
+use crate::{
+    roles::{DOWNLOAD, Target},
+    scenarios::{Client, ClientKind, Options, open},
+    support::{Emulator, Mode, Workspace, http_get, rss_kib},
+};
+
+/// What each reader takes per tick, and the tick: 10 KB/s.
+const SLOW_READ: usize = 1000;
+const SLOW_TICK: Duration = Duration::from_millis(100);
+/// Connections opened once the slow readers have had this long to spend the budget.
+const LATE_CONNECTIONS: usize = 50;
+
+/// The part's figures.
+#[derive(Clone, Debug)]
+pub struct Memory {
+    /// Slow readers carried at once.
+    pub sessions: usize,
+    /// Of them, opens that failed.
+    pub failed: usize,
+    /// How long they read slowly.
+    pub slow_phase: Duration,
+    /// The serve path's budget (`agent_bridge_memory_budget_bytes`).
+    pub budget_bytes: u64,
+    /// RSS with no tunnel.
+    pub base_rss_kib: u64,
+    /// RSS with every tunnel open and idle.
+    pub idle_rss_kib: u64,
+    /// The largest RSS sampled while they read slowly.
+    pub peak_rss_kib: u64,
+    /// The largest `agent_bridge_memory_budget_in_use_bytes` sampled meanwhile.
+    pub peak_in_use: u64,
+    /// `agent_bridge_memory_budget_waits_total` at the end.
+    pub waits: u64,
+    /// Late connections: opened, and refused for the budget (by the bridge's metric).
+    pub late_opened: usize,
+    pub late_refused: u64,
+    /// `agent_bridge_memory_budget_overdrawn_total` at the end.
+    pub overdrawn: u64,
+    /// Bytes the slow readers read together.
+    pub read: u64,
+}
+
+/// Runs the part.
+pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<Memory> {
+    let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
+    let serve = Client::start(ClientKind::Serve, ws, &emulator, target.addr, "memory").await?;
+    let admin = serve
+        .admin
+        .ok_or_else(|| anyhow::anyhow!("no admin address"))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let base_rss_kib = rss_kib(serve.pid)?;
+    let sessions = options.idle_tunnels;
+    let (streams, failed) = open_many(serve.addr, sessions).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_rss_kib = rss_kib(serve.pid)?;
+
+    let read = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + options.slow_phase;
+    let readers: Vec<_> = (streams.into_iter())
+        .map(|stream| tokio::spawn(read_slowly(stream, until, read.clone())))
+        .collect();
+    let mut peak_rss_kib = idle_rss_kib;
+    let mut peak_in_use = 0;
+    let mut late = Vec::new();
+    let late_at = Instant::now() + options.slow_phase * 2 / 3;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak_rss_kib = peak_rss_kib.max(rss_kib(serve.pid)?);
+        let metrics = http_get(admin, "/metrics").await?;
+        peak_in_use = peak_in_use.max(value(&metrics, "agent_bridge_memory_budget_in_use_bytes"));
+        if late.is_empty() && Instant::now() >= late_at {
+            // Refused connections get a line and are closed; admitted ones are held.
+            for _ in 0..LATE_CONNECTIONS {
+                if let Ok(stream) = TcpStream::connect(serve.addr).await {
+                    late.push(stream);
+                }
+            }
+        }
+    }
+    for reader in readers {
+        let _ = reader.await;
+    }
+    let metrics = http_get(admin, "/metrics").await?;
+    let part = Memory {
+        sessions,
+        failed,
+        slow_phase: options.slow_phase,
+        budget_bytes: value(&metrics, "agent_bridge_memory_budget_bytes"),
+        base_rss_kib,
+        idle_rss_kib,
+        peak_rss_kib,
+        peak_in_use,
+        waits: value(&metrics, "agent_bridge_memory_budget_waits_total"),
+        late_opened: late.len(),
+        late_refused: value(
+            &metrics,
+            r#"agent_bridge_connections_refused_total{reason="memory_budget"}"#,
+        ),
+        overdrawn: value(&metrics, "agent_bridge_memory_budget_overdrawn_total"),
+        read: read.load(Ordering::Relaxed),
+    };
+    drop(late);
+    serve.stop().await;
+    Ok(part)
+}
+
+/// Opens `n` tunnels in batches of 50 (a burst of clients, bounded); returns them and how many
+/// failed.
+async fn open_many(addr: std::net::SocketAddr, n: usize) -> (Vec<TcpStream>, usize) {
+    let mut streams = Vec::with_capacity(n);
+    let mut failed = 0;
+    let started = Instant::now();
+    while streams.len() + failed < n && started.elapsed() < Duration::from_secs(600) {
+        let batch = (n - streams.len() - failed).min(50);
+        let opens: Vec<_> = (0..batch).map(|_| tokio::spawn(open(addr))).collect();
+        for handle in opens {
+            match handle.await {
+                Ok(Ok(stream)) => streams.push(stream),
+                _ => failed += 1,
+            }
+        }
+    }
+    (streams, failed)
+}
+
+/// Asks the target for a download and reads it at 10 KB/s until `until`.
+async fn read_slowly(mut stream: TcpStream, until: Instant, read: Arc<AtomicU64>) {
+    if stream.write_all(&[DOWNLOAD]).await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; SLOW_READ];
+    let mut tick = tokio::time::interval(SLOW_TICK);
+    while Instant::now() < until {
+        tick.tick().await;
+        match tokio::time::timeout(SLOW_TICK, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return,
+            Ok(Ok(n)) => {
+                read.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A sample's value in the Prometheus text format (0 when absent).
+fn value(metrics: &str, name: &str) -> u64 {
+    (metrics.lines())
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// The part as a BENCHMARKS.md section.
+pub fn render(part: &Memory, section: usize, out: &mut String) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let budget_kib = part.budget_bytes / 1024;
+    let bound = part.idle_rss_kib + budget_kib;
+    let _ = writeln!(
+        out,
+        "## {section}. Memory under {} slow readers (serve path, realistic emulator)\n",
+        part.sessions
+    );
+    let _ = writeln!(
+        out,
+        "{} tunnels through the serve path (with the memory budget `agent-bridge serve` ships; \
+         {} failed to open), each asking the target for a download and reading it at 10 KB/s \
+         (1,000 bytes every 100 ms) for {} s, while the emulated agent sends each at its own \
+         pace (1 KiB reads with a 1 ms pause). The bridge's RSS is sampled every second; the \
+         bound is what the budget promises: the RSS with every tunnel open and idle, plus the \
+         budget. After two thirds of the slow phase, {LATE_CONNECTIONS} more connections are \
+         opened: a connection whose floor (room for one message and its reads) the spent \
+         budget cannot give is refused. One run.\n",
+        part.sessions,
+        part.failed,
+        part.slow_phase.as_secs()
+    );
+    let _ = writeln!(out, "| Measured | Value |\n|---|---:|");
+    let rows = [
+        (
+            "memory budget".to_owned(),
+            format!("{:.0} MiB", mib(budget_kib)),
+        ),
+        (
+            "bridge RSS, no tunnel".to_owned(),
+            format!("{:.1} MiB", mib(part.base_rss_kib)),
+        ),
+        (
+            format!("bridge RSS, {} idle tunnels", part.sessions - part.failed),
+            format!("{:.1} MiB", mib(part.idle_rss_kib)),
+        ),
+        (
+            "**peak RSS while they read slowly**".to_owned(),
+            format!("**{:.1} MiB**", mib(part.peak_rss_kib)),
+        ),
+        (
+            "bound: idle RSS + budget".to_owned(),
+            format!("{:.1} MiB", mib(bound)),
+        ),
+        (
+            "budget in use at its peak (sampled each second)".to_owned(),
+            format!("{:.1} MiB", part.peak_in_use as f64 / 1048576.0),
+        ),
+        (
+            "waits for the budget (`memory_budget_waits_total`)".to_owned(),
+            part.waits.to_string(),
+        ),
+        (
+            format!(
+                "late connections refused for the budget, of {}",
+                part.late_opened
+            ),
+            part.late_refused.to_string(),
+        ),
+        (
+            "overdrawn (`memory_budget_overdrawn_total`)".to_owned(),
+            part.overdrawn.to_string(),
+        ),
+        (
+            "read by the slow readers together".to_owned(),
+            format!(
+                "{:.1} MB ({:.1} KB/s each)",
+                part.read as f64 / 1e6,
+                part.read as f64
+                    / 1e3
+                    / part.slow_phase.as_secs_f64()
+                    / part.sessions.max(1) as f64
+            ),
+        ),
+    ];
+    for (name, value) in rows {
+        let _ = writeln!(out, "| {name} | {value} |");
+    }
+    let met = if part.peak_rss_kib <= bound {
+        "met"
+    } else {
+        "not met"
+    };
+    let _ = writeln!(
+        out,
+        "\nGoal (RSS under the budget plus the idle cost): **{met}**, peak {:.1} MiB against \
+         {:.1} MiB.\n",
+        mib(part.peak_rss_kib),
+        mib(bound)
+    );
+}
