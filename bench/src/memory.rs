@@ -9,7 +9,7 @@ use std::{
     fmt::Write as _,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -25,11 +25,15 @@ use crate::{
     scenarios::{Client, ClientKind, Options, open},
     support::{Emulator, Mode, Workspace, http_get, rss_kib},
 };
+use fleet_access_agent_bridge::budget::SESSION_FLOOR;
 
 /// What each reader takes per tick, and the tick: 10 KB/s.
 const SLOW_READ: usize = 1000;
 const SLOW_TICK: Duration = Duration::from_millis(100);
-/// Connections opened once the slow readers have had this long to spend the budget.
+/// How long the slow readers go on once the budget is spent (within three times the asked-for
+/// phase).
+const SPENT_FOR: Duration = Duration::from_secs(10);
+/// Connections opened once the slow readers have spent the budget.
 const LATE_CONNECTIONS: usize = 50;
 
 /// The part's figures.
@@ -39,8 +43,10 @@ pub struct Memory {
     pub sessions: usize,
     /// Of them, opens that failed.
     pub failed: usize,
-    /// How long they read slowly.
+    /// How long they were asked to read slowly at least.
     pub slow_phase: Duration,
+    /// How long they did (on while the budget was spent).
+    pub lasted: Duration,
     /// The serve path's budget (`agent_bridge_memory_budget_bytes`).
     pub budget_bytes: u64,
     /// RSS with no tunnel.
@@ -51,6 +57,8 @@ pub struct Memory {
     pub peak_rss_kib: u64,
     /// The largest `agent_bridge_memory_budget_in_use_bytes` sampled meanwhile.
     pub peak_in_use: u64,
+    /// When the budget was first seen spent (no room for another session's floor).
+    pub spent_after: Option<Duration>,
     /// `agent_bridge_memory_budget_waits_total` at the end.
     pub waits: u64,
     /// Late connections: opened, and refused for the budget (by the bridge's metric).
@@ -77,20 +85,31 @@ pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::
     let idle_rss_kib = rss_kib(serve.pid)?;
 
     let read = Arc::new(AtomicU64::new(0));
-    let until = Instant::now() + options.slow_phase;
+    let stop = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (streams.into_iter())
-        .map(|stream| tokio::spawn(read_slowly(stream, until, read.clone())))
+        .map(|stream| tokio::spawn(read_slowly(stream, stop.clone(), read.clone())))
         .collect();
     let mut peak_rss_kib = idle_rss_kib;
     let mut peak_in_use = 0;
     let mut late = Vec::new();
-    let late_at = Instant::now() + options.slow_phase * 2 / 3;
-    while Instant::now() < until {
+    let mut spent_after = None;
+    let started = Instant::now();
+    // The asked-for phase, and then until the budget has been spent for a while (bounded).
+    let longest = options.slow_phase * 3;
+    loop {
+        let elapsed = started.elapsed();
+        let spent_long_enough = spent_after.is_some_and(|at| elapsed >= at + SPENT_FOR);
+        if elapsed >= longest || (elapsed >= options.slow_phase && spent_long_enough) {
+            break;
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
         peak_rss_kib = peak_rss_kib.max(rss_kib(serve.pid)?);
         let metrics = http_get(admin, "/metrics").await?;
-        peak_in_use = peak_in_use.max(value(&metrics, "agent_bridge_memory_budget_in_use_bytes"));
-        if late.is_empty() && Instant::now() >= late_at {
+        let in_use = value(&metrics, "agent_bridge_memory_budget_in_use_bytes");
+        peak_in_use = peak_in_use.max(in_use);
+        let limit = value(&metrics, "agent_bridge_memory_budget_bytes");
+        if spent_after.is_none() && in_use + SESSION_FLOOR as u64 > limit {
+            spent_after = Some(started.elapsed());
             // Refused connections get a line and are closed; admitted ones are held.
             for _ in 0..LATE_CONNECTIONS {
                 if let Ok(stream) = TcpStream::connect(serve.addr).await {
@@ -99,6 +118,8 @@ pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::
             }
         }
     }
+    let lasted = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
     for reader in readers {
         let _ = reader.await;
     }
@@ -107,11 +128,13 @@ pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::
         sessions,
         failed,
         slow_phase: options.slow_phase,
+        lasted,
         budget_bytes: value(&metrics, "agent_bridge_memory_budget_bytes"),
         base_rss_kib,
         idle_rss_kib,
         peak_rss_kib,
         peak_in_use,
+        spent_after,
         waits: value(&metrics, "agent_bridge_memory_budget_waits_total"),
         late_opened: late.len(),
         late_refused: value(
@@ -145,14 +168,14 @@ async fn open_many(addr: std::net::SocketAddr, n: usize) -> (Vec<TcpStream>, usi
     (streams, failed)
 }
 
-/// Asks the target for a download and reads it at 10 KB/s until `until`.
-async fn read_slowly(mut stream: TcpStream, until: Instant, read: Arc<AtomicU64>) {
+/// Asks the target for a download and reads it at 10 KB/s until `stop`.
+async fn read_slowly(mut stream: TcpStream, stop: Arc<AtomicBool>, read: Arc<AtomicU64>) {
     if stream.write_all(&[DOWNLOAD]).await.is_err() {
         return;
     }
     let mut buf = [0u8; SLOW_READ];
     let mut tick = tokio::time::interval(SLOW_TICK);
-    while Instant::now() < until {
+    while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         match tokio::time::timeout(SLOW_TICK, stream.read(&mut buf)).await {
             Ok(Ok(0) | Err(_)) => return,
@@ -187,14 +210,19 @@ pub fn render(part: &Memory, section: usize, out: &mut String) {
         "{} tunnels through the serve path (with the memory budget `agent-bridge serve` ships; \
          {} failed to open), each asking the target for a download and reading it at 10 KB/s \
          (1,000 bytes every 100 ms) for {} s, while the emulated agent sends each at its own \
-         pace (1 KiB reads with a 1 ms pause). The bridge's RSS is sampled every second; the \
+         pace (1 KiB reads with a 1 ms pause), and on until the budget has been spent for \
+         {} s (at most three times as long). The bridge's RSS is sampled every second; the \
          bound is what the budget promises: the RSS with every tunnel open and idle, plus the \
-         budget. After two thirds of the slow phase, {LATE_CONNECTIONS} more connections are \
+         budget. When the budget is first seen spent, {LATE_CONNECTIONS} more connections are \
          opened: a connection whose floor (room for one message and its reads) the spent \
-         budget cannot give is refused. One run.\n",
+         budget cannot give is refused. The kernel's socket buffers on the way (the client's \
+         receive buffer, the bridge's send buffer) hold the first of each download: outside \
+         the process, and outside its budget. One run; the slow readers read for {} s.\n",
         part.sessions,
         part.failed,
-        part.slow_phase.as_secs()
+        part.slow_phase.as_secs(),
+        SPENT_FOR.as_secs(),
+        part.lasted.as_secs()
     );
     let _ = writeln!(out, "| Measured | Value |\n|---|---:|");
     let rows = [
@@ -223,12 +251,18 @@ pub fn render(part: &Memory, section: usize, out: &mut String) {
             format!("{:.1} MiB", part.peak_in_use as f64 / 1048576.0),
         ),
         (
+            "budget first seen spent".to_owned(),
+            part.spent_after.map_or("never".to_owned(), |t| {
+                format!("after {} s of slow reading", t.as_secs())
+            }),
+        ),
+        (
             "waits for the budget (`memory_budget_waits_total`)".to_owned(),
             part.waits.to_string(),
         ),
         (
             format!(
-                "late connections refused for the budget, of {}",
+                "connections opened once it was spent, refused for the budget, of {}",
                 part.late_opened
             ),
             part.late_refused.to_string(),
@@ -242,10 +276,7 @@ pub fn render(part: &Memory, section: usize, out: &mut String) {
             format!(
                 "{:.1} MB ({:.1} KB/s each)",
                 part.read as f64 / 1e6,
-                part.read as f64
-                    / 1e3
-                    / part.slow_phase.as_secs_f64()
-                    / part.sessions.max(1) as f64
+                part.read as f64 / 1e3 / part.lasted.as_secs_f64() / part.sessions.max(1) as f64
             ),
         ),
     ];
