@@ -36,18 +36,18 @@ const SPENT_FOR: Duration = Duration::from_secs(10);
 /// Connections opened once the slow readers have spent the budget.
 const LATE_CONNECTIONS: usize = 50;
 
-/// The part's figures.
+/// One run's figures.
 #[derive(Clone, Debug)]
-pub struct Memory {
+pub struct MemoryRun {
+    /// Through what: the serve path with its budget, or without one.
+    pub client: ClientKind,
     /// Slow readers carried at once.
     pub sessions: usize,
     /// Of them, opens that failed.
     pub failed: usize,
-    /// How long they were asked to read slowly at least.
-    pub slow_phase: Duration,
-    /// How long they did (on while the budget was spent).
+    /// How long they read slowly.
     pub lasted: Duration,
-    /// The serve path's budget (`agent_bridge_memory_budget_bytes`).
+    /// The serve path's budget (`agent_bridge_memory_budget_bytes`; 0 without one).
     pub budget_bytes: u64,
     /// RSS with no tunnel.
     pub base_rss_kib: u64,
@@ -61,8 +61,9 @@ pub struct Memory {
     pub spent_after: Option<Duration>,
     /// `agent_bridge_memory_budget_waits_total` at the end.
     pub waits: u64,
-    /// Late connections: opened, and refused for the budget (by the bridge's metric).
+    /// Connections opened once the budget was spent.
     pub late_opened: usize,
+    /// Of them, refused for the budget (the bridge's metric).
     pub late_refused: u64,
     /// `agent_bridge_memory_budget_overdrawn_total` at the end.
     pub overdrawn: u64,
@@ -70,10 +71,45 @@ pub struct Memory {
     pub read: u64,
 }
 
-/// Runs the part.
+/// The part's figures: the serve path with its budget, and without one as the reference.
+#[derive(Clone, Debug)]
+pub struct Memory {
+    /// How long the readers were asked to read slowly at least.
+    pub slow_phase: Duration,
+    /// With the budget `agent-bridge serve` ships.
+    pub budgeted: MemoryRun,
+    /// Without a budget.
+    pub unbudgeted: Option<MemoryRun>,
+}
+
+/// Runs the part: without a budget first (the reference), then with it, on one emulator.
 pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<Memory> {
     let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
-    let serve = Client::start(ClientKind::Serve, ws, &emulator, target.addr, "memory").await?;
+    let unbudgeted = (measure(
+        ws,
+        options,
+        target,
+        &emulator,
+        ClientKind::ServeWithoutBudget,
+    )
+    .await)
+        .ok();
+    let budgeted = measure(ws, options, target, &emulator, ClientKind::Serve).await?;
+    Ok(Memory {
+        slow_phase: options.slow_phase,
+        budgeted,
+        unbudgeted,
+    })
+}
+
+async fn measure(
+    ws: &Workspace,
+    options: &Options,
+    target: &Target,
+    emulator: &Emulator,
+    client: ClientKind,
+) -> anyhow::Result<MemoryRun> {
+    let serve = Client::start(client, ws, emulator, target.addr, "memory").await?;
     let admin = serve
         .admin
         .ok_or_else(|| anyhow::anyhow!("no admin address"))?;
@@ -99,11 +135,16 @@ pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::
     loop {
         let elapsed = started.elapsed();
         let spent_long_enough = spent_after.is_some_and(|at| elapsed >= at + SPENT_FOR);
-        if elapsed >= longest || (elapsed >= options.slow_phase && spent_long_enough) {
+        let budgeted = client == ClientKind::Serve;
+        if elapsed >= longest || (elapsed >= options.slow_phase && (spent_long_enough || !budgeted))
+        {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         peak_rss_kib = peak_rss_kib.max(rss_kib(serve.pid)?);
+        if !budgeted {
+            continue;
+        }
         let metrics = http_get(admin, "/metrics").await?;
         let in_use = value(&metrics, "agent_bridge_memory_budget_in_use_bytes");
         peak_in_use = peak_in_use.max(in_use);
@@ -124,10 +165,10 @@ pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::
         let _ = reader.await;
     }
     let metrics = http_get(admin, "/metrics").await?;
-    let part = Memory {
+    let run = MemoryRun {
+        client,
         sessions,
         failed,
-        slow_phase: options.slow_phase,
         lasted,
         budget_bytes: value(&metrics, "agent_bridge_memory_budget_bytes"),
         base_rss_kib,
@@ -146,7 +187,7 @@ pub async fn run(ws: &Workspace, options: &Options, target: &Target) -> anyhow::
     };
     drop(late);
     serve.stop().await;
-    Ok(part)
+    Ok(run)
 }
 
 /// Opens `n` tunnels in batches of 50 (a burst of clients, bounded); returns them and how many
@@ -197,102 +238,114 @@ fn value(metrics: &str, name: &str) -> u64 {
 
 /// The part as a BENCHMARKS.md section.
 pub fn render(part: &Memory, section: usize, out: &mut String) {
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    let budget_kib = part.budget_bytes / 1024;
-    let bound = part.idle_rss_kib + budget_kib;
+    let ours = &part.budgeted;
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+    let budget_kib = ours.budget_bytes / 1024;
+    let bound = ours.idle_rss_kib + budget_kib;
     let _ = writeln!(
         out,
         "## {section}. Memory under {} slow readers (serve path, realistic emulator)\n",
-        part.sessions
+        ours.sessions
     );
     let _ = writeln!(
         out,
-        "{} tunnels through the serve path (with the memory budget `agent-bridge serve` ships; \
-         {} failed to open), each asking the target for a download and reading it at 10 KB/s \
-         (1,000 bytes every 100 ms) for {} s, while the emulated agent sends each at its own \
-         pace (1 KiB reads with a 1 ms pause), and on until the budget has been spent for \
-         {} s (at most three times as long). The bridge's RSS is sampled every second; the \
-         bound is what the budget promises: the RSS with every tunnel open and idle, plus the \
-         budget. When the budget is first seen spent, {LATE_CONNECTIONS} more connections are \
-         opened: a connection whose floor (room for one message and its reads) the spent \
-         budget cannot give is refused. The kernel's socket buffers on the way (the client's \
-         receive buffer, the bridge's send buffer) hold the first of each download: outside \
-         the process, and outside its budget. One run; the slow readers read for {} s.\n",
-        part.sessions,
-        part.failed,
+        "{} tunnels through the serve path ({} failed to open), each asking the target for a \
+         download and reading it at 10 KB/s (1,000 bytes every 100 ms) for {} s, while the \
+         emulated agent sends each at its own pace (1 KiB reads with a 1 ms pause); with the \
+         budget, on until it has been spent for {} s (at most three times as long). The \
+         bridge's RSS is sampled every second; the bound is what the budget promises: the RSS \
+         with every tunnel open and idle, plus the budget. When the budget is first seen \
+         spent, {LATE_CONNECTIONS} more connections are opened: a connection whose floor (room \
+         for one message and its reads) the spent budget cannot give is refused. The reference, \
+         run first on the same emulator: the same serve path without a budget, each session \
+         bounded on its own only. The kernel's socket buffers on the way (the client's receive \
+         buffer, the bridge's send buffer) hold the first of each download: outside the \
+         process, and outside its budget. One run each.\n",
+        ours.sessions,
+        ours.failed,
         part.slow_phase.as_secs(),
-        SPENT_FOR.as_secs(),
-        part.lasted.as_secs()
+        SPENT_FOR.as_secs()
     );
-    let _ = writeln!(out, "| Measured | Value |\n|---|---:|");
-    let rows = [
+    let reference = part.unbudgeted.as_ref();
+    let cell = |f: &dyn Fn(&MemoryRun) -> String| reference.map_or("not measured".to_owned(), f);
+    let _ = writeln!(
+        out,
+        "| Measured | with the budget | without a budget (reference) |\n|---|---:|---:|"
+    );
+    let per_reader = |run: &MemoryRun| {
+        format!(
+            "{:.1} MB ({:.1} KB/s each)",
+            run.read as f64 / 1e6,
+            run.read as f64 / 1e3 / run.lasted.as_secs_f64() / run.sessions.max(1) as f64
+        )
+    };
+    let rows: [(&str, String, String); 10] = [
+        ("memory budget", mib(budget_kib), "none".to_owned()),
         (
-            "memory budget".to_owned(),
-            format!("{:.0} MiB", mib(budget_kib)),
+            "slow readers read for",
+            format!("{} s", ours.lasted.as_secs()),
+            cell(&|r| format!("{} s", r.lasted.as_secs())),
         ),
         (
-            "bridge RSS, no tunnel".to_owned(),
-            format!("{:.1} MiB", mib(part.base_rss_kib)),
+            "bridge RSS, no tunnel",
+            mib(ours.base_rss_kib),
+            cell(&|r| mib(r.base_rss_kib)),
         ),
         (
-            format!("bridge RSS, {} idle tunnels", part.sessions - part.failed),
-            format!("{:.1} MiB", mib(part.idle_rss_kib)),
+            "bridge RSS, every tunnel open and idle",
+            mib(ours.idle_rss_kib),
+            cell(&|r| mib(r.idle_rss_kib)),
         ),
         (
-            "**peak RSS while they read slowly**".to_owned(),
-            format!("**{:.1} MiB**", mib(part.peak_rss_kib)),
+            "**peak RSS while they read slowly**",
+            format!("**{}**", mib(ours.peak_rss_kib)),
+            cell(&|r| format!("**{}**", mib(r.peak_rss_kib))),
         ),
         (
-            "bound: idle RSS + budget".to_owned(),
-            format!("{:.1} MiB", mib(bound)),
+            "budget in use at its peak (sampled each second)",
+            format!("{:.1} MiB", ours.peak_in_use as f64 / 1_048_576.0),
+            String::new(),
         ),
         (
-            "budget in use at its peak (sampled each second)".to_owned(),
-            format!("{:.1} MiB", part.peak_in_use as f64 / 1048576.0),
-        ),
-        (
-            "budget first seen spent".to_owned(),
-            part.spent_after.map_or("never".to_owned(), |t| {
+            "budget first seen spent",
+            ours.spent_after.map_or("never".to_owned(), |t| {
                 format!("after {} s of slow reading", t.as_secs())
             }),
+            String::new(),
         ),
         (
-            "waits for the budget (`memory_budget_waits_total`)".to_owned(),
-            part.waits.to_string(),
+            "waits for the budget (`memory_budget_waits_total`)",
+            ours.waits.to_string(),
+            String::new(),
         ),
         (
-            format!(
-                "connections opened once it was spent, refused for the budget, of {}",
-                part.late_opened
-            ),
-            part.late_refused.to_string(),
+            "connections opened once it was spent: refused for the budget",
+            format!("{} of {}", ours.late_refused, ours.late_opened),
+            String::new(),
         ),
         (
-            "overdrawn (`memory_budget_overdrawn_total`)".to_owned(),
-            part.overdrawn.to_string(),
-        ),
-        (
-            "read by the slow readers together".to_owned(),
-            format!(
-                "{:.1} MB ({:.1} KB/s each)",
-                part.read as f64 / 1e6,
-                part.read as f64 / 1e3 / part.lasted.as_secs_f64() / part.sessions.max(1) as f64
-            ),
+            "read by the slow readers together",
+            per_reader(ours),
+            cell(&|r| per_reader(r)),
         ),
     ];
-    for (name, value) in rows {
-        let _ = writeln!(out, "| {name} | {value} |");
+    for (name, with, without) in rows {
+        let _ = writeln!(out, "| {name} | {with} | {without} |");
     }
-    let met = if part.peak_rss_kib <= bound {
+    let _ = writeln!(
+        out,
+        "| overdrawn (`memory_budget_overdrawn_total`) | {} | |",
+        ours.overdrawn
+    );
+    let met = if ours.peak_rss_kib <= bound {
         "met"
     } else {
         "not met"
     };
     let _ = writeln!(
         out,
-        "\nGoal (RSS under the budget plus the idle cost): **{met}**, peak {:.1} MiB against \
-         {:.1} MiB.\n",
-        mib(part.peak_rss_kib),
-        mib(bound)
+        "\nGoal (RSS under the budget plus the idle cost, {}): **{met}**, peak {}.\n",
+        mib(bound),
+        mib(ours.peak_rss_kib)
     );
 }

@@ -228,12 +228,13 @@ async fn until_stdin_closes() {
 
 // === serve-listeners ===
 
-/// `serve-listeners SSM_ENDPOINT DOCUMENT PORT`: the bridge's serve path (endpoint listener,
-/// admission, one session per connection, metrics) as `agent-bridge serve` runs it for one
-/// endpoint, minus the Kubernetes watch that only decides which endpoints exist. Prints
-/// `ready listen=PORT admin=PORT`; ends when standard input closes.
+/// `serve-listeners SSM_ENDPOINT DOCUMENT PORT [--no-memory-budget]`: the bridge's serve path
+/// (endpoint listener, admission, one session per connection, the memory budget, metrics) as
+/// `agent-bridge serve` runs it for one endpoint, minus the Kubernetes watch that only decides
+/// which endpoints exist. Prints `ready listen=PORT admin=PORT`; ends when standard input
+/// closes.
 pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
-    let usage = "serve-listeners SSM_ENDPOINT DOCUMENT PORT";
+    let usage = "serve-listeners SSM_ENDPOINT DOCUMENT PORT [--no-memory-budget]";
     let endpoint_url = args.first().context(usage)?.clone();
     let document = args.get(1).context(usage)?.clone();
     let port: u16 = args.get(2).context(usage)?.parse()?;
@@ -245,12 +246,18 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
     };
     let sdk = load_aws(&aws).await;
     let registry = prometheus::Registry::new();
-    // The memory budget `agent-bridge serve` ships with.
-    let budget = MemoryBudget::new(DEFAULT_MEMORY_BUDGET);
-    budget.register(&registry)?;
+    // The memory budget `agent-bridge serve` ships with, unless told otherwise.
+    let budget = match args.get(3).map(String::as_str) {
+        None => Some(MemoryBudget::new(DEFAULT_MEMORY_BUDGET)),
+        Some("--no-memory-budget") => None,
+        Some(_) => anyhow::bail!(usage),
+    };
+    if let Some(budget) = &budget {
+        budget.register(&registry)?;
+    }
     let context = Arc::new(SessionContext {
         idle_timeout: Some(Duration::from_secs(1200)),
-        budget: Some(budget),
+        budget,
         ..SessionContext::per_connection(
             Arc::new(control_plane(&aws, &sdk)),
             None,

@@ -244,8 +244,11 @@ pub enum ClientKind {
     Forward,
     /// `agent-bridge forward --max-sessions 1`: every connection a smux stream of one session.
     ForwardOneSession,
-    /// The serve path: one basic (AWS-StartSSHSession) session per connection.
+    /// The serve path: one basic (AWS-StartSSHSession) session per connection, within the
+    /// memory budget `agent-bridge serve` ships with.
     Serve,
+    /// The serve path without a memory budget (each session bounded on its own only).
+    ServeWithoutBudget,
     /// The official session-manager-plugin, port forwarding, as the AWS CLI starts it.
     Plugin,
     /// Two chained raw TCP relays (stand-ins for the bridge and the emulator): the upper limit.
@@ -273,6 +276,7 @@ impl ClientKind {
             ClientKind::Forward => "agent-bridge forward",
             ClientKind::ForwardOneSession => "agent-bridge forward --max-sessions 1",
             ClientKind::Serve => "agent-bridge serve path",
+            ClientKind::ServeWithoutBudget => "agent-bridge serve path without a memory budget",
             ClientKind::Plugin => "session-manager-plugin",
             ClientKind::RawRelay => "raw TCP relay x2",
             ClientKind::DigestingRelay => "raw TCP relay x2, SHA-256 of every chunk",
@@ -347,7 +351,7 @@ impl Client {
                     children: vec![child],
                 })
             }
-            ClientKind::Serve => {
+            ClientKind::Serve | ClientKind::ServeWithoutBudget => {
                 let mut cmd = command(&ws.bin("fleet-access-bench"), ws, &log)?;
                 cmd.args([
                     "serve-listeners",
@@ -355,6 +359,9 @@ impl Client {
                     "AWS-StartSSHSession",
                     "22",
                 ]);
+                if kind == ClientKind::ServeWithoutBudget {
+                    cmd.arg("--no-memory-budget");
+                }
                 let mut child = cmd.spawn().context("starting serve-listeners")?;
                 let pid = child.id().context("pid")?;
                 let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
