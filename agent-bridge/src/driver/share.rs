@@ -121,3 +121,66 @@ impl Share {
         self.wait.is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::budget::{MemoryBudget, SESSION_FLOOR};
+
+    const KIB: usize = 1024;
+
+    #[test]
+    fn the_floor_alone_leaves_room_for_one_message_beside_the_readers_credit() {
+        let budget = MemoryBudget::new(SESSION_FLOOR);
+        let mut share = Share::new(budget.lease().unwrap());
+        // Nothing held: the room is the floor less the readers' credit.
+        let room = share.settle(0);
+        assert!(room >= INBOUND_HEADROOM, "{room}");
+        assert!(!share.is_waiting());
+        // A few bytes of its own (a handshake response) still leave a message's room.
+        assert!(share.settle(300) >= INBOUND_HEADROOM);
+        assert_eq!(budget.overdrawn(), 0);
+    }
+
+    #[test]
+    fn a_read_keeps_its_credit_until_the_lease_covers_it() {
+        let budget = MemoryBudget::new(SESSION_FLOOR + 8 * KIB);
+        let mut share = Share::new(budget.lease().unwrap());
+        let hog = budget.lease();
+        assert!(hog.is_none(), "the pool holds less than another floor");
+        // A reader takes all its credit and reads; the driver takes the bytes.
+        let credit = (share.read_credit.clone())
+            .try_acquire_many_owned(READ_CREDIT as u32)
+            .unwrap();
+        share.took_read(Some(credit));
+        // The bytes are held now (pending, then unacknowledged); the pool cannot cover them
+        // beside the credit, so the credit stays with the driver and the readers wait.
+        share.settle(READ_CREDIT);
+        assert_eq!(share.read_credit.available_permits(), 0);
+        assert_eq!(budget.overdrawn(), 0);
+        // Acknowledged: nothing held, the credit goes back.
+        share.settle(0);
+        assert_eq!(share.read_credit.available_permits(), READ_CREDIT);
+        assert_eq!(budget.overdrawn(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_share_that_cannot_grow_waits_until_its_writers_write_out() {
+        let budget = MemoryBudget::new(SESSION_FLOOR);
+        let mut share = Share::new(budget.lease().unwrap());
+        // 60 KiB handed to the writers: not enough room left for another message.
+        share.unwritten.handed(60 * KIB);
+        let room = share.settle(0);
+        assert!(room < INBOUND_HEADROOM, "{room}");
+        assert!(share.is_waiting());
+        assert_eq!(budget.waits(), 1);
+        assert!(share.room().now_or_never().is_none(), "nothing changed");
+        share.unwritten.written(60 * KIB);
+        share.room().await;
+        assert!(share.settle(0) >= INBOUND_HEADROOM);
+        assert!(!share.is_waiting());
+        assert_eq!(budget.overdrawn(), 0);
+    }
+}

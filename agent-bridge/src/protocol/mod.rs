@@ -25,7 +25,9 @@
 //! Memory is bounded everywhere: the send window ([`session::Config::max_unacked_messages`],
 //! [`session::Config::max_unacked_bytes`]) pushes back on local reads, the reorder buffer and
 //! undrained received data ([`session::Config::max_inbound_bytes`], at most twice over) push back on the agent by
-//! withholding acks, smux frames are at most 64 KiB, and streams are capped.
+//! withholding acks, smux frames are at most 64 KiB, and streams are capped. Below those bounds a
+//! driver may pass an inbound budget ([`Session::set_inbound_budget`]): its share of a memory
+//! budget shared by many sessions (see `crate::budget`).
 
 pub mod config;
 pub mod events;
