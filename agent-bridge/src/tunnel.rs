@@ -13,11 +13,13 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use crate::driver::Expiry;
+
 use crate::{
     budget::{Lease, MemoryBudget},
     driver::{
-        DataKeySource, DriverConfig, DriverError, Encryption, TerminalSize, Tunnel,
-        signing::UpgradeSigner,
+        DataKeySource, Deadlines, DriverConfig, DriverError, Encryption, Milestone, Milestones,
+        SetupObserver, TerminalSize, Tunnel, signing::UpgradeSigner,
     },
     metrics::{self, Metrics},
     protocol::{CloseCause, Stats},
@@ -93,15 +95,6 @@ pub enum Ending {
     Failed(ChannelFailure),
 }
 
-/// Which timeout ended a session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Expiry {
-    /// No byte for the idle timeout.
-    Idle,
-    /// The maximum duration.
-    MaxDuration,
-}
-
 /// A data channel that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelFailure {
@@ -122,7 +115,7 @@ pub struct Carried {
     pub ending: Ending,
     /// SSM's `channel_closed` output, when sent.
     pub output: Option<String>,
-    /// The final counters (the last known ones when the channel failed).
+    /// The final counters (none when the channel failed).
     pub stats: Stats,
 }
 
@@ -174,23 +167,17 @@ where
     let _ = connections.try_send(connection);
     drop(connections);
 
-    let (stats_tx, stats_rx) = watch::channel(Stats::default());
-    let last_stats = stats_tx.subscribe();
-    let timers = tokio::spawn(watch_session(
-        stats_rx,
-        metrics.clone(),
-        connected_at,
-        opened_at,
-        context.idle_timeout,
-        context.max_duration,
-        stop.clone(),
-    ));
+    let deadlines = Deadlines {
+        idle: context.idle_timeout,
+        max_duration: context.max_duration,
+    };
     let mut tunnel = Tunnel::new(
         &*context.control,
         context.signer.as_deref(),
         context.driver.clone(),
     )
-    .with_stats(stats_tx);
+    .with_deadlines(deadlines)
+    .with_setup_observer(setup_observer(metrics, connected_at, opened_at));
     if let Some(sizes) = terminal {
         tunnel = tunnel.with_terminal(sizes);
     }
@@ -201,14 +188,11 @@ where
         });
     }
     let result = tunnel.run(target, incoming, stop.cancelled(), lease).await;
-    timers.abort();
-    // A timer that fired has finished, and says which; an aborted one says nothing.
-    let expired = timers.await.ok().flatten();
     let lasted = opened_at.elapsed();
     let (ending, output, stats) = match result {
         Ok(outcome) => {
             let ending = match &outcome.cause {
-                CloseCause::LocalTerminate => match expired {
+                CloseCause::LocalTerminate => match outcome.expired {
                     Some(expiry) => Ending::Expired(expiry),
                     None if stop.is_cancelled() => Ending::Terminated,
                     None => Ending::ClientClosed,
@@ -235,8 +219,7 @@ where
                 &Stats::default(),
             );
             warn!(session_id, %error, "session failed");
-            let stats = last_stats.borrow().clone();
-            (Ending::Failed(error.into()), None, stats)
+            (Ending::Failed(error.into()), None, Stats::default())
         }
     };
     Carried {
@@ -247,68 +230,37 @@ where
     }
 }
 
-/// Watches a session's counters: records when the first byte arrives, and fires `stop` when the
-/// session is idle or too old.
-async fn watch_session(
-    mut stats: watch::Receiver<Stats>,
-    metrics: Metrics,
-    connected_at: Instant,
-    opened_at: Instant,
-    idle_timeout: Option<Duration>,
-    max_duration: Option<Duration>,
-    stop: CancellationToken,
-) -> Option<Expiry> {
-    const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
-    let deadline = opened_at + max_duration.unwrap_or(FOREVER);
-    let idle = idle_timeout.unwrap_or(FOREVER);
-    let mut last_activity = Instant::now();
-    let mut last_bytes = 0;
-    // Each phase runs from the end of the one before (`mark`); a session without a handshake
-    // (a shell) goes from the first frame to the first byte.
-    let mut mark = opened_at;
-    let mut first_frame_seen = false;
-    let mut handshake_seen = false;
-    let mut first_byte_seen = false;
-    loop {
-        let idle_deadline = last_activity + idle;
-        tokio::select! {
-            changed = stats.changed() => {
-                if changed.is_err() {
-                    return None;
-                }
-                let now = Instant::now();
-                let current = stats.borrow_and_update().clone();
-                if !first_frame_seen && current.frames_received > 0 {
-                    first_frame_seen = true;
-                    metrics.observe_setup("websocket_connect", now - mark);
-                    mark = now;
-                }
-                if !handshake_seen && current.handshakes_completed > 0 {
-                    handshake_seen = true;
-                    metrics.observe_setup("handshake", now - mark);
-                    mark = now;
-                }
-                if !first_byte_seen && current.bytes_received > 0 {
-                    first_byte_seen = true;
-                    metrics.observe_setup("first_byte", now - mark);
-                    metrics.observe_setup("total", now - connected_at);
-                }
-                let bytes = current.bytes_received + current.bytes_sent;
-                if bytes != last_bytes {
-                    last_bytes = bytes;
-                    last_activity = now;
+/// Observes each setup phase in the session setup histogram the moment it ends, each from the
+/// end of the one before: `websocket_connect` from the StartSession response to the agent's
+/// first frame, `handshake` to HandshakeComplete, `first_byte` to the instance's first byte (a
+/// session without a handshake, a shell, goes from the first frame), and `total` from the
+/// client's connect.
+fn setup_observer(metrics: &Metrics, connected_at: Instant, opened_at: Instant) -> SetupObserver {
+    let metrics = metrics.clone();
+    Arc::new(move |milestone: Milestone, reached: &Milestones| {
+        let since = |earlier: Option<Instant>, at: Option<Instant>| {
+            at.map(|at| at.saturating_duration_since(earlier.unwrap_or(opened_at)))
+        };
+        match milestone {
+            Milestone::FirstFrame => {
+                if let Some(took) = since(None, reached.first_frame) {
+                    metrics.observe_setup("websocket_connect", took);
                 }
             }
-            () = tokio::time::sleep_until(idle_deadline) => {
-                info!("session idle too long; ending it");
-                stop.cancel();
-                return Some(Expiry::Idle);
+            Milestone::Handshake => {
+                if let Some(took) = since(reached.first_frame, reached.handshake) {
+                    metrics.observe_setup("handshake", took);
+                }
             }
-            () = tokio::time::sleep_until(deadline) => {
-                info!("session reached its maximum duration; ending it");
-                stop.cancel();
-                return Some(Expiry::MaxDuration);
+            Milestone::FirstByte => {
+                let mark = reached.handshake.or(reached.first_frame);
+                if let Some(took) = since(mark, reached.first_byte) {
+                    metrics.observe_setup("first_byte", took);
+                }
+                if let Some(at) = reached.first_byte {
+                    metrics.observe_setup("total", at.saturating_duration_since(connected_at));
+                }
             }
         }
-    }
+    })
 }

@@ -17,6 +17,7 @@
 //! ```
 
 mod dial;
+pub mod lifecycle;
 mod local;
 mod share;
 pub mod signing;
@@ -47,6 +48,7 @@ use crate::protocol::{
 use crate::budget::Lease;
 use crate::ssm::{ControlPlane, ControlPlaneError, StreamTarget};
 use dial::{dial_error, tls_config};
+pub use lifecycle::{Deadlines, Expiry, Milestone, Milestones, SetupObserver};
 use local::{Budgeted, Conn, LocalInput, spawn_conn};
 use share::Share;
 use signing::{SigningError, UpgradeSigner, is_presigned};
@@ -219,6 +221,8 @@ pub struct Outcome {
     pub handshake: Option<HandshakeInfo>,
     /// Final counters.
     pub stats: Stats,
+    /// The deadline that ended the session, if one did.
+    pub expired: Option<Expiry>,
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -261,6 +265,8 @@ pub struct Tunnel<'a, C> {
     stats: Option<watch::Sender<Stats>>,
     terminal: Option<watch::Receiver<TerminalSize>>,
     encryption: Option<Encryption>,
+    deadlines: Deadlines,
+    setup: Option<SetupObserver>,
 }
 
 impl<'a, C: ControlPlane> Tunnel<'a, C> {
@@ -278,7 +284,21 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             stats: None,
             terminal: None,
             encryption: None,
+            deadlines: Deadlines::default(),
+            setup: None,
         }
+    }
+
+    /// Ends the session at its idle or maximum-duration deadline (see [`Outcome::expired`]).
+    pub fn with_deadlines(mut self, deadlines: Deadlines) -> Self {
+        self.deadlines = deadlines;
+        self
+    }
+
+    /// Tells `observer` of each setup milestone the moment it is reached.
+    pub fn with_setup_observer(mut self, observer: SetupObserver) -> Self {
+        self.setup = Some(observer);
+        self
     }
 
     /// A shell session that may be KMS-encrypted: where its data key comes from.
@@ -294,7 +314,7 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
         self
     }
 
-    /// Publishes the session's [`Stats`] after every loop turn (for metrics).
+    /// Publishes the session's [`Stats`] after every loop turn (for tests that watch them).
     pub fn with_stats(mut self, stats: watch::Sender<Stats>) -> Self {
         self.stats = Some(stats);
         self
@@ -368,6 +388,11 @@ impl<'a, C: ControlPlane> Tunnel<'a, C> {
             mode: None,
             finishing: Vec::new(),
             share: lease.map(Share::new),
+            started: start,
+            last_activity: start,
+            milestones: Milestones::default(),
+            expired: None,
+            ws_gone_at: None,
         };
         let (tx, rx) = mpsc::channel(self.config.local_write_queue.max(1));
         run.local_tx = Some(tx);
@@ -530,6 +555,15 @@ struct Run<'t, 'a, C, L> {
     /// The session's share of a memory budget, if the bridge has one. Dropped with the run,
     /// after the writers finished.
     share: Option<Share>,
+    started: Instant,
+    /// When a byte last went either way (the idle deadline runs from here).
+    last_activity: Instant,
+    milestones: Milestones,
+    /// The deadline that ended the session.
+    expired: Option<Expiry>,
+    /// When the WebSocket went away while the session was ending (what it had received is
+    /// still being written out).
+    ws_gone_at: Option<Instant>,
 }
 
 enum Turn<L> {
@@ -547,6 +581,8 @@ enum Turn<L> {
     DataKey(Result<DataKey, String>),
     /// The memory budget gave room, or a writer wrote some out.
     Room,
+    /// The idle or maximum-duration deadline.
+    Deadline,
 }
 
 impl<C: ControlPlane, L> Run<'_, '_, C, L>
@@ -564,7 +600,14 @@ where
             if let Some(outcome) = self.drain_events(now) {
                 return Ok(outcome);
             }
-            if self.outgoing.is_none() {
+            if let Some(gone_at) = self.ws_gone_at {
+                // Without the WebSocket nothing more arrives: end once what did is out (or,
+                // for a connection that does not read it, after the flush grace).
+                let flushed = self.stalled.is_none();
+                if flushed || now >= gone_at + LOCAL_FLUSH_GRACE {
+                    return Ok(self.ended_without_transport());
+                }
+            } else if self.outgoing.is_none() {
                 self.outgoing = self.session.poll_transmit(now.into_std());
             }
             if let Some(stats) = &self.tunnel.stats {
@@ -590,13 +633,18 @@ where
             let generating = data_key.is_some();
             let waiting_for_room = self.share.as_ref().is_some_and(Share::is_waiting);
             let share = self.share.as_mut();
+            let flush_by = self.ws_gone_at.map(|at| at + LOCAL_FLUSH_GRACE);
+            let deadline = (self.expired.is_none())
+                .then(|| (self.tunnel.deadlines).next(self.started, self.last_activity))
+                .flatten();
             let turn = tokio::select! {
                 biased;
                 () = &mut shutdown, if !shutting_down => Turn::Shutdown,
                 () = std::future::ready(()), if self.outgoing.is_some() => Turn::Send,
-                msg = self.ws.next(), if reading => Turn::Ws(msg),
+                msg = self.ws.next(), if reading && self.ws_gone_at.is_none() => Turn::Ws(msg),
                 () = due(timer.unwrap_or(now), now), if timer.is_some() => Turn::Timer,
-                _ = ping.tick() => Turn::Ping,
+                _ = ping.tick(), if self.ws_gone_at.is_none() => Turn::Ping,
+                () = due(flush_by.unwrap_or(now), now), if flush_by.is_some() => Turn::Timer,
                 permit = async { stalled_tx?.reserve_owned().await.ok() }, if self.stalled.is_some() => Turn::Unstalled(permit),
                 input = async { local_rx?.recv().await }, if take_local => Turn::Local(input),
                 conn = self.incoming.recv(), if accepting => Turn::Incoming(conn),
@@ -608,6 +656,7 @@ where
                     }
                 }, if generating => Turn::DataKey(key),
                 () = async { if let Some(share) = share { share.room().await } }, if waiting_for_room => Turn::Room,
+                () = due(deadline.unwrap_or(now), now), if deadline.is_some() => Turn::Deadline,
             };
             let now = Instant::now();
             match turn {
@@ -617,6 +666,7 @@ where
                 }
                 Turn::Ws(Some(Ok(message))) => {
                     self.last_heard = now;
+                    self.reached(Milestone::FirstFrame, now);
                     self.on_ws_message(now, message);
                 }
                 Turn::Ws(_) => {
@@ -682,6 +732,14 @@ where
                     }
                 }
                 Turn::Room => {}
+                Turn::Deadline => {
+                    let deadlines = self.tunnel.deadlines;
+                    if let Some(expiry) = deadlines.expired(now, self.started, self.last_activity) {
+                        info!(?expiry, "the session reached its deadline; ending it");
+                        self.expired = Some(expiry);
+                        self.session.terminate(now.into_std());
+                    }
+                }
                 Turn::Unstalled(permit) => {
                     if let Some((key, data)) = self.stalled.take() {
                         match permit {
@@ -697,6 +755,7 @@ where
                     if let Some(share) = &mut self.share {
                         share.took_read(credit);
                     }
+                    self.last_activity = now;
                     self.pending_local = Some((key, data));
                     self.feed_pending_local();
                 }
@@ -737,15 +796,17 @@ where
 
     /// The WebSocket failed: resume it, or end here when the session was closing anyway.
     async fn transport_lost(&mut self) -> Result<Option<Outcome>, DriverError> {
-        let closing = self.mode.is_some() && !self.session.is_open();
-        if closing || self.session.is_closed() {
-            self.close_local();
-            return Ok(Some(Outcome {
-                cause: CloseCause::LocalTerminate,
-                output: None,
-                handshake: self.session.handshake().cloned(),
-                stats: self.session.stats(),
-            }));
+        if self.session.is_closed() {
+            // The agent closed the channel, and then its WebSocket. What the session received
+            // still goes out to the connections: the loop drains the events without the
+            // WebSocket, and ends when they are out.
+            self.ws_gone_at.get_or_insert_with(Instant::now);
+            self.outgoing = None;
+            return Ok(None);
+        }
+        if self.mode.is_some() && !self.session.is_open() {
+            // The bridge was ending the session: what is still undelivered is not wanted.
+            return Ok(Some(self.ended_without_transport()));
         }
         self.outgoing = None;
         info!(session_id = %self.target.session_id, "WebSocket lost; resuming the session");
@@ -753,6 +814,21 @@ where
         self.ws = ws;
         self.last_heard = Instant::now();
         Ok(None)
+    }
+
+    /// The session ends without its WebSocket, once what it received is out.
+    fn ended_without_transport(&mut self) -> Outcome {
+        if self.stalled.take().is_some() {
+            warn!("a local connection did not take the session's last bytes in time");
+        }
+        self.close_local();
+        Outcome {
+            cause: CloseCause::LocalTerminate,
+            output: None,
+            handshake: self.session.handshake().cloned(),
+            stats: self.session.stats(),
+            expired: self.expired,
+        }
     }
 
     /// Hands pending local bytes to the session as far as its window allows.
@@ -869,21 +945,28 @@ where
                 Event::HandshakeComplete(info) => {
                     info!(agent_version = ?info.agent_version, mode = ?info.mode, "handshake complete");
                     self.mode = Some(info.mode);
+                    self.reached(Milestone::Handshake, now);
                 }
-                Event::Data(data) => match self.conns.keys().next().copied() {
-                    Some(key) => self.deliver_local(now, key, data),
-                    // Closing: no connection will attach any more, and the client these bytes
-                    // were for has gone. Held, they would stop the events behind them, the
-                    // session's close among them.
-                    None if !self.session.is_open() && self.mode.is_some() => {
-                        debug!(
-                            bytes = data.len(),
-                            "discarding bytes for a connection that ended"
-                        );
+                Event::Data(data) => {
+                    self.received(now);
+                    match self.conns.keys().next().copied() {
+                        Some(key) => self.deliver_local(now, key, data),
+                        // Closing: no connection will attach any more, and the client these bytes
+                        // were for has gone. Held, they would stop the events behind them, the
+                        // session's close among them.
+                        None if !self.session.is_open() && self.mode.is_some() => {
+                            debug!(
+                                bytes = data.len(),
+                                "discarding bytes for a connection that ended"
+                            );
+                        }
+                        None => self.unattached = Some(data),
                     }
-                    None => self.unattached = Some(data),
-                },
-                Event::StreamData { stream, data } => self.deliver_local(now, stream, data),
+                }
+                Event::StreamData { stream, data } => {
+                    self.received(now);
+                    self.deliver_local(now, stream, data);
+                }
                 Event::StreamClosed { stream, reason } => {
                     debug!(stream, ?reason, "stream closed by the agent");
                     // Its writer goes on until what the agent sent before the close is out.
@@ -904,6 +987,7 @@ where
                         output,
                         handshake: self.session.handshake().cloned(),
                         stats: self.session.stats(),
+                        expired: self.expired,
                     });
                 }
             }
@@ -922,12 +1006,16 @@ where
     /// out what it was handed: a caller that exits right after the tunnel (`proxy`, whose
     /// runtime ends with it) must not cut the instance's last bytes.
     async fn finish_local_writes(&mut self) {
-        let writers = futures::future::join_all(self.finishing.drain(..));
-        if tokio::time::timeout(LOCAL_FLUSH_GRACE, writers)
+        let writers: Vec<_> = self.finishing.drain(..).collect();
+        let aborts: Vec<_> = writers.iter().map(JoinHandle::abort_handle).collect();
+        let written = futures::future::join_all(writers);
+        if tokio::time::timeout(LOCAL_FLUSH_GRACE, written)
             .await
             .is_err()
         {
+            // Cut: the connection closes now rather than whenever its client reads the rest.
             warn!("a local connection did not take the session's last bytes in time");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
         }
     }
 
@@ -960,6 +1048,21 @@ impl<C, L> Run<'_, '_, C, L> {
         let room = share.settle(held);
         let inbound = self.session.inbound_bytes();
         self.session.set_inbound_budget(inbound + room);
+    }
+
+    /// The instance's bytes arrived: activity, and maybe the first byte.
+    fn received(&mut self, now: Instant) {
+        self.last_activity = now;
+        self.reached(Milestone::FirstByte, now);
+    }
+
+    /// Records `milestone` and tells the observer, the first time.
+    fn reached(&mut self, milestone: Milestone, now: Instant) {
+        if self.milestones.reach(milestone, now)
+            && let Some(observer) = &self.tunnel.setup
+        {
+            observer(milestone, &self.milestones);
+        }
     }
 
     /// `bytes` went to a local writer: held by it until written out.

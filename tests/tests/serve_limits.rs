@@ -1,18 +1,20 @@
-//! The serve path's memory budget against the strict emulator: clients that read nothing while
-//! their instances send spend the budget and no more; a connection the budget has no room for
-//! is refused with a reason; then every download arrives whole, and the budget is all given
-//! back.
+//! The serve path's limits against the strict emulator. The memory budget: clients that read
+//! nothing while their instances send spend the budget and no more; a connection the budget has
+//! no room for is refused with a reason; then every download arrives whole, and the budget is
+//! all given back. The deadlines: an idle session and one past its maximum duration are ended,
+//! and their records say which deadline did it.
 
 #![allow(clippy::panic)]
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use fleet_access_agent_bridge::{
+    audit::{AuditSink, ConnectionRecord, Ended},
     budget::{MemoryBudget, SESSION_FLOOR, in_units},
     listener::{Audit, Endpoint, Limits, Listeners},
     metrics::{self, Metrics},
@@ -43,17 +45,20 @@ fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Sends [`DOWNLOAD`] bytes of [`pattern`] to every connection, then closes it.
-async fn download_server() -> SocketAddr {
+/// Sends `len` bytes of [`pattern`] to every connection, then closes it (`close`) or holds it
+/// open, silent, until the far end closes.
+async fn target(len: usize, close: bool) -> SocketAddr {
     let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
     let address = listener.local_addr().expect("address");
-    let data = Arc::new(pattern(DOWNLOAD));
+    let data = Arc::new(pattern(len));
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             let data = data.clone();
             tokio::spawn(async move {
                 let _ = stream.write_all(&data).await;
-                let _ = stream.shutdown().await;
+                if close {
+                    let _ = stream.shutdown().await;
+                }
                 // Hold the connection until the far end closes.
                 let _ = stream.read(&mut [0u8; 1]).await;
             });
@@ -84,18 +89,38 @@ async fn connect(port: u16) -> TcpStream {
         .expect("connect")
 }
 
+/// Each connection's audit record.
+#[derive(Default)]
+struct Records(Mutex<Vec<ConnectionRecord>>);
+
+impl AuditSink for Records {
+    fn record(&self, record: &ConnectionRecord) {
+        self.0.lock().expect("records").push(record.clone());
+    }
+}
+
 /// The serve path's endpoint listener for one instance whose port sends [`DOWNLOAD`] bytes,
 /// through the emulator in fast mode.
 struct Bridge {
     emulator: Running,
     listeners: Listeners<SdkControlPlane>,
     registry: Registry,
+    records: Arc<Records>,
     port: u16,
 }
 
 impl Bridge {
+    /// Each connection downloads [`DOWNLOAD`] bytes, then the target closes it.
     async fn start(budget: Option<&MemoryBudget>) -> Self {
-        let source = download_server().await;
+        Self::start_with(target(DOWNLOAD, true).await, budget, None, None).await
+    }
+
+    async fn start_with(
+        source: SocketAddr,
+        budget: Option<&MemoryBudget>,
+        idle_timeout: Option<Duration>,
+        max_duration: Option<Duration>,
+    ) -> Self {
         let mut config = Config {
             mode: Mode::Fast,
             ..Config::default()
@@ -114,6 +139,8 @@ impl Bridge {
         .with_stream_urls(StreamUrls::Any);
         let context = Arc::new(SessionContext {
             budget: budget.cloned(),
+            idle_timeout,
+            max_duration,
             ..SessionContext::per_connection(
                 Arc::new(control),
                 None,
@@ -133,7 +160,12 @@ impl Bridge {
             total: 100,
             per_instance: 100,
         };
-        let mut listeners = Listeners::new(context, limits, LOOPBACK, Audit::none());
+        let records = Arc::new(Records::default());
+        let audit = Audit {
+            clients: Default::default(),
+            sink: Some(records.clone()),
+        };
+        let mut listeners = Listeners::new(context, limits, LOOPBACK, audit);
         let port = endpoint.listen_port;
         let endpoints = BTreeMap::from([(port, endpoint)]);
         assert!(listeners.apply(&endpoints).await.is_empty());
@@ -141,8 +173,14 @@ impl Bridge {
             emulator,
             listeners,
             registry,
+            records,
             port,
         }
+    }
+
+    /// Every connection's record so far.
+    fn records(&self) -> Vec<ConnectionRecord> {
+        self.records.0.lock().expect("records").clone()
     }
 
     /// The bridge's own count of open sessions.
@@ -163,6 +201,7 @@ async fn slow_readers_spend_the_memory_budget_and_no_more_and_lose_nothing() {
         listeners,
         registry,
         port,
+        ..
     } = Bridge::start(Some(&budget)).await;
 
     // The clients read nothing: their sessions fill what the budget has, then hold back.
@@ -288,4 +327,93 @@ async fn a_client_that_leaves_mid_download_ends_its_session() {
     assert!(bridge.emulator.violations().is_empty());
     bridge.listeners.shutdown(Duration::from_secs(10)).await;
     assert_eq!(budget.in_use(), 0);
+}
+
+/// A session that carries no byte for its idle timeout is ended by the bridge, and its record
+/// says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_ended_at_its_idle_timeout() {
+    let greeting = 1000;
+    let silent_after_greeting = target(greeting, false).await;
+    let idle = Some(Duration::from_millis(300));
+    let bridge = Bridge::start_with(silent_after_greeting, None, idle, None).await;
+    let mut client = connect(bridge.port).await;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut received));
+    read.await
+        .expect("the bridge closes the connection")
+        .expect("read");
+    assert!(received == pattern(greeting));
+    until("the record", Duration::from_secs(30), || {
+        !bridge.records().is_empty()
+    })
+    .await;
+    let record = &bridge.records()[0];
+    assert_eq!(record.ended, Ended::Expired, "{record:?}");
+    assert_eq!(record.detail.as_deref(), Some("Idle"));
+    bridge.listeners.shutdown(Duration::from_secs(10)).await;
+}
+
+/// Sends [`pattern`] to every connection for as long as it stays open.
+async fn endless_target() -> SocketAddr {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let chunk = Arc::new(pattern(64 * 1024));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let chunk = chunk.clone();
+            tokio::spawn(async move { while stream.write_all(&chunk).await.is_ok() {} });
+        }
+    });
+    address
+}
+
+/// A session past its maximum duration is ended whatever it carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_session_is_ended_at_its_maximum_duration() {
+    let idle = Some(Duration::from_secs(3600));
+    let max = Some(Duration::from_millis(300));
+    let bridge = Bridge::start_with(endless_target().await, None, idle, max).await;
+    // The download never ends and the client reads it as fast as it comes: the session is
+    // never idle.
+    let mut client = connect(bridge.port).await;
+    let mut sink = tokio::io::sink();
+    let read = tokio::io::copy(&mut client, &mut sink);
+    let copied = tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the bridge closes the connection");
+    assert!(copied.is_ok_and(|bytes| bytes > 0));
+    until("the record", Duration::from_secs(30), || {
+        !bridge.records().is_empty()
+    })
+    .await;
+    let record = &bridge.records()[0];
+    assert_eq!(record.ended, Ended::Expired, "{record:?}");
+    assert_eq!(record.detail.as_deref(), Some("MaxDuration"));
+    bridge.listeners.shutdown(Duration::from_secs(10)).await;
+}
+
+/// The instance sends a download and closes at once: the agent's channel_closed and the end of
+/// its WebSocket come while the client is still reading. Every byte still reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_arrived_before_the_channel_closed_reaches_a_client_still_reading() {
+    let bridge = Bridge::start(None).await;
+    for _ in 0..3 {
+        let mut client = connect(bridge.port).await;
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut received));
+        read.await.expect("the download ends").expect("read");
+        assert!(
+            received == pattern(DOWNLOAD),
+            "{} of {DOWNLOAD} bytes arrived",
+            received.len()
+        );
+    }
+    bridge
+        .emulator
+        .wait_for_all_ended(Duration::from_secs(30))
+        .await
+        .expect("every session ends");
+    assert!(bridge.emulator.violations().is_empty());
+    bridge.listeners.shutdown(Duration::from_secs(10)).await;
 }
