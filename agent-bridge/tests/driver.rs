@@ -520,6 +520,22 @@ impl tokio::io::AsyncWrite for SlowLocal {
     }
 }
 
+/// `tunnel` carrying the connections of `conns` until `stop` resolves.
+async fn run_until<L>(
+    tunnel: &Tunnel<'_, FakeControl>,
+    target: StreamTarget,
+    conns: mpsc::Receiver<L>,
+    stop: impl Future<Output = impl Sized>,
+) -> Result<Outcome, DriverError>
+where
+    L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let shutdown = async {
+        let _ = stop.await;
+    };
+    tunnel.run(target, conns, shutdown, None).await
+}
+
 async fn echo(local: &mut DuplexStream, data: &[u8]) -> Vec<u8> {
     local.write_all(data).await.unwrap();
     let mut got = vec![0u8; data.len()];
@@ -549,17 +565,7 @@ async fn basic_echo_signed_upgrade_and_terminate() {
         stop_tx.send(()).unwrap();
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
-        tokio::join!(
-            tunnel.run(
-                target,
-                conn_rx,
-                async {
-                    let _ = stop_rx.await;
-                },
-                None
-            ),
-            body
-        )
+        tokio::join!(run_until(&tunnel, target, conn_rx, stop_rx), body)
     })
     .await
     .expect("test finished in time");
@@ -612,17 +618,7 @@ async fn mux_streams_echo_concurrently() {
         stop_tx.send(()).unwrap();
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
-        tokio::join!(
-            tunnel.run(
-                target,
-                conn_rx,
-                async {
-                    let _ = stop_rx.await;
-                },
-                None
-            ),
-            body
-        )
+        tokio::join!(run_until(&tunnel, target, conn_rx, stop_rx), body)
     })
     .await
     .expect("test finished in time");
@@ -663,17 +659,7 @@ async fn echo_through(s: &Setup, messages: &[&[u8]]) -> Result<Outcome, DriverEr
         stop_tx.send(()).unwrap();
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
-        tokio::join!(
-            tunnel.run(
-                target,
-                conn_rx,
-                async {
-                    let _ = stop_rx.await;
-                },
-                None
-            ),
-            body
-        )
+        tokio::join!(run_until(&tunnel, target, conn_rx, stop_rx), body)
     })
     .await
     .expect("test finished in time");
@@ -752,17 +738,7 @@ async fn silent_gateway_is_detected_by_ping_and_resumed() {
         stop_tx.send(()).unwrap();
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
-        tokio::join!(
-            tunnel.run(
-                target,
-                conn_rx,
-                async {
-                    let _ = stop_rx.await;
-                },
-                None
-            ),
-            body
-        )
+        tokio::join!(run_until(&tunnel, target, conn_rx, stop_rx), body)
     })
     .await
     .expect("test finished in time");
@@ -810,7 +786,7 @@ async fn the_last_bytes_reach_a_slow_client_before_the_tunnel_returns() {
     input.write_all(b"go").await.unwrap();
     let outcome = tokio::time::timeout(
         LIMIT,
-        tunnel.run(target, conn_rx, std::future::pending(), None),
+        run_until(&tunnel, target, conn_rx, std::future::pending::<()>()),
     )
     .await
     .expect("test finished in time")
@@ -844,7 +820,7 @@ async fn expired_session_on_resume_is_an_error() {
     local.write_all(b"data").await.unwrap();
     let result = tokio::time::timeout(
         LIMIT,
-        tunnel.run(target, conn_rx, std::future::pending(), None),
+        run_until(&tunnel, target, conn_rx, std::future::pending::<()>()),
     )
     .await
     .expect("test finished in time");
@@ -871,7 +847,7 @@ async fn channel_closed_output_ends_the_tunnel() {
     let (_conn_tx, conn_rx) = mpsc::channel::<DuplexStream>(4);
     let outcome = tokio::time::timeout(
         LIMIT,
-        tunnel.run(target, conn_rx, std::future::pending(), None),
+        run_until(&tunnel, target, conn_rx, std::future::pending::<()>()),
     )
     .await
     .expect("test finished in time")
@@ -903,17 +879,7 @@ async fn refused_stream_closes_its_local_connection() {
         stop_tx.send(()).unwrap();
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
-        tokio::join!(
-            tunnel.run(
-                target,
-                conn_rx,
-                async {
-                    let _ = stop_rx.await;
-                },
-                None
-            ),
-            body
-        )
+        tokio::join!(run_until(&tunnel, target, conn_rx, stop_rx), body)
     })
     .await
     .expect("test finished in time");
@@ -945,17 +911,7 @@ async fn gateway_that_pongs_but_never_acks_is_resumed() {
         stop_tx.send(()).unwrap();
     };
     let (outcome, ()) = tokio::time::timeout(LIMIT, async {
-        tokio::join!(
-            tunnel.run(
-                target,
-                conn_rx,
-                async {
-                    let _ = stop_rx.await;
-                },
-                None
-            ),
-            body
-        )
+        tokio::join!(run_until(&tunnel, target, conn_rx, stop_rx), body)
     })
     .await
     .expect("test finished in time");
