@@ -67,6 +67,27 @@ async fn target(len: usize, close: bool) -> SocketAddr {
     address
 }
 
+/// Sends [`DOWNLOAD`] bytes of [`pattern`] to each connection once it has sent a byte (so that a
+/// test can open several sessions before any carries data), then closes it.
+async fn requested_download() -> SocketAddr {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let data = Arc::new(pattern(DOWNLOAD));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let data = data.clone();
+            tokio::spawn(async move {
+                if stream.read_exact(&mut [0u8; 1]).await.is_ok() {
+                    let _ = stream.write_all(&data).await;
+                }
+                let _ = stream.shutdown().await;
+                let _ = stream.read(&mut [0u8; 1]).await;
+            });
+        }
+    });
+    address
+}
+
 /// Polls `condition` every 10 ms until it holds; fails the test after `limit`.
 async fn until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let waited = async {
@@ -196,18 +217,21 @@ impl Bridge {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_spend_the_memory_budget_and_no_more_and_lose_nothing() {
     let budget = MemoryBudget::new(BUDGET);
-    let Bridge {
-        emulator,
-        listeners,
-        registry,
-        port,
-        ..
-    } = Bridge::start(Some(&budget)).await;
+    let bridge = Bridge::start_with(requested_download().await, Some(&budget), None, None).await;
+    let port = bridge.port;
 
-    // The clients read nothing: their sessions fill what the budget has, then hold back.
+    // Every session is admitted first (each with its floor); then the clients ask for their
+    // downloads and read nothing: their sessions fill what the budget has, then hold back.
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         clients.push(connect(port).await);
+    }
+    until("every session open", Duration::from_secs(30), || {
+        bridge.sessions_active() == CLIENTS.to_string()
+    })
+    .await;
+    for client in &mut clients {
+        client.write_all(b"D").await.expect("ask for the download");
     }
     // No room for another session's floor: refused, with the reason. (While the kernel's
     // socket buffers still take what the writers write, a lease may shrink between the check
@@ -220,6 +244,8 @@ async fn slow_readers_spend_the_memory_budget_and_no_more_and_lose_nothing() {
         })
         .await;
         let mut extra = connect(port).await;
+        // Refused, the connection may be closed already.
+        let _ = extra.write_all(b"D").await;
         answer = vec![0; refusal.len()];
         tokio::time::timeout(Duration::from_secs(30), extra.read_exact(&mut answer))
             .await
@@ -267,6 +293,7 @@ async fn slow_readers_spend_the_memory_budget_and_no_more_and_lose_nothing() {
         );
     }
 
+    let emulator = &bridge.emulator;
     let reports = emulator
         .wait_for_all_ended(Duration::from_secs(60))
         .await
@@ -284,10 +311,10 @@ async fn slow_readers_spend_the_memory_budget_and_no_more_and_lose_nothing() {
             report.messages_to_client
         );
     }
-    listeners.shutdown(Duration::from_secs(10)).await;
+    let exported = metrics::encode(&bridge.registry);
+    bridge.listeners.shutdown(Duration::from_secs(10)).await;
     assert_eq!(budget.overdrawn(), 0, "no session held more than its share");
     assert_eq!(budget.in_use(), 0, "every session gave its share back");
-    let exported = metrics::encode(&registry);
     assert!(
         exported.contains(r#"agent_bridge_connections_refused_total{reason="memory_budget"} 1"#),
         "{exported}"
