@@ -64,8 +64,9 @@ pub struct MemoryBudget {
 impl MemoryBudget {
     /// A pool of `limit` bytes.
     pub fn new(limit: usize) -> Self {
+        let limit = limit.min(Semaphore::MAX_PERMITS);
         Self {
-            pool: Arc::new(Semaphore::new(limit.min(Semaphore::MAX_PERMITS))),
+            pool: Arc::new(Semaphore::new(limit)),
             limit,
             waits: Arc::default(),
             overdrawn: Arc::default(),

@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    report::{RateRow, median_rate, rates_against_plugin},
     roles::{CHUNK, DOWNLOAD, Target},
     scenarios::{Client, ClientKind, Options, open},
     support::{Emulator, Mode, Workspace},
@@ -41,13 +42,7 @@ pub struct ParallelRow {
     pub error: Option<String>,
 }
 
-impl ParallelRow {
-    fn median(&self) -> Option<f64> {
-        let mut rates = self.rates.clone();
-        rates.sort_by(f64::total_cmp);
-        rates.get(rates.len() / 2).copied()
-    }
-}
+impl ParallelRow {}
 
 /// The part's figures.
 #[derive(Clone, Debug)]
@@ -160,43 +155,18 @@ pub fn render(part: &Parallel, section: usize, out: &mut String) {
         part.window.as_secs_f64(),
         part.rows.iter().map(|r| r.rates.len()).max().unwrap_or(0),
     );
-    let reference = (part.rows.iter())
-        .find(|r| r.client == ClientKind::Plugin)
-        .and_then(ParallelRow::median)
-        .filter(|r| *r > 0.0);
-    let _ = writeln!(
-        out,
-        "| client | together (MB/s) | min | max | vs the plugin |\n|---|---|---|---|---|"
-    );
-    for row in &part.rows {
-        let Some(median) = row.median() else {
-            let _ = writeln!(
-                out,
-                "| {} | not measured: {} | | | |",
-                row.client.name(),
-                row.error.as_deref().unwrap_or("no figure")
-            );
-            continue;
-        };
-        let min = row.rates.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = row.rates.iter().copied().fold(0.0, f64::max);
-        let ratio = match reference {
-            _ if row.client == ClientKind::Plugin => "reference".to_owned(),
-            Some(reference) => format!("{:.2}", median / reference),
-            None => "**the plugin not measured**: cannot be judged".to_owned(),
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {:.2} | {:.2} | {:.2} | {ratio} |",
-            row.client.name(),
-            median / 1e6,
-            min / 1e6,
-            max / 1e6
-        );
-    }
+    let rows: Vec<_> = (part.rows.iter())
+        .map(|row| RateRow {
+            name: row.client.name(),
+            rates: &row.rates,
+            error: row.error.as_deref(),
+            is_plugin: row.client == ClientKind::Plugin,
+        })
+        .collect();
+    let reference = rates_against_plugin(out, "together (MB/s)", 1e6, 2, &rows);
     let pool = (part.rows.iter())
         .find(|r| r.client == ClientKind::Forward)
-        .and_then(ParallelRow::median);
+        .and_then(|r| median_rate(&r.rates));
     let verdict = match (pool, reference) {
         (Some(pool), Some(reference)) if pool / reference >= GOAL => {
             format!("Goal met: {:.1}x the plugin.", pool / reference)

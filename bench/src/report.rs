@@ -220,6 +220,71 @@ pub struct Report {
     pub memory: Option<crate::memory::Memory>,
 }
 
+/// The median of some runs' rates.
+pub(crate) fn median_rate(rates: &[f64]) -> Option<f64> {
+    let mut rates = rates.to_vec();
+    rates.sort_by(f64::total_cmp);
+    rates.get(rates.len() / 2).copied()
+}
+
+/// One client's row in a table of rates against the official plugin.
+pub(crate) struct RateRow<'a> {
+    /// The client's name.
+    pub name: &'a str,
+    /// Its runs' rates (bytes per second).
+    pub rates: &'a [f64],
+    /// Why it was not measured.
+    pub error: Option<&'a str>,
+    /// It is the plugin, the reference.
+    pub is_plugin: bool,
+}
+
+/// Writes a table of `rows` (median, min, max in `unit`, bytes per second divided by `scale`,
+/// with `decimals`), each against the plugin's median; returns that reference.
+pub(crate) fn rates_against_plugin(
+    out: &mut String,
+    unit: &str,
+    scale: f64,
+    decimals: usize,
+    rows: &[RateRow<'_>],
+) -> Option<f64> {
+    let reference = (rows.iter())
+        .find(|r| r.is_plugin)
+        .and_then(|r| median_rate(r.rates))
+        .filter(|r| *r > 0.0);
+    let _ = writeln!(
+        out,
+        "| client | {unit} | min | max | vs the plugin |\n|---|---|---|---|---|"
+    );
+    for row in rows {
+        let Some(median) = median_rate(row.rates) else {
+            let _ = writeln!(
+                out,
+                "| {} | not measured: {} | | | |",
+                row.name,
+                row.error.unwrap_or("no figure")
+            );
+            continue;
+        };
+        let min = row.rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = row.rates.iter().copied().fold(0.0, f64::max);
+        let ratio = match reference {
+            _ if row.is_plugin => "reference".to_owned(),
+            Some(reference) => format!("{:.2}", median / reference),
+            None => "**the plugin not measured**: cannot be judged".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.decimals$} | {:.decimals$} | {:.decimals$} | {ratio} |",
+            row.name,
+            median / scale,
+            min / scale,
+            max / scale
+        );
+    }
+    reference
+}
+
 fn shell(program: &str, args: &[&str]) -> String {
     std::process::Command::new(program)
         .args(args)

@@ -12,6 +12,7 @@ use fleet_access_tests::Terminal;
 use tokio::time::Instant;
 
 use crate::{
+    report::{RateRow, rates_against_plugin},
     scenarios::Options,
     support::{Emulator, INSTANCE, Mode, REGION, Workspace},
 };
@@ -52,13 +53,7 @@ pub struct PasteRow {
     pub error: Option<String>,
 }
 
-impl PasteRow {
-    fn median(&self) -> Option<f64> {
-        let mut rates = self.rates.clone();
-        rates.sort_by(f64::total_cmp);
-        rates.get(rates.len() / 2).copied()
-    }
-}
+impl PasteRow {}
 
 /// The part's figures.
 #[derive(Clone, Debug)]
@@ -200,39 +195,14 @@ pub fn render(part: &ShellPaste, section: usize, out: &mut String) {
         PASTE_BYTES / 1024,
         part.rows.iter().map(|r| r.rates.len()).max().unwrap_or(0),
     );
-    let reference = (part.rows.iter())
-        .find(|r| r.paster == Paster::Plugin)
-        .and_then(PasteRow::median)
-        .filter(|r| *r > 0.0);
-    let _ = writeln!(
-        out,
-        "| client | paste (KB/s) | min | max | vs the plugin |\n|---|---|---|---|---|"
-    );
-    for row in &part.rows {
-        let Some(median) = row.median() else {
-            let _ = writeln!(
-                out,
-                "| {} | not measured: {} | | | |",
-                row.paster.name(),
-                row.error.as_deref().unwrap_or("no figure")
-            );
-            continue;
-        };
-        let min = row.rates.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = row.rates.iter().copied().fold(0.0, f64::max);
-        let ratio = match reference {
-            _ if row.paster == Paster::Plugin => "reference".to_owned(),
-            Some(reference) => format!("{:.2}", median / reference),
-            None => "**the plugin not measured**: cannot be judged".to_owned(),
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {:.1} | {:.1} | {:.1} | {ratio} |",
-            row.paster.name(),
-            median / 1e3,
-            min / 1e3,
-            max / 1e3
-        );
-    }
+    let rows: Vec<_> = (part.rows.iter())
+        .map(|row| RateRow {
+            name: row.paster.name(),
+            rates: &row.rates,
+            error: row.error.as_deref(),
+            is_plugin: row.paster == Paster::Plugin,
+        })
+        .collect();
+    rates_against_plugin(out, "paste (KB/s)", 1e3, 1, &rows);
     let _ = writeln!(out);
 }

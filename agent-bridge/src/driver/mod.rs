@@ -1065,7 +1065,9 @@ impl<C, L> Run<'_, '_, C, L> {
         }
     }
 
-    /// `bytes` went to a local writer: held by it until written out.
+    /// `bytes` went to a local writer: held by it until written out. (The writer may have
+    /// written them, and subtracted, before this adds: the count wraps for that instant, and
+    /// only this task reads it, after both.)
     fn handed_to_writer(&self, bytes: usize) {
         if let Some(share) = &self.share {
             share.unwritten.handed(bytes);
