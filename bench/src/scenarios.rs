@@ -56,7 +56,8 @@ pub struct Options {
     pub parts: Vec<String>,
     /// Which emulator modes the throughput part measures.
     pub modes: Vec<Mode>,
-    /// Profile `agent-bridge forward` with perf during the first fast-mode run of each direction,
+    /// Profile `agent-bridge forward` and the serve path with perf during the first fast-mode run
+    /// of each direction,
     /// and the operator during its first full-size apply.
     pub perf: bool,
     /// Grants created at once in the operator benchmark.
@@ -268,6 +269,14 @@ impl ClientKind {
     /// Whether it carries bytes that way (the agent's read loop bounds downloads only).
     pub fn measures(self, direction: Direction) -> bool {
         self != ClientKind::AgentReadLoop || direction == Direction::Download
+    }
+
+    /// The short name of a profile's files.
+    fn profile_label(self) -> &'static str {
+        match self {
+            ClientKind::Serve | ClientKind::ServeWithoutBudget => "serve",
+            _ => "forward",
+        }
     }
 
     /// The name in the report.
@@ -651,24 +660,24 @@ async fn throughput(
                 if !client.kind.measures(direction) {
                     continue;
                 }
+                let label = format!("{}-{direction:?}", client.kind.profile_label());
                 let profile = (options.perf
                     && run == 0
                     && mode == Mode::Fast
-                    && client.kind == ClientKind::Forward)
-                    .then(|| {
-                        start_perf(
-                            ws,
-                            client.pid,
-                            &format!("forward-{direction:?}"),
-                            options.window + Duration::from_millis(500),
-                        )
-                    });
+                    && matches!(client.kind, ClientKind::Forward | ClientKind::Serve))
+                .then(|| {
+                    start_perf(
+                        ws,
+                        client.pid,
+                        &label,
+                        options.window + Duration::from_millis(500),
+                    )
+                });
                 let result = transfer(client, target, direction, options.window).await;
                 if let Some(Some(profile)) = profile
-                    && let Some(text) =
-                        report_perf(ws, profile, &format!("forward-{direction:?}")).await
+                    && let Some(text) = report_perf(ws, profile, &label).await
                 {
-                    profiles.push((format!("agent-bridge forward, fast, {direction:?}"), text));
+                    profiles.push((format!("{}, fast, {direction:?}", client.kind.name()), text));
                 }
                 match result {
                     Ok(rate) => {
