@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -265,9 +266,9 @@ struct Transit {
     connection_faulted: bool,
     stream_count: u64,
     frames_sent: u64,
-    reorder: Vec<Vec<u8>>,
+    reorder: Vec<Bytes>,
     reorder_since: Option<Instant>,
-    delayed: VecDeque<(Instant, Vec<u8>)>,
+    delayed: VecDeque<(Instant, Bytes)>,
 }
 
 impl Transit {
@@ -294,7 +295,7 @@ impl Transit {
     }
 
     /// Applies per-frame faults; returns the frames to send now (before the delay).
-    fn apply(&mut self, mut data: Vec<u8>, stream: bool) -> Vec<Vec<u8>> {
+    fn apply(&mut self, data: Bytes, stream: bool) -> Vec<Bytes> {
         if !stream {
             return vec![data];
         }
@@ -304,14 +305,21 @@ impl Transit {
             self.count(|f| f.output_dropped += 1);
             return Vec::new();
         }
+        // A frame is copied only to be damaged.
+        let damage = |data: Bytes, at: usize, mask: u8| {
+            let mut damaged = data.to_vec();
+            damaged[at] ^= mask;
+            Bytes::from(damaged)
+        };
+        let mut data = data;
         if Self::every(self.faults.corrupt_digest_every, c) && data.len() > 112 {
-            data[80] ^= 0xFF;
+            data = damage(data, 80, 0xFF);
             self.count(|f| f.digests_corrupted += 1);
         }
         if Self::every(self.faults.flip_payload_bit_every, c)
             && data.len() > message::FRAME_HEADER_SIZE
         {
-            data[message::FRAME_HEADER_SIZE] ^= 0x01;
+            data = damage(data, message::FRAME_HEADER_SIZE, 0x01);
             self.count(|f| f.payload_bits_flipped += 1);
         }
         let mut out = vec![data];
@@ -333,7 +341,7 @@ impl Transit {
         }
     }
 
-    fn flush_reorder(&mut self) -> Vec<Vec<u8>> {
+    fn flush_reorder(&mut self) -> Vec<Bytes> {
         self.reorder_since = None;
         let mut group = std::mem::take(&mut self.reorder);
         if group.len() > 1 {
@@ -550,7 +558,7 @@ impl Relay {
     async fn emit(
         &mut self,
         ws: &mut WebSocketStream<impl Transport>,
-        frames: Vec<Vec<u8>>,
+        frames: Vec<Bytes>,
     ) -> Option<End> {
         match self.transit.faults.delay_ms {
             Some(ms) if ms > 0 => {
@@ -564,7 +572,7 @@ impl Relay {
             }
             _ => {
                 for f in frames {
-                    if ws.send(Message::Binary(f.into())).await.is_err() {
+                    if ws.send(Message::Binary(f)).await.is_err() {
                         return Some(End::Gone);
                     }
                     self.transit.frames_sent += 1;
@@ -583,7 +591,7 @@ impl Relay {
             let Some((_, f)) = self.transit.delayed.pop_front() else {
                 break;
             };
-            if ws.send(Message::Binary(f.into())).await.is_err() {
+            if ws.send(Message::Binary(f)).await.is_err() {
                 return Some(End::Gone);
             }
             self.transit.frames_sent += 1;
@@ -595,7 +603,7 @@ impl Relay {
         let mut frames = self.transit.flush_reorder();
         frames.splice(0..0, self.transit.delayed.drain(..).map(|(_, f)| f));
         for f in frames {
-            if ws.send(Message::Binary(f.into())).await.is_err() {
+            if ws.send(Message::Binary(f)).await.is_err() {
                 return;
             }
         }

@@ -293,7 +293,9 @@ impl ClientMessage {
     fn encode_with_header_length(&self, hl: u32) -> Vec<u8> {
         let legacy = hl == LEGACY_HEADER_LENGTH;
         let header_end = hl as usize + PAYLOAD_LENGTH_LEN;
-        let mut out = vec![0u8; header_end + self.payload.len()];
+        // The header is written in place; the payload is appended (not zeroed first).
+        let mut out = Vec::with_capacity(header_end + self.payload.len());
+        out.resize(header_end, 0);
         out[HL_OFFSET..HL_OFFSET + HL_LEN].copy_from_slice(&hl.to_be_bytes());
         let name = self.message_type.as_str().as_bytes();
         let pad = if legacy { 0u8 } else { b' ' };
@@ -320,7 +322,7 @@ impl ClientMessage {
             out[PAYLOAD_LENGTH_OFFSET..PAYLOAD_LENGTH_OFFSET + PAYLOAD_LENGTH_LEN]
                 .copy_from_slice(&len);
         }
-        out[header_end..].copy_from_slice(&self.payload);
+        out.extend_from_slice(&self.payload);
         out
     }
 }

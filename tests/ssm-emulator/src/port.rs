@@ -201,15 +201,15 @@ pub(crate) fn spawn_basic(
         ) {
             return;
         }
-        let mut buf = vec![0u8; chunk_size(mode)];
         loop {
-            match r.read(&mut buf).await {
+            // Each read lands in a buffer of its own, which becomes the message's payload.
+            let mut data = Vec::with_capacity(chunk_size(mode));
+            match r.read_buf(&mut data).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     let Some(room) = transport.reserve(n).await else {
                         return;
                     };
-                    let data = buf[..n].to_vec();
                     if !send(
                         &inbox,
                         PortEvent::BasicData {
@@ -278,15 +278,14 @@ impl MuxPlumbing {
             }
         });
         let pump = tokio::spawn(async move {
-            let mut buf = vec![0u8; chunk_size(mode)];
             loop {
-                match pipe_r.read(&mut buf).await {
+                let mut data = Vec::with_capacity(chunk_size(mode));
+                match pipe_r.read_buf(&mut data).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         let Some(room) = transport.reserve(n).await else {
                             break;
                         };
-                        let data = buf[..n].to_vec();
                         if !send(&inbox, PortEvent::MuxOutput { data, room }) {
                             break;
                         }

@@ -37,7 +37,7 @@ impl Agent {
             }
             bytes[116..120].copy_from_slice(&120u32.to_le_bytes());
             if self.to_client(ToClient::Frame {
-                data: bytes,
+                data: bytes.into(),
                 stream: false,
                 room: None,
             }) {

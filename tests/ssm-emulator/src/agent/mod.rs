@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -103,7 +104,7 @@ pub(crate) enum ToClient {
     /// is the first sending of target output: its room in the transport, given back once
     /// the gateway has written it.
     Frame {
-        data: Vec<u8>,
+        data: Bytes,
         stream: bool,
         room: Option<InTransit>,
     },
@@ -157,7 +158,7 @@ impl RtoEstimator {
 struct Outgoing {
     seq: i64,
     id: Uuid,
-    bytes: Vec<u8>,
+    bytes: Bytes,
     /// Target output bytes this message carries.
     output_len: usize,
     /// Its room in the transport until it is first sent.
@@ -573,7 +574,7 @@ impl Agent {
 
     fn send_control(&self, message: &ClientMessage) -> bool {
         self.to_client(ToClient::Frame {
-            data: message.encode(),
+            data: message.encode().into(),
             stream: false,
             room: None,
         })
@@ -671,6 +672,7 @@ impl Agent {
         } else {
             m.encode()
         };
+        let data = Bytes::from(data);
         if self.to_client(ToClient::Frame {
             data,
             stream: false,

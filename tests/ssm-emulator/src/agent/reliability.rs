@@ -41,7 +41,7 @@ impl Agent {
             }
             if let Some(out) = &self.outbound {
                 let _ = out.send(ToClient::Frame {
-                    data: m.encode(),
+                    data: m.encode().into(),
                     stream: true,
                     room,
                 });
@@ -58,7 +58,7 @@ impl Agent {
         self.unacked.push_back(Outgoing {
             seq,
             id: m.message_id,
-            bytes: m.encode(),
+            bytes: m.encode().into(),
             output_len,
             room,
             last_sent: None,
