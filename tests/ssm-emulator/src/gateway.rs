@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::agent::{AgentInput, Injection, ToClient};
@@ -27,6 +27,9 @@ use crate::port::InTransit;
 use crate::registry::{OpenRefused, Opened, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport};
 use crate::tls::Transport;
+
+/// What one WebSocket read takes at most.
+const WS_READ_BUFFER: usize = 16 * 1024;
 
 const REORDER_FLUSH: Duration = Duration::from_millis(20);
 /// How long a WebSocket the gateway closes waits for the client's answer (reading its last
@@ -49,7 +52,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport) {
             .map(str::to_owned);
         Ok(resp)
     };
-    let mut ws = match tokio_tungstenite::accept_hdr_async(stream, callback).await {
+    // Each WebSocket read zeroes a fresh read buffer first: tungstenite's default (128 KiB)
+    // costs a 128 KiB memset per client ack.
+    let config = WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER);
+    let accepted = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let mut ws = match accepted.await {
         Ok(ws) => ws,
         Err(e) => {
             tracing::debug!("data-channel upgrade failed: {e}");
