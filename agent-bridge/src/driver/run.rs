@@ -6,7 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
@@ -22,9 +22,6 @@ use super::{
 use crate::protocol::kms::DataKey;
 use crate::protocol::{CloseCause, Event, ForwardingMode, Session, SessionError, Transmit};
 use crate::ssm::{ControlPlane, StreamTarget};
-
-/// WebSocket frames taken, or written with one flush, in one turn of the loop at most.
-const WS_BATCH: usize = 16;
 
 /// The mutable state of one running tunnel.
 pub(super) struct Run<'t, 'a, C, L> {
@@ -214,23 +211,6 @@ where
                     self.last_heard = now;
                     self.reached(Milestone::FirstFrame, now);
                     self.on_ws_message(now, message);
-                    // Frames already here are taken in the same turn, while the session has
-                    // room for them: their acks then leave together.
-                    for _ in 1..WS_BATCH {
-                        if !self.session.wants_frames() {
-                            break;
-                        }
-                        match self.ws.next().now_or_never() {
-                            None => break,
-                            Some(Some(Ok(message))) => self.on_ws_message(now, message),
-                            Some(_) => {
-                                if let Some(outcome) = self.transport_lost().await? {
-                                    return Ok(outcome);
-                                }
-                                break;
-                            }
-                        }
-                    }
                 }
                 Turn::Ws(_) => {
                     if let Some(outcome) = self.transport_lost().await? {
@@ -238,11 +218,10 @@ where
                     }
                 }
                 Turn::Send => {
-                    let Some(transmit) = self.outgoing.take() else {
+                    let Some(Transmit { frame, kind }) = self.outgoing.take() else {
                         continue;
                     };
-                    let kind = transmit.kind;
-                    if let Err(e) = self.send_ready(now, transmit).await {
+                    if let Err(e) = self.send_ws(Message::Binary(frame)).await {
                         debug!(error = %e, ?kind, "WebSocket send failed");
                         if let Some(outcome) = self.transport_lost().await? {
                             return Ok(outcome);
@@ -324,26 +303,6 @@ where
     /// One WebSocket write, bounded by [`DriverConfig::send_timeout`].
     async fn send_ws(&mut self, message: Message) -> Result<(), ConnectError> {
         tokio::time::timeout(self.tunnel.config.send_timeout, self.ws.send(message))
-            .await
-            .map_err(|_| ConnectError::TimedOut("a WebSocket write"))?
-            .map_err(ConnectError::WebSocket)
-    }
-
-    /// Writes `first` and what else the session has ready to send now (up to [`WS_BATCH`]
-    /// frames: the acks of the frames taken in one turn), with one flush; bounded by
-    /// [`DriverConfig::send_timeout`].
-    async fn send_ready(&mut self, now: Instant, first: Transmit) -> Result<(), ConnectError> {
-        let send = async {
-            self.ws.feed(Message::Binary(first.frame)).await?;
-            for _ in 1..WS_BATCH {
-                let Some(next) = self.session.poll_transmit(now.into_std()) else {
-                    break;
-                };
-                self.ws.feed(Message::Binary(next.frame)).await?;
-            }
-            self.ws.flush().await
-        };
-        tokio::time::timeout(self.tunnel.config.send_timeout, send)
             .await
             .map_err(|_| ConnectError::TimedOut("a WebSocket write"))?
             .map_err(ConnectError::WebSocket)
