@@ -2,15 +2,13 @@
 //! draining) and `/metrics` (Prometheus text format). A deliberately tiny HTTP/1.1 server: one
 //! request per connection, GET only.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
+use std::sync::Arc;
 
 use prometheus::Registry;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
+    sync::watch,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -19,19 +17,26 @@ use crate::metrics;
 /// Largest request head read; admin requests are a line and a few headers.
 const MAX_REQUEST: usize = 8 * 1024;
 
-/// Readiness, flipped by the server's owner.
+/// Readiness, flipped by the server's owner; watched by whoever waits for a change.
 #[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<watch::Sender<bool>>);
 
 impl Readiness {
     /// Sets whether the bridge is ready for traffic.
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.0.send_replace(ready);
     }
 
     /// Whether it is.
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        *self.0.borrow()
+    }
+
+    /// Resolves once the bridge is (or is not) ready, as `ready` says.
+    pub async fn reached(&self, ready: bool) {
+        let mut changes = self.0.subscribe();
+        // The sender lives as long as `self`: the wait ends only by the value.
+        let _ = changes.wait_for(|now| *now == ready).await;
     }
 }
 
@@ -101,4 +106,27 @@ async fn answer(
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wait_for_readiness_ends_when_it_is_set() {
+        let readiness = Readiness::default();
+        assert!(!readiness.get());
+        assert!(readiness.reached(false).now_or_never().is_some());
+        let waiting = tokio::spawn({
+            let readiness = readiness.clone();
+            async move { readiness.reached(true).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        readiness.set(true);
+        waiting.await.expect("the wait ends");
+        assert!(readiness.get());
+    }
 }

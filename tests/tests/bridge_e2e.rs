@@ -270,6 +270,10 @@ impl Served {
         for port in ports.values() {
             wait_listening(*port, true).await;
         }
+        // Listening comes first: the bridge is ready once it has applied all it watched.
+        tokio::time::timeout(Duration::from_secs(60), readiness.reached(true))
+            .await
+            .expect("the bridge became ready");
         Self {
             namespace,
             ports,

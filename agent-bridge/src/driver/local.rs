@@ -280,33 +280,19 @@ where
             return Poll::Pending;
         }
         // Take turns: start after the connection read last.
-        let after = self.open.range(self.last_read.wrapping_add(1)..);
-        let keys: Vec<u32> = after
-            .chain(self.open.range(..=self.last_read))
-            .filter(|(_, conn)| !conn.read_done)
-            .map(|(&key, _)| key)
-            .collect();
-        for key in keys {
-            let Some(conn) = self.open.get_mut(&key) else {
-                continue;
-            };
-            if let Poll::Ready(read) = conn.poll_read_some(cx, read_limit) {
-                self.last_read = key;
-                return Poll::Ready(match read {
-                    Some(data) => {
-                        if data.len() == conn.read_room {
-                            conn.read_room = (conn.read_room * 2).min(self.read_size);
-                        }
-                        LocalEvent::Data(key, data)
-                    }
-                    None => {
-                        conn.read_done = true;
-                        LocalEvent::Eof(key)
-                    }
-                });
+        let start = self.last_read.wrapping_add(1);
+        let (read_size, open) = (self.read_size, &mut self.open);
+        let read = read_first(open.range_mut(start..), cx, read_limit, read_size)
+            .or_else(|| read_first(open.range_mut(..start), cx, read_limit, read_size));
+        match read {
+            Some(event) => {
+                if let LocalEvent::Data(key, _) | LocalEvent::Eof(key) = event {
+                    self.last_read = key;
+                }
+                Poll::Ready(event)
             }
+            None => Poll::Pending,
         }
-        Poll::Pending
     }
 
     /// Drives the closing connections: writes, then shutdowns. True when bytes went out.
@@ -352,6 +338,36 @@ where
             self.abandon_closing();
         }
     }
+}
+
+/// Reads from the first of `conns` that has bytes (or its end) for at most `limit` bytes.
+fn read_first<'c, L: AsyncRead + 'c>(
+    conns: impl Iterator<Item = (&'c u32, &'c mut Conn<L>)>,
+    cx: &mut Context<'_>,
+    limit: usize,
+    read_size: usize,
+) -> Option<LocalEvent> {
+    for (&key, conn) in conns {
+        if conn.read_done {
+            continue;
+        }
+        let Poll::Ready(read) = conn.poll_read_some(cx, limit) else {
+            continue;
+        };
+        return Some(match read {
+            Some(data) => {
+                if data.len() == conn.read_room {
+                    conn.read_room = (conn.read_room * 2).min(read_size);
+                }
+                LocalEvent::Data(key, data)
+            }
+            None => {
+                conn.read_done = true;
+                LocalEvent::Eof(key)
+            }
+        });
+    }
+    None
 }
 
 #[cfg(test)]
