@@ -547,7 +547,7 @@ impl Report {
             (Mode::Fast, _) => match relay.filter(|r| *r > 0.0) {
                 Some(relay) if t.client != ClientKind::RawRelay => {
                     let r = median / relay;
-                    let vs_digesting = self
+                    let of_digesting = self
                         .find(t.mode, t.direction, ClientKind::DigestingRelay)
                         .map(|d| d.bytes_per_second.median)
                         .filter(|d| {
@@ -557,23 +557,31 @@ impl Report {
                                     ClientKind::DigestingRelay | ClientKind::FarDigestingRelay
                                 )
                         })
-                        .map(|d| format!("; {:.2} of digesting relay", median / d));
+                        .map(|d| median / d);
                     let text = format!(
                         "{r:.2} of relay{}{}",
-                        vs_digesting.unwrap_or_default(),
+                        of_digesting
+                            .map(|d| format!("; {d:.2} of digesting relay"))
+                            .unwrap_or_default(),
                         vs_plugin
                             .filter(|_| ours)
                             .map(|v| format!("; {v}"))
                             .unwrap_or_default()
                     );
-                    let goal = if ours {
-                        format!(
-                            "≥ 0.5 of relay: {}",
-                            if r >= 0.5 { "met" } else { "not met" }
-                        )
-                    } else {
-                        String::new()
-                    };
+                    let verdict = |met: bool| if met { "met" } else { "not met" };
+                    let mut goal = String::new();
+                    if ours {
+                        goal = format!("≥ 0.5 of relay: {}", verdict(r >= 0.5));
+                        // Both ends hash every message: downloads are judged against the
+                        // relays that hash too (uploads are paced by design).
+                        if t.direction == Direction::Download {
+                            let digesting = match of_digesting {
+                                Some(d) => verdict(d >= 0.9),
+                                None => "cannot be judged",
+                            };
+                            goal.push_str(&format!("; ≥ 0.9 of digesting relay: {digesting}"));
+                        }
+                    }
                     (text, goal)
                 }
                 None if ours => unmeasured("≥ 0.5 of relay", "the raw relay"),
@@ -1096,7 +1104,7 @@ mod tests {
             ),
             (
                 Mode::Fast,
-                Direction::Download,
+                Direction::Upload,
                 ClientKind::RawRelay,
                 "≥ 0.5 of relay",
             ),
@@ -1109,6 +1117,27 @@ mod tests {
             let measured = report(vec![ours.clone(), figure(mode, direction, reference, 1e6)]);
             assert_eq!(measured.ratio(&ours).1, format!("{goal}: met"));
         }
+    }
+
+    #[test]
+    fn fast_downloads_are_judged_against_the_digesting_relay_too() {
+        let (fast, down) = (Mode::Fast, Direction::Download);
+        let ours = figure(fast, down, ClientKind::Serve, 450e6);
+        let relay = figure(fast, down, ClientKind::RawRelay, 800e6);
+        let digesting = |median| figure(fast, down, ClientKind::DigestingRelay, median);
+        let verdict = |figures: Vec<Throughput>| report(figures).ratio(&ours).1;
+        assert_eq!(
+            verdict(vec![ours.clone(), relay.clone()]),
+            "≥ 0.5 of relay: met; ≥ 0.9 of digesting relay: cannot be judged"
+        );
+        assert_eq!(
+            verdict(vec![ours.clone(), relay.clone(), digesting(600e6)]),
+            "≥ 0.5 of relay: met; ≥ 0.9 of digesting relay: not met"
+        );
+        assert_eq!(
+            verdict(vec![ours.clone(), relay, digesting(480e6)]),
+            "≥ 0.5 of relay: met; ≥ 0.9 of digesting relay: met"
+        );
     }
 
     /// One run's figures: the bridge's total p99 and the floor's, with its steal.
