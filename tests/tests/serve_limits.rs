@@ -8,6 +8,7 @@
 
 use std::{
     collections::BTreeMap,
+    future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -45,47 +46,55 @@ fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Sends `len` bytes of [`pattern`] to every connection, then closes it (`close`) or holds it
-/// open, silent, until the far end closes.
-async fn target(len: usize, close: bool) -> SocketAddr {
+/// A target on a loopback port that runs `serve` on each connection it accepts.
+async fn target_serving<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
     let address = listener.local_addr().expect("address");
-    let data = Arc::new(pattern(len));
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let data = data.clone();
-            tokio::spawn(async move {
-                let _ = stream.write_all(&data).await;
-                if close {
-                    let _ = stream.shutdown().await;
-                }
-                // Hold the connection until the far end closes.
-                let _ = stream.read(&mut [0u8; 1]).await;
-            });
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve(stream));
         }
     });
     address
 }
 
+/// Sends `len` bytes of [`pattern`] to every connection, then closes it (`close`) or holds it
+/// open, silent, until the far end closes.
+async fn target(len: usize, close: bool) -> SocketAddr {
+    let data = Arc::new(pattern(len));
+    target_serving(move |mut stream| {
+        let data = data.clone();
+        async move {
+            let _ = stream.write_all(&data).await;
+            if close {
+                let _ = stream.shutdown().await;
+            }
+            // Hold the connection until the far end closes.
+            let _ = stream.read(&mut [0u8; 1]).await;
+        }
+    })
+    .await
+}
+
 /// Sends [`DOWNLOAD`] bytes of [`pattern`] to each connection once it has sent a byte (so that a
 /// test can open several sessions before any carries data), then closes it.
 async fn requested_download() -> SocketAddr {
-    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
-    let address = listener.local_addr().expect("address");
     let data = Arc::new(pattern(DOWNLOAD));
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let data = data.clone();
-            tokio::spawn(async move {
-                if stream.read_exact(&mut [0u8; 1]).await.is_ok() {
-                    let _ = stream.write_all(&data).await;
-                }
-                let _ = stream.shutdown().await;
-                let _ = stream.read(&mut [0u8; 1]).await;
-            });
+    target_serving(move |mut stream| {
+        let data = data.clone();
+        async move {
+            if stream.read_exact(&mut [0u8; 1]).await.is_ok() {
+                let _ = stream.write_all(&data).await;
+            }
+            let _ = stream.shutdown().await;
+            let _ = stream.read(&mut [0u8; 1]).await;
         }
-    });
-    address
+    })
+    .await
 }
 
 /// Polls `condition` every 10 ms until it holds; fails the test after `limit`.
@@ -383,16 +392,12 @@ async fn an_idle_session_is_ended_at_its_idle_timeout() {
 
 /// Sends [`pattern`] to every connection for as long as it stays open.
 async fn endless_target() -> SocketAddr {
-    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
-    let address = listener.local_addr().expect("address");
     let chunk = Arc::new(pattern(64 * 1024));
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let chunk = chunk.clone();
-            tokio::spawn(async move { while stream.write_all(&chunk).await.is_ok() {} });
-        }
-    });
-    address
+    target_serving(move |mut stream| {
+        let chunk = chunk.clone();
+        async move { while stream.write_all(&chunk).await.is_ok() {} }
+    })
+    .await
 }
 
 /// A session past its maximum duration is ended whatever it carries.

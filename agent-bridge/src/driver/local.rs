@@ -136,6 +136,9 @@ pub(super) struct Locals<L> {
     queued: usize,
     /// Reads take turns: the next read starts after this connection.
     last_read: u32,
+    /// The connection whose queue a delivery filled last. Only a delivery fills a queue, and
+    /// none comes while that one is full, so no other queue can be full meanwhile.
+    filled: Option<u32>,
 }
 
 impl<L> Locals<L> {
@@ -147,6 +150,7 @@ impl<L> Locals<L> {
             write_queue: write_queue.max(1),
             queued: 0,
             last_read: 0,
+            filled: None,
         }
     }
 
@@ -171,14 +175,16 @@ impl<L> Locals<L> {
         };
         self.queued += data.len();
         conn.queue.push_back(data);
+        if conn.queue.len() >= self.write_queue {
+            self.filled = Some(key);
+        }
         true
     }
 
     /// True while some open connection holds a full queue: the driver hands out no more.
     pub(super) fn backlogged(&self) -> bool {
-        self.open
-            .values()
-            .any(|c| c.queue.len() >= self.write_queue)
+        let full = |conn: &Conn<L>| conn.queue.len() >= self.write_queue;
+        (self.filled).is_some_and(|key| self.open.get(&key).is_some_and(full))
     }
 
     pub(super) fn is_open(&self, key: u32) -> bool {
