@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::agent::{Agent, AgentInput};
+use crate::agent::{self, AgentInput};
 use crate::documents::{self, builtin_document};
 use crate::registry::{SessionEntry, SessionInfo, SessionKind, Shared, lock};
 use crate::report::SessionReport;
@@ -365,22 +365,21 @@ async fn start_session(
     started.reason = reason.map(str::to_owned);
     let report = Arc::new(Mutex::new(started));
     let (tx, rx) = mpsc::unbounded_channel();
-    let agent = Agent::new(shared.clone(), info.clone(), report.clone(), tx.clone());
     lock(&shared.sessions).insert(
         session_id.clone(),
         SessionEntry {
-            info,
+            info: info.clone(),
             token: Some(token.clone()),
             started: SystemTime::now(),
             finished: false,
             ended: None,
-            agent: Some(tx),
-            report,
+            agent: Some(tx.clone()),
+            report: report.clone(),
             next_connection: 0,
         },
     );
     shared.sessions_started.fetch_add(1, Ordering::Relaxed);
-    tokio::spawn(agent.run(rx));
+    agent::spawn(shared.clone(), info, report, tx, rx);
     tracing::info!(session = %session_id, %target, %document, "session started");
     Ok(json!({
         "SessionId": session_id,

@@ -22,9 +22,9 @@ use crate::smux;
 /// What the port tasks tell the agent.
 #[derive(Debug)]
 pub(crate) enum PortEvent {
+    /// The basic connection of `generation` is up: what was sent to its writer goes out.
     BasicUp {
         generation: u64,
-        writer: UnboundedSender<ToTarget>,
     },
     BasicDialFailed {
         generation: u64,
@@ -151,27 +151,28 @@ impl Drop for ToTarget {
     }
 }
 
-/// Writes everything received on the returned channel to `w`; shuts the write side down when
-/// the channel closes, and then the returned task ends.
+/// Writes everything received on `rx` to `w`; shuts the write side down when the channel
+/// closes, and then the returned task ends.
 fn spawn_writer(
     mut w: tokio::net::tcp::OwnedWriteHalf,
-) -> (UnboundedSender<ToTarget>, JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<ToTarget>();
-    let written = tokio::spawn(async move {
+    mut rx: UnboundedReceiver<ToTarget>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
         while let Some(chunk) = rx.recv().await {
             if w.write_all(&chunk.data).await.is_err() {
                 break;
             }
         }
         let _ = w.shutdown().await;
-    });
-    (tx, written)
+    })
 }
 
-/// Basic mode: dials `addr`, then reports data and EOF tagged with `generation`.
+/// Basic mode: dials `addr`, then writes what arrives on `writes` to it and reports data and
+/// EOF tagged with `generation`.
 pub(crate) fn spawn_basic(
     addr: SocketAddr,
     generation: u64,
+    writes: UnboundedReceiver<ToTarget>,
     mode: Mode,
     transport: TransportBuffer,
     inbox: UnboundedSender<AgentInput>,
@@ -192,13 +193,8 @@ pub(crate) fn spawn_basic(
         };
         let _ = stream.set_nodelay(true);
         let (mut r, w) = stream.into_split();
-        if !send(
-            &inbox,
-            PortEvent::BasicUp {
-                generation,
-                writer: spawn_writer(w).0,
-            },
-        ) {
+        spawn_writer(w, writes);
+        if !send(&inbox, PortEvent::BasicUp { generation }) {
             return;
         }
         loop {
@@ -362,7 +358,8 @@ pub(crate) fn spawn_mux_stream(
         };
         let _ = stream.set_nodelay(true);
         let (mut r, w) = stream.into_split();
-        let (writer, written) = spawn_writer(w);
+        let (writer, writes) = mpsc::unbounded_channel();
+        let written = spawn_writer(w, writes);
         let (mut writer, mut written) = (Some(writer), Some(written));
         let mut buf = vec![0u8; smux::MAX_FRAME_SIZE];
         loop {

@@ -36,7 +36,7 @@ impl Agent {
                 *b = 0xA5;
             }
             bytes[116..120].copy_from_slice(&120u32.to_le_bytes());
-            if self.to_client(ToClient::Frame {
+            if self.send_to_client(ToClient::Frame {
                 data: bytes.into(),
                 stream: false,
                 room: None,

@@ -20,7 +20,7 @@ impl Agent {
             self.handshake = Handshake::Skipped;
             self.count(|f| f.handshakes_skipped += 1);
             self.set_transfer(Transfer::Basic);
-            self.last_activity = Instant::now();
+            self.last_activity = self.now;
             if self.destination_allowed() {
                 self.start_basic();
             }
@@ -46,16 +46,14 @@ impl Agent {
             serde_json::to_vec(request).unwrap_or_default(),
             None,
         );
-        self.handshake = Handshake::Awaiting {
-            since: Instant::now(),
-        };
+        self.handshake = Handshake::Awaiting { since: self.now };
     }
 
     /// Sends HandshakeComplete (with the time since the request, and `customer_message`); the
     /// session is open from now.
     pub(super) fn complete_handshake(&mut self, since: Instant, customer_message: String) {
         let complete = HandshakeComplete {
-            handshake_time_to_complete: since.elapsed().as_nanos() as i64,
+            handshake_time_to_complete: self.now.saturating_duration_since(since).as_nanos() as i64,
             customer_message,
         };
         self.send_stream(
@@ -64,7 +62,7 @@ impl Agent {
             None,
         );
         self.handshake = Handshake::Complete;
-        self.last_activity = Instant::now();
+        self.last_activity = self.now;
     }
 
     /// Whether the agent's port session takes messages (its `IsConnectionAvailable`): the basic
@@ -74,7 +72,7 @@ impl Agent {
             PortState::None => false,
             PortState::Basic(b) => !matches!(b.state, BasicState::Dialing),
             PortState::Mux(mx) => mx.ready,
-            PortState::Shell(shell) => shell.input.is_some(),
+            PortState::Shell(shell) => shell.running,
         }
     }
 
@@ -274,10 +272,8 @@ impl Agent {
                     return;
                 }
                 if let PortState::Basic(b) = &mut self.port {
-                    if let Some(t) = b.task.take() {
-                        t.abort();
-                    }
                     b.state = BasicState::Idle;
+                    self.effects.push(Effect::CloseBasic);
                 }
             }
             flag::TERMINATE_SESSION => {

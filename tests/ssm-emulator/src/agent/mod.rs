@@ -3,7 +3,14 @@
 //! acceptance of client retransmissions, checks that the client acks everything and numbers
 //! its stream correctly), basic and mux port forwarding, flags, timeouts and `channel_closed`.
 //!
-//! One tokio task per session. It outlives WebSocket connections, so that resumes continue the
+//! [`Agent`] is the session's core and does no I/O: it is handed each input with the time it
+//! happened at (`handle`, `on_deadline`), says when it next needs the time (`next_deadline`),
+//! and asks for every I/O the session does in [`Effect`]s: frames for the client's WebSocket,
+//! dials and writes towards the targets, the shell and KMS. Its task (`task.rs`) is the thin
+//! driver that owns the channels, the target tasks and the clock, and performs the effects in
+//! order. So everything the agent decides can be driven input by input, at any time, in tests.
+//!
+//! One task per session. It outlives WebSocket connections, so that resumes continue the
 //! sequence numbers, and it outlives the session's end until the last WebSocket of the session
 //! has closed: every client frame that arrives is checked, whether on a connection a newer one
 //! replaced, during the closing drain, or after `channel_closed` (as the real agent still parses
@@ -12,22 +19,23 @@
 //! gap, a late HandshakeResponse) no longer apply.
 //!
 //! ```text
-//!  mod.rs          the task: inputs, connections, the session's end (channel_closed)
+//!  mod.rs          the core: inputs, connections, the session's end (channel_closed)
 //!  reliability.rs  sending, retransmitting, receiving, acks and their strict checks
 //!  handshake.rs    the handshake, its version gates, flags
 //!  ports.rs        basic and mux forwarding to the targets, smux checks
 //!  shell.rs        a Standard_Stream session: the shell's terminal, its end after the transcript
-//!  timers.rs       every timeout as a deadline; the task sleeps until the earliest
+//!  timers.rs       every timeout as a deadline
 //!  faults.rs       fault injection
+//!  task.rs         the driver: the session's task, its channels and target tasks, the clock
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -36,11 +44,11 @@ use crate::message::{
     self, AcknowledgeContent, ChannelClosed, ClientMessage, FLAG_FIN, FLAG_SYN, HandshakeComplete,
     HandshakeRequest, HandshakeResponse, MessageType, RequestedClientAction, flag, payload_type,
 };
-use crate::port::{
-    self, InTransit, MuxPlumbing, PortEvent, StreamInput, TargetBacklog, ToTarget, TransportBuffer,
-};
+use crate::port::{InTransit, PortEvent, StreamInput, TargetBacklog, ToTarget};
 use crate::registry::{SessionInfo, SessionKind, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport, SessionStatus, Transfer};
+use crate::shell::aws::AgentAws;
+use crate::shell::process::{ShellInput, ShellSetup};
 use crate::smux;
 use crate::version;
 
@@ -49,14 +57,18 @@ mod handshake;
 mod ports;
 mod reliability;
 mod shell;
+mod task;
 #[cfg(test)]
 mod tests;
 mod timers;
 
+pub(crate) use task::spawn;
+
 /// What the agent task receives.
 #[derive(Debug)]
 pub(crate) enum AgentInput {
-    /// A client WebSocket passed the open message.
+    /// A client WebSocket passed the open message: frames for it go to `outbound` (which
+    /// the driver keeps; the core only learns the connection's id).
     Attach {
         conn_id: u32,
         outbound: UnboundedSender<ToClient>,
@@ -112,6 +124,47 @@ pub(crate) enum ToClient {
     Close { code: u16, reason: String },
     /// A connection fault now.
     Inject(Injection),
+}
+
+/// An I/O the agent's core asks its driver for; the driver performs them in order.
+pub(crate) enum Effect {
+    /// For the client's WebSocket `conn_id`.
+    Client { conn_id: u32, item: ToClient },
+    /// Dial the basic connection of `generation` (an earlier one is closed by then); without
+    /// a target the dial fails, reported as a `PortEvent` like any failed dial.
+    DialBasic {
+        generation: u64,
+        target: Option<SocketAddr>,
+    },
+    /// Client bytes for the basic connection.
+    ToBasic(ToTarget),
+    /// Close the basic connection: its write side shuts down once what it holds is written.
+    CloseBasic,
+    /// Set the mux plumbing up (it reports `PortEvent::MuxReady` once it runs).
+    StartMux,
+    /// Dial the target of the client's smux stream `id`, after the dials before it; without
+    /// a target the dial fails.
+    OpenStream { id: u32, target: Option<SocketAddr> },
+    /// The client's bytes or FIN for smux stream `id`.
+    ToStream { id: u32, input: StreamInput },
+    /// Smux stream `id` is over.
+    ForgetStream { id: u32 },
+    /// A frame of the agent's own smux (a NOP, a failed stream's FIN) towards the client.
+    SmuxControl(Vec<u8>),
+    /// Start the shell.
+    StartShell(Box<ShellSetup>),
+    /// Keys or a size for the shell's terminal.
+    ToShell(ShellInput),
+    /// Have KMS decrypt the client's data key; the answer comes back as a `ShellEvent`.
+    DecryptDataKey {
+        aws: Option<Arc<AgentAws>>,
+        blob: Vec<u8>,
+        session: String,
+        target: String,
+    },
+    /// The session has ended: stop every target (a shell is cancelled, and its task still
+    /// uploads the transcript).
+    StopTargets,
 }
 
 const TICK: Duration = Duration::from_millis(100);
@@ -194,23 +247,16 @@ struct Drain {
     reason: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BasicState {
     Idle,
     Dialing,
-    Up { writer: UnboundedSender<ToTarget> },
+    Up,
 }
 
 struct BasicPort {
     generation: u64,
     state: BasicState,
-    task: Option<JoinHandle<()>>,
-}
-
-struct MuxStream {
-    /// The client's bytes and FIN, for the stream's task.
-    input: UnboundedSender<StreamInput>,
-    /// The dial-and-copy task; none when there was no target to dial.
-    task: Option<JoinHandle<()>>,
 }
 
 /// The forwarding side of mux mode (what the checks see is in [`SmuxLedger`]).
@@ -218,8 +264,8 @@ struct MuxPort {
     /// The smux server is set up: until then, as in the agent (which sets it up only after the
     /// handshake, in tasks of its own), client data and flags are not acknowledged.
     ready: bool,
-    plumbing: MuxPlumbing,
-    streams: HashMap<u32, MuxStream>,
+    /// The streams whose targets the driver dialled (or is dialling) and not yet forgotten.
+    streams: HashSet<u32>,
     keepalive: bool,
     last_rx: Instant,
     last_nop: Instant,
@@ -280,7 +326,7 @@ struct HeldFrame {
     text: bool,
 }
 
-/// The agent of one session.
+/// The agent of one session, without I/O: see the module's comment.
 pub(crate) struct Agent {
     shared: Arc<Shared>,
     info: Arc<SessionInfo>,
@@ -288,7 +334,10 @@ pub(crate) struct Agent {
     faults: Faults,
     mode: Mode,
     strict: bool,
-    inbox: UnboundedSender<AgentInput>,
+    /// The time of the input being handled.
+    now: Instant,
+    /// What the driver is to do, in order.
+    effects: Vec<Effect>,
     // Connections.
     /// The connection output goes to.
     conn_id: Option<u32>,
@@ -296,13 +345,11 @@ pub(crate) struct Agent {
     latest_conn: Option<u32>,
     /// Connections that may still deliver client frames.
     connections: HashSet<u32>,
-    outbound: Option<UnboundedSender<ToClient>>,
     detached_since: Option<Instant>,
     // Sending.
     next_seq: i64,
     unacked: VecDeque<Outgoing>,
     unsent: usize,
-    transport: TransportBuffer,
     /// Target output in `unacked`.
     unacked_output_bytes: usize,
     rto: RtoEstimator,
@@ -355,24 +402,22 @@ impl Agent {
         shared: Arc<Shared>,
         info: Arc<SessionInfo>,
         report: Arc<Mutex<SessionReport>>,
-        inbox: UnboundedSender<AgentInput>,
+        now: Instant,
     ) -> Self {
-        let now = Instant::now();
         let config: &Config = &shared.config;
         Self {
             handshake_ack_first: config.handshake_ack.ack_first(&info.id),
             faults: info.faults.clone(),
             mode: config.mode,
             strict: config.strict,
-            transport: TransportBuffer::new(config.gateway_buffer_bytes),
             shared: shared.clone(),
             info,
             report,
-            inbox,
+            now,
+            effects: Vec::new(),
             conn_id: None,
             latest_conn: None,
             connections: HashSet::new(),
-            outbound: None,
             detached_since: Some(now),
             next_seq: 0,
             unacked: VecDeque::new(),
@@ -406,31 +451,23 @@ impl Agent {
         }
     }
 
-    /// Runs the agent until the session is over: finished, and every WebSocket of it closed
-    /// (so that every frame it delivered has been checked). Then marks the session ended.
-    pub(crate) async fn run(mut self, mut inbox: UnboundedReceiver<AgentInput>) {
-        while !self.is_over() {
-            let backlog = self.target_backlog.clone();
-            let deadline = self.next_deadline();
-            tokio::select! {
-                input = inbox.recv() => match input {
-                    Some(i) => self.handle(i),
-                    None => break,
-                },
-                () = sleep_until_some(deadline), if deadline.is_some() => self.on_tick(Instant::now()),
-                () = backlog.drained(), if !self.held.is_empty() => {}
-            }
-            self.release_held();
-        }
+    /// The I/O asked for since the last call, in order.
+    pub(crate) fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The session's status once it has ended (`Terminated` when it had not: the emulator is
+    /// shutting down).
+    pub(crate) fn shut_down(&mut self, now: Instant) -> SessionStatus {
+        self.now = now;
         if self.finished.is_none() {
             self.finish(SessionStatus::Terminated, "emulator shut down".to_owned());
         }
-        let status = self.finished.unwrap_or(SessionStatus::Terminated);
-        self.shared.mark_ended(&self.info.id, status);
+        self.finished.unwrap_or(SessionStatus::Terminated)
     }
 
     /// Finished, and no connection can deliver another client frame.
-    fn is_over(&self) -> bool {
+    pub(crate) fn is_over(&self) -> bool {
         self.finished.is_some()
             && self.connections.is_empty()
             && self.held.is_empty()
@@ -469,6 +506,27 @@ impl Agent {
         report.peak_held_frames = report.peak_held_frames.max(self.held.len() as u64);
     }
 
+    /// The connection output goes to, if any.
+    pub(crate) fn connection(&self) -> Option<u32> {
+        self.conn_id
+    }
+
+    /// Client frames wait for the targets to take what the agent gave them.
+    pub(crate) fn holds_frames(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// The bytes given to the targets and not yet written.
+    pub(crate) fn target_backlog(&self) -> &TargetBacklog {
+        &self.target_backlog
+    }
+
+    /// The targets took some of what they were given: held frames are read if they fit now.
+    pub(crate) fn on_backlog_drained(&mut self, now: Instant) {
+        self.now = now;
+        self.release_held();
+    }
+
     /// Reads the held frames, in order, while the receive path can take them.
     fn release_held(&mut self) {
         while !self.receive_stalled() {
@@ -484,9 +542,11 @@ impl Agent {
         self.finished.is_some() || self.ending.is_some()
     }
 
-    fn handle(&mut self, input: AgentInput) {
+    /// Handles one input that happened at `now`.
+    pub(crate) fn handle(&mut self, input: AgentInput, now: Instant) {
+        self.now = now;
         match input {
-            AgentInput::Attach { conn_id, outbound } => self.on_attach(conn_id, outbound),
+            AgentInput::Attach { conn_id, .. } => self.on_attach(conn_id),
             AgentInput::Detach { conn_id } => self.on_detach(conn_id),
             AgentInput::Closed { conn_id } => {
                 self.connections.remove(&conn_id);
@@ -516,27 +576,30 @@ impl Agent {
                 }
             }
             AgentInput::Inject(i) => {
-                self.to_client(ToClient::Inject(i));
+                self.send_to_client(ToClient::Inject(i));
             }
             AgentInput::Port(event) => self.on_port_event(event),
             AgentInput::Shell(event) => self.on_shell_event(event),
         }
+        self.release_held();
     }
 
-    fn on_attach(&mut self, conn_id: u32, outbound: UnboundedSender<ToClient>) {
+    fn on_attach(&mut self, conn_id: u32) {
         self.connections.insert(conn_id);
         self.latest_conn = Some(self.latest_conn.map_or(conn_id, |l| l.max(conn_id)));
         lock(&self.report).connections += 1;
         if self.finished.is_some() {
             // Opened just as the session ended: close it (its frames are still checked).
-            let _ = outbound.send(ToClient::Close {
-                code: 1000,
-                reason: String::new(),
+            self.effects.push(Effect::Client {
+                conn_id,
+                item: ToClient::Close {
+                    code: 1000,
+                    reason: String::new(),
+                },
             });
             return;
         }
         self.conn_id = Some(conn_id);
-        self.outbound = Some(outbound);
         self.detached_since = None;
         lock(&self.report).status = SessionStatus::Connected;
         // What went out on the old connection may never have reached the client (a black hole
@@ -546,7 +609,7 @@ impl Agent {
             out.client_frames_mark = None;
         }
         if self.handshake == Handshake::NotStarted {
-            self.started = Some(Instant::now());
+            self.started = Some(self.now);
             match self.info.kind {
                 SessionKind::Port(_) => self.start_handshake(),
                 SessionKind::Shell(_) => self.start_shell(),
@@ -560,20 +623,23 @@ impl Agent {
             return;
         }
         self.conn_id = None;
-        self.outbound = None;
-        self.detached_since = Some(Instant::now());
+        self.detached_since = Some(self.now);
         if !self.is_closing() {
             lock(&self.report).status = SessionStatus::Disconnected;
         }
     }
 
     /// Hands `item` to the current connection; false when there is none.
-    fn to_client(&self, item: ToClient) -> bool {
-        self.outbound.as_ref().is_some_and(|o| o.send(item).is_ok())
+    fn send_to_client(&mut self, item: ToClient) -> bool {
+        let Some(conn_id) = self.conn_id else {
+            return false;
+        };
+        self.effects.push(Effect::Client { conn_id, item });
+        true
     }
 
-    fn send_control(&self, message: &ClientMessage) -> bool {
-        self.to_client(ToClient::Frame {
+    fn send_control(&mut self, message: &ClientMessage) -> bool {
+        self.send_to_client(ToClient::Frame {
             data: message.encode().into(),
             stream: false,
             room: None,
@@ -603,10 +669,10 @@ impl Agent {
         if self.finished.is_some() {
             return;
         }
-        if drain && !self.unacked.is_empty() && self.outbound.is_some() {
+        if drain && !self.unacked.is_empty() && self.conn_id.is_some() {
             if self.ending.is_none() {
                 self.ending = Some(Drain {
-                    deadline: Instant::now() + DRAIN_LIMIT,
+                    deadline: self.now + DRAIN_LIMIT,
                     status,
                     reason,
                 });
@@ -673,7 +739,7 @@ impl Agent {
             m.encode()
         };
         let data = Bytes::from(data);
-        if self.to_client(ToClient::Frame {
+        if self.send_to_client(ToClient::Frame {
             data,
             stream: false,
             room: None,
@@ -681,35 +747,14 @@ impl Agent {
         {
             self.count(|f| f.legacy_channels_closed += 1);
         }
-        self.to_client(ToClient::Close {
+        self.send_to_client(ToClient::Close {
             code: 1000,
             reason: String::new(),
         });
-        match std::mem::replace(&mut self.port, PortState::None) {
-            PortState::Basic(b) => {
-                if let Some(t) = b.task {
-                    t.abort();
-                }
-            }
-            PortState::Mux(mx) => {
-                for t in mx.streams.into_values().filter_map(|s| s.task) {
-                    t.abort();
-                }
-            }
-            // Dropping its input cancels the shell; its task still uploads the transcript.
-            PortState::Shell(_) | PortState::None => {}
-        }
-        self.outbound = None;
+        self.port = PortState::None;
+        self.effects.push(Effect::StopTargets);
         self.conn_id = None;
         self.shared.mark_finished(&self.info.id);
-    }
-}
-
-/// Sleeps until `deadline`; forever without one (the branch is disabled then).
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -45,7 +45,6 @@ impl Agent {
         self.port = PortState::Basic(BasicPort {
             generation: 0,
             state: BasicState::Idle,
-            task: None,
         });
         self.dial_basic();
     }
@@ -58,38 +57,20 @@ impl Agent {
         };
         b.generation += 1;
         b.state = BasicState::Dialing;
-        match target {
-            Some(addr) => {
-                b.task = Some(port::spawn_basic(
-                    addr,
-                    b.generation,
-                    self.mode,
-                    self.transport.clone(),
-                    self.inbox.clone(),
-                ));
-            }
-            None => {
-                let _ = self
-                    .inbox
-                    .send(AgentInput::Port(PortEvent::BasicDialFailed {
-                        generation: b.generation,
-                        error: "connection refused (no target configured for this port)".to_owned(),
-                    }));
-            }
-        }
+        let generation = b.generation;
+        self.effects.push(Effect::DialBasic { generation, target });
     }
 
     pub(super) fn start_mux(&mut self, keepalive: bool) {
-        let now = Instant::now();
         self.port = PortState::Mux(MuxPort {
             ready: false,
-            plumbing: MuxPlumbing::spawn(self.mode, self.transport.clone(), self.inbox.clone()),
-            streams: HashMap::new(),
+            streams: HashSet::new(),
             keepalive,
-            last_rx: now,
-            last_nop: now,
+            last_rx: self.now,
+            last_nop: self.now,
         });
         self.smux = Some(SmuxLedger::default());
+        self.effects.push(Effect::StartMux);
     }
 
     /// Client Output after the handshake: forwarded while the session runs, only checked once
@@ -101,9 +82,10 @@ impl Agent {
         }
         let delivery = match &mut self.port {
             PortState::None | PortState::Shell(_) => Delivery::NotReady,
-            PortState::Basic(b) => match &b.state {
-                BasicState::Up { writer } => {
-                    let _ = writer.send(self.target_backlog.hold(data.to_vec()));
+            PortState::Basic(b) => match b.state {
+                BasicState::Up => {
+                    let chunk = self.target_backlog.hold(data.to_vec());
+                    self.effects.push(Effect::ToBasic(chunk));
                     Delivery::Written
                 }
                 BasicState::Dialing => Delivery::NotReady,
@@ -111,7 +93,7 @@ impl Agent {
             },
             PortState::Mux(mx) if !mx.ready => Delivery::NotReady,
             PortState::Mux(mx) => {
-                mx.last_rx = Instant::now();
+                mx.last_rx = self.now;
                 Delivery::Mux
             }
         };
@@ -124,7 +106,7 @@ impl Agent {
             Delivery::Mux => self.on_smux_bytes(data),
             Delivery::Written => {}
         }
-        self.last_activity = Instant::now();
+        self.last_activity = self.now;
         let backlog = self.target_backlog.bytes() as u64;
         let mut report = lock(&self.report);
         report.bytes_from_client += data.len() as u64;
@@ -208,57 +190,42 @@ impl Agent {
         let PortState::Mux(mx) = &mut self.port else {
             return;
         };
-        let (input, input_rx) = tokio::sync::mpsc::unbounded_channel();
-        let task = match target {
-            Some(addr) => Some(port::spawn_mux_stream(
-                addr,
-                sid,
-                &mx.plumbing,
-                input_rx,
-                self.inbox.clone(),
-            )),
-            None => {
-                let _ = self.inbox.send(AgentInput::Port(PortEvent::MuxDialFailed {
-                    stream_id: sid,
-                    error: "no target configured for this port".to_owned(),
-                }));
-                None
-            }
-        };
-        mx.streams.insert(sid, MuxStream { input, task });
+        mx.streams.insert(sid);
+        self.effects.push(Effect::OpenStream { id: sid, target });
+    }
+
+    /// Input for smux stream `sid`, while the stream is known.
+    fn send_to_stream(&mut self, sid: u32, input: impl FnOnce(&TargetBacklog) -> StreamInput) {
+        if let PortState::Mux(mx) = &self.port
+            && mx.streams.contains(&sid)
+        {
+            let input = input(&self.target_backlog);
+            self.effects.push(Effect::ToStream { id: sid, input });
+        }
     }
 
     pub(super) fn write_mux_stream(&mut self, sid: u32, data: Vec<u8>) {
         if self.is_closing() {
             return;
         }
-        if let PortState::Mux(mx) = &mut self.port
-            && let Some(s) = mx.streams.get_mut(&sid)
-        {
-            let _ = s
-                .input
-                .send(StreamInput::Data(self.target_backlog.hold(data)));
-        }
+        self.send_to_stream(sid, |backlog| StreamInput::Data(backlog.hold(data)));
     }
 
     /// The client's FIN: the stream's task writes what came before it to the target (after its
     /// dial, when that is still under way), closes the connection, and sends the stream's FIN
     /// after its last data.
     pub(super) fn close_mux_stream(&mut self, sid: u32) {
-        if let PortState::Mux(mx) = &mut self.port
-            && let Some(s) = mx.streams.get(&sid)
-        {
-            let _ = s.input.send(StreamInput::Fin);
-        }
+        self.send_to_stream(sid, |_| StreamInput::Fin);
     }
 
     /// A stream whose dial failed: forgotten, and its FIN sent (it never carried data).
     pub(super) fn fail_mux_stream(&mut self, sid: u32) {
         if let PortState::Mux(mx) = &mut self.port
-            && mx.streams.remove(&sid).is_some()
+            && mx.streams.remove(&sid)
         {
             let fin = smux::Frame::control(smux::Command::Fin, sid).encode();
-            let _ = mx.plumbing.control.send(fin);
+            self.effects.push(Effect::ForgetStream { id: sid });
+            self.effects.push(Effect::SmuxControl(fin));
         }
     }
 
@@ -276,11 +243,11 @@ impl Agent {
             return;
         }
         match event {
-            PortEvent::BasicUp { generation, writer } => {
+            PortEvent::BasicUp { generation } => {
                 // Like the agent, early messages wait for the next in-order arrival (the
                 // client's retransmission of what was not acknowledged meanwhile).
                 if let Some(b) = self.basic_port(generation) {
-                    b.state = BasicState::Up { writer };
+                    b.state = BasicState::Up;
                 }
             }
             PortEvent::MuxReady => {
@@ -309,7 +276,7 @@ impl Agent {
                 if let Some(b) = self.basic_port(generation) {
                     if local_port_forwarding {
                         b.state = BasicState::Idle;
-                        b.task = None;
+                        self.effects.push(Effect::CloseBasic);
                     } else {
                         self.end(
                             SessionStatus::Terminated,
@@ -336,8 +303,10 @@ impl Agent {
                 );
             }
             PortEvent::MuxClosed { stream_id } => {
-                if let PortState::Mux(mx) = &mut self.port {
-                    mx.streams.remove(&stream_id);
+                if let PortState::Mux(mx) = &mut self.port
+                    && mx.streams.remove(&stream_id)
+                {
+                    self.effects.push(Effect::ForgetStream { id: stream_id });
                 }
                 if let Some(ledger) = &mut self.smux {
                     ledger.close(stream_id);

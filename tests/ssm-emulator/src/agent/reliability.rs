@@ -20,7 +20,7 @@ impl Agent {
         let mut output_len = 0;
         if payload_type == payload_type::OUTPUT {
             output_len = payload.len();
-            self.last_activity = Instant::now();
+            self.last_activity = self.now;
             lock(&self.report).bytes_to_client += payload.len() as u64;
         }
         let m = ClientMessage::new(
@@ -39,13 +39,11 @@ impl Agent {
                     "the client left {OUTGOING_BUFFER_CAPACITY} messages unacknowledged: the agent keeps no more for retransmission"
                 ));
             }
-            if let Some(out) = &self.outbound {
-                let _ = out.send(ToClient::Frame {
-                    data: m.encode().into(),
-                    stream: true,
-                    room,
-                });
-            }
+            self.send_to_client(ToClient::Frame {
+                data: m.encode().into(),
+                stream: true,
+                room,
+            });
             return;
         }
         self.unacked_output_bytes += output_len;
@@ -71,21 +69,22 @@ impl Agent {
     }
 
     pub(super) fn flush_unsent(&mut self) {
-        let Some(out) = &self.outbound else { return };
-        let now = Instant::now();
+        let Some(conn_id) = self.conn_id else { return };
+        let now = self.now;
         let start = self.unacked.len() - self.unsent;
         for o in self.unacked.iter_mut().skip(start) {
-            let _ = out.send(ToClient::Frame {
+            let item = ToClient::Frame {
                 data: o.bytes.clone(),
                 stream: true,
                 room: o.room.take(),
-            });
+            };
+            self.effects.push(Effect::Client { conn_id, item });
             o.last_sent = Some(now);
         }
         self.unsent = 0;
     }
 
-    pub(super) fn ack(&self, m: &ClientMessage) {
+    pub(super) fn ack(&mut self, m: &ClientMessage) {
         let ack = ClientMessage::acknowledge(&m.message_type, m.message_id, m.sequence_number);
         if self.send_control(&ack) {
             lock(&self.report).acks_to_client += 1;
@@ -170,7 +169,7 @@ impl Agent {
                     ));
                 }
                 if let Some(t) = o.last_sent {
-                    self.rto.sample(t.elapsed());
+                    self.rto.sample(self.now.saturating_duration_since(t));
                 }
             }
             None if seq >= self.next_seq
@@ -242,7 +241,7 @@ impl Agent {
             );
             self.ack(m);
             if self.gap_since.is_none() {
-                self.gap_since = Some(Instant::now());
+                self.gap_since = Some(self.now);
             }
             return;
         }
@@ -296,12 +295,12 @@ impl Agent {
         if self.reorder.is_empty() {
             self.gap_since = None;
         } else if self.expected_seq != before || self.gap_since.is_none() {
-            self.gap_since = Some(Instant::now());
+            self.gap_since = Some(self.now);
         }
     }
 
     pub(super) fn retransmit_head(&mut self, now: Instant) {
-        let Some(out) = &self.outbound else { return };
+        let Some(conn_id) = self.conn_id else { return };
         let sent = self.unacked.len() - self.unsent;
         if sent == 0 {
             return;
@@ -316,11 +315,12 @@ impl Agent {
         if now.duration_since(last) <= rto {
             return;
         }
-        let _ = out.send(ToClient::Frame {
+        let item = ToClient::Frame {
             data: head.bytes.clone(),
             stream: true,
             room: None,
-        });
+        };
+        self.effects.push(Effect::Client { conn_id, item });
         head.last_sent = Some(now);
         head.retransmits += 1;
         if head.retransmits == limit / 2 {

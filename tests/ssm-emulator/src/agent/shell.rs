@@ -9,14 +9,14 @@
 
 use super::*;
 use crate::shell::encryption::{self, AgentCipher};
-use crate::shell::process::{self, ShellEvent, ShellInput, ShellSetup};
+use crate::shell::process::{ShellEvent, ShellInput, ShellSetup};
 use crate::shell::transcript::{self, EventContext};
 use crate::shell::{ShellInputs, aws::AgentAws};
 
 /// The shell behind the session.
 pub(super) struct ShellPort {
-    /// The terminal's input, once the shell runs; dropping it cancels the shell.
-    pub(super) input: Option<UnboundedSender<ShellInput>>,
+    /// The shell runs: its terminal takes input.
+    pub(super) running: bool,
     /// What starts the shell, until the KMS handshake has completed.
     pending: Option<ShellSetup>,
     kms: Kms,
@@ -56,7 +56,7 @@ impl Agent {
             return;
         };
         self.set_transfer(Transfer::Shell);
-        self.last_activity = Instant::now();
+        self.last_activity = self.now;
         let config = &self.shared.config;
         let setup = ShellSetup {
             context: EventContext {
@@ -76,7 +76,7 @@ impl Agent {
         if setup.inputs.kms_key_id.is_empty() {
             self.handshake = Handshake::Skipped;
             self.port = PortState::Shell(Box::new(ShellPort {
-                input: None,
+                running: false,
                 pending: None,
                 kms: Kms::Off,
             }));
@@ -104,14 +104,14 @@ impl Agent {
         };
         self.request_handshake(&request);
         self.port = PortState::Shell(Box::new(ShellPort {
-            input: None,
+            running: false,
             pending: Some(setup),
             kms: Kms::AwaitingKey,
         }));
     }
 
     fn spawn_shell(&mut self, setup: ShellSetup) {
-        process::spawn(setup, self.transport.clone(), self.inbox.clone());
+        self.effects.push(Effect::StartShell(Box::new(setup)));
         self.transcript_pending = true;
     }
 
@@ -148,17 +148,11 @@ impl Agent {
         if let Some(shell) = self.shell_port() {
             shell.kms = Kms::Decrypting;
         }
-        let (inbox, session, target) = (
-            self.inbox.clone(),
-            self.info.id.clone(),
-            self.info.instance.id.clone(),
-        );
-        tokio::spawn(async move {
-            let key = match aws {
-                Some(aws) => aws.decrypt_data_key(blob, &session, &target).await,
-                None => Err("no upstream KMS to decrypt the data key with".to_owned()),
-            };
-            let _ = inbox.send(AgentInput::Shell(ShellEvent::DataKey(key)));
+        self.effects.push(Effect::DecryptDataKey {
+            aws,
+            blob,
+            session: self.info.id.clone(),
+            target: self.info.instance.id.clone(),
         });
     }
 
@@ -234,10 +228,10 @@ impl Agent {
         let PortState::Shell(shell) = &self.port else {
             return Processed::NotReady;
         };
-        let (Some(input), kms) = (&shell.input, &shell.kms) else {
+        if !shell.running {
             return Processed::NotReady;
-        };
-        let keys = match kms {
+        }
+        let keys = match &shell.kms {
             Kms::On(cipher) => match cipher.open(data) {
                 Some(plain) => plain,
                 None => {
@@ -250,8 +244,9 @@ impl Agent {
             },
             _ => data.clone(),
         };
-        let _ = input.send(ShellInput::Keys(self.target_backlog.hold(keys)));
-        self.last_activity = Instant::now();
+        let keys = self.target_backlog.hold(keys);
+        self.effects.push(Effect::ToShell(ShellInput::Keys(keys)));
+        self.last_activity = self.now;
         lock(&self.report).bytes_from_client += data.len() as u64;
         Processed::Done
     }
@@ -264,13 +259,14 @@ impl Agent {
         let PortState::Shell(shell) = &self.port else {
             return Processed::NotReady;
         };
-        let Some(input) = &shell.input else {
+        if !shell.running {
             return Processed::NotReady;
-        };
+        }
         match transcript::parse_size(&m.payload) {
             Ok((cols, rows)) => {
-                let _ = input.send(ShellInput::Resize { cols, rows });
-                self.last_activity = Instant::now();
+                self.effects
+                    .push(Effect::ToShell(ShellInput::Resize { cols, rows }));
+                self.last_activity = self.now;
                 lock(&self.report).terminal_sizes.push((cols, rows));
                 Processed::Done
             }
@@ -288,10 +284,10 @@ impl Agent {
 
     pub(super) fn on_shell_event(&mut self, event: ShellEvent) {
         match event {
-            ShellEvent::Started { input, run_as_user } => {
+            ShellEvent::Started { run_as_user } => {
                 lock(&self.report).run_as_user = Some(run_as_user);
                 if let PortState::Shell(shell) = &mut self.port {
-                    shell.input = Some(input);
+                    shell.running = true;
                 }
             }
             ShellEvent::Output { data, room } => {

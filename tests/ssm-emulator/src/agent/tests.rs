@@ -22,12 +22,17 @@ fn rto_follows_jacobson_karels_and_is_capped() {
 const SESSION: &str = "fleet-access-0123456789abcdef0";
 
 /// An agent of an SSH session (basic mode; the target's EOF ends it with a drain), driven
-/// input by input without its task, its timers or a real target.
+/// input by input, at times the test chooses, without a task, a clock or a real target.
 struct Harness {
     agent: Agent,
     report: Arc<Mutex<SessionReport>>,
     shared: Arc<Shared>,
-    to_client: Vec<UnboundedReceiver<ToClient>>,
+    /// The time inputs happen at.
+    now: Instant,
+    /// What each connection was sent and has not been read by the test yet.
+    to_client: Vec<VecDeque<ToClient>>,
+    /// What was written towards the basic target and not yet taken by it.
+    to_target: VecDeque<ToTarget>,
     client_seq: i64,
 }
 
@@ -61,6 +66,7 @@ impl Harness {
         )));
         // The inbox stays unread: the harness delivers every input itself.
         let (inbox, _) = mpsc::unbounded_channel();
+        let now = Instant::now();
         lock(&shared.sessions).insert(
             SESSION.to_owned(),
             SessionEntry {
@@ -69,29 +75,67 @@ impl Harness {
                 started: SystemTime::now(),
                 finished: false,
                 ended: None,
-                agent: Some(inbox.clone()),
+                agent: Some(inbox),
                 report: report.clone(),
                 next_connection: 0,
             },
         );
-        let agent = Agent::new(shared.clone(), info, report.clone(), inbox);
+        let agent = Agent::new(shared.clone(), info, report.clone(), now);
         let mut h = Self {
             agent,
             report,
             shared,
+            now,
             to_client: Vec::new(),
+            to_target: VecDeque::new(),
             client_seq: 0,
         };
         h.attach();
         h
     }
 
+    /// Hands the agent `input` now, and takes what it asks for.
+    fn handle(&mut self, input: AgentInput) {
+        self.agent.handle(input, self.now);
+        self.take_effects();
+    }
+
+    /// Moves the time to `at`, and wakes the agent if a deadline is due by then.
+    fn advance_to(&mut self, at: Instant) {
+        self.now = at;
+        if self.agent.next_deadline().is_some_and(|d| d <= at) {
+            self.agent.on_deadline(at);
+        }
+        self.take_effects();
+    }
+
+    /// The target takes everything written to it so far; returns how many writes it took.
+    fn target_reads(&mut self) -> usize {
+        let taken = self.to_target.drain(..).count();
+        self.agent.on_backlog_drained(self.now);
+        self.take_effects();
+        taken
+    }
+
+    fn take_effects(&mut self) {
+        for effect in self.agent.take_effects() {
+            match effect {
+                Effect::Client { conn_id, item } => {
+                    self.to_client[conn_id as usize].push_back(item);
+                }
+                Effect::ToBasic(chunk) => self.to_target.push_back(chunk),
+                _ => {}
+            }
+        }
+    }
+
     /// Attaches a new connection; returns its id.
     fn attach(&mut self) -> u32 {
         let conn_id = self.to_client.len() as u32;
-        let (outbound, rx) = mpsc::unbounded_channel();
-        self.to_client.push(rx);
-        self.agent.handle(AgentInput::Attach { conn_id, outbound });
+        // The core never uses the sender (its driver does).
+        let (outbound, _) = mpsc::unbounded_channel();
+        self.to_client.push(VecDeque::new());
+        self.handle(AgentInput::Attach { conn_id, outbound });
         conn_id
     }
 
@@ -100,7 +144,7 @@ impl Harness {
     }
 
     fn frame_on(&mut self, conn_id: u32, data: Vec<u8>) {
-        self.agent.handle(AgentInput::ClientFrame {
+        self.handle(AgentInput::ClientFrame {
             conn_id,
             data,
             text: false,
@@ -132,8 +176,8 @@ impl Harness {
     /// Everything the latest connection got so far, decoded.
     fn received(&mut self) -> Vec<(ClientMessage, bool)> {
         let mut out = Vec::new();
-        if let Some(rx) = self.to_client.last_mut() {
-            while let Ok(item) = rx.try_recv() {
+        if let Some(sent) = self.to_client.last_mut() {
+            while let Some(item) = sent.pop_front() {
                 match item {
                     ToClient::Frame { data, .. } => {
                         out.push((message::decode(&data).expect("agent frame").message, false))
@@ -158,8 +202,8 @@ impl Harness {
     }
 
     /// Completes the handshake and brings the basic connection up; returns the
-    /// HandshakeComplete (unacknowledged) and the target's writer side.
-    fn open_basic(&mut self) -> (ClientMessage, mpsc::UnboundedReceiver<ToTarget>) {
+    /// HandshakeComplete (unacknowledged).
+    fn open_basic(&mut self) -> ClientMessage {
         let request = self.outputs().remove(0);
         assert_eq!(request.payload_type, payload_type::HANDSHAKE_REQUEST);
         self.ack(&request);
@@ -174,12 +218,8 @@ impl Harness {
         self.frame(m.encode());
         let complete = self.outputs().remove(0);
         assert_eq!(complete.payload_type, payload_type::HANDSHAKE_COMPLETE);
-        let (writer, target) = mpsc::unbounded_channel();
-        self.agent.handle(AgentInput::Port(PortEvent::BasicUp {
-            generation: 1,
-            writer,
-        }));
-        (complete, target)
+        self.handle(AgentInput::Port(PortEvent::BasicUp { generation: 1 }));
+        complete
     }
 
     /// The target writes `banner` and closes: the SSH session drains, then ends.
@@ -187,13 +227,12 @@ impl Harness {
         let room = std::sync::Arc::new(tokio::sync::Semaphore::new(banner.len()))
             .try_acquire_many_owned(banner.len() as u32)
             .expect("room");
-        self.agent.handle(AgentInput::Port(PortEvent::BasicData {
+        self.handle(AgentInput::Port(PortEvent::BasicData {
             generation: 1,
             data: banner.to_vec(),
             room,
         }));
-        self.agent
-            .handle(AgentInput::Port(PortEvent::BasicClosed { generation: 1 }));
+        self.handle(AgentInput::Port(PortEvent::BasicClosed { generation: 1 }));
         self.outputs().remove(0)
     }
 
@@ -218,7 +257,7 @@ fn corrupt_digest(m: &ClientMessage) -> Vec<u8> {
 #[test]
 fn disconnect_to_port_fails_an_ssh_session() {
     let mut h = Harness::new(true);
-    let (complete, _target) = h.open_basic();
+    let complete = h.open_basic();
     let disconnect = h.input(
         payload_type::FLAG,
         &message::flag_payload(flag::DISCONNECT_TO_PORT),
@@ -240,7 +279,7 @@ fn the_agent_keeps_no_more_than_its_outgoing_buffer_and_says_so() {
     let room = Arc::new(tokio::sync::Semaphore::new(OUTGOING_BUFFER_CAPACITY + 1));
     for _ in 0..=OUTGOING_BUFFER_CAPACITY {
         let room = room.clone().try_acquire_owned().expect("room");
-        h.agent.handle(AgentInput::Port(PortEvent::BasicData {
+        h.handle(AgentInput::Port(PortEvent::BasicData {
             generation: 1,
             data: vec![b'x'],
             room,
@@ -258,7 +297,7 @@ fn the_agent_keeps_no_more_than_its_outgoing_buffer_and_says_so() {
 #[test]
 fn a_target_that_does_not_read_stalls_the_receive_path_until_it_does() {
     let mut h = Harness::new(false);
-    let (complete, mut target) = h.open_basic();
+    let complete = h.open_basic();
     h.ack(&complete);
     let acks = |h: &mut Harness| {
         h.received()
@@ -277,13 +316,11 @@ fn a_target_that_does_not_read_stalls_the_receive_path_until_it_does() {
     assert_eq!(h.agent.held.len(), 15);
     assert_eq!(h.report().receive_stalls, 1);
     // The target takes one chunk: room for one more frame, read and acked.
-    drop(target.try_recv().expect("written towards the target"));
-    h.agent.release_held();
+    drop(h.to_target.pop_front().expect("written towards the target"));
+    h.agent.on_backlog_drained(h.now);
+    h.take_effects();
     assert_eq!(acks(&mut h), 1);
-    while let Ok(chunk) = target.try_recv() {
-        drop(chunk);
-    }
-    h.agent.release_held();
+    assert_eq!(h.target_reads(), 65);
     assert_eq!(acks(&mut h), 14);
     assert!(h.agent.held.is_empty());
     assert_eq!(h.report().bytes_from_client, 80 * 1024);
@@ -293,7 +330,7 @@ fn a_target_that_does_not_read_stalls_the_receive_path_until_it_does() {
 #[test]
 fn the_closing_drain_checks_client_frames_and_ends_once_all_is_acknowledged() {
     let mut h = Harness::new(false);
-    let (complete, _target) = h.open_basic();
+    let complete = h.open_basic();
     let banner = h.target_says_and_closes(b"SSH-2.0-test\r\n");
     assert!(
         h.agent.ending.is_some(),
@@ -331,7 +368,7 @@ fn the_closing_drain_checks_client_frames_and_ends_once_all_is_acknowledged() {
 #[test]
 fn a_violation_during_the_drain_fails_a_strict_session() {
     let mut h = Harness::new(true);
-    let (_complete, _target) = h.open_basic();
+    h.open_basic();
     h.target_says_and_closes(b"banner");
     let bad = h.input(payload_type::OUTPUT, b"late");
     h.frame(corrupt_digest(&bad));
@@ -346,7 +383,7 @@ fn a_violation_during_the_drain_fails_a_strict_session() {
 #[test]
 fn frames_after_channel_closed_are_checked_and_legal_ones_pass() {
     let mut h = Harness::new(true);
-    let (complete, mut target) = h.open_basic();
+    let complete = h.open_basic();
     let terminate = h.input(
         payload_type::FLAG,
         &message::flag_payload(flag::TERMINATE_SESSION),
@@ -365,7 +402,7 @@ fn frames_after_channel_closed_are_checked_and_legal_ones_pass() {
     assert!(report.violations.is_empty(), "{report:?}");
     assert_eq!(report.repeated_acks_from_client, 1);
     assert_eq!(report.duplicates_from_client, 1);
-    assert!(target.try_recv().is_err(), "nothing reaches the target");
+    assert!(h.to_target.is_empty(), "nothing reaches the target");
 
     // A broken one is still a violation, recorded in the report and globally.
     let wrong_type = ClientMessage::acknowledge(
@@ -386,17 +423,17 @@ fn frames_after_channel_closed_are_checked_and_legal_ones_pass() {
     assert_eq!(h.global_violations(), report.violations);
     assert_eq!(report.client_frames_after_end, 5);
 
-    h.agent.handle(AgentInput::Closed { conn_id: 0 });
+    h.handle(AgentInput::Closed { conn_id: 0 });
     assert!(h.agent.is_over());
 }
 
 #[test]
 fn frames_on_a_replaced_connection_are_checked() {
     let mut h = Harness::new(true);
-    let (complete, _target) = h.open_basic();
+    let complete = h.open_basic();
     let old = h.latest();
     h.attach();
-    h.agent.handle(AgentInput::Detach { conn_id: old });
+    h.handle(AgentInput::Detach { conn_id: old });
     h.ack(&complete);
     let late = ClientMessage::acknowledge(&MessageType::OutputStreamData, Uuid::new_v4(), 40);
     h.frame_on(old, late.encode());
@@ -413,12 +450,101 @@ fn frames_on_a_replaced_connection_are_checked() {
 #[test]
 fn a_connection_attached_after_the_end_is_closed_at_once() {
     let mut h = Harness::new(true);
-    h.agent.handle(AgentInput::Terminate);
+    h.handle(AgentInput::Terminate);
     assert!(h.agent.finished.is_some());
     let late = h.attach();
     assert!(h.received().iter().any(|(_, close)| *close));
     assert!(!h.agent.is_over());
-    h.agent.handle(AgentInput::Closed { conn_id: 0 });
-    h.agent.handle(AgentInput::Closed { conn_id: late });
+    h.handle(AgentInput::Closed { conn_id: 0 });
+    h.handle(AgentInput::Closed { conn_id: late });
     assert!(h.agent.is_over());
+}
+
+impl Harness {
+    /// Moves the time from deadline to deadline until `done` holds (at most `limit` wake-ups);
+    /// returns the time it held at.
+    fn run_until(&mut self, limit: usize, done: impl Fn(&Self) -> bool) -> Instant {
+        for _ in 0..limit {
+            if done(self) {
+                return self.now;
+            }
+            let at = self
+                .agent
+                .next_deadline()
+                .expect("a deadline while not done");
+            self.advance_to(at);
+        }
+        panic!("not done after {limit} deadlines: {:?}", self.report());
+    }
+}
+
+#[test]
+fn unacknowledged_output_is_resent_on_the_schedulers_grid_once_its_rto_has_passed() {
+    let mut h = Harness::new(true);
+    let start = h.now;
+    // The HandshakeRequest is acknowledged at once: an RTT sample of 0 takes the RTO from
+    // 200 ms to 100 ms × 7/8 + max(10, 4 × 25) ms = 187.5 ms.
+    let complete = h.open_basic();
+    assert_eq!(h.agent.rto.rto(), Duration::from_micros(187_500));
+    // Due 187.5 ms after HandshakeComplete went out; resent at the next check on the 100 ms grid.
+    let due = h.agent.next_deadline().expect("a resend is due");
+    assert_eq!(due - start, Duration::from_millis(200));
+    h.advance_to(due - Duration::from_millis(1));
+    assert!(h.outputs().is_empty(), "nothing before the check");
+    h.advance_to(due);
+    let resent = h.outputs();
+    assert_eq!(resent.len(), 1, "{resent:?}");
+    assert_eq!(resent[0].message_id, complete.message_id);
+    assert_eq!(h.report().retransmissions_to_client, 1);
+    h.ack(&complete);
+    assert!(
+        h.agent
+            .next_deadline()
+            .is_some_and(|d| d - h.now > Duration::from_secs(1)),
+        "nothing is due soon once all is acknowledged"
+    );
+}
+
+#[test]
+fn a_client_that_never_answers_the_handshake_is_timed_out_at_its_deadline() {
+    let mut h = Harness::new(true);
+    let start = h.now;
+    let ended = h.run_until(1000, |h| h.agent.finished.is_some());
+    let timeout = Config::duration(h.shared.config.handshake_timeout_ms);
+    assert!(ended - start > timeout, "ended after {:?}", ended - start);
+    assert!(ended - start <= timeout + Duration::from_millis(1));
+    let report = h.report();
+    assert_eq!(h.agent.finished, Some(SessionStatus::Failed));
+    assert!(
+        (report.close_reason.as_deref()).is_some_and(|r| r.starts_with("Handshake timed out")),
+        "{report:?}"
+    );
+    assert!(
+        report.retransmissions_to_client > 0,
+        "the request was resent meanwhile"
+    );
+}
+
+#[test]
+fn the_closing_drain_gives_up_after_its_limit_when_the_client_never_acknowledges() {
+    let mut h = Harness::new(false);
+    let _ = h.open_basic();
+    h.target_says_and_closes(b"SSH-2.0-test\r\n");
+    let began = h.now;
+    let ended = h.run_until(1000, |h| h.agent.finished.is_some());
+    assert!(
+        ended - began >= DRAIN_LIMIT,
+        "ended after {:?}",
+        ended - began
+    );
+    assert!(ended - began <= DRAIN_LIMIT + TICK);
+    let report = h.report();
+    assert_eq!(
+        report.close_reason.as_deref(),
+        Some("the target closed the connection")
+    );
+    assert_eq!(
+        report.unacked_at_close, 2,
+        "HandshakeComplete and the banner"
+    );
 }

@@ -1,6 +1,6 @@
 //! The agent's timers: retransmission checks, the handshake, reconnect and idle timeouts,
 //! the client's sequence gaps, the smux keepalive and the closing drain, each a deadline; the
-//! task sleeps until the earliest.
+//! driver calls `on_deadline` at the earliest.
 
 use super::*;
 
@@ -12,7 +12,7 @@ fn past(since: Instant, after: Duration) -> Instant {
 impl Agent {
     /// When the oldest sent, unacknowledged message becomes due for a resend.
     fn resend_due(&self) -> Option<Instant> {
-        self.outbound.as_ref()?;
+        self.conn_id?;
         if self.unacked.len() <= self.unsent {
             return None;
         }
@@ -50,16 +50,15 @@ impl Agent {
     /// message is due (the agent's scheduler looks every [`TICK`]); otherwise at the earliest
     /// timeout, so that an idle session costs no wake-ups. Every deadline is absolute: a steady
     /// flow of input never postpones one.
-    pub(super) fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         if self.finished.is_some() {
             return None;
         }
-        let now = Instant::now();
         let resend = self.next_resend_check();
         if let Some(drain) = &self.ending {
             // Without a connection nothing can be acknowledged any more: end the drain now.
-            let end = if self.outbound.is_none() {
-                now
+            let end = if self.conn_id.is_none() {
+                self.now
             } else {
                 drain.deadline
             };
@@ -110,9 +109,16 @@ impl Agent {
             .unwrap_or_else(|| Config::duration(self.shared.config.idle_timeout_ms))
     }
 
-    pub(super) fn on_tick(&mut self, now: Instant) {
+    /// The time is `now`, at or past [`Agent::next_deadline`]: what is due happens.
+    pub(crate) fn on_deadline(&mut self, now: Instant) {
+        self.now = now;
+        self.check_timers(now);
+        self.release_held();
+    }
+
+    fn check_timers(&mut self, now: Instant) {
         if let Some(drain) = &self.ending {
-            if now >= drain.deadline || self.outbound.is_none() {
+            if now >= drain.deadline || self.conn_id.is_none() {
                 self.finish_drain();
             } else {
                 self.check_resend(now);
@@ -191,14 +197,9 @@ impl Agent {
         {
             if now.duration_since(mx.last_nop) >= interval {
                 mx.last_nop = now;
-                if mx
-                    .plumbing
-                    .control
-                    .send(smux::Frame::control(smux::Command::Nop, 0).encode())
-                    .is_ok()
-                {
-                    lock(&self.report).smux_nops_to_client += 1;
-                }
+                let nop = smux::Frame::control(smux::Command::Nop, 0).encode();
+                self.effects.push(Effect::SmuxControl(nop));
+                lock(&self.report).smux_nops_to_client += 1;
             }
             keepalive_dead = now.duration_since(mx.last_rx) > timeout;
         }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 
 use super::aws::{AgentAws, LogGroup};
@@ -46,10 +46,7 @@ pub(crate) enum ShellInput {
 #[derive(Debug)]
 pub(crate) enum ShellEvent {
     /// The shell runs: its terminal takes input from now on.
-    Started {
-        input: UnboundedSender<ShellInput>,
-        run_as_user: String,
-    },
+    Started { run_as_user: String },
     /// Terminal output for the client.
     Output { data: Vec<u8>, room: InTransit },
     /// The shell exited by itself (its terminal closed).
@@ -74,9 +71,11 @@ fn send(inbox: &UnboundedSender<AgentInput>, event: ShellEvent) -> bool {
     inbox.send(AgentInput::Shell(event)).is_ok()
 }
 
-/// Starts the shell's task.
+/// Starts the shell's task: its terminal takes what arrives on `keys`; dropping their sender
+/// cancels the shell.
 pub(crate) fn spawn(
     setup: ShellSetup,
+    keys: UnboundedReceiver<ShellInput>,
     transport: TransportBuffer,
     inbox: UnboundedSender<AgentInput>,
 ) -> JoinHandle<()> {
@@ -91,7 +90,17 @@ pub(crate) fn spawn(
         };
         let mut context = setup.context.clone();
         context.run_as_user = plan.user.clone();
-        let recorded = match run(&setup, &plan, &context, transport, &inbox, &mut report).await {
+        let recorded = match run(
+            &setup,
+            &plan,
+            &context,
+            keys,
+            transport,
+            &inbox,
+            &mut report,
+        )
+        .await
+        {
             Ok(recorded) => recorded,
             Err(output) => {
                 send(&inbox, ShellEvent::Failed { output });
@@ -196,6 +205,7 @@ async fn run(
     setup: &ShellSetup,
     plan: &Plan,
     context: &EventContext,
+    keys: UnboundedReceiver<ShellInput>,
     transport: TransportBuffer,
     inbox: &UnboundedSender<AgentInput>,
     report: &mut TranscriptReport,
@@ -218,11 +228,9 @@ async fn run(
             .await
             .map_err(|e| format!("Encountered an error while executing shell profile: {e}"))?;
     }
-    let (input, keys) = mpsc::unbounded_channel();
     send(
         inbox,
         ShellEvent::Started {
-            input,
             run_as_user: plan.user.clone(),
         },
     );
