@@ -451,9 +451,9 @@ impl Agent {
         }
     }
 
-    /// The I/O asked for since the last call, in order.
-    pub(crate) fn take_effects(&mut self) -> Vec<Effect> {
-        std::mem::take(&mut self.effects)
+    /// The I/O asked for since the last call, in order (the buffer is kept for the next).
+    pub(crate) fn take_effects(&mut self) -> std::vec::Drain<'_, Effect> {
+        self.effects.drain(..)
     }
 
     /// The session's status once it has ended (`Terminated` when it had not: the emulator is

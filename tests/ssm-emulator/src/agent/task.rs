@@ -120,7 +120,7 @@ impl Io {
         let _ = self.inbox.send(AgentInput::Port(event));
     }
 
-    fn perform(&mut self, effects: Vec<Effect>) {
+    fn perform(&mut self, effects: impl Iterator<Item = Effect>) {
         for effect in effects {
             self.perform_one(effect);
         }
