@@ -1,13 +1,16 @@
 //! The fleet-access API (`fleetaccess.io`): the `SessionAccess` grant, the account-wide
 //! `SessionPreferences`, the `SessionAccessPolicy` boundaries on grants and the
 //! `SessionAccessApproval` of grants that need one, plus the offline
-//! validation that `fleet-access-operator plan` uses.
+//! validation that `fleet-access-operator plan` uses. Behind the `fixtures` feature (tests
+//! only), `fixtures::GrantFixture` writes grants for the tests of every crate.
 //!
 //! This crate does no I/O and depends on no runtime: the operator, the bridge and the tests build
 //! on it.
 
 pub mod agent_version;
 pub mod bridge_contract;
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
 pub mod names;
 pub mod ssm_documents;
 // KubeSchema re-emits each struct inside a private module to derive its schema, which trips

@@ -16,7 +16,7 @@ mod support;
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
-use fleet_access_crds::{SessionAccessApproval, v1alpha1::REQUESTED_BY_ANNOTATION};
+use fleet_access_crds::{SessionAccessApproval, fixtures::GrantFixture};
 use fleet_access_tests::ControlPlane;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::{Api, api::DeleteParams};
@@ -44,25 +44,23 @@ fn boundary(namespace: &str, user: &str) -> Value {
     })
 }
 
+/// The grant, as YAML: SSH for `user` to the production instance for `hours` from now, and a
+/// bridge endpoint for the namespace's ansible pods.
 fn grant(namespace: &str, user: &str, requested_by: Option<&str>, hours: i64) -> String {
     let expires = Timestamp::now() + SignedDuration::from_hours(hours);
-    let mut metadata = json!({"name": "oncall", "namespace": namespace});
-    if let Some(who) = requested_by {
-        metadata["annotations"] = json!({REQUESTED_BY_ANNOTATION: who});
+    let grant = GrantFixture::new(namespace, "oncall")
+        .users([user])
+        .instance_ids([PRODUCTION])
+        .ssh()
+        .expires_at(&expires.to_string())
+        .spec_json(
+            json!({"bridge": {"clients": [{"podSelector": {"matchLabels": {"app": "ansible"}}}]}}),
+        );
+    match requested_by {
+        Some(who) => grant.requested_by(who),
+        None => grant,
     }
-    json!({
-        "apiVersion": "fleetaccess.io/v1alpha1",
-        "kind": "SessionAccess",
-        "metadata": metadata,
-        "spec": {
-            "principals": {"users": [user]},
-            "targets": {"instanceIds": [PRODUCTION]},
-            "sessions": {"ssh": true},
-            "window": {"expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()},
-            "bridge": {"clients": [{"podSelector": {"matchLabels": {"app": "ansible"}}}]},
-        },
-    })
-    .to_string()
+    .yaml()
 }
 
 fn approval(

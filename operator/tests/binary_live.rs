@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use fleet_access_crds::SessionAccess;
+use fleet_access_crds::{SessionAccess, fixtures::GrantFixture};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
     ControlPlane, ExposedSample, Moto, OperatorCommandLine, TestNamespace,
@@ -132,17 +132,11 @@ impl Setup {
     }
 
     async fn grant(&self, name: &str, user: &str) {
-        let grant: SessionAccess = serde_json::from_value(json!({
-            "apiVersion": "fleetaccess.io/v1alpha1",
-            "kind": "SessionAccess",
-            "metadata": {"name": name, "namespace": self.ns()},
-            "spec": {
-                "principals": {"users": [user]},
-                "targets": {"instanceIds": [INSTANCE]},
-                "sessions": {"ssh": true},
-            },
-        }))
-        .expect("grant");
+        let grant = GrantFixture::new(self.ns(), name)
+            .users([user])
+            .instance_ids([INSTANCE])
+            .ssh()
+            .build();
         self.grants
             .create(&PostParams::default(), &grant)
             .await

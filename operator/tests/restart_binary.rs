@@ -5,7 +5,7 @@
 use std::{process::Stdio, time::Duration};
 
 use aws_sdk_iam::types::Policy;
-use fleet_access_crds::SessionAccess;
+use fleet_access_crds::{SessionAccess, fixtures::GrantFixture};
 use fleet_access_operator::model::naming;
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode};
 use fleet_access_tests::{ControlPlane, Moto, OperatorCommandLine, cluster_of};
@@ -13,7 +13,6 @@ use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
 };
-use serde_json::json;
 
 const GRANTS: usize = 50;
 const CONVERGE: Duration = Duration::from_secs(240);
@@ -127,17 +126,12 @@ async fn killed_and_restarted_it_converges_without_orphans_or_duplicates() {
     let started = tokio::time::Instant::now();
     let mut child = operator(control_plane, moto, &emulator.endpoint_url(), &ns);
     for (i, user) in users.iter().enumerate() {
-        let grant: SessionAccess = serde_json::from_value(json!({
-            "apiVersion": "fleetaccess.io/v1alpha1",
-            "kind": "SessionAccess",
-            "metadata": {"name": format!("g{i}"), "namespace": ns},
-            "spec": {
-                "principals": {"users": [user]},
-                "targets": {"instanceIds": ["i-0000000000000000a"]},
-                "sessions": {"ssh": true, "shell": true},
-            },
-        }))
-        .expect("grant");
+        let grant = GrantFixture::new(&ns, &format!("g{i}"))
+            .users([user])
+            .instance_ids(["i-0000000000000000a"])
+            .ssh()
+            .shell()
+            .build();
         grants
             .create(&PostParams::default(), &grant)
             .await

@@ -11,6 +11,7 @@ mod support;
 
 use std::{path::Path, time::Duration};
 
+use fleet_access_crds::fixtures::GrantFixture;
 use fleet_access_operator::model::naming;
 use fleet_access_tests::ControlPlane;
 use k8s_openapi::api::events::v1::Event;
@@ -170,13 +171,7 @@ fn outside(role: &str) -> Vec<(&'static str, &'static str, Value)> {
 }
 
 fn grant_yaml(namespace: &str, name: &str, spec: &Value) -> String {
-    json!({
-        "apiVersion": "fleetaccess.io/v1alpha1",
-        "kind": "SessionAccess",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    })
-    .to_string()
+    (GrantFixture::new(namespace, name).spec_json(spec.clone())).yaml()
 }
 
 /// Waits until the admission policy refuses (`enforced`) or admits a grant outside the
@@ -296,16 +291,13 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
     assert!(error.contains("forbidden"), "{error}");
     // A grant inside the boundary is admitted. (Not Ready: one of the staging instances runs an
     // agent too old for remote hosts, and the grant says so.)
-    let second = grant_yaml(
-        &ns,
-        "ci-staging",
-        &json!({
-            "principals": {"roles": [role]},
-            "targets": {"tags": {"Environment": "staging"}},
-            "sessions": {"ssh": true, "remoteHosts": [{"host": "orders.tenant.internal", "port": 5432}]},
-            "window": {"expiresAt": hours_from_now(1)},
-        }),
-    );
+    let second = GrantFixture::new(&ns, "ci-staging")
+        .roles([role.as_str()])
+        .tag("Environment", "staging")
+        .ssh()
+        .remote_host("orders.tenant.internal", 5432)
+        .expires_at(&hours_from_now(1))
+        .yaml();
     kubectl_apply(&control_plane, Some(&kubeconfig), &second, &[])
         .await
         .expect("inside the boundary");

@@ -23,13 +23,13 @@ use std::{
     time::Duration,
 };
 
-use fleet_access_crds::SessionAccess;
+use fleet_access_crds::{SessionAccess, fixtures::GrantFixture};
 use fleet_access_tests::{
     ControlPlane, Prometheus, RefusingAddress, addresses::wait_for_reported_address, http_get,
     workspace_binary,
 };
 use kube::{Api, api::PostParams};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
@@ -476,19 +476,13 @@ async fn start_operator(program: &Path) -> LiveOperator {
     let ns = namespace.name().to_owned();
     let expires_at =
         k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_mins(30);
-    let grant: SessionAccess = serde_json::from_value(json!({
-        "apiVersion": "fleetaccess.io/v1alpha1",
-        "kind": "SessionAccess",
-        "metadata": {"name": "metrics", "namespace": ns},
-        "spec": {
-            "principals": {"users": ["alice"]},
-            "targets": {"instanceIds": ["i-0123456789abcdef0"]},
-            "sessions": {"ssh": true},
-            // A window, so that the grant's expiry gauge is exported too.
-            "window": {"expiresAt": expires_at.to_string()},
-        },
-    }))
-    .unwrap();
+    let grant = GrantFixture::new(&ns, "metrics")
+        .users(["alice"])
+        .instance_ids(["i-0123456789abcdef0"])
+        .ssh()
+        // A window, so that the grant's expiry gauge is exported too.
+        .expires_at(&expires_at.to_string())
+        .build();
     let grants: Api<SessionAccess> = namespace.api();
     grants.create(&PostParams::default(), &grant).await.unwrap();
 

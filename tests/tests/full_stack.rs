@@ -29,6 +29,7 @@ use aws_sdk_iam::error::ProvideErrorMetadata;
 use fleet_access_crds::{
     SessionAccess,
     bridge_contract::{EndpointAnnotations, bridge_pod_selector, managed_labels, service_name},
+    fixtures::GrantFixture,
 };
 use fleet_access_operator::model::naming::{
     IDENTITY_TAG, OWNER_TAG, POLICY_PATH, identity_tag_value, owner_tag_value,
@@ -43,7 +44,7 @@ use fleet_access_tests::{
 };
 use k8s_openapi::{api::core::v1::Service, jiff::Timestamp};
 use kube::Api;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
@@ -127,32 +128,19 @@ where
 }
 
 fn grant_yaml(namespace: &str, user: &str, expires_at: Timestamp) -> String {
-    let expires_at = expires_at.strftime("%Y-%m-%dT%H:%M:%SZ");
-    format!(
-        "apiVersion: fleetaccess.io/v1alpha1
-kind: SessionAccess
-metadata:
-  name: {GRANT}
-  namespace: {namespace}
-spec:
-  principals:
-    users: [{user}]
-  targets:
-    instanceIds: [{INSTANCE}]
-  sessions:
-    ssh: true
-    ports: [5432]
-    remoteHosts: [{{host: {DB_HOST}, port: 5432}}]
-  bridge:
-    ports: [22, 5432]
-    remoteHosts: [{{host: {DB_HOST}, port: 5432}}]
-    clients:
-      - podSelector:
-          matchLabels: {{app: ansible}}
-  window:
-    expiresAt: {expires_at}
-"
-    )
+    GrantFixture::new(namespace, GRANT)
+        .users([user])
+        .instance_ids([INSTANCE])
+        .ssh()
+        .ports([5432])
+        .remote_host(DB_HOST, 5432)
+        .bridge_ports([22, 5432])
+        .bridge_remote_host(DB_HOST, 5432)
+        .spec_json(
+            json!({"bridge": {"clients": [{"podSelector": {"matchLabels": {"app": "ansible"}}}]}}),
+        )
+        .expires_at(&expires_at.to_string())
+        .yaml()
 }
 
 /// Where the bridge's standard output and error go.

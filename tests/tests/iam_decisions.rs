@@ -17,7 +17,9 @@
 
 use std::collections::BTreeMap;
 
-use fleet_access_crds::{SessionAccess, validation::parse_session_accesses};
+use fleet_access_crds::{
+    SessionAccess, fixtures::GrantFixture, validation::parse_session_accesses,
+};
 use fleet_access_operator::{
     aws::{Principal, PrincipalKind},
     model::{
@@ -53,14 +55,9 @@ fn render(grant: &SessionAccess) -> Desired {
     desired::compute(grant, &settings()).unwrap_or_else(|e| panic!("{}: {e}", grant.name_any()))
 }
 
-fn grant(name: &str, spec: Value) -> SessionAccess {
-    let yaml = json!({
-        "apiVersion": "fleetaccess.io/v1alpha1",
-        "kind": "SessionAccess",
-        "metadata": {"name": name, "namespace": "team"},
-        "spec": spec,
-    });
-    parse_session_accesses(&yaml.to_string()).unwrap().remove(0)
+/// Grant `name` of namespace `team`; each case says what it grants.
+fn grant(name: &str) -> GrantFixture {
+    GrantFixture::new("team", name)
 }
 
 fn instance(id: &str) -> String {
@@ -453,15 +450,13 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
     let at = |t: &str| [("aws:CurrentTime".to_owned(), json!(t))];
 
     // Window edges: IAM's DateGreaterThan and DateLessThan are strict.
-    let window = grant(
-        "window",
-        json!({
-            "principals": {"users": ["wendy"]},
-            "targets": {"instanceIds": ["i-0000000000000000a"]},
-            "sessions": {"ssh": true},
-            "window": {"notBefore": "2026-12-05T08:00:00Z", "expiresAt": "2026-12-05T10:00:00Z"},
-        }),
-    );
+    let window = grant("window")
+        .users(["wendy"])
+        .instance_ids(["i-0000000000000000a"])
+        .ssh()
+        .not_before("2026-12-05T08:00:00Z")
+        .expires_at("2026-12-05T10:00:00Z")
+        .build();
     let d = render(&window);
     let Holder {
         caller: wendy,
@@ -496,25 +491,16 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
     // An approval for one hour, given at 09:00 of a grant whose window lasts the day: IAM
     // allows from the window's start to the approval's end, and nothing after, whatever the
     // operator does.
-    let approved = grant(
-        "approved",
-        json!({
-            "principals": {"users": ["olga"]},
-            "targets": {"instanceIds": ["i-0000000000000000a"]},
-            "sessions": {"ssh": true},
-            "window": {"notBefore": "2026-12-05T00:00:00Z", "expiresAt": "2026-12-06T00:00:00Z"},
-        }),
-    );
-    let mut approved_meta = approved.clone();
-    approved_meta.metadata.uid = Some("uid-1".into());
-    approved_meta.metadata.generation = Some(1);
-    approved_meta.metadata.annotations = Some(
-        [(
-            fleet_access_crds::v1alpha1::REQUESTED_BY_ANNOTATION.to_owned(),
-            "olga".to_owned(),
-        )]
-        .into(),
-    );
+    let approved = grant("approved")
+        .users(["olga"])
+        .instance_ids(["i-0000000000000000a"])
+        .ssh()
+        .not_before("2026-12-05T00:00:00Z")
+        .expires_at("2026-12-06T00:00:00Z")
+        .uid("uid-1")
+        .generation(1)
+        .requested_by("olga")
+        .build();
     let approval: fleet_access_crds::SessionAccessApproval = serde_json::from_value(json!({
         "apiVersion": "fleetaccess.io/v1alpha1",
         "kind": "SessionAccessApproval",
@@ -524,13 +510,13 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
     }))
     .unwrap();
     let verdict = approval::judge(
-        &approved_meta,
+        &approved,
         vec!["prod".into()],
         &[approval],
         "2026-12-05T09:30:00Z".parse().unwrap(),
     );
     assert!(verdict.allows(), "{verdict:?}");
-    let d = render(&approval::effective(&approved_meta, &verdict));
+    let d = render(&approval::effective(&approved, &verdict));
     let Holder {
         caller: olga,
         policies,
@@ -574,14 +560,12 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
     }
 
     // Tag values with IAM wildcards: * any run, ? one character; every tag must match.
-    let tags = grant(
-        "tags",
-        json!({
-            "principals": {"roles": ["ops"]},
-            "targets": {"tags": {"Environment": "stag*", "Team": "a?c"}},
-            "sessions": {"ssh": true},
-        }),
-    );
+    let tags = grant("tags")
+        .roles(["ops"])
+        .tag("Environment", "stag*")
+        .tag("Team", "a?c")
+        .ssh()
+        .build();
     let d = render(&tags);
     let Holder {
         caller: ops,
@@ -610,14 +594,11 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
 
     // Ports: the generated document pins the port; AWS's documents take any port, so they stay
     // refused.
-    let ports = grant(
-        "db",
-        json!({
-            "principals": {"users": ["dana"]},
-            "targets": {"instanceIds": ["i-0000000000000000a"]},
-            "sessions": {"ports": [5432]},
-        }),
-    );
+    let ports = grant("db")
+        .users(["dana"])
+        .instance_ids(["i-0000000000000000a"])
+        .ports([5432])
+        .build();
     let d = render(&ports);
     let Holder {
         caller: dana,
@@ -654,15 +635,12 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
 
     // A Deny of shells everywhere wins over an administrator's Allow, for the account's shell
     // document and every grant's own shell document, and leaves SSH alone.
-    let no_shells = grant(
-        "no-shells",
-        json!({
-            "effect": "Deny",
-            "principals": {"users": ["root-like"]},
-            "targets": {"allInstances": true},
-            "sessions": {"shell": true},
-        }),
-    );
+    let no_shells = grant("no-shells")
+        .deny()
+        .users(["root-like"])
+        .all_instances()
+        .shell()
+        .build();
     let d = render(&no_shells);
     let Holder {
         caller: root_like,
@@ -693,14 +671,11 @@ fn a_decision_matrix_of_windows_tags_ports_and_denies() {
     }
 
     // A Deny of chosen instances denies every session to them, whatever else allows.
-    let quarantine = grant(
-        "quarantine",
-        json!({
-            "effect": "Deny",
-            "principals": {"groups": ["everyone"]},
-            "targets": {"instanceIds": ["i-0000000000000000b"]},
-        }),
-    );
+    let quarantine = grant("quarantine")
+        .deny()
+        .groups(["everyone"])
+        .instance_ids(["i-0000000000000000b"])
+        .build();
     let d = render(&quarantine);
     let Holder {
         caller: member,

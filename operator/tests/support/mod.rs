@@ -9,7 +9,7 @@
 use std::{collections::BTreeSet, future::Future, sync::Arc, time::Duration};
 
 use aws_sdk_iam::error::ProvideErrorMetadata;
-use fleet_access_crds::SessionAccess;
+use fleet_access_crds::{SessionAccess, fixtures::GrantFixture};
 use fleet_access_operator::{
     aws::sdk::SdkAws,
     controller::{Context, reconcile},
@@ -253,19 +253,18 @@ impl Harness {
             .expect("group");
     }
 
-    pub(crate) fn grant(&self, name: &str, spec: Value) -> SessionAccess {
-        serde_json::from_value(json!({
-            "apiVersion": "fleetaccess.io/v1alpha1",
-            "kind": "SessionAccess",
-            "metadata": {"name": name, "namespace": self.namespace.name()},
-            "spec": spec,
-        }))
-        .expect("a SessionAccess")
+    /// Grant `name` of this test's namespace, to be said what it grants.
+    pub(crate) fn grant(&self, name: &str) -> GrantFixture {
+        GrantFixture::new(self.namespace.name(), name)
     }
 
+    /// Creates grant `name` whose spec is `spec`.
     pub(crate) async fn create(&self, name: &str, spec: Value) -> SessionAccess {
         self.grants
-            .create(&PostParams::default(), &self.grant(name, spec))
+            .create(
+                &PostParams::default(),
+                &self.grant(name).spec_json(spec).build(),
+            )
             .await
             .expect("created")
     }

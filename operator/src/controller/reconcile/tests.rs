@@ -1,7 +1,7 @@
 //! Retry and terminal-error behaviour against the scripted fake of [`IamApi`] / [`SsmApi`]
 //! (no AWS), on tokio's paused clock so that the backoff costs no real time.
 
-use fleet_access_crds::v1alpha1::PolicyStatus;
+use fleet_access_crds::{fixtures::GrantFixture, v1alpha1::PolicyStatus};
 use kube::Client;
 
 use super::*;
@@ -36,18 +36,16 @@ fn context(aws: Arc<FakeAws>) -> Context {
     )
 }
 
+/// Grant `web` of ops: alice on one instance, with the sessions each grant below allows.
+fn web() -> GrantFixture {
+    GrantFixture::new("ops", "web")
+        .users(["alice"])
+        .instance_ids(["i-0123456789abcdef0"])
+}
+
+/// SSH only: no documents of its own.
 fn grant() -> SessionAccess {
-    serde_json::from_value(json!({
-        "apiVersion": "fleetaccess.io/v1alpha1",
-        "kind": "SessionAccess",
-        "metadata": {"name": "web", "namespace": "ops"},
-        "spec": {
-            "principals": {"users": ["alice"]},
-            "targets": {"instanceIds": ["i-0123456789abcdef0"]},
-            "sessions": {"ssh": true},
-        },
-    }))
-    .expect("grant")
+    web().ssh().build()
 }
 
 async fn sync_grant(ctx: &Context) -> Result<Vec<PolicyStatus>> {
@@ -75,11 +73,7 @@ async fn apply_grant(grant: &SessionAccess, ctx: &Context) -> Result<Vec<PolicyS
 
 /// A grant with a shell document and a port document, at `generation`, without status.
 fn grant_with_documents(generation: i64) -> SessionAccess {
-    let mut grant = grant();
-    grant.metadata.generation = Some(generation);
-    grant.spec.sessions =
-        serde_json::from_value(json!({"shell": true, "ports": [5432]})).expect("sessions");
-    grant
+    web().shell().ports([5432]).generation(generation).build()
 }
 
 /// Its own documents (not the cluster's shared ones): name → content, as the operator renders

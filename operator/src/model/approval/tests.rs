@@ -1,6 +1,8 @@
 use std::collections::BTreeMap;
 
-use fleet_access_crds::{SessionAccess, SessionAccessApproval, SessionAccessPolicy};
+use fleet_access_crds::{
+    SessionAccess, SessionAccessApproval, SessionAccessPolicy, fixtures::GrantFixture,
+};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
@@ -13,24 +15,15 @@ fn at(text: &str) -> Timestamp {
     text.parse().expect("a time")
 }
 
-fn grant(spec: Value, requested_by: Option<&str>, generation: i64) -> SessionAccess {
-    let annotations = match requested_by {
-        Some(who) => json!({"fleetaccess.io/requested-by": who}),
-        None => json!({}),
-    };
-    serde_json::from_value(json!({
-        "apiVersion": "fleetaccess.io/v1alpha1",
-        "kind": "SessionAccess",
-        "metadata": {"name": "deploy", "namespace": "team-a", "uid": UID,
-                     "generation": generation, "annotations": annotations},
-        "spec": spec,
-    }))
-    .expect("a grant")
-}
-
-fn ssh_to(targets: Value) -> Value {
-    json!({"principals": {"roles": ["ci"]}, "targets": targets, "sessions": {"ssh": true},
-           "window": {"expiresAt": "2026-12-06T20:00:00Z"}})
+/// Grant `deploy` of team-a at `generation`: SSH for role ci until the evening, on the targets
+/// each test gives it.
+fn ssh_grant(generation: i64) -> GrantFixture {
+    GrantFixture::new("team-a", "deploy")
+        .uid(UID)
+        .generation(generation)
+        .roles(["ci"])
+        .ssh()
+        .expires_at("2026-12-06T20:00:00Z")
 }
 
 fn boundary(name: &str, approval: Value) -> SessionAccessPolicy {
@@ -76,23 +69,17 @@ fn boundaries_require_approval_of_allow_grants_that_may_reach_their_instances() 
     let always = boundary("always", json!({"always": true}));
     let prod = boundary("prod", json!({"instanceIds": ["i-0000000000000000c"]}));
     let none = boundary("none", json!({}));
-    let listed = grant(
-        ssh_to(json!({"instanceIds": ["i-0000000000000000c"]})),
-        None,
-        1,
-    );
-    let other = grant(
-        ssh_to(json!({"instanceIds": ["i-0000000000000000a"]})),
-        None,
-        1,
-    );
-    let tagged = grant(ssh_to(json!({"tags": {"Environment": "staging"}})), None, 1);
-    let everywhere = grant(
-        json!({"effect": "Deny", "principals": {"roles": ["ci"]}, "targets": {"allInstances": true},
-               "sessions": {"ssh": true}}),
-        None,
-        1,
-    );
+    let listed = ssh_grant(1).instance_ids(["i-0000000000000000c"]).build();
+    let other = ssh_grant(1).instance_ids(["i-0000000000000000a"]).build();
+    let tagged = ssh_grant(1).tag("Environment", "staging").build();
+    let everywhere = GrantFixture::new("team-a", "deploy")
+        .uid(UID)
+        .generation(1)
+        .deny()
+        .roles(["ci"])
+        .all_instances()
+        .ssh()
+        .build();
     assert_eq!(required(&listed, &[prod.clone(), none.clone()]), ["prod"]);
     assert_eq!(
         required(&other, &[prod.clone(), none.clone()]),
@@ -119,11 +106,9 @@ fn boundaries_require_approval_of_allow_grants_that_may_reach_their_instances() 
 #[test]
 fn an_approval_by_someone_else_of_the_current_generation_puts_the_grant_in_force() {
     let now = at("2026-12-06T12:00:00Z");
-    let g = grant(
-        ssh_to(json!({"instanceIds": ["i-0000000000000000c"]})),
-        Some("alice"),
-        2,
-    );
+    let g = (ssh_grant(2).instance_ids(["i-0000000000000000c"]))
+        .requested_by("alice")
+        .build();
     let approvals = [
         approval("old", "bob", 1, "2026-12-06T09:00:00Z", None),
         approval("by-bob", "bob", 2, "2026-12-06T10:00:00Z", Some("4h")),
@@ -178,7 +163,7 @@ fn an_approval_by_someone_else_of_the_current_generation_puts_the_grant_in_force
 #[test]
 fn the_longest_approval_counts() {
     let now = at("2026-12-06T12:00:00Z");
-    let g = grant(ssh_to(json!({"allInstances": true})), Some("alice"), 1);
+    let g = ssh_grant(1).all_instances().requested_by("alice").build();
     let approvals = [
         approval("short", "bob", 1, "2026-12-06T11:00:00Z", Some("2h")),
         approval("open", "carol", 1, "2026-12-06T11:30:00Z", None),
@@ -191,7 +176,7 @@ fn the_longest_approval_counts() {
 #[test]
 fn no_approval_counts_from_the_requester_another_generation_or_another_grant() {
     let now = at("2026-12-06T12:00:00Z");
-    let g = grant(ssh_to(json!({"allInstances": true})), Some("alice"), 3);
+    let g = ssh_grant(3).all_instances().requested_by("alice").build();
     let required = || vec!["always".to_owned()];
     let own = approval("own", "alice", 3, "2026-12-06T10:00:00Z", None);
     assert_eq!(
@@ -224,7 +209,7 @@ fn no_approval_counts_from_the_requester_another_generation_or_another_grant() {
         }
     );
     // Without a requester no approval can be told from self-approval.
-    let anonymous = grant(ssh_to(json!({"allInstances": true})), None, 3);
+    let anonymous = ssh_grant(3).all_instances().build();
     let bobs = approval("bobs", "bob", 3, "2026-12-06T10:00:00Z", None);
     assert_eq!(
         judge(&anonymous, required(), std::slice::from_ref(&bobs), now),

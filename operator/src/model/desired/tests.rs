@@ -1,22 +1,21 @@
 //! Unit tests of what a grant means.
 
-use fleet_access_crds::validation::parse_session_accesses;
+use fleet_access_crds::fixtures::GrantFixture;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::model::policy::{PolicyDocument, canonical};
+use crate::model::{
+    naming,
+    policy::{PolicyDocument, canonical},
+};
 
-fn grant(spec: &str) -> SessionAccess {
-    let yaml = format!(
-        "apiVersion: fleetaccess.io/v1alpha1\nkind: SessionAccess\nmetadata: {{name: g, namespace: ns}}\nspec: {spec}\n"
-    );
-    parse_session_accesses(&yaml)
-        .expect("valid grant")
-        .remove(0)
+/// Grant `g` of namespace `ns`; each test says what it grants.
+fn grant() -> GrantFixture {
+    GrantFixture::new("ns", "g")
 }
 
-fn compute_default(spec: &str) -> Desired {
-    compute(&grant(spec), &Settings::default()).expect("computes")
+fn compute_default(grant: GrantFixture) -> Desired {
+    compute(&grant.build(), &Settings::default()).expect("computes")
 }
 
 fn statements(desired: &Desired) -> Vec<Value> {
@@ -38,7 +37,12 @@ fn account_and_region_fill_the_arns() {
         region: Some("eu-west-1".into()),
         ..Settings::default()
     };
-    let desired = compute(&grant("{principals: {users: [a]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true, ports: [5432]}}"), &settings).unwrap();
+    let grant = grant()
+        .users(["a"])
+        .instance_ids(["i-0123abcd"])
+        .ssh()
+        .ports([5432]);
+    let desired = compute(&grant.build(), &settings).unwrap();
     let all = statements(&desired);
     assert_eq!(
         statement(&all, "StartSessionOnInstances")["Resource"],
@@ -53,7 +57,12 @@ fn account_and_region_fill_the_arns() {
 #[test]
 fn window_bounds_every_start_statement_with_literal_times() {
     let desired = compute_default(
-        "{principals: {roles: [r]}, targets: {tags: {Env: dev}}, sessions: {ssh: true}, window: {notBefore: '2026-12-01T00:00:00Z', expiresAt: '2026-12-02T12:30:00Z'}}",
+        grant()
+            .roles(["r"])
+            .tag("Env", "dev")
+            .ssh()
+            .not_before("2026-12-01T00:00:00Z")
+            .expires_at("2026-12-02T12:30:00Z"),
     );
     let all = statements(&desired);
     for sid in [
@@ -76,7 +85,11 @@ fn window_bounds_every_start_statement_with_literal_times() {
 #[test]
 fn tags_are_anded_in_one_string_like_block_on_instances_only() {
     let desired = compute_default(
-        "{principals: {users: [u]}, targets: {tags: {Env: dev, Team: web}}, sessions: {ssh: true}}",
+        grant()
+            .users(["u"])
+            .tag("Env", "dev")
+            .tag("Team", "web")
+            .ssh(),
     );
     let all = statements(&desired);
     let tagged = statement(&all, "StartSessionOnTaggedInstances");
@@ -98,7 +111,11 @@ fn tags_are_anded_in_one_string_like_block_on_instances_only() {
 #[test]
 fn roles_get_the_session_tag_form_and_users_the_username_form() {
     let desired = compute_default(
-        "{principals: {users: [u], roles: [r]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}}",
+        grant()
+            .users(["u"])
+            .roles(["r"])
+            .instance_ids(["i-0123abcd"])
+            .ssh(),
     );
     let all = statements(&desired);
     assert_eq!(
@@ -110,9 +127,7 @@ fn roles_get_the_session_tag_form_and_users_the_username_form() {
         role["Condition"]["StringLike"]["ssm:resourceTag/aws:ssmmessages:session-id"],
         "${aws:userid}"
     );
-    let only_roles = compute_default(
-        "{principals: {roles: [r]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}}",
-    );
+    let only_roles = compute_default(grant().roles(["r"]).instance_ids(["i-0123abcd"]).ssh());
     assert!(
         statements(&only_roles)
             .iter()
@@ -123,7 +138,12 @@ fn roles_get_the_session_tag_form_and_users_the_username_form() {
 #[test]
 fn shell_grants_get_their_own_document_and_kms_permission() {
     let desired = compute_default(
-        "{principals: {users: [u]}, targets: {instanceIds: [i-0123abcd]}, sessions: {shell: true}, logging: {kmsKeyId: alias/k, idleSessionTimeoutMinutes: 5}}",
+        grant()
+            .users(["u"])
+            .instance_ids(["i-0123abcd"])
+            .shell()
+            .kms_key_id("alias/k")
+            .idle_session_timeout_minutes(5),
     );
     assert_eq!(desired.documents.len(), 1);
     let shell = &desired.documents[0];
@@ -141,18 +161,23 @@ fn shell_grants_get_their_own_document_and_kms_permission() {
 
 #[test]
 fn kms_key_ids_and_arns_are_resources() {
+    let shell_with_key = |key: &str| {
+        compute_default(
+            grant()
+                .users(["u"])
+                .instance_ids(["i-0123abcd"])
+                .shell()
+                .kms_key_id(key),
+        )
+    };
     let id = "1234abcd-12ab-34cd-56ef-1234567890ab";
-    let desired = compute_default(&format!(
-        "{{principals: {{users: [u]}}, targets: {{instanceIds: [i-0123abcd]}}, sessions: {{shell: true}}, logging: {{kmsKeyId: {id}}}}}"
-    ));
+    let desired = shell_with_key(id);
     assert_eq!(
         statement(&statements(&desired), "GenerateSessionDataKey")["Resource"],
         format!("arn:aws:kms:*:*:key/{id}")
     );
     let arn = format!("arn:aws:kms:us-east-1:123456789012:key/{id}");
-    let desired = compute_default(&format!(
-        "{{principals: {{users: [u]}}, targets: {{instanceIds: [i-0123abcd]}}, sessions: {{shell: true}}, logging: {{kmsKeyId: '{arn}'}}}}"
-    ));
+    let desired = shell_with_key(&arn);
     assert_eq!(
         statement(&statements(&desired), "GenerateSessionDataKey")["Resource"],
         arn
@@ -162,7 +187,10 @@ fn kms_key_ids_and_arns_are_resources() {
 #[test]
 fn port_documents_pin_their_port() {
     let desired = compute_default(
-        "{principals: {users: [u]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ports: [5432, 6379]}}",
+        grant()
+            .users(["u"])
+            .instance_ids(["i-0123abcd"])
+            .ports([5432, 6379]),
     );
     let ports: Vec<&Value> = desired
         .documents
@@ -181,7 +209,11 @@ fn port_documents_pin_their_port() {
 #[test]
 fn deny_on_instances_denies_every_session_to_them() {
     let desired = compute_default(
-        "{effect: Deny, principals: {groups: [g]}, targets: {instanceIds: [i-0123abcd], tags: {Env: prod}}}",
+        grant()
+            .deny()
+            .groups(["g"])
+            .instance_ids(["i-0123abcd"])
+            .tag("Env", "prod"),
     );
     let all = statements(&desired);
     assert!(all.iter().all(|s| s["Effect"] == "Deny"));
@@ -198,9 +230,7 @@ fn deny_on_instances_denies_every_session_to_them() {
 
 #[test]
 fn deny_shell_everywhere_denies_the_account_and_every_grants_shell_document() {
-    let desired = compute_default(
-        "{effect: Deny, principals: {users: [u]}, targets: {allInstances: true}, sessions: {shell: true, ssh: true}}",
-    );
+    let desired = compute_default(grant().deny().users(["u"]).all_instances().shell().ssh());
     let all = statements(&desired);
     let denied = &statement(&all, "DenyStartSessionWithDocuments")["Resource"];
     assert_eq!(
@@ -213,8 +243,7 @@ fn deny_shell_everywhere_denies_the_account_and_every_grants_shell_document() {
     );
     // Every grant's shell document matches the pattern, a shortened name too.
     let pattern = denied[2].as_str().unwrap();
-    let shell_grant =
-        grant("{principals: {users: [u]}, targets: {allInstances: true}, sessions: {shell: true}}");
+    let shell_grant = grant().users(["u"]).all_instances().shell().build();
     let mut names: Vec<String> = session_documents(&shell_grant, "default")
         .into_iter()
         .map(|d| d.name)
@@ -247,7 +276,10 @@ fn iam_matches(pattern: &str, text: &str) -> bool {
 #[test]
 fn bridge_only_grants_have_no_principal_policy() {
     let desired = compute_default(
-        "{targets: {instanceIds: [i-0123abcd]}, sessions: {ports: [8080]}, bridge: {ports: [8080]}}",
+        grant()
+            .instance_ids(["i-0123abcd"])
+            .ports([8080])
+            .bridge_ports([8080]),
     );
     assert!(desired.statements.is_empty());
     let bridge = desired.bridge.expect("bridge");
@@ -275,18 +307,19 @@ fn bridge_needs_a_role() {
         bridge_role: None,
         ..Settings::default()
     };
-    let err = compute(
-        &grant("{targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}, bridge: {}}"),
-        &settings,
-    )
-    .unwrap_err();
+    let bridged = grant().instance_ids(["i-0123abcd"]).ssh().bridge();
+    let err = compute(&bridged.build(), &settings).unwrap_err();
     assert!(matches!(err, Error::NoBridgeRole), "{err}");
 }
 
 #[test]
 fn a_disabled_bridge_opens_nothing() {
     let desired = compute_default(
-        "{principals: {users: [u]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}, bridge: {enabled: false}}",
+        grant()
+            .users(["u"])
+            .instance_ids(["i-0123abcd"])
+            .ssh()
+            .bridge_disabled(),
     );
     assert!(desired.bridge.is_none());
 }
@@ -308,7 +341,12 @@ fn statements_that_alone_need_more_than_twenty_policies_are_refused() {
 #[test]
 fn each_principal_and_the_bridge_role_get_the_grants_statements() {
     let desired = compute_default(
-        "{principals: {users: [alice], roles: [ci]}, targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}, bridge: {ports: [22]}}",
+        grant()
+            .users(["alice"])
+            .roles(["ci"])
+            .instance_ids(["i-0123abcd"])
+            .ssh()
+            .bridge_ports([22]),
     );
     let contributions = desired.contributions();
     let keys: Vec<String> = contributions.keys().map(ToString::to_string).collect();
@@ -323,24 +361,35 @@ fn each_principal_and_the_bridge_role_get_the_grants_statements() {
 
 #[test]
 fn rendering_is_deterministic() {
-    let spec = "{principals: {users: [u], groups: [g]}, targets: {tags: {B: b, A: a}}, sessions: {ssh: true, shell: true, ports: [1, 2]}}";
-    let a = serde_json::to_string(&compute_default(spec)).unwrap();
-    let b = serde_json::to_string(&compute_default(spec)).unwrap();
+    let spec = || {
+        grant()
+            .users(["u"])
+            .groups(["g"])
+            .tag("B", "b")
+            .tag("A", "a")
+            .ssh()
+            .shell()
+            .ports([1, 2])
+    };
+    let a = serde_json::to_string(&compute_default(spec())).unwrap();
+    let b = serde_json::to_string(&compute_default(spec())).unwrap();
     assert_eq!(a, b);
     let document = PolicyDocument {
-        statements: compute_default(spec).statements,
+        statements: compute_default(spec()).statements,
     };
     assert!(canonical(&document.to_json()).is_ok());
 }
 
 #[test]
 fn a_client_pod_selector_without_a_namespace_means_the_grants_namespace() {
-    let desired = compute_default(
-        "{targets: {instanceIds: [i-0123abcd]}, sessions: {ssh: true}, bridge: {clients: [\
-         {podSelector: {matchLabels: {app: ansible}}}, \
-         {podSelector: {matchLabels: {app: ci}}, namespaceSelector: {matchLabels: {team: ci}}}, \
-         {namespaceSelector: {matchLabels: {team: ops}}}]}}",
-    );
+    let desired = compute_default(grant().instance_ids(["i-0123abcd"]).ssh().spec_json(
+        json!({"bridge": {"clients": [
+            {"podSelector": {"matchLabels": {"app": "ansible"}}},
+            {"podSelector": {"matchLabels": {"app": "ci"}},
+             "namespaceSelector": {"matchLabels": {"team": "ci"}}},
+            {"namespaceSelector": {"matchLabels": {"team": "ops"}}},
+        ]}}),
+    ));
     let clients = serde_json::to_value(desired.bridge.expect("bridge").clients).unwrap();
     assert_eq!(
         clients,
