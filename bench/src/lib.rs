@@ -20,12 +20,14 @@
 //! Subcommands: `run [--quick] [--out FILE] [--only PARTS]` (the benchmarks), and the roles it starts as child
 //! processes: `relay LISTEN TO` and `serve-listeners ...`.
 
+pub mod figures;
 pub mod floor;
 pub mod memory;
 pub mod operator;
 pub mod parallel;
 pub mod report;
 pub mod roles;
+pub mod run;
 pub mod scenarios;
 pub mod shell_paste;
 pub mod slow_reader;
@@ -47,7 +49,7 @@ pub fn main_with_args(args: Vec<String>) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match args.first().map(String::as_str) {
-            Some("run") => scenarios::run(&args[1..]).await,
+            Some("run") => run::run(&args[1..]).await,
             Some("relay") => roles::relay_main(&args[1..]).await,
             Some("serve-listeners") => roles::serve_listeners_main(&args[1..]).await,
             _ => Err(anyhow::anyhow!(

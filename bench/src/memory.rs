@@ -21,8 +21,9 @@ use tokio::{
 };
 
 use crate::{
+    figures::ClientKind,
     roles::{DOWNLOAD, Target},
-    scenarios::{Client, ClientKind, Options, open},
+    scenarios::{Client, Options, open},
     support::{Emulator, Mode, Workspace, http_get, rss_kib},
 };
 use fleet_access_agent_bridge::budget::SESSION_FLOOR;

@@ -19,9 +19,10 @@ use tokio::{
 };
 
 use crate::{
-    report::{RateRow, median_rate, rates_against_plugin},
+    figures::ClientKind,
+    figures::{RateRow, median_rate, rates_against_plugin},
     roles::{CHUNK, DOWNLOAD, Target},
-    scenarios::{Client, ClientKind, Options, open},
+    scenarios::{Client, Options, open},
     support::{Emulator, Mode, Workspace},
 };
 

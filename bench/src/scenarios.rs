@@ -1,6 +1,6 @@
-//! The benchmarks of the bridge: throughput per session, session setup, scale. Each starts its
-//! own emulator and clients, measures side by side (runs interleaved across clients), and stops
-//! them. `run` also runs the operator benchmark (`crate::operator`) and writes the report.
+//! The benchmarks' options and clients, and the bridge's own parts: throughput per session,
+//! session setup, scale. Each starts its own emulator and clients, measures side by side (runs
+//! interleaved across clients), and stops them.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -21,8 +21,8 @@ use tokio::{
 };
 
 use crate::{
+    figures::{CALM_STEAL, ClientKind, Direction, Scale, Setup, SetupRow, Throughput},
     floor,
-    report::{Report, Scale, Setup, SetupRow, Throughput},
     roles::{BANNER, CHUNK, DOWNLOAD, Target, UPLOAD},
     support::{
         CpuTicks, Emulator, Mode, Spread, Workspace, command, cpu_seconds, drain, http_get,
@@ -158,142 +158,12 @@ impl Options {
         Ok(options)
     }
 
-    fn wants(&self, part: &str) -> bool {
+    pub(crate) fn wants(&self, part: &str) -> bool {
         self.parts.iter().any(|p| p == part)
     }
 }
 
-/// `run`: every benchmark, then BENCHMARKS.md.
-pub async fn run(args: &[String]) -> anyhow::Result<()> {
-    let options = Options::parse(args)?;
-    let ws = Workspace::discover()?;
-    eprintln!("bench: logs in {}", ws.scratch.display());
-    let mut report = Report::new(&ws, &options, args);
-    let target = Target::start().await?;
-    if options.wants("throughput") {
-        for &mode in &options.modes {
-            match throughput(&ws, &options, &target, mode).await {
-                Ok((figures, profiles)) => {
-                    report.throughput.extend(figures);
-                    report.profiles.extend(profiles);
-                }
-                Err(error) => report
-                    .missing
-                    .push(format!("throughput ({}): {error:#}", mode.name())),
-            }
-        }
-    }
-    if options.wants("slow-reader") {
-        match crate::slow_reader::run(&ws, &options, &target).await {
-            Ok(part) => report.slow_reader = Some(part),
-            Err(error) => report.missing.push(format!("slow reader: {error:#}")),
-        }
-    }
-    if options.wants("parallel") {
-        match crate::parallel::run(&ws, &options, &target).await {
-            Ok(part) => report.parallel = Some(part),
-            Err(error) => report
-                .missing
-                .push(format!("parallel downloads: {error:#}")),
-        }
-    }
-    if options.wants("setup") {
-        match setup(&ws, &options, &target).await {
-            Ok(setup) => report.setup = Some(setup),
-            Err(error) => report.missing.push(format!("setup: {error:#}")),
-        }
-    }
-    if options.wants("shell-paste") {
-        match crate::shell_paste::run(&ws, &options).await {
-            Ok(part) => report.shell_paste = Some(part),
-            Err(error) => report.missing.push(format!("shell paste: {error:#}")),
-        }
-    }
-    if options.wants("scale") {
-        match scale(&ws, &options, &target).await {
-            Ok(scale) => report.scale = Some(scale),
-            Err(error) => report.missing.push(format!("scale: {error:#}")),
-        }
-    }
-    if options.wants("memory") {
-        match crate::memory::run(&ws, &options, &target).await {
-            Ok(part) => report.memory = Some(part),
-            Err(error) => report.missing.push(format!("memory: {error:#}")),
-        }
-    }
-    if options.wants("operator") {
-        match crate::operator::run(&ws, &options).await {
-            Ok(operator) => report.operator = Some(operator),
-            Err(error) => report.missing.push(format!("operator: {error:#}")),
-        }
-    }
-    let text = report.render();
-    std::fs::write(&options.out, &text)
-        .with_context(|| format!("writing {}", options.out.display()))?;
-    println!("{text}");
-    eprintln!("bench: wrote {}", options.out.display());
-    Ok(())
-}
-
 // === impl Client ===
-
-/// The clients compared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientKind {
-    /// `agent-bridge forward` as shipped: a smux stream per connection, over a pool of
-    /// sessions for parallel connections.
-    Forward,
-    /// `agent-bridge forward --max-sessions 1`: every connection a smux stream of one session.
-    ForwardOneSession,
-    /// The serve path: one basic (AWS-StartSSHSession) session per connection, within the
-    /// memory budget `agent-bridge serve` ships with.
-    Serve,
-    /// The serve path without a memory budget (each session bounded on its own only).
-    ServeWithoutBudget,
-    /// The official session-manager-plugin, port forwarding, as the AWS CLI starts it.
-    Plugin,
-    /// Two chained raw TCP relays (stand-ins for the bridge and the emulator): the upper limit.
-    RawRelay,
-    /// The same two relays, each computing the SHA-256 of every chunk it carries: what the
-    /// protocol's digests alone (each end hashes every message) leave of the relay.
-    DigestingRelay,
-    /// The two relays with only the far one (the emulator's stand-in) hashing: the ceiling of a
-    /// client whose own digests cost nothing.
-    FarDigestingRelay,
-    /// One relay that reads what comes back as the emulated agent reads its target in
-    /// realistic mode: the agent's own download ceiling on this machine, measured.
-    AgentReadLoop,
-}
-
-impl ClientKind {
-    /// Whether it carries bytes that way (the agent's read loop bounds downloads only).
-    pub fn measures(self, direction: Direction) -> bool {
-        self != ClientKind::AgentReadLoop || direction == Direction::Download
-    }
-
-    /// The short name of a profile's files.
-    fn profile_label(self) -> &'static str {
-        match self {
-            ClientKind::Serve | ClientKind::ServeWithoutBudget => "serve",
-            _ => "forward",
-        }
-    }
-
-    /// The name in the report.
-    pub fn name(self) -> &'static str {
-        match self {
-            ClientKind::Forward => "agent-bridge forward",
-            ClientKind::ForwardOneSession => "agent-bridge forward --max-sessions 1",
-            ClientKind::Serve => "agent-bridge serve path",
-            ClientKind::ServeWithoutBudget => "agent-bridge serve path without a memory budget",
-            ClientKind::Plugin => "session-manager-plugin",
-            ClientKind::RawRelay => "raw TCP relay x2",
-            ClientKind::DigestingRelay => "raw TCP relay x2, SHA-256 of every chunk",
-            ClientKind::FarDigestingRelay => "raw TCP relay x2, only the far one hashing",
-            ClientKind::AgentReadLoop => "emulated agent's read loop alone",
-        }
-    }
-}
 
 /// A started client: where to connect, and its processes (killed on drop).
 pub struct Client {
@@ -526,15 +396,6 @@ pub(crate) async fn open(addr: SocketAddr) -> anyhow::Result<TcpStream> {
 
 // === throughput ===
 
-/// Which way the bytes go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// Client to instance.
-    Upload,
-    /// Instance to client.
-    Download,
-}
-
 /// One upload or download run through `client`: bytes per second at the receiving end over the
 /// window after a warm-up.
 async fn transfer(
@@ -623,7 +484,7 @@ async fn quiesce(target: &Target) {
     }
 }
 
-async fn throughput(
+pub(crate) async fn throughput(
     ws: &Workspace,
     options: &Options,
     target: &Target,
@@ -792,13 +653,17 @@ const SETUP_GAP: Duration = Duration::from_millis(5);
 
 /// Runs of [`setup_run`], each with a fresh serve path (so its histograms hold that run only);
 /// every figure is the median of the runs'.
-async fn setup(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<Setup> {
+pub(crate) async fn setup(
+    ws: &Workspace,
+    options: &Options,
+    target: &Target,
+) -> anyhow::Result<Setup> {
     let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
     let (ticks_before, started) = (CpuTicks::now(), Instant::now());
     let mut runs: Vec<Setup> = Vec::with_capacity(options.runs);
     let calm = |runs: &[Setup]| {
         (runs.iter())
-            .filter(|r| r.steal.is_some_and(|s| s < crate::report::CALM_STEAL))
+            .filter(|r| r.steal.is_some_and(|s| s < CALM_STEAL))
             .count()
     };
     // Until `runs` runs are calm (the hypervisor took under 2 % away), bounded in runs and time.
@@ -987,7 +852,11 @@ fn histogram_row(metrics: &str, phase: &str) -> Option<SetupRow> {
 
 // === scale ===
 
-async fn scale(ws: &Workspace, options: &Options, target: &Target) -> anyhow::Result<Scale> {
+pub(crate) async fn scale(
+    ws: &Workspace,
+    options: &Options,
+    target: &Target,
+) -> anyhow::Result<Scale> {
     let emulator = Emulator::start(ws, Mode::Realistic, target.addr).await?;
     let serve = Client::start(ClientKind::Serve, ws, &emulator, target.addr, "scale").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -12,7 +12,7 @@ use fleet_access_tests::Terminal;
 use tokio::time::Instant;
 
 use crate::{
-    report::{RateRow, rates_against_plugin},
+    figures::{RateRow, rates_against_plugin},
     scenarios::Options,
     support::{Emulator, INSTANCE, Mode, REGION, Workspace},
 };

@@ -16,8 +16,9 @@ use tokio::{
 };
 
 use crate::{
+    figures::ClientKind,
     roles::{CHUNK, DOWNLOAD, Target},
-    scenarios::{Client, ClientKind, Options, open},
+    scenarios::{Client, Options, open},
     support::{Emulator, Mode, Workspace, rss_kib},
 };
 
