@@ -107,6 +107,39 @@ async fn run_in(terminal: &Terminal, command: &str, expected: &str) -> String {
         .unwrap_or_else(|screen| panic!("{expected:?} never appeared:\n{screen}"))
 }
 
+/// Waits (at most [`WAIT`]) until a process runs `argv` in the foreground of its terminal:
+/// its process group is the one its terminal delivers ^C to (`/proc/PID/stat`: pgrp = tpgid).
+/// The emulator's shells run on this machine, so the remote shell's jobs are visible here.
+async fn in_the_foreground(argv: &[&str]) -> bool {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    let foreground = |pid: &str| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // After "(comm)": state, ppid, pgrp, session, tty_nr, tpgid.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        fields.len() > 5 && fields[2] == fields[5]
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let running = (std::fs::read_dir("/proc").into_iter().flatten().flatten())
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+            .any(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted)
+                    && foreground(&pid)
+            });
+        if running {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_terminal_the_shell_follows_the_window_and_tilde_dot_leaves() {
     let emulator = emulator().await;
@@ -122,8 +155,14 @@ async fn in_a_terminal_the_shell_follows_the_window_and_tilde_dot_leaves() {
     assert!(resized.is_some(), "{:?}", emulator.session_reports());
     run_in(&terminal, "stty size", "40 120").await;
     // ^C reaches the remote shell as a key: it interrupts what runs there, not agent-bridge.
+    // It is pressed once the shell has handed its terminal to `sleep` (a ^C before that goes to
+    // the shell, and `sleep` would then run its ten minutes).
     terminal.type_text("sleep 600").expect("typed");
     terminal.press("Enter").expect("typed");
+    assert!(
+        in_the_foreground(&["sleep", "600"]).await,
+        "the remote shell never ran sleep in its terminal's foreground"
+    );
     terminal.press("C-c").expect("typed");
     run_in(&terminal, "echo still-$((3*3))", "still-9").await;
     // `~.` at the start of a line leaves.
