@@ -284,6 +284,23 @@ impl Served {
         }
     }
 
+    /// The audit records once `enough` holds of them (at most a minute): a record is written
+    /// when its connection has ended, which may come after what the test waited for.
+    async fn records_when(
+        &self,
+        enough: impl Fn(&[ConnectionRecord]) -> bool,
+    ) -> Vec<ConnectionRecord> {
+        let mut records = Vec::new();
+        for _ in 0..1200 {
+            records = self.audit.records();
+            if enough(&records) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        records
+    }
+
     fn port(&self, instance: &str) -> u16 {
         self.ports[instance]
     }
@@ -2038,20 +2055,13 @@ async fn every_connection_is_attributed_to_its_pod_and_recorded() {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(60), refused.read_to_end(&mut rest)).await;
 
-    let from_pod = |records: Vec<ConnectionRecord>| -> Vec<ConnectionRecord> {
-        records
-            .into_iter()
-            .filter(|r| r.client.address == address)
-            .collect()
-    };
-    let mut records = Vec::new();
-    for _ in 0..1200 {
-        records = from_pod(served.audit.records());
-        if records.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let from_pod = |r: &ConnectionRecord| r.client.address == address;
+    let mut records: Vec<ConnectionRecord> = (served
+        .records_when(|all| all.iter().filter(|r| from_pod(r)).count() == 2))
+    .await
+    .into_iter()
+    .filter(from_pod)
+    .collect();
     // Each written when its connection ended, in whatever order.
     records.sort_by_key(|r| r.port);
     let [carried, refused] = records.as_slice() else {
@@ -2107,8 +2117,10 @@ async fn every_connection_is_attributed_to_its_pod_and_recorded() {
         )
     );
     // The readiness probes of `Served` came from 127.0.0.1, which no pod has: carried, and said.
-    let probe = (served.audit.records().into_iter())
-        .find(|r| r.client.address == LOOPBACK && r.port == 7)
+    let is_probe = |r: &ConnectionRecord| r.client.address == LOOPBACK && r.port == 7;
+    let probe = (served.records_when(|all| all.iter().any(is_probe)).await)
+        .into_iter()
+        .find(is_probe)
         .expect("the probe's record");
     assert_eq!(probe.client.pod, None);
     let probe_session = (sessions.iter())
