@@ -125,7 +125,7 @@ fn a_session_survives_the_corpus() {
     let cases = corpus();
     for (name, frame, expected) in &cases {
         assert_eq!(
-            session.handle_ws_message(now, bytes::Bytes::copy_from_slice(frame)),
+            session.handle_ws_message(now, frame),
             Err(SessionError::Decode(expected.clone())),
             "case {name}"
         );
@@ -170,7 +170,7 @@ fn bit_flips_never_panic() {
             f[bit / 8] ^= 1 << (bit % 8);
             let _ = message::decode(&f);
             let mut session = Session::new(Config::default(), now, 1, 1);
-            let _ = session.handle_ws_message(now, bytes::Bytes::copy_from_slice(&f));
+            let _ = session.handle_ws_message(now, &f);
             while session.poll_transmit(now).is_some() {}
             while session.poll_event().is_some() {}
         }

@@ -317,9 +317,9 @@ where
     }
 
     fn on_ws_message(&mut self, now: Instant, message: Message) {
-        let result = match message {
+        let result = match &message {
             Message::Binary(b) => self.session.handle_ws_message(now.into_std(), b),
-            Message::Text(t) => self.session.handle_ws_message(now.into_std(), t.into()),
+            Message::Text(t) => self.session.handle_ws_message(now.into_std(), t.as_bytes()),
             _ => Ok(()),
         };
         if let Err(e) = result {

@@ -32,7 +32,7 @@ pub fn drive_session(data: &[u8], origin: Instant) -> Result<(), String> {
     let mut now = origin;
     let mut session = Session::new(Config::default(), now, 1_700_000_000_000, 1);
     for frame in data.split(|b| *b == 0xff) {
-        let _ = session.handle_ws_message(now, bytes::Bytes::copy_from_slice(frame));
+        let _ = session.handle_ws_message(now, frame);
         while let Some(out) = session.poll_transmit(now) {
             if let Err(error) = message::decode(&out.frame) {
                 return Err(format!(

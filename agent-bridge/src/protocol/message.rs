@@ -360,14 +360,8 @@ impl ClientMessage {
 /// only when HL is 116, treats PayloadLength as advisory, trims NULs then whitespace from
 /// MessageType, and (except for start/pause_publication) requires a non-zero CreatedDate.
 /// The digest is *not* judged here: see [`Decoded::digest_matches`], which the session applies
-/// per message type. The payload is a copy: [`decode_shared`] takes it without one.
+/// per message type.
 pub fn decode(frame: &[u8]) -> Result<Decoded, DecodeError> {
-    decode_shared(&Bytes::copy_from_slice(frame))
-}
-
-/// [`decode`] without copying the payload: it shares `frame`'s bytes (the WebSocket message's
-/// own buffer), so a message of output costs no copy between the socket and the local write.
-pub fn decode_shared(frame: &Bytes) -> Result<Decoded, DecodeError> {
     let header_length = read_u32(frame, HEADER_LENGTH_OFFSET).ok_or(DecodeError::Truncated {
         len: frame.len(),
         needed: HEADER_LENGTH_OFFSET + HEADER_LENGTH_LEN,
@@ -383,7 +377,7 @@ pub fn decode_shared(frame: &Bytes) -> Result<Decoded, DecodeError> {
             needed: payload_offset,
         });
     }
-    let header = &frame[..payload_offset];
+    let (header, payload) = frame.split_at(payload_offset);
 
     let raw_type = &header[MESSAGE_TYPE_OFFSET..MESSAGE_TYPE_OFFSET + MESSAGE_TYPE_LEN];
     let message_type = parse_message_type(raw_type)?;
@@ -412,7 +406,7 @@ pub fn decode_shared(frame: &Bytes) -> Result<Decoded, DecodeError> {
             flags: read_u64(header, FLAGS_OFFSET).unwrap_or_default(),
             message_id: Uuid::from_bytes(swap_uuid_halves(id)),
             payload_type,
-            payload: frame.slice(payload_offset..),
+            payload: Bytes::copy_from_slice(payload),
         },
         header_length,
         declared_payload_length: read_u32(header, header_length as usize).unwrap_or_default(),

@@ -9,7 +9,7 @@
 //!            WebSocket binary/text message            local TCP bytes / smux stream ops
 //!                        │                                        │
 //!                        ▼                                        ▼
-//!   handle_ws_message(now, Bytes)                 handle_local_data(now, &[u8]) -> accepted
+//!   handle_ws_message(now, &[u8])                 handle_local_data(now, &[u8]) -> accepted
 //!                        │                        open_stream / write_stream / close_stream
 //!                        ▼                                        │
 //!   ┌───────────────────────────── Session ─────────────────────────────────┐

@@ -194,15 +194,14 @@ impl Session {
 
     /// Feeds one WebSocket message (binary, or a text frame's bytes). A malformed frame or a
     /// digest mismatch returns an error and changes nothing else; the session carries on.
-    /// The payload it carries is not copied: what goes to a local connection shares `frame`.
-    pub fn handle_ws_message(&mut self, now: Instant, frame: Bytes) -> Result<(), SessionError> {
+    pub fn handle_ws_message(&mut self, now: Instant, frame: &[u8]) -> Result<(), SessionError> {
         if matches!(self.state, State::Closed) {
             return Ok(());
         }
-        let decoded = match message::decode_shared(&frame) {
+        let decoded = match message::decode(frame) {
             Ok(decoded) => decoded,
             Err(error) => {
-                if self.handle_text_control(now, &frame) {
+                if self.handle_text_control(now, frame) {
                     return Ok(());
                 }
                 self.stats.malformed_frames += 1;

@@ -150,7 +150,7 @@ impl Pair {
     }
 
     fn deliver(&mut self, frame: &[u8]) -> Result<(), SessionError> {
-        (self.session).handle_ws_message(self.now, Bytes::copy_from_slice(frame))
+        self.session.handle_ws_message(self.now, frame)
     }
 
     /// Drains everything the client wants to send, decoding it with our codec.

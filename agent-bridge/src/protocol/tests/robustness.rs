@@ -94,7 +94,7 @@ fn lossy_channel_delivers_exact_bytes_both_ways() {
                     let copies = if rng.chance(10) { 2 } else { 1 };
                     for _ in 0..copies {
                         agent_pending.push(m.clone());
-                        let _ = p.session.handle_ws_message(p.now, ack.clone());
+                        let _ = p.session.handle_ws_message(p.now, &ack);
                     }
                 }
                 MessageType::Acknowledge => {
@@ -123,9 +123,7 @@ fn lossy_channel_delivers_exact_bytes_both_ways() {
             }
             for f in batch {
                 if !rng.chance(25) {
-                    let _ = p
-                        .session
-                        .handle_ws_message(p.now, Bytes::copy_from_slice(&f));
+                    let _ = p.session.handle_ws_message(p.now, &f);
                 }
             }
         }
