@@ -406,6 +406,9 @@ pub fn decode(frame: &[u8]) -> Result<Decoded, DecodeError> {
             flags: read_u64(header, FLAGS_OFFSET).unwrap_or_default(),
             message_id: Uuid::from_bytes(swap_uuid_halves(id)),
             payload_type,
+            // Copied on purpose: a slice of the WebSocket message would keep its whole read
+            // buffer alive while the payload waits for a slow reader, memory the budget does not
+            // count (docs/benchmark-analysis.md, session 17).
             payload: Bytes::copy_from_slice(payload),
         },
         header_length,
