@@ -1,6 +1,6 @@
 //! The agent's driver: one task per session that owns everything the core leaves out — the
-//! inbox, the client connections' senders, the target tasks and their channels, the shell, the
-//! clock. It hands the core each input with the time, wakes it at its next deadline or when
+//! inbox, the sender of the client's current connection, the target tasks and their channels,
+//! the shell, the clock. It hands the core each input with the time, wakes it at its next deadline or when
 //! the targets drain, and performs the effects it asks for, in order.
 
 use std::collections::HashMap;
