@@ -212,7 +212,12 @@ async fn run(
 ) -> Result<Vec<u8>, String> {
     let start_error = |e: pty_process::Error| format!("Unable to start command: {e}\n");
     let (pty, pts) = pty_process::open().map_err(start_error)?;
-    let mut command = pty_process::Command::new("sh")
+    // The agent's shell starts with every signal at its default, as the agent (a service) has
+    // them; the emulator may run where SIGINT is ignored (a command started in the background
+    // by a non-interactive shell), and an ignored signal is inherited: ^C would then reach no
+    // one. `env --default-signal` resets them without unsafe code.
+    let mut command = pty_process::Command::new("env")
+        .args(["--default-signal", "sh"])
         .env("TERM", "xterm-256color")
         .env("HOME", format!("/home/{}", plan.user))
         .kill_on_drop(true);
