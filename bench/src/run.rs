@@ -31,48 +31,32 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
         }
     }
     if options.wants("slow-reader") {
-        match crate::slow_reader::run(&ws, &options, &target).await {
-            Ok(part) => report.slow_reader = Some(part),
-            Err(error) => report.missing.push(format!("slow reader: {error:#}")),
-        }
+        let part = crate::slow_reader::run(&ws, &options, &target).await;
+        report.slow_reader = kept(part, &mut report.missing, "slow reader");
     }
     if options.wants("parallel") {
-        match crate::parallel::run(&ws, &options, &target).await {
-            Ok(part) => report.parallel = Some(part),
-            Err(error) => report
-                .missing
-                .push(format!("parallel downloads: {error:#}")),
-        }
+        let part = crate::parallel::run(&ws, &options, &target).await;
+        report.parallel = kept(part, &mut report.missing, "parallel downloads");
     }
     if options.wants("setup") {
-        match setup(&ws, &options, &target).await {
-            Ok(setup) => report.setup = Some(setup),
-            Err(error) => report.missing.push(format!("setup: {error:#}")),
-        }
+        let part = setup(&ws, &options, &target).await;
+        report.setup = kept(part, &mut report.missing, "setup");
     }
     if options.wants("shell-paste") {
-        match crate::shell_paste::run(&ws, &options).await {
-            Ok(part) => report.shell_paste = Some(part),
-            Err(error) => report.missing.push(format!("shell paste: {error:#}")),
-        }
+        let part = crate::shell_paste::run(&ws, &options).await;
+        report.shell_paste = kept(part, &mut report.missing, "shell paste");
     }
     if options.wants("scale") {
-        match scale(&ws, &options, &target).await {
-            Ok(scale) => report.scale = Some(scale),
-            Err(error) => report.missing.push(format!("scale: {error:#}")),
-        }
+        let part = scale(&ws, &options, &target).await;
+        report.scale = kept(part, &mut report.missing, "scale");
     }
     if options.wants("memory") {
-        match crate::memory::run(&ws, &options, &target).await {
-            Ok(part) => report.memory = Some(part),
-            Err(error) => report.missing.push(format!("memory: {error:#}")),
-        }
+        let part = crate::memory::run(&ws, &options, &target).await;
+        report.memory = kept(part, &mut report.missing, "memory");
     }
     if options.wants("operator") {
-        match crate::operator::run(&ws, &options).await {
-            Ok(operator) => report.operator = Some(operator),
-            Err(error) => report.missing.push(format!("operator: {error:#}")),
-        }
+        let part = crate::operator::run(&ws, &options).await;
+        report.operator = kept(part, &mut report.missing, "operator");
     }
     let text = report.render();
     std::fs::write(&options.out, &text)
@@ -80,4 +64,10 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
     println!("{text}");
     eprintln!("bench: wrote {}", options.out.display());
     Ok(())
+}
+
+/// A part's figures; a part that failed is listed in `missing` as `what: why` instead.
+fn kept<T>(part: anyhow::Result<T>, missing: &mut Vec<String>, what: &str) -> Option<T> {
+    part.map_err(|error| missing.push(format!("{what}: {error:#}")))
+        .ok()
 }
