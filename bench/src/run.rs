@@ -14,7 +14,7 @@ use crate::{
 pub async fn run(args: &[String]) -> anyhow::Result<()> {
     let options = Options::parse(args)?;
     let ws = Workspace::discover()?;
-    eprintln!("bench: logs in {}", ws.scratch.display());
+    eprintln!("bench: logs in {} (removed if every part runs)", ws.scratch.display());
     let mut report = Report::new(&ws, &options, args);
     let target = Target::start().await?;
     if options.wants("throughput") {
@@ -63,6 +63,11 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", options.out.display()))?;
     println!("{text}");
     eprintln!("bench: wrote {}", options.out.display());
+    if report.missing.is_empty() {
+        let _ = std::fs::remove_dir_all(&ws.scratch);
+    } else {
+        eprintln!("bench: a part failed; its logs stay in {}", ws.scratch.display());
+    }
     Ok(())
 }
 

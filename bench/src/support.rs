@@ -107,6 +107,8 @@ pub fn command(program: &Path, ws: &Workspace, log_name: &str) -> anyhow::Result
         )
         .env("SSM_PLUGIN_SKIP_CLIENT_CONFIGURE", "true")
         .env("HOME", &ws.scratch)
+        // The plugin's mux socket goes to the temporary directory; a killed plugin leaves it.
+        .env("TMPDIR", &ws.scratch)
         // The harness's own RUST_LOG, when set, reaches the children (to study a failed run).
         .env(
             "RUST_LOG",

@@ -18,7 +18,7 @@ use std::{
 use fleet_access_crds::{SessionAccess, fixtures::GrantFixture};
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
-    ControlPlane, ExposedSample, Moto, OperatorCommandLine, TestNamespace,
+    ControlPlane, ExposedSample, Moto, OperatorCommandLine, Scratch, TestNamespace,
     addresses::wait_for_reported_address, exposition, http_get,
 };
 use k8s_openapi::{
@@ -49,6 +49,8 @@ struct Setup {
     emulator: Running,
     iam: aws_sdk_iam::Client,
     grants: Api<SessionAccess>,
+    /// The replicas' logs: removed with the setup, kept (and named) when a test fails.
+    logs: Scratch,
 }
 
 impl Setup {
@@ -76,6 +78,7 @@ impl Setup {
             namespace,
             emulator,
             iam: aws_sdk_iam::Client::new(&moto.sdk_config()),
+            logs: Scratch::new("fleet-access-operator-logs-"),
         }
     }
 
@@ -119,7 +122,7 @@ impl Setup {
     }
 
     fn log_path(&self, replica: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("{}-{replica}.log", self.ns()))
+        self.logs.path().join(format!("{}-{replica}.log", self.ns()))
     }
 
     async fn user(&self, name: &str) {
@@ -271,7 +274,6 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     let user = format!("leader-{}", s.ns());
     s.user(&user).await;
     let leases: Api<Lease> = s.namespace.api();
-    println!("logs: {}", s.log_path("a").display());
 
     let mut a = s.operator("a", RESYNC_SECONDS).await;
     wait_for("a leads", || async {

@@ -395,7 +395,8 @@ async fn moto_serves_other_operations_and_custom_port_documents() {
 /// API in plain HTTP; a certificate it cannot read is named at start.
 #[tokio::test]
 async fn a_tls_gateway_serves_only_wss() {
-    let dir = tempfile_dir();
+    let scratch = tempfile_dir();
+    let dir = scratch.path();
     let tls = fleet_access_tests::certificates::LoopbackTls::generate("gateway").expect("certs");
     let (certificate, private_key) = (dir.join("gateway.pem"), dir.join("gateway-key.pem"));
     std::fs::write(&certificate, &tls.cert_pem).expect("write");
@@ -439,5 +440,4 @@ async fn a_tls_gateway_serves_only_wss() {
         (1, 0),
         "{stats:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,9 +9,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[tokio::test]
 async fn binary_serves_the_configured_fleet() {
-    let dir = std::env::temp_dir().join(format!("ssm-emulator-bin-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("emulator.yaml");
+    let scratch = tempfile_dir();
+    let config = scratch.path().join("emulator.yaml");
     std::fs::write(
         &config,
         "mode: fast\ninstances:\n  - id: i-0123456789abcdef0\n    tags: { Name: from-file }\n",
@@ -45,7 +44,6 @@ async fn binary_serves_the_configured_fleet() {
         .collect();
     assert_eq!(ids, vec!["i-0123456789abcdef0"]);
     let _ = child.kill().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

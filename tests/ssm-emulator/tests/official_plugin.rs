@@ -50,7 +50,9 @@ fn plugin_env(cmd: &mut tokio::process::Command, home: &Path) {
         .env("AWS_SECRET_ACCESS_KEY", "secret")
         .env("AWS_REGION", REGION)
         .env("SSM_PLUGIN_SKIP_CLIENT_CONFIGURE", "true")
-        .env("HOME", home);
+        .env("HOME", home)
+        // The plugin's mux socket goes to the temporary directory; a killed plugin leaves it.
+        .env("TMPDIR", home);
 }
 
 async fn start(
@@ -141,7 +143,8 @@ async fn assert_clean(
 async fn ssh_through_the_official_plugin() {
     let plugin = plugin();
     let sshd = fleet_access_tests::Sshd::start().await.expect("sshd");
-    let dir = tempfile_dir();
+    let scratch = tempfile_dir();
+    let dir = scratch.path();
     let tls = LoopbackTls::generate("ssm-emulator gateway").expect("certificates");
     let write = |name: &str, pem: &str| {
         let path = dir.join(name);
@@ -250,7 +253,6 @@ async fn ssh_through_the_official_plugin() {
         u64::from(report.connections),
         running.stats().tls_connections
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The plugin forwarding a local port to an echo target through its own emulator, listening.
@@ -259,7 +261,7 @@ struct Forwarding {
     started: Started,
     child: Child,
     local_port: u16,
-    dir: PathBuf,
+    scratch: fleet_access_tests::Scratch,
     stdout: Lines<BufReader<ChildStdout>>,
 }
 
@@ -309,14 +311,15 @@ async fn start_forwarding(
             serde_json::json!({"portNumber": ["8080"], "localPortNumber": [local_port.to_string()]}),
         )
         .await;
-        let dir = tempfile_dir();
+        let scratch = tempfile_dir();
+        let dir = scratch.path();
         let mut cmd = tokio::process::Command::new(plugin);
         cmd.args(cli_args(&response, &request, &running.endpoint_url()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("plugin.stderr")).expect("stderr file"))
             .kill_on_drop(true);
-        plugin_env(&mut cmd, &dir);
+        plugin_env(&mut cmd, dir);
         let mut child = cmd.spawn().expect("plugin starts");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
         let mut output = String::new();
@@ -338,14 +341,13 @@ async fn start_forwarding(
                 started,
                 child,
                 local_port,
-                dir,
+                scratch,
                 stdout,
             };
         }
         let _ = child.wait().await;
         output.push_str(&std::fs::read_to_string(dir.join("plugin.stderr")).unwrap_or_default());
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(
+            assert!(
             output.contains("address already in use") && attempt < PORT_ATTEMPTS,
             "{mode:?}: the plugin exited before listening (attempt {attempt}):\n{output}"
         );
@@ -367,10 +369,10 @@ async fn port_forwarding_through_the_official_plugin() {
             started,
             mut child,
             local_port,
-            dir,
+            scratch,
             mut stdout,
         } = start_forwarding(&plugin, mode, plugin_keepalive, echo_server().await).await;
-        let stdout_log = dir.join("plugin.stdout");
+        let stdout_log = scratch.path().join("plugin.stdout");
         tokio::spawn(async move {
             let mut text = String::new();
             while let Ok(Some(line)) = stdout.next_line().await {
@@ -398,7 +400,7 @@ async fn port_forwarding_through_the_official_plugin() {
                 r.is_ok(),
                 "{mode:?}: {r:?}\n{:?}\nplugin output in {}",
                 running.session_report(&started.session_id),
-                dir.display()
+                scratch.path().display()
             );
         }
         // A second wave after the first closed: streams are reopened per connection.
@@ -436,8 +438,7 @@ async fn port_forwarding_through_the_official_plugin() {
             ),
             "{mode:?}: {report:?}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+        }
 }
 
 /// The agent stops reading the data channel (acks included) while a target does not take what
@@ -479,14 +480,13 @@ async fn the_official_plugin_waits_out_an_agent_stalled_by_its_target() {
         "{} of {} bytes; plugin output in {}",
         delivered.len(),
         upload.len(),
-        forwarding.dir.display()
+        forwarding.scratch.path().display()
     );
     drop(writer.await.expect("the writer ends"));
     wait_until_quiet(running, &session_id, 1).await;
     interrupt(&mut forwarding.child).await;
     let report = assert_clean(&forwarding.running, &session_id).await;
     assert!(report.receive_stalls >= 1, "{report:?}");
-    let _ = std::fs::remove_dir_all(&forwarding.dir);
 }
 
 /// A shell session (the account's default document) through the official plugin in a real
@@ -504,7 +504,8 @@ async fn a_shell_through_the_official_plugin() {
     let ssm = ssm_client(&running.endpoint_url());
     let (started, response, request) =
         start(&ssm, "SSM-SessionManagerRunShell", serde_json::json!({})).await;
-    let home = tempfile_dir();
+    let scratch = tempfile_dir();
+    let home = scratch.path();
     let argv = fleet_access_tests::plugin_command_line(
         &plugin,
         &response,
@@ -561,5 +562,4 @@ async fn a_shell_through_the_official_plugin() {
         Some(&(100, 30)),
         "{report:?}"
     );
-    let _ = std::fs::remove_dir_all(&home);
 }

@@ -49,11 +49,9 @@ pub fn ssm_client(endpoint: &str) -> aws_sdk_ssm::Client {
     aws_sdk_ssm::Client::from_conf(config)
 }
 
-/// A fresh directory under the system's temporary directory (the caller removes it).
-pub fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("ssm-emulator-test-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// A fresh directory under the system's temporary directory, removed when the test passes.
+pub fn tempfile_dir() -> fleet_access_tests::Scratch {
+    fleet_access_tests::Scratch::new("ssm-emulator-test-")
 }
 
 /// Deterministic test bytes.
