@@ -84,6 +84,10 @@ pub struct Throughput {
     pub client: ClientKind,
     /// Bytes per second at the receiving end.
     pub bytes_per_second: Spread,
+    /// CPU seconds the client's process spent per 10^9 bytes.
+    pub near_cpu_per_gb: Spread,
+    /// CPU seconds the far end (emulator or far relay) spent per 10^9 bytes.
+    pub far_cpu_per_gb: Spread,
     /// The last error, when a run failed.
     pub error: Option<String>,
 }

@@ -241,6 +241,51 @@ impl Report {
             },
             mb(AGENT_REALISTIC_BYTES_PER_SECOND)
         );
+        self.render_cpu_per_byte(out);
+    }
+
+    /// CPU per byte carried in fast mode, near and far end: what the machine's two CPUs pay for
+    /// each client, read without the hypervisor's steal that moves the rates between runs.
+    fn render_cpu_per_byte(&self, out: &mut String) {
+        let rows: Vec<&Throughput> = self
+            .throughput
+            .iter()
+            .filter(|t| t.mode == Mode::Fast && t.near_cpu_per_gb.runs > 0)
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "CPU per byte carried, fast mode, in the same runs (CPU seconds per 10^9 bytes, medians; from \
+             `/proc/PID/stat` over each window). Near: the client's process (the bridge, the plugin, the near relay); \
+             far: the emulator, or the far relay. On a machine whose CPUs are all busy, the rate follows the sum \
+             of both ends (and the harness's share, equal for every client). \"Of digesting relay\" is the digesting \
+             relay's figure divided by this one: 1.00 costs the same, below costs more.\n\n\
+             | Direction | Client | Near | Far | Near + far | Near, of digesting relay | Near + far, of digesting relay |\n\
+             |---|---|---:|---:|---:|---:|---:|"
+        );
+        for t in rows {
+            let (near, far) = (t.near_cpu_per_gb.median, t.far_cpu_per_gb.median);
+            let reference = self.find(Mode::Fast, t.direction, ClientKind::DigestingRelay);
+            let of_reference = |ours: f64, theirs: Option<f64>| match theirs {
+                Some(theirs) if ours > 0.0 && theirs.is_finite() => format!("{:.2}", theirs / ours),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "| {:?} | {} | {near:.2} | {far:.2} | {:.2} | {} | {} |",
+                t.direction,
+                t.client.name(),
+                near + far,
+                of_reference(near, reference.map(|r| r.near_cpu_per_gb.median)),
+                of_reference(
+                    near + far,
+                    reference.map(|r| r.near_cpu_per_gb.median + r.far_cpu_per_gb.median)
+                ),
+            );
+        }
+        let _ = writeln!(out);
     }
 
     /// What the emulated agent allows in a realistic download: its read loop measured alone in
@@ -842,6 +887,8 @@ mod tests {
                 max: median,
                 runs: 3,
             },
+            near_cpu_per_gb: Spread::default(),
+            far_cpu_per_gb: Spread::default(),
             error: None,
         }
     }
@@ -897,6 +944,38 @@ mod tests {
             verdict(vec![ours.clone(), relay, digesting(480e6)]),
             "≥ 0.5 of relay: met; ≥ 0.9 of digesting relay: met"
         );
+    }
+
+    #[test]
+    fn cpu_per_byte_is_set_against_the_digesting_relay_end_by_end() {
+        let (fast, down) = (Mode::Fast, Direction::Download);
+        let with_cpu = |client, near: f64, far: f64| Throughput {
+            near_cpu_per_gb: Spread::of(&[near]),
+            far_cpu_per_gb: Spread::of(&[far]),
+            ..figure(fast, down, client, 500e6)
+        };
+        let mut out = String::new();
+        report(vec![
+            with_cpu(ClientKind::Serve, 2.0, 1.5),
+            with_cpu(ClientKind::DigestingRelay, 1.0, 1.0),
+            figure(Mode::Realistic, down, ClientKind::Serve, 1e6),
+        ])
+        .render_cpu_per_byte(&mut out);
+        let rows: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("| Download"))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                "| Download | agent-bridge serve path | 2.00 | 1.50 | 3.50 | 0.50 | 0.57 |",
+                "| Download | raw TCP relay x2, SHA-256 of every chunk | 1.00 | 1.00 | 2.00 | 1.00 | 1.00 |",
+            ],
+            "{out}"
+        );
+        let mut none = String::new();
+        report(vec![figure(fast, down, ClientKind::Serve, 1e6)]).render_cpu_per_byte(&mut none);
+        assert_eq!(none, "", "no CPU figures, no table");
     }
 
     /// One run's figures: the bridge's total p99 and the floor's, with its steal.

@@ -14,7 +14,10 @@ use crate::{
 pub async fn run(args: &[String]) -> anyhow::Result<()> {
     let options = Options::parse(args)?;
     let ws = Workspace::discover()?;
-    eprintln!("bench: logs in {} (removed if every part runs)", ws.scratch.display());
+    eprintln!(
+        "bench: logs in {} (removed if every part runs)",
+        ws.scratch.display()
+    );
     let mut report = Report::new(&ws, &options, args);
     let target = Target::start().await?;
     if options.wants("throughput") {
@@ -66,7 +69,10 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
     if report.missing.is_empty() {
         let _ = std::fs::remove_dir_all(&ws.scratch);
     } else {
-        eprintln!("bench: a part failed; its logs stay in {}", ws.scratch.display());
+        eprintln!(
+            "bench: a part failed; its logs stay in {}",
+            ws.scratch.display()
+        );
     }
     Ok(())
 }

@@ -173,6 +173,8 @@ pub struct Client {
     pub addr: SocketAddr,
     /// The process doing the work (for RSS and CPU).
     pub pid: u32,
+    /// The far end's process: the emulator, or the relay standing in for it.
+    pub far_pid: Option<u32>,
     /// The serve path's admin address (/metrics).
     pub admin: Option<SocketAddr>,
     children: Vec<Child>,
@@ -226,6 +228,7 @@ impl Client {
                     kind,
                     addr: loopback(port),
                     pid,
+                    far_pid: emulator.child.id(),
                     admin: None,
                     children: vec![child],
                 })
@@ -257,6 +260,7 @@ impl Client {
                     kind,
                     addr: loopback(field("listen=")?),
                     pid,
+                    far_pid: emulator.child.id(),
                     admin: Some(loopback(field("admin=")?)),
                     children: vec![child],
                 })
@@ -298,6 +302,7 @@ impl Client {
                     kind,
                     addr: loopback(port),
                     pid,
+                    far_pid: emulator.child.id(),
                     admin: None,
                     children: vec![child],
                 })
@@ -318,6 +323,7 @@ impl Client {
                     kind,
                     addr: loopback(near_port),
                     pid,
+                    far_pid: far.id(),
                     admin: None,
                     children: vec![near, far],
                 })
@@ -329,6 +335,7 @@ impl Client {
                     kind,
                     addr: loopback(port),
                     pid,
+                    far_pid: None,
                     admin: None,
                     children: vec![relay],
                 })
@@ -396,14 +403,25 @@ pub(crate) async fn open(addr: SocketAddr) -> anyhow::Result<TcpStream> {
 
 // === throughput ===
 
+/// What one run carried over its window.
+struct Carried {
+    /// Bytes per second at the receiving end.
+    rate: f64,
+    /// CPU seconds the client's process spent per 10^9 bytes carried.
+    near_cpu_per_gb: f64,
+    /// The same for the far end (the emulator, or the relay standing in for it).
+    far_cpu_per_gb: f64,
+}
+
 /// One upload or download run through `client`: bytes per second at the receiving end over the
-/// window after a warm-up.
+/// window after a warm-up, and the CPU time each end spent on them (which, unlike the rate,
+/// hardly moves when the hypervisor steals time from the machine).
 async fn transfer(
     client: &Client,
     target: &Target,
     direction: Direction,
     window: Duration,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Carried> {
     const WARM_UP: Duration = Duration::from_millis(500);
     let stream = open(client.addr).await?;
     let (mut reader, mut writer) = stream.into_split();
@@ -454,20 +472,31 @@ async fn transfer(
         Direction::Upload => target.uploaded(),
         Direction::Download => received.load(Ordering::Relaxed),
     };
+    let cpu = |pid: Option<u32>| {
+        pid.and_then(|pid| cpu_seconds(pid).ok())
+            .unwrap_or(f64::NAN)
+    };
     tokio::time::sleep(WARM_UP).await;
     let (b0, t0) = (count(), Instant::now());
+    let (near0, far0) = (cpu(Some(client.pid)), cpu(client.far_pid));
     tokio::time::sleep(window).await;
     let (b1, t1) = (count(), Instant::now());
+    let (near1, far1) = (cpu(Some(client.pid)), cpu(client.far_pid));
     stop.store(true, Ordering::Relaxed);
     worker.abort();
     let _ = worker.await;
-    let rate = (b1 - b0) as f64 / (t1 - t0).as_secs_f64();
+    let bytes = (b1 - b0) as f64;
+    let carried = Carried {
+        rate: bytes / (t1 - t0).as_secs_f64(),
+        near_cpu_per_gb: (near1 - near0) / bytes * 1e9,
+        far_cpu_per_gb: (far1 - far0) / bytes * 1e9,
+    };
     if direction == Direction::Upload {
         quiesce(target).await;
     } else {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    Ok(rate)
+    Ok(carried)
 }
 
 /// Waits until uploaded bytes stop arriving (what buffers held when the client closed).
@@ -513,7 +542,7 @@ pub(crate) async fn throughput(
     let mut figures = Vec::new();
     let mut profiles = Vec::new();
     for direction in [Direction::Upload, Direction::Download] {
-        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); clients.len()];
+        let mut samples: Vec<Vec<Carried>> = (0..clients.len()).map(|_| Vec::new()).collect();
         let mut errors: Vec<Option<String>> = vec![None; clients.len()];
         // Side by side: each run measures every client in turn.
         for run in 0..options.runs {
@@ -541,15 +570,17 @@ pub(crate) async fn throughput(
                     profiles.push((format!("{}, fast, {direction:?}", client.kind.name()), text));
                 }
                 match result {
-                    Ok(rate) => {
+                    Ok(carried) => {
                         eprintln!(
-                            "bench: {} {:?} {} run {run}: {:.2} MB/s",
+                            "bench: {} {:?} {} run {run}: {:.2} MB/s, CPU s/GB {:.2} near, {:.2} far",
                             mode.name(),
                             direction,
                             client.kind.name(),
-                            rate / 1e6
+                            carried.rate / 1e6,
+                            carried.near_cpu_per_gb,
+                            carried.far_cpu_per_gb,
                         );
-                        samples[i].push(rate);
+                        samples[i].push(carried);
                     }
                     Err(error) => {
                         eprintln!(
@@ -569,7 +600,9 @@ pub(crate) async fn throughput(
                 mode,
                 direction,
                 client: client.kind,
-                bytes_per_second: Spread::of(&samples[i]),
+                bytes_per_second: Spread::of_each(&samples[i], |c| c.rate),
+                near_cpu_per_gb: Spread::of_each(&samples[i], |c| c.near_cpu_per_gb),
+                far_cpu_per_gb: Spread::of_each(&samples[i], |c| c.far_cpu_per_gb),
                 error: errors[i].clone(),
             });
         }

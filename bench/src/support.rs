@@ -363,6 +363,11 @@ pub struct Spread {
 }
 
 impl Spread {
+    /// The spread of one figure of each run.
+    pub fn of_each<T>(runs: &[T], figure: impl Fn(&T) -> f64) -> Self {
+        Self::of(&runs.iter().map(figure).collect::<Vec<_>>())
+    }
+
     /// The spread of `values` (all zero when empty).
     pub fn of(values: &[f64]) -> Self {
         let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();

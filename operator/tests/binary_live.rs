@@ -122,7 +122,9 @@ impl Setup {
     }
 
     fn log_path(&self, replica: &str) -> PathBuf {
-        self.logs.path().join(format!("{}-{replica}.log", self.ns()))
+        self.logs
+            .path()
+            .join(format!("{}-{replica}.log", self.ns()))
     }
 
     async fn user(&self, name: &str) {

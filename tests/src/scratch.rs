@@ -27,7 +27,9 @@ impl Scratch {
     /// The directory.
     #[must_use]
     pub fn path(&self) -> &Path {
-        self.0.as_ref().map_or(Path::new(""), tempfile::TempDir::path)
+        self.0
+            .as_ref()
+            .map_or(Path::new(""), tempfile::TempDir::path)
     }
 }
 

@@ -347,7 +347,7 @@ async fn start_forwarding(
         }
         let _ = child.wait().await;
         output.push_str(&std::fs::read_to_string(dir.join("plugin.stderr")).unwrap_or_default());
-            assert!(
+        assert!(
             output.contains("address already in use") && attempt < PORT_ATTEMPTS,
             "{mode:?}: the plugin exited before listening (attempt {attempt}):\n{output}"
         );
@@ -438,7 +438,7 @@ async fn port_forwarding_through_the_official_plugin() {
             ),
             "{mode:?}: {report:?}"
         );
-        }
+    }
 }
 
 /// The agent stops reading the data channel (acks included) while a target does not take what
