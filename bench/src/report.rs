@@ -244,8 +244,8 @@ impl Report {
         self.render_cpu_per_byte(out);
     }
 
-    /// CPU per byte carried in fast mode, near and far end: what the machine's two CPUs pay for
-    /// each client, read without the hypervisor's steal that moves the rates between runs.
+    /// CPU per byte carried in fast mode, near and far end: what the machine's CPUs pay for
+    /// each client, and which end pays it.
     fn render_cpu_per_byte(&self, out: &mut String) {
         let rows: Vec<&Throughput> = self
             .throughput
@@ -261,7 +261,8 @@ impl Report {
              `/proc/PID/stat` over each window). Near: the client's process (the bridge, the plugin, the near relay); \
              far: the emulator, or the far relay. On a machine whose CPUs are all busy, the rate follows the sum \
              of both ends (and the harness's share, equal for every client). \"Of digesting relay\" is the digesting \
-             relay's figure divided by this one: 1.00 costs the same, below costs more.\n\n\
+             relay's figure divided by this one: 1.00 costs the same, below costs more. A process woken less often does \
+             more per wake-up, so these figures move with the machine's load too (by a fifth between runs here).\n\n\
              | Direction | Client | Near | Far | Near + far | Near, of digesting relay | Near + far, of digesting relay |\n\
              |---|---|---:|---:|---:|---:|---:|"
         );

@@ -414,8 +414,8 @@ struct Carried {
 }
 
 /// One upload or download run through `client`: bytes per second at the receiving end over the
-/// window after a warm-up, and the CPU time each end spent on them (which, unlike the rate,
-/// hardly moves when the hypervisor steals time from the machine).
+/// window after a warm-up, and the CPU time each end spent on them (what each end costs, which
+/// the rate alone does not tell when both ends and the harness share the machine's CPUs).
 async fn transfer(
     client: &Client,
     target: &Target,
