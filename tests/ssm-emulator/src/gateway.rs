@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
-use crate::agent::{AgentInput, Injection, ToClient};
+use crate::agent::{AgentInput, Injection, ToClient, Written};
 use crate::config::{Config, Faults, Mode};
 use crate::message::{self, OpenDataChannelInput};
 use crate::port::InTransit;
@@ -193,6 +193,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: impl Transport) {
         client_stream_frames: 0,
         black_hole: false,
         stuck: Vec::new(),
+        awaited: Vec::new(),
     };
     let end = relay.run(&mut ws, rx).await;
     let _ = agent.send(AgentInput::Detach { conn_id });
@@ -389,6 +390,9 @@ struct Relay {
     /// The transport room of output swallowed by a black hole, held while the connection
     /// lives.
     stuck: Vec<InTransit>,
+    /// Frames the agent waits to hear were written (held by a transit fault when not written
+    /// at once), reported when they are.
+    awaited: Vec<(Bytes, Written)>,
 }
 
 /// How a connection's relay loop ended.
@@ -441,7 +445,10 @@ impl Relay {
                     // ended).
                     None if black_hole => Some(End::Gone),
                     None => Some(End::Closing { frame: None, flush: false }),
-                    Some(ToClient::Frame { data, stream, room }) => {
+                    Some(ToClient::Frame { data, stream, room, on_written }) => {
+                        if let Some(written) = on_written {
+                            self.awaited.push((data.clone(), written));
+                        }
                         let frames = self.transit.apply(data, stream);
                         let end = self.emit(ws, frames).await;
                         drop(room);
@@ -579,10 +586,10 @@ impl Relay {
             }
             _ => {
                 for f in frames {
-                    if ws.send(Message::Binary(f)).await.is_err() {
+                    if ws.send(Message::Binary(f.clone())).await.is_err() {
                         return Some(End::Gone);
                     }
-                    self.transit.frames_sent += 1;
+                    self.wrote(&f);
                 }
                 None
             }
@@ -598,12 +605,21 @@ impl Relay {
             let Some((_, f)) = self.transit.delayed.pop_front() else {
                 break;
             };
-            if ws.send(Message::Binary(f)).await.is_err() {
+            if ws.send(Message::Binary(f.clone())).await.is_err() {
                 return Some(End::Gone);
             }
-            self.transit.frames_sent += 1;
+            self.wrote(&f);
         }
         None
+    }
+
+    /// Counts a frame written to the client, and tells the agent when it waited for it.
+    fn wrote(&mut self, frame: &Bytes) {
+        self.transit.frames_sent += 1;
+        if let Some(i) = self.awaited.iter().position(|(f, _)| f == frame) {
+            let (_, written) = self.awaited.swap_remove(i);
+            let _ = self.agent.send(AgentInput::Written(written));
+        }
     }
 
     async fn flush_all(&mut self, ws: &mut WebSocketStream<impl Transport>) {

@@ -40,6 +40,7 @@ impl Agent {
                 data: bytes.into(),
                 stream: false,
                 room: None,
+                on_written: None,
             }) {
                 self.count(|f| f.garbage_publications += 1);
             }

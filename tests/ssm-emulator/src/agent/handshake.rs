@@ -56,12 +56,15 @@ impl Agent {
             handshake_time_to_complete: self.now.saturating_duration_since(since).as_nanos() as i64,
             customer_message,
         };
+        // Complete once the gateway has written it (`AgentInput::Written`), as the agent's
+        // flag is set only when its write returns: what the client sends before it could have
+        // seen HandshakeComplete is dropped.
+        self.handshake = Handshake::CompleteSent { seq: self.next_seq };
         self.send_stream(
             payload_type::HANDSHAKE_COMPLETE,
             serde_json::to_vec(&complete).unwrap_or_default(),
             None,
         );
-        self.handshake = Handshake::Complete;
         self.last_activity = self.now;
     }
 
@@ -80,6 +83,15 @@ impl Agent {
         matches!(self.handshake, Handshake::Complete | Handshake::Skipped)
     }
 
+    /// How a message the agent drops because the handshake is not done came too early.
+    fn too_early(&self) -> &'static str {
+        if matches!(self.handshake, Handshake::CompleteSent { .. }) {
+            "before HandshakeComplete reached the client (it was not written yet: the client cannot have seen it)"
+        } else {
+            "before HandshakeComplete"
+        }
+    }
+
     pub(super) fn process(&mut self, m: &ClientMessage) -> Processed {
         match m.payload_type {
             payload_type::HANDSHAKE_RESPONSE => {
@@ -89,21 +101,23 @@ impl Agent {
             payload_type::OUTPUT => {
                 if !self.handshake_done() {
                     self.violation(format!(
-                        "Output (seq {}) before HandshakeComplete; the agent discards it",
-                        m.sequence_number
+                        "Output (seq {}) {}; the agent discards it",
+                        m.sequence_number,
+                        self.too_early()
                     ));
                     return Processed::Done;
                 }
                 if matches!(self.info.kind, SessionKind::Shell(_)) && !self.is_closing() {
                     return self.shell_keys(m);
                 }
-                self.on_output(&m.payload)
+                self.on_output(m.sequence_number, &m.payload)
             }
             payload_type::SIZE if matches!(self.info.kind, SessionKind::Shell(_)) => {
                 if !self.handshake_done() {
                     self.violation(format!(
-                        "Size (seq {}) before HandshakeComplete; the agent discards it",
-                        m.sequence_number
+                        "Size (seq {}) {}; the agent discards it",
+                        m.sequence_number,
+                        self.too_early()
                     ));
                     return Processed::Done;
                 }
@@ -127,8 +141,9 @@ impl Agent {
                 if !self.handshake_done() {
                     // The agent acknowledges it and drops it unread.
                     self.violation(format!(
-                        "Flag (seq {}) before HandshakeComplete; the agent drops it",
-                        m.sequence_number
+                        "Flag (seq {}) {}; the agent drops it",
+                        m.sequence_number,
+                        self.too_early()
                     ));
                     return Processed::Done;
                 }

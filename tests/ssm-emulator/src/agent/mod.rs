@@ -96,6 +96,16 @@ pub(crate) enum AgentInput {
     Port(PortEvent),
     /// From a shell session's task.
     Shell(crate::shell::process::ShellEvent),
+    /// The gateway wrote a frame the core asked to hear about (`ToClient::Frame::on_written`).
+    Written(Written),
+}
+
+/// A frame whose write the core waits for, as the agent waits for its own write to return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// HandshakeComplete: the agent marks its handshake complete only once the write of it
+    /// returned (`datachannel.go`), and drops the client's data until then.
+    HandshakeComplete,
 }
 
 /// One-shot faults a test can trigger on a live session.
@@ -119,6 +129,8 @@ pub(crate) enum ToClient {
         data: Bytes,
         stream: bool,
         room: Option<InTransit>,
+        /// Reported back as [`AgentInput::Written`] once the gateway wrote this frame.
+        on_written: Option<Written>,
     },
     /// Close the WebSocket.
     Close { code: u16, reason: String },
@@ -230,9 +242,24 @@ struct Buffered {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handshake {
     NotStarted,
-    Awaiting { since: Instant },
+    Awaiting {
+        since: Instant,
+    },
+    /// HandshakeComplete (sequence number `seq`) is on its way: the gateway has not written
+    /// it yet, so the client cannot have seen it.
+    CompleteSent {
+        seq: i64,
+    },
     Complete,
     Skipped,
+}
+
+impl Handshake {
+    /// What the gateway reports back once it wrote the agent's message `seq`: only
+    /// HandshakeComplete's write, while it is on its way.
+    fn written_for(self, seq: i64) -> Option<Written> {
+        (self == Self::CompleteSent { seq }).then_some(Written::HandshakeComplete)
+    }
 }
 
 enum Processed {
@@ -361,6 +388,8 @@ pub(crate) struct Agent {
     seen: VecDeque<[u8; message::FRAME_HEADER_SIZE]>,
     seen_base: i64,
     gap_since: Option<Instant>,
+    /// The client Output last checked while the session ends (it is resent, never taken).
+    checked_while_closing: Option<i64>,
     gap_reported: bool,
     client_frames: u64,
     in_order_accepted: u64,
@@ -430,6 +459,7 @@ impl Agent {
             seen: VecDeque::new(),
             seen_base: 0,
             gap_since: None,
+            checked_while_closing: None,
             gap_reported: false,
             client_frames: 0,
             in_order_accepted: 0,
@@ -580,6 +610,11 @@ impl Agent {
             }
             AgentInput::Port(event) => self.on_port_event(event),
             AgentInput::Shell(event) => self.on_shell_event(event),
+            AgentInput::Written(Written::HandshakeComplete) => {
+                if matches!(self.handshake, Handshake::CompleteSent { .. }) {
+                    self.handshake = Handshake::Complete;
+                }
+            }
         }
         self.release_held();
     }
@@ -643,6 +678,7 @@ impl Agent {
             data: message.encode().into(),
             stream: false,
             room: None,
+            on_written: None,
         })
     }
 
@@ -743,6 +779,7 @@ impl Agent {
             data,
             stream: false,
             room: None,
+            on_written: None,
         }) && legacy
         {
             self.count(|f| f.legacy_channels_closed += 1);

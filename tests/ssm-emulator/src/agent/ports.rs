@@ -73,12 +73,18 @@ impl Agent {
         self.effects.push(Effect::StartMux);
     }
 
-    /// Client Output after the handshake: forwarded while the session runs, only checked once
-    /// it has begun to end.
-    pub(super) fn on_output(&mut self, data: &[u8]) -> Processed {
+    /// Client Output `seq` after the handshake: forwarded while the session runs. Once it has
+    /// begun to end, the agent's port plugin has stopped and closed its connections: the write
+    /// fails, so the message is neither acknowledged nor processed (`port_basic.go`,
+    /// `port_mux.go`) and the client resends it until the end. Its bytes are still checked,
+    /// once.
+    pub(super) fn on_output(&mut self, seq: i64, data: &[u8]) -> Processed {
         if self.is_closing() {
-            self.on_smux_bytes(data);
-            return Processed::Done;
+            if self.checked_while_closing != Some(seq) {
+                self.checked_while_closing = Some(seq);
+                self.on_smux_bytes(data);
+            }
+            return Processed::NotReady;
         }
         let delivery = match &mut self.port {
             PortState::None | PortState::Shell(_) => Delivery::NotReady,

@@ -39,10 +39,12 @@ impl Agent {
                     "the client left {OUTGOING_BUFFER_CAPACITY} messages unacknowledged: the agent keeps no more for retransmission"
                 ));
             }
+            let on_written = self.handshake.written_for(seq);
             self.send_to_client(ToClient::Frame {
                 data: m.encode().into(),
                 stream: true,
                 room,
+                on_written,
             });
             return;
         }
@@ -77,6 +79,7 @@ impl Agent {
                 data: o.bytes.clone(),
                 stream: true,
                 room: o.room.take(),
+                on_written: self.handshake.written_for(o.seq),
             };
             self.effects.push(Effect::Client { conn_id, item });
             o.last_sent = Some(now);
@@ -315,10 +318,12 @@ impl Agent {
         if now.duration_since(last) <= rto {
             return;
         }
+        let on_written = self.handshake.written_for(head.seq);
         let item = ToClient::Frame {
             data: head.bytes.clone(),
             stream: true,
             room: None,
+            on_written,
         };
         self.effects.push(Effect::Client { conn_id, item });
         head.last_sent = Some(now);

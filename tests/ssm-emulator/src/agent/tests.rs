@@ -34,6 +34,11 @@ struct Harness {
     /// What was written towards the basic target and not yet taken by it.
     to_target: VecDeque<ToTarget>,
     client_seq: i64,
+    /// Whether the gateway writes a frame the agent waits for at once (and says so); when
+    /// false, the test says when with [`Harness::gateway_writes`].
+    writes_at_once: bool,
+    /// Frames the agent waits to hear were written, not written yet.
+    unwritten: Vec<Written>,
 }
 
 impl Harness {
@@ -89,6 +94,8 @@ impl Harness {
             to_client: Vec::new(),
             to_target: VecDeque::new(),
             client_seq: 0,
+            writes_at_once: true,
+            unwritten: Vec::new(),
         };
         h.attach();
         h
@@ -121,11 +128,28 @@ impl Harness {
         for effect in self.agent.take_effects() {
             match effect {
                 Effect::Client { conn_id, item } => {
+                    if let ToClient::Frame {
+                        on_written: Some(written),
+                        ..
+                    } = &item
+                    {
+                        self.unwritten.push(*written);
+                    }
                     self.to_client[conn_id as usize].push_back(item);
                 }
                 Effect::ToBasic(chunk) => self.to_target.push_back(chunk),
                 _ => {}
             }
+        }
+        if self.writes_at_once {
+            self.gateway_writes();
+        }
+    }
+
+    /// The gateway writes the frames the agent waits for, and says so.
+    fn gateway_writes(&mut self) {
+        for written in std::mem::take(&mut self.unwritten) {
+            self.handle(AgentInput::Written(written));
         }
     }
 
@@ -295,6 +319,54 @@ fn the_agent_keeps_no_more_than_its_outgoing_buffer_and_says_so() {
 }
 
 #[test]
+fn data_sent_before_handshake_complete_was_written_is_dropped_as_the_agent_does() {
+    let mut h = Harness::new(false);
+    h.writes_at_once = false;
+    let complete = h.open_basic();
+    assert_eq!(h.unwritten, [Written::HandshakeComplete]);
+    // A client that sends right after its HandshakeResponse, without waiting for
+    // HandshakeComplete: the agent acknowledges and drops it.
+    let early = h.input(payload_type::OUTPUT, b"early");
+    h.frame(early.encode());
+    assert!(h.to_target.is_empty(), "{:?}", h.to_target);
+    let violations = h.report().violations;
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(
+        violations[0].contains("Output (seq 1) before HandshakeComplete reached the client"),
+        "{violations:?}"
+    );
+    // Once written, the client's data is the session's.
+    h.gateway_writes();
+    h.ack(&complete);
+    let late = h.input(payload_type::OUTPUT, b"late");
+    h.frame(late.encode());
+    assert_eq!(h.to_target.len(), 1);
+    assert_eq!(h.report().bytes_from_client, 4);
+    assert_eq!(h.report().violations.len(), 1, "{:?}", h.report());
+}
+
+#[test]
+fn handshake_complete_resent_on_a_new_connection_is_awaited_there() {
+    let mut h = Harness::new(false);
+    h.writes_at_once = false;
+    let _ = h.open_basic();
+    // The connection went away before the gateway wrote HandshakeComplete: its resend on the
+    // next connection is the one the agent waits for.
+    h.unwritten.clear();
+    h.attach();
+    h.advance_to(h.now + Duration::from_secs(1));
+    let resent = h.outputs();
+    assert_eq!(resent.len(), 1, "{resent:?}");
+    assert_eq!(resent[0].payload_type, payload_type::HANDSHAKE_COMPLETE);
+    assert_eq!(h.unwritten, [Written::HandshakeComplete]);
+    h.gateway_writes();
+    let data = h.input(payload_type::OUTPUT, b"data");
+    h.frame(data.encode());
+    assert_eq!(h.to_target.len(), 1);
+    assert!(h.report().violations.is_empty(), "{:?}", h.report());
+}
+
+#[test]
 fn a_target_that_does_not_read_stalls_the_receive_path_until_it_does() {
     let mut h = Harness::new(false);
     let complete = h.open_basic();
@@ -363,6 +435,30 @@ fn the_closing_drain_checks_client_frames_and_ends_once_all_is_acknowledged() {
             .any(|(m, _)| m.message_type == MessageType::ChannelClosed)
     );
     assert!(sent.last().is_some_and(|(_, close)| *close));
+}
+
+#[test]
+fn client_data_during_the_drain_is_neither_acknowledged_nor_forwarded() {
+    let mut h = Harness::new(true);
+    let complete = h.open_basic();
+    h.ack(&complete);
+    let _banner = h.target_says_and_closes(b"bye");
+    assert!(h.agent.ending.is_some(), "draining");
+    let _ = h.received();
+    let before = h.report().bytes_from_client;
+    // The agent's port plugin has stopped: its write fails, so it acknowledges nothing and
+    // the client resends.
+    let late = h.input(payload_type::OUTPUT, b"late");
+    h.frame(late.encode());
+    h.frame(late.encode());
+    let acks = h
+        .received()
+        .into_iter()
+        .filter(|(m, _)| m.message_type == MessageType::Acknowledge)
+        .count();
+    assert_eq!(acks, 0);
+    assert_eq!(h.report().bytes_from_client, before);
+    assert!(h.report().violations.is_empty(), "{:?}", h.report());
 }
 
 #[test]
