@@ -128,6 +128,11 @@ pub fn encode_data(stream_id: u32, data: &[u8], out: &mut Vec<u8>) {
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Frame headers read so far: xtaci's receive loop counts a complete header (not any
+    /// byte) as the peer's activity for its keepalive.
+    headers_read: u64,
+    /// The header of the incomplete frame held back is counted already.
+    pending_header_counted: bool,
 }
 
 impl Decoder {
@@ -151,6 +156,9 @@ impl Decoder {
             };
             let length = u16::from_le_bytes([h[2], h[3]]);
             let stream_id = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            if !(at == 0 && self.pending_header_counted) {
+                self.headers_read += 1;
+            }
             let len = match command {
                 Command::Psh => usize::from(length),
                 Command::Upd => UPD_SIZE,
@@ -164,7 +172,9 @@ impl Decoder {
                 }
             };
             if self.buf.len() - at < HEADER_SIZE + len {
-                break;
+                self.buf.drain(..at);
+                self.pending_header_counted = true;
+                return Ok(frames);
             }
             let data = self.buf[at + HEADER_SIZE..at + HEADER_SIZE + len].to_vec();
             frames.push(Frame {
@@ -175,7 +185,13 @@ impl Decoder {
             at += HEADER_SIZE + len;
         }
         self.buf.drain(..at);
+        self.pending_header_counted = false;
         Ok(frames)
+    }
+
+    /// How many frame headers have been read whole.
+    pub fn headers_read(&self) -> u64 {
+        self.headers_read
     }
 
     /// Bytes of an incomplete frame held back.
@@ -187,6 +203,26 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_is_read_once_whole_and_a_partial_one_is_not_read() {
+        let mut wire = Vec::new();
+        encode_data(3, &[7u8; 100], &mut wire);
+        wire.extend(Frame::control(Command::Nop, 0).encode());
+        let mut d = Decoder::default();
+        // An empty push and half a header: nothing read (xtaci's keepalive sees no activity).
+        assert!(d.push(&[]).expect("push").is_empty());
+        assert!(d.push(&wire[..4]).expect("push").is_empty());
+        assert_eq!(d.headers_read(), 0);
+        // The header whole, its body not yet: read once, however the body arrives.
+        assert!(d.push(&wire[4..20]).expect("push").is_empty());
+        assert_eq!(d.headers_read(), 1);
+        assert!(d.push(&wire[20..60]).expect("push").is_empty());
+        assert_eq!(d.headers_read(), 1);
+        // The rest: the PSH completes and the NOP's header is a second one.
+        assert_eq!(d.push(&wire[60..]).expect("push").len(), 2);
+        assert_eq!(d.headers_read(), 2);
+    }
 
     #[test]
     fn frames_split_across_pushes_are_reassembled() {

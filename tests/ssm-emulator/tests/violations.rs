@@ -523,6 +523,17 @@ const FRAME_CASES: &[FrameCase] = &[
         ]);
         vec![next(payload_type::OUTPUT, &reuse)]
     }),
+    mux_case(
+        "smux PSH for stream 3 after the client's own FIN for it",
+        |_| {
+            let after_fin = smux_bytes(&[
+                Frame::control(Command::Syn, 3),
+                Frame::control(Command::Fin, 3),
+                Frame::psh(3, b"late".to_vec()),
+            ]);
+            vec![next(payload_type::OUTPUT, &after_fin)]
+        },
+    ),
     mux_case("smux PSH for stream 5, which was never opened", |_| {
         let psh = smux_bytes(&[Frame::psh(5, b"orphan".to_vec())]);
         vec![next(payload_type::OUTPUT, &psh)]

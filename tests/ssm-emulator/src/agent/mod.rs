@@ -314,6 +314,8 @@ struct SmuxLedger {
     open: HashSet<u32>,
     /// Closed by either side; their ids may not be used again.
     closed: HashSet<u32>,
+    /// Those the client sent FIN for: it may write on them no more.
+    fin_from_client: HashSet<u32>,
 }
 
 impl SmuxLedger {

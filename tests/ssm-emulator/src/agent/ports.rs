@@ -98,10 +98,7 @@ impl Agent {
                 BasicState::Idle => Delivery::Redial,
             },
             PortState::Mux(mx) if !mx.ready => Delivery::NotReady,
-            PortState::Mux(mx) => {
-                mx.last_rx = self.now;
-                Delivery::Mux
-            }
+            PortState::Mux(_) => Delivery::Mux,
         };
         match delivery {
             Delivery::NotReady => return Processed::NotReady,
@@ -125,7 +122,15 @@ impl Agent {
         let Some(ledger) = &mut self.smux else {
             return;
         };
-        let frames = match ledger.decoder.push(data) {
+        let headers_before = ledger.decoder.headers_read();
+        let pushed = ledger.decoder.push(data);
+        // Only a whole frame header is activity for the smux keepalive, as in xtaci.
+        if ledger.decoder.headers_read() > headers_before
+            && let PortState::Mux(mx) = &mut self.port
+        {
+            mx.last_rx = self.now;
+        }
+        let frames = match pushed {
             Ok(frames) => frames,
             Err(e) => {
                 // The whole smux session is dead (xtaci semantics); nothing more is decoded.
@@ -172,13 +177,20 @@ impl Agent {
                 self.open_mux_stream(sid);
             }
             smux::Command::Psh => {
-                if ledger.open.contains(&sid) {
+                if ledger.fin_from_client.contains(&sid) {
+                    // xtaci may still hand it to the target: a write after close, whatever
+                    // becomes of it.
+                    self.violation(format!(
+                        "smux PSH for stream {sid} after the client's own FIN for it"
+                    ));
+                } else if ledger.open.contains(&sid) {
                     self.write_mux_stream(sid, f.data);
                 } else if !ledger.closed.contains(&sid) {
                     self.violation(format!("smux PSH for stream {sid}, which was never opened"));
                 }
             }
             smux::Command::Fin => {
+                ledger.fin_from_client.insert(sid);
                 if ledger.close(sid) {
                     lock(&self.report).smux_streams_closed_by_client += 1;
                     self.close_mux_stream(sid);
