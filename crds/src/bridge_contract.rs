@@ -71,7 +71,8 @@ const MAX_SERVICE_NAME: usize = 63;
 
 /// The name of the Service for `instance`, or for `remote_host` reached through it: the instance
 /// ID, or `<instance>-<host>-<hash>` with each run of the host's dots and colons as one `-`, cut to fit a DNS
-/// label, and a hash of the whole host that keeps `db.example` and `db-example` apart.
+/// label, and a hash of the whole host that keeps `db.example` and `db-example` apart (and every
+/// host another tenant may choose: 64 bits of SHA-256).
 pub fn service_name(instance: &str, remote_host: Option<&str>) -> String {
     let Some(host) = remote_host else {
         return instance.to_owned();
@@ -84,10 +85,7 @@ pub fn service_name(instance: &str, remote_host: Option<&str>) -> String {
             _ => {}
         }
     }
-    let hash = format!(
-        "{:06x}",
-        crate::ssm_documents::fnv1a(host.as_bytes()) & 0xff_ffff
-    );
+    let hash = crate::ssm_documents::name_hash(host);
     let room = MAX_SERVICE_NAME - instance.len() - hash.len() - 2;
     let cut: String = label.chars().take(room).collect();
     let cut = cut.trim_matches('-');

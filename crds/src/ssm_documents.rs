@@ -41,18 +41,20 @@ pub fn remote_host_document_name(cluster: &str, host: &str, port: u16) -> String
     if name.len() <= MAX_DOCUMENT_NAME {
         return name;
     }
-    let hash = format!("{:016x}", fnv1a(host.as_bytes()));
+    let hash = name_hash(host);
     let fixed = name.len() - host_part.len();
     let keep = MAX_DOCUMENT_NAME - fixed - hash.len() - 1;
     let cut: String = host_part.chars().take(keep).collect();
     format!("fleet-access.{cluster}.to-{cut}-{hash}-port{port}")
 }
 
-/// FNV-1a, 64 bits: a stable hash with no dependency, for names only.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// 16 hex digits of the SHA-256 of `text`, for a name that must stay apart from every other
+/// one: a tenant who picks a host cannot find another that gives the same name (64 bits of a
+/// cryptographic hash, where a non-cryptographic one can be inverted in seconds).
+pub(crate) fn name_hash(text: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

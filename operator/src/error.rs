@@ -2,6 +2,8 @@
 
 use fleet_access_crds::validation::InvalidObject;
 
+use crate::model::endpoints::EndpointError;
+
 /// Everything that can go wrong in the operator, by the operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -115,9 +117,10 @@ pub enum Error {
         grant: String,
     },
 
-    /// Every target port on the bridge pods is taken.
+    /// The grant's bridge endpoints cannot be planned (no free target port, or a Service name
+    /// that serves another destination).
     #[error("{0}")]
-    NoFreeTargetPort(#[from] crate::model::endpoints::NoFreeTargetPort),
+    Endpoints(#[from] crate::model::endpoints::EndpointError),
 
     /// A Kubernetes API call failed; the reconcile is retried.
     #[error("Kubernetes API: {0}")]
@@ -134,7 +137,7 @@ pub enum Error {
 
 /// Every value [`Error::metric_label`] gives: `reconcile_errors_total` counts each from zero, so
 /// that the first error of a kind is an increase that `rate()` and `increase()` see.
-pub const METRIC_LABELS: [&str; 21] = [
+pub const METRIC_LABELS: [&str; 22] = [
     "read_grant",
     "invalid_grant",
     "invalid_boundary",
@@ -151,6 +154,7 @@ pub const METRIC_LABELS: [&str; 21] = [
     "aws",
     "not_owned",
     "no_free_target_port",
+    "service_name_taken",
     "documents_keep_appearing",
     "sessions_not_ended",
     "kube",
@@ -173,7 +177,8 @@ impl Error {
             Error::NoBridgeRole => "no_bridge_role",
             Error::Aws(e) => e.kind().metric_label(),
             Error::NotOwned(_) => "not_owned",
-            Error::NoFreeTargetPort(_) => "no_free_target_port",
+            Error::Endpoints(EndpointError::NoFreeTargetPort) => "no_free_target_port",
+            Error::Endpoints(EndpointError::ServiceNameTaken { .. }) => "service_name_taken",
             Error::DocumentsKeepAppearing { .. } => "documents_keep_appearing",
             Error::SessionsNotEnded { .. } => "sessions_not_ended",
             Error::Kube(_) => "kube",

@@ -151,15 +151,24 @@ pub async fn endpoints(owner: &str, ctx: &Context) -> Result<ObservedEndpoints> 
         .list(&ListParams::default().labels(&endpoints::managed_selector()))
         .await
         .map_err(Error::Kube)?;
-    let network_policy = policies
-        .get_opt(&endpoints::network_policy_name(owner))
+    let mut policies = policies
+        .list(&ListParams::default().labels(&endpoints::managed_selector()))
         .await
-        .map_err(Error::Kube)?;
+        .map_err(Error::Kube)?
+        .items;
+    let admitted_ports = policies
+        .iter()
+        .flat_map(endpoints::admitted_ports)
+        .collect();
+    let own = endpoints::network_policy_name(owner);
+    let network_policy =
+        (policies.iter().position(|p| p.name_any() == own)).map(|i| policies.swap_remove(i));
     Ok(ObservedEndpoints {
         services: (listed.items.into_iter())
             .map(|service| (service.name_any(), service))
             .collect(),
         network_policy,
+        admitted_ports,
     })
 }
 

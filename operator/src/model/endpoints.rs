@@ -7,7 +7,9 @@
 //! Which grant contributed which ports is recorded on the Service itself
 //! ([`GRANT_PORTS_ANNOTATION`]), so a grant can withdraw its ports without reading the others.
 //! [`endpoint_changes`] plans one grant's endpoints against what is observed: it keeps every
-//! other grant's ports, reuses a (Service, port)'s target port and allocates new ones.
+//! other grant's ports, reuses a (Service, port)'s target port and allocates new ones, never one
+//! that a NetworkPolicy still admits someone to, and never merges two destinations into one
+//! Service.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -220,14 +222,53 @@ pub struct ObservedEndpoints {
     pub services: BTreeMap<String, Service>,
     /// The grant's NetworkPolicy, when it exists.
     pub network_policy: Option<NetworkPolicy>,
+    /// The target ports any grant's NetworkPolicy admits clients to. A port a Service no longer
+    /// uses stays taken while one lists it: handed to another grant, it would admit the old
+    /// grant's clients to the new one's destination (say its policy's update failed).
+    pub admitted_ports: BTreeSet<u16>,
 }
 
-/// Every target port on the bridge pods is taken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "no free target port on the bridge pods (ports {FIRST_TARGET_PORT} to 65535 are all taken): remove unused grants' bridge ports"
-)]
-pub struct NoFreeTargetPort;
+/// Why a grant's endpoints cannot be planned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// Every target port on the bridge pods is taken.
+    #[error(
+        "no free target port on the bridge pods (ports {FIRST_TARGET_PORT} to 65535 are all taken): remove unused grants' bridge ports"
+    )]
+    NoFreeTargetPort,
+    /// The Service name of one of the grant's destinations is another destination's.
+    #[error(
+        "the bridge Service {service} already serves {theirs}, not {ours}: one name for two destinations is refused"
+    )]
+    ServiceNameTaken {
+        /// The Service.
+        service: String,
+        /// What it serves.
+        theirs: String,
+        /// What the grant wants it to serve.
+        ours: String,
+    },
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.remote_host {
+            Some(host) => write!(f, "{host} through {}", self.instance),
+            None => write!(f, "{}", self.instance),
+        }
+    }
+}
+
+/// The target ports a NetworkPolicy admits clients to.
+pub fn admitted_ports(policy: &NetworkPolicy) -> impl Iterator<Item = u16> + '_ {
+    (policy.spec.iter())
+        .flat_map(|spec| spec.ingress.iter().flatten())
+        .flat_map(|rule| rule.ports.iter().flatten())
+        .filter_map(|p| match p.port {
+            Some(IntOrString::Int(port)) => u16::try_from(port).ok(),
+            _ => None,
+        })
+}
 
 /// The changes that bring the bridge namespace to what grant `owner` wants, keeping every other
 /// grant's ports. A Service whose recorded ports do not change and that still says what they
@@ -237,12 +278,13 @@ pub fn endpoint_changes(
     owner: &str,
     wanted: &WantedEndpoints,
     observed: &ObservedEndpoints,
-) -> Result<Vec<Change>, NoFreeTargetPort> {
+) -> Result<Vec<Change>, EndpointError> {
     let before: BTreeMap<&String, GrantPorts> = (observed.services.iter())
         .map(|(name, service)| (name, grant_ports(service)))
         .collect();
     let mut used: BTreeSet<u16> = (before.values())
         .flat_map(|g| g.values().flatten().map(|p| p.target_port))
+        .chain(observed.admitted_ports.iter().copied())
         .collect();
     let mut after: BTreeMap<String, (Destination, GrantPorts)> = (observed.services.iter())
         .map(|(name, service)| {
@@ -254,6 +296,15 @@ pub fn endpoint_changes(
     let mut target_ports = BTreeSet::new();
     for (destination, ports) in &wanted.services {
         let name = destination.service_name();
+        if let Some((theirs, _)) = after.get(&name)
+            && theirs != destination
+        {
+            return Err(EndpointError::ServiceNameTaken {
+                service: name,
+                theirs: theirs.to_string(),
+                ours: destination.to_string(),
+            });
+        }
         let previous = before.get(&name);
         let mut mine = Vec::new();
         for port in ports {
@@ -265,7 +316,8 @@ pub fn endpoint_changes(
             let target = match reused {
                 Some(target) => target,
                 None => {
-                    let target = allocate_target_port(&used).ok_or(NoFreeTargetPort)?;
+                    let target =
+                        allocate_target_port(&used).ok_or(EndpointError::NoFreeTargetPort)?;
                     used.insert(target);
                     target
                 }
@@ -656,6 +708,65 @@ mod tests {
     }
 
     #[test]
+    fn a_target_port_a_network_policy_still_admits_to_is_not_handed_out() {
+        // Another grant's policy still lists 20000 and 20001 (its update failed after its
+        // Services let the ports go): given to this grant, they would admit its clients here.
+        let observed = ObservedEndpoints {
+            admitted_ports: BTreeSet::from([20000, 20001]),
+            ..ObservedEndpoints::default()
+        };
+        let changes =
+            endpoint_changes("fa", "a/one", &wanted(&[I1], &[22]), &observed).expect("planned");
+        let after = applied(observed, &changes);
+        let targets: Vec<u16> = grant_ports(&after.services[I1])["a/one"]
+            .iter()
+            .map(|p| p.target_port)
+            .collect();
+        assert_eq!(targets, [20002]);
+        // What a policy admits to is what the next plan keeps clear.
+        let client = NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector::default()),
+            ..NetworkPolicyPeer::default()
+        };
+        let policy = render_network_policy("fa", "a/one", &[client], &BTreeSet::from([20002]));
+        assert_eq!(admitted_ports(&policy).collect::<Vec<_>>(), [20002]);
+    }
+
+    #[test]
+    fn one_service_name_for_two_destinations_is_refused() {
+        let ours = Destination {
+            instance: I1.into(),
+            remote_host: Some("db.internal".into()),
+        };
+        let theirs = Destination {
+            instance: I1.into(),
+            remote_host: Some("db.other".into()),
+        };
+        // A Service that carries our destination's name but leads elsewhere (as a colliding
+        // name would): our ports must not join it.
+        let mut grants = GrantPorts::new();
+        grants.insert("z/theirs".into(), vec![port(5432, 20000)]);
+        let mut service = render_service("fa", &theirs, &grants);
+        service.metadata.name = Some(ours.service_name());
+        let observed = ObservedEndpoints {
+            services: BTreeMap::from([(ours.service_name(), service)]),
+            ..ObservedEndpoints::default()
+        };
+        let wanted = WantedEndpoints {
+            services: vec![(ours.clone(), vec![])],
+            clients: Vec::new(),
+        };
+        let error = endpoint_changes("fa", "a/one", &wanted, &observed).expect_err("refused");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the bridge Service {} already serves db.other through {I1}, not db.internal through {I1}: one name for two destinations is refused",
+                ours.service_name()
+            )
+        );
+    }
+
+    #[test]
     fn a_full_range_of_target_ports_is_refused_with_advice() {
         let mut grants = GrantPorts::new();
         grants.insert(
@@ -665,7 +776,7 @@ mod tests {
         let service = render_service("fa", &Destination::instance(I2), &grants);
         let observed = ObservedEndpoints {
             services: BTreeMap::from([(I2.to_owned(), service)]),
-            network_policy: None,
+            ..ObservedEndpoints::default()
         };
         let error = endpoint_changes("fa", "a/one", &wanted(&[I1], &[22]), &observed)
             .expect_err("no port left");
