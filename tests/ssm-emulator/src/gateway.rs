@@ -446,7 +446,10 @@ impl Relay {
                     None if black_hole => Some(End::Gone),
                     None => Some(End::Closing { frame: None, flush: false }),
                     Some(ToClient::Frame { data, stream, room, on_written }) => {
-                        if let Some(written) = on_written {
+                        // A resend of a frame still awaited is the same frame.
+                        if let Some(written) = on_written
+                            && !self.awaited.iter().any(|(f, _)| *f == data)
+                        {
                             self.awaited.push((data.clone(), written));
                         }
                         let frames = self.transit.apply(data, stream);
