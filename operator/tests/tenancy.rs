@@ -25,7 +25,7 @@ const INSIDE_INSTANCE: &str = "i-0000000000000000a";
 const OUTSIDE_INSTANCE: &str = "i-0000000000000000c";
 
 /// The tenant's boundary: its CI roles, two instances or staging tags, SSH, shells that stream
-/// to its log group as `deploy`, PostgreSQL, two-hour windows, bridge clients from `tools`.
+/// to its log group as `deploy` (encrypted with its own keys only), PostgreSQL, two-hour windows, bridge clients from `tools`.
 fn boundary(namespace: &str, ssh: bool) -> Value {
     json!({
         "apiVersion": "fleetaccess.io/v1alpha1",
@@ -40,7 +40,8 @@ fn boundary(namespace: &str, ssh: bool) -> Value {
             },
             "sessions": {"ssh": ssh, "shell": true, "ports": [5432], "runAsUsers": ["deploy"],
                 "remoteHosts": [{"host": "*.tenant.internal", "ports": [5432]}]},
-            "shellLogging": {"cloudWatchLogGroups": ["/fleet-access/tenant*"], "requireStreaming": true},
+            "shellLogging": {"cloudWatchLogGroups": ["/fleet-access/tenant*"], "requireStreaming": true,
+                "kmsKeys": ["alias/tenant-*"]},
             "window": {"maxDuration": "2h", "requireExpiresAt": true},
             "bridge": {"clientNamespaces": ["tools"]},
         },
@@ -119,6 +120,15 @@ fn outside(role: &str) -> Vec<(&'static str, &'static str, Value)> {
                 s["sessions"] = json!({"shell": true});
                 s["logging"] = logged.clone();
                 s["logging"]["runAs"] = json!({"enabled": true, "defaultUser": "root"});
+            }),
+        ),
+        (
+            "foreign-kms-key",
+            "spec.logging.kmsKeyId",
+            with(&|s| {
+                s["sessions"] = json!({"shell": true});
+                s["logging"] = logged.clone();
+                s["logging"]["kmsKeyId"] = json!("alias/payroll");
             }),
         ),
         (

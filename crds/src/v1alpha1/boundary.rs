@@ -234,6 +234,13 @@ pub struct ShellLoggingRequirement {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub s3_buckets: Vec<Pattern>,
+
+    /// When set, a shell grant's spec.logging.kmsKeyId (as the grant writes it: key ARN, key
+    /// ID or alias) must match one of these: its principals are given kms:GenerateDataKey on
+    /// that key, so an unbounded one would be any key of the account.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub kms_keys: Vec<Pattern>,
 }
 
 /// How long grants may last.

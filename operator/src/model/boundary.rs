@@ -399,6 +399,18 @@ fn session_refusals(
             )),
         }
     }
+    if !required.kms_keys.is_empty()
+        && let Some(key) = logging.and_then(|l| l.kms_key_id.as_ref())
+        && !Pattern::any_matches(&required.kms_keys, key.as_str())
+    {
+        out.push((
+            "spec.logging.kmsKeyId".into(),
+            format!(
+                "KMS key {key} is not one this boundary accepts ({})",
+                listed(&required.kms_keys)
+            ),
+        ));
+    }
 }
 
 fn bridge_refusals(

@@ -33,7 +33,8 @@ fn team_a() -> SessionAccessPolicy {
             },
             "sessions": {"ssh": true, "shell": true, "ports": [5432], "runAsUsers": ["deploy"],
                 "remoteHosts": [{"host": "*.db.internal", "ports": [5432]}, {"host": "cache.internal", "ports": [6379]}]},
-            "shellLogging": {"cloudWatchLogGroups": ["/fleet/team-a*"], "requireStreaming": true},
+            "shellLogging": {"cloudWatchLogGroups": ["/fleet/team-a*"], "requireStreaming": true,
+                "kmsKeys": ["alias/team-a-*", "arn:aws:kms:us-east-1:111122223333:key/*"]},
             "window": {"maxDuration": "8h"},
             "bridge": {"clientNamespaces": ["tools-*"]},
         }),
@@ -352,6 +353,38 @@ fn shells_must_carry_the_required_logging() {
         g["logging"] = json!({"cloudWatch": {"logGroupName": "/other", "streaming": true}});
     });
     assert_refused(&elsewhere, "spec.logging.cloudWatch.logGroupName", "/other");
+}
+
+#[test]
+fn a_shell_grant_asks_data_keys_only_of_the_kms_keys_its_boundary_lists() {
+    let with_key = |key: &str| {
+        inside(|g| {
+            g["sessions"] = json!({"shell": true});
+            g["logging"] = json!({"cloudWatch": {"logGroupName": "/fleet/team-a", "streaming": true},
+                "kmsKeyId": key});
+        })
+    };
+    assert_eq!(
+        refusals(&with_key("alias/team-a-sessions")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        refusals(&with_key(
+            "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+        )),
+        Vec::<String>::new()
+    );
+    assert_refused(
+        &with_key("alias/payroll"),
+        "spec.logging.kmsKeyId",
+        "KMS key alias/payroll",
+    );
+    // Another account's key, by ARN.
+    assert_refused(
+        &with_key("arn:aws:kms:us-east-1:444455556666:key/1234abcd-12ab-34cd-56ef-1234567890ab"),
+        "spec.logging.kmsKeyId",
+        "is not one this boundary accepts",
+    );
 }
 
 #[test]
