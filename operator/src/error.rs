@@ -84,6 +84,17 @@ pub enum Error {
     )]
     NoBridgeRole,
 
+    /// The grant names the bridge's role as a principal: that role serves every grant's
+    /// endpoints, so a Deny on it would cut every tenant off the bridge, and an Allow would
+    /// widen what all of them share.
+    #[error(
+        "spec.principals.roles: {role} is the bridge's role, which serves every grant's endpoints: a grant may not name it (the bridge gets its access from spec.bridge)"
+    )]
+    BridgeRoleNamed {
+        /// The role as the grant wrote it.
+        role: String,
+    },
+
     /// An AWS call failed (after retries, for retryable errors). The code says why.
     #[error("{0}")]
     Aws(#[from] crate::aws::AwsError),
@@ -137,7 +148,7 @@ pub enum Error {
 
 /// Every value [`Error::metric_label`] gives: `reconcile_errors_total` counts each from zero, so
 /// that the first error of a kind is an increase that `rate()` and `increase()` see.
-pub const METRIC_LABELS: [&str; 22] = [
+pub const METRIC_LABELS: [&str; 23] = [
     "read_grant",
     "invalid_grant",
     "invalid_boundary",
@@ -146,6 +157,7 @@ pub const METRIC_LABELS: [&str; 22] = [
     "attachment_quota",
     "statement_too_large",
     "no_bridge_role",
+    "bridge_role_named",
     "aws_retryable",
     "aws_not_found",
     "aws_quota",
@@ -175,6 +187,7 @@ impl Error {
             Error::SharedSync { source, .. } => source.metric_label(),
             Error::StatementTooLarge { .. } => "statement_too_large",
             Error::NoBridgeRole => "no_bridge_role",
+            Error::BridgeRoleNamed { .. } => "bridge_role_named",
             Error::Aws(e) => e.kind().metric_label(),
             Error::NotOwned(_) => "not_owned",
             Error::Endpoints(EndpointError::NoFreeTargetPort) => "no_free_target_port",

@@ -272,6 +272,15 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
         name: &name,
     };
     let grant_id = names.owner();
+    // IAM role names are case-insensitive.
+    if let Some(bridge) = settings.bridge_role.as_deref()
+        && let Some(role) =
+            (spec.principals.roles.iter()).find(|r| r.as_str().eq_ignore_ascii_case(bridge))
+    {
+        return Err(Error::BridgeRoleNamed {
+            role: role.as_str().to_owned(),
+        });
+    }
 
     let documents = session_documents(grant, &settings.cluster);
     let effect = match spec.effect {

@@ -207,6 +207,31 @@ fn port_documents_pin_their_port() {
 }
 
 #[test]
+fn a_grant_may_not_name_the_bridges_role_in_any_case() {
+    let settings = Settings {
+        bridge_role: Some("fleet-access-bridge".into()),
+        ..Settings::default()
+    };
+    // A Deny on it would cut every tenant off the bridge; IAM names ignore case.
+    for role in ["fleet-access-bridge", "Fleet-Access-Bridge"] {
+        let grant = grant().deny().roles([role]).instance_ids(["i-0123abcd"]);
+        let error = compute(&grant.build(), &settings).expect_err("refused");
+        assert_eq!(error.metric_label(), "bridge_role_named");
+        assert!(
+            error.to_string().starts_with(&format!(
+                "spec.principals.roles: {role} is the bridge's role"
+            )),
+            "{error}"
+        );
+    }
+    let other = grant()
+        .roles(["fleet-access-bridge-admins"])
+        .instance_ids(["i-0123abcd"])
+        .ssh();
+    assert!(compute(&other.build(), &settings).is_ok());
+}
+
+#[test]
 fn deny_on_instances_denies_every_session_to_them() {
     let desired = compute_default(
         grant()
