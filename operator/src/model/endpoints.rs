@@ -73,15 +73,17 @@ impl Destination {
     /// What an observed Service reaches, by its annotations; by its name (an instance ID) when
     /// they are unreadable.
     pub fn of_service(service: &Service) -> Self {
-        let parsed = (service.metadata.annotations.as_ref())
-            .and_then(|a| EndpointAnnotations::parse(a).ok());
-        match parsed {
-            Some(endpoint) => Self {
-                instance: endpoint.instance_id,
-                remote_host: endpoint.remote_host,
-            },
-            None => Self::instance(&service.name_any()),
-        }
+        Self::recorded(service).unwrap_or_else(|| Self::instance(&service.name_any()))
+    }
+
+    /// What an observed Service's annotations say it reaches, when they can be read.
+    fn recorded(service: &Service) -> Option<Self> {
+        let endpoint = (service.metadata.annotations.as_ref())
+            .and_then(|a| EndpointAnnotations::parse(a).ok())?;
+        Some(Self {
+            instance: endpoint.instance_id,
+            remote_host: endpoint.remote_host,
+        })
     }
 }
 
@@ -296,14 +298,21 @@ pub fn endpoint_changes(
     let mut target_ports = BTreeSet::new();
     for (destination, ports) in &wanted.services {
         let name = destination.service_name();
-        if let Some((theirs, _)) = after.get(&name)
+        // A Service whose annotations were edited away says nothing: it is rendered again as
+        // ours. One that says it serves another destination is not ours to take.
+        let readable =
+            (observed.services.get(&name)).is_none_or(|s| Destination::recorded(s).is_some());
+        if let Some((theirs, _)) = after.get_mut(&name)
             && theirs != destination
         {
-            return Err(EndpointError::ServiceNameTaken {
-                service: name,
-                theirs: theirs.to_string(),
-                ours: destination.to_string(),
-            });
+            if readable {
+                return Err(EndpointError::ServiceNameTaken {
+                    service: name,
+                    theirs: theirs.to_string(),
+                    ours: destination.to_string(),
+                });
+            }
+            *theirs = destination.clone();
         }
         let previous = before.get(&name);
         let mut mine = Vec::new();
@@ -763,6 +772,17 @@ mod tests {
                 "the bridge Service {} already serves db.other through {I1}, not db.internal through {I1}: one name for two destinations is refused",
                 ours.service_name()
             )
+        );
+        // One whose annotations were edited away says nothing: it is rendered again as ours.
+        let mut stripped = observed.clone();
+        if let Some(service) = stripped.services.values_mut().next() {
+            service.metadata.annotations = None;
+        }
+        let changes = endpoint_changes("fa", "a/one", &wanted, &stripped).expect("planned");
+        let after = applied(stripped, &changes);
+        assert_eq!(
+            Destination::of_service(&after.services[&ours.service_name()]),
+            ours
         );
     }
 
