@@ -866,11 +866,11 @@ fn the_operator_role_attaches_only_to_grantable_identities() {
 
 /// Every example grant, each on its own and all merged into one role's policy set (as when they
 /// all name that role), gives every request the same decision: the merged set decides as the
-/// grants together do (an explicit Deny of any wins, else an Allow of any allows). The role is
-/// also the bridge role, so bridge statements merge too.
+/// grants together do (an explicit Deny of any wins, else an Allow of any allows). (Not the
+/// bridge's role: no grant may name it.)
 #[test]
 fn a_merged_policy_set_decides_as_its_grants_do_together() {
-    const SHARED: &str = "fleet-access-bridge";
+    const SHARED: &str = "fleet-access-shared";
     let examples = fleet_access_tests::workspace_root().join("deploy/examples");
     let mut grants = Vec::new();
     for entry in std::fs::read_dir(examples).unwrap() {
