@@ -373,7 +373,7 @@ async fn port_forwarding_through_the_official_plugin() {
             mut stdout,
         } = start_forwarding(&plugin, mode, plugin_keepalive, echo_server().await).await;
         let stdout_log = scratch.path().join("plugin.stdout");
-        tokio::spawn(async move {
+        let mut stdout_logger = tokio::spawn(async move {
             let mut text = String::new();
             while let Ok(Some(line)) = stdout.next_line().await {
                 text.push_str(&line);
@@ -415,6 +415,14 @@ async fn port_forwarding_through_the_official_plugin() {
         wait_until_quiet(&running, &started.session_id, 5).await;
 
         interrupt(&mut child).await;
+        // Its output ends with it: the log is written before the scratch directory goes (a
+        // write racing the removal would leave the directory behind).
+        if tokio::time::timeout(TEST_TIMEOUT, &mut stdout_logger)
+            .await
+            .is_err()
+        {
+            stdout_logger.abort();
+        }
 
         let report = assert_clean(&running, &started.session_id).await;
         assert_eq!(report.transfer, Some(Transfer::Mux), "{mode:?}: {report:?}");
