@@ -589,10 +589,11 @@ impl Relay {
             }
             _ => {
                 for f in frames {
-                    if ws.send(Message::Binary(f.clone())).await.is_err() {
+                    let awaited = self.awaited_for(&f);
+                    if ws.send(Message::Binary(f)).await.is_err() {
                         return Some(End::Gone);
                     }
-                    self.wrote(&f);
+                    self.wrote(awaited);
                 }
                 None
             }
@@ -608,19 +609,25 @@ impl Relay {
             let Some((_, f)) = self.transit.delayed.pop_front() else {
                 break;
             };
-            if ws.send(Message::Binary(f.clone())).await.is_err() {
+            let awaited = self.awaited_for(&f);
+            if ws.send(Message::Binary(f)).await.is_err() {
                 return Some(End::Gone);
             }
-            self.wrote(&f);
+            self.wrote(awaited);
         }
         None
     }
 
+    /// Whether the agent waits to hear that `frame` was written (no longer, once asked).
+    fn awaited_for(&mut self, frame: &Bytes) -> Option<Written> {
+        let i = self.awaited.iter().position(|(f, _)| f == frame)?;
+        Some(self.awaited.swap_remove(i).1)
+    }
+
     /// Counts a frame written to the client, and tells the agent when it waited for it.
-    fn wrote(&mut self, frame: &Bytes) {
+    fn wrote(&mut self, awaited: Option<Written>) {
         self.transit.frames_sent += 1;
-        if let Some(i) = self.awaited.iter().position(|(f, _)| f == frame) {
-            let (_, written) = self.awaited.swap_remove(i);
+        if let Some(written) = awaited {
             let _ = self.agent.send(AgentInput::Written(written));
         }
     }
