@@ -61,7 +61,7 @@ fn port_suffix(port: u16) -> String {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Desired {
-    /// `<namespace>/<name>` of the grant; also the owner tag's value.
+    /// `<cluster>/<namespace>/<name>` of the grant: the owner tag's value.
     pub grant: String,
     /// Allow or Deny.
     pub effect: Effect,

@@ -8,8 +8,10 @@
 //! matches a statement when it matches one of its resources). An identity's set is named after
 //! the identity (`fleet-access.<cluster>.<kind>@<name>`, `-2`, …) and tagged
 //! [`IDENTITY_TAG`](naming::IDENTITY_TAG). When the set would exceed the identity's budget of
-//! attached policies, the grants are taken in order (the controller orders them by creation)
-//! and the longest run that fits is kept: the rest are left out, and say so.
+//! attached policies, the grants are taken in order and the longest run that fits is kept: the
+//! rest are left out, and say so. The order takes turns between namespaces ([`in_turns`]): a
+//! tenant that fills a shared identity (the bridge's role, above all) with grants leaves out
+//! its own later grants, not another tenant's first.
 
 pub mod pack;
 
@@ -81,12 +83,14 @@ pub fn policy_name(cluster: &str, identity: &Principal) -> impl Fn(&str) -> Stri
     move |suffix| naming::identity_policy_name(&cluster, kind, &name, suffix)
 }
 
-/// The set of policies for `contributions` (in order of precedence) within `budget` policies.
+/// The set of policies for `contributions` (in order of creation) within `budget` policies,
+/// their namespaces taking turns.
 pub fn policy_set(
     contributions: &[Contribution<'_>],
     budget: usize,
     name: &dyn Fn(&str) -> String,
 ) -> Result<PolicySet> {
+    let contributions = in_turns(contributions.to_vec(), |c| naming::owner_namespace(c.grant));
     let packed = |n: usize| {
         let statements = merge(contributions[..n].iter().flat_map(|c| c.statements));
         pack(statements, name)
@@ -113,6 +117,23 @@ pub fn policy_set(
             .map(|c| c.grant.to_owned())
             .collect(),
     })
+}
+
+/// `items` (in order of creation) reordered to take turns between their owners (`owner` of an
+/// item: its namespace): every owner's first item in order of creation, then every owner's
+/// second, and so on. Whoever holds the most items is the first to lose them when not all fit,
+/// and an owner's own items keep their order. Pure.
+pub fn in_turns<T, K: Ord>(items: Vec<T>, owner: impl Fn(&T) -> K) -> Vec<T> {
+    let mut seen: BTreeMap<K, usize> = BTreeMap::new();
+    let mut turns: Vec<(usize, usize, T)> = (items.into_iter().enumerate())
+        .map(|(created, item)| {
+            let count = seen.entry(owner(&item)).or_default();
+            *count += 1;
+            (*count, created, item)
+        })
+        .collect();
+    turns.sort_by_key(|(turn, created, _)| (*turn, *created));
+    turns.into_iter().map(|(_, _, item)| item).collect()
 }
 
 /// Every identity's policy set for `grants`, taken in order of precedence, each within

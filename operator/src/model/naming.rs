@@ -181,6 +181,12 @@ pub fn owner_tag_value(cluster: &str, namespace: &str, name: &str) -> String {
     format!("{cluster}/{namespace}/{name}")
 }
 
+/// The namespace of the grant whose owner tag value is `value` (`<cluster>/<namespace>/<name>`;
+/// neither a namespace nor a name holds a `/`).
+pub fn owner_namespace(value: &str) -> &str {
+    value.rsplit('/').nth(1).unwrap_or_default()
+}
+
 /// A grant's key inside its cluster, `<namespace>/<name>`: how the endpoint Services and
 /// NetworkPolicies (in Kubernetes, where the cluster goes without saying) name their grants.
 pub fn grant_key(namespace: &str, name: &str) -> String {
