@@ -83,6 +83,10 @@ struct ServeArgs {
     /// Most concurrent sessions across the bridge.
     #[arg(long, default_value_t = 1000)]
     max_sessions: usize,
+    /// Most concurrent sessions whose clients are in one namespace (each tenant's share; clients
+    /// no single pod is known for share one). Applies when clients are attributed.
+    #[arg(long, default_value_t = 250)]
+    max_sessions_per_client_namespace: usize,
     /// Most concurrent sessions to one instance.
     #[arg(long, default_value_t = 100)]
     max_sessions_per_instance: usize,
@@ -368,6 +372,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         listen_address: args.listen_address,
         limits: Limits {
             total: args.max_sessions,
+            per_client_namespace: args.max_sessions_per_client_namespace,
             per_instance: args.max_sessions_per_instance,
         },
         grace: Duration::from_secs(args.drain_seconds),

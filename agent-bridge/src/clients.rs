@@ -170,6 +170,11 @@ impl PodDirectory {
         }
     }
 
+    /// Whether pods are watched (attribution on).
+    pub fn is_watching(&self) -> bool {
+        self.store.is_some()
+    }
+
     /// Who has `address`.
     pub fn resolve(&self, address: IpAddr) -> Client {
         match &self.store {

@@ -10,13 +10,15 @@
 //!  budget      the memory budget every session's buffers draw from
 //!  forward     local port forwarding over a pool of sessions
 //!  terminal    `shell`'s terminal: raw mode, its size, the `~.` escape
-//!  listener, serve, replica   the in-cluster mode: endpoints from Services, admission, the
-//!              sweep of dead replicas' sessions
+//!  listener, admission, serve, replica   the in-cluster mode: endpoints from Services, limits
+//!              on sessions per bridge, client namespace and instance, the sweep of dead
+//!              replicas' sessions
 //!  clients, audit   who each connection came from (its pod), and one record per connection
 //!  cli, admin, metrics, stream_url   the command line, /metrics and probes, the stream URL policy
 //! ```
 
 pub mod admin;
+pub mod admission;
 pub mod audit;
 pub mod budget;
 pub mod cli;

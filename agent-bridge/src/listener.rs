@@ -11,9 +11,9 @@
 //! stops every accept loop first (draining), then, after a grace period, terminates what is left.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -22,15 +22,15 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span, warn};
 
+pub use crate::admission::{Limits, Refusal, Share};
 use crate::{
+    admission::Admission,
     audit::{AuditSink, ByteCounts, ClientRecord, ConnectionRecord, Counted, Ended},
-    budget::{Lease, MemoryBudget},
     clients::{self, Client, PodDirectory},
     ssm::{ControlPlane, StartSessionRequest},
     tunnel::{Carried, Ending, SessionContext, carry},
@@ -121,98 +121,6 @@ pub fn endpoints<'a>(
     out
 }
 
-/// Limits on concurrent sessions.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Sessions across the whole bridge.
-    pub total: usize,
-    /// Sessions to one instance.
-    pub per_instance: usize,
-}
-
-/// Shared state for admission control.
-struct Admission {
-    limits: Limits,
-    total: Arc<Semaphore>,
-    per_instance: Mutex<HashMap<String, Arc<Semaphore>>>,
-    /// Each session's floor comes from here.
-    budget: Option<MemoryBudget>,
-}
-
-/// Why a client connection was refused before it became a session.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// The bridge carries its limit of sessions.
-    #[error("the bridge already carries its limit of {0} sessions")]
-    BridgeFull(usize),
-    /// The instance has its limit of sessions.
-    #[error("{instance} already has its limit of {limit} sessions")]
-    InstanceFull {
-        /// The instance.
-        instance: String,
-        /// Its limit.
-        limit: usize,
-    },
-    /// The memory budget cannot give a new session its floor.
-    #[error(
-        "the bridge's memory budget ({}) is spent on what other sessions' clients have not read \
-         yet",
-        crate::budget::in_units(*.0)
-    )]
-    MemorySpent(usize),
-}
-
-impl Refusal {
-    /// The refusal's label in `connections_refused_total` (one of
-    /// [`metrics::REFUSAL_REASONS`](crate::metrics::REFUSAL_REASONS)).
-    pub fn metric_label(&self) -> &'static str {
-        let [total, instance, memory] = crate::metrics::REFUSAL_REASONS;
-        match self {
-            Refusal::BridgeFull(_) => total,
-            Refusal::InstanceFull { .. } => instance,
-            Refusal::MemorySpent(_) => memory,
-        }
-    }
-}
-
-/// What an admitted connection holds while it is carried.
-#[derive(Debug)]
-struct Admitted {
-    _total: OwnedSemaphorePermit,
-    _instance: OwnedSemaphorePermit,
-    lease: Option<Lease>,
-}
-
-impl Admission {
-    fn admit(&self, instance: &str) -> Result<Admitted, Refusal> {
-        let total = (self.total.clone().try_acquire_owned())
-            .map_err(|_| Refusal::BridgeFull(self.limits.total))?;
-        let instance_semaphore = {
-            let mut map = self.per_instance.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(instance.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.limits.per_instance)))
-                .clone()
-        };
-        let one = instance_semaphore
-            .try_acquire_owned()
-            .map_err(|_| Refusal::InstanceFull {
-                instance: instance.to_owned(),
-                limit: self.limits.per_instance,
-            })?;
-        let lease = match &self.budget {
-            Some(budget) => {
-                Some((budget.lease()).ok_or_else(|| Refusal::MemorySpent(budget.limit()))?)
-            }
-            None => None,
-        };
-        Ok(Admitted {
-            _total: total,
-            _instance: one,
-            lease,
-        })
-    }
-}
-
 struct Running {
     endpoint: Endpoint,
     /// Cancelled when the endpoint is removed: closes the listener and its tunnels.
@@ -264,12 +172,7 @@ impl<C: ControlPlane + 'static> Listeners<C> {
         address: IpAddr,
         audit: Audit,
     ) -> Self {
-        let admission = Admission {
-            limits,
-            total: Arc::new(Semaphore::new(limits.total)),
-            per_instance: Mutex::default(),
-            budget: context.budget.clone(),
-        };
+        let admission = Admission::new(limits, context.budget.clone());
         Self {
             serving: Arc::new(Serving {
                 context,
@@ -401,7 +304,11 @@ async fn accept_loop<C: ControlPlane + 'static>(
         let connected_at = Instant::now();
         let record = Record::begin(&endpoint, peer, &serving.audit.clients);
         let context = &serving.context;
-        let admitted = match serving.admission.admit(&endpoint.instance_id) {
+        let share = Share::of(&record.client, serving.audit.clients.is_watching());
+        let admitted = match serving
+            .admission
+            .admit(&endpoint.instance_id, share.as_ref())
+        {
             Ok(admitted) => admitted,
             Err(refusal) => {
                 context.metrics.connection_refused(refusal.metric_label());
@@ -440,6 +347,8 @@ async fn accept_loop<C: ControlPlane + 'static>(
                     Ending::Failed(error) => warn!(%error, "connection not carried to its end"),
                     _ => {}
                 }
+                // Its slot is free before its record says it ended.
+                drop(admitted);
                 serving.write(record.end(carried, &counts));
             }
             .instrument(span),
@@ -581,64 +490,5 @@ mod tests {
             ),
             (Some("db.internal"), 5432, "to-db")
         );
-    }
-
-    #[test]
-    fn admission_refuses_past_each_limit() {
-        let limits = Limits {
-            total: 3,
-            per_instance: 2,
-        };
-        let admission = Admission {
-            limits,
-            total: Arc::new(Semaphore::new(3)),
-            per_instance: Mutex::default(),
-            budget: None,
-        };
-        let a1 = admission.admit("i-a").unwrap();
-        let _a2 = admission.admit("i-a").unwrap();
-        let refusal = admission.admit("i-a").unwrap_err();
-        assert_eq!(refusal.metric_label(), "limit_instance");
-        assert!(
-            refusal
-                .to_string()
-                .contains("i-a already has its limit of 2")
-        );
-        let _b1 = admission.admit("i-b").unwrap();
-        let refusal = admission.admit("i-c").unwrap_err();
-        assert_eq!(refusal, Refusal::BridgeFull(3));
-        assert_eq!(refusal.metric_label(), "limit_total");
-        assert!(refusal.to_string().contains("limit of 3 sessions"));
-        drop(a1);
-        assert!(admission.admit("i-c").is_ok());
-    }
-
-    #[test]
-    fn admission_refuses_a_session_the_memory_budget_has_no_floor_for() {
-        use crate::budget::SESSION_FLOOR;
-        let limits = Limits {
-            total: 10,
-            per_instance: 10,
-        };
-        let budget = MemoryBudget::new(2 * SESSION_FLOOR + SESSION_FLOOR / 2);
-        let admission = Admission {
-            limits,
-            total: Arc::new(Semaphore::new(10)),
-            per_instance: Mutex::default(),
-            budget: Some(budget.clone()),
-        };
-        let first = admission.admit("i-a").unwrap();
-        assert_eq!(first.lease.as_ref().map(Lease::held), Some(SESSION_FLOOR));
-        let _second = admission.admit("i-b").unwrap();
-        let refusal = admission.admit("i-c").unwrap_err();
-        assert_eq!(refusal.metric_label(), "memory_budget");
-        let limit = crate::budget::in_units(budget.limit());
-        assert!(
-            (refusal.to_string()).contains(&format!("memory budget ({limit}) is spent")),
-            "{refusal}"
-        );
-        drop(first);
-        assert_eq!(budget.in_use(), SESSION_FLOOR);
-        assert!(admission.admit("i-c").is_ok());
     }
 }

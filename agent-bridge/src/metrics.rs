@@ -37,7 +37,12 @@ const RTT_BUCKETS: &[f64] = &[
 
 /// Why connections are refused before a session starts (`connections_refused_total`'s label),
 /// each counted from zero.
-pub const REFUSAL_REASONS: [&str; 3] = ["limit_total", "limit_instance", "memory_budget"];
+pub const REFUSAL_REASONS: [&str; 4] = [
+    "limit_total",
+    "limit_namespace",
+    "limit_instance",
+    "memory_budget",
+];
 
 /// How a session ended, as a bounded label value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

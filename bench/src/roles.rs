@@ -268,6 +268,7 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
         context,
         Limits {
             total: 5000,
+            per_client_namespace: 5000,
             per_instance: 5000,
         },
         Ipv4Addr::LOCALHOST.into(),

@@ -130,6 +130,7 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         context,
         Limits {
             total: 100,
+            per_client_namespace: 100,
             per_instance: 20,
         },
         loopback,

@@ -565,6 +565,7 @@ async fn serve_follows_services_and_carries_ssh_and_scp() {
     let registry = Registry::new();
     let limits = Limits {
         total: 100,
+        per_client_namespace: 100,
         per_instance: 60,
     };
     let served = Served::start(
@@ -657,6 +658,7 @@ async fn fifty_concurrent_ssh_sessions_to_several_instances() {
     let registry = Registry::new();
     let limits = Limits {
         total: 100,
+        per_client_namespace: 100,
         per_instance: 60,
     };
     let served = Served::start(
@@ -715,6 +717,7 @@ async fn faults_during_scp_leave_the_file_intact() {
     let registry = Registry::new();
     let limits = Limits {
         total: 10,
+        per_client_namespace: 10,
         per_instance: 10,
     };
     let served = Served::start(
@@ -754,6 +757,7 @@ async fn sigterm_drains_a_transfer_that_ends_within_the_grace_period() {
     let emulator = emulator(&sshd, Mode::Fast, &[]).await;
     let limits = Limits {
         total: 10,
+        per_client_namespace: 10,
         per_instance: 10,
     };
     let served = Served::start(
@@ -1331,6 +1335,7 @@ async fn forward_through_a_remote_host_grants_document() {
         &[(WEB, 5432, &document, None)],
         Limits {
             total: 10,
+            per_client_namespace: 10,
             per_instance: 10,
         },
     )
@@ -1479,6 +1484,7 @@ async fn serve_ends_a_mux_session_with_its_connection() {
     let document = rendered.documents[0].name.as_str();
     let limits = Limits {
         total: 10,
+        per_client_namespace: 10,
         per_instance: 10,
     };
     let context = context(&emulator, &Registry::new());
@@ -1536,6 +1542,7 @@ async fn prometheus_scrapes_what_a_session_caused() {
         context,
         Limits {
             total: 10,
+            per_client_namespace: 10,
             per_instance: 10,
         },
         LOOPBACK,
@@ -1725,6 +1732,7 @@ async fn serve_holds_back_for_a_slow_reader_and_loses_nothing() {
     let emulator = download_emulator().await;
     let limits = Limits {
         total: 10,
+        per_client_namespace: 10,
         per_instance: 10,
     };
     let registry = Registry::new();
@@ -2031,6 +2039,7 @@ async fn every_connection_is_attributed_to_its_pod_and_recorded() {
         ],
         Limits {
             total: 10,
+            per_client_namespace: 10,
             per_instance: 10,
         },
     )
@@ -2130,6 +2139,100 @@ async fn every_connection_is_attributed_to_its_pod_and_recorded() {
         (probe_session.reason.as_deref()).is_some_and(|r| r.contains("for=unresolved:127.0.0.1")),
         "{probe_session:?}"
     );
+    served.stop().await;
+}
+
+/// One tenant's clients hold at most their share of the bridge's sessions: past it, a client of
+/// that namespace is refused with a reason that names the namespace, while a client of another
+/// namespace is carried; once one of the first tenant's connections ends (its record written),
+/// the tenant gets in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_clients_hold_their_share_of_sessions_and_no_more() {
+    let sshd = Sshd::start().await.expect("sshd");
+    let echo = fleet_access_tests::targets::echo_server()
+        .await
+        .expect("echo");
+    let emulator = emulator(&sshd, Mode::Fast, &[(WEB, 7, echo)]).await;
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    let mut tenants = Vec::new();
+    for prefix in ["share-busy", "share-quiet"] {
+        let namespace = control_plane.namespace(prefix).await.expect("namespace");
+        let address = fleet_access_tests::own_loopback_address();
+        client_pod(&namespace, "job-0", "runner", address).await;
+        tenants.push((namespace, address));
+    }
+    let [(busy, busy_address), (_quiet, quiet_address)] = tenants.as_slice() else {
+        unreachable!("two tenants");
+    };
+    let registry = Registry::new();
+    let served = Served::start_endpoints(
+        "bridge-shares",
+        context(&emulator, &registry),
+        &[(WEB, 7, "AWS-StartPortForwardingSession", Some(7))],
+        Limits {
+            total: 10,
+            per_client_namespace: 2,
+            per_instance: 10,
+        },
+    )
+    .await;
+    let port = served.port(WEB);
+    let connect_from = |address: IpAddr| async move {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(address, 0))
+            .expect("bind the pod's address");
+        socket
+            .connect(SocketAddr::new(LOOPBACK, port))
+            .await
+            .expect("connect")
+    };
+    let mut first = connect_from(*busy_address).await;
+    echoes(&mut first, "first\n").await;
+    let mut second = connect_from(*busy_address).await;
+    echoes(&mut second, "second\n").await;
+
+    let mut refused = connect_from(*busy_address).await;
+    let mut said = String::new();
+    tokio::time::timeout(Duration::from_secs(30), refused.read_to_string(&mut said))
+        .await
+        .expect("the refusal comes in time")
+        .expect("read");
+    assert_eq!(
+        said.trim_end(),
+        format!(
+            "fleet-access: refused: clients in namespace {} already hold their limit of 2 \
+             sessions on this bridge",
+            busy.name()
+        )
+    );
+    let mut other = connect_from(*quiet_address).await;
+    echoes(&mut other, "another tenant\n").await;
+
+    // The busy tenant's first connection ends: its share has room again.
+    drop(first);
+    let from_busy_ended =
+        |r: &ConnectionRecord| r.client.address == *busy_address && r.ended == Ended::ClientClosed;
+    let records = served
+        .records_when(|all| all.iter().any(from_busy_ended))
+        .await;
+    assert!(records.iter().any(from_busy_ended), "{records:#?}");
+    let mut again = connect_from(*busy_address).await;
+    echoes(&mut again, "again\n").await;
+
+    let refusals: Vec<&ConnectionRecord> = (records.iter())
+        .filter(|r| r.ended == Ended::Refused)
+        .collect();
+    assert!(
+        (refusals.iter()).all(|r| r.client.address != *quiet_address),
+        "{refusals:#?}"
+    );
+    let exported = fleet_access_agent_bridge::metrics::encode(&registry);
+    assert!(
+        exported.contains(r#"agent_bridge_connections_refused_total{reason="limit_namespace"} 1"#),
+        "{exported}"
+    );
+    drop((second, other, again));
     served.stop().await;
 }
 

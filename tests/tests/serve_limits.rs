@@ -188,6 +188,7 @@ impl Bridge {
         };
         let limits = Limits {
             total: 100,
+            per_client_namespace: 100,
             per_instance: 100,
         };
         let records = Arc::new(Records::default());

@@ -181,7 +181,10 @@ fn grants_beyond_the_budget_are_left_out_from_the_first_that_does_not_fit() {
 fn namespaces_take_turns_and_each_keeps_its_order() {
     let created = ["c/a/1", "c/a/2", "c/a/3", "c/b/1", "c/c/1", "c/b/2"];
     let turns = in_turns(created.to_vec(), |g| naming::owner_namespace(g));
-    assert_eq!(turns, ["c/a/1", "c/b/1", "c/c/1", "c/a/2", "c/b/2", "c/a/3"]);
+    assert_eq!(
+        turns,
+        ["c/a/1", "c/b/1", "c/c/1", "c/a/2", "c/b/2", "c/a/3"]
+    );
     assert_eq!(naming::owner_namespace("c.with.dots/ns/name"), "ns");
     let one_namespace = in_turns(grant_names(4), |g| naming::owner_namespace(g).to_owned());
     assert_eq!(one_namespace, grant_names(4), "alone, creation order");
@@ -192,7 +195,12 @@ fn namespaces_take_turns_and_each_keeps_its_order() {
 #[test]
 fn a_tenant_filling_a_shared_identity_leaves_out_its_own_grants_first() {
     // Each grant brings 60 instances of its own (about 4,000 characters): one policy each.
-    let big = |g: usize| vec![allow("Start", (g * 60..(g + 1) * 60).map(instance).collect())];
+    let big = |g: usize| {
+        vec![allow(
+            "Start",
+            (g * 60..(g + 1) * 60).map(instance).collect(),
+        )]
+    };
     let flood: Vec<String> = (0..4).map(|g| format!("c/flood/g{g}")).collect();
     let late = ["c/late/first".to_owned()];
     let grants: Vec<String> = flood.iter().chain(&late).cloned().collect();
@@ -214,11 +222,18 @@ fn a_tenant_filling_a_shared_identity_leaves_out_its_own_grants_first() {
     );
     assert!(!set.left_out.is_empty());
     let kept = flood.len() - set.left_out.len();
-    assert_eq!(set.left_out, flood[kept..], "the flooding tenant's latest wait");
+    assert_eq!(
+        set.left_out,
+        flood[kept..],
+        "the flooding tenant's latest wait"
+    );
     let documents: String = (set.policies.iter())
         .map(|p| p.document.0.to_json())
         .collect();
-    assert!(documents.contains(&instance(4 * 60)), "the late grant's instances");
+    assert!(
+        documents.contains(&instance(4 * 60)),
+        "the late grant's instances"
+    );
 }
 
 #[test]
