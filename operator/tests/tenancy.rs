@@ -11,7 +11,7 @@ mod support;
 
 use std::{path::Path, time::Duration};
 
-use fleet_access_crds::fixtures::GrantFixture;
+use fleet_access_crds::{fixtures::GrantFixture, ssm_documents};
 use fleet_access_operator::model::naming;
 use fleet_access_tests::ControlPlane;
 use k8s_openapi::api::events::v1::Event;
@@ -391,6 +391,18 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
         h.documents_tagged_in_namespace().await,
         Vec::<String>::new()
     );
+    // Nor any of the documents the cluster's grants share (a Port document per port, one per
+    // remote host): a refused grant writes nothing to AWS, shared or not.
+    let cluster = &h.settings.cluster;
+    for shared in [
+        ssm_documents::port_document_name(cluster, 3306),
+        ssm_documents::remote_host_document_name(cluster, "orders.other.internal", 5432),
+    ] {
+        assert!(
+            !h.document_exists(&shared).await,
+            "a refused grant created {shared}"
+        );
+    }
 
     // Narrowing the boundary (no more SSH) revokes both grants: detached and deleted.
     control_plane

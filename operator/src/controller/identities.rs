@@ -22,18 +22,14 @@ use std::{
     sync::Arc,
 };
 
-use fleet_access_crds::{SessionAccess, SessionAccessApproval, v1alpha1::PolicyStatus};
-use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
-use kube::ResourceExt;
+use fleet_access_crds::{SessionAccess, v1alpha1::PolicyStatus};
+use k8s_openapi::api::core::v1::ObjectReference;
 
 use crate::{
     Error, Result,
     aws::{Principal, PrincipalKind, with_retry},
-    controller::{Context, apply::Applier, coalesce::Coalesced, observe},
+    controller::{Context, apply::Applier, coalesce::Coalesced, granting, observe},
     model::{
-        approval,
-        boundary::{self, Admission},
-        desired::{self, Desired},
         identity::{self, Contribution},
         naming::{self, OwnerTag},
         plan,
@@ -156,9 +152,8 @@ pub(crate) async fn apply_set(
     })
 }
 
-/// Each identity's contributing grants, in order of precedence (creation, then owner), with
-/// their statements: every live grant the boundaries admit and whose window has not ended,
-/// read from the API server now.
+/// Each identity's contributing grants, in order of creation (then owner), with their statements:
+/// every grant that [grants now](granting::granting), read from the API server now.
 async fn contributions(
     ctx: &Context,
 ) -> Result<BTreeMap<Principal, Vec<(String, Vec<Statement>)>>> {
@@ -170,52 +165,8 @@ async fn contributions_of(
     grants: &[SessionAccess],
     ctx: &Context,
 ) -> Result<BTreeMap<Principal, Vec<(String, Vec<Statement>)>>> {
-    let (boundaries, labels) = observe::all_boundaries(ctx).await?;
-    let now = Timestamp::now();
-    let no_labels = BTreeMap::new();
-    let mut approvals: Option<Vec<SessionAccessApproval>> = None;
-    let mut contributing: Vec<(Option<Timestamp>, Desired)> = Vec::new();
-    for grant in grants {
-        if grant.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let namespace = grant.namespace().unwrap_or_default();
-        let judged = boundary::Grant {
-            spec: &grant.spec,
-            namespace: &namespace,
-            namespace_labels: labels.get(&namespace).unwrap_or(&no_labels),
-            created: grant.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        };
-        if let Admission::Refused(_) = boundary::admit(&judged, &boundaries, now) {
-            continue;
-        }
-        let required = approval::required_by(&judged, &boundaries);
-        let verdict = match required.is_empty() {
-            true => approval::Verdict::NotRequired,
-            false => {
-                let approvals = match &mut approvals {
-                    Some(listed) => listed,
-                    None => approvals.insert(observe::approvals(None, ctx).await?),
-                };
-                approval::judge(grant, required, approvals, now)
-            }
-        };
-        if !verdict.allows() {
-            continue;
-        }
-        let Ok(desired) = desired::compute(&approval::effective(grant, &verdict), &ctx.settings)
-        else {
-            continue;
-        };
-        if desired.expired(now) {
-            continue;
-        }
-        let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        contributing.push((created, desired));
-    }
-    contributing.sort_by(|a, b| (a.0, &a.1.grant).cmp(&(b.0, &b.1.grant)));
     let mut by_identity: BTreeMap<Principal, Vec<(String, Vec<Statement>)>> = BTreeMap::new();
-    for (_, desired) in contributing {
+    for desired in granting::granting(grants, ctx).await? {
         for (identity, statements) in desired.contributions() {
             (by_identity.entry(identity).or_default()).push((desired.grant.clone(), statements));
         }

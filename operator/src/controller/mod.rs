@@ -1,5 +1,6 @@
-//! The controllers and what they share: the grant controller (`reconcile`), each IAM
-//! identity's policy set (`identities`), the session preferences controller (`preferences`), what they read from AWS and Kubernetes
+//! The controllers and what they share: the grant controller (`reconcile`), which grants grant
+//! now (`granting`), each IAM identity's policy set (`identities`), the shared session documents
+//! (`shared`), the session preferences controller (`preferences`), what they read from AWS and Kubernetes
 //! (`observe`), the one applier of every change, which also publishes its Event (`apply`),
 //! leader election (`leader`) and the wiring of `fleet-access-operator run` (`runner`).
 //!
@@ -11,6 +12,7 @@
 pub mod apply;
 pub mod census;
 pub mod coalesce;
+pub mod granting;
 pub mod identities;
 pub mod leader;
 pub mod observe;

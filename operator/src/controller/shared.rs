@@ -1,6 +1,7 @@
 //! The session documents every grant of the cluster shares: one Port document per port, named
 //! after it and tagged [`CLUSTER_TAG`](crate::model::naming::CLUSTER_TAG). A sync brings them
-//! to the union of what the live grants need: it creates the missing ones and deletes those no
+//! to the union of what the grants that [grant now](granting::granting) need (a grant outside
+//! its boundary, waiting for approval, invalid or over creates none): it creates the missing ones and deletes those no
 //! grant needs any more, looked up by name: the names every listed grant derives (the ones
 //! being deleted included) and the names this process has seen exist. The first sync after a
 //! start also lists the documents by the tag, for those an earlier process left. Grant
@@ -13,7 +14,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use crate::{
     Error, Result,
     controller::{
-        Context, apply::Applier, coalesce::Coalesced, observe, reconcile::sync_documents,
+        Context, apply::Applier, coalesce::Coalesced, granting, observe, reconcile::sync_documents,
     },
     model::{
         desired,
@@ -46,17 +47,12 @@ impl SharedDocuments {
     async fn sync_now(&self, subject: &ObjectReference, ctx: &Context) -> Result<()> {
         let cluster = &ctx.settings.cluster;
         let grants = observe::grants(ctx).await?;
-        let documents: Vec<(bool, Vec<desired::SessionDocument>)> = (grants.iter())
-            .map(|grant| {
-                let live = grant.metadata.deletion_timestamp.is_none();
-                (live, desired::session_documents(grant, cluster))
-            })
+        let granting = granting::granting(&grants, ctx).await?;
+        let wanted = plan::wanted_shared_documents(granting.iter().map(|d| d.documents.as_slice()));
+        // Every name any listed grant derives, granting or not, to find what to delete.
+        let documents: Vec<Vec<desired::SessionDocument>> = (grants.iter())
+            .map(|grant| desired::session_documents(grant, cluster))
             .collect();
-        let wanted = plan::wanted_shared_documents(
-            (documents.iter())
-                .filter(|(live, _)| *live)
-                .map(|(_, documents)| documents.as_slice()),
-        );
         let existing = self
             .existing
             .lock()
@@ -65,7 +61,7 @@ impl SharedDocuments {
         let known = Known {
             policy_arns: BTreeSet::new(),
             document_names: (documents.iter())
-                .flat_map(|(_, documents)| documents.iter().filter(|d| d.shared))
+                .flat_map(|documents| documents.iter().filter(|d| d.shared))
                 .map(|d| d.name.clone())
                 .chain(existing.iter().flatten().cloned())
                 .collect(),

@@ -1,0 +1,72 @@
+//! Which grants grant now: of the grants listed, those that are live, inside a boundary,
+//! approved where a boundary asks for approval, valid, and within their window, each judged as
+//! its own reconcile judges it (same boundaries, same clock rules, the approved generation's
+//! spec). What the cluster's shared objects hold (identities' policy sets, the shared session
+//! documents) is the union of what these grants ask, never of a grant that is refused, waiting,
+//! invalid or over: such a grant writes nothing to AWS, shared or not.
+
+use std::collections::BTreeMap;
+
+use fleet_access_crds::{SessionAccess, SessionAccessApproval};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use crate::{
+    Result,
+    controller::{Context, observe},
+    model::{
+        approval,
+        boundary::{self, Admission},
+        desired::{self, Desired},
+    },
+};
+
+/// What each of `grants` that grants now stands for, in order of creation (then owner). Lists
+/// the boundaries and namespaces, and the approvals when a grant needs them.
+pub(crate) async fn granting(grants: &[SessionAccess], ctx: &Context) -> Result<Vec<Desired>> {
+    let (boundaries, labels) = observe::all_boundaries(ctx).await?;
+    let now = Timestamp::now();
+    let no_labels = BTreeMap::new();
+    let mut approvals: Option<Vec<SessionAccessApproval>> = None;
+    let mut granting: Vec<(Option<Timestamp>, Desired)> = Vec::new();
+    for grant in grants {
+        if grant.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let namespace = grant.namespace().unwrap_or_default();
+        let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let judged = boundary::Grant {
+            spec: &grant.spec,
+            namespace: &namespace,
+            namespace_labels: labels.get(&namespace).unwrap_or(&no_labels),
+            created,
+        };
+        if let Admission::Refused(_) = boundary::admit(&judged, &boundaries, now) {
+            continue;
+        }
+        let required = approval::required_by(&judged, &boundaries);
+        let verdict = match required.is_empty() {
+            true => approval::Verdict::NotRequired,
+            false => {
+                let approvals = match &mut approvals {
+                    Some(listed) => listed,
+                    None => approvals.insert(observe::approvals(None, ctx).await?),
+                };
+                approval::judge(grant, required, approvals, now)
+            }
+        };
+        if !verdict.allows() {
+            continue;
+        }
+        let Ok(desired) = desired::compute(&approval::effective(grant, &verdict), &ctx.settings)
+        else {
+            continue;
+        };
+        if desired.expired(now) {
+            continue;
+        }
+        granting.push((created, desired));
+    }
+    granting.sort_by(|a, b| (a.0, &a.1.grant).cmp(&(b.0, &b.1.grant)));
+    Ok(granting.into_iter().map(|(_, desired)| desired).collect())
+}
