@@ -1405,30 +1405,7 @@ async fn a_grant_over_the_attachment_quota_is_refused_before_anything_is_written
     let h = Harness::start("op-quota", Duration::from_secs(300)).await;
     let role = h.unique("crowded");
     h.role(&role).await;
-    let mut foreign = Vec::new();
-    for i in 0..10 {
-        let name = h.unique(&format!("other-{i}"));
-        let arn = h
-            .iam
-            .create_policy()
-            .policy_name(&name)
-            .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:ListBucket","Resource":"*"}]}"#)
-            .send()
-            .await
-            .expect("a policy")
-            .policy()
-            .and_then(|p| p.arn())
-            .expect("its ARN")
-            .to_owned();
-        h.iam
-            .attach_role_policy()
-            .role_name(&role)
-            .policy_arn(&arn)
-            .send()
-            .await
-            .expect("attached");
-        foreign.push(arn);
-    }
+    let foreign = attach_foreign_policies(&h, &role, 10).await;
     let spec = json!({
         "principals": {"roles": [role]},
         "targets": {"instanceIds": ["i-0000000000000000a"]},
@@ -1469,6 +1446,93 @@ async fn a_grant_over_the_attachment_quota_is_refused_before_anything_is_written
     h.wait_condition("crowded", "Ready", "True").await;
     let attached = h.attachments(&h.set_arn(&format!("role/{role}"))).await;
     assert_eq!(attached, BTreeSet::from([format!("role/{role}")]));
+    h.stop().await;
+}
+
+/// Attaches `count` policies that are not the operator's to `role`: what leaves its policy set
+/// less of the quota. Returns their ARNs.
+async fn attach_foreign_policies(h: &Harness, role: &str, count: usize) -> Vec<String> {
+    let mut foreign = Vec::new();
+    for i in 0..count {
+        let name = h.unique(&format!("other-{i}"));
+        let arn = h
+            .iam
+            .create_policy()
+            .policy_name(&name)
+            .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:ListBucket","Resource":"*"}]}"#)
+            .send()
+            .await
+            .expect("a policy")
+            .policy()
+            .and_then(|p| p.arn())
+            .expect("its ARN")
+            .to_owned();
+        h.iam
+            .attach_role_policy()
+            .role_name(role)
+            .policy_arn(&arn)
+            .send()
+            .await
+            .expect("attached");
+        foreign.push(arn);
+    }
+    foreign
+}
+
+/// A grant that loses its place in a shared policy set through another grant's change (an
+/// earlier grant grew) says so at once, not at its next resync (300 s here, longer than the
+/// test waits), and gets its place back as soon as there is room.
+#[tokio::test]
+async fn a_grant_another_grant_leaves_out_of_a_shared_set_says_so_at_once() {
+    let h = Harness::start("op-moved", Duration::from_secs(300)).await;
+    let role = h.unique("shared");
+    h.role(&role).await;
+    // Room for one policy of the operator's: about 6,000 characters.
+    attach_foreign_policies(&h, &role, 9).await;
+    let instances = |from: usize, count: usize| -> Vec<String> {
+        (from..from + count)
+            .map(|i| format!("i-{:017x}", 0x1000 + i))
+            .collect()
+    };
+    let spec = |instance_ids: Vec<String>| {
+        json!({
+            "principals": {"roles": [role]},
+            "targets": {"instanceIds": instance_ids},
+            "sessions": {"ports": [5432]},
+        })
+    };
+    h.create("first", spec(instances(0, 1))).await;
+    h.wait_condition("first", "PolicySynced", "True").await;
+    // 40 instances: about 2,600 characters, beside the first grant's one.
+    h.create("second", spec(instances(100, 40))).await;
+    h.wait_condition("second", "PolicySynced", "True").await;
+
+    // The first grant grows to 70 instances: with the second's 40 they need two policies, so
+    // the second (created later) is left out of the role's set.
+    h.set_spec("first", spec(instances(0, 70))).await;
+    let left_out = h.wait_condition("second", "PolicySynced", "False").await;
+    let condition = find(&left_out, "PolicySynced").expect("PolicySynced");
+    assert_eq!(condition.reason, "AttachmentQuota", "{condition:?}");
+    let (document, _) =
+        (h.policy_document(&h.set_arn(&format!("role/{role}"))).await).expect("the role's set");
+    assert!(
+        document.contains(&instances(0, 70)[69]),
+        "the first grant's"
+    );
+    assert!(
+        !document.contains(&instances(100, 1)[0]),
+        "not the second's"
+    );
+
+    // It shrinks again: the second grant is back in, and says so.
+    h.set_spec("first", spec(instances(0, 1))).await;
+    h.wait_condition("second", "PolicySynced", "True").await;
+    let (document, _) =
+        (h.policy_document(&h.set_arn(&format!("role/{role}"))).await).expect("the role's set");
+    assert!(
+        document.contains(&instances(100, 1)[0]),
+        "the second's again"
+    );
     h.stop().await;
 }
 

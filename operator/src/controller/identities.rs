@@ -18,12 +18,13 @@
 //! contributes nothing.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
 };
 
 use fleet_access_crds::{SessionAccess, v1alpha1::PolicyStatus};
 use k8s_openapi::api::core::v1::ObjectReference;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
 use crate::{
     Error, Result,
@@ -52,9 +53,37 @@ pub struct IdentitySynced {
 #[derive(Default)]
 pub struct Identities {
     syncs: Coalesced<Principal, IdentitySynced>,
+    /// The grants each identity's last sync left out.
+    left_out: Mutex<HashMap<Principal, BTreeSet<String>>>,
+    /// Where the grants (owner tag values) whose place in a set changed go: the grant
+    /// controller reconciles them, so that their status says so at once.
+    moved: Mutex<Option<UnboundedSender<String>>>,
 }
 
 impl Identities {
+    /// From now on, every grant that a sync leaves out of a set, or lets into it again, is
+    /// sent here (its owner tag value). A grant other than the one whose reconcile asked for
+    /// the sync can lose its place (another namespace's grant took its turn, an earlier grant
+    /// grew), and nothing else would tell it before its next resync.
+    pub fn moved_grants(&self) -> UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.moved.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// Records what `identity`'s sync left out, and sends the grants whose place changed.
+    fn note_left_out(&self, identity: &Principal, now: &BTreeSet<String>) {
+        let before = (self.left_out.lock().unwrap_or_else(|e| e.into_inner()))
+            .insert(identity.clone(), now.clone())
+            .unwrap_or_default();
+        let moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(moved) = moved.as_ref() {
+            for grant in before.symmetric_difference(now) {
+                let _ = moved.send(grant.clone());
+            }
+        }
+    }
+
     /// Brings `identity`'s set up to date with every grant as it is now, and returns what the
     /// sync did; `subject` is the grant its Events are about (none for the sweep: it logs).
     pub async fn sync(
@@ -64,7 +93,11 @@ impl Identities {
         ctx: &Context,
     ) -> Result<Arc<IdentitySynced>> {
         let outcome = (self.syncs)
-            .run(identity, || sync_now(identity, subject, ctx))
+            .run(identity, || async {
+                let synced = sync_now(identity, subject, ctx).await?;
+                self.note_left_out(identity, &synced.left_out);
+                Ok(synced)
+            })
             .await;
         outcome.map_err(|source| Error::SharedSync {
             what: format!("the policy set of {identity}"),

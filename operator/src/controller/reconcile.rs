@@ -110,7 +110,23 @@ pub async fn run(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    let controller = Controller::new(grants, watcher::Config::default().any_semantic());
+    // A grant that an identity's sync left out of its set, or let in again, while reconciling
+    // another grant.
+    let moved = futures::stream::unfold(ctx.identities.moved_grants(), |mut rx| async move {
+        let owner = rx.recv().await?;
+        Some((owner, rx))
+    })
+    .filter_map({
+        let in_scope = in_scope.clone();
+        move |owner| {
+            let grant = naming::owner_grant(&owner)
+                .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
+                .and_then(in_scope.clone());
+            async move { grant }
+        }
+    });
+    let controller =
+        Controller::new(grants, watcher::Config::default().any_semantic()).reconcile_on(moved);
     let known = controller.store();
     let counted = known.clone();
     // A boundary's change may admit or refuse any grant; a namespace's labels decide which

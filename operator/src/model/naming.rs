@@ -181,10 +181,17 @@ pub fn owner_tag_value(cluster: &str, namespace: &str, name: &str) -> String {
     format!("{cluster}/{namespace}/{name}")
 }
 
-/// The namespace of the grant whose owner tag value is `value` (`<cluster>/<namespace>/<name>`;
-/// neither a namespace nor a name holds a `/`).
+/// The namespace and name of the grant whose owner tag value is `value`
+/// (`<cluster>/<namespace>/<name>`; neither a namespace nor a name holds a `/`).
+pub fn owner_grant(value: &str) -> Option<(&str, &str)> {
+    let mut parts = value.rsplitn(3, '/');
+    let (name, namespace, _cluster) = (parts.next()?, parts.next()?, parts.next()?);
+    Some((namespace, name))
+}
+
+/// The namespace of the grant whose owner tag value is `value` (see [`owner_grant`]).
 pub fn owner_namespace(value: &str) -> &str {
-    value.rsplit('/').nth(1).unwrap_or_default()
+    owner_grant(value).map_or("", |(namespace, _)| namespace)
 }
 
 /// A grant's key inside its cluster, `<namespace>/<name>`: how the endpoint Services and
