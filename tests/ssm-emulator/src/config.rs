@@ -44,7 +44,8 @@ pub struct Config {
     pub session_principal: String,
     /// The gateway waits this long for a new WebSocket's open message.
     pub open_timeout_ms: u64,
-    /// Agent waits this long for HandshakeResponse (the agent's value is 15 s).
+    /// Agent waits this long for HandshakeResponse, and in a KMS shell again for the answer to
+    /// its encryption challenge (the agent's value is 15 s).
     pub handshake_timeout_ms: u64,
     /// Session ends after this long without data in either direction (counted from the end
     /// of the handshake).

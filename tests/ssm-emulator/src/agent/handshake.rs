@@ -3,6 +3,13 @@
 
 use super::*;
 
+/// How the agent fails a session whose HandshakeResponse does not come in time (the session
+/// plugin prefixes every handshake error).
+const HANDSHAKE_TIMED_OUT: &str = "Encountered error while initiating handshake. Handshake timed out. Please ensure that you have the latest version of the session manager plugin.";
+/// How the agent fails a KMS session whose challenge is not answered in time.
+const CHALLENGE_TIMED_OUT: &str =
+    "Encountered error while initiating handshake. Timed out waiting for encryption challenge.";
+
 impl Agent {
     pub(super) fn start_handshake(&mut self) {
         if self.faults.start_publication_first
@@ -47,6 +54,20 @@ impl Agent {
             None,
         );
         self.handshake = Handshake::Awaiting { since: self.now };
+    }
+
+    /// What the handshake waits for now and since when, with the agent's words when it waits
+    /// too long: the HandshakeResponse (processed, its KMS decrypt included) from the
+    /// request on; then, in a KMS shell, the answer to the encryption challenge, with a fresh
+    /// timeout from the challenge on (`PerformHandshake`).
+    pub(super) fn handshake_wait(&self) -> Option<(Instant, &'static str)> {
+        let Handshake::Awaiting { since } = self.handshake else {
+            return None;
+        };
+        Some(match self.challenge_sent() {
+            Some(sent) => (sent, CHALLENGE_TIMED_OUT),
+            None => (since, HANDSHAKE_TIMED_OUT),
+        })
     }
 
     /// Sends HandshakeComplete (with the time since the request, and `customer_message`); the
@@ -148,6 +169,14 @@ impl Agent {
                     return Processed::Done;
                 }
                 if !self.port_available() {
+                    return Processed::NotReady;
+                }
+                if self.ending.is_some()
+                    && message::parse_flag(&m.payload) == Some(flag::TERMINATE_SESSION)
+                {
+                    // A second TerminateSession (not a retransmission of the first): the
+                    // agent's receive path hands it to a port session that no longer takes
+                    // it, and blocks there; nothing after it is acknowledged.
                     return Processed::NotReady;
                 }
                 self.on_flag(&m.payload);
@@ -302,13 +331,10 @@ impl Agent {
                         self.info.instance.agent_version
                     ));
                 }
-                if !self.is_closing() {
-                    self.end(
-                        SessionStatus::Terminated,
-                        "client sent the TerminateSession flag".to_owned(),
-                        false,
-                    );
-                }
+                self.end_after_ack(
+                    SessionStatus::Terminated,
+                    "client sent the TerminateSession flag".to_owned(),
+                );
             }
             other => self.violation(format!("client sent Flag {other}")),
         }

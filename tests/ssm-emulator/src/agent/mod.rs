@@ -47,7 +47,7 @@ use crate::message::{
 use crate::port::{InTransit, PortEvent, StreamInput, TargetBacklog, ToTarget};
 use crate::registry::{SessionInfo, SessionKind, Shared, lock};
 use crate::report::{InjectedFaults, SessionReport, SessionStatus, Transfer};
-use crate::shell::aws::AgentAws;
+use crate::shell::aws::{AgentAws, DataKeyContext};
 use crate::shell::process::{ShellInput, ShellSetup};
 use crate::smux;
 use crate::version;
@@ -171,8 +171,7 @@ pub(crate) enum Effect {
     DecryptDataKey {
         aws: Option<Arc<AgentAws>>,
         blob: Vec<u8>,
-        session: String,
-        target: String,
+        context: DataKeyContext,
     },
     /// The session has ended: stop every target (a shell is cancelled, and its task still
     /// uploads the transcript).
@@ -719,6 +718,25 @@ impl Agent {
         }
         self.ending = None;
         self.finish(status, reason);
+    }
+
+    /// Ends the session once the message being processed is acknowledged and the client has
+    /// acknowledged the agent's output (at most [`DRAIN_LIMIT`]): the agent's end on the
+    /// TerminateSession flag, which it acknowledges after handing it over, then closes its data
+    /// channel after resending what the client has not acknowledged.
+    fn end_after_ack(&mut self, status: SessionStatus, reason: String) {
+        if self.finished.is_some() || self.ending.is_some() {
+            return;
+        }
+        if self.conn_id.is_none() {
+            self.finish(status, reason);
+            return;
+        }
+        self.ending = Some(Drain {
+            deadline: self.now + DRAIN_LIMIT,
+            status,
+            reason,
+        });
     }
 
     /// Ends a closing drain now.

@@ -277,6 +277,10 @@ impl Agent {
                 self.expected_seq += 1;
                 self.gap_since = None;
                 self.drain_reorder();
+                // Its ack is out: a session ending on it may close now.
+                if self.ending.is_some() {
+                    self.finish_drain_if_acknowledged();
+                }
             }
         }
     }

@@ -26,14 +26,16 @@ pub(super) struct ShellPort {
 enum Kms {
     /// The document names no key.
     Off,
-    /// The HandshakeRequest went out; the client's data key is to come.
-    AwaitingKey,
+    /// The HandshakeRequest went out with `challenge` (the KMSEncryption action's random
+    /// `Challenge`); the client's data key is to come.
+    AwaitingKey { challenge: String },
     /// KMS is decrypting the client's data key.
     Decrypting,
-    /// The challenge went out; its answer is to come.
+    /// The challenge went out at `sent`; its answer is to come.
     Challenging {
         cipher: AgentCipher,
         secret: Vec<u8>,
+        sent: Instant,
     },
     /// Every Output payload is encrypted.
     On(AgentCipher),
@@ -83,6 +85,7 @@ impl Agent {
             self.spawn_shell(setup);
             return;
         }
+        let challenge = encryption::handshake_challenge();
         let request = HandshakeRequest {
             agent_version: self.info.instance.agent_version.clone(),
             requested_client_actions: vec![
@@ -97,7 +100,7 @@ impl Agent {
                     action_type: "KMSEncryption".to_owned(),
                     action_parameters: serde_json::json!({
                         "KMSKeyId": setup.inputs.kms_key_id,
-                        "Challenge": encryption::handshake_challenge(),
+                        "Challenge": challenge,
                     }),
                 },
             ],
@@ -106,7 +109,7 @@ impl Agent {
         self.port = PortState::Shell(Box::new(ShellPort {
             running: false,
             pending: Some(setup),
-            kms: Kms::AwaitingKey,
+            kms: Kms::AwaitingKey { challenge },
         }));
     }
 
@@ -124,12 +127,22 @@ impl Agent {
 
     /// The client's HandshakeResponse to a KMS shell's request, both actions processed and
     /// successful: the KMSEncryption one carries the data key, which KMS then decrypts
-    /// (`Decrypt`, with the session's encryption context).
+    /// (`Decrypt` under the document's key, with the session's encryption context, and the
+    /// request's challenge in it when the client acknowledged it). The agent takes one
+    /// response: a second one blocks its receive path until the handshake times out.
     pub(super) fn on_shell_handshake_response(&mut self, response: HandshakeResponse) {
+        let Some(Kms::AwaitingKey { challenge }) = self.shell_port().map(|s| &s.kms) else {
+            self.violation(
+                "a second HandshakeResponse during the KMS handshake: the agent's receive path blocks on it until the handshake times out".to_owned(),
+            );
+            return;
+        };
+        let challenge = challenge.clone();
         lock(&self.report).client_version = Some(response.client_version.clone());
-        let blob = (response.processed_client_actions.iter())
+        let result = (response.processed_client_actions.iter())
             .find(|a| a.action_type == "KMSEncryption")
-            .and_then(|a| a.action_result.get("KMSCipherTextKey"))
+            .map(|a| &a.action_result);
+        let blob = (result.and_then(|r| r.get("KMSCipherTextKey")))
             .and_then(serde_json::Value::as_str)
             .and_then(|k| {
                 use base64::Engine as _;
@@ -141,18 +154,35 @@ impl Agent {
             );
             return;
         };
-        let aws = self
-            .shell_port()
-            .and_then(|s| s.pending.as_ref())
-            .and_then(|setup| setup.aws.clone());
+        // The agent unmarshals the result into a bool field: anything else fails the
+        // handshake. True puts the request's challenge into the encryption context.
+        let acknowledged = match result.and_then(|r| r.get("ChallengeAcknowledgement")) {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(acknowledged)) => *acknowledged,
+            Some(other) => {
+                self.violation(format!(
+                    "the KMSEncryption action's ChallengeAcknowledgement is {other}, not a JSON boolean"
+                ));
+                return;
+            }
+        };
+        let setup = self.shell_port().and_then(|s| s.pending.as_ref());
+        let aws = setup.and_then(|setup| setup.aws.clone());
+        let key_id = setup
+            .map(|s| s.inputs.kms_key_id.clone())
+            .unwrap_or_default();
         if let Some(shell) = self.shell_port() {
             shell.kms = Kms::Decrypting;
         }
         self.effects.push(Effect::DecryptDataKey {
             aws,
             blob,
-            session: self.info.id.clone(),
-            target: self.info.instance.id.clone(),
+            context: DataKeyContext {
+                key_id,
+                session: self.info.id.clone(),
+                target: self.info.instance.id.clone(),
+                random_challenge: acknowledged.then_some(challenge),
+            },
         });
     }
 
@@ -174,8 +204,13 @@ impl Agent {
             }
         };
         let (secret, request) = cipher.challenge();
+        let sent = self.now;
         if let Some(shell) = self.shell_port() {
-            shell.kms = Kms::Challenging { cipher, secret };
+            shell.kms = Kms::Challenging {
+                cipher,
+                secret,
+                sent,
+            };
         }
         self.send_stream(payload_type::ENC_CHALLENGE_REQUEST, request, None);
     }
@@ -187,12 +222,15 @@ impl Agent {
             self.violation("EncChallengeResponse in a session without KMS".to_owned());
             return Processed::Done;
         };
-        let Kms::Challenging { cipher, secret } = std::mem::replace(&mut shell.kms, Kms::Off)
-        else {
+        if !matches!(shell.kms, Kms::Challenging { .. }) {
             self.violation(format!(
                 "EncChallengeResponse (seq {}) without an EncChallengeRequest",
                 m.sequence_number
             ));
+            return Processed::Done;
+        }
+        let Kms::Challenging { cipher, secret, .. } = std::mem::replace(&mut shell.kms, Kms::Off)
+        else {
             return Processed::Done;
         };
         if let Err(e) = cipher.answers(&secret, &m.payload) {
@@ -212,6 +250,18 @@ impl Agent {
             self.spawn_shell(setup);
         }
         Processed::Done
+    }
+
+    /// When the encryption challenge went out, while its answer is awaited: the agent gives
+    /// the client a fresh handshake timeout from then.
+    pub(super) fn challenge_sent(&self) -> Option<Instant> {
+        match &self.port {
+            PortState::Shell(shell) => match shell.kms {
+                Kms::Challenging { sent, .. } => Some(sent),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Output for the client, encrypted when the session is.

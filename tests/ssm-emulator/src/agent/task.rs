@@ -209,16 +209,11 @@ impl Io {
                     let _ = shell.send(input);
                 }
             }
-            Effect::DecryptDataKey {
-                aws,
-                blob,
-                session,
-                target,
-            } => {
+            Effect::DecryptDataKey { aws, blob, context } => {
                 let inbox = self.inbox.clone();
                 tokio::spawn(async move {
                     let key = match aws {
-                        Some(aws) => aws.decrypt_data_key(blob, &session, &target).await,
+                        Some(aws) => aws.decrypt_data_key(blob, &context).await,
                         None => Err("no upstream KMS to decrypt the data key with".to_owned()),
                     };
                     let _ = inbox.send(AgentInput::Shell(ShellEvent::DataKey(key)));

@@ -5,6 +5,8 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::config::InstanceConfig;
 use crate::registry::{PortProperties, SessionEntry, SessionKind};
+use crate::shell::encryption::AgentCipher;
+use crate::shell::process::ShellEvent;
 
 #[test]
 fn rto_follows_jacobson_karels_and_is_capped() {
@@ -39,28 +41,49 @@ struct Harness {
     writes_at_once: bool,
     /// Frames the agent waits to hear were written, not written yet.
     unwritten: Vec<Written>,
+    /// What the agent asked KMS to decrypt a data key with.
+    decrypts: Vec<DataKeyContext>,
 }
 
 impl Harness {
+    /// An SSH session (basic mode).
     fn new(strict: bool) -> Self {
-        let shared = Arc::new(Shared::new(Config {
-            strict,
-            mode: Mode::Fast,
-            ..Config::default()
-        }));
         let mut json = serde_json::Map::new();
         json.insert("portNumber".into(), "22".into());
-        let info = Arc::new(SessionInfo {
-            id: SESSION.to_owned(),
-            document_name: "AWS-StartSSHSession".to_owned(),
-            owner: "test".to_owned(),
-            reason: None,
-            kind: SessionKind::Port(PortProperties {
+        Self::of(
+            strict,
+            SessionKind::Port(PortProperties {
                 json,
                 port: 22,
                 host: None,
                 local_port_forwarding: false,
             }),
+        )
+    }
+
+    /// A shell session whose document asks for KMS encryption with `key`.
+    fn kms_shell(strict: bool, key: &str) -> Self {
+        Self::of(
+            strict,
+            SessionKind::Shell(crate::shell::ShellInputs {
+                kms_key_id: key.to_owned(),
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn of(strict: bool, kind: SessionKind) -> Self {
+        let shared = Arc::new(Shared::new(Config {
+            strict,
+            mode: Mode::Fast,
+            ..Config::default()
+        }));
+        let info = Arc::new(SessionInfo {
+            id: SESSION.to_owned(),
+            document_name: "AWS-StartSSHSession".to_owned(),
+            owner: "test".to_owned(),
+            reason: None,
+            kind,
             instance: InstanceConfig::new("i-0123456789abcdef0"),
             faults: Faults::default(),
         });
@@ -96,6 +119,7 @@ impl Harness {
             client_seq: 0,
             writes_at_once: true,
             unwritten: Vec::new(),
+            decrypts: Vec::new(),
         };
         h.attach();
         h
@@ -138,6 +162,7 @@ impl Harness {
                     self.to_client[conn_id as usize].push_back(item);
                 }
                 Effect::ToBasic(chunk) => self.to_target.push_back(chunk),
+                Effect::DecryptDataKey { context, .. } => self.decrypts.push(context),
                 _ => {}
             }
         }
@@ -476,6 +501,62 @@ fn a_violation_during_the_drain_fails_a_strict_session() {
     );
 }
 
+/// The agent acknowledges the TerminateSession flag once it has handed it over, resends what
+/// the client has not acknowledged for at most two seconds, and only then closes the channel;
+/// a second flag (a new one, not a retransmission) is never acknowledged: the agent's receive
+/// path blocks on it.
+#[test]
+fn the_terminate_flag_is_acknowledged_and_unacknowledged_output_resent_before_the_close() {
+    let mut h = Harness::new(true);
+    let complete = h.open_basic();
+    let _ = h.received();
+    let start = h.now;
+    let terminate = h.input(
+        payload_type::FLAG,
+        &message::flag_payload(flag::TERMINATE_SESSION),
+    );
+    h.frame(terminate.encode());
+    let sent = h.received();
+    let acked: Vec<i64> = (sent.iter())
+        .filter(|(m, _)| m.message_type == MessageType::Acknowledge)
+        .filter_map(|(m, _)| {
+            let ack: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
+            ack["AcknowledgedMessageSequenceNumber"].as_i64()
+        })
+        .collect();
+    assert_eq!(
+        acked,
+        [terminate.sequence_number],
+        "the flag is acknowledged"
+    );
+    assert!(sent.iter().all(|(_, close)| !close), "not closed yet");
+    assert_eq!(h.agent.finished, None);
+
+    // A new flag: not acknowledged.
+    let again = h.input(
+        payload_type::FLAG,
+        &message::flag_payload(flag::TERMINATE_SESSION),
+    );
+    h.frame(again.encode());
+    assert!(
+        (h.received().iter()).all(|(m, _)| m.message_type != MessageType::Acknowledge),
+        "a second TerminateSession is never acknowledged"
+    );
+
+    // HandshakeComplete is resent until the drain ends, then the channel closes.
+    let end = h.run_until(100, |h| h.agent.finished.is_some());
+    assert_eq!(h.agent.finished, Some(SessionStatus::Terminated));
+    let sent = h.received();
+    assert!(
+        (sent.iter()).any(|(m, _)| m.sequence_number == complete.sequence_number
+            && m.payload_type == payload_type::HANDSHAKE_COMPLETE),
+        "resent while draining: {sent:?}"
+    );
+    assert!(sent.iter().any(|(_, close)| *close), "then closed");
+    assert!(end <= start + DRAIN_LIMIT, "within the drain limit");
+    assert!(h.report().violations.is_empty(), "{:?}", h.report());
+}
+
 #[test]
 fn frames_after_channel_closed_are_checked_and_legal_ones_pass() {
     let mut h = Harness::new(true);
@@ -485,11 +566,14 @@ fn frames_after_channel_closed_are_checked_and_legal_ones_pass() {
         &message::flag_payload(flag::TERMINATE_SESSION),
     );
     h.frame(terminate.encode());
+    // Acknowledged; the end waits for the client's ack of HandshakeComplete.
+    assert_eq!(h.agent.finished, None);
+    h.ack(&complete);
     assert_eq!(h.agent.finished, Some(SessionStatus::Terminated));
     assert!(!h.agent.is_over(), "its WebSocket is still open");
 
-    // Legal after the end: a late ack, a retransmission, more data (checked, not forwarded).
-    h.ack(&complete);
+    // Legal after the end: a repeated ack, a retransmission, more data (checked, not
+    // forwarded).
     h.ack(&complete);
     h.frame(terminate.encode());
     let data = h.input(payload_type::OUTPUT, b"crossing");
@@ -517,7 +601,10 @@ fn frames_after_channel_closed_are_checked_and_legal_ones_pass() {
         vec!["acknowledge for message type \"input_stream_data\"".to_owned()]
     );
     assert_eq!(h.global_violations(), report.violations);
-    assert_eq!(report.client_frames_after_end, 5);
+    assert_eq!(
+        report.client_frames_after_end, 5,
+        "the drain's ack included"
+    );
 
     h.handle(AgentInput::Closed { conn_id: 0 });
     assert!(h.agent.is_over());
@@ -612,7 +699,7 @@ fn a_client_that_never_answers_the_handshake_is_timed_out_at_its_deadline() {
     let report = h.report();
     assert_eq!(h.agent.finished, Some(SessionStatus::Failed));
     assert!(
-        (report.close_reason.as_deref()).is_some_and(|r| r.starts_with("Handshake timed out")),
+        (report.close_reason.as_deref()).is_some_and(|r| r.contains("Handshake timed out")),
         "{report:?}"
     );
     assert!(
@@ -643,4 +730,182 @@ fn the_closing_drain_gives_up_after_its_limit_when_the_client_never_acknowledges
         report.unacked_at_close, 2,
         "HandshakeComplete and the banner"
     );
+}
+
+/// A KMS shell's handshake up to the data key: the HandshakeRequest's challenge, and the
+/// client's HandshakeResponse with `result` as its KMSEncryption action's result.
+fn kms_handshake(h: &mut Harness, result: serde_json::Value) -> String {
+    let request = h.outputs().remove(0);
+    assert_eq!(request.payload_type, payload_type::HANDSHAKE_REQUEST);
+    h.ack(&request);
+    let request: serde_json::Value = serde_json::from_slice(&request.payload).expect("json");
+    let challenge = request["RequestedClientActions"][1]["ActionParameters"]["Challenge"]
+        .as_str()
+        .expect("a challenge")
+        .to_owned();
+    let response = serde_json::json!({
+        "ClientVersion": "1.2.764.0",
+        "ProcessedClientActions": [
+            {"ActionType": "SessionType", "ActionStatus": 1},
+            {"ActionType": "KMSEncryption", "ActionStatus": 1, "ActionResult": result},
+        ],
+    });
+    let m = h.input(
+        payload_type::HANDSHAKE_RESPONSE,
+        &serde_json::to_vec(&response).expect("json"),
+    );
+    h.frame(m.encode());
+    challenge
+}
+
+/// The agent decrypts the client's data key under the document's key (KMS refuses a blob
+/// made under another) and, when the client acknowledged the challenge, with it in the
+/// encryption context; a second HandshakeResponse is a violation (the agent's receive path
+/// blocks on it).
+#[test]
+fn a_kms_shell_decrypts_under_the_documents_key_with_the_challenge_when_acknowledged() {
+    let blob = "AQIDBA==";
+    let mut h = Harness::kms_shell(false, "alias/tenant");
+    let challenge = kms_handshake(
+        &mut h,
+        serde_json::json!({"KMSCipherTextKey": blob, "KMSCipherTextHash": null}),
+    );
+    let [decrypt] = h.decrypts.as_slice() else {
+        panic!("one decrypt: {:?}", h.decrypts);
+    };
+    assert_eq!(
+        (decrypt.key_id.as_str(), decrypt.random_challenge.as_deref()),
+        ("alias/tenant", None)
+    );
+    assert_eq!(decrypt.target, "i-0123456789abcdef0");
+    assert!(h.report().violations.is_empty(), "{:?}", h.report());
+
+    let mut h = Harness::kms_shell(false, "alias/tenant");
+    let challenge_sent = kms_handshake(
+        &mut h,
+        serde_json::json!({"KMSCipherTextKey": blob, "ChallengeAcknowledgement": true}),
+    );
+    assert_ne!(challenge_sent, challenge, "a fresh challenge per session");
+    assert_eq!(
+        h.decrypts[0].random_challenge.as_deref(),
+        Some(challenge_sent.as_str())
+    );
+    let again = serde_json::json!({
+        "ClientVersion": "1.2.764.0",
+        "ProcessedClientActions": [
+            {"ActionType": "SessionType", "ActionStatus": 1},
+            {"ActionType": "KMSEncryption", "ActionStatus": 1, "ActionResult": {"KMSCipherTextKey": blob}},
+        ],
+    });
+    let m = h.input(
+        payload_type::HANDSHAKE_RESPONSE,
+        &serde_json::to_vec(&again).expect("json"),
+    );
+    h.frame(m.encode());
+    assert_eq!(h.decrypts.len(), 1, "not decrypted again");
+    assert!(
+        (h.report().violations.iter()).any(|v| v.starts_with("a second HandshakeResponse")),
+        "{:?}",
+        h.report()
+    );
+
+    let mut h = Harness::kms_shell(false, "alias/tenant");
+    kms_handshake(
+        &mut h,
+        serde_json::json!({"KMSCipherTextKey": blob, "ChallengeAcknowledgement": "true"}),
+    );
+    assert!(h.decrypts.is_empty());
+    assert_eq!(
+        h.report().violations,
+        ["the KMSEncryption action's ChallengeAcknowledgement is \"true\", not a JSON boolean"]
+    );
+}
+
+/// The agent gives the client 15 s for its HandshakeResponse (the KMS decrypt included), then
+/// a fresh 15 s from the encryption challenge on, each failing in the agent's words.
+#[test]
+fn the_encryption_challenge_has_a_timeout_of_its_own() {
+    let limit = Duration::from_millis(Config::default().handshake_timeout_ms);
+    let mut h = Harness::kms_shell(true, "alias/tenant");
+    let start = h.now;
+    h.now = start + limit - Duration::from_secs(1);
+    kms_handshake(&mut h, serde_json::json!({"KMSCipherTextKey": "AQIDBA=="}));
+    let data_key = [[1u8; 32], [2u8; 32]].concat();
+    h.handle(AgentInput::Shell(ShellEvent::DataKey(Ok(data_key))));
+    let challenged = h.now;
+    assert!(
+        (h.outputs().iter()).any(|m| m.payload_type == payload_type::ENC_CHALLENGE_REQUEST),
+        "the challenge went out"
+    );
+    h.advance_to(challenged + limit - Duration::from_millis(1));
+    assert_eq!(
+        h.agent.finished, None,
+        "past the request's 15 s, within the challenge's"
+    );
+    let end = h.run_until(100, |h| h.agent.finished.is_some());
+    assert!(end > challenged + limit);
+    assert_eq!(h.agent.finished, Some(SessionStatus::Failed));
+    assert_eq!(
+        h.report().close_reason.as_deref(),
+        Some(
+            "Encountered error while initiating handshake. Timed out waiting for encryption challenge."
+        )
+    );
+}
+
+/// A second answer to the challenge, once the first was right, is a violation; the session
+/// stays encrypted (it used to fall back to plaintext in lenient mode).
+#[test]
+fn a_second_answer_to_the_challenge_leaves_the_session_encrypted() {
+    let mut h = Harness::kms_shell(false, "alias/tenant");
+    kms_handshake(&mut h, serde_json::json!({"KMSCipherTextKey": "AQIDBA=="}));
+    let data_key = [[1u8; 32], [2u8; 32]].concat();
+    // The client's side of the same key: it decrypts with the first half, encrypts with the
+    // second, the agent the other way round.
+    let mut client = AgentCipher::new(&[[2u8; 32], [1u8; 32]].concat()).expect("cipher");
+    h.handle(AgentInput::Shell(ShellEvent::DataKey(Ok(data_key))));
+    let request = (h.outputs().into_iter())
+        .find(|m| m.payload_type == payload_type::ENC_CHALLENGE_REQUEST)
+        .expect("the challenge");
+    let request: serde_json::Value = serde_json::from_slice(&request.payload).expect("json");
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let sealed = engine
+        .decode(request["Challenge"].as_str().expect("challenge"))
+        .expect("base64");
+    let secret = client
+        .open(&sealed)
+        .expect("the client decrypts the challenge");
+    let answer = serde_json::json!({"Challenge": engine.encode(client.seal(&secret))});
+    let answer = serde_json::to_vec(&answer).expect("json");
+    let first = h.input(payload_type::ENC_CHALLENGE_RESPONSE, &answer);
+    h.frame(first.encode());
+    assert!(h.report().violations.is_empty(), "{:?}", h.report());
+    assert!(h.report().encrypted);
+    let second = h.input(payload_type::ENC_CHALLENGE_RESPONSE, &answer);
+    h.frame(second.encode());
+    assert_eq!(
+        h.report().violations,
+        [format!(
+            "EncChallengeResponse (seq {}) without an EncChallengeRequest",
+            second.sequence_number
+        )]
+    );
+    // Terminal output still goes out encrypted.
+    let _ = h.outputs();
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(5))
+        .try_acquire_many_owned(5)
+        .expect("room");
+    h.handle(AgentInput::Shell(ShellEvent::Started {
+        run_as_user: String::new(),
+    }));
+    h.handle(AgentInput::Shell(ShellEvent::Output {
+        data: b"hello".to_vec(),
+        room,
+    }));
+    let output = (h.outputs().into_iter())
+        .find(|m| m.payload_type == payload_type::OUTPUT)
+        .expect("terminal output");
+    assert_ne!(output.payload, b"hello");
+    assert_eq!(client.open(&output.payload).as_deref(), Some(&b"hello"[..]));
 }

@@ -66,7 +66,7 @@ impl Agent {
         }
         let config = &self.shared.config;
         let mut deadlines = vec![resend];
-        if let Handshake::Awaiting { since } = self.handshake {
+        if let Some((since, _)) = self.handshake_wait() {
             deadlines.push(Some(past(
                 since,
                 Config::duration(config.handshake_timeout_ms),
@@ -131,14 +131,10 @@ impl Agent {
         }
         let shared = self.shared.clone();
         let config = &shared.config;
-        if let Handshake::Awaiting { since } = self.handshake
+        if let Some((since, timed_out)) = self.handshake_wait()
             && now.duration_since(since) > Config::duration(config.handshake_timeout_ms)
         {
-            self.end(
-                SessionStatus::Failed,
-                "Handshake timed out. Please ensure that you have the latest version of the session manager plugin.".to_owned(),
-                false,
-            );
+            self.end(SessionStatus::Failed, timed_out.to_owned(), false);
             return;
         }
         if let Some(since) = self.detached_since

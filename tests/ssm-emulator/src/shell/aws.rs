@@ -58,20 +58,25 @@ impl AgentAws {
         }
     }
 
-    /// The client's data key, decrypted as the agent decrypts it: with the session and the
-    /// instance as its encryption context.
+    /// The client's data key, decrypted as the agent decrypts it (`kmsservice.go`): under the
+    /// document's key (KMS refuses a blob made under another), with the session, the instance
+    /// and, when the client acknowledged it, the handshake's challenge as encryption context.
     pub(crate) async fn decrypt_data_key(
         &self,
         blob: Vec<u8>,
-        session_id: &str,
-        target: &str,
+        context: &DataKeyContext,
     ) -> Result<Vec<u8>, String> {
-        let out = self
+        let mut decrypt = self
             .kms
             .decrypt()
+            .key_id(&context.key_id)
             .ciphertext_blob(aws_sdk_kms::primitives::Blob::new(blob))
-            .encryption_context("aws:ssm:SessionId", session_id)
-            .encryption_context("aws:ssm:TargetId", target)
+            .encryption_context("aws:ssm:SessionId", &context.session)
+            .encryption_context("aws:ssm:TargetId", &context.target);
+        if let Some(challenge) = &context.random_challenge {
+            decrypt = decrypt.encryption_context("aws:ssm:RandomChallenge", challenge);
+        }
+        let out = decrypt
             .send()
             .await
             .map_err(|e| aws_sdk_kms::error::DisplayErrorContext(e).to_string())?;
@@ -197,4 +202,18 @@ impl AgentAws {
             .map(|_| ())
             .map_err(|e| aws_sdk_s3::error::DisplayErrorContext(e).to_string())
     }
+}
+
+/// What the agent decrypts a client's data key with.
+#[derive(Clone, Debug)]
+pub(crate) struct DataKeyContext {
+    /// The document's `kmsKeyId`, as the HandshakeRequest named it.
+    pub(crate) key_id: String,
+    /// `aws:ssm:SessionId`.
+    pub(crate) session: String,
+    /// `aws:ssm:TargetId`.
+    pub(crate) target: String,
+    /// `aws:ssm:RandomChallenge`: the request's challenge, when the client set
+    /// `ChallengeAcknowledgement`.
+    pub(crate) random_challenge: Option<String>,
 }
