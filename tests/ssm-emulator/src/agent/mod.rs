@@ -403,8 +403,13 @@ pub(crate) struct Agent {
     held: VecDeque<HeldFrame>,
     // Session.
     handshake: Handshake,
-    /// The HandshakeResponse's ack goes out before HandshakeComplete (else after it).
+    /// The HandshakeResponse's ack goes out before HandshakeComplete (else after it); in a KMS
+    /// shell, before the EncChallengeRequest, and the EncChallengeResponse's before
+    /// HandshakeComplete.
     handshake_ack_first: bool,
+    /// A KMS shell's HandshakeResponse, acknowledged once KMS has decrypted its data key: the
+    /// agent calls KMS on its receive path, and acks what it received only after.
+    response_to_ack: Option<ClientMessage>,
     transfer: Option<Transfer>,
     port: PortState,
     smux: Option<SmuxLedger>,
@@ -437,6 +442,7 @@ impl Agent {
         let config: &Config = &shared.config;
         Self {
             handshake_ack_first: config.handshake_ack.ack_first(&info.id),
+            response_to_ack: None,
             faults: info.faults.clone(),
             mode: config.mode,
             strict: config.strict,
@@ -510,9 +516,11 @@ impl Agent {
     /// (acks included) while they do not take them: in mux mode once its smux receive buffer
     /// is full, in basic mode once its socket write blocks. Never once the session is over:
     /// then frames are only checked.
+    /// So is it while KMS decrypts a shell's data key: the agent calls KMS from its receive path.
     fn receive_stalled(&self) -> bool {
         let limit = match &self.port {
             _ if self.finished.is_some() => return false,
+            _ if self.decrypting_data_key() => return true,
             PortState::Mux(_) => MUX_RECEIVE_BUFFER,
             PortState::Basic(_) | PortState::Shell(_) => BASIC_WRITE_BUFFER,
             PortState::None => return false,

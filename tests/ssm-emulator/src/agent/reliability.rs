@@ -254,7 +254,12 @@ impl Agent {
         // crashes its reader on a message that arrives between HandshakeComplete and its mux
         // setup, such as the ack coming second.) It is never withheld.
         let handshake_response = m.payload_type == payload_type::HANDSHAKE_RESPONSE;
-        let acked_early = handshake_response && self.handshake_ack_first;
+        let kms_shell = self.kms_handshake();
+        // In a KMS shell the agent acks the EncChallengeResponse as it hands it over, racing
+        // the HandshakeComplete it sends; the HandshakeResponse once KMS has answered.
+        let acked_early = self.handshake_ack_first
+            && ((handshake_response && !kms_shell)
+                || m.payload_type == payload_type::ENC_CHALLENGE_RESPONSE);
         if acked_early {
             self.ack(m);
         }
@@ -269,6 +274,8 @@ impl Agent {
                 if !acked_early {
                     if withhold {
                         self.count(|f| f.acks_withheld += 1);
+                    } else if handshake_response && self.decrypting_data_key() {
+                        self.response_to_ack = Some(m.clone());
                     } else {
                         self.ack(m);
                     }

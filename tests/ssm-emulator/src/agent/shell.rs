@@ -186,10 +186,26 @@ impl Agent {
         });
     }
 
-    /// KMS decrypted the client's data key (or could not): the challenge goes out.
+    /// Whether this is a KMS shell whose handshake has not completed.
+    pub(super) fn kms_handshake(&self) -> bool {
+        matches!(&self.port, PortState::Shell(shell) if !matches!(shell.kms, Kms::Off | Kms::On(_)))
+    }
+
+    /// Whether KMS is decrypting the client's data key.
+    pub(super) fn decrypting_data_key(&self) -> bool {
+        matches!(&self.port, PortState::Shell(shell) if matches!(shell.kms, Kms::Decrypting))
+    }
+
+    /// KMS decrypted the client's data key (or could not): the HandshakeResponse is
+    /// acknowledged, racing the challenge that goes out.
     fn on_data_key(&mut self, key: Result<Vec<u8>, String>) {
+        let response = self.response_to_ack.take();
         if self.is_closing() {
             return;
+        }
+        let ack_first = self.handshake_ack_first || key.is_err();
+        if let Some(response) = response.as_ref().filter(|_| ack_first) {
+            self.ack(response);
         }
         let cipher = key.and_then(|k| AgentCipher::new(&k));
         let mut cipher = match cipher {
@@ -213,6 +229,9 @@ impl Agent {
             };
         }
         self.send_stream(payload_type::ENC_CHALLENGE_REQUEST, request, None);
+        if let Some(response) = response.as_ref().filter(|_| !ack_first) {
+            self.ack(response);
+        }
     }
 
     /// The client's EncChallengeResponse: right, and the handshake completes and the shell

@@ -732,9 +732,10 @@ fn the_closing_drain_gives_up_after_its_limit_when_the_client_never_acknowledges
     );
 }
 
-/// A KMS shell's handshake up to the data key: the HandshakeRequest's challenge, and the
-/// client's HandshakeResponse with `result` as its KMSEncryption action's result.
-fn kms_handshake(h: &mut Harness, result: serde_json::Value) -> String {
+/// A KMS shell's handshake up to the data key: the client's HandshakeResponse with `result` as
+/// its KMSEncryption action's result; returns the HandshakeRequest's challenge and the
+/// response.
+fn kms_handshake(h: &mut Harness, result: serde_json::Value) -> (String, ClientMessage) {
     let request = h.outputs().remove(0);
     assert_eq!(request.payload_type, payload_type::HANDSHAKE_REQUEST);
     h.ack(&request);
@@ -755,7 +756,7 @@ fn kms_handshake(h: &mut Harness, result: serde_json::Value) -> String {
         &serde_json::to_vec(&response).expect("json"),
     );
     h.frame(m.encode());
-    challenge
+    (challenge, m)
 }
 
 /// The agent decrypts the client's data key under the document's key (KMS refuses a blob
@@ -766,7 +767,7 @@ fn kms_handshake(h: &mut Harness, result: serde_json::Value) -> String {
 fn a_kms_shell_decrypts_under_the_documents_key_with_the_challenge_when_acknowledged() {
     let blob = "AQIDBA==";
     let mut h = Harness::kms_shell(false, "alias/tenant");
-    let challenge = kms_handshake(
+    let (challenge, _) = kms_handshake(
         &mut h,
         serde_json::json!({"KMSCipherTextKey": blob, "KMSCipherTextHash": null}),
     );
@@ -781,7 +782,7 @@ fn a_kms_shell_decrypts_under_the_documents_key_with_the_challenge_when_acknowle
     assert!(h.report().violations.is_empty(), "{:?}", h.report());
 
     let mut h = Harness::kms_shell(false, "alias/tenant");
-    let challenge_sent = kms_handshake(
+    let (challenge_sent, _) = kms_handshake(
         &mut h,
         serde_json::json!({"KMSCipherTextKey": blob, "ChallengeAcknowledgement": true}),
     );
@@ -802,6 +803,11 @@ fn a_kms_shell_decrypts_under_the_documents_key_with_the_challenge_when_acknowle
         &serde_json::to_vec(&again).expect("json"),
     );
     h.frame(m.encode());
+    // Read once KMS has answered (the receive path waits for it).
+    h.handle(AgentInput::Shell(ShellEvent::DataKey(Ok([
+        [1u8; 32], [2u8; 32],
+    ]
+    .concat()))));
     assert_eq!(h.decrypts.len(), 1, "not decrypted again");
     assert!(
         (h.report().violations.iter()).any(|v| v.starts_with("a second HandshakeResponse")),
@@ -819,6 +825,44 @@ fn a_kms_shell_decrypts_under_the_documents_key_with_the_challenge_when_acknowle
         h.report().violations,
         ["the KMSEncryption action's ChallengeAcknowledgement is \"true\", not a JSON boolean"]
     );
+}
+
+/// The agent calls KMS on its receive path: a KMS shell's HandshakeResponse is acknowledged only
+/// once KMS has decrypted its data key, and nothing the client sends meanwhile (a
+/// retransmission of the response here) is read or acknowledged before then.
+#[test]
+fn a_kms_shells_receive_path_waits_for_kms() {
+    let mut h = Harness::kms_shell(true, "alias/tenant");
+    let (_, response) = kms_handshake(&mut h, serde_json::json!({"KMSCipherTextKey": "AQIDBA=="}));
+    let acked = |sent: &[(ClientMessage, bool)]| -> Vec<i64> {
+        (sent.iter())
+            .filter(|(m, _)| m.message_type == MessageType::Acknowledge)
+            .filter_map(|(m, _)| {
+                let ack: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
+                ack["AcknowledgedMessageSequenceNumber"].as_i64()
+            })
+            .collect()
+    };
+    let response_seq = response.sequence_number;
+    assert_eq!(acked(&h.received()), Vec::<i64>::new(), "not yet");
+    h.frame(response.encode());
+    assert_eq!(acked(&h.received()), Vec::<i64>::new(), "held, unread");
+
+    h.handle(AgentInput::Shell(ShellEvent::DataKey(Ok([
+        [1u8; 32], [2u8; 32],
+    ]
+    .concat()))));
+    let sent = h.received();
+    assert_eq!(
+        acked(&sent),
+        [response_seq, response_seq],
+        "the response, then its retransmission"
+    );
+    assert!(
+        (sent.iter()).any(|(m, _)| m.payload_type == payload_type::ENC_CHALLENGE_REQUEST),
+        "{sent:?}"
+    );
+    assert!(h.report().violations.is_empty(), "{:?}", h.report());
 }
 
 /// The agent gives the client 15 s for its HandshakeResponse (the KMS decrypt included), then
