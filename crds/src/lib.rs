@@ -12,6 +12,7 @@ pub mod bridge_contract;
 #[cfg(feature = "fixtures")]
 pub mod fixtures;
 pub mod names;
+pub mod peers;
 pub mod ssm_documents;
 // KubeSchema re-emits each struct inside a private module to derive its schema, which trips
 // `unreachable_pub` on those copies; clippy reads repeated `printcolumn(type_ = ..)` as

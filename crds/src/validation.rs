@@ -1,12 +1,15 @@
 //! Offline validation of fleet-access objects, the way the API server would validate them.
 //!
-//! `plan` must reject exactly what `kubectl apply` would reject, with messages that name the
-//! field. So validation runs against the generated CRD schema itself, in three passes:
+//! `plan` must reject what `kubectl apply` would reject, and what the operator refuses before
+//! writing anything, with messages that name the field. So validation runs against the generated
+//! CRD schema itself, in four passes:
 //!
 //! ```text
 //! YAML ──parse──▶ JSON value ──structure──▶ (types, unknown fields, required, bounds)
 //!                                ──CEL──────▶ (the x-kubernetes-validations rules, via kube-cel)
 //!                                ──serde────▶ typed SessionAccess
+//!                                ──Checked──▶ (what the API server refuses only in the objects
+//!                                              the operator writes: the bridge's client peers)
 //! ```
 //!
 //! Each pass reports every problem it finds; the next pass runs only on a structurally sound
@@ -82,7 +85,7 @@ pub fn validate_session_access(value: &Value) -> Result<SessionAccess, InvalidOb
 
 fn parse_stream<K>(yaml: &str) -> Result<Vec<K>, InvalidObject>
 where
-    K: CustomResourceExt + DeserializeOwned,
+    K: CustomResourceExt + DeserializeOwned + Checked,
 {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
@@ -131,10 +134,33 @@ where
     }
 }
 
-/// Validates a JSON value as the custom resource `K`: identity, structure, CEL rules, types.
+/// What a kind's objects must meet beyond their schema and its CEL rules: what the API server
+/// refuses only later, when the operator writes what the object asks for.
+pub trait Checked {
+    /// Every such problem, each naming its field.
+    fn problems(&self) -> Vec<FieldError> {
+        Vec::new()
+    }
+}
+
+impl Checked for SessionAccess {
+    /// The bridge's clients become a NetworkPolicy's peers ([`crate::peers`]).
+    fn problems(&self) -> Vec<FieldError> {
+        (self.spec.bridge.as_ref())
+            .map(|bridge| crate::peers::client_problems(&bridge.clients))
+            .unwrap_or_default()
+    }
+}
+
+impl Checked for SessionPreferences {}
+impl Checked for SessionAccessPolicy {}
+impl Checked for crate::SessionAccessApproval {}
+
+/// Validates a JSON value as the custom resource `K`: identity, structure, CEL rules, types,
+/// and what [`Checked`] adds.
 pub fn validate<K>(value: &Value) -> Result<K, InvalidObject>
 where
-    K: CustomResourceExt + DeserializeOwned,
+    K: CustomResourceExt + DeserializeOwned + Checked,
 {
     let crd = K::crd();
     let resource = K::api_resource();
@@ -170,12 +196,16 @@ where
             .collect();
         return Err(InvalidObject::Fields(errors));
     }
-    serde_path_to_error::deserialize(value).map_err(|e| {
+    let object: K = serde_path_to_error::deserialize(value).map_err(|e| {
         InvalidObject::Fields(vec![FieldError {
             path: e.path().to_string(),
             message: e.inner().to_string(),
         }])
-    })
+    })?;
+    match object.problems() {
+        problems if problems.is_empty() => Ok(object),
+        problems => Err(InvalidObject::Fields(problems)),
+    }
 }
 
 fn check_identity(value: &Value, api_version: &str, kind: &str) -> Vec<FieldError> {
@@ -201,7 +231,9 @@ fn check_identity(value: &Value, api_version: &str, kind: &str) -> Vec<FieldErro
     errors
 }
 
-fn is_dns_subdomain(name: &str) -> bool {
+/// A DNS subdomain (RFC 1123): lowercase letters, digits, '-' and '.', at most 253 characters,
+/// starting and ending with a letter or digit.
+pub(crate) fn is_dns_subdomain(name: &str) -> bool {
     let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
     let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     !name.is_empty()

@@ -98,6 +98,30 @@ fn unknown_fields_are_named_with_the_known_ones() {
     assert!(unknown.message.contains("instanceIds"), "{unknown}");
 }
 
+/// What the API server takes in a grant but refuses in the NetworkPolicy the operator writes for
+/// it: `plan` refuses it, naming the grant's field.
+#[test]
+fn bridge_clients_a_network_policy_would_refuse_are_named() {
+    let spec = json!({
+        "targets": {"instanceIds": ["i-0123abcd"]},
+        "sessions": {"ssh": true},
+        "bridge": {"clients": [
+            {"podSelector": {"matchLabels": {"app": "ci"}}},
+            {"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Equals", "values": ["a"]}]}},
+            {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.0.0/16"]}},
+        ]},
+    });
+    let errors = field_errors(validate_session_access(&object(spec)));
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "spec.bridge.clients[1].namespaceSelector.matchExpressions[0].operator",
+            "spec.bridge.clients[2].ipBlock.except[0]",
+        ]
+    );
+}
+
 #[test]
 fn wrong_types_are_named() {
     let spec = json!({"principals": {"users": "alice"}, "targets": {"instanceIds": ["i-0123abcd"]}, "sessions": {"ssh": "yes"}});

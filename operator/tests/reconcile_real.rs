@@ -1449,6 +1449,50 @@ async fn a_grant_over_the_attachment_quota_is_refused_before_anything_is_written
     h.stop().await;
 }
 
+/// A bridge grant changed to a client selector the API server takes in the grant but would
+/// refuse in a NetworkPolicy (a label key with a space): the operator refuses the change
+/// before writing anything, naming the grant's field, and the endpoint and NetworkPolicy of
+/// the grant's last good spec stay as they were.
+#[tokio::test]
+async fn a_client_selector_a_network_policy_would_refuse_is_refused_with_its_field() {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+    let h = Harness::start("op-selector", Duration::from_secs(300)).await;
+    h.role(h.settings.bridge_role.as_deref().expect("bridge role"))
+        .await;
+    let spec = |labels: Value| {
+        json!({
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ports": [5432]},
+            "bridge": {"ports": [5432], "clients": [{"podSelector": {"matchLabels": labels}}]},
+        })
+    };
+    h.create("jobs", spec(json!({"app": "jobs"}))).await;
+    h.wait_condition("jobs", "BridgeReady", "True").await;
+    let policies: Api<NetworkPolicy> = h.namespace.api();
+    let name = fleet_access_operator::model::endpoints::network_policy_name(&format!(
+        "{}/jobs",
+        h.namespace.name()
+    ));
+    let before = policies.get(&name).await.expect("its NetworkPolicy");
+
+    h.set_spec("jobs", spec(json!({"app name": "jobs"}))).await;
+    let refused = h.wait_condition("jobs", "Ready", "False").await;
+    let ready = find(&refused, "Ready").expect("Ready");
+    assert_eq!(ready.reason, "InvalidGrant", "{ready:?}");
+    let policy = find(&refused, "PolicySynced").expect("PolicySynced");
+    assert!(
+        policy.message.contains(
+            r#"spec.bridge.clients[0].podSelector.matchLabels["app name"]: the key "app name" is not a valid label key"#
+        ),
+        "{}",
+        policy.message
+    );
+    let after = policies.get(&name).await.expect("still there");
+    assert_eq!(after.spec, before.spec, "unchanged");
+    h.stop().await;
+}
+
 /// Attaches `count` policies that are not the operator's to `role`: what leaves its policy set
 /// less of the quota. Returns their ARNs.
 async fn attach_foreign_policies(h: &Harness, role: &str, count: usize) -> Vec<String> {

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use fleet_access_crds::{
     SessionAccess, ssm_documents,
     v1alpha1::{self, Principals, Targets},
+    validation::{Checked, InvalidObject},
 };
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::{
@@ -272,6 +273,12 @@ pub fn compute(grant: &SessionAccess, settings: &Settings) -> Result<Desired> {
         name: &name,
     };
     let grant_id = names.owner();
+    // What the API server refuses only in what the operator would write (the NetworkPolicy of
+    // the bridge's clients), refused before anything is.
+    let problems = grant.problems();
+    if !problems.is_empty() {
+        return Err(Error::InvalidGrant(InvalidObject::Fields(problems)));
+    }
     // IAM role names are case-insensitive.
     if let Some(bridge) = settings.bridge_role.as_deref()
         && let Some(role) =

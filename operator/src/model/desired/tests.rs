@@ -206,6 +206,35 @@ fn port_documents_pin_their_port() {
     );
 }
 
+/// The API server takes a grant whose bridge clients it would refuse in a NetworkPolicy (the
+/// CRD's schema cannot say): the operator refuses it before writing anything, naming the
+/// grant's field, as `plan` does offline.
+#[test]
+fn bridge_clients_the_api_server_would_refuse_in_a_network_policy_are_refused_first() {
+    let fixture = grant()
+        .instance_ids(["i-0123abcd"])
+        .ssh()
+        .bridge()
+        .spec_json(
+            json!({"bridge": {"clients": [{"podSelector": {"matchLabels": {"app name": "ci"}}}]}}),
+        );
+    assert!(fixture.try_build().is_err(), "plan refuses it");
+    let accepted: SessionAccess =
+        serde_json::from_value(fixture.json()).expect("as the API server takes it");
+    let settings = Settings {
+        bridge_role: Some("fleet-access-bridge".into()),
+        ..Settings::default()
+    };
+    let error = compute(&accepted, &settings).expect_err("refused");
+    assert_eq!(error.metric_label(), "invalid_grant");
+    assert!(
+        error.to_string().contains(
+            r#"spec.bridge.clients[0].podSelector.matchLabels["app name"]: the key "app name" is not a valid label key"#
+        ),
+        "{error}"
+    );
+}
+
 #[test]
 fn a_grant_may_not_name_the_bridges_role_in_any_case() {
     let settings = Settings {

@@ -1,0 +1,303 @@
+//! What the API server would refuse in a grant's `spec.bridge.clients` once the operator puts
+//! them into a NetworkPolicy: label keys and values, selector operators, peers that name
+//! nothing or mix an `ipBlock` with selectors, CIDRs and their exceptions. The CRD's schema
+//! carries the NetworkPolicyPeer's structure but not these rules, so a grant with a bad
+//! selector would get in and fail only when its NetworkPolicy is written. Checked offline
+//! (`plan`) and by the operator before it writes anything, each problem naming the grant's
+//! field. Pure.
+
+use std::net::IpAddr;
+
+use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicyPeer};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use crate::validation::{FieldError, is_dns_subdomain};
+
+/// Every problem with `clients` (a grant's `spec.bridge.clients`).
+pub fn client_problems(clients: &[NetworkPolicyPeer]) -> Vec<FieldError> {
+    let mut problems = Vec::new();
+    for (i, peer) in clients.iter().enumerate() {
+        let path = format!("spec.bridge.clients[{i}]");
+        let selects = peer.pod_selector.is_some() || peer.namespace_selector.is_some();
+        match (&peer.ip_block, selects) {
+            (None, false) => problems.push(problem(
+                &path,
+                "names no client: set podSelector, namespaceSelector or ipBlock",
+            )),
+            (Some(_), true) => problems.push(problem(
+                &path,
+                "ipBlock cannot be combined with podSelector or namespaceSelector: make them two entries",
+            )),
+            _ => {}
+        }
+        for (field, selector) in [
+            ("podSelector", &peer.pod_selector),
+            ("namespaceSelector", &peer.namespace_selector),
+        ] {
+            if let Some(selector) = selector {
+                selector_problems(selector, &format!("{path}.{field}"), &mut problems);
+            }
+        }
+        if let Some(block) = &peer.ip_block {
+            ip_block_problems(block, &format!("{path}.ipBlock"), &mut problems);
+        }
+    }
+    problems
+}
+
+fn problem(path: &str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn selector_problems(selector: &LabelSelector, path: &str, problems: &mut Vec<FieldError>) {
+    for (key, value) in selector.match_labels.iter().flatten() {
+        let at = format!("{path}.matchLabels[{key:?}]");
+        if let Err(why) = label_key(key) {
+            problems.push(problem(&at, format!("the key {key:?} {why}")));
+        }
+        if let Err(why) = label_value(value) {
+            problems.push(problem(&at, format!("the value {value:?} {why}")));
+        }
+    }
+    for (j, requirement) in selector.match_expressions.iter().flatten().enumerate() {
+        let at = format!("{path}.matchExpressions[{j}]");
+        if let Err(why) = label_key(&requirement.key) {
+            problems.push(problem(
+                &format!("{at}.key"),
+                format!("{:?} {why}", requirement.key),
+            ));
+        }
+        let values = requirement.values.as_deref().unwrap_or_default();
+        match requirement.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => problems.push(problem(
+                &format!("{at}.values"),
+                format!("{} needs at least one value", requirement.operator),
+            )),
+            "Exists" | "DoesNotExist" if !values.is_empty() => problems.push(problem(
+                &format!("{at}.values"),
+                format!("{} takes no values: remove them", requirement.operator),
+            )),
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => problems.push(problem(
+                &format!("{at}.operator"),
+                format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist"),
+            )),
+        }
+        for (k, value) in values.iter().enumerate() {
+            if let Err(why) = label_value(value) {
+                problems.push(problem(
+                    &format!("{at}.values[{k}]"),
+                    format!("{value:?} {why}"),
+                ));
+            }
+        }
+    }
+}
+
+/// A label key: a name of at most 63 characters (alphanumerics, `-`, `_`, `.`, starting and
+/// ending with an alphanumeric), with an optional DNS subdomain prefix and `/`.
+fn label_key(key: &str) -> Result<(), String> {
+    let name = match key.rsplit_once('/') {
+        Some((prefix, name)) => {
+            if !is_dns_subdomain(prefix) {
+                return Err(format!(
+                    "has a prefix {prefix:?} that is not a DNS subdomain (lowercase letters, digits, '-' and '.')"
+                ));
+            }
+            name
+        }
+        None => key,
+    };
+    if name.is_empty() {
+        return Err("has an empty name".to_owned());
+    }
+    label_name(name).map_err(|why| format!("is not a valid label key: its name {why}"))
+}
+
+/// A label value: empty, or a name as in [`label_key`].
+fn label_value(value: &str) -> Result<(), String> {
+    match value.is_empty() {
+        true => Ok(()),
+        false => label_name(value).map_err(|why| format!("is not a valid label value: it {why}")),
+    }
+}
+
+fn label_name(name: &str) -> Result<(), String> {
+    const LIMIT: usize = 63;
+    if name.len() > LIMIT {
+        return Err(format!("has more than {LIMIT} characters"));
+    }
+    let alphanumeric = |c: char| c.is_ascii_alphanumeric();
+    if !name.starts_with(alphanumeric) || !name.ends_with(alphanumeric) {
+        return Err("must start and end with a letter or digit".to_owned());
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        Some(c) => Err(format!(
+            "holds {c:?}: only letters, digits, '-', '_' and '.' may appear"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn ip_block_problems(block: &IPBlock, path: &str, problems: &mut Vec<FieldError>) {
+    let Some(cidr) = Cidr::parse(&block.cidr) else {
+        problems.push(problem(
+            &format!("{path}.cidr"),
+            format!(
+                "{:?} is not a CIDR such as 10.0.0.0/16 or fd00::/64",
+                block.cidr
+            ),
+        ));
+        return;
+    };
+    for (k, except) in block.except.iter().flatten().enumerate() {
+        let at = format!("{path}.except[{k}]");
+        match Cidr::parse(except) {
+            None => problems.push(problem(&at, format!("{except:?} is not a CIDR"))),
+            Some(inner) if !cidr.strictly_contains(&inner) => problems.push(problem(
+                &at,
+                format!("{except} is not inside {} (and smaller)", block.cidr),
+            )),
+            Some(_) => {}
+        }
+    }
+}
+
+/// An address block: an address and the length of its prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cidr {
+    address: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Option<Self> {
+        let (address, prefix) = text.split_once('/')?;
+        let address: IpAddr = address.parse().ok()?;
+        let prefix: u8 = prefix.parse().ok()?;
+        let bits = match address {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        (prefix <= bits).then_some(Self { address, prefix })
+    }
+
+    /// Whether `inner` is a smaller block of the same family inside this one.
+    fn strictly_contains(&self, inner: &Cidr) -> bool {
+        let (outer, inner_bits, bits) = match (self.address, inner.address) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                (u128::from(u32::from(a)), u128::from(u32::from(b)), 32)
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        if inner.prefix <= self.prefix {
+            return false;
+        }
+        let shift = bits - u32::from(self.prefix);
+        let network = |address: u128| address.checked_shr(shift).unwrap_or(0);
+        network(outer) == network(inner_bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(json: serde_json::Value) -> Vec<NetworkPolicyPeer> {
+        serde_json::from_value(json).expect("peers")
+    }
+
+    fn paths(problems: &[FieldError]) -> Vec<&str> {
+        problems.iter().map(|p| p.path.as_str()).collect()
+    }
+
+    #[test]
+    fn the_peers_the_api_server_takes_have_no_problems() {
+        let good = peers(serde_json::json!([
+            {"podSelector": {"matchLabels": {"app": "ansible", "app.kubernetes.io/name": "ci-runner_1"}}},
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tools"}},
+             "podSelector": {"matchExpressions": [
+                 {"key": "tier", "operator": "In", "values": ["jobs", ""]},
+                 {"key": "example.com/canary", "operator": "DoesNotExist"}]}},
+            {"podSelector": {}},
+            {"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.5.0/24"]}},
+            {"ipBlock": {"cidr": "fd00::/64", "except": ["fd00::1/128"]}},
+        ]));
+        assert_eq!(client_problems(&good), Vec::new());
+    }
+
+    #[test]
+    fn bad_labels_and_operators_are_named_by_their_field() {
+        let bad = peers(serde_json::json!([
+            {"podSelector": {"matchLabels": {"app name": "x", "Example.com/app": "y", "tier": "-jobs"}}},
+            {"namespaceSelector": {"matchExpressions": [
+                {"key": "tier", "operator": "In"},
+                {"key": "tier", "operator": "Exists", "values": ["a"]},
+                {"key": "tier", "operator": "Equals", "values": ["a"]},
+                {"key": "/tier", "operator": "NotIn", "values": ["x".repeat(64)]}]}},
+        ]));
+        let problems = client_problems(&bad);
+        assert_eq!(
+            paths(&problems),
+            [
+                r#"spec.bridge.clients[0].podSelector.matchLabels["Example.com/app"]"#,
+                r#"spec.bridge.clients[0].podSelector.matchLabels["app name"]"#,
+                r#"spec.bridge.clients[0].podSelector.matchLabels["tier"]"#,
+                "spec.bridge.clients[1].namespaceSelector.matchExpressions[0].values",
+                "spec.bridge.clients[1].namespaceSelector.matchExpressions[1].values",
+                "spec.bridge.clients[1].namespaceSelector.matchExpressions[2].operator",
+                "spec.bridge.clients[1].namespaceSelector.matchExpressions[3].key",
+                "spec.bridge.clients[1].namespaceSelector.matchExpressions[3].values[0]",
+            ],
+            "{problems:#?}"
+        );
+        let said = |i: usize| problems[i].message.as_str();
+        assert!(said(0).contains("DNS subdomain"), "{}", said(0));
+        assert!(said(1).contains("holds ' '"), "{}", said(1));
+        assert!(
+            said(2).contains("start and end with a letter or digit"),
+            "{}",
+            said(2)
+        );
+        assert_eq!(said(3), "In needs at least one value");
+        assert_eq!(said(4), "Exists takes no values: remove them");
+        assert!(said(5).contains("\"Equals\" is not one of"), "{}", said(5));
+        assert!(said(7).contains("more than 63 characters"), "{}", said(7));
+    }
+
+    #[test]
+    fn peers_name_one_kind_of_client_and_blocks_hold_their_exceptions() {
+        let bad = peers(serde_json::json!([
+            {},
+            {"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}},
+            {"ipBlock": {"cidr": "10.0.0.0"}},
+            {"ipBlock": {"cidr": "10.0.0.0/33"}},
+            {"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.1.0.0/24", "10.0.0.0/16", "fd00::/120", "nope"]}},
+        ]));
+        let problems = client_problems(&bad);
+        assert_eq!(
+            paths(&problems),
+            [
+                "spec.bridge.clients[0]",
+                "spec.bridge.clients[1]",
+                "spec.bridge.clients[2].ipBlock.cidr",
+                "spec.bridge.clients[3].ipBlock.cidr",
+                "spec.bridge.clients[4].ipBlock.except[0]",
+                "spec.bridge.clients[4].ipBlock.except[1]",
+                "spec.bridge.clients[4].ipBlock.except[2]",
+                "spec.bridge.clients[4].ipBlock.except[3]",
+            ],
+            "{problems:#?}"
+        );
+        assert!(problems[0].message.contains("names no client"));
+        assert!(problems[1].message.contains("cannot be combined"));
+        assert!(problems[4].message.contains("not inside 10.0.0.0/16"));
+    }
+}
