@@ -2010,17 +2010,37 @@ async fn client_pod(namespace: &TestNamespace, name: &str, account: &str, addres
         .expect("the pod's status");
 }
 
+/// A fast emulator whose instance WEB serves an echo target on port 7 (and sshd on 22, kept
+/// alive by the first value).
+async fn echo_on_web() -> (Sshd, Running) {
+    let sshd = Sshd::start().await.expect("sshd");
+    let echo = fleet_access_tests::targets::echo_server()
+        .await
+        .expect("echo");
+    let emulator = emulator(&sshd, Mode::Fast, &[(WEB, 7, echo)]).await;
+    (sshd, emulator)
+}
+
+/// A connection to the bridge's listen `port` from `address` (a client pod's own loopback
+/// address).
+async fn connect_from(address: IpAddr, port: u16) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(address, 0))
+        .expect("bind the pod's address");
+    socket
+        .connect(SocketAddr::new(LOOPBACK, port))
+        .await
+        .expect("connect")
+}
+
 /// Every connection through `serve` is attributed to its client pod, found by its source address
 /// among the cluster's pods: in its session's Reason (the emulator reports what it received) and
 /// in one audit record with the bytes each way and how it ended. A connection from an address no
 /// pod has is carried and says so; one that StartSession refuses is recorded with why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_connection_is_attributed_to_its_pod_and_recorded() {
-    let sshd = Sshd::start().await.expect("sshd");
-    let echo = fleet_access_tests::targets::echo_server()
-        .await
-        .expect("echo");
-    let emulator = emulator(&sshd, Mode::Fast, &[(WEB, 7, echo)]).await;
+    let (_sshd, emulator) = echo_on_web().await;
     let control_plane = ControlPlane::shared().await.expect("control plane");
     let clients = control_plane
         .namespace("audit-clients")
@@ -2044,16 +2064,7 @@ async fn every_connection_is_attributed_to_its_pod_and_recorded() {
         },
     )
     .await;
-    let connect_from = |to: u16| async move {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .bind(SocketAddr::new(address, 0))
-            .expect("bind the pod's address");
-        socket
-            .connect(SocketAddr::new(LOOPBACK, to))
-            .await
-            .expect("connect")
-    };
+    let connect_from = |to: u16| connect_from(address, to);
     // Carried, from the pod.
     let line = b"hello through the bridge\n";
     let mut stream = connect_from(served.port(WEB)).await;
@@ -2148,11 +2159,7 @@ async fn every_connection_is_attributed_to_its_pod_and_recorded() {
 /// the tenant gets in again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_clients_hold_their_share_of_sessions_and_no_more() {
-    let sshd = Sshd::start().await.expect("sshd");
-    let echo = fleet_access_tests::targets::echo_server()
-        .await
-        .expect("echo");
-    let emulator = emulator(&sshd, Mode::Fast, &[(WEB, 7, echo)]).await;
+    let (_sshd, emulator) = echo_on_web().await;
     let control_plane = ControlPlane::shared().await.expect("control plane");
     let mut tenants = Vec::new();
     for prefix in ["share-busy", "share-quiet"] {
@@ -2177,16 +2184,7 @@ async fn a_tenants_clients_hold_their_share_of_sessions_and_no_more() {
     )
     .await;
     let port = served.port(WEB);
-    let connect_from = |address: IpAddr| async move {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket
-            .bind(SocketAddr::new(address, 0))
-            .expect("bind the pod's address");
-        socket
-            .connect(SocketAddr::new(LOOPBACK, port))
-            .await
-            .expect("connect")
-    };
+    let connect_from = |address: IpAddr| connect_from(address, port);
     let mut first = connect_from(*busy_address).await;
     echoes(&mut first, "first\n").await;
     let mut second = connect_from(*busy_address).await;
