@@ -5,8 +5,9 @@
 //! carried and given back when dropped.
 //!
 //! ```text
-//!  connection ─▶ total ─▶ client namespace ─▶ instance ─▶ memory floor ─▶ Admitted
-//!                  └──────────┴─────────────────┴──────────────┴─▶ Refusal (the first that is full)
+//!  connection ─▶ total ─▶ client namespace ─▶ instance ─▶ memory floor (the namespace's
+//!                  │            │                  │          share, then the bridge's) ─▶ Admitted
+//!                  └────────────┴──────────────────┴───────────────┴─▶ Refusal (the first full)
 //! ```
 
 use std::{
@@ -17,7 +18,7 @@ use std::{
 };
 
 use crate::{
-    budget::{Lease, MemoryBudget},
+    budget::{Lease, MemoryBudget, Spent},
     clients::Client,
 };
 
@@ -92,18 +93,31 @@ pub enum Refusal {
         crate::budget::in_units(*.0)
     )]
     MemorySpent(usize),
+    /// The connection's share of the memory budget cannot give a new session its floor.
+    #[error(
+        "{share} hold their share of the bridge's memory budget ({}) in what they have not read yet",
+        crate::budget::in_units(*.limit)
+    )]
+    ShareMemorySpent {
+        /// The share.
+        share: Share,
+        /// What its sessions may hold together.
+        limit: usize,
+    },
 }
 
 impl Refusal {
     /// The refusal's label in `connections_refused_total` (one of
     /// [`metrics::REFUSAL_REASONS`](crate::metrics::REFUSAL_REASONS)).
     pub fn metric_label(&self) -> &'static str {
-        let [total, namespace, instance, memory] = crate::metrics::REFUSAL_REASONS;
+        let [total, namespace, instance, memory, namespace_memory] =
+            crate::metrics::REFUSAL_REASONS;
         match self {
             Refusal::BridgeFull(_) => total,
             Refusal::ShareFull { .. } => namespace,
             Refusal::InstanceFull { .. } => instance,
             Refusal::MemorySpent(_) => memory,
+            Refusal::ShareMemorySpent { .. } => namespace_memory,
         }
     }
 }
@@ -204,7 +218,7 @@ impl Admission {
     /// share), or says which limit refuses it.
     pub(crate) fn admit(&self, instance: &str, share: Option<&Share>) -> Result<Admitted, Refusal> {
         let total = (self.total.take(&())).ok_or(Refusal::BridgeFull(self.limits.total))?;
-        let share = match share {
+        let share_held = match share {
             Some(share) => Some(
                 self.per_share
                     .take(share)
@@ -223,13 +237,23 @@ impl Admission {
         })?;
         let lease = match &self.budget {
             Some(budget) => {
-                Some((budget.lease()).ok_or_else(|| Refusal::MemorySpent(budget.limit()))?)
+                let tenant = share.map(ToString::to_string);
+                let lease = budget
+                    .lease_for(tenant.as_deref())
+                    .map_err(|spent| match spent {
+                        Spent::Bridge => Refusal::MemorySpent(budget.limit()),
+                        Spent::Tenant => Refusal::ShareMemorySpent {
+                            share: share.cloned().unwrap_or(Share::Unresolved),
+                            limit: budget.tenant_limit().unwrap_or(budget.limit()),
+                        },
+                    })?;
+                Some(lease)
             }
             None => None,
         };
         Ok(Admitted {
             _total: total,
-            _share: share,
+            _share: share_held,
             _instance: instance_held,
             lease,
         })
@@ -342,6 +366,26 @@ mod tests {
         assert_eq!(Share::of(&pod, true), namespace("ci"));
         assert_eq!(Share::of(&unresolved, true), Some(Share::Unresolved));
         assert_eq!(Share::of(&unresolved, false), None);
+    }
+
+    #[test]
+    fn a_namespace_whose_share_of_the_memory_budget_is_spent_is_refused_alone() {
+        let budget = MemoryBudget::new(10 * SESSION_FLOOR).with_tenant_limit(2 * SESSION_FLOOR);
+        let admission = Admission::new(limits(10, 10, 10), Some(budget));
+        let busy = namespace("busy");
+        let _first = admission.admit("i-a", busy.as_ref()).unwrap();
+        let _second = admission.admit("i-a", busy.as_ref()).unwrap();
+        let refusal = admission.admit("i-a", busy.as_ref()).unwrap_err();
+        assert_eq!(refusal.metric_label(), "memory_budget_namespace");
+        assert_eq!(
+            refusal.to_string(),
+            format!(
+                "clients in namespace busy hold their share of the bridge's memory budget ({}) in what they have not read yet",
+                crate::budget::in_units(2 * SESSION_FLOOR)
+            )
+        );
+        assert!(admission.admit("i-a", namespace("quiet").as_ref()).is_ok());
+        assert!(admission.admit("i-a", None).is_ok());
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //!          room for one more message, and what the session's local readers may hold
 //! ```
 //!
+//! A tenant (the sessions of one client namespace) may hold at most its share of the pool
+//! ([`MemoryBudget::with_tenant_limit`]): its leases draw from a pool of its own as well, so
+//! that one tenant's clients that do not read cannot spend what other tenants' sessions need.
+//!
 //! Nothing is dropped for want of budget: a session that cannot grow its lease stops reading
 //! its WebSocket (the agent is held back by the transport, as with the per-session bounds), and
 //! its local readers stop reading. Each session keeps a floor for its whole life, taken at
@@ -16,9 +20,12 @@
 //! whose floor the pool cannot give is refused. A lease grows and shrinks in steps, so a busy
 //! session does not touch the pool for every message.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use prometheus::{
@@ -59,6 +66,34 @@ pub struct MemoryBudget {
     limit: usize,
     waits: Arc<AtomicU64>,
     overdrawn: Arc<AtomicU64>,
+    /// Each tenant's pool, when tenants are limited.
+    tenants: Option<Arc<Tenants>>,
+}
+
+/// What the sessions of one tenant may hold together, and each tenant's pool of it (made when
+/// its first lease is).
+#[derive(Debug)]
+struct Tenants {
+    limit: usize,
+    pools: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Tenants {
+    fn pool(&self, tenant: &str) -> Arc<Semaphore> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        (pools.entry(tenant.to_owned()))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.limit)))
+            .clone()
+    }
+}
+
+/// Which pool had no room for a new lease's floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spent {
+    /// The bridge's.
+    Bridge,
+    /// The tenant's.
+    Tenant,
 }
 
 impl MemoryBudget {
@@ -70,12 +105,28 @@ impl MemoryBudget {
             limit,
             waits: Arc::default(),
             overdrawn: Arc::default(),
+            tenants: None,
         }
+    }
+
+    /// The same pool, where the leases of one tenant ([`MemoryBudget::lease_for`]) hold at
+    /// most `limit` bytes together.
+    pub fn with_tenant_limit(mut self, limit: usize) -> Self {
+        self.tenants = Some(Arc::new(Tenants {
+            limit: limit.min(self.limit),
+            pools: Mutex::default(),
+        }));
+        self
     }
 
     /// The pool's size.
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// What one tenant's leases may hold together, when tenants are limited.
+    pub fn tenant_limit(&self) -> Option<usize> {
+        self.tenants.as_ref().map(|t| t.limit)
     }
 
     /// Bytes held by leases now.
@@ -105,18 +156,25 @@ impl MemoryBudget {
     /// A new session's lease, holding its [`SESSION_FLOOR`]; `None` when the pool cannot give
     /// the floor now (the connection is refused).
     pub fn lease(&self) -> Option<Lease> {
-        let floor = self.try_take(SESSION_FLOOR)?;
-        Some(Lease {
-            budget: self.clone(),
-            permit: floor,
-        })
+        self.lease_for(None).ok()
     }
 
-    fn try_take(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        self.pool
-            .clone()
-            .try_acquire_many_owned(permits(bytes))
-            .ok()
+    /// A new session's lease for `tenant` (none: counted in the bridge's pool only), holding
+    /// its [`SESSION_FLOOR`]; or which pool cannot give the floor now.
+    pub fn lease_for(&self, tenant: Option<&str>) -> Result<Lease, Spent> {
+        let tenant = match (&self.tenants, tenant) {
+            (Some(tenants), Some(tenant)) => Some(tenants.pool(tenant)),
+            _ => None,
+        };
+        let mut lease = Lease {
+            budget: self.clone(),
+            held: Held::default(),
+            tenant,
+        };
+        match lease.take(SESSION_FLOOR) {
+            Ok(()) => Ok(lease),
+            Err(spent) => Err(spent),
+        }
     }
 
     /// Exports the budget's size, use, waits and overdrafts on `registry`, read at each scrape.
@@ -139,12 +197,48 @@ fn permits(bytes: usize) -> u32 {
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
+/// Bytes taken from the bridge's pool, and as many from the tenant's when there is one.
+#[derive(Debug, Default)]
+pub struct Held {
+    pool: Option<OwnedSemaphorePermit>,
+    tenant: Option<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    fn bytes(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits)
+    }
+
+    fn merge(&mut self, more: Held) {
+        fn join(into: &mut Option<OwnedSemaphorePermit>, more: Option<OwnedSemaphorePermit>) {
+            match (into.as_mut(), more) {
+                (Some(held), Some(more)) => held.merge(more),
+                (None, more) => *into = more,
+                (Some(_), None) => {}
+            }
+        }
+        join(&mut self.pool, more.pool);
+        join(&mut self.tenant, more.tenant);
+    }
+
+    /// Gives `bytes` back to both pools.
+    fn give_back(&mut self, bytes: usize) {
+        for permit in [&mut self.pool, &mut self.tenant].into_iter().flatten() {
+            drop(permit.split(bytes));
+        }
+    }
+}
+
 /// One session's share of the budget, held by its driver: it covers what the session holds,
 /// plus room to read one more message.
 #[derive(Debug)]
 pub struct Lease {
     budget: MemoryBudget,
-    permit: OwnedSemaphorePermit,
+    held: Held,
+    /// The pool of the session's tenant, if tenants are limited.
+    tenant: Option<Arc<Semaphore>>,
 }
 
 impl Lease {
@@ -155,7 +249,26 @@ impl Lease {
 
     /// Bytes held.
     pub fn held(&self) -> usize {
-        self.permit.num_permits()
+        self.held.bytes()
+    }
+
+    /// Takes `bytes` more from the tenant's pool and the bridge's, if both have room now
+    /// (nothing is taken otherwise).
+    fn take(&mut self, bytes: usize) -> Result<(), Spent> {
+        let tenant = match &self.tenant {
+            Some(pool) => Some(
+                (pool.clone().try_acquire_many_owned(permits(bytes))).map_err(|_| Spent::Tenant)?,
+            ),
+            None => None,
+        };
+        let pool = (self.budget.pool.clone())
+            .try_acquire_many_owned(permits(bytes))
+            .map_err(|_| Spent::Bridge)?;
+        self.held.merge(Held {
+            pool: Some(pool),
+            tenant,
+        });
+        Ok(())
     }
 
     /// Holds at least `need`, and at most two [`LEASE_STEP`]s more: grows by a step from the
@@ -168,34 +281,33 @@ impl Lease {
         }
         let keep = (need + LEASE_STEP).max(SESSION_FLOOR);
         if held > need + 2 * LEASE_STEP && held > keep {
-            drop(self.permit.split(held - keep));
+            self.held.give_back(held - keep);
         }
         true
     }
 
     fn grow_to(&mut self, bytes: usize) -> bool {
-        match self.budget.try_take(bytes.saturating_sub(self.held())) {
-            Some(more) => {
-                self.permit.merge(more);
-                true
-            }
-            None => false,
+        self.take(bytes.saturating_sub(self.held())).is_ok()
+    }
+
+    /// Resolves once the tenant's pool, then the bridge's, give `more` bytes (to
+    /// [`Lease::absorb_permit`]); counts a wait.
+    pub fn wait_for(&self, more: usize) -> impl Future<Output = Option<Held>> + Send + 'static {
+        self.budget.count_wait();
+        let (pool, tenant) = (self.budget.pool.clone(), self.tenant.clone());
+        async move {
+            let tenant = match tenant {
+                Some(tenant) => Some(tenant.acquire_many_owned(permits(more)).await.ok()?),
+                None => None,
+            };
+            let pool = Some(pool.acquire_many_owned(permits(more)).await.ok()?);
+            Some(Held { pool, tenant })
         }
     }
 
-    /// Resolves once the pool gives `more` bytes (to [`Lease::absorb_permit`]); counts a wait.
-    pub fn wait_for(
-        &self,
-        more: usize,
-    ) -> impl Future<Output = Option<OwnedSemaphorePermit>> + Send + 'static {
-        self.budget.count_wait();
-        let pool = self.budget.pool.clone();
-        async move { pool.acquire_many_owned(permits(more)).await.ok() }
-    }
-
     /// Adds what [`Lease::wait_for`] got.
-    pub fn absorb_permit(&mut self, permit: OwnedSemaphorePermit) {
-        self.permit.merge(permit);
+    pub fn absorb_permit(&mut self, more: Held) {
+        self.held.merge(more);
     }
 }
 
@@ -336,6 +448,56 @@ mod tests {
         waiting.absorb_permit(more.await.expect("the pool is never closed"));
         assert_eq!(waiting.held(), 2 * SESSION_FLOOR);
         assert_eq!(budget.waits(), 1);
+    }
+
+    /// One tenant's leases hold at most its limit together, whatever its sessions need, and
+    /// leave the rest of the pool to other tenants: a lease of theirs gets its floor and grows.
+    #[tokio::test]
+    async fn a_tenant_holds_at_most_its_limit_and_leaves_the_rest_to_others() {
+        let budget = MemoryBudget::new(8 * SESSION_FLOOR).with_tenant_limit(3 * SESSION_FLOOR);
+        assert_eq!(budget.tenant_limit(), Some(3 * SESSION_FLOOR));
+        let mut busy = budget.lease_for(Some("busy")).expect("a floor");
+        assert!(busy.cover(2 * SESSION_FLOOR - LEASE_STEP));
+        assert_eq!(busy.held(), 2 * SESSION_FLOOR);
+        let mut second = budget.lease_for(Some("busy")).expect("the third floor");
+        assert_eq!(
+            budget.lease_for(Some("busy")).err(),
+            Some(Spent::Tenant),
+            "no fourth floor for the tenant"
+        );
+        assert!(
+            !busy.cover(3 * SESSION_FLOOR),
+            "nor more for one of its leases"
+        );
+        assert_eq!(
+            budget.in_use(),
+            3 * SESSION_FLOOR,
+            "a failed grow takes nothing"
+        );
+
+        // Another tenant, and a session of no tenant, get floors and grow in what is left.
+        let mut quiet = budget
+            .lease_for(Some("quiet"))
+            .expect("another tenant's floor");
+        assert!(quiet.cover(3 * SESSION_FLOOR - LEASE_STEP));
+        let _untenanted = budget
+            .lease_for(None)
+            .expect("a floor of the bridge's pool");
+
+        // A wait of the busy tenant's ends when the tenant gives back, not before.
+        let more = second.wait_for(SESSION_FLOOR);
+        futures::pin_mut!(more);
+        assert!((&mut more).now_or_never().is_none());
+        assert!(
+            quiet.cover(0),
+            "another tenant's bytes are not the busy one's"
+        );
+        assert!((&mut more).now_or_never().is_none());
+        assert!(busy.cover(0));
+        second.absorb_permit(more.await.expect("the pools are never closed"));
+        assert_eq!(second.held(), 2 * SESSION_FLOOR);
+        drop((busy, second));
+        assert!(budget.lease_for(Some("busy")).is_ok(), "all given back");
     }
 
     #[test]

@@ -93,7 +93,8 @@ struct ServeArgs {
     /// MiB all sessions' buffers may hold together (what clients have not read yet, what the
     /// instances have not acknowledged): within it nothing is dropped, sessions read less; a
     /// connection is refused when no room for one more message is left. The default fits the
-    /// shipped pod limit (512Mi) with a thousand sessions open.
+    /// shipped pod limit (512Mi) with a thousand sessions open. The sessions of one client
+    /// namespace hold at most the same share of it as of the sessions (250 of 1000: a quarter).
     #[arg(long, default_value_t = DEFAULT_MEMORY_BUDGET / (1024 * 1024))]
     memory_budget_mib: usize,
     /// End sessions idle this many seconds (0: never).
@@ -310,6 +311,15 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// What one client namespace's sessions may hold of a `budget` of bytes: the share of the
+/// bridge's `total` sessions they may hold (`per_namespace`), all of it when that is all.
+fn namespace_share(budget: usize, per_namespace: usize, total: usize) -> usize {
+    match per_namespace.checked_mul(budget) {
+        Some(product) if total > per_namespace => product / total,
+        _ => budget,
+    }
+}
+
 fn seconds(value: u64) -> Option<Duration> {
     (value > 0).then(|| Duration::from_secs(value))
 }
@@ -321,7 +331,13 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot reach the Kubernetes API")?;
     let registry = Registry::new();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
-    let budget = MemoryBudget::new(args.memory_budget_mib.saturating_mul(1024 * 1024));
+    let bytes = args.memory_budget_mib.saturating_mul(1024 * 1024);
+    // A client namespace's sessions hold at most its share of the sessions' memory too.
+    let budget = MemoryBudget::new(bytes).with_tenant_limit(namespace_share(
+        bytes,
+        args.max_sessions_per_client_namespace,
+        args.max_sessions,
+    ));
     budget
         .register(&registry)
         .context("registering the memory budget's metrics")?;
@@ -548,5 +564,23 @@ fn grants_document(cluster: &str, host: Option<&str>, port: u16) -> String {
     match host {
         Some(host) => ssm_documents::remote_host_document_name(cluster, host, port),
         None => ssm_documents::port_document_name(cluster, port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_holds_the_same_share_of_memory_as_of_sessions() {
+        let mib = 1024 * 1024;
+        assert_eq!(namespace_share(256 * mib, 250, 1000), 64 * mib);
+        assert_eq!(namespace_share(256 * mib, 1000, 1000), 256 * mib);
+        assert_eq!(namespace_share(256 * mib, 2000, 1000), 256 * mib);
+        assert_eq!(
+            namespace_share(usize::MAX, 250, 1000),
+            usize::MAX,
+            "no overflow"
+        );
     }
 }

@@ -37,11 +37,12 @@ const RTT_BUCKETS: &[f64] = &[
 
 /// Why connections are refused before a session starts (`connections_refused_total`'s label),
 /// each counted from zero.
-pub const REFUSAL_REASONS: [&str; 4] = [
+pub const REFUSAL_REASONS: [&str; 5] = [
     "limit_total",
     "limit_namespace",
     "limit_instance",
     "memory_budget",
+    "memory_budget_namespace",
 ];
 
 /// How a session ended, as a bounded label value.

@@ -10,9 +10,8 @@
 //! not read.
 
 use futures::future::BoxFuture;
-use tokio::sync::OwnedSemaphorePermit;
 
-use crate::budget::{Lease, READ_CREDIT};
+use crate::budget::{Held, Lease, READ_CREDIT};
 use crate::protocol::config::INBOUND_HEADROOM;
 
 pub(super) struct Share {
@@ -20,7 +19,7 @@ pub(super) struct Share {
     /// Bytes read on the credit that the lease does not cover yet.
     credit_spent: usize,
     /// The pool's answer to a lease that could not grow, while the driver waits for it.
-    wait: Option<BoxFuture<'static, Option<OwnedSemaphorePermit>>>,
+    wait: Option<BoxFuture<'static, Option<Held>>>,
 }
 
 impl Share {
