@@ -71,7 +71,7 @@ pub struct MemoryBudget {
 }
 
 /// What the sessions of one tenant may hold together, and each tenant's pool of it (made when
-/// its first lease is).
+/// its first lease is, and kept: one per client namespace the bridge has served).
 #[derive(Debug)]
 struct Tenants {
     limit: usize,
@@ -171,10 +171,7 @@ impl MemoryBudget {
             held: Held::default(),
             tenant,
         };
-        match lease.take(SESSION_FLOOR) {
-            Ok(()) => Ok(lease),
-            Err(spent) => Err(spent),
-        }
+        lease.take(SESSION_FLOOR).map(|()| lease)
     }
 
     /// Exports the budget's size, use, waits and overdrafts on `registry`, read at each scrape.

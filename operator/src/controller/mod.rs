@@ -1,8 +1,9 @@
 //! The controllers and what they share: the grant controller (`reconcile`), which grants grant
-//! now (`granting`), each IAM identity's policy set (`identities`), the shared session documents
-//! (`shared`), the session preferences controller (`preferences`), what they read from AWS and Kubernetes
-//! (`observe`), the one applier of every change, which also publishes its Event (`apply`),
-//! leader election (`leader`) and the wiring of `fleet-access-operator run` (`runner`).
+//! now (`granting`), each IAM identity's policy set (`identities`), the shared session
+//! documents (`shared`), the session preferences controller (`preferences`), what they read
+//! from AWS and Kubernetes (`observe`), the one applier of every change, which also publishes
+//! its Event (`apply`), leader election (`leader`) and the wiring of `fleet-access-operator
+//! run` (`runner`).
 //!
 //! ```text
 //!  grant ─▶ observe ─▶ model::{desired, plan, endpoints} ─▶ apply (AWS, Kubernetes, Events)
