@@ -16,6 +16,7 @@ use std::{
 use fleet_access_agent_bridge::{
     admin::{self, Readiness},
     audit::{Collected, ConnectionRecord, Ended},
+    budget::{MemoryBudget, SESSION_FLOOR, in_units},
     forward::{Pool, forward},
     listener::Limits,
     metrics::Metrics,
@@ -2160,17 +2161,7 @@ async fn every_connection_is_attributed_to_its_pod_and_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_clients_hold_their_share_of_sessions_and_no_more() {
     let (_sshd, emulator) = echo_on_web().await;
-    let control_plane = ControlPlane::shared().await.expect("control plane");
-    let mut tenants = Vec::new();
-    for prefix in ["share-busy", "share-quiet"] {
-        let namespace = control_plane.namespace(prefix).await.expect("namespace");
-        let address = fleet_access_tests::own_loopback_address();
-        client_pod(&namespace, "job-0", "runner", address).await;
-        tenants.push((namespace, address));
-    }
-    let [(busy, busy_address), (_quiet, quiet_address)] = tenants.as_slice() else {
-        unreachable!("two tenants");
-    };
+    let [(busy, busy_address), (_quiet, quiet_address)] = two_tenants().await;
     let registry = Registry::new();
     let served = Served::start_endpoints(
         "bridge-shares",
@@ -2185,44 +2176,37 @@ async fn a_tenants_clients_hold_their_share_of_sessions_and_no_more() {
     .await;
     let port = served.port(WEB);
     let connect_from = |address: IpAddr| connect_from(address, port);
-    let mut first = connect_from(*busy_address).await;
+    let mut first = connect_from(busy_address).await;
     echoes(&mut first, "first\n").await;
-    let mut second = connect_from(*busy_address).await;
+    let mut second = connect_from(busy_address).await;
     echoes(&mut second, "second\n").await;
-
-    let mut refused = connect_from(*busy_address).await;
-    let mut said = String::new();
-    tokio::time::timeout(Duration::from_secs(30), refused.read_to_string(&mut said))
-        .await
-        .expect("the refusal comes in time")
-        .expect("read");
     assert_eq!(
-        said.trim_end(),
+        refusal(connect_from(busy_address).await).await,
         format!(
             "fleet-access: refused: clients in namespace {} already hold their limit of 2 \
              sessions on this bridge",
             busy.name()
         )
     );
-    let mut other = connect_from(*quiet_address).await;
+    let mut other = connect_from(quiet_address).await;
     echoes(&mut other, "another tenant\n").await;
 
     // The busy tenant's first connection ends: its share has room again.
     drop(first);
     let from_busy_ended =
-        |r: &ConnectionRecord| r.client.address == *busy_address && r.ended == Ended::ClientClosed;
+        |r: &ConnectionRecord| r.client.address == busy_address && r.ended == Ended::ClientClosed;
     let records = served
         .records_when(|all| all.iter().any(from_busy_ended))
         .await;
     assert!(records.iter().any(from_busy_ended), "{records:#?}");
-    let mut again = connect_from(*busy_address).await;
+    let mut again = connect_from(busy_address).await;
     echoes(&mut again, "again\n").await;
 
     let refusals: Vec<&ConnectionRecord> = (records.iter())
         .filter(|r| r.ended == Ended::Refused)
         .collect();
     assert!(
-        (refusals.iter()).all(|r| r.client.address != *quiet_address),
+        (refusals.iter()).all(|r| r.client.address != quiet_address),
         "{refusals:#?}"
     );
     let exported = fleet_access_agent_bridge::metrics::encode(&registry);
@@ -2232,6 +2216,88 @@ async fn a_tenants_clients_hold_their_share_of_sessions_and_no_more() {
     );
     drop((second, other, again));
     served.stop().await;
+}
+
+/// One tenant's clients hold at most their share of the memory budget: with room for two
+/// sessions' floors in its share, the third connection of a namespace is refused with a reason
+/// that names it, while another namespace's connection is carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_clients_hold_their_share_of_the_memory_budget_and_no_more() {
+    let (_sshd, emulator) = echo_on_web().await;
+    let [(busy, busy_address), (_quiet, quiet_address)] = two_tenants().await;
+    let registry = Registry::new();
+    let share = 2 * SESSION_FLOOR;
+    let budget = MemoryBudget::new(16 * SESSION_FLOOR).with_tenant_limit(share);
+    let mut context = SessionContext::per_connection(
+        Arc::new(control_plane(&emulator)),
+        None,
+        Metrics::register(&registry).expect("metrics"),
+    );
+    context.budget = Some(budget.clone());
+    let served = Served::start_endpoints(
+        "bridge-memory-shares",
+        Arc::new(context),
+        &[(WEB, 7, "AWS-StartPortForwardingSession", Some(7))],
+        Limits {
+            total: 10,
+            per_client_namespace: 10,
+            per_instance: 10,
+        },
+    )
+    .await;
+    let port = served.port(WEB);
+    let connect_from = |address: IpAddr| connect_from(address, port);
+    let mut first = connect_from(busy_address).await;
+    echoes(&mut first, "first\n").await;
+    let mut second = connect_from(busy_address).await;
+    echoes(&mut second, "second\n").await;
+    assert_eq!(
+        refusal(connect_from(busy_address).await).await,
+        format!(
+            "fleet-access: refused: clients in namespace {} hold their share of the bridge's \
+             memory budget ({}) in what they have not read yet",
+            busy.name(),
+            in_units(share)
+        )
+    );
+    let mut other = connect_from(quiet_address).await;
+    echoes(&mut other, "another tenant\n").await;
+    let exported = fleet_access_agent_bridge::metrics::encode(&registry);
+    assert!(
+        exported.contains(
+            r#"agent_bridge_connections_refused_total{reason="memory_budget_namespace"} 1"#
+        ),
+        "{exported}"
+    );
+    drop((first, second, other));
+    served.stop().await;
+    assert_eq!(budget.overdrawn(), 0);
+}
+
+/// Two tenants: a namespace each, with one client pod on an address of its own.
+async fn two_tenants() -> [(TestNamespace, IpAddr); 2] {
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    let mut tenants = Vec::new();
+    for prefix in ["share-busy", "share-quiet"] {
+        let namespace = control_plane.namespace(prefix).await.expect("namespace");
+        let address = fleet_access_tests::own_loopback_address();
+        client_pod(&namespace, "job-0", "runner", address).await;
+        tenants.push((namespace, address));
+    }
+    match <[_; 2]>::try_from(tenants) {
+        Ok(two) => two,
+        Err(_) => unreachable!("two tenants"),
+    }
+}
+
+/// What the bridge says to a connection it refuses, before it closes it.
+async fn refusal(mut stream: TcpStream) -> String {
+    let mut said = String::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_string(&mut said))
+        .await
+        .expect("the refusal comes in time")
+        .expect("read");
+    said.trim_end().to_owned()
 }
 
 /// Replicas sharing one IAM role: a run killed with SIGKILL leaves its sessions open at AWS
