@@ -2163,25 +2163,11 @@ async fn a_tenants_clients_hold_their_share_of_sessions_and_no_more() {
     let (_sshd, emulator) = echo_on_web().await;
     let [(busy, busy_address), (_quiet, quiet_address)] = two_tenants().await;
     let registry = Registry::new();
-    let served = Served::start_endpoints(
-        "bridge-shares",
-        context(&emulator, &registry),
-        &[(WEB, 7, "AWS-StartPortForwardingSession", Some(7))],
-        Limits {
-            total: 10,
-            per_client_namespace: 2,
-            per_instance: 10,
-        },
-    )
-    .await;
-    let port = served.port(WEB);
-    let connect_from = |address: IpAddr| connect_from(address, port);
-    let mut first = connect_from(busy_address).await;
-    echoes(&mut first, "first\n").await;
-    let mut second = connect_from(busy_address).await;
-    echoes(&mut second, "second\n").await;
+    let served = serve_echo("bridge-shares", context(&emulator, &registry), 2).await;
+    let connect_from = |address: IpAddr| connect_from(address, served.port(WEB));
+    let (first, second, refused) = two_then_refused(&served, busy_address).await;
     assert_eq!(
-        refusal(connect_from(busy_address).await).await,
+        refused,
         format!(
             "fleet-access: refused: clients in namespace {} already hold their limit of 2 \
              sessions on this bridge",
@@ -2234,25 +2220,10 @@ async fn a_tenants_clients_hold_their_share_of_the_memory_budget_and_no_more() {
         Metrics::register(&registry).expect("metrics"),
     );
     context.budget = Some(budget.clone());
-    let served = Served::start_endpoints(
-        "bridge-memory-shares",
-        Arc::new(context),
-        &[(WEB, 7, "AWS-StartPortForwardingSession", Some(7))],
-        Limits {
-            total: 10,
-            per_client_namespace: 10,
-            per_instance: 10,
-        },
-    )
-    .await;
-    let port = served.port(WEB);
-    let connect_from = |address: IpAddr| connect_from(address, port);
-    let mut first = connect_from(busy_address).await;
-    echoes(&mut first, "first\n").await;
-    let mut second = connect_from(busy_address).await;
-    echoes(&mut second, "second\n").await;
+    let served = serve_echo("bridge-memory-shares", Arc::new(context), 10).await;
+    let (first, second, refused) = two_then_refused(&served, busy_address).await;
     assert_eq!(
-        refusal(connect_from(busy_address).await).await,
+        refused,
         format!(
             "fleet-access: refused: clients in namespace {} hold their share of the bridge's \
              memory budget ({}) in what they have not read yet",
@@ -2260,7 +2231,7 @@ async fn a_tenants_clients_hold_their_share_of_the_memory_budget_and_no_more() {
             in_units(share)
         )
     );
-    let mut other = connect_from(quiet_address).await;
+    let mut other = connect_from(quiet_address, served.port(WEB)).await;
     echoes(&mut other, "another tenant\n").await;
     let exported = fleet_access_agent_bridge::metrics::encode(&registry);
     assert!(
@@ -2272,6 +2243,34 @@ async fn a_tenants_clients_hold_their_share_of_the_memory_budget_and_no_more() {
     drop((first, second, other));
     served.stop().await;
     assert_eq!(budget.overdrawn(), 0);
+}
+
+/// `serve` of WEB's echo port, with `per_client_namespace` sessions for each namespace (ten in
+/// all, ten per instance).
+async fn serve_echo(
+    prefix: &str,
+    context: Arc<SessionContext<SdkControlPlane>>,
+    per_client_namespace: usize,
+) -> Served {
+    let limits = Limits {
+        total: 10,
+        per_client_namespace,
+        per_instance: 10,
+    };
+    let endpoints = [(WEB, 7, "AWS-StartPortForwardingSession", Some(7))];
+    Served::start_endpoints(prefix, context, &endpoints, limits).await
+}
+
+/// Two connections from `address` carried (each echoes a line), and what the bridge says to
+/// refuse the third.
+async fn two_then_refused(served: &Served, address: IpAddr) -> (TcpStream, TcpStream, String) {
+    let port = served.port(WEB);
+    let mut first = connect_from(address, port).await;
+    echoes(&mut first, "first\n").await;
+    let mut second = connect_from(address, port).await;
+    echoes(&mut second, "second\n").await;
+    let refused = refusal(connect_from(address, port).await).await;
+    (first, second, refused)
 }
 
 /// Two tenants: a namespace each, with one client pod on an address of its own.
