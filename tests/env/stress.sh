@@ -12,7 +12,7 @@
 # Runs under with-services.sh (one kube-apiserver + etcd and one moto for the whole run), like
 # `make test`. Prints one line per failure, then "N passed, M failed" counting binary runs, and
 # exits non-zero when any failed. The full output of each failed run is kept in the folder it
-# names.
+# names; when none failed, the folder goes.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -84,4 +84,9 @@ done
 
 echo "stress: $round rounds of: $tests"
 echo "stress: $passed passed, $failed failed"
+stop_load
+if ((failed == 0)); then
+    # Nothing to keep: the folder held only the build log and the load's target.
+    rm -rf "$logs"
+fi
 ((failed == 0))
