@@ -166,12 +166,12 @@ impl MemoryBudget {
             (Some(tenants), Some(tenant)) => Some(tenants.pool(tenant)),
             _ => None,
         };
-        let mut lease = Lease {
+        let held = take(&self.pool, tenant.as_ref(), SESSION_FLOOR)?;
+        Ok(Lease {
             budget: self.clone(),
-            held: Held::default(),
+            held,
             tenant,
-        };
-        lease.take(SESSION_FLOOR).map(|()| lease)
+        })
     }
 
     /// Exports the budget's size, use, waits and overdrafts on `registry`, read at each scrape.
@@ -195,37 +195,49 @@ fn permits(bytes: usize) -> u32 {
 }
 
 /// Bytes taken from the bridge's pool, and as many from the tenant's when there is one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Held {
-    pool: Option<OwnedSemaphorePermit>,
+    pool: OwnedSemaphorePermit,
     tenant: Option<OwnedSemaphorePermit>,
 }
 
 impl Held {
     fn bytes(&self) -> usize {
-        self.pool
-            .as_ref()
-            .map_or(0, OwnedSemaphorePermit::num_permits)
+        self.pool.num_permits()
     }
 
+    /// Adds `more`, taken for the same lease (so from the same pools).
     fn merge(&mut self, more: Held) {
-        fn join(into: &mut Option<OwnedSemaphorePermit>, more: Option<OwnedSemaphorePermit>) {
-            match (into.as_mut(), more) {
-                (Some(held), Some(more)) => held.merge(more),
-                (None, more) => *into = more,
-                (Some(_), None) => {}
-            }
+        self.pool.merge(more.pool);
+        if let (Some(tenant), Some(more)) = (&mut self.tenant, more.tenant) {
+            tenant.merge(more);
         }
-        join(&mut self.pool, more.pool);
-        join(&mut self.tenant, more.tenant);
     }
 
     /// Gives `bytes` back to both pools.
     fn give_back(&mut self, bytes: usize) {
-        for permit in [&mut self.pool, &mut self.tenant].into_iter().flatten() {
-            drop(permit.split(bytes));
+        drop(self.pool.split(bytes));
+        if let Some(tenant) = &mut self.tenant {
+            drop(tenant.split(bytes));
         }
     }
+}
+
+/// Takes `bytes` from `tenant`'s pool (if any) and the bridge's `pool`, if both have room now;
+/// nothing otherwise.
+fn take(
+    pool: &Arc<Semaphore>,
+    tenant: Option<&Arc<Semaphore>>,
+    bytes: usize,
+) -> Result<Held, Spent> {
+    let tenant = match tenant {
+        Some(tenant) => Some(
+            (tenant.clone().try_acquire_many_owned(permits(bytes))).map_err(|_| Spent::Tenant)?,
+        ),
+        None => None,
+    };
+    let pool = (pool.clone().try_acquire_many_owned(permits(bytes))).map_err(|_| Spent::Bridge)?;
+    Ok(Held { pool, tenant })
 }
 
 /// One session's share of the budget, held by its driver: it covers what the session holds,
@@ -249,25 +261,6 @@ impl Lease {
         self.held.bytes()
     }
 
-    /// Takes `bytes` more from the tenant's pool and the bridge's, if both have room now
-    /// (nothing is taken otherwise).
-    fn take(&mut self, bytes: usize) -> Result<(), Spent> {
-        let tenant = match &self.tenant {
-            Some(pool) => Some(
-                (pool.clone().try_acquire_many_owned(permits(bytes))).map_err(|_| Spent::Tenant)?,
-            ),
-            None => None,
-        };
-        let pool = (self.budget.pool.clone())
-            .try_acquire_many_owned(permits(bytes))
-            .map_err(|_| Spent::Bridge)?;
-        self.held.merge(Held {
-            pool: Some(pool),
-            tenant,
-        });
-        Ok(())
-    }
-
     /// Holds at least `need`, and at most two [`LEASE_STEP`]s more: grows by a step from the
     /// pool when it has room now, and gives back what is more than two steps above (never
     /// the floor). False when the pool cannot cover `need` now (nothing is taken then).
@@ -284,7 +277,14 @@ impl Lease {
     }
 
     fn grow_to(&mut self, bytes: usize) -> bool {
-        self.take(bytes.saturating_sub(self.held())).is_ok()
+        let more = bytes.saturating_sub(self.held());
+        match take(&self.budget.pool, self.tenant.as_ref(), more) {
+            Ok(more) => {
+                self.held.merge(more);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     /// Resolves once the tenant's pool, then the bridge's, give `more` bytes (to
@@ -297,7 +297,7 @@ impl Lease {
                 Some(tenant) => Some(tenant.acquire_many_owned(permits(more)).await.ok()?),
                 None => None,
             };
-            let pool = Some(pool.acquire_many_owned(permits(more)).await.ok()?);
+            let pool = pool.acquire_many_owned(permits(more)).await.ok()?;
             Some(Held { pool, tenant })
         }
     }

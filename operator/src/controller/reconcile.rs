@@ -121,7 +121,7 @@ pub async fn run(
         move |owner| {
             let grant = naming::owner_grant(&owner)
                 .map(|(ns, name)| (ns.to_owned(), name.to_owned()))
-                .and_then(in_scope.clone());
+                .and_then(&in_scope);
             async move { grant }
         }
     });
