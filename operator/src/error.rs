@@ -118,10 +118,11 @@ pub enum Error {
         listings: usize,
     },
 
-    /// A grant's approval ended, and not every session it had open could be listed and ended;
-    /// the reconcile is retried, and the status says Approved until they are.
+    /// A grant's window or approval ended, and not every session it had open could be listed
+    /// and ended; the reconcile is retried, and the status keeps recording what the grant
+    /// granted until they are.
     #[error(
-        "the approval of {grant} ended, but its open sessions could not all be ended yet: the operator retries"
+        "{grant} no longer grants (its window or approval ended), but its open sessions could not all be ended yet: the operator retries"
     )]
     SessionsNotEnded {
         /// `<namespace>/<name>` of the grant.

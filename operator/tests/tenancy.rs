@@ -208,6 +208,42 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
     let role = format!("tenant-ci-{ns}");
     h.role(&role).await;
 
+    // A grant the operator refuses grants nothing, so its end ends nothing: a tenant cannot end
+    // the sessions of principals it names by saying the grant's window has ended, however often
+    // it moves that end.
+    let roles_session = h
+        .start_session_as(
+            &format!("arn:aws:sts::{ACCOUNT}:assumed-role/{role}/ops"),
+            INSIDE_INSTANCE,
+        )
+        .await;
+    let ended_ago = |seconds: i64| {
+        let mut spec = inside(&role);
+        let expires_at = Timestamp::now() - SignedDuration::from_secs(seconds);
+        spec["window"] = json!({"expiresAt": expires_at.to_string()});
+        spec
+    };
+    h.create("ended", ended_ago(3600)).await;
+    for moved in [false, true] {
+        if moved {
+            h.set_spec("ended", ended_ago(1)).await;
+        }
+        let ended = h.wait_condition("ended", "Expired", "True").await;
+        assert_eq!(
+            find(&ended, "Admitted").map(|c| c.status.as_str()),
+            Some("False")
+        );
+        assert!(
+            h.active_sessions(INSIDE_INSTANCE)
+                .await
+                .contains(&roles_session),
+            "a refused grant ended a session: {}",
+            h.calls()
+        );
+        assert_eq!(h.terminated(), 0, "{}", h.calls());
+    }
+    h.delete("ended").await;
+
     // No boundary selects the namespace yet: the operator refuses the grant, writes nothing.
     h.create("ci", inside(&role)).await;
     let refused = h.wait_condition("ci", "Admitted", "False").await;

@@ -84,12 +84,13 @@ async fn count_sessions(store: &Store<SessionAccess>, ctx: &Context) -> Result<u
             }
             users.extend(members[&group].iter().cloned());
         }
+        let namespace = grant.namespace().unwrap_or_default();
         let owners = SessionOwners {
             account: ctx.account.clone(),
+            grant: naming::grant_key(&namespace, &grant.name_any()),
             users,
             roles: principals.roles.iter().map(|r| r.to_string()).collect(),
             bridge_role: ctx.settings.bridge_role.clone(),
-            own_documents: BTreeSet::new(),
         };
         let covered = match grant.spec.targets.all_instances {
             true => Covered::All,
@@ -99,9 +100,7 @@ async fn count_sessions(store: &Store<SessionAccess>, ctx: &Context) -> Result<u
                     .collect(),
             ),
         };
-        let namespace = grant.namespace().unwrap_or_default();
-        let key = naming::grant_key(&namespace, &grant.name_any());
-        let counted = census::count(&open, &key, &owners, &covered);
+        let counted = census::count(&open, &owners, &covered);
         let recorded = status.open_sessions.as_ref();
         let same = |r: &OpenSessions| {
             (r.count, r.through_bridge) == (to_i32(counted.count), to_i32(counted.through_bridge))

@@ -52,7 +52,7 @@ use serde_json::json;
 
 use crate::{
     Error, Result,
-    aws::Principal,
+    aws::{Principal, PrincipalKind},
     controller::{
         Context, FIELD_MANAGER,
         apply::Applier,
@@ -63,7 +63,7 @@ use crate::{
     model::{
         approval::{self, Verdict},
         boundary::{self, Admission},
-        desired::{self, Desired},
+        desired,
         endpoints::{self, Destination, WantedEndpoints},
         naming::{self, OwnerTag},
         plan::{self, Change, Known, Moment, SessionOwners, WantedDocument},
@@ -422,20 +422,17 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     let resolved: Vec<String> = target_list.iter().map(|t| t.instance_id.clone()).collect();
     let wanted_endpoints = WantedEndpoints::of(&desired, &resolved, revoked);
     let synced = sync_endpoints(&applier, &key, &wanted_endpoints, ctx).await;
-    // Sessions end when the window ends, or the approval (withdrawn or run out); only an
-    // Allow ends sessions: the end of a Deny gives access back.
-    let approval_ended = status::approval_ended(previous, &verdict);
-    let window_ended = expired
-        && desired.effect == Effect::Allow
-        && (desired.expires_at).is_some_and(|at| status::sessions_to_end_at_expiry(previous, at));
-    let sessions_ended = match &synced {
-        Ok(served) if window_ended || approval_ended => {
-            end_sessions(&applier, &desired, &resolved, served, ctx).await
-        }
+    // Sessions end when the window ends, or the approval (withdrawn or run out), of a grant
+    // that was granting: those the status records it granting, and no others (a refused grant
+    // ends nobody's). Only an Allow ends sessions: the end of a Deny gives access back.
+    let granted = status::granted(previous).filter(|_| desired.effect == Effect::Allow);
+    let ending = granted.filter(|_| expired || status::approval_ended(previous, &verdict));
+    let sessions_ended = match (&synced, &ending) {
+        (Ok(served), Some(granted)) => end_sessions(&applier, &key, granted, served, ctx).await,
         _ => None,
     };
-    if approval_ended && sessions_ended.is_none() {
-        // The status keeps saying Approved, so the next attempt ends them.
+    if ending.is_some() && sessions_ended.is_none() {
+        // The status keeps recording what the grant granted, so the next attempt ends them.
         return Err(Error::SessionsNotEnded { grant: key });
     }
     let bridge = match (&desired.bridge, synced, withheld) {
@@ -515,28 +512,34 @@ fn newly_refused(previous: Option<&SessionAccessStatus>, admission: &Admission) 
     recorded.is_none_or(|c| c.status != "False" || c.message != words.message)
 }
 
-/// Ends the sessions the expired grant's principals have open on its instances, and the
-/// bridge's through its endpoints (`served`: the instances some endpoint still serves), once:
-/// returns what was ended, or `None` (logged) when the sessions could not all be listed and
-/// ended, to be tried again at the next reconcile.
+/// Ends the sessions of what the grant `key` granted ([`status::granted`]): its principals'
+/// on its instances, and the bridge's through its endpoints (`served`: the instances some
+/// endpoint still serves). Returns what was ended, or `None` (logged) when the sessions could
+/// not all be listed and ended, to be tried again.
 async fn end_sessions(
     applier: &Applier<'_>,
-    desired: &Desired,
-    instances: &[String],
+    key: &str,
+    granted: &status::Granted,
     served: &BTreeSet<String>,
     ctx: &Context,
 ) -> Option<SessionsEnded> {
+    let named = |kind| {
+        (granted.principals.iter())
+            .filter(move |p| p.kind == kind)
+            .map(|p| p.name.clone())
+    };
     let listed = async {
-        let mut users: BTreeSet<String> = desired.principals.users.iter().cloned().collect();
-        users.extend(observe::group_members(&desired.principals.groups, ctx).await?);
+        let groups: Vec<String> = named(PrincipalKind::Group).collect();
+        let mut users: BTreeSet<String> = named(PrincipalKind::User).collect();
+        users.extend(observe::group_members(&groups, ctx).await?);
         let owners = SessionOwners {
             account: ctx.account.clone(),
+            grant: key.to_owned(),
             users,
-            roles: desired.principals.roles.iter().cloned().collect(),
-            bridge_role: desired.bridge.as_ref().map(|b| b.role.clone()),
-            own_documents: desired.documents.iter().map(|d| d.name.clone()).collect(),
+            roles: named(PrincipalKind::Role).collect(),
+            bridge_role: ctx.settings.bridge_role.clone(),
         };
-        let open = observe::sessions(instances, ctx).await?;
+        let open = observe::sessions(&granted.instances, ctx).await?;
         Ok::<_, crate::aws::AwsError>(plan::sessions_to_end(&open, &owners, served))
     };
     let changes = match listed.await {

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use crate::{
     aws::ActiveSession,
-    model::plan::{Owner, SessionOwners, owner_of},
+    model::plan::{Owner, SessionOwners, named_grant, owner_of},
 };
 
 /// The instances a grant covers, as the census sees them.
@@ -33,13 +33,8 @@ pub struct Counted {
     pub through_bridge: usize,
 }
 
-/// Counts the sessions of `open` that are grant `key`'s (`<namespace>/<name>`).
-pub fn count(
-    open: &[ActiveSession],
-    key: &str,
-    owners: &SessionOwners,
-    covered: &Covered,
-) -> Counted {
+/// Counts the sessions of `open` that are the grant's (`owners.grant`).
+pub fn count(open: &[ActiveSession], owners: &SessionOwners, covered: &Covered) -> Counted {
     let mut counted = Counted::default();
     for session in open {
         let owner = (session.owner.as_deref()).and_then(|o| owner_of(o, &owners.account));
@@ -47,7 +42,9 @@ pub fn count(
             Covered::All => true,
             Covered::Instances(instances) => instances.contains(&session.target),
         };
-        let named = (session.reason.as_deref()).is_some_and(|r| names_grant(r, key));
+        let named = (session.reason.as_deref())
+            .and_then(named_grant)
+            .is_some_and(|n| n.key == owners.grant);
         let bridge = |role: &str| owners.bridge_role.as_deref() == Some(role);
         match owner {
             Some(Owner::Role(role)) if bridge(role) && named => {
@@ -65,16 +62,6 @@ pub fn count(
         }
     }
     counted
-}
-
-/// Whether a bridge session's Reason names grant `key` first: a `grant=<key>` word, alone or
-/// followed by `+<how many others>`.
-fn names_grant(reason: &str, key: &str) -> bool {
-    reason.split(' ').any(|word| {
-        word.strip_prefix("grant=")
-            .map(|grants| grants.split('+').next() == Some(key))
-            .unwrap_or(false)
-    })
 }
 
 #[cfg(test)]
@@ -96,10 +83,10 @@ mod tests {
     fn owners() -> SessionOwners {
         SessionOwners {
             account: ACCOUNT.into(),
+            grant: "team/db".into(),
             users: BTreeSet::from(["alice".to_owned()]),
             roles: BTreeSet::from(["ci".to_owned()]),
             bridge_role: Some("bridge".into()),
-            ..SessionOwners::default()
         }
     }
 
@@ -139,16 +126,13 @@ mod tests {
         ];
         let covered = Covered::Instances(BTreeSet::from(["i-1".to_owned()]));
         assert_eq!(
-            count(&open, "team/db", &owners(), &covered),
+            count(&open, &owners(), &covered),
             Counted {
                 count: 4,
                 through_bridge: 2
             }
         );
-        assert_eq!(count(&open, "team/db", &owners(), &Covered::All).count, 5);
-        assert_eq!(
-            count(&[], "team/db", &owners(), &covered),
-            Counted::default()
-        );
+        assert_eq!(count(&open, &owners(), &Covered::All).count, 5);
+        assert_eq!(count(&[], &owners(), &covered), Counted::default());
     }
 }

@@ -356,21 +356,44 @@ pub fn known_objects(
     }
 }
 
-/// Whose open sessions a grant's expiry ends: its own principals', and the bridge's through
-/// its own endpoints. Nobody else's: other grants may cover the same instances.
+/// Whose open sessions are a grant's: its principals', and the bridge's through its endpoints.
+/// Nobody else's: other grants may cover the same instances.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionOwners {
     /// The account: an owner of another account is never the grant's.
     pub account: String,
+    /// `<namespace>/<name>` of the grant: a bridge session whose Reason names it was opened
+    /// through the grant's endpoint.
+    pub grant: String,
     /// IAM user names: the grant's users and its groups' members.
     pub users: BTreeSet<String>,
     /// IAM role names: their sessions are the grant's.
     pub roles: BTreeSet<String>,
-    /// The bridge's role, when the grant has bridge endpoints.
+    /// The bridge's role.
     pub bridge_role: Option<String>,
-    /// The grant's own session documents: a bridge session with one of them was opened through
-    /// the grant's endpoint.
-    pub own_documents: BTreeSet<String>,
+}
+
+/// The grant a bridge session was opened for, as its Reason names it: a `grant=<key>` word,
+/// with `+<n>` when n other grants share the endpoint (`agent-bridge serve` names the first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NamedGrant<'a> {
+    /// `<namespace>/<name>` of the grant named first.
+    pub key: &'a str,
+    /// Whether other grants share the endpoint.
+    pub shared: bool,
+}
+
+pub(crate) fn named_grant(reason: &str) -> Option<NamedGrant<'_>> {
+    let grants = reason
+        .split(' ')
+        .find_map(|word| word.strip_prefix("grant="))?;
+    Some(match grants.split_once('+') {
+        Some((key, _)) => NamedGrant { key, shared: true },
+        None => NamedGrant {
+            key: grants,
+            shared: false,
+        },
+    })
 }
 
 /// Who an owner ARN of DescribeSessions names, in `account`: `arn:…:iam::<acct>:user/[path/]name`
@@ -402,9 +425,10 @@ pub(crate) fn owner_of<'a>(arn: &'a str, account: &str) -> Option<Owner<'a>> {
     }
 }
 
-/// The sessions a grant's expiry ends, of those open on its instances: its principals' and
-/// the bridge's through its own documents or on an instance no endpoint serves any more
-/// (`served`: the instances that still have an endpoint Service, of any grant).
+/// The sessions the end of a grant ends, of those open on the instances it granted: its
+/// principals', and the bridge's whose Reason names it, unless the endpoint is shared with
+/// other grants and still serves the instance (`served`: the instances that still have an
+/// endpoint Service, of any grant).
 pub fn sessions_to_end(
     open: &[(String, Vec<ActiveSession>)],
     owners: &SessionOwners,
@@ -418,11 +442,10 @@ pub fn sessions_to_end(
         match owner {
             Some(Owner::User(name)) => owners.users.contains(name),
             Some(Owner::Role(role)) if owners.bridge_role.as_deref() == Some(role) => {
-                let own = session
-                    .document
-                    .as_ref()
-                    .is_some_and(|d| owners.own_documents.contains(d));
-                own || !served.contains(instance)
+                let named = (session.reason.as_deref()).and_then(named_grant);
+                named.is_some_and(|n| {
+                    n.key == owners.grant && (!n.shared || !served.contains(instance))
+                })
             }
             Some(Owner::Role(role)) => owners.roles.contains(role),
             None => false,

@@ -19,7 +19,7 @@ use k8s_openapi::{
 
 use crate::{
     Error,
-    aws::{AwsError, AwsErrorKind, InstanceInfo},
+    aws::{AwsError, AwsErrorKind, InstanceInfo, Principal},
     model::{
         approval::{Pending, Verdict},
         boundary::Admission,
@@ -632,14 +632,30 @@ pub fn preferences(
     }
 }
 
-/// Whether the sessions of the expiry at `expires_at` still need ending: not yet ended, or last
-/// ended for an earlier window (the window was extended, then ended again).
-pub fn sessions_to_end_at_expiry(
-    status: Option<&SessionAccessStatus>,
-    expires_at: Timestamp,
-) -> bool {
-    let ended = status.and_then(|s| s.sessions_ended.as_ref());
-    ended.is_none_or(|ended| ended.at.0 < expires_at)
+/// What a grant granted when its status was last written: the identities it wrote IAM for and
+/// the instances it listed. The end of its window or approval ends these sessions, and no
+/// others: a grant that granted nothing (refused, awaiting approval, already ended, or never
+/// synced) ends nobody's, whatever its spec names now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Granted {
+    /// The identities its policies were attached to (users, roles, groups, the bridge's role).
+    pub principals: Vec<Principal>,
+    /// The instances it resolved.
+    pub instances: Vec<String>,
+}
+
+/// What `status` records the grant granting, if anything.
+pub fn granted(status: Option<&SessionAccessStatus>) -> Option<Granted> {
+    let status = status?;
+    let principals: Vec<Principal> = (status.attached_principals.iter())
+        .filter_map(|arn| Principal::from_arn(arn))
+        .collect();
+    (!principals.is_empty()).then(|| Granted {
+        principals,
+        instances: (status.targets.iter())
+            .map(|t| t.instance_id.clone())
+            .collect(),
+    })
 }
 
 /// An Event about a grant's approval.
@@ -753,7 +769,7 @@ pub fn documents_follow_spec_at_deletion(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::boundary::Refusal;
+    use crate::{aws::PrincipalKind, model::boundary::Refusal};
 
     fn seen(policy: PoliciesState) -> Observations {
         Observations {
@@ -872,6 +888,40 @@ mod tests {
         assert!(approval_ended(Some(&approved), &pending));
         assert!(!approval_ended(Some(&status), &pending));
         assert!(!approval_ended(Some(&approved), &Verdict::NotRequired));
+    }
+
+    #[test]
+    fn a_grant_granted_what_its_status_records_attached_and_resolved() {
+        let refused = SessionAccessStatus::default();
+        assert_eq!(granted(None), None);
+        assert_eq!(granted(Some(&refused)), None, "a grant that wrote no IAM");
+        let in_force = SessionAccessStatus {
+            attached_principals: vec![
+                "arn:aws:iam::123456789012:user/alice".into(),
+                "arn:aws:iam::123456789012:group/ops".into(),
+                "arn:aws:iam::123456789012:role/fleet-access-bridge".into(),
+            ],
+            targets: vec![TargetStatus {
+                instance_id: "i-1".into(),
+                ping_status: None,
+                agent_version: None,
+                ssh_capable: None,
+                endpoint: None,
+                remote_endpoints: Vec::new(),
+            }],
+            ..SessionAccessStatus::default()
+        };
+        assert_eq!(
+            granted(Some(&in_force)),
+            Some(Granted {
+                principals: vec![
+                    Principal::new(PrincipalKind::User, "alice"),
+                    Principal::new(PrincipalKind::Group, "ops"),
+                    Principal::new(PrincipalKind::Role, "fleet-access-bridge"),
+                ],
+                instances: vec!["i-1".into()],
+            })
+        );
     }
 
     #[test]

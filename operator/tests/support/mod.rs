@@ -205,6 +205,40 @@ impl Harness {
         aws_sdk_ssm::Client::from_conf(config)
     }
 
+    /// Every AWS call so far by operation and outcome, for failure messages.
+    pub(crate) fn calls(&self) -> String {
+        use prometheus::core::Collector;
+        let mut out = String::new();
+        for family in self.metrics.aws_calls.collect() {
+            for metric in family.get_metric() {
+                let labels: Vec<&str> = metric.get_label().iter().map(|l| l.value()).collect();
+                out.push_str(&format!("{labels:?}={} ", metric.get_counter().get_value()));
+            }
+        }
+        out
+    }
+
+    /// The sessions the operator has terminated so far.
+    pub(crate) fn terminated(&self) -> u64 {
+        (self.metrics.aws_calls)
+            .with_label_values(&["ssm", "TerminateSession", "ok"])
+            .get()
+    }
+
+    /// Starts an SSH session on `instance` as `owner` (an IAM ARN), whatever IAM says: the
+    /// emulator does not evaluate policies. Returns its ID.
+    pub(crate) async fn start_session_as(&self, owner: &str, instance: &str) -> String {
+        (self.ssm_as(owner).start_session())
+            .target(instance)
+            .document_name("AWS-StartSSHSession")
+            .send()
+            .await
+            .expect("session starts")
+            .session_id()
+            .expect("session id")
+            .to_owned()
+    }
+
     /// The IDs of the active sessions on `instance`.
     pub(crate) async fn active_sessions(&self, instance: &str) -> BTreeSet<String> {
         let out = (self.ssm.describe_sessions())

@@ -244,13 +244,13 @@ mod sessions_at_expiry {
 
     const ACCOUNT: &str = "123456789012";
 
-    fn session(id: &str, owner: &str, document: &str) -> ActiveSession {
+    fn session(id: &str, owner: &str, reason: Option<&str>) -> ActiveSession {
         ActiveSession {
             id: id.into(),
             target: "i-1".into(),
             owner: Some(owner.into()),
-            document: Some(document.into()),
-            reason: None,
+            document: Some("AWS-StartSSHSession".into()),
+            reason: reason.map(str::to_owned),
         }
     }
 
@@ -267,56 +267,65 @@ mod sessions_at_expiry {
     fn only_the_grants_principals_and_its_bridge_sessions_end() {
         let owners = SessionOwners {
             account: ACCOUNT.into(),
+            grant: "ops/db".into(),
             users: BTreeSet::from(["alice".to_owned(), "member".to_owned()]),
             roles: BTreeSet::from(["ci".to_owned()]),
             bridge_role: Some("fleet-access-bridge".into()),
-            own_documents: BTreeSet::from(["fleet-access.c.ops.db-port5432".to_owned()]),
         };
-        let ssh = "AWS-StartSSHSession";
+        let user = |name: &str| format!("arn:aws:iam::{ACCOUNT}:user/{name}");
+        let bridge = "arn:aws:sts::123456789012:assumed-role/fleet-access-bridge/b";
         let open = vec![
             (
                 "i-1".to_owned(),
                 vec![
-                    session("alice-1", "arn:aws:iam::123456789012:user/alice", ssh),
-                    session(
-                        "alice-path",
-                        "arn:aws:iam::123456789012:user/team/alice",
-                        ssh,
-                    ),
-                    session("member-1", "arn:aws:iam::123456789012:user/member", ssh),
+                    session("alice-1", &user("alice"), None),
+                    session("alice-path", &user("team/alice"), None),
+                    session("member-1", &user("member"), None),
                     session(
                         "ci-1",
                         "arn:aws:sts::123456789012:assumed-role/ci/run-7",
-                        ssh,
+                        None,
                     ),
-                    session("bob-1", "arn:aws:iam::123456789012:user/bob", ssh),
+                    session("bob-1", &user("bob"), None),
                     session(
                         "other-ci",
                         "arn:aws:sts::123456789012:assumed-role/cid/x",
-                        ssh,
+                        None,
                     ),
-                    session("foreign", "arn:aws:iam::999999999999:user/alice", ssh),
-                    // The bridge: through this grant's own document, or a shared one on an
-                    // instance another grant still serves.
+                    session("foreign", "arn:aws:iam::999999999999:user/alice", None),
+                    // The bridge: through this grant's endpoint alone; through an endpoint it
+                    // shares with another grant that still serves the instance; for another
+                    // grant (whatever document it used); without a reason.
                     session(
                         "bridge-own",
-                        "arn:aws:sts::123456789012:assumed-role/fleet-access-bridge/b",
-                        "fleet-access.c.ops.db-port5432",
+                        bridge,
+                        Some("fa/1 for=tools/a sa=x grant=ops/db"),
                     ),
                     session(
                         "bridge-shared",
-                        "arn:aws:sts::123456789012:assumed-role/fleet-access-bridge/b",
-                        ssh,
+                        bridge,
+                        Some("fa/2 for=tools/a grant=ops/db+1"),
                     ),
+                    session(
+                        "bridge-other",
+                        bridge,
+                        Some("fa/3 for=tools/a grant=team/db"),
+                    ),
+                    session(
+                        "bridge-older",
+                        bridge,
+                        Some("fa/4 for=tools/a grant=ops/db-old"),
+                    ),
+                    session("bridge-unnamed", bridge, None),
                 ],
             ),
             (
                 "i-2".to_owned(),
-                vec![session(
-                    "bridge-unserved",
-                    "arn:aws:sts::123456789012:assumed-role/fleet-access-bridge/b",
-                    ssh,
-                )],
+                vec![
+                    // A shared endpoint no grant serves any more.
+                    session("bridge-unserved", bridge, Some("fa/5 grant=ops/db+2")),
+                    session("bridge-other-unserved", bridge, Some("fa/6 grant=other/x")),
+                ],
             ),
         ];
         let served = BTreeSet::from(["i-1".to_owned()]);
