@@ -6,7 +6,7 @@ CARGO ?= cargo
 # Keep CI output readable and builds within the machine's two cores.
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo plan test test-unit test-integration stress setup lint fmt clippy fuzz-check generate check-generated bench
+.PHONY: demo plan test disk-space test-unit test-integration stress setup lint fmt clippy fuzz-check generate check-generated bench
 
 ## The main job on its embedded default: no AWS account, no cluster.
 demo:
@@ -21,9 +21,15 @@ setup:
 	bash tests/env/setup.sh
 
 ## Everything: lints, generated files, the fuzz targets type-checked, unit tests, integration
-## tests against real components.
-test: lint check-generated fuzz-check setup
+## tests against real components. Refuses to start on a disk that cannot hold the build
+## (tests/env/disk-space.sh). Incremental compilation is off unless CARGO_INCREMENTAL says
+## otherwise: one full run gains nothing from it, and its files are a quarter of the build.
+test: export CARGO_INCREMENTAL ?= 0
+test: disk-space lint check-generated fuzz-check setup
 	bash tests/env/with-services.sh $(CARGO) test --workspace --no-fail-fast
+
+disk-space:
+	bash tests/env/disk-space.sh
 
 ## Fast tests without external components (no setup needed): unit tests, goldens, the CRDs'
 ## validation, the operator's command line, and the bridge's driver against in-process fakes.
