@@ -228,6 +228,28 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
     );
     let uid = pending.metadata.uid.clone().expect("uid");
 
+    // Nobody else may take the request over without writing the spec: the requester changes
+    // only with it (or the spec's writer could have a second identity rename the request, then
+    // approve the spec).
+    let (colleague, as_colleague) = person(
+        &control_plane,
+        &ns,
+        "colleague",
+        &["fleet-access-grant-editor"],
+        dir.path(),
+    )
+    .await;
+    let takeover = (control_plane.kubectl_with(&as_colleague).expect("kubectl"))
+        .args(["annotate", "--overwrite", "-n", &ns, "sessionaccess", "oncall"])
+        .arg(format!("fleetaccess.io/requested-by={colleague}"))
+        .output()
+        .expect("kubectl runs");
+    let error = String::from_utf8_lossy(&takeover.stderr);
+    assert!(
+        !takeover.status.success() && error.contains("changes only with the spec"),
+        "{error}"
+    );
+
     // The requester may not approve; nobody may approve in another's name. (Each case is
     // refused by one policy only: with two refusing, which one the API server reports varies.)
     let own = approval(&ns, "self", &requester, &uid, 1, None);
