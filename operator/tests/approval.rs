@@ -240,7 +240,14 @@ async fn a_grant_waits_for_a_second_persons_approval_which_can_end_and_be_withdr
     )
     .await;
     let takeover = (control_plane.kubectl_with(&as_colleague).expect("kubectl"))
-        .args(["annotate", "--overwrite", "-n", &ns, "sessionaccess", "oncall"])
+        .args([
+            "annotate",
+            "--overwrite",
+            "-n",
+            &ns,
+            "sessionaccess",
+            "oncall",
+        ])
         .arg(format!("fleetaccess.io/requested-by={colleague}"))
         .output()
         .expect("kubectl runs");

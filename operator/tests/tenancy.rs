@@ -324,6 +324,43 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
             "{name}: {error}"
         );
     }
+    // A shell grant may name a KMS key its boundary lists, and none when the boundary lists
+    // none (its principals would get kms:GenerateDataKey on any key of the account).
+    let mut keyed = inside(&role);
+    keyed["sessions"] = json!({"shell": true});
+    keyed["logging"] = json!({"cloudWatch": {"logGroupName": "/fleet-access/tenant", "streaming": true},
+        "kmsKeyId": "alias/tenant-sessions"});
+    let keyed = grant_yaml(&ns, "keyed", &keyed);
+    let dry_run = || {
+        kubectl_apply(
+            &control_plane,
+            Some(&kubeconfig),
+            &keyed,
+            &["--dry-run=server"],
+        )
+    };
+    dry_run().await.expect("a key the boundary lists");
+    let mut keyless = boundary(&ns, true);
+    keyless["spec"]["shellLogging"]["kmsKeys"] = json!([]);
+    for (spec, admitted) in [(keyless, false), (boundary(&ns, true), true)] {
+        control_plane
+            .apply_yaml(&spec.to_string(), None)
+            .await
+            .expect("the boundary");
+        let refusal = wait_for("the admission policy to judge by the boundary", || async {
+            match dry_run().await {
+                Ok(_) => admitted.then_some(None),
+                Err(error) => {
+                    (!admitted && error.contains("spec.logging.kmsKeyId")).then_some(Some(error))
+                }
+            }
+        })
+        .await;
+        if let Some(error) = refusal {
+            assert!(error.contains("accepts no KMS key"), "{error}");
+        }
+    }
+
     // The tenant may not widen its boundary, nor grant elsewhere.
     let widened = boundary(&ns, true).to_string().replace("tenant-ci-*", "*");
     let error = kubectl_apply(&control_plane, Some(&kubeconfig), &widened, &[])

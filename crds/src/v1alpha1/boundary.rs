@@ -235,9 +235,9 @@ pub struct ShellLoggingRequirement {
     #[schemars(length(max = 20))]
     pub s3_buckets: Vec<Pattern>,
 
-    /// When set, a shell grant's spec.logging.kmsKeyId (as the grant writes it: key ARN, key
-    /// ID or alias) must match one of these: its principals are given kms:GenerateDataKey on
-    /// that key, so an unbounded one would be any key of the account.
+    /// A shell grant's spec.logging.kmsKeyId (as the grant writes it: key ARN, key ID or
+    /// alias) must match one of these: its principals are given kms:GenerateDataKey on that
+    /// key. None (or no shellLogging): grants may name no key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub kms_keys: Vec<Pattern>,

@@ -344,6 +344,25 @@ fn session_refusals(
             ),
         ));
     }
+    // A key grants its principals kms:GenerateDataKey on it: closed by default, like every
+    // section, so a boundary without shellLogging.kmsKeys admits no key.
+    let kms_keys = (boundary.shell_logging.as_ref()).map_or(&[][..], |l| l.kms_keys.as_slice());
+    if let Some(key) = logging.and_then(|l| l.kms_key_id.as_ref())
+        && !Pattern::any_matches(kms_keys, key.as_str())
+    {
+        out.push((
+            "spec.logging.kmsKeyId".into(),
+            match kms_keys.is_empty() {
+                true => format!(
+                    "KMS key {key}: this boundary accepts no KMS key (it lists none in shellLogging.kmsKeys)"
+                ),
+                false => format!(
+                    "KMS key {key} is not one this boundary accepts ({})",
+                    listed(kms_keys)
+                ),
+            },
+        ));
+    }
     let Some(required) = boundary.shell_logging.as_ref().filter(|_| sessions.shell) else {
         return;
     };
@@ -398,18 +417,6 @@ fn session_refusals(
                 ),
             )),
         }
-    }
-    if !required.kms_keys.is_empty()
-        && let Some(key) = logging.and_then(|l| l.kms_key_id.as_ref())
-        && !Pattern::any_matches(&required.kms_keys, key.as_str())
-    {
-        out.push((
-            "spec.logging.kmsKeyId".into(),
-            format!(
-                "KMS key {key} is not one this boundary accepts ({})",
-                listed(&required.kms_keys)
-            ),
-        ));
     }
 }
 

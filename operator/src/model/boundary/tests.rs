@@ -385,6 +385,30 @@ fn a_shell_grant_asks_data_keys_only_of_the_kms_keys_its_boundary_lists() {
         "spec.logging.kmsKeyId",
         "is not one this boundary accepts",
     );
+    // A boundary that lists no keys admits none: without shellLogging, or without its kmsKeys.
+    for shell_logging in [
+        None,
+        Some(json!({"cloudWatchLogGroups": ["/fleet/team-a*"]})),
+    ] {
+        let mut spec = serde_json::to_value(&team_a().spec).expect("json");
+        match shell_logging {
+            Some(logging) => spec["shellLogging"] = logging,
+            None => drop(spec.as_object_mut().expect("a map").remove("shellLogging")),
+        }
+        let keyless = boundary("team-a", spec);
+        let Admission::Refused(refused) = judge(&with_key("alias/team-a-sessions"), &[keyless])
+        else {
+            panic!("a key admitted by a boundary that lists none");
+        };
+        let refused: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            refused,
+            [
+                "spec.logging.kmsKeyId: KMS key alias/team-a-sessions: this boundary accepts no KMS \
+              key (it lists none in shellLogging.kmsKeys) (SessionAccessPolicy team-a)"
+            ],
+        );
+    }
 }
 
 #[test]
