@@ -152,6 +152,16 @@ struct AwsArgs {
         value_parser = clap::value_parser!(u8).range(1..=20)
     )]
     max_policies_per_identity: u8,
+    /// The most ports (one per Service and port) the bridge grants of one namespace may hold
+    /// together: each takes a target port on the bridge pods, from one range of 45,536 that
+    /// every tenant shares. A grant that would go over is refused (BridgeReady=False).
+    #[arg(
+        long,
+        env = "FLEET_ACCESS_MAX_BRIDGE_PORTS_PER_NAMESPACE",
+        default_value_t = crate::settings::DEFAULT_MAX_BRIDGE_PORTS_PER_NAMESPACE,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    max_bridge_ports_per_namespace: u16,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -186,6 +196,7 @@ impl AwsArgs {
             bridge_namespace,
             cluster_name,
             max_policies_per_identity,
+            max_bridge_ports_per_namespace,
         } = self;
         Settings {
             partition,
@@ -195,6 +206,7 @@ impl AwsArgs {
             bridge_namespace,
             cluster: cluster_name,
             max_policies_per_identity: usize::from(max_policies_per_identity),
+            max_bridge_ports_per_namespace: usize::from(max_bridge_ports_per_namespace),
         }
     }
 }

@@ -149,7 +149,7 @@ pub enum Error {
 
 /// Every value [`Error::metric_label`] gives: `reconcile_errors_total` counts each from zero, so
 /// that the first error of a kind is an increase that `rate()` and `increase()` see.
-pub const METRIC_LABELS: [&str; 23] = [
+pub const METRIC_LABELS: [&str; 24] = [
     "read_grant",
     "invalid_grant",
     "invalid_boundary",
@@ -167,6 +167,7 @@ pub const METRIC_LABELS: [&str; 23] = [
     "aws",
     "not_owned",
     "no_free_target_port",
+    "namespace_port_limit",
     "service_name_taken",
     "documents_keep_appearing",
     "sessions_not_ended",
@@ -192,6 +193,7 @@ impl Error {
             Error::Aws(e) => e.kind().metric_label(),
             Error::NotOwned(_) => "not_owned",
             Error::Endpoints(EndpointError::NoFreeTargetPort) => "no_free_target_port",
+            Error::Endpoints(EndpointError::NamespacePortLimit { .. }) => "namespace_port_limit",
             Error::Endpoints(EndpointError::ServiceNameTaken { .. }) => "service_name_taken",
             Error::DocumentsKeepAppearing { .. } => "documents_keep_appearing",
             Error::SessionsNotEnded { .. } => "sessions_not_ended",

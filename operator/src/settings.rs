@@ -5,6 +5,11 @@
 /// have it raised to 20).
 pub const DEFAULT_MAX_POLICIES_PER_IDENTITY: u8 = 10;
 
+/// The default of [`Settings::max_bridge_ports_per_namespace`]: of the bridge's 45,536 target
+/// ports, enough for a namespace's hundreds of instances, and no tenant takes the range from
+/// the others.
+pub const DEFAULT_MAX_BRIDGE_PORTS_PER_NAMESPACE: u16 = 2_000;
+
 /// The cluster name when none is set (the bridge's default too).
 pub const DEFAULT_CLUSTER: &str = "default";
 
@@ -40,6 +45,9 @@ pub struct Settings {
     /// The account's quota of managed policies attached to one identity: a grant that would
     /// exceed it on any principal is refused before anything is written.
     pub max_policies_per_identity: usize,
+    /// The most (Service, port) pairs the bridge grants of one namespace may hold together:
+    /// each takes a target port on the bridge pods, from one range shared by every tenant.
+    pub max_bridge_ports_per_namespace: usize,
 }
 
 impl Default for Settings {
@@ -52,6 +60,7 @@ impl Default for Settings {
             bridge_namespace: "fleet-access".into(),
             cluster: DEFAULT_CLUSTER.into(),
             max_policies_per_identity: usize::from(DEFAULT_MAX_POLICIES_PER_IDENTITY),
+            max_bridge_ports_per_namespace: usize::from(DEFAULT_MAX_BRIDGE_PORTS_PER_NAMESPACE),
         }
     }
 }

@@ -486,6 +486,68 @@ async fn a_same_named_policy_without_the_owner_tag_is_not_adopted() {
     h.stop().await;
 }
 
+/// The bridge grants of one namespace hold at most the operator's limit of bridge ports
+/// together: a grant that would go over is refused with its endpoints left as they were, and it
+/// gets them once another grant gives ports back.
+#[tokio::test]
+async fn a_namespace_over_its_bridge_port_limit_gets_no_more() {
+    use k8s_openapi::api::core::v1::Service;
+
+    let h = Harness::start_with("op-port-limit", Duration::from_secs(300), |settings| {
+        settings.max_bridge_ports_per_namespace = 3;
+    })
+    .await;
+    let gina = h.unique("gina");
+    h.user(&gina).await;
+    h.role(h.settings.bridge_role.as_deref().expect("bridge role"))
+        .await;
+    let services: Api<Service> = h.namespace.api();
+    let bridged = |instances: &[&str], ports: &[u16]| {
+        json!({
+            "principals": {"users": [gina]},
+            "targets": {"instanceIds": instances},
+            "sessions": {"ssh": true, "ports": [5432]},
+            "bridge": {"ports": ports, "clients": [{"podSelector": {"matchLabels": {"app": "x"}}}]},
+        })
+    };
+    // Two of three: the Service of instance a with ports 22 and 5432.
+    h.create("first", bridged(&["i-0000000000000000a"], &[22, 5432]))
+        .await;
+    h.wait_condition("first", "BridgeReady", "True").await;
+    // Two more would make four.
+    h.create(
+        "second",
+        bridged(&["i-0000000000000000a", "i-0000000000000000c"], &[22, 5432]),
+    )
+    .await;
+    let refused = h.wait_condition("second", "BridgeReady", "False").await;
+    let message = &find(&refused, "BridgeReady").expect("BridgeReady").message;
+    assert!(
+        message.contains("would hold 4 ports") && message.contains("limit of 3 per namespace"),
+        "{message}"
+    );
+    let names: Vec<String> = (services.list(&Default::default()).await)
+        .expect("services")
+        .items
+        .iter()
+        .map(|s| s.name_any())
+        .collect();
+    assert_eq!(
+        names,
+        ["i-0000000000000000a"],
+        "no Service for the refused grant"
+    );
+    // Once the first grant gives its ports back, the second gets its endpoints.
+    h.delete("first").await;
+    h.set_spec(
+        "second",
+        bridged(&["i-0000000000000000a", "i-0000000000000000c"], &[22]),
+    )
+    .await;
+    h.wait_condition("second", "BridgeReady", "True").await;
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn bridge_endpoints_merge_per_instance_and_admit_only_the_clients() {
     use fleet_access_crds::bridge_contract::EndpointAnnotations;

@@ -799,7 +799,8 @@ async fn sync_endpoints(
     let observed = observe::endpoints(key, ctx).await?;
     let namespace = &ctx.settings.bridge_namespace;
     let mut services = observed.services.clone();
-    for change in endpoints::endpoint_changes(namespace, key, wanted, &observed)? {
+    let limit = ctx.settings.max_bridge_ports_per_namespace;
+    for change in endpoints::endpoint_changes(namespace, key, wanted, &observed, limit)? {
         applier.apply(&change).await?;
         match &change {
             Change::ApplyService(service) => {

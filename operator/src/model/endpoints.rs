@@ -238,6 +238,18 @@ pub enum EndpointError {
         "no free target port on the bridge pods (ports {FIRST_TARGET_PORT} to 65535 are all taken): remove unused grants' bridge ports"
     )]
     NoFreeTargetPort,
+    /// The grants of one namespace would hold more bridge ports than one namespace may.
+    #[error(
+        "the bridge grants of namespace {namespace} would hold {ports} ports on the bridge, over the limit of {limit} per namespace (the operator's --max-bridge-ports-per-namespace): list fewer ports, remote hosts or instances in this namespace's bridge grants"
+    )]
+    NamespacePortLimit {
+        /// The grant's namespace.
+        namespace: String,
+        /// The (Service, port) pairs its grants would hold with this change.
+        ports: usize,
+        /// What one namespace may hold.
+        limit: usize,
+    },
     /// The Service name of one of the grant's destinations is another destination's.
     #[error(
         "the bridge Service {service} already serves {theirs}, not {ours}: one name for two destinations is refused"
@@ -272,14 +284,18 @@ pub fn admitted_ports(policy: &NetworkPolicy) -> impl Iterator<Item = u16> + '_ 
         })
 }
 
-/// The changes that bring the bridge namespace to what grant `owner` wants, keeping every other
-/// grant's ports. A Service whose recorded ports do not change and that still says what they
-/// say is left alone; one stripped of every grant's record is left to its grants.
+/// The changes that bring the bridge namespace to what grant `owner` (`<namespace>/<name>`)
+/// wants, keeping every other grant's ports. A Service whose recorded ports do not change and
+/// that still says what they say is left alone; one stripped of every grant's record is left
+/// to its grants. Refused when the grants of the owner's namespace would hold more than
+/// `namespace_limit` (Service, port) pairs, and more than they do now: one tenant cannot take
+/// the target-port range (or the cluster's Services) from the others.
 pub fn endpoint_changes(
     namespace: &str,
     owner: &str,
     wanted: &WantedEndpoints,
     observed: &ObservedEndpoints,
+    namespace_limit: usize,
 ) -> Result<Vec<Change>, EndpointError> {
     let before: BTreeMap<&String, GrantPorts> = (observed.services.iter())
         .map(|(name, service)| (name, grant_ports(service)))
@@ -344,6 +360,16 @@ pub fn endpoint_changes(
             .or_insert_with(|| (destination.clone(), GrantPorts::new()));
         grants.insert(owner.to_owned(), mine);
     }
+    let tenant = owner.split_once('/').map_or(owner, |(ns, _)| ns);
+    let held_before = ports_of_namespace(before.iter().map(|(n, g)| (n.as_str(), g)), tenant);
+    let held_after = ports_of_namespace(after.iter().map(|(n, (_, g))| (n.as_str(), g)), tenant);
+    if held_after > namespace_limit && held_after > held_before {
+        return Err(EndpointError::NamespacePortLimit {
+            namespace: tenant.to_owned(),
+            ports: held_after,
+            limit: namespace_limit,
+        });
+    }
     let mut changes = Vec::new();
     for (name, (destination, grants)) in &after {
         let rendered = render_service(namespace, destination, grants);
@@ -378,6 +404,22 @@ pub fn endpoint_changes(
         }
     }
     Ok(changes)
+}
+
+/// How many (Service, port) pairs the grants of `namespace` hold on `services`.
+fn ports_of_namespace<'a>(
+    services: impl Iterator<Item = (&'a str, &'a GrantPorts)>,
+    namespace: &str,
+) -> usize {
+    let of_namespace = |grant: &str| grant.split_once('/').is_some_and(|(ns, _)| ns == namespace);
+    let held: BTreeSet<(&str, u16)> = services
+        .flat_map(|(name, grants)| {
+            (grants.iter())
+                .filter(|(grant, _)| of_namespace(grant))
+                .flat_map(move |(_, ports)| ports.iter().map(move |p| (name, p.port)))
+        })
+        .collect();
+    held.len()
 }
 
 /// The smallest target port from [`FIRST_TARGET_PORT`] not in `used`.
@@ -562,6 +604,45 @@ mod tests {
         assert_eq!(grants_of_service(&Service::default()), Vec::new());
     }
 
+    #[test]
+    fn a_namespaces_grants_hold_at_most_their_limit_of_bridge_ports_and_others_still_get_theirs() {
+        // Namespace a holds 3 of its 4: Service I1 ports 22 and 80, I2 port 22.
+        let first = endpoint_changes(
+            "fa",
+            "a/one",
+            &wanted(&[I1], &[22, 80]),
+            &Default::default(),
+            4,
+        )
+        .expect("within the limit");
+        let held = applied(ObservedEndpoints::default(), &first);
+        let second = endpoint_changes("fa", "a/two", &wanted(&[I2], &[22]), &held, 4)
+            .expect("within the limit");
+        let held = applied(held, &second);
+        // A port another grant of the namespace already holds on a Service counts once.
+        endpoint_changes("fa", "a/three", &wanted(&[I1], &[22]), &held, 4).expect("shared");
+        // Two more would make 5.
+        let error = endpoint_changes("fa", "a/three", &wanted(&[I2], &[80, 443]), &held, 4)
+            .expect_err("over the limit");
+        assert_eq!(
+            error,
+            EndpointError::NamespacePortLimit {
+                namespace: "a".into(),
+                ports: 5,
+                limit: 4
+            }
+        );
+        assert!(error.to_string().contains("list fewer ports"), "{error}");
+        // Another namespace has a limit of its own, on the same Services.
+        endpoint_changes("fa", "b/one", &wanted(&[I1, I2], &[22, 80]), &held, 4)
+            .expect("another namespace");
+        // Over a lowered limit, a grant may still shrink or stay, never grow.
+        endpoint_changes("fa", "a/one", &wanted(&[I1], &[22, 80]), &held, 1).expect("the same");
+        endpoint_changes("fa", "a/one", &wanted(&[I1], &[22]), &held, 1).expect("smaller");
+        endpoint_changes("fa", "a/one", &wanted(&[I1], &[22, 80, 443]), &held, 1)
+            .expect_err("larger");
+    }
+
     fn wanted(instances: &[&str], ports: &[u16]) -> WantedEndpoints {
         let ports: Vec<BridgePort> = (ports.iter())
             .map(|&port| BridgePort {
@@ -611,6 +692,7 @@ mod tests {
             "a/one",
             &wanted(&[I1], &[22, 5432]),
             &Default::default(),
+            usize::MAX,
         )
         .expect("planned");
         assert_eq!(
@@ -628,8 +710,14 @@ mod tests {
             network_policy: None,
             ..after_one.clone()
         };
-        let two = endpoint_changes("fa", "b/two", &wanted(&[I1, I2], &[22, 80]), &other)
-            .expect("planned");
+        let two = endpoint_changes(
+            "fa",
+            "b/two",
+            &wanted(&[I1, I2], &[22, 80]),
+            &other,
+            usize::MAX,
+        )
+        .expect("planned");
         let after_two = applied(other, &two);
         let on_i1 = grant_ports(&after_two.services[I1]);
         let two_on_i1: Vec<(u16, u16)> = on_i1["b/two"]
@@ -648,13 +736,25 @@ mod tests {
             network_policy: after_two.network_policy.clone(),
             ..after_two.clone()
         };
-        let again = endpoint_changes("fa", "b/two", &wanted(&[I1, I2], &[22, 80]), &steady)
-            .expect("planned");
+        let again = endpoint_changes(
+            "fa",
+            "b/two",
+            &wanted(&[I1, I2], &[22, 80]),
+            &steady,
+            usize::MAX,
+        )
+        .expect("planned");
         assert_eq!(again, Vec::new());
 
         // Withdrawing: I2 had only this grant (deleted), I1 keeps the first grant's ports.
-        let gone =
-            endpoint_changes("fa", "b/two", &WantedEndpoints::default(), &steady).expect("planned");
+        let gone = endpoint_changes(
+            "fa",
+            "b/two",
+            &WantedEndpoints::default(),
+            &steady,
+            usize::MAX,
+        )
+        .expect("planned");
         let after_gone = applied(steady, &gone);
         assert!(!after_gone.services.contains_key(I2));
         assert_eq!(grant_ports(&after_gone.services[I1]), ports);
@@ -680,8 +780,8 @@ mod tests {
         let desired = crate::model::desired::compute(&grant, &settings).expect("computes");
         let wanted = WantedEndpoints::of(&desired, &[], false);
         assert_eq!(wanted.services.len(), 4, "{wanted:?}");
-        let changes =
-            endpoint_changes("fa", "a/one", &wanted, &Default::default()).expect("planned");
+        let changes = endpoint_changes("fa", "a/one", &wanted, &Default::default(), usize::MAX)
+            .expect("planned");
         let after = applied(ObservedEndpoints::default(), &changes);
         let db_service = bridge_contract::service_name(I1, Some("db.internal"));
         let (own, db) = (&after.services[I1], &after.services[&db_service]);
@@ -712,7 +812,7 @@ mod tests {
                 .as_deref(),
             Some("db.internal")
         );
-        let again = endpoint_changes("fa", "a/one", &wanted, &after).expect("planned");
+        let again = endpoint_changes("fa", "a/one", &wanted, &after, usize::MAX).expect("planned");
         assert_eq!(again, Vec::new());
     }
 
@@ -724,8 +824,8 @@ mod tests {
             admitted_ports: BTreeSet::from([20000, 20001]),
             ..ObservedEndpoints::default()
         };
-        let changes =
-            endpoint_changes("fa", "a/one", &wanted(&[I1], &[22]), &observed).expect("planned");
+        let changes = endpoint_changes("fa", "a/one", &wanted(&[I1], &[22]), &observed, usize::MAX)
+            .expect("planned");
         let after = applied(observed, &changes);
         let targets: Vec<u16> = grant_ports(&after.services[I1])["a/one"]
             .iter()
@@ -765,7 +865,8 @@ mod tests {
             services: vec![(ours.clone(), vec![])],
             clients: Vec::new(),
         };
-        let error = endpoint_changes("fa", "a/one", &wanted, &observed).expect_err("refused");
+        let error =
+            endpoint_changes("fa", "a/one", &wanted, &observed, usize::MAX).expect_err("refused");
         assert_eq!(
             error.to_string(),
             format!(
@@ -778,7 +879,8 @@ mod tests {
         if let Some(service) = stripped.services.values_mut().next() {
             service.metadata.annotations = None;
         }
-        let changes = endpoint_changes("fa", "a/one", &wanted, &stripped).expect("planned");
+        let changes =
+            endpoint_changes("fa", "a/one", &wanted, &stripped, usize::MAX).expect("planned");
         let after = applied(stripped, &changes);
         assert_eq!(
             Destination::of_service(&after.services[&ours.service_name()]),
@@ -798,7 +900,7 @@ mod tests {
             services: BTreeMap::from([(I2.to_owned(), service)]),
             ..ObservedEndpoints::default()
         };
-        let error = endpoint_changes("fa", "a/one", &wanted(&[I1], &[22]), &observed)
+        let error = endpoint_changes("fa", "a/one", &wanted(&[I1], &[22]), &observed, usize::MAX)
             .expect_err("no port left");
         assert!(
             error.to_string().contains("remove unused grants"),

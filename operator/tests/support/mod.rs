@@ -44,6 +44,9 @@ pub(crate) const FLEET: &[(&str, &str, &str)] = &[
     ("i-00000000000000011", "production", "3.3.0.0"),
 ];
 
+/// How often the census of open sessions runs where a test does not count them.
+const HOURLY: Duration = Duration::from_secs(3600);
+
 pub(crate) struct Harness {
     pub(crate) namespace: TestNamespace,
     pub(crate) grants: Api<SessionAccess>,
@@ -73,6 +76,15 @@ impl Harness {
     }
 
     pub(crate) async fn start(prefix: &str, resync: Duration) -> Self {
+        Self::start_with(prefix, resync, |_| {}).await
+    }
+
+    /// A harness on the shared control plane whose operator's settings `tweak` changes.
+    pub(crate) async fn start_with(
+        prefix: &str,
+        resync: Duration,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Self {
         let control_plane = ControlPlane::shared()
             .await
             .expect("control plane (run tests/env/setup.sh first)");
@@ -80,7 +92,7 @@ impl Harness {
             .install_fleet_access(&fleet_access_crds::crds_yaml())
             .await
             .expect("fleet-access's API");
-        Self::start_on(control_plane, prefix, resync).await
+        Self::build(control_plane, prefix, resync, HOURLY, tweak).await
     }
 
     /// A harness on `control_plane`, which must have the CRDs installed.
@@ -91,7 +103,7 @@ impl Harness {
         prefix: &str,
         resync: Duration,
     ) -> Self {
-        Self::counting_sessions(control_plane, prefix, resync, Duration::from_secs(3600)).await
+        Self::counting_sessions(control_plane, prefix, resync, HOURLY).await
     }
 
     /// A harness whose census of open sessions runs every `census`.
@@ -100,6 +112,16 @@ impl Harness {
         prefix: &str,
         resync: Duration,
         census: Duration,
+    ) -> Self {
+        Self::build(control_plane, prefix, resync, census, |_| {}).await
+    }
+
+    async fn build(
+        control_plane: &ControlPlane,
+        prefix: &str,
+        resync: Duration,
+        census: Duration,
+        tweak: impl FnOnce(&mut Settings),
     ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -128,7 +150,7 @@ impl Harness {
             &ssm_config,
             metrics.clone(),
         ));
-        let settings = Settings {
+        let mut settings = Settings {
             partition: "aws".into(),
             account: Some(ACCOUNT.into()),
             region: Some(REGION.into()),
@@ -141,6 +163,7 @@ impl Harness {
             cluster: fleet_access_tests::cluster_of(namespace.name()),
             ..Settings::default()
         };
+        tweak(&mut settings);
         let ctx = Arc::new(
             Context::new(
                 namespace.client(),
