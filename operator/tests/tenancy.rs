@@ -282,7 +282,11 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
     // The shipped admission policy, and a tenant bound to the shipped ClusterRole in its
     // namespace only.
     let tenancy = Path::new(REPO).join("deploy/tenancy");
-    for file in ["validating-admission-policy.yaml", "grant-editor.yaml"] {
+    for file in [
+        "validating-admission-policy.yaml",
+        "grant-editor.yaml",
+        "boundary-reader.yaml",
+    ] {
         control_plane
             .apply_yaml_file(&tenancy.join(file), None)
             .await
@@ -361,7 +365,37 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
         }
     }
 
-    // The tenant may not widen its boundary, nor grant elsewhere.
+    // The tenant reads the boundaries once bound cluster-wide to the shipped reader (a
+    // RoleBinding cannot reach them), and may not widen its boundary, nor grant elsewhere.
+    let read_boundary = || {
+        (control_plane.kubectl_with(&kubeconfig).expect("kubectl"))
+            .args(["get", "sessionaccesspolicy", TENANT, "-o", "name"])
+            .output()
+            .expect("kubectl runs")
+    };
+    let denied = read_boundary();
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("forbidden"),
+        "{denied:?}"
+    );
+    let reader = format!(
+        r#"{{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {{"name": "{TENANT}-{ns}-boundaries"}},
+            "roleRef": {{"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "fleet-access-boundary-reader"}},
+            "subjects": [{{"kind": "ServiceAccount", "name": "{TENANT}", "namespace": "{ns}"}}]}}"#
+    );
+    kubectl_apply(&control_plane, None, &reader, &[])
+        .await
+        .expect("the reader's binding");
+    let read = wait_for("the tenant to read its boundary", || async {
+        let read = read_boundary();
+        read.status.success().then_some(read)
+    })
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&read.stdout).trim(),
+        format!("sessionaccesspolicy.fleetaccess.io/{TENANT}")
+    );
     let widened = boundary(&ns, true).to_string().replace("tenant-ci-*", "*");
     let error = kubectl_apply(&control_plane, Some(&kubeconfig), &widened, &[])
         .await
