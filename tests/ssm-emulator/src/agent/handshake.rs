@@ -106,10 +106,14 @@ impl Agent {
 
     /// How a message the agent drops because the handshake is not done came too early.
     fn too_early(&self) -> &'static str {
-        if matches!(self.handshake, Handshake::CompleteSent { .. }) {
-            "before HandshakeComplete reached the client (it was not written yet: the client cannot have seen it)"
-        } else {
-            "before HandshakeComplete"
+        match self.handshake {
+            Handshake::CompleteSent { .. } => {
+                "before HandshakeComplete reached the client (it was not written yet: the client cannot have seen it)"
+            }
+            Handshake::SkipPending { .. } => {
+                "before the agent's first Output reached the client (a shell without KMS drops input until the agent has skipped its handshake, which the client cannot tell before that Output)"
+            }
+            _ => "before HandshakeComplete",
         }
     }
 

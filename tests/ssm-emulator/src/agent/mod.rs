@@ -106,6 +106,9 @@ pub(crate) enum Written {
     /// HandshakeComplete: the agent marks its handshake complete only once the write of it
     /// returned (`datachannel.go`), and drops the client's data until then.
     HandshakeComplete,
+    /// A shell's first Output, while the handshake's skip is pending: the client may send
+    /// from then on.
+    FirstOutput,
 }
 
 /// One-shot faults a test can trigger on a live session.
@@ -250,6 +253,13 @@ enum Handshake {
         seq: i64,
     },
     Complete,
+    /// A shell without KMS, whose handshake the agent skips just after its data channel
+    /// opens; until then it acknowledges and drops the client's input ("Handshake still in
+    /// progress", `datachannel.go`). The client cannot see that moment: the first Output
+    /// written to it (`first_output`, once queued) is the earliest sign it has.
+    SkipPending {
+        first_output: Option<i64>,
+    },
     Skipped,
 }
 
@@ -257,7 +267,13 @@ impl Handshake {
     /// What the gateway reports back once it wrote the agent's message `seq`: only
     /// HandshakeComplete's write, while it is on its way.
     fn written_for(self, seq: i64) -> Option<Written> {
-        (self == Self::CompleteSent { seq }).then_some(Written::HandshakeComplete)
+        match self {
+            Self::CompleteSent { seq: sent } if sent == seq => Some(Written::HandshakeComplete),
+            Self::SkipPending {
+                first_output: Some(first),
+            } if first == seq => Some(Written::FirstOutput),
+            _ => None,
+        }
     }
 }
 
@@ -622,6 +638,11 @@ impl Agent {
             AgentInput::Written(Written::HandshakeComplete) => {
                 if matches!(self.handshake, Handshake::CompleteSent { .. }) {
                     self.handshake = Handshake::Complete;
+                }
+            }
+            AgentInput::Written(Written::FirstOutput) => {
+                if matches!(self.handshake, Handshake::SkipPending { .. }) {
+                    self.handshake = Handshake::Skipped;
                 }
             }
         }

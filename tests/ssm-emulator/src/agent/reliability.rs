@@ -16,6 +16,12 @@ impl Agent {
     ) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        if let Handshake::SkipPending { first_output } = &mut self.handshake
+            && first_output.is_none()
+            && payload_type == payload_type::OUTPUT
+        {
+            *first_output = Some(seq);
+        }
         let flags = if seq == 0 { FLAG_SYN } else { 0 };
         let mut output_len = 0;
         if payload_type == payload_type::OUTPUT {

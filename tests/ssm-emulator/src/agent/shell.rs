@@ -76,7 +76,7 @@ impl Agent {
             inputs,
         };
         if setup.inputs.kms_key_id.is_empty() {
-            self.handshake = Handshake::Skipped;
+            self.handshake = Handshake::SkipPending { first_output: None };
             self.port = PortState::Shell(Box::new(ShellPort {
                 running: false,
                 pending: None,

@@ -865,6 +865,66 @@ fn a_kms_shells_receive_path_waits_for_kms() {
     assert!(h.report().violations.is_empty(), "{:?}", h.report());
 }
 
+/// A shell without KMS: the agent skips its handshake just after its data channel opens, and
+/// acknowledges and drops what the client sends before that. The client cannot tell that
+/// moment before the first Output is written to it, so input until then is a violation,
+/// acknowledged and dropped; after it, keys reach the terminal.
+#[test]
+fn a_plain_shell_takes_input_once_its_first_output_was_written() {
+    let mut h = Harness::of(
+        false,
+        SessionKind::Shell(crate::shell::ShellInputs::default()),
+    );
+    h.writes_at_once = false;
+    let acked = |sent: &[(ClientMessage, bool)], seq: i64| {
+        (sent.iter())
+            .filter(|(m, _)| m.message_type == MessageType::Acknowledge)
+            .any(|(m, _)| {
+                serde_json::from_slice::<serde_json::Value>(&m.payload)
+                    .is_ok_and(|ack| ack["AcknowledgedMessageSequenceNumber"] == seq)
+            })
+    };
+    let too_early = |seq: i64| {
+        format!(
+            "Output (seq {seq}) before the agent's first Output reached the client (a shell without KMS drops input until the agent has skipped its handshake, which the client cannot tell before that Output); the agent discards it"
+        )
+    };
+
+    let before_shell = h.input(payload_type::OUTPUT, b"ls\r");
+    h.frame(before_shell.encode());
+    assert!(acked(&h.received(), 0), "acknowledged, as the agent does");
+    h.handle(AgentInput::Shell(ShellEvent::Started {
+        run_as_user: String::new(),
+    }));
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(2))
+        .try_acquire_many_owned(2)
+        .expect("room");
+    h.handle(AgentInput::Shell(ShellEvent::Output {
+        data: b"$ ".to_vec(),
+        room,
+    }));
+    // The prompt is on its way, not written yet: still too early.
+    let before_written = h.input(payload_type::OUTPUT, b"pwd\r");
+    h.frame(before_written.encode());
+    assert_eq!(h.report().violations, [too_early(0), too_early(1)]);
+    assert_eq!(
+        h.report().bytes_from_client,
+        0,
+        "nothing reached the terminal"
+    );
+
+    h.gateway_writes();
+    let after = h.input(payload_type::OUTPUT, b"id\r");
+    h.frame(after.encode());
+    assert!(acked(&h.received(), 2));
+    assert_eq!(h.report().violations.len(), 2, "{:?}", h.report());
+    assert_eq!(
+        h.report().bytes_from_client,
+        3,
+        "the keys reached the terminal"
+    );
+}
+
 /// The agent gives the client 15 s for its HandshakeResponse (the KMS decrypt included), then
 /// a fresh 15 s from the encryption challenge on, each failing in the agent's words.
 #[test]
