@@ -351,20 +351,9 @@ async fn expiry_revokes_the_policy_and_sets_expired() {
     // expiry, and another principal's, which another grant may allow and which must survive.
     let instance = "i-0000000000000000a";
     let user_arn = |name: &str| format!("arn:aws:iam::{ACCOUNT}:user/{name}");
-    let as_dave = h.ssm_as(&user_arn(&dave));
-    let as_mallory = h.ssm_as(&user_arn(&h.unique("mallory")));
-    let start = |client: aws_sdk_ssm::Client| async move {
-        let started = client
-            .start_session()
-            .target(instance)
-            .document_name("AWS-StartSSHSession")
-            .send()
-            .await
-            .expect("session starts");
-        started.session_id().expect("session id").to_owned()
-    };
-    let daves = start(as_dave.clone()).await;
-    let mallorys = start(as_mallory).await;
+    let (as_dave, as_mallory) = (user_arn(&dave), user_arn(&h.unique("mallory")));
+    let daves = h.start_session_as(&as_dave, instance).await;
+    let mallorys = h.start_session_as(&as_mallory, instance).await;
     assert_eq!(
         h.active_sessions(instance).await,
         BTreeSet::from([daves.clone(), mallorys.clone()])
@@ -401,7 +390,7 @@ async fn expiry_revokes_the_policy_and_sets_expired() {
 
     // Once: a later reconcile of the expired grant ends nothing more (IAM already refuses the
     // principal new sessions; a session started against the emulator anyway stays).
-    let later = start(as_dave).await;
+    let later = h.start_session_as(&as_dave, instance).await;
     let reconciles = || {
         h.metrics
             .reconcile_duration
@@ -1433,17 +1422,9 @@ async fn a_deny_grants_expiry_ends_no_session() {
     };
     h.create("pause", ending_in(3600)).await;
     h.wait_condition("pause", "PolicySynced", "True").await;
-    let as_frank = h.ssm_as(&format!("arn:aws:iam::{ACCOUNT}:user/{frank}"));
-    let franks = as_frank
-        .start_session()
-        .target(instance)
-        .document_name("AWS-StartSSHSession")
-        .send()
-        .await
-        .expect("session starts")
-        .session_id()
-        .expect("session id")
-        .to_owned();
+    let franks = h
+        .start_session_as(&format!("arn:aws:iam::{ACCOUNT}:user/{frank}"), instance)
+        .await;
 
     h.set_spec("pause", ending_in(3)).await;
     let grant = h.wait_condition("pause", "Expired", "True").await;
