@@ -70,8 +70,9 @@ pub struct MemoryBudget {
     tenants: Option<Arc<Tenants>>,
 }
 
-/// What the sessions of one tenant may hold together, and each tenant's pool of it (made when
-/// its first lease is, and kept: one per client namespace the bridge has served).
+/// What the sessions of one tenant may hold together, and each tenant's pool of it: made when
+/// its first lease is, and dropped once nothing holds it (no lease, permit or wait: a new pool
+/// would be the same, full), so the map follows the namespaces served now, not all ever served.
 #[derive(Debug)]
 struct Tenants {
     limit: usize,
@@ -81,9 +82,19 @@ struct Tenants {
 impl Tenants {
     fn pool(&self, tenant: &str) -> Arc<Semaphore> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        // Leases, their permits and their waits each hold the pool: the map's is the last.
+        pools.retain(|_, pool| Arc::strong_count(pool) > 1);
         (pools.entry(tenant.to_owned()))
             .or_insert_with(|| Arc::new(Semaphore::new(self.limit)))
             .clone()
+    }
+
+    #[cfg(test)]
+    fn kept(&self) -> Vec<String> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept: Vec<String> = pools.keys().cloned().collect();
+        kept.sort();
+        kept
     }
 }
 
@@ -495,6 +506,23 @@ mod tests {
         assert_eq!(second.held(), 2 * SESSION_FLOOR);
         drop((busy, second));
         assert!(budget.lease_for(Some("busy")).is_ok(), "all given back");
+    }
+
+    /// A tenant's pool goes once nothing holds it, so the bridge keeps pools for the
+    /// namespaces it serves now, not for every one it ever served.
+    #[test]
+    fn a_tenants_pool_goes_once_nothing_holds_it() {
+        let budget = MemoryBudget::new(8 * SESSION_FLOOR).with_tenant_limit(3 * SESSION_FLOOR);
+        let kept = || budget.tenants.as_ref().expect("tenants").kept();
+        let gone = budget.lease_for(Some("gone")).expect("a floor");
+        let mut stays = budget.lease_for(Some("stays")).expect("a floor");
+        drop(gone);
+        let _third = budget.lease_for(Some("third")).expect("a floor");
+        assert_eq!(kept(), ["stays", "third"]);
+        // A pool held by a lease keeps counting what its leases hold.
+        assert!(stays.cover(2 * SESSION_FLOOR - LEASE_STEP));
+        let _second = budget.lease_for(Some("stays")).expect("the third floor");
+        assert_eq!(budget.lease_for(Some("stays")).err(), Some(Spent::Tenant));
     }
 
     #[test]

@@ -383,6 +383,7 @@ pub(crate) struct NamedGrant<'a> {
     pub shared: bool,
 }
 
+/// The grant a bridge session's Reason names, if it names one.
 pub(crate) fn named_grant(reason: &str) -> Option<NamedGrant<'_>> {
     let grants = reason
         .split(' ')
