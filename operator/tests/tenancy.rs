@@ -511,7 +511,15 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
         );
     }
 
-    // Narrowing the boundary (no more SSH) revokes both grants: detached and deleted.
+    // Narrowing the boundary (no more SSH) revokes both grants: detached and deleted. (A fresh
+    // session of the role: the emulator ends one whose data channel never connects after a
+    // minute.)
+    let granted_session = h
+        .start_session_as(
+            &format!("arn:aws:sts::{ACCOUNT}:assumed-role/{role}/ops"),
+            INSIDE_INSTANCE,
+        )
+        .await;
     control_plane
         .apply_yaml(&boundary(&ns, false).to_string(), None)
         .await
@@ -526,6 +534,18 @@ async fn a_tenant_gets_only_what_its_boundary_allows() {
     })
     .await;
     assert_eq!(h.policies_in_namespace().await, Vec::<String>::new());
+    // And what they granted ends: the role's session on the instance they granted it.
+    wait_for("the operator to end the role's session", || async {
+        (h.terminated() >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        !h.active_sessions(INSIDE_INSTANCE)
+            .await
+            .contains(&granted_session),
+        "{}",
+        h.calls()
+    );
     h.stop().await;
     control_plane.stop();
 }

@@ -21,30 +21,38 @@ TARGET_MIB=7168
 CACHE_MIB=4608
 target="${CARGO_TARGET_DIR:-$(cd "$here/../.." && pwd)/target}"
 mkdir -p "$target" "$FLEET_ACCESS_CACHE"
+# Where they really are (a symbolic link to another disk is measured there).
+target=$(realpath "$target")
+cache=$(realpath "$FLEET_ACCESS_CACHE")
 
-size_mib() { du -sm "$1" 2>/dev/null | cut -f1; }
+# What a folder holds, in MiB (0 when du cannot tell: files vanishing under a running build).
+size_mib() {
+    local size
+    size=$( (du -sm "$1" 2>/dev/null || true) | cut -f1)
+    echo "${size:-0}"
+}
 free_mib() { df -Pm "$1" | awk 'NR == 2 {print $4}'; }
 device() { stat -c %d "$1"; }
 
 # Each location's remaining need, on the filesystem it lives on.
-declare -A need=() where=()
+declare -A need=() where=() on=()
 add_need() { # path mib
     local dev
     dev=$(device "$1")
     need[$dev]=$(( ${need[$dev]:-0} + $2 ))
     where[$dev]="${where[$dev]:+${where[$dev]} and }$1"
+    on[$dev]=$1
 }
 target_left=$(( TARGET_MIB - $(size_mib "$target") ))
 (( target_left > 0 )) && add_need "$target" "$target_left"
 if [[ ! -x "$KUBE_APISERVER_BIN" || ! -x "$ETCD_BIN" || ! -x "$SMP_BIN" || ! -x "$MOTO_SERVER_BIN" ]]; then
-    cache_left=$(( CACHE_MIB - $(size_mib "$FLEET_ACCESS_CACHE") ))
-    (( cache_left > 0 )) && add_need "$FLEET_ACCESS_CACHE" "$cache_left"
+    cache_left=$(( CACHE_MIB - $(size_mib "$cache") ))
+    (( cache_left > 0 )) && add_need "$cache" "$cache_left"
 fi
 
 short=0
-for dev in "${!need[@]}"; do
-    path=${where[$dev]%% and *}
-    free=$(free_mib "$path")
+for dev in ${need[@]+"${!need[@]}"}; do
+    free=$(free_mib "${on[$dev]}")
     if (( free < need[$dev] )); then
         echo "make test: ${where[$dev]} need about $(( (need[$dev] + 1023) / 1024 )) GiB more, and the disk has $(( free / 1024 )) GiB free ($free MiB)." >&2
         short=1

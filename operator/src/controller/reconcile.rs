@@ -420,16 +420,31 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     };
 
     let resolved: Vec<String> = target_list.iter().map(|t| t.instance_id.clone()).collect();
+    // The status lists the instances with the identities: while a failed sync keeps the
+    // identities recorded, it keeps their instances too.
+    let target_list = match failure {
+        Some(_) => previous.map(|s| s.targets.clone()).unwrap_or_default(),
+        None => target_list,
+    };
     let wanted_endpoints = WantedEndpoints::of(&desired, &resolved, revoked);
     let synced = sync_endpoints(&applier, &key, &wanted_endpoints, ctx).await;
-    // Sessions end when the window ends, or the approval (withdrawn or run out), of a grant
-    // that was granting: those the status records it granting, and no others (a refused grant
-    // ends nobody's). Only an Allow ends sessions: the end of a Deny gives access back.
+    // Sessions end when a grant that was granting stops: its window ends, its approval ends
+    // (withdrawn or run out), or its boundary no longer admits it. Those the status records it
+    // granting end, and no others (a refused grant ends nobody's). Only an Allow ends
+    // sessions: the end of a Deny gives access back.
     let granted = status::granted(previous).filter(|_| desired.effect == Effect::Allow);
-    let ending = granted.filter(|_| expired || status::approval_ended(previous, &verdict));
-    let sessions_ended = match (&synced, &ending) {
-        (Ok(served), Some(granted)) => end_sessions(&applier, &key, granted, served, ctx).await,
-        _ => None,
+    let ending = granted.filter(|_| revoked);
+    let sessions_ended = match &ending {
+        Some(granted) => {
+            // Endpoints not synced: every instance counts as still served, so only the
+            // bridge's sessions of this grant alone end.
+            let served = match &synced {
+                Ok(served) => served.clone(),
+                Err(_) => granted.instances.iter().cloned().collect(),
+            };
+            end_sessions(&applier, &key, granted, &served, ctx).await
+        }
+        None => None,
     };
     if ending.is_some() && sessions_ended.is_none() {
         // The status keeps recording what the grant granted, so the next attempt ends them.
@@ -529,9 +544,15 @@ async fn end_sessions(
             .map(|p| p.name.clone())
     };
     let listed = async {
-        let groups: Vec<String> = named(PrincipalKind::Group).collect();
         let mut users: BTreeSet<String> = named(PrincipalKind::User).collect();
-        users.extend(observe::group_members(&groups, ctx).await?);
+        for group in named(PrincipalKind::Group) {
+            // A group deleted since has no members to end sessions of.
+            match observe::group_members(std::slice::from_ref(&group), ctx).await {
+                Ok(members) => users.extend(members),
+                Err(error) if error.kind() == crate::aws::AwsErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
         let owners = SessionOwners {
             account: ctx.account.clone(),
             grant: key.to_owned(),

@@ -722,16 +722,6 @@ pub fn approval_event(
     }
 }
 
-/// Whether the grant's approval has just ended (withdrawn or run out): the status records it
-/// in force by an approval, and the verdict is now pending. Its open sessions are then ended;
-/// the status keeps saying Approved until they are, so a failed attempt is tried again.
-pub fn approval_ended(status: Option<&SessionAccessStatus>, verdict: &Verdict) -> bool {
-    let approved = (status.into_iter())
-        .flat_map(|s| s.conditions.iter())
-        .any(|c| c.type_ == APPROVED && c.status == "True" && c.reason == "Approved");
-    approved && !verdict.allows()
-}
-
 /// Whether every session document the grant can own is under a name its current spec derives,
 /// so that looking those names up finds them all: true when the grant never had another spec
 /// (generation 1), or when PolicySynced is True for this generation (that sync removed the
@@ -883,11 +873,6 @@ mod tests {
         assert_eq!(find(&status, POLICY_SYNCED).reason, "AwaitingApproval");
         assert_eq!(find(&status, BRIDGE_READY).reason, "AwaitingApproval");
         assert_eq!(status.approval, None);
-        // The recorded approval has just ended: its sessions are ended; once the status says
-        // Pending, not again.
-        assert!(approval_ended(Some(&approved), &pending));
-        assert!(!approval_ended(Some(&status), &pending));
-        assert!(!approval_ended(Some(&approved), &Verdict::NotRequired));
     }
 
     #[test]

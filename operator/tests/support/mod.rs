@@ -132,6 +132,10 @@ impl Harness {
         let mut config = Config {
             mode: Mode::Fast,
             upstream: Some(moto.endpoint().to_owned()),
+            // Sessions the tests start through the API never connect a data channel: they stay
+            // open for the whole test (the agent's minute would race a slow machine), and only
+            // the operator ends them.
+            reconnect_timeout_ms: 600_000,
             ..Config::default()
         };
         for (id, environment, agent) in FLEET {

@@ -104,6 +104,12 @@ impl Agent {
         matches!(self.handshake, Handshake::Complete | Handshake::Skipped)
     }
 
+    /// Whether the idle timeout runs: once no handshake is awaited (a shell without KMS waiting
+    /// for its first Output to be written awaits none: the agent's idle timer runs then).
+    pub(super) fn idle_timer_runs(&self) -> bool {
+        self.handshake_done() || matches!(self.handshake, Handshake::SkipPending { .. })
+    }
+
     /// How a message the agent drops because the handshake is not done came too early.
     fn too_early(&self) -> &'static str {
         match self.handshake {

@@ -925,6 +925,21 @@ fn a_plain_shell_takes_input_once_its_first_output_was_written() {
     );
 }
 
+/// A shell without KMS that has written nothing yet still ends at its idle timeout, as the
+/// agent's does (its idle timer runs from the start; only a handshake has a timer of its own).
+#[test]
+fn a_silent_plain_shell_still_ends_at_its_idle_timeout() {
+    let mut h = Harness::of(
+        true,
+        SessionKind::Shell(crate::shell::ShellInputs::default()),
+    );
+    h.run_until(100, |h| h.agent.finished.is_some());
+    assert_eq!(
+        h.report().close_reason.as_deref(),
+        Some("Session idle timeout")
+    );
+}
+
 /// The agent gives the client 15 s for its HandshakeResponse (the KMS decrypt included), then
 /// a fresh 15 s from the encryption challenge on, each failing in the agent's words.
 #[test]

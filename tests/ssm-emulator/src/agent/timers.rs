@@ -78,7 +78,7 @@ impl Agent {
                 Config::duration(config.reconnect_timeout_ms),
             )));
         }
-        if self.handshake_done() {
+        if self.idle_timer_runs() {
             deadlines.push(Some(past(self.last_activity, self.idle_limit())));
         }
         if let (Some(started), (_, Some(max))) = (self.started, self.shell_limits()) {
@@ -158,7 +158,7 @@ impl Agent {
             return;
         }
         // While the handshake runs, its own timeout applies.
-        if self.handshake_done() && now.duration_since(self.last_activity) > self.idle_limit() {
+        if self.idle_timer_runs() && now.duration_since(self.last_activity) > self.idle_limit() {
             self.end(
                 SessionStatus::Terminated,
                 "Session idle timeout".to_owned(),
