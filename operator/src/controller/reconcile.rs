@@ -234,7 +234,7 @@ async fn sweep_orphans(ctx: &Context) -> Result<(Vec<Principal>, Vec<String>)> {
     let sets = identities::sweep_orphans(with_sets, &grants, ctx).await?;
     let live: BTreeSet<String> = grants.iter().map(grant_key).collect();
     let in_scope = |key: &&String| match &ctx.watch_namespace {
-        Some(namespace) => key.split_once('/').is_some_and(|(ns, _)| ns == namespace),
+        Some(namespace) => naming::parse_grant_key(key).is_some_and(|(ns, _)| ns == namespace),
         None => true,
     };
     let gone: Vec<String> = owners.difference(&live).filter(in_scope).cloned().collect();

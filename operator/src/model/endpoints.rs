@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{
     desired::{BridgePort, Desired},
+    naming,
     plan::Change,
 };
 
@@ -360,7 +361,7 @@ pub fn endpoint_changes(
             .or_insert_with(|| (destination.clone(), GrantPorts::new()));
         grants.insert(owner.to_owned(), mine);
     }
-    let tenant = owner.split_once('/').map_or(owner, |(ns, _)| ns);
+    let tenant = naming::parse_grant_key(owner).map_or(owner, |(ns, _)| ns);
     let held_before = ports_of_namespace(before.iter().map(|(n, g)| (n.as_str(), g)), tenant);
     let held_after = ports_of_namespace(after.iter().map(|(n, (_, g))| (n.as_str(), g)), tenant);
     if held_after > namespace_limit && held_after > held_before {
@@ -411,7 +412,8 @@ fn ports_of_namespace<'a>(
     services: impl Iterator<Item = (&'a str, &'a GrantPorts)>,
     namespace: &str,
 ) -> usize {
-    let of_namespace = |grant: &str| grant.split_once('/').is_some_and(|(ns, _)| ns == namespace);
+    let of_namespace =
+        |grant: &str| naming::parse_grant_key(grant).is_some_and(|(ns, _)| ns == namespace);
     let held: BTreeSet<(&str, u16)> = services
         .flat_map(|(name, grants)| {
             (grants.iter())
@@ -501,7 +503,7 @@ pub fn grant_of_network_policy(policy: &NetworkPolicy) -> Option<(String, String
 }
 
 fn split_owner(owner: &str) -> Option<(String, String)> {
-    let (namespace, name) = owner.split_once('/')?;
+    let (namespace, name) = naming::parse_grant_key(owner)?;
     (!namespace.is_empty() && !name.is_empty()).then(|| (namespace.to_owned(), name.to_owned()))
 }
 

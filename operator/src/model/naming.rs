@@ -200,6 +200,11 @@ pub fn grant_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// The namespace and name in a grant's key ([`grant_key`]; neither holds a `/`).
+pub fn parse_grant_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once('/')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
