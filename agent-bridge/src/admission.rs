@@ -93,6 +93,17 @@ pub enum Refusal {
         crate::budget::in_units(*.0)
     )]
     MemorySpent(usize),
+    /// No grant's NetworkPolicy admits the client to the endpoint.
+    #[error(
+        "no grant admits this client to {instance} port {port}: a grant's spec.bridge.clients \
+         must select its pod (or hold its address)"
+    )]
+    ClientNotAdmitted {
+        /// The instance the endpoint reaches.
+        instance: String,
+        /// The port on the instance (or its remote host).
+        port: u16,
+    },
     /// The connection's share of the memory budget cannot give a new session its floor.
     #[error(
         "{share} hold their share of the bridge's memory budget ({}) in what they have not read yet",
@@ -110,9 +121,16 @@ impl Refusal {
     /// The refusal's label in `connections_refused_total` (one of
     /// [`metrics::REFUSAL_REASONS`](crate::metrics::REFUSAL_REASONS)).
     pub fn metric_label(&self) -> &'static str {
-        let [total, namespace, instance, memory, namespace_memory] =
-            crate::metrics::REFUSAL_REASONS;
+        let [
+            total,
+            namespace,
+            instance,
+            memory,
+            namespace_memory,
+            not_admitted,
+        ] = crate::metrics::REFUSAL_REASONS;
         match self {
+            Refusal::ClientNotAdmitted { .. } => not_admitted,
             Refusal::BridgeFull(_) => total,
             Refusal::ShareFull { .. } => namespace,
             Refusal::InstanceFull { .. } => instance,
@@ -358,6 +376,7 @@ mod tests {
             namespace: "ci".into(),
             name: "runner-0".into(),
             service_account: "runner".into(),
+            ..ClientPod::default()
         });
         let unresolved = Client::Unresolved {
             address: std::net::Ipv4Addr::LOCALHOST.into(),

@@ -119,9 +119,18 @@ struct ServeArgs {
     cluster_name: String,
     /// Do not watch the cluster's pods to attribute connections to their client pods (in each
     /// session's Reason and audit record): records then give the client's address only, and
-    /// the bridge needs no permission outside its namespace.
-    #[arg(long, env = "FLEET_ACCESS_NO_CLIENT_ATTRIBUTION")]
+    /// the bridge needs no permission outside its namespace. Without the pods, no grant's pod
+    /// or namespace selector can be checked: needs --no-client-policy-check.
+    #[arg(
+        long,
+        env = "FLEET_ACCESS_NO_CLIENT_ATTRIBUTION",
+        requires = "no_client_policy_check"
+    )]
     no_client_attribution: bool,
+    /// Carry every connection that reaches a listener, without checking that some grant's
+    /// NetworkPolicy admits its client: who may connect is then the CNI's alone to enforce.
+    #[arg(long, env = "FLEET_ACCESS_NO_CLIENT_POLICY_CHECK")]
+    no_client_policy_check: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -393,6 +402,7 @@ async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         grace: Duration::from_secs(args.drain_seconds),
         attribute_clients: !args.no_client_attribution,
+        check_client_policies: !args.no_client_policy_check,
         audit: Arc::new(crate::audit::Stdout),
     };
     serve::run(client, context, config, readiness, shutdown).await;

@@ -2,7 +2,8 @@
 //! address in a watch of the cluster's pods, and what a session's `Reason` says about it.
 //!
 //! ```text
-//!  pods (watch, slimmed to namespace, name, uid, service account, phase, IPs) ──▶ store
+//!  pods (watch, slimmed to namespace, name, uid, labels, service account, host network,
+//!        phase, IPs) ──▶ store ──(each change)──▶ Changes (wakes connections awaiting admission)
 //!  accepted connection ──source address──▶ resolve ──▶ Client::Pod | Client::Unresolved
 //!                                                   └─▶ reason(mark, client, grants) ≤ 256
 //! ```
@@ -11,7 +12,7 @@
 //! node's), is not guessed: the connection is still carried, and says it is unresolved.
 //! [`resolve_in`] and [`reason`] are pure; [`PodDirectory`] holds the watch.
 
-use std::{future::Future, net::IpAddr};
+use std::{collections::BTreeMap, future::Future, net::IpAddr};
 
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use kube::{
@@ -25,7 +26,7 @@ use serde::Serialize;
 pub const REASON_LIMIT: usize = 256;
 
 /// A client pod.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientPod {
     /// Its namespace.
@@ -34,6 +35,12 @@ pub struct ClientPod {
     pub name: String,
     /// Its service account.
     pub service_account: String,
+    /// Its labels (what NetworkPolicies select it by; not in records).
+    #[serde(skip)]
+    pub labels: BTreeMap<String, String>,
+    /// Whether it runs in its node's network (then no pod selector matches it; not in records).
+    #[serde(skip)]
+    pub host_network: bool,
 }
 
 /// Who a connection came from.
@@ -63,6 +70,8 @@ pub fn resolve_in<'a>(pods: impl IntoIterator<Item = &'a Pod>, address: IpAddr) 
             service_account: (pod.spec.as_ref())
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_else(|| "default".into()),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            host_network: (pod.spec.as_ref()).is_some_and(|s| s.host_network == Some(true)),
         }),
         others => Client::Unresolved {
             address,
@@ -92,9 +101,11 @@ fn pod_addresses(pod: &Pod) -> impl Iterator<Item = IpAddr> + '_ {
     (first.into_iter().chain(all)).filter_map(|ip| ip.parse::<IpAddr>().ok())
 }
 
-/// StartSession's `Reason` for one connection: the replica's `mark`, then who asked and
-/// through which grants, cut to [`REASON_LIMIT`] characters (the mark first: the sweep of a dead
-/// run's sessions reads it). Only characters AWS accepts in a Reason. Pure.
+/// StartSession's `Reason` for one connection: the replica's `mark`, then through which grants,
+/// then who asked, cut to [`REASON_LIMIT`] characters. The mark comes first (the sweep of a dead
+/// run's sessions reads it), the grants next (the operator reads them to end a revoked grant's
+/// sessions, and a long pod name must not cut them off). Only characters AWS accepts in a
+/// Reason. Pure.
 pub fn reason(mark: &str, client: &Client, grants: &[String]) -> String {
     let who = match client {
         Client::Pod(pod) => format!(
@@ -117,12 +128,51 @@ pub fn reason(mark: &str, client: &Client, grants: &[String]) -> String {
         [one] => format!(" grant={one}"),
         [first, rest @ ..] => format!(" grant={first}+{}", rest.len()),
     };
-    let full = format!("{mark} {who}{grants}");
+    let full = format!("{mark}{grants} {who}");
     let clean: String = (full.chars())
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(REASON_LIMIT)
         .collect();
     clean
+}
+
+/// Counts the changes of what the bridge watches to admit clients (pods, namespaces, the
+/// grants' NetworkPolicies), so that a connection awaiting admission wakes when one comes.
+#[derive(Clone, Debug)]
+pub struct Changes(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for Changes {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl Changes {
+    /// One more change.
+    pub fn note(&self) {
+        self.0.send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// A receiver that sees the changes from now on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+/// Drives `stream` (a watch kept in a store) until it ends, noting each object it applies in
+/// `changes` and logging each failure (the stream retries with back-off) as `what`.
+pub(crate) async fn drive<K>(
+    stream: impl futures::Stream<Item = Result<K, watcher::Error>>,
+    changes: Changes,
+    what: &'static str,
+) {
+    let mut stream = std::pin::pin!(stream);
+    while let Some(next) = futures::StreamExt::next(&mut stream).await {
+        match next {
+            Ok(_) => changes.note(),
+            Err(error) => tracing::warn!(%error, "watching {what} failed; retrying"),
+        }
+    }
 }
 
 /// The running pods of the cluster, by their addresses; or nothing, when pods are not watched.
@@ -137,10 +187,13 @@ impl PodDirectory {
         Self::default()
     }
 
-    /// A directory kept by a watch of every namespace's pods; the returned future drives the
-    /// watch and runs until dropped. A watch that fails (no permission, say) is retried with
-    /// back-off; until it lists, every client is unresolved.
-    pub fn watch(client: kube::Client) -> (Self, impl Future<Output = ()> + Send + 'static) {
+    /// A directory kept by a watch of every namespace's pods, noting each change in `changes`;
+    /// the returned future drives the watch and runs until dropped. A watch that fails (no
+    /// permission, say) is retried with back-off; until it lists, every client is unresolved.
+    pub fn watch(
+        client: kube::Client,
+        changes: Changes,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (store, writer) = reflector::store();
         let stream = reflector(
             writer,
@@ -148,14 +201,7 @@ impl PodDirectory {
         )
         .default_backoff()
         .applied_objects();
-        let driven = async move {
-            let mut stream = std::pin::pin!(stream);
-            while let Some(next) = futures::StreamExt::next(&mut stream).await {
-                if let Err(error) = next {
-                    tracing::warn!(%error, "watching pods (to attribute connections) failed; retrying");
-                }
-            }
-        };
+        let driven = drive(stream, changes, "pods (to attribute connections)");
         (Self { store: Some(store) }, driven)
     }
 
@@ -192,19 +238,21 @@ impl PodDirectory {
     }
 }
 
-/// Keeps of a pod only what attribution reads (a pod's spec can be large and hold secrets in
-/// its environment; none of it stays in memory).
+/// Keeps of a pod only what attribution and the NetworkPolicy check read (a pod's spec can be
+/// large and hold secrets in its environment; none of it stays in memory).
 fn slim(pod: &mut Pod) {
     let metadata = std::mem::take(&mut pod.metadata);
     pod.metadata = ObjectMeta {
         name: metadata.name,
         namespace: metadata.namespace,
         uid: metadata.uid,
+        labels: metadata.labels,
         resource_version: metadata.resource_version,
         ..ObjectMeta::default()
     };
     pod.spec = pod.spec.take().map(|spec| PodSpec {
         service_account_name: spec.service_account_name,
+        host_network: spec.host_network,
         ..PodSpec::default()
     });
     pod.status = pod.status.take().map(|status| PodStatus {
@@ -225,6 +273,7 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some(namespace.into()),
+                labels: Some(BTreeMap::from([("app".into(), "ansible".into())])),
                 ..ObjectMeta::default()
             },
             spec: Some(PodSpec {
@@ -257,6 +306,8 @@ mod tests {
             namespace: "ci".into(),
             name: "ansible-7".into(),
             service_account: "ansible-7-sa".into(),
+            labels: BTreeMap::from([("app".into(), "ansible".into())]),
+            host_network: false,
         });
         assert_eq!(resolve_in(&pods, "10.1.0.7".parse().unwrap()), ansible);
         assert_eq!(
@@ -298,10 +349,11 @@ mod tests {
             namespace: "ci".into(),
             name: "ansible-7".into(),
             service_account: "deployer".into(),
+            ..ClientPod::default()
         });
         assert_eq!(
             reason(mark, &client, &["ci/web-ssh".into()]),
-            format!("{mark} for=ci/ansible-7 sa=deployer grant=ci/web-ssh")
+            format!("{mark} grant=ci/web-ssh for=ci/ansible-7 sa=deployer")
         );
         let unresolved = Client::Unresolved {
             address: "10.0.0.1".parse().unwrap(),
@@ -309,16 +361,19 @@ mod tests {
         };
         assert_eq!(
             reason(mark, &unresolved, &["a/b".into(), "c/d".into()]),
-            format!("{mark} for=ambiguous:10.0.0.1(2 pods) grant=a/b+1")
+            format!("{mark} grant=a/b+1 for=ambiguous:10.0.0.1(2 pods)")
         );
         let long = Client::Pod(ClientPod {
             namespace: "n".repeat(63),
             name: "p\n".repeat(120),
             service_account: "s".into(),
+            ..ClientPod::default()
         });
-        let cut = reason(mark, &long, &[]);
+        let cut = reason(mark, &long, &["n/grant".into()]);
         assert_eq!(cut.chars().count(), REASON_LIMIT);
         assert!(cut.starts_with(mark) && !cut.contains('\n'), "{cut}");
+        // A long pod name does not cut off the grant the operator reads.
+        assert!(cut.contains(" grant=n/grant "), "{cut}");
         // The sweep of a dead run still reads the mark.
         assert_eq!(crate::replica::ReplicaMark::parse(&cut), Some(replica));
     }

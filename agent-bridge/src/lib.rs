@@ -13,7 +13,8 @@
 //!  listener, admission, serve, replica   the in-cluster mode: endpoints from Services, limits
 //!              on sessions per bridge, client namespace and instance, the sweep of dead
 //!              replicas' sessions
-//!  clients, audit   who each connection came from (its pod), and one record per connection
+//!  clients, client_policy, audit   who each connection came from (its pod), whether a grant's
+//!              NetworkPolicy admits it, and one record per connection
 //!  cli, admin, metrics, stream_url   the command line, /metrics and probes, the stream URL policy
 //! ```
 
@@ -22,6 +23,7 @@ pub mod admission;
 pub mod audit;
 pub mod budget;
 pub mod cli;
+pub mod client_policy;
 pub mod clients;
 pub mod driver;
 pub mod forward;

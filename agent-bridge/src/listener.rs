@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  Services ──endpoints()──▶ desired set ──Listeners::apply──▶ one accept loop per endpoint
-//!                                                              └─▶ per connection: tunnel::carry
+//!  per connection: limits (admission) ─▶ a grant admits the client (client_policy) ─▶ tunnel::carry
 //! ```
 //!
 //! Removing an endpoint closes its listener and its tunnels; the rest are untouched. Shutdown
@@ -20,7 +20,7 @@ use std::{
 use fleet_access_crds::bridge_contract::{self, EndpointAnnotations, EndpointPort, GrantPorts};
 use k8s_openapi::jiff::Timestamp;
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     time::Instant,
 };
@@ -31,6 +31,7 @@ pub use crate::admission::{Limits, Refusal, Share};
 use crate::{
     admission::Admission,
     audit::{AuditSink, ByteCounts, ClientRecord, ConnectionRecord, Counted, Ended},
+    client_policy::{ClientPolicies, Verdict},
     clients::{self, Client, PodDirectory},
     ssm::{ControlPlane, StartSessionRequest},
     tunnel::{Carried, Ending, SessionContext, carry},
@@ -127,28 +128,31 @@ struct Running {
     removed: CancellationToken,
 }
 
-/// Who each connection is from, and where its record goes.
+/// Who each connection is from, whether a grant admits it, and where its record goes.
 #[derive(Clone, Default)]
-pub struct Audit {
+pub struct Clients {
     /// Resolves a connection's source address to its client pod.
-    pub clients: PodDirectory,
+    pub pods: PodDirectory,
+    /// The grants' NetworkPolicies a connection must be admitted by; none: every connection
+    /// is (the CNI alone decides who reaches a listener).
+    pub policies: Option<ClientPolicies>,
     /// Takes each connection's record; none: no records.
     pub sink: Option<Arc<dyn AuditSink>>,
 }
 
-impl Audit {
-    /// No attribution and no records (the demo, benchmarks).
+impl Clients {
+    /// No attribution, no check of the grants' policies, no records (the demo, benchmarks).
     pub fn none() -> Self {
         Self::default()
     }
 }
 
-/// What every connection of every listener shares: the sessions' context, admission, and
-/// the audit.
+/// What every connection of every listener shares: the sessions' context, admission, and who
+/// the clients are.
 struct Serving<C> {
     context: Arc<SessionContext<C>>,
     admission: Admission,
-    audit: Audit,
+    clients: Clients,
 }
 
 /// The set of open endpoint listeners.
@@ -164,20 +168,20 @@ pub struct Listeners<C> {
 }
 
 impl<C: ControlPlane + 'static> Listeners<C> {
-    /// No listeners yet; they will bind on `address`, and account for each connection to
-    /// `audit`.
+    /// No listeners yet; they will bind on `address`, and check and account for each
+    /// connection's client with `clients`.
     pub fn new(
         context: Arc<SessionContext<C>>,
         limits: Limits,
         address: IpAddr,
-        audit: Audit,
+        clients: Clients,
     ) -> Self {
         let admission = Admission::new(limits, context.budget.clone());
         Self {
             serving: Arc::new(Serving {
                 context,
                 admission,
-                audit,
+                clients,
             }),
             address,
             running: BTreeMap::new(),
@@ -302,19 +306,18 @@ async fn accept_loop<C: ControlPlane + 'static>(
             },
         };
         let connected_at = Instant::now();
-        let record = Record::begin(&endpoint, peer, &serving.audit.clients);
-        let context = &serving.context;
-        let share = Share::of(&record.client, serving.audit.clients.is_watching());
+        let record = Record::begin(&endpoint, peer, &serving.clients.pods);
+        let share = Share::of(&record.client, serving.clients.pods.is_watching());
         let admitted = match serving
             .admission
             .admit(&endpoint.instance_id, share.as_ref())
         {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                context.metrics.connection_refused(refusal.metric_label());
-                warn!(instance = endpoint.instance_id, client = %peer, %refusal, "refusing connection");
-                refuse(stream, &refusal.to_string()).await;
-                serving.write(record.refused(&refusal));
+                let (serving, endpoint) = (serving.clone(), endpoint.clone());
+                tasks.spawn(async move {
+                    serving.refuse(stream, peer, record, &endpoint, refusal).await;
+                });
                 continue;
             }
         };
@@ -330,14 +333,26 @@ async fn accept_loop<C: ControlPlane + 'static>(
             client = %peer,
             session_id = tracing::field::Empty,
         );
-        let (serving, endpoint_for_task) = (serving.clone(), endpoint.clone());
+        let (serving, endpoint) = (serving.clone(), endpoint.clone());
         tasks.spawn(
             async move {
+                // The check may wait for the watches to catch up: on this connection's task,
+                // holding the slot admission gave it, so that waiting connections stay within
+                // the limits.
+                let record = match serving.check_policies(record, peer, &endpoint).await {
+                    Ok(record) => record,
+                    Err((record, refusal)) => {
+                        drop(admitted);
+                        serving
+                            .refuse(stream, peer, record, &endpoint, refusal)
+                            .await;
+                        return;
+                    }
+                };
                 let mut admitted = admitted;
                 let context = &serving.context;
-                let reason =
-                    clients::reason(&context.reason, &record.client, &endpoint_for_task.grants);
-                let request = endpoint_for_task.start_request(&reason);
+                let reason = clients::reason(&context.reason, &record.client, &record.draft.grants);
+                let request = endpoint.start_request(&reason);
                 let (stream, counts) = Counted::new(stream);
                 let lease = admitted.lease.take();
                 let carried =
@@ -358,8 +373,52 @@ async fn accept_loop<C: ControlPlane + 'static>(
 
 impl<C> Serving<C> {
     fn write(&self, record: ConnectionRecord) {
-        if let Some(sink) = &self.audit.sink {
+        if let Some(sink) = &self.clients.sink {
             sink.record(&record);
+        }
+    }
+
+    /// Counts, logs and records the refusal, and tells the client why.
+    async fn refuse(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        record: Record,
+        endpoint: &Endpoint,
+        refusal: Refusal,
+    ) {
+        self.context
+            .metrics
+            .connection_refused(refusal.metric_label());
+        warn!(instance = endpoint.instance_id, client = %peer, %refusal, "refusing connection");
+        self.write(record.refused(&refusal));
+        refuse(stream, &refusal.to_string()).await;
+    }
+
+    /// The record with the client and the grants that admit it, or the refusal when the
+    /// grants' policies are checked and none admits it.
+    async fn check_policies(
+        &self,
+        record: Record,
+        peer: SocketAddr,
+        endpoint: &Endpoint,
+    ) -> Result<Record, (Record, Refusal)> {
+        let Some(policies) = &self.clients.policies else {
+            return Ok(record);
+        };
+        match policies
+            .admit(&self.clients.pods, peer.ip(), endpoint.listen_port)
+            .await
+        {
+            Verdict::Admitted { client, grants } => Ok(record.with_client(peer, client, grants)),
+            Verdict::NotAdmitted { client } => {
+                let refusal = Refusal::ClientNotAdmitted {
+                    instance: endpoint.instance_id.clone(),
+                    port: endpoint.port,
+                };
+                let grants = record.draft.grants.clone();
+                Err((record.with_client(peer, client, grants), refusal))
+            }
         }
     }
 }
@@ -393,6 +452,16 @@ impl Record {
         Self { client, draft }
     }
 
+    /// The record of `client` (resolved again), through `grants`.
+    fn with_client(self, peer: SocketAddr, client: Client, grants: Vec<String>) -> Self {
+        let draft = ConnectionRecord {
+            client: ClientRecord::new(peer.ip(), &client),
+            grants,
+            ..self.draft
+        };
+        Self { client, draft }
+    }
+
     fn refused(self, refusal: &Refusal) -> ConnectionRecord {
         ConnectionRecord {
             end: Timestamp::now(),
@@ -422,14 +491,31 @@ impl Record {
     }
 }
 
-/// Tells a refused client why in one line, then closes. (An SSH client logs lines before the
-/// server's version string.)
+/// Tells a refused client why in one line, then closes, once it has read what the client sent
+/// meanwhile (an SSH client sends its version at once) or [`REFUSAL_LINGER`] has passed: a
+/// socket closed with unread data resets the connection, and the client may lose the line.
 async fn refuse(mut stream: TcpStream, reason: &str) {
     let _ = stream
         .write_all(format!("fleet-access: refused: {reason}\r\n").as_bytes())
         .await;
     let _ = stream.shutdown().await;
+    let drain = async {
+        let (mut buffer, mut read) = ([0u8; 4096], 0);
+        while read < REFUSAL_DRAIN {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
 }
+
+/// How long a refused connection stays open to read what its client sends after the refusal.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// How much of it is read at most.
+const REFUSAL_DRAIN: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {

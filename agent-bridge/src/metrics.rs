@@ -37,12 +37,13 @@ const RTT_BUCKETS: &[f64] = &[
 
 /// Why connections are refused before a session starts (`connections_refused_total`'s label),
 /// each counted from zero.
-pub const REFUSAL_REASONS: [&str; 5] = [
+pub const REFUSAL_REASONS: [&str; 6] = [
     "limit_total",
     "limit_namespace",
     "limit_instance",
     "memory_budget",
     "memory_budget_namespace",
+    "client_not_admitted",
 ];
 
 /// How a session ended, as a bounded label value.

@@ -5,6 +5,7 @@
 //! ```text
 //!  Service watch ──▶ reflector store ──(any change)──▶ listener::endpoints ──▶ Listeners::apply
 //!  Pod watch ──▶ clients::PodDirectory (who each connection is from) ──▶ audit records
+//!  NetworkPolicy and namespace watches ──▶ client_policy (whether a grant admits it)
 //!  SIGTERM ──▶ not ready ──▶ stop accepting ──grace──▶ terminate the rest ──▶ exit
 //! ```
 
@@ -23,8 +24,9 @@ use tracing::{info, warn};
 use crate::{
     admin::Readiness,
     audit::AuditSink,
-    clients::PodDirectory,
-    listener::{Audit, Limits, Listeners, endpoints},
+    client_policy::ClientPolicies,
+    clients::{Changes, PodDirectory},
+    listener::{Clients, Limits, Listeners, endpoints},
     ssm::ControlPlane,
 };
 
@@ -40,12 +42,14 @@ pub struct ServeConfig {
     pub grace: Duration,
     /// Whether to watch the cluster's pods to attribute connections to their client pods.
     pub attribute_clients: bool,
+    /// Whether to carry only the connections some grant's NetworkPolicy admits.
+    pub check_client_policies: bool,
     /// Where each connection's record goes.
     pub audit: Arc<dyn AuditSink>,
 }
 
-/// How long `serve` waits at start for the pod watch's first listing.
-const POD_LIST_WAIT: Duration = Duration::from_secs(10);
+/// How long `serve` waits at start for the first listing of each watch about clients.
+const CLIENT_LIST_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown` fires, then drains.
 pub async fn run<C: ControlPlane + 'static>(
@@ -61,21 +65,44 @@ pub async fn run<C: ControlPlane + 'static>(
         limits,
         grace,
         attribute_clients,
+        check_client_policies,
         audit,
     } = config;
-    let (clients, pod_watch) = match attribute_clients {
+    let changes = Changes::default();
+    let mut watches = tokio::task::JoinSet::new();
+    let pods = match attribute_clients {
         true => {
-            let (directory, watch) = PodDirectory::watch(client.clone());
-            (directory, Some(tokio::spawn(watch)))
+            let (directory, watch) = PodDirectory::watch(client.clone(), changes.clone());
+            watches.spawn(watch);
+            directory
         }
-        false => (PodDirectory::disabled(), None),
+        false => PodDirectory::disabled(),
     };
-    // Connections accepted before the pods are listed could not be attributed: wait a little,
-    // not forever (without permission to list pods, the bridge still serves).
-    if !clients.wait_listed(POD_LIST_WAIT).await {
+    let policies = match check_client_policies {
+        true => {
+            let (policies, watch) = ClientPolicies::watch(client.clone(), &namespace, changes);
+            watches.spawn(watch);
+            Some(policies)
+        }
+        false => None,
+    };
+    // Connections accepted before the pods are listed could not be attributed, nor admitted
+    // before the policies are: wait a little, not forever (without permission to list them,
+    // the bridge still serves, and refuses what it cannot check).
+    if !pods.wait_listed(CLIENT_LIST_WAIT).await {
         warn!(
-            wait_seconds = POD_LIST_WAIT.as_secs(),
-            "pods not listed yet: connections are recorded by address until they are"
+            wait_seconds = CLIENT_LIST_WAIT.as_secs(),
+            "pods not listed yet: connections are recorded by address, and admitted only by \
+             address, until they are"
+        );
+    }
+    if let Some(policies) = &policies
+        && !policies.wait_listed(CLIENT_LIST_WAIT).await
+    {
+        warn!(
+            wait_seconds = CLIENT_LIST_WAIT.as_secs(),
+            "the grants' NetworkPolicies or the namespaces are not listed yet: connections are \
+             refused until a listed policy admits them"
         );
     }
     let api: Api<Service> = Api::namespaced(client, &namespace);
@@ -89,11 +116,12 @@ pub async fn run<C: ControlPlane + 'static>(
     )
     .default_backoff();
     let mut stream = std::pin::pin!(stream);
-    let audit = Audit {
-        clients,
+    let clients = Clients {
+        pods,
+        policies,
         sink: Some(audit),
     };
-    let mut listeners = Listeners::new(context, limits, listen_address, audit);
+    let mut listeners = Listeners::new(context, limits, listen_address, clients);
     info!(namespace, selector, "watching endpoint Services");
     loop {
         tokio::select! {
@@ -126,9 +154,7 @@ pub async fn run<C: ControlPlane + 'static>(
     readiness.set(false);
     info!(grace_seconds = grace.as_secs(), "draining");
     listeners.shutdown(grace).await;
-    if let Some(pod_watch) = pod_watch {
-        pod_watch.abort();
-    }
+    watches.abort_all();
     info!("drained");
 }
 

@@ -16,7 +16,7 @@ use fleet_access_agent_bridge::{
     admin::{self, Readiness},
     budget::{DEFAULT_MEMORY_BUDGET, MemoryBudget},
     cli::{AwsArgs, control_plane, load_aws},
-    listener::{Audit, Endpoint, Limits, Listeners},
+    listener::{Clients, Endpoint, Limits, Listeners},
     metrics::Metrics,
     tunnel::SessionContext,
 };
@@ -272,7 +272,7 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
             per_instance: 5000,
         },
         Ipv4Addr::LOCALHOST.into(),
-        Audit::none(),
+        Clients::none(),
     );
     // A free port, released for the listener to take (nothing else binds here meanwhile).
     let listen_port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

@@ -63,6 +63,10 @@ pub fn grant_ports(annotations: &BTreeMap<String, String>) -> GrantPorts {
         .unwrap_or_default()
 }
 
+/// Annotation on a grant's NetworkPolicy: the grant (`namespace/name`) it belongs to. The bridge
+/// names, in each session's `Reason`, the grants whose policies admitted the connection.
+pub const NETWORK_POLICY_GRANT_ANNOTATION: &str = "fleetaccess.io/grant";
+
 /// Annotation with the remote host a Service's sessions forward to, on a remote host's Service.
 pub const REMOTE_HOST_ANNOTATION: &str = "fleetaccess.io/remote-host";
 

@@ -1,15 +1,18 @@
-//! What the API server would refuse in a grant's `spec.bridge.clients` once the operator puts
-//! them into a NetworkPolicy: label keys and values, selector operators, peers that name
-//! nothing or mix an `ipBlock` with selectors, CIDRs and their exceptions. The CRD's schema
-//! carries the NetworkPolicyPeer's structure but not these rules, so a grant with a bad
-//! selector would get in and fail only when its NetworkPolicy is written. Checked offline
-//! (`plan`) and by the operator before it writes anything, each problem naming the grant's
-//! field. Pure.
+//! NetworkPolicy peers, both ways. What the API server would refuse in a grant's
+//! `spec.bridge.clients` once the operator puts them into a NetworkPolicy: label keys and
+//! values, selector operators, peers that name nothing or mix an `ipBlock` with selectors, CIDRs
+//! and their exceptions. The CRD's schema carries the NetworkPolicyPeer's structure but not these
+//! rules, so a grant with a bad selector would get in and fail only when its NetworkPolicy is
+//! written. Checked offline (`plan`) and by the operator before it writes anything, each problem
+//! naming the grant's field. And whether a written policy admits a connection's source
+//! ([`policy_admits`]): the bridge's own check, for a CNI that does not enforce policies. Pure.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::networking::v1::{IPBlock, NetworkPolicyPeer};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+};
+use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString};
 
 use crate::validation::{FieldError, is_dns_subdomain};
 
@@ -188,22 +191,118 @@ impl Cidr {
         (prefix <= bits).then_some(Self { address, prefix })
     }
 
-    /// Whether `inner` is a smaller block of the same family inside this one.
-    fn strictly_contains(&self, inner: &Cidr) -> bool {
-        let (outer, inner_bits, bits) = match (self.address, inner.address) {
+    /// Whether `address` is in this block (an IPv4 address seen through an IPv6 socket counts
+    /// as the IPv4 address).
+    fn contains(&self, address: IpAddr) -> bool {
+        let (outer, inner, bits) = match (self.address, address.to_canonical()) {
             (IpAddr::V4(a), IpAddr::V4(b)) => {
                 (u128::from(u32::from(a)), u128::from(u32::from(b)), 32)
             }
             (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
             _ => return false,
         };
-        if inner.prefix <= self.prefix {
-            return false;
-        }
         let shift = bits - u32::from(self.prefix);
         let network = |address: u128| address.checked_shr(shift).unwrap_or(0);
-        network(outer) == network(inner_bits)
+        network(outer) == network(inner)
     }
+
+    /// Whether `inner` is a smaller block of the same family inside this one.
+    fn strictly_contains(&self, inner: &Cidr) -> bool {
+        inner.prefix > self.prefix && self.contains(inner.address)
+    }
+}
+
+/// A connection's source as a NetworkPolicy sees it: its address, and the pod that has it when
+/// exactly one pod does (not a host-network pod: selectors never match those).
+#[derive(Clone, Copy, Debug)]
+pub struct Source<'a> {
+    /// The source address.
+    pub address: IpAddr,
+    /// The pod with that address.
+    pub pod: Option<SourcePod<'a>>,
+}
+
+/// The pod a connection comes from, with what selectors read of it.
+#[derive(Clone, Copy, Debug)]
+pub struct SourcePod<'a> {
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its labels.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Its namespace's labels.
+    pub namespace_labels: &'a BTreeMap<String, String>,
+}
+
+/// Whether `policy` admits `source` to TCP `port` of the pods it selects, as the NetworkPolicy
+/// API defines it: some ingress rule whose ports hold `port` (no ports: every port) and whose
+/// peers hold the source (no peers: every source). Named ports never match (the bridge's
+/// listeners have no names), nor does anything the API server would have refused: a selector
+/// that does not parse admits nobody.
+pub fn policy_admits(policy: &NetworkPolicy, port: u16, source: &Source<'_>) -> bool {
+    let Some(spec) = &policy.spec else {
+        return false;
+    };
+    let ingress_policy = match &spec.policy_types {
+        Some(types) => types.iter().any(|t| t == "Ingress"),
+        None => true,
+    };
+    let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
+    ingress_policy
+        && (spec.ingress.iter().flatten()).any(|rule| rule_admits(rule, namespace, port, source))
+}
+
+fn rule_admits(
+    rule: &NetworkPolicyIngressRule,
+    namespace: &str,
+    port: u16,
+    source: &Source<'_>,
+) -> bool {
+    let ports = rule.ports.as_deref().unwrap_or_default();
+    let peers = rule.from.as_deref().unwrap_or_default();
+    (ports.is_empty() || ports.iter().any(|p| port_holds(p, port)))
+        && (peers.is_empty() || peers.iter().any(|p| peer_admits(p, namespace, source)))
+}
+
+fn port_holds(entry: &NetworkPolicyPort, port: u16) -> bool {
+    if entry.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+        return false;
+    }
+    match &entry.port {
+        None => true,
+        Some(IntOrString::Int(first)) => {
+            let last = entry.end_port.unwrap_or(*first);
+            (*first..=last).contains(&i32::from(port))
+        }
+        Some(IntOrString::String(_)) => false,
+    }
+}
+
+/// Whether `peer`, in a policy of namespace `namespace`, admits `source`: an `ipBlock` by its
+/// address; selectors by its pod (a `podSelector` alone: pods of the policy's own namespace).
+pub fn peer_admits(peer: &NetworkPolicyPeer, namespace: &str, source: &Source<'_>) -> bool {
+    let selects = peer.pod_selector.is_some() || peer.namespace_selector.is_some();
+    match (&peer.ip_block, selects, &source.pod) {
+        (Some(block), false, _) => {
+            Cidr::parse(&block.cidr).is_some_and(|cidr| cidr.contains(source.address))
+                && !(block.except.iter().flatten())
+                    .any(|e| Cidr::parse(e).is_none_or(|cidr| cidr.contains(source.address)))
+        }
+        (None, true, Some(pod)) => {
+            let in_namespace = match &peer.namespace_selector {
+                Some(selector) => selects_labels(selector, pod.namespace_labels),
+                None => pod.namespace == namespace,
+            };
+            in_namespace
+                && (peer.pod_selector.as_ref()).is_none_or(|s| selects_labels(s, pod.labels))
+        }
+        _ => false,
+    }
+}
+
+/// Whether `selector` selects `labels`; a selector that does not parse selects nothing.
+fn selects_labels(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    use kube::core::SelectorExt as _;
+    kube::core::Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
 }
 
 #[cfg(test)]
@@ -299,5 +398,131 @@ mod tests {
         assert!(problems[0].message.contains("names no client"));
         assert!(problems[1].message.contains("cannot be combined"));
         assert!(problems[4].message.contains("not inside 10.0.0.0/16"));
+    }
+
+    /// A policy in namespace `fleet-access` as the operator writes one (and as a hand might).
+    fn policy(spec: serde_json::Value) -> NetworkPolicy {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "fleet-access"},
+            "spec": spec,
+        }))
+        .expect("a policy")
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        (pairs.iter())
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_policy_admits_its_peers_to_its_ports_only() {
+        let grant = policy(serde_json::json!({
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "agent-bridge"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [
+                    {"podSelector": {"matchLabels": {"app": "ansible"}},
+                     "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}},
+                    {"namespaceSelector": {"matchExpressions": [
+                        {"key": "team", "operator": "In", "values": ["ops"]}]}},
+                    {"podSelector": {"matchLabels": {"role": "probe"}}},
+                    {"ipBlock": {"cidr": "10.9.0.0/16", "except": ["10.9.9.0/24"]}},
+                ],
+                "ports": [{"port": 20001, "protocol": "TCP"}, {"port": 20010, "endPort": 20012}],
+            }],
+        }));
+        let ansible = labels(&[("app", "ansible")]);
+        let ci = labels(&[("kubernetes.io/metadata.name", "ci")]);
+        let ops = labels(&[("kubernetes.io/metadata.name", "tools"), ("team", "ops")]);
+        let none = BTreeMap::new();
+        let address: IpAddr = "10.1.0.7".parse().unwrap();
+        let pod = |namespace: &'static str, labels, namespace_labels| Source {
+            address,
+            pod: Some(SourcePod {
+                namespace,
+                labels,
+                namespace_labels,
+            }),
+        };
+        let admits = |source: &Source<'_>, port| policy_admits(&grant, port, source);
+        // Pod and namespace selectors of one peer are both needed.
+        assert!(admits(&pod("ci", &ansible, &ci), 20001));
+        assert!(!admits(&pod("ci", &none, &ci), 20001));
+        assert!(!admits(&pod("tools", &ansible, &none), 20001));
+        // A namespace selector alone takes every pod of the namespaces it selects.
+        assert!(admits(&pod("tools", &none, &ops), 20001));
+        // A pod selector alone: pods of the policy's own namespace only.
+        let probe = labels(&[("role", "probe")]);
+        assert!(admits(&pod("fleet-access", &probe, &none), 20001));
+        assert!(!admits(&pod("ci", &probe, &ci), 20001));
+        // The rule's ports, ranges included; nothing else.
+        assert!(admits(&pod("ci", &ansible, &ci), 20011));
+        for port in [20000, 20002, 20009, 20013] {
+            assert!(!admits(&pod("ci", &ansible, &ci), port), "{port}");
+        }
+        // An address in the block, outside its exception; no pod needed. A pod's labels do
+        // not make up for an address outside it.
+        let at = |address: &str| Source {
+            address: address.parse().unwrap(),
+            pod: None,
+        };
+        assert!(admits(&at("10.9.1.1"), 20001));
+        assert!(admits(&at("::ffff:10.9.1.1"), 20001), "IPv4 through IPv6");
+        assert!(!admits(&at("10.9.9.1"), 20001));
+        assert!(!admits(&at("10.8.1.1"), 20001));
+        // An address no single pod has is admitted by no selector.
+        assert!(!admits(&at("10.1.0.7"), 20001));
+    }
+
+    #[test]
+    fn what_the_api_would_refuse_or_cannot_name_admits_nobody() {
+        let source = Source {
+            address: "10.0.0.1".parse().unwrap(),
+            pod: None,
+        };
+        let admits = |spec| policy_admits(&policy(spec), 20001, &source);
+        let everyone = serde_json::json!([{"ipBlock": {"cidr": "0.0.0.0/0"}}]);
+        assert!(admits(serde_json::json!({"ingress": [{"from": everyone}]})));
+        // No rule, an Egress-only policy, a UDP port, a named port.
+        assert!(!admits(serde_json::json!({})));
+        assert!(!admits(
+            serde_json::json!({"policyTypes": ["Egress"], "ingress": [{"from": everyone}]})
+        ));
+        assert!(!admits(
+            serde_json::json!({"ingress": [{"from": everyone, "ports": [{"port": 20001, "protocol": "UDP"}]}]})
+        ));
+        assert!(!admits(
+            serde_json::json!({"ingress": [{"from": everyone, "ports": [{"port": "ssh"}]}]})
+        ));
+        // A block with a selector, an unreadable block or exception, a bad operator.
+        assert!(!admits(
+            serde_json::json!({"ingress": [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}, "podSelector": {}}]}]})
+        ));
+        assert!(!admits(
+            serde_json::json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0"}}]}]})
+        ));
+        assert!(!admits(
+            serde_json::json!({"ingress": [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["nope"]}}]}]})
+        ));
+        let (labels, namespace_labels) = (BTreeMap::new(), BTreeMap::new());
+        let pod = Source {
+            pod: Some(SourcePod {
+                namespace: "fleet-access",
+                labels: &labels,
+                namespace_labels: &namespace_labels,
+            }),
+            ..source
+        };
+        let bad_operator = policy(serde_json::json!({"ingress": [{"from": [
+            {"podSelector": {"matchExpressions": [{"key": "a", "operator": "Equals", "values": ["b"]}]}}]}]}));
+        assert!(!policy_admits(&bad_operator, 20001, &pod));
+        // As the API defines them: no peers is everyone, no ports every port, `{}` every pod.
+        assert!(admits(
+            serde_json::json!({"ingress": [{"ports": [{"port": 20001}]}]})
+        ));
+        let every_pod = policy(serde_json::json!({"ingress": [{"from": [{"podSelector": {}}]}]}));
+        assert!(policy_admits(&every_pod, 20001, &pod));
+        assert!(!policy_admits(&every_pod, 20001, &source), "no pod");
     }
 }

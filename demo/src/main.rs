@@ -21,7 +21,7 @@ use fleet_access_agent_bridge::{
     cli::{
         AwsArgs, control_plane, init_tracing, load_aws, select_crypto_provider, shutdown_on_signal,
     },
-    listener::{Audit, Endpoint, Limits, Listeners},
+    listener::{Clients, Endpoint, Limits, Listeners},
     metrics::Metrics,
     tunnel::SessionContext,
 };
@@ -135,9 +135,9 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         },
         loopback,
         // Each connection's audit record on standard output, as `serve` writes them.
-        Audit {
-            clients: Default::default(),
+        Clients {
             sink: Some(Arc::new(fleet_access_agent_bridge::audit::Stdout)),
+            ..Clients::none()
         },
     );
     let mut desired = BTreeMap::new();

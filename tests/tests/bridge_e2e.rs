@@ -37,7 +37,10 @@ use fleet_access_tests::{
     ControlPlane, GatedSink, Moto, Prometheus, RefusingAddress, Sshd, TestNamespace,
     certificates::LoopbackTls, free_loopback_port, http_get,
 };
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort, ServiceSpec},
+    networking::v1::{NetworkPolicy, NetworkPolicyPeer},
+};
 use kube::api::{DeleteParams, ObjectMeta, PostParams};
 use prometheus::Registry;
 use sha2::{Digest, Sha256};
@@ -171,6 +174,31 @@ fn endpoint_service_of(instance: &str, ports: &[EndpointPort]) -> Service {
     }
 }
 
+/// Every loopback address, as a grant's clients.
+fn loopback_clients() -> Vec<NetworkPolicyPeer> {
+    serde_json::from_value(serde_json::json!([{"ipBlock": {"cidr": "127.0.0.0/8"}}]))
+        .expect("peers")
+}
+
+/// Writes [`TEST_GRANT`]'s NetworkPolicy in the bridge's `namespace` as the operator renders
+/// it: `clients` to `target_ports`.
+async fn admit(
+    namespace: &TestNamespace,
+    clients: &[NetworkPolicyPeer],
+    target_ports: impl IntoIterator<Item = u16>,
+) {
+    let policy = fleet_access_operator::model::endpoints::render_network_policy(
+        namespace.name(),
+        TEST_GRANT,
+        clients,
+        &target_ports.into_iter().collect(),
+    );
+    (namespace.api::<NetworkPolicy>())
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("the grant's NetworkPolicy");
+}
+
 /// Waits (up to a minute, on a loaded machine) until `port` accepts connections or refuses them.
 async fn wait_listening(port: u16, up: bool) {
     for _ in 0..1200 {
@@ -223,12 +251,24 @@ impl Served {
         Self::start_endpoints(prefix, context, &endpoints, limits).await
     }
 
-    /// Serves one endpoint per instance: (instance, port, document, portNumber parameter).
+    /// Serves one endpoint per instance: (instance, port, document, portNumber parameter), to
+    /// every loopback client.
     async fn start_endpoints(
         prefix: &str,
         context: Arc<SessionContext<SdkControlPlane>>,
         endpoints: &[(&'static str, u16, &str, Option<u16>)],
         limits: Limits,
+    ) -> Self {
+        Self::start_admitting(prefix, context, endpoints, limits, &loopback_clients()).await
+    }
+
+    /// Serves the endpoints, admitting `clients` to them as [`TEST_GRANT`]'s NetworkPolicy.
+    async fn start_admitting(
+        prefix: &str,
+        context: Arc<SessionContext<SdkControlPlane>>,
+        endpoints: &[(&'static str, u16, &str, Option<u16>)],
+        limits: Limits,
+        clients: &[NetworkPolicyPeer],
     ) -> Self {
         let control_plane = ControlPlane::shared().await.expect("control plane");
         let namespace = control_plane.namespace(prefix).await.expect("namespace");
@@ -251,6 +291,7 @@ impl Served {
                 .expect("service");
             ports.insert(*instance, target_port);
         }
+        admit(&namespace, clients, ports.values().copied()).await;
         let (readiness, shutdown) = (Readiness::default(), CancellationToken::new());
         let audit = Collected::default();
         let config = ServeConfig {
@@ -259,6 +300,7 @@ impl Served {
             limits,
             grace: Duration::from_secs(30),
             attribute_clients: true,
+            check_client_policies: true,
             audit: Arc::new(audit.clone()),
         };
         let server = tokio::spawn(serve::run(
@@ -1547,7 +1589,7 @@ async fn prometheus_scrapes_what_a_session_caused() {
             per_instance: 10,
         },
         LOOPBACK,
-        fleet_access_agent_bridge::listener::Audit::none(),
+        fleet_access_agent_bridge::listener::Clients::none(),
     );
     let desired = BTreeMap::from([(endpoint.listen_port, endpoint.clone())]);
     assert!(listeners.apply(&desired).await.is_empty());
@@ -1982,6 +2024,17 @@ async fn bridge_pod(namespace: &TestNamespace, name: &str) -> k8s_openapi::api::
 /// A pod in its own namespace, running with service account `account` at `address` (the test
 /// API server runs no kubelet: the test writes the status a kubelet would).
 async fn client_pod(namespace: &TestNamespace, name: &str, account: &str, address: IpAddr) {
+    client_pod_labelled(namespace, name, account, address, serde_json::json!({})).await;
+}
+
+/// [`client_pod`] with `labels`.
+async fn client_pod_labelled(
+    namespace: &TestNamespace,
+    name: &str,
+    account: &str,
+    address: IpAddr,
+    labels: serde_json::Value,
+) {
     use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
     use kube::api::{Patch, PatchParams};
     let account: ServiceAccount =
@@ -1992,7 +2045,7 @@ async fn client_pod(namespace: &TestNamespace, name: &str, account: &str, addres
         .await
         .expect("create the service account");
     let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": labels},
         "spec": {
             "serviceAccountName": account.metadata.name,
             "automountServiceAccountToken": false,
@@ -2131,7 +2184,7 @@ async fn every_connection_is_attributed_to_its_pod_and_recorded() {
         session.reason.as_deref(),
         Some(
             format!(
-                "fleet-access agent bridge for={}/ansible-0 sa=deployer grant={TEST_GRANT}",
+                "fleet-access agent bridge grant={TEST_GRANT} for={}/ansible-0 sa=deployer",
                 clients.name()
             )
             .as_str()
@@ -2150,6 +2203,159 @@ async fn every_connection_is_attributed_to_its_pod_and_recorded() {
     assert!(
         (probe_session.reason.as_deref()).is_some_and(|r| r.contains("for=unresolved:127.0.0.1")),
         "{probe_session:?}"
+    );
+    served.stop().await;
+}
+
+/// What a line sent from `address` to the bridge's `port` gets back: the line, when the
+/// connection is carried to the echo target, or why the bridge refused it.
+async fn answer(address: IpAddr, port: u16) -> String {
+    let mut stream = connect_from(address, port).await;
+    stream.write_all(b"ping\n").await.expect("write");
+    let mut said = Vec::new();
+    let read = async {
+        let mut byte = [0u8; 1];
+        while !said.ends_with(b"\n") && stream.read(&mut byte).await.expect("read") == 1 {
+            said.push(byte[0]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("an answer in time");
+    String::from_utf8_lossy(&said).trim_end().to_owned()
+}
+
+/// Asks until the bridge's answer to `address` satisfies `expected` (for at most a minute: the
+/// bridge's watches catch up with what the test changed): the last answer.
+async fn answer_when(address: IpAddr, port: u16, expected: impl Fn(&str) -> bool) -> String {
+    let mut said = String::new();
+    for _ in 0..120 {
+        said = answer(address, port).await;
+        if expected(&said) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    said
+}
+
+/// The bridge carries only the connections some grant's NetworkPolicy admits, whatever the CNI
+/// does: the operator's policy for a grant whose clients are the `app=ansible` pods of one
+/// namespace. Such a pod is carried, its session naming the grant; a pod of that namespace
+/// without the label and an address no pod has are refused and told why, counted and recorded.
+/// The label, once set, admits the second pod; once the policy is gone, nobody is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_clients_a_grants_network_policy_admits_are_carried() {
+    let (_sshd, emulator) = echo_on_web().await;
+    let registry = Registry::new();
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    let team = control_plane
+        .namespace("admit-team")
+        .await
+        .expect("namespace");
+    let own = fleet_access_tests::own_loopback_address;
+    let (ansible, other, nobody) = (own(), own(), own());
+    let app = serde_json::json!({"app": "ansible"});
+    client_pod_labelled(&team, "ansible-0", "deployer", ansible, app.clone()).await;
+    client_pod(&team, "other-0", "other", other).await;
+    let clients: Vec<NetworkPolicyPeer> = serde_json::from_value(serde_json::json!([{
+        "podSelector": {"matchLabels": app},
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": team.name()}},
+    }]))
+    .expect("peers");
+    let served = Served::start_admitting(
+        "bridge-admit",
+        context(&emulator, &registry),
+        &[(WEB, 7, "AWS-StartPortForwardingSession", Some(7))],
+        Limits {
+            total: 10,
+            per_client_namespace: 10,
+            per_instance: 10,
+        },
+        &clients,
+    )
+    .await;
+    let port = served.port(WEB);
+
+    assert_eq!(answer(ansible, port).await, "ping");
+    let refused = format!(
+        "fleet-access: refused: no grant admits this client to {WEB} port 7: a grant's spec.bridge.clients must select its pod (or hold its address)"
+    );
+    assert_eq!(answer(other, port).await, refused);
+    assert_eq!(answer(nobody, port).await, refused);
+    let exported = fleet_access_agent_bridge::metrics::encode(&registry);
+    assert!(
+        exported
+            .contains(r#"agent_bridge_connections_refused_total{reason="client_not_admitted"} 2"#),
+        "{exported}"
+    );
+    let records = served
+        .records_when(|all| {
+            all.iter()
+                .filter(|r| r.port == 7 && r.client.address != LOOPBACK)
+                .count()
+                == 3
+        })
+        .await;
+    let from = |address: IpAddr| {
+        (records.iter())
+            .find(|r| r.client.address == address)
+            .unwrap_or_else(|| panic!("a record from {address}: {records:#?}"))
+    };
+    assert_eq!(
+        (from(ansible).ended, from(ansible).grants.as_slice()),
+        (Ended::ClientClosed, [TEST_GRANT.to_owned()].as_slice())
+    );
+    for refused_address in [other, nobody] {
+        let record = from(refused_address);
+        assert_eq!(record.ended, Ended::Refused, "{record:#?}");
+        assert_eq!(record.session_id, None, "{record:#?}");
+        assert!(
+            (record.detail.as_deref())
+                .is_some_and(|d| d.starts_with("no grant admits this client")),
+            "{record:#?}"
+        );
+    }
+    assert_eq!(
+        from(other).client.pod.as_ref().map(|p| p.name.as_str()),
+        Some("other-0")
+    );
+    let sessions = all_sessions_ended(&emulator).await;
+    let session = (sessions.iter())
+        .find(|s| Some(&s.session_id) == from(ansible).session_id.as_ref())
+        .expect("the admitted pod's session");
+    assert!(
+        (session.reason.as_deref()).is_some_and(|r| r.contains(&format!(
+            " grant={TEST_GRANT} for={}/ansible-0 ",
+            team.name()
+        ))),
+        "{session:?}"
+    );
+
+    // The label admits the other pod.
+    let pods = team.api::<k8s_openapi::api::core::v1::Pod>();
+    let labelled = serde_json::json!({"metadata": {"labels": app}});
+    pods.patch(
+        "other-0",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&labelled),
+    )
+    .await
+    .expect("label the pod");
+    assert_eq!(
+        answer_when(other, port, |said| said == "ping").await,
+        "ping"
+    );
+
+    // Without the policy, nobody is admitted.
+    let policy = fleet_access_operator::model::endpoints::network_policy_name(TEST_GRANT);
+    (served.namespace.api::<NetworkPolicy>())
+        .delete(&policy, &DeleteParams::default())
+        .await
+        .expect("delete the policy");
+    assert_eq!(
+        answer_when(ansible, port, |said| said != "ping").await,
+        refused
     );
     served.stop().await;
 }
@@ -2340,6 +2546,7 @@ async fn a_killed_run_s_sessions_are_swept_while_live_replicas_keep_theirs() {
         )
         .await
         .expect("service");
+    admit(&namespace, &loopback_clients(), [target_port]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let address =
         |last: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 3, last)), target_port);

@@ -17,7 +17,7 @@ use std::{
 use fleet_access_agent_bridge::{
     audit::{AuditSink, ConnectionRecord, Ended},
     budget::{MemoryBudget, SESSION_FLOOR, in_units},
-    listener::{Audit, Endpoint, Limits, Listeners},
+    listener::{Clients, Endpoint, Limits, Listeners},
     metrics::{self, Metrics},
     ssm::SdkControlPlane,
     stream_url::StreamUrls,
@@ -192,11 +192,11 @@ impl Bridge {
             per_instance: 100,
         };
         let records = Arc::new(Records::default());
-        let audit = Audit {
-            clients: Default::default(),
+        let clients = Clients {
             sink: Some(records.clone()),
+            ..Clients::none()
         };
-        let mut listeners = Listeners::new(context, limits, LOOPBACK, audit);
+        let mut listeners = Listeners::new(context, limits, LOOPBACK, clients);
         let port = endpoint.listen_port;
         let endpoints = BTreeMap::from([(port, endpoint)]);
         assert!(listeners.apply(&endpoints).await.is_empty());

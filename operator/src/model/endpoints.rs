@@ -444,7 +444,10 @@ pub fn render_network_policy(
     target_ports: &BTreeSet<u16>,
 ) -> NetworkPolicy {
     let mut annotations = BTreeMap::new();
-    annotations.insert(GRANT_ANNOTATION.to_owned(), grant.to_owned());
+    annotations.insert(
+        bridge_contract::NETWORK_POLICY_GRANT_ANNOTATION.to_owned(),
+        grant.to_owned(),
+    );
     NetworkPolicy {
         metadata: ObjectMeta {
             name: Some(network_policy_name(grant)),
@@ -480,9 +483,6 @@ pub fn render_network_policy(
     }
 }
 
-/// Annotation on a grant's NetworkPolicy: the grant (`namespace/name`) it belongs to.
-pub const GRANT_ANNOTATION: &str = "fleetaccess.io/grant";
-
 /// The grants (namespace, name) whose ports a Service carries: the ones to reconcile when the
 /// Service changes or disappears behind the operator's back.
 pub fn grants_of_service(service: &Service) -> Vec<(String, String)> {
@@ -498,7 +498,7 @@ pub fn grant_of_network_policy(policy: &NetworkPolicy) -> Option<(String, String
         .metadata
         .annotations
         .as_ref()?
-        .get(GRANT_ANNOTATION)
+        .get(bridge_contract::NETWORK_POLICY_GRANT_ANNOTATION)
         .and_then(|owner| split_owner(owner))
 }
 
