@@ -316,7 +316,9 @@ async fn accept_loop<C: ControlPlane + 'static>(
             Err(refusal) => {
                 let (serving, endpoint) = (serving.clone(), endpoint.clone());
                 tasks.spawn(async move {
-                    serving.refuse(stream, peer, record, &endpoint, refusal).await;
+                    serving
+                        .refuse(stream, peer, record, &endpoint, refusal)
+                        .await;
                 });
                 continue;
             }

@@ -19,6 +19,19 @@ pub fn own_loopback_address() -> std::net::IpAddr {
     std::net::IpAddr::V4(Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254)))
 }
 
+/// A connection to `to` from `source` (a client pod's own loopback address, say).
+pub async fn connect_from(
+    source: std::net::IpAddr,
+    to: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(to).await
+}
+
 /// What the workspace's servers print on standard error once they listen:
 /// `<what> listening on <address>` (`fleet-access-operator run` and `agent-bridge serve` for their
 /// admin endpoint, as `admin listening on 127.0.0.1:40123`).

@@ -380,6 +380,49 @@ impl TestNamespace {
     {
         Api::namespaced(self.client.clone(), &self.name)
     }
+
+    /// A pod of this namespace with `labels`, running with service account `account` (created
+    /// here) at `address`: the test API server runs no kubelet, so this writes the status a
+    /// kubelet would. What the bridge resolves a client connection from `address` to.
+    pub async fn running_pod(
+        &self,
+        name: &str,
+        account: &str,
+        address: std::net::IpAddr,
+        labels: serde_json::Value,
+    ) -> Result<(), kube::Error> {
+        use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+        let service_account = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(account.to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..ServiceAccount::default()
+        };
+        match (self.api::<ServiceAccount>())
+            .create(&PostParams::default(), &service_account)
+            .await
+        {
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            other => drop(other?),
+        }
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "serviceAccountName": account,
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "client", "image": "client"}]
+            }
+        }))
+        .map_err(kube::Error::SerdeError)?;
+        let pods = self.api::<Pod>();
+        pods.create(&PostParams::default(), &pod).await?;
+        let status = serde_json::json!({"status": {"phase": "Running", "podIP": address.to_string(),
+            "podIPs": [{"ip": address.to_string()}]}});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        Ok(())
+    }
 }
 
 /// Paths of the files a started control plane uses.

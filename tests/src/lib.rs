@@ -28,7 +28,7 @@ pub mod sshd;
 pub mod targets;
 pub mod terminal;
 
-pub use addresses::{RefusingAddress, own_loopback_address};
+pub use addresses::{RefusingAddress, connect_from, own_loopback_address};
 pub use binaries::{workspace_binary, workspace_root};
 pub use control_plane::{ControlPlane, TestNamespace};
 pub use error::{FixtureError, FixtureResult};

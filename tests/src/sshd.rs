@@ -133,7 +133,16 @@ impl Sshd {
     /// its host key under the name it has in the known-hosts file; ready for the remote
     /// command's arguments.
     pub fn ssh_command_via(&self, relay: SocketAddr) -> Command {
+        self.ssh_command_from(None, relay)
+    }
+
+    /// [`Sshd::ssh_command_via`], connecting from `source` when given (`-b`: a client pod's
+    /// own address).
+    pub fn ssh_command_from(&self, source: Option<std::net::IpAddr>, relay: SocketAddr) -> Command {
         let mut command = Command::new(debian::SSH);
+        if let Some(source) = source {
+            command.arg("-b").arg(source.to_string());
+        }
         command
             .args(self.client_options())
             .arg("-o")

@@ -2021,8 +2021,7 @@ async fn bridge_pod(namespace: &TestNamespace, name: &str) -> k8s_openapi::api::
         .expect("create the pod")
 }
 
-/// A pod in its own namespace, running with service account `account` at `address` (the test
-/// API server runs no kubelet: the test writes the status a kubelet would).
+/// A running pod of `namespace`, with service account `account`, at `address`.
 async fn client_pod(namespace: &TestNamespace, name: &str, account: &str, address: IpAddr) {
     client_pod_labelled(namespace, name, account, address, serde_json::json!({})).await;
 }
@@ -2035,33 +2034,9 @@ async fn client_pod_labelled(
     address: IpAddr,
     labels: serde_json::Value,
 ) {
-    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-    use kube::api::{Patch, PatchParams};
-    let account: ServiceAccount =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": account}}))
-            .expect("an account");
-    (namespace.api::<ServiceAccount>())
-        .create(&PostParams::default(), &account)
+    (namespace.running_pod(name, account, address, labels))
         .await
-        .expect("create the service account");
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "serviceAccountName": account.metadata.name,
-            "automountServiceAccountToken": false,
-            "containers": [{"name": "ansible", "image": "ansible"}]
-        }
-    }))
-    .expect("a pod");
-    let pods = namespace.api::<Pod>();
-    pods.create(&PostParams::default(), &pod)
-        .await
-        .expect("create the pod");
-    let status = serde_json::json!({"status": {"phase": "Running", "podIP": address.to_string(),
-        "podIPs": [{"ip": address.to_string()}]}});
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("the pod's status");
+        .expect("a running client pod");
 }
 
 /// A fast emulator whose instance WEB serves an echo target on port 7 (and sshd on 22, kept
@@ -2078,12 +2053,7 @@ async fn echo_on_web() -> (Sshd, Running) {
 /// A connection to the bridge's listen `port` from `address` (a client pod's own loopback
 /// address).
 async fn connect_from(address: IpAddr, port: u16) -> TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::new(address, 0))
-        .expect("bind the pod's address");
-    socket
-        .connect(SocketAddr::new(LOOPBACK, port))
+    fleet_access_tests::connect_from(address, SocketAddr::new(LOOPBACK, port))
         .await
         .expect("connect")
 }
@@ -2241,7 +2211,7 @@ async fn answer_when(address: IpAddr, port: u16, expected: impl Fn(&str) -> bool
 
 /// The bridge carries only the connections some grant's NetworkPolicy admits, whatever the CNI
 /// does: the operator's policy for a grant whose clients are the `app=ansible` pods of one
-/// namespace. Such a pod is carried, its session naming the grant; a pod of that namespace
+/// namespace (and one address). Such a pod is carried, its session naming the grant; a pod of that namespace
 /// without the label and an address no pod has are refused and told why, counted and recorded.
 /// The label, once set, admits the second pod; once the policy is gone, nobody is admitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2258,10 +2228,11 @@ async fn only_the_clients_a_grants_network_policy_admits_are_carried() {
     let app = serde_json::json!({"app": "ansible"});
     client_pod_labelled(&team, "ansible-0", "deployer", ansible, app.clone()).await;
     client_pod(&team, "other-0", "other", other).await;
+    // And the test's own address, which `Served` probes the listeners from.
     let clients: Vec<NetworkPolicyPeer> = serde_json::from_value(serde_json::json!([{
         "podSelector": {"matchLabels": app},
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": team.name()}},
-    }]))
+    }, {"ipBlock": {"cidr": "127.0.0.1/32"}}]))
     .expect("peers");
     let served = Served::start_admitting(
         "bridge-admit",

@@ -238,15 +238,17 @@ fn every_container_is_locked_down() {
 #[test]
 fn rbac_is_least_privilege() {
     let objects = base_objects();
-    // The bridge: get/list/watch Services and get Pods in its namespace; cluster-wide only
-    // list/watch of Pods (to attribute connections), through one binding.
+    // The bridge: get/list/watch Services and the grants' NetworkPolicies and get Pods in its
+    // namespace; cluster-wide only list/watch of Pods and Namespaces (to attribute connections
+    // and match them against the grants' selectors), through one binding.
     let bridge = find(&objects, "Role", "agent-bridge");
     assert_eq!(bridge["metadata"]["namespace"], "fleet-access");
     assert_eq!(
         bridge["rules"],
         serde_json::json!([
             {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+            {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "watch"]}
         ])
     );
     let cluster_bindings: Vec<&Value> = (objects.iter())
@@ -262,7 +264,7 @@ fn rbac_is_least_privilege() {
     );
     assert_eq!(
         role["rules"],
-        serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}])
+        serde_json::json!([{"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]}])
     );
     // The operator: no wildcards, no Secrets, and cluster-wide only its own API group, its
     // Events, and reading namespaces (whose labels select the boundaries of their grants).

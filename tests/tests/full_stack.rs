@@ -6,8 +6,10 @@
 //! through its own Service.
 //!
 //! ```text
-//!  kubectl apply -f grant ──▶ operator ──▶ IAM policy (moto) + Service (bridge namespace)
-//!  ssh ──▶ bridge listener ──▶ StartSession (emulator) ──▶ data channel ──▶ sshd
+//!  kubectl apply -f grant ──▶ operator ──▶ IAM policy (moto) + Service and NetworkPolicy
+//!                                           (bridge namespace)
+//!  ssh from the grant's client pod ──▶ bridge listener (checks the NetworkPolicy admits it)
+//!      ──▶ StartSession (emulator) ──▶ data channel ──▶ sshd
 //!  kubectl delete -f grant ──▶ Service gone ──▶ listener and open tunnel closed; IAM clean
 //! ```
 //!
@@ -36,7 +38,8 @@ use fleet_access_operator::model::naming::{
 };
 use fleet_access_ssm_emulator::{Config, Emulator, InstanceConfig, Mode, Running};
 use fleet_access_tests::{
-    ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, cluster_of, http_get,
+    ControlPlane, Moto, OperatorCommandLine, Sshd, SupervisedProcess, cluster_of, connect_from,
+    http_get,
     manifests::{deploy_dir, kind, kustomize, rbac_in_namespace},
     own_loopback_address,
     targets::greeting_echo_server,
@@ -344,6 +347,12 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     };
     let (operator_kubeconfig, bridge_kubeconfig) =
         (kubeconfig(OPERATOR_ACCOUNT), kubeconfig(BRIDGE_ACCOUNT));
+    // The grant's client: a pod of the team labelled as its `spec.bridge.clients` selects, at
+    // an address of its own that every connection below comes from.
+    let client = own_loopback_address();
+    team.running_pod("ansible-0", "ansible", client, json!({"app": "ansible"}))
+        .await
+        .expect("the client pod");
 
     // AWS: a user to grant, the bridge's role; SSM with one instance leading to sshd.
     let moto = Moto::shared().await.expect("moto");
@@ -517,7 +526,7 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
         TcpStream::connect(listener).await.ok().map(drop)
     })
     .await;
-    let mut ssh = sshd.ssh_command_via(listener);
+    let mut ssh = sshd.ssh_command_from(Some(client), listener);
     ssh.arg("echo reached-$((6 * 7))-on-$(hostname)");
     let answer = run_bounded(ssh, SSH_TIMEOUT).await;
     let hostname = run_bounded(Command::new("hostname"), SSH_TIMEOUT).await;
@@ -544,8 +553,28 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     assert!(record["sessionId"].is_string(), "{record}");
     assert_eq!(record["ended"], "client_closed", "{record}");
     assert!(record["bytesFromClient"].as_u64() > Some(0), "{record}");
-    // No pod has the test's address: the record says so by naming none.
-    assert!(record["client"]["pod"].is_null(), "{record}");
+    assert_eq!(record["client"]["pod"]["name"], "ansible-0", "{record}");
+
+    // What the grant's clients do not select is refused, whatever the CNI would do: the test's
+    // own address, which no pod has.
+    let refused = wait_for(
+        &mut stack,
+        "a refusal of an address no grant admits",
+        || async {
+            let mut stream = TcpStream::connect(listener).await.ok()?;
+            let mut said = String::new();
+            timeout(SSH_TIMEOUT, stream.read_to_string(&mut said))
+                .await
+                .ok()?
+                .ok()?;
+            Some(said)
+        },
+    )
+    .await;
+    assert!(
+        refused.starts_with("fleet-access: refused: no grant admits this client"),
+        "{refused}"
+    );
 
     // Port 5432 of the instance and of the database behind it: two Services, each leading to
     // its own server; the grant's status names both.
@@ -562,7 +591,7 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
             .unwrap_or_else(|| panic!("port 5432 on {name}: {endpoint:?}"));
         let listener = SocketAddr::new(stack.listen_address, port.target_port);
         let mut stream = wait_for(&mut stack, "the bridge listens for port 5432", || async {
-            TcpStream::connect(listener).await.ok()
+            connect_from(client, listener).await.ok()
         })
         .await;
         let said = timeout(SSH_TIMEOUT, async {
@@ -595,7 +624,7 @@ async fn kubectl_apply_to_ssh_through_the_bridge_to_kubectl_delete() {
     );
 
     // A tunnel that stays open until something closes it.
-    let mut long_ssh = tokio::process::Command::from(sshd.ssh_command_via(listener));
+    let mut long_ssh = tokio::process::Command::from(sshd.ssh_command_from(Some(client), listener));
     long_ssh
         .arg("echo open; sleep 600")
         .stdin(Stdio::null())
