@@ -39,7 +39,8 @@ pub enum Ended {
     Terminated,
     /// It was idle too long, or reached its maximum duration.
     Expired,
-    /// Never carried: a limit, or StartSession refused (access denied, say); see `detail`.
+    /// Never carried: no grant admits the client, a limit, or StartSession refused (access
+    /// denied, say); see `detail`.
     Refused,
     /// The data channel failed; see `detail`.
     Error,
