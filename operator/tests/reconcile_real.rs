@@ -1401,6 +1401,49 @@ async fn another_clusters_objects_of_the_same_grant_are_never_touched() {
     h.stop().await;
 }
 
+/// A grant of every instance lists none, yet its end ends its principal's sessions on every
+/// instance (and nobody else's).
+#[tokio::test]
+async fn the_end_of_a_grant_of_every_instance_ends_its_principals_sessions_everywhere() {
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    let h = Harness::start("op-all-expiry", Duration::from_secs(300)).await;
+    let erin = h.unique("erin");
+    h.user(&erin).await;
+    let ending_in = |seconds: i64| {
+        let expires_at = Timestamp::now() + SignedDuration::from_secs(seconds);
+        json!({
+            "principals": {"users": [erin]},
+            "targets": {"allInstances": true},
+            "sessions": {"ssh": true},
+            "window": {"expiresAt": expires_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()},
+        })
+    };
+    h.create("everywhere", ending_in(3600)).await;
+    h.wait_condition("everywhere", "PolicySynced", "True").await;
+    let user_arn = |name: &str| format!("arn:aws:iam::{ACCOUNT}:user/{name}");
+    let (as_erin, as_mallory) = (user_arn(&erin), user_arn(&h.unique("mallory")));
+    let (a, b) = ("i-0000000000000000a", "i-0000000000000000b");
+    let erins = [
+        h.start_session_as(&as_erin, a).await,
+        h.start_session_as(&as_erin, b).await,
+    ];
+    let mallorys = h.start_session_as(&as_mallory, b).await;
+
+    h.set_spec("everywhere", ending_in(3)).await;
+    h.wait_condition("everywhere", "Expired", "True").await;
+    let ended = wait_for("the ended sessions recorded", || async {
+        let grant = h.grants.get("everywhere").await.ok()?;
+        grant.status?.sessions_ended
+    })
+    .await;
+    assert_eq!(ended.count, 2, "{}", h.calls());
+    assert_eq!(h.terminated(), 2, "{}", h.calls());
+    assert_eq!(h.active_sessions(a).await, BTreeSet::new(), "{erins:?}");
+    assert_eq!(h.active_sessions(b).await, BTreeSet::from([mallorys]));
+    h.stop().await;
+}
+
 /// The end of a Deny grant's window gives access back: its principals' open sessions stay, and
 /// nothing is recorded as ended.
 #[tokio::test]

@@ -17,6 +17,7 @@ use crate::{
     aws::{ActiveSession, AwsResult, InstanceInfo, with_retry},
     controller::Context,
     model::{
+        census::Covered,
         desired::TargetSelection,
         endpoints::{self, ObservedEndpoints},
         naming::{self, OwnerTag},
@@ -112,13 +113,18 @@ pub async fn instances(selection: &TargetSelection, ctx: &Context) -> AwsResult<
     Ok(found)
 }
 
-/// The active sessions on each instance, from one listing.
+/// The active sessions on each instance `instances` covers (every instance: each that has one),
+/// from one listing.
 pub async fn sessions(
-    instances: &[String],
+    instances: &Covered,
     ctx: &Context,
 ) -> AwsResult<Vec<(String, Vec<ActiveSession>)>> {
     let all = with_retry(|| ctx.ssm.active_sessions()).await?;
-    Ok((instances.iter())
+    let targets: BTreeSet<&String> = match instances {
+        Covered::All => all.iter().map(|s| &s.target).collect(),
+        Covered::Instances(listed) => listed.iter().collect(),
+    };
+    Ok((targets.into_iter())
         .map(|instance| {
             let on: Vec<ActiveSession> = (all.iter())
                 .filter(|s| &s.target == instance)

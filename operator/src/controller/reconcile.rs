@@ -436,13 +436,10 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     let ending = granted.filter(|_| revoked);
     let sessions_ended = match &ending {
         Some(granted) => {
-            // Endpoints not synced: every instance counts as still served, so only the
-            // bridge's sessions of this grant alone end.
-            let served = match &synced {
-                Ok(served) => served.clone(),
-                Err(_) => granted.instances.iter().cloned().collect(),
-            };
-            end_sessions(&applier, &key, granted, &served, ctx).await
+            // Endpoints not synced: every instance counts as still served (`None`), so only
+            // the bridge's sessions of this grant alone end.
+            let served = synced.as_ref().ok();
+            end_sessions(&applier, &key, granted, served, ctx).await
         }
         None => None,
     };
@@ -528,14 +525,15 @@ fn newly_refused(previous: Option<&SessionAccessStatus>, admission: &Admission) 
 }
 
 /// Ends the sessions of what the grant `key` granted ([`status::granted`]): its principals'
-/// on its instances, and the bridge's through its endpoints (`served`: the instances some
-/// endpoint still serves). Returns what was ended, or `None` (logged) when the sessions could
-/// not all be listed and ended, to be tried again.
+/// on its instances (on any, for a grant of every instance), and the bridge's through its
+/// endpoints (`served`: the instances some endpoint still serves; none known: every instance).
+/// Returns what was ended, or `None` (logged) when the sessions could not all be listed and
+/// ended, to be tried again.
 async fn end_sessions(
     applier: &Applier<'_>,
     key: &str,
     granted: &status::Granted,
-    served: &BTreeSet<String>,
+    served: Option<&BTreeSet<String>>,
     ctx: &Context,
 ) -> Option<SessionsEnded> {
     let named = |kind| {
@@ -561,7 +559,9 @@ async fn end_sessions(
             bridge_role: ctx.settings.bridge_role.clone(),
         };
         let open = observe::sessions(&granted.instances, ctx).await?;
-        Ok::<_, crate::aws::AwsError>(plan::sessions_to_end(&open, &owners, served))
+        let every_instance = || open.iter().map(|(instance, _)| instance.clone()).collect();
+        let served = served.cloned().unwrap_or_else(every_instance);
+        Ok::<_, crate::aws::AwsError>(plan::sessions_to_end(&open, &owners, &served))
     };
     let changes = match listed.await {
         Ok(changes) => changes,

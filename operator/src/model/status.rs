@@ -23,6 +23,7 @@ use crate::{
     model::{
         approval::{Pending, Verdict},
         boundary::Admission,
+        census::Covered,
         desired::{BridgePort, Connection, TargetSelection},
     },
 };
@@ -41,6 +42,9 @@ pub const TARGETS_RESOLVED: &str = "TargetsResolved";
 pub const BRIDGE_READY: &str = "BridgeReady";
 /// The window has ended and the grant is revoked.
 pub const EXPIRED: &str = "Expired";
+
+/// The reason of [`TARGETS_RESOLVED`] for a grant of every instance.
+const ALL_INSTANCES: &str = "AllInstances";
 
 /// One condition's outcome: true/false with a reason and a message a person can act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -382,7 +386,7 @@ fn targets_outcome(state: &TargetsState) -> Outcome {
     match state {
         TargetsState::Invalid => Outcome::no("InvalidGrant", "not resolved: the grant is invalid"),
         TargetsState::AllInstances => Outcome::yes(
-            "AllInstances",
+            ALL_INSTANCES,
             "the grant covers every instance; none are listed",
         ),
         TargetsState::Resolved(count) => {
@@ -633,28 +637,36 @@ pub fn preferences(
 }
 
 /// What a grant granted when its status was last written: the identities it wrote IAM for and
-/// the instances it listed. The end of its window or approval ends these sessions, and no
-/// others: a grant that granted nothing (refused, awaiting approval, already ended, or never
-/// synced) ends nobody's, whatever its spec names now.
+/// the instances it listed (or every instance). The end of its window or approval ends these
+/// sessions, and no others: a grant that granted nothing (refused, awaiting approval, already
+/// ended, or never synced) ends nobody's, whatever its spec names now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Granted {
     /// The identities its policies were attached to (users, roles, groups, the bridge's role).
     pub principals: Vec<Principal>,
-    /// The instances it resolved.
-    pub instances: Vec<String>,
+    /// The instances it resolved, or all of them.
+    pub instances: Covered,
 }
 
-/// What `status` records the grant granting, if anything.
+/// What `status` records the grant granting, if anything: every instance when its targets
+/// were last resolved as `allInstances` (not what its spec says now).
 pub fn granted(status: Option<&SessionAccessStatus>) -> Option<Granted> {
     let status = status?;
     let principals: Vec<Principal> = (status.attached_principals.iter())
         .filter_map(|arn| Principal::from_arn(arn))
         .collect();
+    let all_instances = (status.conditions.iter())
+        .any(|c| c.type_ == TARGETS_RESOLVED && c.reason == ALL_INSTANCES);
     (!principals.is_empty()).then(|| Granted {
         principals,
-        instances: (status.targets.iter())
-            .map(|t| t.instance_id.clone())
-            .collect(),
+        instances: match all_instances {
+            true => Covered::All,
+            false => Covered::Instances(
+                (status.targets.iter())
+                    .map(|t| t.instance_id.clone())
+                    .collect(),
+            ),
+        },
     })
 }
 
@@ -777,6 +789,13 @@ mod tests {
             target_list: Vec::new(),
             sessions_ended: None,
             connect: Vec::new(),
+        }
+    }
+
+    fn seen_all_instances() -> Observations {
+        Observations {
+            targets: TargetsState::AllInstances,
+            ..seen(synced())
         }
     }
 
@@ -904,8 +923,17 @@ mod tests {
                     Principal::new(PrincipalKind::Group, "ops"),
                     Principal::new(PrincipalKind::Role, "fleet-access-bridge"),
                 ],
-                instances: vec!["i-1".into()],
+                instances: Covered::Instances(BTreeSet::from(["i-1".into()])),
             })
+        );
+        // A grant of every instance granted every instance, however its targets read.
+        let everywhere = SessionAccessStatus {
+            conditions: compute(None, &seen_all_instances(), Timestamp::UNIX_EPOCH).conditions,
+            ..in_force
+        };
+        assert_eq!(
+            granted(Some(&everywhere)).map(|g| g.instances),
+            Some(Covered::All)
         );
     }
 
