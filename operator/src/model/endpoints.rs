@@ -371,7 +371,23 @@ pub fn endpoint_changes(
             limit: namespace_limit,
         });
     }
+    // The grant's policy admits its clients to a new target port before a listener opens there
+    // (the bridge checks each connection against it); a policy no longer wanted goes after the
+    // Services.
+    let existing = observed.network_policy.as_ref();
     let mut changes = Vec::new();
+    let mut last = None;
+    if wanted.services.is_empty() {
+        last = existing.map(|existing| Change::DeleteNetworkPolicy {
+            namespace: namespace.to_owned(),
+            name: existing.name_any(),
+        });
+    } else {
+        let policy = render_network_policy(namespace, owner, &wanted.clients, &target_ports);
+        if existing.and_then(|p| p.spec.as_ref()) != policy.spec.as_ref() {
+            changes.push(Change::ApplyNetworkPolicy(Box::new(policy)));
+        }
+    }
     for (name, (destination, grants)) in &after {
         let rendered = render_service(namespace, destination, grants);
         let unchanged = before.get(name) == Some(grants)
@@ -390,20 +406,7 @@ pub fn endpoint_changes(
             Change::ApplyService(Box::new(rendered))
         });
     }
-    let existing = observed.network_policy.as_ref();
-    if wanted.services.is_empty() {
-        if let Some(existing) = existing {
-            changes.push(Change::DeleteNetworkPolicy {
-                namespace: namespace.to_owned(),
-                name: existing.name_any(),
-            });
-        }
-    } else {
-        let policy = render_network_policy(namespace, owner, &wanted.clients, &target_ports);
-        if existing.and_then(|p| p.spec.as_ref()) != policy.spec.as_ref() {
-            changes.push(Change::ApplyNetworkPolicy(Box::new(policy)));
-        }
-    }
+    changes.extend(last);
     Ok(changes)
 }
 
@@ -697,10 +700,12 @@ mod tests {
             usize::MAX,
         )
         .expect("planned");
-        assert_eq!(
-            one.len(),
-            2,
-            "a Service and the grant's NetworkPolicy: {one:?}"
+        assert!(
+            matches!(
+                one.as_slice(),
+                [Change::ApplyNetworkPolicy(_), Change::ApplyService(_)]
+            ),
+            "the grant's NetworkPolicy, before the Service a listener opens for: {one:?}"
         );
         let after_one = applied(ObservedEndpoints::default(), &one);
         let ports = grant_ports(&after_one.services[I1]);
@@ -757,6 +762,10 @@ mod tests {
             usize::MAX,
         )
         .expect("planned");
+        assert!(
+            matches!(gone.last(), Some(Change::DeleteNetworkPolicy { .. })),
+            "the policy goes last: {gone:?}"
+        );
         let after_gone = applied(steady, &gone);
         assert!(!after_gone.services.contains_key(I2));
         assert_eq!(grant_ports(&after_gone.services[I1]), ports);

@@ -923,7 +923,7 @@ mod tests {
                     Principal::new(PrincipalKind::Group, "ops"),
                     Principal::new(PrincipalKind::Role, "fleet-access-bridge"),
                 ],
-                instances: Covered::Instances(BTreeSet::from(["i-1".into()])),
+                instances: Covered::Instances(std::collections::BTreeSet::from(["i-1".into()])),
             })
         );
         // A grant of every instance granted every instance, however its targets read.
