@@ -93,17 +93,17 @@ pub enum Refusal {
         crate::budget::in_units(*.0)
     )]
     MemorySpent(usize),
-    /// No grant's NetworkPolicy admits the client to the endpoint.
+    /// No grant's NetworkPolicy admits the client to the endpoint (the message names neither
+    /// the instance nor the grants: the client is nobody's).
     #[error(
-        "no grant admits this client to {instance} port {port}: a grant's spec.bridge.clients \
-         must select its pod (or hold its address)"
+        "no grant admits this client here: a grant's spec.bridge.clients must select its pod \
+         (or hold its address)"
     )]
-    ClientNotAdmitted {
-        /// The instance the endpoint reaches.
-        instance: String,
-        /// The port on the instance (or its remote host).
-        port: u16,
-    },
+    ClientNotAdmitted,
+    /// The endpoint closed while the connection waited for a grant to admit it: its grants
+    /// withdrew it, or the bridge is stopping.
+    #[error("the endpoint closed before a grant admitted this client")]
+    EndpointClosed,
     /// The connection's share of the memory budget cannot give a new session its floor.
     #[error(
         "{share} hold their share of the bridge's memory budget ({}) in what they have not read yet",
@@ -128,9 +128,11 @@ impl Refusal {
             memory,
             namespace_memory,
             not_admitted,
+            closed,
         ] = crate::metrics::REFUSAL_REASONS;
         match self {
-            Refusal::ClientNotAdmitted { .. } => not_admitted,
+            Refusal::ClientNotAdmitted => not_admitted,
+            Refusal::EndpointClosed => closed,
             Refusal::BridgeFull(_) => total,
             Refusal::ShareFull { .. } => namespace,
             Refusal::InstanceFull { .. } => instance,

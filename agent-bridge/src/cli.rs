@@ -121,11 +121,7 @@ struct ServeArgs {
     /// session's Reason and audit record): records then give the client's address only, and
     /// the bridge needs no permission outside its namespace. Without the pods, no grant's pod
     /// or namespace selector can be checked: needs --no-client-policy-check.
-    #[arg(
-        long,
-        env = "FLEET_ACCESS_NO_CLIENT_ATTRIBUTION",
-        requires = "no_client_policy_check"
-    )]
+    #[arg(long, env = "FLEET_ACCESS_NO_CLIENT_ATTRIBUTION")]
     no_client_attribution: bool,
     /// Carry every connection that reaches a listener, without checking that some grant's
     /// NetworkPolicy admits its client: who may connect is then the CNI's alone to enforce.
@@ -334,6 +330,7 @@ fn seconds(value: u64) -> Option<Duration> {
 }
 
 async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    client_checks(&args)?;
     let sdk = load_aws(&args.aws).await;
     let client = kube::Client::try_default()
         .await
@@ -577,9 +574,46 @@ fn grants_document(cluster: &str, host: Option<&str>, port: u16) -> String {
     }
 }
 
+/// Refuses a check of the grants' policies without the pods it reads (clap's `requires` would
+/// count an environment variable set to `false` as given).
+fn client_checks(args: &ServeArgs) -> anyhow::Result<()> {
+    if args.no_client_attribution && !args.no_client_policy_check {
+        anyhow::bail!(
+            "--no-client-attribution (FLEET_ACCESS_NO_CLIENT_ATTRIBUTION) leaves the bridge \
+             without the pods the grants' NetworkPolicies select: set --no-client-policy-check \
+             (FLEET_ACCESS_NO_CLIENT_POLICY_CHECK=true) too, and let the CNI alone enforce them"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policy_check_needs_the_pods_whatever_the_environment_says() {
+        let serve = |argv: &[&str]| match Args::try_parse_from(argv).map(|cli| cli.command) {
+            Ok(Command::Serve(args)) => client_checks(&args),
+            other => panic!("{other:?}"),
+        };
+        assert!(serve(&["agent-bridge", "serve"]).is_ok());
+        let alone = serve(&["agent-bridge", "serve", "--no-client-attribution"]);
+        assert!(
+            alone.is_err_and(|e| e.to_string().contains("--no-client-policy-check")),
+            "attribution off, check on"
+        );
+        assert!(
+            serve(&[
+                "agent-bridge",
+                "serve",
+                "--no-client-attribution",
+                "--no-client-policy-check"
+            ])
+            .is_ok()
+        );
+        assert!(serve(&["agent-bridge", "serve", "--no-client-policy-check"]).is_ok());
+    }
 
     #[test]
     fn a_namespace_holds_the_same_share_of_memory_as_of_sessions() {

@@ -11,13 +11,16 @@
 //! ```
 //!
 //! A source is admitted by an `ipBlock` holding its address, or, when exactly one pod has the
-//! address (not a host-network pod), by selectors of that pod and its namespace. What no policy
-//! admits is refused. [`admitting_grants`] is pure; [`ClientPolicies`] holds the watches.
+//! address (not a host-network pod), by selectors of that pod and its namespace (once the
+//! namespace is known). Only a policy that names its grant counts. What no policy admits is
+//! refused. [`admitting_grants`] is pure; [`ClientPolicies`] holds the watches.
 
 use std::{collections::BTreeMap, future::Future, net::IpAddr, time::Duration};
 
 use fleet_access_crds::{
-    bridge_contract::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, NETWORK_POLICY_GRANT_ANNOTATION},
+    bridge_contract::{
+        MANAGED_BY_LABEL, MANAGED_BY_VALUE, NETWORK_POLICY_GRANT_ANNOTATION, bridge_pod_selector,
+    },
     peers::{Source, SourcePod, policy_admits},
 };
 use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
@@ -34,12 +37,9 @@ use crate::clients::{Changes, Client, PodDirectory, drive};
 /// seen yet.
 pub const ADMISSION_WAIT: Duration = Duration::from_secs(3);
 
-/// At most this many looks per connection (the first, then one per batch of changes): a busy
-/// cluster's changes do not make a refused connection cost more.
-const ADMISSION_LOOKS: usize = 12;
-
-/// The label every namespace carries with its own name (set by the API server).
-const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// The least time between two looks of one connection: the changes of a busy cluster come
+/// together into one look, and a waiting connection costs at most one look per interval.
+pub const LOOK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What the check says of one connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,14 +59,14 @@ pub enum Verdict {
 }
 
 /// The grants whose `policies` admit the connection from `address` (resolved to `client`,
-/// whose namespace has `namespace_labels`) to listen port `port`; none when no policy does.
-/// Pure.
+/// whose namespace has `namespace_labels`, when known) to listen port `port` of a bridge pod;
+/// none when no policy does. A policy that names no grant admits nobody. Pure.
 pub fn admitting_grants<'a>(
     policies: impl IntoIterator<Item = &'a NetworkPolicy>,
     port: u16,
     address: IpAddr,
     client: &Client,
-    namespace_labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> Option<Vec<String>> {
     let pod = match client {
         Client::Pod(pod) if !pod.host_network => Some(SourcePod {
@@ -77,19 +77,17 @@ pub fn admitting_grants<'a>(
         _ => None,
     };
     let source = Source { address, pod };
-    let mut grants = Vec::new();
-    let mut admitted = false;
-    for policy in policies {
-        if policy_admits(policy, port, &source) {
-            admitted = true;
-            let grant = (policy.metadata.annotations.as_ref())
-                .and_then(|a| a.get(NETWORK_POLICY_GRANT_ANNOTATION));
-            grants.extend(grant.cloned());
-        }
-    }
+    let bridge = bridge_pod_selector();
+    let mut grants: Vec<String> = (policies.into_iter())
+        .filter(|policy| policy_admits(policy, &bridge, port, &source))
+        .filter_map(|policy| {
+            let annotations = policy.metadata.annotations.as_ref()?;
+            annotations.get(NETWORK_POLICY_GRANT_ANNOTATION).cloned()
+        })
+        .collect();
     grants.sort();
     grants.dedup();
-    admitted.then_some(grants)
+    (!grants.is_empty()).then_some(grants)
 }
 
 /// The operator's NetworkPolicies in the bridge's namespace and the cluster's namespaces, kept
@@ -120,15 +118,13 @@ impl ClientPolicies {
                 watcher::Config::default().labels(&selector),
             ),
         )
-        .default_backoff()
-        .applied_objects();
+        .default_backoff();
         let (namespaces, namespace_writer) = reflector::store();
         let namespace_stream = reflector(
             namespace_writer,
             watcher(Api::<Namespace>::all(client), Default::default()).modify(slim),
         )
-        .default_backoff()
-        .applied_objects();
+        .default_backoff();
         let driven = {
             let changes = changes.clone();
             async move {
@@ -160,50 +156,55 @@ impl ClientPolicies {
         matches!(tokio::time::timeout(limit, both).await, Ok(true))
     }
 
-    /// Whether some grant admits the connection from `address` to listen port `port`, with the
-    /// client as `pods` resolve it. When none does, looks again at each change of what is
-    /// watched, for up to [`ADMISSION_WAIT`].
-    pub async fn admit(&self, pods: &PodDirectory, address: IpAddr, port: u16) -> Verdict {
-        let deadline = tokio::time::Instant::now() + ADMISSION_WAIT;
-        let mut changes = self.changes.subscribe();
-        let mut looks = 0;
-        loop {
-            changes.borrow_and_update();
-            looks += 1;
-            let client = pods.resolve(address);
-            if let Some(grants) = self.grants_admitting(&client, address, port) {
-                return Verdict::Admitted { client, grants };
-            }
-            let changed = tokio::time::timeout_at(deadline, changes.changed());
-            if looks >= ADMISSION_LOOKS || !matches!(changed.await, Ok(Ok(()))) {
-                return Verdict::NotAdmitted { client };
-            }
-        }
-    }
-
-    fn grants_admitting(&self, client: &Client, address: IpAddr, port: u16) -> Option<Vec<String>> {
-        let namespace_labels = match client {
-            Client::Pod(pod) => self.namespace_labels(&pod.namespace),
-            Client::Unresolved { .. } => BTreeMap::new(),
+    /// Whether some grant admits the connection from `address` to listen port `port` now, with
+    /// the client as `pods` resolve it.
+    pub fn look(&self, pods: &PodDirectory, address: IpAddr, port: u16) -> Verdict {
+        let client = pods.resolve(address);
+        let namespace = match &client {
+            Client::Pod(pod) => self.namespaces.get(&ObjectRef::new(&pod.namespace)),
+            Client::Unresolved { .. } => None,
         };
+        let namespace_labels = namespace.as_ref().map(|n| labels_of(&n.metadata));
         let policies = self.policies.state();
-        admitting_grants(
+        let admitting = admitting_grants(
             policies.iter().map(AsRef::as_ref),
             port,
             address,
-            client,
-            &namespace_labels,
-        )
-    }
-
-    /// The labels of namespace `name`; before the watch has it, the one label every namespace
-    /// has (its name).
-    fn namespace_labels(&self, name: &str) -> BTreeMap<String, String> {
-        match self.namespaces.get(&ObjectRef::new(name)) {
-            Some(namespace) => namespace.metadata.labels.clone().unwrap_or_default(),
-            None => BTreeMap::from([(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned())]),
+            &client,
+            namespace_labels,
+        );
+        match admitting {
+            Some(grants) => Verdict::Admitted { client, grants },
+            None => Verdict::NotAdmitted { client },
         }
     }
+
+    /// [`ClientPolicies::look`], and when no grant admits the connection, looks again after
+    /// each change of what is watched (at most once per [`LOOK_INTERVAL`]), for up to
+    /// [`ADMISSION_WAIT`].
+    pub async fn admit(&self, pods: &PodDirectory, address: IpAddr, port: u16) -> Verdict {
+        let deadline = tokio::time::Instant::now() + ADMISSION_WAIT;
+        let mut changes = self.changes.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let verdict = self.look(pods, address, port);
+            if matches!(verdict, Verdict::Admitted { .. }) {
+                return verdict;
+            }
+            let next_look = tokio::time::Instant::now() + LOOK_INTERVAL;
+            let changed = tokio::time::timeout_at(deadline, changes.changed());
+            if !matches!(changed.await, Ok(Ok(()))) {
+                return verdict;
+            }
+            tokio::time::sleep_until(next_look.min(deadline)).await;
+        }
+    }
+}
+
+/// An object's labels (none: empty).
+fn labels_of(metadata: &ObjectMeta) -> &BTreeMap<String, String> {
+    static NONE: BTreeMap<String, String> = BTreeMap::new();
+    metadata.labels.as_ref().unwrap_or(&NONE)
 }
 
 /// Keeps of a namespace only its name and labels.
@@ -256,35 +257,28 @@ mod tests {
         })
     }
 
-    fn namespace_named(name: &str) -> BTreeMap<String, String> {
-        BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), name.into())])
-    }
+    const NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
     #[test]
     fn the_grants_whose_policies_admit_a_client_are_named_once_each() {
         let ansible_of = |namespace: &str| {
             serde_json::json!([{"podSelector": {"matchLabels": {"app": "ansible"}},
-                "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}}])
+                "namespaceSelector": {"matchLabels": {NAME_LABEL: namespace}}}])
         };
+        let vpn = serde_json::json!([{"ipBlock": {"cidr": "10.0.0.0/8"}}]);
+        let mut unnamed = grant_policy("ci/unnamed", vpn.clone(), &[20004]);
+        unnamed.metadata.annotations = None;
         let policies = [
             grant_policy("ci/deploy", ansible_of("ci"), &[20001, 20002]),
             grant_policy("ci/backup", ansible_of("ci"), &[20001]),
             grant_policy("ops/web", ansible_of("ops"), &[20001]),
-            grant_policy(
-                "ci/vpn",
-                serde_json::json!([{"ipBlock": {"cidr": "10.0.0.0/8"}}]),
-                &[20003],
-            ),
+            grant_policy("ci/vpn", vpn, &[20003]),
+            unnamed,
         ];
         let address: IpAddr = "10.1.0.7".parse().unwrap();
         let grants = |client: &Client, namespace: &str, port| {
-            admitting_grants(
-                &policies,
-                port,
-                address,
-                client,
-                &namespace_named(namespace),
-            )
+            let labels = BTreeMap::from([(NAME_LABEL.to_owned(), namespace.to_owned())]);
+            admitting_grants(&policies, port, address, client, Some(&labels))
         };
         let ansible = ansible_in("ci", false);
         assert_eq!(
@@ -295,9 +289,14 @@ mod tests {
             grants(&ansible, "ci", 20002),
             Some(vec!["ci/deploy".into()])
         );
-        // Not on a port no policy of its namespace names; not as another namespace's pod.
-        assert_eq!(grants(&ansible, "ci", 20004), None);
+        // Not on a port no policy of its namespace names; not as another namespace's pod; not
+        // before its namespace is known.
+        assert_eq!(grants(&ansible, "ci", 20005), None);
         assert_eq!(grants(&ansible_in("tools", false), "tools", 20001), None);
+        assert_eq!(
+            admitting_grants(&policies, 20001, address, &ansible, None),
+            None
+        );
         // A host-network pod shares its node's address: selectors never match it, blocks do.
         assert_eq!(grants(&ansible_in("ci", true), "ci", 20001), None);
         assert_eq!(
@@ -309,6 +308,8 @@ mod tests {
             candidates: 0,
         };
         assert_eq!(grants(&unresolved, "", 20001), None);
+        // A policy that names no grant admits nobody.
+        assert_eq!(grants(&unresolved, "", 20004), None);
     }
 
     /// Policies kept in stores the test writes, with no pods watched.
@@ -345,52 +346,40 @@ mod tests {
                 grants: vec!["ci/deploy".into()],
             }
         );
-        assert_eq!(
-            started.elapsed(),
-            Duration::ZERO,
-            "on the change, not a timer"
+        assert!(
+            started.elapsed() <= LOOK_INTERVAL,
+            "on the change: {:?}",
+            started.elapsed()
         );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_connection_no_policy_admits_is_refused_within_the_wait() {
+    async fn a_connection_no_policy_admits_is_refused_when_the_wait_is_over() {
         let (policies, _writer) = policies_in_stores();
         let pods = PodDirectory::disabled();
         let address: IpAddr = "127.0.0.9".parse().unwrap();
-        let started = tokio::time::Instant::now();
-        let mut admit = std::pin::pin!(policies.admit(&pods, address, 20001));
-        assert!(futures::poll!(admit.as_mut()).is_pending());
-        // Changes that admit nothing wake it a bounded number of times, then it is refused
-        // without waiting out the rest.
-        let mut changes = 0;
-        let verdict = loop {
-            policies.changes.note();
-            changes += 1;
-            if let std::task::Poll::Ready(verdict) = futures::poll!(admit.as_mut()) {
-                break verdict;
-            }
+        for changing in [false, true] {
+            let started = tokio::time::Instant::now();
+            let admit = policies.admit(&pods, address, 20001);
+            // Changes that admit nothing, all along, or none at all.
+            let noise = async {
+                if !changing {
+                    return std::future::pending().await;
+                }
+                loop {
+                    policies.changes.note();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            let verdict = tokio::select! {
+                verdict = admit => verdict,
+                () = noise => unreachable!("the noise never ends"),
+            };
             assert!(
-                changes < 2 * ADMISSION_LOOKS,
-                "still waiting after {changes} changes"
+                matches!(verdict, Verdict::NotAdmitted { .. }),
+                "{verdict:?}"
             );
-        };
-        assert!(
-            matches!(verdict, Verdict::NotAdmitted { .. }),
-            "{verdict:?}"
-        );
-        assert_eq!(
-            changes,
-            ADMISSION_LOOKS - 1,
-            "one look at first, one per change"
-        );
-        assert_eq!(started.elapsed(), Duration::ZERO);
-        // Without changes, it is refused when the wait is over.
-        let started = tokio::time::Instant::now();
-        let verdict = policies.admit(&pods, address, 20001).await;
-        assert!(
-            matches!(verdict, Verdict::NotAdmitted { .. }),
-            "{verdict:?}"
-        );
-        assert_eq!(started.elapsed(), ADMISSION_WAIT);
+            assert_eq!(started.elapsed(), ADMISSION_WAIT, "changing: {changing}");
+        }
     }
 }

@@ -159,17 +159,22 @@ impl Changes {
     }
 }
 
-/// Drives `stream` (a watch kept in a store) until it ends, noting each object it applies in
-/// `changes` and logging each failure (the stream retries with back-off) as `what`.
+/// Drives `stream` (a watch kept in a store) until it ends, noting in `changes` each change
+/// the store shows (an object applied or deleted, a listing complete; not each object of a
+/// listing, which the store shows only once it is complete) and logging each failure (the
+/// stream retries with back-off) as `what`.
 pub(crate) async fn drive<K>(
-    stream: impl futures::Stream<Item = Result<K, watcher::Error>>,
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     changes: Changes,
     what: &'static str,
 ) {
     let mut stream = std::pin::pin!(stream);
     while let Some(next) = futures::StreamExt::next(&mut stream).await {
         match next {
-            Ok(_) => changes.note(),
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                changes.note()
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Err(error) => tracing::warn!(%error, "watching {what} failed; retrying"),
         }
     }
@@ -199,8 +204,7 @@ impl PodDirectory {
             writer,
             watcher(Api::<Pod>::all(client), Default::default()).modify(slim),
         )
-        .default_backoff()
-        .applied_objects();
+        .default_backoff();
         let driven = drive(stream, changes, "pods (to attribute connections)");
         (Self { store: Some(store) }, driven)
     }

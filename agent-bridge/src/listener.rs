@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  Services ──endpoints()──▶ desired set ──Listeners::apply──▶ one accept loop per endpoint
-//!  per connection: limits (admission) ─▶ a grant admits the client (client_policy) ─▶ tunnel::carry
+//!  per connection: a grant admits the client (client_policy) ─▶ limits (admission) ─▶ tunnel::carry
 //! ```
 //!
 //! Removing an endpoint closes its listener and its tunnels; the rest are untouched. Shutdown
@@ -29,7 +29,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 pub use crate::admission::{Limits, Refusal, Share};
 use crate::{
-    admission::Admission,
+    admission::{Admission, Admitted},
     audit::{AuditSink, ByteCounts, ClientRecord, ConnectionRecord, Counted, Ended},
     client_policy::{ClientPolicies, Verdict},
     clients::{self, Client, PodDirectory},
@@ -153,6 +153,10 @@ struct Serving<C> {
     context: Arc<SessionContext<C>>,
     admission: Admission,
     clients: Clients,
+    /// Room for connections that wait for a grant to admit them ([`WAITING_LIMIT`]).
+    waiting: Arc<tokio::sync::Semaphore>,
+    /// Room for refused connections that linger ([`LINGERING_LIMIT`]).
+    lingering: tokio::sync::Semaphore,
 }
 
 /// The set of open endpoint listeners.
@@ -182,6 +186,8 @@ impl<C: ControlPlane + 'static> Listeners<C> {
                 context,
                 admission,
                 clients,
+                waiting: Arc::new(tokio::sync::Semaphore::new(WAITING_LIMIT)),
+                lingering: tokio::sync::Semaphore::new(LINGERING_LIMIT),
             }),
             address,
             running: BTreeMap::new(),
@@ -306,25 +312,8 @@ async fn accept_loop<C: ControlPlane + 'static>(
             },
         };
         let connected_at = Instant::now();
-        let record = Record::begin(&endpoint, peer, &serving.clients.pods);
-        let share = Share::of(&record.client, serving.clients.pods.is_watching());
-        let admitted = match serving
-            .admission
-            .admit(&endpoint.instance_id, share.as_ref())
-        {
-            Ok(admitted) => admitted,
-            Err(refusal) => {
-                let (serving, endpoint) = (serving.clone(), endpoint.clone());
-                tasks.spawn(async move {
-                    serving
-                        .refuse(stream, peer, record, &endpoint, refusal)
-                        .await;
-                });
-                continue;
-            }
-        };
         // Either the endpoint's removal or the end of the grace period (its parents) stops the
-        // tunnel, as does a timeout of the tunnel itself.
+        // connection, as does a timeout of the tunnel itself.
         let stop = removed.child_token();
         // `carry` fills in the session ID once StartSession returns.
         let span = info_span!(
@@ -335,41 +324,168 @@ async fn accept_loop<C: ControlPlane + 'static>(
             client = %peer,
             session_id = tracing::field::Empty,
         );
-        let (serving, endpoint) = (serving.clone(), endpoint.clone());
-        tasks.spawn(
-            async move {
-                // The check may wait for the watches to catch up: on this connection's task,
-                // holding the slot admission gave it, so that waiting connections stay within
-                // the limits.
-                let record = match serving.check_policies(record, peer, &endpoint).await {
-                    Ok(record) => record,
-                    Err((record, refusal)) => {
-                        drop(admitted);
-                        serving
-                            .refuse(stream, peer, record, &endpoint, refusal)
-                            .await;
-                        return;
-                    }
-                };
-                let mut admitted = admitted;
-                let context = &serving.context;
-                let reason = clients::reason(&context.reason, &record.client, &record.draft.grants);
-                let request = endpoint.start_request(&reason);
-                let (stream, counts) = Counted::new(stream);
-                let lease = admitted.lease.take();
-                let carried =
-                    carry(context, &request, stream, connected_at, stop, None, lease).await;
-                match &carried.ending {
-                    Ending::NotStarted(error) => warn!(%error, "connection not carried"),
-                    Ending::Failed(error) => warn!(%error, "connection not carried to its end"),
-                    _ => {}
+        let record = Record::begin(&endpoint, peer, &serving.clients.pods);
+        let connection = Connection {
+            endpoint: endpoint.clone(),
+            stream,
+            peer,
+            connected_at,
+            stop,
+        };
+        // What is decided at once is decided here, in the order connections arrive: a client
+        // a grant admits takes its place before the next connection is looked at.
+        let serving = serving.clone();
+        match serving.first_look(record, &connection) {
+            Look::Admitted(record) => match serving.admit(&record, &connection.endpoint) {
+                Ok(admitted) => {
+                    tasks.spawn(serving.carry(connection, record, admitted).instrument(span))
                 }
-                // Its slot is free before its record says it ended.
-                drop(admitted);
-                serving.write(record.end(carried, &counts));
+                Err(refusal) => tasks.spawn(serving.refuse(connection, record, refusal)),
+            },
+            Look::Refused(record, refusal) => {
+                tasks.spawn(serving.refuse(connection, record, refusal))
             }
-            .instrument(span),
-        );
+            Look::Wait(record, waiting) => {
+                tasks.spawn(serving.wait(connection, record, waiting).instrument(span))
+            }
+        };
+    }
+}
+
+/// One accepted connection.
+struct Connection {
+    endpoint: Endpoint,
+    stream: TcpStream,
+    peer: SocketAddr,
+    connected_at: Instant,
+    stop: CancellationToken,
+}
+
+/// What the first look at the grants' policies says of a connection.
+enum Look {
+    /// A grant admits it (or nothing is checked): the record names the grants.
+    Admitted(Record),
+    /// None does, and it may not wait.
+    Refused(Record, Refusal),
+    /// None does yet: it waits, holding one of the places to wait.
+    Wait(Record, tokio::sync::OwnedSemaphorePermit),
+}
+
+/// How many connections no grant admits yet may wait together for the watches to catch up;
+/// past it, such a connection is refused at once.
+const WAITING_LIMIT: usize = 256;
+
+/// How many refused connections may linger together ([`REFUSAL_LINGER`]); past it, a refused
+/// connection is closed once told why.
+const LINGERING_LIMIT: usize = 1024;
+
+impl<C: ControlPlane + 'static> Serving<C> {
+    /// The grants' policies, looked at once: a client a grant admits goes on to the limits; one
+    /// none admits yet waits, while there is room to wait.
+    fn first_look(&self, record: Record, connection: &Connection) -> Look {
+        let Some(policies) = &self.clients.policies else {
+            return Look::Admitted(record);
+        };
+        let (pods, peer) = (&self.clients.pods, connection.peer);
+        match policies.look(pods, peer.ip(), connection.endpoint.listen_port) {
+            Verdict::Admitted { client, grants } => {
+                Look::Admitted(record.with_client(peer, client, grants))
+            }
+            Verdict::NotAdmitted { client } => {
+                let grants = record.draft.grants.clone();
+                let record = record.with_client(peer, client, grants);
+                match self.waiting.clone().try_acquire_owned() {
+                    Ok(waiting) => Look::Wait(record, waiting),
+                    Err(_) => Look::Refused(record, Refusal::ClientNotAdmitted),
+                }
+            }
+        }
+    }
+
+    /// Waits for a grant to admit the connection (for a bounded while, and while its endpoint
+    /// stays), then goes on to the limits and the session, or refuses it.
+    async fn wait(
+        self: Arc<Self>,
+        connection: Connection,
+        record: Record,
+        waiting: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let Some(policies) = &self.clients.policies else {
+            return;
+        };
+        let (pods, peer) = (&self.clients.pods, connection.peer);
+        let port = connection.endpoint.listen_port;
+        let verdict = tokio::select! {
+            verdict = policies.admit(pods, peer.ip(), port) => verdict,
+            () = connection.stop.cancelled() => {
+                return self.refuse(connection, record, Refusal::EndpointClosed).await;
+            }
+        };
+        drop(waiting);
+        match verdict {
+            Verdict::Admitted { client, grants } => {
+                let record = record.with_client(peer, client, grants);
+                match self.admit(&record, &connection.endpoint) {
+                    Ok(admitted) => self.carry(connection, record, admitted).await,
+                    Err(refusal) => self.refuse(connection, record, refusal).await,
+                }
+            }
+            Verdict::NotAdmitted { client } => {
+                let grants = record.draft.grants.clone();
+                let record = record.with_client(peer, client, grants);
+                self.refuse(connection, record, Refusal::ClientNotAdmitted)
+                    .await;
+            }
+        }
+    }
+
+    /// The limits, for the client the record names.
+    fn admit(&self, record: &Record, endpoint: &Endpoint) -> Result<Admitted, Refusal> {
+        let share = Share::of(&record.client, self.clients.pods.is_watching());
+        self.admission.admit(&endpoint.instance_id, share.as_ref())
+    }
+
+    /// Carries an admitted connection through its own session.
+    async fn carry(self: Arc<Self>, connection: Connection, record: Record, admitted: Admitted) {
+        let Connection {
+            endpoint,
+            stream,
+            connected_at,
+            stop,
+            ..
+        } = connection;
+        let mut admitted = admitted;
+        let context = &self.context;
+        let reason = clients::reason(&context.reason, &record.client, &record.draft.grants);
+        let request = endpoint.start_request(&reason);
+        let (stream, counts) = Counted::new(stream);
+        let lease = admitted.lease.take();
+        let carried = carry(context, &request, stream, connected_at, stop, None, lease).await;
+        match &carried.ending {
+            Ending::NotStarted(error) => warn!(%error, "connection not carried"),
+            Ending::Failed(error) => warn!(%error, "connection not carried to its end"),
+            _ => {}
+        }
+        // Its slot is free before its record says it ended.
+        drop(admitted);
+        self.write(record.end(carried, &counts));
+    }
+
+    /// Counts, logs and records the refusal, and tells the client why.
+    async fn refuse(self: Arc<Self>, connection: Connection, record: Record, refusal: Refusal) {
+        let Connection {
+            endpoint,
+            stream,
+            peer,
+            ..
+        } = connection;
+        self.context
+            .metrics
+            .connection_refused(refusal.metric_label());
+        warn!(instance = endpoint.instance_id, port = endpoint.port, client = %peer, %refusal, "refusing connection");
+        self.write(record.refused(&refusal));
+        let lingering = self.lingering.try_acquire().ok();
+        refuse(stream, &refusal.to_string(), lingering.is_some()).await;
     }
 }
 
@@ -377,50 +493,6 @@ impl<C> Serving<C> {
     fn write(&self, record: ConnectionRecord) {
         if let Some(sink) = &self.clients.sink {
             sink.record(&record);
-        }
-    }
-
-    /// Counts, logs and records the refusal, and tells the client why.
-    async fn refuse(
-        &self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        record: Record,
-        endpoint: &Endpoint,
-        refusal: Refusal,
-    ) {
-        self.context
-            .metrics
-            .connection_refused(refusal.metric_label());
-        warn!(instance = endpoint.instance_id, client = %peer, %refusal, "refusing connection");
-        self.write(record.refused(&refusal));
-        refuse(stream, &refusal.to_string()).await;
-    }
-
-    /// The record with the client and the grants that admit it, or the refusal when the
-    /// grants' policies are checked and none admits it.
-    async fn check_policies(
-        &self,
-        record: Record,
-        peer: SocketAddr,
-        endpoint: &Endpoint,
-    ) -> Result<Record, (Record, Refusal)> {
-        let Some(policies) = &self.clients.policies else {
-            return Ok(record);
-        };
-        match policies
-            .admit(&self.clients.pods, peer.ip(), endpoint.listen_port)
-            .await
-        {
-            Verdict::Admitted { client, grants } => Ok(record.with_client(peer, client, grants)),
-            Verdict::NotAdmitted { client } => {
-                let refusal = Refusal::ClientNotAdmitted {
-                    instance: endpoint.instance_id.clone(),
-                    port: endpoint.port,
-                };
-                let grants = record.draft.grants.clone();
-                Err((record.with_client(peer, client, grants), refusal))
-            }
         }
     }
 }
@@ -493,14 +565,18 @@ impl Record {
     }
 }
 
-/// Tells a refused client why in one line, then closes, once it has read what the client sent
-/// meanwhile (an SSH client sends its version at once) or [`REFUSAL_LINGER`] has passed: a
-/// socket closed with unread data resets the connection, and the client may lose the line.
-async fn refuse(mut stream: TcpStream, reason: &str) {
+/// Tells a refused client why in one line, then closes; when it may `linger`, once it has read
+/// what the client sent meanwhile (an SSH client sends its version at once) or
+/// [`REFUSAL_LINGER`] has passed: a socket closed with unread data resets the connection, and
+/// the client may lose the line.
+async fn refuse(mut stream: TcpStream, reason: &str, linger: bool) {
     let _ = stream
         .write_all(format!("fleet-access: refused: {reason}\r\n").as_bytes())
         .await;
     let _ = stream.shutdown().await;
+    if !linger {
+        return;
+    }
     let drain = async {
         let (mut buffer, mut read) = ([0u8; 4096], 0);
         while read < REFUSAL_DRAIN {

@@ -37,13 +37,14 @@ const RTT_BUCKETS: &[f64] = &[
 
 /// Why connections are refused before a session starts (`connections_refused_total`'s label),
 /// each counted from zero.
-pub const REFUSAL_REASONS: [&str; 6] = [
+pub const REFUSAL_REASONS: [&str; 7] = [
     "limit_total",
     "limit_namespace",
     "limit_instance",
     "memory_budget",
     "memory_budget_namespace",
     "client_not_admitted",
+    "endpoint_closed",
 ];
 
 /// How a session ended, as a bounded label value.

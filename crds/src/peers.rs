@@ -180,6 +180,8 @@ struct Cidr {
 }
 
 impl Cidr {
+    /// A block as the API server reads it: an IPv4-mapped IPv6 block (`::ffff:10.9.0.0/112`)
+    /// is the IPv4 block it maps (`10.9.0.0/16`), as Go's `IPNet` takes it.
     fn parse(text: &str) -> Option<Self> {
         let (address, prefix) = text.split_once('/')?;
         let address: IpAddr = address.parse().ok()?;
@@ -188,7 +190,16 @@ impl Cidr {
             IpAddr::V4(_) => 32,
             IpAddr::V6(_) => 128,
         };
-        (prefix <= bits).then_some(Self { address, prefix })
+        if prefix > bits {
+            return None;
+        }
+        Some(match (address, address.to_canonical()) {
+            (IpAddr::V6(_), IpAddr::V4(mapped)) => Self {
+                address: IpAddr::V4(mapped),
+                prefix: prefix.saturating_sub(96),
+            },
+            _ => Self { address, prefix },
+        })
     }
 
     /// Whether `address` is in this block (an IPv4 address seen through an IPv6 socket counts
@@ -229,16 +240,22 @@ pub struct SourcePod<'a> {
     pub namespace: &'a str,
     /// Its labels.
     pub labels: &'a BTreeMap<String, String>,
-    /// Its namespace's labels.
-    pub namespace_labels: &'a BTreeMap<String, String>,
+    /// Its namespace's labels; none when not known yet (then no namespace selector matches).
+    pub namespace_labels: Option<&'a BTreeMap<String, String>>,
 }
 
-/// Whether `policy` admits `source` to TCP `port` of the pods it selects, as the NetworkPolicy
-/// API defines it: some ingress rule whose ports hold `port` (no ports: every port) and whose
-/// peers hold the source (no peers: every source). Named ports never match (the bridge's
-/// listeners have no names), nor does anything the API server would have refused: a selector
-/// that does not parse admits nobody.
-pub fn policy_admits(policy: &NetworkPolicy, port: u16, source: &Source<'_>) -> bool {
+/// Whether `policy` admits `source` to TCP `port` of a pod with `target_labels` in the policy's
+/// namespace, as the NetworkPolicy API defines it: the policy selects that pod, and some
+/// ingress rule's ports hold `port` (no ports: every port) and its peers hold the source (no
+/// peers: every source). Named ports never match (the bridge's listeners have no names), nor
+/// does anything the API server would have refused: a selector that does not parse admits
+/// nobody.
+pub fn policy_admits(
+    policy: &NetworkPolicy,
+    target_labels: &BTreeMap<String, String>,
+    port: u16,
+    source: &Source<'_>,
+) -> bool {
     let Some(spec) = &policy.spec else {
         return false;
     };
@@ -246,8 +263,11 @@ pub fn policy_admits(policy: &NetworkPolicy, port: u16, source: &Source<'_>) -> 
         Some(types) => types.iter().any(|t| t == "Ingress"),
         None => true,
     };
+    let selects_target =
+        (spec.pod_selector.as_ref()).is_none_or(|s| selects_labels(s, target_labels));
     let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
     ingress_policy
+        && selects_target
         && (spec.ingress.iter().flatten()).any(|rule| rule_admits(rule, namespace, port, source))
 }
 
@@ -289,7 +309,9 @@ pub fn peer_admits(peer: &NetworkPolicyPeer, namespace: &str, source: &Source<'_
         }
         (None, true, Some(pod)) => {
             let in_namespace = match &peer.namespace_selector {
-                Some(selector) => selects_labels(selector, pod.namespace_labels),
+                Some(selector) => {
+                    (pod.namespace_labels).is_some_and(|l| selects_labels(selector, l))
+                }
                 None => pod.namespace == namespace,
             };
             in_namespace
@@ -442,10 +464,11 @@ mod tests {
             pod: Some(SourcePod {
                 namespace,
                 labels,
-                namespace_labels,
+                namespace_labels: Some(namespace_labels),
             }),
         };
-        let admits = |source: &Source<'_>, port| policy_admits(&grant, port, source);
+        let bridge = labels(&[("app.kubernetes.io/name", "agent-bridge")]);
+        let admits = |source: &Source<'_>, port| policy_admits(&grant, &bridge, port, source);
         // Pod and namespace selectors of one peer are both needed.
         assert!(admits(&pod("ci", &ansible, &ci), 20001));
         assert!(!admits(&pod("ci", &none, &ci), 20001));
@@ -473,6 +496,34 @@ mod tests {
         assert!(!admits(&at("10.8.1.1"), 20001));
         // An address no single pod has is admitted by no selector.
         assert!(!admits(&at("10.1.0.7"), 20001));
+        // A namespace not known yet matches no namespace selector, even one that asks for a
+        // label to be absent.
+        let not_ops = policy(
+            serde_json::json!({"ingress": [{"from": [{"namespaceSelector":
+            {"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["ops"]}]}}]}]}),
+        );
+        let unknown = Source {
+            address,
+            pod: Some(SourcePod {
+                namespace: "new",
+                labels: &none,
+                namespace_labels: None,
+            }),
+        };
+        assert!(!policy_admits(&not_ops, &bridge, 20001, &unknown));
+        assert!(policy_admits(
+            &not_ops,
+            &bridge,
+            20001,
+            &pod("new", &none, &ci)
+        ));
+        // Only on the pods the policy selects.
+        assert!(!policy_admits(
+            &grant,
+            &ansible,
+            20001,
+            &pod("ci", &ansible, &ci)
+        ));
     }
 
     #[test]
@@ -481,7 +532,8 @@ mod tests {
             address: "10.0.0.1".parse().unwrap(),
             pod: None,
         };
-        let admits = |spec| policy_admits(&policy(spec), 20001, &source);
+        let target = BTreeMap::new();
+        let admits = |spec| policy_admits(&policy(spec), &target, 20001, &source);
         let everyone = serde_json::json!([{"ipBlock": {"cidr": "0.0.0.0/0"}}]);
         assert!(admits(serde_json::json!({"ingress": [{"from": everyone}]})));
         // No rule, an Egress-only policy, a UDP port, a named port.
@@ -505,24 +557,31 @@ mod tests {
         assert!(!admits(
             serde_json::json!({"ingress": [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["nope"]}}]}]})
         ));
+        // An IPv4-mapped exception excludes the IPv4 block it maps, as the API server reads it.
+        assert!(!admits(
+            serde_json::json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["::ffff:10.0.0.0/112"]}}]}]})
+        ));
         let (labels, namespace_labels) = (BTreeMap::new(), BTreeMap::new());
         let pod = Source {
             pod: Some(SourcePod {
                 namespace: "fleet-access",
                 labels: &labels,
-                namespace_labels: &namespace_labels,
+                namespace_labels: Some(&namespace_labels),
             }),
             ..source
         };
         let bad_operator = policy(serde_json::json!({"ingress": [{"from": [
             {"podSelector": {"matchExpressions": [{"key": "a", "operator": "Equals", "values": ["b"]}]}}]}]}));
-        assert!(!policy_admits(&bad_operator, 20001, &pod));
+        assert!(!policy_admits(&bad_operator, &target, 20001, &pod));
         // As the API defines them: no peers is everyone, no ports every port, `{}` every pod.
         assert!(admits(
             serde_json::json!({"ingress": [{"ports": [{"port": 20001}]}]})
         ));
         let every_pod = policy(serde_json::json!({"ingress": [{"from": [{"podSelector": {}}]}]}));
-        assert!(policy_admits(&every_pod, 20001, &pod));
-        assert!(!policy_admits(&every_pod, 20001, &source), "no pod");
+        assert!(policy_admits(&every_pod, &target, 20001, &pod));
+        assert!(
+            !policy_admits(&every_pod, &target, 20001, &source),
+            "no pod"
+        );
     }
 }

@@ -371,17 +371,17 @@ pub fn endpoint_changes(
             limit: namespace_limit,
         });
     }
-    // The grant's policy admits its clients to a new target port before a listener opens there
-    // (the bridge checks each connection against it); a policy no longer wanted goes after the
-    // Services.
+    // The grant's policy changes first: it admits its clients to a new target port before a
+    // listener opens there (the bridge checks each connection against it), and a policy no
+    // longer wanted stops admitting them even if a Service change then fails. A target port it
+    // admitted to is not handed out again while a Service still holds it.
     let existing = observed.network_policy.as_ref();
     let mut changes = Vec::new();
-    let mut last = None;
     if wanted.services.is_empty() {
-        last = existing.map(|existing| Change::DeleteNetworkPolicy {
+        changes.extend(existing.map(|existing| Change::DeleteNetworkPolicy {
             namespace: namespace.to_owned(),
             name: existing.name_any(),
-        });
+        }));
     } else {
         let policy = render_network_policy(namespace, owner, &wanted.clients, &target_ports);
         if existing.and_then(|p| p.spec.as_ref()) != policy.spec.as_ref() {
@@ -406,7 +406,6 @@ pub fn endpoint_changes(
             Change::ApplyService(Box::new(rendered))
         });
     }
-    changes.extend(last);
     Ok(changes)
 }
 
@@ -763,8 +762,8 @@ mod tests {
         )
         .expect("planned");
         assert!(
-            matches!(gone.last(), Some(Change::DeleteNetworkPolicy { .. })),
-            "the policy goes last: {gone:?}"
+            matches!(gone.first(), Some(Change::DeleteNetworkPolicy { .. })),
+            "the policy goes first: {gone:?}"
         );
         let after_gone = applied(steady, &gone);
         assert!(!after_gone.services.contains_key(I2));
