@@ -35,7 +35,8 @@ pub enum Ended {
     ClientClosed,
     /// The instance's side closed (the target port, the agent or SSM ended the session).
     TargetClosed,
-    /// The bridge ended it: its endpoint was removed, or the bridge shut down.
+    /// The bridge ended it: its endpoint was removed, the bridge shut down, or no grant admits
+    /// its client any more (see `detail`).
     Terminated,
     /// It was idle too long, or reached its maximum duration.
     Expired,

@@ -146,6 +146,11 @@ impl ClientPolicies {
         (policies, driven)
     }
 
+    /// A receiver of the changes of what is watched (pods included), from now on.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// Waits until both watches have listed once, for at most `limit`: whether they have.
     pub async fn wait_listed(&self, limit: Duration) -> bool {
         let both = async {

@@ -11,9 +11,12 @@
 //! stops every accept loop first (draining), then, after a grace period, terminates what is left.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -157,7 +160,43 @@ struct Serving<C> {
     waiting: Arc<tokio::sync::Semaphore>,
     /// Room for refused connections that linger ([`LINGERING_LIMIT`]).
     lingering: tokio::sync::Semaphore,
+    /// The connections carried now that a grant's policy admitted, checked again on changes.
+    carried: Mutex<UnderPolicy>,
 }
+
+/// The connections a grant's policy admitted, carried now, by a number of their own.
+#[derive(Default)]
+struct UnderPolicy {
+    next: u64,
+    open: HashMap<u64, Admittance>,
+}
+
+/// What a carried connection was admitted as, and how to end it.
+struct Admittance {
+    address: IpAddr,
+    listen_port: u16,
+    stop: CancellationToken,
+    /// Set when no grant admits it any more.
+    revoked: Arc<AtomicBool>,
+}
+
+/// A connection's place in [`UnderPolicy`], given back when dropped.
+struct CarriedPlace<'a> {
+    carried: &'a Mutex<UnderPolicy>,
+    number: u64,
+    revoked: Arc<AtomicBool>,
+}
+
+impl Drop for CarriedPlace<'_> {
+    fn drop(&mut self) {
+        let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+        carried.open.remove(&self.number);
+    }
+}
+
+/// The least time between two checks of the carried connections: the changes of a busy
+/// cluster come together into one check.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The set of open endpoint listeners.
 pub struct Listeners<C> {
@@ -169,6 +208,8 @@ pub struct Listeners<C> {
     /// Cancelled after the grace period: terminate remaining sessions.
     terminate: CancellationToken,
     tasks: TaskTracker,
+    /// Whether carried connections are checked again when the grants' policies change.
+    rechecking: bool,
 }
 
 impl<C: ControlPlane + 'static> Listeners<C> {
@@ -188,12 +229,14 @@ impl<C: ControlPlane + 'static> Listeners<C> {
                 clients,
                 waiting: Arc::new(tokio::sync::Semaphore::new(WAITING_LIMIT)),
                 lingering: tokio::sync::Semaphore::new(LINGERING_LIMIT),
+                carried: Mutex::default(),
             }),
             address,
             running: BTreeMap::new(),
             draining: CancellationToken::new(),
             terminate: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            rechecking: false,
         }
     }
 
@@ -203,6 +246,14 @@ impl<C: ControlPlane + 'static> Listeners<C> {
         &mut self,
         desired: &BTreeMap<u16, Endpoint>,
     ) -> Vec<(Endpoint, std::io::Error)> {
+        if let (false, Some(policies)) = (self.rechecking, &self.serving.clients.policies) {
+            let recheck = self
+                .serving
+                .clone()
+                .recheck(policies.clone(), self.draining.clone());
+            self.tasks.spawn(recheck);
+            self.rechecking = true;
+        }
         let stale: Vec<u16> = self
             .running
             .iter()
@@ -445,15 +496,18 @@ impl<C: ControlPlane + 'static> Serving<C> {
         self.admission.admit(&endpoint.instance_id, share.as_ref())
     }
 
-    /// Carries an admitted connection through its own session.
+    /// Carries an admitted connection through its own session; while the grants' policies are
+    /// checked, until none admits its client any more.
     async fn carry(self: Arc<Self>, connection: Connection, record: Record, admitted: Admitted) {
         let Connection {
             endpoint,
             stream,
+            peer,
             connected_at,
             stop,
-            ..
         } = connection;
+        let place = (self.clients.policies.is_some())
+            .then(|| self.hold_place(peer.ip(), endpoint.listen_port, &stop));
         let mut admitted = admitted;
         let context = &self.context;
         let reason = clients::reason(&context.reason, &record.client, &record.draft.grants);
@@ -468,7 +522,70 @@ impl<C: ControlPlane + 'static> Serving<C> {
         }
         // Its slot is free before its record says it ended.
         drop(admitted);
-        self.write(record.end(carried, &counts));
+        let mut ended = record.end(carried, &counts);
+        if (place.as_ref()).is_some_and(|p| p.revoked.load(Ordering::Relaxed)) {
+            ended.detail = Some("no grant admits the client any more".to_owned());
+        }
+        self.write(ended);
+    }
+
+    /// A place among the carried connections for the one from `address` to `listen_port`.
+    fn hold_place(
+        &self,
+        address: IpAddr,
+        listen_port: u16,
+        stop: &CancellationToken,
+    ) -> CarriedPlace<'_> {
+        let revoked = Arc::new(AtomicBool::new(false));
+        let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+        let number = carried.next;
+        carried.next += 1;
+        carried.open.insert(
+            number,
+            Admittance {
+                address,
+                listen_port,
+                stop: stop.clone(),
+                revoked: revoked.clone(),
+            },
+        );
+        CarriedPlace {
+            carried: &self.carried,
+            number,
+            revoked,
+        }
+    }
+
+    /// Until `draining`: after each change of what `policies` watch (at most once per
+    /// [`RECHECK_INTERVAL`]), ends the carried connections that no grant admits any more.
+    async fn recheck(self: Arc<Self>, policies: ClientPolicies, draining: CancellationToken) {
+        let mut changes = policies.changes();
+        loop {
+            tokio::select! {
+                () = draining.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+            tokio::select! {
+                () = draining.cancelled() => return,
+                () = tokio::time::sleep(RECHECK_INTERVAL) => {}
+            }
+            changes.borrow_and_update();
+            let open: Vec<(IpAddr, u16, CancellationToken, Arc<AtomicBool>)> = {
+                let carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+                (carried.open.values())
+                    .map(|a| (a.address, a.listen_port, a.stop.clone(), a.revoked.clone()))
+                    .collect()
+            };
+            for (address, port, stop, revoked) in open {
+                if let Verdict::NotAdmitted { .. } =
+                    policies.look(&self.clients.pods, address, port)
+                {
+                    warn!(client = %address, listen_port = port, "ending a connection no grant admits any more");
+                    revoked.store(true, Ordering::Relaxed);
+                    stop.cancel();
+                }
+            }
+        }
     }
 
     /// Counts, logs and records the refusal, and tells the client why.

@@ -2213,7 +2213,8 @@ async fn answer_when(address: IpAddr, port: u16, expected: impl Fn(&str) -> bool
 /// does: the operator's policy for a grant whose clients are the `app=ansible` pods of one
 /// namespace (and one address). Such a pod is carried, its session naming the grant; a pod of that namespace
 /// without the label and an address no pod has are refused and told why, counted and recorded.
-/// The label, once set, admits the second pod; once the policy is gone, nobody is admitted.
+/// The label, once set, admits the second pod; once the policy is gone, nobody is admitted, and
+/// a connection still carried is ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_clients_a_grants_network_policy_admits_are_carried() {
     let (_sshd, emulator) = echo_on_web().await;
@@ -2316,15 +2317,34 @@ async fn only_the_clients_a_grants_network_policy_admits_are_carried() {
         "ping"
     );
 
-    // Without the policy, nobody is admitted.
+    // Without the policy, nobody is admitted, and a connection carried meanwhile is ended.
+    let mut held = connect_from(ansible, port).await;
+    echoes(&mut held, "held\n").await;
     let policy = fleet_access_operator::model::endpoints::network_policy_name(TEST_GRANT);
     (served.namespace.api::<NetworkPolicy>())
         .delete(&policy, &DeleteParams::default())
         .await
         .expect("delete the policy");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), held.read_to_end(&mut rest))
+        .await
+        .expect("the bridge ends the held connection")
+        .expect("read to its end");
     assert_eq!(
         answer_when(ansible, port, |said| said != "ping").await,
         refused
+    );
+    let ended_by_revocation = |r: &ConnectionRecord| {
+        r.client.address == ansible
+            && r.ended == Ended::Terminated
+            && r.detail.as_deref() == Some("no grant admits the client any more")
+    };
+    let records = served
+        .records_when(|all| all.iter().any(ended_by_revocation))
+        .await;
+    assert!(
+        records.iter().any(ended_by_revocation),
+        "the held connection's record: {records:#?}"
     );
     served.stop().await;
 }
