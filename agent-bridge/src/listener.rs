@@ -388,16 +388,19 @@ async fn accept_loop<C: ControlPlane + 'static>(
         let serving = serving.clone();
         match serving.first_look(record, &connection) {
             Look::Admitted(record) => match serving.admit(&record, &connection.endpoint) {
-                Ok(admitted) => {
-                    tasks.spawn(serving.carry(connection, record, admitted).instrument(span))
-                }
+                Ok(admitted) => tasks.spawn(
+                    serving
+                        .carry_admitted(connection, record, admitted)
+                        .instrument(span),
+                ),
                 Err(refusal) => tasks.spawn(serving.refuse(connection, record, refusal)),
             },
             Look::Refused(record, refusal) => {
                 tasks.spawn(serving.refuse(connection, record, refusal))
             }
-            Look::Wait(record, waiting) => {
-                tasks.spawn(serving.wait(connection, record, waiting).instrument(span))
+            Look::Wait(record, waiting, policies) => {
+                let waited = serving.wait(connection, record, waiting, policies);
+                tasks.spawn(waited.instrument(span))
             }
         };
     }
@@ -418,8 +421,8 @@ enum Look {
     Admitted(Record),
     /// None does, and it may not wait.
     Refused(Record, Refusal),
-    /// None does yet: it waits, holding one of the places to wait.
-    Wait(Record, tokio::sync::OwnedSemaphorePermit),
+    /// None does yet: it waits for `policies` to, holding one of the places to wait.
+    Wait(Record, tokio::sync::OwnedSemaphorePermit, ClientPolicies),
 }
 
 /// How many connections no grant admits yet may wait together for the watches to catch up;
@@ -446,7 +449,7 @@ impl<C: ControlPlane + 'static> Serving<C> {
                 let grants = record.draft.grants.clone();
                 let record = record.with_client(peer, client, grants);
                 match self.waiting.clone().try_acquire_owned() {
-                    Ok(waiting) => Look::Wait(record, waiting),
+                    Ok(waiting) => Look::Wait(record, waiting, policies.clone()),
                     Err(_) => Look::Refused(record, Refusal::ClientNotAdmitted),
                 }
             }
@@ -460,10 +463,8 @@ impl<C: ControlPlane + 'static> Serving<C> {
         connection: Connection,
         record: Record,
         waiting: tokio::sync::OwnedSemaphorePermit,
+        policies: ClientPolicies,
     ) {
-        let Some(policies) = &self.clients.policies else {
-            return;
-        };
         let (pods, peer) = (&self.clients.pods, connection.peer);
         let port = connection.endpoint.listen_port;
         let verdict = tokio::select! {
@@ -477,7 +478,7 @@ impl<C: ControlPlane + 'static> Serving<C> {
             Verdict::Admitted { client, grants } => {
                 let record = record.with_client(peer, client, grants);
                 match self.admit(&record, &connection.endpoint) {
-                    Ok(admitted) => self.carry(connection, record, admitted).await,
+                    Ok(admitted) => self.carry_admitted(connection, record, admitted).await,
                     Err(refusal) => self.refuse(connection, record, refusal).await,
                 }
             }
@@ -498,7 +499,12 @@ impl<C: ControlPlane + 'static> Serving<C> {
 
     /// Carries an admitted connection through its own session; while the grants' policies are
     /// checked, until none admits its client any more.
-    async fn carry(self: Arc<Self>, connection: Connection, record: Record, admitted: Admitted) {
+    async fn carry_admitted(
+        self: Arc<Self>,
+        connection: Connection,
+        record: Record,
+        admitted: Admitted,
+    ) {
         let Connection {
             endpoint,
             stream,
