@@ -441,18 +441,13 @@ impl<C: ControlPlane + 'static> Serving<C> {
             return Look::Admitted(record);
         };
         let (pods, peer) = (&self.clients.pods, connection.peer);
-        match policies.look(pods, peer.ip(), connection.endpoint.listen_port) {
-            Verdict::Admitted { client, grants } => {
-                Look::Admitted(record.with_client(peer, client, grants))
-            }
-            Verdict::NotAdmitted { client } => {
-                let grants = record.draft.grants.clone();
-                let record = record.with_client(peer, client, grants);
-                match self.waiting.clone().try_acquire_owned() {
-                    Ok(waiting) => Look::Wait(record, waiting, policies.clone()),
-                    Err(_) => Look::Refused(record, Refusal::ClientNotAdmitted),
-                }
-            }
+        let verdict = policies.look(pods, peer.ip(), connection.endpoint.listen_port);
+        match record.judged(peer, verdict) {
+            (record, true) => Look::Admitted(record),
+            (record, false) => match self.waiting.clone().try_acquire_owned() {
+                Ok(waiting) => Look::Wait(record, waiting, policies.clone()),
+                Err(_) => Look::Refused(record, Refusal::ClientNotAdmitted),
+            },
         }
     }
 
@@ -474,17 +469,12 @@ impl<C: ControlPlane + 'static> Serving<C> {
             }
         };
         drop(waiting);
-        match verdict {
-            Verdict::Admitted { client, grants } => {
-                let record = record.with_client(peer, client, grants);
-                match self.admit(&record, &connection.endpoint) {
-                    Ok(admitted) => self.carry_admitted(connection, record, admitted).await,
-                    Err(refusal) => self.refuse(connection, record, refusal).await,
-                }
-            }
-            Verdict::NotAdmitted { client } => {
-                let grants = record.draft.grants.clone();
-                let record = record.with_client(peer, client, grants);
+        match record.judged(peer, verdict) {
+            (record, true) => match self.admit(&record, &connection.endpoint) {
+                Ok(admitted) => self.carry_admitted(connection, record, admitted).await,
+                Err(refusal) => self.refuse(connection, record, refusal).await,
+            },
+            (record, false) => {
                 self.refuse(connection, record, Refusal::ClientNotAdmitted)
                     .await;
             }
@@ -582,10 +572,14 @@ impl<C: ControlPlane + 'static> Serving<C> {
                     .map(|a| (a.address, a.listen_port, a.stop.clone(), a.revoked.clone()))
                     .collect()
             };
+            // Many connections come from one client to one port: one look each.
+            let mut admitted: HashMap<(IpAddr, u16), bool> = HashMap::new();
             for (address, port, stop, revoked) in open {
-                if let Verdict::NotAdmitted { .. } =
-                    policies.look(&self.clients.pods, address, port)
-                {
+                let still = *admitted.entry((address, port)).or_insert_with(|| {
+                    let verdict = policies.look(&self.clients.pods, address, port);
+                    matches!(verdict, Verdict::Admitted { .. })
+                });
+                if !still {
                     warn!(client = %address, listen_port = port, "ending a connection no grant admits any more");
                     revoked.store(true, Ordering::Relaxed);
                     stop.cancel();
@@ -649,14 +643,19 @@ impl Record {
         Self { client, draft }
     }
 
-    /// The record of `client` (resolved again), through `grants`.
-    fn with_client(self, peer: SocketAddr, client: Client, grants: Vec<String>) -> Self {
+    /// The record of the client as `verdict` resolved it, and whether a grant admits it: through
+    /// the grants that admit it, or, when none does, through the endpoint's.
+    fn judged(self, peer: SocketAddr, verdict: Verdict) -> (Self, bool) {
+        let (client, grants, admitted) = match verdict {
+            Verdict::Admitted { client, grants } => (client, grants, true),
+            Verdict::NotAdmitted { client } => (client, self.draft.grants.clone(), false),
+        };
         let draft = ConnectionRecord {
             client: ClientRecord::new(peer.ip(), &client),
             grants,
             ..self.draft
         };
-        Self { client, draft }
+        (Self { client, draft }, admitted)
     }
 
     fn refused(self, refusal: &Refusal) -> ConnectionRecord {
