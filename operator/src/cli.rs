@@ -162,6 +162,17 @@ struct AwsArgs {
         value_parser = clap::value_parser!(u16).range(1..)
     )]
     max_bridge_ports_per_namespace: u16,
+    /// The most session documents the grants of one namespace may hold together: each grant's
+    /// own shell document, and every Port document (one per port, or remote host and port) its
+    /// grants use. SSM allows an account 500, which every tenant shares. A grant that would go
+    /// over grants nothing (PolicySynced=False, DocumentLimit); earlier grants keep theirs.
+    #[arg(
+        long,
+        env = "FLEET_ACCESS_MAX_DOCUMENTS_PER_NAMESPACE",
+        default_value_t = crate::settings::DEFAULT_MAX_DOCUMENTS_PER_NAMESPACE,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    max_documents_per_namespace: u16,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -197,6 +208,7 @@ impl AwsArgs {
             cluster_name,
             max_policies_per_identity,
             max_bridge_ports_per_namespace,
+            max_documents_per_namespace,
         } = self;
         Settings {
             partition,
@@ -207,6 +219,7 @@ impl AwsArgs {
             cluster: cluster_name,
             max_policies_per_identity: usize::from(max_policies_per_identity),
             max_bridge_ports_per_namespace: usize::from(max_bridge_ports_per_namespace),
+            max_documents_per_namespace: usize::from(max_documents_per_namespace),
         }
     }
 }

@@ -10,6 +10,12 @@ pub const DEFAULT_MAX_POLICIES_PER_IDENTITY: u8 = 10;
 /// the others.
 pub const DEFAULT_MAX_BRIDGE_PORTS_PER_NAMESPACE: u16 = 2_000;
 
+/// The default of [`Settings::max_documents_per_namespace`]: an account holds at most 500
+/// session documents of its own (SSM's quota, `DocumentLimitExceeded`), shared by every tenant
+/// and whatever else the account runs; one namespace's grants hold at most a fifth of it, room
+/// for a hundred grants' own shell documents, or as many ports and remote hosts.
+pub const DEFAULT_MAX_DOCUMENTS_PER_NAMESPACE: u16 = 100;
+
 /// The cluster name when none is set (the bridge's default too).
 pub const DEFAULT_CLUSTER: &str = "default";
 
@@ -48,6 +54,10 @@ pub struct Settings {
     /// The most (Service, port) pairs the bridge grants of one namespace may hold together:
     /// each takes a target port on the bridge pods, from one range shared by every tenant.
     pub max_bridge_ports_per_namespace: usize,
+    /// The most session documents the grants of one namespace may hold together (their own
+    /// and the shared ones they use): the account's quota of documents is shared by every
+    /// tenant. A grant that would go over grants nothing (`model::documents`).
+    pub max_documents_per_namespace: usize,
 }
 
 impl Default for Settings {
@@ -61,6 +71,7 @@ impl Default for Settings {
             cluster: DEFAULT_CLUSTER.into(),
             max_policies_per_identity: usize::from(DEFAULT_MAX_POLICIES_PER_IDENTITY),
             max_bridge_ports_per_namespace: usize::from(DEFAULT_MAX_BRIDGE_PORTS_PER_NAMESPACE),
+            max_documents_per_namespace: usize::from(DEFAULT_MAX_DOCUMENTS_PER_NAMESPACE),
         }
     }
 }

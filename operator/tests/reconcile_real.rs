@@ -537,6 +537,73 @@ async fn a_namespace_over_its_bridge_port_limit_gets_no_more() {
     h.stop().await;
 }
 
+/// The grants of one namespace hold at most the operator's limit of session documents
+/// together (the account's quota is every tenant's): a grant that would go over grants nothing
+/// and writes nothing, and it is let in as soon as an earlier grant gives documents back,
+/// without a change of its own.
+#[tokio::test]
+async fn a_namespace_over_its_document_limit_grants_no_more() {
+    use fleet_access_crds::ssm_documents::port_document_name;
+
+    let h = Harness::start_with("op-doc-limit", Duration::from_secs(300), |settings| {
+        settings.max_documents_per_namespace = 3;
+    })
+    .await;
+    let hana = h.unique("hana");
+    h.user(&hana).await;
+    let forwarding = |ports: &[u16]| {
+        json!({
+            "principals": {"users": [hana]},
+            "targets": {"instanceIds": ["i-0000000000000000a"]},
+            "sessions": {"ports": ports},
+        })
+    };
+    let document = |port| port_document_name(&h.settings.cluster, port);
+    // Two of three.
+    h.create("first", forwarding(&[5432, 6379])).await;
+    h.wait_condition("first", "Ready", "True").await;
+    // 5432 again, and two more: four.
+    h.create("second", forwarding(&[5432, 8080, 9090])).await;
+    let over = h.wait_condition("second", "PolicySynced", "False").await;
+    let synced = find(&over, "PolicySynced").expect("PolicySynced");
+    assert_eq!(synced.reason, "DocumentLimit");
+    assert!(
+        synced.message.contains("would hold 4 session documents")
+            && synced.message.contains("limit of 3 per namespace"),
+        "{}",
+        synced.message
+    );
+    assert_eq!(
+        find(&over, "Ready").map(|c| c.status.as_str()),
+        Some("False")
+    );
+    assert!(h.document_exists(&document(6379)).await);
+    for port in [8080, 9090] {
+        assert!(!h.document_exists(&document(port)).await, "{port}");
+    }
+    let (policy, _) = (h.policy_document(&h.set_arn(&format!("user/{hana}"))).await)
+        .expect("the first grant's policy");
+    assert!(policy.contains(&document(6379)));
+    assert!(!policy.contains(&document(8080)), "{policy}");
+    let warned = h.events_about("second").await;
+    assert!(
+        warned
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("DocumentLimit")),
+        "{warned:?}"
+    );
+
+    // The first grant goes: the second fits, without a change of its own (the resync is
+    // five minutes away).
+    h.delete("first").await;
+    h.wait_condition("second", "Ready", "True").await;
+    for port in [5432, 8080, 9090] {
+        assert!(h.document_exists(&document(port)).await, "{port}");
+    }
+    assert!(!h.document_exists(&document(6379)).await);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn bridge_endpoints_merge_per_instance_and_admit_only_the_clients() {
     use fleet_access_crds::bridge_contract::EndpointAnnotations;

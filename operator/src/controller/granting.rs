@@ -1,9 +1,10 @@
 //! Which grants grant now: of the grants listed, those that are live, inside a boundary,
-//! approved where a boundary asks for approval, valid, and within their window, each judged as
-//! its own reconcile judges it (same boundaries, same clock rules, the approved generation's
-//! spec). What the cluster's shared objects hold (identities' policy sets, the shared session
-//! documents) is the union of what these grants ask, never of a grant that is refused, waiting,
-//! invalid or over: such a grant writes nothing to AWS, shared or not.
+//! approved where a boundary asks for approval, valid, within their window, and within their
+//! namespace's share of session documents, each judged as its own reconcile judges it (same
+//! boundaries, same clock rules, the approved generation's spec). What the cluster's shared
+//! objects hold (identities' policy sets, the shared session documents) is the union of what
+//! these grants ask, never of a grant that is refused, waiting, invalid, over or past its
+//! namespace's documents: such a grant writes nothing to AWS, shared or not.
 
 use std::collections::BTreeMap;
 
@@ -18,12 +19,22 @@ use crate::{
         approval,
         boundary::{self, Admission},
         desired::{self, Desired},
+        documents::{self, OverDocumentLimit},
     },
 };
 
-/// What each of `grants` that grants now stands for, in order of creation (then owner). Lists
-/// the boundaries and namespaces, and the approvals when a grant needs them.
-pub(crate) async fn granting(grants: &[SessionAccess], ctx: &Context) -> Result<Vec<Desired>> {
+/// The grants that grant now, and those left out only because their namespace's grants would
+/// hold too many session documents with them.
+pub(crate) struct Granting {
+    /// What each grant that grants stands for, in order of creation (then owner).
+    pub granting: Vec<Desired>,
+    /// The grants left out (by owner tag value), with why.
+    pub over_document_limit: BTreeMap<String, OverDocumentLimit>,
+}
+
+/// Which of `grants` grant now ([`Granting`]). Lists the boundaries and namespaces, and the
+/// approvals when a grant needs them.
+pub(crate) async fn granting(grants: &[SessionAccess], ctx: &Context) -> Result<Granting> {
     let (boundaries, labels) = observe::all_boundaries(ctx).await?;
     let now = Timestamp::now();
     let no_labels = BTreeMap::new();
@@ -68,5 +79,11 @@ pub(crate) async fn granting(grants: &[SessionAccess], ctx: &Context) -> Result<
         granting.push((created, desired));
     }
     granting.sort_by(|a, b| (a.0, &a.1.grant).cmp(&(b.0, &b.1.grant)));
-    Ok(granting.into_iter().map(|(_, desired)| desired).collect())
+    let granting = granting.into_iter().map(|(_, desired)| desired).collect();
+    let limit = ctx.settings.max_documents_per_namespace;
+    let (granting, over_document_limit) = documents::within_namespace_limit(granting, limit);
+    Ok(Granting {
+        granting,
+        over_document_limit,
+    })
 }

@@ -24,7 +24,6 @@ use std::{
 
 use fleet_access_crds::{SessionAccess, v1alpha1::PolicyStatus};
 use k8s_openapi::api::core::v1::ObjectReference;
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 
 use crate::{
     Error, Result,
@@ -55,33 +54,15 @@ pub struct Identities {
     syncs: Coalesced<Principal, IdentitySynced>,
     /// The grants each identity's last sync left out.
     left_out: Mutex<HashMap<Principal, BTreeSet<String>>>,
-    /// Where the grants (owner tag values) whose place in a set changed go: the grant
-    /// controller reconciles them, so that their status says so at once.
-    moved: Mutex<Option<UnboundedSender<String>>>,
 }
 
 impl Identities {
-    /// From now on, every grant that a sync leaves out of a set, or lets into it again, is
-    /// sent here (its owner tag value). A grant other than the one whose reconcile asked for
-    /// the sync can lose its place (another namespace's grant took its turn, an earlier grant
-    /// grew), and nothing else would tell it before its next resync.
-    pub fn moved_grants(&self) -> UnboundedReceiver<String> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        *self.moved.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-        rx
-    }
-
-    /// Records what `identity`'s sync left out, and sends the grants whose place changed.
-    fn note_left_out(&self, identity: &Principal, now: &BTreeSet<String>) {
+    /// Records what `identity`'s sync left out, and tells of the grants whose place changed.
+    fn note_left_out(&self, identity: &Principal, now: &BTreeSet<String>, ctx: &Context) {
         let before = (self.left_out.lock().unwrap_or_else(|e| e.into_inner()))
             .insert(identity.clone(), now.clone())
             .unwrap_or_default();
-        let moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(moved) = moved.as_ref() {
-            for grant in before.symmetric_difference(now) {
-                let _ = moved.send(grant.clone());
-            }
-        }
+        ctx.moved_grants.note(&before, now);
     }
 
     /// Brings `identity`'s set up to date with every grant as it is now, and returns what the
@@ -95,7 +76,7 @@ impl Identities {
         let outcome = (self.syncs)
             .run(identity, || async {
                 let synced = sync_now(identity, subject, ctx).await?;
-                self.note_left_out(identity, &synced.left_out);
+                self.note_left_out(identity, &synced.left_out, ctx);
                 Ok(synced)
             })
             .await;
@@ -199,7 +180,7 @@ async fn contributions_of(
     ctx: &Context,
 ) -> Result<BTreeMap<Principal, Vec<(String, Vec<Statement>)>>> {
     let mut by_identity: BTreeMap<Principal, Vec<(String, Vec<Statement>)>> = BTreeMap::new();
-    for desired in granting::granting(grants, ctx).await? {
+    for desired in granting::granting(grants, ctx).await?.granting {
         for (identity, statements) in desired.contributions() {
             (by_identity.entry(identity).or_default()).push((desired.grant.clone(), statements));
         }

@@ -23,7 +23,7 @@ pub mod runner;
 pub mod shared;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -35,6 +35,8 @@ use kube::{
     runtime::events::{Recorder, Reporter},
 };
 
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+
 use crate::{
     aws::{IamApi, SsmApi},
     metrics::Metrics,
@@ -44,6 +46,33 @@ use crate::{
 
 /// The field manager of everything the operator writes in Kubernetes.
 pub const FIELD_MANAGER: &str = "fleet-access-operator";
+
+/// Where grants (owner tag values) go whose place in a shared object changed: a sync while
+/// reconciling one grant can leave another out (another namespace's grant took its turn, an
+/// earlier grant grew) or let it in again (an earlier grant shrank or went), and nothing else
+/// would tell it before its next resync. The grant controller reconciles them, so that their
+/// status says so at once.
+#[derive(Default)]
+pub struct MovedGrants(Mutex<Option<UnboundedSender<String>>>);
+
+impl MovedGrants {
+    /// From now on, every grant that moves is sent here.
+    pub fn subscribe(&self) -> UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// Sends the grants left out `before` or `now`, not both.
+    pub fn note(&self, before: &BTreeSet<String>, now: &BTreeSet<String>) {
+        let moved = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(moved) = moved.as_ref() {
+            for grant in before.symmetric_difference(now) {
+                let _ = moved.send(grant.clone());
+            }
+        }
+    }
+}
 
 /// What every reconcile needs.
 pub struct Context {
@@ -71,6 +100,8 @@ pub struct Context {
     pub identities: identities::Identities,
     /// The session documents the cluster's grants share.
     pub shared_documents: shared::SharedDocuments,
+    /// Grants that a sync of a shared object left out, or let in again.
+    pub moved_grants: MovedGrants,
     /// Each grant's state for the `grants` gauge.
     states: Mutex<BTreeMap<String, &'static str>>,
     /// Serializes endpoint changes: target ports are allocated across every grant.
@@ -112,6 +143,7 @@ impl Context {
             census_period: census::DEFAULT_PERIOD,
             identities: identities::Identities::default(),
             shared_documents: shared::SharedDocuments::default(),
+            moved_grants: MovedGrants::default(),
             states: Mutex::new(BTreeMap::new()),
             endpoints: tokio::sync::Mutex::new(()),
             failures: Mutex::new(BTreeMap::new()),

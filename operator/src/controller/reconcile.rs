@@ -110,9 +110,9 @@ pub async fn run(
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    // A grant that an identity's sync left out of its set, or let in again, while reconciling
-    // another grant.
-    let moved = futures::stream::unfold(ctx.identities.moved_grants(), |mut rx| async move {
+    // A grant that an identity's sync, or the shared documents', left out, or let in again,
+    // while reconciling another grant.
+    let moved = futures::stream::unfold(ctx.moved_grants.subscribe(), |mut rx| async move {
         let owner = rx.recv().await?;
         Some((owner, rx))
     })
@@ -329,12 +329,17 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         }
     };
     let expired = desired.expired(now);
-    // Outside its boundary, or waiting for approval, a grant stands for nothing: like an
-    // expired one, it is revoked.
-    let withheld = match (refused, awaiting) {
-        (true, _) => Some(Withheld::OutsideBoundary),
-        (false, true) => Some(Withheld::AwaitingApproval),
-        (false, false) => None,
+    // The shared documents first: their sync says whether the grant's namespace's share of
+    // session documents leaves it out, before anything of its own is written.
+    let shared = ctx.shared_documents.sync(&grant.object_ref(&()), ctx).await;
+    let over_limit = (shared.as_ref().ok()).and_then(|left_out| left_out.get(&owner).copied());
+    // Outside its boundary, waiting for approval, or past its namespace's share of documents,
+    // a grant stands for nothing: like an expired one, it is revoked.
+    let withheld = match (refused, awaiting, over_limit) {
+        (true, _, _) => Some(Withheld::OutsideBoundary),
+        (false, true, _) => Some(Withheld::AwaitingApproval),
+        (false, false, Some(over)) => Some(Withheld::OverDocumentLimit(over)),
+        (false, false, None) => None,
     };
     let revoked = expired || withheld.is_some();
     ctx.set_expiry(grant, desired.expires_at);
@@ -353,6 +358,9 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
             true => applier.warn(event.reason, &event.note).await,
             false => applier.publish(event.reason, &event.note).await,
         }
+    }
+    if let Some((reason, note)) = status::document_limit_event(previous, withheld) {
+        applier.warn(reason, &note).await;
     }
 
     let found = observe::instances(&desired.targets, ctx).await;
@@ -376,12 +384,11 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         true => BTreeSet::new(),
         false => desired.contributions().into_keys().collect(),
     };
-    // Identities first: a grant their quota leaves out gets no document either.
+    // Then identities: a grant their quota leaves out gets no document of its own either.
     let synced = async {
+        shared?;
         let policies = sync_identities(grant, &owner, &contributes, ctx).await?;
         sync_aws(&applier, &owner, &wanted_documents, &known, ctx).await?;
-        let subject = grant.object_ref(&());
-        ctx.shared_documents.sync(&subject, ctx).await?;
         Ok::<_, Error>(policies)
     }
     .await;

@@ -2,12 +2,16 @@
 //! after it and tagged [`CLUSTER_TAG`](crate::model::naming::CLUSTER_TAG). A sync brings them
 //! to the union of what the grants that [grant now](granting::granting) need (a grant outside
 //! its boundary, waiting for approval, invalid or over creates none): it creates the missing
-//! ones and deletes those no grant needs any more, looked up by name: the names every listed grant derives (the ones
-//! being deleted included) and the names this process has seen exist. The first sync after a
-//! start also lists the documents by the tag, for those an earlier process left. Grant
-//! reconciles ask for syncs, which are coalesced as identities' are.
+//! ones and deletes those no grant needs any more, looked up by name: the names every listed
+//! grant derives (the ones being deleted included) and the names this process has seen exist.
+//! The first sync after a start also lists the documents by the tag, for those an earlier
+//! process left. Grant reconciles ask for syncs, which are coalesced as identities' are, and
+//! learn from each which grants their namespace's share of documents leaves out.
 
-use std::{collections::BTreeSet, sync::Mutex};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 
@@ -18,25 +22,43 @@ use crate::{
     },
     model::{
         desired,
+        documents::OverDocumentLimit,
         naming::OwnerTag,
         plan::{self, Known},
     },
 };
 
+/// The grants (owner tag values) a sync left out because their namespace's grants would hold
+/// too many session documents with them, with why.
+pub type LeftOut = BTreeMap<String, OverDocumentLimit>;
+
 /// The cluster's shared documents' syncs, one at a time.
 #[derive(Default)]
 pub struct SharedDocuments {
-    syncs: Coalesced<(), ()>,
+    syncs: Coalesced<(), LeftOut>,
     /// The shared documents that exist after the last sync, once a sync has listed them.
     existing: Mutex<Option<BTreeSet<String>>>,
+    /// The grants the last sync left out.
+    left_out: Mutex<BTreeSet<String>>,
 }
 
 impl SharedDocuments {
-    /// Brings the shared documents up to date with every grant as it is now; `subject` is the
-    /// grant its Events are about.
-    pub async fn sync(&self, subject: &ObjectReference, ctx: &Context) -> Result<()> {
-        let outcome = self.syncs.run(&(), || self.sync_now(subject, ctx)).await;
-        outcome.map(|_| ()).map_err(|source| Error::SharedSync {
+    /// Brings the shared documents up to date with every grant as it is now, and returns the
+    /// grants left out; `subject` is the grant its Events are about.
+    pub async fn sync(&self, subject: &ObjectReference, ctx: &Context) -> Result<Arc<LeftOut>> {
+        let outcome = (self.syncs)
+            .run(&(), || async {
+                let left_out = self.sync_now(subject, ctx).await?;
+                let now: BTreeSet<String> = left_out.keys().cloned().collect();
+                let before = std::mem::replace(
+                    &mut *self.left_out.lock().unwrap_or_else(|p| p.into_inner()),
+                    now.clone(),
+                );
+                ctx.moved_grants.note(&before, &now);
+                Ok(left_out)
+            })
+            .await;
+        outcome.map_err(|source| Error::SharedSync {
             what: "the cluster's shared session documents".into(),
             source,
         })
@@ -44,10 +66,13 @@ impl SharedDocuments {
 }
 
 impl SharedDocuments {
-    async fn sync_now(&self, subject: &ObjectReference, ctx: &Context) -> Result<()> {
+    async fn sync_now(&self, subject: &ObjectReference, ctx: &Context) -> Result<LeftOut> {
         let cluster = &ctx.settings.cluster;
         let grants = observe::grants(ctx).await?;
-        let granting = granting::granting(&grants, ctx).await?;
+        let granting::Granting {
+            granting,
+            over_document_limit,
+        } = granting::granting(&grants, ctx).await?;
         let wanted = plan::wanted_shared_documents(granting.iter().map(|d| d.documents.as_slice()));
         // Every name any listed grant derives, granting or not, to find what to delete.
         let documents: Vec<Vec<desired::SessionDocument>> = (grants.iter())
@@ -72,6 +97,6 @@ impl SharedDocuments {
         sync_documents(&applier, owner, &wanted, &known, ctx).await?;
         let now: BTreeSet<String> = wanted.into_iter().map(|d| d.name).collect();
         *self.existing.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
-        Ok(())
+        Ok(over_document_limit)
     }
 }

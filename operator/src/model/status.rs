@@ -25,6 +25,7 @@ use crate::{
         boundary::Admission,
         census::Covered,
         desired::{BridgePort, Connection, TargetSelection},
+        documents::OverDocumentLimit,
     },
 };
 
@@ -146,22 +147,57 @@ pub enum Withheld {
     OutsideBoundary,
     /// It waits for approval (see Approved).
     AwaitingApproval,
+    /// Its namespace's grants would hold more session documents with it than they may
+    /// (PolicySynced says so).
+    OverDocumentLimit(OverDocumentLimit),
 }
 
 impl Withheld {
     /// The reason, and the words that end "nothing is written: …".
-    fn words(self) -> (&'static str, &'static str) {
+    fn words(self) -> (&'static str, String) {
         match self {
             Withheld::OutsideBoundary => (
                 "OutsideBoundary",
-                "the grant is outside its boundary (see Admitted)",
+                "the grant is outside its boundary (see Admitted)".into(),
             ),
             Withheld::AwaitingApproval => (
                 "AwaitingApproval",
-                "the grant waits for a second person's approval (see Approved)",
+                "the grant waits for a second person's approval (see Approved)".into(),
+            ),
+            Withheld::OverDocumentLimit(OverDocumentLimit { needed, limit }) => (
+                DOCUMENT_LIMIT,
+                format!(
+                    "with this grant its namespace's grants would hold {needed} session documents (each grant's own shell document, and one per port or remote host and port they forward to), over the operator's limit of {limit} per namespace (--max-documents-per-namespace), which keeps one tenant from taking the account's quota of 500; the earlier grants keep theirs: forward to fewer ports or remote hosts here or in an earlier grant"
+                ),
             ),
         }
     }
+
+    /// Whether another condition already fails for it (else PolicySynced does).
+    fn shown_elsewhere(self) -> bool {
+        !matches!(self, Withheld::OverDocumentLimit(_))
+    }
+}
+
+/// The reason of a grant over its namespace's share of session documents.
+pub const DOCUMENT_LIMIT: &str = "DocumentLimit";
+
+/// The Warning Event of a grant that its namespace's share of session documents now leaves
+/// out, where the recorded status did not: its reason and note.
+pub fn document_limit_event(
+    previous: Option<&SessionAccessStatus>,
+    withheld: Option<Withheld>,
+) -> Option<(&'static str, String)> {
+    let over @ Withheld::OverDocumentLimit(_) = withheld? else {
+        return None;
+    };
+    let recorded = (previous.into_iter())
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == POLICY_SYNCED);
+    let (reason, why) = over.words();
+    recorded
+        .is_none_or(|c| c.reason != reason)
+        .then(|| (reason, format!("nothing is granted: {why}")))
 }
 
 /// Everything a reconcile learned, as input to the status.
@@ -369,7 +405,11 @@ fn policies_outcome(state: &PoliciesState) -> Outcome {
         PoliciesState::Invalid(message) => Outcome::no("InvalidGrant", message.clone()),
         PoliciesState::Revoked(withheld) => {
             let (reason, why) = withheld.words();
-            Outcome::yes(reason, format!("no IAM policy or session document: {why}"))
+            let message = format!("no IAM policy or session document: {why}");
+            match withheld.shown_elsewhere() {
+                true => Outcome::yes(reason, message),
+                false => Outcome::no(reason, message),
+            }
         }
         PoliciesState::Synced {
             policies,
@@ -432,7 +472,10 @@ fn endpoints_outcome(state: &EndpointsState) -> Outcome {
         }
         EndpointsState::Removed => Outcome::yes("Expired", "endpoints removed at expiry"),
         EndpointsState::Revoked(withheld) => {
-            let (reason, why) = withheld.words();
+            let (reason, mut why) = withheld.words();
+            if !withheld.shown_elsewhere() {
+                why = "see PolicySynced".into();
+            }
             Outcome::yes(reason, format!("no endpoints: {why}"))
         }
         EndpointsState::NoInstances => Outcome::no(
@@ -844,6 +887,54 @@ mod tests {
         assert_eq!(
             find(&inside, ADMITTED).message,
             "admitted by SessionAccessPolicy team"
+        );
+    }
+
+    #[test]
+    fn a_grant_past_its_namespaces_documents_is_not_ready_and_warns_once() {
+        let over = Withheld::OverDocumentLimit(OverDocumentLimit {
+            needed: 51,
+            limit: 50,
+        });
+        let observed = Observations {
+            bridge: EndpointsState::Revoked(over),
+            ..seen(PoliciesState::Revoked(over))
+        };
+        let status = compute(None, &observed, Timestamp::UNIX_EPOCH);
+        let (ready, policies, bridge) = (
+            find(&status, READY),
+            find(&status, POLICY_SYNCED),
+            find(&status, BRIDGE_READY),
+        );
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", DOCUMENT_LIMIT)
+        );
+        assert_eq!(policies.status, "False");
+        for words in [
+            "would hold 51 session documents",
+            "limit of 50 per namespace",
+        ] {
+            assert!(
+                policies.message.contains(words),
+                "{words}: {}",
+                policies.message
+            );
+        }
+        assert_eq!(bridge.message, "no endpoints: see PolicySynced");
+        // The Warning goes out when the grant is newly over, not at every reconcile.
+        let event = document_limit_event(None, Some(over)).expect("an Event");
+        assert_eq!(event.0, DOCUMENT_LIMIT);
+        assert!(event.1.contains("limit of 50"), "{}", event.1);
+        assert_eq!(document_limit_event(Some(&status), Some(over)), None);
+        assert_eq!(
+            document_limit_event(None, Some(Withheld::OutsideBoundary)),
+            None
+        );
+        let fits = compute(Some(&status), &seen(synced()), Timestamp::UNIX_EPOCH);
+        assert_eq!(
+            document_limit_event(Some(&fits), Some(over)).map(|e| e.0),
+            Some(DOCUMENT_LIMIT)
         );
     }
 
