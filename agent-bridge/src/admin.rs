@@ -1,5 +1,5 @@
-//! The admin port: `/healthz` (the process runs), `/readyz` (it serves endpoints and is not
-//! draining) and `/metrics` (Prometheus text format). A deliberately tiny HTTP/1.1 server: one
+//! The admin port: `/healthz` (the process runs), `/readyz` (it serves endpoints, can judge who
+//! may connect, and is not draining) and `/metrics` (Prometheus text format). A deliberately tiny HTTP/1.1 server: one
 //! request per connection, GET only.
 
 use std::sync::Arc;

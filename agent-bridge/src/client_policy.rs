@@ -30,7 +30,10 @@ use kube::{
     runtime::{WatchStreamExt, reflector, reflector::ObjectRef, reflector::Store, watcher},
 };
 
-use crate::clients::{Changes, Client, PodDirectory, drive};
+use crate::{
+    clients::{Changes, Client, PodDirectory, drive, until_ready},
+    metrics::Metrics,
+};
 
 /// How long a connection that no policy admits yet waits for the watches to catch up: a grant's
 /// policy written a moment after its Service, a new client pod whose address the watch has not
@@ -102,12 +105,13 @@ pub struct ClientPolicies {
 impl ClientPolicies {
     /// The policies of `namespace` (the bridge's) and every namespace's labels, kept by watches
     /// that note each change in `changes`; the returned future drives them and runs until
-    /// dropped. A watch that fails (no permission, say) is retried with back-off; until the
-    /// policies are listed, no connection is admitted.
+    /// dropped. A watch that fails (no permission, say) is retried with back-off, and counted
+    /// in `metrics`; until the policies are listed, no connection is admitted.
     pub fn watch(
         client: kube::Client,
         namespace: &str,
         changes: Changes,
+        metrics: &Metrics,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}");
         let (policies, policy_writer) = reflector::store();
@@ -127,14 +131,22 @@ impl ClientPolicies {
         .default_backoff();
         let driven = {
             let changes = changes.clone();
+            let policy_failures = metrics.watch_failures("network_policies");
+            let namespace_failures = metrics.watch_failures("namespaces");
             async move {
                 futures::join!(
                     drive(
                         policy_stream,
                         changes.clone(),
+                        policy_failures,
                         "the grants' NetworkPolicies"
                     ),
-                    drive(namespace_stream, changes, "namespaces (their labels)"),
+                    drive(
+                        namespace_stream,
+                        changes,
+                        namespace_failures,
+                        "namespaces (their labels)"
+                    ),
                 );
             }
         };
@@ -151,14 +163,12 @@ impl ClientPolicies {
         self.changes.subscribe()
     }
 
-    /// Waits until both watches have listed once, for at most `limit`: whether they have.
-    pub async fn wait_listed(&self, limit: Duration) -> bool {
-        let both = async {
-            let policies = self.policies.wait_until_ready().await;
-            let namespaces = self.namespaces.wait_until_ready().await;
-            policies.is_ok() && namespaces.is_ok()
-        };
-        matches!(tokio::time::timeout(limit, both).await, Ok(true))
+    /// Resolves once both watches have listed, and `pods` too: from then on, a connection is
+    /// judged by what the cluster holds, not refused for want of knowing.
+    pub async fn listed(&self, pods: &PodDirectory) {
+        until_ready(&self.policies).await;
+        until_ready(&self.namespaces).await;
+        pods.listed().await;
     }
 
     /// Whether some grant admits the connection from `address` to listen port `port` now, with

@@ -20,7 +20,10 @@ use kube::{
     api::ObjectMeta,
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
+use prometheus::IntCounter;
 use serde::Serialize;
+
+use crate::metrics::Metrics;
 
 /// StartSession's limit on `Reason`.
 pub const REASON_LIMIT: usize = 256;
@@ -161,11 +164,12 @@ impl Changes {
 
 /// Drives `stream` (a watch kept in a store) until it ends, noting in `changes` each change
 /// the store shows (an object applied or deleted, a listing complete; not each object of a
-/// listing, which the store shows only once it is complete) and logging each failure (the
-/// stream retries with back-off) as `what`.
+/// listing, which the store shows only once it is complete), and logging and counting in
+/// `failures` each failure (the stream retries with back-off) as `what`.
 pub(crate) async fn drive<K>(
     stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     changes: Changes,
+    failures: IntCounter,
     what: &'static str,
 ) {
     let mut stream = std::pin::pin!(stream);
@@ -175,8 +179,21 @@ pub(crate) async fn drive<K>(
                 changes.note()
             }
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-            Err(error) => tracing::warn!(%error, "watching {what} failed; retrying"),
+            Err(error) => {
+                failures.inc();
+                tracing::warn!(%error, "watching {what} failed; retrying");
+            }
         }
+    }
+}
+
+/// Resolves once `store`'s watch has listed: never, if the watch is dropped first.
+pub(crate) async fn until_ready<K: kube::Resource + Clone + 'static>(store: &Store<K>)
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    if store.wait_until_ready().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -194,10 +211,12 @@ impl PodDirectory {
 
     /// A directory kept by a watch of every namespace's pods, noting each change in `changes`;
     /// the returned future drives the watch and runs until dropped. A watch that fails (no
-    /// permission, say) is retried with back-off; until it lists, every client is unresolved.
+    /// permission, say) is retried with back-off, and counted in `metrics`; until it lists,
+    /// every client is unresolved.
     pub fn watch(
         client: kube::Client,
         changes: Changes,
+        metrics: &Metrics,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (store, writer) = reflector::store();
         let stream = reflector(
@@ -205,18 +224,15 @@ impl PodDirectory {
             watcher(Api::<Pod>::all(client), Default::default()).modify(slim),
         )
         .default_backoff();
-        let driven = drive(stream, changes, "pods (to attribute connections)");
+        let failures = metrics.watch_failures("pods");
+        let driven = drive(stream, changes, failures, "pods (to attribute connections)");
         (Self { store: Some(store) }, driven)
     }
 
-    /// Waits until the watch has listed the pods once, for at most `limit`: whether it has.
-    pub async fn wait_listed(&self, limit: std::time::Duration) -> bool {
-        match &self.store {
-            Some(store) => matches!(
-                tokio::time::timeout(limit, store.wait_until_ready()).await,
-                Ok(Ok(()))
-            ),
-            None => true,
+    /// Resolves once the watch has listed the pods (at once when pods are not watched).
+    pub async fn listed(&self) {
+        if let Some(store) = &self.store {
+            until_ready(store).await;
         }
     }
 

@@ -47,6 +47,10 @@ pub const REFUSAL_REASONS: [&str; 7] = [
     "endpoint_closed",
 ];
 
+/// What the bridge watches in Kubernetes (`watch_failures_total`'s label), each counted from
+/// zero.
+pub const WATCHES: [&str; 4] = ["services", "pods", "network_policies", "namespaces"];
+
 /// How a session ended, as a bounded label value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -98,6 +102,7 @@ pub struct Metrics {
     reconnects: IntCounter,
     ack_rtt: Histogram,
     endpoints: IntGauge,
+    watch_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -135,7 +140,7 @@ impl Metrics {
             refused: IntCounterVec::new(
                 opts(
                     "connections_refused_total",
-                    "Client connections refused before a session started, by reason (limit_total, limit_instance).",
+                    "Client connections refused before a session started, by reason (limit_total, limit_namespace, limit_instance, memory_budget, memory_budget_namespace, client_not_admitted, endpoint_closed).",
                 ),
                 &["reason"],
             )?,
@@ -169,6 +174,13 @@ impl Metrics {
                 "endpoints",
                 "Listeners open now, one per instance and port.",
             ))?,
+            watch_failures: IntCounterVec::new(
+                opts(
+                    "watch_failures_total",
+                    "Failed requests of the bridge's Kubernetes watches, each retried with back-off, by what is watched (services, pods, network_policies, namespaces): while a watch fails, the bridge judges by what it last saw.",
+                ),
+                &["watch"],
+            )?,
         };
         registry.register(Box::new(metrics.setup.clone()))?;
         registry.register(Box::new(metrics.started.clone()))?;
@@ -181,6 +193,7 @@ impl Metrics {
         registry.register(Box::new(metrics.reconnects.clone()))?;
         registry.register(Box::new(metrics.ack_rtt.clone()))?;
         registry.register(Box::new(metrics.endpoints.clone()))?;
+        registry.register(Box::new(metrics.watch_failures.clone()))?;
         for phase in PHASES {
             metrics.setup.with_label_values(&[phase]);
         }
@@ -189,6 +202,9 @@ impl Metrics {
         }
         for reason in REFUSAL_REASONS {
             metrics.refused.with_label_values(&[reason]);
+        }
+        for watch in WATCHES {
+            metrics.watch_failures.with_label_values(&[watch]);
         }
         Ok(metrics)
     }
@@ -251,6 +267,11 @@ impl Metrics {
     /// A connection was refused before it became a session.
     pub fn connection_refused(&self, reason: &'static str) {
         self.refused.with_label_values(&[reason]).inc();
+    }
+
+    /// The counter of the failures of the watch of `watch` (one of [`WATCHES`]).
+    pub fn watch_failures(&self, watch: &'static str) -> IntCounter {
+        self.watch_failures.with_label_values(&[watch])
     }
 
     /// The number of open listeners.

@@ -6,6 +6,7 @@
 //!  Service watch ──▶ reflector store ──(any change)──▶ listener::endpoints ──▶ Listeners::apply
 //!  Pod watch ──▶ clients::PodDirectory (who each connection is from) ──▶ audit records
 //!  NetworkPolicy and namespace watches ──▶ client_policy (whether a grant admits it)
+//!  ready ◀── Services applied, and (when checking) policies, namespaces and pods listed
 //!  SIGTERM ──▶ not ready ──▶ stop accepting ──grace──▶ terminate the rest ──▶ exit
 //! ```
 
@@ -68,11 +69,12 @@ pub async fn run<C: ControlPlane + 'static>(
         check_client_policies,
         audit,
     } = config;
+    let metrics = context.metrics.clone();
     let changes = Changes::default();
     let mut watches = tokio::task::JoinSet::new();
     let pods = match attribute_clients {
         true => {
-            let (directory, watch) = PodDirectory::watch(client.clone(), changes.clone());
+            let (directory, watch) = PodDirectory::watch(client.clone(), changes.clone(), &metrics);
             watches.spawn(watch);
             directory
         }
@@ -80,29 +82,44 @@ pub async fn run<C: ControlPlane + 'static>(
     };
     let policies = match check_client_policies {
         true => {
-            let (policies, watch) = ClientPolicies::watch(client.clone(), &namespace, changes);
+            let (policies, watch) =
+                ClientPolicies::watch(client.clone(), &namespace, changes, &metrics);
             watches.spawn(watch);
             Some(policies)
         }
         false => None,
     };
-    // Connections accepted before the pods are listed could not be attributed, nor admitted
-    // before the policies are: wait a little, not forever (without permission to list them,
-    // the bridge still serves, and refuses what it cannot check).
-    if !pods.wait_listed(CLIENT_LIST_WAIT).await {
-        warn!(
-            wait_seconds = CLIENT_LIST_WAIT.as_secs(),
-            "pods not listed yet: connections are recorded by address, and admitted only by \
-             address, until they are"
-        );
-    }
-    if let Some(policies) = &policies
-        && !policies.wait_listed(CLIENT_LIST_WAIT).await
+    // Connections accepted before the pods are listed could not be attributed: wait a little,
+    // not forever (without permission to list them, the bridge still serves).
+    if tokio::time::timeout(CLIENT_LIST_WAIT, pods.listed())
+        .await
+        .is_err()
     {
         warn!(
             wait_seconds = CLIENT_LIST_WAIT.as_secs(),
-            "the grants' NetworkPolicies or the namespaces are not listed yet: connections are \
-             refused until a listed policy admits them"
+            "pods not listed yet: connections are recorded by address until they are"
+        );
+    }
+    // Nor admitted before the policies are: until then the bridge refuses every connection,
+    // so it is not ready (a rollout without the permission to list them stops at its first
+    // pod, the old ones still serving).
+    let checkable = {
+        let (pods, policies) = (pods.clone(), policies.clone());
+        async move {
+            if let Some(policies) = policies {
+                policies.listed(&pods).await;
+            }
+        }
+    };
+    let mut checkable = std::pin::pin!(checkable);
+    let mut can_check = tokio::time::timeout(CLIENT_LIST_WAIT, &mut checkable)
+        .await
+        .is_ok();
+    if !can_check {
+        warn!(
+            wait_seconds = CLIENT_LIST_WAIT.as_secs(),
+            "the grants' NetworkPolicies, the namespaces or the pods are not listed yet: the \
+             bridge is not ready, and refuses every connection, until they are"
         );
     }
     let api: Api<Service> = Api::namespaced(client, &namespace);
@@ -122,13 +139,23 @@ pub async fn run<C: ControlPlane + 'static>(
         sink: Some(audit),
     };
     let mut listeners = Listeners::new(context, limits, listen_address, clients);
+    let service_failures = metrics.watch_failures("services");
+    // Whether the Services have been listed and their listeners opened.
+    let mut serving = false;
     info!(namespace, selector, "watching endpoint Services");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            () = &mut checkable, if !can_check => {
+                info!("listed what connections are judged by");
+                can_check = true;
+                readiness.set(serving);
+                continue;
+            }
             event = stream.next() => match event {
                 None => break,
                 Some(Err(error)) => {
+                    service_failures.inc();
                     warn!(%error, "watching Services failed; retrying");
                     continue;
                 }
@@ -149,7 +176,8 @@ pub async fn run<C: ControlPlane + 'static>(
         for (endpoint, error) in listeners.apply(&desired).await {
             warn!(instance = endpoint.instance_id, port = endpoint.listen_port, %error, "cannot listen");
         }
-        readiness.set(true);
+        serving = true;
+        readiness.set(can_check);
     }
     readiness.set(false);
     info!(grace_seconds = grace.as_secs(), "draining");

@@ -260,6 +260,19 @@ impl ControlPlane {
             .map_err(FixtureError::io(format!("writing {}", path.display())))
     }
 
+    /// A client that authenticates as the ServiceAccount `namespace/name` (a token valid for
+    /// an hour), for code that must run with that account's RBAC rather than as admin.
+    pub async fn service_account_client(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> FixtureResult<Client> {
+        let dir = tempfile::tempdir().map_err(FixtureError::io("a temporary directory"))?;
+        let path = dir.path().join("kubeconfig");
+        self.service_account_kubeconfig(namespace, name, Duration::from_secs(3600), &path)?;
+        client_from_kubeconfig(&path).await
+    }
+
     /// Server-side applies every document of a (multi-document) YAML text, resolving
     /// each kind through discovery. Namespaced objects without a namespace go to
     /// `default_namespace`. Returns the objects as stored.

@@ -199,6 +199,37 @@ async fn admit(
         .expect("the grant's NetworkPolicy");
 }
 
+/// Writes an endpoint Service in `namespace` for each of `endpoints` (instance, port, document,
+/// portNumber parameter), each to a free loopback target port, and [`TEST_GRANT`]'s
+/// NetworkPolicy admitting `clients` to them; returns the target ports by instance.
+async fn write_endpoints(
+    namespace: &TestNamespace,
+    endpoints: &[(&'static str, u16, &str, Option<u16>)],
+    clients: &[NetworkPolicyPeer],
+) -> BTreeMap<&'static str, u16> {
+    let services = namespace.api::<Service>();
+    let mut ports = BTreeMap::new();
+    for (instance, port, document, port_parameter) in endpoints {
+        let target_port = free_loopback_port().expect("port");
+        let endpoint = EndpointPort {
+            port: *port,
+            target_port,
+            document: (*document).to_owned(),
+            port_parameter: *port_parameter,
+        };
+        services
+            .create(
+                &PostParams::default(),
+                &endpoint_service_of(instance, &[endpoint]),
+            )
+            .await
+            .expect("service");
+        ports.insert(*instance, target_port);
+    }
+    admit(namespace, clients, ports.values().copied()).await;
+    ports
+}
+
 /// Waits (up to a minute, on a loaded machine) until `port` accepts connections or refuses them.
 async fn wait_listening(port: u16, up: bool) {
     for _ in 0..1200 {
@@ -272,26 +303,28 @@ impl Served {
     ) -> Self {
         let control_plane = ControlPlane::shared().await.expect("control plane");
         let namespace = control_plane.namespace(prefix).await.expect("namespace");
-        let services = namespace.api::<Service>();
-        let mut ports = BTreeMap::new();
-        for (instance, port, document, port_parameter) in endpoints {
-            let target_port = free_loopback_port().expect("port");
-            let endpoint = EndpointPort {
-                port: *port,
-                target_port,
-                document: (*document).to_owned(),
-                port_parameter: *port_parameter,
-            };
-            services
-                .create(
-                    &PostParams::default(),
-                    &endpoint_service_of(instance, &[endpoint]),
-                )
-                .await
-                .expect("service");
-            ports.insert(*instance, target_port);
+        let ports = write_endpoints(&namespace, endpoints, clients).await;
+        let client = namespace.client();
+        let served = Self::serve_as(namespace, ports, client, context, limits);
+        for port in served.ports.values() {
+            wait_listening(*port, true).await;
         }
-        admit(&namespace, clients, ports.values().copied()).await;
+        // Listening comes first: the bridge is ready once it has applied all it watched.
+        tokio::time::timeout(Duration::from_secs(60), served.readiness.reached(true))
+            .await
+            .expect("the bridge became ready");
+        served
+    }
+
+    /// Starts `serve` on `namespace`'s endpoint Services (their target `ports` by instance),
+    /// with `client`'s identity, and waits for nothing.
+    fn serve_as(
+        namespace: TestNamespace,
+        ports: BTreeMap<&'static str, u16>,
+        client: kube::Client,
+        context: Arc<SessionContext<SdkControlPlane>>,
+        limits: Limits,
+    ) -> Self {
         let (readiness, shutdown) = (Readiness::default(), CancellationToken::new());
         let audit = Collected::default();
         let config = ServeConfig {
@@ -304,19 +337,12 @@ impl Served {
             audit: Arc::new(audit.clone()),
         };
         let server = tokio::spawn(serve::run(
-            namespace.client(),
+            client,
             context,
             config,
             readiness.clone(),
             shutdown.clone(),
         ));
-        for port in ports.values() {
-            wait_listening(*port, true).await;
-        }
-        // Listening comes first: the bridge is ready once it has applied all it watched.
-        tokio::time::timeout(Duration::from_secs(60), readiness.reached(true))
-            .await
-            .expect("the bridge became ready");
         Self {
             namespace,
             ports,
@@ -2644,4 +2670,98 @@ async fn forward_waits_out_an_agent_stalled_by_a_target_that_does_not_read() {
         report.peak_target_backlog_bytes > 4 * 1024 * 1024,
         "{report:?}"
     );
+}
+
+/// A bridge that may not list the grants' NetworkPolicies (an upgrade whose Role missed them)
+/// cannot tell who may connect: it is not ready, so its Service sends it nothing, it refuses
+/// what reaches it anyway, and it counts the watch's failures; once its Role allows the list, it
+/// becomes ready and carries, without a restart.
+#[tokio::test]
+async fn a_bridge_that_cannot_list_the_grants_policies_is_not_ready_and_carries_nothing_until_it_can()
+ {
+    let (_sshd, emulator) = echo_on_web().await;
+    let registry = Registry::new();
+    let control_plane = ControlPlane::shared().await.expect("control plane");
+    let namespace = control_plane
+        .namespace("bridge-rbac")
+        .await
+        .expect("namespace");
+    let ns = namespace.name().to_owned();
+    let endpoints = [(WEB, 7, "AWS-StartPortForwardingSession", Some(7))];
+    let ports = write_endpoints(&namespace, &endpoints, &loopback_clients()).await;
+    let port = ports[WEB];
+    // The bridge's ServiceAccount may read its Services, and every pod and namespace, but not
+    // the NetworkPolicies.
+    let cluster_wide = format!("{ns}-client-pods");
+    let rbac = |policies: bool| {
+        let rules = match policies {
+            true => {
+                r#"[{apiGroups: [""], resources: [services], verbs: [get, list, watch]}, {apiGroups: [networking.k8s.io], resources: [networkpolicies], verbs: [get, list, watch]}]"#
+            }
+            false => r#"[{apiGroups: [""], resources: [services], verbs: [get, list, watch]}]"#,
+        };
+        format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: bridge}}\n---
+apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: bridge}}\nrules: {rules}\n---
+apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: bridge}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: bridge}}
+subjects: [{{kind: ServiceAccount, name: bridge, namespace: {ns}}}]\n---
+apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: {cluster_wide}}}
+rules: [{{apiGroups: [\"\"], resources: [pods, namespaces], verbs: [list, watch]}}]\n---
+apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {cluster_wide}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {cluster_wide}}}
+subjects: [{{kind: ServiceAccount, name: bridge, namespace: {ns}}}]\n"
+        )
+    };
+    (control_plane.apply_yaml(&rbac(false), Some(&ns)).await).expect("the bridge's RBAC");
+    let client =
+        (control_plane.service_account_client(&ns, "bridge").await).expect("the bridge's client");
+    let limits = Limits {
+        total: 10,
+        per_client_namespace: 10,
+        per_instance: 10,
+    };
+    let served = Served::serve_as(
+        namespace,
+        ports,
+        client,
+        context(&emulator, &registry),
+        limits,
+    );
+    // It lists its Services and listens...
+    wait_listening(port, true).await;
+    let failures = |watch: &str| {
+        let exported = fleet_access_agent_bridge::metrics::encode(&registry);
+        let series = format!("agent_bridge_watch_failures_total{{watch=\"{watch}\"}} ");
+        (exported.lines())
+            .find_map(|line| line.strip_prefix(series.as_str()))
+            .and_then(|value| value.parse::<u64>().ok())
+            .expect("the series is exported")
+    };
+    // ...but refuses, for want of knowing which grant admits whom.
+    let own = fleet_access_tests::own_loopback_address;
+    assert_eq!(
+        answer(own(), port).await,
+        "fleet-access: refused: no grant admits this client here: a grant's spec.bridge.clients must select its pod (or hold its address)"
+    );
+    assert!(!served.readiness.get(), "not ready while it cannot judge");
+    assert!(failures("network_policies") > 0);
+    assert_eq!(
+        (
+            failures("services"),
+            failures("pods"),
+            failures("namespaces")
+        ),
+        (0, 0, 0)
+    );
+
+    (control_plane.apply_yaml(&rbac(true), Some(&ns)).await).expect("the bridge's RBAC");
+    tokio::time::timeout(Duration::from_secs(90), served.readiness.reached(true))
+        .await
+        .expect("ready once it may list the policies");
+    assert_eq!(answer(own(), port).await, "ping");
+    served.stop().await;
+    for kind in ["clusterrolebinding", "clusterrole"] {
+        (control_plane.run_kubectl(["delete", kind, &cluster_wide])).expect("deleted");
+    }
 }

@@ -119,6 +119,7 @@ fn every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() {
         "FleetAccessReconcileErrors",
         "FleetAccessGrantsNotReady",
         "FleetAccessBridgeWithoutEndpoints",
+        "FleetAccessBridgeWatchFailing",
     ] {
         assert!(alerts.iter().any(|(a, _)| a == expected), "{expected}");
     }
