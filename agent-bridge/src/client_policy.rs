@@ -158,6 +158,32 @@ impl ClientPolicies {
         (policies, driven)
     }
 
+    /// Policies and namespaces as watches that listed them would hold, never changing: for
+    /// benchmarks and tests.
+    pub fn listing(
+        policies: impl IntoIterator<Item = NetworkPolicy>,
+        namespaces: impl IntoIterator<Item = Namespace>,
+    ) -> Self {
+        fn listed<K>(objects: impl IntoIterator<Item = K>) -> Store<K>
+        where
+            K: kube::Resource + Clone + 'static,
+            K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+        {
+            let mut writer = reflector::store::Writer::<K>::default();
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for object in objects {
+                writer.apply_watcher_event(&watcher::Event::InitApply(object));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+            writer.as_reader()
+        }
+        Self {
+            policies: listed(policies),
+            namespaces: listed(namespaces),
+            changes: Changes::default(),
+        }
+    }
+
     /// A receiver of the changes of what is watched (pods included), from now on.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!  pods (watch, slimmed to namespace, name, uid, labels, service account, host network,
-//!        phase, IPs) ──▶ store ──(each change)──▶ Changes (wakes connections awaiting admission)
+//!        phase, IPs) ──▶ index by address ──(each change)──▶ Changes (wakes connections
+//!                                                             awaiting admission)
 //!  accepted connection ──source address──▶ resolve ──▶ Client::Pod | Client::Unresolved
 //!                                                   └─▶ reason(mark, client, grants) ≤ 256
 //! ```
@@ -12,13 +13,19 @@
 //! node's), is not guessed: the connection is still carried, and says it is unresolved.
 //! [`resolve_in`] and [`reason`] are pure; [`PodDirectory`] holds the watch.
 
-use std::{collections::BTreeMap, future::Future, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap, hash_map::Entry},
+    future::Future,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
 
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use kube::{
     Api,
     api::ObjectMeta,
-    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+    runtime::{WatchStreamExt, reflector::ObjectRef, reflector::Store, watcher},
 };
 use prometheus::IntCounter;
 use serde::Serialize;
@@ -200,7 +207,14 @@ where
 /// The running pods of the cluster, by their addresses; or nothing, when pods are not watched.
 #[derive(Clone, Default)]
 pub struct PodDirectory {
-    store: Option<Store<Pod>>,
+    watched: Option<Watched>,
+}
+
+/// The index a watch keeps, and whether it has listed.
+#[derive(Clone)]
+struct Watched {
+    index: Arc<RwLock<PodIndex>>,
+    listed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PodDirectory {
@@ -218,42 +232,160 @@ impl PodDirectory {
         changes: Changes,
         metrics: &Metrics,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let (store, writer) = reflector::store();
-        let stream = reflector(
-            writer,
-            watcher(Api::<Pod>::all(client), Default::default()).modify(slim),
-        )
-        .default_backoff();
+        let (mut writer, directory) = IndexWriter::new();
+        let stream = watcher(Api::<Pod>::all(client), Default::default())
+            .modify(slim)
+            .default_backoff()
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    writer.apply(event);
+                }
+            });
         let failures = metrics.watch_failures("pods");
         let driven = drive(stream, changes, failures, "pods (to attribute connections)");
-        (Self { store: Some(store) }, driven)
+        (directory, driven)
     }
 
-    /// Resolves once the watch has listed the pods (at once when pods are not watched).
+    /// Resolves once the watch has listed the pods (at once when pods are not watched; never,
+    /// if the watch is dropped first).
     pub async fn listed(&self) {
-        if let Some(store) = &self.store {
-            until_ready(store).await;
+        if let Some(watched) = &self.watched {
+            let mut listed = watched.listed.clone();
+            if listed.wait_for(|listed| *listed).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
+    }
+
+    /// A directory of `pods` as a watch that listed them would hold, never changing: for
+    /// benchmarks and tests.
+    pub fn listing(pods: impl IntoIterator<Item = Pod>) -> Self {
+        let (mut writer, directory) = IndexWriter::new();
+        writer.apply(&watcher::Event::Init);
+        for pod in pods {
+            writer.apply(&watcher::Event::InitApply(pod));
+        }
+        writer.apply(&watcher::Event::InitDone);
+        directory
     }
 
     /// Whether pods are watched (attribution on).
     pub fn is_watching(&self) -> bool {
-        self.store.is_some()
+        self.watched.is_some()
     }
 
-    /// Who has `address`.
+    /// Who has `address`: a lookup in the index, whatever the number of pods.
     pub fn resolve(&self, address: IpAddr) -> Client {
-        match &self.store {
-            // Only the pods with the address are cloned out of the store (per connection).
-            Some(store) => {
-                let canonical = address.to_canonical();
-                let holders = store.state_filter(|pod| holds(pod, canonical));
-                resolve_in(holders.iter().map(|p| p.as_ref()), address)
+        let canonical = address.to_canonical();
+        match &self.watched {
+            Some(watched) => {
+                let index = watched.index.read().unwrap_or_else(|p| p.into_inner());
+                resolve_in(index.holders(canonical), canonical)
             }
             None => Client::Unresolved {
-                address: address.to_canonical(),
+                address: canonical,
                 candidates: 0,
             },
+        }
+    }
+}
+
+/// Pods by their addresses, as a watch's events leave them. Pure.
+#[derive(Debug, Default)]
+pub(crate) struct PodIndex {
+    pods: HashMap<ObjectRef<Pod>, Arc<Pod>>,
+    by_address: HashMap<IpAddr, Vec<ObjectRef<Pod>>>,
+}
+
+impl PodIndex {
+    /// Adds `pod`, or replaces what the index held of it.
+    pub(crate) fn insert(&mut self, pod: &Pod) {
+        let key = key_of(pod);
+        self.remove(&key);
+        for address in addresses_of(pod) {
+            (self.by_address.entry(address).or_default()).push(key.clone());
+        }
+        self.pods.insert(key, Arc::new(pod.clone()));
+    }
+
+    /// Forgets the pod `key` names.
+    pub(crate) fn remove(&mut self, key: &ObjectRef<Pod>) {
+        let Some(pod) = self.pods.remove(key) else {
+            return;
+        };
+        for address in addresses_of(&pod) {
+            if let Entry::Occupied(mut holders) = self.by_address.entry(address) {
+                holders.get_mut().retain(|held| held != key);
+                if holders.get().is_empty() {
+                    holders.remove();
+                }
+            }
+        }
+    }
+
+    /// The pods (live or not) that have `address` (canonical).
+    pub(crate) fn holders(&self, address: IpAddr) -> impl Iterator<Item = &Pod> {
+        (self.by_address.get(&address).into_iter().flatten())
+            .filter_map(|key| self.pods.get(key))
+            .map(AsRef::as_ref)
+    }
+}
+
+/// A pod's namespace and name (without its version and uid, which the index need not hold once
+/// per address).
+fn key_of(pod: &Pod) -> ObjectRef<Pod> {
+    let mut key = ObjectRef::from_obj(pod);
+    key.extra = Default::default();
+    key
+}
+
+/// A pod's distinct addresses, canonical.
+fn addresses_of(pod: &Pod) -> Vec<IpAddr> {
+    let mut addresses: Vec<IpAddr> = pod_addresses(pod).map(|a| a.to_canonical()).collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    addresses
+}
+
+/// Keeps a [`PodIndex`] as a watch's events say: a listing is built aside and takes the
+/// index's place whole when it is done, as a reflector's store does.
+struct IndexWriter {
+    index: Arc<RwLock<PodIndex>>,
+    listing: Option<PodIndex>,
+    listed: tokio::sync::watch::Sender<bool>,
+}
+
+impl IndexWriter {
+    /// A writer, and the directory that reads what it writes.
+    fn new() -> (Self, PodDirectory) {
+        let index = Arc::new(RwLock::new(PodIndex::default()));
+        let (listed, listed_now) = tokio::sync::watch::channel(false);
+        let directory = PodDirectory {
+            watched: Some(Watched {
+                index: index.clone(),
+                listed: listed_now,
+            }),
+        };
+        let writer = Self {
+            index,
+            listing: None,
+            listed,
+        };
+        (writer, directory)
+    }
+
+    fn apply(&mut self, event: &watcher::Event<Pod>) {
+        let index = || self.index.write().unwrap_or_else(|p| p.into_inner());
+        match event {
+            watcher::Event::Apply(pod) => index().insert(pod),
+            watcher::Event::Delete(pod) => index().remove(&key_of(pod)),
+            watcher::Event::Init => self.listing = Some(PodIndex::default()),
+            watcher::Event::InitApply(pod) => self.listing.get_or_insert_default().insert(pod),
+            watcher::Event::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                *index() = listed;
+                self.listed.send_replace(true);
+            }
         }
     }
 }
@@ -286,6 +418,7 @@ fn slim(pod: &mut Pod) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt as _;
     use k8s_openapi::api::core::v1::PodIP;
 
     fn pod(namespace: &str, name: &str, ip: &str, phase: &str) -> Pod {
@@ -352,6 +485,77 @@ mod tests {
             resolve_in(&pods, "10.0.0.1".parse().unwrap()),
             Client::Unresolved { candidates: 2, .. }
         ));
+    }
+
+    #[test]
+    fn the_directory_follows_the_watch_and_a_relisting_replaces_what_it_held() {
+        let (mut writer, directory) = IndexWriter::new();
+        let address = |a: &str| a.parse::<IpAddr>().unwrap();
+        let name_at = |a: &str| match directory.resolve(address(a)) {
+            Client::Pod(pod) => Some(pod.name),
+            Client::Unresolved { .. } => None,
+        };
+        assert!(directory.listed().now_or_never().is_none());
+        writer.apply(&watcher::Event::Init);
+        writer.apply(&watcher::Event::InitApply(pod(
+            "ci", "a", "10.1.0.1", "Running",
+        )));
+        writer.apply(&watcher::Event::InitApply(pod(
+            "ci", "gone", "10.1.0.2", "Running",
+        )));
+        assert_eq!(
+            name_at("10.1.0.1"),
+            None,
+            "a listing counts once it is done"
+        );
+        writer.apply(&watcher::Event::InitDone);
+        assert!(directory.listed().now_or_never().is_some());
+        // Its pod_ip is among its pod_ips too: one pod, not two.
+        assert_eq!(name_at("10.1.0.1").as_deref(), Some("a"));
+        assert_eq!(name_at("::ffff:10.1.0.1").as_deref(), Some("a"));
+        // A pod that moves to another address leaves its old one.
+        writer.apply(&watcher::Event::Apply(pod(
+            "ci", "a", "10.1.0.9", "Running",
+        )));
+        assert_eq!(name_at("10.1.0.1"), None);
+        assert_eq!(name_at("10.1.0.9").as_deref(), Some("a"));
+        // Two pods with one address are nobody; one of them gone, the other is found.
+        writer.apply(&watcher::Event::Apply(pod(
+            "ci", "b", "10.1.0.9", "Running",
+        )));
+        assert!(matches!(
+            directory.resolve(address("10.1.0.9")),
+            Client::Unresolved { candidates: 2, .. }
+        ));
+        writer.apply(&watcher::Event::Delete(pod(
+            "ci", "a", "10.1.0.9", "Running",
+        )));
+        assert_eq!(name_at("10.1.0.9").as_deref(), Some("b"));
+        // A finished pod's address is nobody's.
+        writer.apply(&watcher::Event::Apply(pod(
+            "ci",
+            "b",
+            "10.1.0.9",
+            "Succeeded",
+        )));
+        assert_eq!(name_at("10.1.0.9"), None);
+        // A relisting (after the watch lost its place) holds what it lists, and nothing else.
+        writer.apply(&watcher::Event::Init);
+        writer.apply(&watcher::Event::InitApply(pod(
+            "ci", "c", "10.1.0.3", "Running",
+        )));
+        assert_eq!(
+            name_at("10.1.0.2").as_deref(),
+            Some("gone"),
+            "until it is done"
+        );
+        writer.apply(&watcher::Event::InitDone);
+        assert_eq!(name_at("10.1.0.2"), None);
+        assert_eq!(name_at("10.1.0.3").as_deref(), Some("c"));
+        assert!(directory.watched.as_ref().is_some_and(|w| {
+            let index = w.index.read().unwrap();
+            index.pods.len() == 1 && index.by_address.len() == 2
+        }));
     }
 
     #[test]

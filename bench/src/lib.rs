@@ -20,6 +20,7 @@
 //! Subcommands: `run [--quick] [--out FILE] [--only PARTS]` (the benchmarks), and the roles it starts as child
 //! processes: `relay LISTEN TO` and `serve-listeners ...`.
 
+pub mod client_checks;
 pub mod figures;
 pub mod floor;
 pub mod memory;
@@ -53,7 +54,7 @@ pub fn main_with_args(args: Vec<String>) -> ExitCode {
             Some("relay") => roles::relay_main(&args[1..]).await,
             Some("serve-listeners") => roles::serve_listeners_main(&args[1..]).await,
             _ => Err(anyhow::anyhow!(
-                "usage: fleet-access-bench run [--quick] [--perf] [--out FILE] [--runs N] [--only throughput,slow-reader,parallel,shell-paste,setup,scale,operator] [--operator-grants N] [--operator-resync-seconds S]"
+                "usage: fleet-access-bench run [--quick] [--perf] [--out FILE] [--runs N] [--only throughput,slow-reader,parallel,shell-paste,setup,scale,memory,client-checks,operator] [--operator-grants N] [--operator-resync-seconds S]"
             )),
         }
     });

@@ -41,6 +41,8 @@ pub struct Report {
     pub shell_paste: Option<crate::shell_paste::ShellPaste>,
     /// Memory under a thousand slow readers.
     pub memory: Option<crate::memory::Memory>,
+    /// What checking a connection's client costs.
+    pub client_checks: Option<crate::client_checks::ClientChecks>,
 }
 
 fn shell(program: &str, args: &[&str]) -> String {
@@ -90,6 +92,7 @@ impl Report {
             parallel: None,
             shell_paste: None,
             memory: None,
+            client_checks: None,
         }
     }
 
@@ -149,6 +152,9 @@ impl Report {
         }
         if let Some(part) = &self.memory {
             crate::memory::render(part, 8, &mut out);
+        }
+        if let Some(part) = &self.client_checks {
+            crate::client_checks::render(part, 9, &mut out);
         }
         for (what, text) in &self.profiles {
             let _ = writeln!(
@@ -874,6 +880,7 @@ mod tests {
             parallel: None,
             shell_paste: None,
             memory: None,
+            client_checks: None,
         }
     }
 

@@ -57,6 +57,10 @@ pub async fn run(args: &[String]) -> anyhow::Result<()> {
         let part = crate::memory::run(&ws, &options, &target).await;
         report.memory = kept(part, &mut report.missing, "memory");
     }
+    if options.wants("client-checks") {
+        let part = crate::client_checks::run(&options);
+        report.client_checks = kept(part, &mut report.missing, "client checks");
+    }
     if options.wants("operator") {
         let part = crate::operator::run(&ws, &options).await;
         report.operator = kept(part, &mut report.missing, "operator");

@@ -90,6 +90,7 @@ impl Options {
                 "setup".into(),
                 "scale".into(),
                 "memory".into(),
+                "client-checks".into(),
                 "operator".into(),
             ],
             modes: vec![Mode::Realistic, Mode::Fast],
@@ -130,7 +131,7 @@ impl Options {
                     options.parts = it
                         .next()
                         .context(
-                            "--only throughput,slow-reader,parallel,shell-paste,setup,scale,memory,operator",
+                            "--only throughput,slow-reader,parallel,shell-paste,setup,scale,memory,client-checks,operator",
                         )?
                         .split(',')
                         .map(str::to_owned)
