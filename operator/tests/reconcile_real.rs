@@ -604,6 +604,114 @@ async fn a_namespace_over_its_document_limit_grants_no_more() {
     h.stop().await;
 }
 
+/// IAM judges a session's instance and its document apart, so grants naming one principal
+/// combine. An approved grant of SSH on a production instance, whose user an earlier grant
+/// gives a shell on another instance, would hand that user a shell in production that nobody
+/// approved: it is left out (and its user's policy holds the earlier grant alone) until the
+/// earlier grant goes.
+#[tokio::test]
+async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_user() {
+    use fleet_access_crds::{SessionAccessApproval, v1alpha1::REQUESTED_BY_ANNOTATION};
+    use kube::api::PostParams;
+
+    const PRODUCTION: &str = "i-0000000000000000c";
+    const DEV: &str = "i-0000000000000000a";
+    let h = Harness::start("op-combine", Duration::from_secs(300)).await;
+    let ns = h.namespace.name().to_owned();
+    let ivy = h.unique("ivy");
+    h.user(&ivy).await;
+    // This namespace's grants need approval to reach the production instance.
+    let control_plane = fleet_access_tests::ControlPlane::shared()
+        .await
+        .expect("control plane");
+    let boundary = format!("approve-{ns}");
+    let policy = json!({
+        "apiVersion": "fleetaccess.io/v1alpha1",
+        "kind": "SessionAccessPolicy",
+        "metadata": {"name": boundary},
+        "spec": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "principals": {"users": [ivy]},
+            "targets": {"instanceIds": [DEV, PRODUCTION]},
+            "sessions": {"ssh": true, "shell": true},
+            "approval": {"instanceIds": [PRODUCTION]},
+        },
+    });
+    (control_plane.apply_yaml(&policy.to_string(), None).await).expect("the boundary");
+    h.create(
+        "dev-shell",
+        json!({
+            "principals": {"users": [ivy]},
+            "targets": {"instanceIds": [DEV]},
+            "sessions": {"shell": true},
+        }),
+    )
+    .await;
+    h.wait_condition("dev-shell", "Ready", "True").await;
+    let requested = h
+        .grant("prod-ssh")
+        .users([ivy.as_str()])
+        .instance_ids([PRODUCTION])
+        .ssh()
+        .annotation(REQUESTED_BY_ANNOTATION, "ivy")
+        .build();
+    let requested = (h.grants.create(&PostParams::default(), &requested).await).expect("created");
+    h.wait_condition("prod-ssh", "Approved", "False").await;
+    let approval: SessionAccessApproval = serde_json::from_value(json!({
+        "apiVersion": "fleetaccess.io/v1alpha1",
+        "kind": "SessionAccessApproval",
+        "metadata": {"name": "prod-ssh-inc-1"},
+        "spec": {
+            "grant": {
+                "name": "prod-ssh",
+                "uid": requested.metadata.uid,
+                "generation": requested.metadata.generation,
+            },
+            "approvedBy": "oncall-lead",
+        },
+    }))
+    .expect("an approval");
+    (h.namespace.api::<SessionAccessApproval>())
+        .create(&PostParams::default(), &approval)
+        .await
+        .expect("approved");
+
+    let left_out = h.wait_condition("prod-ssh", "PolicySynced", "False").await;
+    assert_eq!(
+        find(&left_out, "Approved").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    let synced = find(&left_out, "PolicySynced").expect("PolicySynced");
+    assert_eq!(synced.reason, "CombinesWithGrant");
+    for words in [format!("user/{ivy}"), format!("grant {ns}/dev-shell")] {
+        assert!(
+            synced.message.contains(&words),
+            "{words}: {}",
+            synced.message
+        );
+    }
+    let arn = h.set_arn(&format!("user/{ivy}"));
+    let (policy_document, _) = h.policy_document(&arn).await.expect("ivy's policy");
+    assert!(policy_document.contains(DEV), "{policy_document}");
+    assert!(!policy_document.contains(PRODUCTION), "{policy_document}");
+    let warned = h.events_about("prod-ssh").await;
+    assert!(
+        (warned.iter()).any(|e| e.reason.as_deref() == Some("CombinesWithGrant")),
+        "{warned:?}"
+    );
+
+    // The shell grant goes: the approved grant is in force, without a change of its own.
+    h.delete("dev-shell").await;
+    h.wait_condition("prod-ssh", "Ready", "True").await;
+    let (policy_document, _) = h.policy_document(&arn).await.expect("ivy's policy");
+    assert!(policy_document.contains(PRODUCTION), "{policy_document}");
+    assert!(!policy_document.contains(DEV), "{policy_document}");
+    h.stop().await;
+    control_plane
+        .run_kubectl(["delete", "sessionaccesspolicy", &boundary])
+        .expect("the boundary deleted");
+}
+
 #[tokio::test]
 async fn bridge_endpoints_merge_per_instance_and_admit_only_the_clients() {
     use fleet_access_crds::bridge_contract::EndpointAnnotations;

@@ -1033,3 +1033,147 @@ fn a_merged_policy_set_decides_as_its_grants_do_together() {
         merged.len()
     );
 }
+
+/// Grants naming one user from different scopes (namespaces, approvals), as the operator keeps
+/// them (`combination::apart`): every session (an instance and a document) the user's whole
+/// policy set allows is one the grants of a single scope allow on their own. Without the rule
+/// the same grants hand the user sessions no scope granted, which is why it exists.
+#[test]
+fn a_users_grants_from_different_scopes_allow_no_session_that_no_scope_allows() {
+    use fleet_access_operator::model::combination::{self, Scope};
+
+    const DEV: &str = "i-0000000000000000a";
+    const PROD: &str = "i-0000000000000000b";
+    const OPS: &str = "i-0000000000000000c";
+    fn scoped(
+        namespace: &str,
+        name: &str,
+        approval: Option<&str>,
+        build: fn(GrantFixture) -> GrantFixture,
+    ) -> (Scope, Desired) {
+        let scope = Scope {
+            namespace: namespace.to_owned(),
+            approval: approval.map(str::to_owned),
+        };
+        let grant = build(GrantFixture::new(namespace, name).users(["ivy"]));
+        (scope, render(&grant.build()))
+    }
+    let grants = vec![
+        scoped("dev", "dev-shell", None, |g| g.instance_ids([DEV]).shell()),
+        // Approved SSH in production: with the shell above, a shell in production.
+        scoped("dev", "prod-ssh", Some("prod-ssh-approved"), |g| {
+            g.instance_ids([PROD]).ssh()
+        }),
+        // Another namespace's SSH on both: a shell on OPS with dev-shell.
+        scoped("ops", "ops-ssh", None, |g| g.instance_ids([DEV, OPS]).ssh()),
+        // A shell of its own on another instance: each grant's shell document is its own (its
+        // run-as user, its logging), so dev-shell's document on OPS is a session nobody granted.
+        scoped("ops", "ops-shell", None, |g| g.instance_ids([OPS]).shell()),
+        // SSH on dev-shell's own instance: together they allow nothing more.
+        scoped("ops", "ops-dev-ssh", None, |g| g.instance_ids([DEV]).ssh()),
+        // Within dev-shell's own namespace and boundaries: kept, whatever it adds.
+        scoped("dev", "dev-ssh", None, |g| g.instance_ids([DEV]).ssh()),
+    ];
+    let instances = [DEV, PROD, OPS];
+    let documents: Vec<String> = (grants.iter())
+        .flat_map(|(_, d)| d.connect.iter().map(|c| c.document.clone()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let ivy = Principal::new(PrincipalKind::User, "ivy");
+    let caller = user("ivy");
+    // Which (instance, document) sessions each policy set allows ivy, by the evaluator.
+    let sessions_allowed = |sets: &[Vec<Desired>]| -> Vec<Vec<(String, String)>> {
+        let mut batch = Vec::new();
+        let mut asked = Vec::new();
+        for (set, grants) in sets.iter().enumerate() {
+            let policies = policy_sets(grants).remove(&ivy).unwrap_or_default();
+            let context = [
+                ("aws:CurrentTime".to_owned(), json!(NOW)),
+                ("ssm:SessionDocumentAccessCheck".to_owned(), json!("true")),
+            ];
+            let resources =
+                (instances.iter().map(|id| instance(id))).chain(documents.iter().map(|name| {
+                    match name.starts_with("AWS-") {
+                        true => aws_document(name),
+                        false => own_document(name),
+                    }
+                }));
+            for resource in resources {
+                let id = format!("{set} {resource}");
+                let action = "ssm:StartSession";
+                batch.push(request(
+                    id,
+                    (&caller, &policies),
+                    action,
+                    &resource,
+                    &context,
+                ));
+                asked.push((set, resource));
+            }
+        }
+        let evaluated = evaluate(&batch).expect("the IAM evaluator runs (tests/env/setup.sh)");
+        let mut allowed = vec![std::collections::BTreeSet::new(); sets.len()];
+        for ((set, resource), e) in asked.into_iter().zip(evaluated) {
+            assert_eq!(e.error, None, "request {}", e.id);
+            if e.decision == Some(Allowed) {
+                allowed[set].insert(resource);
+            }
+        }
+        (allowed.iter())
+            .map(|resources| {
+                let mut sessions = Vec::new();
+                for id in instances {
+                    for name in &documents {
+                        let document =
+                            (resources.iter()).find(|r| r.ends_with(&format!("/{name}")));
+                        if resources.contains(&instance(id)) && document.is_some() {
+                            sessions.push((id.to_owned(), name.clone()));
+                        }
+                    }
+                }
+                sessions
+            })
+            .collect()
+    };
+    // The sessions no single scope's grants allow, among those all of `grants` allow together.
+    let unscoped = |grants: &[(Scope, Desired)]| -> Vec<(String, String)> {
+        let mut scopes: Vec<&Scope> = Vec::new();
+        for (scope, _) in grants {
+            if !scopes.contains(&scope) {
+                scopes.push(scope);
+            }
+        }
+        let mut sets = vec![grants.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>()];
+        for scope in &scopes {
+            sets.push(
+                (grants.iter())
+                    .filter(|(s, _)| s == *scope)
+                    .map(|(_, d)| d.clone())
+                    .collect(),
+            );
+        }
+        let mut allowed = sessions_allowed(&sets).into_iter();
+        let together = allowed.next().unwrap_or_default();
+        let alone: Vec<(String, String)> = allowed.flatten().collect();
+        (together.into_iter())
+            .filter(|session| !alone.contains(session))
+            .collect()
+    };
+
+    let everything = unscoped(&grants);
+    assert!(
+        (everything.iter()).any(|(id, document)| id == PROD && document.contains("dev-shell")),
+        "without the rule, a shell in production nobody granted: {everything:?}"
+    );
+    let (kept, left_out) = combination::apart(grants.clone());
+    let name = |owner: &str| owner.rsplit('/').next().unwrap_or_default().to_owned();
+    let mut left_out: Vec<String> = left_out.keys().map(|owner| name(owner)).collect();
+    left_out.sort();
+    assert_eq!(left_out, ["ops-shell", "ops-ssh", "prod-ssh"]);
+    let kept: Vec<(Scope, Desired)> = (grants.into_iter())
+        .filter(|(_, d)| kept.iter().any(|k| k.grant == d.grant))
+        .collect();
+    assert_eq!(kept.len(), 3);
+    assert_eq!(unscoped(&kept), Vec::<(String, String)>::new());
+}

@@ -1,10 +1,12 @@
 //! Which grants grant now: of the grants listed, those that are live, inside a boundary,
-//! approved where a boundary asks for approval, valid, within their window, and within their
-//! namespace's share of session documents, each judged as its own reconcile judges it (same
-//! boundaries, same clock rules, the approved generation's spec). What the cluster's shared
-//! objects hold (identities' policy sets, the shared session documents) is the union of what
-//! these grants ask, never of a grant that is refused, waiting, invalid, over or past its
-//! namespace's documents: such a grant writes nothing to AWS, shared or not.
+//! approved where a boundary asks for approval, valid, within their window, apart from the
+//! earlier grants of other scopes that name their principals (`model::combination`), and
+//! within their namespace's share of session documents, each judged as its own reconcile
+//! judges it (same boundaries, same clock rules, the approved generation's spec). What the
+//! cluster's shared objects hold (identities' policy sets, the shared session documents) is
+//! the union of what these grants ask, never of a grant that is refused, waiting, invalid,
+//! over, combined or past its namespace's documents: such a grant writes nothing to AWS,
+//! shared or not.
 
 use std::collections::BTreeMap;
 
@@ -18,18 +20,21 @@ use crate::{
     model::{
         approval,
         boundary::{self, Admission},
+        combination::{self, Scope},
         desired::{self, Desired},
-        documents::{self, OverDocumentLimit},
+        documents,
+        status::Withheld,
     },
 };
 
-/// The grants that grant now, and those left out only because their namespace's grants would
-/// hold too many session documents with them.
+/// The grants that grant now, and those left out only because of the grants before them: an
+/// earlier grant of another scope names one of their principals, or their namespace's grants
+/// would hold too many session documents with them.
 pub(crate) struct Granting {
     /// What each grant that grants stands for, in order of creation (then owner).
     pub granting: Vec<Desired>,
     /// The grants left out (by owner tag value), with why.
-    pub over_document_limit: BTreeMap<String, OverDocumentLimit>,
+    pub left_out: BTreeMap<String, Withheld>,
 }
 
 /// Which of `grants` grant now ([`Granting`]). Lists the boundaries and namespaces, and the
@@ -39,7 +44,7 @@ pub(crate) async fn granting(grants: &[SessionAccess], ctx: &Context) -> Result<
     let now = Timestamp::now();
     let no_labels = BTreeMap::new();
     let mut approvals: Option<Vec<SessionAccessApproval>> = None;
-    let mut granting: Vec<(Option<Timestamp>, Desired)> = Vec::new();
+    let mut granting: Vec<(Option<Timestamp>, Scope, Desired)> = Vec::new();
     for grant in grants {
         if grant.metadata.deletion_timestamp.is_some() {
             continue;
@@ -76,14 +81,24 @@ pub(crate) async fn granting(grants: &[SessionAccess], ctx: &Context) -> Result<
         if desired.expired(now) {
             continue;
         }
-        granting.push((created, desired));
+        let scope = Scope {
+            namespace,
+            approval: verdict.record().map(|record| record.name.clone()),
+        };
+        granting.push((created, scope, desired));
     }
-    granting.sort_by(|a, b| (a.0, &a.1.grant).cmp(&(b.0, &b.1.grant)));
-    let granting = granting.into_iter().map(|(_, desired)| desired).collect();
+    granting.sort_by(|a, b| (a.0, &a.2.grant).cmp(&(b.0, &b.2.grant)));
+    let granting = (granting.into_iter())
+        .map(|(_, scope, desired)| (scope, desired))
+        .collect();
+    let (granting, combined) = combination::apart(granting);
     let limit = ctx.settings.max_documents_per_namespace;
-    let (granting, over_document_limit) = documents::within_namespace_limit(granting, limit);
-    Ok(Granting {
-        granting,
-        over_document_limit,
-    })
+    let (granting, over_limit) = documents::within_namespace_limit(granting, limit);
+    let left_out = (combined.into_iter())
+        .map(|(grant, why)| (grant, Withheld::CombinesWith(why)))
+        .chain(
+            (over_limit.into_iter()).map(|(grant, why)| (grant, Withheld::OverDocumentLimit(why))),
+        )
+        .collect();
+    Ok(Granting { granting, left_out })
 }

@@ -329,17 +329,16 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
         }
     };
     let expired = desired.expired(now);
-    // The shared documents first: their sync says whether the grant's namespace's share of
-    // session documents leaves it out, before anything of its own is written.
+    // The shared documents first: their sync says whether the grants before this one leave it
+    // out, before anything of its own is written.
     let shared = ctx.shared_documents.sync(&grant.object_ref(&()), ctx).await;
-    let over_limit = (shared.as_ref().ok()).and_then(|left_out| left_out.get(&owner).copied());
-    // Outside its boundary, waiting for approval, or past its namespace's share of documents,
-    // a grant stands for nothing: like an expired one, it is revoked.
-    let withheld = match (refused, awaiting, over_limit) {
-        (true, _, _) => Some(Withheld::OutsideBoundary),
-        (false, true, _) => Some(Withheld::AwaitingApproval),
-        (false, false, Some(over)) => Some(Withheld::OverDocumentLimit(over)),
-        (false, false, None) => None,
+    let left_out = (shared.as_ref().ok()).and_then(|left_out| left_out.get(&owner).cloned());
+    // Outside its boundary, waiting for approval, or left out by the grants before it, a grant
+    // stands for nothing: like an expired one, it is revoked.
+    let withheld = match (refused, awaiting) {
+        (true, _) => Some(Withheld::OutsideBoundary),
+        (false, true) => Some(Withheld::AwaitingApproval),
+        (false, false) => left_out,
     };
     let revoked = expired || withheld.is_some();
     ctx.set_expiry(grant, desired.expires_at);
@@ -359,7 +358,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
             false => applier.publish(event.reason, &event.note).await,
         }
     }
-    if let Some((reason, note)) = status::document_limit_event(previous, withheld) {
+    if let Some((reason, note)) = status::left_out_event(previous, withheld.as_ref()) {
         applier.warn(reason, &note).await;
     }
 
@@ -394,7 +393,7 @@ async fn apply(grant: &SessionAccess, api: &Api<SessionAccess>, ctx: &Context) -
     .await;
     let (policy, policies, attached_principals, failure) = match synced {
         Ok(policies) => (
-            match withheld {
+            match withheld.clone() {
                 Some(withheld) => PoliciesState::Revoked(withheld),
                 None => PoliciesState::Synced {
                     policies: policies.len(),

@@ -6,7 +6,7 @@
 //! grant derives (the ones being deleted included) and the names this process has seen exist.
 //! The first sync after a start also lists the documents by the tag, for those an earlier
 //! process left. Grant reconciles ask for syncs, which are coalesced as identities' are, and
-//! learn from each which grants their namespace's share of documents leaves out.
+//! learn from each which grants the grants before them leave out.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,15 +22,15 @@ use crate::{
     },
     model::{
         desired,
-        documents::OverDocumentLimit,
         naming::OwnerTag,
         plan::{self, Known},
+        status::Withheld,
     },
 };
 
-/// The grants (owner tag values) a sync left out because their namespace's grants would hold
-/// too many session documents with them, with why.
-pub type LeftOut = BTreeMap<String, OverDocumentLimit>;
+/// The grants (owner tag values) a sync left out because of the grants before them, with why
+/// ([`granting::Granting::left_out`]).
+pub type LeftOut = BTreeMap<String, Withheld>;
 
 /// The cluster's shared documents' syncs, one at a time.
 #[derive(Default)]
@@ -69,10 +69,7 @@ impl SharedDocuments {
     async fn sync_now(&self, subject: &ObjectReference, ctx: &Context) -> Result<LeftOut> {
         let cluster = &ctx.settings.cluster;
         let grants = observe::grants(ctx).await?;
-        let granting::Granting {
-            granting,
-            over_document_limit,
-        } = granting::granting(&grants, ctx).await?;
+        let granting::Granting { granting, left_out } = granting::granting(&grants, ctx).await?;
         let wanted = plan::wanted_shared_documents(granting.iter().map(|d| d.documents.as_slice()));
         // Every name any listed grant derives, granting or not, to find what to delete.
         let documents: Vec<Vec<desired::SessionDocument>> = (grants.iter())
@@ -97,6 +94,6 @@ impl SharedDocuments {
         sync_documents(&applier, owner, &wanted, &known, ctx).await?;
         let now: BTreeSet<String> = wanted.into_iter().map(|d| d.name).collect();
         *self.existing.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
-        Ok(over_document_limit)
+        Ok(left_out)
     }
 }

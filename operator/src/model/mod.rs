@@ -5,6 +5,7 @@
 pub mod approval;
 pub mod boundary;
 pub mod census;
+pub mod combination;
 pub mod desired;
 pub mod documents;
 pub mod endpoints;

@@ -24,8 +24,10 @@ use crate::{
         approval::{Pending, Verdict},
         boundary::Admission,
         census::Covered,
+        combination::CombinesWith,
         desired::{BridgePort, Connection, TargetSelection},
         documents::OverDocumentLimit,
+        naming,
     },
 };
 
@@ -141,12 +143,15 @@ pub enum EndpointsState {
 }
 
 /// Why a grant that has not ended stands for nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Withheld {
     /// It is outside its boundary (see Admitted).
     OutsideBoundary,
     /// It waits for approval (see Approved).
     AwaitingApproval,
+    /// An earlier grant of another scope names one of its principals, and IAM would combine
+    /// them (PolicySynced says so).
+    CombinesWith(CombinesWith),
     /// Its namespace's grants would hold more session documents with it than they may
     /// (PolicySynced says so).
     OverDocumentLimit(OverDocumentLimit),
@@ -154,7 +159,7 @@ pub enum Withheld {
 
 impl Withheld {
     /// The reason, and the words that end "nothing is written: …".
-    fn words(self) -> (&'static str, String) {
+    fn words(&self) -> (&'static str, String) {
         match self {
             Withheld::OutsideBoundary => (
                 "OutsideBoundary",
@@ -163,6 +168,14 @@ impl Withheld {
             Withheld::AwaitingApproval => (
                 "AwaitingApproval",
                 "the grant waits for a second person's approval (see Approved)".into(),
+            ),
+            Withheld::CombinesWith(CombinesWith { grant, principal }) => (
+                COMBINES_WITH_GRANT,
+                format!(
+                    "{principal} is also named by grant {}, admitted by other boundaries or another approval, and IAM judges a session's instance and its document apart: together the two grants would let {principal} start the sessions of each on the instances of the other, which neither allows; the earlier grant keeps its place: name another principal here (a role of its own), or give the two grants the same sessions or the same targets",
+                    naming::owner_grant(grant)
+                        .map_or_else(|| grant.clone(), |(ns, name)| format!("{ns}/{name}"))
+                ),
             ),
             Withheld::OverDocumentLimit(OverDocumentLimit { needed, limit }) => (
                 DOCUMENT_LIMIT,
@@ -174,27 +187,29 @@ impl Withheld {
     }
 
     /// Whether another condition already fails for it (else PolicySynced does).
-    fn shown_elsewhere(self) -> bool {
-        !matches!(self, Withheld::OverDocumentLimit(_))
+    fn shown_elsewhere(&self) -> bool {
+        matches!(self, Withheld::OutsideBoundary | Withheld::AwaitingApproval)
     }
 }
 
 /// The reason of a grant over its namespace's share of session documents.
 pub const DOCUMENT_LIMIT: &str = "DocumentLimit";
 
-/// The Warning Event of a grant that its namespace's share of session documents now leaves
-/// out, where the recorded status did not: its reason and note.
-pub fn document_limit_event(
+/// The reason of a grant that an earlier grant of another scope, naming one of its principals,
+/// leaves out.
+pub const COMBINES_WITH_GRANT: &str = "CombinesWithGrant";
+
+/// The Warning Event of a grant that the grants before it now leave out, where the recorded
+/// status did not say so: its reason and note.
+pub fn left_out_event(
     previous: Option<&SessionAccessStatus>,
-    withheld: Option<Withheld>,
+    withheld: Option<&Withheld>,
 ) -> Option<(&'static str, String)> {
-    let over @ Withheld::OverDocumentLimit(_) = withheld? else {
-        return None;
-    };
+    let left_out = withheld.filter(|w| !w.shown_elsewhere())?;
     let recorded = (previous.into_iter())
         .flat_map(|s| s.conditions.iter())
         .find(|c| c.type_ == POLICY_SYNCED);
-    let (reason, why) = over.words();
+    let (reason, why) = left_out.words();
     recorded
         .is_none_or(|c| c.reason != reason)
         .then(|| (reason, format!("nothing is granted: {why}")))
@@ -897,8 +912,8 @@ mod tests {
             limit: 50,
         });
         let observed = Observations {
-            bridge: EndpointsState::Revoked(over),
-            ..seen(PoliciesState::Revoked(over))
+            bridge: EndpointsState::Revoked(over.clone()),
+            ..seen(PoliciesState::Revoked(over.clone()))
         };
         let status = compute(None, &observed, Timestamp::UNIX_EPOCH);
         let (ready, policies, bridge) = (
@@ -923,17 +938,14 @@ mod tests {
         }
         assert_eq!(bridge.message, "no endpoints: see PolicySynced");
         // The Warning goes out when the grant is newly over, not at every reconcile.
-        let event = document_limit_event(None, Some(over)).expect("an Event");
+        let event = left_out_event(None, Some(&over)).expect("an Event");
         assert_eq!(event.0, DOCUMENT_LIMIT);
         assert!(event.1.contains("limit of 50"), "{}", event.1);
-        assert_eq!(document_limit_event(Some(&status), Some(over)), None);
-        assert_eq!(
-            document_limit_event(None, Some(Withheld::OutsideBoundary)),
-            None
-        );
+        assert_eq!(left_out_event(Some(&status), Some(&over)), None);
+        assert_eq!(left_out_event(None, Some(&Withheld::OutsideBoundary)), None);
         let fits = compute(Some(&status), &seen(synced()), Timestamp::UNIX_EPOCH);
         assert_eq!(
-            document_limit_event(Some(&fits), Some(over)).map(|e| e.0),
+            left_out_event(Some(&fits), Some(&over)).map(|e| e.0),
             Some(DOCUMENT_LIMIT)
         );
     }

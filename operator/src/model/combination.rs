@@ -1,0 +1,274 @@
+//! Grants that name one principal, and what IAM makes of them together. IAM judges a
+//! StartSession's instance and its session document apart, each against every statement of
+//! the principal: a principal that one grant lets reach instance X with SSH, and another lets
+//! reach instance Y with a shell, may open a shell on X. Within one namespace's boundaries that
+//! stays inside them (a boundary bounds targets and sessions each on its own, so every pair the
+//! two allow together is one it admits); across namespaces (other boundaries) or an approval
+//! (a person approved one grant's sessions on its instances, not others'), it does not. So of
+//! two grants in force that name a principal from different scopes ([`Scope`]), the later one
+//! is left out when together they would allow a session on an instance that neither allows on
+//! its own ([`apart`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::model::{
+    desired::{Desired, TargetSelection},
+    policy::Effect,
+};
+
+/// Where a grant's sessions were admitted: its namespace (its boundaries), and the approval
+/// that put it in force, if one did (each approval its own scope).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    /// The grant's namespace.
+    pub namespace: String,
+    /// The name of the approval that put it in force.
+    pub approval: Option<String>,
+}
+
+/// Why a grant is left out: an earlier grant of another scope names one of its principals, and
+/// together they would allow more than each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CombinesWith {
+    /// The earlier grant (owner tag value).
+    pub grant: String,
+    /// The principal both name (`user/…`, `role/…`, `group/…`).
+    pub principal: String,
+}
+
+/// Of `granting` (in order of precedence, each with its scope), the grants that combine with no
+/// earlier grant kept, and the rest with why (by owner tag value). A Deny grant never widens
+/// and is always kept.
+pub fn apart(granting: Vec<(Scope, Desired)>) -> (Vec<Desired>, BTreeMap<String, CombinesWith>) {
+    let mut kept: Vec<(Scope, Desired)> = Vec::new();
+    let mut left_out = BTreeMap::new();
+    for (scope, desired) in granting {
+        let clash = (desired.effect == Effect::Allow)
+            .then(|| {
+                kept.iter().find_map(|(earlier_scope, earlier)| {
+                    let principal = shared_principal(&desired, earlier)?;
+                    (earlier.effect == Effect::Allow
+                        && *earlier_scope != scope
+                        && widens(&desired, earlier))
+                    .then(|| CombinesWith {
+                        grant: earlier.grant.clone(),
+                        principal,
+                    })
+                })
+            })
+            .flatten();
+        match clash {
+            Some(why) => {
+                left_out.insert(desired.grant.clone(), why);
+            }
+            None => kept.push((scope, desired)),
+        }
+    }
+    (kept.into_iter().map(|(_, d)| d).collect(), left_out)
+}
+
+/// The first principal `a` and `b` both name, as `kind/name`.
+fn shared_principal(a: &Desired, b: &Desired) -> Option<String> {
+    let named = |d: &Desired| -> BTreeSet<String> {
+        let p = &d.principals;
+        (p.users.iter().map(|n| format!("user/{n}")))
+            .chain(p.roles.iter().map(|n| format!("role/{n}")))
+            .chain(p.groups.iter().map(|n| format!("group/{n}")))
+            .collect()
+    };
+    named(a).intersection(&named(b)).next().cloned()
+}
+
+/// Whether `a` and `b` together allow a session (a document on an instance) that neither allows
+/// on its own: one's documents the other lacks, on instances of the other that it does not
+/// surely cover.
+fn widens(a: &Desired, b: &Desired) -> bool {
+    let (docs_a, docs_b) = (documents(a), documents(b));
+    let extra = |x: &BTreeSet<&str>, y: &BTreeSet<&str>| x.difference(y).next().is_some();
+    (extra(&docs_b, &docs_a) && !covers(&b.targets, &a.targets))
+        || (extra(&docs_a, &docs_b) && !covers(&a.targets, &b.targets))
+}
+
+/// The session documents a grant allows its principals.
+fn documents(desired: &Desired) -> BTreeSet<&str> {
+    desired
+        .connect
+        .iter()
+        .map(|c| c.document.as_str())
+        .collect()
+}
+
+/// Whether every instance `inner` covers is surely one `outer` covers: every instance; the same
+/// selection; or listed IDs among its IDs, and tags that narrow its tags. Tag selections are
+/// compared as written (whether two differently written tag selections meet depends on the
+/// fleet's tags, which the operator does not judge here), so a difference counts as not covered.
+fn covers(outer: &TargetSelection, inner: &TargetSelection) -> bool {
+    if outer.all_instances || outer == inner {
+        return true;
+    }
+    if inner.all_instances {
+        return false;
+    }
+    let ids: BTreeSet<&String> = outer.instance_ids.iter().collect();
+    let ids_covered = inner.instance_ids.iter().all(|id| ids.contains(id));
+    let tags_covered = inner.tags.is_empty()
+        || (!outer.tags.is_empty()
+            && (outer.tags.iter()).all(|(key, value)| inner.tags.get(key) == Some(value)));
+    ids_covered && tags_covered
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet_access_crds::fixtures::GrantFixture;
+
+    use super::*;
+    use crate::{model::desired, settings::Settings};
+
+    const A: &str = "i-0000000000000000a";
+    const B: &str = "i-0000000000000000b";
+
+    fn scoped(grant: GrantFixture, approval: Option<&str>) -> (Scope, Desired) {
+        let grant = grant.build();
+        let desired = desired::compute(&grant, &Settings::default()).expect("computes");
+        let scope = Scope {
+            namespace: grant.metadata.namespace.clone().unwrap_or_default(),
+            approval: approval.map(str::to_owned),
+        };
+        (scope, desired)
+    }
+
+    /// The grants `apart` keeps, by name, and the ones it leaves out with the earlier grant.
+    fn judged(granting: Vec<(Scope, Desired)>) -> (Vec<String>, Vec<(String, String)>) {
+        let (kept, left_out) = apart(granting);
+        let name = |owner: &str| owner.rsplit('/').next().unwrap_or_default().to_owned();
+        (
+            kept.iter().map(|d| name(&d.grant)).collect(),
+            (left_out.iter())
+                .map(|(grant, why)| (name(grant), name(&why.grant)))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn an_approved_grant_does_not_combine_with_another_grant_of_its_principal() {
+        let dev_shell = GrantFixture::new("team", "dev-shell")
+            .users(["alice"])
+            .instance_ids([A])
+            .shell();
+        let prod_ssh = GrantFixture::new("team", "prod-ssh")
+            .users(["alice"])
+            .instance_ids([B])
+            .ssh();
+        let (kept, left_out) = apart(vec![
+            scoped(dev_shell.clone(), None),
+            scoped(prod_ssh.clone(), Some("prod-ssh-approved")),
+        ]);
+        assert_eq!(kept.len(), 1);
+        let why = left_out.values().next().expect("one left out");
+        assert_eq!(
+            (
+                left_out.keys().next().map(String::as_str),
+                why.principal.as_str()
+            ),
+            (Some("default/team/prod-ssh"), "user/alice")
+        );
+        assert_eq!(why.grant, "default/team/dev-shell");
+        // Without the approval, one namespace's boundaries admit every pair anyway.
+        let same_scope = judged(vec![
+            scoped(dev_shell.clone(), None),
+            scoped(prod_ssh, None),
+        ]);
+        assert_eq!(same_scope.1, []);
+        // Another principal: nothing combines.
+        let bob = GrantFixture::new("team", "bob")
+            .users(["bob"])
+            .instance_ids([B])
+            .ssh();
+        assert_eq!(
+            judged(vec![scoped(dev_shell, None), scoped(bob, Some("ok"))]).1,
+            []
+        );
+    }
+
+    #[test]
+    fn grants_of_other_namespaces_combine_only_where_they_add_nothing() {
+        let ssh_on = |namespace: &str, ids: &[&str]| {
+            GrantFixture::new(namespace, &format!("{namespace}-ssh"))
+                .roles(["deployer"])
+                .instance_ids(ids.iter().copied())
+                .ssh()
+        };
+        // The same sessions on other instances: nothing more together.
+        let (_, left_out) = judged(vec![
+            scoped(ssh_on("one", &[A]), None),
+            scoped(ssh_on("two", &[B]), None),
+        ]);
+        assert_eq!(left_out, []);
+        // More sessions on instances the other covers too.
+        let shell_and_ssh_on_a = GrantFixture::new("two", "both")
+            .roles(["deployer"])
+            .instance_ids([A])
+            .ssh()
+            .shell();
+        let (_, left_out) = judged(vec![
+            scoped(ssh_on("one", &[A, B]), None),
+            scoped(shell_and_ssh_on_a.clone(), None),
+        ]);
+        assert_eq!(
+            left_out,
+            [("both".to_owned(), "one-ssh".to_owned())],
+            "a shell on B"
+        );
+        let (_, left_out) = judged(vec![
+            scoped(ssh_on("one", &[A]), None),
+            scoped(shell_and_ssh_on_a, None),
+        ]);
+        assert_eq!(left_out, [], "the other's instances are among its own");
+        // A grant of every instance covers any; a Deny never widens.
+        let everywhere = GrantFixture::new("one", "everywhere")
+            .roles(["deployer"])
+            .all_instances()
+            .ssh()
+            .shell();
+        let deny = GrantFixture::new("two", "deny")
+            .roles(["deployer"])
+            .instance_ids([B])
+            .deny();
+        let (kept, left_out) = judged(vec![
+            scoped(everywhere, None),
+            scoped(ssh_on("two", &[B]), None),
+            scoped(deny, None),
+        ]);
+        assert_eq!((kept.len(), left_out), (3, vec![]));
+    }
+
+    #[test]
+    fn tag_selections_cover_only_what_they_surely_cover() {
+        let by_tags = |tags: &[(&str, &str)]| TargetSelection {
+            tags: (tags.iter())
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..TargetSelection::default()
+        };
+        let prod = by_tags(&[("env", "prod")]);
+        let prod_web = by_tags(&[("env", "prod"), ("role", "web")]);
+        assert!(covers(&prod, &prod_web), "more tags narrow");
+        assert!(!covers(&prod_web, &prod));
+        assert!(!covers(&prod, &by_tags(&[("env", "dev")])));
+        let ids = |ids: &[&str]| TargetSelection {
+            instance_ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+            ..TargetSelection::default()
+        };
+        assert!(covers(&ids(&[A, B]), &ids(&[A])));
+        assert!(!covers(&ids(&[A]), &ids(&[A, B])));
+        assert!(
+            !covers(&prod, &ids(&[A])),
+            "whether A is tagged is not judged here"
+        );
+        let everything = TargetSelection {
+            all_instances: true,
+            ..TargetSelection::default()
+        };
+        assert!(covers(&everything, &prod) && !covers(&prod, &everything));
+    }
+}
