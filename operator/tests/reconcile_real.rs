@@ -604,13 +604,13 @@ async fn a_namespace_over_its_document_limit_grants_no_more() {
     h.stop().await;
 }
 
-/// IAM judges a session's instance and its document apart, so grants naming one principal
+/// IAM judges a session's instance and its document apart, so grants reaching one principal
 /// combine. An approved grant of SSH on a production instance, whose user an earlier grant
-/// gives a shell on another instance, would hand that user a shell in production that nobody
-/// approved: it is left out (and its user's policy holds the earlier grant alone) until the
+/// gives a shell on another instance through a group, would hand that user a shell in
+/// production that nobody approved: it is left out (and holds nothing in IAM) until the
 /// earlier grant goes.
 #[tokio::test]
-async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_user() {
+async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_users_group() {
     use fleet_access_crds::{SessionAccessApproval, v1alpha1::REQUESTED_BY_ANNOTATION};
     use kube::api::PostParams;
 
@@ -620,6 +620,15 @@ async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_user() 
     let ns = h.namespace.name().to_owned();
     let ivy = h.unique("ivy");
     h.user(&ivy).await;
+    let oncall = h.unique("oncall");
+    h.group(&oncall).await;
+    (h.iam
+        .add_user_to_group()
+        .group_name(&oncall)
+        .user_name(&ivy)
+        .send()
+        .await)
+        .expect("ivy joins the group");
     // This namespace's grants need approval to reach the production instance.
     let control_plane = fleet_access_tests::ControlPlane::shared()
         .await
@@ -631,7 +640,7 @@ async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_user() 
         "metadata": {"name": boundary},
         "spec": {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "principals": {"users": [ivy]},
+            "principals": {"users": [ivy], "groups": [oncall]},
             "targets": {"instanceIds": [DEV, PRODUCTION]},
             "sessions": {"ssh": true, "shell": true},
             "approval": {"instanceIds": [PRODUCTION]},
@@ -641,7 +650,7 @@ async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_user() 
     h.create(
         "dev-shell",
         json!({
-            "principals": {"users": [ivy]},
+            "principals": {"groups": [oncall]},
             "targets": {"instanceIds": [DEV]},
             "sessions": {"shell": true},
         }),
@@ -683,17 +692,25 @@ async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_user() 
     );
     let synced = find(&left_out, "PolicySynced").expect("PolicySynced");
     assert_eq!(synced.reason, "CombinesWithGrant");
-    for words in [format!("user/{ivy}"), format!("grant {ns}/dev-shell")] {
+    for words in [
+        format!("user/{ivy} (in group/{oncall})"),
+        format!("grant {ns}/dev-shell"),
+    ] {
         assert!(
             synced.message.contains(&words),
             "{words}: {}",
             synced.message
         );
     }
-    let arn = h.set_arn(&format!("user/{ivy}"));
-    let (policy_document, _) = h.policy_document(&arn).await.expect("ivy's policy");
+    let ivy_arn = h.set_arn(&format!("user/{ivy}"));
+    assert_eq!(
+        h.policy_document(&ivy_arn).await,
+        None,
+        "ivy holds nothing of her own"
+    );
+    let group_arn = h.set_arn(&format!("group/{oncall}"));
+    let (policy_document, _) = h.policy_document(&group_arn).await.expect("the group's");
     assert!(policy_document.contains(DEV), "{policy_document}");
-    assert!(!policy_document.contains(PRODUCTION), "{policy_document}");
     let warned = h.events_about("prod-ssh").await;
     assert!(
         (warned.iter()).any(|e| e.reason.as_deref() == Some("CombinesWithGrant")),
@@ -703,9 +720,13 @@ async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_user() 
     // The shell grant goes: the approved grant is in force, without a change of its own.
     h.delete("dev-shell").await;
     h.wait_condition("prod-ssh", "Ready", "True").await;
-    let (policy_document, _) = h.policy_document(&arn).await.expect("ivy's policy");
+    let (policy_document, _) = h.policy_document(&ivy_arn).await.expect("ivy's policy");
     assert!(policy_document.contains(PRODUCTION), "{policy_document}");
-    assert!(!policy_document.contains(DEV), "{policy_document}");
+    assert_eq!(
+        h.policy_document(&group_arn).await,
+        None,
+        "the group's went"
+    );
     h.stop().await;
     control_plane
         .run_kubectl(["delete", "sessionaccesspolicy", &boundary])

@@ -6,10 +6,7 @@
 //! neither takes the other's fields. One listing per period whatever the number of grants;
 //! metrics carry no label per session.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use fleet_access_crds::{
     SessionAccess,
@@ -65,24 +62,24 @@ async fn count_sessions(store: &Store<SessionAccess>, ctx: &Context) -> Result<u
         return Ok(0); // Nothing reconciled yet: no call.
     }
     let open = with_retry(|| ctx.ssm.active_sessions()).await?;
-    let mut members: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // The grants whose sessions are counted: reconciled, live, Allow.
+    let counted: Vec<_> = (grants.iter())
+        .filter(|g| g.status.is_some() && g.metadata.deletion_timestamp.is_none())
+        .filter(|g| g.spec.effect != Effect::Deny)
+        .collect();
+    let groups = (counted.iter())
+        .flat_map(|g| g.spec.principals.groups.iter().map(|n| n.to_string()))
+        .collect();
+    let members = observe::group_members(groups, ctx).await?;
     let mut changed = 0;
-    for grant in grants {
+    for grant in counted {
         let Some(status) = grant.status.as_ref() else {
             continue;
         };
-        if grant.metadata.deletion_timestamp.is_some() || grant.spec.effect == Effect::Deny {
-            continue;
-        }
         let principals = &grant.spec.principals;
         let mut users: BTreeSet<String> = principals.users.iter().map(|u| u.to_string()).collect();
         for group in &principals.groups {
-            let group = group.to_string();
-            if !members.contains_key(&group) {
-                let found = observe::group_members(std::slice::from_ref(&group), ctx).await?;
-                members.insert(group.clone(), found);
-            }
-            users.extend(members[&group].iter().cloned());
+            users.extend(members.get(group.as_str()).into_iter().flatten().cloned());
         }
         let namespace = grant.namespace().unwrap_or_default();
         let owners = SessionOwners {

@@ -88,10 +88,11 @@ pub(crate) async fn granting(grants: &[SessionAccess], ctx: &Context) -> Result<
         granting.push((created, scope, desired));
     }
     granting.sort_by(|a, b| (a.0, &a.2.grant).cmp(&(b.0, &b.2.grant)));
-    let granting = (granting.into_iter())
+    let granting: Vec<(Scope, Desired)> = (granting.into_iter())
         .map(|(_, scope, desired)| (scope, desired))
         .collect();
-    let (granting, combined) = combination::apart(granting);
+    let members = observe::group_members(combination::groups_to_resolve(&granting), ctx).await?;
+    let (granting, combined) = combination::apart(granting, &members);
     let limit = ctx.settings.max_documents_per_namespace;
     let (granting, over_limit) = documents::within_namespace_limit(granting, limit);
     let left_out = (combined.into_iter())

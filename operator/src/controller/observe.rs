@@ -14,10 +14,11 @@ use kube::{Api, ResourceExt, api::ListParams};
 
 use crate::{
     Error, Result,
-    aws::{ActiveSession, AwsResult, InstanceInfo, with_retry},
+    aws::{ActiveSession, AwsErrorKind, AwsResult, InstanceInfo, with_retry},
     controller::Context,
     model::{
         census::Covered,
+        combination::GroupMembers,
         desired::TargetSelection,
         endpoints::{self, ObservedEndpoints},
         naming::{self, OwnerTag},
@@ -135,17 +136,21 @@ pub async fn sessions(
         .collect())
 }
 
-/// The user names of the groups' members.
-pub async fn group_members(groups: &[String], ctx: &Context) -> AwsResult<BTreeSet<String>> {
-    let mut users = BTreeSet::new();
+/// The user names in each of `groups`, as IAM lists them now; a group that does not exist (or
+/// no longer) has none.
+pub async fn group_members(groups: BTreeSet<String>, ctx: &Context) -> AwsResult<GroupMembers> {
+    let mut members = GroupMembers::new();
     for group in groups {
-        let arns = with_retry(|| ctx.iam.group_members(group)).await?;
-        users.extend(
-            arns.iter()
-                .filter_map(|arn| arn.rsplit('/').next().map(str::to_owned)),
-        );
+        let users = match with_retry(|| ctx.iam.group_members(&group)).await {
+            Ok(arns) => (arns.iter())
+                .filter_map(|arn| arn.rsplit('/').next().map(str::to_owned))
+                .collect(),
+            Err(error) if error.kind() == AwsErrorKind::NotFound => BTreeSet::new(),
+            Err(error) => return Err(error),
+        };
+        members.insert(group, users);
     }
-    Ok(users)
+    Ok(members)
 }
 
 /// The operator's Services in the bridge namespace and grant `owner`'s NetworkPolicy.

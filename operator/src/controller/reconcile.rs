@@ -549,14 +549,10 @@ async fn end_sessions(
     };
     let listed = async {
         let mut users: BTreeSet<String> = named(PrincipalKind::User).collect();
-        for group in named(PrincipalKind::Group) {
-            // A group deleted since has no members to end sessions of.
-            match observe::group_members(std::slice::from_ref(&group), ctx).await {
-                Ok(members) => users.extend(members),
-                Err(error) if error.kind() == crate::aws::AwsErrorKind::NotFound => {}
-                Err(error) => return Err(error),
-            }
-        }
+        // A group deleted since has no members to end sessions of.
+        let groups = named(PrincipalKind::Group).collect();
+        let members = observe::group_members(groups, ctx).await?;
+        users.extend(members.into_values().flatten());
         let owners = SessionOwners {
             account: ctx.account.clone(),
             grant: key.to_owned(),

@@ -7,7 +7,8 @@
 //! (a person approved one grant's sessions on its instances, not others'), it does not. So of
 //! two grants in force that name a principal from different scopes ([`Scope`]), the later one
 //! is left out when together they would allow a session on an instance that neither allows on
-//! its own ([`apart`]).
+//! its own ([`apart`]). A user is named by a grant that names it, or a group it belongs to
+//! ([`GroupMembers`], read from IAM for the groups [`groups_to_resolve`] lists).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -36,17 +37,40 @@ pub struct CombinesWith {
     pub principal: String,
 }
 
+/// The user names in each IAM group a grant names, by group name.
+pub type GroupMembers = BTreeMap<String, BTreeSet<String>>;
+
+/// The groups whose members [`apart`] must know: those Allow grants name, when the Allow grants
+/// come from more than one scope (else nothing can combine across scopes).
+pub fn groups_to_resolve(granting: &[(Scope, Desired)]) -> BTreeSet<String> {
+    let allow: Vec<&(Scope, Desired)> = (granting.iter())
+        .filter(|(_, d)| d.effect == Effect::Allow)
+        .collect();
+    let one_scope = allow
+        .iter()
+        .all(|(scope, _)| Some(scope) == allow.first().map(|(s, _)| s));
+    match one_scope {
+        true => BTreeSet::new(),
+        false => (allow.iter())
+            .flat_map(|(_, d)| d.principals.groups.iter().cloned())
+            .collect(),
+    }
+}
+
 /// Of `granting` (in order of precedence, each with its scope), the grants that combine with no
 /// earlier grant kept, and the rest with why (by owner tag value). A Deny grant never widens
-/// and is always kept.
-pub fn apart(granting: Vec<(Scope, Desired)>) -> (Vec<Desired>, BTreeMap<String, CombinesWith>) {
+/// and is always kept. `members` holds the members of [`groups_to_resolve`]'s groups.
+pub fn apart(
+    granting: Vec<(Scope, Desired)>,
+    members: &GroupMembers,
+) -> (Vec<Desired>, BTreeMap<String, CombinesWith>) {
     let mut kept: Vec<(Scope, Desired)> = Vec::new();
     let mut left_out = BTreeMap::new();
     for (scope, desired) in granting {
         let clash = (desired.effect == Effect::Allow)
             .then(|| {
                 kept.iter().find_map(|(earlier_scope, earlier)| {
-                    let principal = shared_principal(&desired, earlier)?;
+                    let principal = shared_principal(&desired, earlier, members)?;
                     (earlier.effect == Effect::Allow
                         && *earlier_scope != scope
                         && widens(&desired, earlier))
@@ -67,16 +91,30 @@ pub fn apart(granting: Vec<(Scope, Desired)>) -> (Vec<Desired>, BTreeMap<String,
     (kept.into_iter().map(|(_, d)| d).collect(), left_out)
 }
 
-/// The first principal `a` and `b` both name, as `kind/name`.
-fn shared_principal(a: &Desired, b: &Desired) -> Option<String> {
-    let named = |d: &Desired| -> BTreeSet<String> {
+/// The first principal `a` and `b` both reach, as `kind/name`, and how each names it when
+/// through a group (`user/ivy (in group/oncall)`).
+fn shared_principal(a: &Desired, b: &Desired, members: &GroupMembers) -> Option<String> {
+    let reached = |d: &Desired| -> BTreeMap<String, Option<String>> {
         let p = &d.principals;
-        (p.users.iter().map(|n| format!("user/{n}")))
+        let mut reached: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for group in &p.groups {
+            for user in members.get(group).into_iter().flatten() {
+                reached.insert(format!("user/{user}"), Some(format!("group/{group}")));
+            }
+        }
+        let direct = (p.users.iter().map(|n| format!("user/{n}")))
             .chain(p.roles.iter().map(|n| format!("role/{n}")))
-            .chain(p.groups.iter().map(|n| format!("group/{n}")))
-            .collect()
+            .chain(p.groups.iter().map(|n| format!("group/{n}")));
+        reached.extend(direct.map(|key| (key, None)));
+        reached
     };
-    named(a).intersection(&named(b)).next().cloned()
+    let (in_a, in_b) = (reached(a), reached(b));
+    let (key, via_a) = in_a.iter().find(|(key, _)| in_b.contains_key(*key))?;
+    let via = via_a.as_ref().or(in_b.get(key).and_then(Option::as_ref));
+    Some(match via {
+        Some(group) => format!("{key} (in {group})"),
+        None => key.clone(),
+    })
 }
 
 /// Whether `a` and `b` together allow a session (a document on an instance) that neither allows
@@ -139,7 +177,7 @@ mod tests {
 
     /// The grants `apart` keeps, by name, and the ones it leaves out with the earlier grant.
     fn judged(granting: Vec<(Scope, Desired)>) -> (Vec<String>, Vec<(String, String)>) {
-        let (kept, left_out) = apart(granting);
+        let (kept, left_out) = apart(granting, &GroupMembers::new());
         let name = |owner: &str| owner.rsplit('/').next().unwrap_or_default().to_owned();
         (
             kept.iter().map(|d| name(&d.grant)).collect(),
@@ -159,10 +197,13 @@ mod tests {
             .users(["alice"])
             .instance_ids([B])
             .ssh();
-        let (kept, left_out) = apart(vec![
-            scoped(dev_shell.clone(), None),
-            scoped(prod_ssh.clone(), Some("prod-ssh-approved")),
-        ]);
+        let (kept, left_out) = apart(
+            vec![
+                scoped(dev_shell.clone(), None),
+                scoped(prod_ssh.clone(), Some("prod-ssh-approved")),
+            ],
+            &GroupMembers::new(),
+        );
         assert_eq!(kept.len(), 1);
         let why = left_out.values().next().expect("one left out");
         assert_eq!(
@@ -188,6 +229,36 @@ mod tests {
             judged(vec![scoped(dev_shell, None), scoped(bob, Some("ok"))]).1,
             []
         );
+    }
+
+    #[test]
+    fn a_user_is_reached_through_the_groups_it_belongs_to() {
+        let oncall_prod = GrantFixture::new("prod", "oncall")
+            .groups(["oncall"])
+            .instance_ids([B])
+            .ssh();
+        let dev_shell = GrantFixture::new("dev", "dev-shell")
+            .users(["ivy"])
+            .instance_ids([A])
+            .shell();
+        let granting = vec![scoped(oncall_prod, None), scoped(dev_shell, None)];
+        assert_eq!(
+            groups_to_resolve(&granting),
+            BTreeSet::from(["oncall".to_owned()])
+        );
+        let members = GroupMembers::from([(
+            "oncall".to_owned(),
+            BTreeSet::from(["ivy".to_owned(), "jo".to_owned()]),
+        )]);
+        let (_, left_out) = apart(granting.clone(), &members);
+        let why = left_out.get("default/dev/dev-shell").expect("left out");
+        assert_eq!(why.principal, "user/ivy (in group/oncall)");
+        // Not a member: nothing combines.
+        let others = GroupMembers::from([("oncall".to_owned(), BTreeSet::from(["jo".to_owned()]))]);
+        assert_eq!(apart(granting.clone(), &others).1, BTreeMap::new());
+        // One scope: no group needs resolving.
+        let (_, same_scope) = granting.split_at(1);
+        assert_eq!(groups_to_resolve(same_scope), BTreeSet::new());
     }
 
     #[test]

@@ -172,7 +172,7 @@ impl Withheld {
             Withheld::CombinesWith(CombinesWith { grant, principal }) => (
                 COMBINES_WITH_GRANT,
                 format!(
-                    "{principal} is also named by grant {}, admitted by other boundaries or another approval, and IAM judges a session's instance and its document apart: together the two grants would let {principal} start the sessions of each on the instances of the other, which neither allows; the earlier grant keeps its place: name another principal here (a role of its own), or give the two grants the same sessions or the same targets",
+                    "{principal} is also a principal of grant {}, admitted by other boundaries or another approval, and IAM judges a session's instance and its document apart: together the two grants would let {principal} start the sessions of each on the instances of the other, which neither allows; the earlier grant keeps its place: name another principal here (a role of its own), or give the two grants the same sessions or the same targets",
                     naming::owner_grant(grant)
                         .map_or_else(|| grant.clone(), |(ns, name)| format!("{ns}/{name}"))
                 ),
