@@ -60,79 +60,129 @@ pub fn groups_to_resolve(granting: &[(Scope, Desired)]) -> BTreeSet<String> {
 /// Of `granting` (in order of precedence, each with its scope), the grants that combine with no
 /// earlier grant kept, and the rest with why (by owner tag value). A Deny grant never widens
 /// and is always kept. `members` holds the members of [`groups_to_resolve`]'s groups.
+///
+/// Each grant is compared only with the kept Allow grants that reach one of its principals with
+/// other documents (the same documents never widen), so a cluster whose grants all give one role
+/// the same sessions compares nothing, whatever their scopes.
 pub fn apart(
     granting: Vec<(Scope, Desired)>,
     members: &GroupMembers,
 ) -> (Vec<Desired>, BTreeMap<String, CombinesWith>) {
-    let mut kept: Vec<(Scope, Desired)> = Vec::new();
+    struct Kept {
+        scope: Scope,
+        desired: Desired,
+        reached: Reached,
+    }
+    let mut kept: Vec<Kept> = Vec::new();
+    // Principal → documents → the kept Allow grants (indices into `kept`) that reach the
+    // principal with exactly those documents.
+    let mut reaching: BTreeMap<String, BTreeMap<Documents, Vec<usize>>> = BTreeMap::new();
     let mut left_out = BTreeMap::new();
     for (scope, desired) in granting {
-        let clash = (desired.effect == Effect::Allow)
-            .then(|| {
-                kept.iter().find_map(|(earlier_scope, earlier)| {
-                    let principal = shared_principal(&desired, earlier, members)?;
-                    (earlier.effect == Effect::Allow
-                        && *earlier_scope != scope
-                        && widens(&desired, earlier))
-                    .then(|| CombinesWith {
-                        grant: earlier.grant.clone(),
-                        principal,
-                    })
-                })
+        let reached = reached(&desired, members);
+        let allow = desired.effect == Effect::Allow;
+        let own = documents(&desired);
+        // A Deny grant never widens: it is compared with nothing.
+        let compared = if allow {
+            reached.iter().collect()
+        } else {
+            Vec::new()
+        };
+        let clash = (compared.into_iter())
+            .flat_map(|(principal, via)| {
+                let by_documents = reaching.get(principal).into_iter().flatten();
+                (by_documents.filter(|(documents, _)| **documents != own)).flat_map(
+                    move |(documents, earlier)| {
+                        earlier.iter().map(move |&i| (principal, via, documents, i))
+                    },
+                )
             })
-            .flatten();
+            .find(|&(_, _, documents, i)| {
+                let earlier = &kept[i];
+                earlier.scope != scope
+                    && widens(
+                        (&own, &desired.targets),
+                        (documents, &earlier.desired.targets),
+                    )
+            })
+            .map(|(principal, via, _, i)| CombinesWith {
+                grant: kept[i].desired.grant.clone(),
+                principal: describe(
+                    principal,
+                    via.as_ref()
+                        .or(kept[i].reached.get(principal).and_then(Option::as_ref)),
+                ),
+            });
         match clash {
             Some(why) => {
                 left_out.insert(desired.grant.clone(), why);
             }
-            None => kept.push((scope, desired)),
-        }
-    }
-    (kept.into_iter().map(|(_, d)| d).collect(), left_out)
-}
-
-/// The first principal `a` and `b` both reach, as `kind/name`, and how each names it when
-/// through a group (`user/ivy (in group/oncall)`).
-fn shared_principal(a: &Desired, b: &Desired, members: &GroupMembers) -> Option<String> {
-    let reached = |d: &Desired| -> BTreeMap<String, Option<String>> {
-        let p = &d.principals;
-        let mut reached: BTreeMap<String, Option<String>> = BTreeMap::new();
-        for group in &p.groups {
-            for user in members.get(group).into_iter().flatten() {
-                reached.insert(format!("user/{user}"), Some(format!("group/{group}")));
+            None => {
+                if allow {
+                    for principal in reached.keys() {
+                        (reaching.entry(principal.clone()).or_default())
+                            .entry(own.clone())
+                            .or_default()
+                            .push(kept.len());
+                    }
+                }
+                kept.push(Kept {
+                    scope,
+                    desired,
+                    reached,
+                });
             }
         }
-        let direct = (p.users.iter().map(|n| format!("user/{n}")))
-            .chain(p.roles.iter().map(|n| format!("role/{n}")))
-            .chain(p.groups.iter().map(|n| format!("group/{n}")));
-        reached.extend(direct.map(|key| (key, None)));
-        reached
-    };
-    let (in_a, in_b) = (reached(a), reached(b));
-    let (key, via_a) = in_a.iter().find(|(key, _)| in_b.contains_key(*key))?;
-    let via = via_a.as_ref().or(in_b.get(key).and_then(Option::as_ref));
-    Some(match via {
-        Some(group) => format!("{key} (in {group})"),
-        None => key.clone(),
-    })
+    }
+    (kept.into_iter().map(|k| k.desired).collect(), left_out)
 }
 
-/// Whether `a` and `b` together allow a session (a document on an instance) that neither allows
-/// on its own: one's documents the other lacks, on instances of the other that it does not
-/// surely cover.
-fn widens(a: &Desired, b: &Desired) -> bool {
-    let (docs_a, docs_b) = (documents(a), documents(b));
-    let extra = |x: &BTreeSet<&str>, y: &BTreeSet<&str>| x.difference(y).next().is_some();
-    (extra(&docs_b, &docs_a) && !covers(&b.targets, &a.targets))
-        || (extra(&docs_a, &docs_b) && !covers(&a.targets, &b.targets))
+/// The principals a grant reaches, as `kind/name`, each with the group it reaches it through
+/// (`None`: named itself).
+type Reached = BTreeMap<String, Option<String>>;
+
+/// The principals `desired` names, and the members of the groups it names.
+fn reached(desired: &Desired, members: &GroupMembers) -> Reached {
+    let p = &desired.principals;
+    let mut reached = Reached::new();
+    for group in &p.groups {
+        for user in members.get(group).into_iter().flatten() {
+            reached.insert(format!("user/{user}"), Some(format!("group/{group}")));
+        }
+    }
+    let named = (p.users.iter().map(|n| format!("user/{n}")))
+        .chain(p.roles.iter().map(|n| format!("role/{n}")))
+        .chain(p.groups.iter().map(|n| format!("group/{n}")));
+    reached.extend(named.map(|principal| (principal, None)));
+    reached
+}
+
+/// A principal two grants reach, as the status says it: `user/ivy (in group/oncall)` when
+/// one of them reaches it through a group.
+fn describe(principal: &str, via: Option<&String>) -> String {
+    match via {
+        Some(group) => format!("{principal} (in {group})"),
+        None => principal.to_owned(),
+    }
 }
 
 /// The session documents a grant allows its principals.
-fn documents(desired: &Desired) -> BTreeSet<&str> {
-    desired
-        .connect
-        .iter()
-        .map(|c| c.document.as_str())
+type Documents = BTreeSet<String>;
+
+/// Whether grants `a` and `b` (each its documents and instances) together allow a session (a
+/// document on an instance) that neither allows on its own: one's documents the other lacks, on
+/// instances of the other that it does not surely cover.
+fn widens(a: (&Documents, &TargetSelection), b: (&Documents, &TargetSelection)) -> bool {
+    let ((docs_a, targets_a), (docs_b, targets_b)) = (a, b);
+    let extra = |x: &Documents, y: &Documents| x.difference(y).next().is_some();
+    (extra(docs_b, docs_a) && !covers(targets_b, targets_a))
+        || (extra(docs_a, docs_b) && !covers(targets_a, targets_b))
+}
+
+/// The session documents `desired` allows its principals.
+fn documents(desired: &Desired) -> Documents {
+    (desired.connect.iter())
+        .map(|c| c.document.clone())
         .collect()
 }
 
