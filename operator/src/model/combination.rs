@@ -27,13 +27,14 @@ pub struct Scope {
     pub approval: Option<String>,
 }
 
-/// Why a grant is left out: an earlier grant of another scope names one of its principals, and
-/// together they would allow more than each.
+/// Why a grant is left out: an earlier grant of another scope reaches one of its principals,
+/// and together they would allow more than each.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CombinesWith {
     /// The earlier grant (owner tag value).
     pub grant: String,
-    /// The principal both name (`user/…`, `role/…`, `group/…`).
+    /// The principal both reach (`user/…`, `role/…`, `group/…`; `user/… (in group/…)` when
+    /// one of them reaches it through a group).
     pub principal: String,
 }
 

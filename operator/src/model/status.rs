@@ -149,7 +149,7 @@ pub enum Withheld {
     OutsideBoundary,
     /// It waits for approval (see Approved).
     AwaitingApproval,
-    /// An earlier grant of another scope names one of its principals, and IAM would combine
+    /// An earlier grant of another scope reaches one of its principals, and IAM would combine
     /// them (PolicySynced says so).
     CombinesWith(CombinesWith),
     /// Its namespace's grants would hold more session documents with it than they may
@@ -195,8 +195,8 @@ impl Withheld {
 /// The reason of a grant over its namespace's share of session documents.
 pub const DOCUMENT_LIMIT: &str = "DocumentLimit";
 
-/// The reason of a grant that an earlier grant of another scope, naming one of its principals,
-/// leaves out.
+/// The reason of a grant that an earlier grant of another scope, reaching one of its
+/// principals, leaves out.
 pub const COMBINES_WITH_GRANT: &str = "CombinesWithGrant";
 
 /// The Warning Event of a grant that the grants before it now leave out, where the recorded
