@@ -7,16 +7,21 @@
 //! the union of what these grants ask, never of a grant that is refused, waiting, invalid,
 //! over, combined or past its namespace's documents: such a grant writes nothing to AWS,
 //! shared or not.
+//!
+//! Every sync of a shared object (the shared documents, each identity's policy set) starts from
+//! `GrantingNow::now`: the grants listed and judged once for every sync that asks while none
+//! has started yet, so syncs that run together read the grants, boundaries, namespaces,
+//! approvals and group members once, not once each.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use fleet_access_crds::{SessionAccess, SessionAccessApproval};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::{
-    Result,
-    controller::{Context, observe},
+    Error, Result,
+    controller::{Context, coalesce::Coalesced, observe},
     model::{
         approval,
         boundary::{self, Admission},
@@ -35,6 +40,39 @@ pub(crate) struct Granting {
     pub granting: Vec<Desired>,
     /// The grants left out (by owner tag value), with why.
     pub left_out: BTreeMap<String, Withheld>,
+}
+
+/// The grants as listed, and which of them grant.
+pub(crate) struct Listed {
+    /// Every grant the operator watches, as listed.
+    pub grants: Vec<SessionAccess>,
+    /// Which of them grant.
+    pub granting: Granting,
+}
+
+/// The grants as they are now, listed and judged once for all the syncs that ask together.
+#[derive(Default)]
+pub struct GrantingNow {
+    listings: Coalesced<(), Listed>,
+}
+
+impl GrantingNow {
+    /// The grants, listed (and judged) after this call was made: shared with every call made
+    /// before that listing started (see [`Coalesced`]), so it is as fresh as a listing of
+    /// one's own.
+    pub(crate) async fn now(&self, ctx: &Context) -> Result<Arc<Listed>> {
+        let listed = (self.listings)
+            .run(&(), || async {
+                let grants = observe::grants(ctx).await?;
+                let granting = granting(&grants, ctx).await?;
+                Ok(Listed { grants, granting })
+            })
+            .await;
+        listed.map_err(|source| Error::SharedSync {
+            what: "listing the grants".into(),
+            source,
+        })
+    }
 }
 
 /// Which of `grants` grant now ([`Granting`]). Lists the boundaries and namespaces, and the

@@ -30,6 +30,7 @@ use crate::{
     aws::{Principal, PrincipalKind, with_retry},
     controller::{Context, apply::Applier, coalesce::Coalesced, granting, observe},
     model::{
+        desired::Desired,
         identity::{self, Contribution},
         naming::{self, OwnerTag},
         plan,
@@ -93,8 +94,8 @@ async fn sync_now(
     subject: Option<&ObjectReference>,
     ctx: &Context,
 ) -> Result<IdentitySynced> {
-    let grants = contributions(ctx)
-        .await?
+    let listed = ctx.granting.now(ctx).await?;
+    let grants = contributions(&listed.granting.granting)
         .remove(identity)
         .unwrap_or_default();
     apply_set(identity, &grants, subject, ctx).await
@@ -166,26 +167,16 @@ pub(crate) async fn apply_set(
     })
 }
 
-/// Each identity's contributing grants, in order of creation (then owner), with their statements:
-/// every grant that [grants now](granting::granting), read from the API server now.
-async fn contributions(
-    ctx: &Context,
-) -> Result<BTreeMap<Principal, Vec<(String, Vec<Statement>)>>> {
-    contributions_of(&observe::grants(ctx).await?, ctx).await
-}
-
-/// [`contributions`] of `grants`, as listed.
-async fn contributions_of(
-    grants: &[SessionAccess],
-    ctx: &Context,
-) -> Result<BTreeMap<Principal, Vec<(String, Vec<Statement>)>>> {
+/// Each identity's contributing grants, in order of creation (then owner), with their
+/// statements, from the grants that [grant](granting::granting).
+fn contributions(granting: &[Desired]) -> BTreeMap<Principal, Vec<(String, Vec<Statement>)>> {
     let mut by_identity: BTreeMap<Principal, Vec<(String, Vec<Statement>)>> = BTreeMap::new();
-    for desired in granting::granting(grants, ctx).await?.granting {
+    for desired in granting {
         for (identity, statements) in desired.contributions() {
             (by_identity.entry(identity).or_default()).push((desired.grant.clone(), statements));
         }
     }
-    Ok(by_identity)
+    by_identity
 }
 
 /// The identities of this cluster that have a policy set in IAM, found among the policies
@@ -229,7 +220,7 @@ pub async fn sweep_orphans(
     grants: &[SessionAccess],
     ctx: &Context,
 ) -> Result<Vec<Principal>> {
-    let named = contributions_of(grants, ctx).await?;
+    let named = contributions(&granting::granting(grants, ctx).await?.granting);
     let orphans: Vec<Principal> = (with_sets.into_iter())
         .filter(|identity| !named.contains_key(identity))
         .collect();

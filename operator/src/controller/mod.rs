@@ -100,6 +100,8 @@ pub struct Context {
     pub identities: identities::Identities,
     /// The session documents the cluster's grants share.
     pub shared_documents: shared::SharedDocuments,
+    /// The grants as listed and judged for the shared objects' syncs.
+    pub granting: granting::GrantingNow,
     /// Grants that a sync of a shared object left out, or let in again.
     pub moved_grants: MovedGrants,
     /// Each grant's state for the `grants` gauge.
@@ -143,6 +145,7 @@ impl Context {
             census_period: census::DEFAULT_PERIOD,
             identities: identities::Identities::default(),
             shared_documents: shared::SharedDocuments::default(),
+            granting: granting::GrantingNow::default(),
             moved_grants: MovedGrants::default(),
             states: Mutex::new(BTreeMap::new()),
             endpoints: tokio::sync::Mutex::new(()),

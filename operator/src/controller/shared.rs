@@ -1,6 +1,6 @@
 //! The session documents every grant of the cluster shares: one Port document per port, named
 //! after it and tagged [`CLUSTER_TAG`](crate::model::naming::CLUSTER_TAG). A sync brings them
-//! to the union of what the grants that [grant now](granting::granting) need (a grant outside
+//! to the union of what the grants that [grant now](crate::controller::granting::granting) need (a grant outside
 //! its boundary, waiting for approval, invalid or over creates none): it creates the missing
 //! ones and deletes those no grant needs any more, looked up by name: the names every listed
 //! grant derives (the ones being deleted included) and the names this process has seen exist.
@@ -17,9 +17,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 
 use crate::{
     Error, Result,
-    controller::{
-        Context, apply::Applier, coalesce::Coalesced, granting, observe, reconcile::sync_documents,
-    },
+    controller::{Context, apply::Applier, coalesce::Coalesced, reconcile::sync_documents},
     model::{
         desired,
         naming::OwnerTag,
@@ -29,7 +27,7 @@ use crate::{
 };
 
 /// The grants (owner tag values) a sync left out because of the grants before them, with why
-/// ([`granting::Granting::left_out`]).
+/// ([`Granting::left_out`](crate::controller::granting::Granting::left_out)).
 pub type LeftOut = BTreeMap<String, Withheld>;
 
 /// The cluster's shared documents' syncs, one at a time.
@@ -68,11 +66,12 @@ impl SharedDocuments {
 impl SharedDocuments {
     async fn sync_now(&self, subject: &ObjectReference, ctx: &Context) -> Result<LeftOut> {
         let cluster = &ctx.settings.cluster;
-        let grants = observe::grants(ctx).await?;
-        let granting::Granting { granting, left_out } = granting::granting(&grants, ctx).await?;
-        let wanted = plan::wanted_shared_documents(granting.iter().map(|d| d.documents.as_slice()));
+        let listed = ctx.granting.now(ctx).await?;
+        let granting = &listed.granting;
+        let wanted = (granting.granting.iter()).map(|d| d.documents.as_slice());
+        let wanted = plan::wanted_shared_documents(wanted);
         // Every name any listed grant derives, granting or not, to find what to delete.
-        let documents: Vec<Vec<desired::SessionDocument>> = (grants.iter())
+        let documents: Vec<Vec<desired::SessionDocument>> = (listed.grants.iter())
             .map(|grant| desired::session_documents(grant, cluster))
             .collect();
         let existing = self
@@ -94,6 +93,6 @@ impl SharedDocuments {
         sync_documents(&applier, owner, &wanted, &known, ctx).await?;
         let now: BTreeSet<String> = wanted.into_iter().map(|d| d.name).collect();
         *self.existing.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
-        Ok(left_out)
+        Ok(granting.left_out.clone())
     }
 }
