@@ -29,6 +29,11 @@ pub enum ClientKind {
     /// The two relays with only the far one (the emulator's stand-in) hashing: the ceiling of a
     /// client whose own digests cost nothing.
     FarDigestingRelay,
+    /// The two relays doing the rest of what the protocol asks of each message, and nothing
+    /// else: both hash it, the receiving one acknowledges it to the sender (an acknowledgement
+    /// the size of an SSM one), and the sender reads the acknowledgements. No WebSocket, no
+    /// sequence numbers, no resend buffer: what any data channel costs at the least.
+    AcknowledgingRelay,
     /// One relay that reads what comes back as the emulated agent reads its target in
     /// realistic mode: the agent's own download ceiling on this machine, measured.
     AgentReadLoop,
@@ -38,6 +43,17 @@ impl ClientKind {
     /// Whether it carries bytes that way (the agent's read loop bounds downloads only).
     pub fn measures(self, direction: Direction) -> bool {
         self != ClientKind::AgentReadLoop || direction == Direction::Download
+    }
+
+    /// Whether it is one of the relays the clients are set against.
+    pub fn is_relay(self) -> bool {
+        matches!(
+            self,
+            ClientKind::RawRelay
+                | ClientKind::DigestingRelay
+                | ClientKind::FarDigestingRelay
+                | ClientKind::AcknowledgingRelay
+        )
     }
 
     /// The short name of a profile's files.
@@ -59,6 +75,9 @@ impl ClientKind {
             ClientKind::RawRelay => "raw TCP relay x2",
             ClientKind::DigestingRelay => "raw TCP relay x2, SHA-256 of every chunk",
             ClientKind::FarDigestingRelay => "raw TCP relay x2, only the far one hashing",
+            ClientKind::AcknowledgingRelay => {
+                "raw TCP relay x2, SHA-256 of every chunk, each acknowledged"
+            }
             ClientKind::AgentReadLoop => "emulated agent's read loop alone",
         }
     }

@@ -189,8 +189,14 @@ impl Report {
              Digesting relay: the same two relays, each computing the bridge's SHA-256 of every chunk it carries (at \
              most 32 KiB, a message), because each end of the SSM protocol hashes every message it sends or receives \
              (sender and receiver: every byte is hashed twice on its way); with only the far relay hashing (the \
-             emulator's share), it is the ceiling of a client whose own digests cost nothing. The emulated agent's read loop alone: one relay process that reads what the target sends 1,024 bytes \
-             at a time with a 1 ms pause, as the emulated agent does in realistic mode (downloads only).\n"
+             emulator's share), it is the ceiling of a client whose own digests cost nothing. Acknowledging relay: \
+             the two digesting relays doing the rest of what the protocol asks of every message and nothing else: \
+             between them each chunk travels framed, the receiving relay acknowledges it to the sender (256 bytes, \
+             an SSM acknowledgement in a WebSocket frame) and the sender reads the acknowledgements; no WebSocket, \
+             sequence numbers or resend buffer. It is what any implementation of the data channel costs at the \
+             least on this machine. The emulated agent's read loop alone: one relay process that reads what the \
+             target sends 1,024 bytes at a time with a 1 ms pause, as the emulated agent does in realistic mode \
+             (downloads only).\n"
         );
         let _ = writeln!(
             out,
@@ -357,21 +363,26 @@ impl Report {
             (Mode::Fast, _) => match relay.filter(|r| *r > 0.0) {
                 Some(relay) if t.client != ClientKind::RawRelay => {
                     let r = median / relay;
-                    let of_digesting = self
-                        .find(t.mode, t.direction, ClientKind::DigestingRelay)
-                        .map(|d| d.bytes_per_second.median)
-                        .filter(|d| {
-                            *d > 0.0
-                                && !matches!(
-                                    t.client,
-                                    ClientKind::DigestingRelay | ClientKind::FarDigestingRelay
-                                )
-                        })
-                        .map(|d| median / d);
+                    // The hashing relays are set against the raw relay only, the
+                    // acknowledging one against the digesting one too.
+                    let of = |reference: ClientKind| {
+                        (self.find(t.mode, t.direction, reference))
+                            .map(|d| d.bytes_per_second.median)
+                            .filter(|d| *d > 0.0)
+                            .map(|d| median / d)
+                    };
+                    let of_digesting = (of(ClientKind::DigestingRelay)).filter(|_| {
+                        !t.client.is_relay() || t.client == ClientKind::AcknowledgingRelay
+                    });
+                    let of_acknowledging =
+                        of(ClientKind::AcknowledgingRelay).filter(|_| !t.client.is_relay());
                     let text = format!(
-                        "{r:.2} of relay{}{}",
+                        "{r:.2} of relay{}{}{}",
                         of_digesting
                             .map(|d| format!("; {d:.2} of digesting relay"))
+                            .unwrap_or_default(),
+                        of_acknowledging
+                            .map(|d| format!("; {d:.2} of acknowledging relay"))
                             .unwrap_or_default(),
                         vs_plugin
                             .filter(|_| ours)
@@ -952,6 +963,31 @@ mod tests {
             verdict(vec![ours.clone(), relay, digesting(480e6)]),
             "≥ 0.5 of relay: met; ≥ 0.9 of digesting relay: met"
         );
+    }
+
+    #[test]
+    fn fast_downloads_are_set_against_the_acknowledging_relay_and_it_against_the_digesting_one() {
+        let (fast, down) = (Mode::Fast, Direction::Download);
+        let ours = figure(fast, down, ClientKind::Forward, 400e6);
+        let acknowledging = figure(fast, down, ClientKind::AcknowledgingRelay, 500e6);
+        let figures = report(vec![
+            ours.clone(),
+            figure(fast, down, ClientKind::RawRelay, 800e6),
+            figure(fast, down, ClientKind::DigestingRelay, 625e6),
+            acknowledging.clone(),
+        ]);
+        let (text, goal) = figures.ratio(&ours);
+        assert_eq!(
+            text,
+            "0.50 of relay; 0.64 of digesting relay; 0.80 of acknowledging relay"
+        );
+        assert_eq!(
+            goal,
+            "≥ 0.5 of relay: met; ≥ 0.9 of digesting relay: not met"
+        );
+        let (text, goal) = figures.ratio(&acknowledging);
+        assert_eq!(text, "0.62 of relay; 0.80 of digesting relay");
+        assert_eq!(goal, "", "a reference has no goal");
     }
 
     #[test]

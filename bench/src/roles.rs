@@ -109,54 +109,62 @@ async fn serve_target(mut stream: TcpStream, uploaded: Arc<AtomicU64>) {
 
 // === relay ===
 
-/// `relay LISTEN_PORT TO [agent-read-loop|digest]`: copies every connection to `TO`; prints
-/// `relay PORT` when listening; ends when standard input closes. With `agent-read-loop`, what
-/// comes back from `TO` is read as the emulated agent reads a target in realistic mode (1,024
-/// bytes, then a 1 ms pause): the agent's own ceiling, without any data channel. With `digest`,
-/// every chunk is hashed on its way through with the bridge's own SHA-256 (a message at most
-/// [`DIGEST_CHUNK`]), as each end of the SSM protocol hashes every message it sends or receives.
+/// `relay LISTEN_PORT TO [agent-read-loop|digest|ack-near|ack-far]`: copies every connection to
+/// `TO`; prints `relay PORT` when listening; ends when standard input closes. With
+/// `agent-read-loop`, what comes back from `TO` is read as the emulated agent reads a target in
+/// realistic mode (1,024 bytes, then a 1 ms pause): the agent's own ceiling, without any data
+/// channel. With `digest`, every chunk is hashed on its way through with the bridge's own
+/// SHA-256 (a message at most [`DIGEST_CHUNK`]), as each end of the SSM protocol hashes every
+/// message it sends or receives. `ack-near` (towards `TO`) and `ack-far` (towards its
+/// clients) speak [acknowledged frames](acknowledging) to each other.
 pub async fn relay_main(args: &[String]) -> anyhow::Result<()> {
-    let usage = "relay LISTEN_PORT TO [agent-read-loop|digest]";
+    let usage = "relay LISTEN_PORT TO [agent-read-loop|digest|ack-near|ack-far]";
     let port: u16 = args.first().context(usage)?.parse()?;
     let to: SocketAddr = args.get(1).context(usage)?.parse()?;
     let style = match args.get(2).map(String::as_str) {
         None => RelayStyle::Copy,
         Some("agent-read-loop") => RelayStyle::AgentReadLoop,
         Some("digest") => RelayStyle::Digest,
+        Some("ack-near") => RelayStyle::AcknowledgedTowardsTo,
+        Some("ack-far") => RelayStyle::AcknowledgedTowardsClients,
         Some(other) => anyhow::bail!("unknown relay option {other}; {usage}"),
     };
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
     println!("relay {}", listener.local_addr()?.port());
-    let accept = async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut outbound) = TcpStream::connect(to).await else {
-                    return;
-                };
-                let _ = inbound.set_nodelay(true);
-                let _ = outbound.set_nodelay(true);
-                match style {
-                    RelayStyle::Copy => {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                    RelayStyle::AgentReadLoop => read_back_as_the_agent(inbound, outbound).await,
-                    RelayStyle::Digest => {
-                        let (mut in_r, mut in_w) = inbound.split();
-                        let (mut out_r, mut out_w) = outbound.split();
-                        tokio::join!(
-                            copy_digesting(&mut in_r, &mut out_w),
-                            copy_digesting(&mut out_r, &mut in_w)
-                        );
-                    }
-                }
-            });
-        }
-    };
     tokio::select! {
-        () = accept => {}
+        () = relay(listener, to, style) => {}
         () = until_stdin_closes() => {}
     }
     Ok(())
+}
+
+/// Carries every connection `listener` accepts to `to`, as `style` says.
+async fn relay(listener: TcpListener, to: SocketAddr, style: RelayStyle) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let Ok(mut outbound) = TcpStream::connect(to).await else {
+                return;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            match style {
+                RelayStyle::Copy => {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+                RelayStyle::AgentReadLoop => read_back_as_the_agent(inbound, outbound).await,
+                RelayStyle::Digest => {
+                    let (mut in_r, mut in_w) = inbound.split();
+                    let (mut out_r, mut out_w) = outbound.split();
+                    tokio::join!(
+                        copy_digesting(&mut in_r, &mut out_w),
+                        copy_digesting(&mut out_r, &mut in_w)
+                    );
+                }
+                RelayStyle::AcknowledgedTowardsTo => acknowledging(inbound, outbound).await,
+                RelayStyle::AcknowledgedTowardsClients => acknowledging(outbound, inbound).await,
+            }
+        });
+    }
 }
 
 /// How a relay carries what it reads.
@@ -168,6 +176,10 @@ enum RelayStyle {
     AgentReadLoop,
     /// Copies, hashing every chunk.
     Digest,
+    /// Plain bytes from the clients, acknowledged frames towards `TO`.
+    AcknowledgedTowardsTo,
+    /// Acknowledged frames from the clients, plain bytes towards `TO`.
+    AcknowledgedTowardsClients,
 }
 
 /// Copies `inbound` to `outbound`, and reads what comes back as the emulated agent reads its
@@ -208,6 +220,94 @@ async fn copy_digesting(
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// A frame between acknowledging relays: data, or an acknowledgement.
+const FRAME_DATA: u8 = b'd';
+const FRAME_ACK: u8 = b'a';
+/// A frame's header: its kind, then its length (big-endian u32).
+const FRAME_HEADER: usize = 5;
+/// An acknowledgement's size on the wire: an SSM acknowledge message (its 120-byte header and
+/// JSON payload naming the message) in a WebSocket frame.
+pub const ACK_BYTES: usize = 256;
+/// What the receiving relay reads from its peer at once (a WebSocket reader's buffer).
+const FRAMED_READ_BUFFER: usize = 64 * 1024;
+
+/// Carries `plain` (bytes) over `framed` (to the other acknowledging relay), both ways, doing
+/// per message what the protocol asks and nothing else: the sender hashes each chunk (at most
+/// [`DIGEST_CHUNK`]) and frames it; the receiver hashes it again, writes it on and
+/// acknowledges it with [`ACK_BYTES`] on the same connection; each side reads the other's
+/// acknowledgements. Writes to `framed` from both ways share one lock, as the agent's and the
+/// bridge's WebSocket writes do.
+async fn acknowledging(plain: TcpStream, framed: TcpStream) {
+    let (plain_r, plain_w) = plain.into_split();
+    let (framed_r, framed_w) = framed.into_split();
+    let framed_w = Arc::new(tokio::sync::Mutex::new(framed_w));
+    tokio::join!(
+        send_framed(plain_r, framed_w.clone()),
+        receive_framed(framed_r, plain_w, framed_w)
+    );
+}
+
+type SharedWriter = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
+
+/// Frames what `from` gives, each chunk hashed, until EOF.
+async fn send_framed(mut from: tokio::net::tcp::OwnedReadHalf, to: SharedWriter) {
+    let mut buf = vec![0u8; FRAME_HEADER + DIGEST_CHUNK];
+    while let Ok(n @ 1..) = from.read(&mut buf[FRAME_HEADER..]).await {
+        std::hint::black_box(
+            fleet_access_agent_bridge::protocol::message::payload_digest(
+                &buf[FRAME_HEADER..FRAME_HEADER + n],
+            ),
+        );
+        buf[0] = FRAME_DATA;
+        buf[1..FRAME_HEADER].copy_from_slice(&(n as u32).to_be_bytes());
+        if to
+            .lock()
+            .await
+            .write_all(&buf[..FRAME_HEADER + n])
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let _ = to.lock().await.shutdown().await;
+}
+
+/// Reads frames from `from` until EOF: data is hashed, written to `to` and acknowledged on
+/// `acks`; acknowledgements are read and dropped.
+async fn receive_framed(
+    from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    acks: SharedWriter,
+) {
+    let mut from = tokio::io::BufReader::with_capacity(FRAMED_READ_BUFFER, from);
+    let mut ack = vec![0u8; FRAME_HEADER + ACK_BYTES];
+    ack[0] = FRAME_ACK;
+    ack[1..FRAME_HEADER].copy_from_slice(&(ACK_BYTES as u32).to_be_bytes());
+    let mut header = [0u8; FRAME_HEADER];
+    let mut payload = vec![0u8; DIGEST_CHUNK.max(ACK_BYTES)];
+    while from.read_exact(&mut header).await.is_ok() {
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let Some(payload) = payload.get_mut(..len) else {
+            break;
+        };
+        if from.read_exact(payload).await.is_err() {
+            break;
+        }
+        if header[0] != FRAME_DATA {
+            continue;
+        }
+        std::hint::black_box(fleet_access_agent_bridge::protocol::message::payload_digest(payload));
+        if to.write_all(payload).await.is_err() {
+            break;
+        }
+        // Once this side has sent its last frame (its shutdown), nothing can be acknowledged
+        // any more; what still comes is carried all the same.
+        let _ = acks.lock().await.write_all(&ack).await;
     }
     let _ = to.shutdown().await;
 }
@@ -309,4 +409,52 @@ pub async fn serve_listeners_main(args: &[String]) -> anyhow::Result<()> {
     stop.cancel();
     let _ = admin_task.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts `relay` on a free loopback port towards `to`; returns where it listens.
+    async fn start(to: SocketAddr, style: RelayStyle) -> SocketAddr {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(relay(listener, to, style));
+        addr
+    }
+
+    #[tokio::test]
+    async fn acknowledging_relays_carry_every_byte_both_ways_and_keep_their_acknowledgements() {
+        // The target echoes what it reads until EOF.
+        let target = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let target_addr = target.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = target.accept().await.unwrap();
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        let far = start(target_addr, RelayStyle::AcknowledgedTowardsClients).await;
+        let near = start(far, RelayStyle::AcknowledgedTowardsTo).await;
+        // More than a few chunks, and not a whole number of them.
+        let sent: Vec<u8> = (0..5 * DIGEST_CHUNK + 777)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut client = TcpStream::connect(near).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(30), async {
+            let (mut r, mut w) = client.split();
+            let write = async {
+                w.write_all(&sent).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut echoed = Vec::new();
+            let read = r.read_to_end(&mut echoed);
+            let ((), read) = tokio::join!(write, read);
+            read.unwrap();
+            echoed
+        })
+        .await
+        .expect("the relays carried the bytes back within 30 s");
+        assert_eq!(echoed.len(), sent.len());
+        assert!(echoed == sent, "the bytes came back changed");
+    }
 }

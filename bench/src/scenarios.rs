@@ -308,11 +308,15 @@ impl Client {
                     children: vec![child],
                 })
             }
-            ClientKind::RawRelay | ClientKind::DigestingRelay | ClientKind::FarDigestingRelay => {
+            ClientKind::RawRelay
+            | ClientKind::DigestingRelay
+            | ClientKind::FarDigestingRelay
+            | ClientKind::AcknowledgingRelay => {
                 let digest: &[&str] = &["digest"];
                 let (near_options, far_options) = match kind {
                     ClientKind::DigestingRelay => (digest, digest),
                     ClientKind::FarDigestingRelay => (&[][..], digest),
+                    ClientKind::AcknowledgingRelay => (&["ack-near"][..], &["ack-far"][..]),
                     _ => (&[][..], &[][..]),
                 };
                 let (far, far_port) =
@@ -530,6 +534,7 @@ pub(crate) async fn throughput(
             ClientKind::RawRelay,
             ClientKind::DigestingRelay,
             ClientKind::FarDigestingRelay,
+            ClientKind::AcknowledgingRelay,
         ]),
         Mode::Realistic => kinds.push(ClientKind::AgentReadLoop),
     }
