@@ -611,97 +611,21 @@ async fn a_namespace_over_its_document_limit_grants_no_more() {
 /// earlier grant goes.
 #[tokio::test]
 async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_users_group() {
-    use fleet_access_crds::{SessionAccessApproval, v1alpha1::REQUESTED_BY_ANNOTATION};
-    use kube::api::PostParams;
-
-    const PRODUCTION: &str = "i-0000000000000000c";
-    const DEV: &str = "i-0000000000000000a";
     let h = Harness::start("op-combine", Duration::from_secs(300)).await;
-    let ns = h.namespace.name().to_owned();
-    let ivy = h.unique("ivy");
+    let (ivy, oncall) = (h.unique("ivy"), h.unique("oncall"));
     h.user(&ivy).await;
-    let oncall = h.unique("oncall");
     h.group(&oncall).await;
-    (h.iam
-        .add_user_to_group()
-        .group_name(&oncall)
-        .user_name(&ivy)
-        .send()
-        .await)
-        .expect("ivy joins the group");
-    // This namespace's grants need approval to reach the production instance.
-    let control_plane = fleet_access_tests::ControlPlane::shared()
-        .await
-        .expect("control plane");
-    let boundary = format!("approve-{ns}");
-    let policy = json!({
-        "apiVersion": "fleetaccess.io/v1alpha1",
-        "kind": "SessionAccessPolicy",
-        "metadata": {"name": boundary},
-        "spec": {
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "principals": {"users": [ivy], "groups": [oncall]},
-            "targets": {"instanceIds": [DEV, PRODUCTION]},
-            "sessions": {"ssh": true, "shell": true},
-            "approval": {"instanceIds": [PRODUCTION]},
-        },
-    });
-    (control_plane.apply_yaml(&policy.to_string(), None).await).expect("the boundary");
-    h.create(
-        "dev-shell",
-        json!({
-            "principals": {"groups": [oncall]},
-            "targets": {"instanceIds": [DEV]},
-            "sessions": {"shell": true},
-        }),
-    )
-    .await;
-    h.wait_condition("dev-shell", "Ready", "True").await;
-    let requested = h
-        .grant("prod-ssh")
-        .users([ivy.as_str()])
-        .instance_ids([PRODUCTION])
-        .ssh()
-        .annotation(REQUESTED_BY_ANNOTATION, "ivy")
-        .build();
-    let requested = (h.grants.create(&PostParams::default(), &requested).await).expect("created");
-    h.wait_condition("prod-ssh", "Approved", "False").await;
-    let approval: SessionAccessApproval = serde_json::from_value(json!({
-        "apiVersion": "fleetaccess.io/v1alpha1",
-        "kind": "SessionAccessApproval",
-        "metadata": {"name": "prod-ssh-inc-1"},
-        "spec": {
-            "grant": {
-                "name": "prod-ssh",
-                "uid": requested.metadata.uid,
-                "generation": requested.metadata.generation,
-            },
-            "approvedBy": "oncall-lead",
-        },
-    }))
-    .expect("an approval");
-    (h.namespace.api::<SessionAccessApproval>())
-        .create(&PostParams::default(), &approval)
-        .await
-        .expect("approved");
+    join_group(&h, &ivy, &oncall).await;
+    let boundary = ApprovalScopes::set_up(&h, &ivy, &oncall).await;
 
-    let left_out = h.wait_condition("prod-ssh", "PolicySynced", "False").await;
+    let left_out = boundary
+        .approve_production_ssh(&h, &ivy, "PolicySynced", "False")
+        .await;
     assert_eq!(
         find(&left_out, "Approved").map(|c| c.status.as_str()),
         Some("True")
     );
-    let synced = find(&left_out, "PolicySynced").expect("PolicySynced");
-    assert_eq!(synced.reason, "CombinesWithGrant");
-    for words in [
-        format!("user/{ivy} (in group/{oncall})"),
-        format!("grant {ns}/dev-shell"),
-    ] {
-        assert!(
-            synced.message.contains(&words),
-            "{words}: {}",
-            synced.message
-        );
-    }
+    assert_combines_with_dev_shell(&h, &left_out, &ivy, &oncall);
     let ivy_arn = h.set_arn(&format!("user/{ivy}"));
     assert_eq!(
         h.policy_document(&ivy_arn).await,
@@ -710,7 +634,10 @@ async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_users_g
     );
     let group_arn = h.set_arn(&format!("group/{oncall}"));
     let (policy_document, _) = h.policy_document(&group_arn).await.expect("the group's");
-    assert!(policy_document.contains(DEV), "{policy_document}");
+    assert!(
+        policy_document.contains(ApprovalScopes::DEV),
+        "{policy_document}"
+    );
     let warned = h.events_about("prod-ssh").await;
     assert!(
         (warned.iter()).any(|e| e.reason.as_deref() == Some("CombinesWithGrant")),
@@ -721,16 +648,198 @@ async fn an_approved_grant_does_not_combine_with_an_earlier_grant_of_its_users_g
     h.delete("dev-shell").await;
     h.wait_condition("prod-ssh", "Ready", "True").await;
     let (policy_document, _) = h.policy_document(&ivy_arn).await.expect("ivy's policy");
-    assert!(policy_document.contains(PRODUCTION), "{policy_document}");
+    assert!(
+        policy_document.contains(ApprovalScopes::PRODUCTION),
+        "{policy_document}"
+    );
     assert_eq!(
         h.policy_document(&group_arn).await,
         None,
         "the group's went"
     );
     h.stop().await;
+    boundary.remove();
+}
+
+/// Group membership is IAM's, and changes without any grant changing: a user who joins a group
+/// after two grants of different scopes were judged apart would combine them from then on. The
+/// census, which reads the groups' members anyway, has the grants judged again: the approved
+/// grant is left out within a census period of her joining, and in force again once she leaves.
+#[tokio::test]
+async fn a_user_joining_or_leaving_a_group_has_the_grants_judged_again_at_the_next_census() {
+    let control_plane = ControlPlane::shared().await.expect("control plane");
     control_plane
-        .run_kubectl(["delete", "sessionaccesspolicy", &boundary])
-        .expect("the boundary deleted");
+        .install_fleet_access(&fleet_access_crds::crds_yaml())
+        .await
+        .expect("fleet-access's API");
+    let census = Duration::from_secs(1);
+    let h = Harness::counting_sessions(
+        control_plane,
+        "op-regroup",
+        Duration::from_secs(300),
+        census,
+    )
+    .await;
+    let (ivy, oncall) = (h.unique("ivy"), h.unique("oncall"));
+    h.user(&ivy).await;
+    h.group(&oncall).await;
+    let boundary = ApprovalScopes::set_up(&h, &ivy, &oncall).await;
+    // Ivy is no member yet: the two grants reach nobody in common, both are in force.
+    boundary
+        .approve_production_ssh(&h, &ivy, "Ready", "True")
+        .await;
+    let ivy_arn = h.set_arn(&format!("user/{ivy}"));
+    assert!(h.policy_document(&ivy_arn).await.is_some(), "ivy's SSH");
+
+    join_group(&h, &ivy, &oncall).await;
+    let left_out = h.wait_condition("prod-ssh", "PolicySynced", "False").await;
+    assert_combines_with_dev_shell(&h, &left_out, &ivy, &oncall);
+    assert_eq!(
+        h.policy_document(&ivy_arn).await,
+        None,
+        "ivy's SSH in production is revoked"
+    );
+
+    (h.iam
+        .remove_user_from_group()
+        .group_name(&oncall)
+        .user_name(&ivy)
+        .send()
+        .await)
+        .expect("ivy leaves the group");
+    h.wait_condition("prod-ssh", "Ready", "True").await;
+    let (policy_document, _) = h.policy_document(&ivy_arn).await.expect("ivy's policy");
+    assert!(
+        policy_document.contains(ApprovalScopes::PRODUCTION),
+        "{policy_document}"
+    );
+    h.stop().await;
+    boundary.remove();
+}
+
+async fn join_group(h: &Harness, user: &str, group: &str) {
+    (h.iam
+        .add_user_to_group()
+        .group_name(group)
+        .user_name(user)
+        .send()
+        .await)
+        .expect("the user joins the group");
+}
+
+/// `left_out` is left out because `dev-shell` reaches `user` through `group`.
+fn assert_combines_with_dev_shell(
+    h: &Harness,
+    left_out: &fleet_access_crds::SessionAccess,
+    user: &str,
+    group: &str,
+) {
+    let synced = find(left_out, "PolicySynced").expect("PolicySynced");
+    assert_eq!(synced.reason, "CombinesWithGrant");
+    let ns = h.namespace.name();
+    for words in [
+        format!("user/{user} (in group/{group})"),
+        format!("grant {ns}/dev-shell"),
+    ] {
+        assert!(
+            synced.message.contains(&words),
+            "{words}: {}",
+            synced.message
+        );
+    }
+}
+
+/// Two scopes in one namespace: a boundary that asks for approval on the production instance,
+/// and a grant in force without one, `dev-shell`: a shell on the dev instance for `group`.
+struct ApprovalScopes {
+    control_plane: &'static ControlPlane,
+    boundary: String,
+}
+
+impl ApprovalScopes {
+    const PRODUCTION: &str = "i-0000000000000000c";
+    const DEV: &str = "i-0000000000000000a";
+
+    async fn set_up(h: &Harness, user: &str, group: &str) -> Self {
+        let control_plane = ControlPlane::shared().await.expect("control plane");
+        let ns = h.namespace.name();
+        let boundary = format!("approve-{ns}");
+        let policy = json!({
+            "apiVersion": "fleetaccess.io/v1alpha1",
+            "kind": "SessionAccessPolicy",
+            "metadata": {"name": boundary},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "principals": {"users": [user], "groups": [group]},
+                "targets": {"instanceIds": [Self::DEV, Self::PRODUCTION]},
+                "sessions": {"ssh": true, "shell": true},
+                "approval": {"instanceIds": [Self::PRODUCTION]},
+            },
+        });
+        (control_plane.apply_yaml(&policy.to_string(), None).await).expect("the boundary");
+        h.create(
+            "dev-shell",
+            json!({
+                "principals": {"groups": [group]},
+                "targets": {"instanceIds": [Self::DEV]},
+                "sessions": {"shell": true},
+            }),
+        )
+        .await;
+        h.wait_condition("dev-shell", "Ready", "True").await;
+        Self {
+            control_plane,
+            boundary,
+        }
+    }
+
+    /// Requests `prod-ssh` (SSH on the production instance for `user`), approves it, and waits
+    /// for its `condition` to be `status`.
+    async fn approve_production_ssh(
+        &self,
+        h: &Harness,
+        user: &str,
+        condition: &str,
+        status: &str,
+    ) -> fleet_access_crds::SessionAccess {
+        use fleet_access_crds::{SessionAccessApproval, v1alpha1::REQUESTED_BY_ANNOTATION};
+
+        let requested = h
+            .grant("prod-ssh")
+            .users([user])
+            .instance_ids([Self::PRODUCTION])
+            .ssh()
+            .annotation(REQUESTED_BY_ANNOTATION, "ivy")
+            .build();
+        let requested =
+            (h.grants.create(&PostParams::default(), &requested).await).expect("created");
+        h.wait_condition("prod-ssh", "Approved", "False").await;
+        let approval: SessionAccessApproval = serde_json::from_value(json!({
+            "apiVersion": "fleetaccess.io/v1alpha1",
+            "kind": "SessionAccessApproval",
+            "metadata": {"name": "prod-ssh-inc-1"},
+            "spec": {
+                "grant": {
+                    "name": "prod-ssh",
+                    "uid": requested.metadata.uid,
+                    "generation": requested.metadata.generation,
+                },
+                "approvedBy": "oncall-lead",
+            },
+        }))
+        .expect("an approval");
+        (h.namespace.api::<SessionAccessApproval>())
+            .create(&PostParams::default(), &approval)
+            .await
+            .expect("approved");
+        h.wait_condition("prod-ssh", condition, status).await
+    }
+
+    fn remove(self) {
+        (self.control_plane)
+            .run_kubectl(["delete", "sessionaccesspolicy", &self.boundary])
+            .expect("the boundary deleted");
+    }
 }
 
 #[tokio::test]

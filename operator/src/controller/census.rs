@@ -5,6 +5,11 @@
 //! It writes under its own field manager, and the reconcile never applies `openSessions`, so
 //! neither takes the other's fields. One listing per period whatever the number of grants;
 //! metrics carry no label per session.
+//!
+//! It reads the members of the grants' IAM groups to count their users' sessions; when a group
+//! the grants were last judged with (`GrantingNow`, for the combination rule) has other members
+//! now, it has the grants judged again, so that a user joining or leaving a group is seen within
+//! a census period rather than at the next resync.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -14,7 +19,7 @@ use fleet_access_crds::{
 };
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
-    Api, ResourceExt,
+    Api, Resource, ResourceExt,
     api::{Patch, PatchParams},
     runtime::reflector::Store,
 };
@@ -71,6 +76,17 @@ async fn count_sessions(store: &Store<SessionAccess>, ctx: &Context) -> Result<u
         .flat_map(|g| g.spec.principals.groups.iter().map(|n| n.to_string()))
         .collect();
     let members = observe::group_members(groups, ctx).await?;
+    // A group the grants were judged with has other members now: judge them again (the
+    // shared sync wakes every grant it leaves out or lets in).
+    let regrouped = ctx.granting.groups_changed(&members);
+    let naming_one = (counted.iter())
+        .find(|g| (g.spec.principals.groups.iter()).any(|n| regrouped.contains(n.as_str())));
+    if let Some(grant) = naming_one {
+        tracing::info!(groups = ?regrouped, "group members changed: judging the grants again");
+        if let Err(error) = ctx.shared_documents.sync(&grant.object_ref(&()), ctx).await {
+            tracing::warn!(%error, "cannot judge the grants again; trying at the next census");
+        }
+    }
     let mut changed = 0;
     for grant in counted {
         let Some(status) = grant.status.as_ref() else {

@@ -13,7 +13,10 @@
 //! has started yet, so syncs that run together read the grants, boundaries, namespaces,
 //! approvals and group members once, not once each.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
 
 use fleet_access_crds::{SessionAccess, SessionAccessApproval};
 use k8s_openapi::jiff::Timestamp;
@@ -25,7 +28,7 @@ use crate::{
     model::{
         approval,
         boundary::{self, Admission},
-        combination::{self, Scope},
+        combination::{self, GroupMembers, Scope},
         desired::{self, Desired},
         documents,
         status::Withheld,
@@ -40,6 +43,9 @@ pub(crate) struct Granting {
     pub granting: Vec<Desired>,
     /// The grants left out (by owner tag value), with why.
     pub left_out: BTreeMap<String, Withheld>,
+    /// The members of the groups the grants were judged with (none when every grant in force
+    /// comes from one scope: see `combination::groups_to_resolve`).
+    pub members: GroupMembers,
 }
 
 /// The grants as listed, and which of them grant.
@@ -54,6 +60,8 @@ pub(crate) struct Listed {
 #[derive(Default)]
 pub struct GrantingNow {
     listings: Coalesced<(), Listed>,
+    /// The group members of the last listing.
+    judged_with: Mutex<GroupMembers>,
 }
 
 impl GrantingNow {
@@ -65,6 +73,8 @@ impl GrantingNow {
             .run(&(), || async {
                 let grants = observe::grants(ctx).await?;
                 let granting = granting(&grants, ctx).await?;
+                let judged_with = granting.members.clone();
+                *self.judged_with.lock().unwrap_or_else(|p| p.into_inner()) = judged_with;
                 Ok(Listed { grants, granting })
             })
             .await;
@@ -72,6 +82,13 @@ impl GrantingNow {
             what: "listing the grants".into(),
             source,
         })
+    }
+
+    /// The groups whose members the last listing judged the grants with, and that `read` (read
+    /// since) says have other members now: the grants must be judged again.
+    pub(crate) fn groups_changed(&self, read: &GroupMembers) -> BTreeSet<String> {
+        let judged_with = self.judged_with.lock().unwrap_or_else(|p| p.into_inner());
+        combination::groups_changed(&judged_with, read)
     }
 }
 
@@ -139,5 +156,9 @@ pub(crate) async fn granting(grants: &[SessionAccess], ctx: &Context) -> Result<
             (over_limit.into_iter()).map(|(grant, why)| (grant, Withheld::OverDocumentLimit(why))),
         )
         .collect();
-    Ok(Granting { granting, left_out })
+    Ok(Granting {
+        granting,
+        left_out,
+        members,
+    })
 }

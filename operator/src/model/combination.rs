@@ -58,6 +58,16 @@ pub fn groups_to_resolve(granting: &[(Scope, Desired)]) -> BTreeSet<String> {
     }
 }
 
+/// The groups of `judged` (the members the grants were last judged with) whose members `read`
+/// (read since) tells otherwise: a user joined or left them, or they are gone. Groups `read` does
+/// not hold are not known to have changed.
+pub fn groups_changed(judged: &GroupMembers, read: &GroupMembers) -> BTreeSet<String> {
+    (judged.iter())
+        .filter(|(group, members)| read.get(*group).is_some_and(|now| now != *members))
+        .map(|(group, _)| group.clone())
+        .collect()
+}
+
 /// Of `granting` (in order of precedence, each with its scope), the grants that combine with no
 /// earlier grant kept, and the rest with why (by owner tag value). A Deny grant never widens
 /// and is always kept. `members` holds the members of [`groups_to_resolve`]'s groups.
@@ -392,5 +402,28 @@ mod tests {
             ..TargetSelection::default()
         };
         assert!(covers(&everything, &prod) && !covers(&prod, &everything));
+    }
+
+    #[test]
+    fn a_group_judged_with_other_members_than_it_has_now_has_changed() {
+        let members = |pairs: &[(&str, &[&str])]| -> GroupMembers {
+            (pairs.iter())
+                .map(|(group, users)| {
+                    let users = users.iter().map(|u| u.to_string()).collect();
+                    (group.to_string(), users)
+                })
+                .collect()
+        };
+        let judged = members(&[("oncall", &["ann"]), ("dba", &[]), ("ops", &["bo"])]);
+        let read = members(&[("oncall", &["ann", "ivy"]), ("dba", &[]), ("ops", &[])]);
+        let changed: Vec<String> = groups_changed(&judged, &read).into_iter().collect();
+        assert_eq!(changed, ["oncall", "ops"], "joined, and left");
+        assert!(groups_changed(&judged, &judged).is_empty());
+        let unread = members(&[("oncall", &["ann"])]);
+        assert!(
+            groups_changed(&judged, &unread).is_empty(),
+            "a group not read again is not known to have changed"
+        );
+        assert!(groups_changed(&GroupMembers::new(), &read).is_empty());
     }
 }
