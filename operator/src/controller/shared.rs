@@ -1,9 +1,10 @@
 //! The session documents every grant of the cluster shares: one Port document per port, named
 //! after it and tagged [`CLUSTER_TAG`](crate::model::naming::CLUSTER_TAG). A sync brings them
-//! to the union of what the grants that [grant now](crate::controller::granting::granting) need (a grant outside
-//! its boundary, waiting for approval, invalid or over creates none): it creates the missing
-//! ones and deletes those no grant needs any more, looked up by name: the names every listed
-//! grant derives (the ones being deleted included) and the names this process has seen exist.
+//! to the union of what the grants that [grant now](crate::controller::granting::granting)
+//! need (a grant outside its boundary, waiting for approval, invalid or over creates none): it
+//! creates the missing ones and deletes those no grant needs any more, looked up by name: the
+//! names every listed grant derives (the ones being deleted included) and the names this
+//! process has seen exist.
 //! The first sync after a start also lists the documents by the tag, for those an earlier
 //! process left. Grant reconciles ask for syncs, which are coalesced as identities' are, and
 //! learn from each which grants the grants before them leave out.
